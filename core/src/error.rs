@@ -1,0 +1,419 @@
+//! The one error type of pgt-core.
+
+use alloc::string::String;
+use core::fmt;
+
+use crate::dtype::DType;
+
+/// Everything that can go wrong in pgt-core: malformed or hostile bytes, invalid layouts and specs,
+/// protocol-order violations and in-place binding mismatches. Each variant names what was wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Error {
+    // ---- header and codec ----
+    /// The header message is not exactly [`crate::codec::Header::SIZE`] bytes.
+    HeaderLength {
+        /// Bytes received.
+        got: u64,
+    },
+    /// The header does not start with `PGT\0`.
+    BadMagic,
+    /// The header announces a protocol version this crate does not speak.
+    UnsupportedVersion {
+        /// Version received.
+        got: u16,
+    },
+    /// The header sets flag bits this version does not define.
+    UnknownFlags {
+        /// Flags received.
+        flags: u16,
+    },
+    /// The header announces more metadata than [`crate::codec::Limits::max_metadata_bytes`].
+    MetadataTooLarge {
+        /// Announced length.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The metadata message length differs from the header's.
+    MetadataLength {
+        /// Length in the header.
+        expected: u64,
+        /// Length received.
+        got: u64,
+    },
+    /// The metadata bytes do not match the header's digest.
+    MetadataDigest,
+    /// The metadata ended before a complete value was decoded.
+    TruncatedMetadata,
+    /// The metadata is not valid postcard for the schema (bad varint, enum tag, UTF-8, bool…).
+    MalformedMetadata,
+    /// Bytes left over after the metadata value.
+    TrailingBytes {
+        /// How many.
+        count: u64,
+    },
+    /// Encoding failed (only on allocation-free serializer errors; should not happen).
+    Encode,
+    // ---- limits ----
+    /// More leaves than [`crate::codec::Limits::max_leaves`].
+    TooManyLeaves {
+        /// Leaves in the metadata.
+        count: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// Nesting deeper than [`crate::codec::Limits::max_depth`].
+    TreeTooDeep {
+        /// The limit.
+        max: u32,
+    },
+    /// A tensor, global shape or mesh with more dims than [`crate::codec::Limits::max_ndim`].
+    TooManyDims {
+        /// Dims found.
+        ndim: u64,
+        /// The limit.
+        max: u32,
+    },
+    /// Storage bytes add up to more than [`crate::codec::Limits::max_total_bytes`].
+    TotalBytesTooLarge {
+        /// The limit.
+        max: u64,
+    },
+    /// The plan would have more messages than [`crate::codec::Limits::max_messages`].
+    TooManyMessages {
+        /// Data messages the plan needs.
+        count: u64,
+        /// The limit.
+        max: u64,
+    },
+    // ---- tree ----
+    /// The structure announces more children than nodes follow.
+    TruncatedTree,
+    /// Nodes follow the end of the root.
+    TrailingTreeNodes,
+    /// A dict has the same key twice.
+    DuplicateKey,
+    /// The structure has a different number of leaves than the leaf list.
+    LeafCountMismatch {
+        /// Leaves in the structure.
+        tree: u64,
+        /// Entries in the leaf list.
+        leaves: u64,
+    },
+    // ---- layouts and specs ----
+    /// Shape and stride have different lengths.
+    StrideRankMismatch {
+        /// Dims of the shape.
+        shape: u64,
+        /// Entries of the stride.
+        stride: u64,
+    },
+    /// `nbytes` is not a whole number of elements.
+    StorageNotWholeElements {
+        /// The storage size.
+        nbytes: u64,
+        /// The element size.
+        element_size: u64,
+    },
+    /// The strided view reads past the end of its storage.
+    ViewOutOfBounds {
+        /// Bytes the view needs.
+        needed: u64,
+        /// Bytes the storage has.
+        nbytes: u64,
+    },
+    /// Shape, stride or offset arithmetic overflows 64 bits.
+    LayoutOverflow,
+    /// The mesh's rank list is not `product(mesh shape)` long.
+    MeshRankCount {
+        /// Ranks listed.
+        ranks: u64,
+        /// Product of the mesh shape.
+        mesh_size: u64,
+    },
+    /// The mesh has a different number of dim names than dims.
+    MeshDimNames {
+        /// Names given.
+        names: u64,
+        /// Mesh dims.
+        mesh_ndim: u64,
+    },
+    /// A DTensor has a different number of placements than mesh dims.
+    PlacementCount {
+        /// Placements given.
+        placements: u64,
+        /// Mesh dims.
+        mesh_ndim: u64,
+    },
+    /// A `Shard(dim)` placement names a dim the tensor does not have.
+    ShardDimOutOfRange {
+        /// The dim.
+        dim: u64,
+        /// The tensor's dims.
+        ndim: u64,
+    },
+    /// A local tensor's shape does not fit its spec (DTensor rank/size, or a shard's sizes).
+    LocalShapeMismatch,
+    /// A local tensor's dtype differs from its spec's.
+    DTypeMismatch {
+        /// The local tensor's dtype.
+        local: DType,
+        /// The spec's dtype.
+        global: DType,
+    },
+    /// Shard offsets/sizes have a different number of dims than the global size.
+    ShardRankMismatch,
+    /// A shard reaches past the global size.
+    ShardOutOfBounds {
+        /// End of the shard in some dim.
+        end: u64,
+        /// The global size in that dim.
+        global: u64,
+    },
+    /// A shard placement is not of the form `rank:N/device`.
+    BadPlacement,
+    /// A local shard is not listed in the global metadata.
+    ShardNotInGlobal,
+    /// Transfer parameters: chunk size not a multiple of 64 in `64..=2^30`.
+    BadChunkSize {
+        /// The chunk size.
+        chunk_size: u64,
+    },
+    /// Transfer parameters: bucket size larger than the chunk size.
+    BadBucketSize {
+        /// The bucket size.
+        bucket_size: u64,
+        /// The chunk size.
+        chunk_size: u64,
+    },
+    /// No destination ranks.
+    NoDestinations,
+    /// A rank is listed twice as a destination.
+    DuplicateDestination {
+        /// The rank.
+        rank: u32,
+    },
+    /// The source rank is also listed as a destination.
+    SourceIsDestination {
+        /// The rank.
+        rank: u32,
+    },
+    // ---- casting ----
+    /// Dtype conversion between these types is not supported (only float64/32/16 and bfloat16).
+    UnsupportedCast {
+        /// Source dtype.
+        from: DType,
+        /// Destination dtype.
+        to: DType,
+    },
+    /// Conversion buffers do not hold the same number of whole elements.
+    CastLength {
+        /// Source bytes.
+        src_bytes: u64,
+        /// Destination bytes.
+        dst_bytes: u64,
+    },
+    // ---- state machines ----
+    /// This rank is not among the transfer's destinations.
+    NotADestination {
+        /// This rank.
+        rank: u32,
+    },
+    /// The transfer comes from another rank than expected.
+    UnexpectedSource {
+        /// Expected source.
+        expected: u32,
+        /// Source in the metadata.
+        got: u32,
+    },
+    /// The checkpoint's step differs from the one the receiver expects.
+    StepMismatch {
+        /// Expected step.
+        expected: Option<u64>,
+        /// Step in the metadata.
+        got: Option<u64>,
+    },
+    /// A call came in the wrong state or named a message/storage/leaf the transfer does not have.
+    ProtocolState(&'static str),
+    /// An in-place destination has a different storage size than the incoming tensor.
+    InPlaceSizeMismatch {
+        /// Key path of the leaf.
+        path: String,
+        /// Bytes the destination must have.
+        expected: u64,
+        /// Bytes the destination has.
+        got: u64,
+    },
+    /// An in-place destination has a dtype that the incoming tensor cannot be cast to.
+    InPlaceDTypeMismatch {
+        /// Key path of the leaf.
+        path: String,
+        /// Incoming dtype.
+        incoming: DType,
+        /// Destination dtype.
+        destination: DType,
+    },
+    /// The trailer message has the wrong length.
+    TrailerLength {
+        /// Bytes expected.
+        expected: u64,
+        /// Bytes received.
+        got: u64,
+    },
+    /// A storage's bytes do not match the sender's digest: corrupted in flight.
+    DigestMismatch {
+        /// Key path of the leaf.
+        path: String,
+        /// Index of the storage.
+        storage: u32,
+    },
+    /// The transfer was asked for its result before it completed.
+    Incomplete,
+}
+
+impl Error {
+    pub(crate) fn from_postcard(e: postcard::Error) -> Error {
+        match e {
+            postcard::Error::DeserializeUnexpectedEnd => Error::TruncatedMetadata,
+            _ => Error::MalformedMetadata,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use Error::*;
+        match self {
+            HeaderLength { got } => write!(f, "header must be 24 bytes, got {got}"),
+            BadMagic => f.write_str("not a pgt transfer (bad magic)"),
+            UnsupportedVersion { got } => write!(f, "unsupported protocol version {got}"),
+            UnknownFlags { flags } => write!(f, "unknown header flags {flags:#06x}"),
+            MetadataTooLarge { len, max } => {
+                write!(f, "metadata of {len} bytes exceeds the limit of {max}")
+            }
+            MetadataLength { expected, got } => {
+                write!(f, "metadata is {got} bytes, header announced {expected}")
+            }
+            MetadataDigest => f.write_str("metadata does not match the header's digest"),
+            TruncatedMetadata => f.write_str("metadata ends early"),
+            MalformedMetadata => f.write_str("metadata is malformed"),
+            TrailingBytes { count } => write!(f, "{count} bytes after the metadata"),
+            Encode => f.write_str("metadata could not be encoded"),
+            TooManyLeaves { count, max } => {
+                write!(f, "{count} leaves exceed the limit of {max}")
+            }
+            TreeTooDeep { max } => write!(f, "tree nesting exceeds the limit of {max}"),
+            TooManyDims { ndim, max } => write!(f, "{ndim} dims exceed the limit of {max}"),
+            TotalBytesTooLarge { max } => {
+                write!(f, "tensor bytes exceed the limit of {max}")
+            }
+            TooManyMessages { count, max } => {
+                write!(f, "plan needs {count} messages, limit is {max}")
+            }
+            TruncatedTree => f.write_str("tree structure ends early"),
+            TrailingTreeNodes => f.write_str("tree structure has nodes after the root"),
+            DuplicateKey => f.write_str("a dict has a duplicate key"),
+            LeafCountMismatch { tree, leaves } => {
+                write!(f, "tree has {tree} leaves but {leaves} were sent")
+            }
+            StrideRankMismatch { shape, stride } => {
+                write!(f, "shape has {shape} dims but stride has {stride}")
+            }
+            StorageNotWholeElements {
+                nbytes,
+                element_size,
+            } => write!(
+                f,
+                "storage of {nbytes} bytes is not whole elements of {element_size} bytes"
+            ),
+            ViewOutOfBounds { needed, nbytes } => {
+                write!(f, "view needs {needed} bytes but the storage has {nbytes}")
+            }
+            LayoutOverflow => f.write_str("layout arithmetic overflows"),
+            MeshRankCount { ranks, mesh_size } => {
+                write!(f, "device mesh lists {ranks} ranks, its shape holds {mesh_size}")
+            }
+            MeshDimNames { names, mesh_ndim } => {
+                write!(f, "device mesh has {names} dim names for {mesh_ndim} dims")
+            }
+            PlacementCount {
+                placements,
+                mesh_ndim,
+            } => write!(
+                f,
+                "dtensor has {placements} placements for a {mesh_ndim}-dim mesh"
+            ),
+            ShardDimOutOfRange { dim, ndim } => {
+                write!(f, "Shard({dim}) on a tensor with {ndim} dims")
+            }
+            LocalShapeMismatch => f.write_str("local tensor shape does not match its spec"),
+            DTypeMismatch { local, global } => {
+                write!(f, "local dtype {local} differs from the spec's {global}")
+            }
+            ShardRankMismatch => f.write_str("shard offsets/sizes do not match the global rank"),
+            ShardOutOfBounds { end, global } => {
+                write!(f, "shard ends at {end}, past the global size {global}")
+            }
+            BadPlacement => f.write_str("shard placement is not \"rank:N/device\""),
+            ShardNotInGlobal => f.write_str("local shard is not in the global metadata"),
+            BadChunkSize { chunk_size } => write!(
+                f,
+                "chunk size {chunk_size} must be a multiple of 64 between 64 and 2^30"
+            ),
+            BadBucketSize {
+                bucket_size,
+                chunk_size,
+            } => write!(
+                f,
+                "bucket size {bucket_size} exceeds the chunk size {chunk_size}"
+            ),
+            NoDestinations => f.write_str("no destination ranks"),
+            DuplicateDestination { rank } => write!(f, "destination rank {rank} listed twice"),
+            SourceIsDestination { rank } => {
+                write!(f, "rank {rank} is both the source and a destination")
+            }
+            UnsupportedCast { from, to } => write!(f, "cannot cast {from} to {to}"),
+            CastLength {
+                src_bytes,
+                dst_bytes,
+            } => write!(
+                f,
+                "cast of {src_bytes} bytes into {dst_bytes} bytes: element counts differ"
+            ),
+            NotADestination { rank } => write!(f, "rank {rank} is not a destination"),
+            UnexpectedSource { expected, got } => {
+                write!(f, "expected a transfer from rank {expected}, got rank {got}")
+            }
+            StepMismatch { expected, got } => {
+                write!(f, "expected step {expected:?}, checkpoint is step {got:?}")
+            }
+            ProtocolState(what) => write!(f, "protocol state: {what}"),
+            InPlaceSizeMismatch {
+                path,
+                expected,
+                got,
+            } => write!(
+                f,
+                "{path}: in-place destination has {got} bytes, incoming tensor needs {expected}"
+            ),
+            InPlaceDTypeMismatch {
+                path,
+                incoming,
+                destination,
+            } => write!(
+                f,
+                "{path}: cannot receive {incoming} into an in-place {destination} tensor"
+            ),
+            TrailerLength { expected, got } => {
+                write!(f, "digest trailer is {got} bytes, expected {expected}")
+            }
+            DigestMismatch { path, storage } => {
+                write!(f, "{path}: storage {storage} does not match the sender's digest")
+            }
+            Incomplete => f.write_str("transfer is not complete"),
+        }
+    }
+}
+
+impl core::error::Error for Error {}
