@@ -1,0 +1,443 @@
+//! One established, authenticated TCP connection to a peer rank: framed send / tag-matched
+//! receive with stash, reader hand-off, timeouts and poisoning.
+//!
+//! Read side: one thread at a time holds the *reader role* and reads the socket without holding
+//! the state lock. A frame for its own tag is read straight into its buffers; a frame whose tag
+//! another thread is waiting for is handed over (header kept as `pending`, the waiter becomes the
+//! reader and reads the payload straight into *its* buffers); any other frame is stashed. A frame
+//! whose header was read but which could not be taken (length mismatch, too large, stash full,
+//! timeout before its first payload byte) stays `pending`: it is still first in line.
+//!
+//! Write side: a timed lock serializes whole messages.
+
+use std::collections::HashMap;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::stash::Stash;
+use super::wire::{read_full, read_header, write_full, Fail, Header, FRAME_HEADER_LEN};
+use super::{scatter, total_len, PgError};
+
+#[derive(Debug)]
+struct RxState {
+    stash: Stash,
+    /// Header of the frame first in line whose payload is still unread.
+    pending: Option<Header>,
+    reader_active: bool,
+    /// The pending frame is reserved for a thread waiting for this tag.
+    handoff: Option<u64>,
+    /// Threads waiting in `recv`, per tag.
+    waiting: HashMap<u64, usize>,
+}
+
+/// Where a received payload goes.
+pub(crate) enum Dest<'a, 'b> {
+    Parts(&'a mut [&'b mut [u8]]),
+    Vec { max: usize },
+}
+
+impl Dest<'_, '_> {
+    fn check(&self, peer: u32, tag: u64, len: u64) -> Result<(), PgError> {
+        match self {
+            Dest::Parts(parts) => {
+                let expected = total_len(parts);
+                if len == expected {
+                    Ok(())
+                } else {
+                    Err(PgError::LengthMismatch {
+                        peer,
+                        tag,
+                        expected,
+                        got: len,
+                    })
+                }
+            }
+            Dest::Vec { max } => {
+                if len <= *max as u64 {
+                    Ok(())
+                } else {
+                    Err(PgError::TooLarge {
+                        peer,
+                        tag,
+                        max: *max as u64,
+                        got: len,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Deliver a stashed payload.
+    fn deliver(&mut self, payload: Vec<u8>) -> Option<Vec<u8>> {
+        match self {
+            Dest::Parts(parts) => {
+                scatter(&payload, parts);
+                None
+            }
+            Dest::Vec { .. } => Some(payload),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct PeerConn {
+    peer: u32,
+    stream: TcpStream,
+    chunk: usize,
+    poisoned: AtomicBool,
+    tx_busy: Mutex<bool>,
+    tx_cv: Condvar,
+    rx: Mutex<RxState>,
+    rx_cv: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Wait on `cv` until `deadline`; returns the guard and whether the deadline has passed.
+fn wait_until<'a, T>(
+    cv: &Condvar,
+    guard: MutexGuard<'a, T>,
+    deadline: Instant,
+) -> (MutexGuard<'a, T>, bool) {
+    let now = Instant::now();
+    if now >= deadline {
+        return (guard, true);
+    }
+    let (g, _) = cv
+        .wait_timeout(guard, deadline - now)
+        .unwrap_or_else(|e| e.into_inner());
+    (g, Instant::now() >= deadline)
+}
+
+/// Holder of the reader role; gives it back (with the pending header and any hand-off) on drop.
+struct ReaderRole<'c> {
+    conn: &'c PeerConn,
+    pending: Option<Header>,
+    handoff: bool,
+}
+
+impl Drop for ReaderRole<'_> {
+    fn drop(&mut self) {
+        let mut st = lock(&self.conn.rx);
+        st.reader_active = false;
+        st.pending = self.pending.take();
+        if self.handoff {
+            st.handoff = st.pending.map(|h| h.tag);
+        }
+        self.conn.rx_cv.notify_all();
+    }
+}
+
+enum ReadOutcome {
+    Done(Result<Option<Vec<u8>>, PgError>),
+    /// The frame first in line belongs to a waiting thread; wait again.
+    HandedOff,
+}
+
+impl PeerConn {
+    pub(crate) fn new(peer: u32, stream: TcpStream, chunk: usize, stash_limit: usize) -> Self {
+        PeerConn {
+            peer,
+            stream,
+            chunk: chunk.max(FRAME_HEADER_LEN),
+            poisoned: AtomicBool::new(false),
+            tx_busy: Mutex::new(false),
+            tx_cv: Condvar::new(),
+            rx: Mutex::new(RxState {
+                stash: Stash::new(stash_limit),
+                pending: None,
+                reader_active: false,
+                handoff: None,
+                waiting: HashMap::new(),
+            }),
+            rx_cv: Condvar::new(),
+        }
+    }
+
+    fn poison(&self, why: &str) {
+        if !self.poisoned.swap(true, Ordering::SeqCst) {
+            tracing::warn!(
+                peer = self.peer,
+                why,
+                "connection poisoned, shutting it down"
+            );
+            let _ = self.stream.shutdown(Shutdown::Both);
+        }
+        drop(lock(&self.rx));
+        self.rx_cv.notify_all();
+        drop(lock(&self.tx_busy));
+        self.tx_cv.notify_all();
+    }
+
+    fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::SeqCst)
+    }
+
+    fn fail_to_err(&self, f: Fail, tag: u64, timeout: Duration) -> PgError {
+        match f {
+            Fail::Timeout => PgError::Timeout {
+                peer: self.peer,
+                tag,
+                after: timeout,
+            },
+            Fail::Closed => PgError::PeerClosed { peer: self.peer },
+            Fail::Io(e) => PgError::io(Some(self.peer), &e),
+        }
+    }
+
+    pub(crate) fn send(&self, tag: u64, parts: &[&[u8]], timeout: Duration) -> Result<(), PgError> {
+        let deadline = Instant::now() + timeout;
+        let timeout_err = || PgError::Timeout {
+            peer: self.peer,
+            tag,
+            after: timeout,
+        };
+        // Timed lock: one message at a time.
+        {
+            let mut busy = lock(&self.tx_busy);
+            loop {
+                if self.is_poisoned() {
+                    return Err(PgError::Poisoned { peer: self.peer });
+                }
+                if !*busy {
+                    *busy = true;
+                    break;
+                }
+                let (g, expired) = wait_until(&self.tx_cv, busy, deadline);
+                busy = g;
+                if expired && *busy {
+                    return Err(timeout_err());
+                }
+            }
+        }
+        let result = self.send_locked(tag, parts, deadline, timeout);
+        *lock(&self.tx_busy) = false;
+        self.tx_cv.notify_one();
+        result
+    }
+
+    fn send_locked(
+        &self,
+        tag: u64,
+        parts: &[&[u8]],
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), PgError> {
+        if self.is_poisoned() {
+            return Err(PgError::Poisoned { peer: self.peer });
+        }
+        let header = Header {
+            tag,
+            len: total_len(parts),
+        }
+        .encode();
+        let mut bufs: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
+        bufs.push(&header);
+        bufs.extend_from_slice(parts);
+        let mut done = 0u64;
+        match write_full(&self.stream, &bufs, deadline, self.chunk, &mut done) {
+            Ok(()) => Ok(()),
+            Err(f) => {
+                if done > 0 {
+                    self.poison("send failed in the middle of a frame");
+                }
+                Err(self.fail_to_err(f, tag, timeout))
+            }
+        }
+    }
+
+    pub(crate) fn recv(
+        &self,
+        tag: u64,
+        mut dest: Dest<'_, '_>,
+        timeout: Duration,
+    ) -> Result<Option<Vec<u8>>, PgError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let role = {
+                let mut st = lock(&self.rx);
+                let mut registered = false;
+                let mut expired = false;
+                let r = loop {
+                    if let Some(len) = st.stash.peek_len(tag) {
+                        break match dest.check(self.peer, tag, len as u64) {
+                            Ok(()) => {
+                                let v = st.stash.take(tag).expect("peeked");
+                                Err(Ok(dest.deliver(v)))
+                            }
+                            Err(e) => Err(Err(e)),
+                        };
+                    }
+                    if self.is_poisoned() {
+                        break Err(Err(PgError::Poisoned { peer: self.peer }));
+                    }
+                    let free = !st.reader_active && st.handoff.is_none_or(|t| t == tag);
+                    if free {
+                        st.reader_active = true;
+                        if st.handoff == Some(tag) {
+                            st.handoff = None;
+                        }
+                        let pending = st.pending.take();
+                        break Ok(pending);
+                    }
+                    if expired {
+                        break Err(Err(PgError::Timeout {
+                            peer: self.peer,
+                            tag,
+                            after: timeout,
+                        }));
+                    }
+                    if !registered {
+                        *st.waiting.entry(tag).or_default() += 1;
+                        registered = true;
+                    }
+                    let (g, e) = wait_until(&self.rx_cv, st, deadline);
+                    st = g;
+                    expired = e;
+                };
+                if registered {
+                    let n = st.waiting.get_mut(&tag).expect("registered");
+                    *n -= 1;
+                    if *n == 0 {
+                        st.waiting.remove(&tag);
+                        // Nobody left to take a frame reserved for this tag.
+                        if st.handoff == Some(tag) && r.is_err() {
+                            st.handoff = None;
+                            self.rx_cv.notify_all();
+                        }
+                    }
+                }
+                match r {
+                    Ok(pending) => ReaderRole {
+                        conn: self,
+                        pending,
+                        handoff: false,
+                    },
+                    Err(done) => return done,
+                }
+            };
+            match self.read_as_reader(role, tag, &mut dest, deadline, timeout) {
+                ReadOutcome::Done(r) => return r,
+                ReadOutcome::HandedOff => continue,
+            }
+        }
+    }
+
+    fn read_as_reader(
+        &self,
+        mut role: ReaderRole<'_>,
+        tag: u64,
+        dest: &mut Dest<'_, '_>,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> ReadOutcome {
+        use ReadOutcome::Done;
+        loop {
+            let hdr = match role.pending.take() {
+                Some(h) => h,
+                None => {
+                    let mut done = 0;
+                    match read_header(&self.stream, deadline, &mut done) {
+                        Ok(h) => h,
+                        Err(f) => {
+                            if done > 0 {
+                                self.poison("receive failed in the middle of a frame header");
+                            }
+                            return Done(Err(self.fail_to_err(f, tag, timeout)));
+                        }
+                    }
+                }
+            };
+            if hdr.tag == tag {
+                if let Err(e) = dest.check(self.peer, tag, hdr.len) {
+                    role.pending = Some(hdr);
+                    return Done(Err(e));
+                }
+                let mut done = 0;
+                let mut vec_buf = Vec::new();
+                let r = match dest {
+                    Dest::Parts(parts) => {
+                        read_full(&self.stream, parts, deadline, self.chunk, &mut done)
+                    }
+                    Dest::Vec { .. } => {
+                        vec_buf = vec![0u8; hdr.len as usize];
+                        read_full(
+                            &self.stream,
+                            &mut [&mut vec_buf[..]],
+                            deadline,
+                            self.chunk,
+                            &mut done,
+                        )
+                    }
+                };
+                return Done(match r {
+                    Ok(()) => Ok(match dest {
+                        Dest::Parts(_) => None,
+                        Dest::Vec { .. } => Some(std::mem::take(&mut vec_buf)),
+                    }),
+                    Err(f) => {
+                        if done > 0 {
+                            self.poison("receive failed in the middle of a frame payload");
+                        } else {
+                            role.pending = Some(hdr);
+                        }
+                        Err(self.fail_to_err(f, tag, timeout))
+                    }
+                });
+            }
+            // Somebody else's frame: hand it over, or stash it.
+            {
+                let st = lock(&self.rx);
+                if st.waiting.get(&hdr.tag).is_some_and(|&n| n > 0) {
+                    drop(st);
+                    role.pending = Some(hdr);
+                    role.handoff = true;
+                    drop(role);
+                    return ReadOutcome::HandedOff;
+                }
+                if !st.stash.fits(hdr.len) {
+                    let e = PgError::UnexpectedBacklog {
+                        peer: self.peer,
+                        wanted: tag,
+                        blocking_tag: hdr.tag,
+                        len: hdr.len,
+                        stashed: st.stash.bytes() as u64,
+                        limit: st.stash.limit() as u64,
+                    };
+                    drop(st);
+                    role.pending = Some(hdr);
+                    return Done(Err(e));
+                }
+            }
+            let mut v = vec![0u8; hdr.len as usize];
+            let mut done = 0;
+            if let Err(f) = read_full(
+                &self.stream,
+                &mut [&mut v[..]],
+                deadline,
+                self.chunk,
+                &mut done,
+            ) {
+                if done > 0 {
+                    self.poison("receive failed in the middle of a stashed frame");
+                } else {
+                    role.pending = Some(hdr);
+                }
+                return Done(Err(self.fail_to_err(f, tag, timeout)));
+            }
+            tracing::trace!(
+                peer = self.peer,
+                tag = hdr.tag,
+                len = hdr.len,
+                "stashed frame"
+            );
+            let mut st = lock(&self.rx);
+            st.stash.push(hdr.tag, v);
+            self.rx_cv.notify_all();
+        }
+    }
+}

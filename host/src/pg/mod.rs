@@ -1,0 +1,136 @@
+//! Process groups: ranked point-to-point messaging between the processes of one job.
+//!
+//! Two implementations of [`ProcessGroup`]:
+//! - [`TcpProcessGroup`]: one authenticated TCP connection per pair of ranks, formed through an
+//!   embedded rendezvous store hosted by rank 0 (torch-style `MASTER_ADDR`/`MASTER_PORT`/`RANK`/
+//!   `WORLD_SIZE`, plus a shared job token `PGT_TOKEN`). See [`tcp`] for rendezvous, handshake and
+//!   socket tuning.
+//! - [`InProcessGroup`]: all ranks in one process (threads), for tests and single-process use.
+//!
+//! # Messages and tags
+//! A message is an opaque byte string with a `u64` tag. Messages from one peer are delivered in the
+//! order they were sent. A receive names the tag it wants; if the next message from that peer has
+//! another tag, it is set aside in a per-peer *stash* and reading goes on; a later receive of that
+//! tag takes it from the stash (oldest first). The stash is bounded (default
+//! [`DEFAULT_STASH_LIMIT`] bytes per peer, each frame charged 64 bytes extra): a frame that would
+//! overflow it makes the receive fail with [`PgError::UnexpectedBacklog`] and stays first in line.
+//!
+//! A receive whose buffers do not fit the message ([`PgError::LengthMismatch`], or
+//! [`PgError::TooLarge`] for [`ProcessGroup::recv_vec`]) fails **without consuming** the message.
+//!
+//! # Wire format (TCP)
+//! After the handshake (see [`tcp`]), each direction of a connection is a plain sequence of frames:
+//!
+//! ```text
+//! offset  size  field
+//! 0       8     tag         u64 little-endian
+//! 8       8     len         u64 little-endian, payload length in bytes (0 allowed)
+//! 16      len   payload     the concatenation of the sender's parts
+//! ```
+//!
+//! There is no padding, checksum or per-frame acknowledgement (TCP provides integrity against
+//! accidents; the connection was authenticated once). Integrity of *contents* is the protocol
+//! layer's business.
+//!
+//! # Concurrency contract
+//! A group handle is `Send + Sync` and is meant to be shared (`Arc` or scoped threads):
+//! - calls concerning **different peers** run fully in parallel (each peer has its own connection
+//!   and locks) — e.g. one sender thread per destination plus a forwarding thread;
+//! - a **send and a receive with the same peer** run concurrently (separate read and write halves);
+//! - **concurrent sends to one peer** are serialized per message: each message goes out whole,
+//!   never interleaved with another;
+//! - **concurrent receives from one peer** are allowed: one thread reads the socket at a time; a
+//!   frame whose tag another thread is waiting for is handed to that thread (read straight into its
+//!   buffers) or stashed.
+//!
+//! # Timeouts
+//! Every operation takes a timeout covering all of it, including waiting for locks held by other
+//! threads. A stalled peer yields [`PgError::Timeout`] within the timeout plus a few milliseconds
+//! (socket timeouts are re-armed with the remaining time before every system call). A timeout
+//! before the first byte of a frame leaves the connection usable; a timeout (or I/O error) in the
+//! middle of a frame **poisons** the connection: it is shut down and every later operation on it
+//! fails with [`PgError::Poisoned`] instead of misparsing the stream (frames already complete in
+//! the stash are still delivered).
+
+mod error;
+pub mod inproc;
+mod stash;
+pub mod tcp;
+
+mod auth;
+mod conn;
+mod rendezvous;
+mod wire;
+
+pub use std::time::Duration;
+
+pub use error::PgError;
+pub use inproc::InProcessGroup;
+pub use stash::DEFAULT_STASH_LIMIT;
+pub use tcp::{raw_loopback_gbps, TcpOptions, TcpProcessGroup, TcpTuning};
+pub use wire::FRAME_HEADER_LEN;
+
+/// Ranked point-to-point messaging; see the [module docs](self) for tags, ordering, the concurrency
+/// contract and timeouts.
+pub trait ProcessGroup: Send + Sync {
+    /// This process's rank, `0..size()`.
+    fn rank(&self) -> u32;
+
+    /// Number of ranks in the group.
+    fn size(&self) -> u32;
+
+    /// Send one message: the concatenation of `parts`, with `tag`, to `dst`. Zero-copy, vectored
+    /// writes (write_vectored / IoSlice), large messages streamed. Returns when fully handed to the
+    /// OS.
+    fn send(&self, dst: u32, tag: u64, parts: &[&[u8]], timeout: Duration) -> Result<(), PgError>;
+
+    /// Receive the message with `tag` from `src` directly into caller-owned `parts` (scatter). Its
+    /// length must equal the sum of part lengths, else [`PgError::LengthMismatch`]. No intermediate
+    /// copy of the payload when the message is next on the wire.
+    fn recv_into(
+        &self,
+        src: u32,
+        tag: u64,
+        parts: &mut [&mut [u8]],
+        timeout: Duration,
+    ) -> Result<(), PgError>;
+
+    /// Receive a message of not-yet-known length (≤ `max_len`, else [`PgError::TooLarge`], without
+    /// allocating it).
+    fn recv_vec(
+        &self,
+        src: u32,
+        tag: u64,
+        max_len: usize,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, PgError>;
+}
+
+/// Check that `peer` is another rank of a group of `size` with own rank `own`.
+pub(crate) fn check_peer(peer: u32, own: u32, size: u32) -> Result<(), PgError> {
+    if peer >= size || peer == own {
+        Err(PgError::InvalidRank {
+            rank: peer,
+            size,
+            own,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// Sum of part lengths as u64.
+pub(crate) fn total_len<T: AsRef<[u8]>>(parts: &[T]) -> u64 {
+    parts.iter().map(|p| p.as_ref().len() as u64).sum()
+}
+
+/// Copy `src` (whose length equals the parts' total) into `parts` in order.
+pub(crate) fn scatter(src: &[u8], parts: &mut [&mut [u8]]) {
+    let mut off = 0;
+    for p in parts.iter_mut() {
+        let n = p.len();
+        p.copy_from_slice(&src[off..off + n]);
+        off += n;
+    }
+    debug_assert_eq!(off, src.len());
+}
