@@ -259,7 +259,10 @@ impl Manifest {
 
     /// The storages of leaf `leaf`, as a range of indices into [`Manifest::storages`].
     pub fn leaf_storages(&self, leaf: usize) -> core::ops::Range<usize> {
-        match (self.leaf_storages.get(leaf), self.leaf_storages.get(leaf + 1)) {
+        match (
+            self.leaf_storages.get(leaf),
+            self.leaf_storages.get(leaf + 1),
+        ) {
             (Some(&a), Some(&b)) => a as usize..b as usize,
             _ => 0..0,
         }

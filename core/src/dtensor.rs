@@ -115,7 +115,12 @@ impl DTensorSpec {
             return Err(Error::LocalShapeMismatch);
         }
         // A local shard can never be larger than the global tensor along any dimension.
-        if local.shape.iter().zip(&self.global_shape).any(|(l, g)| l > g) {
+        if local
+            .shape
+            .iter()
+            .zip(&self.global_shape)
+            .any(|(l, g)| l > g)
+        {
             return Err(Error::LocalShapeMismatch);
         }
         if local.dtype != self.dtype {

@@ -209,7 +209,10 @@ mod tests {
                 assert_eq!(DType::from_safetensors_name(n), Some(d));
             }
         }
-        assert_eq!(DType::from_torch_name("torch.bfloat16"), Some(DType::BFloat16));
+        assert_eq!(
+            DType::from_torch_name("torch.bfloat16"),
+            Some(DType::BFloat16)
+        );
         assert_eq!(DType::from_torch_name("float128"), None);
     }
 
@@ -241,11 +244,17 @@ mod tests {
         let mut dst = [0u8; 4];
         assert_eq!(
             convert(DType::Int32, &[0; 4], DType::Float32, &mut dst),
-            Err(Error::UnsupportedCast { from: DType::Int32, to: DType::Float32 })
+            Err(Error::UnsupportedCast {
+                from: DType::Int32,
+                to: DType::Float32
+            })
         );
         assert_eq!(
             convert(DType::Float32, &[0; 8], DType::Float32, &mut dst),
-            Err(Error::CastLength { src_bytes: 8, dst_bytes: 4 })
+            Err(Error::CastLength {
+                src_bytes: 8,
+                dst_bytes: 4
+            })
         );
     }
 }

@@ -332,7 +332,10 @@ impl fmt::Display for Error {
             }
             LayoutOverflow => f.write_str("layout arithmetic overflows"),
             MeshRankCount { ranks, mesh_size } => {
-                write!(f, "device mesh lists {ranks} ranks, its shape holds {mesh_size}")
+                write!(
+                    f,
+                    "device mesh lists {ranks} ranks, its shape holds {mesh_size}"
+                )
             }
             MeshDimNames { names, mesh_ndim } => {
                 write!(f, "device mesh has {names} dim names for {mesh_ndim} dims")
@@ -383,7 +386,10 @@ impl fmt::Display for Error {
             ),
             NotADestination { rank } => write!(f, "rank {rank} is not a destination"),
             UnexpectedSource { expected, got } => {
-                write!(f, "expected a transfer from rank {expected}, got rank {got}")
+                write!(
+                    f,
+                    "expected a transfer from rank {expected}, got rank {got}"
+                )
             }
             StepMismatch { expected, got } => {
                 write!(f, "expected step {expected:?}, checkpoint is step {got:?}")
@@ -409,7 +415,10 @@ impl fmt::Display for Error {
                 write!(f, "digest trailer is {got} bytes, expected {expected}")
             }
             DigestMismatch { path, storage } => {
-                write!(f, "{path}: storage {storage} does not match the sender's digest")
+                write!(
+                    f,
+                    "{path}: storage {storage} does not match the sender's digest"
+                )
             }
             Incomplete => f.write_str("transfer is not complete"),
         }

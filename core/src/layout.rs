@@ -195,7 +195,10 @@ mod tests {
         let l = layout(&[2, 2], &[2, 1], 1, 16);
         assert_eq!(
             l.validate(8),
-            Err(Error::ViewOutOfBounds { needed: 20, nbytes: 16 })
+            Err(Error::ViewOutOfBounds {
+                needed: 20,
+                nbytes: 16
+            })
         );
     }
 
@@ -209,11 +212,17 @@ mod tests {
     fn shape_stride_mismatch_and_partial_elements() {
         assert_eq!(
             layout(&[2], &[], 0, 8).validate(8),
-            Err(Error::StrideRankMismatch { shape: 1, stride: 0 })
+            Err(Error::StrideRankMismatch {
+                shape: 1,
+                stride: 0
+            })
         );
         assert_eq!(
             layout(&[1], &[1], 0, 6).validate(8),
-            Err(Error::StorageNotWholeElements { nbytes: 6, element_size: 4 })
+            Err(Error::StorageNotWholeElements {
+                nbytes: 6,
+                element_size: 4
+            })
         );
         assert_eq!(
             layout(&[1; 9], &[1; 9], 0, 4).validate(8),

@@ -20,6 +20,7 @@ mod error;
 pub mod layout;
 pub mod plan;
 pub mod receiver;
+pub mod reference;
 pub mod sender;
 pub mod sharded;
 pub mod tree;

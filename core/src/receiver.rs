@@ -122,7 +122,7 @@ pub enum RecvPoll<'a> {
     Forward(ForwardOp<'a>),
     /// Complete an operation in flight, then poll again.
     Wait,
-    /// The transfer is complete and verified: call [`Receiver::finish`].
+    /// Every message is handled: call [`Receiver::finish`] for the verified result.
     Done,
 }
 
@@ -166,6 +166,9 @@ struct Transfer {
     digests: Vec<Option<u64>>,
     missing_digests: usize,
     trailer: Option<Vec<u8>>,
+    /// The first digest mismatch. Kept, not returned at once, so that a chain receiver still forwards
+    /// everything (downstream ranks check their own copy); [`Receiver::finish`] reports it.
+    mismatch: Option<Error>,
 }
 
 /// The receiver state machine for one transfer.
@@ -311,6 +314,7 @@ impl Receiver {
             digests,
             missing_digests,
             trailer: None,
+            mismatch: None,
         }));
         Ok(())
     }
@@ -318,7 +322,13 @@ impl Receiver {
     /// Binds storage `storage` to the host's existing buffer `id` of `dtype` and `nbytes`. The sizes must
     /// match the incoming storage exactly (after cast, when `dtype` is another float type); the error
     /// names the leaf's key path.
-    pub fn bind_in_place(&mut self, storage: usize, id: u64, dtype: DType, nbytes: u64) -> Result<()> {
+    pub fn bind_in_place(
+        &mut self,
+        storage: usize,
+        id: u64,
+        dtype: DType,
+        nbytes: u64,
+    ) -> Result<()> {
         let State::Binding(t) = &mut self.state else {
             return Err(Error::ProtocolState("bindings not expected"));
         };
@@ -405,7 +415,7 @@ impl Receiver {
         t.trailer = Some(bytes.to_vec());
         t.mark_received(message, MessageKind::Trailer)?;
         for storage in 0..t.digests.len() {
-            t.check_digest(storage)?;
+            t.check_digest(storage);
         }
         Ok(())
     }
@@ -425,7 +435,8 @@ impl Receiver {
         }
         *slot = Some(value);
         t.missing_digests -= 1;
-        t.check_digest(storage as usize)
+        t.check_digest(storage as usize);
+        Ok(())
     }
 
     /// Reports that forward `message` (polled before) has been sent.
@@ -438,13 +449,26 @@ impl Receiver {
         Ok(())
     }
 
-    /// The result, once [`Receiver::poll`] said [`RecvPoll::Done`]; [`Error::Incomplete`] before.
+    /// A digest mismatch found so far, if any: the transfer goes on (a chain receiver keeps forwarding)
+    /// but [`Receiver::finish`] will fail with it.
+    pub fn digest_mismatch(&self) -> Option<&Error> {
+        match &self.state {
+            State::Streaming(t) => t.first_mismatch(),
+            _ => None,
+        }
+    }
+
+    /// The result, once [`Receiver::poll`] said [`RecvPoll::Done`]: [`Error::Incomplete`] before, and
+    /// [`Error::DigestMismatch`] when a storage's bytes differ from the sender's.
     pub fn finish(self) -> Result<Received> {
         let State::Streaming(t) = self.state else {
             return Err(Error::Incomplete);
         };
         if !t.is_complete() {
             return Err(Error::Incomplete);
+        }
+        if let Some(mismatch) = t.mismatch {
+            return Err(mismatch);
         }
         let bindings: Vec<Binding> = t.bindings.into_iter().flatten().collect();
         let rank = u64::from(self.options.rank);
@@ -464,8 +488,10 @@ impl Receiver {
                     local_shards,
                     global,
                 } => {
-                    let offsets: Vec<Vec<u64>> =
-                        local_shards.iter().map(|s| s.meta.offsets.clone()).collect();
+                    let offsets: Vec<Vec<u64>> = local_shards
+                        .iter()
+                        .map(|s| s.meta.offsets.clone())
+                        .collect();
                     let offsets: Vec<&[u64]> = offsets.iter().map(Vec::as_slice).collect();
                     global.rewrite_placements(&offsets, rank);
                     for shard in local_shards.iter_mut() {
@@ -537,7 +563,11 @@ impl Transfer {
 
     fn is_complete(&self) -> bool {
         let all = self.plan.messages().len();
-        let forwards = if self.downstream.is_some() { all - 2 } else { 0 };
+        let forwards = if self.downstream.is_some() {
+            all - 2
+        } else {
+            0
+        };
         self.received_prefix == all && self.missing_digests == 0 && self.forwards_done == forwards
     }
 
@@ -553,19 +583,23 @@ impl Transfer {
         Ok(())
     }
 
-    fn check_digest(&self, storage: usize) -> Result<()> {
+    fn check_digest(&mut self, storage: usize) {
         let (Some(trailer), Some(computed)) = (&self.trailer, self.digests[storage]) else {
-            return Ok(());
+            return;
         };
         let mut sent = [0u8; 8];
         sent.copy_from_slice(&trailer[storage * 8..storage * 8 + 8]);
-        if u64::from_le_bytes(sent) != computed {
+        if u64::from_le_bytes(sent) != computed && self.mismatch.is_none() {
             let leaf = self.manifest.storages()[storage].leaf as usize;
-            return Err(Error::DigestMismatch {
+            self.mismatch = Some(Error::DigestMismatch {
                 path: self.manifest.paths()[leaf].to_string(),
                 storage: storage as u32,
             });
         }
-        Ok(())
+    }
+
+    /// The first digest mismatch found so far (the transfer goes on; [`Receiver::finish`] fails).
+    fn first_mismatch(&self) -> Option<&Error> {
+        self.mismatch.as_ref()
     }
 }

@@ -179,7 +179,11 @@ pub fn key_paths(nodes: &[Node], max_depth: u32) -> Result<Vec<KeyPath>> {
             if stack.len() >= max_depth as usize {
                 return Err(Error::TreeTooDeep { max: max_depth });
             }
-            stack.push(Frame { remaining, keys, next: 0 });
+            stack.push(Frame {
+                remaining,
+                keys,
+                next: 0,
+            });
             path.push(PathElem::Index(0));
         }
         // Advance to the next child slot, closing finished containers.
