@@ -441,3 +441,118 @@ impl PeerConn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    const T: Duration = Duration::from_secs(5);
+
+    /// A PeerConn (peer rank 1) and the raw other end of its socket.
+    fn conn(stash_limit: usize) -> (PeerConn, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let raw = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        (PeerConn::new(1, s, 1 << 16, stash_limit), raw)
+    }
+
+    fn frame(tag: u64, payload: &[u8]) -> Vec<u8> {
+        let mut v = Header {
+            tag,
+            len: payload.len() as u64,
+        }
+        .encode()
+        .to_vec();
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn waiting_receiver_gets_frame_handed_over_without_stash() {
+        // Stash limit 0: any frame that had to be stashed would fail with UnexpectedBacklog.
+        let (c, mut raw) = conn(0);
+        std::thread::scope(|s| {
+            let a = s.spawn(|| c.recv(1, Dest::Vec { max: 1 << 24 }, T));
+            std::thread::sleep(Duration::from_millis(50)); // `a` is the reader, blocked in read
+            let b = s.spawn(|| c.recv(2, Dest::Vec { max: 1 << 24 }, T));
+            std::thread::sleep(Duration::from_millis(50)); // `b` waits for tag 2
+            raw.write_all(&frame(2, &vec![2u8; 4 << 20])).unwrap();
+            raw.write_all(&frame(1, b"one")).unwrap();
+            assert_eq!(b.join().unwrap().unwrap().unwrap(), vec![2u8; 4 << 20]);
+            assert_eq!(a.join().unwrap().unwrap().unwrap(), b"one");
+        });
+        assert_eq!(lock(&c.rx).stash.bytes(), 0);
+    }
+
+    #[test]
+    fn timeout_between_header_and_payload_keeps_frame() {
+        let (c, mut raw) = conn(1 << 20);
+        raw.write_all(&frame(3, b"")).unwrap();
+        raw.write_all(&Header { tag: 4, len: 4 }.encode()).unwrap();
+        // Tag 3 (empty) arrives complete; tag 4's payload is late.
+        let mut buf = [0u8; 4];
+        let d = Duration::from_millis(200);
+        assert_eq!(c.recv(3, Dest::Vec { max: 0 }, T).unwrap().unwrap(), b"");
+        let e = c.recv(4, Dest::Parts(&mut [&mut buf]), d).unwrap_err();
+        assert!(e.is_timeout(), "{e}");
+        raw.write_all(b"late").unwrap();
+        c.recv(4, Dest::Parts(&mut [&mut buf]), T).unwrap();
+        assert_eq!(&buf, b"late");
+    }
+
+    #[test]
+    fn timeout_mid_payload_poisons() {
+        let (c, mut raw) = conn(1 << 20);
+        let f = frame(5, &[9u8; 100]);
+        raw.write_all(&f[..50]).unwrap();
+        let t0 = Instant::now();
+        let d = Duration::from_millis(200);
+        let e = c.recv(5, Dest::Vec { max: 100 }, d).unwrap_err();
+        assert!(e.is_timeout(), "{e}");
+        assert!(t0.elapsed() < d + Duration::from_secs(1));
+        raw.write_all(&f[50..]).unwrap();
+        assert_eq!(
+            c.recv(5, Dest::Vec { max: 100 }, T).unwrap_err(),
+            PgError::Poisoned { peer: 1 }
+        );
+        assert_eq!(
+            c.send(5, &[b"x"], T).unwrap_err(),
+            PgError::Poisoned { peer: 1 }
+        );
+    }
+
+    #[test]
+    fn timeout_mid_header_poisons() {
+        let (c, mut raw) = conn(1 << 20);
+        raw.write_all(&frame(6, b"abc")[..7]).unwrap();
+        let e = c
+            .recv(6, Dest::Vec { max: 3 }, Duration::from_millis(100))
+            .unwrap_err();
+        assert!(e.is_timeout());
+        assert_eq!(
+            c.recv(6, Dest::Vec { max: 3 }, T).unwrap_err(),
+            PgError::Poisoned { peer: 1 }
+        );
+    }
+
+    #[test]
+    fn stashed_frames_survive_poisoning() {
+        let (c, mut raw) = conn(1 << 20);
+        raw.write_all(&frame(1, b"early")).unwrap();
+        raw.write_all(&frame(2, b"ab")[..17]).unwrap(); // header + 1 of 2 payload bytes
+        let e = c
+            .recv(2, Dest::Vec { max: 2 }, Duration::from_millis(100))
+            .unwrap_err();
+        assert!(e.is_timeout());
+        assert_eq!(
+            c.recv(1, Dest::Vec { max: 9 }, T).unwrap().unwrap(),
+            b"early"
+        );
+        assert_eq!(
+            c.recv(1, Dest::Vec { max: 9 }, T).unwrap_err(),
+            PgError::Poisoned { peer: 1 }
+        );
+    }
+}
