@@ -1,0 +1,335 @@
+//! A minimal in-memory host for the stream vectors: drives a [`Sender`] to completion, and drives a
+//! [`Receiver`] over messages handed to it one at a time (from a stream file or a simulated network).
+//! Sequential and fully buffered: every send completes at once, so no receive is ever in flight when the
+//! receiver is polled again. Storages are bound fresh (no in-place binding, no cast).
+
+use pgt_core::codec::{Limits, Manifest, Metadata};
+use pgt_core::digest::StorageHasher;
+use pgt_core::plan::{MessageKind, Segment};
+use pgt_core::receiver::{Received, Receiver, ReceiverOptions, RecvInto, RecvPoll};
+use pgt_core::sender::{Payload, SendPoll, Sender};
+use pgt_core::Error;
+
+/// One message on the wire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wire {
+    /// Sending rank.
+    pub from: u32,
+    /// Receiving rank.
+    pub to: u32,
+    /// Tag.
+    pub tag: u64,
+    /// Payload.
+    pub bytes: Vec<u8>,
+}
+
+/// Byte `i` of storage `s` in the stream vectors: `(17·s + i) mod 256`.
+pub fn pattern_byte(storage: usize, i: u64) -> u8 {
+    ((17 * storage as u64 + i) % 256) as u8
+}
+
+/// The pattern-filled wire bytes of every storage of `manifest`.
+pub fn pattern_storages(manifest: &Manifest) -> Vec<Vec<u8>> {
+    manifest
+        .storages()
+        .iter()
+        .enumerate()
+        .map(|(s, r)| (0..r.nbytes).map(|i| pattern_byte(s, i)).collect())
+        .collect()
+}
+
+fn gather(storages: &[Vec<u8>], segments: &[Segment]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for s in segments {
+        let start = s.offset as usize;
+        out.extend_from_slice(&storages[s.storage as usize][start..start + s.len as usize]);
+    }
+    out
+}
+
+/// Drives a sender over `storages` (wire bytes, in storage order) and returns every send, in order.
+pub fn send_all(
+    metadata: Metadata,
+    digests: bool,
+    storages: &[Vec<u8>],
+) -> Result<Vec<Wire>, Error> {
+    let mut sender = Sender::new(metadata, digests, &Limits::default())?;
+    let source = sender.manifest().metadata().source;
+    let nbytes: Vec<u64> = sender
+        .manifest()
+        .storages()
+        .iter()
+        .map(|s| s.nbytes)
+        .collect();
+    let mut hashers = vec![StorageHasher::new(); nbytes.len()];
+    let mut out = Vec::new();
+    loop {
+        let mut finished = Vec::new();
+        match sender.poll() {
+            SendPoll::Send(op) => {
+                let bytes = match op.payload {
+                    Payload::Bytes(b) => b.to_vec(),
+                    Payload::Storages(segments) => {
+                        if op.hash {
+                            for s in segments {
+                                let i = s.storage as usize;
+                                let start = s.offset as usize;
+                                hashers[i].update(&storages[i][start..start + s.len as usize]);
+                                if s.offset + s.len == nbytes[i] {
+                                    finished.push((s.storage, hashers[i].finish()));
+                                }
+                            }
+                        }
+                        gather(storages, segments)
+                    }
+                };
+                assert_eq!(bytes.len() as u64, op.len, "sender payload length");
+                out.push(Wire {
+                    from: source,
+                    to: op.to,
+                    tag: op.tag,
+                    bytes,
+                });
+            }
+            SendPoll::WaitDigests => {
+                return Err(Error::ProtocolState(
+                    "sender waits for digests that were all reported",
+                ))
+            }
+            SendPoll::Done => return Ok(out),
+        }
+        for (storage, d) in finished {
+            sender.handle_storage_digest(storage, d)?;
+        }
+    }
+}
+
+/// Why a receiver run stopped.
+#[derive(Debug, PartialEq)]
+pub enum HostError {
+    /// The receiver state machine returned this error.
+    Core(Error),
+    /// The messages did not fit what the receiver asked for (missing, wrong tag or length).
+    Host(String),
+}
+
+impl From<Error> for HostError {
+    fn from(e: Error) -> HostError {
+        HostError::Core(e)
+    }
+}
+
+/// The end of a successful receiver run.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The receiver's result.
+    pub received: Received,
+    /// Every storage's bytes as received, in storage order.
+    pub storages: Vec<Vec<u8>>,
+    /// Every message the receiver consumed, in order.
+    pub consumed: Vec<Wire>,
+    /// Every message it forwarded (chain fan-out), in order.
+    pub forwarded: Vec<Wire>,
+}
+
+enum Step {
+    Recv {
+        from: u32,
+        message: usize,
+        kind: MessageKind,
+        tag: u64,
+        len: u64,
+        segments: Vec<Segment>,
+        hash: bool,
+    },
+    Bind,
+    Forward(Wire, usize),
+    Wait,
+    Done,
+}
+
+/// Runs a receiver to completion. `next(from, tag)` yields the next message from `from` (`None`: none
+/// left). Data and header/metadata message lengths are checked by the host; a trailer of the wrong
+/// length is handed to the core as it is (which must reject it).
+pub fn run_receiver(
+    options: ReceiverOptions,
+    mut next: impl FnMut(u32, u64) -> Option<Vec<u8>>,
+) -> Result<Outcome, HostError> {
+    let rank = options.rank;
+    let mut rx = Receiver::new(options);
+    let mut storages: Vec<Vec<u8>> = Vec::new();
+    let mut nbytes: Vec<u64> = Vec::new();
+    let mut hashers: Vec<StorageHasher> = Vec::new();
+    let mut consumed = Vec::new();
+    let mut forwarded = Vec::new();
+    loop {
+        let step = match rx.poll() {
+            RecvPoll::Recv(op) => Step::Recv {
+                from: op.from,
+                message: op.message,
+                kind: op.kind,
+                tag: op.tag,
+                len: op.len,
+                segments: match op.into {
+                    RecvInto::Storages(s) => s.to_vec(),
+                    RecvInto::Core => Vec::new(),
+                },
+                hash: op.hash,
+            },
+            RecvPoll::NeedBindings => Step::Bind,
+            RecvPoll::Forward(op) => {
+                let bytes = match op.payload {
+                    Payload::Bytes(b) => b.to_vec(),
+                    Payload::Storages(segments) => gather(&storages, segments),
+                };
+                let wire = Wire {
+                    from: rank,
+                    to: op.to,
+                    tag: op.tag,
+                    bytes,
+                };
+                Step::Forward(wire, op.message)
+            }
+            RecvPoll::Wait => Step::Wait,
+            RecvPoll::Done => Step::Done,
+        };
+        match step {
+            Step::Recv {
+                from,
+                message,
+                kind,
+                tag,
+                len,
+                segments,
+                hash,
+            } => {
+                let bytes = next(from, tag)
+                    .ok_or_else(|| HostError::Host(format!("no message {tag} from {from}")))?;
+                consumed.push(Wire {
+                    from,
+                    to: rank,
+                    tag,
+                    bytes: bytes.clone(),
+                });
+                if kind != MessageKind::Trailer && bytes.len() as u64 != len {
+                    return Err(HostError::Host(format!(
+                        "message {tag} is {} bytes, expected {len}",
+                        bytes.len()
+                    )));
+                }
+                match kind {
+                    MessageKind::Header => rx.handle_header(&bytes)?,
+                    MessageKind::Metadata => rx.handle_metadata(&bytes)?,
+                    MessageKind::Trailer => rx.handle_trailer(&bytes)?,
+                    MessageKind::Data => {
+                        let mut at = 0usize;
+                        for s in &segments {
+                            let i = s.storage as usize;
+                            let part = &bytes[at..at + s.len as usize];
+                            at += s.len as usize;
+                            let start = s.offset as usize;
+                            storages[i][start..start + part.len()].copy_from_slice(part);
+                            if hash {
+                                hashers[i].update(part);
+                                if s.offset + s.len == nbytes[i] {
+                                    rx.handle_storage_digest(s.storage, hashers[i].finish())?;
+                                }
+                            }
+                        }
+                        rx.handle_data(message)?;
+                    }
+                }
+            }
+            Step::Bind => {
+                rx.finish_bindings()?;
+                let manifest = rx.manifest().expect("bound receiver has a manifest");
+                nbytes = manifest.storages().iter().map(|s| s.nbytes).collect();
+                storages = (0..nbytes.len())
+                    .map(|i| vec![0u8; rx.binding(i).map_or(0, |b| b.nbytes as usize)])
+                    .collect();
+                hashers = vec![StorageHasher::new(); nbytes.len()];
+            }
+            Step::Forward(wire, message) => {
+                forwarded.push(wire);
+                rx.handle_forwarded(message)?;
+            }
+            Step::Wait => {
+                return Err(HostError::Host(
+                    "receiver waits although nothing is in flight".into(),
+                ))
+            }
+            Step::Done => {
+                return Ok(Outcome {
+                    received: rx.finish()?,
+                    storages,
+                    consumed,
+                    forwarded,
+                })
+            }
+        }
+    }
+}
+
+/// Simulates a whole transfer: the sender's sends, then each destination in order (so that in chain
+/// fan-out a receiver's forwards are queued before the next one runs). Returns each destination's run.
+pub fn simulate(
+    metadata: &Metadata,
+    digests: bool,
+    storages: &[Vec<u8>],
+) -> Result<Vec<(u32, Outcome)>, HostError> {
+    let mut net = send_all(metadata.clone(), digests, storages)?;
+    let mut runs = Vec::new();
+    for &rank in &metadata.destinations {
+        let options = ReceiverOptions {
+            rank,
+            source: metadata.source,
+            expected_step: metadata.step,
+            limits: Limits::default(),
+        };
+        let outcome = run_receiver(options, |from, tag| {
+            let i = net
+                .iter()
+                .position(|w| w.from == from && w.to == rank && w.tag == tag)?;
+            Some(net.remove(i).bytes)
+        })?;
+        net.extend(outcome.forwarded.iter().cloned());
+        runs.push((rank, outcome));
+    }
+    if !net.is_empty() {
+        return Err(HostError::Host(format!(
+            "{} messages were never received",
+            net.len()
+        )));
+    }
+    Ok(runs)
+}
+
+/// A stream file: `tag u64 LE | len u64 LE | len bytes`, repeated.
+pub fn encode_stream(messages: &[Wire]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for m in messages {
+        out.extend_from_slice(&m.tag.to_le_bytes());
+        out.extend_from_slice(&(m.bytes.len() as u64).to_le_bytes());
+        out.extend_from_slice(&m.bytes);
+    }
+    out
+}
+
+/// Parses a stream file into `(tag, bytes)` records.
+pub fn decode_stream(mut bytes: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        if bytes.len() < 16 {
+            return Err("stream record header cut short".into());
+        }
+        let tag = u64::from_le_bytes(bytes[0..8].try_into().expect("8 bytes"));
+        let len = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+        let rest = &bytes[16..];
+        if (rest.len() as u64) < len {
+            return Err(format!("stream record {tag} cut short"));
+        }
+        out.push((tag, rest[..len as usize].to_vec()));
+        bytes = &rest[len as usize..];
+    }
+    Ok(out)
+}

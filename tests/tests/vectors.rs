@@ -1,0 +1,281 @@
+//! The golden vectors in `tests/vectors/`: today's encoder reproduces every committed file byte for byte,
+//! and pgt-core decodes every vector exactly as `index.json` says. After an intended wire change, run
+//! `cargo run -p pgt-tests --bin gen-vectors` (and bump the protocol version: see PROTOCOL.md).
+
+use std::path::PathBuf;
+
+use pgt_core::codec::{self, Header, Limits};
+use pgt_core::receiver::Receiver;
+use pgt_tests::vectors::{self, host, spec, Kind};
+use serde_json::Value as Json;
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vectors")
+}
+
+fn read(name: &str) -> Vec<u8> {
+    std::fs::read(dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn index() -> Json {
+    serde_json::from_slice(&read("index.json")).expect("index.json parses")
+}
+
+fn entries() -> Vec<Json> {
+    index()["vectors"]
+        .as_array()
+        .expect("vectors is a list")
+        .clone()
+}
+
+fn str_of<'a>(e: &'a Json, key: &str) -> &'a str {
+    e[key].as_str().unwrap_or_else(|| panic!("{key} in {e}"))
+}
+
+/// Splits a header + metadata vector.
+fn split(e: &Json, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let n = e["header_len"].as_u64().expect("header_len") as usize;
+    let n = n.min(bytes.len());
+    (bytes[..n].to_vec(), bytes[n..].to_vec())
+}
+
+fn stale() -> &'static str {
+    "regenerate with `cargo run -p pgt-tests --bin gen-vectors` if the change is intended"
+}
+
+#[test]
+fn committed_files_are_what_the_generator_writes() {
+    let files = vectors::files();
+    for (name, bytes) in &files {
+        let committed = read(name);
+        assert!(
+            committed == *bytes,
+            "tests/vectors/{name} differs from today's encoding ({} vs {} bytes); {}",
+            committed.len(),
+            bytes.len(),
+            stale()
+        );
+    }
+    for entry in std::fs::read_dir(dir()).expect("vectors dir") {
+        let name = entry.expect("dir entry").file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".bin") {
+            assert!(
+                files.iter().any(|(f, _)| *f == name),
+                "tests/vectors/{name} is not generated any more; {}",
+                stale()
+            );
+        }
+    }
+}
+
+#[test]
+fn index_lists_every_file_once() {
+    let entries = entries();
+    let mut names: Vec<&str> = entries.iter().map(|e| str_of(e, "file")).collect();
+    let count = names.len();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), count, "duplicate file in index.json");
+    let idx = index();
+    assert_eq!(idx["protocol_version"], Json::from(codec::VERSION));
+    assert_eq!(
+        vectors::limits_from_json(&idx["default_limits"]),
+        Some(Limits::default())
+    );
+}
+
+#[test]
+fn valid_metadata_decodes_to_its_manifest() {
+    let mut seen = 0;
+    for e in entries()
+        .iter()
+        .filter(|e| e["kind"] == Kind::ValidMetadata.name())
+    {
+        seen += 1;
+        let name = str_of(e, "file");
+        let (h, meta) = split(e, &read(name));
+        let header =
+            Header::parse(&h, &Limits::default()).unwrap_or_else(|err| panic!("{name}: {err}"));
+        let manifest = codec::decode(&header, &meta, &Limits::default())
+            .unwrap_or_else(|err| panic!("{name}: {err}"));
+        let want = &e["manifest"];
+        assert_eq!(
+            want["leaf_count"].as_u64(),
+            Some(manifest.metadata().leaves.len() as u64),
+            "{name}"
+        );
+        let paths: Vec<String> = manifest.paths().iter().map(|p| p.to_string()).collect();
+        assert_eq!(want["paths"], serde_json::json!(paths), "{name}: key paths");
+        assert_eq!(
+            vectors::summary(&header, &manifest),
+            *want,
+            "{name}: decoded manifest differs from index.json"
+        );
+        // Core's encoder and the encoder written from PROTOCOL.md both give exactly these bytes.
+        let (h2, meta2) = codec::encode(&manifest).expect("encodes");
+        assert_eq!(h2.to_bytes().as_slice(), h.as_slice(), "{name}: header");
+        assert_eq!(meta2, meta, "{name}: core re-encoding");
+        assert_eq!(
+            spec::metadata(manifest.metadata()),
+            meta,
+            "{name}: the PROTOCOL.md encoder (tests/src/vectors/spec.rs) disagrees with pgt-core"
+        );
+    }
+    assert!(seen >= 8, "only {seen} valid vectors");
+}
+
+#[test]
+fn malformed_vectors_fail_with_their_named_error() {
+    let idx = index();
+    let defaults = vectors::limits_from_json(&idx["default_limits"]).expect("default_limits");
+    let mut seen = 0;
+    for e in entries()
+        .iter()
+        .filter(|e| e["kind"] == Kind::Malformed.name())
+    {
+        seen += 1;
+        let name = str_of(e, "file");
+        let limits = match e.get("limits") {
+            Some(l) => vectors::limits_from_json(l).expect("limits"),
+            None => defaults,
+        };
+        let (h, meta) = split(e, &read(name));
+        let err = Header::parse(&h, &limits)
+            .and_then(|header| codec::decode(&header, &meta, &limits))
+            .err()
+            .unwrap_or_else(|| panic!("{name} decodes"));
+        assert_eq!(vectors::error_name(&err), str_of(e, "error"), "{name}");
+        assert_eq!(format!("{err:?}"), str_of(e, "error_debug"), "{name}");
+        // Vectors that get past the header carry a header consistent with their metadata, except the
+        // ones about exactly that.
+        let consistent = !matches!(
+            str_of(e, "error"),
+            "HeaderLength"
+                | "BadMagic"
+                | "UnsupportedVersion"
+                | "UnknownFlags"
+                | "MetadataTooLarge"
+                | "MetadataLength"
+                | "MetadataDigest"
+        );
+        if consistent {
+            let header = Header::parse(&h, &limits).expect("header parses");
+            assert_eq!(header.metadata_len, meta.len() as u64, "{name}");
+            assert_eq!(
+                header.metadata_digest,
+                pgt_core::digest::digest(&meta),
+                "{name}"
+            );
+        }
+    }
+    assert!(seen >= 40, "only {seen} malformed vectors");
+}
+
+#[test]
+fn receiver_rejects() {
+    for e in entries()
+        .iter()
+        .filter(|e| e["kind"] == Kind::ReceiverReject.name())
+    {
+        let name = str_of(e, "file");
+        let (h, meta) = split(e, &read(name));
+        // The metadata itself is valid…
+        let header = Header::parse(&h, &Limits::default()).expect("header");
+        codec::decode(&header, &meta, &Limits::default()).expect("metadata decodes");
+        // …but this receiver rejects it.
+        let options = vectors::options_from_json(&e["receiver"]).expect("receiver options");
+        let mut rx = Receiver::new(options);
+        rx.handle_header(&h).expect("header accepted");
+        let err = rx.handle_metadata(&meta).expect_err("rejected");
+        assert_eq!(vectors::error_name(&err), str_of(e, "error"), "{name}");
+        assert_eq!(format!("{err:?}"), str_of(e, "error_debug"), "{name}");
+    }
+}
+
+#[test]
+fn streams_are_received_completely() {
+    let mut seen = 0;
+    for e in entries()
+        .iter()
+        .filter(|e| e["kind"] == Kind::Stream.name())
+    {
+        seen += 1;
+        let name = str_of(e, "file");
+        let records =
+            host::decode_stream(&read(name)).unwrap_or_else(|err| panic!("{name}: {err}"));
+        let want_records = e["records"].as_array().expect("records");
+        assert_eq!(records.len(), want_records.len(), "{name}: record count");
+        for ((tag, bytes), want) in records.iter().zip(want_records) {
+            assert_eq!(Some(*tag), want["tag"].as_u64(), "{name}");
+            assert_eq!(Some(bytes.len() as u64), want["len"].as_u64(), "{name}");
+        }
+        let options = vectors::options_from_json(&e["receiver"]).expect("receiver options");
+        let outcome =
+            vectors::run_stream(options, &records).unwrap_or_else(|err| panic!("{name}: {err:?}"));
+        let manifest = &outcome.received.manifest;
+        // The metadata is the second record; the manifest is as listed.
+        let header = Header::parse(&records[0].1, &Limits::default()).expect("header");
+        assert_eq!(vectors::summary(&header, manifest), e["manifest"], "{name}");
+        // Every storage holds the pattern.
+        assert_eq!(
+            outcome.storages,
+            host::pattern_storages(manifest),
+            "{name}: storage bytes"
+        );
+        let want = &e["result"];
+        let leaves: Vec<Json> = outcome
+            .received
+            .leaves
+            .iter()
+            .map(vectors::leaf_json)
+            .collect();
+        assert_eq!(
+            Json::Array(leaves),
+            want["leaves"],
+            "{name}: received leaves"
+        );
+        for (i, s) in want["storages"]
+            .as_array()
+            .expect("storages")
+            .iter()
+            .enumerate()
+        {
+            let d = format!("0x{:016x}", pgt_core::digest::digest(&outcome.storages[i]));
+            assert_eq!(
+                s["digest"].as_str(),
+                Some(d.as_str()),
+                "{name}: storage {i}"
+            );
+        }
+    }
+    assert!(seen >= 3, "only {seen} streams");
+}
+
+#[test]
+fn malformed_streams_fail_with_their_named_error() {
+    let mut seen = 0;
+    for e in entries()
+        .iter()
+        .filter(|e| e["kind"] == Kind::MalformedStream.name())
+    {
+        seen += 1;
+        let name = str_of(e, "file");
+        let records =
+            host::decode_stream(&read(name)).unwrap_or_else(|err| panic!("{name}: {err}"));
+        let options = vectors::options_from_json(&e["receiver"]).expect("receiver options");
+        match vectors::run_stream(options, &records) {
+            Err(host::HostError::Core(err)) => {
+                assert_eq!(vectors::error_name(&err), str_of(e, "error"), "{name}");
+                assert_eq!(format!("{err:?}"), str_of(e, "error_debug"), "{name}");
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    assert!(seen >= 2, "only {seen} malformed streams");
+}
+
+#[test]
+fn empty_storage_digest_is_the_documented_constant() {
+    assert_eq!(pgt_core::digest::digest(&[]), 0x2D06_8005_38D3_94C2);
+}
