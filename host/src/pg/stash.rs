@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 /// bounded too.
 pub(crate) const FRAME_OVERHEAD: usize = 64;
 
-/// Default cap on stashed bytes per peer (see [`Stash`]).
+/// Default cap on stashed (out-of-order) bytes per peer; see [the module docs](super#messages-and-tags).
 pub const DEFAULT_STASH_LIMIT: usize = 256 << 20;
 
 /// Frames set aside per tag, FIFO within a tag, with a cap on the bytes held.

@@ -12,8 +12,27 @@
 //! 4. Each rank connects to every *higher* rank and accepts connections from every *lower* rank,
 //!    concurrently. The connection's identity (rank) travels in the handshake.
 //!
-//! Every connection — to the store and between peers — starts with the mutual HMAC-SHA256
-//! challenge–response described in the `auth` module (job token from `PGT_TOKEN`). A stranger
+//! # Authentication
+//! Every connection — to the store and between peers — starts with a mutual HMAC-SHA256
+//! challenge–response keyed with the job token `K` (`PGT_TOKEN`). The connecting side is C, the
+//! accepting side S; integers little-endian:
+//!
+//! ```text
+//! C -> S  ClientHello  52 bytes  "PGTAUTH1" | purpose u8 | 0u8 x3 | rank u32 | world u32 | nonce_c [32]
+//! S -> C  ServerHello  84 bytes  "PGTAUTH1" | purpose u8 | 0u8 x3 | rank u32 | world u32 | nonce_s [32]
+//!                                | mac_s [32] = HMAC(K, "pgt/1 server" | ClientHello | ServerHello[..52])
+//! C -> S  ClientProof  32 bytes  mac_c = HMAC(K, "pgt/1 client" | ClientHello | ServerHello)
+//! S -> C  Verdict       1 byte   0 accepted, 1 bad proof, 2 rank not expected / duplicate,
+//!                                3 world size mismatch, 4 wrong purpose
+//! ```
+//!
+//! `purpose` is 1 for the store (whose rank field is `u32::MAX`), 2 between peers. Nonces come from
+//! the OS RNG, MACs are checked in constant time, the labels differ per direction (no
+//! reflection), and the MACs cover both hellos, so ranks and world size are authenticated too.
+//! The traffic itself is not encrypted: the threat model is strangers that don't know the token
+//! (scanners, other jobs, stale ranks), not an on-path attacker.
+//!
+//! A stranger
 //! (wrong token, garbage, or silence past [`TcpTuning::handshake_timeout`]) is logged, refused
 //! and dropped; each handshake runs in its own thread so the listener keeps accepting real ranks
 //! meanwhile. A rank connecting twice, a rank not expected at that listener, or a different world

@@ -1,0 +1,683 @@
+//! `Transport`: PGTransport's API over any [`ProcessGroup`]. It executes what the protocol engine
+//! (pgt-core, native or sandboxed) asks for — sends, receives into final buffers, forwards, hashing —
+//! and owns no protocol decisions.
+//!
+//! Threads: the sender runs one thread per destination plus a hashing thread, so hashing overlaps the
+//! wire and destinations proceed in parallel. The receiver receives on the calling thread straight into
+//! the destination buffers; a second thread hashes (and casts) what has landed, and a third forwards it
+//! in chain fan-out, so neither delays the next receive.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver as Rx, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use pgt_core::codec::{Limits, Metadata, StorageRef};
+use pgt_core::digest::StorageHasher;
+use pgt_core::dtype::convert;
+use pgt_core::plan::{MessageKind, PlanParams, Segment};
+use pgt_core::receiver::{Binding, Dest, ReceiverOptions};
+use pgt_core::tree::KeyPath;
+use tracing::{debug, info_span};
+
+use crate::engine::{
+    EngineFactory, NativeEngine, OwnedPayload, RecvNext, SendNext, SendStep,
+};
+use crate::memory::Buffer;
+use crate::pg::ProcessGroup;
+use crate::state_dict::{Entry, StateDict, Storage, Tensor};
+
+/// Progress callback: `(bytes done, bytes total)`.
+pub type Progress = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// Transfer settings.
+#[derive(Clone)]
+pub struct TransportOptions {
+    /// Per-operation timeout: a stalled peer fails the transfer within this (plus ~1 s).
+    pub timeout: Duration,
+    /// Fan-out, bucket size and chunk size (sender side; receivers follow the metadata).
+    pub plan: PlanParams,
+    /// Send a digest trailer and verify it.
+    pub digests: bool,
+    /// Caps on untrusted metadata (receiver side).
+    pub limits: Limits,
+    /// If set, a received checkpoint must carry this step.
+    pub expected_step: Option<u64>,
+    /// The protocol engine: native pgt-core by default.
+    pub engine: Arc<dyn EngineFactory>,
+    /// Called as storage bytes move.
+    pub progress: Option<Progress>,
+}
+
+impl Default for TransportOptions {
+    fn default() -> Self {
+        TransportOptions {
+            timeout: Duration::from_secs(300),
+            plan: PlanParams::default(),
+            digests: true,
+            limits: Limits::default(),
+            expected_step: None,
+            engine: Arc::new(NativeEngine),
+            progress: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for TransportOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransportOptions")
+            .field("timeout", &self.timeout)
+            .field("plan", &self.plan)
+            .field("digests", &self.digests)
+            .field("limits", &self.limits)
+            .field("expected_step", &self.expected_step)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Figures of one transfer.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TransferStats {
+    /// Storage bytes moved.
+    pub bytes: u64,
+    /// Storages (tensors and shards) moved.
+    pub tensors: u64,
+    /// Wall time of the whole transfer.
+    pub seconds: f64,
+    /// Time until the metadata was handled.
+    pub metadata_seconds: f64,
+}
+
+/// Moves state dicts between ranks of a process group.
+pub struct Transport<P: ProcessGroup> {
+    pg: P,
+    options: TransportOptions,
+}
+
+impl<P: ProcessGroup> std::fmt::Debug for Transport<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("rank", &self.pg.rank())
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+/// First error wins; everyone else stops.
+#[derive(Default)]
+struct Abort {
+    flag: AtomicBool,
+    error: Mutex<Option<anyhow::Error>>,
+}
+
+impl Abort {
+    fn fail(&self, e: anyhow::Error) {
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        self.flag.store(true, Ordering::SeqCst);
+    }
+
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    fn take(&self) -> Option<anyhow::Error> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// Messages queued per worker: small descriptors, so memory stays flat whatever the transfer size.
+const QUEUE_DEPTH: usize = 256;
+
+impl<P: ProcessGroup> Transport<P> {
+    /// A transport over `pg`.
+    pub fn new(pg: P, options: TransportOptions) -> Self {
+        Transport { pg, options }
+    }
+
+    /// The process group.
+    pub fn process_group(&self) -> &P {
+        &self.pg
+    }
+
+    /// The options.
+    pub fn options(&self) -> &TransportOptions {
+        &self.options
+    }
+
+    /// Sends `state_dict` to `dst_ranks`: metadata first, then every storage's bytes, per the plan.
+    pub fn send_checkpoint(&self, dst_ranks: &[u32], state_dict: &StateDict<'_>) -> Result<TransferStats> {
+        let span = info_span!("send_checkpoint", rank = self.pg.rank(), dsts = ?dst_ranks);
+        let _enter = span.enter();
+        let start = Instant::now();
+        let (nodes, entries) = state_dict.flatten();
+        let storages: Vec<&[u8]> = entries
+            .iter()
+            .flat_map(|e| e.tensors())
+            .map(|t| t.storage.bytes())
+            .collect();
+        let metadata = Metadata {
+            step: state_dict.step,
+            source: self.pg.rank(),
+            destinations: dst_ranks.to_vec(),
+            plan: self.options.plan,
+            tree: nodes,
+            leaves: entries.iter().map(|e| e.to_leaf()).collect(),
+        };
+        let mut engine = self
+            .options
+            .engine
+            .sender(metadata, self.options.digests, &self.options.limits)
+            .context("invalid state dict")?;
+        let refs = engine.storages();
+        let total: u64 = refs.iter().map(|s| s.nbytes).sum();
+        let timeout = self.options.timeout;
+        let abort = Abort::default();
+        let progress = self.options.progress.clone();
+        let sent = std::sync::atomic::AtomicU64::new(0);
+
+        std::thread::scope(|scope| -> Result<()> {
+            let (digest_tx, digest_rx) = mpsc::channel::<(u32, u64)>();
+            let (hash_tx, hash_rx) = mpsc::sync_channel::<Vec<Segment>>(QUEUE_DEPTH);
+            let storages = &storages;
+            let refs = &refs;
+            let abort = &abort;
+            scope.spawn(move || hash_worker(hash_rx, storages, refs, digest_tx));
+            let mut workers: HashMap<u32, SyncSender<SendStep>> = HashMap::new();
+            for (i, &dst) in dst_ranks.iter().enumerate() {
+                let (tx, rx) = mpsc::sync_channel::<SendStep>(QUEUE_DEPTH);
+                workers.insert(dst, tx);
+                let pg = &self.pg;
+                let progress = progress.clone();
+                let sent = &sent;
+                // Progress counts the first destination's bytes: one copy of the checkpoint.
+                let counts = i == 0;
+                scope.spawn(move || {
+                    for step in rx {
+                        if abort.is_set() {
+                            break;
+                        }
+                        let result = match &step.payload {
+                            OwnedPayload::Bytes(b) => pg.send(step.to, step.tag, &[b], timeout),
+                            OwnedPayload::Storages(segs) => {
+                                let parts = storage_parts(storages, segs);
+                                pg.send(step.to, step.tag, &parts, timeout)
+                            }
+                        };
+                        if let Err(e) = result {
+                            abort.fail(anyhow!(e).context(format!("sending message {} to rank {}", step.message, step.to)));
+                            break;
+                        }
+                        if counts && matches!(step.payload, OwnedPayload::Storages(_)) {
+                            let done = sent.fetch_add(step.len, Ordering::Relaxed) + step.len;
+                            if let Some(p) = &progress {
+                                p(done, total);
+                            }
+                        }
+                    }
+                });
+            }
+            let result = (|| -> Result<()> {
+                loop {
+                    if abort.is_set() {
+                        return Ok(());
+                    }
+                    while let Ok((s, d)) = digest_rx.try_recv() {
+                        engine.handle_storage_digest(s, d)?;
+                    }
+                    match engine.poll()? {
+                        SendNext::Send(step) => {
+                            if step.hash {
+                                if let OwnedPayload::Storages(segs) = &step.payload {
+                                    hash_tx.send(segs.clone()).map_err(|_| anyhow!("hashing stopped"))?;
+                                }
+                            }
+                            let to = step.to;
+                            workers
+                                .get(&to)
+                                .context("engine named an unknown destination")?
+                                .send(step)
+                                .map_err(|_| anyhow!("sender to rank {to} stopped"))?;
+                        }
+                        SendNext::WaitDigests => match digest_rx.recv_timeout(timeout) {
+                            Ok((s, d)) => engine.handle_storage_digest(s, d)?,
+                            Err(RecvTimeoutError::Timeout) => {
+                                if !abort.is_set() {
+                                    bail!("timed out waiting for storage digests")
+                                }
+                            }
+                            Err(RecvTimeoutError::Disconnected) => {
+                                bail!("hashing stopped before every digest was reported")
+                            }
+                        },
+                        SendNext::Done => return Ok(()),
+                    }
+                }
+            })();
+            drop(workers);
+            drop(hash_tx);
+            if let Err(e) = result {
+                abort.fail(e);
+            }
+            Ok(())
+        })?;
+        if let Some(e) = abort.take() {
+            return Err(e);
+        }
+        Ok(TransferStats {
+            bytes: total,
+            tensors: refs.len() as u64,
+            seconds: start.elapsed().as_secs_f64(),
+            metadata_seconds: 0.0,
+        })
+    }
+
+    /// Receives a checkpoint from `src` into fresh buffers.
+    pub fn recv_checkpoint(&self, src: u32) -> Result<StateDict<'static>> {
+        let mut sd = StateDict::new();
+        self.receive(src, &mut sd, false)?;
+        Ok(sd)
+    }
+
+    /// Receives a checkpoint from `src` in place: every tensor whose key path exists in `state_dict` with
+    /// an owned storage is written straight into that storage (sizes must match; float dtypes are cast
+    /// on receive). Afterwards `state_dict` holds exactly the received tree. On error its structure is
+    /// unchanged, though in-place buffers may hold partly received bytes.
+    pub fn recv_checkpoint_into(&self, src: u32, state_dict: &mut StateDict<'static>) -> Result<TransferStats> {
+        self.receive(src, state_dict, true)
+    }
+
+    fn receive(&self, src: u32, target: &mut StateDict<'static>, in_place: bool) -> Result<TransferStats> {
+        let span = info_span!("recv_checkpoint", rank = self.pg.rank(), src);
+        let _enter = span.enter();
+        let start = Instant::now();
+        let timeout = self.options.timeout;
+        let mut engine = self.options.engine.receiver(ReceiverOptions {
+            rank: self.pg.rank(),
+            source: src,
+            expected_step: self.options.expected_step,
+            limits: self.options.limits,
+        })?;
+        // Header and metadata.
+        let mut manifest = None;
+        loop {
+            match engine.poll()? {
+                RecvNext::Recv(step) if step.kind == MessageKind::Header || step.kind == MessageKind::Metadata => {
+                    let bytes = self
+                        .pg
+                        .recv_vec(step.from, step.tag, step.len as usize, timeout)
+                        .with_context(|| format!("receiving the {:?} from rank {}", step.kind, step.from))?;
+                    if step.kind == MessageKind::Header {
+                        engine.handle_header(&bytes)?;
+                    } else {
+                        manifest = Some(engine.handle_metadata(&bytes)?);
+                    }
+                }
+                RecvNext::NeedBindings => break,
+                other => bail!("protocol engine asked for {other:?} before bindings"),
+            }
+        }
+        let manifest = manifest.context("no metadata")?;
+        let metadata_seconds = start.elapsed().as_secs_f64();
+        debug!(storages = manifest.storages.len(), bytes = manifest.total_bytes, "metadata received");
+
+        // Bind in-place destinations by key path.
+        let mut in_place_buffers: HashMap<u64, &mut Buffer> = HashMap::new();
+        if in_place {
+            let mut by_path: HashMap<KeyPath, Vec<Option<&mut Tensor<'static>>>> = HashMap::new();
+            for (path, entry) in entries_mut(target) {
+                let tensors = StateDict::entry_tensors_mut(entry);
+                by_path.insert(path, tensors.into_iter().map(Some).collect());
+            }
+            for (s, r) in manifest.storages.iter().enumerate() {
+                let path = &manifest.paths[r.leaf as usize];
+                let slot = by_path
+                    .get_mut(path)
+                    .and_then(|tensors| tensors.get_mut(r.shard as usize))
+                    .and_then(Option::take);
+                let Some(Tensor { layout, storage }) = slot else {
+                    continue;
+                };
+                if let Storage::Owned(buf) = storage {
+                    engine.bind_in_place(s, s as u64, layout.dtype, buf.len() as u64)?;
+                    in_place_buffers.insert(s as u64, buf);
+                }
+            }
+        }
+        let bindings = engine.finish_bindings()?;
+        // Final buffers: in place, or fresh; cast storages also get a staging buffer for wire bytes.
+        let mut fresh: Vec<Option<Buffer>> = Vec::with_capacity(bindings.len());
+        let mut staging: Vec<Option<Buffer>> = Vec::with_capacity(bindings.len());
+        for (b, r) in bindings.iter().zip(&manifest.storages) {
+            fresh.push(match b.dest {
+                Dest::Fresh => Some(Buffer::zeroed(b.nbytes as usize)),
+                Dest::InPlace(_) => None,
+            });
+            staging.push(b.cast_from.map(|_| Buffer::zeroed(r.nbytes as usize)));
+        }
+        let mut regions = Vec::with_capacity(bindings.len());
+        for (s, b) in bindings.iter().enumerate() {
+            let dest: &mut [u8] = match b.dest {
+                Dest::Fresh => fresh[s].as_mut().context("fresh buffer")?,
+                Dest::InPlace(id) => in_place_buffers.get_mut(&id).context("in-place buffer")?,
+            };
+            let dest = Region::new(dest);
+            let wire = match staging[s].as_mut() {
+                Some(st) => Region::new(st),
+                None => dest,
+            };
+            regions.push(StorageRegions { wire, dest });
+        }
+
+        let total = manifest.total_bytes;
+        let abort = Abort::default();
+        let received_tree = std::thread::scope(|scope| -> Result<crate::engine::ReceivedTree> {
+            let (event_tx, event_rx) = mpsc::channel::<Event>();
+            let (post_tx, post_rx) = mpsc::sync_channel::<Vec<Segment>>(QUEUE_DEPTH);
+            let (fwd_tx, fwd_rx) = mpsc::sync_channel::<crate::engine::ForwardStep>(QUEUE_DEPTH);
+            let regions = &regions;
+            let refs = &manifest.storages;
+            let bindings = &bindings;
+            let abort = &abort;
+            {
+                let event_tx = event_tx.clone();
+                scope.spawn(move || post_worker(post_rx, regions, refs, bindings, event_tx, abort));
+            }
+            {
+                let event_tx = event_tx.clone();
+                let pg = &self.pg;
+                scope.spawn(move || {
+                    for step in fwd_rx {
+                        if abort.is_set() {
+                            break;
+                        }
+                        let result = match &step.payload {
+                            OwnedPayload::Bytes(b) => pg.send(step.to, step.tag, &[b], timeout),
+                            OwnedPayload::Storages(segs) => {
+                                let parts: Vec<&[u8]> = segs
+                                    .iter()
+                                    // SAFETY: see `Region`: these bytes landed before the engine asked
+                                    // to forward them, and nothing writes wire bytes again.
+                                    .map(|s| unsafe { regions[s.storage as usize].wire.slice(s.offset, s.len) })
+                                    .collect();
+                                pg.send(step.to, step.tag, &parts, timeout)
+                            }
+                        };
+                        match result {
+                            Ok(()) => {
+                                let _ = event_tx.send(Event::Forwarded(step.message));
+                            }
+                            Err(e) => {
+                                abort.fail(anyhow!(e).context(format!("forwarding message {} to rank {}", step.message, step.to)));
+                                let _ = event_tx.send(Event::Stopped);
+                                break;
+                            }
+                        }
+                    }
+                });
+            }
+            drop(event_tx);
+            let progress = self.options.progress.clone();
+            let mut received = 0u64;
+            let result = (|| -> Result<()> {
+                let handle = |engine: &mut Box<dyn crate::engine::ReceiverEngine>, ev: Event| -> Result<()> {
+                    match ev {
+                        Event::Digest(s, d) => engine.handle_storage_digest(s, d)?,
+                        Event::Forwarded(m) => engine.handle_forwarded(m)?,
+                        Event::Stopped => bail!("a worker stopped"),
+                    }
+                    Ok(())
+                };
+                loop {
+                    if abort.is_set() {
+                        return Ok(());
+                    }
+                    while let Ok(ev) = event_rx.try_recv() {
+                        handle(&mut engine, ev)?;
+                    }
+                    match engine.poll()? {
+                        RecvNext::Recv(step) => match step.kind {
+                            MessageKind::Data => {
+                                let mut parts: Vec<&mut [u8]> = step
+                                    .segments
+                                    .iter()
+                                    // SAFETY: see `Region`: the plan's segments of one message are
+                                    // disjoint from every other message's, and no other thread touches
+                                    // a message's bytes before it has landed.
+                                    .map(|s| unsafe { regions[s.storage as usize].wire.slice_mut(s.offset, s.len) })
+                                    .collect();
+                                self.pg
+                                    .recv_into(step.from, step.tag, &mut parts, timeout)
+                                    .with_context(|| format!("receiving message {} from rank {}", step.message, step.from))?;
+                                received += step.len;
+                                if let Some(p) = &progress {
+                                    p(received, total);
+                                }
+                                let needs_post = step.hash
+                                    || step.segments.iter().any(|s| bindings[s.storage as usize].cast_from.is_some());
+                                if needs_post {
+                                    post_tx.send(step.segments).map_err(|_| anyhow!("hashing stopped"))?;
+                                }
+                                engine.handle_data(step.message)?;
+                            }
+                            MessageKind::Trailer => {
+                                let bytes = self
+                                    .pg
+                                    .recv_vec(step.from, step.tag, step.len as usize, timeout)
+                                    .with_context(|| format!("receiving the digest trailer from rank {}", step.from))?;
+                                engine.handle_trailer(&bytes)?;
+                            }
+                            kind => bail!("unexpected {kind:?} receive while streaming"),
+                        },
+                        RecvNext::Forward(step) => {
+                            fwd_tx.send(step).map_err(|_| anyhow!("forwarding stopped"))?;
+                        }
+                        RecvNext::Wait => match event_rx.recv_timeout(timeout) {
+                            Ok(ev) => handle(&mut engine, ev)?,
+                            Err(RecvTimeoutError::Timeout) => bail!("timed out waiting for hashing/forwarding"),
+                            Err(RecvTimeoutError::Disconnected) => {
+                                bail!("workers stopped before the transfer completed")
+                            }
+                        },
+                        RecvNext::NeedBindings => bail!("protocol engine asked for bindings twice"),
+                        RecvNext::Done => return Ok(()),
+                    }
+                }
+            })();
+            drop(post_tx);
+            drop(fwd_tx);
+            if let Err(e) = result {
+                abort.fail(e);
+            }
+            // Let the workers drain before the result is taken.
+            while event_rx.recv().is_ok() {}
+            if let Some(e) = abort.take() {
+                return Err(e);
+            }
+            engine.finish()
+        })?;
+        drop(regions);
+
+        // Assemble the received tree: fresh buffers move in; in-place ones move from the old tree.
+        let mut old: HashMap<u64, Buffer> = HashMap::new();
+        if in_place {
+            drop(in_place_buffers);
+            let mut by_path: HashMap<KeyPath, Vec<Storage<'static>>> = HashMap::new();
+            for (path, mut entry) in take_entries(target) {
+                by_path.insert(path, StateDict::entry_tensors_mut(&mut entry).into_iter().map(|t| std::mem::replace(&mut t.storage, Storage::Borrowed(&[]))).collect());
+            }
+            for (s, b) in received_tree.bindings.iter().enumerate() {
+                if let Dest::InPlace(id) = b.dest {
+                    let r = &manifest.storages[s];
+                    let path = &manifest.paths[r.leaf as usize];
+                    let storage = by_path
+                        .get_mut(path)
+                        .and_then(|v| v.get_mut(r.shard as usize))
+                        .map(|st| std::mem::replace(st, Storage::Borrowed(&[])));
+                    match storage {
+                        Some(Storage::Owned(buf)) => {
+                            old.insert(id, buf);
+                        }
+                        _ => bail!("{path}: in-place buffer vanished"),
+                    }
+                }
+            }
+        }
+        let mut storages = Vec::with_capacity(received_tree.bindings.len());
+        for (s, b) in received_tree.bindings.iter().enumerate() {
+            storages.push(Storage::Owned(match b.dest {
+                Dest::Fresh => fresh[s].take().context("fresh buffer")?,
+                Dest::InPlace(id) => old.remove(&id).context("in-place buffer")?,
+            }));
+        }
+        let mut storages = storages.into_iter();
+        let entries = received_tree
+            .leaves
+            .into_iter()
+            .map(|leaf| Entry::from_leaf(leaf, &mut storages))
+            .collect::<Result<Vec<_>>>()?;
+        *target = StateDict::unflatten(&received_tree.tree, entries, received_tree.step)?;
+        Ok(TransferStats {
+            bytes: total,
+            tensors: manifest.storages.len() as u64,
+            seconds: start.elapsed().as_secs_f64(),
+            metadata_seconds,
+        })
+    }
+}
+
+enum Event {
+    Digest(u32, u64),
+    Forwarded(usize),
+    Stopped,
+}
+
+fn storage_parts<'a>(storages: &[&'a [u8]], segs: &[Segment]) -> Vec<&'a [u8]> {
+    segs.iter()
+        .map(|s| &storages[s.storage as usize][s.offset as usize..(s.offset + s.len) as usize])
+        .collect()
+}
+
+fn hash_worker(rx: Rx<Vec<Segment>>, storages: &[&[u8]], refs: &[StorageRef], tx: mpsc::Sender<(u32, u64)>) {
+    let mut hashers: HashMap<u32, StorageHasher> = HashMap::new();
+    for segs in rx {
+        for s in segs {
+            let h = hashers.entry(s.storage).or_default();
+            h.update(&storages[s.storage as usize][s.offset as usize..(s.offset + s.len) as usize]);
+            if s.offset + s.len == refs[s.storage as usize].nbytes {
+                let d = h.finish();
+                hashers.remove(&s.storage);
+                if tx.send((s.storage, d)).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn post_worker(
+    rx: Rx<Vec<Segment>>,
+    regions: &[StorageRegions],
+    refs: &[StorageRef],
+    bindings: &[Binding],
+    tx: mpsc::Sender<Event>,
+    abort: &Abort,
+) {
+    let mut hashers: HashMap<u32, StorageHasher> = HashMap::new();
+    for segs in rx {
+        for s in segs {
+            let r = &regions[s.storage as usize];
+            // SAFETY: see `Region`: the message has landed; the receiving thread no longer writes it.
+            let bytes = unsafe { r.wire.slice(s.offset, s.len) };
+            let h = hashers.entry(s.storage).or_default();
+            h.update(bytes);
+            if s.offset + s.len != refs[s.storage as usize].nbytes {
+                continue;
+            }
+            let d = h.finish();
+            hashers.remove(&s.storage);
+            let b = &bindings[s.storage as usize];
+            if let Some(from) = b.cast_from {
+                // SAFETY: a cast storage's wire bytes are all in staging now; its destination is written
+                // only here, once.
+                let (wire, dest) = unsafe { (r.wire.slice(0, r.wire.len), r.dest.slice_mut(0, r.dest.len)) };
+                if let Err(e) = convert(from, wire, b.dtype, dest) {
+                    abort.fail(anyhow!(e));
+                    let _ = tx.send(Event::Stopped);
+                    return;
+                }
+            }
+            if tx.send(Event::Digest(s.storage, d)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// A raw view of one buffer, shared by the receiving thread (which writes each message's segments once)
+/// and the workers (which read a message's segments only after it landed, and write a cast storage's
+/// destination only after all its wire bytes landed). The plan guarantees segments never overlap, so
+/// no byte is ever accessed mutably by two threads, or read while being written.
+#[derive(Clone, Copy)]
+struct Region {
+    ptr: *mut u8,
+    len: u64,
+}
+
+// SAFETY: the access discipline above makes cross-thread use data-race free.
+unsafe impl Send for Region {}
+unsafe impl Sync for Region {}
+
+impl Region {
+    fn new(bytes: &mut [u8]) -> Region {
+        Region {
+            ptr: bytes.as_mut_ptr(),
+            len: bytes.len() as u64,
+        }
+    }
+
+    /// # Safety
+    /// The range must be in bounds (the plan's segments are, by validation) and not written concurrently.
+    unsafe fn slice<'a>(&self, offset: u64, len: u64) -> &'a [u8] {
+        assert!(offset + len <= self.len, "segment out of bounds");
+        // SAFETY: in bounds (checked), and the caller guarantees no concurrent writer.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(offset as usize), len as usize) }
+    }
+
+    /// # Safety
+    /// The range must be in bounds and accessed by no other thread while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice_mut<'a>(&self, offset: u64, len: u64) -> &'a mut [u8] {
+        assert!(offset + len <= self.len, "segment out of bounds");
+        // SAFETY: in bounds (checked), and the caller guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset as usize), len as usize) }
+    }
+}
+
+struct StorageRegions {
+    wire: Region,
+    dest: Region,
+}
+
+fn entries_mut<'s>(sd: &'s mut StateDict<'static>) -> Vec<(KeyPath, &'s mut Entry<'static>)> {
+    let (nodes, _) = sd.flatten();
+    let paths = pgt_core::tree::key_paths(&nodes, u32::MAX).unwrap_or_default();
+    let mut out = Vec::new();
+    let mut stack = vec![&mut sd.root];
+    while let Some(t) = stack.pop() {
+        match t {
+            crate::state_dict::Tree::Dict(items) => stack.extend(items.iter_mut().rev().map(|(_, c)| c)),
+            crate::state_dict::Tree::List(v) | crate::state_dict::Tree::Tuple(v) => stack.extend(v.iter_mut().rev()),
+            crate::state_dict::Tree::Leaf(e) => out.push(e),
+        }
+    }
+    paths.into_iter().zip(out).collect()
+}
+
+fn take_entries(sd: &mut StateDict<'static>) -> Vec<(KeyPath, Entry<'static>)> {
+    sd.take_entries()
+}
