@@ -5,7 +5,7 @@
 use pgt_core::codec::{Limits, Metadata, StorageRef};
 use pgt_core::dtype::DType;
 use pgt_core::plan::{MessageKind, Segment};
-use pgt_core::receiver::{Binding, RecvInto, RecvPoll, Receiver, ReceiverOptions};
+use pgt_core::receiver::{Binding, Receiver, ReceiverOptions, RecvInto, RecvPoll};
 use pgt_core::sender::{Payload, SendPoll, Sender};
 use pgt_core::tree::{KeyPath, Leaf, Node};
 
@@ -143,8 +143,13 @@ pub trait ReceiverEngine: Send {
     /// Hands over the metadata's bytes; returns what binding needs.
     fn handle_metadata(&mut self, bytes: &[u8]) -> Result<IncomingManifest, EngineError>;
     /// Binds a storage to an existing buffer.
-    fn bind_in_place(&mut self, storage: usize, id: u64, dtype: DType, nbytes: u64)
-        -> Result<(), EngineError>;
+    fn bind_in_place(
+        &mut self,
+        storage: usize,
+        id: u64,
+        dtype: DType,
+        nbytes: u64,
+    ) -> Result<(), EngineError>;
     /// Ends binding; returns every storage's binding.
     fn finish_bindings(&mut self) -> Result<Vec<Binding>, EngineError>;
     /// A data message landed.
@@ -257,7 +262,9 @@ impl ReceiverEngine for Receiver {
 
     fn handle_metadata(&mut self, bytes: &[u8]) -> Result<IncomingManifest, EngineError> {
         Receiver::handle_metadata(self, bytes)?;
-        let m = self.manifest().ok_or_else(|| anyhow::anyhow!("no manifest"))?;
+        let m = self
+            .manifest()
+            .ok_or_else(|| anyhow::anyhow!("no manifest"))?;
         Ok(IncomingManifest {
             step: m.metadata().step,
             paths: m.paths().to_vec(),

@@ -2,4 +2,9 @@
 //!
 //! So far: [`pg`], process groups (ranked point-to-point messaging) over TCP or in-process.
 
+pub mod engine;
+pub mod memory;
 pub mod pg;
+pub mod state_dict;
+pub mod synthetic;
+pub mod transport;

@@ -19,7 +19,6 @@ use crate::memory::Buffer;
 pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
 
 /// Where a tensor's storage bytes live.
-#[derive(Clone)]
 pub enum Storage<'a> {
     /// An owned, aligned, writable buffer (what receivers produce).
     Owned(Buffer),
@@ -37,6 +36,17 @@ impl std::fmt::Debug for Storage<'_> {
             Storage::Shared(..) => "Shared",
         };
         write!(f, "Storage::{kind}({} bytes)", self.bytes().len())
+    }
+}
+
+impl Clone for Storage<'_> {
+    /// Owned buffers are copied; borrowed and shared bytes are not.
+    fn clone(&self) -> Self {
+        match self {
+            Storage::Owned(b) => Storage::Owned(Buffer::from_slice(b)),
+            Storage::Borrowed(b) => Storage::Borrowed(b),
+            Storage::Shared(d, r) => Storage::Shared(d.clone(), r.clone()),
+        }
     }
 }
 
@@ -149,12 +159,8 @@ impl<'a> Tensor<'a> {
         let mut out = Vec::with_capacity(numel * es);
         let mut index = vec![0u64; l.shape.len()];
         for _ in 0..numel {
-            let elem = l.storage_offset
-                + index
-                    .iter()
-                    .zip(&l.stride)
-                    .map(|(i, s)| i * s)
-                    .sum::<u64>();
+            let elem =
+                l.storage_offset + index.iter().zip(&l.stride).map(|(i, s)| i * s).sum::<u64>();
             let at = elem as usize * es;
             out.extend_from_slice(&storage[at..at + es]);
             for d in (0..index.len()).rev() {
@@ -221,7 +227,7 @@ impl<'a> Entry<'a> {
         }
     }
 
-    fn tensors_mut(&mut self) -> Vec<&mut Tensor<'a>> {
+    fn tensors_mut<'e>(&'e mut self) -> Vec<&'e mut Tensor<'a>> {
         match self {
             Entry::Value(_) => vec![],
             Entry::Tensor(t) | Entry::DTensor { local: t, .. } => vec![t],
@@ -306,6 +312,8 @@ impl<'a> Entry<'a> {
 }
 
 /// A node of a state-dict tree.
+// Leaves are most nodes of a state dict: boxing them would cost an allocation per leaf for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Tree<'a> {
     /// An ordered dict.
@@ -466,12 +474,18 @@ impl<'a> StateDict<'a> {
                 Node::Dict(keys) => {
                     ensure!(done.len() >= keys.len(), "malformed tree");
                     let children = done.split_off(done.len() - keys.len());
-                    Tree::Dict(keys.iter().cloned().zip(children.into_iter().rev()).collect())
+                    Tree::Dict(
+                        keys.iter()
+                            .cloned()
+                            .zip(children.into_iter().rev())
+                            .collect(),
+                    )
                 }
                 Node::List(n) | Node::Tuple(n) => {
                     let n = *n as usize;
                     ensure!(done.len() >= n, "malformed tree");
-                    let children: Vec<_> = done.split_off(done.len() - n).into_iter().rev().collect();
+                    let children: Vec<_> =
+                        done.split_off(done.len() - n).into_iter().rev().collect();
                     match node {
                         Node::List(_) => Tree::List(children),
                         _ => Tree::Tuple(children),
@@ -491,7 +505,9 @@ impl<'a> StateDict<'a> {
     pub fn into_static(self) -> StateDict<'static> {
         fn conv(t: Tree<'_>) -> Tree<'static> {
             match t {
-                Tree::Dict(items) => Tree::Dict(items.into_iter().map(|(k, c)| (k, conv(c))).collect()),
+                Tree::Dict(items) => {
+                    Tree::Dict(items.into_iter().map(|(k, c)| (k, conv(c))).collect())
+                }
                 Tree::List(v) => Tree::List(v.into_iter().map(conv).collect()),
                 Tree::Tuple(v) => Tree::Tuple(v.into_iter().map(conv).collect()),
                 Tree::Leaf(e) => Tree::Leaf(e.into_static()),
@@ -503,7 +519,7 @@ impl<'a> StateDict<'a> {
         }
     }
 
-    pub(crate) fn entry_tensors_mut(entry: &mut Entry<'a>) -> Vec<&mut Tensor<'a>> {
+    pub(crate) fn entry_tensors_mut<'e>(entry: &'e mut Entry<'a>) -> Vec<&'e mut Tensor<'a>> {
         entry.tensors_mut()
     }
 }

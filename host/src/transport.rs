@@ -22,9 +22,7 @@ use pgt_core::receiver::{Binding, Dest, ReceiverOptions};
 use pgt_core::tree::KeyPath;
 use tracing::{debug, info_span};
 
-use crate::engine::{
-    EngineFactory, NativeEngine, OwnedPayload, RecvNext, SendNext, SendStep,
-};
+use crate::engine::{EngineFactory, NativeEngine, OwnedPayload, RecvNext, SendNext, SendStep};
 use crate::memory::Buffer;
 use crate::pg::ProcessGroup;
 use crate::state_dict::{Entry, StateDict, Storage, Tensor};
@@ -150,7 +148,11 @@ impl<P: ProcessGroup> Transport<P> {
     }
 
     /// Sends `state_dict` to `dst_ranks`: metadata first, then every storage's bytes, per the plan.
-    pub fn send_checkpoint(&self, dst_ranks: &[u32], state_dict: &StateDict<'_>) -> Result<TransferStats> {
+    pub fn send_checkpoint(
+        &self,
+        dst_ranks: &[u32],
+        state_dict: &StateDict<'_>,
+    ) -> Result<TransferStats> {
         let span = info_span!("send_checkpoint", rank = self.pg.rank(), dsts = ?dst_ranks);
         let _enter = span.enter();
         let start = Instant::now();
@@ -209,7 +211,10 @@ impl<P: ProcessGroup> Transport<P> {
                             }
                         };
                         if let Err(e) = result {
-                            abort.fail(anyhow!(e).context(format!("sending message {} to rank {}", step.message, step.to)));
+                            abort.fail(anyhow!(e).context(format!(
+                                "sending message {} to rank {}",
+                                step.message, step.to
+                            )));
                             break;
                         }
                         if counts && matches!(step.payload, OwnedPayload::Storages(_)) {
@@ -233,7 +238,9 @@ impl<P: ProcessGroup> Transport<P> {
                         SendNext::Send(step) => {
                             if step.hash {
                                 if let OwnedPayload::Storages(segs) = &step.payload {
-                                    hash_tx.send(segs.clone()).map_err(|_| anyhow!("hashing stopped"))?;
+                                    hash_tx
+                                        .send(segs.clone())
+                                        .map_err(|_| anyhow!("hashing stopped"))?;
                                 }
                             }
                             let to = step.to;
@@ -287,11 +294,20 @@ impl<P: ProcessGroup> Transport<P> {
     /// an owned storage is written straight into that storage (sizes must match; float dtypes are cast
     /// on receive). Afterwards `state_dict` holds exactly the received tree. On error its structure is
     /// unchanged, though in-place buffers may hold partly received bytes.
-    pub fn recv_checkpoint_into(&self, src: u32, state_dict: &mut StateDict<'static>) -> Result<TransferStats> {
+    pub fn recv_checkpoint_into(
+        &self,
+        src: u32,
+        state_dict: &mut StateDict<'static>,
+    ) -> Result<TransferStats> {
         self.receive(src, state_dict, true)
     }
 
-    fn receive(&self, src: u32, target: &mut StateDict<'static>, in_place: bool) -> Result<TransferStats> {
+    fn receive(
+        &self,
+        src: u32,
+        target: &mut StateDict<'static>,
+        in_place: bool,
+    ) -> Result<TransferStats> {
         let span = info_span!("recv_checkpoint", rank = self.pg.rank(), src);
         let _enter = span.enter();
         let start = Instant::now();
@@ -306,11 +322,15 @@ impl<P: ProcessGroup> Transport<P> {
         let mut manifest = None;
         loop {
             match engine.poll()? {
-                RecvNext::Recv(step) if step.kind == MessageKind::Header || step.kind == MessageKind::Metadata => {
+                RecvNext::Recv(step)
+                    if step.kind == MessageKind::Header || step.kind == MessageKind::Metadata =>
+                {
                     let bytes = self
                         .pg
                         .recv_vec(step.from, step.tag, step.len as usize, timeout)
-                        .with_context(|| format!("receiving the {:?} from rank {}", step.kind, step.from))?;
+                        .with_context(|| {
+                            format!("receiving the {:?} from rank {}", step.kind, step.from)
+                        })?;
                     if step.kind == MessageKind::Header {
                         engine.handle_header(&bytes)?;
                     } else {
@@ -323,7 +343,11 @@ impl<P: ProcessGroup> Transport<P> {
         }
         let manifest = manifest.context("no metadata")?;
         let metadata_seconds = start.elapsed().as_secs_f64();
-        debug!(storages = manifest.storages.len(), bytes = manifest.total_bytes, "metadata received");
+        debug!(
+            storages = manifest.storages.len(),
+            bytes = manifest.total_bytes,
+            "metadata received"
+        );
 
         // Bind in-place destinations by key path.
         let mut in_place_buffers: HashMap<u64, &mut Buffer> = HashMap::new();
@@ -402,7 +426,9 @@ impl<P: ProcessGroup> Transport<P> {
                                     .iter()
                                     // SAFETY: see `Region`: these bytes landed before the engine asked
                                     // to forward them, and nothing writes wire bytes again.
-                                    .map(|s| unsafe { regions[s.storage as usize].wire.slice(s.offset, s.len) })
+                                    .map(|s| unsafe {
+                                        regions[s.storage as usize].wire.slice(s.offset, s.len)
+                                    })
                                     .collect();
                                 pg.send(step.to, step.tag, &parts, timeout)
                             }
@@ -412,7 +438,10 @@ impl<P: ProcessGroup> Transport<P> {
                                 let _ = event_tx.send(Event::Forwarded(step.message));
                             }
                             Err(e) => {
-                                abort.fail(anyhow!(e).context(format!("forwarding message {} to rank {}", step.message, step.to)));
+                                abort.fail(anyhow!(e).context(format!(
+                                    "forwarding message {} to rank {}",
+                                    step.message, step.to
+                                )));
                                 let _ = event_tx.send(Event::Stopped);
                                 break;
                             }
@@ -424,7 +453,9 @@ impl<P: ProcessGroup> Transport<P> {
             let progress = self.options.progress.clone();
             let mut received = 0u64;
             let result = (|| -> Result<()> {
-                let handle = |engine: &mut Box<dyn crate::engine::ReceiverEngine>, ev: Event| -> Result<()> {
+                let handle = |engine: &mut Box<dyn crate::engine::ReceiverEngine>,
+                              ev: Event|
+                 -> Result<()> {
                     match ev {
                         Event::Digest(s, d) => engine.handle_storage_digest(s, d)?,
                         Event::Forwarded(m) => engine.handle_forwarded(m)?,
@@ -448,19 +479,31 @@ impl<P: ProcessGroup> Transport<P> {
                                     // SAFETY: see `Region`: the plan's segments of one message are
                                     // disjoint from every other message's, and no other thread touches
                                     // a message's bytes before it has landed.
-                                    .map(|s| unsafe { regions[s.storage as usize].wire.slice_mut(s.offset, s.len) })
+                                    .map(|s| unsafe {
+                                        regions[s.storage as usize].wire.slice_mut(s.offset, s.len)
+                                    })
                                     .collect();
                                 self.pg
                                     .recv_into(step.from, step.tag, &mut parts, timeout)
-                                    .with_context(|| format!("receiving message {} from rank {}", step.message, step.from))?;
+                                    .with_context(|| {
+                                        format!(
+                                            "receiving message {} from rank {}",
+                                            step.message, step.from
+                                        )
+                                    })?;
                                 received += step.len;
                                 if let Some(p) = &progress {
                                     p(received, total);
                                 }
                                 let needs_post = step.hash
-                                    || step.segments.iter().any(|s| bindings[s.storage as usize].cast_from.is_some());
+                                    || step
+                                        .segments
+                                        .iter()
+                                        .any(|s| bindings[s.storage as usize].cast_from.is_some());
                                 if needs_post {
-                                    post_tx.send(step.segments).map_err(|_| anyhow!("hashing stopped"))?;
+                                    post_tx
+                                        .send(step.segments)
+                                        .map_err(|_| anyhow!("hashing stopped"))?;
                                 }
                                 engine.handle_data(step.message)?;
                             }
@@ -468,17 +511,26 @@ impl<P: ProcessGroup> Transport<P> {
                                 let bytes = self
                                     .pg
                                     .recv_vec(step.from, step.tag, step.len as usize, timeout)
-                                    .with_context(|| format!("receiving the digest trailer from rank {}", step.from))?;
+                                    .with_context(|| {
+                                        format!(
+                                            "receiving the digest trailer from rank {}",
+                                            step.from
+                                        )
+                                    })?;
                                 engine.handle_trailer(&bytes)?;
                             }
                             kind => bail!("unexpected {kind:?} receive while streaming"),
                         },
                         RecvNext::Forward(step) => {
-                            fwd_tx.send(step).map_err(|_| anyhow!("forwarding stopped"))?;
+                            fwd_tx
+                                .send(step)
+                                .map_err(|_| anyhow!("forwarding stopped"))?;
                         }
                         RecvNext::Wait => match event_rx.recv_timeout(timeout) {
                             Ok(ev) => handle(&mut engine, ev)?,
-                            Err(RecvTimeoutError::Timeout) => bail!("timed out waiting for hashing/forwarding"),
+                            Err(RecvTimeoutError::Timeout) => {
+                                bail!("timed out waiting for hashing/forwarding")
+                            }
                             Err(RecvTimeoutError::Disconnected) => {
                                 bail!("workers stopped before the transfer completed")
                             }
@@ -508,7 +560,13 @@ impl<P: ProcessGroup> Transport<P> {
             drop(in_place_buffers);
             let mut by_path: HashMap<KeyPath, Vec<Storage<'static>>> = HashMap::new();
             for (path, mut entry) in take_entries(target) {
-                by_path.insert(path, StateDict::entry_tensors_mut(&mut entry).into_iter().map(|t| std::mem::replace(&mut t.storage, Storage::Borrowed(&[]))).collect());
+                by_path.insert(
+                    path,
+                    StateDict::entry_tensors_mut(&mut entry)
+                        .into_iter()
+                        .map(|t| std::mem::replace(&mut t.storage, Storage::Borrowed(&[])))
+                        .collect(),
+                );
             }
             for (s, b) in received_tree.bindings.iter().enumerate() {
                 if let Dest::InPlace(id) = b.dest {
@@ -562,7 +620,12 @@ fn storage_parts<'a>(storages: &[&'a [u8]], segs: &[Segment]) -> Vec<&'a [u8]> {
         .collect()
 }
 
-fn hash_worker(rx: Rx<Vec<Segment>>, storages: &[&[u8]], refs: &[StorageRef], tx: mpsc::Sender<(u32, u64)>) {
+fn hash_worker(
+    rx: Rx<Vec<Segment>>,
+    storages: &[&[u8]],
+    refs: &[StorageRef],
+    tx: mpsc::Sender<(u32, u64)>,
+) {
     let mut hashers: HashMap<u32, StorageHasher> = HashMap::new();
     for segs in rx {
         for s in segs {
@@ -604,7 +667,8 @@ fn post_worker(
             if let Some(from) = b.cast_from {
                 // SAFETY: a cast storage's wire bytes are all in staging now; its destination is written
                 // only here, once.
-                let (wire, dest) = unsafe { (r.wire.slice(0, r.wire.len), r.dest.slice_mut(0, r.dest.len)) };
+                let (wire, dest) =
+                    unsafe { (r.wire.slice(0, r.wire.len), r.dest.slice_mut(0, r.dest.len)) };
                 if let Err(e) = convert(from, wire, b.dtype, dest) {
                     abort.fail(anyhow!(e));
                     let _ = tx.send(Event::Stopped);
@@ -670,8 +734,12 @@ fn entries_mut<'s>(sd: &'s mut StateDict<'static>) -> Vec<(KeyPath, &'s mut Entr
     let mut stack = vec![&mut sd.root];
     while let Some(t) = stack.pop() {
         match t {
-            crate::state_dict::Tree::Dict(items) => stack.extend(items.iter_mut().rev().map(|(_, c)| c)),
-            crate::state_dict::Tree::List(v) | crate::state_dict::Tree::Tuple(v) => stack.extend(v.iter_mut().rev()),
+            crate::state_dict::Tree::Dict(items) => {
+                stack.extend(items.iter_mut().rev().map(|(_, c)| c))
+            }
+            crate::state_dict::Tree::List(v) | crate::state_dict::Tree::Tuple(v) => {
+                stack.extend(v.iter_mut().rev())
+            }
             crate::state_dict::Tree::Leaf(e) => out.push(e),
         }
     }

@@ -1,0 +1,320 @@
+//! Transport over the in-process group: every leaf kind, both fan-out modes with 3–4 ranks, chunking and
+//! bucketing boundaries, in-place receive and cast, mismatches, stalls and corruption.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgt_core::dtype::DType;
+use pgt_core::plan::{FanOut, PlanParams};
+use pgt_host::pg::{InProcessGroup, PgError, ProcessGroup};
+use pgt_host::state_dict::{Entry, StateDict, Tensor};
+use pgt_host::synthetic::{self, Shape};
+use pgt_host::transport::{Transport, TransportOptions};
+
+fn options(fanout: FanOut, bucket: u64, chunk: u64) -> TransportOptions {
+    TransportOptions {
+        timeout: Duration::from_secs(20),
+        plan: PlanParams {
+            fanout,
+            bucket_size: bucket,
+            chunk_size: chunk,
+        },
+        ..TransportOptions::default()
+    }
+}
+
+/// Sends `shape` from rank 0 to every other rank; returns each receiver's result.
+fn run(
+    world: u32,
+    shape: &Shape,
+    opts: TransportOptions,
+) -> Vec<anyhow::Result<StateDict<'static>>> {
+    let sd = synthetic::materialize(shape).unwrap();
+    let mut groups = InProcessGroup::new(world).into_iter();
+    let sender = Transport::new(groups.next().unwrap(), opts.clone());
+    let dsts: Vec<u32> = (1..world).collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = groups
+            .map(|pg| {
+                let t = Transport::new(pg, opts.clone());
+                s.spawn(move || t.recv_checkpoint(0))
+            })
+            .collect();
+        sender.send_checkpoint(&dsts, &sd).unwrap();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn mixed_dict_every_mode_and_boundary() {
+    let shape = synthetic::mixed(256 << 10);
+    synthetic::validate(&shape).unwrap();
+    for fanout in [FanOut::Direct, FanOut::Chain] {
+        for world in [3, 4] {
+            for (bucket, chunk) in [(0, 64), (4096, 8192), (64 << 10, 64 << 10)] {
+                for r in run(world, &shape, options(fanout, bucket, chunk)) {
+                    let sd = r.unwrap_or_else(|e| {
+                        panic!("{fanout:?} world {world} {bucket}/{chunk}: {e:#}")
+                    });
+                    let checked = synthetic::verify(&sd, &shape).unwrap();
+                    assert_eq!(checked, synthetic::total_bytes(&shape));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn empty_and_value_only_dicts() {
+    let empty = Shape {
+        nodes: vec![pgt_core::tree::Node::Dict(vec![])],
+        leaves: vec![],
+        step: None,
+    };
+    let values = Shape {
+        nodes: vec![pgt_core::tree::Node::List(1), pgt_core::tree::Node::Leaf],
+        leaves: vec![pgt_core::tree::Leaf::Value(pgt_core::tree::Value::Str(
+            "x".into(),
+        ))],
+        step: Some(3),
+    };
+    for shape in [empty, values] {
+        for r in run(3, &shape, options(FanOut::Chain, 1024, 4096)) {
+            synthetic::verify(&r.unwrap(), &shape).unwrap();
+        }
+    }
+}
+
+#[test]
+fn received_tensors_have_typed_views() {
+    let mut sd = StateDict::new();
+    sd.insert(
+        "w",
+        Entry::Tensor(Tensor::from_values(&[2, 2], &[1.0f32, 2.0, 3.0, 4.0]).unwrap()),
+    )
+    .unwrap();
+    let mut groups = InProcessGroup::new(2).into_iter();
+    let a = Transport::new(groups.next().unwrap(), TransportOptions::default());
+    let b = Transport::new(groups.next().unwrap(), TransportOptions::default());
+    let got = std::thread::scope(|s| {
+        let h = s.spawn(|| b.recv_checkpoint(0));
+        a.send_checkpoint(&[1], &sd).unwrap();
+        h.join().unwrap().unwrap()
+    });
+    let w = got.tensor("w").unwrap();
+    assert_eq!(w.storage_as::<f32>().unwrap(), &[1.0, 2.0, 3.0, 4.0]);
+    assert_eq!(w.shape(), &[2, 2]);
+}
+
+#[test]
+fn in_place_receive_writes_existing_buffers_and_casts() {
+    let shape = synthetic::mixed(64 << 10);
+    let src = synthetic::materialize(&shape).unwrap();
+    // The destination: the same dict, zeroed, with model.t00_float32 as bf16 (cast on receive).
+    let mut dst = src.clone();
+    let mut cast_path = None;
+    for (path, entry) in dst.entries() {
+        if let Entry::Tensor(t) = entry {
+            if t.dtype() == DType::Float32
+                && cast_path.is_none()
+                && path.to_string().starts_with("model.")
+            {
+                cast_path = Some(path.to_string());
+            }
+        }
+    }
+    let cast_path = cast_path.unwrap();
+    {
+        let Some(Entry::Tensor(t)) = dst.get_str(&cast_path).cloned() else {
+            panic!()
+        };
+        let numel = t.layout.nbytes / 4;
+        let bf = Tensor::from_bytes(DType::BFloat16, &[numel], &vec![0u8; (numel * 2) as usize])
+            .unwrap();
+        dst.insert(&cast_path, Entry::Tensor(bf)).unwrap();
+    }
+    let ptr_before = dst.tensor(&cast_path).unwrap().storage.bytes().as_ptr();
+    let mut groups = InProcessGroup::new(2).into_iter();
+    let a = Transport::new(groups.next().unwrap(), TransportOptions::default());
+    let b = Transport::new(groups.next().unwrap(), TransportOptions::default());
+    std::thread::scope(|s| {
+        let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
+        a.send_checkpoint(&[1], &src).unwrap();
+        h.join().unwrap().unwrap();
+    });
+    let t = dst.tensor(&cast_path).unwrap();
+    assert_eq!(t.dtype(), DType::BFloat16);
+    assert_eq!(t.storage.bytes().as_ptr(), ptr_before, "received in place");
+    let sent = src.tensor(&cast_path).unwrap().to_vec::<f32>().unwrap();
+    let got = t.to_vec::<half::bf16>().unwrap();
+    for (s, g) in sent.iter().zip(&got) {
+        assert_eq!(half::bf16::from_f32(*s), *g);
+    }
+    // Every other tensor landed byte for byte.
+    for (path, entry) in dst.entries() {
+        if path.to_string() == cast_path {
+            continue;
+        }
+        let expected = src.get(&path).unwrap();
+        for (x, y) in entry.tensors().iter().zip(expected.tensors()) {
+            assert_eq!(x.storage.bytes(), y.storage.bytes(), "{path}");
+        }
+    }
+}
+
+#[test]
+fn in_place_size_mismatch_names_the_key_path() {
+    let mut src = StateDict::new();
+    src.insert(
+        "model.layers.0.weight",
+        Entry::Tensor(Tensor::from_values(&[4], &[1f32; 4]).unwrap()),
+    )
+    .unwrap();
+    let mut dst = StateDict::new();
+    dst.insert(
+        "model.layers.0.weight",
+        Entry::Tensor(Tensor::from_values(&[3], &[0f32; 3]).unwrap()),
+    )
+    .unwrap();
+    let mut groups = InProcessGroup::new(2).into_iter();
+    let a = Transport::new(groups.next().unwrap(), options(FanOut::Direct, 1024, 4096));
+    let b = Transport::new(groups.next().unwrap(), options(FanOut::Direct, 1024, 4096));
+    let err = std::thread::scope(|s| {
+        let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
+        // The receiver gives up after the metadata; the sender's sends may or may not complete.
+        let _ = a.send_checkpoint(&[1], &src);
+        h.join().unwrap().unwrap_err()
+    });
+    let core = err.downcast_ref::<pgt_core::Error>().expect("a core error");
+    assert_eq!(
+        core,
+        &pgt_core::Error::InPlaceSizeMismatch {
+            path: "model.layers.0.weight".into(),
+            expected: 16,
+            got: 12
+        }
+    );
+    // The destination dict is untouched.
+    assert_eq!(
+        dst.tensor("model.layers.0.weight").unwrap().layout.nbytes,
+        12
+    );
+}
+
+#[test]
+fn stalled_sender_times_out() {
+    let mut groups = InProcessGroup::new(2).into_iter();
+    let _silent = groups.next().unwrap();
+    let timeout = Duration::from_millis(300);
+    let b = Transport::new(
+        groups.next().unwrap(),
+        TransportOptions {
+            timeout,
+            ..TransportOptions::default()
+        },
+    );
+    let t = Instant::now();
+    let err = b.recv_checkpoint(0).unwrap_err();
+    assert!(t.elapsed() < timeout + Duration::from_secs(1));
+    let pg = err
+        .downcast_ref::<PgError>()
+        .unwrap_or_else(|| panic!("{err:#}"));
+    assert!(pg.is_timeout(), "{pg}");
+}
+
+/// A process group that flips one byte of one message to one rank.
+struct Corrupting<P> {
+    inner: P,
+    tag: u64,
+    to: u32,
+}
+
+impl<P: ProcessGroup> ProcessGroup for Corrupting<P> {
+    fn rank(&self) -> u32 {
+        self.inner.rank()
+    }
+    fn size(&self) -> u32 {
+        self.inner.size()
+    }
+    fn send(&self, dst: u32, tag: u64, parts: &[&[u8]], timeout: Duration) -> Result<(), PgError> {
+        if dst == self.to && tag == self.tag {
+            let mut bytes: Vec<u8> = parts.concat();
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0x40;
+            return self.inner.send(dst, tag, &[&bytes], timeout);
+        }
+        self.inner.send(dst, tag, parts, timeout)
+    }
+    fn recv_into(
+        &self,
+        src: u32,
+        tag: u64,
+        parts: &mut [&mut [u8]],
+        timeout: Duration,
+    ) -> Result<(), PgError> {
+        self.inner.recv_into(src, tag, parts, timeout)
+    }
+    fn recv_vec(
+        &self,
+        src: u32,
+        tag: u64,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, PgError> {
+        self.inner.recv_vec(src, tag, max, timeout)
+    }
+}
+
+#[test]
+fn a_byte_corrupted_in_flight_is_caught_by_the_digest() {
+    let shape = synthetic::large(64 << 10, 4);
+    let sd = synthetic::materialize(&shape).unwrap();
+    let opts = options(FanOut::Direct, 1024, 4096);
+    let mut groups = InProcessGroup::new(3).into_iter();
+    // Data message 5 (tag 3 + 5) to rank 2 gets a flipped byte; rank 1 gets clean bytes.
+    let sender = Transport::new(
+        Corrupting {
+            inner: groups.next().unwrap(),
+            tag: 8,
+            to: 2,
+        },
+        opts.clone(),
+    );
+    let results: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = groups
+            .map(|pg| {
+                let t = Transport::new(pg, opts.clone());
+                s.spawn(move || t.recv_checkpoint(0))
+            })
+            .collect();
+        sender.send_checkpoint(&[1, 2], &sd).unwrap();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    synthetic::verify(results[0].as_ref().unwrap(), &shape).unwrap();
+    let err = results[1].as_ref().unwrap_err();
+    match err.downcast_ref::<pgt_core::Error>() {
+        Some(pgt_core::Error::DigestMismatch { path, .. }) => assert_eq!(path, "w01"),
+        other => panic!("expected a digest mismatch, got {other:?} ({err:#})"),
+    }
+}
+
+#[test]
+fn the_group_is_shared_across_transfers() {
+    // Two transfers back to back on the same groups (tags restart per transfer).
+    let shape = synthetic::mixed(32 << 10);
+    let sd = synthetic::materialize(&shape).unwrap();
+    let mut groups = InProcessGroup::new(2).into_iter();
+    let a = Arc::new(Transport::new(
+        groups.next().unwrap(),
+        TransportOptions::default(),
+    ));
+    let b = Transport::new(groups.next().unwrap(), TransportOptions::default());
+    std::thread::scope(|s| {
+        let h = s.spawn(|| (b.recv_checkpoint(0).unwrap(), b.recv_checkpoint(0).unwrap()));
+        a.send_checkpoint(&[1], &sd).unwrap();
+        a.send_checkpoint(&[1], &sd).unwrap();
+        let (x, y) = h.join().unwrap();
+        synthetic::verify(&x, &shape).unwrap();
+        synthetic::verify(&y, &shape).unwrap();
+    });
+}
