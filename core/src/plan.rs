@@ -138,24 +138,39 @@ impl Plan {
             len: metadata_len,
             segments: 0..0,
         });
+        let chunk_size = manifest.metadata().plan.chunk_size;
         let mut start = 0u32;
         let mut len = 0u64;
+        let mut end_message = |segments: &[Segment], len: &mut u64| {
+            let end = segments.len() as u32;
+            let k = messages.len() as u64 - 2;
+            messages.push(Message {
+                kind: MessageKind::Data,
+                tag: TAG_DATA_BASE + k,
+                len: core::mem::take(len),
+                segments: start..end,
+            });
+            start = end;
+        };
         walk(manifest, |event| match event {
             Walk::Segment(s) => {
                 len += s.len;
                 segments.push(s);
             }
-            Walk::EndMessage => {
-                let end = segments.len() as u32;
-                let k = messages.len() as u64 - 2;
-                messages.push(Message {
-                    kind: MessageKind::Data,
-                    tag: TAG_DATA_BASE + k,
-                    len,
-                    segments: start..end,
-                });
-                start = end;
-                len = 0;
+            Walk::EndMessage => end_message(&segments, &mut len),
+            Walk::Chunked { storage, nbytes } => {
+                let mut offset = 0;
+                while offset < nbytes {
+                    let chunk = chunk_size.min(nbytes - offset);
+                    segments.push(Segment {
+                        storage,
+                        offset,
+                        len: chunk,
+                    });
+                    len = chunk;
+                    end_message(&segments, &mut len);
+                    offset += chunk;
+                }
             }
         });
         if manifest.digests() {
@@ -195,20 +210,26 @@ impl Plan {
     }
 }
 
-/// How many data messages the plan of `manifest` has, computed without allocating.
+/// How many data messages the plan of `manifest` has, computed without allocating, in time linear in the
+/// number of storages (a chunked storage is counted, not walked chunk by chunk).
 pub fn count_data_messages(manifest: &Manifest) -> u64 {
+    let chunk_size = manifest.metadata().plan.chunk_size;
     let mut count = 0u64;
-    walk(manifest, |event| {
-        if let Walk::EndMessage = event {
-            count += 1;
-        }
+    walk(manifest, |event| match event {
+        Walk::Segment(_) => {}
+        Walk::EndMessage => count = count.saturating_add(1),
+        Walk::Chunked { nbytes, .. } => count = count.saturating_add(nbytes.div_ceil(chunk_size)),
     });
     count
 }
 
 enum Walk {
+    /// A storage joins the open bucket.
     Segment(Segment),
+    /// The open bucket is complete.
     EndMessage,
+    /// A storage larger than a bucket travels alone, in `ceil(nbytes / chunk_size)` chunk messages.
+    Chunked { storage: u32, nbytes: u64 },
 }
 
 // The one place the bucketing and chunking rules live.
@@ -241,17 +262,7 @@ fn walk(manifest: &Manifest, mut emit: impl FnMut(Walk)) {
             bucket_open = false;
             bucket_len = 0;
         }
-        let mut offset = 0;
-        while offset < nbytes {
-            let len = params.chunk_size.min(nbytes - offset);
-            emit(Walk::Segment(Segment {
-                storage,
-                offset,
-                len,
-            }));
-            emit(Walk::EndMessage);
-            offset += len;
-        }
+        emit(Walk::Chunked { storage, nbytes });
     }
     if bucket_open {
         emit(Walk::EndMessage);
