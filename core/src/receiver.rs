@@ -163,6 +163,8 @@ struct Transfer {
     received_prefix: usize,
     next_forward: usize,
     forwards_done: usize,
+    /// Messages whose forward the host has reported (a repeated report must not count twice).
+    forwarded: Vec<bool>,
     digests: Vec<Option<u64>>,
     missing_digests: usize,
     trailer: Option<Vec<u8>>,
@@ -311,6 +313,7 @@ impl Receiver {
             received_prefix: 2,
             next_forward: 2,
             forwards_done: 0,
+            forwarded: vec![false; messages],
             digests,
             missing_digests,
             trailer: None,
@@ -444,6 +447,9 @@ impl Receiver {
         let t = self.streaming()?;
         if message >= t.next_forward || message < 2 {
             return Err(Error::ProtocolState("forward not issued"));
+        }
+        if core::mem::replace(&mut t.forwarded[message], true) {
+            return Err(Error::ProtocolState("forward reported twice"));
         }
         t.forwards_done += 1;
         Ok(())
