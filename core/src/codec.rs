@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::digest;
 use crate::plan::PlanParams;
-use crate::tree::{key_paths, KeyPath, Leaf, Node};
+use crate::tree::{key_paths_within, KeyPath, Leaf, Node};
 use crate::{Error, Result};
 
 /// The first bytes of every transfer.
@@ -20,9 +20,11 @@ const KNOWN_FLAGS: u16 = FLAG_DIGESTS;
 /// Hard caps applied while decoding untrusted bytes. Every cap bounds memory or work before it is spent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Largest metadata message accepted, in bytes (checked from the header, before allocating).
+    /// Largest metadata message accepted, in bytes (checked from the header, before allocating). Also
+    /// bounds the leaves' key paths to 4× this many bytes of key text ([`Error::KeyPathsTooLarge`]).
     pub max_metadata_bytes: u64,
-    /// Most leaves (tensor and value) in one state dict.
+    /// Most leaves (tensor and value) in one state dict (checked from the announced count, before the
+    /// leaves are decoded).
     pub max_leaves: u64,
     /// Deepest nesting of dicts, lists and tuples.
     pub max_depth: u32,
@@ -184,7 +186,11 @@ impl Manifest {
             }
         }
         metadata.plan.validate()?;
-        let paths = key_paths(&metadata.tree, limits.max_depth)?;
+        let paths = key_paths_within(
+            &metadata.tree,
+            limits.max_depth,
+            limits.max_metadata_bytes.saturating_mul(4),
+        )?;
         if paths.len() != metadata.leaves.len() {
             return Err(Error::LeafCountMismatch {
                 tree: paths.len() as u64,
@@ -326,8 +332,40 @@ pub fn decode(header: &Header, bytes: &[u8], limits: &Limits) -> Result<Manifest
     if digest(bytes) != header.metadata_digest {
         return Err(Error::MetadataDigest);
     }
-    let metadata = decode_metadata(bytes)?;
+    let metadata = decode_metadata_within(bytes, limits.max_leaves)?;
     Manifest::new(metadata, header.has_digests(), limits)
+}
+
+/// [`decode_metadata`], refusing more than `max_leaves` leaves from their announced count, before they are
+/// decoded: a leaf of 2 wire bytes takes hundreds of bytes decoded.
+fn decode_metadata_within(bytes: &[u8], max_leaves: u64) -> Result<Metadata> {
+    // The fields of `Metadata` before `leaves`: postcard encodes a struct as its fields in order, as a
+    // tuple, and a sequence as its varint length, then its elements.
+    type Head = (Option<u64>, u32, Vec<u32>, PlanParams, Vec<Node>);
+    let ((step, source, destinations, plan, tree), rest) =
+        postcard::take_from_bytes::<Head>(bytes).map_err(Error::from_postcard)?;
+    let (count, _) = postcard::take_from_bytes::<u64>(rest).map_err(Error::from_postcard)?;
+    if count > max_leaves {
+        return Err(Error::TooManyLeaves {
+            count,
+            max: max_leaves,
+        });
+    }
+    let (leaves, rest) =
+        postcard::take_from_bytes::<Vec<Leaf>>(rest).map_err(Error::from_postcard)?;
+    if !rest.is_empty() {
+        return Err(Error::TrailingBytes {
+            count: rest.len() as u64,
+        });
+    }
+    Ok(Metadata {
+        step,
+        source,
+        destinations,
+        plan,
+        tree,
+        leaves,
+    })
 }
 
 /// Decodes the postcard metadata without validating it (for tools that show malformed input); the whole

@@ -94,6 +94,12 @@ pub enum Error {
     TrailingTreeNodes,
     /// A dict has the same key twice.
     DuplicateKey,
+    /// The leaves' key paths would hold more key text than the limit (4 × [`crate::codec::Limits::max_metadata_bytes`]):
+    /// a long key above many leaves is repeated in every leaf's path.
+    KeyPathsTooLarge {
+        /// The limit, in bytes of string keys summed over all key paths.
+        max: u64,
+    },
     /// The structure has a different number of leaves than the leaf list.
     LeafCountMismatch {
         /// Leaves in the structure.
@@ -314,6 +320,9 @@ impl fmt::Display for Error {
             TruncatedTree => f.write_str("tree structure ends early"),
             TrailingTreeNodes => f.write_str("tree structure has nodes after the root"),
             DuplicateKey => f.write_str("a dict has a duplicate key"),
+            KeyPathsTooLarge { max } => {
+                write!(f, "key paths exceed the limit of {max} bytes of key text")
+            }
             LeafCountMismatch { tree, leaves } => {
                 write!(f, "tree has {tree} leaves but {leaves} were sent")
             }

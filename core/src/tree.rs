@@ -147,7 +147,27 @@ impl fmt::Display for KeyPath {
 /// Checks the flat structure (well formed, depth ≤ `max_depth`, no duplicate dict keys, nothing after the
 /// root) and returns the key path of every leaf, in leaf order. Iterative: hostile depth cannot overflow
 /// the stack.
+///
+/// The paths are not bounded in size here (a long key above many leaves is repeated in each of their
+/// paths); [`crate::codec::Manifest::new`] bounds them, see [`Error::KeyPathsTooLarge`].
 pub fn key_paths(nodes: &[Node], max_depth: u32) -> Result<Vec<KeyPath>> {
+    key_paths_within(nodes, max_depth, u64::MAX)
+}
+
+fn key_text(elem: &PathElem) -> u64 {
+    match elem {
+        PathElem::Key(Key::Str(s)) => s.len() as u64,
+        _ => 0,
+    }
+}
+
+/// [`key_paths`], refusing with [`Error::KeyPathsTooLarge`] before the string keys of all paths together
+/// exceed `max_key_text` bytes (checked before each path is materialized, so that memory is never spent).
+pub(crate) fn key_paths_within(
+    nodes: &[Node],
+    max_depth: u32,
+    max_key_text: u64,
+) -> Result<Vec<KeyPath>> {
     // An open container: children left to visit, its dict keys (if a dict), the next child's index.
     struct Frame<'a> {
         remaining: u64,
@@ -157,12 +177,19 @@ pub fn key_paths(nodes: &[Node], max_depth: u32) -> Result<Vec<KeyPath>> {
     let mut paths = Vec::new();
     // Invariant: `path.len() == stack.len()`; `path[i]` names the child being visited in `stack[i]`.
     let mut path: Vec<PathElem> = Vec::new();
+    // Bytes of string keys in `path`, and in all paths so far.
+    let mut path_text = 0u64;
+    let mut total_text = 0u64;
     let mut stack: Vec<Frame<'_>> = Vec::new();
     let mut iter = nodes.iter();
     let mut node = iter.next().ok_or(Error::TruncatedTree)?;
     loop {
         let container = match node {
             Node::Leaf => {
+                total_text = total_text.saturating_add(path_text);
+                if total_text > max_key_text {
+                    return Err(Error::KeyPathsTooLarge { max: max_key_text });
+                }
                 paths.push(KeyPath(path.clone()));
                 None
             }
@@ -189,7 +216,9 @@ pub fn key_paths(nodes: &[Node], max_depth: u32) -> Result<Vec<KeyPath>> {
         // Advance to the next child slot, closing finished containers.
         while stack.last().is_some_and(|f| f.remaining == 0) {
             stack.pop();
-            path.pop();
+            if let Some(elem) = path.pop() {
+                path_text -= key_text(&elem);
+            }
         }
         let Some(top) = stack.last_mut() else { break };
         let elem = match top.keys {
@@ -199,6 +228,7 @@ pub fn key_paths(nodes: &[Node], max_depth: u32) -> Result<Vec<KeyPath>> {
         top.remaining -= 1;
         top.next += 1;
         if let Some(slot) = path.last_mut() {
+            path_text = path_text - key_text(slot) + key_text(&elem);
             *slot = elem;
         }
         node = iter.next().ok_or(Error::TruncatedTree)?;
