@@ -1,0 +1,481 @@
+//! Resource safety against hostile metadata: announced lengths, depth, width and counts that would cost
+//! memory or time out of proportion to the bytes received must be refused before that cost is paid.
+//!
+//! Memory is measured, not guessed: this test binary installs a counting global allocator, and each
+//! check bounds the peak heap growth of one call on the current thread. No check measures time; the
+//! inputs are sized so that a quadratic or per-chunk walk would not finish within the suite.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use common::*;
+use pgt_core::codec::{self, Limits, Metadata};
+use pgt_core::dtype::DType;
+use pgt_core::layout::TensorLayout;
+use pgt_core::plan::{self, FanOut, Plan, PlanParams};
+use pgt_core::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
+use pgt_core::tree::{Key, Leaf, Node, Value};
+use pgt_core::Error;
+
+// ---------------------------------------------------------------- heap accounting
+
+struct Counting;
+
+thread_local! {
+    static LIVE: Cell<i64> = const { Cell::new(0) };
+    static PEAK: Cell<i64> = const { Cell::new(0) };
+}
+
+fn track(delta: i64) {
+    // `try_with`: the thread-locals may already be gone while a thread shuts down.
+    let _ = LIVE.try_with(|live| {
+        let now = live.get() + delta;
+        live.set(now);
+        let _ = PEAK.try_with(|peak| peak.set(peak.get().max(now)));
+    });
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        track(layout.size() as i64);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        track(-(layout.size() as i64));
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        track(new_size as i64 - layout.size() as i64);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Runs `f` and returns its result and the peak heap growth (bytes) on this thread while it ran.
+fn peak_heap<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    let base = LIVE.with(Cell::get);
+    PEAK.with(|p| p.set(base));
+    let out = f();
+    let peak = PEAK.with(Cell::get);
+    (out, (peak - base).max(0) as u64)
+}
+
+const MIB: u64 = 1 << 20;
+
+/// The postcard prefix of a metadata up to (excluding) the tree: step None, source 0, destinations
+/// [1], default plan.
+fn prefix() -> Vec<u8> {
+    postcard::to_allocvec(&(None::<u64>, 0u32, vec![1u32], PlanParams::default())).unwrap()
+}
+
+fn varint(mut v: u64, out: &mut Vec<u8>) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Decodes raw metadata bytes behind a matching header; returns the result and the peak heap.
+fn decode_raw(bytes: &[u8], limits: &Limits) -> (Result<codec::Manifest, Error>, u64) {
+    let header = header_for(bytes, false);
+    peak_heap(|| decode_bytes(&header, bytes, limits))
+}
+
+// ---------------------------------------------------------------- announced lengths
+
+#[test]
+fn huge_announced_lengths_in_small_buffers_are_truncated_without_allocating() {
+    let huge = 1u64 << 60;
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    // destinations: 2^60 u32s.
+    let mut b = vec![0, 0];
+    varint(huge, &mut b);
+    b.extend([1, 2, 3]);
+    cases.push(("destinations", b));
+    // tree: 2^60 nodes.
+    let mut b = prefix();
+    varint(huge, &mut b);
+    b.extend([3, 3, 3]);
+    cases.push(("tree", b));
+    // leaves: a valid one-leaf tree, then 2^60 leaves.
+    let mut b = prefix();
+    b.extend([1, 3]);
+    varint(huge, &mut b);
+    b.extend([0, 0, 0, 0]);
+    cases.push(("leaves", b));
+    // A dict of 2^60 keys.
+    let mut b = prefix();
+    b.extend([1, 0]);
+    varint(huge, &mut b);
+    b.extend([0, 1, b'a']);
+    cases.push(("dict keys", b));
+    // A string key announcing 2^60 bytes.
+    let mut b = prefix();
+    b.extend([1, 0, 1, 0]);
+    varint(huge, &mut b);
+    b.extend(b"abc");
+    cases.push(("key string", b));
+    // A bytes value announcing 2^60 bytes.
+    let mut b = prefix();
+    b.extend([1, 3, 1, 0, 5]);
+    varint(huge, &mut b);
+    b.extend([1, 2, 3]);
+    cases.push(("bytes value", b));
+    // A tensor shape of 2^60 dims.
+    let mut b = prefix();
+    b.extend([1, 3, 1, 1, 0]);
+    varint(huge, &mut b);
+    b.extend([1, 1, 1]);
+    cases.push(("tensor shape", b));
+    for (what, bytes) in cases {
+        assert!(bytes.len() < 64, "{what}");
+        let (res, peak) = decode_raw(&bytes, &Limits::default());
+        let want = if what == "leaves" {
+            // The leaf count is checked against the limit as soon as it is read.
+            Error::TooManyLeaves {
+                count: huge,
+                max: Limits::default().max_leaves,
+            }
+        } else {
+            Error::TruncatedMetadata
+        };
+        assert_eq!(res.err(), Some(want), "{what}");
+        // serde preallocates at most 1 MiB for an announced length; nothing proportional to 2^60.
+        assert!(peak <= 2 * MIB, "{what}: {peak} bytes");
+        let (res, peak) = peak_heap(|| codec::decode_metadata(&bytes));
+        assert_eq!(res.err(), Some(Error::TruncatedMetadata), "{what}");
+        assert!(peak <= 2 * MIB, "{what}: {peak} bytes");
+    }
+}
+
+#[test]
+fn a_metadata_length_over_the_limit_is_refused_from_the_header() {
+    let (header, _) = encode_raw(&sample(), false);
+    let mut h = header.clone();
+    h[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let (res, peak) = peak_heap(|| codec::Header::parse(&h, &Limits::default()));
+    assert!(matches!(res, Err(Error::MetadataTooLarge { .. })));
+    assert_eq!(peak, 0);
+}
+
+// ---------------------------------------------------------------- tree shape
+
+#[test]
+fn list_of_u64_max_children_is_a_truncated_tree() {
+    for node in [Node::List(u64::MAX), Node::Tuple(u64::MAX)] {
+        let m = metadata(vec![node, Node::Leaf], vec![Leaf::Value(Value::None)]);
+        let (res, peak) = peak_heap(|| round_trip(&m, &Limits::default()));
+        assert_eq!(res.err(), Some(Error::TruncatedTree));
+        assert!(peak < MIB, "{peak}");
+    }
+}
+
+fn deep(depth: usize) -> Metadata {
+    let mut tree = vec![Node::List(1); depth];
+    tree.push(Node::Leaf);
+    metadata(tree, vec![Leaf::Value(Value::None)])
+}
+
+#[test]
+fn deep_tree_is_too_deep_without_recursion() {
+    // 100,000 nested lists; decoding and validation are iterative (this runs on a test thread's
+    // small stack).
+    let m = deep(100_000);
+    assert_eq!(
+        round_trip(&m, &Limits::default()).err(),
+        Some(Error::TreeTooDeep { max: 64 })
+    );
+    // Dicts too.
+    let mut m = deep(100_000);
+    for n in &mut m.tree[..100_000] {
+        *n = Node::Dict(vec![Key::Int(0)]);
+    }
+    assert_eq!(
+        round_trip(&m, &Limits::default()).err(),
+        Some(Error::TreeTooDeep { max: 64 })
+    );
+    // With the depth limit lifted, the same tree is valid, still without recursion.
+    let unlimited = Limits {
+        max_depth: u32::MAX,
+        ..Limits::default()
+    };
+    let manifest = round_trip(&deep(100_000), &unlimited).unwrap();
+    assert_eq!(manifest.paths()[0].0.len(), 100_000);
+    drop(manifest);
+    // And the receiver/sender path handles it (Drop of the metadata is flat too).
+    let sender = pgt_core::sender::Sender::new(deep(100_000), true, &unlimited).unwrap();
+    assert_eq!(sender.plan().messages().len(), 3);
+}
+
+#[test]
+fn wide_dict_validates_in_n_log_n() {
+    // 100,000 distinct keys, each a leaf: a quadratic duplicate check would take ~10^10 steps.
+    let n = 100_000;
+    let keys: Vec<Key> = (0..n)
+        .map(|i| {
+            if i % 2 == 0 {
+                Key::Str(format!("model.layers.{i}.weight"))
+            } else {
+                Key::Int(i as i64)
+            }
+        })
+        .collect();
+    let mut tree = vec![Node::Dict(keys)];
+    tree.extend(std::iter::repeat_n(Node::Leaf, n));
+    let m = metadata(tree, vec![Leaf::Value(Value::Bool(true)); n]);
+    let manifest = round_trip(&m, &Limits::default()).unwrap();
+    assert_eq!(manifest.paths().len(), n);
+    assert_eq!(manifest.paths()[2].to_string(), "model.layers.2.weight");
+    assert_eq!(manifest.paths()[3].to_string(), "3");
+    // A duplicate at the very end is still found.
+    let mut m = m;
+    let Node::Dict(keys) = &mut m.tree[0] else {
+        unreachable!()
+    };
+    keys[n - 1] = Key::Str("model.layers.0.weight".into());
+    assert_eq!(
+        round_trip(&m, &Limits::default()).err(),
+        Some(Error::DuplicateKey)
+    );
+}
+
+#[test]
+fn many_small_dicts_validate_linearly() {
+    // 50,000 one-key dicts in a list: per-dict work must not depend on the number of dicts.
+    let n = 50_000u64;
+    let mut tree = vec![Node::List(n)];
+    for _ in 0..n {
+        tree.push(Node::Dict(vec![Key::Str("w".into())]));
+        tree.push(Node::Leaf);
+    }
+    let m = metadata(tree, vec![Leaf::Value(Value::Int(1)); n as usize]);
+    let manifest = round_trip(&m, &Limits::default()).unwrap();
+    assert_eq!(manifest.paths()[49_999].to_string(), "49999.w");
+}
+
+// ---------------------------------------------------------------- key-path amplification
+
+/// `{<key of key_len bytes>: [None; leaves]}`: each leaf's key path repeats the long key.
+fn long_key_over_many_leaves(key_len: usize, leaves: u64) -> Metadata {
+    let mut tree = vec![
+        Node::Dict(vec![Key::Str("k".repeat(key_len))]),
+        Node::List(leaves),
+    ];
+    tree.extend(std::iter::repeat_n(Node::Leaf, leaves as usize));
+    metadata(tree, vec![Leaf::Value(Value::None); leaves as usize])
+}
+
+#[test]
+fn key_paths_cannot_amplify_one_long_key() {
+    // 64 KiB of key + 20,000 three-byte leaves ≈ 125 KB of metadata would materialize 1.3 GB of key
+    // paths. The key text of all paths is bounded by 4 × max_metadata_bytes.
+    let m = long_key_over_many_leaves(64 << 10, 20_000);
+    let limits = Limits {
+        max_metadata_bytes: MIB,
+        ..Limits::default()
+    };
+    let (res, peak) = peak_heap(|| round_trip(&m, &limits));
+    assert_eq!(res.err(), Some(Error::KeyPathsTooLarge { max: 4 * MIB }));
+    assert!(peak < 64 * MIB, "{peak}");
+    // The bound scales with the metadata cap: 256 KiB of metadata allow 1 MiB of key text.
+    let small = Limits {
+        max_metadata_bytes: 256 << 10,
+        ..Limits::default()
+    };
+    let at = long_key_over_many_leaves(1 << 10, 1 << 10);
+    round_trip(&at, &small).unwrap();
+    let over = long_key_over_many_leaves(1 << 10, (1 << 10) + 1);
+    assert_eq!(
+        round_trip(&over, &small).err(),
+        Some(Error::KeyPathsTooLarge { max: MIB })
+    );
+    // Ordinary paths are far below the bound: a 1 KiB key over 1,000 leaves is fine.
+    let m = long_key_over_many_leaves(1 << 10, 1_000);
+    let manifest = round_trip(&m, &limits).unwrap();
+    assert_eq!(manifest.paths().len(), 1_000);
+}
+
+#[test]
+fn leaf_count_is_checked_before_the_leaves_are_decoded() {
+    // 2^19 leaves of 2 wire bytes each decode to ~250 bytes each: 130 MB from 1.5 MB of leaves. With
+    // max_leaves = 10 they are refused from the announced count, without decoding one.
+    let n = 1usize << 19;
+    let mut tree = vec![Node::List(n as u64)];
+    tree.extend(std::iter::repeat_n(Node::Leaf, n));
+    let m = metadata(tree, vec![Leaf::Value(Value::None); n]);
+    let (_, bytes) = encode_raw(&m, false);
+    drop(m);
+    let tight = Limits {
+        max_leaves: 10,
+        ..Limits::default()
+    };
+    let (res, peak) = decode_raw(&bytes, &tight);
+    assert_eq!(
+        res.err(),
+        Some(Error::TooManyLeaves {
+            count: n as u64,
+            max: 10
+        })
+    );
+    // The tree's 2^19 nodes (24 bytes each) are decoded; the leaves are not.
+    assert!(peak < 40 * MIB, "{peak}");
+}
+
+// ---------------------------------------------------------------- ShardedTensor width
+
+#[test]
+fn sharded_tensor_with_many_shards_validates_in_n_log_n() {
+    // A 1-D global tensor of 40,000 elements in 20,000 shards of 2; the sender holds every other one.
+    let n = 20_000u64;
+    let shards: Vec<ShardMetadata> = (0..n)
+        .map(|i| ShardMetadata {
+            offsets: vec![2 * i],
+            sizes: vec![2],
+            placement: format!("rank:{}/cuda:{}", i % 8, i % 8),
+        })
+        .collect();
+    let local_shards: Vec<LocalShard> = shards
+        .iter()
+        .step_by(2)
+        .map(|meta| LocalShard {
+            layout: TensorLayout::contiguous(DType::Float32, &[2]),
+            meta: meta.clone(),
+        })
+        .collect();
+    let leaf = Leaf::Sharded {
+        local_shards,
+        global: ShardedTensorMetadata {
+            shards,
+            global_size: vec![2 * n],
+            dtype: DType::Float32,
+        },
+    };
+    let m = single("table", leaf);
+    let manifest = round_trip(&m, &Limits::default()).unwrap();
+    assert_eq!(manifest.storages().len(), (n / 2) as usize);
+    // The whole transfer, including the receiver's placement rewrite at finish.
+    for received in transfer(m, true) {
+        let Leaf::Sharded {
+            local_shards,
+            global,
+        } = &received.leaves[0]
+        else {
+            panic!("a sharded leaf")
+        };
+        assert_eq!(local_shards.len(), (n / 2) as usize);
+        let rank = received.bindings.len();
+        assert_eq!(rank, (n / 2) as usize);
+        assert!(global.shards[1].placement.starts_with("rank:1/"));
+        assert!(local_shards[0].meta.placement.starts_with("rank:"));
+    }
+}
+
+// ---------------------------------------------------------------- plan size
+
+#[test]
+fn too_many_messages_is_counted_not_walked() {
+    // One 16 TiB storage (the default max_total_bytes) in 64-byte chunks is 2^38 messages: counting
+    // them one by one would never finish; the count must be arithmetic.
+    let mut m = single(
+        "huge",
+        Leaf::Tensor(TensorLayout::contiguous(DType::UInt8, &[1 << 44])),
+    );
+    m.plan = PlanParams {
+        fanout: FanOut::Chain,
+        bucket_size: 64,
+        chunk_size: 64,
+    };
+    let (res, peak) = peak_heap(|| round_trip(&m, &Limits::default()));
+    assert_eq!(
+        res.err(),
+        Some(Error::TooManyMessages {
+            count: 1 << 38,
+            max: 16 << 20
+        })
+    );
+    assert!(peak < MIB, "{peak}");
+    // Many buckets: 2^20 one-byte-over-half storages, each in its own bucket.
+    let n = 1u64 << 16;
+    let mut tree = vec![Node::List(n)];
+    tree.extend(std::iter::repeat_n(Node::Leaf, n as usize));
+    let leaf = Leaf::Tensor(TensorLayout::contiguous(DType::UInt8, &[33]));
+    let mut m = metadata(tree, vec![leaf; n as usize]);
+    m.plan = PlanParams {
+        fanout: FanOut::Direct,
+        bucket_size: 64,
+        chunk_size: 64,
+    };
+    let tight = Limits {
+        max_messages: n - 1,
+        ..Limits::default()
+    };
+    assert_eq!(
+        round_trip(&m, &tight).err(),
+        Some(Error::TooManyMessages {
+            count: n,
+            max: n - 1
+        })
+    );
+}
+
+#[test]
+fn count_data_messages_agrees_with_the_plan() {
+    // Mixed bucketed, chunked and empty storages; the arithmetic count equals the built plan.
+    let sizes = [0u64, 10, 64, 65, 200, 1, 63, 0, 1000, 64, 129];
+    let mut tree = vec![Node::List(sizes.len() as u64)];
+    tree.extend(std::iter::repeat_n(Node::Leaf, sizes.len()));
+    let leaves: Vec<Leaf> = sizes
+        .iter()
+        .map(|&s| Leaf::Tensor(TensorLayout::contiguous(DType::UInt8, &[s])))
+        .collect();
+    for (bucket_size, chunk_size) in [(0, 64), (64, 64), (100, 128), (128, 128), (0, 1 << 30)] {
+        let mut m = metadata(tree.clone(), leaves.clone());
+        m.plan = PlanParams {
+            fanout: FanOut::Chain,
+            bucket_size,
+            chunk_size,
+        };
+        let manifest = round_trip(&m, &Limits::default()).unwrap();
+        let p = Plan::new(&manifest, 1);
+        assert_eq!(
+            plan::count_data_messages(&manifest),
+            p.data_messages().len() as u64
+        );
+        // Every storage's bytes are covered once, in order.
+        let mut covered = vec![0u64; sizes.len()];
+        for msg in &p.messages()[p.data_messages()] {
+            let segs = p.segments(msg);
+            assert_eq!(segs.iter().map(|s| s.len).sum::<u64>(), msg.len);
+            assert!(msg.len <= chunk_size.max(bucket_size));
+            for s in segs {
+                assert_eq!(covered[s.storage as usize], s.offset);
+                covered[s.storage as usize] += s.len;
+            }
+        }
+        assert_eq!(covered, sizes);
+    }
+}
+
+#[test]
+fn many_leaves_over_the_limit_are_refused() {
+    let n = 1000;
+    let mut tree = vec![Node::List(n)];
+    tree.extend(std::iter::repeat_n(Node::Leaf, n as usize));
+    let m = metadata(tree, vec![Leaf::Value(Value::None); n as usize]);
+    let tight = Limits {
+        max_leaves: n - 1,
+        ..Limits::default()
+    };
+    assert_eq!(
+        round_trip(&m, &tight).err(),
+        Some(Error::TooManyLeaves {
+            count: n,
+            max: n - 1
+        })
+    );
+}

@@ -1,0 +1,328 @@
+//! Builders shared by pgt-core's integration tests: valid metadata of every leaf kind, encoding into a
+//! header + metadata pair (with a correct digest), and an honest in-memory driver of a sender and its
+//! receivers.
+#![allow(dead_code)]
+
+use pgt_core::codec::{self, Header, Limits, Manifest, Metadata, FLAG_DIGESTS, VERSION};
+use pgt_core::digest::digest;
+use pgt_core::dtensor::{DTensorSpec, DeviceMesh, Placement, ReduceOp};
+use pgt_core::dtype::DType;
+use pgt_core::layout::TensorLayout;
+use pgt_core::plan::{FanOut, MessageKind, PlanParams};
+use pgt_core::receiver::{Received, Receiver, ReceiverOptions, RecvInto, RecvPoll};
+use pgt_core::sender::{Payload, SendPoll, Sender};
+use pgt_core::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
+use pgt_core::tree::{Key, Leaf, Node, Value};
+use pgt_core::Error;
+
+/// Source rank of the sample transfers.
+pub const SOURCE: u32 = 0;
+/// Destination ranks of the sample transfers.
+pub const DESTS: [u32; 2] = [1, 2];
+
+pub fn key(s: &str) -> Key {
+    Key::Str(s.into())
+}
+
+/// Metadata with `tree` and `leaves`, source 0, destinations 1 and 2, step 7, default plan.
+pub fn metadata(tree: Vec<Node>, leaves: Vec<Leaf>) -> Metadata {
+    Metadata {
+        step: Some(7),
+        source: SOURCE,
+        destinations: DESTS.to_vec(),
+        plan: PlanParams::default(),
+        tree,
+        leaves,
+    }
+}
+
+/// A DTensor leaf: a [2, 4] float32 local shard of an [4, 4] global tensor on a 2-rank mesh.
+pub fn dtensor_leaf() -> Leaf {
+    Leaf::DTensor {
+        local: TensorLayout::contiguous(DType::Float32, &[2, 4]),
+        spec: DTensorSpec {
+            mesh: DeviceMesh {
+                shape: vec![2],
+                ranks: vec![0, 1],
+                dim_names: Some(vec!["dp".into()]),
+                device_type: "cuda".into(),
+            },
+            placements: vec![Placement::Shard(0)],
+            global_shape: vec![4, 4],
+            global_stride: vec![4, 1],
+            dtype: DType::Float32,
+        },
+    }
+}
+
+/// A 2-dim DTensor leaf whose mesh is 2×1 with a Partial placement (for mesh-count tests).
+pub fn dtensor_leaf_2d() -> Leaf {
+    Leaf::DTensor {
+        local: TensorLayout::contiguous(DType::BFloat16, &[4, 4]),
+        spec: DTensorSpec {
+            mesh: DeviceMesh {
+                shape: vec![2, 1],
+                ranks: vec![0, 1],
+                dim_names: None,
+                device_type: "cpu".into(),
+            },
+            placements: vec![Placement::Replicate, Placement::Partial(ReduceOp::Sum)],
+            global_shape: vec![4, 4],
+            global_stride: vec![4, 1],
+            dtype: DType::BFloat16,
+        },
+    }
+}
+
+pub fn shard_meta(offsets: &[u64], sizes: &[u64], placement: &str) -> ShardMetadata {
+    ShardMetadata {
+        offsets: offsets.to_vec(),
+        sizes: sizes.to_vec(),
+        placement: placement.into(),
+    }
+}
+
+/// A ShardedTensor leaf: global [4, 2] int64 in two row shards; the sender holds the second.
+pub fn sharded_leaf() -> Leaf {
+    let shards = vec![
+        shard_meta(&[0, 0], &[2, 2], "rank:0/cpu"),
+        shard_meta(&[2, 0], &[2, 2], "rank:3/cuda:1"),
+    ];
+    Leaf::Sharded {
+        local_shards: vec![LocalShard {
+            layout: TensorLayout::contiguous(DType::Int64, &[2, 2]),
+            meta: shards[1].clone(),
+        }],
+        global: ShardedTensorMetadata {
+            shards,
+            global_size: vec![4, 2],
+            dtype: DType::Int64,
+        },
+    }
+}
+
+/// A small valid state dict with every leaf kind:
+/// `{model: {layers: [{weight: f32[3,4], bias: bf16[4]}], emb: DTensor, table: Sharded},
+///   step: 7, lr: 0.5, name: "run", extra: (None, true, b"\x01"), 3: f16 transposed view}`.
+pub fn sample_tree() -> (Vec<Node>, Vec<Leaf>) {
+    let transposed = TensorLayout {
+        dtype: DType::Float16,
+        shape: vec![4, 3],
+        stride: vec![1, 4],
+        storage_offset: 0,
+        nbytes: 24,
+    };
+    let tree = vec![
+        Node::Dict(vec![
+            key("model"),
+            key("step"),
+            key("lr"),
+            key("name"),
+            key("extra"),
+            Key::Int(3),
+        ]),
+        Node::Dict(vec![key("layers"), key("emb"), key("table")]),
+        Node::List(1),
+        Node::Dict(vec![key("weight"), key("bias")]),
+        Node::Leaf,
+        Node::Leaf,
+        Node::Leaf,
+        Node::Leaf,
+        Node::Leaf,
+        Node::Leaf,
+        Node::Leaf,
+        Node::Tuple(3),
+        Node::Leaf,
+        Node::Leaf,
+        Node::Leaf,
+        Node::Leaf,
+    ];
+    let leaves = vec![
+        Leaf::Tensor(TensorLayout::contiguous(DType::Float32, &[3, 4])),
+        Leaf::Tensor(TensorLayout::contiguous(DType::BFloat16, &[4])),
+        dtensor_leaf(),
+        sharded_leaf(),
+        Leaf::Value(Value::Int(7)),
+        Leaf::Value(Value::Float(0.5)),
+        Leaf::Value(Value::Str("run".into())),
+        Leaf::Value(Value::None),
+        Leaf::Value(Value::Bool(true)),
+        Leaf::Value(Value::Bytes(vec![1])),
+        Leaf::Tensor(transposed),
+    ];
+    (tree, leaves)
+}
+
+/// The sample state dict as metadata.
+pub fn sample() -> Metadata {
+    let (tree, leaves) = sample_tree();
+    metadata(tree, leaves)
+}
+
+/// `{name: leaf}` as metadata.
+pub fn single(name: &str, leaf: Leaf) -> Metadata {
+    metadata(vec![Node::Dict(vec![key(name)]), Node::Leaf], vec![leaf])
+}
+
+/// Encodes `meta` as the sender would, WITHOUT validating it: postcard bytes plus a header with the
+/// right length and digest.
+pub fn encode_raw(meta: &Metadata, digests: bool) -> (Vec<u8>, Vec<u8>) {
+    let bytes = postcard::to_allocvec(meta).expect("postcard encodes");
+    (header_for(&bytes, digests).to_vec(), bytes)
+}
+
+/// A correct header for these metadata bytes.
+pub fn header_for(bytes: &[u8], digests: bool) -> [u8; Header::SIZE] {
+    Header {
+        version: VERSION,
+        flags: if digests { FLAG_DIGESTS } else { 0 },
+        metadata_len: bytes.len() as u64,
+        metadata_digest: digest(bytes),
+    }
+    .to_bytes()
+}
+
+/// Parses the header and decodes the metadata, as a receiver does.
+pub fn decode_bytes(header: &[u8], bytes: &[u8], limits: &Limits) -> Result<Manifest, Error> {
+    let header = Header::parse(header, limits)?;
+    codec::decode(&header, bytes, limits)
+}
+
+/// Encodes `meta` without validation, then parses and decodes it under `limits`.
+pub fn round_trip(meta: &Metadata, limits: &Limits) -> Result<Manifest, Error> {
+    let (header, bytes) = encode_raw(meta, false);
+    decode_bytes(&header, &bytes, limits)
+}
+
+/// Default receiver options for rank `rank`.
+pub fn options(rank: u32) -> ReceiverOptions {
+    ReceiverOptions {
+        rank,
+        source: SOURCE,
+        expected_step: None,
+        limits: Limits::default(),
+    }
+}
+
+/// A receiver for `rank` that has been given the header and metadata of `meta` (validated and encoded
+/// by a [`Sender`]) and is waiting for bindings.
+pub fn receiver_at_bindings(meta: Metadata, digests: bool, rank: u32) -> Receiver {
+    let sender = Sender::new(meta, digests, &Limits::default()).expect("valid metadata");
+    let mut r = Receiver::new(options(rank));
+    r.handle_header(sender.header_bytes()).unwrap();
+    r.handle_metadata(sender.metadata_bytes()).unwrap();
+    assert_eq!(r.poll(), RecvPoll::NeedBindings);
+    r
+}
+
+/// The digest the honest driver pretends storage `i`'s bytes have (no tensor bytes exist in these
+/// tests: both sides report the same made-up value).
+pub fn fake_digest(storage: u32) -> u64 {
+    0x9E37_79B9_7F4A_7C15u64.wrapping_mul(u64::from(storage) + 1)
+}
+
+/// Drives a sender and one receiver per destination honestly, in memory, to completion: every send is
+/// delivered, digests are reported on both sides, forwards are performed in chain fan-out. Returns
+/// each receiver's result. Panics if either side errors or stalls.
+pub fn transfer(meta: Metadata, digests: bool) -> Vec<Received> {
+    let sender = Sender::new(meta, digests, &Limits::default()).expect("valid metadata");
+    let dests = sender.manifest().metadata().destinations.clone();
+    let source = sender.manifest().metadata().source;
+    let step = sender.manifest().metadata().step;
+    let mut sender = sender;
+    // Drain the sender: only the message indices matter to the receivers (their bytes are not moved
+    // except header/metadata/trailer).
+    let mut header = Vec::new();
+    let mut meta_bytes = Vec::new();
+    let mut trailer = Vec::new();
+    let mut polls = 0u64;
+    loop {
+        polls += 1;
+        assert!(polls < 10_000_000, "sender stalls");
+        let (hash_segments, kind_bytes) = match sender.poll() {
+            SendPoll::Done => break,
+            SendPoll::WaitDigests => panic!("digests are reported as data is sent"),
+            SendPoll::Send(op) => match op.payload {
+                Payload::Bytes(b) => (None, Some((op.message, b.to_vec()))),
+                Payload::Storages(segs) => (op.hash.then(|| segs.to_vec()), None),
+            },
+        };
+        if let Some((m, b)) = kind_bytes {
+            match sender.plan().messages()[m].kind {
+                MessageKind::Header => header = b,
+                MessageKind::Metadata => meta_bytes = b,
+                MessageKind::Trailer => trailer = b,
+                MessageKind::Data => unreachable!(),
+            }
+        }
+        if let Some(segs) = hash_segments {
+            for s in segs {
+                let nbytes = sender.manifest().storages()[s.storage as usize].nbytes;
+                if s.offset + s.len == nbytes {
+                    sender
+                        .handle_storage_digest(s.storage, fake_digest(s.storage))
+                        .unwrap();
+                }
+            }
+        }
+    }
+    assert!(sender.is_done());
+    let mut out = Vec::new();
+    for &rank in &dests {
+        let mut r = Receiver::new(ReceiverOptions {
+            rank,
+            source,
+            expected_step: step,
+            limits: Limits::default(),
+        });
+        let mut nbytes: Option<Vec<u64>> = None;
+        let mut polls = 0u64;
+        loop {
+            polls += 1;
+            assert!(polls < 10_000_000, "receiver stalls");
+            let poll = r.poll();
+            match poll {
+                RecvPoll::Done => break,
+                RecvPoll::Wait => panic!("nothing is in flight in this driver"),
+                RecvPoll::NeedBindings => r.finish_bindings().unwrap(),
+                RecvPoll::Forward(f) => {
+                    let m = f.message;
+                    r.handle_forwarded(m).unwrap();
+                }
+                RecvPoll::Recv(op) => {
+                    let (m, kind) = (op.message, op.kind);
+                    let hashed = match op.into {
+                        RecvInto::Storages(segs) if op.hash => segs.to_vec(),
+                        _ => Vec::new(),
+                    };
+                    match kind {
+                        MessageKind::Header => r.handle_header(&header).unwrap(),
+                        MessageKind::Metadata => r.handle_metadata(&meta_bytes).unwrap(),
+                        MessageKind::Trailer => r.handle_trailer(&trailer).unwrap(),
+                        MessageKind::Data => {
+                            let nbytes = nbytes.get_or_insert_with(|| {
+                                let storages = r.manifest().unwrap().storages();
+                                storages.iter().map(|s| s.nbytes).collect::<Vec<u64>>()
+                            });
+                            for s in hashed {
+                                if s.offset + s.len == nbytes[s.storage as usize] {
+                                    r.handle_storage_digest(s.storage, fake_digest(s.storage))
+                                        .unwrap();
+                                }
+                            }
+                            r.handle_data(m).unwrap();
+                        }
+                    }
+                }
+            }
+        }
+        out.push(r.finish().expect("complete transfer"));
+    }
+    out
+}
+
+/// Fan-out variants of a plan, for tests that cover both.
+pub fn with_fanout(mut meta: Metadata, fanout: FanOut) -> Metadata {
+    meta.plan.fanout = fanout;
+    meta
+}

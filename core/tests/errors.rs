@@ -1,0 +1,1434 @@
+//! One test per validation error that untrusted input (header, metadata, receiver calls) can trigger,
+//! each with crafted input and the exact error value expected.
+
+mod common;
+
+use common::*;
+use pgt_core::codec::{self, Header, Limits, Metadata, MAGIC, VERSION};
+use pgt_core::dtensor::Placement;
+use pgt_core::dtype::DType;
+use pgt_core::layout::TensorLayout;
+use pgt_core::plan::{FanOut, MessageKind, PlanParams};
+use pgt_core::receiver::{Receiver, ReceiverOptions, RecvPoll};
+use pgt_core::sender::Sender;
+use pgt_core::sharded::LocalShard;
+use pgt_core::tree::{Key, Leaf, Node, Value};
+use pgt_core::Error;
+
+fn limits() -> Limits {
+    Limits::default()
+}
+
+/// Encodes `meta` (unvalidated) and decodes it under the default limits, expecting `err`.
+#[track_caller]
+fn rejects(meta: Metadata, err: Error) {
+    assert_eq!(round_trip(&meta, &limits()), Err(err));
+}
+
+/// Like [`rejects`] with tightened limits.
+#[track_caller]
+fn rejects_under(meta: Metadata, limits: Limits, err: Error) {
+    assert_eq!(round_trip(&meta, &limits), Err(err));
+}
+
+fn tensor(dtype: DType, shape: &[u64], stride: &[u64], offset: u64, nbytes: u64) -> Leaf {
+    Leaf::Tensor(TensorLayout {
+        dtype,
+        shape: shape.to_vec(),
+        stride: stride.to_vec(),
+        storage_offset: offset,
+        nbytes,
+    })
+}
+
+fn valid_header() -> [u8; Header::SIZE] {
+    let (_, bytes) = encode_raw(&sample(), true);
+    header_for(&bytes, true)
+}
+
+#[test]
+fn the_sample_is_valid() {
+    let m = round_trip(&sample(), &limits()).unwrap();
+    let paths: Vec<String> = m.paths().iter().map(ToString::to_string).collect();
+    assert_eq!(
+        paths,
+        [
+            "model.layers.0.weight",
+            "model.layers.0.bias",
+            "model.emb",
+            "model.table",
+            "step",
+            "lr",
+            "name",
+            "extra.0",
+            "extra.1",
+            "extra.2",
+            "3"
+        ]
+    );
+    assert_eq!(m.storages().len(), 5);
+}
+
+// ---------------------------------------------------------------- header
+
+#[test]
+fn header_length() {
+    let h = valid_header();
+    assert_eq!(
+        Header::parse(&h[..23], &limits()),
+        Err(Error::HeaderLength { got: 23 })
+    );
+    let mut long = h.to_vec();
+    long.push(0);
+    assert_eq!(
+        Header::parse(&long, &limits()),
+        Err(Error::HeaderLength { got: 25 })
+    );
+    assert_eq!(
+        Header::parse(&[], &limits()),
+        Err(Error::HeaderLength { got: 0 })
+    );
+}
+
+#[test]
+fn bad_magic() {
+    for i in 0..MAGIC.len() {
+        let mut h = valid_header();
+        h[i] ^= 0x20;
+        assert_eq!(Header::parse(&h, &limits()), Err(Error::BadMagic));
+    }
+}
+
+#[test]
+fn unsupported_version() {
+    for v in [0u16, VERSION + 1, u16::MAX] {
+        let mut h = valid_header();
+        h[4..6].copy_from_slice(&v.to_le_bytes());
+        assert_eq!(
+            Header::parse(&h, &limits()),
+            Err(Error::UnsupportedVersion { got: v })
+        );
+    }
+}
+
+#[test]
+fn unknown_flags() {
+    for flags in [2u16, 0x8001, u16::MAX] {
+        let mut h = valid_header();
+        h[6..8].copy_from_slice(&flags.to_le_bytes());
+        assert_eq!(
+            Header::parse(&h, &limits()),
+            Err(Error::UnknownFlags { flags })
+        );
+    }
+}
+
+#[test]
+fn metadata_too_large() {
+    let mut h = valid_header();
+    h[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert_eq!(
+        Header::parse(&h, &limits()),
+        Err(Error::MetadataTooLarge {
+            len: u64::MAX,
+            max: 256 << 20
+        })
+    );
+    // Tightened: the sample's real length is over a 16-byte cap.
+    let (header, bytes) = encode_raw(&sample(), false);
+    let tight = Limits {
+        max_metadata_bytes: 16,
+        ..limits()
+    };
+    assert_eq!(
+        Header::parse(&header, &tight),
+        Err(Error::MetadataTooLarge {
+            len: bytes.len() as u64,
+            max: 16
+        })
+    );
+}
+
+// ---------------------------------------------------------------- metadata message
+
+#[test]
+fn metadata_length() {
+    let (header, bytes) = encode_raw(&sample(), false);
+    let n = bytes.len() as u64;
+    assert_eq!(
+        decode_bytes(&header, &bytes[..bytes.len() - 1], &limits()),
+        Err(Error::MetadataLength {
+            expected: n,
+            got: n - 1
+        })
+    );
+    let mut more = bytes.clone();
+    more.push(0);
+    assert_eq!(
+        decode_bytes(&header, &more, &limits()),
+        Err(Error::MetadataLength {
+            expected: n,
+            got: n + 1
+        })
+    );
+}
+
+#[test]
+fn metadata_digest() {
+    let (header, mut bytes) = encode_raw(&sample(), false);
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    assert_eq!(
+        decode_bytes(&header, &bytes, &limits()),
+        Err(Error::MetadataDigest)
+    );
+    // The digest field itself altered.
+    let (mut header, bytes) = encode_raw(&sample(), false);
+    header[16] ^= 1;
+    assert_eq!(
+        decode_bytes(&header, &bytes, &limits()),
+        Err(Error::MetadataDigest)
+    );
+}
+
+/// Decodes raw metadata bytes behind a header that matches them (so only the codec can object).
+fn decode_raw(bytes: &[u8]) -> Result<codec::Manifest, Error> {
+    decode_bytes(&header_for(bytes, false), bytes, &limits())
+}
+
+#[test]
+fn truncated_metadata() {
+    assert_eq!(decode_raw(&[]), Err(Error::TruncatedMetadata));
+    let (_, bytes) = encode_raw(&sample(), false);
+    for cut in [1, bytes.len() / 2, bytes.len() - 1] {
+        assert_eq!(
+            decode_raw(&bytes[..cut]),
+            Err(Error::TruncatedMetadata),
+            "cut {cut}"
+        );
+        assert_eq!(
+            codec::decode_metadata(&bytes[..cut]),
+            Err(Error::TruncatedMetadata)
+        );
+    }
+}
+
+/// The postcard prefix of a metadata up to (excluding) the tree: step None, source 0, destinations [1],
+/// default plan.
+fn prefix() -> Vec<u8> {
+    postcard::to_allocvec(&(None::<u64>, 0u32, vec![1u32], PlanParams::default())).unwrap()
+}
+
+#[test]
+fn malformed_metadata() {
+    // Option tag 2.
+    assert_eq!(decode_raw(&[2]), Err(Error::MalformedMetadata));
+    // Node enum tag 9 (there are 4 kinds).
+    let mut b = prefix();
+    b.extend([1, 9]);
+    assert_eq!(decode_raw(&b), Err(Error::MalformedMetadata));
+    // A dict key that is not UTF-8.
+    let mut b = prefix();
+    b.extend([1, 0, 1, 0, 2, 0xC3, 0x28]);
+    assert_eq!(decode_raw(&b), Err(Error::MalformedMetadata));
+    // A bool value of 2: tree [Leaf], leaves [Value(Bool(2))].
+    let mut b = prefix();
+    b.extend([1, 3, 1, 0, 1, 2]);
+    assert_eq!(decode_raw(&b), Err(Error::MalformedMetadata));
+    // A varint of 11 continuation bytes for the source.
+    let mut b = vec![0];
+    b.extend([0xFF; 11]);
+    assert_eq!(decode_raw(&b), Err(Error::MalformedMetadata));
+    // A u32 source that does not fit 32 bits.
+    let b = [0, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F];
+    assert_eq!(decode_raw(&b), Err(Error::MalformedMetadata));
+    // The same checks without the header.
+    assert_eq!(codec::decode_metadata(&[2]), Err(Error::MalformedMetadata));
+}
+
+#[test]
+fn trailing_bytes() {
+    let (_, mut bytes) = encode_raw(&sample(), false);
+    bytes.extend([0, 0, 7]);
+    assert_eq!(decode_raw(&bytes), Err(Error::TrailingBytes { count: 3 }));
+    assert_eq!(
+        codec::decode_metadata(&bytes),
+        Err(Error::TrailingBytes { count: 3 })
+    );
+}
+
+// ---------------------------------------------------------------- limits
+
+#[test]
+fn too_many_leaves() {
+    let tight = Limits {
+        max_leaves: 3,
+        ..limits()
+    };
+    rejects_under(sample(), tight, Error::TooManyLeaves { count: 11, max: 3 });
+    // The announced count is checked before any leaf is decoded: 2^40 leaves announced, none sent.
+    let (_, mut bytes) = encode_raw(&metadata(vec![Node::List(0)], vec![]), false);
+    assert_eq!(bytes.pop(), Some(0));
+    bytes.extend([0x80, 0x80, 0x80, 0x80, 0x80, 0x20]);
+    assert_eq!(
+        decode_raw(&bytes),
+        Err(Error::TooManyLeaves {
+            count: 1 << 40,
+            max: 4 << 20
+        })
+    );
+    // Exactly at the limit passes.
+    let at = Limits {
+        max_leaves: 11,
+        ..limits()
+    };
+    round_trip(&sample(), &at).unwrap();
+}
+
+fn nested_lists(depth: usize) -> Metadata {
+    let mut tree = vec![Node::List(1); depth];
+    tree.push(Node::Leaf);
+    metadata(tree, vec![Leaf::Value(Value::None)])
+}
+
+#[test]
+fn tree_too_deep() {
+    let tight = Limits {
+        max_depth: 4,
+        ..limits()
+    };
+    round_trip(&nested_lists(4), &tight).unwrap();
+    rejects_under(nested_lists(5), tight, Error::TreeTooDeep { max: 4 });
+    rejects(nested_lists(65), Error::TreeTooDeep { max: 64 });
+    // Empty containers count too.
+    let mut m = nested_lists(4);
+    m.tree = vec![Node::List(1), Node::Dict(vec![]), Node::Tuple(0)];
+    m.tree.truncate(2);
+    m.leaves.clear();
+    let flat = Limits {
+        max_depth: 1,
+        ..limits()
+    };
+    rejects_under(m, flat, Error::TreeTooDeep { max: 1 });
+}
+
+#[test]
+fn too_many_dims() {
+    let tight = Limits {
+        max_ndim: 2,
+        ..limits()
+    };
+    let t = Leaf::Tensor(TensorLayout::contiguous(DType::UInt8, &[1, 2, 3]));
+    rejects_under(
+        single("t", t),
+        tight,
+        Error::TooManyDims { ndim: 3, max: 2 },
+    );
+    // A DTensor whose mesh has too many dims.
+    let Leaf::DTensor { local, mut spec } = dtensor_leaf() else {
+        unreachable!()
+    };
+    spec.mesh.shape = vec![1, 1, 2];
+    rejects_under(
+        single("d", Leaf::DTensor { local, spec }),
+        tight,
+        Error::TooManyDims { ndim: 3, max: 2 },
+    );
+    // A DTensor whose global shape has too many dims (local and mesh are fine).
+    let Leaf::DTensor { local, mut spec } = dtensor_leaf() else {
+        unreachable!()
+    };
+    spec.global_shape = vec![4, 4, 1];
+    rejects_under(
+        single("d", Leaf::DTensor { local, spec }),
+        tight,
+        Error::TooManyDims { ndim: 3, max: 2 },
+    );
+    // A ShardedTensor whose global size has too many dims.
+    let Leaf::Sharded {
+        local_shards,
+        mut global,
+    } = sharded_leaf()
+    else {
+        unreachable!()
+    };
+    global.global_size = vec![4, 2, 1];
+    rejects_under(
+        single(
+            "s",
+            Leaf::Sharded {
+                local_shards,
+                global,
+            },
+        ),
+        tight,
+        Error::TooManyDims { ndim: 3, max: 2 },
+    );
+    // The default limit: 65 dims.
+    let t = Leaf::Tensor(TensorLayout::contiguous(DType::UInt8, &[1; 65]));
+    rejects(single("t", t), Error::TooManyDims { ndim: 65, max: 64 });
+}
+
+#[test]
+fn total_bytes_too_large() {
+    // The sample's storages: 48 + 8 + 32 + 32 + 24 = 144 bytes.
+    let at = Limits {
+        max_total_bytes: 144,
+        ..limits()
+    };
+    assert_eq!(round_trip(&sample(), &at).unwrap().total_bytes(), 144);
+    let tight = Limits {
+        max_total_bytes: 143,
+        ..limits()
+    };
+    rejects_under(sample(), tight, Error::TotalBytesTooLarge { max: 143 });
+    // Storages whose sum overflows u64 are rejected, not wrapped.
+    let big = tensor(DType::UInt8, &[1], &[1], 0, u64::MAX);
+    let m = metadata(
+        vec![Node::List(2), Node::Leaf, Node::Leaf],
+        vec![big.clone(), big],
+    );
+    let unlimited = Limits {
+        max_total_bytes: u64::MAX,
+        ..limits()
+    };
+    rejects_under(m, unlimited, Error::TotalBytesTooLarge { max: u64::MAX });
+}
+
+#[test]
+fn too_many_messages() {
+    // 1 KiB in chunks of 64 bytes: 16 data messages.
+    let mut m = single(
+        "t",
+        Leaf::Tensor(TensorLayout::contiguous(DType::UInt8, &[1024])),
+    );
+    m.plan = PlanParams {
+        fanout: FanOut::Direct,
+        bucket_size: 64,
+        chunk_size: 64,
+    };
+    let at = Limits {
+        max_messages: 16,
+        ..limits()
+    };
+    round_trip(&m, &at).unwrap();
+    let tight = Limits {
+        max_messages: 15,
+        ..limits()
+    };
+    rejects_under(m, tight, Error::TooManyMessages { count: 16, max: 15 });
+}
+
+// ---------------------------------------------------------------- tree
+
+#[test]
+fn truncated_tree() {
+    rejects(metadata(vec![], vec![]), Error::TruncatedTree);
+    rejects(
+        metadata(
+            vec![Node::Dict(vec![key("a"), key("b")]), Node::Leaf],
+            vec![Leaf::Value(Value::None)],
+        ),
+        Error::TruncatedTree,
+    );
+    rejects(
+        metadata(
+            vec![Node::Tuple(u64::MAX), Node::Leaf],
+            vec![Leaf::Value(Value::None)],
+        ),
+        Error::TruncatedTree,
+    );
+}
+
+#[test]
+fn trailing_tree_nodes() {
+    rejects(
+        metadata(
+            vec![Node::Leaf, Node::Leaf],
+            vec![Leaf::Value(Value::None), Leaf::Value(Value::None)],
+        ),
+        Error::TrailingTreeNodes,
+    );
+    rejects(
+        metadata(vec![Node::List(0), Node::List(0)], vec![]),
+        Error::TrailingTreeNodes,
+    );
+}
+
+#[test]
+fn duplicate_key() {
+    let none = || Leaf::Value(Value::None);
+    rejects(
+        metadata(
+            vec![
+                Node::Dict(vec![key("a"), key("b"), key("a")]),
+                Node::Leaf,
+                Node::Leaf,
+                Node::Leaf,
+            ],
+            vec![none(), none(), none()],
+        ),
+        Error::DuplicateKey,
+    );
+    rejects(
+        metadata(
+            vec![
+                Node::Dict(vec![Key::Int(-1), Key::Int(-1)]),
+                Node::Leaf,
+                Node::Leaf,
+            ],
+            vec![none(), none()],
+        ),
+        Error::DuplicateKey,
+    );
+    // "1" and 1 are different keys; the same key in two different dicts is fine.
+    round_trip(
+        &metadata(
+            vec![
+                Node::Dict(vec![key("1"), Key::Int(1)]),
+                Node::Dict(vec![key("x")]),
+                Node::Leaf,
+                Node::Dict(vec![key("x")]),
+                Node::Leaf,
+            ],
+            vec![none(), none()],
+        ),
+        &limits(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn key_paths_too_large() {
+    // {<100-byte key>: [None; 11]}: 1,100 bytes of key text over the paths, from ~150 bytes of metadata.
+    let leaves = 11;
+    let mut tree = vec![Node::Dict(vec![key(&"k".repeat(100))]), Node::List(leaves)];
+    tree.extend(std::iter::repeat_n(Node::Leaf, leaves as usize));
+    let m = metadata(tree, vec![Leaf::Value(Value::None); leaves as usize]);
+    let at = Limits {
+        max_metadata_bytes: 275,
+        ..limits()
+    };
+    round_trip(&m, &at).unwrap();
+    let tight = Limits {
+        max_metadata_bytes: 274,
+        ..limits()
+    };
+    rejects_under(m, tight, Error::KeyPathsTooLarge { max: 1096 });
+}
+
+#[test]
+fn leaf_count_mismatch() {
+    let none = || Leaf::Value(Value::None);
+    rejects(
+        metadata(vec![Node::List(2), Node::Leaf, Node::Leaf], vec![none()]),
+        Error::LeafCountMismatch { tree: 2, leaves: 1 },
+    );
+    rejects(
+        metadata(vec![Node::Dict(vec![])], vec![none()]),
+        Error::LeafCountMismatch { tree: 0, leaves: 1 },
+    );
+}
+
+// ---------------------------------------------------------------- layouts
+
+#[test]
+fn stride_rank_mismatch() {
+    rejects(
+        single("t", tensor(DType::Float32, &[2, 2], &[2], 0, 16)),
+        Error::StrideRankMismatch {
+            shape: 2,
+            stride: 1,
+        },
+    );
+    // A DTensor's global stride.
+    let Leaf::DTensor { local, mut spec } = dtensor_leaf() else {
+        unreachable!()
+    };
+    spec.global_stride = vec![1];
+    rejects(
+        single("d", Leaf::DTensor { local, spec }),
+        Error::StrideRankMismatch {
+            shape: 2,
+            stride: 1,
+        },
+    );
+}
+
+#[test]
+fn storage_not_whole_elements() {
+    rejects(
+        single("t", tensor(DType::Float32, &[1], &[1], 0, 6)),
+        Error::StorageNotWholeElements {
+            nbytes: 6,
+            element_size: 4,
+        },
+    );
+    rejects(
+        single("t", tensor(DType::Complex128, &[0], &[1], 0, 8)),
+        Error::StorageNotWholeElements {
+            nbytes: 8,
+            element_size: 16,
+        },
+    );
+}
+
+#[test]
+fn view_out_of_bounds() {
+    rejects(
+        single("t", tensor(DType::Float32, &[4], &[1], 1, 16)),
+        Error::ViewOutOfBounds {
+            needed: 20,
+            nbytes: 16,
+        },
+    );
+    // A transposed view whose stride reaches past the storage.
+    rejects(
+        single("t", tensor(DType::Int16, &[3, 2], &[1, 4], 0, 8)),
+        Error::ViewOutOfBounds {
+            needed: 14,
+            nbytes: 8,
+        },
+    );
+    // A scalar with no storage at all.
+    rejects(
+        single("t", tensor(DType::Bool, &[], &[], 0, 0)),
+        Error::ViewOutOfBounds {
+            needed: 1,
+            nbytes: 0,
+        },
+    );
+}
+
+#[test]
+fn layout_overflow() {
+    rejects(
+        single("t", tensor(DType::UInt8, &[1 << 63, 3], &[2, 1], 0, 16)),
+        Error::LayoutOverflow,
+    );
+    rejects(
+        single("t", tensor(DType::Float64, &[2], &[1], u64::MAX / 4, 16)),
+        Error::LayoutOverflow,
+    );
+    // numel overflows even though the stride arithmetic alone would not.
+    rejects(
+        single(
+            "t",
+            tensor(DType::UInt8, &[u64::MAX, u64::MAX], &[0, 0], 0, 1),
+        ),
+        Error::LayoutOverflow,
+    );
+    // A device mesh whose size overflows.
+    let Leaf::DTensor { local, mut spec } = dtensor_leaf() else {
+        unreachable!()
+    };
+    spec.mesh.shape = vec![u64::MAX, 2];
+    rejects(
+        single("d", Leaf::DTensor { local, spec }),
+        Error::LayoutOverflow,
+    );
+    // A shard whose offset + size overflows.
+    let Leaf::Sharded {
+        local_shards,
+        mut global,
+    } = sharded_leaf()
+    else {
+        unreachable!()
+    };
+    global.shards[0].offsets = vec![u64::MAX, 0];
+    rejects(
+        single(
+            "s",
+            Leaf::Sharded {
+                local_shards,
+                global,
+            },
+        ),
+        Error::LayoutOverflow,
+    );
+}
+
+// ---------------------------------------------------------------- DTensor
+
+fn dtensor_with(
+    f: impl FnOnce(&mut TensorLayout, &mut pgt_core::dtensor::DTensorSpec),
+) -> Metadata {
+    let Leaf::DTensor {
+        mut local,
+        mut spec,
+    } = dtensor_leaf()
+    else {
+        unreachable!()
+    };
+    f(&mut local, &mut spec);
+    single("d", Leaf::DTensor { local, spec })
+}
+
+#[test]
+fn mesh_rank_count() {
+    rejects(
+        dtensor_with(|_, s| s.mesh.ranks = vec![0, 1, 2]),
+        Error::MeshRankCount {
+            ranks: 3,
+            mesh_size: 2,
+        },
+    );
+    rejects(
+        dtensor_with(|_, s| s.mesh.shape = vec![2, 0]),
+        Error::MeshRankCount {
+            ranks: 2,
+            mesh_size: 0,
+        },
+    );
+    // The 2-dim sample mesh is valid.
+    round_trip(&single("d", dtensor_leaf_2d()), &limits()).unwrap();
+}
+
+#[test]
+fn mesh_dim_names() {
+    rejects(
+        dtensor_with(|_, s| s.mesh.dim_names = Some(vec!["dp".into(), "tp".into()])),
+        Error::MeshDimNames {
+            names: 2,
+            mesh_ndim: 1,
+        },
+    );
+    rejects(
+        dtensor_with(|_, s| s.mesh.dim_names = Some(vec![])),
+        Error::MeshDimNames {
+            names: 0,
+            mesh_ndim: 1,
+        },
+    );
+}
+
+#[test]
+fn placement_count() {
+    rejects(
+        dtensor_with(|_, s| s.placements = vec![Placement::Replicate, Placement::Shard(0)]),
+        Error::PlacementCount {
+            placements: 2,
+            mesh_ndim: 1,
+        },
+    );
+    rejects(
+        dtensor_with(|_, s| s.placements.clear()),
+        Error::PlacementCount {
+            placements: 0,
+            mesh_ndim: 1,
+        },
+    );
+}
+
+#[test]
+fn shard_dim_out_of_range() {
+    rejects(
+        dtensor_with(|_, s| s.placements = vec![Placement::Shard(2)]),
+        Error::ShardDimOutOfRange { dim: 2, ndim: 2 },
+    );
+    rejects(
+        dtensor_with(|_, s| s.placements = vec![Placement::Shard(u32::MAX)]),
+        Error::ShardDimOutOfRange {
+            dim: u32::MAX as u64,
+            ndim: 2,
+        },
+    );
+}
+
+#[test]
+fn local_shape_mismatch() {
+    // DTensor: local rank differs from the global rank.
+    rejects(
+        dtensor_with(|l, _| *l = TensorLayout::contiguous(DType::Float32, &[2, 4, 1])),
+        Error::LocalShapeMismatch,
+    );
+    // DTensor: local larger than global along a dim.
+    rejects(
+        dtensor_with(|l, _| *l = TensorLayout::contiguous(DType::Float32, &[8, 4])),
+        Error::LocalShapeMismatch,
+    );
+    // ShardedTensor: the local layout's shape is not the shard's sizes.
+    let Leaf::Sharded {
+        mut local_shards,
+        global,
+    } = sharded_leaf()
+    else {
+        unreachable!()
+    };
+    local_shards[0].layout = TensorLayout::contiguous(DType::Int64, &[2, 1]);
+    rejects(
+        single(
+            "s",
+            Leaf::Sharded {
+                local_shards,
+                global,
+            },
+        ),
+        Error::LocalShapeMismatch,
+    );
+}
+
+#[test]
+fn dtype_mismatch() {
+    rejects(
+        dtensor_with(|_, s| s.dtype = DType::Float16),
+        Error::DTypeMismatch {
+            local: DType::Float32,
+            global: DType::Float16,
+        },
+    );
+    let Leaf::Sharded {
+        mut local_shards,
+        global,
+    } = sharded_leaf()
+    else {
+        unreachable!()
+    };
+    local_shards[0].layout = TensorLayout::contiguous(DType::Int32, &[2, 2]);
+    rejects(
+        single(
+            "s",
+            Leaf::Sharded {
+                local_shards,
+                global,
+            },
+        ),
+        Error::DTypeMismatch {
+            local: DType::Int32,
+            global: DType::Int64,
+        },
+    );
+}
+
+// ---------------------------------------------------------------- ShardedTensor
+
+fn sharded_with(
+    f: impl FnOnce(&mut Vec<LocalShard>, &mut pgt_core::sharded::ShardedTensorMetadata),
+) -> Metadata {
+    let Leaf::Sharded {
+        mut local_shards,
+        mut global,
+    } = sharded_leaf()
+    else {
+        unreachable!()
+    };
+    f(&mut local_shards, &mut global);
+    single(
+        "s",
+        Leaf::Sharded {
+            local_shards,
+            global,
+        },
+    )
+}
+
+#[test]
+fn shard_rank_mismatch() {
+    rejects(
+        sharded_with(|_, g| g.shards[0].offsets = vec![0]),
+        Error::ShardRankMismatch,
+    );
+    rejects(
+        sharded_with(|_, g| g.shards[1].sizes = vec![2, 2, 1]),
+        Error::ShardRankMismatch,
+    );
+    rejects(
+        sharded_with(|l, _| l[0].meta.offsets = vec![2]),
+        Error::ShardRankMismatch,
+    );
+}
+
+#[test]
+fn shard_out_of_bounds() {
+    rejects(
+        sharded_with(|_, g| g.shards[0].offsets = vec![3, 0]),
+        Error::ShardOutOfBounds { end: 5, global: 4 },
+    );
+    rejects(
+        sharded_with(|l, _| l[0].meta.sizes = vec![2, 3]),
+        Error::ShardOutOfBounds { end: 3, global: 2 },
+    );
+}
+
+#[test]
+fn bad_placement() {
+    for p in [
+        "cpu",
+        "rank:/cpu",
+        "rank:1",
+        "rank:1/",
+        "rank:x/cpu",
+        "rank:-1/cpu",
+        "rank:99999999999999999999/cpu",
+    ] {
+        rejects(
+            sharded_with(|_, g| g.shards[0].placement = p.into()),
+            Error::BadPlacement,
+        );
+        rejects(
+            sharded_with(|l, _| l[0].meta.placement = p.into()),
+            Error::BadPlacement,
+        );
+    }
+}
+
+#[test]
+fn shard_not_in_global() {
+    // A valid shard at offsets [1, 0] that the global metadata does not list.
+    rejects(
+        sharded_with(|l, _| l[0].meta.offsets = vec![1, 0]),
+        Error::ShardNotInGlobal,
+    );
+    // No global shards at all.
+    rejects(
+        sharded_with(|_, g| g.shards.clear()),
+        Error::ShardNotInGlobal,
+    );
+}
+
+// ---------------------------------------------------------------- plan parameters and destinations
+
+#[test]
+fn bad_chunk_size() {
+    for chunk_size in [0, 32, 100, (1 << 30) + 64, u64::MAX] {
+        let mut m = sample();
+        m.plan = PlanParams {
+            fanout: FanOut::Chain,
+            bucket_size: 0,
+            chunk_size,
+        };
+        rejects(m, Error::BadChunkSize { chunk_size });
+    }
+}
+
+#[test]
+fn bad_bucket_size() {
+    let mut m = sample();
+    m.plan = PlanParams {
+        fanout: FanOut::Direct,
+        bucket_size: (1 << 20) + 1,
+        chunk_size: 1 << 20,
+    };
+    rejects(
+        m,
+        Error::BadBucketSize {
+            bucket_size: (1 << 20) + 1,
+            chunk_size: 1 << 20,
+        },
+    );
+}
+
+#[test]
+fn no_destinations() {
+    let mut m = sample();
+    m.destinations.clear();
+    rejects(m, Error::NoDestinations);
+}
+
+#[test]
+fn duplicate_destination() {
+    let mut m = sample();
+    m.destinations = vec![1, 2, 3, 2];
+    rejects(m, Error::DuplicateDestination { rank: 2 });
+}
+
+#[test]
+fn source_is_destination() {
+    let mut m = sample();
+    m.destinations = vec![1, SOURCE];
+    rejects(m, Error::SourceIsDestination { rank: SOURCE });
+}
+
+#[test]
+fn the_sender_rejects_what_the_receiver_would() {
+    let mut m = sample();
+    m.destinations = vec![];
+    assert_eq!(
+        Sender::new(m, true, &limits()).err(),
+        Some(Error::NoDestinations)
+    );
+}
+
+// ---------------------------------------------------------------- receiver
+
+fn receiver_with(options: ReceiverOptions, meta: &Metadata) -> Result<Receiver, Error> {
+    let (header, bytes) = encode_raw(meta, true);
+    let mut r = Receiver::new(options);
+    r.handle_header(&header)?;
+    r.handle_metadata(&bytes)?;
+    Ok(r)
+}
+
+#[test]
+fn receiver_passes_header_and_codec_errors_through() {
+    let mut r = Receiver::new(options(1));
+    let mut h = valid_header();
+    h[0] = b'X';
+    assert_eq!(r.handle_header(&h), Err(Error::BadMagic));
+    let (header, mut bytes) = encode_raw(&sample(), true);
+    r.handle_header(&header).unwrap();
+    bytes[3] ^= 0xFF;
+    assert_eq!(r.handle_metadata(&bytes), Err(Error::MetadataDigest));
+}
+
+#[test]
+fn not_a_destination() {
+    assert_eq!(
+        receiver_with(options(5), &sample()).err(),
+        Some(Error::NotADestination { rank: 5 })
+    );
+    // The source itself is not a destination either.
+    assert_eq!(
+        receiver_with(options(SOURCE), &sample()).err(),
+        Some(Error::NotADestination { rank: SOURCE })
+    );
+}
+
+#[test]
+fn unexpected_source() {
+    let opts = ReceiverOptions {
+        source: 9,
+        ..options(1)
+    };
+    assert_eq!(
+        receiver_with(opts, &sample()).err(),
+        Some(Error::UnexpectedSource {
+            expected: 9,
+            got: SOURCE
+        })
+    );
+}
+
+#[test]
+fn step_mismatch() {
+    let opts = ReceiverOptions {
+        expected_step: Some(8),
+        ..options(1)
+    };
+    assert_eq!(
+        receiver_with(opts, &sample()).err(),
+        Some(Error::StepMismatch {
+            expected: Some(8),
+            got: Some(7)
+        })
+    );
+    let mut m = sample();
+    m.step = None;
+    assert_eq!(
+        receiver_with(opts, &m).err(),
+        Some(Error::StepMismatch {
+            expected: Some(8),
+            got: None
+        })
+    );
+    // No expectation accepts any step.
+    receiver_with(options(1), &m).unwrap();
+}
+
+#[test]
+fn in_place_size_mismatch() {
+    let mut r = receiver_at_bindings(sample(), true, 1);
+    // Storage 0 is model.layers.0.weight, float32 [3, 4]: 48 bytes.
+    assert_eq!(
+        r.bind_in_place(0, 10, DType::Float32, 44),
+        Err(Error::InPlaceSizeMismatch {
+            path: "model.layers.0.weight".into(),
+            expected: 48,
+            got: 44
+        })
+    );
+    // Cast on receive to bfloat16: 24 bytes.
+    assert_eq!(
+        r.bind_in_place(0, 10, DType::BFloat16, 48),
+        Err(Error::InPlaceSizeMismatch {
+            path: "model.layers.0.weight".into(),
+            expected: 24,
+            got: 48
+        })
+    );
+    r.bind_in_place(0, 10, DType::BFloat16, 24).unwrap();
+    // Storage 4 is the int-keyed transposed float16 view: path "3".
+    assert_eq!(
+        r.bind_in_place(4, 11, DType::Float16, 0),
+        Err(Error::InPlaceSizeMismatch {
+            path: "3".into(),
+            expected: 24,
+            got: 0
+        })
+    );
+}
+
+#[test]
+fn in_place_dtype_mismatch() {
+    let mut r = receiver_at_bindings(sample(), true, 2);
+    assert_eq!(
+        r.bind_in_place(0, 1, DType::Int32, 48),
+        Err(Error::InPlaceDTypeMismatch {
+            path: "model.layers.0.weight".into(),
+            incoming: DType::Float32,
+            destination: DType::Int32
+        })
+    );
+    // Storage 3 is the sharded int64 table: never cast, even to float64 of the same size.
+    assert_eq!(
+        r.bind_in_place(3, 1, DType::Float64, 32),
+        Err(Error::InPlaceDTypeMismatch {
+            path: "model.table".into(),
+            incoming: DType::Int64,
+            destination: DType::Float64
+        })
+    );
+}
+
+/// Binds fresh destinations and receives every data message, until the trailer is polled. Returns
+/// the trailer's message index.
+fn stream_to_trailer(r: &mut Receiver) -> usize {
+    r.finish_bindings().unwrap();
+    loop {
+        let (m, kind) = match r.poll() {
+            RecvPoll::Recv(op) => (op.message, op.kind),
+            RecvPoll::Forward(f) => {
+                let m = f.message;
+                r.handle_forwarded(m).unwrap();
+                continue;
+            }
+            other => panic!("unexpected {other:?}"),
+        };
+        match kind {
+            MessageKind::Data => r.handle_data(m).unwrap(),
+            MessageKind::Trailer => return m,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// Reports every storage's digest (the fake ones) and returns the matching trailer.
+fn report_digests(r: &mut Receiver) -> Vec<u8> {
+    let n = r.manifest().unwrap().storages().len() as u32;
+    let nonempty: Vec<u32> = (0..n)
+        .filter(|&i| r.manifest().unwrap().storages()[i as usize].nbytes > 0)
+        .collect();
+    for &i in &nonempty {
+        r.handle_storage_digest(i, fake_digest(i)).unwrap();
+    }
+    (0..n)
+        .flat_map(|i| {
+            let d = if nonempty.contains(&i) {
+                fake_digest(i)
+            } else {
+                pgt_core::digest::digest(&[])
+            };
+            d.to_le_bytes()
+        })
+        .collect()
+}
+
+#[test]
+fn trailer_length() {
+    let mut r = receiver_at_bindings(sample(), true, 2);
+    stream_to_trailer(&mut r);
+    let trailer = report_digests(&mut r);
+    assert_eq!(trailer.len(), 40);
+    assert_eq!(
+        r.handle_trailer(&trailer[..39]),
+        Err(Error::TrailerLength {
+            expected: 40,
+            got: 39
+        })
+    );
+    assert_eq!(
+        r.handle_trailer(&[]),
+        Err(Error::TrailerLength {
+            expected: 40,
+            got: 0
+        })
+    );
+    // The right one still completes the transfer.
+    r.handle_trailer(&trailer).unwrap();
+    assert_eq!(r.poll(), RecvPoll::Done);
+    r.finish().unwrap();
+}
+
+#[test]
+fn digest_mismatch_from_the_trailer() {
+    let mut r = receiver_at_bindings(sample(), true, 1);
+    stream_to_trailer(&mut r);
+    let mut trailer = report_digests(&mut r);
+    // Storage 2 is model.emb (the DTensor).
+    trailer[2 * 8] ^= 1;
+    let want = Error::DigestMismatch {
+        path: "model.emb".into(),
+        storage: 2,
+    };
+    // The mismatch is kept, not returned at once, so that a chain receiver still forwards everything;
+    // the result is never yielded.
+    r.handle_trailer(&trailer).unwrap();
+    assert_eq!(r.digest_mismatch(), Some(&want));
+    while let RecvPoll::Forward(f) = r.poll() {
+        let m = f.message;
+        r.handle_forwarded(m).unwrap();
+    }
+    assert_eq!(r.poll(), RecvPoll::Done);
+    assert_eq!(r.finish().err(), Some(want));
+}
+
+#[test]
+fn digest_mismatch_from_a_late_storage_digest() {
+    let mut r = receiver_at_bindings(with_fanout(sample(), FanOut::Direct), true, 2);
+    stream_to_trailer(&mut r);
+    // The trailer arrives before the host reports storage 3's digest (model.table).
+    let trailer = report_digests_except(&mut r, 3);
+    r.handle_trailer(&trailer).unwrap();
+    assert_eq!(r.digest_mismatch(), None);
+    r.handle_storage_digest(3, 12345).unwrap();
+    let want = Error::DigestMismatch {
+        path: "model.table".into(),
+        storage: 3,
+    };
+    assert_eq!(r.digest_mismatch(), Some(&want));
+    assert_eq!(r.poll(), RecvPoll::Done);
+    assert_eq!(r.finish().err(), Some(want));
+}
+
+fn report_digests_except(r: &mut Receiver, skip: u32) -> Vec<u8> {
+    let n = r.manifest().unwrap().storages().len() as u32;
+    for i in (0..n).filter(|&i| i != skip) {
+        r.handle_storage_digest(i, fake_digest(i)).unwrap();
+    }
+    (0..n).flat_map(|i| fake_digest(i).to_le_bytes()).collect()
+}
+
+#[test]
+fn protocol_state() {
+    use Error::ProtocolState as P;
+    let (header, bytes) = encode_raw(&sample(), true);
+    let mut r = Receiver::new(options(1));
+    // Wrong order before the metadata.
+    assert_eq!(r.handle_metadata(&bytes), Err(P("metadata not expected")));
+    assert_eq!(
+        r.bind_in_place(0, 0, DType::Float32, 48),
+        Err(P("bindings not expected"))
+    );
+    assert_eq!(r.finish_bindings(), Err(P("bindings not expected")));
+    assert_eq!(r.handle_data(2), Err(P("not streaming")));
+    assert_eq!(r.handle_trailer(&[]), Err(P("not streaming")));
+    assert_eq!(r.handle_storage_digest(0, 0), Err(P("not streaming")));
+    assert_eq!(r.handle_forwarded(2), Err(P("not streaming")));
+    r.handle_header(&header).unwrap();
+    assert_eq!(r.handle_header(&header), Err(P("header not expected")));
+    r.handle_metadata(&bytes).unwrap();
+    assert_eq!(r.handle_metadata(&bytes), Err(P("metadata not expected")));
+    assert_eq!(r.handle_header(&header), Err(P("header not expected")));
+    // Binding: no such storage; data before bindings end.
+    assert_eq!(
+        r.bind_in_place(5, 0, DType::Float32, 48),
+        Err(P("no such storage"))
+    );
+    assert_eq!(r.handle_data(2), Err(P("not streaming")));
+    r.finish_bindings().unwrap();
+    assert_eq!(r.finish_bindings(), Err(P("bindings not expected")));
+    assert_eq!(
+        r.bind_in_place(0, 0, DType::Float32, 48),
+        Err(P("bindings not expected"))
+    );
+    // Streaming: data not yet polled, header/metadata indices, out of range.
+    for m in [0, 1, 2, 3, 1000, usize::MAX] {
+        assert_eq!(
+            r.handle_data(m),
+            Err(P("message not outstanding")),
+            "message {m}"
+        );
+    }
+    assert_eq!(r.handle_trailer(&[0; 40]), Err(P("trailer not expected")));
+    assert_eq!(r.handle_storage_digest(5, 0), Err(P("no such storage")));
+    assert_eq!(
+        r.handle_storage_digest(u32::MAX, 0),
+        Err(P("no such storage"))
+    );
+    r.handle_storage_digest(0, fake_digest(0)).unwrap();
+    assert_eq!(
+        r.handle_storage_digest(0, fake_digest(0)),
+        Err(P("storage digest reported twice"))
+    );
+    // Rank 1 is first in the chain: it forwards to rank 2, but nothing was forwarded yet.
+    assert_eq!(r.handle_forwarded(2), Err(P("forward not issued")));
+    assert_eq!(r.handle_forwarded(0), Err(P("forward not issued")));
+    let RecvPoll::Recv(op) = r.poll() else {
+        panic!("a data receive")
+    };
+    let m = op.message;
+    assert_eq!(op.kind, MessageKind::Data);
+    r.handle_data(m).unwrap();
+    assert_eq!(r.handle_data(m), Err(P("message not outstanding")));
+    // The trailer's index is not a data message.
+    let last = r.plan().unwrap().messages().len() - 1;
+    assert_eq!(r.handle_data(last), Err(P("message not outstanding")));
+    let RecvPoll::Forward(f) = r.poll() else {
+        panic!("a forward")
+    };
+    let fm = f.message;
+    r.handle_forwarded(fm).unwrap();
+    assert_eq!(r.handle_forwarded(fm), Err(P("forward reported twice")));
+}
+
+#[test]
+fn protocol_state_without_digests() {
+    use Error::ProtocolState as P;
+    let mut r = receiver_at_bindings(sample(), false, 2);
+    r.finish_bindings().unwrap();
+    assert_eq!(
+        r.handle_storage_digest(0, 0),
+        Err(P("digests are off for this transfer"))
+    );
+    assert_eq!(r.handle_trailer(&[]), Err(P("trailer not expected")));
+    // The sender refuses the same way.
+    let mut s = Sender::new(sample(), false, &limits()).unwrap();
+    assert_eq!(
+        s.handle_storage_digest(0, 0),
+        Err(P("digests are off for this transfer"))
+    );
+    let mut s = Sender::new(sample(), true, &limits()).unwrap();
+    assert_eq!(s.handle_storage_digest(5, 0), Err(P("no such storage")));
+    s.handle_storage_digest(1, 0).unwrap();
+    assert_eq!(
+        s.handle_storage_digest(1, 0),
+        Err(P("storage digest reported twice"))
+    );
+}
+
+#[test]
+fn direct_fan_out_never_forwards() {
+    let mut r = receiver_at_bindings(with_fanout(sample(), FanOut::Direct), false, 1);
+    r.finish_bindings().unwrap();
+    let RecvPoll::Recv(op) = r.poll() else {
+        panic!("a receive")
+    };
+    let m = op.message;
+    r.handle_data(m).unwrap();
+    assert_eq!(
+        r.handle_forwarded(m),
+        Err(Error::ProtocolState("forward not issued"))
+    );
+}
+
+#[test]
+fn incomplete() {
+    assert_eq!(
+        Receiver::new(options(1)).finish().err(),
+        Some(Error::Incomplete)
+    );
+    let r = receiver_at_bindings(sample(), true, 1);
+    assert_eq!(r.finish().err(), Some(Error::Incomplete));
+    // Everything received but one digest missing.
+    let mut r = receiver_at_bindings(sample(), true, 2);
+    stream_to_trailer(&mut r);
+    let trailer = report_digests_except(&mut r, 1);
+    r.handle_trailer(&trailer).unwrap();
+    assert_eq!(r.poll(), RecvPoll::Wait);
+    assert_eq!(r.finish().err(), Some(Error::Incomplete));
+    // Rank 1 (chain head) has received everything but not forwarded.
+    let mut r = receiver_at_bindings(sample(), false, 1);
+    r.finish_bindings().unwrap();
+    while let RecvPoll::Recv(op) = r.poll() {
+        let m = op.message;
+        r.handle_data(m).unwrap();
+    }
+    assert_eq!(r.finish().err(), Some(Error::Incomplete));
+}
+
+// ---------------------------------------------------------------- messages
+
+#[test]
+fn display_is_one_clear_line() {
+    let cases = [
+        (
+            Error::HeaderLength { got: 3 },
+            "header must be 24 bytes, got 3",
+        ),
+        (Error::BadMagic, "not a pgt transfer (bad magic)"),
+        (
+            Error::MetadataTooLarge { len: 10, max: 5 },
+            "metadata of 10 bytes exceeds the limit of 5",
+        ),
+        (
+            Error::TrailingBytes { count: 2 },
+            "2 bytes after the metadata",
+        ),
+        (
+            Error::TreeTooDeep { max: 64 },
+            "tree nesting exceeds the limit of 64",
+        ),
+        (
+            Error::DTypeMismatch {
+                local: DType::Int32,
+                global: DType::BFloat16,
+            },
+            "local dtype int32 differs from the spec's bfloat16",
+        ),
+        (
+            Error::InPlaceSizeMismatch {
+                path: "model.layers.0.weight".into(),
+                expected: 48,
+                got: 44,
+            },
+            "model.layers.0.weight: in-place destination has 44 bytes, incoming tensor needs 48",
+        ),
+        (
+            Error::InPlaceDTypeMismatch {
+                path: "opt.0".into(),
+                incoming: DType::Int64,
+                destination: DType::Float32,
+            },
+            "opt.0: cannot receive int64 into an in-place float32 tensor",
+        ),
+        (
+            Error::DigestMismatch {
+                path: "model.emb".into(),
+                storage: 2,
+            },
+            "model.emb: storage 2 does not match the sender's digest",
+        ),
+        (
+            Error::StepMismatch {
+                expected: Some(8),
+                got: None,
+            },
+            "expected step Some(8), checkpoint is step None",
+        ),
+        (
+            Error::ProtocolState("header not expected"),
+            "protocol state: header not expected",
+        ),
+        (Error::Incomplete, "transfer is not complete"),
+    ];
+    for (err, want) in cases {
+        let s = err.to_string();
+        assert_eq!(s, want);
+        assert!(
+            !s.contains('\n') && !s.ends_with('.') && !s.is_empty(),
+            "{s:?}"
+        );
+        // std's Error trait is implemented (for `?` into Box<dyn Error>).
+        let _: &dyn std::error::Error = &err;
+    }
+}
+
+#[test]
+fn every_error_displays_as_one_line() {
+    // Every error this file provokes, through a real path, prints as one non-empty line.
+    let mut errs = vec![
+        Header::parse(&[], &limits()).unwrap_err(),
+        round_trip(&nested_lists(65), &limits()).unwrap_err(),
+        round_trip(&metadata(vec![], vec![]), &limits()).unwrap_err(),
+        decode_raw(&[2]).unwrap_err(),
+    ];
+    let mut m = sample();
+    m.destinations = vec![1, 1];
+    errs.push(round_trip(&m, &limits()).unwrap_err());
+    let mut r = receiver_at_bindings(sample(), true, 1);
+    errs.push(r.bind_in_place(0, 0, DType::UInt8, 1).unwrap_err());
+    for e in errs {
+        let s = e.to_string();
+        assert!(!s.is_empty() && !s.contains('\n'), "{s:?}");
+    }
+}
