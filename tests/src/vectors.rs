@@ -1284,8 +1284,15 @@ fn receiver_reject_vector(
         .handle_header(&header)
         .and_then(|()| rx.handle_metadata(&meta))
         .expect_err("receiver rejects");
+    let manifest = codec::decode(
+        &Header::parse(&header, &Limits::default()).expect("header parses"),
+        &meta,
+        &Limits::default(),
+    )
+    .expect("receiver_reject metadata is valid");
     let mut e = entry(name, Kind::ReceiverReject, description);
     e["header_len"] = Json::from(Header::SIZE);
+    e["manifest"] = summary(&header_for(0, &meta), &manifest);
     e["receiver"] = options_json(&options);
     e["error"] = Json::from(error_name(&err));
     e["error_debug"] = Json::from(format!("{err:?}"));
@@ -1669,8 +1676,9 @@ Every entry has `file`, `kind`, `description`. Then by kind:
 - `malformed`: `header_len`, `error` (the `pgt_core::Error` variant name, e.g. `"TreeTooDeep"`) and
   `error_debug` (its Debug form, e.g. `"TreeTooDeep { max: 64 }"`). Decode with `Header::parse` then
   `codec::decode` under `default_limits`, or under the entry's `limits` when it has one.
-- `receiver_reject`: like `malformed`, plus `receiver` (`rank`, `source`, `expected_step`): the vector
-  decodes, but a receiver with those options rejects it in `handle_metadata`.
+- `receiver_reject`: like `malformed`, plus `receiver` (`rank`, `source`, `expected_step`) and
+  `manifest` (as for `valid_metadata`): the vector decodes and validates, but a receiver with those
+  options rejects it in `handle_metadata`.
 - `stream`: `receiver` (options of the receiving rank), `manifest` (as above), `records` (tag, kind,
   len, from — the rank that sent it — of every record), `pattern` (the storage contents: byte `i` of
   storage `s` is `(17·s + i) mod 256`), and `result`: the received `leaves` (as the receiver reports

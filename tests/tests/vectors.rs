@@ -182,7 +182,12 @@ fn receiver_rejects() {
         let (h, meta) = split(e, &read(name));
         // The metadata itself is valid…
         let header = Header::parse(&h, &Limits::default()).expect("header");
-        codec::decode(&header, &meta, &Limits::default()).expect("metadata decodes");
+        let manifest = codec::decode(&header, &meta, &Limits::default()).expect("metadata decodes");
+        assert_eq!(
+            vectors::summary(&header, &manifest),
+            e["manifest"],
+            "{name}"
+        );
         // …but this receiver rejects it.
         let options = vectors::options_from_json(&e["receiver"]).expect("receiver options");
         let mut rx = Receiver::new(options);
