@@ -5,6 +5,7 @@
 pub mod engine;
 pub mod memory;
 pub mod pg;
+pub mod safetensors_io;
 pub mod state_dict;
 pub mod synthetic;
 pub mod transport;
