@@ -908,6 +908,41 @@ fn bad_cases() -> Vec<Bad> {
         ..Limits::default()
     });
     v.push(few_leaves);
+    {
+        let mut w = W::new();
+        w.raw(&head);
+        spec::plan(&mut w, &PlanParams::default());
+        w.varint(2);
+        spec::node(&mut w, &dict(&["w"]));
+        spec::node(&mut w, &Node::Leaf);
+        w.varint((4 << 20) + 1); // the leaf count, and no leaves at all
+        v.push(bad(
+            "too_many_leaves_announced",
+            "The leaf list announces 4194305 leaves (default max_leaves is 4 Mi) and ends there: the count is refused as soon as it is read, before any leaf is decoded (so not TruncatedMetadata).",
+            w.buf,
+        ));
+    }
+    let long_key = "k".repeat(100);
+    let mut key_text = bad_meta(
+        "key_paths_too_large",
+        "A 100-byte key above a list of 41 value leaves: the leaves' paths hold 4100 bytes of key text, over 4 × max_metadata_bytes = 4096 under the entry's limits (max_metadata_bytes = 1024).",
+        &metadata(
+            None,
+            0,
+            &[1],
+            PlanParams::default(),
+            [Node::Dict(vec![s(&long_key)]), Node::List(41)]
+                .into_iter()
+                .chain(std::iter::repeat_n(Node::Leaf, 41))
+                .collect(),
+            vec![Leaf::Value(Value::None); 41],
+        ),
+    );
+    key_text.limits = Some(Limits {
+        max_metadata_bytes: 1024,
+        ..Limits::default()
+    });
+    v.push(key_text);
     v.push(bad_meta(
         "tree_too_deep",
         "65 nested single-element lists around one leaf; the default max_depth is 64 containers.",

@@ -284,3 +284,60 @@ fn malformed_streams_fail_with_their_named_error() {
 fn empty_storage_digest_is_the_documented_constant() {
     assert_eq!(pgt_core::digest::digest(&[]), 0x2D06_8005_38D3_94C2);
 }
+
+/// The variant names of `pgt_core::Error`, read from its source.
+fn error_variants() -> Vec<String> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../core/src/error.rs");
+    let src = std::fs::read_to_string(&path).expect("core/src/error.rs");
+    let start = src.find("pub enum Error {").expect("enum Error");
+    let body = &src[start..];
+    let end = body.find("\n}").expect("end of enum Error");
+    body[..end]
+        .lines()
+        .filter_map(|l| {
+            // Variants are indented by exactly four spaces; their fields by eight.
+            let rest = l.strip_prefix("    ")?;
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric())
+                .collect();
+            (!rest.starts_with(' ') && name.starts_with(|c: char| c.is_ascii_uppercase()))
+                .then_some(name)
+        })
+        .collect()
+}
+
+#[test]
+fn every_error_variant_is_documented_and_every_wire_error_has_a_vector() {
+    let variants = error_variants();
+    assert!(variants.len() > 40, "parsed only {variants:?}");
+    let protocol =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../PROTOCOL.md"))
+            .expect("PROTOCOL.md");
+    // Errors that no bytes on the wire can cause: host API use, host-side casts, the encoder.
+    let not_from_the_wire = [
+        "Encode",
+        "UnsupportedCast",
+        "CastLength",
+        "ProtocolState",
+        "InPlaceSizeMismatch",
+        "InPlaceDTypeMismatch",
+        "Incomplete",
+    ];
+    let entries = entries();
+    for v in &variants {
+        assert!(
+            protocol.contains(&format!("| `{v}")),
+            "Error::{v} is missing from PROTOCOL.md §13"
+        );
+        let has_vector = entries.iter().any(|e| e["error"] == v.as_str());
+        if not_from_the_wire.contains(&v.as_str()) {
+            assert!(!has_vector, "Error::{v} is listed as not from the wire");
+        } else {
+            assert!(
+                has_vector,
+                "Error::{v} has no vector in tests/vectors (add one in tests/src/vectors.rs)"
+            );
+        }
+    }
+}
