@@ -72,6 +72,29 @@ fn measure(tuning: &TcpTuning, src: &[u8], dst: &mut [u8], reps: usize) -> Vec<f
     samples
 }
 
+/// Round-trip time of 64-byte messages (send + recv_into on both sides), median of `n`.
+fn ping_pong_us(n: usize) -> f64 {
+    let g = group(&TcpTuning::default());
+    let mut rtts = Vec::with_capacity(n);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut b = [0u8; 64];
+            for i in 0..n as u64 {
+                g[1].recv_into(0, i, &mut [&mut b], T).unwrap();
+                g[1].send(0, i, &[&b], T).unwrap();
+            }
+        });
+        let mut b = [7u8; 64];
+        for i in 0..n as u64 {
+            let t0 = Instant::now();
+            g[0].send(1, i, &[&b], T).unwrap();
+            g[0].recv_into(1, i, &mut [&mut b], T).unwrap();
+            rtts.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+    });
+    median(&mut rtts)
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut arg = |default: usize| args.next().map_or(default, |a| a.parse().expect("number"));
@@ -131,5 +154,9 @@ fn main() {
         d.recv_buffer,
         d.chunk_size >> 10,
         100.0 * g / raw
+    );
+    println!(
+        "64-byte ping-pong round trip (default tuning): {:.1} µs median",
+        ping_pong_us(20_000)
     );
 }

@@ -127,9 +127,9 @@ pub fn zero_length<G: ProcessGroup>(groups: &[G]) {
     });
 }
 
-/// A message of many MiB, in parts, streamed.
+/// A message of many MiB (well past socket buffers), in parts, streamed.
 pub fn large_message<G: ProcessGroup>(groups: &[G]) {
-    const LEN: usize = 24 << 20;
+    const LEN: usize = 12 << 20;
     let data = pattern(LEN, 42);
     run_all(groups, |g| match g.rank() {
         0 => {
@@ -288,7 +288,7 @@ pub fn invalid_ranks<G: ProcessGroup>(groups: &[G]) {
 /// the same time.
 pub fn concurrent_same_peer<G: ProcessGroup>(groups: &[G]) {
     const THREADS: u64 = 4;
-    const MSGS: u64 = 25;
+    const MSGS: u64 = 16;
     let len = |t: u64, i: u64| ((t * 7919 + i * 104_729) % 300_000) as usize;
     run_all(groups, |g| {
         if g.rank() > 1 {
@@ -325,7 +325,7 @@ pub fn concurrent_same_peer<G: ProcessGroup>(groups: &[G]) {
 /// Both ranks send a large message to each other at the same time (full duplex: a send and a
 /// receive with the same peer run concurrently).
 pub fn full_duplex<G: ProcessGroup>(groups: &[G]) {
-    const LEN: usize = 16 << 20;
+    const LEN: usize = 8 << 20;
     run_all(groups, |g| {
         if g.rank() > 1 {
             return;

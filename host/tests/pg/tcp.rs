@@ -351,10 +351,10 @@ fn tcp_rank_with_wrong_token_cannot_join() {
     // Rank 1 has the wrong token: it fails fast with AuthFailed; rank 0 times out waiting.
     let port = free_port();
     let mut o0 = opts(port, 0, 2, TOKEN);
-    o0.timeout = Duration::from_millis(1500);
+    o0.timeout = Duration::from_millis(1000);
     let h0 = std::thread::spawn(move || TcpProcessGroup::connect(o0));
     let mut o1 = opts(port, 1, 2, b"other job");
-    o1.timeout = Duration::from_millis(1500);
+    o1.timeout = Duration::from_millis(1000);
     let e1 = TcpProcessGroup::connect(o1).unwrap_err();
     assert!(matches!(e1, PgError::AuthFailed { .. }), "{e1}");
     let t0 = Instant::now();
