@@ -1,0 +1,1099 @@
+//! Receive buffers: owned, zero-initialised, aligned allocations ([`Buffer`]); a background
+//! pre-faulter that maps fresh buffers' pages while the receiver is busy on the wire
+//! ([`Prefaulter`]); and a bounded pool that keeps touched buffers between transfers
+//! ([`BufferPool`]).
+//!
+//! # Why
+//! A receiver writes tensor bytes straight into their final buffers. Fresh anonymous memory is
+//! page-fault bound: every first write to a page traps into the kernel, which allocates and zeroes
+//! a page (and, on this VM, the hypervisor backs it too). Done inline by the receiving thread, that
+//! work serialises with the copy out of the socket. [`Prefaulter`] moves it to one background
+//! thread that walks the buffers in receive order just ahead of the receiver, using
+//! `MADV_POPULATE_WRITE` (Linux ≥ 5.14), which maps pages writable without changing contents.
+//!
+//! # Measured (`cargo run --release -p pgt-host --example fault_bench -- 1`)
+//! Firecracker VM, 2 vCPUs, Linux 6.18, THP `madvise`; median of 3, 1 GiB target:
+//!
+//! ```text
+//! FILLED IN BELOW AFTER MEASURING
+//! ```
+//!
+//! # Recommended use by a receiver
+//! Right after the metadata: allocate every fresh destination with [`Buffer::zeroed`] (cheap: an
+//! `mmap`, no page is touched), hand them to [`Prefaulter::start`] **in receive order**, then
+//! receive each message into [`Prefaulter::claim`]ed ranges; [`Prefaulter::finish`] gives the
+//! buffers back. Total memory is the buffers' size: the prefaulter touches nothing else.
+
+use std::alloc::{self, Layout};
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::ops::{Deref, DerefMut, Range};
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::thread::JoinHandle;
+
+/// Every [`Buffer`] is aligned to at least this many bytes (a cache line; any dtype).
+pub const MIN_ALIGN: usize = 64;
+
+/// Buffers of at least this many bytes get their own anonymous `mmap` (page aligned, returned to
+/// the OS on drop); smaller ones come from the global allocator (64-byte aligned).
+pub const MMAP_THRESHOLD: usize = 1 << 20;
+
+/// Size of a transparent huge page (x86-64 and arm64 with 4 KiB base pages). Huge-page buffers
+/// are aligned to it so that every whole 2 MiB of them can be one huge page.
+pub const HUGE_PAGE: usize = 2 << 20;
+
+/// The base page size of this system.
+pub fn page_size() -> usize {
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf only reads a system constant.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if n > 0 {
+            n as usize
+        } else {
+            4096
+        }
+    })
+}
+
+/// What pages back a mapped (≥ [`MMAP_THRESHOLD`]) buffer. Smaller buffers ignore it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Pages {
+    /// The measured best: [`Pages::Huge`] for buffers of at least [`HUGE_PAGE`] bytes.
+    #[default]
+    Auto,
+    /// Base pages (`MADV_NOHUGEPAGE`).
+    Small,
+    /// Transparent huge pages where the kernel can find them (`MADV_HUGEPAGE`, 2 MiB aligned).
+    Huge,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backing {
+    /// Zero length: a dangling, aligned pointer.
+    Empty,
+    /// From the global allocator with this layout.
+    Heap(Layout),
+    /// An anonymous mapping of `len` bytes (a multiple of the page size) at `ptr`.
+    Map { len: usize, huge: bool },
+}
+
+/// An owned, zero-initialised byte buffer, at least [`MIN_ALIGN`]-aligned (page aligned when
+/// mapped, [`HUGE_PAGE`] aligned when huge). Like `Box<[u8]>`, but allocation never touches the
+/// memory: a large buffer is a fresh anonymous mapping whose pages the kernel supplies, zeroed, on
+/// first access (see [`Prefaulter`] to take that cost off the receiving thread).
+pub struct Buffer {
+    /// Valid for reads and writes of `len` bytes, all initialised; owned by this value alone.
+    ptr: NonNull<u8>,
+    len: usize,
+    backing: Backing,
+}
+
+// SAFETY: `Buffer` owns its allocation exclusively (like `Box<[u8]>`); `&Buffer` only reads it.
+unsafe impl Send for Buffer {}
+// SAFETY: as above: shared references give read-only access to plain bytes.
+unsafe impl Sync for Buffer {}
+
+impl Buffer {
+    /// A zero-filled buffer of `len` bytes with the default [`Pages::Auto`]. Aborts on allocation
+    /// failure, like `Vec`.
+    pub fn zeroed(len: usize) -> Buffer {
+        Buffer::zeroed_with(len, Pages::Auto)
+    }
+
+    /// A zero-filled buffer of `len` bytes backed by `pages`. Aborts on allocation failure.
+    pub fn zeroed_with(len: usize, pages: Pages) -> Buffer {
+        match Buffer::try_zeroed_with(len, pages) {
+            Ok(b) => b,
+            Err(e) => match Layout::from_size_align(len, MIN_ALIGN) {
+                Ok(layout) => alloc::handle_alloc_error(layout),
+                Err(_) => panic!("Buffer of {len} bytes: {e}"),
+            },
+        }
+    }
+
+    /// A zero-filled buffer of `len` bytes, or the allocation error.
+    pub fn try_zeroed(len: usize) -> io::Result<Buffer> {
+        Buffer::try_zeroed_with(len, Pages::Auto)
+    }
+
+    /// A zero-filled buffer of `len` bytes backed by `pages`, or the allocation error.
+    pub fn try_zeroed_with(len: usize, pages: Pages) -> io::Result<Buffer> {
+        if len == 0 {
+            return Ok(Buffer {
+                ptr: NonNull::new(ptr::without_provenance_mut(MIN_ALIGN)).expect("non-null"),
+                len: 0,
+                backing: Backing::Empty,
+            });
+        }
+        if len < MMAP_THRESHOLD {
+            let layout = Layout::from_size_align(len, MIN_ALIGN)
+                .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+            // SAFETY: `layout` has a non-zero size.
+            let p = unsafe { alloc::alloc_zeroed(layout) };
+            let ptr = NonNull::new(p).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+            return Ok(Buffer {
+                ptr,
+                len,
+                backing: Backing::Heap(layout),
+            });
+        }
+        let huge = match pages {
+            Pages::Auto => len >= HUGE_PAGE,
+            Pages::Small => false,
+            Pages::Huge => true,
+        };
+        let (ptr, map_len) = map_anon(len, huge)?;
+        Ok(Buffer {
+            ptr,
+            len,
+            backing: Backing::Map { len: map_len, huge },
+        })
+    }
+
+    /// A buffer holding a copy of `bytes`.
+    pub fn from_slice(bytes: &[u8]) -> Buffer {
+        let mut b = Buffer::zeroed(bytes.len());
+        b.copy_from_slice(bytes);
+        b
+    }
+
+    /// A buffer holding the bytes of `v` (copied: a `Vec` is not aligned enough to adopt).
+    pub fn from_vec(v: Vec<u8>) -> Buffer {
+        Buffer::from_slice(&v)
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the length is zero.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether the buffer is its own anonymous mapping asked to use transparent huge pages.
+    pub fn is_huge(&self) -> bool {
+        matches!(self.backing, Backing::Map { huge: true, .. })
+    }
+
+    /// Whether the buffer is its own anonymous mapping (as opposed to a global-allocator block).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.backing, Backing::Map { .. })
+    }
+
+    /// Raw pointer to the first byte, without creating a reference to the contents.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Address and length of the pages spanned by the contents, for page-granular system calls.
+    fn page_span(&self) -> (usize, usize) {
+        if self.len == 0 {
+            return (0, 0);
+        }
+        let page = page_size();
+        let start = self.ptr.as_ptr().addr();
+        let lo = start / page * page;
+        let hi = (start + self.len).next_multiple_of(page);
+        (lo, hi - lo)
+    }
+}
+
+/// Maps `len` bytes (rounded up to pages) of fresh anonymous memory, 2 MiB-aligned and advised
+/// `MADV_HUGEPAGE` when `huge`, advised `MADV_NOHUGEPAGE` otherwise. Returns the start and the
+/// mapping's length.
+fn map_anon(len: usize, huge: bool) -> io::Result<(NonNull<u8>, usize)> {
+    let page = page_size();
+    let oom = || io::Error::from(io::ErrorKind::OutOfMemory);
+    let map_len = len.checked_next_multiple_of(page).ok_or_else(oom)?;
+    let align = if huge { HUGE_PAGE.max(page) } else { page };
+    let reserve = map_len.checked_add(align - page).ok_or_else(oom)?;
+    // SAFETY: a new private anonymous mapping at an address the kernel picks: no existing memory
+    // is affected.
+    let base = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            reserve,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let base = base.cast::<u8>();
+    let head = base.addr().next_multiple_of(align) - base.addr();
+    let tail = reserve - head - map_len;
+    // SAFETY: `head ≤ align - page` and `head + map_len + tail == reserve`, so both trims lie
+    // inside the mapping just made, which nothing else refers to; madvise only gives advice.
+    let start = unsafe {
+        if head > 0 {
+            libc::munmap(base.cast(), head);
+        }
+        let start = base.add(head);
+        if tail > 0 {
+            libc::munmap(start.add(map_len).cast(), tail);
+        }
+        #[cfg(target_os = "linux")]
+        libc::madvise(
+            start.cast(),
+            map_len,
+            if huge {
+                libc::MADV_HUGEPAGE
+            } else {
+                libc::MADV_NOHUGEPAGE
+            },
+        );
+        start
+    };
+    Ok((
+        NonNull::new(start).expect("mmap never returns null"),
+        map_len,
+    ))
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        match self.backing {
+            Backing::Empty => {}
+            // SAFETY: allocated by `alloc_zeroed` with this very layout, freed once (here).
+            Backing::Heap(layout) => unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) },
+            Backing::Map { len, .. } => {
+                // SAFETY: our own mapping of exactly `len` bytes at `ptr`, unmapped once (here).
+                unsafe { libc::munmap(self.ptr.as_ptr().cast(), len) };
+            }
+        }
+    }
+}
+
+impl Deref for Buffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` is valid for `len` initialised bytes for as long as `self` lives; shared
+        // access through `&self` only.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl AsRef<[u8]> for Buffer {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl AsMut<[u8]> for Buffer {
+    fn as_mut(&mut self) -> &mut [u8] {
+        self
+    }
+}
+
+impl Clone for Buffer {
+    /// A deep copy, backed like the original.
+    fn clone(&self) -> Buffer {
+        let pages = if self.is_huge() {
+            Pages::Huge
+        } else {
+            Pages::Small
+        };
+        let mut b = Buffer::zeroed_with(self.len, pages);
+        b.copy_from_slice(self);
+        b
+    }
+}
+
+impl fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Buffer")
+            .field("len", &self.len)
+            .field("backing", &self.backing)
+            .finish()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefaulter
+// ---------------------------------------------------------------------------------------------
+
+/// How the [`Prefaulter`] maps pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PrefaultMethod {
+    /// `madvise(MADV_POPULATE_WRITE)` (Linux ≥ 5.14): the kernel faults the range in writable and
+    /// never changes its contents, so it may run over bytes the receiver is writing.
+    PopulateWrite,
+    /// Fallback: an atomic `compare_exchange(0, 0)` on one byte per page (a write access that
+    /// leaves the byte as it was), only on bytes not yet claimed, under a lock that claims take.
+    Touch,
+}
+
+/// Whether `MADV_POPULATE_WRITE` is available (probed once with an empty range).
+pub fn populate_write_supported() -> bool {
+    static SUPPORTED: OnceLock<bool> = OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: an empty range at a page-aligned address: the kernel validates the advice
+            // and returns without touching any memory.
+            let r = unsafe {
+                libc::madvise(
+                    ptr::without_provenance_mut(page_size()),
+                    0,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+            r == 0
+        }
+        #[cfg(not(target_os = "linux"))]
+        false
+    })
+}
+
+/// [`Prefaulter`] settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefaultOptions {
+    /// `None`: [`PrefaultMethod::PopulateWrite`] where supported, else [`PrefaultMethod::Touch`].
+    pub method: Option<PrefaultMethod>,
+    /// Bytes per step (one `madvise`, or one locked batch of touches); the prefaulter checks for
+    /// stop and for the receiver's position between steps. Rounded up to pages.
+    pub step: usize,
+}
+
+impl Default for PrefaultOptions {
+    fn default() -> PrefaultOptions {
+        PrefaultOptions {
+            method: None,
+            step: HUGE_PAGE,
+        }
+    }
+}
+
+/// One buffer as the background thread sees it.
+#[derive(Debug)]
+struct Region {
+    /// Address of the first byte (provenance exposed; see [`Prefaulter::start`]).
+    addr: usize,
+    len: usize,
+    /// Page-rounded span for `madvise`.
+    span: (usize, usize),
+    /// Offset of this buffer in receive order (sum of the earlier buffers' lengths).
+    start: u64,
+    /// Every byte the receiver has claimed lies below this. Under `Shared::lock` in `Touch` mode.
+    claimed: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Shared {
+    regions: Vec<Region>,
+    total: u64,
+    method: PrefaultMethod,
+    step: usize,
+    stop: AtomicBool,
+    /// Where (in receive order) the receiver last started writing; the prefaulter jumps past it.
+    hint: AtomicU64,
+    /// How far (in receive order) the prefaulter has got.
+    progress: AtomicU64,
+    /// Bytes actually prefaulted (skipped ranges not counted).
+    prefaulted: AtomicU64,
+    /// `Touch` mode: held by the prefaulter while it touches a step, and by `claim`.
+    lock: Mutex<()>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What a [`Prefaulter`] has done so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefaultStats {
+    /// The method in use.
+    pub method: PrefaultMethod,
+    /// Bytes, in receive order, the prefaulter has passed (prefaulted or skipped).
+    pub progress: u64,
+    /// Bytes it actually prefaulted (not those it skipped because the receiver was there first).
+    pub prefaulted: u64,
+    /// Total bytes of all buffers.
+    pub total: u64,
+}
+
+/// Owns a set of fresh buffers and faults their pages in on one background thread, in the order
+/// the receiver will fill them, while the receiver writes into ranges it [`claim`](Self::claim)s.
+///
+/// The receiver never waits for the prefaulter: if it catches up, it faults pages itself, and the
+/// prefaulter jumps ahead of the receiver's latest claim instead of racing it page by page.
+///
+/// # Soundness
+/// The background thread holds the buffers' addresses, never references to them, and:
+/// - with [`PrefaultMethod::PopulateWrite`] it performs no memory access at all: the kernel maps
+///   pages writable and leaves their contents alone, so it may overlap the receiver's writes;
+/// - with [`PrefaultMethod::Touch`] it accesses (with an atomic, content-preserving
+///   `compare_exchange(0, 0)`) only bytes at or above the buffer's claim frontier, reading that
+///   frontier and touching under `lock`; [`claim`](Self::claim) advances the frontier under the
+///   same lock before handing bytes out. So no byte is ever accessed by both threads, and the lock
+///   orders the touches before any later claim.
+///
+/// The buffers outlive the thread: `finish` and `Drop` stop and join it before giving back or
+/// dropping them. Claims never overlap (each starts at or after the end of the previous claim of
+/// that buffer), which is what lets [`claim`](Self::claim) hand out `&mut` from `&self`.
+pub struct Prefaulter {
+    buffers: Vec<Buffer>,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for Prefaulter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Prefaulter")
+            .field("buffers", &self.buffers.len())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Prefaulter {
+    /// Starts prefaulting `buffers`, which the receiver will fill in this order (buffer 0 first,
+    /// each from its start to its end), with the default [`PrefaultOptions`].
+    pub fn start(buffers: Vec<Buffer>) -> Prefaulter {
+        Prefaulter::with_options(buffers, PrefaultOptions::default())
+    }
+
+    /// As [`start`](Self::start), with `options`.
+    pub fn with_options(mut buffers: Vec<Buffer>, options: PrefaultOptions) -> Prefaulter {
+        let method = match options.method {
+            Some(PrefaultMethod::Touch) => PrefaultMethod::Touch,
+            _ if populate_write_supported() => PrefaultMethod::PopulateWrite,
+            _ => PrefaultMethod::Touch,
+        };
+        let page = page_size();
+        let mut start = 0u64;
+        let regions = buffers
+            .iter_mut()
+            .map(|b| {
+                let span = b.page_span();
+                let r = Region {
+                    // Exposes the provenance for the `Touch` thread (`with_exposed_provenance_mut`).
+                    addr: b.as_mut_ptr().expose_provenance(),
+                    len: b.len(),
+                    span,
+                    start,
+                    claimed: AtomicUsize::new(0),
+                };
+                start += b.len() as u64;
+                r
+            })
+            .collect();
+        let shared = Arc::new(Shared {
+            regions,
+            total: start,
+            method,
+            step: options.step.max(1).next_multiple_of(page),
+            stop: AtomicBool::new(false),
+            hint: AtomicU64::new(0),
+            progress: AtomicU64::new(0),
+            prefaulted: AtomicU64::new(0),
+            lock: Mutex::new(()),
+        });
+        let thread = if start == 0 {
+            None
+        } else {
+            let s = Arc::clone(&shared);
+            match std::thread::Builder::new()
+                .name("pgt-prefault".into())
+                .spawn(move || run(&s))
+            {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(
+                        "pgt: cannot start the prefault thread ({e}); receiving without"
+                    );
+                    None
+                }
+            }
+        };
+        Prefaulter {
+            buffers,
+            shared,
+            thread,
+        }
+    }
+
+    /// Number of buffers.
+    pub fn len(&self) -> usize {
+        self.buffers.len()
+    }
+
+    /// Whether there are no buffers.
+    pub fn is_empty(&self) -> bool {
+        self.buffers.is_empty()
+    }
+
+    /// Length of buffer `index`.
+    pub fn buffer_len(&self, index: usize) -> usize {
+        self.buffers[index].len()
+    }
+
+    /// The method in use.
+    pub fn method(&self) -> PrefaultMethod {
+        self.shared.method
+    }
+
+    /// Progress so far.
+    pub fn stats(&self) -> PrefaultStats {
+        PrefaultStats {
+            method: self.shared.method,
+            progress: self.shared.progress.load(Ordering::Relaxed),
+            prefaulted: self.shared.prefaulted.load(Ordering::Relaxed),
+            total: self.shared.total,
+        }
+    }
+
+    /// Whether the prefaulter has gone through every buffer (or was stopped, or never ran).
+    pub fn is_done(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Claims bytes `range` of buffer `index` for writing and returns them. From now on the
+    /// prefaulter leaves them alone (it may still map their pages with `PopulateWrite`, which
+    /// doesn't change contents), and it moves on past `range.start` if it was behind.
+    ///
+    /// Claims of one buffer must come in increasing order: `range.start` must be at or after the
+    /// end of the previous non-empty claim of that buffer. Claim each message's part as you
+    /// receive it; with `Touch`, claims of a few MiB let the prefaulter work closer behind.
+    ///
+    /// # Panics
+    /// If `index` or `range` is out of bounds, or `range` overlaps an earlier claim of `index`.
+    #[allow(clippy::mut_from_ref)] // Claims are disjoint by construction: see the type's docs.
+    pub fn claim(&self, index: usize, range: Range<usize>) -> &mut [u8] {
+        let region = &self.shared.regions[index];
+        assert!(
+            range.start <= range.end && range.end <= region.len,
+            "claim {range:?} out of bounds of buffer {index} ({} bytes)",
+            region.len
+        );
+        if range.is_empty() {
+            return &mut [];
+        }
+        {
+            let _guard = (self.shared.method == PrefaultMethod::Touch).then(|| self.shared.lock());
+            let advanced =
+                region
+                    .claimed
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |end| {
+                        (range.start >= end).then_some(range.end)
+                    });
+            if let Err(end) = advanced {
+                panic!("claim {range:?} of buffer {index} overlaps an earlier claim (up to {end})");
+            }
+        }
+        self.shared
+            .hint
+            .fetch_max(region.start + range.start as u64, Ordering::Relaxed);
+        let base = self.buffers[index].ptr.as_ptr();
+        // SAFETY: `range` is within the buffer, which lives (unmoved: it is a heap block or a
+        // mapping) as long as `self`, i.e. at least as long as the returned slice. The atomic
+        // frontier update above succeeded only if `range` lies at or above every earlier claim of
+        // this buffer, so no other slice handed out covers any of these bytes; `self.buffers` is
+        // never accessed otherwise until `finish`/`drop`, which take `self` by value / `&mut`.
+        // The background thread no longer touches them (see the type's docs; in `Touch` mode it
+        // reads the frontier under the lock we took, which also orders its earlier touches before
+        // our writes).
+        unsafe { std::slice::from_raw_parts_mut(base.add(range.start), range.len()) }
+    }
+
+    /// Stops the prefaulter (wherever it is) and gives the buffers back, in the order given.
+    pub fn finish(mut self) -> Vec<Buffer> {
+        self.stop();
+        std::mem::take(&mut self.buffers)
+    }
+
+    fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            // The thread never panics (no indexing out of bounds, no unwraps on fallible calls);
+            // if it somehow did, the buffers are still intact and ours.
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Prefaulter {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `Touch` mode touches this many pages per lock.
+const TOUCH_BATCH: usize = 64;
+
+/// The background thread: walks all regions in order, one step at a time.
+fn run(sh: &Shared) {
+    let page = page_size();
+    let mut pos = 0u64; // in receive order
+    let mut r = 0usize; // region containing `pos`
+    while pos < sh.total && !sh.stop.load(Ordering::Relaxed) {
+        // The receiver started writing at `hint`: resume one step past it rather than fault the
+        // pages it is faulting right now.
+        let hint = sh.hint.load(Ordering::Relaxed);
+        if hint > 0 && hint >= pos {
+            pos = (hint + sh.step as u64).min(sh.total);
+        }
+        while r < sh.regions.len() && sh.regions[r].start + sh.regions[r].len as u64 <= pos {
+            r += 1;
+        }
+        let Some(region) = sh.regions.get(r) else {
+            break;
+        };
+        let off = (pos - region.start) as usize;
+        // Steps end on `step` boundaries of the address space (huge-page aligned for the default).
+        let end_addr = (region.addr + off + 1).next_multiple_of(sh.step);
+        let end = (end_addr - region.addr).min(region.len);
+        match sh.method {
+            PrefaultMethod::PopulateWrite => {
+                if populate(region, off, end) {
+                    sh.prefaulted
+                        .fetch_add((end - off) as u64, Ordering::Relaxed);
+                    pos = region.start + end as u64;
+                } else {
+                    // Not faultable (out of memory, ...): leave this buffer to the receiver.
+                    pos = region.start + region.len as u64;
+                }
+            }
+            PrefaultMethod::Touch => {
+                let mut i = off;
+                while i < end && !sh.stop.load(Ordering::Relaxed) {
+                    // A batch of pages per lock, so that a claim waits for at most one batch.
+                    let _guard = sh.lock();
+                    let from = i.max(region.claimed.load(Ordering::Acquire));
+                    if from >= end {
+                        i = from;
+                        break;
+                    }
+                    let batch_end = end.min(from + TOUCH_BATCH * page);
+                    i = from;
+                    while i < batch_end {
+                        let p = std::ptr::with_exposed_provenance_mut::<u8>(region.addr + i);
+                        // SAFETY: `i < len`, so `p` is in the buffer, which outlives this thread.
+                        // `i ≥ claimed`, read under the lock `claim` takes to advance it, so no
+                        // slice covering this byte has been handed out, and none can be until
+                        // we release the lock: nobody else accesses the byte meanwhile. The
+                        // exchange stores 0 only where 0 already is: contents never change.
+                        let byte = unsafe { AtomicU8::from_ptr(p) };
+                        let _ = byte.compare_exchange(0, 0, Ordering::Relaxed, Ordering::Relaxed);
+                        i = (region.addr + i + 1).next_multiple_of(page) - region.addr;
+                    }
+                    sh.prefaulted
+                        .fetch_add((batch_end - from) as u64, Ordering::Relaxed);
+                    i = i.max(batch_end);
+                }
+                pos = region.start + i.min(region.len) as u64;
+            }
+        }
+        sh.progress.store(pos, Ordering::Relaxed);
+    }
+    sh.progress.store(sh.total, Ordering::Relaxed);
+}
+
+/// `MADV_POPULATE_WRITE` over the pages spanning bytes `off..end` of `region` (rounded out to
+/// pages: the partial pages at the ends belong to the same writable allocation).
+#[cfg(target_os = "linux")]
+fn populate(region: &Region, off: usize, end: usize) -> bool {
+    let page = page_size();
+    let (span_lo, span_len) = region.span;
+    let lo = ((region.addr + off) / page * page).max(span_lo);
+    let hi = (region.addr + end)
+        .next_multiple_of(page)
+        .min(span_lo + span_len);
+    if hi <= lo {
+        return true;
+    }
+    for _ in 0..8 {
+        // SAFETY: `lo..hi` lies within pages that hold bytes of a live, writable allocation.
+        // POPULATE_WRITE performs no access visible to the program: it maps the pages writable
+        // (allocating zeroed ones where none were) and never changes their contents.
+        let r = unsafe {
+            libc::madvise(
+                ptr::without_provenance_mut(lo),
+                hi - lo,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if r == 0 {
+            return true;
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) | Some(libc::EAGAIN) => continue,
+            _ => return false,
+        }
+    }
+    false
+}
+
+#[cfg(not(target_os = "linux"))]
+fn populate(_region: &Region, _off: usize, _end: usize) -> bool {
+    false
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pool
+// ---------------------------------------------------------------------------------------------
+
+/// A bounded pool of buffers kept between transfers, keyed by exact length: a receiver that gets
+/// checkpoints of the same shapes again reuses touched memory (memset speed) instead of faulting
+/// fresh pages. Holds at most `max_bytes` bytes of buffers.
+#[derive(Debug)]
+pub struct BufferPool {
+    max_bytes: usize,
+    inner: Mutex<PoolInner>,
+}
+
+#[derive(Debug, Default)]
+struct PoolInner {
+    bytes: usize,
+    free: HashMap<usize, Vec<Buffer>>,
+}
+
+impl BufferPool {
+    /// An empty pool that will hold at most `max_bytes` bytes.
+    pub fn new(max_bytes: usize) -> BufferPool {
+        BufferPool {
+            max_bytes,
+            inner: Mutex::new(PoolInner::default()),
+        }
+    }
+
+    fn inner(&self) -> MutexGuard<'_, PoolInner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps `buf` for reuse if it fits under the bound; returns whether it was kept (if not, it
+    /// is dropped). Zero-length buffers are never kept.
+    pub fn put(&self, buf: Buffer) -> bool {
+        let mut inner = self.inner();
+        if buf.is_empty() || inner.bytes + buf.len() > self.max_bytes {
+            return false;
+        }
+        inner.bytes += buf.len();
+        inner.free.entry(buf.len()).or_default().push(buf);
+        true
+    }
+
+    /// A kept buffer of exactly `len` bytes, if any. Its contents are what its last user left:
+    /// overwrite all of it (a receiver does).
+    pub fn take(&self, len: usize) -> Option<Buffer> {
+        let mut inner = self.inner();
+        let list = inner.free.get_mut(&len)?;
+        let buf = list.pop()?;
+        if list.is_empty() {
+            inner.free.remove(&len);
+        }
+        inner.bytes -= len;
+        Some(buf)
+    }
+
+    /// A kept buffer of `len` bytes, or else a fresh zeroed one; the flag says whether it was
+    /// reused (contents stale, pages touched) rather than fresh (zeroed, untouched).
+    pub fn take_or_zeroed(&self, len: usize) -> (Buffer, bool) {
+        match self.take(len) {
+            Some(b) => (b, true),
+            None => (Buffer::zeroed(len), false),
+        }
+    }
+
+    /// Bytes currently kept.
+    pub fn bytes(&self) -> usize {
+        self.inner().bytes
+    }
+
+    /// Drops every kept buffer.
+    pub fn clear(&self) {
+        let mut inner = self.inner();
+        inner.free.clear();
+        inner.bytes = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Fraction of the buffer's pages resident (mincore).
+    fn resident(buf: &Buffer) -> f64 {
+        let (lo, len) = buf.page_span();
+        let pages = len / page_size();
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `lo..lo+len` is page-aligned and mapped (the buffer's own pages); `vec` has one
+        // byte per page.
+        let r = unsafe { libc::mincore(ptr::without_provenance_mut(lo), len, vec.as_mut_ptr()) };
+        assert_eq!(r, 0, "mincore: {}", io::Error::last_os_error());
+        vec.iter().filter(|&&v| v & 1 == 1).count() as f64 / pages as f64
+    }
+
+    fn pattern(i: usize, seed: u8) -> u8 {
+        // Never zero, so a stray zero write shows.
+        ((i.wrapping_mul(31) ^ (i >> 12)) % 251) as u8 + 1 + (seed % 4)
+    }
+
+    fn wait_done(pf: &Prefaulter) {
+        let t = Instant::now();
+        while !pf.is_done() {
+            assert!(t.elapsed() < Duration::from_secs(60), "prefaulter stuck");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    const SIZES: &[usize] = &[
+        1,
+        7,
+        63,
+        64,
+        100,
+        4095,
+        4096,
+        65_537,
+        MMAP_THRESHOLD - 1,
+        MMAP_THRESHOLD,
+        HUGE_PAGE - 1,
+        HUGE_PAGE,
+        3 * HUGE_PAGE + 12_345,
+    ];
+
+    #[test]
+    fn alignment_and_zeroed() {
+        for &len in SIZES {
+            for pages in [Pages::Auto, Pages::Small, Pages::Huge] {
+                let b = Buffer::zeroed_with(len, pages);
+                assert_eq!(b.len(), len);
+                let a = b.as_ptr().addr();
+                assert_eq!(a % MIN_ALIGN, 0, "{len} {pages:?}");
+                if len >= MMAP_THRESHOLD {
+                    assert!(b.is_mapped());
+                    assert_eq!(a % page_size(), 0, "{len} {pages:?}");
+                }
+                if b.is_huge() {
+                    assert_eq!(a % HUGE_PAGE, 0, "{len} {pages:?}");
+                }
+                assert!(b.iter().all(|&x| x == 0), "{len} {pages:?} not zeroed");
+            }
+        }
+        assert!(Buffer::zeroed(HUGE_PAGE).is_huge());
+        assert!(!Buffer::zeroed_with(HUGE_PAGE, Pages::Small).is_huge());
+        assert!(!Buffer::zeroed(MMAP_THRESHOLD - 1).is_mapped());
+    }
+
+    #[test]
+    fn zero_length() {
+        let mut b = Buffer::zeroed(0);
+        assert!(b.is_empty());
+        assert_eq!(b.as_ptr().addr() % MIN_ALIGN, 0);
+        assert_eq!(&b[..], &[] as &[u8]);
+        assert_eq!(&mut b[..], &mut [] as &mut [u8]);
+        assert!(Buffer::from_vec(Vec::new()).is_empty());
+        let pf = Prefaulter::start(vec![Buffer::zeroed(0), Buffer::zeroed(0)]);
+        assert!(pf.claim(1, 0..0).is_empty());
+        assert_eq!(pf.stats().total, 0);
+        let back = pf.finish();
+        assert_eq!(back.len(), 2);
+        drop(Prefaulter::start(Vec::new()));
+    }
+
+    #[test]
+    fn from_vec_and_slice() {
+        let v: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        assert_eq!(&Buffer::from_slice(&v)[..], &v[..]);
+        assert_eq!(&Buffer::from_vec(v.clone())[..], &v[..]);
+        let big: Vec<u8> = (0..MMAP_THRESHOLD + 3).map(|i| pattern(i, 0)).collect();
+        assert_eq!(&Buffer::from_vec(big.clone())[..], &big[..]);
+    }
+
+    #[test]
+    fn large_write_read_back() {
+        for pages in [Pages::Small, Pages::Huge] {
+            let len = (64 << 20) + 123;
+            let mut b = Buffer::zeroed_with(len, pages);
+            for (i, x) in b.iter_mut().enumerate() {
+                *x = pattern(i, 1);
+            }
+            assert!(b.iter().enumerate().all(|(i, &x)| x == pattern(i, 1)));
+            // Moving the buffer moves no bytes.
+            let moved = std::thread::spawn(move || b).join().unwrap();
+            assert!(moved.iter().enumerate().all(|(i, &x)| x == pattern(i, 1)));
+        }
+    }
+
+    #[test]
+    fn prefaulter_maps_everything() {
+        let mut methods = vec![PrefaultMethod::Touch];
+        if populate_write_supported() {
+            methods.push(PrefaultMethod::PopulateWrite);
+        }
+        for method in methods {
+            for pages in [Pages::Small, Pages::Huge] {
+                let bufs = vec![
+                    Buffer::zeroed_with(8 << 20, pages),
+                    Buffer::zeroed_with(3 << 20, pages),
+                ];
+                assert!(bufs.iter().all(|b| resident(b) < 0.5));
+                let opts = PrefaultOptions {
+                    method: Some(method),
+                    ..Default::default()
+                };
+                let pf = Prefaulter::with_options(bufs, opts);
+                assert_eq!(pf.method(), method);
+                wait_done(&pf);
+                let st = pf.stats();
+                assert_eq!((st.progress, st.prefaulted), (st.total, st.total));
+                let bufs = pf.finish();
+                for b in &bufs {
+                    assert_eq!(resident(b), 1.0, "{method:?} {pages:?}");
+                    assert!(b.iter().all(|&x| x == 0));
+                }
+            }
+        }
+    }
+
+    /// The receiver writes a never-zero pattern in odd-sized claims (not page aligned, sometimes
+    /// skipping ahead) while the prefaulter runs over the same buffers with small steps; every
+    /// byte must end up as written, and every unclaimed byte as it was.
+    #[test]
+    fn prefaulter_never_changes_data() {
+        let mut methods = vec![PrefaultMethod::Touch];
+        if populate_write_supported() {
+            methods.push(PrefaultMethod::PopulateWrite);
+        }
+        for method in methods {
+            for round in 0..4u8 {
+                let sizes = [24 << 20, 5, 0, (1 << 20) + 7, (6 << 20) + 4095, 4096];
+                let mut bufs: Vec<Buffer> = sizes
+                    .iter()
+                    .map(|&n| {
+                        let pages = if round % 2 == 0 {
+                            Pages::Huge
+                        } else {
+                            Pages::Small
+                        };
+                        Buffer::zeroed_with(n, pages)
+                    })
+                    .collect();
+                // Some pre-existing content the prefaulter must preserve too.
+                for (i, x) in bufs[4][..10_000].iter_mut().enumerate() {
+                    *x = pattern(i, 3);
+                }
+                let opts = PrefaultOptions {
+                    method: Some(method),
+                    step: 64 << 10,
+                };
+                let pf = Prefaulter::with_options(bufs, opts);
+                let mut written: Vec<Vec<Range<usize>>> = vec![Vec::new(); sizes.len()];
+                let mut claim_len = 4096 * 3 + 17 + round as usize * 1000;
+                for (b, &n) in sizes.iter().enumerate() {
+                    let mut off = if b == 4 { 10_000 } else { 0 };
+                    while off < n {
+                        // Every 7th claim skips ahead a little: leaves a gap nobody writes.
+                        if (off / claim_len) % 7 == 3 {
+                            off = (off + 5000).min(n);
+                        }
+                        let end = (off + claim_len).min(n);
+                        let s = pf.claim(b, off..end);
+                        for (k, x) in s.iter_mut().enumerate() {
+                            *x = pattern(off + k, round);
+                        }
+                        written[b].push(off..end);
+                        off = end;
+                        claim_len = claim_len * 5 / 4 % (1 << 20) + 100;
+                    }
+                }
+                let bufs = pf.finish();
+                for (b, buf) in bufs.iter().enumerate() {
+                    assert_eq!(buf.len(), sizes[b]);
+                    let mut expect = vec![0u8; sizes[b]];
+                    if b == 4 {
+                        for (i, x) in expect[..10_000].iter_mut().enumerate() {
+                            *x = pattern(i, 3);
+                        }
+                    }
+                    for r in &written[b] {
+                        for i in r.clone() {
+                            expect[i] = pattern(i, round);
+                        }
+                    }
+                    if let Some(i) = (0..sizes[b]).find(|&i| buf[i] != expect[i]) {
+                        panic!(
+                            "{method:?} round {round}: buffer {b} byte {i} is {} not {}",
+                            buf[i], expect[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn claims_from_several_threads() {
+        let pf = Prefaulter::start((0..4).map(|_| Buffer::zeroed(3 << 20)).collect());
+        std::thread::scope(|s| {
+            for b in 0..4 {
+                let pf = &pf;
+                s.spawn(move || {
+                    for c in 0..3 {
+                        pf.claim(b, c << 20..(c + 1) << 20).fill(b as u8 + 1);
+                    }
+                });
+            }
+        });
+        for (b, buf) in pf.finish().iter().enumerate() {
+            assert!(buf.iter().all(|&x| x == b as u8 + 1));
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "overlaps")]
+    fn overlapping_claim_panics() {
+        let pf = Prefaulter::start(vec![Buffer::zeroed(10_000)]);
+        let _a = pf.claim(0, 0..100);
+        let _b = pf.claim(0, 99..200);
+    }
+
+    #[test]
+    #[should_panic(expected = "out of bounds")]
+    fn out_of_bounds_claim_panics() {
+        let pf = Prefaulter::start(vec![Buffer::zeroed(100)]);
+        let _ = pf.claim(0, 50..101);
+    }
+
+    #[test]
+    fn pool_reuses_and_bounds() {
+        let pool = BufferPool::new(3 << 20);
+        let mut a = Buffer::zeroed(2 << 20);
+        a[5] = 9;
+        let addr = a.as_ptr().addr();
+        assert!(pool.put(a));
+        assert!(!pool.put(Buffer::zeroed(2 << 20)), "over the bound");
+        assert!(pool.put(Buffer::zeroed(1 << 20)));
+        assert!(!pool.put(Buffer::zeroed(0)));
+        assert_eq!(pool.bytes(), 3 << 20);
+        assert!(pool.take(12345).is_none());
+        let (b, reused) = pool.take_or_zeroed(2 << 20);
+        assert!(reused);
+        assert_eq!((b.as_ptr().addr(), b[5]), (addr, 9));
+        assert_eq!(pool.bytes(), 1 << 20);
+        let (c, reused) = pool.take_or_zeroed(2 << 20);
+        assert!(!reused && c.iter().all(|&x| x == 0));
+        pool.clear();
+        assert_eq!(pool.bytes(), 0);
+    }
+}
