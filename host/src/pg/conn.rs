@@ -474,10 +474,15 @@ mod tests {
         // Stash limit 0: any frame that had to be stashed would fail with UnexpectedBacklog.
         let (c, mut raw) = conn(0);
         std::thread::scope(|s| {
+            let wait_for = |what: &dyn Fn(&RxState) -> bool| {
+                while !what(&lock(&c.rx)) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            };
             let a = s.spawn(|| c.recv(1, Dest::Vec { max: 1 << 24 }, T));
-            std::thread::sleep(Duration::from_millis(50)); // `a` is the reader, blocked in read
+            wait_for(&|st| st.reader_active); // `a` is the reader, blocked in read
             let b = s.spawn(|| c.recv(2, Dest::Vec { max: 1 << 24 }, T));
-            std::thread::sleep(Duration::from_millis(50)); // `b` waits for tag 2
+            wait_for(&|st| st.waiting.contains_key(&2)); // `b` waits for tag 2
             raw.write_all(&frame(2, &vec![2u8; 4 << 20])).unwrap();
             raw.write_all(&frame(1, b"one")).unwrap();
             assert_eq!(b.join().unwrap().unwrap().unwrap(), vec![2u8; 4 << 20]);

@@ -42,7 +42,6 @@ impl Default for InProcLimits {
     }
 }
 
-#[derive(Debug)]
 struct ChanState {
     wire: VecDeque<(u64, Vec<u8>)>,
     wire_bytes: usize,
@@ -52,6 +51,19 @@ struct ChanState {
     waiting: HashMap<u64, usize>,
     sender_gone: bool,
     receiver_gone: bool,
+}
+
+impl std::fmt::Debug for ChanState {
+    /// A summary: payloads can be huge.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChanState")
+            .field("wire_frames", &self.wire.len())
+            .field("wire_bytes", &self.wire_bytes)
+            .field("stash", &self.stash)
+            .field("sender_gone", &self.sender_gone)
+            .field("receiver_gone", &self.receiver_gone)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]

@@ -10,11 +10,24 @@ pub(crate) const FRAME_OVERHEAD: usize = 64;
 pub const DEFAULT_STASH_LIMIT: usize = 256 << 20;
 
 /// Frames set aside per tag, FIFO within a tag, with a cap on the bytes held.
-#[derive(Debug)]
 pub(crate) struct Stash {
     frames: HashMap<u64, VecDeque<Vec<u8>>>,
     bytes: usize,
     limit: usize,
+}
+
+impl std::fmt::Debug for Stash {
+    /// A summary: payloads can be huge.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stash")
+            .field(
+                "frames",
+                &self.frames.values().map(VecDeque::len).sum::<usize>(),
+            )
+            .field("bytes", &self.bytes)
+            .field("limit", &self.limit)
+            .finish()
+    }
 }
 
 impl Stash {

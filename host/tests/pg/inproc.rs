@@ -140,3 +140,11 @@ fn inproc_peer_closed() {
         PgError::PeerClosed { peer: 1 }
     );
 }
+
+#[test]
+fn inproc_debug_output_is_a_summary() {
+    let g = InProcessGroup::new(2);
+    g[0].send(1, 1, &[&vec![0xabu8; 1 << 20]], T).unwrap();
+    let s = format!("{:?}", g[1]);
+    assert!(s.len() < 10_000, "{} bytes of Debug output", s.len());
+}

@@ -203,9 +203,15 @@ fn tcp_send_timeout_before_first_byte_keeps_connection() {
     // A send stuck waiting for the per-peer send lock times out without touching the stream.
     let g = form(2);
     let big = vec![7u8; 32 << 20];
+    let started = std::sync::Barrier::new(2);
     std::thread::scope(|s| {
-        let first = s.spawn(|| g[0].send(1, 1, &[&big], T));
-        std::thread::sleep(Duration::from_millis(100));
+        let first = s.spawn(|| {
+            started.wait();
+            g[0].send(1, 1, &[&big], T)
+        });
+        started.wait();
+        // The first send takes the send lock at once and then blocks: rank 1 isn't reading.
+        std::thread::sleep(Duration::from_millis(200));
         let t0 = Instant::now();
         let e = g[0]
             .send(1, 2, &[b"x"], Duration::from_millis(200))
