@@ -126,7 +126,10 @@ impl Drop for ReaderRole<'_> {
         st.reader_active = false;
         st.pending = self.pending.take();
         if self.handoff {
-            st.handoff = st.pending.map(|h| h.tag);
+            // Only while somebody still waits for it: the waiter may have timed out since the
+            // reader looked (the last waiter to leave clears a hand-off, but only one already set).
+            let tag = st.pending.map(|h| h.tag);
+            st.handoff = tag.filter(|t| st.waiting.get(t).is_some_and(|&n| n > 0));
         }
         self.conn.rx_cv.notify_all();
     }
