@@ -207,8 +207,12 @@ pub fn options(rank: u32) -> ReceiverOptions {
 /// A receiver for `rank` that has been given the header and metadata of `meta` (validated and encoded
 /// by a [`Sender`]) and is waiting for bindings.
 pub fn receiver_at_bindings(meta: Metadata, digests: bool, rank: u32) -> Receiver {
+    let source = meta.source;
     let sender = Sender::new(meta, digests, &Limits::default()).expect("valid metadata");
-    let mut r = Receiver::new(options(rank));
+    let mut r = Receiver::new(ReceiverOptions {
+        source,
+        ..options(rank)
+    });
     r.handle_header(sender.header_bytes()).unwrap();
     r.handle_metadata(sender.metadata_bytes()).unwrap();
     assert_eq!(r.poll(), RecvPoll::NeedBindings);
