@@ -1,0 +1,629 @@
+//! The fuzz harnesses of pgt-core, shared by the cargo-fuzz targets (`fuzz_targets/*.rs`) and by
+//! `core/tests/regressions.rs`, which replays every file of `fuzz/regressions/` and `fuzz/seeds/` through
+//! the same functions in `cargo test`.
+//!
+//! Each harness must never panic on any input, except through the invariant checks (`assert!`) below,
+//! which are bugs in pgt-core when they fire.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use pgt_core::codec::{self, Header, Limits, Manifest, FLAG_DIGESTS, VERSION};
+use pgt_core::digest::digest;
+use pgt_core::dtype::DType;
+use pgt_core::plan::{self, MessageKind, Plan};
+use pgt_core::receiver::{Receiver, ReceiverOptions, RecvInto, RecvPoll};
+use pgt_core::Error;
+
+/// Plans larger than this are not built by the harnesses (the limit is the host's choice; building a
+/// 16M-message plan is slow, not a bug).
+pub const MAX_MESSAGES: u64 = 1 << 12;
+
+/// Limits used by the harnesses: the defaults, with `max_messages` lowered so plans stay small.
+pub fn fuzz_limits(tight: bool) -> Limits {
+    let mut l = Limits {
+        max_messages: MAX_MESSAGES,
+        ..Limits::default()
+    };
+    if tight {
+        // Small enough that fuzzed inputs reach each limit.
+        l.max_metadata_bytes = 2048;
+        l.max_leaves = 8;
+        l.max_depth = 4;
+        l.max_ndim = 3;
+        l.max_total_bytes = 1 << 16;
+        l.max_messages = 16;
+    }
+    l
+}
+
+/// A header that announces `bytes` correctly.
+pub fn header_for(bytes: &[u8], flags: u16) -> [u8; Header::SIZE] {
+    Header {
+        version: VERSION,
+        flags,
+        metadata_len: bytes.len() as u64,
+        metadata_digest: digest(bytes),
+    }
+    .to_bytes()
+}
+
+/// A cursor over the fuzz input; reads past the end yield zeros.
+pub struct Input<'a> {
+    data: &'a [u8],
+}
+
+impl<'a> Input<'a> {
+    pub fn new(data: &'a [u8]) -> Input<'a> {
+        Input { data }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+    pub fn bytes(&mut self, n: usize) -> &'a [u8] {
+        let n = n.min(self.data.len());
+        let (head, rest) = self.data.split_at(n);
+        self.data = rest;
+        head
+    }
+    pub fn rest(&mut self) -> &'a [u8] {
+        self.bytes(self.data.len())
+    }
+    pub fn u8(&mut self) -> u8 {
+        self.bytes(1).first().copied().unwrap_or(0)
+    }
+    pub fn u16(&mut self) -> u16 {
+        u16::from(self.u8()) | u16::from(self.u8()) << 8
+    }
+    pub fn u64(&mut self) -> u64 {
+        let mut b = [0u8; 8];
+        let src = self.bytes(8);
+        b[..src.len()].copy_from_slice(src);
+        u64::from_le_bytes(b)
+    }
+}
+
+// ---------------------------------------------------------------- decode
+
+/// Input: `mode`, 24 header bytes, then the metadata bytes.
+/// `mode` bit 0: replace the header by one that matches the metadata (so mutations reach the codec and
+/// validation, not only the digest check); bit 1: digests flag in that header; bit 2: tight limits.
+pub fn decode(data: &[u8]) {
+    let mut input = Input::new(data);
+    let mode = input.u8();
+    let raw_header = input.bytes(Header::SIZE);
+    let meta = input.rest();
+    let limits = fuzz_limits(mode & 4 != 0);
+    let fixed;
+    let header_bytes = if mode & 1 != 0 {
+        fixed = header_for(meta, if mode & 2 != 0 { FLAG_DIGESTS } else { 0 });
+        &fixed[..]
+    } else {
+        raw_header
+    };
+
+    // The raw codec, without limits or header.
+    let raw = codec::decode_metadata(meta);
+    if let Ok(m) = &raw {
+        // Postcard round trip: what decodes re-encodes to something that decodes to the same value.
+        let again = postcard::to_allocvec(m).expect("decoded metadata encodes");
+        let m2 = codec::decode_metadata(&again).expect("re-encoded metadata decodes");
+        assert_eq!(postcard::to_allocvec(&m2).unwrap(), again);
+    }
+
+    let header = match Header::parse(header_bytes, &limits) {
+        Ok(h) => h,
+        Err(e) => {
+            assert!(
+                mode & 1 == 0 || matches!(e, Error::MetadataTooLarge { .. }),
+                "{e}"
+            );
+            check_error(&e);
+            return;
+        }
+    };
+    assert!(header.metadata_len <= limits.max_metadata_bytes);
+    match codec::decode(&header, meta, &limits) {
+        Ok(manifest) => {
+            // The checked decode agrees with the raw one.
+            let raw = raw.expect("decode succeeded where decode_metadata failed");
+            assert_eq!(
+                postcard::to_allocvec(&raw).unwrap(),
+                postcard::to_allocvec(manifest.metadata()).unwrap()
+            );
+            check_manifest(&manifest, &limits);
+        }
+        Err(e) => {
+            check_error(&e);
+            if mode & 1 != 0 {
+                assert!(
+                    !matches!(e, Error::MetadataLength { .. } | Error::MetadataDigest),
+                    "a matching header was refused: {e}"
+                );
+            }
+            // Every codec error of decode is also one of decode_metadata, except the limit on the
+            // leaf count, which decode checks earlier.
+            if let Err(raw) = raw {
+                if !matches!(e, Error::MetadataLength { .. } | Error::MetadataDigest) {
+                    assert!(
+                        raw == e || matches!(e, Error::TooManyLeaves { .. }),
+                        "{raw} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Errors print as one non-empty line.
+pub fn check_error(e: &Error) {
+    let s = e.to_string();
+    assert!(!s.is_empty() && !s.contains('\n'), "{s:?}");
+}
+
+/// What must hold of every validated manifest.
+pub fn check_manifest(manifest: &Manifest, limits: &Limits) {
+    let meta = manifest.metadata();
+    // It re-validates, and re-encodes to bytes that decode to the same manifest.
+    let again = Manifest::new(meta.clone(), manifest.digests(), limits).expect("re-validates");
+    let (header, bytes) = codec::encode(&again).expect("encodes");
+    let decoded = codec::decode(&header, &bytes, limits).expect("re-encoded metadata decodes");
+    assert_eq!(
+        postcard::to_allocvec(decoded.metadata()).unwrap(),
+        postcard::to_allocvec(meta).unwrap()
+    );
+    assert_eq!(decoded.paths(), manifest.paths());
+    assert_eq!(decoded.storages(), manifest.storages());
+
+    // Tables: one path per leaf, storages in leaf order, total bytes.
+    assert_eq!(manifest.paths().len(), meta.leaves.len());
+    assert!(meta.leaves.len() as u64 <= limits.max_leaves);
+    let mut next = 0;
+    for (i, leaf) in meta.leaves.iter().enumerate() {
+        let range = manifest.leaf_storages(i);
+        assert_eq!(range.start, next);
+        assert_eq!(range.len(), leaf.storages().count());
+        for (s, layout) in range.clone().zip(leaf.storages()) {
+            let st = manifest.storages()[s];
+            assert_eq!(st.leaf as usize, i);
+            assert_eq!(st.nbytes, layout.nbytes);
+            assert_eq!(st.dtype, layout.dtype);
+            // A validated layout's view lies inside its storage.
+            let r = layout
+                .byte_range()
+                .expect("validated layout has a byte range");
+            assert!(r.start <= r.end && r.end <= layout.nbytes);
+        }
+        next = range.end;
+    }
+    assert_eq!(next, manifest.storages().len());
+    let total: u64 = manifest.storages().iter().map(|s| s.nbytes).sum();
+    assert_eq!(total, manifest.total_bytes());
+    assert!(total <= limits.max_total_bytes);
+
+    // The plan: counted size within the limit, and built only when small.
+    let count = plan::count_data_messages(manifest);
+    assert!(count <= limits.max_messages);
+    if count <= MAX_MESSAGES {
+        check_plan(manifest, &Plan::new(manifest, bytes.len() as u64), count);
+    }
+}
+
+/// Plan invariants: header, metadata, data messages covering every storage's bytes once and in order,
+/// trailer when digests are on; consecutive tags.
+pub fn check_plan(manifest: &Manifest, plan: &Plan, count: u64) {
+    let msgs = plan.messages();
+    assert_eq!(msgs[0].kind, MessageKind::Header);
+    assert_eq!(msgs[1].kind, MessageKind::Metadata);
+    assert_eq!(plan.data_messages().len() as u64, count);
+    for (i, m) in msgs.iter().enumerate() {
+        assert_eq!(m.tag, plan::TAG_HEADER + i as u64);
+    }
+    let params = manifest.metadata().plan;
+    let mut covered = vec![0u64; manifest.storages().len()];
+    let mut last = None;
+    for m in &msgs[plan.data_messages()] {
+        assert_eq!(m.kind, MessageKind::Data);
+        let segs = plan.segments(m);
+        assert!(!segs.is_empty());
+        assert_eq!(segs.iter().map(|s| s.len).sum::<u64>(), m.len);
+        assert!(m.len <= params.chunk_size.max(params.bucket_size));
+        for s in segs {
+            assert!(s.len > 0);
+            assert_eq!(covered[s.storage as usize], s.offset, "in order, no gap");
+            covered[s.storage as usize] += s.len;
+            assert!(last <= Some(s.storage));
+            last = Some(s.storage);
+        }
+    }
+    for (c, s) in covered.iter().zip(manifest.storages()) {
+        assert_eq!(*c, s.nbytes);
+    }
+    let trailer = msgs.last().filter(|m| m.kind == MessageKind::Trailer);
+    assert_eq!(trailer.is_some(), manifest.digests());
+    if let Some(t) = trailer {
+        assert_eq!(t.len, 8 * manifest.storages().len() as u64);
+    }
+}
+
+// ---------------------------------------------------------------- receiver
+
+/// The digest the harness pretends storage `s` has (no tensor bytes exist here).
+pub fn fake_digest(s: u32) -> u64 {
+    0x9E37_79B9_7F4A_7C15u64.wrapping_mul(u64::from(s) + 1)
+}
+
+/// What the harness has told the receiver, to check its verdict at `finish`.
+#[derive(Default)]
+struct Log {
+    header_ok: bool,
+    metadata_ok: bool,
+    /// Data messages acknowledged with `Ok`.
+    data_ok: BTreeSet<usize>,
+    /// Forwards acknowledged with `Ok`.
+    forwarded_ok: BTreeSet<usize>,
+    /// Storage digests accepted, by storage.
+    digests_ok: BTreeMap<u32, u64>,
+    /// The trailer accepted.
+    trailer_ok: Option<Vec<u8>>,
+    /// Messages polled for receive / forward and not yet completed by the harness.
+    pending_recv: Vec<(usize, MessageKind)>,
+    pending_fwd: Vec<usize>,
+}
+
+/// Input: `mode`, a u16 metadata length `n`, 24 header bytes, `n` metadata bytes, then a program of
+/// receiver calls (see `step`). `mode` bits 0-1: this receiver's rank (1, 2, 3 or 0 — the sample
+/// transfers come from 0 to [1, 2]); bit 2: expect step 7; bit 3: expect source 5 instead of 0;
+/// bit 4: replace the header by one that matches the metadata; bit 5: its digests flag; bit 6: tight
+/// limits. Returns whether `finish` yielded a result.
+pub fn receiver(data: &[u8]) -> bool {
+    let mut input = Input::new(data);
+    let mode = input.u8();
+    let n = input.u16() as usize;
+    let raw_header = input.bytes(Header::SIZE).to_vec();
+    let meta = input.bytes(n).to_vec();
+    let header = if mode & 16 != 0 {
+        header_for(&meta, if mode & 32 != 0 { FLAG_DIGESTS } else { 0 }).to_vec()
+    } else {
+        raw_header
+    };
+    let options = ReceiverOptions {
+        rank: [1, 2, 3, 0][usize::from(mode & 3)],
+        source: if mode & 8 != 0 { 5 } else { 0 },
+        expected_step: (mode & 4 != 0).then_some(7),
+        limits: fuzz_limits(mode & 64 != 0),
+    };
+    let rank = options.rank;
+    let mut r = Receiver::new(options);
+    let mut log = Log::default();
+    let mut steps = 0;
+    while !input.is_empty() && steps < 10_000 {
+        steps += 1;
+        if !step(&mut r, &mut input, &header, &meta, &mut log) {
+            break;
+        }
+    }
+    check_finish(r, &log, rank)
+}
+
+/// The honest trailer: the fake digest of every non-empty storage, the empty digest for the others.
+fn honest_trailer(r: &Receiver) -> Vec<u8> {
+    let Some(m) = r.manifest() else {
+        return Vec::new();
+    };
+    m.storages()
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| {
+            let d = if s.nbytes == 0 {
+                digest(&[])
+            } else {
+                fake_digest(i as u32)
+            };
+            d.to_le_bytes()
+        })
+        .collect()
+}
+
+fn record<T>(res: Result<T, Error>) -> Option<T> {
+    match res {
+        Ok(v) => Some(v),
+        Err(e) => {
+            check_error(&e);
+            None
+        }
+    }
+}
+
+/// Completes a received data message honestly: reports the digest of each storage that ends in it
+/// (when hashing), then the message. Returns whether the receiver accepted the message.
+fn complete_data(r: &mut Receiver, m: usize, log: &mut Log) -> bool {
+    let hashed: Vec<(u32, bool)> = match (r.plan(), r.manifest()) {
+        (Some(plan), Some(manifest)) if manifest.digests() => plan
+            .messages()
+            .get(m)
+            .map(|msg| {
+                plan.segments(msg)
+                    .iter()
+                    .map(|s| {
+                        let nbytes = manifest.storages()[s.storage as usize].nbytes;
+                        (s.storage, s.offset + s.len == nbytes)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    for (s, last) in hashed {
+        if last && record(r.handle_storage_digest(s, fake_digest(s))).is_some() {
+            log.digests_ok.insert(s, fake_digest(s));
+        }
+    }
+    let ok = record(r.handle_data(m)).is_some();
+    if ok {
+        assert!(log.data_ok.insert(m), "data message {m} accepted twice");
+    }
+    ok
+}
+
+fn complete_trailer(r: &mut Receiver, bytes: Vec<u8>, log: &mut Log) -> bool {
+    let ok = record(r.handle_trailer(&bytes)).is_some();
+    if ok {
+        assert!(log.trailer_ok.is_none(), "trailer accepted twice");
+        log.trailer_ok = Some(bytes);
+    }
+    ok
+}
+
+/// Polls once and acts as an honest host would on what comes back. Returns whether that made progress
+/// (false on Wait, Done, or a refused call).
+fn drive(r: &mut Receiver, header: &[u8], meta: &[u8], log: &mut Log) -> bool {
+    enum Act {
+        Header,
+        Metadata,
+        Data(usize),
+        Trailer,
+        Forward(usize),
+        Bindings,
+        Nothing,
+    }
+    let act = match r.poll() {
+        RecvPoll::Recv(op) => {
+            match op.into {
+                RecvInto::Core => assert_ne!(op.kind, MessageKind::Data),
+                RecvInto::Storages(_) => assert_eq!(op.kind, MessageKind::Data),
+            }
+            match op.kind {
+                MessageKind::Header => Act::Header,
+                MessageKind::Metadata => Act::Metadata,
+                MessageKind::Data => Act::Data(op.message),
+                MessageKind::Trailer => Act::Trailer,
+            }
+        }
+        RecvPoll::Forward(f) => Act::Forward(f.message),
+        RecvPoll::NeedBindings => Act::Bindings,
+        RecvPoll::Wait | RecvPoll::Done => Act::Nothing,
+    };
+    match act {
+        Act::Header => {
+            let ok = record(r.handle_header(header)).is_some();
+            log.header_ok |= ok;
+            ok
+        }
+        Act::Metadata => {
+            let ok = record(r.handle_metadata(meta)).is_some();
+            log.metadata_ok |= ok;
+            ok
+        }
+        Act::Data(m) => complete_data(r, m, log),
+        Act::Trailer => {
+            let t = honest_trailer(r);
+            complete_trailer(r, t, log)
+        }
+        Act::Forward(m) => {
+            let ok = record(r.handle_forwarded(m)).is_some();
+            if ok {
+                assert!(log.forwarded_ok.insert(m), "forward {m} accepted twice");
+            }
+            ok
+        }
+        Act::Bindings => record(r.finish_bindings()).is_some(),
+        Act::Nothing => false,
+    }
+}
+
+/// One call of the program. Returns false to stop (after `finish`-like ops).
+fn step(
+    r: &mut Receiver,
+    input: &mut Input<'_>,
+    header: &[u8],
+    meta: &[u8],
+    log: &mut Log,
+) -> bool {
+    match input.u8() % 14 {
+        0 => {
+            drive(r, header, meta, log);
+        }
+        1 => {
+            // Poll only; remember what was handed out, to complete later (out of order).
+            match r.poll() {
+                RecvPoll::Recv(op) => log.pending_recv.push((op.message, op.kind)),
+                RecvPoll::Forward(f) => log.pending_fwd.push(f.message),
+                _ => {}
+            }
+        }
+        2 => {
+            // Arbitrary header bytes, or the input's.
+            let n = usize::from(input.u8());
+            let bytes = if n == 0 {
+                header.to_vec()
+            } else {
+                input.bytes(n - 1).to_vec()
+            };
+            log.header_ok |= record(r.handle_header(&bytes)).is_some();
+        }
+        3 => {
+            log.metadata_ok |= record(r.handle_metadata(meta)).is_some();
+        }
+        4 => {
+            let storage = usize::from(input.u16());
+            let id = u64::from(input.u8());
+            let dtype = DType::ALL[usize::from(input.u8()) % DType::ALL.len()];
+            let how = input.u8();
+            let nbytes = match (
+                how % 4,
+                r.manifest().and_then(|m| m.storages().get(storage)),
+            ) {
+                // The exact size for this dtype (cast when it differs), or off by some bytes.
+                (0 | 1, Some(s)) => {
+                    let exact = s.nbytes / s.dtype.element_size() * dtype.element_size();
+                    exact.wrapping_add(u64::from(how >> 2)) // how >> 2 == 0 half the time
+                }
+                _ => input.u64(),
+            };
+            record(r.bind_in_place(storage, id, dtype, nbytes));
+        }
+        5 => {
+            record(r.finish_bindings());
+        }
+        6 => {
+            let m = usize::from(input.u16());
+            complete_data(r, m, log);
+        }
+        7 => {
+            let n = usize::from(input.u8());
+            let bytes = if n == 0 {
+                honest_trailer(r)
+            } else {
+                input.bytes(n - 1).to_vec()
+            };
+            complete_trailer(r, bytes, log);
+        }
+        8 => {
+            let s = u32::from(input.u16());
+            let value = if input.u8() & 1 == 0 {
+                fake_digest(s)
+            } else {
+                input.u64()
+            };
+            if record(r.handle_storage_digest(s, value)).is_some() {
+                assert!(
+                    log.digests_ok.insert(s, value).is_none(),
+                    "digest {s} accepted twice"
+                );
+            }
+        }
+        9 => {
+            let m = usize::from(input.u16());
+            if record(r.handle_forwarded(m)).is_some() {
+                assert!(log.forwarded_ok.insert(m), "forward {m} accepted twice");
+            }
+        }
+        10 => {
+            // Complete one pending polled operation, chosen by the input.
+            let pick = usize::from(input.u8());
+            if !log.pending_recv.is_empty() && (pick & 1 == 0 || log.pending_fwd.is_empty()) {
+                let (m, kind) = log.pending_recv.remove(pick / 2 % log.pending_recv.len());
+                match kind {
+                    MessageKind::Header => {
+                        log.header_ok |= record(r.handle_header(header)).is_some()
+                    }
+                    MessageKind::Metadata => {
+                        log.metadata_ok |= record(r.handle_metadata(meta)).is_some()
+                    }
+                    MessageKind::Data => {
+                        complete_data(r, m, log);
+                    }
+                    MessageKind::Trailer => {
+                        let t = honest_trailer(r);
+                        complete_trailer(r, t, log);
+                    }
+                }
+            } else if !log.pending_fwd.is_empty() {
+                let m = log.pending_fwd.remove(pick / 2 % log.pending_fwd.len());
+                if record(r.handle_forwarded(m)).is_some() {
+                    assert!(log.forwarded_ok.insert(m), "forward {m} accepted twice");
+                }
+            }
+        }
+        11 => {
+            // Drive honestly until nothing is left to do (bounded: plans are at most MAX_MESSAGES).
+            for _ in 0..4 * MAX_MESSAGES + 16 {
+                if !drive(r, header, meta, log) {
+                    break;
+                }
+            }
+        }
+        12 => {
+            // Read-only accessors in any state.
+            let _ = r.manifest();
+            let _ = r.plan();
+            let _ = r.binding(usize::from(input.u16()));
+            let _ = r.digest_mismatch();
+        }
+        _ => return false,
+    }
+    true
+}
+
+/// `finish` yields a result only for a complete, verified transfer. Returns whether it did.
+fn check_finish(r: Receiver, log: &Log, rank: u32) -> bool {
+    let state = r.manifest().cloned().zip(r.plan().cloned());
+    let mismatch = r.digest_mismatch().cloned();
+    let result = r.finish();
+    let Ok(received) = result else {
+        if let Err(e) = &result {
+            check_error(e);
+        }
+        return false;
+    };
+    let (manifest, plan) = state.expect("a result implies a manifest and a plan");
+    assert!(mismatch.is_none(), "a result despite {mismatch:?}");
+    assert!(log.header_ok && log.metadata_ok);
+    // Every data message was acknowledged.
+    for m in plan.data_messages() {
+        assert!(log.data_ok.contains(&m), "data message {m} never received");
+    }
+    // Digests: the trailer was received and every storage's reported digest matches it.
+    if manifest.digests() {
+        let trailer = log
+            .trailer_ok
+            .as_ref()
+            .expect("a result without the trailer");
+        for (i, s) in manifest.storages().iter().enumerate() {
+            let sent = u64::from_le_bytes(trailer[8 * i..8 * i + 8].try_into().unwrap());
+            if s.nbytes == 0 {
+                assert_eq!(sent, digest(&[]), "empty storage {i} with a wrong digest");
+            } else {
+                assert_eq!(log.digests_ok.get(&(i as u32)), Some(&sent), "storage {i}");
+            }
+        }
+    }
+    // Chain fan-out: every message after the metadata was forwarded, unless this rank is last.
+    let meta = manifest.metadata();
+    let pos = meta.destinations.iter().position(|&d| d == rank);
+    let pos = pos.expect("a result implies this rank is a destination");
+    if meta.plan.fanout == pgt_core::plan::FanOut::Chain && pos + 1 < meta.destinations.len() {
+        for m in 2..plan.messages().len() {
+            assert!(log.forwarded_ok.contains(&m), "message {m} never forwarded");
+        }
+    } else {
+        assert!(log.forwarded_ok.is_empty(), "forwards where none are due");
+    }
+    assert_eq!(received.leaves.len(), meta.leaves.len());
+    assert_eq!(received.bindings.len(), manifest.storages().len());
+    for (b, s) in received.bindings.iter().zip(manifest.storages()) {
+        match b.cast_from {
+            None => assert_eq!(b.dtype, s.dtype),
+            Some(from) => {
+                assert_eq!(from, s.dtype);
+                assert!(from.is_castable_float() && b.dtype.is_castable_float());
+            }
+        }
+        assert_eq!(
+            b.nbytes,
+            s.nbytes / s.dtype.element_size() * b.dtype.element_size()
+        );
+    }
+    true
+}
