@@ -520,13 +520,11 @@ mod tests {
         Key::Str(s.into())
     }
 
-    /// Name → (dtype, shape, bytes) of a file, read with the safetensors crate alone.
-    fn read_raw(
-        path: &Path,
-    ) -> (
-        BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>,
-        Option<HashMap<String, String>>,
-    ) {
+    /// Name → (dtype, shape, bytes) of every tensor of a file.
+    type RawTensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
+
+    /// A file's tensors and metadata, read with the safetensors crate alone.
+    fn read_raw(path: &Path) -> (RawTensors, Option<HashMap<String, String>>) {
         let bytes = std::fs::read(path).expect("read");
         let st = SafeTensors::deserialize(&bytes).expect("valid file");
         let (_, meta) = SafeTensors::read_metadata(&bytes).expect("metadata");
