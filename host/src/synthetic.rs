@@ -96,6 +96,27 @@ pub fn materialize(shape: &Shape) -> Result<StateDict<'static>> {
     StateDict::unflatten(&shape.nodes, entries, shape.step)
 }
 
+/// The shape with every storage allocated and touched but not holding the pattern (0x5A bytes): a
+/// receiver's pre-allocated in-place destination.
+pub fn materialize_blank(shape: &Shape) -> Result<StateDict<'static>> {
+    let paths = pgt_core::tree::key_paths(&shape.nodes, u32::MAX)?;
+    let mut entries = Vec::with_capacity(shape.leaves.len());
+    for leaf in &shape.leaves {
+        let mut storages = leaf
+            .storages()
+            .map(|layout| {
+                let mut buf = Buffer::zeroed(layout.nbytes as usize);
+                buf.fill(0x5A);
+                Storage::Owned(buf)
+            })
+            .collect::<Vec<_>>()
+            .into_iter();
+        entries.push(Entry::from_leaf(leaf.clone(), &mut storages)?);
+    }
+    debug_assert_eq!(paths.len(), entries.len());
+    StateDict::unflatten(&shape.nodes, entries, shape.step)
+}
+
 /// Checks a received state dict against the shape it was generated from: same structure, same leaves
 /// (ShardedTensor placements may name the receiver), every storage byte. Returns the bytes checked.
 pub fn verify(received: &StateDict<'_>, shape: &Shape) -> Result<u64> {

@@ -1,0 +1,269 @@
+//! `pgt bench`: the benchmark scenarios, run as real processes over loopback TCP, and the hidden
+//! `pgt worker` that plays one rank of a local job for `bench` and `demo`.
+//!
+//! Timing: every rank joins the group, the receivers tell the sender they are ready, and the sender
+//! starts at once; a receiver's `seconds` runs from that moment until `recv_checkpoint` returned —
+//! metadata decoded and validated, every storage landed and its digest checked. Afterwards (off the
+//! clock) the receiver checks every byte against the generator's pattern: `verified`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::{Args, ValueEnum};
+use pgt_host::pg::{raw_loopback_gbps, ProcessGroup};
+use pgt_host::synthetic::{self, Shape};
+use pgt_host::transport::Transport;
+use serde_json::json;
+
+use crate::common::{self, FanOutArg, GroupArgs, TransferArgs};
+
+/// Benchmark scenarios.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// 16 float32 tensors totalling `--bytes` (1 GiB), one receiver, fresh buffers.
+    Large,
+    /// `large`, received into pre-allocated, touched buffers.
+    LargeInplace,
+    /// `large` to two receivers (chain relay unless `--fanout direct`).
+    Fanout,
+    /// The 10,220-leaf reference dict (10,000 tensors of 1–64 KiB), one receiver.
+    Small,
+    /// `small`, received in place.
+    SmallInplace,
+    /// The demo's mixed dict (every leaf kind) of `--bytes`.
+    Mixed,
+}
+
+impl Scenario {
+    fn shape(self, bytes: u64) -> Shape {
+        match self {
+            Scenario::Large | Scenario::LargeInplace | Scenario::Fanout => {
+                synthetic::large(bytes, 16)
+            }
+            Scenario::Small | Scenario::SmallInplace => synthetic::reference(),
+            Scenario::Mixed => synthetic::mixed(bytes),
+        }
+    }
+
+    fn in_place(self) -> bool {
+        matches!(self, Scenario::LargeInplace | Scenario::SmallInplace)
+    }
+
+    fn receivers(self) -> u32 {
+        if self == Scenario::Fanout {
+            2
+        } else {
+            1
+        }
+    }
+
+    fn name(self) -> String {
+        format!("{self:?}")
+            .chars()
+            .enumerate()
+            .flat_map(|(i, c)| {
+                let dash = (i > 0 && c.is_ascii_uppercase()).then_some('-');
+                dash.into_iter()
+                    .chain(std::iter::once(c.to_ascii_lowercase()))
+            })
+            .collect()
+    }
+}
+
+/// `pgt bench` flags.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Scenario to run.
+    #[arg(long, value_enum)]
+    pub scenario: Scenario,
+    /// Checkpoint size for the large/fanout/mixed scenarios.
+    #[arg(long, value_parser = common::parse_size, default_value = "1GiB")]
+    pub bytes: u64,
+    /// Receivers (default: 1, or 2 for fanout).
+    #[arg(long)]
+    pub receivers: Option<u32>,
+    /// Print one JSON line (else a short table).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub transfer: TransferArgs,
+}
+
+/// `pgt worker` flags (internal).
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    #[arg(long, value_enum)]
+    scenario: Scenario,
+    #[arg(long)]
+    bytes: u64,
+    #[command(flatten)]
+    group: GroupArgs,
+    #[command(flatten)]
+    transfer: TransferArgs,
+}
+
+/// Runs a local job for `scenario` and returns each rank's report (rank 0 first).
+pub fn run_job(
+    scenario: Scenario,
+    bytes: u64,
+    receivers: u32,
+    transfer: &TransferArgs,
+) -> Result<Vec<serde_json::Value>> {
+    let children = common::spawn_local_job(receivers + 1, |_| {
+        let mut a = vec![
+            "worker".to_string(),
+            "--scenario".into(),
+            scenario.name(),
+            "--bytes".into(),
+            bytes.to_string(),
+            "--quiet".into(),
+        ];
+        a.extend(transfer.to_args().into_iter().filter(|x| x != "--quiet"));
+        a
+    })?;
+    common::collect_reports(children)
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let mut transfer = args.transfer.clone();
+    if args.scenario != Scenario::Fanout && args.receivers.unwrap_or(1) == 1 {
+        // One receiver: chain and direct are the same plan.
+        transfer.fanout = FanOutArg::Direct;
+    }
+    let receivers = args.receivers.unwrap_or(args.scenario.receivers());
+    ensure!(receivers >= 1, "--receivers must be at least 1");
+    let shape = args.scenario.shape(args.bytes);
+    let bytes = synthetic::total_bytes(&shape);
+    // The raw loopback rate for the same bytes, measured in this invocation (same machine state).
+    let raw_gbps = raw_loopback_gbps(bytes).context("measuring raw loopback TCP")?;
+    let reports = run_job(args.scenario, args.bytes, receivers, &transfer)?;
+    let (sender, receivers_r) = reports.split_first().context("no reports")?;
+    let seconds = receivers_r
+        .iter()
+        .filter_map(|r| r["seconds"].as_f64())
+        .fold(0.0, f64::max);
+    let gbps = bytes as f64 / seconds / 1e9;
+    let verified = receivers_r
+        .iter()
+        .all(|r| r["verified"].as_bool() == Some(true));
+    let receiver_rss = receivers_r
+        .iter()
+        .filter_map(|r| r["rss_growth_bytes"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let line = json!({
+        "scenario": args.scenario.name(),
+        "world_size": receivers + 1,
+        "bytes": bytes,
+        "tensors": synthetic::storage_count(&shape),
+        "seconds": round(seconds, 4),
+        "gbps": round(gbps, 3),
+        "raw_gbps": round(raw_gbps, 3),
+        "ratio": round(gbps / raw_gbps, 3),
+        "sender_rss_growth_bytes": sender["rss_growth_bytes"].as_u64().unwrap_or(0),
+        "receiver_rss_growth_bytes": receiver_rss,
+        "verified": verified,
+        "fanout": format!("{:?}", transfer.fanout).to_lowercase(),
+        "core": format!("{:?}", transfer.core).to_lowercase(),
+        "metadata_seconds": receivers_r.iter().filter_map(|r| r["metadata_seconds"].as_f64()).fold(0.0, f64::max),
+    });
+    if args.json {
+        println!("{line}");
+    } else {
+        println!(
+            "{}: {} bytes in {:.3} s = {:.2} GB/s ({:.2}x raw loopback {:.2} GB/s), verified: {}",
+            args.scenario.name(),
+            bytes,
+            seconds,
+            gbps,
+            gbps / raw_gbps,
+            raw_gbps,
+            verified
+        );
+    }
+    ensure!(verified, "a receiver did not verify every byte");
+    Ok(())
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let m = 10f64.powi(digits);
+    (x * m).round() / m
+}
+
+/// Tag of the readiness message a receiver sends the sender before the clock starts; far above the
+/// transfer's tags (3 + message index).
+const READY_TAG: u64 = u64::MAX - 1;
+
+pub fn worker(args: WorkerArgs) -> Result<()> {
+    let shape = args.scenario.shape(args.bytes);
+    let options = args.transfer.options()?;
+    let timeout = options.timeout;
+    let pg = args.group.connect(Duration::from_secs(120))?;
+    let rank = pg.rank();
+    let world = pg.size();
+    let report = if rank == 0 {
+        let sd = synthetic::materialize(&shape)?;
+        let dsts: Vec<u32> = (1..world).collect();
+        let transport = Transport::new(pg, options);
+        for &d in &dsts {
+            let mut ready = [0u8; 0];
+            transport
+                .process_group()
+                .recv_into(d, READY_TAG, &mut [&mut ready[..]], timeout)
+                .with_context(|| format!("waiting for rank {d} to be ready"))?;
+        }
+        common::reset_peak_rss();
+        let before = common::rss_bytes();
+        let stats = transport.send_checkpoint(&dsts, &sd)?;
+        json!({
+            "rank": rank,
+            "seconds": stats.seconds,
+            "bytes": stats.bytes,
+            "rss_growth_bytes": common::peak_rss_bytes().saturating_sub(before),
+            "peak_rss_bytes": common::peak_rss_bytes(),
+        })
+    } else {
+        let mut target = if args.scenario.in_place() {
+            Some(synthetic::materialize_blank(&shape)?)
+        } else {
+            None
+        };
+        let transport = Transport::new(pg, options);
+        common::reset_peak_rss();
+        let before = common::rss_bytes();
+        transport.process_group().send(0, READY_TAG, &[], timeout)?;
+        let start = Instant::now();
+        let (received, metadata_seconds) = match target.as_mut() {
+            Some(t) => {
+                let stats = transport.recv_checkpoint_into(0, t)?;
+                (None, stats.metadata_seconds)
+            }
+            None => (Some(transport.recv_checkpoint(0)?), 0.0),
+        };
+        let seconds = start.elapsed().as_secs_f64();
+        let rss_growth = common::peak_rss_bytes().saturating_sub(before);
+        let sd = received
+            .as_ref()
+            .or(target.as_ref())
+            .context("nothing received")?;
+        let verified = synthetic::verify(sd, &shape);
+        if let Err(e) = &verified {
+            eprintln!("rank {rank}: verification failed: {e:#}");
+        }
+        json!({
+            "rank": rank,
+            "seconds": seconds,
+            "metadata_seconds": metadata_seconds,
+            "bytes": synthetic::total_bytes(&shape),
+            "verified": verified.is_ok(),
+            "verified_bytes": verified.as_ref().ok(),
+            "rss_growth_bytes": rss_growth,
+            "peak_rss_bytes": common::peak_rss_bytes(),
+        })
+    };
+    println!("{report}");
+    if report["verified"] == json!(false) {
+        bail!("rank {rank} did not verify every byte");
+    }
+    Ok(())
+}

@@ -1,0 +1,313 @@
+//! What every subcommand shares: rendezvous flags, transfer flags, progress bars, memory figures, and
+//! spawning a local job of `pgt` processes.
+
+use std::io::IsTerminal;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use pgt_core::plan::{FanOut, PlanParams};
+use pgt_host::pg::{TcpOptions, TcpProcessGroup};
+use pgt_host::transport::{Progress, TransportOptions};
+
+/// Where this rank is in the job (torch-style; every flag also reads its environment variable).
+#[derive(Args, Clone, Debug)]
+pub struct GroupArgs {
+    /// This process's rank.
+    #[arg(long, env = "RANK")]
+    pub rank: u32,
+    /// Number of ranks in the job.
+    #[arg(long, env = "WORLD_SIZE")]
+    pub world_size: u32,
+    /// Host of rank 0 (which hosts the rendezvous store).
+    #[arg(long, env = "MASTER_ADDR", default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Port of the rendezvous store on rank 0.
+    #[arg(long, env = "MASTER_PORT", default_value_t = 29500)]
+    pub master_port: u16,
+    /// Shared job token: every connection is authenticated with it.
+    #[arg(long, env = "PGT_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Interface to listen on for peers (default: the one that routes to the master).
+    #[arg(long, env = "PGT_LISTEN_HOST")]
+    pub listen_host: Option<String>,
+}
+
+impl GroupArgs {
+    /// Joins the job's TCP process group.
+    pub fn connect(&self, timeout: Duration) -> Result<TcpProcessGroup> {
+        if self.token.is_empty() {
+            bail!("the job token is empty: set PGT_TOKEN or --token");
+        }
+        TcpProcessGroup::connect(TcpOptions {
+            master_addr: self.master_addr.clone(),
+            master_port: self.master_port,
+            rank: self.rank,
+            world_size: self.world_size,
+            token: self.token.clone().into_bytes(),
+            timeout,
+            listen_host: self.listen_host.clone(),
+        })
+        .with_context(|| {
+            format!(
+                "rank {} could not join the job at {}:{}",
+                self.rank, self.master_addr, self.master_port
+            )
+        })
+    }
+}
+
+/// Fan-out modes on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FanOutArg {
+    /// The sender sends everything to every receiver.
+    Direct,
+    /// The sender sends once; receivers relay to the next.
+    Chain,
+}
+
+/// Which protocol engine runs the core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CoreArg {
+    /// pgt-core linked natively.
+    Native,
+    /// pgt-core compiled to wasm, sandboxed in wasmtime.
+    Wasm,
+}
+
+/// How transfers run.
+#[derive(Args, Clone, Debug)]
+pub struct TransferArgs {
+    /// Fan-out to several receivers.
+    #[arg(long, value_enum, default_value = "chain")]
+    pub fanout: FanOutArg,
+    /// Storages up to this size are coalesced into buckets of this size (e.g. 1MiB).
+    #[arg(long, value_parser = parse_size, default_value = "1MiB")]
+    pub bucket_size: u64,
+    /// Larger storages travel in chunks of this size (a multiple of 64, at most 1GiB).
+    #[arg(long, value_parser = parse_size, default_value = "16MiB")]
+    pub chunk_size: u64,
+    /// Skip the per-tensor digests.
+    #[arg(long)]
+    pub no_digests: bool,
+    /// Per-operation timeout in seconds: a stalled peer fails the transfer within it.
+    #[arg(long, default_value_t = 120.0)]
+    pub timeout: f64,
+    /// Protocol engine.
+    #[arg(long, value_enum, default_value = "native")]
+    pub core: CoreArg,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+impl TransferArgs {
+    /// The timeout as a duration.
+    pub fn timeout(&self) -> Result<Duration> {
+        Duration::try_from_secs_f64(self.timeout).context("--timeout must be a positive number")
+    }
+
+    /// Transport options from the flags.
+    pub fn options(&self) -> Result<TransportOptions> {
+        let mut options = TransportOptions {
+            timeout: self.timeout()?,
+            plan: PlanParams {
+                fanout: match self.fanout {
+                    FanOutArg::Direct => FanOut::Direct,
+                    FanOutArg::Chain => FanOut::Chain,
+                },
+                bucket_size: self.bucket_size,
+                chunk_size: self.chunk_size,
+            },
+            digests: !self.no_digests,
+            ..TransportOptions::default()
+        };
+        options
+            .plan
+            .validate()
+            .context("invalid --bucket-size/--chunk-size")?;
+        if self.core == CoreArg::Wasm {
+            options.engine = wasm_engine()?;
+        }
+        Ok(options)
+    }
+
+    /// Command-line arguments that reproduce these flags in a child process.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--fanout".into(),
+            format!("{:?}", self.fanout).to_lowercase(),
+            "--bucket-size".into(),
+            self.bucket_size.to_string(),
+            "--chunk-size".into(),
+            self.chunk_size.to_string(),
+            "--timeout".into(),
+            self.timeout.to_string(),
+            "--core".into(),
+            format!("{:?}", self.core).to_lowercase(),
+        ];
+        if self.no_digests {
+            a.push("--no-digests".into());
+        }
+        if self.quiet {
+            a.push("--quiet".into());
+        }
+        a
+    }
+}
+
+#[cfg(feature = "wasm")]
+fn wasm_engine() -> Result<Arc<dyn pgt_host::engine::EngineFactory>> {
+    Ok(Arc::new(pgt_host::wasm_engine::WasmEngine::new()?))
+}
+
+#[cfg(not(feature = "wasm"))]
+fn wasm_engine() -> Result<Arc<dyn pgt_host::engine::EngineFactory>> {
+    bail!("this pgt was built without the `wasm` feature: --core wasm is not available")
+}
+
+/// Parses a byte size: `1048576`, `64KiB`, `16MiB`, `1GiB`, `1.5GB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1u64,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        u => return Err(format!("unknown size unit {u:?}")),
+    };
+    if num.is_nan() || num < 0.0 {
+        return Err(format!("{s:?} is not a size"));
+    }
+    Ok((num * mult as f64) as u64)
+}
+
+/// A progress bar that appears only when stderr is a terminal, `quiet` is off and the transfer has
+/// run for more than a second.
+pub fn progress(label: &str, quiet: bool) -> (Option<Progress>, Option<ProgressBar>) {
+    if quiet || !std::io::stderr().is_terminal() {
+        return (None, None);
+    }
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(label.to_string());
+    let start = Instant::now();
+    let shown = Arc::new(Mutex::new(false));
+    let b = bar.clone();
+    let callback: Progress = Arc::new(move |done, total| {
+        b.set_length(total);
+        b.set_position(done);
+        let mut shown = shown.lock().unwrap_or_else(|p| p.into_inner());
+        if !*shown && start.elapsed() > Duration::from_secs(1) {
+            *shown = true;
+            b.set_draw_target(ProgressDrawTarget::stderr());
+        }
+    });
+    (Some(callback), Some(bar))
+}
+
+/// Resident set size now, in bytes (Linux `/proc/self/status`).
+pub fn rss_bytes() -> u64 {
+    status_kib("VmRSS:") * 1024
+}
+
+/// Peak resident set size since start or the last [`reset_peak_rss`], in bytes.
+pub fn peak_rss_bytes() -> u64 {
+    status_kib("VmHWM:") * 1024
+}
+
+/// Resets the peak RSS counter to the current RSS (Linux ≥ 4.0), so a transfer's growth can be measured.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A free loopback port for a local job's rendezvous.
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("no free loopback port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// A fresh random job token.
+pub fn random_token() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("OS randomness");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Starts `world` copies of this executable on loopback as one job, rank `r` with `args(r)`; their
+/// stdout is piped (each child reports one JSON line).
+pub fn spawn_local_job(world: u32, args: impl Fn(u32) -> Vec<String>) -> Result<Vec<Child>> {
+    let exe = std::env::current_exe().context("cannot find the pgt executable")?;
+    let port = free_port()?;
+    let token = random_token();
+    let mut children = Vec::new();
+    for rank in 0..world {
+        let child = Command::new(&exe)
+            .args(args(rank))
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("PGT_TOKEN", &token)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start rank {rank}"))?;
+        children.push(child);
+    }
+    Ok(children)
+}
+
+/// Waits for every child and parses the last stdout line of each as JSON.
+pub fn collect_reports(children: Vec<Child>) -> Result<Vec<serde_json::Value>> {
+    let mut reports = Vec::new();
+    let mut failed = Vec::new();
+    for (rank, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            failed.push(format!("rank {rank} exited with {}", out.status));
+            continue;
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .last()
+            .with_context(|| format!("rank {rank} reported nothing"))?;
+        reports.push(
+            serde_json::from_str(line).with_context(|| format!("rank {rank} reported {line:?}"))?,
+        );
+    }
+    if !failed.is_empty() {
+        bail!("{}", failed.join("; "));
+    }
+    Ok(reports)
+}
