@@ -9,3 +9,5 @@ pub mod safetensors_io;
 pub mod state_dict;
 pub mod synthetic;
 pub mod transport;
+#[cfg(feature = "wasm")]
+pub mod wasm_engine;

@@ -1,0 +1,293 @@
+//! The sandbox itself: the module imports nothing and exports the documented ABI; a guest that runs out
+//! of fuel or memory fails its call with a clean error naming fuel or memory, is not used again, and the
+//! engine goes on serving normal transfers.
+//!
+//! Needs the module: `scripts/build-wasm.sh` before `cargo test`.
+#![cfg(feature = "wasm")]
+
+use std::time::Instant;
+
+use pgt_core::codec::{encode, Limits, Manifest, Metadata};
+use pgt_core::plan::{FanOut, PlanParams};
+use pgt_core::receiver::ReceiverOptions;
+use pgt_host::engine::{EngineFactory, RecvNext};
+use pgt_host::wasm_engine::{SandboxError, WasmEngine, WasmLimits};
+
+fn reference(tensors: usize) -> Metadata {
+    let mut m = pgt_core::reference::reference_metadata(0, vec![1], PlanParams::default());
+    if tensors < m.leaves.len() {
+        m.leaves.truncate(tensors);
+        m.tree = std::iter::once(pgt_core::tree::Node::List(tensors as u64))
+            .chain((0..tensors).map(|_| pgt_core::tree::Node::Leaf))
+            .collect();
+    }
+    m
+}
+
+fn encoded(m: &Metadata) -> (Vec<u8>, Vec<u8>) {
+    let manifest = Manifest::new(m.clone(), true, &Limits::default()).unwrap();
+    let (h, bytes) = encode(&manifest).unwrap();
+    (h.to_bytes().to_vec(), bytes)
+}
+
+fn sandbox_error(e: &anyhow::Error) -> &SandboxError {
+    e.downcast_ref::<SandboxError>()
+        .unwrap_or_else(|| panic!("not a sandbox error: {e:#}"))
+}
+
+/// A whole small transfer through a receiver of `engine`: header, metadata, bindings (and nothing else:
+/// the metadata has no storages).
+fn small_transfer_works(engine: &WasmEngine) {
+    let m = Metadata {
+        step: Some(1),
+        source: 0,
+        destinations: vec![1],
+        plan: PlanParams {
+            fanout: FanOut::Direct,
+            ..PlanParams::default()
+        },
+        tree: vec![pgt_core::tree::Node::Leaf],
+        leaves: vec![pgt_core::tree::Leaf::Value(pgt_core::tree::Value::Int(5))],
+    };
+    let (h, meta) = encoded(&m);
+    let summary = engine.decode(&h, &meta, &Limits::default()).unwrap();
+    assert_eq!(summary.paths, vec!["<root>"]);
+    let mut r = engine
+        .receiver(ReceiverOptions {
+            rank: 1,
+            source: 0,
+            expected_step: Some(1),
+            limits: Limits::default(),
+        })
+        .unwrap();
+    assert!(matches!(r.poll().unwrap(), RecvNext::Recv(_)));
+    r.handle_header(&h).unwrap();
+    r.handle_metadata(&meta).unwrap();
+    assert_eq!(r.poll().unwrap(), RecvNext::NeedBindings);
+    r.finish_bindings().unwrap();
+    // Digests are on: the (empty) trailer is the one message left.
+    let RecvNext::Recv(step) = r.poll().unwrap() else {
+        panic!("expected the trailer")
+    };
+    r.handle_trailer(&vec![0; step.len as usize]).unwrap();
+    assert_eq!(r.poll().unwrap(), RecvNext::Done);
+    let tree = r.finish().unwrap();
+    assert_eq!(tree.step, Some(1));
+}
+
+#[test]
+fn module_imports_nothing_and_exports_the_abi() {
+    let engine = WasmEngine::new().unwrap();
+    let module = engine.module();
+    let imports: Vec<String> = module
+        .imports()
+        .map(|i| format!("{}::{}", i.module(), i.name()))
+        .collect();
+    assert!(imports.is_empty(), "the module imports {imports:?}");
+    // The raw bytes too: no import section (id 2) at all, so no `env` import of any kind.
+    let bytes = pgt_host::wasm_engine::embedded_module().expect("the module is embedded");
+    let sections = sections(bytes);
+    assert!(
+        !sections.contains(&2),
+        "import section present: {sections:?}"
+    );
+    let exports: Vec<&str> = module.exports().map(|e| e.name()).collect();
+    for name in [
+        "memory",
+        "pgt_alloc",
+        "pgt_free",
+        "pgt_abi_version",
+        "pgt_protocol_version",
+        "pgt_default_limits",
+        "pgt_decode",
+        "pgt_plan",
+        "pgt_encode",
+        "pgt_sender_new",
+        "pgt_sender_poll",
+        "pgt_sender_digest",
+        "pgt_sender_drop",
+        "pgt_receiver_new",
+        "pgt_receiver_poll",
+        "pgt_receiver_header",
+        "pgt_receiver_metadata",
+        "pgt_receiver_bind",
+        "pgt_receiver_finish_bindings",
+        "pgt_receiver_data",
+        "pgt_receiver_trailer",
+        "pgt_receiver_digest",
+        "pgt_receiver_forwarded",
+        "pgt_receiver_finish",
+        "pgt_receiver_drop",
+    ] {
+        assert!(
+            exports.contains(&name),
+            "missing export {name}: {exports:?}"
+        );
+    }
+    eprintln!(
+        "raw module: {} bytes, {} exports",
+        bytes.len(),
+        exports.len()
+    );
+}
+
+/// Section ids of a wasm binary, in order.
+fn sections(b: &[u8]) -> Vec<u8> {
+    assert_eq!(&b[0..8], b"\0asm\x01\0\0\0", "wasm magic and version 1");
+    let mut ids = Vec::new();
+    let mut i = 8;
+    while i < b.len() {
+        let id = b[i];
+        i += 1;
+        let (mut size, mut shift) = (0usize, 0);
+        loop {
+            let byte = b[i];
+            i += 1;
+            size |= ((byte & 0x7f) as usize) << shift;
+            shift += 7;
+            if byte < 0x80 {
+                break;
+            }
+        }
+        ids.push(id);
+        i += size;
+    }
+    ids
+}
+
+#[test]
+fn out_of_fuel_is_a_clean_error_and_the_engine_goes_on() {
+    // Enough fuel for small calls, not for decoding 10,000 leaves.
+    let engine = WasmEngine::new().unwrap().with_other_limits(WasmLimits {
+        fuel_per_call: 2_000_000,
+        ..WasmLimits::default()
+    });
+    let (h, meta) = encoded(&reference(10_000));
+    let e = engine.decode(&h, &meta, &Limits::default()).unwrap_err();
+    assert_eq!(
+        sandbox_error(&e),
+        &SandboxError::OutOfFuel { limit: 2_000_000 }
+    );
+    assert!(e.to_string().contains("fuel"), "{e}");
+
+    // A receiver whose guest runs dry is poisoned…
+    let mut r = engine
+        .receiver(ReceiverOptions {
+            rank: 1,
+            source: 0,
+            expected_step: None,
+            limits: Limits::default(),
+        })
+        .unwrap();
+    r.handle_header(&h).unwrap();
+    let e = r.handle_metadata(&meta).unwrap_err();
+    assert!(matches!(sandbox_error(&e), SandboxError::OutOfFuel { .. }));
+    let e = r.poll().unwrap_err();
+    assert_eq!(sandbox_error(&e), &SandboxError::Poisoned);
+
+    // …and the same engine serves the next transfer.
+    small_transfer_works(&engine);
+    // Tiny fuel fails even instantiation-time calls cleanly.
+    let starved = engine.with_other_limits(WasmLimits {
+        fuel_per_call: 10,
+        ..WasmLimits::default()
+    });
+    let e = starved.decode(&h, &meta, &Limits::default()).unwrap_err();
+    assert!(
+        matches!(sandbox_error(&e), SandboxError::OutOfFuel { .. }),
+        "{e:#}"
+    );
+    small_transfer_works(&engine);
+}
+
+#[test]
+fn out_of_memory_is_a_clean_error_and_the_engine_goes_on() {
+    // 4 MiB of linear memory: the module's own 1.1 MiB plus room for small metadata, not for the
+    // reference dict's (10,220 leaves).
+    let engine = WasmEngine::new().unwrap().with_other_limits(WasmLimits {
+        max_memory_bytes: 4 << 20,
+        ..WasmLimits::default()
+    });
+    let (h, meta) = encoded(&reference(usize::MAX));
+    let e = engine.decode(&h, &meta, &Limits::default()).unwrap_err();
+    assert_eq!(
+        sandbox_error(&e),
+        &SandboxError::OutOfMemory { limit: 4 << 20 }
+    );
+    assert!(e.to_string().contains("memory"), "{e}");
+
+    let e = engine
+        .sender(reference(usize::MAX), true, &Limits::default())
+        .err()
+        .expect("a sender for the reference dict does not fit in 4 MiB");
+    assert!(
+        matches!(sandbox_error(&e), SandboxError::OutOfMemory { .. }),
+        "{e:#}"
+    );
+
+    small_transfer_works(&engine);
+
+    // A cap below the module's initial memory fails at instantiation, also cleanly.
+    let tiny = engine.with_other_limits(WasmLimits {
+        max_memory_bytes: 64 << 10,
+        ..WasmLimits::default()
+    });
+    let e = tiny.decode(&h, &meta, &Limits::default()).unwrap_err();
+    assert!(
+        matches!(sandbox_error(&e), SandboxError::OutOfMemory { .. }),
+        "{e:#}"
+    );
+    small_transfer_works(&engine);
+}
+
+#[test]
+fn protocol_errors_carry_the_variant_name() {
+    let engine = WasmEngine::new().unwrap();
+    let (mut h, meta) = encoded(&reference(10));
+    h[2] = b'X';
+    let e = engine.decode(&h, &meta, &Limits::default()).unwrap_err();
+    let info = e.downcast_ref::<pgt_wasm::types::ErrorInfo>().unwrap();
+    assert_eq!(info.name, "BadMagic");
+    assert_eq!(info.message, pgt_core::Error::BadMagic.to_string());
+    assert_eq!(e.to_string(), info.message);
+}
+
+/// Not a benchmark, a record: decoding the reference dict's metadata natively and in wasmtime.
+#[test]
+fn decode_timing_native_vs_wasm() {
+    let engine = WasmEngine::new().unwrap();
+    let (h, meta) = encoded(&reference(usize::MAX));
+    let limits = Limits::default();
+    let runs = 5;
+    let t = Instant::now();
+    for _ in 0..runs {
+        let (hd, m) = pgt_wasm::api::decode(&h, &meta, &limits).unwrap();
+        std::hint::black_box(pgt_wasm::api::summary(&hd, &m));
+    }
+    let native = t.elapsed() / runs;
+    let t = Instant::now();
+    for _ in 0..runs {
+        std::hint::black_box(engine.decode(&h, &meta, &limits).unwrap());
+    }
+    let wasm = t.elapsed() / runs;
+    let t = Instant::now();
+    for _ in 0..runs {
+        let mut r = engine
+            .receiver(ReceiverOptions {
+                rank: 1,
+                source: 0,
+                expected_step: None,
+                limits,
+            })
+            .unwrap();
+        r.handle_header(&h).unwrap();
+        std::hint::black_box(r.handle_metadata(&meta).unwrap());
+    }
+    let wasm_receiver = t.elapsed() / runs;
+    eprintln!(
+        "reference dict ({} leaves, {} metadata bytes): decode + summary native {native:?}, \
+         wasm {wasm:?} (fresh instance each); wasm receiver header+metadata {wasm_receiver:?}",
+        reference(usize::MAX).leaves.len(),
+        meta.len()
+    );
+}

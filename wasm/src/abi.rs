@@ -1,0 +1,481 @@
+//! The raw ABI: C-ABI exports over linear memory, importing nothing. See `wasm/ABI.md`.
+//!
+//! Every function that returns a `*const u8` returns a *result block* in guest memory: a little-endian
+//! `u32` status ([`crate::types::status`]), a little-endian `u32` payload length, then the payload (postcard
+//! of the function's result type, or of an [`ErrorInfo`]). The block stays valid until the next call of any
+//! block-returning function; the host copies it out and never frees it.
+//!
+//! Inputs are byte ranges the host wrote into buffers from [`pgt_alloc`] (and frees with [`pgt_free`]
+//! after the call). A zero length needs no buffer (any pointer, e.g. 0).
+
+use alloc::vec::Vec;
+use core::cell::UnsafeCell;
+
+use pgt_core::codec::{Limits, Metadata};
+use pgt_core::dtype::DType;
+use pgt_core::receiver::{Receiver, ReceiverOptions};
+use pgt_core::sender::Sender;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::api;
+use crate::types::{abi_error, status, ErrorInfo, LimitsW, ReceiverOptionsW, SenderCreated};
+
+#[global_allocator]
+static ALLOC: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
+    // A panic is a bug (pgt-core reports every bad input as an error); the host sees a trap.
+    core::arch::wasm32::unreachable()
+}
+
+struct State {
+    result: Vec<u8>,
+    senders: Vec<Option<Sender>>,
+    receivers: Vec<Option<Receiver>>,
+}
+
+struct Global(UnsafeCell<State>);
+
+// SAFETY: wasm32-unknown-unknown without the atomics feature has one thread.
+unsafe impl Sync for Global {}
+
+static STATE: Global = Global(UnsafeCell::new(State {
+    result: Vec::new(),
+    senders: Vec::new(),
+    receivers: Vec::new(),
+}));
+
+fn state() -> &'static mut State {
+    // SAFETY: one thread, and no export calls another export or back into the host (the module imports
+    // nothing), so at most one of these references is live at a time.
+    unsafe { &mut *STATE.0.get() }
+}
+
+enum Fail {
+    Core(pgt_core::Error),
+    Abi(&'static str, &'static str),
+}
+
+impl From<pgt_core::Error> for Fail {
+    fn from(e: pgt_core::Error) -> Fail {
+        Fail::Core(e)
+    }
+}
+
+fn bad_argument(what: &'static str) -> Fail {
+    Fail::Abi(abi_error::BAD_ARGUMENT, what)
+}
+
+fn bad_handle() -> Fail {
+    Fail::Abi(abi_error::BAD_HANDLE, "no live instance has this handle")
+}
+
+/// Writes the result block for `r` and returns its address.
+fn respond<T: Serialize>(r: Result<T, Fail>) -> *const u8 {
+    let mut buf = core::mem::take(&mut state().result);
+    buf.clear();
+    buf.extend_from_slice(&[0; 8]);
+    let (code, buf) = match r {
+        Ok(v) => (status::OK, postcard::to_extend(&v, buf)),
+        Err(Fail::Core(e)) => (
+            status::ERROR,
+            postcard::to_extend(&ErrorInfo::from_core(&e), buf),
+        ),
+        Err(Fail::Abi(name, message)) => (
+            status::ABI_ERROR,
+            postcard::to_extend(&ErrorInfo::abi(name, message), buf),
+        ),
+    };
+    // Serializing these types into a Vec cannot fail (no unknown-length sequences, no custom errors).
+    let mut buf = buf.unwrap_or_else(|_| core::arch::wasm32::unreachable());
+    let len = (buf.len() - 8) as u32;
+    buf[0..4].copy_from_slice(&code.to_le_bytes());
+    buf[4..8].copy_from_slice(&len.to_le_bytes());
+    let st = state();
+    st.result = buf;
+    st.result.as_ptr()
+}
+
+fn run<T: Serialize>(f: impl FnOnce() -> Result<T, Fail>) -> *const u8 {
+    respond(f())
+}
+
+/// The bytes the host passed.
+///
+/// # Safety
+/// `ptr..ptr + len` must be readable guest memory (from [`pgt_alloc`]) when `len > 0`.
+unsafe fn input<'a>(ptr: *const u8, len: usize) -> &'a [u8] {
+    if len == 0 {
+        &[]
+    } else {
+        // SAFETY: the caller's contract.
+        unsafe { core::slice::from_raw_parts(ptr, len) }
+    }
+}
+
+fn from_postcard<T: DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T, Fail> {
+    match postcard::take_from_bytes::<T>(bytes) {
+        Ok((v, [])) => Ok(v),
+        _ => Err(bad_argument(what)),
+    }
+}
+
+/// Limits from their postcard bytes; empty means `Limits::default()`.
+fn limits(bytes: &[u8]) -> Result<Limits, Fail> {
+    if bytes.is_empty() {
+        return Ok(Limits::default());
+    }
+    from_postcard::<LimitsW>(bytes, "limits are not postcard LimitsW").map(Into::into)
+}
+
+fn flag(v: u32) -> Result<bool, Fail> {
+    match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(bad_argument("a flag must be 0 or 1")),
+    }
+}
+
+fn insert<T>(slab: &mut Vec<Option<T>>, v: T) -> u32 {
+    let i = match slab.iter().position(Option::is_none) {
+        Some(i) => {
+            slab[i] = Some(v);
+            i
+        }
+        None => {
+            slab.push(Some(v));
+            slab.len() - 1
+        }
+    };
+    i as u32 + 1
+}
+
+fn slot<T>(slab: &mut [Option<T>], handle: u32) -> Result<&mut Option<T>, Fail> {
+    let i = (handle as usize).checked_sub(1).ok_or_else(bad_handle)?;
+    match slab.get_mut(i) {
+        Some(s @ Some(_)) => Ok(s),
+        _ => Err(bad_handle()),
+    }
+}
+
+fn sender(handle: u32) -> Result<&'static mut Sender, Fail> {
+    slot(&mut state().senders, handle)?
+        .as_mut()
+        .ok_or_else(bad_handle)
+}
+
+fn receiver(handle: u32) -> Result<&'static mut Receiver, Fail> {
+    slot(&mut state().receivers, handle)?
+        .as_mut()
+        .ok_or_else(bad_handle)
+}
+
+// ---- memory and versions ----
+
+/// Version of this ABI ([`crate::types::ABI_VERSION`]).
+#[no_mangle]
+pub extern "C" fn pgt_abi_version() -> u32 {
+    crate::types::ABI_VERSION
+}
+
+/// Version of the wire protocol the module speaks.
+#[no_mangle]
+pub extern "C" fn pgt_protocol_version() -> u32 {
+    u32::from(pgt_core::codec::VERSION)
+}
+
+/// Allocates `len` bytes for an input; returns 0 when out of memory. `len == 0` gives a dangling,
+/// non-null pointer that must not be written.
+#[no_mangle]
+pub extern "C" fn pgt_alloc(len: usize) -> *mut u8 {
+    if len == 0 {
+        return core::ptr::NonNull::<u8>::dangling().as_ptr();
+    }
+    match core::alloc::Layout::from_size_align(len, 1) {
+        // SAFETY: the layout has a non-zero size.
+        Ok(layout) => unsafe { alloc::alloc::alloc(layout) },
+        Err(_) => core::ptr::null_mut(),
+    }
+}
+
+/// Frees a buffer from [`pgt_alloc`].
+///
+/// # Safety
+/// `ptr` and `len` must be exactly those of one [`pgt_alloc`] call, freed once.
+#[no_mangle]
+pub unsafe extern "C" fn pgt_free(ptr: *mut u8, len: usize) {
+    if len == 0 || ptr.is_null() {
+        return;
+    }
+    if let Ok(layout) = core::alloc::Layout::from_size_align(len, 1) {
+        // SAFETY: the caller's contract: allocated by `pgt_alloc(len)` with this layout.
+        unsafe { alloc::alloc::dealloc(ptr, layout) }
+    }
+}
+
+/// `Limits::default()` as postcard `LimitsW`.
+#[no_mangle]
+pub extern "C" fn pgt_default_limits() -> *const u8 {
+    respond::<LimitsW>(Ok(Limits::default().into()))
+}
+
+// ---- stateless ----
+
+/// Parses the header and decodes + validates the metadata under the limits (postcard `LimitsW`, or
+/// empty for the defaults). Result: `Summary`.
+///
+/// # Safety
+/// Each `(ptr, len)` must be readable guest memory (see [`input`]).
+#[no_mangle]
+pub unsafe extern "C" fn pgt_decode(
+    header: *const u8,
+    header_len: usize,
+    metadata: *const u8,
+    metadata_len: usize,
+    limits_ptr: *const u8,
+    limits_len: usize,
+) -> *const u8 {
+    // SAFETY: the caller's contract.
+    let (h, m, l) = unsafe {
+        (
+            input(header, header_len),
+            input(metadata, metadata_len),
+            input(limits_ptr, limits_len),
+        )
+    };
+    run(|| {
+        let limits = limits(l)?;
+        let (header, manifest) = api::decode(h, m, &limits)?;
+        Ok(api::summary(&header, &manifest))
+    })
+}
+
+/// Like [`pgt_decode`], but the result is the transfer plan: `PlanW`.
+///
+/// # Safety
+/// As [`pgt_decode`].
+#[no_mangle]
+pub unsafe extern "C" fn pgt_plan(
+    header: *const u8,
+    header_len: usize,
+    metadata: *const u8,
+    metadata_len: usize,
+    limits_ptr: *const u8,
+    limits_len: usize,
+) -> *const u8 {
+    // SAFETY: the caller's contract.
+    let (h, m, l) = unsafe {
+        (
+            input(header, header_len),
+            input(metadata, metadata_len),
+            input(limits_ptr, limits_len),
+        )
+    };
+    run(|| {
+        let limits = limits(l)?;
+        let (header, manifest) = api::decode(h, m, &limits)?;
+        Ok(api::plan(&manifest, header.metadata_len))
+    })
+}
+
+/// Validates metadata (postcard `pgt_core::codec::Metadata`, the metadata message's schema) as a sender
+/// does and encodes it. `digests`: 0 or 1. Result: `Encoded` (header and metadata messages).
+///
+/// # Safety
+/// As [`pgt_decode`].
+#[no_mangle]
+pub unsafe extern "C" fn pgt_encode(
+    metadata: *const u8,
+    metadata_len: usize,
+    digests: u32,
+    limits_ptr: *const u8,
+    limits_len: usize,
+) -> *const u8 {
+    // SAFETY: the caller's contract.
+    let (m, l) = unsafe { (input(metadata, metadata_len), input(limits_ptr, limits_len)) };
+    run(|| {
+        let digests = flag(digests)?;
+        let limits = limits(l)?;
+        let meta: Metadata = pgt_core::codec::decode_metadata(m)?;
+        Ok(api::encode(meta, digests, &limits)?)
+    })
+}
+
+// ---- sender ----
+
+/// A sender for metadata (postcard `Metadata`), validated under the limits. Result: `SenderCreated`.
+///
+/// # Safety
+/// As [`pgt_decode`].
+#[no_mangle]
+pub unsafe extern "C" fn pgt_sender_new(
+    metadata: *const u8,
+    metadata_len: usize,
+    digests: u32,
+    limits_ptr: *const u8,
+    limits_len: usize,
+) -> *const u8 {
+    // SAFETY: the caller's contract.
+    let (m, l) = unsafe { (input(metadata, metadata_len), input(limits_ptr, limits_len)) };
+    run(|| {
+        let digests = flag(digests)?;
+        let limits = limits(l)?;
+        let meta: Metadata = pgt_core::codec::decode_metadata(m)?;
+        let sender = Sender::new(meta, digests, &limits)?;
+        let storages = api::storages(sender.manifest());
+        let handle = insert(&mut state().senders, sender);
+        Ok(SenderCreated { handle, storages })
+    })
+}
+
+/// The sender's next step. Result: `SendNextW`.
+#[no_mangle]
+pub extern "C" fn pgt_sender_poll(handle: u32) -> *const u8 {
+    respond(sender(handle).map(|s| api::send_next(s.poll())))
+}
+
+/// Reports the digest of storage `storage`, hashed while sending. Result: `()`.
+#[no_mangle]
+pub extern "C" fn pgt_sender_digest(handle: u32, storage: u32, digest: u64) -> *const u8 {
+    run(|| Ok(sender(handle)?.handle_storage_digest(storage, digest)?))
+}
+
+/// Frees a sender. Result: `()`.
+#[no_mangle]
+pub extern "C" fn pgt_sender_drop(handle: u32) -> *const u8 {
+    respond(slot(&mut state().senders, handle).map(|s| *s = None))
+}
+
+// ---- receiver ----
+
+/// A receiver with these options (postcard `ReceiverOptionsW`). Result: the handle, a `u32`.
+///
+/// # Safety
+/// As [`pgt_decode`].
+#[no_mangle]
+pub unsafe extern "C" fn pgt_receiver_new(options: *const u8, options_len: usize) -> *const u8 {
+    // SAFETY: the caller's contract.
+    let o = unsafe { input(options, options_len) };
+    run(|| {
+        let options: ReceiverOptionsW =
+            from_postcard(o, "options are not postcard ReceiverOptionsW")?;
+        let receiver = Receiver::new(ReceiverOptions::from(options));
+        Ok(insert(&mut state().receivers, receiver))
+    })
+}
+
+/// The receiver's next step. Result: `RecvNextW`.
+#[no_mangle]
+pub extern "C" fn pgt_receiver_poll(handle: u32) -> *const u8 {
+    respond(receiver(handle).map(|r| api::recv_next(r.poll())))
+}
+
+/// Hands over the header message. Result: `()`.
+///
+/// # Safety
+/// As [`pgt_decode`].
+#[no_mangle]
+pub unsafe extern "C" fn pgt_receiver_header(handle: u32, ptr: *const u8, len: usize) -> *const u8 {
+    // SAFETY: the caller's contract.
+    let bytes = unsafe { input(ptr, len) };
+    run(|| Ok(receiver(handle)?.handle_header(bytes)?))
+}
+
+/// Hands over the metadata message. Result: `IncomingW`.
+///
+/// # Safety
+/// As [`pgt_decode`].
+#[no_mangle]
+pub unsafe extern "C" fn pgt_receiver_metadata(
+    handle: u32,
+    ptr: *const u8,
+    len: usize,
+) -> *const u8 {
+    // SAFETY: the caller's contract.
+    let bytes = unsafe { input(ptr, len) };
+    run(|| {
+        let r = receiver(handle)?;
+        r.handle_metadata(bytes)?;
+        Ok(api::incoming(r))
+    })
+}
+
+/// Binds storage `storage` in place to the host's buffer `id` of `dtype` (index in wire order,
+/// `DType::ALL`) and `nbytes`. Result: `()`.
+#[no_mangle]
+pub extern "C" fn pgt_receiver_bind(
+    handle: u32,
+    storage: u32,
+    id: u64,
+    dtype: u32,
+    nbytes: u64,
+) -> *const u8 {
+    run(|| {
+        let dtype = *DType::ALL
+            .get(dtype as usize)
+            .ok_or_else(|| bad_argument("no such dtype index"))?;
+        Ok(receiver(handle)?.bind_in_place(storage as usize, id, dtype, nbytes)?)
+    })
+}
+
+/// Ends binding. Result: every storage's binding, `Vec<BindingW>`.
+#[no_mangle]
+pub extern "C" fn pgt_receiver_finish_bindings(handle: u32) -> *const u8 {
+    run(|| {
+        let r = receiver(handle)?;
+        r.finish_bindings()?;
+        Ok(api::bindings(r))
+    })
+}
+
+/// Data message `message` has landed. Result: `()`.
+#[no_mangle]
+pub extern "C" fn pgt_receiver_data(handle: u32, message: u32) -> *const u8 {
+    run(|| Ok(receiver(handle)?.handle_data(message as usize)?))
+}
+
+/// Hands over the trailer message. Result: `()`.
+///
+/// # Safety
+/// As [`pgt_decode`].
+#[no_mangle]
+pub unsafe extern "C" fn pgt_receiver_trailer(
+    handle: u32,
+    ptr: *const u8,
+    len: usize,
+) -> *const u8 {
+    // SAFETY: the caller's contract.
+    let bytes = unsafe { input(ptr, len) };
+    run(|| Ok(receiver(handle)?.handle_trailer(bytes)?))
+}
+
+/// Reports storage `storage`'s digest, hashed as it landed. Result: `()`.
+#[no_mangle]
+pub extern "C" fn pgt_receiver_digest(handle: u32, storage: u32, digest: u64) -> *const u8 {
+    run(|| Ok(receiver(handle)?.handle_storage_digest(storage, digest)?))
+}
+
+/// Forward `message` has been sent. Result: `()`.
+#[no_mangle]
+pub extern "C" fn pgt_receiver_forwarded(handle: u32, message: u32) -> *const u8 {
+    run(|| Ok(receiver(handle)?.handle_forwarded(message as usize)?))
+}
+
+/// The verified result; frees the receiver whatever the outcome. Result: `ReceivedW`.
+#[no_mangle]
+pub extern "C" fn pgt_receiver_finish(handle: u32) -> *const u8 {
+    run(|| {
+        let r = slot(&mut state().receivers, handle)?
+            .take()
+            .ok_or_else(bad_handle)?;
+        Ok(api::received(r.finish()?))
+    })
+}
+
+/// Frees a receiver. Result: `()`.
+#[no_mangle]
+pub extern "C" fn pgt_receiver_drop(handle: u32) -> *const u8 {
+    respond(slot(&mut state().receivers, handle).map(|s| *s = None))
+}

@@ -1,0 +1,404 @@
+//! The JS API (feature "js", wasm-bindgen): functions and the `Sender` / `Receiver` classes on plain JS
+//! objects in the JSON forms of [`crate::json`] (index.json's conventions: integers past 2^53 − 1 as
+//! decimal strings, dtypes as torch names). Byte arrays are `Uint8Array`; digests are `bigint`.
+//!
+//! Errors are thrown as `Error` objects whose `name` is the pgt-core variant (`"BadMagic"`,
+//! `"InPlaceSizeMismatch"`…; `"BadArgument"` / `"BadHandle"` for misuse), `message` its Display text, and
+//! with extra properties `variant` (= name), `debug` (the Debug form, e.g. `"TreeTooDeep { max: 64 }"`)
+//! and `pgt: true`.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use js_sys::{Error as JsError, Reflect, Uint8Array, JSON};
+use pgt_core::codec::Limits;
+use pgt_core::receiver::{Receiver as CoreReceiver, ReceiverOptions};
+use pgt_core::sender::Sender as CoreSender;
+use serde_json::{json, Value as Json};
+use wasm_bindgen::prelude::*;
+
+use crate::json::*;
+use crate::types::*;
+use crate::{api, json};
+
+#[wasm_bindgen(typescript_custom_section)]
+const TS_TYPES: &'static str = r#"
+/** An unsigned integer: a number up to 2^53 - 1, else a decimal string. */
+export type U64 = number | string;
+/** Caps on untrusted metadata; missing fields take the defaults (see defaultLimits()). */
+export interface Limits {
+  max_metadata_bytes?: U64; max_leaves?: U64; max_depth?: number; max_ndim?: number;
+  max_total_bytes?: U64; max_messages?: U64;
+}
+export interface Segment { storage: number; offset: U64; len: U64 }
+export interface StorageInfo { leaf: number; shard: number; nbytes: U64; dtype: string }
+export type PathElem = { key: string } | { int_key: U64 } | { index: U64 };
+export type TreeNode = "leaf" | { list: U64 } | { tuple: U64 } | { dict: (string | { int: U64 })[] };
+/** A leaf in the form of tests/vectors/index.json: {kind: "value" | "tensor" | "dtensor" | "sharded_tensor", …}. */
+export type Leaf = { kind: string; [field: string]: unknown };
+export interface PlanParams { fanout: "Chain" | "Direct"; bucket_size: U64; chunk_size: U64 }
+/** What encode() takes (a Summary works too). */
+export interface MetadataInput {
+  step: U64 | null; source: number; destinations: number[]; plan: PlanParams; tree: TreeNode[]; leaves: Leaf[];
+}
+/** What a header + metadata decode to: index.json's manifest without messages, plus tree. */
+export interface Summary extends MetadataInput {
+  header: { version: number; flags: number; metadata_len: U64; metadata_digest: string };
+  digests: boolean; leaf_count: number; storage_count: number; total_bytes: U64;
+  paths: string[]; path_elems: PathElem[][]; storages: StorageInfo[];
+}
+export interface Message { kind: "header" | "metadata" | "data" | "trailer"; tag: U64; len: U64; segments: Segment[] }
+export interface Encoded { header: Uint8Array; metadata: Uint8Array }
+/** A send or forward carries either bytes (header, metadata, trailer) or storage segments. */
+export type SendOp =
+  | { type: "send"; to: number; message: number; tag: U64; len: U64; hash: boolean; bytes?: Uint8Array; segments?: Segment[] }
+  | { type: "wait_digests" } | { type: "done" };
+export type RecvOp =
+  | { type: "recv"; from: number; message: number; kind: Message["kind"]; tag: U64; len: U64; hash: boolean; segments: Segment[] }
+  | { type: "need_bindings" }
+  | { type: "forward"; to: number; message: number; tag: U64; len: U64; bytes?: Uint8Array; segments?: Segment[] }
+  | { type: "wait" } | { type: "done" };
+export interface ReceiverOptions { rank: number; source: number; expected_step?: U64 | null; limits?: Limits }
+export interface Incoming { step: U64 | null; paths: PathElem[][]; storages: StorageInfo[]; total_bytes: U64 }
+export interface BindingInfo { dest: "fresh" | { in_place: U64 }; dtype: string; nbytes: U64; cast_from: string | null }
+export interface Received { step: U64 | null; tree: TreeNode[]; leaves: Leaf[]; bindings: BindingInfo[] }
+"#;
+
+fn throw(info: ErrorInfo) -> JsValue {
+    let e = JsError::new(&info.message);
+    e.set_name(&info.name);
+    let _ = Reflect::set(&e, &"variant".into(), &info.name.as_str().into());
+    let _ = Reflect::set(&e, &"debug".into(), &info.debug.as_str().into());
+    let _ = Reflect::set(&e, &"pgt".into(), &JsValue::TRUE);
+    e.into()
+}
+
+fn core_err(e: pgt_core::Error) -> JsValue {
+    throw(ErrorInfo::from_core(&e))
+}
+
+fn bad_argument(message: String) -> JsValue {
+    throw(ErrorInfo::abi(abi_error::BAD_ARGUMENT, &message))
+}
+
+fn to_js(j: &Json) -> JsValue {
+    // serde_json always produces valid JSON.
+    JSON::parse(&j.to_string()).unwrap_or(JsValue::NULL)
+}
+
+fn from_js(v: &JsValue, what: &str) -> Result<Json, JsValue> {
+    if v.is_undefined() || v.is_null() {
+        return Ok(Json::Null);
+    }
+    let s = JSON::stringify(v)
+        .map_err(|_| bad_argument(alloc::format!("{what}: not JSON-serializable (bigint?)")))?;
+    let s: String = s.into();
+    serde_json::from_str(&s).map_err(|e| bad_argument(alloc::format!("{what}: {e}")))
+}
+
+fn limits_arg(v: &JsValue) -> Result<Limits, JsValue> {
+    match from_js(v, "limits")? {
+        Json::Null => Ok(Limits::default()),
+        j => limits_from_json(&j).map_err(bad_argument),
+    }
+}
+
+fn set(obj: &JsValue, key: &str, value: &JsValue) {
+    let _ = Reflect::set(obj, &key.into(), value);
+}
+
+/// A JS object from JSON, plus the payload as `bytes` (Uint8Array) or `segments`.
+fn with_payload(base: Json, payload: &PayloadW) -> JsValue {
+    let obj = to_js(&base);
+    match payload {
+        PayloadW::Bytes(b) => set(&obj, "bytes", &Uint8Array::from(b.as_slice()).into()),
+        PayloadW::Storages(s) => set(&obj, "segments", &to_js(&segments_json(s))),
+    }
+    obj
+}
+
+/// The default limits.
+#[wasm_bindgen(js_name = defaultLimits, unchecked_return_type = "Limits")]
+pub fn default_limits() -> JsValue {
+    to_js(&limits_json(&Limits::default()))
+}
+
+/// The wire protocol version this module speaks.
+#[wasm_bindgen(js_name = protocolVersion)]
+pub fn protocol_version() -> u32 {
+    u32::from(pgt_core::codec::VERSION)
+}
+
+/// Parses `header` and decodes + validates `metadata` (optionally under `limits`). Throws a pgt error.
+#[wasm_bindgen(js_name = decodeMetadata, unchecked_return_type = "Summary")]
+pub fn decode_metadata(
+    header: &[u8],
+    metadata: &[u8],
+    #[wasm_bindgen(unchecked_param_type = "Limits | undefined")] limits: JsValue,
+) -> Result<JsValue, JsValue> {
+    let limits = limits_arg(&limits)?;
+    let (h, m) = api::decode(header, metadata, &limits).map_err(core_err)?;
+    Ok(to_js(&summary_json(&api::summary(&h, &m))))
+}
+
+/// The transfer plan of a header + metadata: every wire message, in order.
+#[wasm_bindgen(unchecked_return_type = "Message[]")]
+pub fn plan(
+    header: &[u8],
+    metadata: &[u8],
+    #[wasm_bindgen(unchecked_param_type = "Limits | undefined")] limits: JsValue,
+) -> Result<JsValue, JsValue> {
+    let limits = limits_arg(&limits)?;
+    let (h, m) = api::decode(header, metadata, &limits).map_err(core_err)?;
+    Ok(to_js(&plan_json(&api::plan(&m, h.metadata_len))))
+}
+
+fn metadata_arg(v: &JsValue) -> Result<pgt_core::codec::Metadata, JsValue> {
+    json::metadata_from_json(&from_js(v, "metadata")?).map_err(bad_argument)
+}
+
+/// Validates metadata as a sender does and encodes it: `{header, metadata}` messages.
+#[wasm_bindgen(unchecked_return_type = "Encoded")]
+pub fn encode(
+    #[wasm_bindgen(unchecked_param_type = "MetadataInput")] metadata: JsValue,
+    digests: bool,
+    #[wasm_bindgen(unchecked_param_type = "Limits | undefined")] limits: JsValue,
+) -> Result<JsValue, JsValue> {
+    let limits = limits_arg(&limits)?;
+    let e = api::encode(metadata_arg(&metadata)?, digests, &limits).map_err(core_err)?;
+    let obj = to_js(&json!({}));
+    set(
+        &obj,
+        "header",
+        &Uint8Array::from(e.header.as_slice()).into(),
+    );
+    set(
+        &obj,
+        "metadata",
+        &Uint8Array::from(e.metadata.as_slice()).into(),
+    );
+    Ok(obj)
+}
+
+/// The sender state machine of one transfer.
+#[wasm_bindgen]
+#[derive(Debug)]
+pub struct Sender {
+    inner: CoreSender,
+}
+
+#[wasm_bindgen]
+impl Sender {
+    /// Validates and encodes `metadata`; `digests`: send a digest trailer.
+    #[wasm_bindgen(constructor)]
+    pub fn new(
+        #[wasm_bindgen(unchecked_param_type = "MetadataInput")] metadata: JsValue,
+        digests: bool,
+        #[wasm_bindgen(unchecked_param_type = "Limits | undefined")] limits: JsValue,
+    ) -> Result<Sender, JsValue> {
+        let limits = limits_arg(&limits)?;
+        let inner =
+            CoreSender::new(metadata_arg(&metadata)?, digests, &limits).map_err(core_err)?;
+        Ok(Sender { inner })
+    }
+
+    /// Every storage, in wire order.
+    #[wasm_bindgen(unchecked_return_type = "StorageInfo[]")]
+    pub fn storages(&self) -> JsValue {
+        to_js(&storages_json(&api::storages(self.inner.manifest())))
+    }
+
+    /// The encoded header message.
+    #[wasm_bindgen(js_name = headerBytes)]
+    pub fn header_bytes(&self) -> Vec<u8> {
+        self.inner.header_bytes().to_vec()
+    }
+
+    /// The encoded metadata message.
+    #[wasm_bindgen(js_name = metadataBytes)]
+    pub fn metadata_bytes(&self) -> Vec<u8> {
+        self.inner.metadata_bytes().to_vec()
+    }
+
+    /// The next operation.
+    #[wasm_bindgen(unchecked_return_type = "SendOp")]
+    pub fn poll(&mut self) -> JsValue {
+        match api::send_next(self.inner.poll()) {
+            SendNextW::Send(op) => with_payload(
+                json!({"type": "send", "to": op.to, "message": op.message, "tag": uint(op.tag),
+                       "len": uint(op.len), "hash": op.hash}),
+                &op.payload,
+            ),
+            SendNextW::WaitDigests => to_js(&json!({"type": "wait_digests"})),
+            SendNextW::Done => to_js(&json!({"type": "done"})),
+        }
+    }
+
+    /// Reports the digest (XXH3-64) of storage `storage`'s bytes, hashed while sending.
+    #[wasm_bindgen(js_name = handleStorageDigest)]
+    pub fn handle_storage_digest(&mut self, storage: u32, digest: u64) -> Result<(), JsValue> {
+        self.inner
+            .handle_storage_digest(storage, digest)
+            .map_err(core_err)
+    }
+}
+
+/// The receiver state machine of one transfer.
+#[wasm_bindgen]
+#[derive(Debug)]
+pub struct Receiver {
+    inner: Option<CoreReceiver>,
+}
+
+#[wasm_bindgen]
+impl Receiver {
+    /// A receiver waiting for the header.
+    #[wasm_bindgen(constructor)]
+    pub fn new(
+        #[wasm_bindgen(unchecked_param_type = "ReceiverOptions")] options: JsValue,
+    ) -> Result<Receiver, JsValue> {
+        let o = from_js(&options, "options")?;
+        let u32_of = |k: &str| -> Result<u32, JsValue> {
+            let v = o
+                .get(k)
+                .ok_or_else(|| bad_argument(alloc::format!("options: missing \"{k}\"")))?;
+            let v = as_u64(v, k).map_err(bad_argument)?;
+            u32::try_from(v).map_err(|_| bad_argument(alloc::format!("options.{k}: too large")))
+        };
+        let expected_step = match o.get("expected_step") {
+            None | Some(Json::Null) => None,
+            Some(s) => Some(as_u64(s, "expected_step").map_err(bad_argument)?),
+        };
+        let limits = match o.get("limits") {
+            None | Some(Json::Null) => Limits::default(),
+            Some(l) => limits_from_json(l).map_err(bad_argument)?,
+        };
+        Ok(Receiver {
+            inner: Some(CoreReceiver::new(ReceiverOptions {
+                rank: u32_of("rank")?,
+                source: u32_of("source")?,
+                expected_step,
+                limits,
+            })),
+        })
+    }
+
+    fn get(&mut self) -> Result<&mut CoreReceiver, JsValue> {
+        self.inner.as_mut().ok_or_else(|| {
+            throw(ErrorInfo::abi(
+                abi_error::BAD_HANDLE,
+                "the receiver has finished",
+            ))
+        })
+    }
+
+    /// The next operation.
+    #[wasm_bindgen(unchecked_return_type = "RecvOp")]
+    pub fn poll(&mut self) -> Result<JsValue, JsValue> {
+        Ok(match api::recv_next(self.get()?.poll()) {
+            RecvNextW::Recv(op) => to_js(&json!({
+                "type": "recv", "from": op.from, "message": op.message, "kind": kind_name(op.kind),
+                "tag": uint(op.tag), "len": uint(op.len), "hash": op.hash,
+                "segments": segments_json(&op.segments),
+            })),
+            RecvNextW::NeedBindings => to_js(&json!({"type": "need_bindings"})),
+            RecvNextW::Forward(op) => with_payload(
+                json!({"type": "forward", "to": op.to, "message": op.message, "tag": uint(op.tag),
+                       "len": uint(op.len)}),
+                &op.payload,
+            ),
+            RecvNextW::Wait => to_js(&json!({"type": "wait"})),
+            RecvNextW::Done => to_js(&json!({"type": "done"})),
+        })
+    }
+
+    /// Hands over the header message.
+    #[wasm_bindgen(js_name = handleHeader)]
+    pub fn handle_header(&mut self, bytes: &[u8]) -> Result<(), JsValue> {
+        self.get()?.handle_header(bytes).map_err(core_err)
+    }
+
+    /// Hands over the metadata message; returns what binding needs.
+    #[wasm_bindgen(js_name = handleMetadata, unchecked_return_type = "Incoming")]
+    pub fn handle_metadata(&mut self, bytes: &[u8]) -> Result<JsValue, JsValue> {
+        let r = self.get()?;
+        r.handle_metadata(bytes).map_err(core_err)?;
+        let m = api::incoming(r);
+        Ok(to_js(&json!({
+            "step": m.step.map(uint),
+            "paths": paths_json(&m.paths),
+            "storages": storages_json(&m.storages),
+            "total_bytes": uint(m.total_bytes),
+        })))
+    }
+
+    /// Binds storage `storage` to the host's existing buffer `id` of `dtype` (torch name) and `nbytes`.
+    #[wasm_bindgen(js_name = bindInPlace)]
+    pub fn bind_in_place(
+        &mut self,
+        storage: u32,
+        id: u64,
+        dtype: &str,
+        nbytes: u64,
+    ) -> Result<(), JsValue> {
+        let dtype = dtype_from(&Json::from(dtype)).map_err(bad_argument)?;
+        self.get()?
+            .bind_in_place(storage as usize, id, dtype, nbytes)
+            .map_err(core_err)
+    }
+
+    /// Ends binding; returns every storage's binding.
+    #[wasm_bindgen(js_name = finishBindings, unchecked_return_type = "BindingInfo[]")]
+    pub fn finish_bindings(&mut self) -> Result<JsValue, JsValue> {
+        let r = self.get()?;
+        r.finish_bindings().map_err(core_err)?;
+        let b: Vec<Json> = api::bindings(r).iter().map(binding_json).collect();
+        Ok(to_js(&Json::Array(b)))
+    }
+
+    /// Data message `message` has landed.
+    #[wasm_bindgen(js_name = handleData)]
+    pub fn handle_data(&mut self, message: u32) -> Result<(), JsValue> {
+        self.get()?.handle_data(message as usize).map_err(core_err)
+    }
+
+    /// Hands over the trailer message.
+    #[wasm_bindgen(js_name = handleTrailer)]
+    pub fn handle_trailer(&mut self, bytes: &[u8]) -> Result<(), JsValue> {
+        self.get()?.handle_trailer(bytes).map_err(core_err)
+    }
+
+    /// Reports storage `storage`'s digest (XXH3-64), hashed as it landed.
+    #[wasm_bindgen(js_name = handleStorageDigest)]
+    pub fn handle_storage_digest(&mut self, storage: u32, digest: u64) -> Result<(), JsValue> {
+        self.get()?
+            .handle_storage_digest(storage, digest)
+            .map_err(core_err)
+    }
+
+    /// Forward `message` has been sent.
+    #[wasm_bindgen(js_name = handleForwarded)]
+    pub fn handle_forwarded(&mut self, message: u32) -> Result<(), JsValue> {
+        self.get()?
+            .handle_forwarded(message as usize)
+            .map_err(core_err)
+    }
+
+    /// The verified result (once poll() said "done"); the receiver is finished afterwards.
+    #[wasm_bindgen(unchecked_return_type = "Received")]
+    pub fn finish(&mut self) -> Result<JsValue, JsValue> {
+        let r = self.inner.take().ok_or_else(|| {
+            throw(ErrorInfo::abi(
+                abi_error::BAD_HANDLE,
+                "the receiver has finished",
+            ))
+        })?;
+        let r = api::received(r.finish().map_err(core_err)?);
+        Ok(to_js(&json!({
+            "step": r.step.map(uint),
+            "tree": r.tree.iter().map(node_json).collect::<Vec<_>>(),
+            "leaves": r.leaves.iter().map(leaf_json).collect::<Vec<_>>(),
+            "bindings": r.bindings.iter().map(binding_json).collect::<Vec<_>>(),
+        })))
+    }
+}
