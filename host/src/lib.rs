@@ -1,6 +1,12 @@
-//! pgt-host: the host side of pgt — I/O around the sans-IO protocol of `pgt-core`.
+//! pgt-host: the host side of pgt — real I/O around the sans-IO protocol of `pgt-core`.
 //!
-//! So far: [`pg`], process groups (ranked point-to-point messaging) over TCP or in-process.
+//! - [`pg`]: process groups (ranked, tagged point-to-point messages) over authenticated TCP or
+//!   in-process;
+//! - [`transport`]: `Transport`, PGTransport's API, executing what the protocol [`engine`] asks for;
+//! - [`state_dict`]: state dicts for Rust users; [`safetensors_io`]: safetensors files in and out;
+//! - [`memory`]: receive buffers that keep page faults off the wire's critical path;
+//! - [`synthetic`]: generated state dicts and their byte-exact verification (demo, benches, tests);
+//! - `wasm_engine` (feature `wasm`): pgt-core running inside wasmtime.
 
 pub mod engine;
 pub mod memory;
@@ -11,3 +17,8 @@ pub mod synthetic;
 pub mod transport;
 #[cfg(feature = "wasm")]
 pub mod wasm_engine;
+
+/// The README's Rust example, compiled and run as a doctest.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
