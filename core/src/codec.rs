@@ -39,12 +39,12 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
-            max_metadata_bytes: 256 << 20,
+            max_metadata_bytes: 64 << 20,
             max_leaves: 4 << 20,
             max_depth: 64,
             max_ndim: 64,
             max_total_bytes: 1 << 44,
-            max_messages: 16 << 20,
+            max_messages: 1 << 20,
         }
     }
 }

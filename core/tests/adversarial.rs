@@ -395,7 +395,7 @@ fn too_many_messages_is_counted_not_walked() {
         res.err(),
         Some(Error::TooManyMessages {
             count: 1 << 38,
-            max: 16 << 20
+            max: 1 << 20
         })
     );
     assert!(peak < MIB, "{peak}");

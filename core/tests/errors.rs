@@ -131,7 +131,7 @@ fn metadata_too_large() {
         Header::parse(&h, &limits()),
         Err(Error::MetadataTooLarge {
             len: u64::MAX,
-            max: 256 << 20
+            max: 64 << 20
         })
     );
     // Tightened: the sample's real length is over a 16-byte cap.
