@@ -1,0 +1,241 @@
+// The JS build of pgt's core (wasm/pkg-node, made by scripts/build-wasm.sh) against the golden vectors of
+// tests/vectors: every vector decodes to the summary, plan and error index.json gives; summaries encode
+// back to the very bytes; receivers driven by JS accept the streams (and reject the malformed ones with
+// the named error); a JS-driven sender produces the streams' bytes.
+//
+// Run: node --test tests/node/
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { readFileSync, existsSync } from "node:fs";
+import { createRequire } from "node:module";
+import { fileURLToPath } from "node:url";
+import path from "node:path";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const root = path.join(here, "..", "..");
+const pkgDir = path.join(root, "wasm", "pkg-node");
+if (!existsSync(path.join(pkgDir, "pgt_wasm.js"))) {
+  throw new Error(`${pkgDir} is missing: run scripts/build-wasm.sh first`);
+}
+const pgt = createRequire(import.meta.url)(pkgDir);
+const vectorsDir = path.join(root, "tests", "vectors");
+const index = JSON.parse(readFileSync(path.join(vectorsDir, "index.json"), "utf8"));
+const byKind = (kind) => index.vectors.filter((v) => v.kind === kind);
+const read = (v) => new Uint8Array(readFileSync(path.join(vectorsDir, v.file)));
+
+/** Header and metadata of a header + metadata vector. */
+function split(v) {
+  const bytes = read(v);
+  return [bytes.subarray(0, v.header_len), bytes.subarray(v.header_len)];
+}
+
+/** The records of a stream vector: [{tag, bytes}]. */
+function records(v) {
+  const b = read(v);
+  const view = new DataView(b.buffer, b.byteOffset, b.byteLength);
+  const out = [];
+  for (let at = 0; at < b.length; ) {
+    const tag = Number(view.getBigUint64(at, true));
+    const len = Number(view.getBigUint64(at + 8, true));
+    out.push({ tag, bytes: b.subarray(at + 16, at + 16 + len) });
+    at += 16 + len;
+  }
+  return out;
+}
+
+const big = (x) => BigInt(x); // index.json integers are numbers or decimal strings
+const num = (x) => Number(big(x));
+const pattern = (s, i) => (17 * s + i) % 256;
+
+/** A pgt error with the vector's variant name and Debug form. */
+function isPgtError(v) {
+  return (e) => {
+    assert.ok(e instanceof Error, `not an Error: ${e}`);
+    assert.equal(e.pgt, true);
+    assert.equal(e.name, v.error, `${v.file}: ${e.message}`);
+    assert.equal(e.variant, v.error);
+    assert.equal(e.debug, v.error_debug);
+    assert.ok(e.message.length > 0);
+    return true;
+  };
+}
+
+// XXH3-64 of pattern-filled storages, known from the valid stream vectors' results: keyed by storage
+// index and size (the pattern depends on nothing else). A JS host would hash with any XXH3 library;
+// these tests need none.
+const patternDigests = new Map();
+for (const v of byKind("stream")) {
+  for (const s of v.result.storages) patternDigests.set(`${s.index}/${s.nbytes}`, BigInt(s.digest));
+}
+function digestOf(storage, bytes) {
+  const d = patternDigests.get(`${storage}/${bytes.length}`);
+  assert.ok(d !== undefined, `no known digest for storage ${storage} of ${bytes.length} bytes`);
+  const isPattern = bytes.every((b, i) => b === pattern(storage, i));
+  return isPattern ? d : d ^ 1n; // bytes that differ from the pattern hash to something else
+}
+
+test("the module speaks protocol version 1 and has the documented defaults", () => {
+  assert.equal(pgt.protocolVersion(), index.protocol_version);
+  assert.deepEqual(pgt.defaultLimits(), index.default_limits);
+});
+
+test("valid metadata decodes to index.json's manifest, plans and re-encodes byte for byte", () => {
+  const vs = byKind("valid_metadata");
+  assert.ok(vs.length >= 8);
+  for (const v of vs) {
+    const [h, m] = split(v);
+    const summary = pgt.decodeMetadata(h, m);
+    const { messages, ...expected } = v.manifest;
+    for (const [k, want] of Object.entries(expected)) {
+      assert.deepEqual(summary[k], want, `${v.file}: ${k}`);
+    }
+    assert.ok(Array.isArray(summary.tree) && summary.tree.length > 0, v.file);
+    assert.deepEqual(pgt.plan(h, m), messages, `${v.file}: plan`);
+    const e = pgt.encode(summary, summary.digests);
+    assert.deepEqual(e.header, h, `${v.file}: header round trip`);
+    assert.deepEqual(e.metadata, m, `${v.file}: metadata round trip`);
+  }
+});
+
+test("malformed vectors throw the named pgt error", () => {
+  const vs = byKind("malformed");
+  assert.ok(vs.length >= 40);
+  for (const v of vs) {
+    const [h, m] = split(v);
+    assert.throws(() => pgt.decodeMetadata(h, m, v.limits), isPgtError(v), v.file);
+    assert.throws(() => pgt.plan(h, m, v.limits), isPgtError(v), v.file);
+  }
+});
+
+test("receiver_reject vectors decode but a receiver with the vector's options rejects them", () => {
+  for (const v of byKind("receiver_reject")) {
+    const [h, m] = split(v);
+    pgt.decodeMetadata(h, m);
+    const r = new pgt.Receiver(v.receiver);
+    const op = r.poll();
+    assert.equal(op.type, "recv");
+    assert.equal(op.kind, "header");
+    r.handleHeader(h);
+    assert.throws(() => r.handleMetadata(m), isPgtError(v), v.file);
+  }
+});
+
+/** Drives a Receiver over a stream's records, as a sequential host: returns the storages and result. */
+function receive(v) {
+  const recs = records(v);
+  const r = new pgt.Receiver(v.receiver);
+  let next = 0;
+  let storages = [];
+  const ops = [];
+  for (;;) {
+    const op = r.poll();
+    ops.push(op.type);
+    if (op.type === "done") break;
+    if (op.type === "need_bindings") {
+      const bindings = r.finishBindings();
+      assert.equal(bindings.length, storages.length);
+      assert.ok(bindings.every((b) => b.dest === "fresh" && b.cast_from === null));
+      continue;
+    }
+    if (op.type === "forward") {
+      r.handleForwarded(op.message);
+      continue;
+    }
+    assert.equal(op.type, "recv", `${v.file}: a sequential receiver never waits`);
+    const rec = recs[next++];
+    assert.ok(rec, `${v.file}: stream ended`);
+    assert.equal(rec.tag, num(op.tag), `${v.file}: tag`);
+    if (op.kind === "header") r.handleHeader(rec.bytes);
+    else if (op.kind === "metadata") {
+      const incoming = r.handleMetadata(rec.bytes);
+      storages = incoming.storages.map((s) => new Uint8Array(num(s.nbytes)));
+    } else if (op.kind === "trailer") r.handleTrailer(rec.bytes);
+    else {
+      assert.equal(rec.bytes.length, num(op.len));
+      let at = 0;
+      for (const seg of op.segments) {
+        const [off, len] = [num(seg.offset), num(seg.len)];
+        storages[seg.storage].set(rec.bytes.subarray(at, at + len), off);
+        at += len;
+        if (op.hash && off + len === storages[seg.storage].length) {
+          r.handleStorageDigest(seg.storage, digestOf(seg.storage, storages[seg.storage]));
+        }
+      }
+      r.handleData(op.message);
+    }
+  }
+  assert.equal(next, recs.length, `${v.file}: records left over`);
+  return { storages, result: r.finish(), ops };
+}
+
+test("stream vectors are received completely, with the expected leaves and bytes", () => {
+  const vs = byKind("stream");
+  assert.ok(vs.length >= 3);
+  for (const v of vs) {
+    const { storages, result, ops } = receive(v);
+    assert.deepEqual(result.leaves, v.result.leaves, `${v.file}: leaves`);
+    assert.equal(storages.length, v.result.storages.length);
+    storages.forEach((s, i) => {
+      assert.equal(s.length, num(v.result.storages[i].nbytes));
+      assert.ok(s.every((b, j) => b === pattern(i, j)), `${v.file}: storage ${i}`);
+    });
+    if (v.file === "stream_chain.bin") assert.ok(!ops.includes("forward")); // rank 2 ends the chain
+  }
+});
+
+test("malformed streams fail with the named error", () => {
+  const vs = byKind("malformed_stream");
+  assert.ok(vs.length >= 2);
+  for (const v of vs) assert.throws(() => receive(v), isPgtError(v), v.file);
+});
+
+test("a JS-driven sender produces each stream's bytes", () => {
+  for (const v of byKind("stream")) {
+    const recs = records(v);
+    const summary = pgt.decodeMetadata(recs[0].bytes, recs[1].bytes);
+    const s = new pgt.Sender(summary, summary.digests);
+    const storages = s.storages().map((st, i) =>
+      Uint8Array.from({ length: num(st.nbytes) }, (_, j) => pattern(i, j)),
+    );
+    const rank = v.receiver.rank;
+    const chain = summary.plan.fanout === "Chain";
+    const sent = [];
+    for (;;) {
+      const op = s.poll();
+      if (op.type === "done") break;
+      assert.equal(op.type, "send", `${v.file}: all digests are reported as sends complete`);
+      let bytes = op.bytes;
+      if (!bytes) {
+        bytes = new Uint8Array(num(op.len));
+        let at = 0;
+        for (const seg of op.segments) {
+          const [off, len] = [num(seg.offset), num(seg.len)];
+          bytes.set(storages[seg.storage].subarray(off, off + len), at);
+          at += len;
+        }
+      }
+      assert.equal(bytes.length, num(op.len));
+      // What `rank` gets: its own messages; in chain mode, data and trailer via the chain.
+      if (op.to === rank || (chain && num(op.tag) > 2)) sent.push({ tag: num(op.tag), bytes });
+      if (op.hash) {
+        for (const seg of op.segments) {
+          if (num(seg.offset) + num(seg.len) === storages[seg.storage].length) {
+            s.handleStorageDigest(seg.storage, digestOf(seg.storage, storages[seg.storage]));
+          }
+        }
+      }
+    }
+    assert.deepEqual(sent.map((r) => r.tag), recs.map((r) => r.tag), `${v.file}: tags`);
+    sent.forEach((r, i) => assert.deepEqual(r.bytes, recs[i].bytes, `${v.file}: message ${i}`));
+  }
+});
+
+test("bad arguments are errors too, not crashes", () => {
+  assert.throws(() => pgt.encode({ source: 0 }, false), (e) => e.name === "BadArgument");
+  assert.throws(() => new pgt.Receiver({ rank: 1 }), (e) => e.name === "BadArgument");
+  const r = new pgt.Receiver({ rank: 1, source: 0 });
+  assert.throws(() => r.bindInPlace(0, 0n, "float32", 4n), (e) => e.name === "ProtocolState");
+  assert.throws(() => r.bindInPlace(0, 0n, "float33", 4n), (e) => e.name === "BadArgument");
+  assert.throws(() => r.finish(), (e) => e.name === "Incomplete");
+  assert.throws(() => r.poll(), (e) => e.name === "BadHandle");
+});
