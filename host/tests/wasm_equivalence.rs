@@ -341,13 +341,16 @@ fn drive(
     }
 }
 
+/// One message on the wire: `(to, tag, bytes)`.
+type Wire = (u32, u64, Vec<u8>);
+
 /// Drives a sender to completion over pattern-filled storages: every operation, and the wire messages
 /// `(to, tag, bytes)`.
 fn send_all(
     factory: &dyn EngineFactory,
     metadata: &Metadata,
     digests: bool,
-) -> Result<(Vec<SendNext>, Vec<(u32, u64, Vec<u8>)>), ErrorInfo> {
+) -> Result<(Vec<SendNext>, Vec<Wire>), ErrorInfo> {
     (|| -> Result<_> {
         let mut engine = factory.sender(metadata.clone(), digests, &Limits::default())?;
         let storages: Vec<Vec<u8>> = engine

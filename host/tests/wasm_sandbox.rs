@@ -5,6 +5,7 @@
 //! Needs the module: `scripts/build-wasm.sh` before `cargo test`.
 #![cfg(feature = "wasm")]
 
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use pgt_core::codec::{encode, Limits, Manifest, Metadata};
@@ -12,6 +13,14 @@ use pgt_core::plan::{FanOut, PlanParams};
 use pgt_core::receiver::ReceiverOptions;
 use pgt_host::engine::{EngineFactory, RecvNext};
 use pgt_host::wasm_engine::{SandboxError, WasmEngine, WasmLimits};
+
+/// The module, compiled once for every test here (each test derives the caps it needs).
+fn engine() -> WasmEngine {
+    static ENGINE: OnceLock<WasmEngine> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| WasmEngine::new().unwrap_or_else(|e| panic!("{e:#}")))
+        .clone()
+}
 
 fn reference(tensors: usize) -> Metadata {
     let mut m = pgt_core::reference::reference_metadata(0, vec![1], PlanParams::default());
@@ -77,7 +86,7 @@ fn small_transfer_works(engine: &WasmEngine) {
 
 #[test]
 fn module_imports_nothing_and_exports_the_abi() {
-    let engine = WasmEngine::new().unwrap();
+    let engine = engine();
     let module = engine.module();
     let imports: Vec<String> = module
         .imports()
@@ -158,7 +167,7 @@ fn sections(b: &[u8]) -> Vec<u8> {
 #[test]
 fn out_of_fuel_is_a_clean_error_and_the_engine_goes_on() {
     // Enough fuel for small calls, not for decoding 10,000 leaves.
-    let engine = WasmEngine::new().unwrap().with_other_limits(WasmLimits {
+    let engine = engine().with_other_limits(WasmLimits {
         fuel_per_call: 2_000_000,
         ..WasmLimits::default()
     });
@@ -204,7 +213,7 @@ fn out_of_fuel_is_a_clean_error_and_the_engine_goes_on() {
 fn out_of_memory_is_a_clean_error_and_the_engine_goes_on() {
     // 4 MiB of linear memory: the module's own 1.1 MiB plus room for small metadata, not for the
     // reference dict's (10,220 leaves).
-    let engine = WasmEngine::new().unwrap().with_other_limits(WasmLimits {
+    let engine = engine().with_other_limits(WasmLimits {
         max_memory_bytes: 4 << 20,
         ..WasmLimits::default()
     });
@@ -242,7 +251,7 @@ fn out_of_memory_is_a_clean_error_and_the_engine_goes_on() {
 
 #[test]
 fn protocol_errors_carry_the_variant_name() {
-    let engine = WasmEngine::new().unwrap();
+    let engine = engine();
     let (mut h, meta) = encoded(&reference(10));
     h[2] = b'X';
     let e = engine.decode(&h, &meta, &Limits::default()).unwrap_err();
@@ -255,7 +264,7 @@ fn protocol_errors_carry_the_variant_name() {
 /// Not a benchmark, a record: decoding the reference dict's metadata natively and in wasmtime.
 #[test]
 fn decode_timing_native_vs_wasm() {
-    let engine = WasmEngine::new().unwrap();
+    let engine = engine();
     let (h, meta) = encoded(&reference(usize::MAX));
     let limits = Limits::default();
     let runs = 5;

@@ -1,0 +1,270 @@
+//! The Transport with its protocol core inside wasmtime ([`WasmEngine`]) over the in-process group:
+//! whole transfers in both fan-out modes (also with native peers), in-place receive with a cast, and
+//! the errors a sandboxed core reports (in-place size mismatch, digest mismatch) by variant name.
+//!
+//! Needs the module: `scripts/build-wasm.sh` before `cargo test`.
+#![cfg(feature = "wasm")]
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use pgt_core::dtype::DType;
+use pgt_core::plan::{FanOut, PlanParams};
+use pgt_host::engine::{EngineFactory, NativeEngine};
+use pgt_host::pg::{InProcessGroup, PgError, ProcessGroup};
+use pgt_host::state_dict::{Entry, StateDict, Tensor};
+use pgt_host::synthetic::{self, Shape};
+use pgt_host::transport::{Transport, TransportOptions};
+use pgt_host::wasm_engine::WasmEngine;
+use pgt_wasm::types::ErrorInfo;
+
+fn wasm() -> Arc<dyn EngineFactory> {
+    static ENGINE: OnceLock<WasmEngine> = OnceLock::new();
+    Arc::new(
+        ENGINE
+            .get_or_init(|| WasmEngine::new().unwrap_or_else(|e| panic!("{e:#}")))
+            .clone(),
+    )
+}
+
+fn options(
+    engine: Arc<dyn EngineFactory>,
+    fanout: FanOut,
+    bucket: u64,
+    chunk: u64,
+) -> TransportOptions {
+    TransportOptions {
+        timeout: Duration::from_secs(20),
+        plan: PlanParams {
+            fanout,
+            bucket_size: bucket,
+            chunk_size: chunk,
+        },
+        engine,
+        ..TransportOptions::default()
+    }
+}
+
+/// Sends `shape` from rank 0 with options `sender` to every other rank `r` with options `receiver(r)`;
+/// returns each receiver's result.
+fn run(
+    world: u32,
+    shape: &Shape,
+    sender: TransportOptions,
+    receiver: impl Fn(u32) -> TransportOptions,
+) -> Vec<anyhow::Result<StateDict<'static>>> {
+    let sd = synthetic::materialize(shape).unwrap();
+    let mut groups = InProcessGroup::new(world).into_iter();
+    let s = Transport::new(groups.next().unwrap(), sender);
+    let dsts: Vec<u32> = (1..world).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = groups
+            .map(|pg| {
+                let rank = pg.rank();
+                let t = Transport::new(pg, receiver(rank));
+                scope.spawn(move || t.recv_checkpoint(0))
+            })
+            .collect();
+        s.send_checkpoint(&dsts, &sd).unwrap();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn guest_error(e: &anyhow::Error) -> &ErrorInfo {
+    e.downcast_ref::<ErrorInfo>()
+        .unwrap_or_else(|| panic!("not an error from the guest: {e:#}"))
+}
+
+#[test]
+fn whole_transfers_with_the_core_in_wasm() {
+    let shape = synthetic::mixed(128 << 10);
+    for fanout in [FanOut::Direct, FanOut::Chain] {
+        for (bucket, chunk) in [(0, 64), (4096, 8192)] {
+            let results = run(3, &shape, options(wasm(), fanout, bucket, chunk), |_| {
+                options(wasm(), fanout, bucket, chunk)
+            });
+            for r in results {
+                let sd = r.unwrap_or_else(|e| panic!("{fanout:?} {bucket}/{chunk}: {e:#}"));
+                assert_eq!(
+                    synthetic::verify(&sd, &shape).unwrap(),
+                    synthetic::total_bytes(&shape)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn sandboxed_and_native_peers_interoperate() {
+    let shape = synthetic::mixed(64 << 10);
+    // A chain 0 → 1 → 2 → 3 whose ranks alternate between the engines, and the reverse.
+    for first_wasm in [true, false] {
+        let engine = move |rank: u32| -> Arc<dyn EngineFactory> {
+            if (rank % 2 == 0) == first_wasm {
+                wasm()
+            } else {
+                Arc::new(NativeEngine)
+            }
+        };
+        let results = run(
+            4,
+            &shape,
+            options(engine(0), FanOut::Chain, 1024, 4096),
+            |r| options(engine(r), FanOut::Chain, 1024, 4096),
+        );
+        for r in results {
+            synthetic::verify(&r.unwrap(), &shape).unwrap();
+        }
+    }
+}
+
+#[test]
+fn in_place_receive_and_cast_with_the_core_in_wasm() {
+    let mut src = StateDict::new();
+    src.insert(
+        "model.w",
+        Entry::Tensor(Tensor::from_values(&[2, 2], &[1.5f32, -2.0, 3.25, 4.0]).unwrap()),
+    )
+    .unwrap();
+    let mut dst = StateDict::new();
+    dst.insert(
+        "model.w",
+        Entry::Tensor(Tensor::from_bytes(DType::Float64, &[4], &[0u8; 32]).unwrap()),
+    )
+    .unwrap();
+    let ptr = dst.tensor("model.w").unwrap().storage.bytes().as_ptr();
+    let mut groups = InProcessGroup::new(2).into_iter();
+    let a = Transport::new(
+        groups.next().unwrap(),
+        options(wasm(), FanOut::Direct, 64, 64),
+    );
+    let b = Transport::new(
+        groups.next().unwrap(),
+        options(wasm(), FanOut::Direct, 64, 64),
+    );
+    std::thread::scope(|s| {
+        let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
+        a.send_checkpoint(&[1], &src).unwrap();
+        h.join().unwrap().unwrap();
+    });
+    let t = dst.tensor("model.w").unwrap();
+    assert_eq!(t.dtype(), DType::Float64);
+    assert_eq!(t.storage.bytes().as_ptr(), ptr, "received in place");
+    assert_eq!(t.to_vec::<f64>().unwrap(), vec![1.5, -2.0, 3.25, 4.0]);
+}
+
+#[test]
+fn in_place_size_mismatch_names_the_key_path() {
+    let mut src = StateDict::new();
+    src.insert(
+        "model.layers.0.weight",
+        Entry::Tensor(Tensor::from_values(&[4], &[1f32; 4]).unwrap()),
+    )
+    .unwrap();
+    let mut dst = StateDict::new();
+    dst.insert(
+        "model.layers.0.weight",
+        Entry::Tensor(Tensor::from_values(&[3], &[0f32; 3]).unwrap()),
+    )
+    .unwrap();
+    let mut groups = InProcessGroup::new(2).into_iter();
+    let a = Transport::new(
+        groups.next().unwrap(),
+        options(wasm(), FanOut::Direct, 1024, 4096),
+    );
+    let b = Transport::new(
+        groups.next().unwrap(),
+        options(wasm(), FanOut::Direct, 1024, 4096),
+    );
+    let err = std::thread::scope(|s| {
+        let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
+        let _ = a.send_checkpoint(&[1], &src);
+        h.join().unwrap().unwrap_err()
+    });
+    let e = guest_error(&err);
+    assert_eq!(e.name, "InPlaceSizeMismatch");
+    assert_eq!(
+        e.debug,
+        "InPlaceSizeMismatch { path: \"model.layers.0.weight\", expected: 16, got: 12 }"
+    );
+    // The same text a native core gives.
+    let native = pgt_core::Error::InPlaceSizeMismatch {
+        path: "model.layers.0.weight".into(),
+        expected: 16,
+        got: 12,
+    };
+    assert_eq!(e.message, native.to_string());
+}
+
+/// Flips one byte of one message to one rank.
+struct Corrupting<P> {
+    inner: P,
+    tag: u64,
+    to: u32,
+}
+
+impl<P: ProcessGroup> ProcessGroup for Corrupting<P> {
+    fn rank(&self) -> u32 {
+        self.inner.rank()
+    }
+    fn size(&self) -> u32 {
+        self.inner.size()
+    }
+    fn send(&self, dst: u32, tag: u64, parts: &[&[u8]], timeout: Duration) -> Result<(), PgError> {
+        if dst == self.to && tag == self.tag {
+            let mut bytes: Vec<u8> = parts.concat();
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0x40;
+            return self.inner.send(dst, tag, &[&bytes], timeout);
+        }
+        self.inner.send(dst, tag, parts, timeout)
+    }
+    fn recv_into(
+        &self,
+        src: u32,
+        tag: u64,
+        parts: &mut [&mut [u8]],
+        timeout: Duration,
+    ) -> Result<(), PgError> {
+        self.inner.recv_into(src, tag, parts, timeout)
+    }
+    fn recv_vec(
+        &self,
+        src: u32,
+        tag: u64,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, PgError> {
+        self.inner.recv_vec(src, tag, max, timeout)
+    }
+}
+
+#[test]
+fn a_corrupted_byte_is_a_digest_mismatch_in_wasm_too() {
+    let shape = synthetic::large(64 << 10, 4);
+    let sd = synthetic::materialize(&shape).unwrap();
+    let opts = options(wasm(), FanOut::Direct, 1024, 4096);
+    let mut groups = InProcessGroup::new(3).into_iter();
+    let sender = Transport::new(
+        Corrupting {
+            inner: groups.next().unwrap(),
+            tag: 8,
+            to: 2,
+        },
+        opts.clone(),
+    );
+    let results: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = groups
+            .map(|pg| {
+                let t = Transport::new(pg, opts.clone());
+                s.spawn(move || t.recv_checkpoint(0))
+            })
+            .collect();
+        sender.send_checkpoint(&[1, 2], &sd).unwrap();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    synthetic::verify(results[0].as_ref().unwrap(), &shape).unwrap();
+    let e = guest_error(results[1].as_ref().unwrap_err());
+    assert_eq!(e.name, "DigestMismatch");
+    assert!(e.debug.contains("path: \"w01\""), "{}", e.debug);
+}
