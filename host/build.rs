@@ -24,6 +24,7 @@ fn main() {
     match (embed, found) {
         (true, Some(module)) => {
             println!("cargo::rerun-if-changed={}", module.display());
+            warn_if_stale(module);
             fs::copy(module, &dest).expect("copy the wasm module into OUT_DIR");
             println!(
                 "cargo::rustc-env=PGT_WASM_MODULE_SOURCE={}",
@@ -45,8 +46,37 @@ fn main() {
             fs::write(&dest, b"").expect("write the empty placeholder module");
             let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
             println!(
-                "cargo::rustc-env=PGT_WASM_MODULE_SOURCE=(not built: run {BUILD_COMMAND}; looked at {})",
+                "cargo::rustc-env=PGT_WASM_MODULE_SOURCE=looked at {}",
                 looked.join(", ")
+            );
+        }
+    }
+}
+
+/// Warns when the guest's sources (pgt-core, pgt-wasm) changed after the module was built: the embedded
+/// module would then not be the core this crate links natively.
+fn warn_if_stale(module: &Path) {
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
+    let Some(workspace) = manifest_dir.parent() else {
+        return;
+    };
+    let built = match fs::metadata(module).and_then(|m| m.modified()) {
+        Ok(t) => t,
+        Err(_) => return,
+    };
+    for dir in ["core/src", "wasm/src"] {
+        let dir = workspace.join(dir);
+        println!("cargo::rerun-if-changed={}", dir.display());
+        let newer = fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok()?.modified().ok())
+            .any(|t| t > built);
+        if newer {
+            println!(
+                "cargo::warning=the embedded wasm module is older than {}: run {BUILD_COMMAND}",
+                dir.display()
             );
         }
     }

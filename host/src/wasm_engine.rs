@@ -13,7 +13,9 @@
 //!
 //! A guest that traps is poisoned ([`SandboxError::Poisoned`] from then on) and dropped with its transfer;
 //! the engine and later transfers are unaffected. Protocol errors come back as
-//! [`pgt_wasm::types::ErrorInfo`] (variant name, Display text, Debug form) inside the `anyhow` error.
+//! [`pgt_wasm::types::ErrorInfo`] (variant name, Display text, Debug form) inside the `anyhow` error,
+//! not as `pgt_core::Error`: callers that match errors use `downcast_ref::<ErrorInfo>()` and its `name`
+//! (the Display text is the native one, so messages read the same with either engine).
 
 use std::path::Path;
 
@@ -39,7 +41,7 @@ use crate::engine::{
 
 /// The module embedded at build time (empty when it was not built).
 static EMBEDDED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pgt_wasm.wasm"));
-/// Where build.rs found it, or why it did not.
+/// Where build.rs found the module, or where it looked.
 const EMBEDDED_SOURCE: &str = env!("PGT_WASM_MODULE_SOURCE");
 /// The command that builds the module.
 pub const BUILD_COMMAND: &str = "scripts/build-wasm.sh";

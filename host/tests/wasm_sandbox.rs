@@ -293,9 +293,24 @@ fn decode_timing_native_vs_wasm() {
         std::hint::black_box(r.handle_metadata(&meta).unwrap());
     }
     let wasm_receiver = t.elapsed() / runs;
+    let t = Instant::now();
+    for _ in 0..runs {
+        let mut r = pgt_host::engine::NativeEngine
+            .receiver(ReceiverOptions {
+                rank: 1,
+                source: 0,
+                expected_step: None,
+                limits,
+            })
+            .unwrap();
+        r.handle_header(&h).unwrap();
+        std::hint::black_box(r.handle_metadata(&meta).unwrap());
+    }
+    let native_receiver = t.elapsed() / runs;
     eprintln!(
         "reference dict ({} leaves, {} metadata bytes): decode + summary native {native:?}, \
-         wasm {wasm:?} (fresh instance each); wasm receiver header+metadata {wasm_receiver:?}",
+         wasm {wasm:?} (fresh instance each); receiver header + metadata native {native_receiver:?}, \
+         wasm {wasm_receiver:?}",
         reference(usize::MAX).leaves.len(),
         meta.len()
     );
