@@ -31,8 +31,11 @@ OUT_NODE="$ROOT/wasm/pkg-node"
 CARGO_HOME_DIR="${CARGO_HOME:-$HOME/.cargo}"
 REMAP="--remap-path-prefix=$CARGO_HOME_DIR=/cargo --remap-path-prefix=$ROOT=."
 
-route=rustup
-if ! command -v rustup >/dev/null 2>&1; then
+# PGT_WASM_ROUTE=debian forces the fallback (to test it where rustup's target is installed).
+route="${PGT_WASM_ROUTE:-rustup}"
+if [ "$route" = debian ]; then
+  :
+elif ! command -v rustup >/dev/null 2>&1; then
   route=debian
 elif ! rustup target list --installed 2>/dev/null | grep -qx "$TARGET"; then
   timeout 180 rustup target add "$TARGET" || route=debian
@@ -49,12 +52,15 @@ wasm_build() {
   if [ "$route" = rustup ]; then
     RUSTFLAGS="$REMAP" cargo build -p pgt-wasm --target "$TARGET" --profile "$PROFILE" "$@"
   else
-    RUSTFLAGS="$REMAP" RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 \
+    # A target dir of its own: another rustc, and std built from source.
+    RUSTFLAGS="$REMAP" RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR="$WASM_TARGET_DIR" \
       /usr/bin/cargo build -p pgt-wasm --target "$TARGET" --profile "$PROFILE" \
       -Z build-std="$std_crates" "$@"
   fi
 }
-BUILT="$CARGO_TARGET_DIR/$TARGET/$PROFILE/pgt_wasm.wasm"
+WASM_TARGET_DIR="$CARGO_TARGET_DIR"
+[ "$route" = debian ] && WASM_TARGET_DIR="$CARGO_TARGET_DIR/debian-wasm"
+BUILT="$WASM_TARGET_DIR/$TARGET/$PROFILE/pgt_wasm.wasm"
 
 # 1. The JS build first: both builds write $BUILT, and the raw one must be the one left there.
 if [ "$RAW_ONLY" = 0 ]; then
