@@ -12,10 +12,10 @@
 //!   ([`SandboxError::OutOfMemory`]), one instance, one memory, one table of bounded size.
 //!
 //! A guest that traps is poisoned ([`SandboxError::Poisoned`] from then on) and dropped with its transfer;
-//! the engine and later transfers are unaffected. Protocol errors come back as
-//! [`pgt_wasm::types::ErrorInfo`] (variant name, Display text, Debug form) inside the `anyhow` error,
-//! not as `pgt_core::Error`: callers that match errors use `downcast_ref::<ErrorInfo>()` and its `name`
-//! (the Display text is the native one, so messages read the same with either engine).
+//! the engine and later transfers are unaffected. Protocol errors come back as the same
+//! `pgt_core::Error` a native core returns (rebuilt from the guest's `ErrorInfo::detail` and checked
+//! against its Debug form), so callers match errors the same way with either engine; misuse of the ABI
+//! and errors the host cannot rebuild exactly come back as [`pgt_wasm::types::ErrorInfo`].
 
 use std::path::Path;
 
@@ -602,7 +602,7 @@ impl Guest {
             status::ERROR | status::ABI_ERROR => {
                 let info: ErrorInfo = postcard::from_bytes(payload)
                     .with_context(|| format!("{name}: error does not decode"))?;
-                Err(anyhow::Error::new(info))
+                Err(guest_error(info))
             }
             other => Err(anyhow!("{name}: unknown status {other}")),
         }
@@ -619,6 +619,37 @@ impl Guest {
             g.call(name, (a[0].0, a[0].1, a[1].0, a[1].1, a[2].0, a[2].1))
         })
     }
+}
+
+/// A protocol error from the guest as the `pgt_core::Error` it is — so callers match errors the same
+/// way with either engine — when the guest sent it in full and it reads back exactly (same Debug form:
+/// a module built from other sources cannot pass off another error); else the [`ErrorInfo`].
+fn guest_error(info: ErrorInfo) -> anyhow::Error {
+    if let Some(detail) = info.detail.clone() {
+        let core = detail.into_core(intern);
+        if format!("{core:?}") == info.debug && core.to_string() == info.message {
+            return anyhow::Error::new(core);
+        }
+    }
+    anyhow::Error::new(info)
+}
+
+/// `pgt_core::Error::ProtocolState` holds a `&'static str`: the guest's texts are interned, each leaked
+/// once; past a bound (a misbehaving guest) they are not, and the error stays an [`ErrorInfo`].
+fn intern(text: String) -> &'static str {
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+    static TEXTS: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
+    let mut texts = TEXTS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(t) = texts.get(text.as_str()) {
+        return t;
+    }
+    if texts.len() >= 256 || text.len() > 200 {
+        return "(a protocol state the wasm guest reported)";
+    }
+    let t: &'static str = Box::leak(text.into_boxed_str());
+    texts.insert(t);
+    t
 }
 
 // ---- the engines ----

@@ -250,15 +250,38 @@ fn out_of_memory_is_a_clean_error_and_the_engine_goes_on() {
 }
 
 #[test]
-fn protocol_errors_carry_the_variant_name() {
+fn protocol_errors_are_the_core_errors() {
     let engine = engine();
     let (mut h, meta) = encoded(&reference(10));
     h[2] = b'X';
     let e = engine.decode(&h, &meta, &Limits::default()).unwrap_err();
-    let info = e.downcast_ref::<pgt_wasm::types::ErrorInfo>().unwrap();
-    assert_eq!(info.name, "BadMagic");
-    assert_eq!(info.message, pgt_core::Error::BadMagic.to_string());
-    assert_eq!(e.to_string(), info.message);
+    assert_eq!(e.downcast_ref(), Some(&pgt_core::Error::BadMagic));
+    assert_eq!(e.to_string(), pgt_core::Error::BadMagic.to_string());
+    // Protocol-state errors too (their text is interned on the host).
+    let mut r = engine
+        .receiver(ReceiverOptions {
+            rank: 1,
+            source: 0,
+            expected_step: None,
+            limits: Limits::default(),
+        })
+        .unwrap();
+    let native = pgt_core::receiver::Receiver::new(ReceiverOptions {
+        rank: 1,
+        source: 0,
+        expected_step: None,
+        limits: Limits::default(),
+    })
+    .finish_bindings()
+    .unwrap_err();
+    let e = r.finish_bindings().unwrap_err();
+    assert_eq!(e.downcast_ref(), Some(&native));
+    // From every export: an empty header from pgt_plan.
+    let e = engine.plan(&[], &[], &Limits::default()).unwrap_err();
+    assert_eq!(
+        e.downcast_ref(),
+        Some(&pgt_core::Error::HeaderLength { got: 0 })
+    );
 }
 
 /// Not a benchmark, a record: decoding the reference dict's metadata natively and in wasmtime.
@@ -314,4 +337,29 @@ fn decode_timing_native_vs_wasm() {
         reference(usize::MAX).leaves.len(),
         meta.len()
     );
+}
+
+/// `pgt_wasm::error::ErrorW` mirrors every variant of `pgt_core::Error` (read from its source), so every
+/// core error crosses the sandbox as itself.
+#[test]
+fn the_error_mirror_names_every_core_variant() {
+    let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../core/src/error.rs"))
+        .unwrap();
+    let body = &src[src.find("pub enum Error {").expect("the Error enum")..];
+    let body = &body[..body.find("\n}").unwrap()];
+    let mut core: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("    "))
+        .filter(|l| l.starts_with(|c: char| c.is_ascii_uppercase()))
+        .map(|l| {
+            l.split(|c: char| !c.is_ascii_alphanumeric())
+                .next()
+                .unwrap()
+        })
+        .collect();
+    let mut mirror = pgt_wasm::error::ErrorW::NAMES.to_vec();
+    core.sort_unstable();
+    mirror.sort_unstable();
+    assert!(core.len() > 40, "{core:?}");
+    assert_eq!(core, mirror, "update wasm/src/error.rs to pgt_core::Error");
 }

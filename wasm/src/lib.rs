@@ -20,6 +20,7 @@
 extern crate alloc;
 
 pub mod api;
+pub mod error;
 pub mod types;
 
 #[cfg(all(target_arch = "wasm32", not(feature = "js")))]

@@ -15,6 +15,8 @@ use pgt_core::plan::{MessageKind, PlanParams, Segment};
 use pgt_core::receiver::{Binding, Dest, ReceiverOptions};
 use pgt_core::tree::{Key, KeyPath, Leaf, Node, PathElem};
 
+pub use crate::error::ErrorW;
+
 /// Version of the raw ABI (`pgt_abi_version`); bumped on any incompatible change of an export or type.
 pub const ABI_VERSION: u32 = 1;
 
@@ -39,7 +41,7 @@ pub mod abi_error {
 }
 
 /// An error, as hosts see it: the variant name (`"BadMagic"`, `"InPlaceSizeMismatch"`…), the Display text
-/// and the Debug form (`"TreeTooDeep { max: 64 }"`).
+/// and the Debug form (`"TreeTooDeep { max: 64 }"`); for Rust hosts also the error itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorInfo {
     /// The `pgt_core::Error` variant name, or an ABI error name.
@@ -48,6 +50,10 @@ pub struct ErrorInfo {
     pub message: String,
     /// The error's Debug form (variant and fields).
     pub debug: String,
+    /// The `pgt_core::Error` itself (protocol errors of a variant [`ErrorW`] knows). Its encoding follows
+    /// pgt-core's enum of the same source: hosts built from other sources ignore it (and may stop
+    /// reading the payload after `debug`).
+    pub detail: Option<ErrorW>,
 }
 
 impl ErrorInfo {
@@ -62,6 +68,7 @@ impl ErrorInfo {
             name,
             message: alloc::format!("{e}"),
             debug,
+            detail: ErrorW::from_core(e),
         }
     }
 
@@ -71,6 +78,7 @@ impl ErrorInfo {
             name: name.into(),
             message: message.into(),
             debug: name.into(),
+            detail: None,
         }
     }
 }
