@@ -39,6 +39,11 @@ wasm_build() {
   fi
 }
 
+# The wasm modules first: pgt-host embeds the raw-ABI module at build time (host/build.rs), and the
+# native-vs-wasm tests must compare today's core with a module built from it.
+step "wasm modules: raw ABI + Node package"
+PGT_WASM_ROUTE="$WASM_ROUTE" scripts/build-wasm.sh
+
 step "cargo fmt --check"
 cargo fmt --all --check
 
@@ -49,4 +54,13 @@ step "pgt-core for wasm32-unknown-unknown (no std there: proves no_std)"
 wasm_build -p pgt-core
 
 step "cargo test"
-cargo test --workspace 2>&1 | tee "$CARGO_TARGET_DIR/test.log"
+cargo test --workspace
+
+step "node: the JS build against the golden vectors"
+node --test tests/node/
+
+step "python: the raw ABI from wasmtime-py"
+PYENV_DIR="$HOME/.cache/pgt/pyenv"
+[ -x "$PYENV_DIR/bin/python" ] || python3 -m venv "$PYENV_DIR"
+"$PYENV_DIR/bin/pip" install -q -r tests/python/requirements.txt
+"$PYENV_DIR/bin/python" -m pytest -q tests/python
