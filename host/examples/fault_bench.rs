@@ -1,21 +1,30 @@
 //! Page-fault cost of receiving into fresh memory, and what `pgt_host::memory` does about it.
 //!
-//! `cargo run --release -p pgt-host --example fault_bench -- [GiB] [reps] [filter]` (default 1 GiB,
-//! 3 reps, every case; `filter` keeps the cases whose name contains it, plus (a) and (g i)).
+//! `cargo run --release -p pgt-host --example fault_bench -- [GiB] [reps] [filter]`
+//! (default 1 GiB, 3 reps, every case; `filter` keeps the cases whose name contains it, plus the
+//! two baselines (a) and (g i)). Environment: `COLD_MS` (default 5000), see below.
 //!
 //! Every case runs `reps` times, round-robin (so drift on a noisy machine hits all cases alike); the
-//! table shows the median. Memset cases write the whole target once; `populate` cases only map it;
-//! `tcp` cases receive the target over one loopback TCP connection from a sender thread writing
-//! from a touched 8 MiB buffer, in 16 MiB messages (pgt's default chunk size), timed from the
-//! receiver's allocation to the last byte. "rss+" is the receiver's resident-set growth at the end
-//! of the case (target still alive).
+//! table shows the median and every sample. Memset cases write the whole target once; populate
+//! cases only map it; tcp cases receive it over one loopback TCP connection from a sender thread
+//! writing from a touched 8 MiB buffer, in 16 MiB messages (pgt's default chunk size), timed from
+//! the receiver's allocation to the last byte. "rss+" is the receiver's resident-set growth at the
+//! end of the case (target still alive).
+//!
+//! **Cold memory.** On a VM with free-page reporting (virtio-balloon; this machine reports free
+//! blocks of ≥ 8 MiB about 2 s after they are freed) memory freed by the previous case goes back to
+//! the host and costs much more to fault in again than memory freed a moment ago. A receiver's fresh
+//! buffers normally come from such long-free memory, so each case first sleeps `COLD_MS` (default
+//! 5000) ms. `COLD_MS=0` measures "warm" memory instead (freed just before, by the previous case).
 
 use std::hint::black_box;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use pgt_host::memory::{Buffer, Pages, PrefaultMethod, PrefaultOptions, Prefaulter};
+use pgt_host::memory::{
+    page_size, populate_write_supported, Buffer, Pages, PrefaultMethod, PrefaultOptions, Prefaulter,
+};
 
 /// pgt's default chunk size: the receiver claims and reads one message at a time.
 const MESSAGE: usize = 16 << 20;
@@ -47,9 +56,9 @@ fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-fn memset_fresh(mut make: impl FnMut() -> Buffer) -> Outcome {
+fn memset_fresh(n: usize, pages: Pages) -> Outcome {
     let t = Instant::now();
-    let mut b = make();
+    let mut b = Buffer::zeroed_with(n, pages);
     b.fill(1);
     let time = t.elapsed();
     black_box(&b);
@@ -61,9 +70,9 @@ fn populate_once(n: usize, pages: Pages) -> Outcome {
     let t = Instant::now();
     let mut b = Buffer::zeroed_with(n, pages);
     let ptr = b.as_mut_ptr();
-    // SAFETY: the buffer's own mapping (page aligned, length rounded up to pages); POPULATE_WRITE
-    // doesn't change contents.
-    let len = n.next_multiple_of(pgt_host::memory::page_size());
+    let len = n.next_multiple_of(page_size());
+    // SAFETY: the buffer's own mapping (page aligned, its length rounded up to pages is mapped);
+    // POPULATE_WRITE doesn't change contents.
     let r = unsafe { libc::madvise(ptr.cast(), len, libc::MADV_POPULATE_WRITE) };
     let time = t.elapsed();
     let note = if r == 0 {
@@ -96,14 +105,17 @@ fn map_populate(n: usize) -> Outcome {
     time.into()
 }
 
+fn options(method: PrefaultMethod) -> PrefaultOptions {
+    PrefaultOptions {
+        method: Some(method),
+        ..Default::default()
+    }
+}
+
 /// The background prefaulter alone, from allocation until it is done.
 fn prefault_only(n: usize, pages: Pages, method: PrefaultMethod) -> Outcome {
     let t = Instant::now();
-    let opts = PrefaultOptions {
-        method: Some(method),
-        ..Default::default()
-    };
-    let pf = Prefaulter::with_options(vec![Buffer::zeroed_with(n, pages)], opts);
+    let pf = Prefaulter::with_options(vec![Buffer::zeroed_with(n, pages)], options(method));
     while !pf.is_done() {
         std::thread::sleep(Duration::from_micros(200));
     }
@@ -121,7 +133,19 @@ fn prefault_only(n: usize, pages: Pages, method: PrefaultMethod) -> Outcome {
 enum Target<'a> {
     Touched(&'a mut Buffer),
     Fresh(Pages),
-    Prefaulted(Pages, PrefaultMethod),
+    /// `count` fresh buffers splitting the target, prefaulted by `method`.
+    Prefaulted {
+        pages: Pages,
+        method: PrefaultMethod,
+        count: usize,
+    },
+}
+
+fn recv_into(s: &mut TcpStream, buf: &mut [u8]) {
+    for off in (0..buf.len()).step_by(MESSAGE) {
+        let end = (off + MESSAGE).min(buf.len());
+        s.read_exact(&mut buf[off..end]).expect("recv");
+    }
 }
 
 fn tcp(n: usize, target: Target<'_>) -> Outcome {
@@ -145,51 +169,54 @@ fn tcp(n: usize, target: Target<'_>) -> Outcome {
     let rss0 = rss_bytes();
     let t = Instant::now();
     let mut note = String::new();
-    let mut kept = None;
+    let mut kept = Vec::new();
     match target {
         Target::Touched(buf) => {
             s.write_all(&[1]).expect("go");
-            for off in (0..n).step_by(MESSAGE) {
-                s.read_exact(&mut buf[off..(off + MESSAGE).min(n)])
-                    .expect("recv");
-            }
+            recv_into(&mut s, buf);
         }
         Target::Fresh(pages) => {
             let mut buf = Buffer::zeroed_with(n, pages);
             s.write_all(&[1]).expect("go");
-            for off in (0..n).step_by(MESSAGE) {
-                s.read_exact(&mut buf[off..(off + MESSAGE).min(n)])
-                    .expect("recv");
-            }
-            kept = Some(vec![buf]);
+            recv_into(&mut s, &mut buf);
+            kept.push(buf);
         }
-        Target::Prefaulted(pages, method) => {
-            let opts = PrefaultOptions {
-                method: Some(method),
-                ..Default::default()
-            };
-            let pf = Prefaulter::with_options(vec![Buffer::zeroed_with(n, pages)], opts);
+        Target::Prefaulted {
+            pages,
+            method,
+            count,
+        } => {
+            // As a receiver would: allocate every destination, start the prefaulter, receive.
+            let part = n.div_ceil(count);
+            let bufs = (0..n)
+                .step_by(part)
+                .map(|off| Buffer::zeroed_with(part.min(n - off), pages))
+                .collect();
+            let pf = Prefaulter::with_options(bufs, options(method));
             s.write_all(&[1]).expect("go");
-            for off in (0..n).step_by(MESSAGE) {
-                s.read_exact(pf.claim(0, off..(off + MESSAGE).min(n)))
-                    .expect("recv");
+            for i in 0..pf.len() {
+                let len = pf.buffer_len(i);
+                for off in (0..len).step_by(MESSAGE) {
+                    let end = (off + MESSAGE).min(len);
+                    s.read_exact(pf.claim(i, off..end)).expect("recv");
+                }
             }
             let st = pf.stats();
             note = format!(
                 "prefaulter did {:.0}%",
                 100.0 * st.prefaulted as f64 / st.total.max(1) as f64
             );
-            kept = Some(pf.finish());
+            kept = pf.finish();
         }
     }
     let time = t.elapsed();
     let grew = rss_bytes().saturating_sub(rss0);
     sender.join().expect("sender");
-    if let Some(bufs) = &kept {
-        assert!(bufs[0][n - 1] == 0x5a && bufs[0][0] == 0x5a, "data check");
+    for b in &kept {
+        assert!(b[0] == 0x5a && b[b.len() - 1] == 0x5a, "data check");
     }
     drop(kept);
-    note = format!("rss+ {:>5} MiB  {note}", grew >> 20);
+    note = format!("rss+ {:>4} MiB  {note}", grew >> 20);
     Outcome { time, note }
 }
 
@@ -198,34 +225,40 @@ fn main() {
     let gib: f64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1.0);
     let reps: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3).max(1);
     let filter = args.next().unwrap_or_default();
-    let pause = Duration::from_millis(
-        std::env::var("PAUSE_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0),
-    );
-    let n = ((gib * (1u64 << 30) as f64) as usize).max(4096);
+    let cold_ms: u64 = std::env::var("COLD_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    let n = ((gib * (1u64 << 30) as f64) as usize).max(page_size());
     println!(
-        "fault_bench: target {:.3} GiB, {} reps (median shown), page {} B, THP {}, MADV_POPULATE_WRITE {}",
+        "fault_bench: target {:.3} GiB, {} reps (median shown), page {} B, THP {}, \
+         MADV_POPULATE_WRITE {}, {} memory (COLD_MS={cold_ms})",
         n as f64 / (1u64 << 30) as f64,
         reps,
-        pgt_host::memory::page_size(),
+        page_size(),
         std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
             .unwrap_or_default()
             .trim(),
-        if pgt_host::memory::populate_write_supported() {
+        if populate_write_supported() {
             "yes"
         } else {
             "no"
         },
+        if cold_ms >= 3000 { "cold" } else { "warm" },
     );
 
     let mut touched = Buffer::zeroed_with(n, Pages::Small);
     touched.fill(7);
-    // The touched target is shared by (a) and (g i): take it out of the closures through a cell.
+    // The touched target serves (a) and (g i).
     let touched = std::cell::RefCell::new(&mut touched);
     let pw = PrefaultMethod::PopulateWrite;
     let touch = PrefaultMethod::Touch;
+    let (small, huge) = (Pages::Small, Pages::Huge);
+    let prefaulted = |pages, method, count| Target::Prefaulted {
+        pages,
+        method,
+        count,
+    };
     let mut cases: Vec<Case<'_>> = vec![
         (
             "(a)  memset, touched memory",
@@ -249,36 +282,36 @@ fn main() {
         ),
         (
             "(c)  memset, fresh mmap 4K",
-            Box::new(|| memset_fresh(|| Buffer::zeroed_with(n, Pages::Small))),
+            Box::new(|| memset_fresh(n, small)),
         ),
         (
             "(d)  memset, fresh mmap THP",
-            Box::new(|| memset_fresh(|| Buffer::zeroed_with(n, Pages::Huge))),
+            Box::new(|| memset_fresh(n, huge)),
         ),
         ("(e)  mmap MAP_POPULATE 4K", Box::new(|| map_populate(n))),
         (
             "(f1) MADV_POPULATE_WRITE 4K, 1 call",
-            Box::new(|| populate_once(n, Pages::Small)),
+            Box::new(|| populate_once(n, small)),
         ),
         (
             "(f2) MADV_POPULATE_WRITE THP, 1 call",
-            Box::new(|| populate_once(n, Pages::Huge)),
+            Box::new(|| populate_once(n, huge)),
         ),
         (
             "(f3) Prefaulter alone, PopulateWrite 4K",
-            Box::new(move || prefault_only(n, Pages::Small, pw)),
+            Box::new(|| prefault_only(n, small, pw)),
         ),
         (
             "(f4) Prefaulter alone, PopulateWrite THP",
-            Box::new(move || prefault_only(n, Pages::Huge, pw)),
+            Box::new(|| prefault_only(n, huge, pw)),
         ),
         (
             "(f5) Prefaulter alone, Touch 4K",
-            Box::new(move || prefault_only(n, Pages::Small, touch)),
+            Box::new(|| prefault_only(n, small, touch)),
         ),
         (
             "(f6) Prefaulter alone, Touch THP",
-            Box::new(move || prefault_only(n, Pages::Huge, touch)),
+            Box::new(|| prefault_only(n, huge, touch)),
         ),
         (
             "(g i)   tcp -> touched",
@@ -286,33 +319,41 @@ fn main() {
         ),
         (
             "(g ii)  tcp -> fresh 4K",
-            Box::new(|| tcp(n, Target::Fresh(Pages::Small))),
+            Box::new(|| tcp(n, Target::Fresh(small))),
         ),
         (
             "(g ii') tcp -> fresh THP",
-            Box::new(|| tcp(n, Target::Fresh(Pages::Huge))),
+            Box::new(|| tcp(n, Target::Fresh(huge))),
         ),
         (
             "(g iii) tcp -> fresh 4K + prefaulter",
-            Box::new(move || tcp(n, Target::Prefaulted(Pages::Small, pw))),
+            Box::new(|| tcp(n, prefaulted(small, pw, 1))),
+        ),
+        (
+            "(g iii') tcp -> 256 fresh 4K + prefaulter",
+            Box::new(|| tcp(n, prefaulted(small, pw, 256))),
         ),
         (
             "(g iv)  tcp -> fresh THP + prefaulter",
-            Box::new(move || tcp(n, Target::Prefaulted(Pages::Huge, pw))),
+            Box::new(|| tcp(n, prefaulted(huge, pw, 1))),
         ),
         (
-            "(g iv') tcp -> fresh THP + prefaulter(Touch)",
-            Box::new(move || tcp(n, Target::Prefaulted(Pages::Huge, touch))),
+            "(g v)   tcp -> fresh 4K + prefaulter(Touch)",
+            Box::new(|| tcp(n, prefaulted(small, touch, 1))),
         ),
     ];
+    let tcp_base_index = cases
+        .iter()
+        .position(|(name, _)| name.starts_with("(g i)"))
+        .expect("baseline");
 
     let mut results: Vec<Vec<Outcome>> = cases.iter().map(|_| Vec::new()).collect();
     for rep in 0..reps {
         eprint!("rep {}/{reps}:", rep + 1);
         for (i, (name, run)) in cases.iter_mut().enumerate() {
-            if i == 0 || i == 11 || name.contains(filter.as_str()) {
+            if i == 0 || i == tcp_base_index || name.contains(filter.as_str()) {
                 eprint!(" {i}");
-                std::thread::sleep(pause);
+                std::thread::sleep(Duration::from_millis(cold_ms));
                 results[i].push(run());
             }
         }
@@ -326,9 +367,9 @@ fn main() {
         (r[m].time, r[m].note.clone())
     };
     let memset_base = median(&results[0]).0;
-    let tcp_base = median(&results[11]).0;
+    let tcp_base = median(&results[tcp_base_index]).0;
     println!(
-        "\n{:<46} {:>9} {:>8} {:>7}  {:<24} notes",
+        "\n{:<44} {:>8} {:>6} {:>6}  {:<20} notes",
         "case", "median s", "GB/s", "ratio", "samples s"
     );
     for (i, (name, _)) in cases.iter().enumerate() {
@@ -336,13 +377,17 @@ fn main() {
             continue;
         }
         let (t, note) = median(&results[i]);
-        let base = if i >= 11 { tcp_base } else { memset_base };
+        let base = if i >= tcp_base_index {
+            tcp_base
+        } else {
+            memset_base
+        };
         let samples: Vec<String> = results[i]
             .iter()
             .map(|o| format!("{:.3}", o.time.as_secs_f64()))
             .collect();
         println!(
-            "{:<46} {:>9.3} {:>8.2} {:>7.2}  {:<24} {}",
+            "{:<44} {:>8.3} {:>6.2} {:>6.2}  {:<20} {}",
             name,
             t.as_secs_f64(),
             n as f64 / t.as_secs_f64() / 1e9,
