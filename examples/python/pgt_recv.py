@@ -1,0 +1,463 @@
+#!/usr/bin/env python3
+"""pgt_recv: receive a checkpoint from `pgt send` in Python, as one rank of the job.
+
+    MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 RANK=1 WORLD_SIZE=2 PGT_TOKEN=… \\
+        python pgt_recv.py --out received.safetensors [--npz received.npz]
+
+Division of labour:
+- pgt_tcp.py joins the TCP process group (rendezvous with rank 0's store, HMAC-authenticated connections,
+  frames) and moves bytes;
+- pgt's wasm module (wasm/ABI.md, loaded with wasmtime through pgt_abi.py) makes every protocol
+  decision: it checks the header, decodes and validates the metadata, computes the plan, tells this host
+  which message to receive from whom with which tag and length, into which byte ranges of which storage,
+  what to forward where (chain fan-out), checks the digests and yields the final result;
+- this file follows the module's orders: it receives each data message straight into per-storage
+  buffers (memoryview slices, no staging copy), hashes the storage bytes with XXH3-64 when asked and
+  reports the digests, forwards when asked, and at the end writes the tensors the module returned as a
+  safetensors file and/or a .npz file.
+
+Exit status: 0 received and verified; 1 pgt protocol error (the module's named error, e.g.
+DigestMismatch, StepMismatch, NotADestination); 2 usage or setup error; 3 process-group error
+(authentication, rendezvous, timeout, peer closed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import struct
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# pgt_abi.py (the wasmtime-py host of the raw ABI) lives in tests/python; a copy next to this file wins.
+for _d in (HERE, HERE.parents[1] / "tests" / "python"):
+    if (_d / "pgt_abi.py").is_file():
+        sys.path.insert(0, str(_d))
+        break
+sys.path.insert(0, str(HERE))
+
+import wasmtime  # noqa: E402
+import xxhash  # noqa: E402
+
+import pgt_abi  # noqa: E402
+from pgt_abi import Pgt, PgtError  # noqa: E402
+from pgt_tcp import PgError, TcpGroup, TcpOptions  # noqa: E402
+
+try:
+    import numpy as np
+except ImportError:  # numpy is only needed for --npz and faster strided gathers
+    np = None
+
+# PROTOCOL.md §6: element sizes and safetensors names, by torch name (pgt_abi.DTYPES order).
+ELEMENT_SIZE = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "complex128": 16, "complex64": 8, "complex32": 4,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1,
+}
+SAFETENSORS_NAME = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2", "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint64": "U64",
+    "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+}
+# numpy dtypes for .npz; types numpy lacks are stored as their raw bits (listed in __pgt_dtypes__).
+NUMPY_DTYPE = {
+    "float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float8_e4m3fn": "u1",
+    "float8_e5m2": "u1", "float8_e4m3fnuz": "u1", "float8_e5m2fnuz": "u1", "complex128": "<c16",
+    "complex64": "<c8", "complex32": "<u4", "int64": "<i8", "int32": "<i4", "int16": "<i2", "int8": "i1",
+    "uint64": "<u8", "uint32": "<u4", "uint16": "<u2", "uint8": "u1", "bool": "?",
+}
+METADATA_KEY = "__metadata__"
+STEP_KEY = "pgt.step"
+
+EXIT_PROTOCOL, EXIT_SETUP, EXIT_GROUP = 1, 2, 3
+
+
+class Log:
+    def __init__(self, verbose: int, quiet: bool):
+        self.verbose, self.quiet = verbose, quiet
+
+    def info(self, msg: str):
+        if not self.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    def debug(self, msg: str):
+        if self.verbose:
+            print(f"pgt_recv: {msg}", file=sys.stderr, flush=True)
+
+
+# ---- the receive loop: the module decides, this host moves bytes ----
+
+
+class Received:
+    """What a finished transfer gives: the module's result plus the storages' bytes."""
+
+    def __init__(self, result: dict, incoming: dict, buffers: list, seconds: float, nbytes: int):
+        self.result, self.incoming, self.buffers = result, incoming, buffers
+        self.seconds, self.nbytes = seconds, nbytes
+
+
+def receive(pg: TcpGroup, pgt: Pgt, src: int, expected_step: int | None, timeout: float,
+            log: Log, limits: dict | None = None) -> Received:
+    """Runs the module's receiver state machine against the process group until it is done; returns the
+    verified result. Raises PgtError (the module's named error) or PgError (the process group's)."""
+    r = pgt.receiver(rank=pg.rank, source=src, expected_step=expected_step, limits=limits)
+    incoming = None
+    buffers: list = []  # one writable buffer per storage, of its binding's nbytes
+    views: list = []
+    hashers: dict = {}  # storage -> xxh3_64 over its wire bytes so far
+    hashed: dict = {}  # storage -> bytes hashed so far
+    start, moved = time.monotonic(), 0
+    try:
+        while True:
+            op = r.poll()
+            kind = op["type"]
+            if kind == "recv":
+                frm, tag, n = op["from"], op["tag"], int(op["len"])
+                if op["kind"] != "data":
+                    # header, metadata, trailer: the bytes go to the module, which checks them
+                    data = pg.recv_bytes(frm, tag, n, timeout)
+                    log.debug(f"{op['kind']}: {len(data)} bytes, tag {tag} from rank {frm}")
+                    if op["kind"] == "header":
+                        r.handle_header(data)
+                    elif op["kind"] == "metadata":
+                        incoming = r.handle_metadata(data)
+                        log.debug(f"metadata: {len(incoming['storages'])} storages, {incoming['total_bytes']} bytes")
+                    else:
+                        r.handle_trailer(data)
+                    continue
+                segs = [(s["storage"], int(s["offset"]), int(s["len"])) for s in op["segments"]]
+                parts = [views[s][off : off + ln] for s, off, ln in segs]
+                pg.recv_into(frm, tag, parts, timeout)  # straight into the storages
+                moved += n
+                if op["hash"]:
+                    for (s, _, ln), part in zip(segs, parts):
+                        h = hashers.get(s)
+                        if h is None:
+                            h = hashers[s] = xxhash.xxh3_64()
+                        h.update(part)
+                        hashed[s] = hashed.get(s, 0) + ln
+                        if hashed[s] == len(buffers[s]):  # the storage's last byte landed
+                            r.handle_storage_digest(s, h.intdigest())
+                            del hashers[s]
+                r.handle_data(op["message"])
+                log.debug(f"data message {op['message']}: {n} bytes, tag {tag} from rank {frm}")
+            elif kind == "need_bindings":
+                # Every storage gets a fresh buffer (no in-place targets here): the module says which
+                # dtype and size each destination has.
+                bindings = r.finish_bindings()
+                for b in bindings:
+                    if b["dest"] != "fresh" or b["cast_from"] is not None:
+                        raise RuntimeError(f"unexpected binding {b}")
+                    buffers.append(bytearray(int(b["nbytes"])))
+                views = [memoryview(b) for b in buffers]
+                log.debug(f"bound {len(buffers)} fresh storages")
+            elif kind == "forward":
+                if "bytes" in op:
+                    parts = [op["bytes"]]
+                else:
+                    parts = [views[s["storage"]][int(s["offset"]) : int(s["offset"]) + int(s["len"])] for s in op["segments"]]
+                pg.send(op["to"], op["tag"], parts, timeout)
+                r.handle_forwarded(op["message"])
+                log.debug(f"forwarded message {op['message']} ({op['len']} bytes, tag {op['tag']}) to rank {op['to']}")
+            elif kind == "wait":
+                raise RuntimeError("the module waits for an operation in flight, but this host completes each one at once")
+            else:  # done
+                break
+        result = r.finish()  # DigestMismatch etc. surface here; frees the receiver
+        r = None
+    finally:
+        if r is not None:
+            try:
+                r.drop()
+            except PgtError:
+                pass
+    return Received(result, incoming, buffers, time.monotonic() - start, moved)
+
+
+# ---- turning the result into tensors ----
+
+
+def display(path: list) -> str:
+    """A key path as pgt displays it: elements joined by '.', '<root>' for the empty path."""
+    if not path:
+        return "<root>"
+    out = []
+    for e in path:
+        out.append(str(e["key"]) if "key" in e else str(e.get("int_key", e.get("index"))))
+    return ".".join(out)
+
+
+def view_bytes(buf, layout: dict):
+    """The elements of the view ``layout`` of storage ``buf`` in row-major order (a memoryview slice when
+    the view is dense, else a gathered copy)."""
+    es = ELEMENT_SIZE[layout["dtype"]]
+    shape = [int(d) for d in layout["shape"]]
+    stride = [int(d) for d in layout["stride"]]
+    off = int(layout["storage_offset"])
+    numel = math.prod(shape)
+    if numel == 0:
+        return b""
+    dense, expect = True, 1
+    for d in reversed(range(len(shape))):
+        if shape[d] != 1 and stride[d] != expect:
+            dense = False
+            break
+        expect *= shape[d]
+    mv = memoryview(buf)
+    if dense:
+        return mv[off * es : (off + numel) * es]
+    if np is not None:
+        base = np.frombuffer(buf, dtype=np.uint8)[off * es :]
+        v = np.lib.stride_tricks.as_strided(base, shape + [es], [s * es for s in stride] + [1], writeable=False)
+        return np.ascontiguousarray(v).tobytes()
+    out = bytearray()
+    inner, istride = shape[-1], stride[-1]
+    for idx in itertools.product(*[range(d) for d in shape[:-1]]):
+        first = off + sum(i * s for i, s in zip(idx, stride))
+        if istride == 1:
+            out += mv[first * es : (first + inner) * es]
+        else:
+            for j in range(inner):
+                e = first + j * istride
+                out += mv[e * es : (e + 1) * es]
+    return bytes(out)
+
+
+def value_repr(v: dict) -> str:
+    """A value leaf as a safetensors metadata string (as pgt's safetensors_io::value_repr)."""
+    t = v["type"]
+    if t == "none":
+        return "null"
+    if t == "bool":
+        return "true" if v["value"] else "false"
+    if t == "int":
+        return str(v["value"])
+    if t == "float":
+        f = struct.unpack("<d", int(v["bits"], 16).to_bytes(8, "little"))[0]
+        if f != f:
+            return "NaN"
+        if f in (math.inf, -math.inf):
+            return "inf" if f > 0 else "-inf"
+        return json.dumps(f)
+    if t == "str":
+        return v["value"]
+    return "0x" + v["hex"]
+
+
+def tensors_of(rec: Received):
+    """(name, dtype, shape, bytes) for every tensor of the result, and the metadata map — named and laid
+    out as `pgt recv` writes a safetensors file (see host/src/safetensors_io.rs; its JSON entries have
+    sorted keys, as serde_json's)."""
+    res = rec.result
+    paths = rec.incoming["paths"]
+    tree = res["tree"]
+    root_keys = tree[0].get("dict", []) if tree and isinstance(tree[0], dict) else []
+    write_metadata = METADATA_KEY in root_keys
+    tensors, metadata, names = [], {}, set()
+
+    def meta(key, value):
+        if key in metadata:
+            raise ValueError(f"{key}: two values would share this __metadata__ entry")
+        metadata[key] = value
+
+    def add(name, layout, storage):
+        if name in names:
+            raise ValueError(f"{name}: two tensors would share this name")
+        names.add(name)
+        tensors.append((name, layout["dtype"], [int(d) for d in layout["shape"]], view_bytes(rec.buffers[storage], layout)))
+
+    storage = 0
+    for leaf, path in zip(res["leaves"], paths):
+        name = display(path)
+        k = leaf["kind"]
+        if k == "value":
+            if len(path) > 1 and path[0].get("key") == METADATA_KEY:
+                meta(display(path[1:]), value_repr(leaf["value"]))
+            else:
+                meta(name, value_repr(leaf["value"]))
+        elif k == "tensor":
+            add(name, leaf["layout"], storage)
+            storage += 1
+        elif k == "dtensor":
+            spec = leaf["spec"]
+            meta(f"pgt.dtensor.{name}", json.dumps({
+                "global_shape": [int(d) for d in spec["global_shape"]],
+                "mesh": [int(d) for d in spec["mesh"]["shape"]],
+                "placements": spec["placements"],
+            }, separators=(",", ":"), sort_keys=True))
+            add(name, leaf["local"], storage)
+            storage += 1
+        else:  # sharded_tensor
+            g = leaf["global"]
+            meta(f"pgt.sharded.{name}", json.dumps({
+                "global_size": [int(d) for d in g["global_size"]],
+                "dtype": g["dtype"],
+                "local_shards": [{"offsets": [int(x) for x in s["meta"]["offsets"]],
+                                  "sizes": [int(x) for x in s["meta"]["sizes"]],
+                                  "placement": s["meta"]["placement"]} for s in leaf["local_shards"]],
+            }, separators=(",", ":"), sort_keys=True))
+            for i, shard in enumerate(leaf["local_shards"]):
+                add(f"{name}.shard{i}", shard["layout"], storage)
+                storage += 1
+    if res["step"] is not None:
+        metadata[STEP_KEY] = str(res["step"])
+    return tensors, (metadata if write_metadata or metadata else None)
+
+
+def _atomic_write(path: Path, write):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_safetensors(path: Path, tensors, metadata: dict | None):
+    """The safetensors format by hand: u64 LE header size, JSON header (padded with spaces to 8 bytes),
+    then the tensors' bytes."""
+    header, offset = {}, 0
+    if metadata is not None:
+        header[METADATA_KEY] = metadata
+    for name, dtype, shape, data in tensors:
+        st = SAFETENSORS_NAME.get(dtype)
+        if st is None:
+            raise ValueError(f"{name}: dtype {dtype} has no safetensors name (write --npz instead)")
+        header[name] = {"dtype": st, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+
+    def write(f):
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for _, _, _, data in tensors:
+            f.write(data)
+
+    _atomic_write(path, write)
+
+
+def write_npz(path: Path, tensors, metadata: dict | None):
+    if np is None:
+        raise RuntimeError("--npz needs numpy (pip install -r requirements.txt)")
+    arrays = {}
+    for name, dtype, shape, data in tensors:
+        arr = np.frombuffer(data, dtype=np.dtype(NUMPY_DTYPE[dtype])).reshape(shape)
+        arrays[name] = arr
+    arrays["__pgt_dtypes__"] = np.array(json.dumps({n: d for n, d, _, _ in tensors}))
+    if metadata is not None:
+        arrays[METADATA_KEY] = np.array(json.dumps(metadata))
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+# ---- command line ----
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        description="Receive a checkpoint from `pgt send` as one rank of the job (pgt's wasm module runs the protocol).",
+        epilog="Flags default to the torch-style environment: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, "
+        "PGT_TOKEN, PGT_TIMEOUT_SECS (setup timeout), PGT_LISTEN_HOST, PGT_WASM_MODULE.",
+    )
+    p.add_argument("--out", type=Path, help="write the checkpoint here as a safetensors file")
+    p.add_argument("--npz", type=Path, help="write the checkpoint here as a numpy .npz file")
+    p.add_argument("--src", type=int, default=0, help="rank that sends (default 0)")
+    p.add_argument("--expect-step", type=int, help="refuse a checkpoint of another training step")
+    p.add_argument("--timeout", type=float, default=120.0, help="per-operation timeout in seconds (default 120)")
+    p.add_argument("--rank", type=int)
+    p.add_argument("--world-size", type=int)
+    p.add_argument("--master-addr")
+    p.add_argument("--master-port", type=int)
+    p.add_argument("--token", help="job token (prefer PGT_TOKEN: flags show in ps)")
+    p.add_argument("--listen-host")
+    p.add_argument("--setup-timeout", type=float, help="group formation timeout in seconds (PGT_TIMEOUT_SECS, default 300)")
+    p.add_argument("--wasm", type=Path, help="pgt_wasm.wasm (default $PGT_WASM_MODULE, else $CARGO_TARGET_DIR/pgt-wasm/)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    args = p.parse_args(argv)
+    if args.out is None and args.npz is None:
+        p.error("give --out FILE.safetensors and/or --npz FILE.npz")
+    return args
+
+
+def options_from(args) -> TcpOptions:
+    env = dict(os.environ)
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29500")
+    for flag, var in [("rank", "RANK"), ("world_size", "WORLD_SIZE"), ("master_addr", "MASTER_ADDR"),
+                      ("master_port", "MASTER_PORT"), ("token", "PGT_TOKEN"), ("listen_host", "PGT_LISTEN_HOST"),
+                      ("setup_timeout", "PGT_TIMEOUT_SECS")]:
+        v = getattr(args, flag)
+        if v is not None:
+            env[var] = str(v)
+    return TcpOptions.from_env(env)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    log = Log(args.verbose, args.quiet)
+    for out in (args.out, args.npz):
+        if out is not None and not (out.parent if str(out.parent) else Path(".")).is_dir():
+            print(f"pgt_recv: error: cannot write {out}: {out.parent} is not a directory", file=sys.stderr)
+            return EXIT_SETUP
+    if args.npz is not None and np is None:
+        print("pgt_recv: error: --npz needs numpy (pip install -r requirements.txt)", file=sys.stderr)
+        return EXIT_SETUP
+    try:
+        opts = options_from(args)
+        pgt = Pgt.load(args.wasm)
+        pgt.store.set_limits(memory_size=2 << 30)  # as WasmEngine's default cap: a runaway guest traps
+        abi = pgt.abi_version()
+        if abi != 1:
+            raise RuntimeError(f"{args.wasm or pgt_abi.module_path()} speaks raw ABI {abi}; this host speaks 1")
+    except (PgError, FileNotFoundError, RuntimeError) as e:
+        print(f"pgt_recv: error: {e}", file=sys.stderr)
+        return EXIT_SETUP
+    pg = None
+    try:
+        pg = TcpGroup.join(opts, log=log.debug)
+        rec = receive(pg, pgt, args.src, args.expect_step, args.timeout, log)
+    except PgtError as e:
+        print(f"pgt_recv: error: receiving from rank {args.src}: pgt error {e.name}: {e.message}", file=sys.stderr)
+        return EXIT_PROTOCOL
+    except PgError as e:
+        what = f"rank {opts.rank} could not join the job at {opts.master_addr}:{opts.master_port}" if pg is None \
+            else f"receiving from rank {args.src}"
+        print(f"pgt_recv: error: {what}: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_GROUP
+    except (wasmtime.Trap, wasmtime.WasmtimeError, RuntimeError) as e:
+        # a trap is a guest bug or the memory cap; a RuntimeError an order this host cannot follow
+        print(f"pgt_recv: error: receiving from rank {args.src}: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_PROTOCOL
+    finally:
+        if pg is not None:
+            pg.close()
+    try:
+        tensors, metadata = tensors_of(rec)
+        if args.out is not None:
+            write_safetensors(args.out, tensors, metadata)
+        if args.npz is not None:
+            write_npz(args.npz, tensors, metadata)
+    except (ValueError, OSError) as e:
+        print(f"pgt_recv: error: writing the checkpoint: {e}", file=sys.stderr)
+        return EXIT_SETUP
+    step = rec.result["step"]
+    outs = " and ".join(str(p) for p in (args.out, args.npz) if p is not None)
+    log.info(
+        f"received {outs} from rank {args.src} (step {'none' if step is None else step}): {rec.nbytes} bytes, "
+        f"{len(tensors)} tensors, {rec.seconds:.3f} s, {rec.nbytes / max(rec.seconds, 1e-9) / 1e9:.2f} GB/s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
