@@ -1,8 +1,10 @@
 //! `pgt bench`: the benchmark scenarios, run as real processes over loopback TCP, and the hidden
 //! `pgt worker` that plays one rank of a local job for `bench` and `demo`.
 //!
-//! Timing: every rank joins the group, the receivers tell the sender they are ready, and the sender
-//! starts at once; a receiver's `seconds` runs from that moment until `recv_checkpoint` returned —
+//! Timing: every rank joins the group and prepares (the sender generates the checkpoint, in-place
+//! receivers allocate and touch their buffers); the receivers tell the sender they are ready, the
+//! sender answers "go" and starts sending. A receiver's `seconds` runs from "go" until
+//! `recv_checkpoint` returned —
 //! metadata decoded and validated, every storage landed and its digest checked. Afterwards (off the
 //! clock) the receiver checks every byte against the generator's pattern: `verified`.
 
@@ -190,9 +192,10 @@ fn round(x: f64, digits: i32) -> f64 {
     (x * m).round() / m
 }
 
-/// Tag of the readiness message a receiver sends the sender before the clock starts; far above the
-/// transfer's tags (3 + message index).
+/// Tags of the start barrier, far above the transfer's tags (3 + message index): each receiver tells the
+/// sender it is ready (buffers allocated), and the sender answers "go" to all once every one is.
 const READY_TAG: u64 = u64::MAX - 1;
+const GO_TAG: u64 = u64::MAX - 2;
 
 pub fn worker(args: WorkerArgs) -> Result<()> {
     let shape = args.scenario.shape(args.bytes);
@@ -211,6 +214,9 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
                 .process_group()
                 .recv_into(d, READY_TAG, &mut [&mut ready[..]], timeout)
                 .with_context(|| format!("waiting for rank {d} to be ready"))?;
+        }
+        for &d in &dsts {
+            transport.process_group().send(d, GO_TAG, &[], timeout)?;
         }
         common::reset_peak_rss();
         let before = common::rss_bytes();
@@ -232,6 +238,11 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         common::reset_peak_rss();
         let before = common::rss_bytes();
         transport.process_group().send(0, READY_TAG, &[], timeout)?;
+        let mut go = [0u8; 0];
+        transport
+            .process_group()
+            .recv_into(0, GO_TAG, &mut [&mut go[..]], timeout)
+            .context("waiting for the sender to start")?;
         let start = Instant::now();
         let (received, metadata_seconds) = match target.as_mut() {
             Some(t) => {
