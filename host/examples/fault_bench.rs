@@ -253,6 +253,7 @@ fn main() {
     let touched = std::cell::RefCell::new(&mut touched);
     let pw = PrefaultMethod::PopulateWrite;
     let touch = PrefaultMethod::Touch;
+    let mlock = PrefaultMethod::Mlock;
     let (small, huge) = (Pages::Small, Pages::Huge);
     let prefaulted = |pages, method, count| Target::Prefaulted {
         pages,
@@ -314,6 +315,10 @@ fn main() {
             Box::new(|| prefault_only(n, huge, touch)),
         ),
         (
+            "(f7) Prefaulter alone, Mlock 4K",
+            Box::new(|| prefault_only(n, small, mlock)),
+        ),
+        (
             "(g i)   tcp -> touched",
             Box::new(|| tcp(n, Target::Touched(&mut touched.borrow_mut()))),
         ),
@@ -340,6 +345,10 @@ fn main() {
         (
             "(g v)   tcp -> fresh 4K + prefaulter(Touch)",
             Box::new(|| tcp(n, prefaulted(small, touch, 1))),
+        ),
+        (
+            "(g vi)  tcp -> fresh 4K + prefaulter(Mlock)",
+            Box::new(|| tcp(n, prefaulted(small, mlock, 1))),
         ),
     ];
     let tcp_base_index = cases

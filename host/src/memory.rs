@@ -342,9 +342,51 @@ pub enum PrefaultMethod {
     /// `madvise(MADV_POPULATE_WRITE)` (Linux ≥ 5.14): the kernel faults the range in writable and
     /// never changes its contents, so it may run over bytes the receiver is writing.
     PopulateWrite,
-    /// Fallback: an atomic `compare_exchange(0, 0)` on one byte per page (a write access that
-    /// leaves the byte as it was), only on bytes not yet claimed, under a lock that claims take.
+    /// Fallback for older kernels: `mlock` then `munlock` each piece (of at most a quarter of
+    /// `RLIMIT_MEMLOCK`). Locking a private writable mapping write-faults its pages in, without
+    /// changing contents. Only for mapped buffers (those from the global allocator are left to
+    /// the receiver); it undoes any `mlock` the program itself put on those buffers.
+    Mlock,
+    /// Last resort: an atomic `compare_exchange(0, 0)` on one byte per page (a write access that
+    /// leaves the byte as it was), only on bytes not yet claimed, under a lock claims also take.
     Touch,
+}
+
+impl PrefaultMethod {
+    /// Whether this system supports the method.
+    pub fn is_supported(self) -> bool {
+        match self {
+            PrefaultMethod::PopulateWrite => populate_write_supported(),
+            PrefaultMethod::Mlock => mlock_step() > 0,
+            PrefaultMethod::Touch => true,
+        }
+    }
+
+    /// The best supported method: `PopulateWrite`, else `Mlock`, else `Touch`.
+    pub fn best() -> PrefaultMethod {
+        [PrefaultMethod::PopulateWrite, PrefaultMethod::Mlock]
+            .into_iter()
+            .find(|m| m.is_supported())
+            .unwrap_or(PrefaultMethod::Touch)
+    }
+}
+
+/// Largest piece `Mlock` locks at once: a quarter of `RLIMIT_MEMLOCK` in whole pages (0: unusable).
+fn mlock_step() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limit into `lim`, a valid, exclusively borrowed struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
+        return 0;
+    }
+    if lim.rlim_cur == libc::RLIM_INFINITY {
+        return usize::MAX / 2;
+    }
+    let page = page_size();
+    let quarter = usize::try_from(lim.rlim_cur / 4).unwrap_or(usize::MAX / 2);
+    quarter / page * page
 }
 
 /// Whether `MADV_POPULATE_WRITE` is available (probed once with an empty range).
@@ -372,7 +414,7 @@ pub fn populate_write_supported() -> bool {
 /// [`Prefaulter`] settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrefaultOptions {
-    /// `None`: [`PrefaultMethod::PopulateWrite`] where supported, else [`PrefaultMethod::Touch`].
+    /// `None`, or a method this system doesn't support: [`PrefaultMethod::best`].
     pub method: Option<PrefaultMethod>,
     /// Bytes per step (one `madvise`, or one locked batch of touches); the prefaulter checks for
     /// stop and for the receiver's position between steps. Rounded up to pages.
@@ -396,6 +438,8 @@ struct Region {
     len: usize,
     /// Page-rounded span for `madvise`.
     span: (usize, usize),
+    /// Whether the buffer is its own mapping (`Mlock` only handles those).
+    mapped: bool,
     /// Offset of this buffer in receive order (sum of the earlier buffers' lengths).
     start: u64,
     /// Every byte the receiver has claimed lies below this. Under `Shared::lock` in `Touch` mode.
@@ -408,6 +452,8 @@ struct Shared {
     total: u64,
     method: PrefaultMethod,
     step: usize,
+    /// `Mlock`: largest piece locked at once.
+    mlock_step: usize,
     stop: AtomicBool,
     /// Where (in receive order) the receiver last started writing; the prefaulter jumps past it.
     hint: AtomicU64,
@@ -446,8 +492,9 @@ pub struct PrefaultStats {
 ///
 /// # Soundness
 /// The background thread holds the buffers' addresses, never references to them, and:
-/// - with [`PrefaultMethod::PopulateWrite`] it performs no memory access at all: the kernel maps
-///   pages writable and leaves their contents alone, so it may overlap the receiver's writes;
+/// - with [`PrefaultMethod::PopulateWrite`] and [`PrefaultMethod::Mlock`] it performs no memory
+///   access at all: the kernel maps pages writable and leaves their contents alone, so it may
+///   overlap the receiver's writes;
 /// - with [`PrefaultMethod::Touch`] it accesses (with an atomic, content-preserving
 ///   `compare_exchange(0, 0)`) only bytes at or above the buffer's claim frontier, reading that
 ///   frontier and touching under `lock`; [`claim`](Self::claim) advances the frontier under the
@@ -482,9 +529,8 @@ impl Prefaulter {
     /// As [`start`](Self::start), with `options`.
     pub fn with_options(mut buffers: Vec<Buffer>, options: PrefaultOptions) -> Prefaulter {
         let method = match options.method {
-            Some(PrefaultMethod::Touch) => PrefaultMethod::Touch,
-            _ if populate_write_supported() => PrefaultMethod::PopulateWrite,
-            _ => PrefaultMethod::Touch,
+            Some(m) if m.is_supported() => m,
+            _ => PrefaultMethod::best(),
         };
         let page = page_size();
         let mut start = 0u64;
@@ -497,6 +543,7 @@ impl Prefaulter {
                     addr: b.as_mut_ptr().expose_provenance(),
                     len: b.len(),
                     span,
+                    mapped: b.is_mapped(),
                     start,
                     claimed: AtomicUsize::new(0),
                 };
@@ -509,6 +556,7 @@ impl Prefaulter {
             total: start,
             method,
             step: options.step.max(1).next_multiple_of(page),
+            mlock_step: mlock_step().max(page),
             stop: AtomicBool::new(false),
             hint: AtomicU64::new(0),
             progress: AtomicU64::new(0),
@@ -680,6 +728,15 @@ fn run(sh: &Shared) {
                     pos = region.start + region.len as u64;
                 }
             }
+            PrefaultMethod::Mlock => {
+                if region.mapped && lock_unlock(region, off, end, sh.mlock_step) {
+                    sh.prefaulted
+                        .fetch_add((end - off) as u64, Ordering::Relaxed);
+                    pos = region.start + end as u64;
+                } else {
+                    pos = region.start + region.len as u64;
+                }
+            }
             PrefaultMethod::Touch => {
                 let mut i = off;
                 while i < end && !sh.stop.load(Ordering::Relaxed) {
@@ -753,6 +810,34 @@ fn populate(region: &Region, off: usize, end: usize) -> bool {
 #[cfg(not(target_os = "linux"))]
 fn populate(_region: &Region, _off: usize, _end: usize) -> bool {
     false
+}
+
+/// `mlock` then `munlock` the pages spanning bytes `off..end` of `region` (a mapped buffer), in
+/// pieces of at most `piece` bytes.
+fn lock_unlock(region: &Region, off: usize, end: usize, piece: usize) -> bool {
+    let page = page_size();
+    let (span_lo, span_len) = region.span;
+    let mut lo = ((region.addr + off) / page * page).max(span_lo);
+    let hi = (region.addr + end)
+        .next_multiple_of(page)
+        .min(span_lo + span_len);
+    while lo < hi {
+        let len = (hi - lo).min(piece);
+        let p = ptr::without_provenance::<libc::c_void>(lo);
+        // SAFETY: `lo..lo + len` lies in the buffer's own live, writable, private mapping.
+        // mlock faults its pages in (writable: the mapping is private and writable) without
+        // changing contents; munlock only clears the lock again. No memory access by us.
+        let ok = unsafe {
+            let ok = libc::mlock(p, len) == 0;
+            libc::munlock(p, len);
+            ok
+        };
+        if !ok {
+            return false;
+        }
+        lo += len;
+    }
+    true
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -855,6 +940,12 @@ mod tests {
         // Never zero, so a stray zero write shows.
         ((i.wrapping_mul(31) ^ (i >> 12)) % 251) as u8 + 1 + (seed % 4)
     }
+
+    const ALL_METHODS: [PrefaultMethod; 3] = [
+        PrefaultMethod::PopulateWrite,
+        PrefaultMethod::Mlock,
+        PrefaultMethod::Touch,
+    ];
 
     fn wait_done(pf: &Prefaulter) {
         let t = Instant::now();
@@ -961,10 +1052,10 @@ mod tests {
 
     #[test]
     fn prefaulter_maps_everything() {
-        let mut methods = vec![PrefaultMethod::Touch];
-        if populate_write_supported() {
-            methods.push(PrefaultMethod::PopulateWrite);
-        }
+        let methods: Vec<PrefaultMethod> = ALL_METHODS
+            .into_iter()
+            .filter(|m| m.is_supported())
+            .collect();
         for method in methods {
             for pages in [Pages::Small, Pages::Huge] {
                 let bufs = vec![
@@ -995,10 +1086,10 @@ mod tests {
     /// byte must end up as written, and every unclaimed byte as it was.
     #[test]
     fn prefaulter_never_changes_data() {
-        let mut methods = vec![PrefaultMethod::Touch];
-        if populate_write_supported() {
-            methods.push(PrefaultMethod::PopulateWrite);
-        }
+        let methods: Vec<PrefaultMethod> = ALL_METHODS
+            .into_iter()
+            .filter(|m| m.is_supported())
+            .collect();
         for method in methods {
             for round in 0..4u8 {
                 let sizes = [24 << 20, 5, 0, (1 << 20) + 7, (6 << 20) + 4095, 4096];
