@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use pgt_core::codec::{Limits, Metadata, StorageRef};
-use pgt_core::digest::StorageHasher;
 use pgt_core::dtype::convert;
 use pgt_core::plan::{MessageKind, PlanParams, Segment};
 use pgt_core::receiver::{Binding, Dest, ReceiverOptions};
@@ -125,6 +124,21 @@ impl Abort {
 
     fn take(&self) -> Option<anyhow::Error> {
         self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// XXH3-64 of a storage's bytes, streamed: the same digest as [`pgt_core::digest`], computed with
+/// the SIMD path the CPU has (chosen at run time).
+#[derive(Default)]
+struct StorageHasher(twox_hash::XxHash3_64);
+
+impl StorageHasher {
+    fn update(&mut self, bytes: &[u8]) {
+        std::hash::Hasher::write(&mut self.0, bytes);
+    }
+
+    fn finish(&self) -> u64 {
+        std::hash::Hasher::finish(&self.0)
     }
 }
 
@@ -748,4 +762,27 @@ fn entries_mut<'s>(sd: &'s mut StateDict<'static>) -> Vec<(KeyPath, &'s mut Entr
 
 fn take_entries(sd: &mut StateDict<'static>) -> Vec<(KeyPath, Entry<'static>)> {
     sd.take_entries()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StorageHasher;
+
+    #[test]
+    fn host_hasher_equals_the_core_digest() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 31 + i / 977) as u8).collect();
+        for len in [0, 1, 16, 17, 128, 129, 240, 241, 1024, 100_000, 300_000] {
+            for split in [1, 7, 4096, 65_536] {
+                let mut h = StorageHasher::default();
+                for part in data[..len].chunks(split) {
+                    h.update(part);
+                }
+                assert_eq!(
+                    h.finish(),
+                    pgt_core::digest::digest(&data[..len]),
+                    "len {len} split {split}"
+                );
+            }
+        }
+    }
 }

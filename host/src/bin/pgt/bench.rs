@@ -84,9 +84,12 @@ pub struct BenchArgs {
     /// Receivers (default: 1, or 2 for fanout).
     #[arg(long)]
     pub receivers: Option<u32>,
-    /// Print one JSON line (else a short table).
+    /// Print one JSON line (else a short summary).
     #[arg(long)]
     pub json: bool,
+    /// Runs (each paired with a raw-TCP measurement); figures are medians.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: u32,
     #[command(flatten)]
     pub transfer: TransferArgs,
 }
@@ -136,23 +139,39 @@ pub fn run(args: BenchArgs) -> Result<()> {
     ensure!(receivers >= 1, "--receivers must be at least 1");
     let shape = args.scenario.shape(args.bytes);
     let bytes = synthetic::total_bytes(&shape);
-    // The raw loopback rate for the same bytes, measured in this invocation (same machine state).
-    let raw_gbps = raw_loopback_gbps(bytes).context("measuring raw loopback TCP")?;
-    let reports = run_job(args.scenario, args.bytes, receivers, &transfer)?;
-    let (sender, receivers_r) = reports.split_first().context("no reports")?;
-    let seconds = receivers_r
-        .iter()
-        .filter_map(|r| r["seconds"].as_f64())
-        .fold(0.0, f64::max);
+    // Runs alternate with plain loopback TCP over the same bytes, measured in this invocation, so that
+    // both see the same machine state; the figures are medians over the runs (a 2-core machine is noisy).
+    let mut raws = Vec::new();
+    let mut runs = Vec::new();
+    for _ in 0..args.repeat.max(1) {
+        raws.push(raw_loopback_gbps(bytes).context("measuring raw loopback TCP")?);
+        runs.push(run_job(args.scenario, args.bytes, receivers, &transfer)?);
+    }
+    let raw_gbps = median(raws.clone());
+    let run_seconds: Vec<f64> = runs.iter().map(|r| slowest_receiver(r)).collect();
+    let seconds = median(run_seconds.clone());
     let gbps = bytes as f64 / seconds / 1e9;
-    let verified = receivers_r
+    let receivers_of = |r: &Vec<serde_json::Value>| r.iter().skip(1).cloned().collect::<Vec<_>>();
+    let all_receivers: Vec<serde_json::Value> = runs.iter().flat_map(receivers_of).collect();
+    let verified = all_receivers
         .iter()
         .all(|r| r["verified"].as_bool() == Some(true));
-    let receiver_rss = receivers_r
-        .iter()
-        .filter_map(|r| r["rss_growth_bytes"].as_u64())
-        .max()
-        .unwrap_or(0);
+    let max_of = |reports: &[serde_json::Value]| {
+        reports
+            .iter()
+            .filter_map(|r| r["rss_growth_bytes"].as_u64())
+            .max()
+            .unwrap_or(0)
+    };
+    let receiver_rss = max_of(&all_receivers);
+    let senders: Vec<serde_json::Value> = runs.iter().filter_map(|r| r.first().cloned()).collect();
+    let sender_rss = max_of(&senders);
+    let metadata_seconds = median(
+        all_receivers
+            .iter()
+            .filter_map(|r| r["metadata_seconds"].as_f64())
+            .collect(),
+    );
     let line = json!({
         "scenario": args.scenario.name(),
         "world_size": receivers + 1,
@@ -162,12 +181,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "gbps": round(gbps, 3),
         "raw_gbps": round(raw_gbps, 3),
         "ratio": round(gbps / raw_gbps, 3),
-        "sender_rss_growth_bytes": sender["rss_growth_bytes"].as_u64().unwrap_or(0),
+        "sender_rss_growth_bytes": sender_rss,
         "receiver_rss_growth_bytes": receiver_rss,
         "verified": verified,
         "fanout": format!("{:?}", transfer.fanout).to_lowercase(),
         "core": format!("{:?}", transfer.core).to_lowercase(),
-        "metadata_seconds": receivers_r.iter().filter_map(|r| r["metadata_seconds"].as_f64()).fold(0.0, f64::max),
+        "metadata_seconds": round(metadata_seconds, 4),
+        "runs": run_seconds.iter().map(|s| round(*s, 4)).collect::<Vec<_>>(),
+        "raw_runs": raws.iter().map(|g| round(*g, 3)).collect::<Vec<_>>(),
     });
     if args.json {
         println!("{line}");
@@ -185,6 +206,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     ensure!(verified, "a receiver did not verify every byte");
     Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The slowest receiver's seconds in one run's reports (rank 0, the sender, first).
+fn slowest_receiver(reports: &[serde_json::Value]) -> f64 {
+    reports
+        .iter()
+        .skip(1)
+        .filter_map(|r| r["seconds"].as_f64())
+        .fold(0.0, f64::max)
 }
 
 fn round(x: f64, digits: i32) -> f64 {
