@@ -22,7 +22,7 @@ use pgt_core::tree::KeyPath;
 use tracing::{debug, info_span};
 
 use crate::engine::{EngineFactory, NativeEngine, OwnedPayload, RecvNext, SendNext, SendStep};
-use crate::memory::Buffer;
+use crate::memory::{Buffer, Prefaulter};
 use crate::pg::ProcessGroup;
 use crate::state_dict::{Entry, StateDict, Storage, Tensor};
 
@@ -410,6 +410,28 @@ impl<P: ProcessGroup> Transport<P> {
             };
             regions.push(StorageRegions { wire, dest });
         }
+        // Fresh wire targets (fresh buffers, and staging of cast storages) go to a prefaulter that maps
+        // their pages on another thread ahead of the receiver, in receive (= storage) order, so the
+        // receiving thread mostly writes into memory that is already mapped. The regions above keep
+        // pointing at the same bytes: buffers are heap/mmap allocations that do not move.
+        let mut prefault_index: Vec<Option<usize>> = vec![None; bindings.len()];
+        let mut prefault_buffers = Vec::new();
+        for s in 0..bindings.len() {
+            let owned = match staging[s].take() {
+                Some(st) => Some((st, true)),
+                None => fresh[s].take().map(|f| (f, false)),
+            };
+            if let Some((buf, is_staging)) = owned {
+                prefault_index[s] = Some(prefault_buffers.len());
+                prefault_buffers.push((s, is_staging, buf));
+            }
+        }
+        let placement: Vec<(usize, bool)> = prefault_buffers
+            .iter()
+            .map(|(s, st, _)| (*s, *st))
+            .collect();
+        let prefaulter =
+            Prefaulter::start(prefault_buffers.into_iter().map(|(_, _, b)| b).collect());
 
         let total = manifest.total_bytes;
         let abort = Abort::default();
@@ -490,11 +512,19 @@ impl<P: ProcessGroup> Transport<P> {
                                 let mut parts: Vec<&mut [u8]> = step
                                     .segments
                                     .iter()
-                                    // SAFETY: see `Region`: the plan's segments of one message are
-                                    // disjoint from every other message's, and no other thread touches
-                                    // a message's bytes before it has landed.
-                                    .map(|s| unsafe {
-                                        regions[s.storage as usize].wire.slice_mut(s.offset, s.len)
+                                    .map(|s| match prefault_index[s.storage as usize] {
+                                        Some(i) => prefaulter.claim(
+                                            i,
+                                            s.offset as usize..(s.offset + s.len) as usize,
+                                        ),
+                                        // SAFETY: see `Region`: the plan's segments of one message
+                                        // are disjoint from every other message's, and no other
+                                        // thread touches a message's bytes before it has landed.
+                                        None => unsafe {
+                                            regions[s.storage as usize]
+                                                .wire
+                                                .slice_mut(s.offset, s.len)
+                                        },
                                     })
                                     .collect();
                                 self.pg
@@ -567,6 +597,13 @@ impl<P: ProcessGroup> Transport<P> {
             engine.finish()
         })?;
         drop(regions);
+        for ((s, is_staging), buf) in placement.into_iter().zip(prefaulter.finish()) {
+            if is_staging {
+                staging[s] = Some(buf);
+            } else {
+                fresh[s] = Some(buf);
+            }
+        }
 
         // Assemble the received tree: fresh buffers move in; in-place ones move from the old tree.
         let mut old: HashMap<u64, Buffer> = HashMap::new();
