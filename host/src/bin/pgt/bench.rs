@@ -186,6 +186,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "verified": verified,
         "fanout": format!("{:?}", transfer.fanout).to_lowercase(),
         "core": format!("{:?}", transfer.core).to_lowercase(),
+        "digests": !transfer.no_digests,
         "metadata_seconds": round(metadata_seconds, 4),
         "runs": run_seconds.iter().map(|s| round(*s, 4)).collect::<Vec<_>>(),
         "raw_runs": raws.iter().map(|g| round(*g, 3)).collect::<Vec<_>>(),
