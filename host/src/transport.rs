@@ -184,6 +184,7 @@ impl<P: ProcessGroup> Transport<P> {
             tree: nodes,
             leaves: entries.iter().map(|e| e.to_leaf()).collect(),
         };
+        let encode_span = info_span!("encode").entered();
         let mut engine = self
             .options
             .engine
@@ -196,6 +197,8 @@ impl<P: ProcessGroup> Transport<P> {
         let progress = self.options.progress.clone();
         let sent = std::sync::atomic::AtomicU64::new(0);
 
+        drop(encode_span);
+        let _data_span = info_span!("data", bytes = total).entered();
         std::thread::scope(|scope| -> Result<()> {
             let (digest_tx, digest_rx) = mpsc::channel::<(u32, u64)>();
             let (hash_tx, hash_rx) = mpsc::sync_channel::<Vec<Segment>>(QUEUE_DEPTH);
@@ -333,6 +336,7 @@ impl<P: ProcessGroup> Transport<P> {
             limits: self.options.limits,
         })?;
         // Header and metadata.
+        let metadata_span = info_span!("metadata").entered();
         let mut manifest = None;
         loop {
             match engine.poll()? {
@@ -357,6 +361,8 @@ impl<P: ProcessGroup> Transport<P> {
         }
         let manifest = manifest.context("no metadata")?;
         let metadata_seconds = start.elapsed().as_secs_f64();
+        drop(metadata_span);
+        let bind_span = info_span!("bind").entered();
         debug!(
             storages = manifest.storages.len(),
             bytes = manifest.total_bytes,
@@ -435,6 +441,8 @@ impl<P: ProcessGroup> Transport<P> {
 
         let total = manifest.total_bytes;
         let abort = Abort::default();
+        drop(bind_span);
+        let data_span = info_span!("data", bytes = total).entered();
         let received_tree = std::thread::scope(|scope| -> Result<crate::engine::ReceivedTree> {
             let (event_tx, event_rx) = mpsc::channel::<Event>();
             let (post_tx, post_rx) = mpsc::sync_channel::<Vec<Segment>>(QUEUE_DEPTH);
@@ -605,6 +613,8 @@ impl<P: ProcessGroup> Transport<P> {
             }
         }
 
+        drop(data_span);
+        let _assemble_span = info_span!("assemble").entered();
         // Assemble the received tree: fresh buffers move in; in-place ones move from the old tree.
         let mut old: HashMap<u64, Buffer> = HashMap::new();
         if in_place {
