@@ -1,0 +1,96 @@
+//! Real processes over loopback TCP: `pgt demo` sends the mixed dict (every leaf kind, strided and
+//! offset views, 0-dim and zero-size tensors, DTensors, a ShardedTensor, values) to 3 receivers in
+//! both fan-out modes, and every receiver checks every byte; `pgt bench` reports its JSON contract.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn pgt(args: &[&str]) -> Output {
+    let start = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgt"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("pgt starts");
+    // Never hang the suite: a job that takes a minute is a failure.
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if start.elapsed() > Duration::from_secs(90) {
+            let _ = child.kill();
+            panic!("pgt {args:?} did not finish in 90 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn demo_delivers_every_byte_to_three_receivers_in_both_fanout_modes() {
+    for fanout in ["chain", "direct"] {
+        let out = pgt(&[
+            "demo",
+            "--size",
+            "2MiB",
+            "--receivers",
+            "3",
+            "--fanout",
+            fanout,
+            "--chunk-size",
+            "64KiB",
+            "--bucket-size",
+            "16KiB",
+            "--quiet",
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{fanout}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(stdout.matches("every byte").count(), 3, "{stdout}");
+        assert!(stdout.contains("raw loopback TCP in this run"), "{stdout}");
+    }
+}
+
+#[test]
+fn bench_prints_the_json_contract() {
+    let out = pgt(&[
+        "bench",
+        "--scenario",
+        "large-inplace",
+        "--bytes",
+        "4MiB",
+        "--repeat",
+        "1",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON line");
+    for key in [
+        "scenario",
+        "world_size",
+        "bytes",
+        "tensors",
+        "seconds",
+        "gbps",
+        "raw_gbps",
+        "ratio",
+        "sender_rss_growth_bytes",
+        "receiver_rss_growth_bytes",
+        "verified",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}: {v}");
+    }
+    assert_eq!(v["scenario"], "large-inplace");
+    assert_eq!(v["world_size"], 2);
+    assert_eq!(v["tensors"], 16);
+    assert_eq!(v["verified"], true);
+    assert!(v["seconds"].as_f64().unwrap() > 0.0);
+}
