@@ -8,8 +8,8 @@
 //! table shows the median and every sample. Memset cases write the whole target once; populate
 //! cases only map it; tcp cases receive it over one loopback TCP connection from a sender thread
 //! writing from a touched 8 MiB buffer, in 16 MiB messages (pgt's default chunk size), timed from
-//! the receiver's allocation to the last byte. "rss+" is the receiver's resident-set growth at the
-//! end of the case (target still alive).
+//! the receiver's allocation to the last byte. "cpu" is the CPU time all threads (sender, receiver,
+//! prefaulter) used meanwhile; "rss+" the resident-set growth by then (target still alive).
 //!
 //! **Cold memory.** On a VM with free-page reporting (virtio-balloon; this machine reports free
 //! blocks of ≥ 8 MiB about 2 s after they are freed) memory freed by the previous case goes back to
@@ -23,7 +23,8 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use pgt_host::memory::{
-    page_size, populate_write_supported, Buffer, Pages, PrefaultMethod, PrefaultOptions, Prefaulter,
+    page_size, populate_write_supported, Buffer, BufferPool, Pages, PrefaultMethod,
+    PrefaultOptions, Prefaulter,
 };
 
 /// pgt's default chunk size: the receiver claims and reads one message at a time.
@@ -54,6 +55,16 @@ fn rss_bytes() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+/// CPU time (user + system) of the whole process so far.
+fn cpu_time() -> Duration {
+    // SAFETY: an all-zero rusage is a valid value; getrusage only writes into it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, exclusively borrowed rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 fn memset_fresh(n: usize, pages: Pages) -> Outcome {
@@ -132,6 +143,8 @@ fn prefault_only(n: usize, pages: Pages, method: PrefaultMethod) -> Outcome {
 /// Where the receiver puts the bytes.
 enum Target<'a> {
     Touched(&'a mut Buffer),
+    /// A buffer from the pool (fresh the first time), given back afterwards.
+    Pooled(&'a BufferPool),
     Fresh(Pages),
     /// `count` fresh buffers splitting the target, prefaulted by `method`.
     Prefaulted {
@@ -167,13 +180,25 @@ fn tcp(n: usize, target: Target<'_>) -> Outcome {
     let (mut s, _) = listener.accept().expect("accept");
     s.set_nodelay(true).expect("nodelay");
     let rss0 = rss_bytes();
+    let cpu0 = cpu_time();
     let t = Instant::now();
     let mut note = String::new();
     let mut kept = Vec::new();
+    let give_back = match &target {
+        Target::Pooled(pool) => Some(*pool),
+        _ => None,
+    };
     match target {
         Target::Touched(buf) => {
             s.write_all(&[1]).expect("go");
             recv_into(&mut s, buf);
+        }
+        Target::Pooled(pool) => {
+            let (mut buf, reused) = pool.take_or_zeroed(n);
+            s.write_all(&[1]).expect("go");
+            recv_into(&mut s, &mut buf);
+            note = if reused { "reused" } else { "fresh" }.to_string();
+            kept.push(buf);
         }
         Target::Fresh(pages) => {
             let mut buf = Buffer::zeroed_with(n, pages);
@@ -209,14 +234,24 @@ fn tcp(n: usize, target: Target<'_>) -> Outcome {
             kept = pf.finish();
         }
     }
-    let time = t.elapsed();
-    let grew = rss_bytes().saturating_sub(rss0);
     sender.join().expect("sender");
+    let time = t.elapsed();
+    let cpu = cpu_time().saturating_sub(cpu0);
+    let grew = rss_bytes().saturating_sub(rss0);
     for b in &kept {
         assert!(b[0] == 0x5a && b[b.len() - 1] == 0x5a, "data check");
     }
+    if let Some(pool) = give_back {
+        for b in kept.drain(..) {
+            pool.put(b);
+        }
+    }
     drop(kept);
-    note = format!("rss+ {:>4} MiB  {note}", grew >> 20);
+    note = format!(
+        "cpu {:.2} s  rss+ {:>4} MiB  {note}",
+        cpu.as_secs_f64(),
+        grew >> 20
+    );
     Outcome { time, note }
 }
 
@@ -251,6 +286,7 @@ fn main() {
     touched.fill(7);
     // The touched target serves (a) and (g i).
     let touched = std::cell::RefCell::new(&mut touched);
+    let pool = BufferPool::new(n);
     let pw = PrefaultMethod::PopulateWrite;
     let touch = PrefaultMethod::Touch;
     let mlock = PrefaultMethod::Mlock;
@@ -350,6 +386,10 @@ fn main() {
             "(g vi)  tcp -> fresh 4K + prefaulter(Mlock)",
             Box::new(|| tcp(n, prefaulted(small, mlock, 1))),
         ),
+        (
+            "(g vii) tcp -> BufferPool (reused after rep 1)",
+            Box::new(|| tcp(n, Target::Pooled(&pool))),
+        ),
     ];
     let tcp_base_index = cases
         .iter()
@@ -375,10 +415,19 @@ fn main() {
         let m = idx[idx.len() / 2];
         (r[m].time, r[m].note.clone())
     };
-    let memset_base = median(&results[0]).0;
-    let tcp_base = median(&results[tcp_base_index]).0;
+    // Per-rep ratios against the baseline run in the same rep (seconds apart), then their median:
+    // steadier than a ratio of medians when the machine's load drifts.
+    let ratio = |i: usize, base: usize| -> f64 {
+        let mut r: Vec<f64> = results[i]
+            .iter()
+            .zip(&results[base])
+            .map(|(c, b)| b.time.as_secs_f64() / c.time.as_secs_f64())
+            .collect();
+        r.sort_by(f64::total_cmp);
+        r[r.len() / 2]
+    };
     println!(
-        "\n{:<44} {:>8} {:>6} {:>6}  {:<20} notes",
+        "\n{:<46} {:>8} {:>6} {:>6}  {:<30} notes",
         "case", "median s", "GB/s", "ratio", "samples s"
     );
     for (i, (name, _)) in cases.iter().enumerate() {
@@ -387,23 +436,26 @@ fn main() {
         }
         let (t, note) = median(&results[i]);
         let base = if i >= tcp_base_index {
-            tcp_base
+            tcp_base_index
         } else {
-            memset_base
+            0
         };
         let samples: Vec<String> = results[i]
             .iter()
             .map(|o| format!("{:.3}", o.time.as_secs_f64()))
             .collect();
         println!(
-            "{:<44} {:>8.3} {:>6.2} {:>6.2}  {:<20} {}",
+            "{:<46} {:>8.3} {:>6.2} {:>6.2}  {:<30} {}",
             name,
             t.as_secs_f64(),
             n as f64 / t.as_secs_f64() / 1e9,
-            base.as_secs_f64() / t.as_secs_f64(),
+            ratio(i, base),
             samples.join(" "),
             note
         );
     }
-    println!("\nratio: throughput relative to (a) for (a)-(f), to (g i) for (g).");
+    println!(
+        "\nratio: throughput relative to (a) for (a)-(f), to (g i) for (g); the median of the \
+         per-rep ratios."
+    );
 }

@@ -627,8 +627,10 @@ impl Prefaulter {
     /// doesn't change contents), and it moves on past `range.start` if it was behind.
     ///
     /// Claims of one buffer must come in increasing order: `range.start` must be at or after the
-    /// end of the previous non-empty claim of that buffer. Claim each message's part as you
-    /// receive it; with `Touch`, claims of a few MiB let the prefaulter work closer behind.
+    /// end of the previous non-empty claim of that buffer. Either claim each message's part as
+    /// you receive it, or claim whole buffers up front and report where you are with
+    /// [`progress_hint`](Self::progress_hint): the same with `PopulateWrite` and `Mlock`, but
+    /// `Touch` never touches claimed bytes, so it only helps with claims made as you go.
     ///
     /// # Panics
     /// If `index` or `range` is out of bounds, or `range` overlaps an earlier claim of `index`.
@@ -668,6 +670,23 @@ impl Prefaulter {
         // reads the frontier under the lock we took, which also orders its earlier touches before
         // our writes).
         unsafe { std::slice::from_raw_parts_mut(base.add(range.start), range.len()) }
+    }
+
+    /// Tells the prefaulter that the receiver is now writing at `offset` of buffer `index`, without
+    /// claiming anything; it then jumps past that point if it was behind. [`claim`](Self::claim)
+    /// does this by itself; this is for a receiver that claimed whole buffers up front.
+    ///
+    /// # Panics
+    /// If `index` or `offset` is out of bounds.
+    pub fn progress_hint(&self, index: usize, offset: usize) {
+        let region = &self.shared.regions[index];
+        assert!(
+            offset <= region.len,
+            "hint {offset} out of bounds of buffer {index}"
+        );
+        self.shared
+            .hint
+            .fetch_max(region.start + offset as u64, Ordering::Relaxed);
     }
 
     /// Stops the prefaulter (wherever it is) and gives the buffers back, in the order given.
@@ -1153,6 +1172,38 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// Whole buffers claimed up front (as a receiver holding raw views would), progress reported
+    /// by hint: the content-preserving methods still map everything, and data stays intact.
+    #[test]
+    fn whole_claims_with_hints() {
+        for method in [PrefaultMethod::PopulateWrite, PrefaultMethod::Mlock] {
+            if !method.is_supported() {
+                continue;
+            }
+            let opts = PrefaultOptions {
+                method: Some(method),
+                step: 256 << 10,
+            };
+            let pf =
+                Prefaulter::with_options((0..3).map(|_| Buffer::zeroed(5 << 20)).collect(), opts);
+            let mut views: Vec<&mut [u8]> = (0..pf.len())
+                .map(|i| pf.claim(i, 0..pf.buffer_len(i)))
+                .collect();
+            for (i, v) in views.iter_mut().enumerate() {
+                for (k, chunk) in v.chunks_mut(1 << 20).enumerate() {
+                    pf.progress_hint(i, k << 20);
+                    chunk.fill(i as u8 + 1);
+                }
+            }
+            wait_done(&pf);
+            drop(views);
+            for (i, b) in pf.finish().iter().enumerate() {
+                assert_eq!(resident(b), 1.0, "{method:?}");
+                assert!(b.iter().all(|&x| x == i as u8 + 1), "{method:?}");
             }
         }
     }
