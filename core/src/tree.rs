@@ -113,7 +113,7 @@ impl Leaf {
 }
 
 /// One step of a key path.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum PathElem {
     /// A dict key.
     Key(Key),
@@ -122,7 +122,7 @@ pub enum PathElem {
 }
 
 /// The path from the root to a leaf, e.g. `model.layers.0.weight`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct KeyPath(pub Vec<PathElem>);
 
 impl fmt::Display for KeyPath {

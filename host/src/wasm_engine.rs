@@ -24,9 +24,8 @@ use pgt_core::codec::{Limits, Metadata, StorageRef};
 use pgt_core::dtype::DType;
 use pgt_core::receiver::{Binding, ReceiverOptions};
 use pgt_wasm::types::{
-    path_from_w, segments_from_w, status, BindingW, Encoded, ErrorInfo, ForwardStepW, IncomingW,
-    LimitsW, PayloadW, PlanW, ReceivedW, ReceiverOptionsW, RecvNextW, SendNextW, SenderCreated,
-    Summary,
+    segments_from_w, status, BindingW, Encoded, ErrorInfo, ForwardStepW, LimitsW, PayloadW, PlanW,
+    ReceivedW, ReceiverOptionsW, RecvNextW, SendNextW, SenderCreated, Summary,
 };
 use serde::de::DeserializeOwned;
 use wasmtime::{
@@ -756,10 +755,10 @@ impl ReceiverEngine for WasmReceiver {
     }
 
     fn handle_metadata(&mut self, bytes: &[u8]) -> Result<IncomingManifest, EngineError> {
-        let m: IncomingW = self.bytes_call("pgt_receiver_metadata", bytes)?;
+        let m: pgt_wasm::types::IncomingPaths = self.bytes_call("pgt_receiver_metadata", bytes)?;
         Ok(IncomingManifest {
             step: m.step,
-            paths: m.paths.into_iter().map(path_from_w).collect(),
+            paths: m.paths,
             storages: m.storages.into_iter().map(Into::into).collect(),
             total_bytes: m.total_bytes,
         })

@@ -463,6 +463,33 @@ pub enum RecvNextW {
     Done,
 }
 
+/// [`IncomingW`] as the raw ABI sends it: the same postcard bytes (a [`KeyPath`] encodes exactly as a
+/// [`PathW`]), but the paths are borrowed from the receiver, not copied, inside the guest.
+#[derive(Debug, Serialize)]
+pub struct IncomingRef<'a> {
+    /// Step of the checkpoint.
+    pub step: Option<u64>,
+    /// Key path of every leaf.
+    pub paths: &'a [KeyPath],
+    /// Every storage, in wire order.
+    pub storages: Vec<StorageW>,
+    /// Total storage bytes.
+    pub total_bytes: u64,
+}
+
+/// [`IncomingW`] as a Rust host decodes it: the paths straight into [`KeyPath`]s.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct IncomingPaths {
+    /// Step of the checkpoint.
+    pub step: Option<u64>,
+    /// Key path of every leaf.
+    pub paths: Vec<KeyPath>,
+    /// Every storage, in wire order.
+    pub storages: Vec<StorageW>,
+    /// Total storage bytes.
+    pub total_bytes: u64,
+}
+
 /// What the receiver learned from the metadata (`pgt_receiver_metadata`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IncomingW {
