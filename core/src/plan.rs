@@ -50,7 +50,7 @@ impl Default for PlanParams {
         PlanParams {
             fanout: FanOut::Chain,
             bucket_size: 1 << 20,
-            chunk_size: 16 << 20,
+            chunk_size: 4 << 20,
         }
     }
 }

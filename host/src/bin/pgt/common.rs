@@ -88,7 +88,7 @@ pub struct TransferArgs {
     #[arg(long, value_parser = parse_size, default_value = "1MiB")]
     pub bucket_size: u64,
     /// Larger storages travel in chunks of this size (a multiple of 64, at most 1GiB).
-    #[arg(long, value_parser = parse_size, default_value = "16MiB")]
+    #[arg(long, value_parser = parse_size, default_value = "4MiB")]
     pub chunk_size: u64,
     /// Skip the per-tensor digests.
     #[arg(long)]
