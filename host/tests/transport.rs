@@ -1,12 +1,14 @@
 //! Transport over the in-process group: every leaf kind, both fan-out modes with 3–4 ranks, chunking and
 //! bucketing boundaries, in-place receive and cast, mismatches, stalls and corruption.
 
+mod common;
+use common::Corrupting;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgt_core::dtype::DType;
 use pgt_core::plan::{FanOut, PlanParams};
-use pgt_host::pg::{InProcessGroup, PgError, ProcessGroup};
+use pgt_host::pg::{InProcessGroup, PgError};
 use pgt_host::state_dict::{Entry, StateDict, Tensor};
 use pgt_host::synthetic::{self, Shape};
 use pgt_host::transport::{Transport, TransportOptions};
@@ -220,49 +222,6 @@ fn stalled_sender_times_out() {
         .downcast_ref::<PgError>()
         .unwrap_or_else(|| panic!("{err:#}"));
     assert!(pg.is_timeout(), "{pg}");
-}
-
-/// A process group that flips one byte of one message to one rank.
-struct Corrupting<P> {
-    inner: P,
-    tag: u64,
-    to: u32,
-}
-
-impl<P: ProcessGroup> ProcessGroup for Corrupting<P> {
-    fn rank(&self) -> u32 {
-        self.inner.rank()
-    }
-    fn size(&self) -> u32 {
-        self.inner.size()
-    }
-    fn send(&self, dst: u32, tag: u64, parts: &[&[u8]], timeout: Duration) -> Result<(), PgError> {
-        if dst == self.to && tag == self.tag {
-            let mut bytes: Vec<u8> = parts.concat();
-            let mid = bytes.len() / 2;
-            bytes[mid] ^= 0x40;
-            return self.inner.send(dst, tag, &[&bytes], timeout);
-        }
-        self.inner.send(dst, tag, parts, timeout)
-    }
-    fn recv_into(
-        &self,
-        src: u32,
-        tag: u64,
-        parts: &mut [&mut [u8]],
-        timeout: Duration,
-    ) -> Result<(), PgError> {
-        self.inner.recv_into(src, tag, parts, timeout)
-    }
-    fn recv_vec(
-        &self,
-        src: u32,
-        tag: u64,
-        max: usize,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, PgError> {
-        self.inner.recv_vec(src, tag, max, timeout)
-    }
 }
 
 #[test]

@@ -5,13 +5,15 @@
 //! Needs the module: `scripts/build-wasm.sh` before `cargo test`.
 #![cfg(feature = "wasm")]
 
+mod common;
+use common::Corrupting;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use pgt_core::dtype::DType;
 use pgt_core::plan::{FanOut, PlanParams};
 use pgt_host::engine::{EngineFactory, NativeEngine};
-use pgt_host::pg::{InProcessGroup, PgError, ProcessGroup};
+use pgt_host::pg::{InProcessGroup, ProcessGroup};
 use pgt_host::state_dict::{Entry, StateDict, Tensor};
 use pgt_host::synthetic::{self, Shape};
 use pgt_host::transport::{Transport, TransportOptions};
@@ -189,49 +191,6 @@ fn in_place_size_mismatch_names_the_key_path() {
             got: 12
         }
     );
-}
-
-/// Flips one byte of one message to one rank.
-struct Corrupting<P> {
-    inner: P,
-    tag: u64,
-    to: u32,
-}
-
-impl<P: ProcessGroup> ProcessGroup for Corrupting<P> {
-    fn rank(&self) -> u32 {
-        self.inner.rank()
-    }
-    fn size(&self) -> u32 {
-        self.inner.size()
-    }
-    fn send(&self, dst: u32, tag: u64, parts: &[&[u8]], timeout: Duration) -> Result<(), PgError> {
-        if dst == self.to && tag == self.tag {
-            let mut bytes: Vec<u8> = parts.concat();
-            let mid = bytes.len() / 2;
-            bytes[mid] ^= 0x40;
-            return self.inner.send(dst, tag, &[&bytes], timeout);
-        }
-        self.inner.send(dst, tag, parts, timeout)
-    }
-    fn recv_into(
-        &self,
-        src: u32,
-        tag: u64,
-        parts: &mut [&mut [u8]],
-        timeout: Duration,
-    ) -> Result<(), PgError> {
-        self.inner.recv_into(src, tag, parts, timeout)
-    }
-    fn recv_vec(
-        &self,
-        src: u32,
-        tag: u64,
-        max: usize,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, PgError> {
-        self.inner.recv_vec(src, tag, max, timeout)
-    }
 }
 
 #[test]
