@@ -1,8 +1,8 @@
 //! Page-fault cost of receiving into fresh memory, and what `pgt_host::memory` does about it.
 //!
 //! `cargo run --release -p pgt-host --example fault_bench -- [GiB] [reps] [filter]`
-//! (default 1 GiB, 3 reps, every case; `filter` keeps the cases whose name contains it, plus the
-//! two baselines (a) and (g i)). Environment: `COLD_MS` (default 5000), see below.
+//! (default 1 GiB, 3 reps, every case; `filter`, a comma-separated list, keeps the cases whose
+//! name contains one of its items, plus the two baselines (a) and (g i)). Environment: `COLD_MS` (default 5000), see below.
 //!
 //! Every case runs `reps` times, round-robin (so drift on a noisy machine hits all cases alike); the
 //! table shows the median and every sample. Memset cases write the whole target once; populate
@@ -16,6 +16,10 @@
 //! the host and costs much more to fault in again than memory freed a moment ago. A receiver's fresh
 //! buffers normally come from such long-free memory, so each case first sleeps `COLD_MS` (default
 //! 5000) ms. `COLD_MS=0` measures "warm" memory instead (freed just before, by the previous case).
+//!
+//! **Shared machine.** The pause before each case (at least 0.5 s) is repeated (up to 12 times)
+//! while other processes keep the CPUs more than 15% busy, so that samples come from quiet moments
+//! where there are any; stderr shows how often it waited.
 
 use std::hint::black_box;
 use std::io::{Read, Write};
@@ -55,6 +59,36 @@ fn rss_bytes() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+/// Idle and total jiffies of all CPUs (first line of /proc/stat).
+fn cpu_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (idle, v.iter().take(8).sum())
+}
+
+/// Sleeps `cold` (at least 0.5 s), again and again while other processes kept the machine more
+/// than 15% busy meanwhile (at most 12 times). Returns how many times it slept.
+fn quiet_pause(cold: Duration) -> u32 {
+    let window = cold.max(Duration::from_millis(500));
+    for attempt in 1..=12 {
+        let (i0, t0) = cpu_jiffies();
+        std::thread::sleep(window);
+        let (i1, t1) = cpu_jiffies();
+        if t1 <= t0 || (i1 - i0) as f64 >= 0.85 * (t1 - t0) as f64 {
+            return attempt;
+        }
+    }
+    12
 }
 
 /// CPU time (user + system) of the whole process so far.
@@ -400,9 +434,13 @@ fn main() {
     for rep in 0..reps {
         eprint!("rep {}/{reps}:", rep + 1);
         for (i, (name, run)) in cases.iter_mut().enumerate() {
-            if i == 0 || i == tcp_base_index || name.contains(filter.as_str()) {
+            let wanted = filter.split(',').any(|f| name.contains(f));
+            if i == 0 || i == tcp_base_index || wanted {
                 eprint!(" {i}");
-                std::thread::sleep(Duration::from_millis(cold_ms));
+                let slept = quiet_pause(Duration::from_millis(cold_ms));
+                if slept > 1 {
+                    eprint!("(waited {}x)", slept - 1);
+                }
                 results[i].push(run());
             }
         }
