@@ -7,7 +7,7 @@
 //! Every case runs `reps` times, round-robin (so drift on a noisy machine hits all cases alike); the
 //! table shows the median and every sample. Memset cases write the whole target once; populate
 //! cases only map it; tcp cases receive it over one loopback TCP connection from a sender thread
-//! writing from a touched 8 MiB buffer, in 16 MiB messages (pgt's default chunk size), timed from
+//! writing from a touched 8 MiB buffer, in 4 MiB messages (pgt's default chunk size), timed from
 //! the receiver's allocation to the last byte. "cpu" is the CPU time all threads (sender, receiver,
 //! prefaulter) used meanwhile; "rss+" the resident-set growth by then (target still alive).
 //!
@@ -32,7 +32,7 @@ use pgt_host::memory::{
 };
 
 /// pgt's default chunk size: the receiver claims and reads one message at a time.
-const MESSAGE: usize = 16 << 20;
+const MESSAGE: usize = 4 << 20;
 /// The sender's (touched) source buffer.
 const SOURCE: usize = 8 << 20;
 

@@ -40,14 +40,14 @@
 //! (g vi)  tcp -> fresh 4K + prefaulter(Mlock)       0.394   2.73   1.12   cpu 0.69 s
 //! (g vii) tcp -> BufferPool (reused after rep 1)    0.321   3.34   0.89   cpu 0.41 s
 //!
-//! The tcp rows again, 11 reps on a quiet machine ("(g i),(g ii),(g iii),(g vi),(g vii)"):
-//! (g i)   tcp -> touched                            0.290   3.71   1.00   cpu 0.41 s
-//! (g ii)  tcp -> fresh 4K                           0.724   1.48   0.42   cpu 0.84 s
-//! (g iii) tcp -> fresh 4K + prefaulter              0.362   2.97   0.77   cpu 0.67 s
-//! (g vi)  tcp -> fresh 4K + prefaulter(Mlock)       0.390   2.75   0.75   cpu 0.71 s
-//! (g vii) tcp -> BufferPool (reused after rep 1)    0.422   2.54   0.61   cpu 0.57 s
-//!   (loopback itself is bimodal, 0.24-0.29 s or 0.43-0.75 s, in (g i) and (g vii) alike; the
-//!   prefaulted runs stayed at 0.32-0.48 s)
+//! The table above used 16 MiB messages. The tcp rows again with 4 MiB messages (the current
+//! default chunk size), 11 reps on a quiet machine (filter "(g ii),(g iii),(g vi)"):
+//! (g i)   tcp -> touched                            0.296   3.63   1.00   cpu 0.40 s
+//! (g ii)  tcp -> fresh 4K                           0.621   1.73   0.44   cpu 0.76 s
+//! (g iii) tcp -> fresh 4K + prefaulter              0.393   2.73   0.79   cpu 0.71 s
+//! (g vi)  tcp -> fresh 4K + prefaulter(Mlock)       0.407   2.64   0.77   cpu 0.71 s
+//!   (loopback itself is bimodal: (g i) took 0.26-0.30 s or 0.45-0.68 s, as did pooled memory
+//!   in another 11-rep run; the prefaulted runs stayed at 0.36-0.41 s but for one 0.56)
 //!
 //! Warm memory (COLD_MS=0), medians: (f2) THP populate 0.10 s, (f3) 4K 0.31 s; tcp: touched
 //! 0.360, fresh 4K 0.699, 4K + prefaulter 0.421, THP + prefaulter 0.346 s.
@@ -62,10 +62,10 @@
 //!   with the prefaulter 0.75–0.82× on a quiet machine (about 1.0× in runs where loopback itself
 //!   was slowed by other load), and recycled [`BufferPool`] memory is touched memory. The
 //!   prefaulter's remaining gap is CPU, not overlap (it stays ahead: "did 100%"): loopback sender
-//!   and receiver already use ~1.6 of the 2 vCPUs, and faulting costs another ~0.3 CPU·s per GiB
-//!   ("cpu" column: 0.41 s touched, 0.67 s prefaulted): 0.67 CPU·s on 2 vCPUs can't take less
-//!   than ~0.34 s, and 0.36 s is measured. With the sender on another host (not measured here)
-//!   the faults would fit in the spare vCPU.
+//!   and receiver already use ~1.4 of the 2 vCPUs, and faulting costs another ~0.3 CPU·s per GiB
+//!   ("cpu" column: 0.40 s touched, 0.71 s prefaulted): 0.71 CPU·s on 2 vCPUs can't take less
+//!   than ~0.36 s, and 0.36-0.39 s is measured. With the sender on another host (not measured
+//!   here) the faults would fit in the spare vCPU.
 //! - `Mlock` does nearly as well as `PopulateWrite`. The `Touch` fallback helps least (0.5–0.6×),
 //!   probably because the receiver's claims wait for the prefaulter's lock while the prefaulter
 //!   is preempted holding it (3 busy threads on 2 vCPUs; not verified).
