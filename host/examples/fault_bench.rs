@@ -2,20 +2,22 @@
 //!
 //! `cargo run --release -p pgt-host --example fault_bench -- [GiB] [reps] [filter]`
 //! (default 1 GiB, 3 reps, every case; `filter`, a comma-separated list, keeps the cases whose
-//! name contains one of its items, plus the two baselines (a) and (g i)). Environment: `COLD_MS` (default 5000), see below.
+//! name contains one of its items, plus the two baselines (a) and (g i)). Environment: `COLD_MS`
+//! (default 5000), see below.
 //!
-//! Every case runs `reps` times, round-robin (so drift on a noisy machine hits all cases alike); the
-//! table shows the median and every sample. Memset cases write the whole target once; populate
+//! Every case runs `reps` times, round-robin (so drift on a noisy machine hits all cases alike);
+//! the table shows the median and every sample. Memset cases write the whole target once; populate
 //! cases only map it; tcp cases receive it over one loopback TCP connection from a sender thread
 //! writing from a touched 8 MiB buffer, in 4 MiB messages (pgt's default chunk size), timed from
-//! the receiver's allocation to the last byte. "cpu" is the CPU time all threads (sender, receiver,
-//! prefaulter) used meanwhile; "rss+" the resident-set growth by then (target still alive).
+//! the receiver's allocation to the last byte. "cpu" is the CPU time all threads (sender,
+//! receiver, prefaulter) used meanwhile; "rss+" the resident-set growth by then (target alive).
 //!
 //! **Cold memory.** On a VM with free-page reporting (virtio-balloon; this machine reports free
-//! blocks of ≥ 8 MiB about 2 s after they are freed) memory freed by the previous case goes back to
-//! the host and costs much more to fault in again than memory freed a moment ago. A receiver's fresh
-//! buffers normally come from such long-free memory, so each case first sleeps `COLD_MS` (default
-//! 5000) ms. `COLD_MS=0` measures "warm" memory instead (freed just before, by the previous case).
+//! blocks of ≥ 8 MiB about 2 s after they are freed), memory freed by the previous case goes back
+//! to the host, and huge pages then cost ~20× more to fault in than on memory freed a moment ago
+//! (4 KiB pages barely differ). A receiver's fresh buffers normally come from such long-free
+//! memory, so each case first sleeps `COLD_MS` (default 5000) ms. `COLD_MS=0` measures "warm"
+//! memory instead (freed just before, by the previous case).
 //!
 //! **Shared machine.** The pause before each case (at least 0.5 s) is repeated (up to 12 times)
 //! while other processes keep the CPUs more than 15% busy, so that samples come from quiet moments

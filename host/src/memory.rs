@@ -596,7 +596,8 @@ impl Prefaulter {
             .map(|b| {
                 let span = b.page_span();
                 let r = Region {
-                    // Exposes the provenance for the `Touch` thread (`with_exposed_provenance_mut`).
+                    // Exposes the provenance for the `Touch` thread
+                    // (`with_exposed_provenance_mut`).
                     addr: b.as_mut_ptr().expose_provenance(),
                     len: b.len(),
                     span,
