@@ -447,8 +447,8 @@ impl<'a> StateDict<'a> {
         paths.into_iter().zip(entries).collect()
     }
 
-    /// Takes every leaf entry out (leaving `None` values), with its key path, depth-first.
-    pub(crate) fn take_entries(&mut self) -> Vec<(KeyPath, Entry<'a>)> {
+    /// Every leaf entry, mutably, with its key path, depth-first.
+    pub(crate) fn entries_mut(&mut self) -> Vec<(KeyPath, &mut Entry<'a>)> {
         let (nodes, _) = self.flatten();
         let paths = pgt_core::tree::key_paths(&nodes, u32::MAX).unwrap_or_default();
         let mut out = Vec::new();
@@ -457,10 +457,18 @@ impl<'a> StateDict<'a> {
             match t {
                 Tree::Dict(items) => stack.extend(items.iter_mut().rev().map(|(_, c)| c)),
                 Tree::List(v) | Tree::Tuple(v) => stack.extend(v.iter_mut().rev()),
-                Tree::Leaf(e) => out.push(std::mem::replace(e, Entry::Value(Value::None))),
+                Tree::Leaf(e) => out.push(e),
             }
         }
         paths.into_iter().zip(out).collect()
+    }
+
+    /// Takes every leaf entry out (leaving `None` values), with its key path, depth-first.
+    pub(crate) fn take_entries(&mut self) -> Vec<(KeyPath, Entry<'a>)> {
+        self.entries_mut()
+            .into_iter()
+            .map(|(p, e)| (p, std::mem::replace(e, Entry::Value(Value::None))))
+            .collect()
     }
 
     /// Rebuilds a tree from pre-order nodes and leaf entries (depth-first order).

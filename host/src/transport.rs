@@ -373,7 +373,7 @@ impl<P: ProcessGroup> Transport<P> {
         let mut in_place_buffers: HashMap<u64, &mut Buffer> = HashMap::new();
         if in_place {
             let mut by_path: HashMap<KeyPath, Vec<Option<&mut Tensor<'static>>>> = HashMap::new();
-            for (path, entry) in entries_mut(target) {
+            for (path, entry) in target.entries_mut() {
                 let tensors = StateDict::entry_tensors_mut(entry);
                 by_path.insert(path, tensors.into_iter().map(Some).collect());
             }
@@ -620,7 +620,7 @@ impl<P: ProcessGroup> Transport<P> {
         if in_place {
             drop(in_place_buffers);
             let mut by_path: HashMap<KeyPath, Vec<Storage<'static>>> = HashMap::new();
-            for (path, mut entry) in take_entries(target) {
+            for (path, mut entry) in target.take_entries() {
                 by_path.insert(
                     path,
                     StateDict::entry_tensors_mut(&mut entry)
@@ -786,29 +786,6 @@ impl Region {
 struct StorageRegions {
     wire: Region,
     dest: Region,
-}
-
-fn entries_mut<'s>(sd: &'s mut StateDict<'static>) -> Vec<(KeyPath, &'s mut Entry<'static>)> {
-    let (nodes, _) = sd.flatten();
-    let paths = pgt_core::tree::key_paths(&nodes, u32::MAX).unwrap_or_default();
-    let mut out = Vec::new();
-    let mut stack = vec![&mut sd.root];
-    while let Some(t) = stack.pop() {
-        match t {
-            crate::state_dict::Tree::Dict(items) => {
-                stack.extend(items.iter_mut().rev().map(|(_, c)| c))
-            }
-            crate::state_dict::Tree::List(v) | crate::state_dict::Tree::Tuple(v) => {
-                stack.extend(v.iter_mut().rev())
-            }
-            crate::state_dict::Tree::Leaf(e) => out.push(e),
-        }
-    }
-    paths.into_iter().zip(out).collect()
-}
-
-fn take_entries(sd: &mut StateDict<'static>) -> Vec<(KeyPath, Entry<'static>)> {
-    sd.take_entries()
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::stash::Stash;
+use super::wait_until;
 use super::wire::{read_full, read_header, write_full, Fail, Header, FRAME_HEADER_LEN};
 use super::{scatter, total_len, PgError};
 
@@ -95,22 +96,6 @@ pub(crate) struct PeerConn {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Wait on `cv` until `deadline`; returns the guard and whether the deadline has passed.
-fn wait_until<'a, T>(
-    cv: &Condvar,
-    guard: MutexGuard<'a, T>,
-    deadline: Instant,
-) -> (MutexGuard<'a, T>, bool) {
-    let now = Instant::now();
-    if now >= deadline {
-        return (guard, true);
-    }
-    let (g, _) = cv
-        .wait_timeout(guard, deadline - now)
-        .unwrap_or_else(|e| e.into_inner());
-    (g, Instant::now() >= deadline)
 }
 
 /// Holder of the reader role; gives it back (with the pending header and any hand-off) on drop.

@@ -18,6 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::stash::{Stash, DEFAULT_STASH_LIMIT};
+use super::wait_until;
 use super::{check_peer, scatter, total_len, PgError, ProcessGroup};
 
 /// Default bytes of sent-but-unreceived messages per (src, dst) pair before `send` waits.
@@ -100,22 +101,6 @@ impl Shared {
 pub struct InProcessGroup {
     rank: u32,
     shared: Arc<Shared>,
-}
-
-/// Wait on `cv` until `deadline`; returns the guard and whether the deadline has passed.
-fn wait_until<'a, T>(
-    cv: &Condvar,
-    guard: MutexGuard<'a, T>,
-    deadline: Instant,
-) -> (MutexGuard<'a, T>, bool) {
-    let now = Instant::now();
-    if now >= deadline {
-        return (guard, true);
-    }
-    let (g, _) = cv
-        .wait_timeout(guard, deadline - now)
-        .unwrap_or_else(|e| e.into_inner());
-    (g, Instant::now() >= deadline)
 }
 
 impl InProcessGroup {

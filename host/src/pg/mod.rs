@@ -106,6 +106,22 @@ pub trait ProcessGroup: Send + Sync {
     ) -> Result<Vec<u8>, PgError>;
 }
 
+/// Wait on `cv` until `deadline`; returns the guard and whether the deadline has passed.
+pub(crate) fn wait_until<'a, T>(
+    cv: &std::sync::Condvar,
+    guard: std::sync::MutexGuard<'a, T>,
+    deadline: std::time::Instant,
+) -> (std::sync::MutexGuard<'a, T>, bool) {
+    let now = std::time::Instant::now();
+    if now >= deadline {
+        return (guard, true);
+    }
+    let (g, _) = cv
+        .wait_timeout(guard, deadline - now)
+        .unwrap_or_else(|e| e.into_inner());
+    (g, std::time::Instant::now() >= deadline)
+}
+
 /// Check that `peer` is another rank of a group of `size` with own rank `own`.
 pub(crate) fn check_peer(peer: u32, own: u32, size: u32) -> Result<(), PgError> {
     if peer >= size || peer == own {
