@@ -172,6 +172,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .filter_map(|r| r["metadata_seconds"].as_f64())
             .collect(),
     );
+    // CPU seconds (all threads) over the timed window: on a CPU-bound machine they say where time goes.
+    let cpu_of = |reports: &[serde_json::Value]| {
+        median(
+            reports
+                .iter()
+                .filter_map(|r| r["cpu_seconds"].as_f64())
+                .collect(),
+        )
+    };
     let line = json!({
         "scenario": args.scenario.name(),
         "world_size": receivers + 1,
@@ -188,6 +197,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "core": format!("{:?}", transfer.core).to_lowercase(),
         "digests": !transfer.no_digests,
         "metadata_seconds": round(metadata_seconds, 4),
+        "sender_cpu_seconds": round(cpu_of(&senders), 4),
+        "receiver_cpu_seconds": round(cpu_of(&all_receivers), 4),
         "runs": run_seconds.iter().map(|s| round(*s, 4)).collect::<Vec<_>>(),
         "raw_runs": raws.iter().map(|g| round(*g, 3)).collect::<Vec<_>>(),
     });
@@ -260,10 +271,12 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         }
         common::reset_peak_rss();
         let before = common::rss_bytes();
+        let cpu_before = common::cpu_seconds();
         let stats = transport.send_checkpoint(&dsts, &sd)?;
         json!({
             "rank": rank,
             "seconds": stats.seconds,
+            "cpu_seconds": common::cpu_seconds() - cpu_before,
             "bytes": stats.bytes,
             "rss_growth_bytes": common::peak_rss_bytes().saturating_sub(before),
             "peak_rss_bytes": common::peak_rss_bytes(),
@@ -284,6 +297,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             .recv_into(0, GO_TAG, &mut [&mut go[..]], timeout)
             .context("waiting for the sender to start")?;
         let start = Instant::now();
+        let cpu_before = common::cpu_seconds();
         let (received, metadata_seconds) = match target.as_mut() {
             Some(t) => {
                 let stats = transport.recv_checkpoint_into(0, t)?;
@@ -292,6 +306,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             None => (Some(transport.recv_checkpoint(0)?), 0.0),
         };
         let seconds = start.elapsed().as_secs_f64();
+        let cpu_seconds = common::cpu_seconds() - cpu_before;
         let rss_growth = common::peak_rss_bytes().saturating_sub(before);
         let sd = received
             .as_ref()
@@ -305,6 +320,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             "rank": rank,
             "seconds": seconds,
             "metadata_seconds": metadata_seconds,
+            "cpu_seconds": cpu_seconds,
             "bytes": synthetic::total_bytes(&shape),
             "verified": verified.is_ok(),
             "verified_bytes": verified.as_ref().ok(),
