@@ -2,8 +2,9 @@
 //! (pgt-core, native or sandboxed) asks for — sends, receives into final buffers, forwards, hashing —
 //! and owns no protocol decisions.
 //!
-//! Threads: the sender runs one thread per destination plus a hashing thread, so hashing overlaps the
-//! wire and destinations proceed in parallel. The receiver receives on the calling thread straight into
+//! Threads: the sender runs one thread per destination, so destinations proceed in parallel; the
+//! first destination's thread hashes each message right before sending it, which leaves the bytes in
+//! cache for the kernel's copy. The receiver receives on the calling thread straight into
 //! the destination buffers; a second thread hashes (and casts) what has landed, and a third forwards it
 //! in chain fan-out, so neither delays the next receive.
 
@@ -201,11 +202,9 @@ impl<P: ProcessGroup> Transport<P> {
         let _data_span = info_span!("data", bytes = total).entered();
         std::thread::scope(|scope| -> Result<()> {
             let (digest_tx, digest_rx) = mpsc::channel::<(u32, u64)>();
-            let (hash_tx, hash_rx) = mpsc::sync_channel::<Vec<Segment>>(QUEUE_DEPTH);
             let storages = &storages;
             let refs = &refs;
             let abort = &abort;
-            scope.spawn(move || hash_worker(hash_rx, storages, refs, digest_tx));
             let mut workers: HashMap<u32, SyncSender<SendStep>> = HashMap::new();
             for (i, &dst) in dst_ranks.iter().enumerate() {
                 let (tx, rx) = mpsc::sync_channel::<SendStep>(QUEUE_DEPTH);
@@ -213,9 +212,14 @@ impl<P: ProcessGroup> Transport<P> {
                 let pg = &self.pg;
                 let progress = progress.clone();
                 let sent = &sent;
+                let digest_tx = digest_tx.clone();
                 // Progress counts the first destination's bytes: one copy of the checkpoint.
                 let counts = i == 0;
                 scope.spawn(move || {
+                    // The core asks for every storage byte to be hashed exactly once, on the sends to
+                    // one destination, in order. Hashing right before the send also pulls the bytes
+                    // into cache for the kernel's copy, so the two share one trip to memory.
+                    let mut hashers = StorageHashers::new(refs);
                     for step in rx {
                         if abort.is_set() {
                             break;
@@ -224,6 +228,13 @@ impl<P: ProcessGroup> Transport<P> {
                             OwnedPayload::Bytes(b) => pg.send(step.to, step.tag, &[b], timeout),
                             OwnedPayload::Storages(segs) => {
                                 let parts = storage_parts(storages, segs);
+                                if step.hash {
+                                    for (seg, bytes) in segs.iter().zip(&parts) {
+                                        if let Some(d) = hashers.update(seg, bytes) {
+                                            let _ = digest_tx.send(d);
+                                        }
+                                    }
+                                }
                                 pg.send(step.to, step.tag, &parts, timeout)
                             }
                         };
@@ -243,6 +254,7 @@ impl<P: ProcessGroup> Transport<P> {
                     }
                 });
             }
+            drop(digest_tx);
             let result = (|| -> Result<()> {
                 loop {
                     if abort.is_set() {
@@ -253,13 +265,6 @@ impl<P: ProcessGroup> Transport<P> {
                     }
                     match engine.poll()? {
                         SendNext::Send(step) => {
-                            if step.hash {
-                                if let OwnedPayload::Storages(segs) = &step.payload {
-                                    hash_tx
-                                        .send(segs.clone())
-                                        .map_err(|_| anyhow!("hashing stopped"))?;
-                                }
-                            }
                             let to = step.to;
                             workers
                                 .get(&to)
@@ -283,7 +288,6 @@ impl<P: ProcessGroup> Transport<P> {
                 }
             })();
             drop(workers);
-            drop(hash_tx);
             if let Err(e) = result {
                 abort.fail(e);
             }
@@ -681,25 +685,30 @@ fn storage_parts<'a>(storages: &[&'a [u8]], segs: &[Segment]) -> Vec<&'a [u8]> {
         .collect()
 }
 
-fn hash_worker(
-    rx: Rx<Vec<Segment>>,
-    storages: &[&[u8]],
-    refs: &[StorageRef],
-    tx: mpsc::Sender<(u32, u64)>,
-) {
-    let mut hashers: HashMap<u32, StorageHasher> = HashMap::new();
-    for segs in rx {
-        for s in segs {
-            let h = hashers.entry(s.storage).or_default();
-            h.update(&storages[s.storage as usize][s.offset as usize..(s.offset + s.len) as usize]);
-            if s.offset + s.len == refs[s.storage as usize].nbytes {
-                let d = h.finish();
-                hashers.remove(&s.storage);
-                if tx.send((s.storage, d)).is_err() {
-                    return;
-                }
-            }
+/// One running hash per storage whose bytes are arriving in order, segment by segment.
+struct StorageHashers<'a> {
+    refs: &'a [StorageRef],
+    running: HashMap<u32, StorageHasher>,
+}
+
+impl<'a> StorageHashers<'a> {
+    fn new(refs: &'a [StorageRef]) -> Self {
+        StorageHashers {
+            refs,
+            running: HashMap::new(),
         }
+    }
+
+    /// Feeds one segment's bytes; returns `(storage, digest)` once the storage's last byte is in.
+    fn update(&mut self, seg: &Segment, bytes: &[u8]) -> Option<(u32, u64)> {
+        let h = self.running.entry(seg.storage).or_default();
+        h.update(bytes);
+        if seg.offset + seg.len != self.refs[seg.storage as usize].nbytes {
+            return None;
+        }
+        let d = h.finish();
+        self.running.remove(&seg.storage);
+        Some((seg.storage, d))
     }
 }
 
@@ -711,19 +720,15 @@ fn post_worker(
     tx: mpsc::Sender<Event>,
     abort: &Abort,
 ) {
-    let mut hashers: HashMap<u32, StorageHasher> = HashMap::new();
+    let mut hashers = StorageHashers::new(refs);
     for segs in rx {
         for s in segs {
             let r = &regions[s.storage as usize];
             // SAFETY: see `Region`: the message has landed; the receiving thread no longer writes it.
             let bytes = unsafe { r.wire.slice(s.offset, s.len) };
-            let h = hashers.entry(s.storage).or_default();
-            h.update(bytes);
-            if s.offset + s.len != refs[s.storage as usize].nbytes {
+            let Some((_, d)) = hashers.update(&s, bytes) else {
                 continue;
-            }
-            let d = h.finish();
-            hashers.remove(&s.storage);
+            };
             let b = &bindings[s.storage as usize];
             if let Some(from) = b.cast_from {
                 // SAFETY: a cast storage's wire bytes are all in staging now; its destination is written
