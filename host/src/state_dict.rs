@@ -451,6 +451,19 @@ impl<'a> StateDict<'a> {
     pub(crate) fn entries_mut(&mut self) -> Vec<(KeyPath, &mut Entry<'a>)> {
         let (nodes, _) = self.flatten();
         let paths = pgt_core::tree::key_paths(&nodes, u32::MAX).unwrap_or_default();
+        paths.into_iter().zip(self.leaves_mut()).collect()
+    }
+
+    /// Takes every leaf entry out (leaving `None` values), depth-first: the order of
+    /// [`StateDict::entries_mut`].
+    pub(crate) fn take_entries(&mut self) -> Vec<Entry<'a>> {
+        self.leaves_mut()
+            .into_iter()
+            .map(|e| std::mem::replace(e, Entry::Value(Value::None)))
+            .collect()
+    }
+
+    fn leaves_mut(&mut self) -> Vec<&mut Entry<'a>> {
         let mut out = Vec::new();
         let mut stack = vec![&mut self.root];
         while let Some(t) = stack.pop() {
@@ -460,15 +473,7 @@ impl<'a> StateDict<'a> {
                 Tree::Leaf(e) => out.push(e),
             }
         }
-        paths.into_iter().zip(out).collect()
-    }
-
-    /// Takes every leaf entry out (leaving `None` values), with its key path, depth-first.
-    pub(crate) fn take_entries(&mut self) -> Vec<(KeyPath, Entry<'a>)> {
-        self.entries_mut()
-            .into_iter()
-            .map(|(p, e)| (p, std::mem::replace(e, Entry::Value(Value::None))))
-            .collect()
+        out
     }
 
     /// Rebuilds a tree from pre-order nodes and leaf entries (depth-first order).

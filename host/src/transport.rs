@@ -373,26 +373,44 @@ impl<P: ProcessGroup> Transport<P> {
             "metadata received"
         );
 
-        // Bind in-place destinations by key path.
+        // Bind in-place destinations by key path. A target usually has the received tree's shape, so
+        // received leaf i is the target's leaf i; a map of the target's paths is built only if not.
+        // `in_place_origin[s]` remembers (target leaf, shard) so assembling needs no lookups.
         let mut in_place_buffers: HashMap<u64, &mut Buffer> = HashMap::new();
+        let mut in_place_origin: Vec<Option<(usize, usize)>> = vec![None; manifest.storages.len()];
         if in_place {
-            let mut by_path: HashMap<KeyPath, Vec<Option<&mut Tensor<'static>>>> = HashMap::new();
-            for (path, entry) in target.entries_mut() {
-                let tensors = StateDict::entry_tensors_mut(entry);
-                by_path.insert(path, tensors.into_iter().map(Some).collect());
-            }
+            let (target_paths, mut target_tensors): (Vec<KeyPath>, Vec<Vec<Option<&mut Tensor>>>) =
+                target
+                    .entries_mut()
+                    .into_iter()
+                    .map(|(path, entry)| {
+                        let tensors = StateDict::entry_tensors_mut(entry);
+                        (path, tensors.into_iter().map(Some).collect())
+                    })
+                    .unzip();
+            let mut by_path: Option<HashMap<&KeyPath, usize>> = None;
+            let mut find = |leaf: usize, path: &KeyPath| -> Option<usize> {
+                if target_paths.get(leaf) == Some(path) {
+                    return Some(leaf);
+                }
+                by_path
+                    .get_or_insert_with(|| target_paths.iter().zip(0..).collect())
+                    .get(path)
+                    .copied()
+            };
             for (s, r) in manifest.storages.iter().enumerate() {
-                let path = &manifest.paths[r.leaf as usize];
-                let slot = by_path
-                    .get_mut(path)
-                    .and_then(|tensors| tensors.get_mut(r.shard as usize))
-                    .and_then(Option::take);
+                let Some(leaf) = find(r.leaf as usize, &manifest.paths[r.leaf as usize]) else {
+                    continue;
+                };
+                let shard = r.shard as usize;
+                let slot = target_tensors[leaf].get_mut(shard).and_then(Option::take);
                 let Some(Tensor { layout, storage }) = slot else {
                     continue;
                 };
                 if let Storage::Owned(buf) = storage {
                     engine.bind_in_place(s, s as u64, layout.dtype, buf.len() as u64)?;
                     in_place_buffers.insert(s as u64, buf);
+                    in_place_origin[s] = Some((leaf, shard));
                 }
             }
         }
@@ -623,30 +641,26 @@ impl<P: ProcessGroup> Transport<P> {
         let mut old: HashMap<u64, Buffer> = HashMap::new();
         if in_place {
             drop(in_place_buffers);
-            let mut by_path: HashMap<KeyPath, Vec<Storage<'static>>> = HashMap::new();
-            for (path, mut entry) in target.take_entries() {
-                by_path.insert(
-                    path,
-                    StateDict::entry_tensors_mut(&mut entry)
-                        .into_iter()
-                        .map(|t| std::mem::replace(&mut t.storage, Storage::Borrowed(&[])))
-                        .collect(),
-                );
-            }
-            for (s, b) in received_tree.bindings.iter().enumerate() {
-                if let Dest::InPlace(id) = b.dest {
-                    let r = &manifest.storages[s];
-                    let path = &manifest.paths[r.leaf as usize];
-                    let storage = by_path
-                        .get_mut(path)
-                        .and_then(|v| v.get_mut(r.shard as usize))
-                        .map(|st| std::mem::replace(st, Storage::Borrowed(&[])));
-                    match storage {
-                        Some(Storage::Owned(buf)) => {
-                            old.insert(id, buf);
-                        }
-                        _ => bail!("{path}: in-place buffer vanished"),
+            let mut entries = target.take_entries();
+            for b in &received_tree.bindings {
+                let Dest::InPlace(id) = b.dest else { continue };
+                let storage = in_place_origin
+                    .get(id as usize)
+                    .copied()
+                    .flatten()
+                    .and_then(|(leaf, shard)| {
+                        let entry = entries.get_mut(leaf)?;
+                        let tensor = StateDict::entry_tensors_mut(entry).into_iter().nth(shard)?;
+                        Some(std::mem::replace(
+                            &mut tensor.storage,
+                            Storage::Borrowed(&[]),
+                        ))
+                    });
+                match storage {
+                    Some(Storage::Owned(buf)) => {
+                        old.insert(id, buf);
                     }
+                    _ => bail!("in-place buffer {id} vanished"),
                 }
             }
         }

@@ -165,6 +165,44 @@ fn in_place_receive_writes_existing_buffers_and_casts() {
 }
 
 #[test]
+fn in_place_matches_by_key_path_when_the_trees_differ() {
+    let tensor = |v: f32| Entry::Tensor(Tensor::from_values(&[3], &[v; 3]).unwrap());
+    let mut src = StateDict::new();
+    for (k, v) in [("a", 1.0), ("b", 2.0), ("c", 3.0)] {
+        src.insert(k, tensor(v)).unwrap();
+    }
+    // Leaves in another order, one missing ("a": received fresh), one extra ("x": dropped).
+    let mut dst = StateDict::new();
+    for (k, v) in [("x", 0.0), ("c", 0.0), ("b", 0.0)] {
+        dst.insert(k, tensor(v)).unwrap();
+    }
+    let ptr = |sd: &StateDict, k: &str| sd.tensor(k).unwrap().storage.bytes().as_ptr();
+    let (b_before, c_before) = (ptr(&dst, "b"), ptr(&dst, "c"));
+    let mut groups = InProcessGroup::new(2).into_iter();
+    let a = Transport::new(groups.next().unwrap(), TransportOptions::default());
+    let b = Transport::new(groups.next().unwrap(), TransportOptions::default());
+    std::thread::scope(|s| {
+        let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
+        a.send_checkpoint(&[1], &src).unwrap();
+        h.join().unwrap().unwrap();
+    });
+    let keys: Vec<String> = dst.entries().iter().map(|(p, _)| p.to_string()).collect();
+    assert_eq!(
+        keys,
+        ["a", "b", "c"],
+        "the received tree replaces the target's"
+    );
+    assert_eq!((ptr(&dst, "b"), ptr(&dst, "c")), (b_before, c_before));
+    for (k, v) in [("a", 1.0f32), ("b", 2.0), ("c", 3.0)] {
+        assert_eq!(
+            dst.tensor(k).unwrap().to_vec::<f32>().unwrap(),
+            [v; 3],
+            "{k}"
+        );
+    }
+}
+
+#[test]
 fn in_place_size_mismatch_names_the_key_path() {
     let mut src = StateDict::new();
     src.insert(
