@@ -9,6 +9,7 @@ T="${CARGO_TARGET_DIR:-target}/release"
 run() { echo "# pgt bench $*" >&2; "$T/pgt" bench --json --repeat 5 "$@"; }
 run --scenario large
 run --scenario large --no-digests
+run --scenario large-pooled
 run --scenario large-inplace
 run --scenario large-inplace --no-digests
 run --scenario fanout

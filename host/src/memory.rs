@@ -961,6 +961,22 @@ impl BufferPool {
         true
     }
 
+    /// Keeps as many of `buffers` as fit (e.g. [`crate::state_dict::StateDict::into_buffers`] of a
+    /// checkpoint you are done with); returns the bytes kept. The rest are dropped.
+    pub fn recycle(&self, buffers: impl IntoIterator<Item = Buffer>) -> usize {
+        buffers
+            .into_iter()
+            .map(|b| {
+                let len = b.len();
+                if self.put(b) {
+                    len
+                } else {
+                    0
+                }
+            })
+            .sum()
+    }
+
     /// A kept buffer of exactly `len` bytes, if any. Its contents are what its last user left:
     /// overwrite all of it (a receiver does).
     pub fn take(&self, len: usize) -> Option<Buffer> {

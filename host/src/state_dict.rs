@@ -463,6 +463,21 @@ impl<'a> StateDict<'a> {
             .collect()
     }
 
+    /// The owned buffers of every storage, consuming the dict: hand them to
+    /// [`crate::memory::BufferPool::recycle`] so the next receive reuses touched memory.
+    pub fn into_buffers(mut self) -> Vec<Buffer> {
+        let mut out = Vec::new();
+        for mut entry in self.take_entries() {
+            for t in entry.tensors_mut() {
+                if let Storage::Owned(b) = std::mem::replace(&mut t.storage, Storage::Borrowed(&[]))
+                {
+                    out.push(b);
+                }
+            }
+        }
+        out
+    }
+
     fn leaves_mut(&mut self) -> Vec<&mut Entry<'a>> {
         let mut out = Vec::new();
         let mut stack = vec![&mut self.root];

@@ -23,7 +23,7 @@ use pgt_core::tree::KeyPath;
 use tracing::{debug, info_span};
 
 use crate::engine::{EngineFactory, NativeEngine, OwnedPayload, RecvNext, SendNext, SendStep};
-use crate::memory::{Buffer, Prefaulter};
+use crate::memory::{Buffer, BufferPool, Prefaulter};
 use crate::pg::ProcessGroup;
 use crate::state_dict::{Entry, StateDict, Storage, Tensor};
 
@@ -47,6 +47,12 @@ pub struct TransportOptions {
     pub engine: Arc<dyn EngineFactory>,
     /// Called as storage bytes move.
     pub progress: Option<Progress>,
+    /// Receiver side: take fresh storages (and cast staging) from this pool when it keeps a buffer of
+    /// the exact size — touched memory, so no page faults — and return staging to it afterwards.
+    /// Give checkpoints you are done with back with [`BufferPool::recycle`] and
+    /// [`StateDict::into_buffers`]. Without a pool, fresh buffers are new mappings, pre-faulted on
+    /// another thread.
+    pub pool: Option<Arc<BufferPool>>,
 }
 
 impl Default for TransportOptions {
@@ -59,6 +65,7 @@ impl Default for TransportOptions {
             expected_step: None,
             engine: Arc::new(NativeEngine),
             progress: None,
+            pool: None,
         }
     }
 }
@@ -71,6 +78,7 @@ impl std::fmt::Debug for TransportOptions {
             .field("digests", &self.digests)
             .field("limits", &self.limits)
             .field("expected_step", &self.expected_step)
+            .field("pool", &self.pool)
             .finish_non_exhaustive()
     }
 }
@@ -416,14 +424,32 @@ impl<P: ProcessGroup> Transport<P> {
         }
         let bindings = engine.finish_bindings()?;
         // Final buffers: in place, or fresh; cast storages also get a staging buffer for wire bytes.
+        // Fresh and staging buffers come from the pool when it has one of the size (`reused`: its
+        // pages are touched and its bytes stale — every byte is received or cast over them).
+        let pool = self.options.pool.as_deref();
+        let fresh_buffer = |len: u64| -> (Buffer, bool) {
+            match pool {
+                Some(p) => p.take_or_zeroed(len as usize),
+                None => (Buffer::zeroed(len as usize), false),
+            }
+        };
         let mut fresh: Vec<Option<Buffer>> = Vec::with_capacity(bindings.len());
         let mut staging: Vec<Option<Buffer>> = Vec::with_capacity(bindings.len());
-        for (b, r) in bindings.iter().zip(&manifest.storages) {
+        let mut reused = vec![false; bindings.len()];
+        for (s, (b, r)) in bindings.iter().zip(&manifest.storages).enumerate() {
             fresh.push(match b.dest {
-                Dest::Fresh => Some(Buffer::zeroed(b.nbytes as usize)),
+                Dest::Fresh => {
+                    let (buf, was_reused) = fresh_buffer(b.nbytes);
+                    reused[s] = was_reused;
+                    Some(buf)
+                }
                 Dest::InPlace(_) => None,
             });
-            staging.push(b.cast_from.map(|_| Buffer::zeroed(r.nbytes as usize)));
+            staging.push(b.cast_from.map(|_| {
+                let (buf, was_reused) = fresh_buffer(r.nbytes);
+                reused[s] = was_reused;
+                buf
+            }));
         }
         let mut regions = Vec::with_capacity(bindings.len());
         for (s, b) in bindings.iter().enumerate() {
@@ -441,10 +467,14 @@ impl<P: ProcessGroup> Transport<P> {
         // Fresh wire targets (fresh buffers, and staging of cast storages) go to a prefaulter that maps
         // their pages on another thread ahead of the receiver, in receive (= storage) order, so the
         // receiving thread mostly writes into memory that is already mapped. The regions above keep
-        // pointing at the same bytes: buffers are heap/mmap allocations that do not move.
+        // pointing at the same bytes: buffers are heap/mmap allocations that do not move. Reused
+        // buffers are mapped already.
         let mut prefault_index: Vec<Option<usize>> = vec![None; bindings.len()];
         let mut prefault_buffers = Vec::new();
         for s in 0..bindings.len() {
+            if reused[s] {
+                continue;
+            }
             let owned = match staging[s].take() {
                 Some(st) => Some((st, true)),
                 None => fresh[s].take().map(|f| (f, false)),
@@ -678,6 +708,10 @@ impl<P: ProcessGroup> Transport<P> {
             .map(|leaf| Entry::from_leaf(leaf, &mut storages))
             .collect::<Result<Vec<_>>>()?;
         *target = StateDict::unflatten(&received_tree.tree, entries, received_tree.step)?;
+        if let Some(pool) = pool {
+            // Staging held wire bytes only until the cast; the next receive can reuse it.
+            pool.recycle(staging.into_iter().flatten());
+        }
         Ok(TransferStats {
             bytes: total,
             tensors: manifest.storages.len() as u64,

@@ -94,3 +94,30 @@ fn bench_prints_the_json_contract() {
     assert_eq!(v["verified"], true);
     assert!(v["seconds"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn bench_large_pooled_times_a_receive_into_recycled_buffers() {
+    let out = pgt(&[
+        "bench",
+        "--scenario",
+        "large-pooled",
+        "--bytes",
+        "16MiB",
+        "--repeat",
+        "1",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("one JSON line");
+    assert_eq!(v["scenario"], "large-pooled");
+    assert_eq!(v["verified"], true);
+    assert!(v["receiver_cpu_seconds"].as_f64().unwrap() > 0.0, "{v}");
+    // The timed receive reuses the first one's 16 MiB: its resident memory hardly grows.
+    let growth = v["receiver_rss_growth_bytes"].as_u64().unwrap();
+    assert!(growth < 8 << 20, "receiver grew {growth} bytes: {v}");
+}

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use pgt_core::dtype::DType;
 use pgt_core::plan::{FanOut, PlanParams};
+use pgt_host::memory::BufferPool;
 use pgt_host::pg::{InProcessGroup, PgError};
 use pgt_host::state_dict::{Entry, StateDict, Tensor};
 use pgt_host::synthetic::{self, Shape};
@@ -200,6 +201,98 @@ fn in_place_matches_by_key_path_when_the_trees_differ() {
             "{k}"
         );
     }
+}
+
+#[test]
+fn a_pool_recycles_received_buffers_into_the_next_receive() {
+    let dict = |fill: f32| {
+        let mut sd = StateDict::new();
+        for (k, n) in [("a", 3usize), ("b", 70_000), ("c", 300_000)] {
+            let values: Vec<f32> = (0..n).map(|i| fill + i as f32).collect();
+            sd.insert(
+                k,
+                Entry::Tensor(Tensor::from_values(&[n as u64], &values).unwrap()),
+            )
+            .unwrap();
+        }
+        sd
+    };
+    let pool = Arc::new(BufferPool::new(64 << 20));
+    let opts = TransportOptions {
+        pool: Some(pool.clone()),
+        ..TransportOptions::default()
+    };
+    let mut groups = InProcessGroup::new(2).into_iter();
+    let a = Transport::new(groups.next().unwrap(), opts.clone());
+    let b = Transport::new(groups.next().unwrap(), opts);
+    let transfer = |sd: &StateDict| {
+        std::thread::scope(|s| {
+            let h = s.spawn(|| b.recv_checkpoint(0));
+            a.send_checkpoint(&[1], sd).unwrap();
+            h.join().unwrap().unwrap()
+        })
+    };
+    let ptrs = |sd: &StateDict| -> Vec<*const u8> {
+        ["a", "b", "c"]
+            .iter()
+            .map(|k| sd.tensor(k).unwrap().storage.bytes().as_ptr())
+            .collect()
+    };
+    let first = transfer(&dict(1.0));
+    let first_ptrs = ptrs(&first);
+    let kept = pool.recycle(first.into_buffers());
+    assert_eq!(kept, (3 + 70_000 + 300_000) * 4);
+    // The second checkpoint lands in the first one's buffers, every stale byte overwritten.
+    let second = transfer(&dict(-5.0));
+    assert_eq!(ptrs(&second), first_ptrs);
+    assert_eq!(pool.bytes(), 0);
+    let expected = dict(-5.0);
+    for k in ["a", "b", "c"] {
+        assert_eq!(
+            second.tensor(k).unwrap().storage.bytes(),
+            expected.tensor(k).unwrap().storage.bytes(),
+            "{k}"
+        );
+    }
+}
+
+#[test]
+fn a_pool_gets_cast_staging_back() {
+    let n = 100_000usize;
+    let mut src = StateDict::new();
+    let values: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    src.insert(
+        "w",
+        Entry::Tensor(Tensor::from_values(&[n as u64], &values).unwrap()),
+    )
+    .unwrap();
+    let mut dst = StateDict::new();
+    let zeros = vec![0u8; n * 2];
+    dst.insert(
+        "w",
+        Entry::Tensor(Tensor::from_bytes(DType::BFloat16, &[n as u64], &zeros).unwrap()),
+    )
+    .unwrap();
+    let pool = Arc::new(BufferPool::new(64 << 20));
+    let opts = TransportOptions {
+        pool: Some(pool.clone()),
+        ..TransportOptions::default()
+    };
+    let mut groups = InProcessGroup::new(2).into_iter();
+    let a = Transport::new(groups.next().unwrap(), opts.clone());
+    let b = Transport::new(groups.next().unwrap(), opts);
+    std::thread::scope(|s| {
+        let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
+        a.send_checkpoint(&[1], &src).unwrap();
+        h.join().unwrap().unwrap();
+    });
+    assert_eq!(
+        pool.bytes(),
+        n * 4,
+        "the f32 staging buffer is kept for next time"
+    );
+    let got = dst.tensor("w").unwrap().to_vec::<half::bf16>().unwrap();
+    assert_eq!(got[12_345], half::bf16::from_f32(12_345.0));
 }
 
 #[test]

@@ -8,11 +8,15 @@
 //! metadata decoded and validated, every storage landed and its digest checked. Afterwards (off the
 //! clock) the receiver checks every byte against the generator's pattern: `verified`.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
+
+use pgt_host::memory::BufferPool;
 use pgt_host::pg::{raw_loopback_gbps, ProcessGroup};
+use pgt_host::state_dict::StateDict;
 use pgt_host::synthetic::{self, Shape};
 use pgt_host::transport::Transport;
 use serde_json::json;
@@ -28,6 +32,9 @@ pub enum Scenario {
     LargeInplace,
     /// `large` to two receivers (chain relay unless `--fanout direct`).
     Fanout,
+    /// `large` twice into one receiver process that keeps a `BufferPool`: the second receive, the
+    /// one timed, lands in the first one's recycled buffers (a long-lived receiver's steady state).
+    LargePooled,
     /// The 10,220-leaf reference dict (10,000 tensors of 1–64 KiB), one receiver.
     Small,
     /// `small`, received in place.
@@ -39,7 +46,7 @@ pub enum Scenario {
 impl Scenario {
     fn shape(self, bytes: u64) -> Shape {
         match self {
-            Scenario::Large | Scenario::LargeInplace | Scenario::Fanout => {
+            Scenario::Large | Scenario::LargeInplace | Scenario::Fanout | Scenario::LargePooled => {
                 synthetic::large(bytes, 16)
             }
             Scenario::Small | Scenario::SmallInplace => synthetic::reference(),
@@ -49,6 +56,15 @@ impl Scenario {
 
     fn in_place(self) -> bool {
         matches!(self, Scenario::LargeInplace | Scenario::SmallInplace)
+    }
+
+    /// Checkpoints sent per run; the last one is timed.
+    fn rounds(self) -> u32 {
+        if self == Scenario::LargePooled {
+            2
+        } else {
+            1
+        }
     }
 
     fn receivers(self) -> u32 {
@@ -255,59 +271,80 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     let pg = args.group.connect(Duration::from_secs(120))?;
     let rank = pg.rank();
     let world = pg.size();
+    let rounds = args.scenario.rounds();
     let report = if rank == 0 {
         let sd = synthetic::materialize(&shape)?;
         let dsts: Vec<u32> = (1..world).collect();
         let transport = Transport::new(pg, options);
-        for &d in &dsts {
-            let mut ready = [0u8; 0];
-            transport
-                .process_group()
-                .recv_into(d, READY_TAG, &mut [&mut ready[..]], timeout)
-                .with_context(|| format!("waiting for rank {d} to be ready"))?;
+        let mut report = json!(null);
+        for _ in 0..rounds {
+            for &d in &dsts {
+                let mut ready = [0u8; 0];
+                transport
+                    .process_group()
+                    .recv_into(d, READY_TAG, &mut [&mut ready[..]], timeout)
+                    .with_context(|| format!("waiting for rank {d} to be ready"))?;
+            }
+            for &d in &dsts {
+                transport.process_group().send(d, GO_TAG, &[], timeout)?;
+            }
+            common::reset_peak_rss();
+            let before = common::rss_bytes();
+            let cpu_before = common::cpu_seconds();
+            let stats = transport.send_checkpoint(&dsts, &sd)?;
+            report = json!({
+                "rank": rank,
+                "seconds": stats.seconds,
+                "cpu_seconds": common::cpu_seconds() - cpu_before,
+                "bytes": stats.bytes,
+                "rss_growth_bytes": common::peak_rss_bytes().saturating_sub(before),
+                "peak_rss_bytes": common::peak_rss_bytes(),
+            });
         }
-        for &d in &dsts {
-            transport.process_group().send(d, GO_TAG, &[], timeout)?;
-        }
-        common::reset_peak_rss();
-        let before = common::rss_bytes();
-        let cpu_before = common::cpu_seconds();
-        let stats = transport.send_checkpoint(&dsts, &sd)?;
-        json!({
-            "rank": rank,
-            "seconds": stats.seconds,
-            "cpu_seconds": common::cpu_seconds() - cpu_before,
-            "bytes": stats.bytes,
-            "rss_growth_bytes": common::peak_rss_bytes().saturating_sub(before),
-            "peak_rss_bytes": common::peak_rss_bytes(),
-        })
+        report
     } else {
         let mut target = if args.scenario.in_place() {
             Some(synthetic::materialize_blank(&shape)?)
         } else {
             None
         };
+        let mut options = options;
+        let pool =
+            (args.scenario == Scenario::LargePooled).then(|| Arc::new(BufferPool::new(usize::MAX)));
+        options.pool = pool.clone();
         let transport = Transport::new(pg, options);
-        common::reset_peak_rss();
-        let before = common::rss_bytes();
-        transport.process_group().send(0, READY_TAG, &[], timeout)?;
-        let mut go = [0u8; 0];
-        transport
-            .process_group()
-            .recv_into(0, GO_TAG, &mut [&mut go[..]], timeout)
-            .context("waiting for the sender to start")?;
-        let start = Instant::now();
-        let cpu_before = common::cpu_seconds();
-        let (received, metadata_seconds) = match target.as_mut() {
-            Some(t) => {
-                let stats = transport.recv_checkpoint_into(0, t)?;
-                (None, stats.metadata_seconds)
+        let mut received = None;
+        let mut round_report = json!(null);
+        for _ in 0..rounds {
+            if let (Some(pool), Some(previous)) = (&pool, received.take()) {
+                pool.recycle(StateDict::into_buffers(previous));
             }
-            None => (Some(transport.recv_checkpoint(0)?), 0.0),
-        };
-        let seconds = start.elapsed().as_secs_f64();
-        let cpu_seconds = common::cpu_seconds() - cpu_before;
-        let rss_growth = common::peak_rss_bytes().saturating_sub(before);
+            common::reset_peak_rss();
+            let before = common::rss_bytes();
+            transport.process_group().send(0, READY_TAG, &[], timeout)?;
+            let mut go = [0u8; 0];
+            transport
+                .process_group()
+                .recv_into(0, GO_TAG, &mut [&mut go[..]], timeout)
+                .context("waiting for the sender to start")?;
+            let start = Instant::now();
+            let cpu_before = common::cpu_seconds();
+            let metadata_seconds = match target.as_mut() {
+                Some(t) => transport.recv_checkpoint_into(0, t)?.metadata_seconds,
+                None => {
+                    received = Some(transport.recv_checkpoint(0)?);
+                    0.0
+                }
+            };
+            round_report = json!({
+                "rank": rank,
+                "seconds": start.elapsed().as_secs_f64(),
+                "metadata_seconds": metadata_seconds,
+                "cpu_seconds": common::cpu_seconds() - cpu_before,
+                "rss_growth_bytes": common::peak_rss_bytes().saturating_sub(before),
+                "peak_rss_bytes": common::peak_rss_bytes(),
+            });
+        }
         let sd = received
             .as_ref()
             .or(target.as_ref())
@@ -316,17 +353,10 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         if let Err(e) = &verified {
             eprintln!("rank {rank}: verification failed: {e:#}");
         }
-        json!({
-            "rank": rank,
-            "seconds": seconds,
-            "metadata_seconds": metadata_seconds,
-            "cpu_seconds": cpu_seconds,
-            "bytes": synthetic::total_bytes(&shape),
-            "verified": verified.is_ok(),
-            "verified_bytes": verified.as_ref().ok(),
-            "rss_growth_bytes": rss_growth,
-            "peak_rss_bytes": common::peak_rss_bytes(),
-        })
+        round_report["bytes"] = json!(synthetic::total_bytes(&shape));
+        round_report["verified"] = json!(verified.is_ok());
+        round_report["verified_bytes"] = json!(verified.as_ref().ok());
+        round_report
     };
     println!("{report}");
     if report["verified"] == json!(false) {
