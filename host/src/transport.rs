@@ -23,7 +23,7 @@ use pgt_core::tree::KeyPath;
 use tracing::{debug, info_span};
 
 use crate::engine::{EngineFactory, NativeEngine, OwnedPayload, RecvNext, SendNext, SendStep};
-use crate::memory::{Buffer, BufferPool, Prefaulter};
+use crate::memory::{Buffer, BufferPool, Prefaulter, MMAP_THRESHOLD};
 use crate::pg::ProcessGroup;
 use crate::state_dict::{Entry, StateDict, Storage, Tensor};
 
@@ -424,32 +424,56 @@ impl<P: ProcessGroup> Transport<P> {
         }
         let bindings = engine.finish_bindings()?;
         // Final buffers: in place, or fresh; cast storages also get a staging buffer for wire bytes.
-        // Fresh and staging buffers come from the pool when it has one of the size (`reused`: its
-        // pages are touched and its bytes stale — every byte is received or cast over them).
-        let pool = self.options.pool.as_deref();
-        let fresh_buffer = |len: u64| -> (Buffer, bool) {
-            match pool {
-                Some(p) => p.take_or_zeroed(len as usize),
-                None => (Buffer::zeroed(len as usize), false),
-            }
-        };
-        let mut fresh: Vec<Option<Buffer>> = Vec::with_capacity(bindings.len());
-        let mut staging: Vec<Option<Buffer>> = Vec::with_capacity(bindings.len());
-        let mut reused = vec![false; bindings.len()];
+        // Fresh and staging buffers come from the pool when it keeps one of the size (its pages are
+        // touched and its bytes stale — every byte is received or cast over them); the other small
+        // ones are carved from one new mapping (allocating them touches nothing), large ones are
+        // mapped each.
+        let n = bindings.len();
+        let mut fresh: Vec<Option<Buffer>> = (0..n).map(|_| None).collect();
+        let mut staging: Vec<Option<Buffer>> = (0..n).map(|_| None).collect();
+        // Whether a storage's wire target (staging if cast, else its fresh buffer) was reused.
+        let mut reused = vec![false; n];
+        let mut to_carve: Vec<(usize, bool, usize)> = Vec::new();
         for (s, (b, r)) in bindings.iter().zip(&manifest.storages).enumerate() {
-            fresh.push(match b.dest {
-                Dest::Fresh => {
-                    let (buf, was_reused) = fresh_buffer(b.nbytes);
-                    reused[s] = was_reused;
-                    Some(buf)
-                }
-                Dest::InPlace(_) => None,
-            });
-            staging.push(b.cast_from.map(|_| {
-                let (buf, was_reused) = fresh_buffer(r.nbytes);
-                reused[s] = was_reused;
-                buf
-            }));
+            let mut wanted = Vec::with_capacity(2);
+            if b.dest == Dest::Fresh {
+                wanted.push((false, b.nbytes as usize));
+            }
+            if b.cast_from.is_some() {
+                wanted.push((true, r.nbytes as usize));
+            }
+            for (is_staging, len) in wanted {
+                let is_wire = is_staging || b.cast_from.is_none();
+                let buf = match self.options.pool.as_deref().and_then(|p| p.take(len)) {
+                    Some(buf) => {
+                        reused[s] |= is_wire;
+                        buf
+                    }
+                    None if len < MMAP_THRESHOLD => {
+                        to_carve.push((s, is_staging, len));
+                        continue;
+                    }
+                    None => Buffer::try_zeroed(len)
+                        .with_context(|| format!("allocating {len} bytes for storage {s}"))?,
+                };
+                *(if is_staging {
+                    &mut staging[s]
+                } else {
+                    &mut fresh[s]
+                }) = Some(buf);
+            }
+        }
+        let carve_lens: Vec<usize> = to_carve.iter().map(|c| c.2).collect();
+        let carved = Buffer::zeroed_many(&carve_lens).with_context(|| {
+            let total: usize = carve_lens.iter().sum();
+            format!("allocating {total} bytes for small storages")
+        })?;
+        for ((s, is_staging, _), buf) in to_carve.into_iter().zip(carved) {
+            *(if is_staging {
+                &mut staging[s]
+            } else {
+                &mut fresh[s]
+            }) = Some(buf);
         }
         let mut regions = Vec::with_capacity(bindings.len());
         for (s, b) in bindings.iter().enumerate() {
@@ -708,7 +732,7 @@ impl<P: ProcessGroup> Transport<P> {
             .map(|leaf| Entry::from_leaf(leaf, &mut storages))
             .collect::<Result<Vec<_>>>()?;
         *target = StateDict::unflatten(&received_tree.tree, entries, received_tree.step)?;
-        if let Some(pool) = pool {
+        if let Some(pool) = &self.options.pool {
             // Staging held wire bytes only until the cast; the next receive can reuse it.
             pool.recycle(staging.into_iter().flatten());
         }
