@@ -158,9 +158,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // Runs alternate with plain loopback TCP over the same bytes, measured in this invocation, so that
     // both see the same machine state; the figures are medians over the runs (a 2-core machine is noisy).
     let mut raws = Vec::new();
+    let mut raw_cpus = Vec::new();
     let mut runs = Vec::new();
     for _ in 0..args.repeat.max(1) {
+        // The raw transfer's two threads are all this process runs meanwhile.
+        let cpu_before = common::cpu_seconds();
         raws.push(raw_loopback_gbps(bytes).context("measuring raw loopback TCP")?);
+        raw_cpus.push(common::cpu_seconds() - cpu_before);
         runs.push(run_job(args.scenario, args.bytes, receivers, &transfer)?);
     }
     let raw_gbps = median(raws.clone());
@@ -197,6 +201,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 .collect(),
         )
     };
+    let total_cpu = median(
+        runs.iter()
+            .map(|r| r.iter().filter_map(|x| x["cpu_seconds"].as_f64()).sum())
+            .collect(),
+    );
     let line = json!({
         "scenario": args.scenario.name(),
         "world_size": receivers + 1,
@@ -215,6 +224,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "metadata_seconds": round(metadata_seconds, 4),
         "sender_cpu_seconds": round(cpu_of(&senders), 4),
         "receiver_cpu_seconds": round(cpu_of(&all_receivers), 4),
+        "total_cpu_seconds": round(total_cpu, 4),
+        "raw_cpu_seconds": round(median(raw_cpus), 4),
         "runs": run_seconds.iter().map(|s| round(*s, 4)).collect::<Vec<_>>(),
         "raw_runs": raws.iter().map(|g| round(*g, 3)).collect::<Vec<_>>(),
     });
