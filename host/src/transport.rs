@@ -423,58 +423,13 @@ impl<P: ProcessGroup> Transport<P> {
             }
         }
         let bindings = engine.finish_bindings()?;
-        // Final buffers: in place, or fresh; cast storages also get a staging buffer for wire bytes.
-        // Fresh and staging buffers come from the pool when it keeps one of the size (its pages are
-        // touched and its bytes stale — every byte is received or cast over them); the other small
-        // ones are carved from one new mapping (allocating them touches nothing), large ones are
-        // mapped each.
-        let n = bindings.len();
-        let mut fresh: Vec<Option<Buffer>> = (0..n).map(|_| None).collect();
-        let mut staging: Vec<Option<Buffer>> = (0..n).map(|_| None).collect();
-        // Whether a storage's wire target (staging if cast, else its fresh buffer) was reused.
-        let mut reused = vec![false; n];
-        let mut to_carve: Vec<(usize, bool, usize)> = Vec::new();
-        for (s, (b, r)) in bindings.iter().zip(&manifest.storages).enumerate() {
-            let mut wanted = Vec::with_capacity(2);
-            if b.dest == Dest::Fresh {
-                wanted.push((false, b.nbytes as usize));
-            }
-            if b.cast_from.is_some() {
-                wanted.push((true, r.nbytes as usize));
-            }
-            for (is_staging, len) in wanted {
-                let is_wire = is_staging || b.cast_from.is_none();
-                let buf = match self.options.pool.as_deref().and_then(|p| p.take(len)) {
-                    Some(buf) => {
-                        reused[s] |= is_wire;
-                        buf
-                    }
-                    None if len < MMAP_THRESHOLD => {
-                        to_carve.push((s, is_staging, len));
-                        continue;
-                    }
-                    None => Buffer::try_zeroed(len)
-                        .with_context(|| format!("allocating {len} bytes for storage {s}"))?,
-                };
-                *(if is_staging {
-                    &mut staging[s]
-                } else {
-                    &mut fresh[s]
-                }) = Some(buf);
-            }
-        }
-        let carve_lens: Vec<usize> = to_carve.iter().map(|c| c.2).collect();
-        let carved = Buffer::zeroed_many(&carve_lens).with_context(|| {
-            let total: usize = carve_lens.iter().sum();
-            format!("allocating {total} bytes for small storages")
-        })?;
-        for ((s, is_staging, _), buf) in to_carve.into_iter().zip(carved) {
-            *(if is_staging {
-                &mut staging[s]
-            } else {
-                &mut fresh[s]
-            }) = Some(buf);
-        }
+        // Final buffers: in place (bound above), or fresh; cast storages also get a staging buffer
+        // for wire bytes.
+        let FreshBuffers {
+            mut fresh,
+            mut staging,
+            reused,
+        } = FreshBuffers::allocate(&bindings, &manifest.storages, self.options.pool.as_deref())?;
         let mut regions = Vec::with_capacity(bindings.len());
         for (s, b) in bindings.iter().enumerate() {
             let dest: &mut [u8] = match b.dest {
@@ -741,6 +696,77 @@ impl<P: ProcessGroup> Transport<P> {
             tensors: manifest.storages.len() as u64,
             seconds: start.elapsed().as_secs_f64(),
             metadata_seconds,
+        })
+    }
+}
+
+/// The buffers a receive allocates, by storage: fresh destinations, staging for cast storages.
+struct FreshBuffers {
+    fresh: Vec<Option<Buffer>>,
+    staging: Vec<Option<Buffer>>,
+    /// Whether a storage's wire target (staging if cast, else its fresh buffer) came from the pool.
+    reused: Vec<bool>,
+}
+
+impl FreshBuffers {
+    /// Buffers come from `pool` when it keeps one of the size (pages touched, bytes stale — every
+    /// byte is received or cast over them); the other small ones are carved from one new mapping
+    /// (allocating them touches nothing), large ones are mapped each.
+    fn allocate(
+        bindings: &[Binding],
+        storages: &[StorageRef],
+        pool: Option<&BufferPool>,
+    ) -> Result<FreshBuffers> {
+        let n = bindings.len();
+        let mut fresh: Vec<Option<Buffer>> = (0..n).map(|_| None).collect();
+        let mut staging: Vec<Option<Buffer>> = (0..n).map(|_| None).collect();
+        let mut reused = vec![false; n];
+        let mut to_carve: Vec<(usize, bool, usize)> = Vec::new();
+        for (s, (b, r)) in bindings.iter().zip(storages).enumerate() {
+            let mut wanted = Vec::with_capacity(2);
+            if b.dest == Dest::Fresh {
+                wanted.push((false, b.nbytes as usize));
+            }
+            if b.cast_from.is_some() {
+                wanted.push((true, r.nbytes as usize));
+            }
+            for (is_staging, len) in wanted {
+                let is_wire = is_staging || b.cast_from.is_none();
+                let buf = match pool.and_then(|p| p.take(len)) {
+                    Some(buf) => {
+                        reused[s] |= is_wire;
+                        buf
+                    }
+                    None if len < MMAP_THRESHOLD => {
+                        to_carve.push((s, is_staging, len));
+                        continue;
+                    }
+                    None => Buffer::try_zeroed(len)
+                        .with_context(|| format!("allocating {len} bytes for storage {s}"))?,
+                };
+                *(if is_staging {
+                    &mut staging[s]
+                } else {
+                    &mut fresh[s]
+                }) = Some(buf);
+            }
+        }
+        let carve_lens: Vec<usize> = to_carve.iter().map(|c| c.2).collect();
+        let carved = Buffer::zeroed_many(&carve_lens).with_context(|| {
+            let total: usize = carve_lens.iter().sum();
+            format!("allocating {total} bytes for small storages")
+        })?;
+        for ((s, is_staging, _), buf) in to_carve.into_iter().zip(carved) {
+            *(if is_staging {
+                &mut staging[s]
+            } else {
+                &mut fresh[s]
+            }) = Some(buf);
+        }
+        Ok(FreshBuffers {
+            fresh,
+            staging,
+            reused,
         })
     }
 }
