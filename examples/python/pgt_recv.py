@@ -34,12 +34,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# pgt_abi.py (the wasmtime-py host of the raw ABI) lives in tests/python; a copy next to this file wins.
-for _d in (HERE, HERE.parents[1] / "tests" / "python"):
-    if (_d / "pgt_abi.py").is_file():
-        sys.path.insert(0, str(_d))
-        break
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE))  # pgt_abi.py and pgt_tcp.py live next to this file
 
 import wasmtime  # noqa: E402
 import xxhash  # noqa: E402
