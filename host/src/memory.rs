@@ -1050,6 +1050,10 @@ impl BufferPool {
 
     /// Keeps as many of `buffers` as fit (e.g. [`crate::state_dict::StateDict::into_buffers`] of a
     /// checkpoint you are done with); returns the bytes kept. The rest are dropped.
+    ///
+    /// The bound counts buffers' own lengths: a kept buffer carved by [`Buffer::zeroed_many`] (a
+    /// received checkpoint's small storages) also keeps the pages it shares with dropped siblings,
+    /// so recycle a checkpoint whole or not at all.
     pub fn recycle(&self, buffers: impl IntoIterator<Item = Buffer>) -> usize {
         buffers
             .into_iter()

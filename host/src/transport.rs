@@ -220,7 +220,9 @@ impl<P: ProcessGroup> Transport<P> {
                 let pg = &self.pg;
                 let progress = progress.clone();
                 let sent = &sent;
-                let digest_tx = digest_tx.clone();
+                // The core asks only destination 0's sends to be hashed (so only its thread holds a
+                // digest sender: if it stops, waiting for digests ends at once).
+                let digest_tx = (i == 0).then(|| digest_tx.clone());
                 // Progress counts the first destination's bytes: one copy of the checkpoint.
                 let counts = i == 0;
                 scope.spawn(move || {
@@ -236,12 +238,23 @@ impl<P: ProcessGroup> Transport<P> {
                             OwnedPayload::Bytes(b) => pg.send(step.to, step.tag, &[b], timeout),
                             OwnedPayload::Storages(segs) => {
                                 let parts = storage_parts(storages, segs);
-                                if step.hash {
-                                    for (seg, bytes) in segs.iter().zip(&parts) {
-                                        if let Some(d) = hashers.update(seg, bytes) {
-                                            let _ = digest_tx.send(d);
+                                match (step.hash, &digest_tx) {
+                                    (true, Some(digest_tx)) => {
+                                        for (seg, bytes) in segs.iter().zip(&parts) {
+                                            if let Some(d) = hashers.update(seg, bytes) {
+                                                let _ = digest_tx.send(d);
+                                            }
                                         }
                                     }
+                                    (true, None) => {
+                                        abort.fail(anyhow!(
+                                            "the protocol engine asked to hash a send to rank {}, \
+                                             not the first destination",
+                                            step.to
+                                        ));
+                                        break;
+                                    }
+                                    (false, _) => {}
                                 }
                                 pg.send(step.to, step.tag, &parts, timeout)
                             }
@@ -476,7 +489,7 @@ impl<P: ProcessGroup> Transport<P> {
         let data_span = info_span!("data", bytes = total).entered();
         let received_tree = std::thread::scope(|scope| -> Result<crate::engine::ReceivedTree> {
             let (event_tx, event_rx) = mpsc::channel::<Event>();
-            let (post_tx, post_rx) = mpsc::sync_channel::<Vec<Segment>>(QUEUE_DEPTH);
+            let (post_tx, post_rx) = mpsc::sync_channel::<(Vec<Segment>, bool)>(QUEUE_DEPTH);
             let (fwd_tx, fwd_rx) = mpsc::sync_channel::<crate::engine::ForwardStep>(QUEUE_DEPTH);
             let regions = &regions;
             let refs = &manifest.storages;
@@ -585,7 +598,7 @@ impl<P: ProcessGroup> Transport<P> {
                                         .any(|s| bindings[s.storage as usize].cast_from.is_some());
                                 if needs_post {
                                     post_tx
-                                        .send(step.segments)
+                                        .send((step.segments, step.hash))
                                         .map_err(|_| anyhow!("hashing stopped"))?;
                                 }
                                 engine.handle_data(step.message)?;
@@ -710,8 +723,8 @@ struct FreshBuffers {
 
 impl FreshBuffers {
     /// Buffers come from `pool` when it keeps one of the size (pages touched, bytes stale — every
-    /// byte is received or cast over them); the other small ones are carved from one new mapping
-    /// (allocating them touches nothing), large ones are mapped each.
+    /// byte is received or cast over them); the other small destinations are carved from one new
+    /// mapping (allocating them touches nothing), the rest are allocated each.
     fn allocate(
         bindings: &[Binding],
         storages: &[StorageRef],
@@ -737,7 +750,9 @@ impl FreshBuffers {
                         reused[s] |= is_wire;
                         buf
                     }
-                    None if len < MMAP_THRESHOLD => {
+                    // Staging is temporary (and may go to the pool): carving it would keep the
+                    // destinations' shared mapping alive with it.
+                    None if len < MMAP_THRESHOLD && !is_staging => {
                         to_carve.push((s, is_staging, len));
                         continue;
                     }
@@ -810,8 +825,9 @@ impl<'a> StorageHashers<'a> {
     }
 }
 
+/// Hashes (when the message's `bool` says so) and casts what has landed, storage by storage.
 fn post_worker(
-    rx: Rx<Vec<Segment>>,
+    rx: Rx<(Vec<Segment>, bool)>,
     regions: &[StorageRegions],
     refs: &[StorageRef],
     bindings: &[Binding],
@@ -819,12 +835,20 @@ fn post_worker(
     abort: &Abort,
 ) {
     let mut hashers = StorageHashers::new(refs);
-    for segs in rx {
+    for (segs, hash) in rx {
         for s in segs {
             let r = &regions[s.storage as usize];
-            // SAFETY: see `Region`: the message has landed; the receiving thread no longer writes it.
-            let bytes = unsafe { r.wire.slice(s.offset, s.len) };
-            let Some((_, d)) = hashers.update(&s, bytes) else {
+            let digest = if hash {
+                // SAFETY: see `Region`: the message has landed; the receiving thread no longer
+                // writes it.
+                let bytes = unsafe { r.wire.slice(s.offset, s.len) };
+                match hashers.update(&s, bytes) {
+                    Some((_, d)) => Some(d),
+                    None => continue,
+                }
+            } else if s.offset + s.len == refs[s.storage as usize].nbytes {
+                None
+            } else {
                 continue;
             };
             let b = &bindings[s.storage as usize];
@@ -839,8 +863,10 @@ fn post_worker(
                     return;
                 }
             }
-            if tx.send(Event::Digest(s.storage, d)).is_err() {
-                return;
+            if let Some(d) = digest {
+                if tx.send(Event::Digest(s.storage, d)).is_err() {
+                    return;
+                }
             }
         }
     }

@@ -166,40 +166,88 @@ fn in_place_receive_writes_existing_buffers_and_casts() {
 }
 
 #[test]
+fn in_place_cast_without_digests() {
+    // Many cast storages in many messages, so casts finish while data is still streaming.
+    let n = 1000usize;
+    let values = |k: usize| -> Vec<f32> { (0..n).map(|i| (i + k) as f32 * 0.5).collect() };
+    let mut src = StateDict::new();
+    let mut dst = StateDict::new();
+    for k in 0..64 {
+        let key = format!("w{k}");
+        src.insert(
+            &key,
+            Entry::Tensor(Tensor::from_values(&[n as u64], &values(k)).unwrap()),
+        )
+        .unwrap();
+        let zeros = vec![0u8; n * 2];
+        dst.insert(
+            &key,
+            Entry::Tensor(Tensor::from_bytes(DType::Float16, &[n as u64], &zeros).unwrap()),
+        )
+        .unwrap();
+    }
+    let opts = TransportOptions {
+        digests: false,
+        ..options(FanOut::Direct, 4096, 4096)
+    };
+    let mut groups = InProcessGroup::new(2).into_iter();
+    let a = Transport::new(groups.next().unwrap(), opts.clone());
+    let b = Transport::new(groups.next().unwrap(), opts);
+    std::thread::scope(|s| {
+        let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
+        a.send_checkpoint(&[1], &src).unwrap();
+        h.join().unwrap().unwrap();
+    });
+    for k in 0..64 {
+        let got = dst
+            .tensor(&format!("w{k}"))
+            .unwrap()
+            .to_vec::<half::f16>()
+            .unwrap();
+        let expected: Vec<half::f16> = values(k).into_iter().map(half::f16::from_f32).collect();
+        assert_eq!(got, expected, "w{k}");
+    }
+}
+
+#[test]
 fn in_place_matches_by_key_path_when_the_trees_differ() {
     let tensor = |v: f32| Entry::Tensor(Tensor::from_values(&[3], &[v; 3]).unwrap());
     let mut src = StateDict::new();
     for (k, v) in [("a", 1.0), ("b", 2.0), ("c", 3.0)] {
         src.insert(k, tensor(v)).unwrap();
     }
-    // Leaves in another order, one missing ("a": received fresh), one extra ("x": dropped).
-    let mut dst = StateDict::new();
-    for (k, v) in [("x", 0.0), ("c", 0.0), ("b", 0.0)] {
-        dst.insert(k, tensor(v)).unwrap();
-    }
     let ptr = |sd: &StateDict, k: &str| sd.tensor(k).unwrap().storage.bytes().as_ptr();
-    let (b_before, c_before) = (ptr(&dst, "b"), ptr(&dst, "c"));
-    let mut groups = InProcessGroup::new(2).into_iter();
-    let a = Transport::new(groups.next().unwrap(), TransportOptions::default());
-    let b = Transport::new(groups.next().unwrap(), TransportOptions::default());
-    std::thread::scope(|s| {
-        let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
-        a.send_checkpoint(&[1], &src).unwrap();
-        h.join().unwrap().unwrap();
-    });
-    let keys: Vec<String> = dst.entries().iter().map(|(p, _)| p.to_string()).collect();
-    assert_eq!(
-        keys,
-        ["a", "b", "c"],
-        "the received tree replaces the target's"
-    );
-    assert_eq!((ptr(&dst, "b"), ptr(&dst, "c")), (b_before, c_before));
-    for (k, v) in [("a", 1.0f32), ("b", 2.0), ("c", 3.0)] {
+    // Targets: leaves in another order with one missing and one extra (no leaf where the sender has
+    // it); and one matching by position up to a missing leaf.
+    for (target, in_place) in [(["x", "c", "b"], ["b", "c"]), (["a", "b", "x"], ["a", "b"])] {
+        let mut dst = StateDict::new();
+        for k in target {
+            dst.insert(k, tensor(0.0)).unwrap();
+        }
+        let before: Vec<_> = in_place.iter().map(|k| ptr(&dst, k)).collect();
+        let mut groups = InProcessGroup::new(2).into_iter();
+        let a = Transport::new(groups.next().unwrap(), TransportOptions::default());
+        let b = Transport::new(groups.next().unwrap(), TransportOptions::default());
+        std::thread::scope(|s| {
+            let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
+            a.send_checkpoint(&[1], &src).unwrap();
+            h.join().unwrap().unwrap();
+        });
+        let keys: Vec<String> = dst.entries().iter().map(|(p, _)| p.to_string()).collect();
         assert_eq!(
-            dst.tensor(k).unwrap().to_vec::<f32>().unwrap(),
-            [v; 3],
-            "{k}"
+            keys,
+            ["a", "b", "c"],
+            "the received tree replaces the target's"
         );
+        let after: Vec<_> = in_place.iter().map(|k| ptr(&dst, k)).collect();
+        assert_eq!(after, before, "{target:?}: received in place");
+        for (k, v) in [("a", 1.0f32), ("b", 2.0), ("c", 3.0)] {
+            assert_eq!(
+                dst.tensor(k).unwrap().to_vec::<f32>().unwrap(),
+                [v; 3],
+                "{k}"
+            );
+        }
     }
 }
 
@@ -259,13 +307,6 @@ fn a_pool_recycles_received_buffers_into_the_next_receive() {
 #[test]
 fn a_pool_gets_cast_staging_back() {
     let n = 100_000usize;
-    let mut src = StateDict::new();
-    let values: Vec<f32> = (0..n).map(|i| i as f32).collect();
-    src.insert(
-        "w",
-        Entry::Tensor(Tensor::from_values(&[n as u64], &values).unwrap()),
-    )
-    .unwrap();
     let mut dst = StateDict::new();
     let zeros = vec![0u8; n * 2];
     dst.insert(
@@ -281,18 +322,34 @@ fn a_pool_gets_cast_staging_back() {
     let mut groups = InProcessGroup::new(2).into_iter();
     let a = Transport::new(groups.next().unwrap(), opts.clone());
     let b = Transport::new(groups.next().unwrap(), opts);
-    std::thread::scope(|s| {
-        let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
-        a.send_checkpoint(&[1], &src).unwrap();
-        h.join().unwrap().unwrap();
-    });
-    assert_eq!(
-        pool.bytes(),
-        n * 4,
-        "the f32 staging buffer is kept for next time"
-    );
-    let got = dst.tensor("w").unwrap().to_vec::<half::bf16>().unwrap();
-    assert_eq!(got[12_345], half::bf16::from_f32(12_345.0));
+    // Twice: the second receive stages into the first one's (stale) staging buffer.
+    for round in 0..2 {
+        let values: Vec<f32> = (0..n).map(|i| i as f32 + round as f32 * 1000.0).collect();
+        let mut src = StateDict::new();
+        src.insert(
+            "w",
+            Entry::Tensor(Tensor::from_values(&[n as u64], &values).unwrap()),
+        )
+        .unwrap();
+        std::thread::scope(|s| {
+            let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
+            a.send_checkpoint(&[1], &src).unwrap();
+            h.join().unwrap().unwrap();
+        });
+        assert_eq!(
+            pool.bytes(),
+            n * 4,
+            "the f32 staging buffer is kept for next time"
+        );
+        let got = dst.tensor("w").unwrap().to_vec::<half::bf16>().unwrap();
+        for i in [0, 12_345, n - 1] {
+            assert_eq!(
+                got[i],
+                half::bf16::from_f32(values[i]),
+                "round {round}, {i}"
+            );
+        }
+    }
 }
 
 #[test]
