@@ -6,6 +6,7 @@
 //!   `WORLD_SIZE`, plus a shared job token `PGT_TOKEN`). See [`tcp`] for rendezvous, handshake and
 //!   socket tuning.
 //! - [`InProcessGroup`]: all ranks in one process (threads), for tests and single-process use.
+//! - `MpiProcessGroup` (feature `mpi`): the ranks of an MPI job (`mpirun`, `srun`); see `mpi`.
 //!
 //! # Messages and tags
 //! A message is an opaque byte string with a `u64` tag. Messages from one peer are delivered in the
@@ -54,6 +55,8 @@
 
 mod error;
 pub mod inproc;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 mod stash;
 pub mod tcp;
 
@@ -66,6 +69,8 @@ pub use std::time::Duration;
 
 pub use error::PgError;
 pub use inproc::InProcessGroup;
+#[cfg(feature = "mpi")]
+pub use mpi::MpiProcessGroup;
 pub use stash::DEFAULT_STASH_LIMIT;
 pub use tcp::{raw_loopback_gbps, TcpOptions, TcpProcessGroup, TcpTuning};
 pub use wire::FRAME_HEADER_LEN;
@@ -105,6 +110,49 @@ pub trait ProcessGroup: Send + Sync {
         timeout: Duration,
     ) -> Result<Vec<u8>, PgError>;
 }
+
+/// A shared or boxed group is a group: several `Transport`s (or other users) can share one, and a
+/// program can pick the implementation at run time (`Box<dyn ProcessGroup>`).
+macro_rules! forward_process_group {
+    ($($ty:ty),*) => {$(
+        impl<P: ProcessGroup + ?Sized> ProcessGroup for $ty {
+            fn rank(&self) -> u32 {
+                (**self).rank()
+            }
+            fn size(&self) -> u32 {
+                (**self).size()
+            }
+            fn send(
+                &self,
+                dst: u32,
+                tag: u64,
+                parts: &[&[u8]],
+                timeout: Duration,
+            ) -> Result<(), PgError> {
+                (**self).send(dst, tag, parts, timeout)
+            }
+            fn recv_into(
+                &self,
+                src: u32,
+                tag: u64,
+                parts: &mut [&mut [u8]],
+                timeout: Duration,
+            ) -> Result<(), PgError> {
+                (**self).recv_into(src, tag, parts, timeout)
+            }
+            fn recv_vec(
+                &self,
+                src: u32,
+                tag: u64,
+                max_len: usize,
+                timeout: Duration,
+            ) -> Result<Vec<u8>, PgError> {
+                (**self).recv_vec(src, tag, max_len, timeout)
+            }
+        }
+    )*};
+}
+forward_process_group!(&P, Box<P>, std::sync::Arc<P>);
 
 /// Wait on `cv` until `deadline`; returns the guard and whether the deadline has passed.
 pub(crate) fn wait_until<'a, T>(

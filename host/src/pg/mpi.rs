@@ -1,0 +1,539 @@
+//! [`MpiProcessGroup`]: a [`ProcessGroup`] over MPI (feature `mpi`), for jobs started by `mpirun`,
+//! `srun` and the like, which already know every rank.
+//!
+//! # Messages
+//! A pgt message is an *envelope* — one MPI message with tag [`ENVELOPE_TAG`] holding the pgt tag
+//! and the payload length (two `u64`, little-endian) — then the payload as *pieces*: MPI messages
+//! with tag [`PIECE_TAG`], one per part of the send, or per slice of at most
+//! [`MpiProcessGroup::max_piece`] bytes of a larger part (MPI counts are `i32`; the default is
+//! 1 GiB). MPI keeps messages of one tag between two ranks in order, so envelopes and pieces pair
+//! up. pgt tags are matched here, with the bounded per-peer stash the TCP group uses, so every
+//! `u64` tag works and the semantics are those of [the module docs](super#messages-and-tags):
+//! order per peer, [`PgError::LengthMismatch`] and [`PgError::TooLarge`] without consuming,
+//! [`PgError::UnexpectedBacklog`]. A piece lands straight in the receiver's part that holds it (in
+//! pgt the sender's parts are the receiver's, so always); one straddling parts goes through a
+//! temporary buffer.
+//!
+//! # Threads and timeouts
+//! MPI is initialised with `MPI_THREAD_MULTIPLE` when the library offers it (Open MPI does);
+//! with only `MPI_THREAD_SERIALIZED`, a lock serialises every MPI call, never held while waiting.
+//! Waiting is polling non-blocking requests against the deadline, so:
+//! - a receive that times out before its message's envelope arrived consumes nothing;
+//! - one that times out inside a payload cancels its request and poisons the peer
+//!   ([`PgError::Poisoned`] from then on);
+//! - a send that times out is cancelled and poisons the peer. If MPI cannot cancel it within a
+//!   second (a receiver matched it, then stopped reading; Open MPI does not cancel sends at all),
+//!   MPI still owns the caller's bytes, so the job is aborted (`MPI_Abort`) rather than return
+//!   with them in use.
+//!
+//! One group per process: [`MpiProcessGroup::init`] initialises MPI and dropping the group
+//! finalises it (drop it on the thread that created it).
+
+use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
+use std::time::{Duration, Instant};
+
+use mpi::datatype::Equivalence;
+use mpi::environment::Universe;
+use mpi::point_to_point::{Destination, Source, Status};
+use mpi::request::{Request, Scope};
+use mpi::topology::{Communicator, SimpleCommunicator};
+use mpi::Threading;
+
+use super::stash::Stash;
+use super::{check_peer, total_len, PgError, ProcessGroup, DEFAULT_STASH_LIMIT};
+
+/// MPI tag of envelopes.
+pub const ENVELOPE_TAG: i32 = 1;
+/// MPI tag of payload pieces.
+pub const PIECE_TAG: i32 = 2;
+/// Default largest MPI message: well below `i32::MAX` bytes.
+pub const DEFAULT_MAX_PIECE: usize = 1 << 30;
+
+/// How long a cancelled request may take to complete before the job is aborted.
+const CANCEL_GRACE: Duration = Duration::from_secs(1);
+
+/// Ranked messaging over `MPI_COMM_WORLD`; see the [module docs](self).
+pub struct MpiProcessGroup {
+    world: SimpleCommunicator,
+    rank: u32,
+    size: u32,
+    max_piece: usize,
+    /// Held around every MPI call when the library is not thread-multiple.
+    serialize: Option<Mutex<()>>,
+    /// Per destination: one message's envelope and pieces go out together.
+    sends: Vec<Mutex<SendState>>,
+    /// Per source.
+    recvs: Vec<Mutex<RecvState>>,
+    /// Last: dropping it finalises MPI, after everything above.
+    _universe: Universe,
+}
+
+// SAFETY: the MPI handles inside are plain identifiers for library objects. The library was
+// initialised thread-multiple, which allows MPI calls from any thread at once, or else every call
+// is made under `serialize`; our own state is behind mutexes.
+unsafe impl Send for MpiProcessGroup {}
+// SAFETY: as above.
+unsafe impl Sync for MpiProcessGroup {}
+
+#[derive(Default)]
+struct SendState {
+    poisoned: bool,
+}
+
+struct RecvState {
+    /// An envelope read whose payload has not been (its receive failed without consuming it).
+    head: Option<(u64, u64)>,
+    stash: Stash,
+    poisoned: bool,
+}
+
+/// Where a receive puts the message it matches.
+trait Sink {
+    /// Checks (and prepares for) a message of `len` bytes; an error leaves it queued.
+    fn accept(&mut self, src: u32, tag: u64, len: u64) -> Result<(), PgError>;
+    /// The buffers to fill, after `accept`.
+    fn parts(&mut self) -> Vec<&mut [u8]>;
+}
+
+struct Parts<'p, 'b>(&'p mut [&'b mut [u8]]);
+
+impl Sink for Parts<'_, '_> {
+    fn accept(&mut self, src: u32, tag: u64, len: u64) -> Result<(), PgError> {
+        let expected = total_len(self.0);
+        if expected == len {
+            Ok(())
+        } else {
+            Err(PgError::LengthMismatch {
+                peer: src,
+                tag,
+                expected,
+                got: len,
+            })
+        }
+    }
+
+    fn parts(&mut self) -> Vec<&mut [u8]> {
+        self.0.iter_mut().map(|p| &mut **p).collect()
+    }
+}
+
+struct Grow {
+    max: usize,
+    out: Vec<u8>,
+}
+
+impl Sink for Grow {
+    fn accept(&mut self, src: u32, tag: u64, len: u64) -> Result<(), PgError> {
+        if len > self.max as u64 {
+            return Err(PgError::TooLarge {
+                peer: src,
+                tag,
+                got: len,
+                max: self.max as u64,
+            });
+        }
+        self.out = vec![0u8; len as usize];
+        Ok(())
+    }
+
+    fn parts(&mut self) -> Vec<&mut [u8]> {
+        vec![&mut self.out[..]]
+    }
+}
+
+impl std::fmt::Debug for MpiProcessGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MpiProcessGroup")
+            .field("rank", &self.rank)
+            .field("size", &self.size)
+            .field("thread_multiple", &self.serialize.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MpiProcessGroup {
+    /// Initialises MPI and forms the group of `MPI_COMM_WORLD`.
+    pub fn init() -> Result<MpiProcessGroup, PgError> {
+        let (universe, threading) = mpi::initialize_with_threading(Threading::Multiple)
+            .ok_or_else(|| PgError::Config("MPI is already initialised in this process".into()))?;
+        let serialize = match threading {
+            Threading::Multiple => None,
+            Threading::Serialized => Some(Mutex::new(())),
+            other => {
+                return Err(PgError::Config(format!(
+                    "the MPI library offers only {other:?} threading; pgt needs Serialized or \
+                     Multiple"
+                )))
+            }
+        };
+        let world = universe.world();
+        let (rank, size) = (world.rank() as u32, world.size() as u32);
+        Ok(MpiProcessGroup {
+            world,
+            rank,
+            size,
+            max_piece: DEFAULT_MAX_PIECE,
+            serialize,
+            sends: (0..size).map(|_| Mutex::default()).collect(),
+            recvs: (0..size)
+                .map(|_| {
+                    Mutex::new(RecvState {
+                        head: None,
+                        stash: Stash::new(DEFAULT_STASH_LIMIT),
+                        poisoned: false,
+                    })
+                })
+                .collect(),
+            _universe: universe,
+        })
+    }
+
+    /// Sets the largest MPI message a payload is cut into (at least 1, at most
+    /// [`DEFAULT_MAX_PIECE`]); small values exercise the cutting. Every rank must agree only in
+    /// that each stays within MPI's `i32` counts: receivers follow the pieces as they come.
+    pub fn with_max_piece(mut self, bytes: usize) -> MpiProcessGroup {
+        self.max_piece = bytes.clamp(1, DEFAULT_MAX_PIECE);
+        self
+    }
+
+    /// Largest MPI message a payload is cut into.
+    pub fn max_piece(&self) -> usize {
+        self.max_piece
+    }
+
+    /// Whether the MPI library runs thread-multiple (else calls are serialised).
+    pub fn is_thread_multiple(&self) -> bool {
+        self.serialize.is_none()
+    }
+
+    /// Runs one MPI call, under the serialising lock if there is one.
+    fn call<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _guard = self
+            .serialize
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(PoisonError::into_inner));
+        f()
+    }
+
+    /// Polls `req` until it completes or `deadline` passes (then it is still pending).
+    fn poll<'a, D: ?Sized, S: Scope<'a>>(
+        &self,
+        mut req: Request<'a, D, S>,
+        deadline: Instant,
+    ) -> Result<Status, Request<'a, D, S>> {
+        let mut idle = Backoff::default();
+        loop {
+            req = match self.call(move || req.test()) {
+                Ok(status) => return Ok(status),
+                Err(pending) => pending,
+            };
+            if Instant::now() >= deadline {
+                return Err(req);
+            }
+            idle.wait();
+        }
+    }
+
+    /// Waits for `req` until `deadline`; past it, cancels it and reports `timeout`. A request MPI
+    /// cannot get rid of still owns its buffer: the job is aborted.
+    fn finish<'a, D: ?Sized, S: Scope<'a>>(
+        &self,
+        req: Request<'a, D, S>,
+        deadline: Instant,
+        timeout: PgError,
+    ) -> Result<(), PgError> {
+        let req = match self.poll(req, deadline) {
+            Ok(_) => return Ok(()),
+            Err(pending) => pending,
+        };
+        self.call(|| req.cancel());
+        match self.poll(req, Instant::now() + CANCEL_GRACE) {
+            Ok(_) => Err(timeout),
+            Err(stuck) => {
+                eprintln!(
+                    "pgt: {timeout}, and MPI cannot cancel the operation, which still owns the \
+                     caller's buffer: aborting the job"
+                );
+                // MPI keeps using the request's buffer; the process ends right here.
+                std::mem::forget(stuck);
+                self.world.abort(70)
+            }
+        }
+    }
+
+    /// Reads the next envelope from `src` if one has arrived.
+    fn try_envelope(&self, src: u32, deadline: Instant) -> Result<Option<(u64, u64)>, PgError> {
+        let process = self.world.process_at_rank(src as i32);
+        if self
+            .call(|| process.immediate_probe_with_tag(ENVELOPE_TAG))
+            .is_none()
+        {
+            return Ok(None);
+        }
+        let mut raw = [0u8; 16];
+        mpi::request::scope(|scope| {
+            let req = self
+                .call(|| process.immediate_receive_into_with_tag(scope, &mut raw, ENVELOPE_TAG));
+            // The envelope has arrived (probed): this completes at once.
+            let timeout = PgError::Timeout {
+                peer: src,
+                tag: 0,
+                after: CANCEL_GRACE,
+            };
+            self.finish(req, deadline.max(Instant::now() + CANCEL_GRACE), timeout)
+        })?;
+        let tag = u64::from_le_bytes(raw[..8].try_into().expect("8 bytes"));
+        let len = u64::from_le_bytes(raw[8..].try_into().expect("8 bytes"));
+        Ok(Some((tag, len)))
+    }
+
+    /// Receives the `len` payload bytes of the envelope just taken into `parts`, piece by piece.
+    fn recv_pieces(
+        &self,
+        src: u32,
+        tag: u64,
+        parts: &mut [&mut [u8]],
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), PgError> {
+        let process = self.world.process_at_rank(src as i32);
+        let total = total_len(parts);
+        let (mut part, mut offset, mut got) = (0usize, 0usize, 0u64);
+        while got < total {
+            let mut idle = Backoff::default();
+            let status = loop {
+                if let Some(s) = self.call(|| process.immediate_probe_with_tag(PIECE_TAG)) {
+                    break s;
+                }
+                if Instant::now() >= deadline {
+                    return Err(PgError::Timeout {
+                        peer: src,
+                        tag,
+                        after: timeout,
+                    });
+                }
+                idle.wait();
+            };
+            let n = status.count(u8::equivalent_datatype()).max(0) as usize;
+            if n == 0 || got + n as u64 > total {
+                return Err(PgError::Io {
+                    peer: Some(src),
+                    kind: std::io::ErrorKind::InvalidData,
+                    message: format!(
+                        "a payload piece of {n} bytes does not fit the {} bytes left of tag {tag}",
+                        total - got
+                    ),
+                });
+            }
+            while offset == parts[part].len() {
+                part += 1;
+                offset = 0;
+            }
+            let err = || PgError::Timeout {
+                peer: src,
+                tag,
+                after: timeout,
+            };
+            if offset + n <= parts[part].len() {
+                let dest = &mut parts[part][offset..offset + n];
+                mpi::request::scope(|scope| {
+                    let req = self
+                        .call(|| process.immediate_receive_into_with_tag(scope, dest, PIECE_TAG));
+                    self.finish(req, deadline, err())
+                })?;
+                offset += n;
+            } else {
+                let mut tmp = vec![0u8; n];
+                mpi::request::scope(|scope| {
+                    let req = self.call(|| {
+                        process.immediate_receive_into_with_tag(scope, &mut tmp[..], PIECE_TAG)
+                    });
+                    self.finish(req, deadline, err())
+                })?;
+                let mut rest = &tmp[..];
+                while !rest.is_empty() {
+                    while offset == parts[part].len() {
+                        part += 1;
+                        offset = 0;
+                    }
+                    let k = rest.len().min(parts[part].len() - offset);
+                    parts[part][offset..offset + k].copy_from_slice(&rest[..k]);
+                    rest = &rest[k..];
+                    offset += k;
+                }
+            }
+            got += n as u64;
+        }
+        Ok(())
+    }
+
+    fn receive(
+        &self,
+        src: u32,
+        tag: u64,
+        sink: &mut dyn Sink,
+        timeout: Duration,
+    ) -> Result<(), PgError> {
+        check_peer(src, self.rank, self.size)?;
+        let deadline = Instant::now() + timeout;
+        let timed_out = || PgError::Timeout {
+            peer: src,
+            tag,
+            after: timeout,
+        };
+        let mut idle = Backoff::default();
+        loop {
+            let mut peer = lock_until(&self.recvs[src as usize], deadline).ok_or_else(timed_out)?;
+            if let Some(len) = peer.stash.peek_len(tag) {
+                sink.accept(src, tag, len as u64)?;
+                let bytes = peer.stash.take(tag).expect("peeked");
+                super::scatter(&bytes, &mut sink.parts());
+                return Ok(());
+            }
+            if peer.poisoned {
+                return Err(PgError::Poisoned { peer: src });
+            }
+            if peer.head.is_none() {
+                peer.head = self.try_envelope(src, deadline)?;
+            }
+            let Some((next_tag, len)) = peer.head else {
+                drop(peer);
+                if Instant::now() >= deadline {
+                    return Err(timed_out());
+                }
+                idle.wait();
+                continue;
+            };
+            if next_tag == tag {
+                sink.accept(src, tag, len)?;
+                peer.head = None;
+                return self
+                    .recv_pieces(src, tag, &mut sink.parts(), deadline, timeout)
+                    .inspect_err(|_| peer.poisoned = true);
+            }
+            // Someone else's message: set it aside, then look again.
+            if !peer.stash.fits(len) {
+                return Err(PgError::UnexpectedBacklog {
+                    peer: src,
+                    wanted: tag,
+                    blocking_tag: next_tag,
+                    len,
+                    stashed: peer.stash.bytes() as u64,
+                    limit: peer.stash.limit() as u64,
+                });
+            }
+            let mut bytes = vec![0u8; len as usize];
+            peer.head = None;
+            if let Err(e) =
+                self.recv_pieces(src, next_tag, &mut [&mut bytes[..]], deadline, timeout)
+            {
+                peer.poisoned = true;
+                return Err(e);
+            }
+            peer.stash.push(next_tag, bytes);
+        }
+    }
+}
+
+/// Locks `m`, retrying until `deadline`.
+fn lock_until<T>(m: &Mutex<T>, deadline: Instant) -> Option<MutexGuard<'_, T>> {
+    let mut idle = Backoff::default();
+    loop {
+        match m.try_lock() {
+            Ok(g) => return Some(g),
+            Err(TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => {}
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        idle.wait();
+    }
+}
+
+/// Spin, then yield, then sleep up to 1 ms: MPI progresses only inside MPI calls, so waiting is
+/// polling, and short waits (the common case) should not pay a sleep.
+#[derive(Default)]
+struct Backoff(u32);
+
+impl Backoff {
+    fn wait(&mut self) {
+        self.0 = self.0.saturating_add(1);
+        match self.0 {
+            0..=16 => std::hint::spin_loop(),
+            17..=64 => std::thread::yield_now(),
+            n => std::thread::sleep(Duration::from_micros(u64::from((n - 64).min(1000)))),
+        }
+    }
+}
+
+impl ProcessGroup for MpiProcessGroup {
+    fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    fn size(&self) -> u32 {
+        self.size
+    }
+
+    fn send(&self, dst: u32, tag: u64, parts: &[&[u8]], timeout: Duration) -> Result<(), PgError> {
+        check_peer(dst, self.rank, self.size)?;
+        let deadline = Instant::now() + timeout;
+        let timed_out = || PgError::Timeout {
+            peer: dst,
+            tag,
+            after: timeout,
+        };
+        let mut state = lock_until(&self.sends[dst as usize], deadline).ok_or_else(timed_out)?;
+        if state.poisoned {
+            return Err(PgError::Poisoned { peer: dst });
+        }
+        let mut envelope = [0u8; 16];
+        envelope[..8].copy_from_slice(&tag.to_le_bytes());
+        envelope[8..].copy_from_slice(&total_len(parts).to_le_bytes());
+        let process = self.world.process_at_rank(dst as i32);
+        let pieces = std::iter::once((&envelope[..], ENVELOPE_TAG)).chain(
+            parts
+                .iter()
+                .flat_map(|p| p.chunks(self.max_piece))
+                .map(|piece| (piece, PIECE_TAG)),
+        );
+        for (i, (bytes, mpi_tag)) in pieces.enumerate() {
+            let sent = mpi::request::scope(|scope| {
+                let req = self.call(|| process.immediate_send_with_tag(scope, bytes, mpi_tag));
+                self.finish(req, deadline, timed_out())
+            });
+            if let Err(e) = sent {
+                // Past the envelope, the receiver holds part of a message: nothing can follow.
+                state.poisoned |= i > 0;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn recv_into(
+        &self,
+        src: u32,
+        tag: u64,
+        parts: &mut [&mut [u8]],
+        timeout: Duration,
+    ) -> Result<(), PgError> {
+        self.receive(src, tag, &mut Parts(parts), timeout)
+    }
+
+    fn recv_vec(
+        &self,
+        src: u32,
+        tag: u64,
+        max_len: usize,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, PgError> {
+        let mut sink = Grow {
+            max: max_len,
+            out: Vec::new(),
+        };
+        self.receive(src, tag, &mut sink, timeout)?;
+        Ok(sink.out)
+    }
+}
