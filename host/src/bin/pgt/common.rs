@@ -10,54 +10,89 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pgt_core::plan::{FanOut, PlanParams};
-use pgt_host::pg::{TcpOptions, TcpProcessGroup};
+use pgt_host::pg::{ProcessGroup, TcpOptions, TcpProcessGroup};
 use pgt_host::transport::{Progress, TransportOptions};
+
+/// Which process group a rank joins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PgArg {
+    /// The embedded default: torch-style rendezvous at MASTER_ADDR:MASTER_PORT, authenticated TCP.
+    Tcp,
+    /// The ranks of an MPI job (run under `mpirun`/`srun`); needs a pgt built with the `mpi`
+    /// feature.
+    Mpi,
+}
 
 /// Where this rank is in the job (torch-style; every flag also reads its environment variable).
 #[derive(Args, Clone, Debug)]
 pub struct GroupArgs {
-    /// This process's rank.
+    /// Process group: `tcp` (rendezvous flags below) or `mpi` (ranks from the MPI launcher).
+    #[arg(long, value_enum, env = "PGT_PG", default_value = "tcp")]
+    pub pg: PgArg,
+    /// This process's rank (needed for `--pg tcp`).
     #[arg(long, env = "RANK")]
-    pub rank: u32,
-    /// Number of ranks in the job.
+    pub rank: Option<u32>,
+    /// Number of ranks in the job (needed for `--pg tcp`).
     #[arg(long, env = "WORLD_SIZE")]
-    pub world_size: u32,
+    pub world_size: Option<u32>,
     /// Host of rank 0 (which hosts the rendezvous store).
     #[arg(long, env = "MASTER_ADDR", default_value = "127.0.0.1")]
     pub master_addr: String,
     /// Port of the rendezvous store on rank 0.
     #[arg(long, env = "MASTER_PORT", default_value_t = 29500)]
     pub master_port: u16,
-    /// Shared job token: every connection is authenticated with it.
+    /// Shared job token: every connection is authenticated with it (needed for `--pg tcp`).
     #[arg(long, env = "PGT_TOKEN", hide_env_values = true)]
-    pub token: String,
+    pub token: Option<String>,
     /// Interface to listen on for peers (default: the one that routes to the master).
     #[arg(long, env = "PGT_LISTEN_HOST")]
     pub listen_host: Option<String>,
 }
 
 impl GroupArgs {
-    /// Joins the job's TCP process group.
-    pub fn connect(&self, timeout: Duration) -> Result<TcpProcessGroup> {
-        if self.token.is_empty() {
+    /// Joins the job's process group.
+    pub fn connect(&self, timeout: Duration) -> Result<Box<dyn ProcessGroup>> {
+        match self.pg {
+            PgArg::Tcp => Ok(Box::new(self.connect_tcp(timeout)?)),
+            PgArg::Mpi => connect_mpi(),
+        }
+    }
+
+    fn connect_tcp(&self, timeout: Duration) -> Result<TcpProcessGroup> {
+        let (Some(rank), Some(world_size)) = (self.rank, self.world_size) else {
+            bail!("--rank and --world-size (RANK, WORLD_SIZE) are needed for --pg tcp");
+        };
+        let token = self.token.clone().unwrap_or_default();
+        if token.is_empty() {
             bail!("the job token is empty: set PGT_TOKEN or --token");
         }
         TcpProcessGroup::connect(TcpOptions {
             master_addr: self.master_addr.clone(),
             master_port: self.master_port,
-            rank: self.rank,
-            world_size: self.world_size,
-            token: self.token.clone().into_bytes(),
+            rank,
+            world_size,
+            token: token.into_bytes(),
             timeout,
             listen_host: self.listen_host.clone(),
         })
         .with_context(|| {
             format!(
-                "rank {} could not join the job at {}:{}",
-                self.rank, self.master_addr, self.master_port
+                "rank {rank} could not join the job at {}:{}",
+                self.master_addr, self.master_port
             )
         })
     }
+}
+
+#[cfg(feature = "mpi")]
+fn connect_mpi() -> Result<Box<dyn ProcessGroup>> {
+    let pg = pgt_host::pg::MpiProcessGroup::init().context("joining the MPI job")?;
+    Ok(Box::new(pg))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn connect_mpi() -> Result<Box<dyn ProcessGroup>> {
+    bail!("this pgt was built without MPI support: build it with `cargo build --release -p pgt-host --features mpi`")
 }
 
 /// Fan-out modes on the command line.

@@ -29,7 +29,8 @@ pub struct SendArgs {
     /// The safetensors file to send (memory-mapped: its bytes go to the wire without a copy).
     pub file: PathBuf,
     /// Receiving ranks, comma-separated (e.g. `1,2`); in chain fan-out also the relay order.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Default: every other rank of the job, in rank order.
+    #[arg(long, value_delimiter = ',')]
     pub dst: Vec<u32>,
     /// Training step to send (default: the file's `pgt.step` metadata entry, if any).
     #[arg(long)]
@@ -46,7 +47,8 @@ pub struct RecvArgs {
     /// Rank that sends the checkpoint.
     #[arg(long, default_value_t = 0)]
     pub src: u32,
-    /// Where to write the received checkpoint (a safetensors file, replaced atomically).
+    /// Where to write the received checkpoint (a safetensors file, replaced atomically). `{rank}`
+    /// in it becomes this rank, for launchers that give every receiver the same arguments.
     #[arg(long)]
     pub out: PathBuf,
     /// Refuse a checkpoint of another training step.
@@ -88,12 +90,18 @@ fn rate(stats: &TransferStats) -> String {
 }
 
 /// `pgt send FILE --dst 1,2`.
-pub fn send(args: SendArgs) -> Result<()> {
-    ensure!(!args.dst.is_empty(), "--dst needs at least one rank");
+pub fn send(mut args: SendArgs) -> Result<()> {
     let mut options = args.transfer.options()?;
     // Join first, then load: a bad file then fails the whole job at once (peers see the connection
     // close) instead of leaving them waiting for the rendezvous to time out.
     let pg = args.group.connect(rendezvous_timeout(&args.transfer)?)?;
+    if args.dst.is_empty() {
+        args.dst = (0..pg.size()).filter(|&r| r != pg.rank()).collect();
+    }
+    ensure!(
+        !args.dst.is_empty(),
+        "a job of one rank has nobody to send to"
+    );
     let mut sd = safetensors_io::load(&args.file)?;
     if args.step.is_some() {
         sd.step = args.step;
@@ -128,6 +136,13 @@ pub fn recv(args: RecvArgs) -> Result<()> {
     let mut options = args.transfer.options()?;
     options.expected_step = args.expect_step;
     let pg = args.group.connect(rendezvous_timeout(&args.transfer)?)?;
+    let out = match args.out.to_str() {
+        Some(s) if s.contains("{rank}") => {
+            PathBuf::from(s.replace("{rank}", &pg.rank().to_string()))
+        }
+        _ => args.out.clone(),
+    };
+    let args = RecvArgs { out, ..args };
     // After joining, so that the sender fails at once instead of waiting at the rendezvous.
     let dir = match args.out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,

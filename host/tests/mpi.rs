@@ -1,0 +1,111 @@
+//! The MPI process group in real MPI jobs (feature `mpi`; needs `mpirun`): the `mpi_check` example
+//! with 3 and 4 ranks, and `pgt send`/`pgt recv --pg mpi` started by one `mpirun`.
+#![cfg(feature = "mpi")]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use pgt_host::safetensors_io;
+use pgt_host::state_dict::{Entry, StateDict, Tensor};
+
+const PGT: &str = env!("CARGO_BIN_EXE_pgt");
+
+/// `mpirun` allowed to run as root (CI does) and with more ranks than cores, bounded in time.
+fn mpirun(args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg("300")
+        .arg("mpirun")
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        .output()
+        .expect("mpirun (Debian: openmpi-bin)")
+}
+
+fn assert_ok(out: &Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// `cargo test` builds the examples next to the test binaries' `deps` directory.
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    dir.join("examples").join(name)
+}
+
+#[test]
+fn mpi_check_passes_with_3_and_4_ranks() {
+    let check = example("mpi_check");
+    assert!(check.is_file(), "{} not built", check.display());
+    for n in ["3", "4"] {
+        let stdout = assert_ok(&mpirun(&["-n", n, check.to_str().unwrap()]), "mpi_check");
+        assert_eq!(
+            stdout.matches(": ok").count(),
+            n.parse::<usize>().unwrap(),
+            "{stdout}"
+        );
+    }
+}
+
+#[test]
+fn cli_send_and_recv_over_mpi() {
+    let dir = std::env::temp_dir().join(format!("pgt-mpi-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut sd = StateDict::new();
+    let values: Vec<f32> = (0..300_000).map(|i| i as f32 * 0.25).collect();
+    sd.insert(
+        "w",
+        Entry::Tensor(Tensor::from_values(&[600, 500], &values).unwrap()),
+    )
+    .unwrap();
+    let ids: Vec<i64> = (0..1000).map(|i| i * 7 - 3).collect();
+    sd.insert(
+        "ids",
+        Entry::Tensor(Tensor::from_values(&[1000], &ids).unwrap()),
+    )
+    .unwrap();
+    let input = dir.join("in.safetensors");
+    safetensors_io::save(&sd, &input).unwrap();
+    let out = dir.join("out.{rank}.safetensors");
+    // One job, two programs: rank 0 sends (to every other rank by default), ranks 1 and 2 receive.
+    let output = mpirun(&[
+        "-n",
+        "1",
+        PGT,
+        "send",
+        input.to_str().unwrap(),
+        "--pg",
+        "mpi",
+        "--quiet",
+        ":",
+        "-n",
+        "2",
+        PGT,
+        "recv",
+        "--out",
+        out.to_str().unwrap(),
+        "--pg",
+        "mpi",
+        "--quiet",
+    ]);
+    assert_ok(&output, "mpirun pgt send : pgt recv");
+    for rank in [1, 2] {
+        let got = safetensors_io::load(dir.join(format!("out.{rank}.safetensors"))).unwrap();
+        for key in ["w", "ids"] {
+            assert_eq!(
+                got.tensor(key).unwrap().storage.bytes(),
+                sd.tensor(key).unwrap().storage.bytes(),
+                "rank {rank}: {key}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
