@@ -1,7 +1,7 @@
 //! pgt-host: the host side of pgt — real I/O around the sans-IO protocol of `pgt-core`.
 //!
-//! - [`pg`]: process groups (ranked, tagged point-to-point messages) over authenticated TCP or
-//!   in-process;
+//! - [`pg`]: process groups (ranked, tagged point-to-point messages) over authenticated TCP,
+//!   in-process, or MPI (feature `mpi`);
 //! - [`transport`]: `Transport`, PGTransport's API, executing what the protocol [`engine`] asks for;
 //! - [`state_dict`]: state dicts for Rust users; [`safetensors_io`]: safetensors files in and out;
 //! - [`memory`]: receive buffers that keep page faults off the wire's critical path;
