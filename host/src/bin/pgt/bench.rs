@@ -146,6 +146,8 @@ pub fn run_job(
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    // Bad flags fail here, once, rather than in every rank.
+    args.transfer.options()?;
     let mut transfer = args.transfer.clone();
     if args.scenario != Scenario::Fanout && args.receivers.unwrap_or(1) == 1 {
         // One receiver: chain and direct are the same plan.

@@ -325,7 +325,8 @@ pub fn spawn_local_job(world: u32, args: impl Fn(u32) -> Vec<String>) -> Result<
             .env("WORLD_SIZE", world.to_string())
             .env("PGT_TOKEN", &token)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            // Collected and printed per rank (see `collect_reports`), not interleaved.
+            .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("cannot start rank {rank}"))?;
         children.push(child);
@@ -333,12 +334,16 @@ pub fn spawn_local_job(world: u32, args: impl Fn(u32) -> Vec<String>) -> Result<
     Ok(children)
 }
 
-/// Waits for every child and parses the last stdout line of each as JSON.
+/// Waits for every child, prints what each wrote to stderr with its rank in front, and parses the
+/// last stdout line of each as JSON.
 pub fn collect_reports(children: Vec<Child>) -> Result<Vec<serde_json::Value>> {
     let mut reports = Vec::new();
     let mut failed = Vec::new();
     for (rank, child) in children.into_iter().enumerate() {
         let out = child.wait_with_output()?;
+        for line in String::from_utf8_lossy(&out.stderr).lines() {
+            eprintln!("[rank {rank}] {line}");
+        }
         if !out.status.success() {
             failed.push(format!("rank {rank} exited with {}", out.status));
             continue;

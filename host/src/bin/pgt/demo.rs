@@ -24,6 +24,8 @@ pub struct DemoArgs {
 
 pub fn run(args: DemoArgs) -> Result<()> {
     ensure!(args.receivers >= 1, "--receivers must be at least 1");
+    // Bad flags fail here, once, rather than in every rank.
+    args.transfer.options()?;
     let shape = synthetic::mixed(args.size);
     let bytes = synthetic::total_bytes(&shape);
     let leaves = shape.leaves.len();
