@@ -56,7 +56,8 @@ wasm_build -p pgt-core
 step "cargo test"
 cargo test --workspace
 
-step "node: the JS build against the golden vectors"
+step "node: the JS build against the golden vectors; the Node receiver against pgt send"
+npm ci --prefix examples/node --no-audit --no-fund --silent
 node --test tests/node/
 
 step "python: the raw ABI from wasmtime-py"
