@@ -72,5 +72,7 @@ dpkg -s libopenmpi-dev openmpi-bin libclang-dev >/dev/null 2>&1 || {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenmpi-dev openmpi-bin libclang-dev
 }
 cargo clippy -p pgt-host --features mpi --all-targets -- -D warnings
-# host/tests/mpi.rs runs examples/mpi_check with 3 and 4 ranks, and `pgt send : pgt recv` in one job.
+# host/tests/mpi.rs runs examples/mpi_check with 3 and 4 ranks (built here: `cargo test --test`
+# builds no examples), and `pgt send : pgt recv` in one job.
+cargo build -p pgt-host --features mpi --example mpi_check
 cargo test -p pgt-host --features mpi --test mpi

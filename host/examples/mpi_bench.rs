@@ -23,6 +23,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let gib: f64 = args.get(1).map_or(Ok(1.0), |s| s.parse()).context("GiB")?;
     let reps: usize = args.get(2).map_or(Ok(5), |s| s.parse()).context("reps")?;
+    anyhow::ensure!(reps >= 1, "reps must be at least 1");
     let in_place = args.get(3).is_none_or(|s| s != "fresh");
     let pg = MpiProcessGroup::init()?;
     let (rank, size) = (pg.rank(), pg.size());

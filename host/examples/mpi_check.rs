@@ -32,6 +32,9 @@ fn main() {
         }
     };
     let rank = pg.rank();
+    if std::env::args().nth(1).as_deref() == Some("stalled-receiver") {
+        stalled_receiver(&pg);
+    }
     match run(&pg) {
         Ok(()) => println!(
             "rank {rank}/{}: ok (thread multiple: {})",
@@ -44,6 +47,21 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+/// `mpi_check stalled-receiver`: rank 1 never receives; rank 0's 4 MiB send (too big to go out
+/// eagerly) cannot complete, so after its 1 s timeout (+1 s) MPI still owns the bytes and the job must
+/// end by `MPI_Abort` — not hang, not return.
+fn stalled_receiver(pg: &MpiProcessGroup) -> ! {
+    if pg.rank() == 0 {
+        let big = pattern(4 << 20, 0);
+        let result = pg.send(1, 99, &[&big], Duration::from_secs(1));
+        println!("rank 0: the stalled send returned {result:?} instead of ending the job");
+        std::process::exit(1);
+    }
+    std::thread::sleep(Duration::from_secs(60));
+    println!("rank {}: still here after 60 s", pg.rank());
+    std::process::exit(1);
 }
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
@@ -105,6 +123,32 @@ fn run(pg: &MpiProcessGroup) -> Result<()> {
             .recv_vec(0, 10, 100, T)
             .context("the stashed first message")?;
         ensure!(first == b"first", "first: got {first:?}");
+    }
+
+    // The same checks on a message first in line (not set aside in the stash): mismatched lengths
+    // consume nothing, and parts that straddle the sender's pieces go through the temporary path.
+    barrier(pg, 24)?;
+    if rank == 0 {
+        for dst in 1..size {
+            pg.send(dst, 25, &[&pattern(100_000, 25)], T)?;
+        }
+    } else {
+        let mut short = vec![0u8; 10];
+        match pg.recv_into(0, 25, &mut [&mut short], T) {
+            Err(PgError::LengthMismatch { got: 100_000, .. }) => {}
+            other => bail!("first in line: a 10-byte receive gave {other:?}"),
+        }
+        match pg.recv_vec(0, 25, 10, T) {
+            Err(PgError::TooLarge { got: 100_000, .. }) => {}
+            other => bail!("first in line: recv_vec(max 10) gave {other:?}"),
+        }
+        let (mut a, mut b, mut c) = (vec![0u8; 5_000], vec![0u8; 3], vec![0u8; 94_997]);
+        pg.recv_into(0, 25, &mut [&mut a, &mut b, &mut c], T)
+            .context("first in line, into straddling parts")?;
+        ensure!(
+            [a, b, c].concat() == pattern(100_000, 25),
+            "first in line: the straddling receive arrived wrong"
+        );
     }
 
     // Both directions at once between every pair (sends and receives on two threads).

@@ -34,7 +34,8 @@ fn assert_ok(out: &Output, what: &str) -> String {
     stdout
 }
 
-/// `cargo test` builds the examples next to the test binaries' `deps` directory.
+/// Examples live next to the test binaries' `deps` directory. `cargo test --test mpi` does not build
+/// them: scripts/test.sh runs `cargo build -p pgt-host --features mpi --example mpi_check` first.
 fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
@@ -53,6 +54,21 @@ fn mpi_check_passes_with_3_and_4_ranks() {
             "{stdout}"
         );
     }
+}
+
+#[test]
+fn a_send_nobody_receives_ends_the_job() {
+    let check = example("mpi_check");
+    let start = std::time::Instant::now();
+    let out = mpirun(&["-n", "2", check.to_str().unwrap(), "stalled-receiver"]);
+    let took = start.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the job should have been aborted");
+    assert!(
+        stderr.contains("MPI still owns its buffer: aborting the job"),
+        "{stderr}"
+    );
+    assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
 }
 
 #[test]
@@ -107,5 +123,41 @@ fn cli_send_and_recv_over_mpi() {
             );
         }
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_failing_rank_ends_the_cli_job_at_once() {
+    let dir = std::env::temp_dir().join(format!("pgt-mpi-fail-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let missing = dir.join("missing.safetensors");
+    let out = dir.join("out.{rank}.safetensors");
+    let start = std::time::Instant::now();
+    // The sender can't load its file; without MPI_Abort the receiver would wait for its timeout.
+    let output = mpirun(&[
+        "-n",
+        "1",
+        PGT,
+        "send",
+        missing.to_str().unwrap(),
+        "--pg",
+        "mpi",
+        ":",
+        "-n",
+        "1",
+        PGT,
+        "recv",
+        "--out",
+        out.to_str().unwrap(),
+        "--pg",
+        "mpi",
+        "--timeout",
+        "100",
+    ]);
+    let took = start.elapsed();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("missing.safetensors"), "{stderr}");
+    assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

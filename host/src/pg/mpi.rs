@@ -17,19 +17,28 @@
 //! # Threads and timeouts
 //! MPI is initialised with `MPI_THREAD_MULTIPLE` when the library offers it (Open MPI does);
 //! with only `MPI_THREAD_SERIALIZED`, a lock serialises every MPI call, never held while waiting.
-//! Waiting is polling non-blocking requests against the deadline, so:
-//! - a receive that times out before its message's envelope arrived consumes nothing;
-//! - one that times out inside a payload cancels its request and poisons the peer
-//!   ([`PgError::Poisoned`] from then on);
-//! - a send that times out is cancelled and poisons the peer. If MPI cannot cancel it within a
-//!   second (a receiver matched it, then stopped reading; Open MPI does not cancel sends at all),
-//!   MPI still owns the caller's bytes, so the job is aborted (`MPI_Abort`) rather than return
-//!   with them in use.
+//! The group talks on its own duplicate of `MPI_COMM_WORLD`, so other MPI use in the process can't
+//! match its messages. Waiting is polling against the deadline (MPI progresses inside MPI calls):
+//! - a receive waits for its message's envelope, and then each piece, with non-blocking probes, so
+//!   a receive that times out there has nothing posted: before the envelope or between it and the
+//!   first piece it consumes nothing; later, it poisons the peer ([`PgError::Poisoned`]).
+//! - A posted request (a send, or the receive of a probed piece) is not cancelled: MPI cannot take
+//!   back a send once a receiver may have matched it (Open MPI cancels no send at all), and then
+//!   it still owns the caller's bytes. So if one has not completed by its deadline plus a second,
+//!   the job is aborted (`MPI_Abort`) instead of returning with MPI holding the buffer. Under MPI a
+//!   stalled receiver therefore ends the job — the MPI way — rather than failing one send.
+//!
+//! Receives from one peer are serialised: a thread that finds another thread's message first sets
+//! it aside in the stash (one copy; counted against its limit) instead of handing it over as the
+//! TCP group does. `Transport` receives from a peer on one thread, so it never pays this.
 //!
 //! One group per process: [`MpiProcessGroup::init`] initialises MPI and dropping the group
-//! finalises it (drop it on the thread that created it).
+//! finalises it — on the thread that created it; dropped elsewhere, MPI is left unfinalised (the
+//! standard forbids finalising from another thread).
 
+use std::mem::ManuallyDrop;
 use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use mpi::datatype::Equivalence;
@@ -49,23 +58,42 @@ pub const PIECE_TAG: i32 = 2;
 /// Default largest MPI message: well below `i32::MAX` bytes.
 pub const DEFAULT_MAX_PIECE: usize = 1 << 30;
 
-/// How long a cancelled request may take to complete before the job is aborted.
-const CANCEL_GRACE: Duration = Duration::from_secs(1);
+/// How long past its deadline a posted request may take before the job is aborted.
+const GRACE: Duration = Duration::from_secs(1);
 
 /// Ranked messaging over `MPI_COMM_WORLD`; see the [module docs](self).
 pub struct MpiProcessGroup {
-    world: SimpleCommunicator,
+    world: ManuallyDrop<SimpleCommunicator>,
     rank: u32,
     size: u32,
     max_piece: usize,
     /// Held around every MPI call when the library is not thread-multiple.
     serialize: Option<Mutex<()>>,
     /// Per destination: one message's envelope and pieces go out together.
-    sends: Vec<Mutex<SendState>>,
+    sends: Vec<Mutex<()>>,
     /// Per source.
     recvs: Vec<Mutex<RecvState>>,
-    /// Last: dropping it finalises MPI, after everything above.
-    _universe: Universe,
+    /// Finalises MPI when dropped: see `Drop`.
+    universe: ManuallyDrop<Universe>,
+    init_thread: ThreadId,
+}
+
+impl Drop for MpiProcessGroup {
+    fn drop(&mut self) {
+        if std::thread::current().id() == self.init_thread {
+            // SAFETY: each is dropped exactly once, here, and never used again; the communicator
+            // goes first, as MPI must still be running to free it.
+            unsafe {
+                ManuallyDrop::drop(&mut self.world);
+                ManuallyDrop::drop(&mut self.universe);
+            }
+        } else {
+            eprintln!(
+                "pgt: the MPI process group was dropped on another thread than the one that \
+                 created it; MPI is left unfinalised"
+            );
+        }
+    }
 }
 
 // SAFETY: the MPI handles inside are plain identifiers for library objects. The library was
@@ -74,11 +102,6 @@ pub struct MpiProcessGroup {
 unsafe impl Send for MpiProcessGroup {}
 // SAFETY: as above.
 unsafe impl Sync for MpiProcessGroup {}
-
-#[derive(Default)]
-struct SendState {
-    poisoned: bool,
-}
 
 struct RecvState {
     /// An envelope read whose payload has not been (its receive failed without consuming it).
@@ -151,6 +174,12 @@ impl std::fmt::Debug for MpiProcessGroup {
     }
 }
 
+/// Ends the whole MPI job at once, with `code` (`MPI_Abort` on the world): for a program that fails
+/// on one rank and should not leave the others waiting for their timeouts. Needs MPI initialised.
+pub fn abort_job(code: i32) -> ! {
+    SimpleCommunicator::world().abort(code)
+}
+
 impl MpiProcessGroup {
     /// Initialises MPI and forms the group of `MPI_COMM_WORLD`.
     pub fn init() -> Result<MpiProcessGroup, PgError> {
@@ -166,10 +195,10 @@ impl MpiProcessGroup {
                 )))
             }
         };
-        let world = universe.world();
+        let world = universe.world().duplicate();
         let (rank, size) = (world.rank() as u32, world.size() as u32);
         Ok(MpiProcessGroup {
-            world,
+            world: ManuallyDrop::new(world),
             rank,
             size,
             max_piece: DEFAULT_MAX_PIECE,
@@ -184,7 +213,8 @@ impl MpiProcessGroup {
                     })
                 })
                 .collect(),
-            _universe: universe,
+            universe: ManuallyDrop::new(universe),
+            init_thread: std::thread::current().id(),
         })
     }
 
@@ -234,60 +264,49 @@ impl MpiProcessGroup {
         }
     }
 
-    /// Waits for `req` until `deadline`; past it, cancels it and reports `timeout`. A request MPI
-    /// cannot get rid of still owns its buffer: the job is aborted.
-    fn finish<'a, D: ?Sized, S: Scope<'a>>(
+    /// Waits for posted `req` to complete. MPI can't be made to give its buffer back, so if it
+    /// hasn't completed a second past `deadline`, the job is aborted (see the module docs).
+    fn complete<'a, D: ?Sized, S: Scope<'a>>(
         &self,
         req: Request<'a, D, S>,
         deadline: Instant,
-        timeout: PgError,
-    ) -> Result<(), PgError> {
-        let req = match self.poll(req, deadline) {
-            Ok(_) => return Ok(()),
-            Err(pending) => pending,
-        };
-        self.call(|| req.cancel());
-        match self.poll(req, Instant::now() + CANCEL_GRACE) {
-            Ok(_) => Err(timeout),
-            Err(stuck) => {
-                eprintln!(
-                    "pgt: {timeout}, and MPI cannot cancel the operation, which still owns the \
-                     caller's buffer: aborting the job"
-                );
-                // MPI keeps using the request's buffer; the process ends right here.
-                std::mem::forget(stuck);
-                self.world.abort(70)
-            }
+        what: impl FnOnce() -> String,
+    ) {
+        if let Err(stuck) = self.poll(req, deadline + GRACE) {
+            eprintln!(
+                "pgt: {} did not complete in time, and MPI still owns its buffer: aborting the job",
+                what()
+            );
+            // MPI keeps using the request's buffer; the process ends right here.
+            std::mem::forget(stuck);
+            self.world.abort(70)
         }
     }
 
+    fn process(&self, rank: u32) -> mpi::topology::Process<'_> {
+        self.call(|| self.world.process_at_rank(rank as i32))
+    }
+
     /// Reads the next envelope from `src` if one has arrived.
-    fn try_envelope(&self, src: u32, deadline: Instant) -> Result<Option<(u64, u64)>, PgError> {
-        let process = self.world.process_at_rank(src as i32);
-        if self
-            .call(|| process.immediate_probe_with_tag(ENVELOPE_TAG))
-            .is_none()
-        {
-            return Ok(None);
-        }
+    fn try_envelope(&self, src: u32, deadline: Instant) -> Option<(u64, u64)> {
+        let process = self.process(src);
+        self.call(|| process.immediate_probe_with_tag(ENVELOPE_TAG))?;
         let mut raw = [0u8; 16];
         mpi::request::scope(|scope| {
             let req = self
                 .call(|| process.immediate_receive_into_with_tag(scope, &mut raw, ENVELOPE_TAG));
-            // The envelope has arrived (probed): this completes at once.
-            let timeout = PgError::Timeout {
-                peer: src,
-                tag: 0,
-                after: CANCEL_GRACE,
-            };
-            self.finish(req, deadline.max(Instant::now() + CANCEL_GRACE), timeout)
-        })?;
+            // Probed, so it has arrived: this completes at once.
+            self.complete(req, deadline.max(Instant::now()), || {
+                format!("receiving an envelope from rank {src}")
+            });
+        });
         let tag = u64::from_le_bytes(raw[..8].try_into().expect("8 bytes"));
         let len = u64::from_le_bytes(raw[8..].try_into().expect("8 bytes"));
-        Ok(Some((tag, len)))
+        Some((tag, len))
     }
 
-    /// Receives the `len` payload bytes of the envelope just taken into `parts`, piece by piece.
+    /// Receives the payload of the envelope just taken into `parts`, piece by piece. On failure, says
+    /// whether any of it was consumed (if not, the message is still whole in MPI's queue).
     fn recv_pieces(
         &self,
         src: u32,
@@ -295,8 +314,8 @@ impl MpiProcessGroup {
         parts: &mut [&mut [u8]],
         deadline: Instant,
         timeout: Duration,
-    ) -> Result<(), PgError> {
-        let process = self.world.process_at_rank(src as i32);
+    ) -> Result<(), (PgError, bool)> {
+        let process = self.process(src);
         let total = total_len(parts);
         let (mut part, mut offset, mut got) = (0usize, 0usize, 0u64);
         while got < total {
@@ -306,50 +325,49 @@ impl MpiProcessGroup {
                     break s;
                 }
                 if Instant::now() >= deadline {
-                    return Err(PgError::Timeout {
+                    let e = PgError::Timeout {
                         peer: src,
                         tag,
                         after: timeout,
-                    });
+                    };
+                    return Err((e, got > 0));
                 }
                 idle.wait();
             };
-            let n = status.count(u8::equivalent_datatype()).max(0) as usize;
+            let n = self.call(|| status.count(u8::equivalent_datatype())).max(0) as usize;
             if n == 0 || got + n as u64 > total {
-                return Err(PgError::Io {
+                let e = PgError::Io {
                     peer: Some(src),
                     kind: std::io::ErrorKind::InvalidData,
                     message: format!(
                         "a payload piece of {n} bytes does not fit the {} bytes left of tag {tag}",
                         total - got
                     ),
-                });
+                };
+                return Err((e, true));
             }
             while offset == parts[part].len() {
                 part += 1;
                 offset = 0;
             }
-            let err = || PgError::Timeout {
-                peer: src,
-                tag,
-                after: timeout,
-            };
+            let what = || format!("receiving {n} bytes of tag {tag} from rank {src}");
             if offset + n <= parts[part].len() {
                 let dest = &mut parts[part][offset..offset + n];
                 mpi::request::scope(|scope| {
                     let req = self
                         .call(|| process.immediate_receive_into_with_tag(scope, dest, PIECE_TAG));
-                    self.finish(req, deadline, err())
-                })?;
+                    self.complete(req, deadline, what);
+                });
                 offset += n;
             } else {
+                // The piece straddles parts: through a temporary buffer.
                 let mut tmp = vec![0u8; n];
                 mpi::request::scope(|scope| {
                     let req = self.call(|| {
                         process.immediate_receive_into_with_tag(scope, &mut tmp[..], PIECE_TAG)
                     });
-                    self.finish(req, deadline, err())
-                })?;
+                    self.complete(req, deadline, what);
+                });
                 let mut rest = &tmp[..];
                 while !rest.is_empty() {
                     while offset == parts[part].len() {
@@ -394,7 +412,7 @@ impl MpiProcessGroup {
                 return Err(PgError::Poisoned { peer: src });
             }
             if peer.head.is_none() {
-                peer.head = self.try_envelope(src, deadline)?;
+                peer.head = self.try_envelope(src, deadline);
             }
             let Some((next_tag, len)) = peer.head else {
                 drop(peer);
@@ -404,33 +422,46 @@ impl MpiProcessGroup {
                 idle.wait();
                 continue;
             };
-            if next_tag == tag {
+            // Ours, or someone else's to set aside (then look again).
+            let mine = next_tag == tag;
+            let mut aside = Vec::new();
+            let received = if mine {
                 sink.accept(src, tag, len)?;
-                peer.head = None;
-                return self
-                    .recv_pieces(src, tag, &mut sink.parts(), deadline, timeout)
-                    .inspect_err(|_| peer.poisoned = true);
+                self.recv_pieces(src, tag, &mut sink.parts(), deadline, timeout)
+            } else {
+                if !peer.stash.fits(len) {
+                    return Err(PgError::UnexpectedBacklog {
+                        peer: src,
+                        wanted: tag,
+                        blocking_tag: next_tag,
+                        len,
+                        stashed: peer.stash.bytes() as u64,
+                        limit: peer.stash.limit() as u64,
+                    });
+                }
+                aside = vec![0u8; len as usize];
+                self.recv_pieces(src, next_tag, &mut [&mut aside[..]], deadline, timeout)
+            };
+            match received {
+                Ok(()) => {
+                    peer.head = None;
+                    if mine {
+                        return Ok(());
+                    }
+                    peer.stash.push(next_tag, aside);
+                }
+                Err((e, consumed)) => {
+                    // Nothing consumed: the message stays first in line, envelope and all.
+                    if consumed {
+                        peer.head = None;
+                        peer.poisoned = true;
+                    }
+                    return Err(match e {
+                        PgError::Timeout { .. } => timed_out(),
+                        other => other,
+                    });
+                }
             }
-            // Someone else's message: set it aside, then look again.
-            if !peer.stash.fits(len) {
-                return Err(PgError::UnexpectedBacklog {
-                    peer: src,
-                    wanted: tag,
-                    blocking_tag: next_tag,
-                    len,
-                    stashed: peer.stash.bytes() as u64,
-                    limit: peer.stash.limit() as u64,
-                });
-            }
-            let mut bytes = vec![0u8; len as usize];
-            peer.head = None;
-            if let Err(e) =
-                self.recv_pieces(src, next_tag, &mut [&mut bytes[..]], deadline, timeout)
-            {
-                peer.poisoned = true;
-                return Err(e);
-            }
-            peer.stash.push(next_tag, bytes);
         }
     }
 }
@@ -484,30 +515,25 @@ impl ProcessGroup for MpiProcessGroup {
             tag,
             after: timeout,
         };
-        let mut state = lock_until(&self.sends[dst as usize], deadline).ok_or_else(timed_out)?;
-        if state.poisoned {
-            return Err(PgError::Poisoned { peer: dst });
-        }
+        // One message at a time to a peer: its envelope and pieces go out together.
+        let _order = lock_until(&self.sends[dst as usize], deadline).ok_or_else(timed_out)?;
         let mut envelope = [0u8; 16];
         envelope[..8].copy_from_slice(&tag.to_le_bytes());
         envelope[8..].copy_from_slice(&total_len(parts).to_le_bytes());
-        let process = self.world.process_at_rank(dst as i32);
+        let process = self.process(dst);
         let pieces = std::iter::once((&envelope[..], ENVELOPE_TAG)).chain(
             parts
                 .iter()
                 .flat_map(|p| p.chunks(self.max_piece))
                 .map(|piece| (piece, PIECE_TAG)),
         );
-        for (i, (bytes, mpi_tag)) in pieces.enumerate() {
-            let sent = mpi::request::scope(|scope| {
+        for (bytes, mpi_tag) in pieces {
+            mpi::request::scope(|scope| {
                 let req = self.call(|| process.immediate_send_with_tag(scope, bytes, mpi_tag));
-                self.finish(req, deadline, timed_out())
+                self.complete(req, deadline, || {
+                    format!("sending {} bytes of tag {tag} to rank {dst}", bytes.len())
+                });
             });
-            if let Err(e) = sent {
-                // Past the envelope, the receiver holds part of a message: nothing can follow.
-                state.poisoned |= i > 0;
-                return Err(e);
-            }
         }
         Ok(())
     }

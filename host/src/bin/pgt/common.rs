@@ -84,6 +84,19 @@ impl GroupArgs {
     }
 }
 
+/// Under `--pg mpi`, a failure on this rank ends the whole job at once (`MPI_Abort`) rather than
+/// leave the other ranks waiting for their timeouts; otherwise gives `result` back.
+pub fn end_job_on_error<T>(group: &GroupArgs, result: Result<T>) -> Result<T> {
+    #[cfg(feature = "mpi")]
+    if let (PgArg::Mpi, Err(e)) = (group.pg, &result) {
+        eprintln!("pgt: error: {e:#}");
+        pgt_host::pg::mpi::abort_job(1);
+    }
+    #[cfg(not(feature = "mpi"))]
+    let _ = group;
+    result
+}
+
 #[cfg(feature = "mpi")]
 fn connect_mpi() -> Result<Box<dyn ProcessGroup>> {
     let pg = pgt_host::pg::MpiProcessGroup::init().context("joining the MPI job")?;
@@ -324,6 +337,7 @@ pub fn spawn_local_job(world: u32, args: impl Fn(u32) -> Vec<String>) -> Result<
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", world.to_string())
             .env("PGT_TOKEN", &token)
+            .env("PGT_PG", "tcp")
             .stdout(Stdio::piped())
             // Collected and printed per rank (see `collect_reports`), not interleaved.
             .stderr(Stdio::piped())
@@ -337,10 +351,18 @@ pub fn spawn_local_job(world: u32, args: impl Fn(u32) -> Vec<String>) -> Result<
 /// Waits for every child, prints what each wrote to stderr with its rank in front, and parses the
 /// last stdout line of each as JSON.
 pub fn collect_reports(children: Vec<Child>) -> Result<Vec<serde_json::Value>> {
+    // Each child on its own thread: a child blocked on a full stderr pipe must not wait for us to
+    // finish waiting on another.
+    let waiting: Vec<_> = children
+        .into_iter()
+        .map(|c| std::thread::spawn(move || c.wait_with_output()))
+        .collect();
     let mut reports = Vec::new();
     let mut failed = Vec::new();
-    for (rank, child) in children.into_iter().enumerate() {
-        let out = child.wait_with_output()?;
+    for (rank, waiter) in waiting.into_iter().enumerate() {
+        let out = waiter
+            .join()
+            .map_err(|_| anyhow::anyhow!("waiting for rank {rank} panicked"))??;
         for line in String::from_utf8_lossy(&out.stderr).lines() {
             eprintln!("[rank {rank}] {line}");
         }

@@ -13,6 +13,7 @@ use pgt_core::digest::StorageHasher;
 use pgt_core::plan::{FanOut, MessageKind, Plan, TAG_HEADER, TAG_METADATA};
 use pgt_core::receiver::{Receiver, ReceiverOptions, RecvInto, RecvPoll};
 use pgt_core::tree::{key_paths, Leaf, Value};
+use pgt_host::pg::ProcessGroup;
 use pgt_host::safetensors_io;
 use pgt_host::state_dict::{Entry, StateDict, Storage};
 use pgt_host::transport::{TransferStats, Transport};
@@ -90,11 +91,19 @@ fn rate(stats: &TransferStats) -> String {
 }
 
 /// `pgt send FILE --dst 1,2`.
-pub fn send(mut args: SendArgs) -> Result<()> {
-    let mut options = args.transfer.options()?;
-    // Join first, then load: a bad file then fails the whole job at once (peers see the connection
-    // close) instead of leaving them waiting for the rendezvous to time out.
+pub fn send(args: SendArgs) -> Result<()> {
+    args.transfer.options()?; // bad flags fail before joining
+                              // Join first, then load: a bad file then fails the whole job at once (TCP peers see the
+                              // connection close; an MPI job is aborted) instead of leaving them waiting for a timeout.
     let pg = args.group.connect(rendezvous_timeout(&args.transfer)?)?;
+    let group = args.group.clone();
+    // Ended (under MPI) while the group is still up: dropping it would finalise MPI first.
+    let result = send_with(&*pg, args);
+    common::end_job_on_error(&group, result)
+}
+
+fn send_with(pg: &dyn ProcessGroup, mut args: SendArgs) -> Result<()> {
+    let mut options = args.transfer.options()?;
     if args.dst.is_empty() {
         args.dst = (0..pg.size()).filter(|&r| r != pg.rank()).collect();
     }
@@ -133,9 +142,16 @@ pub fn send(mut args: SendArgs) -> Result<()> {
 
 /// `pgt recv --src 0 --out FILE`.
 pub fn recv(args: RecvArgs) -> Result<()> {
+    args.transfer.options()?; // bad flags fail before joining
+    let pg = args.group.connect(rendezvous_timeout(&args.transfer)?)?;
+    let group = args.group.clone();
+    let result = recv_with(&*pg, args);
+    common::end_job_on_error(&group, result)
+}
+
+fn recv_with(pg: &dyn ProcessGroup, args: RecvArgs) -> Result<()> {
     let mut options = args.transfer.options()?;
     options.expected_step = args.expect_step;
-    let pg = args.group.connect(rendezvous_timeout(&args.transfer)?)?;
     let out = match args.out.to_str() {
         Some(s) if s.contains("{rank}") => {
             PathBuf::from(s.replace("{rank}", &pg.rank().to_string()))
