@@ -2,7 +2,7 @@
 //! bucketing boundaries, in-place receive and cast, mismatches, stalls and corruption.
 
 mod common;
-use common::Corrupting;
+use common::{Corrupting, FailingTo};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -463,5 +463,54 @@ fn the_group_is_shared_across_transfers() {
         let (x, y) = h.join().unwrap();
         synthetic::verify(&x, &shape).unwrap();
         synthetic::verify(&y, &shape).unwrap();
+    });
+}
+
+#[test]
+fn a_failed_destination_fails_the_send_at_once_not_at_the_timeout() {
+    // Direct fan-out with digests: destination 0's thread (the one that hashes) fails its very first
+    // send, after the main loop has queued everything (a small checkpoint) and waits for digests,
+    // while destination 1's thread idles; the sender must report it promptly.
+    let shape = synthetic::large(64 << 10, 2);
+    let sd = synthetic::materialize(&shape).unwrap();
+    let opts = options(FanOut::Direct, 64 << 10, 256 << 10);
+    let opts = TransportOptions {
+        timeout: Duration::from_secs(20),
+        ..opts
+    };
+    let mut groups = InProcessGroup::new(3).into_iter();
+    let sender = Transport::new(
+        FailingTo {
+            inner: groups.next().unwrap(),
+            to: 1,
+            from_tag: 0,
+        },
+        opts.clone(),
+    );
+    let receivers: Vec<_> = groups
+        .map(|pg| {
+            Transport::new(
+                pg,
+                TransportOptions {
+                    timeout: Duration::from_secs(3),
+                    ..opts.clone()
+                },
+            )
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for r in &receivers {
+            s.spawn(move || {
+                let _ = r.recv_checkpoint(0);
+            });
+        }
+        let start = Instant::now();
+        let err = sender.send_checkpoint(&[1, 2], &sd).unwrap_err();
+        let took = start.elapsed();
+        assert!(format!("{err:#}").contains("rank 1"), "{err:#}");
+        assert!(
+            took < Duration::from_secs(5),
+            "the failure took {took:?} to surface"
+        );
     });
 }
