@@ -659,39 +659,38 @@ impl<P: ProcessGroup> Transport<P> {
 
         drop(data_span);
         let _assemble_span = info_span!("assemble").entered();
-        // Assemble the received tree: fresh buffers move in; in-place ones move from the old tree.
-        let mut old: HashMap<u64, Buffer> = HashMap::new();
-        if in_place {
-            drop(in_place_buffers);
-            let mut entries = target.take_entries();
-            for b in &received_tree.bindings {
-                let Dest::InPlace(id) = b.dest else { continue };
-                let storage = in_place_origin
-                    .get(id as usize)
-                    .copied()
-                    .flatten()
-                    .and_then(|(leaf, shard)| {
-                        let entry = entries.get_mut(leaf)?;
+        // Assemble the received tree: fresh buffers move in; in-place ones move out of the old tree,
+        // from where binding found them.
+        drop(in_place_buffers);
+        let mut old_entries = if in_place {
+            target.take_entries()
+        } else {
+            Vec::new()
+        };
+        let mut storages = Vec::with_capacity(received_tree.bindings.len());
+        for (s, b) in received_tree.bindings.iter().enumerate() {
+            let buf = match b.dest {
+                Dest::Fresh => fresh[s].take().context("fresh buffer")?,
+                Dest::InPlace(id) => {
+                    let (leaf, shard) = in_place_origin
+                        .get(id as usize)
+                        .copied()
+                        .flatten()
+                        .with_context(|| format!("in-place buffer {id} was never bound"))?;
+                    let storage = old_entries.get_mut(leaf).and_then(|entry| {
                         let tensor = StateDict::entry_tensors_mut(entry).into_iter().nth(shard)?;
                         Some(std::mem::replace(
                             &mut tensor.storage,
                             Storage::Borrowed(&[]),
                         ))
                     });
-                match storage {
-                    Some(Storage::Owned(buf)) => {
-                        old.insert(id, buf);
+                    match storage {
+                        Some(Storage::Owned(buf)) => buf,
+                        _ => bail!("in-place buffer {id} vanished"),
                     }
-                    _ => bail!("in-place buffer {id} vanished"),
                 }
-            }
-        }
-        let mut storages = Vec::with_capacity(received_tree.bindings.len());
-        for (s, b) in received_tree.bindings.iter().enumerate() {
-            storages.push(Storage::Owned(match b.dest {
-                Dest::Fresh => fresh[s].take().context("fresh buffer")?,
-                Dest::InPlace(id) => old.remove(&id).context("in-place buffer")?,
-            }));
+            };
+            storages.push(Storage::Owned(buf));
         }
         let mut storages = storages.into_iter();
         let entries = received_tree
@@ -734,7 +733,8 @@ impl FreshBuffers {
         let mut fresh: Vec<Option<Buffer>> = (0..n).map(|_| None).collect();
         let mut staging: Vec<Option<Buffer>> = (0..n).map(|_| None).collect();
         let mut reused = vec![false; n];
-        let mut to_carve: Vec<(usize, bool, usize)> = Vec::new();
+        // Small fresh destinations, as (storage, length).
+        let mut to_carve: Vec<(usize, usize)> = Vec::new();
         for (s, (b, r)) in bindings.iter().zip(storages).enumerate() {
             let mut wanted = Vec::with_capacity(2);
             if b.dest == Dest::Fresh {
@@ -753,7 +753,7 @@ impl FreshBuffers {
                     // Staging is temporary (and may go to the pool): carving it would keep the
                     // destinations' shared mapping alive with it.
                     None if len < MMAP_THRESHOLD && !is_staging => {
-                        to_carve.push((s, is_staging, len));
+                        to_carve.push((s, len));
                         continue;
                     }
                     None => Buffer::try_zeroed(len)
@@ -766,17 +766,13 @@ impl FreshBuffers {
                 }) = Some(buf);
             }
         }
-        let carve_lens: Vec<usize> = to_carve.iter().map(|c| c.2).collect();
+        let carve_lens: Vec<usize> = to_carve.iter().map(|&(_, len)| len).collect();
         let carved = Buffer::zeroed_many(&carve_lens).with_context(|| {
             let total: usize = carve_lens.iter().sum();
             format!("allocating {total} bytes for small storages")
         })?;
-        for ((s, is_staging, _), buf) in to_carve.into_iter().zip(carved) {
-            *(if is_staging {
-                &mut staging[s]
-            } else {
-                &mut fresh[s]
-            }) = Some(buf);
+        for ((s, _), buf) in to_carve.into_iter().zip(carved) {
+            fresh[s] = Some(buf);
         }
         Ok(FreshBuffers {
             fresh,
