@@ -16,7 +16,7 @@ use pgt_core::tree::{key_paths, Leaf, Value};
 use pgt_host::pg::ProcessGroup;
 use pgt_host::safetensors_io;
 use pgt_host::state_dict::{Entry, StateDict, Storage};
-use pgt_host::transport::{TransferStats, Transport};
+use pgt_host::transport::{TransferStats, Transport, TransportOptions};
 use serde_json::{json, Value as Json};
 
 use crate::common::{self, GroupArgs, TransferArgs};
@@ -92,18 +92,22 @@ fn rate(stats: &TransferStats) -> String {
 
 /// `pgt send FILE --dst 1,2`.
 pub fn send(args: SendArgs) -> Result<()> {
-    args.transfer.options()?; // bad flags fail before joining
-                              // Join first, then load: a bad file then fails the whole job at once (TCP peers see the
-                              // connection close; an MPI job is aborted) instead of leaving them waiting for a timeout.
+    // Bad flags fail before joining. Join, then load: a bad file then fails the whole job at once
+    // (TCP peers see the connection close; an MPI job is aborted) instead of leaving the peers
+    // waiting for a timeout.
+    let options = args.transfer.options()?;
     let pg = args.group.connect(rendezvous_timeout(&args.transfer)?)?;
     let group = args.group.clone();
     // Ended (under MPI) while the group is still up: dropping it would finalise MPI first.
-    let result = send_with(&*pg, args);
+    let result = send_with(&*pg, args, options);
     common::end_job_on_error(&group, result)
 }
 
-fn send_with(pg: &dyn ProcessGroup, mut args: SendArgs) -> Result<()> {
-    let mut options = args.transfer.options()?;
+fn send_with(
+    pg: &dyn ProcessGroup,
+    mut args: SendArgs,
+    mut options: TransportOptions,
+) -> Result<()> {
     if args.dst.is_empty() {
         args.dst = (0..pg.size()).filter(|&r| r != pg.rank()).collect();
     }
@@ -142,15 +146,14 @@ fn send_with(pg: &dyn ProcessGroup, mut args: SendArgs) -> Result<()> {
 
 /// `pgt recv --src 0 --out FILE`.
 pub fn recv(args: RecvArgs) -> Result<()> {
-    args.transfer.options()?; // bad flags fail before joining
+    let options = args.transfer.options()?; // bad flags fail before joining
     let pg = args.group.connect(rendezvous_timeout(&args.transfer)?)?;
     let group = args.group.clone();
-    let result = recv_with(&*pg, args);
+    let result = recv_with(&*pg, args, options);
     common::end_job_on_error(&group, result)
 }
 
-fn recv_with(pg: &dyn ProcessGroup, args: RecvArgs) -> Result<()> {
-    let mut options = args.transfer.options()?;
+fn recv_with(pg: &dyn ProcessGroup, args: RecvArgs, mut options: TransportOptions) -> Result<()> {
     options.expected_step = args.expect_step;
     let out = match args.out.to_str() {
         Some(s) if s.contains("{rank}") => {
