@@ -2,7 +2,7 @@
 //! bucketing boundaries, in-place receive and cast, mismatches, stalls and corruption.
 
 mod common;
-use common::{Corrupting, FailingTo};
+use common::{Fault, Faulty};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -420,10 +420,10 @@ fn a_byte_corrupted_in_flight_is_caught_by_the_digest() {
     let mut groups = InProcessGroup::new(3).into_iter();
     // Data message 5 (tag 3 + 5) to rank 2 gets a flipped byte; rank 1 gets clean bytes.
     let sender = Transport::new(
-        Corrupting {
+        Faulty {
             inner: groups.next().unwrap(),
-            tag: 8,
             to: 2,
+            fault: Fault::Corrupt { tag: 8 },
         },
         opts.clone(),
     );
@@ -480,10 +480,10 @@ fn a_failed_destination_fails_the_send_at_once_not_at_the_timeout() {
     };
     let mut groups = InProcessGroup::new(3).into_iter();
     let sender = Transport::new(
-        FailingTo {
+        Faulty {
             inner: groups.next().unwrap(),
             to: 1,
-            from_tag: 0,
+            fault: Fault::CloseFrom { tag: 0 },
         },
         opts.clone(),
     );

@@ -6,7 +6,7 @@
 #![cfg(feature = "wasm")]
 
 mod common;
-use common::Corrupting;
+use common::{Fault, Faulty};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -200,10 +200,10 @@ fn a_corrupted_byte_is_a_digest_mismatch_in_wasm_too() {
     let opts = options(wasm(), FanOut::Direct, 1024, 4096);
     let mut groups = InProcessGroup::new(3).into_iter();
     let sender = Transport::new(
-        Corrupting {
+        Faulty {
             inner: groups.next().unwrap(),
-            tag: 8,
             to: 2,
+            fault: Fault::Corrupt { tag: 8 },
         },
         opts.clone(),
     );
