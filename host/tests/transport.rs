@@ -2,7 +2,7 @@
 //! bucketing boundaries, in-place receive and cast, mismatches, stalls and corruption.
 
 mod common;
-use common::{Fault, Faulty};
+use common::{transfer_with_a_corrupted_byte, Fault, Faulty};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -414,29 +414,8 @@ fn stalled_sender_times_out() {
 
 #[test]
 fn a_byte_corrupted_in_flight_is_caught_by_the_digest() {
-    let shape = synthetic::large(64 << 10, 4);
-    let sd = synthetic::materialize(&shape).unwrap();
-    let opts = options(FanOut::Direct, 1024, 4096);
-    let mut groups = InProcessGroup::new(3).into_iter();
-    // Data message 5 (tag 3 + 5) to rank 2 gets a flipped byte; rank 1 gets clean bytes.
-    let sender = Transport::new(
-        Faulty {
-            inner: groups.next().unwrap(),
-            to: 2,
-            fault: Fault::Corrupt { tag: 8 },
-        },
-        opts.clone(),
-    );
-    let results: Vec<_> = std::thread::scope(|s| {
-        let hs: Vec<_> = groups
-            .map(|pg| {
-                let t = Transport::new(pg, opts.clone());
-                s.spawn(move || t.recv_checkpoint(0))
-            })
-            .collect();
-        sender.send_checkpoint(&[1, 2], &sd).unwrap();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    // Rank 1 gets clean bytes; data message 5 to rank 2 gets a flipped byte.
+    let (shape, results) = transfer_with_a_corrupted_byte(options(FanOut::Direct, 1024, 4096));
     synthetic::verify(results[0].as_ref().unwrap(), &shape).unwrap();
     let err = results[1].as_ref().unwrap_err();
     match err.downcast_ref::<pgt_core::Error>() {

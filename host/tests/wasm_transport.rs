@@ -6,7 +6,7 @@
 #![cfg(feature = "wasm")]
 
 mod common;
-use common::{Fault, Faulty};
+use common::transfer_with_a_corrupted_byte;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -195,28 +195,8 @@ fn in_place_size_mismatch_names_the_key_path() {
 
 #[test]
 fn a_corrupted_byte_is_a_digest_mismatch_in_wasm_too() {
-    let shape = synthetic::large(64 << 10, 4);
-    let sd = synthetic::materialize(&shape).unwrap();
-    let opts = options(wasm(), FanOut::Direct, 1024, 4096);
-    let mut groups = InProcessGroup::new(3).into_iter();
-    let sender = Transport::new(
-        Faulty {
-            inner: groups.next().unwrap(),
-            to: 2,
-            fault: Fault::Corrupt { tag: 8 },
-        },
-        opts.clone(),
-    );
-    let results: Vec<_> = std::thread::scope(|s| {
-        let hs: Vec<_> = groups
-            .map(|pg| {
-                let t = Transport::new(pg, opts.clone());
-                s.spawn(move || t.recv_checkpoint(0))
-            })
-            .collect();
-        sender.send_checkpoint(&[1, 2], &sd).unwrap();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let (shape, results) =
+        transfer_with_a_corrupted_byte(options(wasm(), FanOut::Direct, 1024, 4096));
     synthetic::verify(results[0].as_ref().unwrap(), &shape).unwrap();
     match core_error(results[1].as_ref().unwrap_err()) {
         pgt_core::Error::DigestMismatch { path, .. } => assert_eq!(path, "w01"),

@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use pgt_host::pg::{PgError, ProcessGroup};
+use pgt_host::pg::{InProcessGroup, PgError, ProcessGroup};
+use pgt_host::state_dict::StateDict;
+use pgt_host::synthetic::{self, Shape};
+use pgt_host::transport::{Transport, TransportOptions};
 
 /// What a [`Faulty`] group does to sends to its rank `to`.
 #[allow(dead_code)] // each test crate that includes this module uses only some of it
@@ -62,4 +65,34 @@ impl<P: ProcessGroup> ProcessGroup for Faulty<P> {
     ) -> Result<Vec<u8>, PgError> {
         self.inner.recv_vec(src, tag, max, timeout)
     }
+}
+
+/// Sends 4 float32 tensors (`w00`..`w03`, 64 KiB) from rank 0 to ranks 1 and 2 with `opts`, flipping a
+/// byte of data message 5 (tag 8) on its way to rank 2; returns the shape and both receivers' results.
+#[allow(dead_code)] // each test crate that includes this module uses only some of it
+pub fn transfer_with_a_corrupted_byte(
+    opts: TransportOptions,
+) -> (Shape, Vec<anyhow::Result<StateDict<'static>>>) {
+    let shape = synthetic::large(64 << 10, 4);
+    let sd = synthetic::materialize(&shape).unwrap();
+    let mut groups = InProcessGroup::new(3).into_iter();
+    let sender = Transport::new(
+        Faulty {
+            inner: groups.next().unwrap(),
+            to: 2,
+            fault: Fault::Corrupt { tag: 8 },
+        },
+        opts.clone(),
+    );
+    let results = std::thread::scope(|s| {
+        let hs: Vec<_> = groups
+            .map(|pg| {
+                let t = Transport::new(pg, opts.clone());
+                s.spawn(move || t.recv_checkpoint(0))
+            })
+            .collect();
+        sender.send_checkpoint(&[1, 2], &sd).unwrap();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    (shape, results)
 }
