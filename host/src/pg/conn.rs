@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use super::stash::Stash;
 use super::wait_until;
 use super::wire::{read_full, read_header, write_full, Fail, Header, FRAME_HEADER_LEN};
-use super::{scatter, total_len, PgError};
+use super::{total_len, Dest, PgError};
 
 #[derive(Debug)]
 struct RxState {
@@ -31,55 +31,6 @@ struct RxState {
     handoff: Option<u64>,
     /// Threads waiting in `recv`, per tag.
     waiting: HashMap<u64, usize>,
-}
-
-/// Where a received payload goes.
-pub(crate) enum Dest<'a, 'b> {
-    Parts(&'a mut [&'b mut [u8]]),
-    Vec { max: usize },
-}
-
-impl Dest<'_, '_> {
-    fn check(&self, peer: u32, tag: u64, len: u64) -> Result<(), PgError> {
-        match self {
-            Dest::Parts(parts) => {
-                let expected = total_len(parts);
-                if len == expected {
-                    Ok(())
-                } else {
-                    Err(PgError::LengthMismatch {
-                        peer,
-                        tag,
-                        expected,
-                        got: len,
-                    })
-                }
-            }
-            Dest::Vec { max } => {
-                if len <= *max as u64 {
-                    Ok(())
-                } else {
-                    Err(PgError::TooLarge {
-                        peer,
-                        tag,
-                        max: *max as u64,
-                        got: len,
-                    })
-                }
-            }
-        }
-    }
-
-    /// Deliver a stashed payload.
-    fn deliver(&mut self, payload: Vec<u8>) -> Option<Vec<u8>> {
-        match self {
-            Dest::Parts(parts) => {
-                scatter(&payload, parts);
-                None
-            }
-            Dest::Vec { .. } => Some(payload),
-        }
-    }
 }
 
 #[derive(Debug)]

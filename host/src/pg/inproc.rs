@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::stash::{Stash, DEFAULT_STASH_LIMIT};
 use super::wait_until;
-use super::{check_peer, scatter, total_len, PgError, ProcessGroup};
+use super::{check_peer, total_len, Dest, PgError, ProcessGroup};
 
 /// Default bytes of sent-but-unreceived messages per (src, dst) pair before `send` waits.
 pub const DEFAULT_WIRE_CAPACITY: usize = 64 << 20;
@@ -273,20 +273,9 @@ impl ProcessGroup for InProcessGroup {
         parts: &mut [&mut [u8]],
         timeout: Duration,
     ) -> Result<(), PgError> {
-        let expected = total_len(parts);
-        let payload = self.recv_msg(src, tag, timeout, |len| {
-            if len as u64 == expected {
-                Ok(())
-            } else {
-                Err(PgError::LengthMismatch {
-                    peer: src,
-                    tag,
-                    expected,
-                    got: len as u64,
-                })
-            }
-        })?;
-        scatter(&payload, parts);
+        let mut dest = Dest::Parts(parts);
+        let payload = self.recv_msg(src, tag, timeout, |len| dest.check(src, tag, len as u64))?;
+        dest.deliver(payload);
         Ok(())
     }
 
@@ -297,18 +286,8 @@ impl ProcessGroup for InProcessGroup {
         max_len: usize,
         timeout: Duration,
     ) -> Result<Vec<u8>, PgError> {
-        self.recv_msg(src, tag, timeout, |len| {
-            if len <= max_len {
-                Ok(())
-            } else {
-                Err(PgError::TooLarge {
-                    peer: src,
-                    tag,
-                    max: max_len as u64,
-                    got: len as u64,
-                })
-            }
-        })
+        let dest = Dest::Vec { max: max_len };
+        self.recv_msg(src, tag, timeout, |len| dest.check(src, tag, len as u64))
     }
 }
 

@@ -183,6 +183,56 @@ pub(crate) fn check_peer(peer: u32, own: u32, size: u32) -> Result<(), PgError> 
     }
 }
 
+/// Where a received payload goes.
+pub(crate) enum Dest<'a, 'b> {
+    Parts(&'a mut [&'b mut [u8]]),
+    Vec { max: usize },
+}
+
+impl Dest<'_, '_> {
+    /// Whether a message of `len` bytes fits; the error leaves it queued.
+    pub(crate) fn check(&self, peer: u32, tag: u64, len: u64) -> Result<(), PgError> {
+        match self {
+            Dest::Parts(parts) => {
+                let expected = total_len(parts);
+                if len == expected {
+                    Ok(())
+                } else {
+                    Err(PgError::LengthMismatch {
+                        peer,
+                        tag,
+                        expected,
+                        got: len,
+                    })
+                }
+            }
+            Dest::Vec { max } => {
+                if len <= *max as u64 {
+                    Ok(())
+                } else {
+                    Err(PgError::TooLarge {
+                        peer,
+                        tag,
+                        max: *max as u64,
+                        got: len,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Deliver a stashed payload.
+    pub(crate) fn deliver(&mut self, payload: Vec<u8>) -> Option<Vec<u8>> {
+        match self {
+            Dest::Parts(parts) => {
+                scatter(&payload, parts);
+                None
+            }
+            Dest::Vec { .. } => Some(payload),
+        }
+    }
+}
+
 /// Sum of part lengths as u64.
 pub(crate) fn total_len<T: AsRef<[u8]>>(parts: &[T]) -> u64 {
     parts.iter().map(|p| p.as_ref().len() as u64).sum()

@@ -49,7 +49,7 @@ use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::Threading;
 
 use super::stash::Stash;
-use super::{check_peer, total_len, PgError, ProcessGroup, DEFAULT_STASH_LIMIT};
+use super::{check_peer, total_len, Dest, PgError, ProcessGroup, DEFAULT_STASH_LIMIT};
 
 /// MPI tag of envelopes.
 pub const ENVELOPE_TAG: i32 = 1;
@@ -108,60 +108,6 @@ struct RecvState {
     head: Option<(u64, u64)>,
     stash: Stash,
     poisoned: bool,
-}
-
-/// Where a receive puts the message it matches.
-trait Sink {
-    /// Checks (and prepares for) a message of `len` bytes; an error leaves it queued.
-    fn accept(&mut self, src: u32, tag: u64, len: u64) -> Result<(), PgError>;
-    /// The buffers to fill, after `accept`.
-    fn parts(&mut self) -> Vec<&mut [u8]>;
-}
-
-struct Parts<'p, 'b>(&'p mut [&'b mut [u8]]);
-
-impl Sink for Parts<'_, '_> {
-    fn accept(&mut self, src: u32, tag: u64, len: u64) -> Result<(), PgError> {
-        let expected = total_len(self.0);
-        if expected == len {
-            Ok(())
-        } else {
-            Err(PgError::LengthMismatch {
-                peer: src,
-                tag,
-                expected,
-                got: len,
-            })
-        }
-    }
-
-    fn parts(&mut self) -> Vec<&mut [u8]> {
-        self.0.iter_mut().map(|p| &mut **p).collect()
-    }
-}
-
-struct Grow {
-    max: usize,
-    out: Vec<u8>,
-}
-
-impl Sink for Grow {
-    fn accept(&mut self, src: u32, tag: u64, len: u64) -> Result<(), PgError> {
-        if len > self.max as u64 {
-            return Err(PgError::TooLarge {
-                peer: src,
-                tag,
-                got: len,
-                max: self.max as u64,
-            });
-        }
-        self.out = vec![0u8; len as usize];
-        Ok(())
-    }
-
-    fn parts(&mut self) -> Vec<&mut [u8]> {
-        vec![&mut self.out[..]]
-    }
 }
 
 impl std::fmt::Debug for MpiProcessGroup {
@@ -389,9 +335,9 @@ impl MpiProcessGroup {
         &self,
         src: u32,
         tag: u64,
-        sink: &mut dyn Sink,
+        dest: &mut Dest<'_, '_>,
         timeout: Duration,
-    ) -> Result<(), PgError> {
+    ) -> Result<Option<Vec<u8>>, PgError> {
         check_peer(src, self.rank, self.size)?;
         let deadline = Instant::now() + timeout;
         let timed_out = || PgError::Timeout {
@@ -403,10 +349,9 @@ impl MpiProcessGroup {
         loop {
             let mut peer = lock_until(&self.recvs[src as usize], deadline).ok_or_else(timed_out)?;
             if let Some(len) = peer.stash.peek_len(tag) {
-                sink.accept(src, tag, len as u64)?;
+                dest.check(src, tag, len as u64)?;
                 let bytes = peer.stash.take(tag).expect("peeked");
-                super::scatter(&bytes, &mut sink.parts());
-                return Ok(());
+                return Ok(dest.deliver(bytes));
             }
             if peer.poisoned {
                 return Err(PgError::Poisoned { peer: src });
@@ -424,10 +369,18 @@ impl MpiProcessGroup {
             };
             // Ours, or someone else's to set aside (then look again).
             let mine = next_tag == tag;
-            let mut aside = Vec::new();
+            // A `Dest::Vec` receive, and someone else's message, land in `whole`.
+            let mut whole = Vec::new();
             let received = if mine {
-                sink.accept(src, tag, len)?;
-                self.recv_pieces(src, tag, &mut sink.parts(), deadline, timeout)
+                dest.check(src, tag, len)?;
+                let mut parts: Vec<&mut [u8]> = match dest {
+                    Dest::Parts(parts) => parts.iter_mut().map(|p| &mut **p).collect(),
+                    Dest::Vec { .. } => {
+                        whole = vec![0u8; len as usize];
+                        vec![&mut whole[..]]
+                    }
+                };
+                self.recv_pieces(src, tag, &mut parts, deadline, timeout)
             } else {
                 if !peer.stash.fits(len) {
                     return Err(PgError::UnexpectedBacklog {
@@ -439,16 +392,16 @@ impl MpiProcessGroup {
                         limit: peer.stash.limit() as u64,
                     });
                 }
-                aside = vec![0u8; len as usize];
-                self.recv_pieces(src, next_tag, &mut [&mut aside[..]], deadline, timeout)
+                whole = vec![0u8; len as usize];
+                self.recv_pieces(src, next_tag, &mut [&mut whole[..]], deadline, timeout)
             };
             match received {
                 Ok(()) => {
                     peer.head = None;
                     if mine {
-                        return Ok(());
+                        return Ok(matches!(dest, Dest::Vec { .. }).then_some(whole));
                     }
-                    peer.stash.push(next_tag, aside);
+                    peer.stash.push(next_tag, whole);
                 }
                 Err((e, consumed)) => {
                     // Nothing consumed: the message stays first in line, envelope and all.
@@ -545,7 +498,8 @@ impl ProcessGroup for MpiProcessGroup {
         parts: &mut [&mut [u8]],
         timeout: Duration,
     ) -> Result<(), PgError> {
-        self.receive(src, tag, &mut Parts(parts), timeout)
+        self.receive(src, tag, &mut Dest::Parts(parts), timeout)
+            .map(|_| ())
     }
 
     fn recv_vec(
@@ -555,11 +509,7 @@ impl ProcessGroup for MpiProcessGroup {
         max_len: usize,
         timeout: Duration,
     ) -> Result<Vec<u8>, PgError> {
-        let mut sink = Grow {
-            max: max_len,
-            out: Vec::new(),
-        };
-        self.receive(src, tag, &mut sink, timeout)?;
-        Ok(sink.out)
+        self.receive(src, tag, &mut Dest::Vec { max: max_len }, timeout)
+            .map(|v| v.expect("Dest::Vec yields a Vec"))
     }
 }

@@ -55,11 +55,12 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use super::auth::{Identity, PURPOSE_PEER};
-use super::conn::{Dest, PeerConn};
+use super::conn::PeerConn;
 use super::rendezvous::{
     collect, connect_authenticated, register, spawn_acceptor, StopOnDrop, Store,
 };
 use super::stash::DEFAULT_STASH_LIMIT;
+use super::Dest;
 use super::{check_peer, PgError, ProcessGroup};
 
 /// Default setup timeout of [`TcpOptions::from_env`] when `PGT_TIMEOUT_SECS` is not set.
