@@ -371,12 +371,5 @@ fn decode_metadata_within(bytes: &[u8], max_leaves: u64) -> Result<Metadata> {
 /// Decodes the postcard metadata without validating it (for tools that show malformed input); the whole
 /// input must be consumed.
 pub fn decode_metadata(bytes: &[u8]) -> Result<Metadata> {
-    let (metadata, rest) =
-        postcard::take_from_bytes::<Metadata>(bytes).map_err(Error::from_postcard)?;
-    if !rest.is_empty() {
-        return Err(Error::TrailingBytes {
-            count: rest.len() as u64,
-        });
-    }
-    Ok(metadata)
+    decode_metadata_within(bytes, u64::MAX)
 }

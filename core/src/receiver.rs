@@ -213,6 +213,15 @@ impl Receiver {
         }
     }
 
+    /// Every storage's binding, in storage order, once bindings are finished (else empty).
+    pub fn bindings(&self) -> Vec<Binding> {
+        match &self.state {
+            // `finish_bindings` filled every slot.
+            State::Streaming(t) => t.bindings.iter().flatten().copied().collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// What to do next. See the module docs.
     pub fn poll(&mut self) -> RecvPoll<'_> {
         let source = self.options.source;

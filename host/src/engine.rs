@@ -285,8 +285,7 @@ impl ReceiverEngine for Receiver {
 
     fn finish_bindings(&mut self) -> Result<Vec<Binding>, EngineError> {
         Receiver::finish_bindings(self)?;
-        let n = self.manifest().map_or(0, |m| m.storages().len());
-        Ok((0..n).filter_map(|s| self.binding(s).copied()).collect())
+        Ok(self.bindings())
     }
 
     fn handle_data(&mut self, message: usize) -> Result<(), EngineError> {

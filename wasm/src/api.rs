@@ -146,10 +146,7 @@ pub fn incoming(receiver: &Receiver) -> IncomingW {
 
 /// Every storage's binding, once bindings are finished.
 pub fn bindings(receiver: &Receiver) -> Vec<BindingW> {
-    let n = receiver.manifest().map_or(0, |m| m.storages().len());
-    (0..n)
-        .filter_map(|s| receiver.binding(s).copied().map(Into::into))
-        .collect()
+    receiver.bindings().into_iter().map(Into::into).collect()
 }
 
 /// The verified result, mirrored.
