@@ -397,7 +397,9 @@ impl<P: ProcessGroup> Transport<P> {
         // Bind in-place destinations by key path. A target usually has the received tree's shape, so
         // received leaf i is the target's leaf i; a map of the target's paths is built only if not.
         // `in_place_origin[s]` remembers (target leaf, shard) so assembling needs no lookups.
-        let mut in_place_buffers: HashMap<u64, &mut Buffer> = HashMap::new();
+        // By storage index, which is also the id each in-place binding carries.
+        let mut in_place_buffers: Vec<Option<&mut Buffer>> =
+            (0..manifest.storages.len()).map(|_| None).collect();
         let mut in_place_origin: Vec<Option<(usize, usize)>> = vec![None; manifest.storages.len()];
         if in_place {
             let (target_paths, mut target_tensors): (Vec<KeyPath>, Vec<Vec<Option<&mut Tensor>>>) =
@@ -430,7 +432,7 @@ impl<P: ProcessGroup> Transport<P> {
                 };
                 if let Storage::Owned(buf) = storage {
                     engine.bind_in_place(s, s as u64, layout.dtype, buf.len() as u64)?;
-                    in_place_buffers.insert(s as u64, buf);
+                    in_place_buffers[s] = Some(buf);
                     in_place_origin[s] = Some((leaf, shard));
                 }
             }
@@ -447,7 +449,10 @@ impl<P: ProcessGroup> Transport<P> {
         for (s, b) in bindings.iter().enumerate() {
             let dest: &mut [u8] = match b.dest {
                 Dest::Fresh => fresh[s].as_mut().context("fresh buffer")?,
-                Dest::InPlace(id) => in_place_buffers.get_mut(&id).context("in-place buffer")?,
+                Dest::InPlace(id) => in_place_buffers
+                    .get_mut(id as usize)
+                    .and_then(Option::as_deref_mut)
+                    .context("in-place buffer")?,
             };
             let dest = Region::new(dest);
             let wire = match staging[s].as_mut() {
