@@ -93,6 +93,51 @@ impl TensorLayout {
         Ok(start..end)
     }
 
+    /// The view's elements in row-major order, gathered from `storage` (the whole storage's bytes);
+    /// `None` when the layout is inconsistent or the view does not lie inside `storage`. Rows whose
+    /// elements are adjacent are copied whole.
+    pub fn gather(&self, storage: &[u8]) -> Option<Vec<u8>> {
+        if self.stride.len() != self.shape.len() {
+            return None;
+        }
+        let range = self.byte_range().ok()?;
+        if range.end > storage.len() as u64 {
+            return None;
+        }
+        if self.is_contiguous() {
+            return Some(storage[range.start as usize..range.end as usize].to_vec());
+        }
+        let es = self.dtype.element_size() as usize;
+        let numel = self.numel()? as usize;
+        let ndim = self.shape.len();
+        // The innermost dimension is copied as one run when its elements are adjacent (the
+        // view is not contiguous, so there is at least one dimension and no zero-size one).
+        let (run, outer) = match self.stride.last() {
+            Some(1) => (self.shape[ndim - 1] as usize, ndim - 1),
+            _ => (1, ndim),
+        };
+        let mut out = Vec::with_capacity(numel * es);
+        let mut index = alloc::vec![0u64; outer];
+        for _ in 0..numel / run {
+            let elem = self.storage_offset
+                + index
+                    .iter()
+                    .zip(&self.stride)
+                    .map(|(i, s)| i * s)
+                    .sum::<u64>();
+            let at = elem as usize * es;
+            out.extend_from_slice(&storage[at..at + run * es]);
+            for d in (0..outer).rev() {
+                index[d] += 1;
+                if index[d] < self.shape[d] {
+                    break;
+                }
+                index[d] = 0;
+            }
+        }
+        Some(out)
+    }
+
     /// Checks the layout: as many strides as dims, at most `max_ndim` dims, `nbytes` a multiple of the
     /// element size, and the view inside the storage.
     pub fn validate(&self, max_ndim: u32) -> Result<()> {
@@ -142,6 +187,32 @@ pub fn contiguous_strides(shape: &[u64]) -> Vec<u64> {
 mod tests {
     use super::*;
     use alloc::vec;
+
+    #[test]
+    fn gather_reads_views_in_row_major_order() {
+        // A 3x4 float32 storage holding the element numbers 0..12 (one byte each, padded to 4).
+        let storage: Vec<u8> = (0..12u8).flat_map(|i| [i, 0, 0, 0]).collect();
+        let elems = |bytes: Vec<u8>| bytes.chunks(4).map(|c| c[0]).collect::<Vec<_>>();
+        let g = |shape: &[u64], stride: &[u64], offset: u64| {
+            layout(shape, stride, offset, 48)
+                .gather(&storage)
+                .map(elems)
+        };
+        assert_eq!(g(&[3, 4], &[4, 1], 0), Some((0..12).collect()));
+        // Transposed, an offset row slice, a column, every other element of a row, 0-dim, empty.
+        assert_eq!(
+            g(&[4, 3], &[1, 4], 0),
+            Some(vec![0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11])
+        );
+        assert_eq!(g(&[2, 2], &[4, 1], 5), Some(vec![5, 6, 9, 10]));
+        assert_eq!(g(&[3], &[4], 2), Some(vec![2, 6, 10]));
+        assert_eq!(g(&[2], &[2], 1), Some(vec![1, 3]));
+        assert_eq!(g(&[], &[], 7), Some(vec![7]));
+        assert_eq!(g(&[0, 4], &[4, 1], 0), Some(vec![]));
+        // Outside the storage, or strides that don't match the shape: no view.
+        assert_eq!(g(&[3, 4], &[4, 1], 1), None);
+        assert_eq!(g(&[3, 4], &[4], 0), None);
+    }
 
     fn layout(shape: &[u64], stride: &[u64], offset: u64, nbytes: u64) -> TensorLayout {
         TensorLayout {

@@ -148,30 +148,8 @@ impl<'a> Tensor<'a> {
     /// The view's elements in row-major order (gathered through the strides, as torch's
     /// `contiguous()`), as raw bytes.
     pub fn contiguous_bytes(&self) -> Vec<u8> {
-        let l = &self.layout;
-        let storage = self.storage.bytes();
-        let range = l.byte_range().unwrap_or(0..0);
-        if l.is_contiguous() {
-            return storage[range.start as usize..range.end as usize].to_vec();
-        }
-        let es = l.dtype.element_size() as usize;
-        let numel = l.numel().unwrap_or(0) as usize;
-        let mut out = Vec::with_capacity(numel * es);
-        let mut index = vec![0u64; l.shape.len()];
-        for _ in 0..numel {
-            let elem =
-                l.storage_offset + index.iter().zip(&l.stride).map(|(i, s)| i * s).sum::<u64>();
-            let at = elem as usize * es;
-            out.extend_from_slice(&storage[at..at + es]);
-            for d in (0..index.len()).rev() {
-                index[d] += 1;
-                if index[d] < l.shape[d] {
-                    break;
-                }
-                index[d] = 0;
-            }
-        }
-        out
+        // A tensor's layout fits its storage (checked when it was made).
+        self.layout.gather(self.storage.bytes()).unwrap_or_default()
     }
 
     /// The view's elements in row-major order as `T` (the tensor's dtype).

@@ -7,7 +7,6 @@ use std::collections::{HashMap, VecDeque};
 use pgt_core::codec::{Limits, Metadata};
 use pgt_core::digest::StorageHasher;
 use pgt_core::dtype::{convert, DType};
-use pgt_core::layout::TensorLayout;
 use pgt_core::plan::{MessageKind, Segment};
 use pgt_core::receiver::{Dest, Received, Receiver, ReceiverOptions, RecvInto, RecvPoll};
 use pgt_core::sender::{Payload, SendPoll, Sender};
@@ -363,31 +362,4 @@ pub fn transfer(metadata: Metadata, storages: &[Vec<u8>], run: &Run) -> HashMap<
             )
         })
         .collect()
-}
-
-/// The bytes of a strided view, gathered element by element from its storage (torch's `as_strided`
-/// followed by `contiguous()`).
-pub fn gather_view(layout: &TensorLayout, storage: &[u8]) -> Vec<u8> {
-    let es = layout.dtype.element_size() as usize;
-    let numel = layout.numel().expect("valid layout") as usize;
-    let mut out = Vec::with_capacity(numel * es);
-    let mut index = vec![0u64; layout.shape.len()];
-    for _ in 0..numel {
-        let elem: u64 = layout.storage_offset
-            + index
-                .iter()
-                .zip(&layout.stride)
-                .map(|(i, s)| i * s)
-                .sum::<u64>();
-        let at = elem as usize * es;
-        out.extend_from_slice(&storage[at..at + es]);
-        for d in (0..index.len()).rev() {
-            index[d] += 1;
-            if index[d] < layout.shape[d] {
-                break;
-            }
-            index[d] = 0;
-        }
-    }
-    out
 }

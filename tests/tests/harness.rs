@@ -12,7 +12,7 @@ use pgt_core::receiver::Dest;
 use pgt_core::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
 use pgt_core::tree::{Key, Leaf, Node, Value};
 use pgt_core::Error;
-use pgt_tests::harness::{gather_view, transfer, Corruption, InPlace, Run};
+use pgt_tests::harness::{transfer, Corruption, InPlace, Run};
 
 fn key(s: &str) -> Key {
     Key::Str(s.into())
@@ -158,8 +158,8 @@ fn assert_all_bytes(metadata: &Metadata, sent: &[Vec<u8>], got: &[Vec<u8>]) {
     for leaf in &metadata.leaves {
         for layout in leaf.storages() {
             assert_eq!(
-                gather_view(layout, &sent[storage]),
-                gather_view(layout, &got[storage])
+                layout.gather(&sent[storage]).expect("view in storage"),
+                layout.gather(&got[storage]).expect("view in storage")
             );
             storage += 1;
         }
