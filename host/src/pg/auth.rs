@@ -121,11 +121,7 @@ impl fmt::Display for HsError {
 }
 
 fn transport(what: &str, f: Fail) -> HsError {
-    HsError::Transport(match f {
-        Fail::Timeout => format!("{what}: timed out"),
-        Fail::Closed => format!("{what}: connection closed"),
-        Fail::Io(e) => format!("{what}: {e}"),
-    })
+    HsError::Transport(format!("{what}: {f}"))
 }
 
 fn nonce() -> Result<[u8; NONCE_LEN], HsError> {

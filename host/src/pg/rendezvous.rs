@@ -223,10 +223,7 @@ impl Store {
             |stream: &TcpStream, id: &Identity, hs_deadline: Instant| {
                 let (tag, payload) =
                     read_frame(stream, MAX_ADDR_LEN, hs_deadline).map_err(|f| {
-                        HsError::Transport(format!(
-                            "reading registration of rank {}: {f:?}",
-                            id.rank
-                        ))
+                        HsError::Transport(format!("reading registration of rank {}: {f}", id.rank))
                     })?;
                 let addr = (tag == TAG_REGISTER)
                     .then(|| {
@@ -260,7 +257,7 @@ impl Store {
                 let send_deadline = deadline.max(Instant::now() + Duration::from_secs(5));
                 for (rank, stream, _) in &regs {
                     write_frame(stream, TAG_TABLE, &payload, send_deadline).map_err(|f| {
-                        PgError::Rendezvous(format!("store: sending table to rank {rank}: {f:?}"))
+                        PgError::Rendezvous(format!("store: sending table to rank {rank}: {f}"))
                     })?;
                 }
                 Ok(())
@@ -377,7 +374,7 @@ pub(crate) fn register(
         deadline,
         "the rendezvous store",
     )?;
-    let fail = |what: &str, f: Fail| PgError::Rendezvous(format!("{what}: {f:?}"));
+    let fail = |what: &str, f: Fail| PgError::Rendezvous(format!("{what}: {f}"));
     write_frame(
         &stream,
         TAG_REGISTER,

@@ -51,6 +51,16 @@ pub(crate) enum Fail {
     Io(io::Error),
 }
 
+impl std::fmt::Display for Fail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fail::Timeout => f.write_str("timed out"),
+            Fail::Closed => f.write_str("connection closed"),
+            Fail::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
 impl Fail {
     fn from_io(e: io::Error) -> Self {
         match e.kind() {
