@@ -436,7 +436,7 @@ fn metadata_json(report: &mut Report, metadata: &Metadata, manifest: Option<&Man
         .flat_map(|l| l.storages())
         .map(|l| u128::from(l.nbytes))
         .sum();
-    report.set("total_bytes", json!(total.to_string().parse::<u64>().ok()));
+    report.set("total_bytes", json!(u64::try_from(total).ok()));
     // Paths: from the manifest, else from the tree if it is well formed, else leaf numbers.
     let paths: Vec<String> = match manifest {
         Some(m) => m.paths().iter().map(|p| p.to_string()).collect(),
@@ -559,10 +559,7 @@ fn leaf_json(path: &str, leaf: &Leaf) -> Json {
                 .iter()
                 .map(|s| u128::from(s.layout.nbytes))
                 .sum();
-            m.insert(
-                "nbytes".into(),
-                json!(nbytes.to_string().parse::<u64>().ok()),
-            );
+            m.insert("nbytes".into(), json!(u64::try_from(nbytes).ok()));
             let locals: Vec<String> = local_shards
                 .iter()
                 .map(|s| {
@@ -611,15 +608,14 @@ fn leaf_json(path: &str, leaf: &Leaf) -> Json {
     Json::Object(m)
 }
 
-/// Runs the receiver checks of `--rank` on a parsed header and metadata message.
-fn receiver_check(
+/// The options of the receiver `--rank` plays (source: `--source`, else the metadata's), also put in
+/// the report.
+fn receiver_options(
     report: &mut Report,
     args: &InspectArgs,
     rank: u32,
     metadata: Option<&Metadata>,
-    header: &[u8],
-    meta: &[u8],
-) {
+) -> ReceiverOptions {
     let options = ReceiverOptions {
         rank,
         source: args
@@ -633,6 +629,19 @@ fn receiver_check(
         "receiver",
         json!({"rank": options.rank, "source": options.source, "expected_step": options.expected_step}),
     );
+    options
+}
+
+/// Runs the receiver checks of `--rank` on a parsed header and metadata message.
+fn receiver_check(
+    report: &mut Report,
+    args: &InspectArgs,
+    rank: u32,
+    metadata: Option<&Metadata>,
+    header: &[u8],
+    meta: &[u8],
+) {
+    let options = receiver_options(report, args, rank, metadata);
     let mut rx = Receiver::new(options);
     if let Err(e) = rx
         .handle_header(header)
@@ -881,19 +890,7 @@ fn run_and_report(
         .rank
         .or_else(|| metadata.and_then(|m| m.destinations.first().copied()))
         .unwrap_or(1);
-    let options = ReceiverOptions {
-        rank,
-        source: args
-            .source
-            .or(metadata.map(|m| m.source))
-            .unwrap_or_default(),
-        expected_step: args.expect_step,
-        limits: args.limits(),
-    };
-    report.set(
-        "receiver",
-        json!({"rank": options.rank, "source": options.source, "expected_step": options.expected_step}),
-    );
+    let options = receiver_options(report, args, rank, metadata);
     match run_stream(options, records) {
         Ok(storages) => {
             report.set("received", json!(true));
