@@ -215,14 +215,8 @@ impl WasmEngine {
         digests: bool,
         limits: &Limits,
     ) -> anyhow::Result<Encoded> {
-        let meta = postcard::to_allocvec(metadata).context("encoding metadata for the guest")?;
-        let mut g = self.instantiate()?;
-        g.with_inputs(&[&meta, &limits_bytes(limits)], |g, a| {
-            g.call(
-                "pgt_encode",
-                (a[0].0, a[0].1, u32::from(digests), a[1].0, a[1].1),
-            )
-        })
+        self.instantiate()?
+            .metadata_call("pgt_encode", metadata, digests, limits)
     }
 
     fn instantiate(&self) -> anyhow::Result<Guest> {
@@ -270,15 +264,9 @@ impl EngineFactory for WasmEngine {
         digests: bool,
         limits: &Limits,
     ) -> Result<Box<dyn SenderEngine>, EngineError> {
-        let meta = postcard::to_allocvec(&metadata).context("encoding metadata for the guest")?;
         let mut guest = self.instantiate()?;
         let created: SenderCreated =
-            guest.with_inputs(&[&meta, &limits_bytes(limits)], |g, a| {
-                g.call(
-                    "pgt_sender_new",
-                    (a[0].0, a[0].1, u32::from(digests), a[1].0, a[1].1),
-                )
-            })?;
+            guest.metadata_call("pgt_sender_new", &metadata, digests, limits)?;
         Ok(Box::new(WasmSender {
             guest,
             handle: created.handle,
@@ -605,6 +593,20 @@ impl Guest {
             }
             other => Err(anyhow!("{name}: unknown status {other}")),
         }
+    }
+
+    /// Calls an export that takes metadata, a digests flag and limits (`pgt_encode`, `pgt_sender_new`).
+    fn metadata_call<T: DeserializeOwned>(
+        &mut self,
+        name: &'static str,
+        metadata: &Metadata,
+        digests: bool,
+        limits: &Limits,
+    ) -> anyhow::Result<T> {
+        let meta = postcard::to_allocvec(metadata).context("encoding metadata for the guest")?;
+        self.with_inputs(&[&meta, &limits_bytes(limits)], |g, a| {
+            g.call(name, (a[0].0, a[0].1, u32::from(digests), a[1].0, a[1].1))
+        })
     }
 
     fn decode_like<T: DeserializeOwned>(
