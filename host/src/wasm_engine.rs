@@ -757,7 +757,7 @@ impl ReceiverEngine for WasmReceiver {
     }
 
     fn handle_metadata(&mut self, bytes: &[u8]) -> Result<IncomingManifest, EngineError> {
-        let m: pgt_wasm::types::IncomingPaths = self.bytes_call("pgt_receiver_metadata", bytes)?;
+        let m: pgt_wasm::types::IncomingW = self.bytes_call("pgt_receiver_metadata", bytes)?;
         Ok(IncomingManifest {
             step: m.step,
             paths: m.paths,

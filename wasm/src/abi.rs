@@ -398,15 +398,7 @@ pub unsafe extern "C" fn pgt_receiver_metadata(
     run(|| {
         let r = receiver(handle)?;
         r.handle_metadata(bytes)?;
-        let m = r
-            .manifest()
-            .ok_or(Fail::Core(pgt_core::Error::ProtocolState("no manifest")))?;
-        Ok(crate::types::IncomingRef {
-            step: m.metadata().step,
-            paths: m.paths(),
-            storages: api::storages(m),
-            total_bytes: m.total_bytes(),
-        })
+        Ok(api::incoming(r)?)
     })
 }
 

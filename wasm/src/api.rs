@@ -33,7 +33,7 @@ pub fn summary(header: &Header, manifest: &Manifest) -> Summary {
         tree: m.tree.clone(),
         leaves: m.leaves.clone(),
         paths: manifest.paths().iter().map(ToString::to_string).collect(),
-        path_elems: manifest.paths().iter().map(path_to_w).collect(),
+        path_elems: manifest.paths().to_vec(),
         storages: storages(manifest),
     }
 }
@@ -127,21 +127,16 @@ pub fn recv_next(p: RecvPoll<'_>) -> RecvNextW {
 }
 
 /// What a receiver that accepted the metadata knows (for binding).
-pub fn incoming(receiver: &Receiver) -> IncomingW {
-    match receiver.manifest() {
-        Some(m) => IncomingW {
-            step: m.metadata().step,
-            paths: m.paths().iter().map(path_to_w).collect(),
-            storages: storages(m),
-            total_bytes: m.total_bytes(),
-        },
-        None => IncomingW {
-            step: None,
-            paths: Vec::new(),
-            storages: Vec::new(),
-            total_bytes: 0,
-        },
-    }
+pub fn incoming(receiver: &Receiver) -> Result<IncomingRef<'_>, pgt_core::Error> {
+    let m = receiver
+        .manifest()
+        .ok_or(pgt_core::Error::ProtocolState("no manifest"))?;
+    Ok(IncomingRef {
+        step: m.metadata().step,
+        paths: m.paths(),
+        storages: storages(m),
+        total_bytes: m.total_bytes(),
+    })
 }
 
 /// Every storage's binding, once bindings are finished.

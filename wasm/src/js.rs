@@ -323,10 +323,10 @@ impl Receiver {
     pub fn handle_metadata(&mut self, bytes: &[u8]) -> Result<JsValue, JsValue> {
         let r = self.get()?;
         r.handle_metadata(bytes).map_err(core_err)?;
-        let m = api::incoming(r);
+        let m = api::incoming(r).map_err(core_err)?;
         Ok(to_js(&json!({
             "step": m.step.map(uint),
-            "paths": paths_json(&m.paths),
+            "paths": paths_json(m.paths),
             "storages": storages_json(&m.storages),
             "total_bytes": uint(m.total_bytes),
         })))

@@ -20,7 +20,7 @@ use pgt_core::dtype::DType;
 use pgt_core::layout::TensorLayout;
 use pgt_core::plan::{FanOut, PlanParams};
 use pgt_core::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
-use pgt_core::tree::{Key, Leaf, Node, Value};
+use pgt_core::tree::{Key, KeyPath, Leaf, Node, PathElem, Value};
 use serde_json::{json, Map, Value as Json};
 
 use crate::types::*;
@@ -162,13 +162,13 @@ pub fn node_json(n: &Node) -> Json {
     }
 }
 
-fn path_elems_json(p: &PathW) -> Json {
+fn path_elems_json(p: &KeyPath) -> Json {
     Json::Array(
-        p.iter()
+        p.0.iter()
             .map(|e| match e {
-                PathElemW::Key(Key::Str(s)) => json!({ "key": s }),
-                PathElemW::Key(Key::Int(i)) => json!({ "int_key": int(*i) }),
-                PathElemW::Index(i) => json!({ "index": uint(*i) }),
+                PathElem::Key(Key::Str(s)) => json!({ "key": s }),
+                PathElem::Key(Key::Int(i)) => json!({ "int_key": int(*i) }),
+                PathElem::Index(i) => json!({ "index": uint(*i) }),
             })
             .collect(),
     )
@@ -211,7 +211,7 @@ pub fn storages_json(s: &[StorageW]) -> Json {
 }
 
 /// Key paths as displayed, and structured.
-pub fn paths_json(paths: &[PathW]) -> Json {
+pub fn paths_json(paths: &[KeyPath]) -> Json {
     Json::Array(paths.iter().map(path_elems_json).collect())
 }
 

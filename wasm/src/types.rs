@@ -13,7 +13,7 @@ use pgt_core::codec::{Header, Limits, StorageRef};
 use pgt_core::dtype::DType;
 use pgt_core::plan::{MessageKind, PlanParams, Segment};
 use pgt_core::receiver::{Binding, Dest, ReceiverOptions};
-use pgt_core::tree::{Key, KeyPath, Leaf, Node, PathElem};
+use pgt_core::tree::{KeyPath, Leaf, Node};
 
 pub use crate::error::ErrorW;
 
@@ -148,40 +148,6 @@ impl From<Header> for HeaderW {
             metadata_digest: h.metadata_digest,
         }
     }
-}
-
-/// One step of a key path ([`PathElem`]).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum PathElemW {
-    /// A dict key.
-    Key(Key),
-    /// A list or tuple index.
-    Index(u64),
-}
-
-/// A key path as its steps.
-pub type PathW = Vec<PathElemW>;
-
-/// Converts a key path to its mirror.
-pub fn path_to_w(p: &KeyPath) -> PathW {
-    p.0.iter()
-        .map(|e| match e {
-            PathElem::Key(k) => PathElemW::Key(k.clone()),
-            PathElem::Index(i) => PathElemW::Index(*i),
-        })
-        .collect()
-}
-
-/// Converts a mirrored key path back.
-pub fn path_from_w(p: PathW) -> KeyPath {
-    KeyPath(
-        p.into_iter()
-            .map(|e| match e {
-                PathElemW::Key(k) => PathElem::Key(k),
-                PathElemW::Index(i) => PathElem::Index(i),
-            })
-            .collect(),
-    )
 }
 
 /// [`StorageRef`], field for field.
@@ -332,7 +298,7 @@ pub struct Summary {
     /// Each leaf's key path as displayed (`model.layers.0.weight`, `<root>`).
     pub paths: Vec<String>,
     /// Each leaf's key path, structured.
-    pub path_elems: Vec<PathW>,
+    pub path_elems: Vec<KeyPath>,
     /// Every storage that travels, in wire order.
     pub storages: Vec<StorageW>,
 }
@@ -463,8 +429,8 @@ pub enum RecvNextW {
     Done,
 }
 
-/// [`IncomingW`] as the raw ABI sends it: the same postcard bytes (a [`KeyPath`] encodes exactly as a
-/// [`PathW`]), but the paths are borrowed from the receiver, not copied, inside the guest.
+/// What the receiver learned from the metadata (`pgt_receiver_metadata`), as the guest sends it: the
+/// paths borrowed from the receiver, not copied. A host decodes it as [`IncomingW`].
 #[derive(Debug, Serialize)]
 pub struct IncomingRef<'a> {
     /// Step of the checkpoint.
@@ -477,26 +443,13 @@ pub struct IncomingRef<'a> {
     pub total_bytes: u64,
 }
 
-/// [`IncomingW`] as a Rust host decodes it: the paths straight into [`KeyPath`]s.
+/// [`IncomingRef`], owned: what a host decodes.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-pub struct IncomingPaths {
-    /// Step of the checkpoint.
-    pub step: Option<u64>,
-    /// Key path of every leaf.
-    pub paths: Vec<KeyPath>,
-    /// Every storage, in wire order.
-    pub storages: Vec<StorageW>,
-    /// Total storage bytes.
-    pub total_bytes: u64,
-}
-
-/// What the receiver learned from the metadata (`pgt_receiver_metadata`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IncomingW {
     /// Step of the checkpoint.
     pub step: Option<u64>,
     /// Key path of every leaf.
-    pub paths: Vec<PathW>,
+    pub paths: Vec<KeyPath>,
     /// Every storage, in wire order.
     pub storages: Vec<StorageW>,
     /// Total storage bytes.
