@@ -66,12 +66,6 @@ fn peak_heap<T>(f: impl FnOnce() -> T) -> (T, u64) {
 
 const MIB: u64 = 1 << 20;
 
-/// The postcard prefix of a metadata up to (excluding) the tree: step None, source 0, destinations
-/// [1], default plan.
-fn prefix() -> Vec<u8> {
-    postcard::to_allocvec(&(None::<u64>, 0u32, vec![1u32], PlanParams::default())).unwrap()
-}
-
 fn varint(mut v: u64, out: &mut Vec<u8>) {
     while v >= 0x80 {
         out.push(v as u8 | 0x80);
@@ -175,23 +169,17 @@ fn list_of_u64_max_children_is_a_truncated_tree() {
     }
 }
 
-fn deep(depth: usize) -> Metadata {
-    let mut tree = vec![Node::List(1); depth];
-    tree.push(Node::Leaf);
-    metadata(tree, vec![Leaf::Value(Value::None)])
-}
-
 #[test]
 fn deep_tree_is_too_deep_without_recursion() {
     // 100,000 nested lists; decoding and validation are iterative (this runs on a test thread's
     // small stack).
-    let m = deep(100_000);
+    let m = nested_lists(100_000);
     assert_eq!(
         round_trip(&m, &Limits::default()).err(),
         Some(Error::TreeTooDeep { max: 64 })
     );
     // Dicts too.
-    let mut m = deep(100_000);
+    let mut m = nested_lists(100_000);
     for n in &mut m.tree[..100_000] {
         *n = Node::Dict(vec![Key::Int(0)]);
     }
@@ -204,11 +192,11 @@ fn deep_tree_is_too_deep_without_recursion() {
         max_depth: u32::MAX,
         ..Limits::default()
     };
-    let manifest = round_trip(&deep(100_000), &unlimited).unwrap();
+    let manifest = round_trip(&nested_lists(100_000), &unlimited).unwrap();
     assert_eq!(manifest.paths()[0].0.len(), 100_000);
     drop(manifest);
     // And the receiver/sender path handles it (Drop of the metadata is flat too).
-    let sender = pgt_core::sender::Sender::new(deep(100_000), true, &unlimited).unwrap();
+    let sender = pgt_core::sender::Sender::new(nested_lists(100_000), true, &unlimited).unwrap();
     assert_eq!(sender.plan().messages().len(), 3);
 }
 

@@ -213,12 +213,6 @@ fn truncated_metadata() {
     }
 }
 
-/// The postcard prefix of a metadata up to (excluding) the tree: step None, source 0, destinations [1],
-/// default plan.
-fn prefix() -> Vec<u8> {
-    postcard::to_allocvec(&(None::<u64>, 0u32, vec![1u32], PlanParams::default())).unwrap()
-}
-
 #[test]
 fn malformed_metadata() {
     // Option tag 2.
@@ -285,12 +279,6 @@ fn too_many_leaves() {
     round_trip(&sample(), &at).unwrap();
 }
 
-fn nested_lists(depth: usize) -> Metadata {
-    let mut tree = vec![Node::List(1); depth];
-    tree.push(Node::Leaf);
-    metadata(tree, vec![Leaf::Value(Value::None)])
-}
-
 #[test]
 fn tree_too_deep() {
     let tight = Limits {
@@ -322,42 +310,20 @@ fn too_many_dims() {
         Error::TooManyDims { ndim: 3, max: 2 },
     );
     // A DTensor whose mesh has too many dims.
-    let Leaf::DTensor { local, mut spec } = dtensor_leaf() else {
-        unreachable!()
-    };
-    spec.mesh.shape = vec![1, 1, 2];
     rejects_under(
-        single("d", Leaf::DTensor { local, spec }),
+        dtensor_with(|_, s| s.mesh.shape = vec![1, 1, 2]),
         tight,
         Error::TooManyDims { ndim: 3, max: 2 },
     );
     // A DTensor whose global shape has too many dims (local and mesh are fine).
-    let Leaf::DTensor { local, mut spec } = dtensor_leaf() else {
-        unreachable!()
-    };
-    spec.global_shape = vec![4, 4, 1];
     rejects_under(
-        single("d", Leaf::DTensor { local, spec }),
+        dtensor_with(|_, s| s.global_shape = vec![4, 4, 1]),
         tight,
         Error::TooManyDims { ndim: 3, max: 2 },
     );
     // A ShardedTensor whose global size has too many dims.
-    let Leaf::Sharded {
-        local_shards,
-        mut global,
-    } = sharded_leaf()
-    else {
-        unreachable!()
-    };
-    global.global_size = vec![4, 2, 1];
     rejects_under(
-        single(
-            "s",
-            Leaf::Sharded {
-                local_shards,
-                global,
-            },
-        ),
+        sharded_with(|_, g| g.global_size = vec![4, 2, 1]),
         tight,
         Error::TooManyDims { ndim: 3, max: 2 },
     );
@@ -539,12 +505,8 @@ fn stride_rank_mismatch() {
         },
     );
     // A DTensor's global stride.
-    let Leaf::DTensor { local, mut spec } = dtensor_leaf() else {
-        unreachable!()
-    };
-    spec.global_stride = vec![1];
     rejects(
-        single("d", Leaf::DTensor { local, spec }),
+        dtensor_with(|_, s| s.global_stride = vec![1]),
         Error::StrideRankMismatch {
             shape: 2,
             stride: 1,
@@ -616,31 +578,13 @@ fn layout_overflow() {
         Error::LayoutOverflow,
     );
     // A device mesh whose size overflows.
-    let Leaf::DTensor { local, mut spec } = dtensor_leaf() else {
-        unreachable!()
-    };
-    spec.mesh.shape = vec![u64::MAX, 2];
     rejects(
-        single("d", Leaf::DTensor { local, spec }),
+        dtensor_with(|_, s| s.mesh.shape = vec![u64::MAX, 2]),
         Error::LayoutOverflow,
     );
     // A shard whose offset + size overflows.
-    let Leaf::Sharded {
-        local_shards,
-        mut global,
-    } = sharded_leaf()
-    else {
-        unreachable!()
-    };
-    global.shards[0].offsets = vec![u64::MAX, 0];
     rejects(
-        single(
-            "s",
-            Leaf::Sharded {
-                local_shards,
-                global,
-            },
-        ),
+        sharded_with(|_, g| g.shards[0].offsets = vec![u64::MAX, 0]),
         Error::LayoutOverflow,
     );
 }
@@ -745,22 +689,8 @@ fn local_shape_mismatch() {
         Error::LocalShapeMismatch,
     );
     // ShardedTensor: the local layout's shape is not the shard's sizes.
-    let Leaf::Sharded {
-        mut local_shards,
-        global,
-    } = sharded_leaf()
-    else {
-        unreachable!()
-    };
-    local_shards[0].layout = TensorLayout::contiguous(DType::Int64, &[2, 1]);
     rejects(
-        single(
-            "s",
-            Leaf::Sharded {
-                local_shards,
-                global,
-            },
-        ),
+        sharded_with(|l, _| l[0].layout = TensorLayout::contiguous(DType::Int64, &[2, 1])),
         Error::LocalShapeMismatch,
     );
 }
@@ -774,22 +704,8 @@ fn dtype_mismatch() {
             global: DType::Float16,
         },
     );
-    let Leaf::Sharded {
-        mut local_shards,
-        global,
-    } = sharded_leaf()
-    else {
-        unreachable!()
-    };
-    local_shards[0].layout = TensorLayout::contiguous(DType::Int32, &[2, 2]);
     rejects(
-        single(
-            "s",
-            Leaf::Sharded {
-                local_shards,
-                global,
-            },
-        ),
+        sharded_with(|l, _| l[0].layout = TensorLayout::contiguous(DType::Int32, &[2, 2])),
         Error::DTypeMismatch {
             local: DType::Int32,
             global: DType::Int64,

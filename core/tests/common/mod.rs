@@ -25,6 +25,19 @@ pub fn key(s: &str) -> Key {
 }
 
 /// Metadata with `tree` and `leaves`, source 0, destinations 1 and 2, step 7, default plan.
+/// The postcard prefix of a metadata up to (excluding) the tree: step None, source 0, destinations
+/// [1], default plan.
+pub fn prefix() -> Vec<u8> {
+    postcard::to_allocvec(&(None::<u64>, 0u32, vec![1u32], PlanParams::default())).unwrap()
+}
+
+/// A value leaf under `depth` nested one-element lists.
+pub fn nested_lists(depth: usize) -> Metadata {
+    let mut tree = vec![Node::List(1); depth];
+    tree.push(Node::Leaf);
+    metadata(tree, vec![Leaf::Value(Value::None)])
+}
+
 pub fn metadata(tree: Vec<Node>, leaves: Vec<Leaf>) -> Metadata {
     Metadata {
         step: Some(7),
