@@ -167,6 +167,8 @@ impl Plan {
                         offset,
                         len: chunk,
                     });
+                    // `walk` ends the open bucket before a chunked storage.
+                    debug_assert_eq!(len, 0);
                     len = chunk;
                     end_message(&segments, &mut len);
                     offset += chunk;
@@ -232,7 +234,7 @@ enum Walk {
     Chunked { storage: u32, nbytes: u64 },
 }
 
-// The one place the bucketing and chunking rules live.
+// The one place that decides which storages share a bucket and which travel alone in chunks.
 fn walk(manifest: &Manifest, mut emit: impl FnMut(Walk)) {
     let params = manifest.metadata().plan;
     let mut bucket_len = 0u64;

@@ -468,7 +468,7 @@ impl Receiver {
     /// but [`Receiver::finish`] will fail with it.
     pub fn digest_mismatch(&self) -> Option<&Error> {
         match &self.state {
-            State::Streaming(t) => t.first_mismatch(),
+            State::Streaming(t) => t.mismatch.as_ref(),
             _ => None,
         }
     }
@@ -611,10 +611,5 @@ impl Transfer {
                 storage: storage as u32,
             });
         }
-    }
-
-    /// The first digest mismatch found so far (the transfer goes on; [`Receiver::finish`] fails).
-    fn first_mismatch(&self) -> Option<&Error> {
-        self.mismatch.as_ref()
     }
 }
