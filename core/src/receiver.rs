@@ -26,7 +26,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::codec::{decode, Header, Limits, Manifest};
-use crate::digest::digest;
+use crate::digest::{digest, StorageHasher};
 use crate::dtype::DType;
 use crate::plan::{FanOut, MessageKind, Plan, Segment, TAG_HEADER};
 use crate::sender::Payload;
@@ -611,5 +611,96 @@ impl Transfer {
                 storage: storage as u32,
             });
         }
+    }
+}
+
+/// Storage bytes kept in plain memory, for hosts that hold a whole checkpoint in `Vec`s (tools, tests):
+/// it does a host's part for data messages — land each segment where the plan says, hash when asked,
+/// report every digest a message completes — so such hosts don't each write it again. The receiver's
+/// state machine itself still never holds tensor bytes.
+#[derive(Clone, Default)]
+pub struct MemoryStorages {
+    bytes: Vec<Vec<u8>>,
+    hashers: Vec<StorageHasher>,
+}
+
+impl core::fmt::Debug for MemoryStorages {
+    /// Storage sizes only: the bytes can be huge.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("MemoryStorages")
+            .field("storages", &self.bytes.len())
+            .field("bytes", &self.bytes.iter().map(Vec::len).sum::<usize>())
+            .finish()
+    }
+}
+
+impl MemoryStorages {
+    /// Zeroed storages of the wire sizes `receiver`'s metadata announced (after
+    /// [`Receiver::finish_bindings`]; empty before the metadata).
+    pub fn for_receiver(receiver: &Receiver) -> MemoryStorages {
+        let sizes: Vec<u64> = receiver
+            .manifest()
+            .map(|m| m.storages().iter().map(|s| s.nbytes).collect())
+            .unwrap_or_default();
+        MemoryStorages {
+            bytes: sizes.iter().map(|&n| vec![0u8; n as usize]).collect(),
+            hashers: vec![StorageHasher::new(); sizes.len()],
+        }
+    }
+
+    /// Lands data message `message`, the concatenation of `segments` (as polled), hashing them if
+    /// `hash`, and reports the message and every storage digest it completes to `receiver`.
+    pub fn land(
+        &mut self,
+        receiver: &mut Receiver,
+        message: usize,
+        segments: &[Segment],
+        hash: bool,
+        bytes: &[u8],
+    ) -> Result<()> {
+        if segments.iter().map(|s| s.len).sum::<u64>() != bytes.len() as u64 {
+            return Err(Error::ProtocolState(
+                "a data message's length differs from its segments",
+            ));
+        }
+        let mut at = 0usize;
+        for s in segments {
+            let i = s.storage as usize;
+            let part = &bytes[at..at + s.len as usize];
+            at += s.len as usize;
+            let storage = self
+                .bytes
+                .get_mut(i)
+                .ok_or(Error::ProtocolState("no such storage"))?;
+            let start = s.offset as usize;
+            storage
+                .get_mut(start..start + part.len())
+                .ok_or(Error::ProtocolState("a segment lies outside its storage"))?
+                .copy_from_slice(part);
+            if hash {
+                self.hashers[i].update(part);
+                if start + part.len() == storage.len() {
+                    receiver.handle_storage_digest(s.storage, self.hashers[i].finish())?;
+                }
+            }
+        }
+        receiver.handle_data(message)
+    }
+
+    /// The bytes of `segments`, concatenated (what a forward of them sends).
+    pub fn gather(&self, segments: &[Segment]) -> Vec<u8> {
+        segments
+            .iter()
+            .flat_map(|s| {
+                let start = s.offset as usize;
+                &self.bytes[s.storage as usize][start..start + s.len as usize]
+            })
+            .copied()
+            .collect()
+    }
+
+    /// Every storage's bytes, in storage order.
+    pub fn into_inner(self) -> Vec<Vec<u8>> {
+        self.bytes
     }
 }

@@ -6,7 +6,7 @@
 use pgt_core::codec::{Limits, Manifest, Metadata};
 use pgt_core::digest::StorageHasher;
 use pgt_core::plan::{MessageKind, Segment};
-use pgt_core::receiver::{Received, Receiver, ReceiverOptions, RecvInto, RecvPoll};
+use pgt_core::receiver::{MemoryStorages, Received, Receiver, ReceiverOptions, RecvInto, RecvPoll};
 use pgt_core::sender::{Payload, SendPoll, Sender};
 use pgt_core::Error;
 
@@ -157,9 +157,7 @@ pub fn run_receiver(
 ) -> Result<Outcome, HostError> {
     let rank = options.rank;
     let mut rx = Receiver::new(options);
-    let mut storages: Vec<Vec<u8>> = Vec::new();
-    let mut nbytes: Vec<u64> = Vec::new();
-    let mut hashers: Vec<StorageHasher> = Vec::new();
+    let mut storages = MemoryStorages::default();
     let mut consumed = Vec::new();
     let mut forwarded = Vec::new();
     loop {
@@ -180,7 +178,7 @@ pub fn run_receiver(
             RecvPoll::Forward(op) => {
                 let bytes = match op.payload {
                     Payload::Bytes(b) => b.to_vec(),
-                    Payload::Storages(segments) => gather(&storages, segments),
+                    Payload::Storages(segments) => storages.gather(segments),
                 };
                 let wire = Wire {
                     from: rank,
@@ -222,32 +220,13 @@ pub fn run_receiver(
                     MessageKind::Metadata => rx.handle_metadata(&bytes)?,
                     MessageKind::Trailer => rx.handle_trailer(&bytes)?,
                     MessageKind::Data => {
-                        let mut at = 0usize;
-                        for s in &segments {
-                            let i = s.storage as usize;
-                            let part = &bytes[at..at + s.len as usize];
-                            at += s.len as usize;
-                            let start = s.offset as usize;
-                            storages[i][start..start + part.len()].copy_from_slice(part);
-                            if hash {
-                                hashers[i].update(part);
-                                if s.offset + s.len == nbytes[i] {
-                                    rx.handle_storage_digest(s.storage, hashers[i].finish())?;
-                                }
-                            }
-                        }
-                        rx.handle_data(message)?;
+                        storages.land(&mut rx, message, &segments, hash, &bytes)?
                     }
                 }
             }
             Step::Bind => {
                 rx.finish_bindings()?;
-                let manifest = rx.manifest().expect("bound receiver has a manifest");
-                nbytes = manifest.storages().iter().map(|s| s.nbytes).collect();
-                storages = (0..nbytes.len())
-                    .map(|i| vec![0u8; rx.binding(i).map_or(0, |b| b.nbytes as usize)])
-                    .collect();
-                hashers = vec![StorageHasher::new(); nbytes.len()];
+                storages = MemoryStorages::for_receiver(&rx);
             }
             Step::Forward(wire, message) => {
                 forwarded.push(wire);
@@ -261,7 +240,7 @@ pub fn run_receiver(
             Step::Done => {
                 return Ok(Outcome {
                     received: rx.finish()?,
-                    storages,
+                    storages: storages.into_inner(),
                     consumed,
                     forwarded,
                 })

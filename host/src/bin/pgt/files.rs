@@ -9,9 +9,8 @@ use std::time::Duration;
 use anyhow::{anyhow, ensure, Context, Result};
 use clap::{Args, ValueEnum};
 use pgt_core::codec::{self, Header, Limits, Manifest, Metadata, MAGIC};
-use pgt_core::digest::StorageHasher;
 use pgt_core::plan::{FanOut, MessageKind, Plan, TAG_HEADER, TAG_METADATA};
-use pgt_core::receiver::{Receiver, ReceiverOptions, RecvInto, RecvPoll};
+use pgt_core::receiver::{MemoryStorages, Receiver, ReceiverOptions, RecvInto, RecvPoll};
 use pgt_core::tree::{key_paths, Leaf, Value};
 use pgt_host::pg::ProcessGroup;
 use pgt_host::safetensors_io;
@@ -724,8 +723,7 @@ fn run_stream(
 ) -> Result<Vec<Json>, StreamError> {
     let mut rx = Receiver::new(options);
     let mut it = records.iter().enumerate();
-    let mut storages: Vec<Vec<u8>> = Vec::new();
-    let mut hashers: Vec<StorageHasher> = Vec::new();
+    let mut storages = MemoryStorages::default();
     loop {
         let (op_kind, op_tag, op_len, op_message, segments, hash) = match rx.poll() {
             RecvPoll::Recv(op) => (
@@ -741,11 +739,7 @@ fn run_stream(
             ),
             RecvPoll::NeedBindings => {
                 rx.finish_bindings()?;
-                let n = rx.manifest().map_or(0, |m| m.storages().len());
-                storages = (0..n)
-                    .map(|i| vec![0u8; rx.binding(i).map_or(0, |b| b.nbytes as usize)])
-                    .collect();
-                hashers = vec![StorageHasher::new(); n];
+                storages = MemoryStorages::for_receiver(&rx);
                 continue;
             }
             RecvPoll::Forward(op) => {
@@ -781,23 +775,7 @@ fn run_stream(
             MessageKind::Header => rx.handle_header(bytes)?,
             MessageKind::Metadata => rx.handle_metadata(bytes)?,
             MessageKind::Trailer => rx.handle_trailer(bytes)?,
-            MessageKind::Data => {
-                let mut at = 0usize;
-                for s in &segments {
-                    let idx = s.storage as usize;
-                    let part = &bytes[at..at + s.len as usize];
-                    at += s.len as usize;
-                    let start = s.offset as usize;
-                    storages[idx][start..start + part.len()].copy_from_slice(part);
-                    if hash {
-                        hashers[idx].update(part);
-                        if s.offset + s.len == storages[idx].len() as u64 {
-                            rx.handle_storage_digest(s.storage, hashers[idx].finish())?;
-                        }
-                    }
-                }
-                rx.handle_data(op_message)?;
-            }
+            MessageKind::Data => storages.land(&mut rx, op_message, &segments, hash, bytes)?,
         }
     }
     if let Some((i, (tag, _))) = it.next() {
@@ -810,13 +788,13 @@ fn run_stream(
     Ok(manifest
         .storages()
         .iter()
-        .zip(&storages)
+        .zip(storages.into_inner())
         .map(|(r, bytes)| {
             json!({
                 "path": manifest.paths()[r.leaf as usize].to_string(),
                 "shard": r.shard,
                 "nbytes": r.nbytes,
-                "digest": format!("0x{:016x}", pgt_core::digest::digest(bytes)),
+                "digest": format!("0x{:016x}", pgt_core::digest::digest(&bytes)),
             })
         })
         .collect())
