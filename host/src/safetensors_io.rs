@@ -325,8 +325,6 @@ fn is_metadata_key(e: &PathElem) -> bool {
 /// each kind of leaf is written).
 pub fn save(state_dict: &StateDict<'_>, path: impl AsRef<Path>) -> Result<()> {
     let path = path.as_ref();
-    let mut names: HashSet<String> = HashSet::new();
-    let mut views: Vec<(String, TensorData<'_, '_>)> = Vec::new();
     let mut metadata: HashMap<String, String> = HashMap::new();
     let mut write_metadata = matches!(&state_dict.root, Tree::Dict(items)
         if items.iter().any(|(k, _)| matches!(k, Key::Str(s) if s == METADATA_KEY)));
@@ -338,21 +336,7 @@ pub fn save(state_dict: &StateDict<'_>, path: impl AsRef<Path>) -> Result<()> {
         metadata.insert(key, value);
         Ok(())
     };
-    fn add<'s, 'a>(
-        names: &mut HashSet<String>,
-        views: &mut Vec<(String, TensorData<'s, 'a>)>,
-        name: String,
-        t: &'s Tensor<'a>,
-    ) -> Result<()> {
-        ensure!(
-            names.insert(name.clone()),
-            "{name}: two tensors would share this name"
-        );
-        let view = tensor_data(t, &name)?;
-        views.push((name, view));
-        Ok(())
-    }
-    let mut add_tensor = |name: String, t| add(&mut names, &mut views, name, t);
+    // Values, and what the file can't say about DTensors and ShardedTensors, go to the metadata.
     for (kp, entry) in state_dict.entries() {
         let name = kp.to_string();
         match entry {
@@ -365,15 +349,14 @@ pub fn save(state_dict: &StateDict<'_>, path: impl AsRef<Path>) -> Result<()> {
                 };
                 meta(key, value_repr(v))?;
             }
-            Entry::Tensor(t) => add_tensor(name, t)?,
-            Entry::DTensor { local, spec } => {
+            Entry::Tensor(_) => {}
+            Entry::DTensor { spec, .. } => {
                 let summary = serde_json::json!({
                     "global_shape": spec.global_shape,
                     "mesh": spec.mesh.shape,
                     "placements": spec.placements.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>(),
                 });
                 meta(format!("pgt.dtensor.{name}"), summary.to_string())?;
-                add_tensor(name, local)?;
             }
             Entry::Sharded {
                 local_shards,
@@ -393,11 +376,19 @@ pub fn save(state_dict: &StateDict<'_>, path: impl AsRef<Path>) -> Result<()> {
                     "local_shards": shards,
                 });
                 meta(format!("pgt.sharded.{name}"), summary.to_string())?;
-                for (i, (t, _)) in local_shards.iter().enumerate() {
-                    add_tensor(format!("{name}.shard{i}"), t)?;
-                }
             }
         }
+    }
+    // The tensors, named as `tensor_names` says.
+    let mut names: HashSet<String> = HashSet::new();
+    let mut views: Vec<(String, TensorData<'_, '_>)> = Vec::new();
+    for (name, t) in tensor_names(state_dict) {
+        ensure!(
+            names.insert(name.clone()),
+            "{name}: two tensors would share this name"
+        );
+        let view = tensor_data(t, &name)?;
+        views.push((name, view));
     }
     if let Some(step) = state_dict.step {
         metadata.insert(STEP_KEY.into(), step.to_string());
