@@ -78,6 +78,20 @@ fn key(s: &str) -> Key {
 
 /// Fills the shape's storages with their patterns (fresh, aligned buffers).
 pub fn materialize(shape: &Shape) -> Result<StateDict<'static>> {
+    build(shape, |path, shard, buf| fill(seed(path, shard), buf))
+}
+
+/// The shape with every storage allocated and touched but not holding the pattern (0x5A bytes): a
+/// receiver's pre-allocated in-place destination.
+pub fn materialize_blank(shape: &Shape) -> Result<StateDict<'static>> {
+    build(shape, |_, _, buf| buf.fill(0x5A))
+}
+
+/// The shape's state dict, each storage a fresh buffer written by `write(path, shard, bytes)`.
+fn build(
+    shape: &Shape,
+    mut write: impl FnMut(&KeyPath, usize, &mut [u8]),
+) -> Result<StateDict<'static>> {
     let paths = pgt_core::tree::key_paths(&shape.nodes, u32::MAX)?;
     let mut entries = Vec::with_capacity(shape.leaves.len());
     for (path, leaf) in paths.iter().zip(&shape.leaves) {
@@ -86,34 +100,13 @@ pub fn materialize(shape: &Shape) -> Result<StateDict<'static>> {
             .enumerate()
             .map(|(shard, layout)| {
                 let mut buf = Buffer::zeroed(layout.nbytes as usize);
-                fill(seed(path, shard), &mut buf);
+                write(path, shard, &mut buf);
                 Storage::Owned(buf)
             })
             .collect::<Vec<_>>()
             .into_iter();
         entries.push(Entry::from_leaf(leaf.clone(), &mut storages)?);
     }
-    StateDict::unflatten(&shape.nodes, entries, shape.step)
-}
-
-/// The shape with every storage allocated and touched but not holding the pattern (0x5A bytes): a
-/// receiver's pre-allocated in-place destination.
-pub fn materialize_blank(shape: &Shape) -> Result<StateDict<'static>> {
-    let paths = pgt_core::tree::key_paths(&shape.nodes, u32::MAX)?;
-    let mut entries = Vec::with_capacity(shape.leaves.len());
-    for leaf in &shape.leaves {
-        let mut storages = leaf
-            .storages()
-            .map(|layout| {
-                let mut buf = Buffer::zeroed(layout.nbytes as usize);
-                buf.fill(0x5A);
-                Storage::Owned(buf)
-            })
-            .collect::<Vec<_>>()
-            .into_iter();
-        entries.push(Entry::from_leaf(leaf.clone(), &mut storages)?);
-    }
-    debug_assert_eq!(paths.len(), entries.len());
     StateDict::unflatten(&shape.nodes, entries, shape.step)
 }
 

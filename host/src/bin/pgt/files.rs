@@ -463,17 +463,9 @@ fn value_json(v: &Value) -> (Json, &'static str) {
         Value::Float(f) if f.is_finite() => (json!(f), "float"),
         Value::Float(f) => (json!(value_text(&Value::Float(*f))), "float"),
         Value::Str(s) => (json!(s), "str"),
-        Value::Bytes(b) => (json!(hex(b)), "bytes"),
+        // `0x` and the hex digits, as a safetensors metadata entry holds them.
+        Value::Bytes(_) => (json!(safetensors_io::value_repr(v)), "bytes"),
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    let mut s = String::with_capacity(2 + 2 * b.len());
-    s.push_str("0x");
-    for x in b {
-        let _ = write!(s, "{x:02x}");
-    }
-    s
 }
 
 /// A value as text: strings quoted, floats exact (NaN with its bits).
@@ -485,7 +477,7 @@ fn value_text(v: &Value) -> String {
         Value::Float(f) if f.is_nan() => format!("nan (bits 0x{:016x})", f.to_bits()),
         Value::Float(f) => format!("{f:?}"),
         Value::Str(s) => format!("{s:?}"),
-        Value::Bytes(b) => format!("bytes {}", hex(b)),
+        Value::Bytes(_) => format!("bytes {}", safetensors_io::value_repr(v)),
     }
 }
 
