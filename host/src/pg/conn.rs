@@ -33,6 +33,14 @@ struct RxState {
     waiting: HashMap<u64, usize>,
 }
 
+/// How a receive's wait for the socket ended.
+enum Turn {
+    /// This thread reads the socket (starting with the frame header first in line, if one was read).
+    Read(Option<Header>),
+    /// The receive is over: served from the stash, or failed.
+    Over(Result<Option<Vec<u8>>, PgError>),
+}
+
 #[derive(Debug)]
 pub(crate) struct PeerConn {
     peer: u32,
@@ -203,16 +211,13 @@ impl PeerConn {
                 let mut expired = false;
                 let r = loop {
                     if let Some(len) = st.stash.peek_len(tag) {
-                        break match dest.check(self.peer, tag, len as u64) {
-                            Ok(()) => {
-                                let v = st.stash.take(tag).expect("peeked");
-                                Err(Ok(dest.deliver(v)))
-                            }
-                            Err(e) => Err(Err(e)),
-                        };
+                        break Turn::Over(dest.check(self.peer, tag, len as u64).map(|()| {
+                            let v = st.stash.take(tag).expect("peeked");
+                            dest.deliver(v)
+                        }));
                     }
                     if self.is_poisoned() {
-                        break Err(Err(PgError::Poisoned { peer: self.peer }));
+                        break Turn::Over(Err(PgError::Poisoned { peer: self.peer }));
                     }
                     let free = !st.reader_active && st.handoff.is_none_or(|t| t == tag);
                     if free {
@@ -220,11 +225,10 @@ impl PeerConn {
                         if st.handoff == Some(tag) {
                             st.handoff = None;
                         }
-                        let pending = st.pending.take();
-                        break Ok(pending);
+                        break Turn::Read(st.pending.take());
                     }
                     if expired {
-                        break Err(Err(PgError::Timeout {
+                        break Turn::Over(Err(PgError::Timeout {
                             peer: self.peer,
                             tag,
                             after: timeout,
@@ -244,19 +248,19 @@ impl PeerConn {
                     if *n == 0 {
                         st.waiting.remove(&tag);
                         // Nobody left to take a frame reserved for this tag.
-                        if st.handoff == Some(tag) && r.is_err() {
+                        if st.handoff == Some(tag) && matches!(r, Turn::Over(_)) {
                             st.handoff = None;
                             self.rx_cv.notify_all();
                         }
                     }
                 }
                 match r {
-                    Ok(pending) => ReaderRole {
+                    Turn::Read(pending) => ReaderRole {
                         conn: self,
                         pending,
                         handoff: false,
                     },
-                    Err(done) => return done,
+                    Turn::Over(result) => return result,
                 }
             };
             match self.read_as_reader(role, tag, &mut dest, deadline, timeout) {
@@ -264,6 +268,28 @@ impl PeerConn {
                 ReadOutcome::HandedOff => continue,
             }
         }
+    }
+
+    /// Reads frame `hdr`'s payload into `parts`. On failure the frame stays first in line if none of
+    /// it was read; otherwise the stream can't be parsed any more and the connection is poisoned.
+    fn read_payload(
+        &self,
+        role: &mut ReaderRole<'_>,
+        hdr: Header,
+        parts: &mut [&mut [u8]],
+        deadline: Instant,
+        tag: u64,
+        timeout: Duration,
+    ) -> Result<(), PgError> {
+        let mut done = 0;
+        read_full(&self.stream, parts, deadline, self.chunk, &mut done).map_err(|f| {
+            if done > 0 {
+                self.poison("receive failed in the middle of a frame payload");
+            } else {
+                role.pending = Some(hdr);
+            }
+            self.fail_to_err(f, tag, timeout)
+        })
     }
 
     fn read_as_reader(
@@ -296,37 +322,21 @@ impl PeerConn {
                     role.pending = Some(hdr);
                     return Done(Err(e));
                 }
-                let mut done = 0;
                 let mut vec_buf = Vec::new();
                 let r = match dest {
                     Dest::Parts(parts) => {
-                        read_full(&self.stream, parts, deadline, self.chunk, &mut done)
+                        self.read_payload(&mut role, hdr, parts, deadline, tag, timeout)
                     }
                     Dest::Vec { .. } => {
                         vec_buf = vec![0u8; hdr.len as usize];
-                        read_full(
-                            &self.stream,
-                            &mut [&mut vec_buf[..]],
-                            deadline,
-                            self.chunk,
-                            &mut done,
-                        )
+                        let parts = &mut [&mut vec_buf[..]];
+                        self.read_payload(&mut role, hdr, parts, deadline, tag, timeout)
                     }
                 };
-                return Done(match r {
-                    Ok(()) => Ok(match dest {
-                        Dest::Parts(_) => None,
-                        Dest::Vec { .. } => Some(std::mem::take(&mut vec_buf)),
-                    }),
-                    Err(f) => {
-                        if done > 0 {
-                            self.poison("receive failed in the middle of a frame payload");
-                        } else {
-                            role.pending = Some(hdr);
-                        }
-                        Err(self.fail_to_err(f, tag, timeout))
-                    }
-                });
+                return Done(r.map(|()| match dest {
+                    Dest::Parts(_) => None,
+                    Dest::Vec { .. } => Some(vec_buf),
+                }));
             }
             // Somebody else's frame: hand it over, or stash it.
             {
@@ -353,20 +363,10 @@ impl PeerConn {
                 }
             }
             let mut v = vec![0u8; hdr.len as usize];
-            let mut done = 0;
-            if let Err(f) = read_full(
-                &self.stream,
-                &mut [&mut v[..]],
-                deadline,
-                self.chunk,
-                &mut done,
-            ) {
-                if done > 0 {
-                    self.poison("receive failed in the middle of a stashed frame");
-                } else {
-                    role.pending = Some(hdr);
-                }
-                return Done(Err(self.fail_to_err(f, tag, timeout)));
+            if let Err(e) =
+                self.read_payload(&mut role, hdr, &mut [&mut v[..]], deadline, tag, timeout)
+            {
+                return Done(Err(e));
             }
             tracing::trace!(
                 peer = self.peer,
