@@ -53,21 +53,20 @@ pub(crate) type Admitted<T> = (u32, TcpStream, T);
 
 /// Run an accept loop on `listener` in a background thread until `stop` is set. Each connection
 /// is authenticated in its own thread within `handshake_timeout`; strangers (wrong token, garbage,
-/// silence) are logged and dropped while the loop goes on. A client is admitted if `expect(rank)`
-/// holds and no other connection claimed that rank; then `post` runs on it (same thread, same
+/// silence) are logged and dropped while the loop goes on. A client is admitted if its rank is below
+/// `ranks_below` and no other connection claimed that rank; then `post` runs on it (same thread, same
 /// handshake deadline) and the result is sent to the returned channel.
-pub(crate) fn spawn_acceptor<T, E, P>(
+pub(crate) fn spawn_acceptor<T, P>(
     listener: TcpListener,
     token: Arc<[u8]>,
     me: Identity,
     handshake_timeout: Duration,
-    expect: E,
+    ranks_below: u32,
     post: P,
     stop: Arc<AtomicBool>,
 ) -> Result<mpsc::Receiver<Admitted<T>>, PgError>
 where
     T: Send + 'static,
-    E: Fn(u32) -> bool + Send + Sync + 'static,
     P: Fn(&TcpStream, &Identity, Instant) -> Result<T, HsError> + Send + Sync + 'static,
 {
     // Linux honours SO_RCVTIMEO for accept(2) (socket(7)), which lets the loop poll `stop`.
@@ -77,7 +76,6 @@ where
     let (tx, rx) = mpsc::channel();
     let claimed = Arc::new(Mutex::new(HashSet::<u32>::new()));
     let active = Arc::new(AtomicUsize::new(0));
-    let expect = Arc::new(expect);
     let post = Arc::new(post);
     std::thread::Builder::new()
         .name(format!("pgt-accept-{}", me.rank))
@@ -106,11 +104,10 @@ where
                     continue;
                 }
                 active.fetch_add(1, Ordering::SeqCst);
-                let (tx, claimed, active, expect, post, token, stop) = (
+                let (tx, claimed, active, post, token, stop) = (
                     tx.clone(),
                     Arc::clone(&claimed),
                     Arc::clone(&active),
-                    Arc::clone(&expect),
                     Arc::clone(&post),
                     Arc::clone(&token),
                     Arc::clone(&stop),
@@ -123,7 +120,7 @@ where
                         let deadline = Instant::now() + handshake_timeout;
                         let admit = |id: &Identity| {
                             let mut c = claimed.lock().unwrap_or_else(|e| e.into_inner());
-                            if expect(id.rank) && c.insert(id.rank) {
+                            if id.rank < ranks_below && c.insert(id.rank) {
                                 Verdict::Accepted
                             } else {
                                 Verdict::UnexpectedRank
@@ -162,17 +159,21 @@ where
     Ok(rx)
 }
 
-/// Take admitted connections from `rx` until `needed` distinct ranks are in, or `deadline`.
+/// Take admitted connections from `rx` until ranks `0..needed` are all in, or `deadline`.
 pub(crate) fn collect<T>(
     rx: &mpsc::Receiver<Admitted<T>>,
-    needed: usize,
+    needed: u32,
     deadline: Instant,
     what: &str,
-    missing: impl Fn(&HashSet<u32>) -> Vec<u32>,
 ) -> Result<Vec<Admitted<T>>, PgError> {
-    let mut got = Vec::with_capacity(needed);
+    let missing = |have: &HashSet<u32>| {
+        (0..needed)
+            .filter(|r| !have.contains(r))
+            .collect::<Vec<_>>()
+    };
+    let mut got = Vec::with_capacity(needed as usize);
     let mut ranks = HashSet::new();
-    while got.len() < needed {
+    while got.len() < needed as usize {
         let now = Instant::now();
         let left = deadline.saturating_duration_since(now);
         match rx.recv_timeout(left) {
@@ -219,7 +220,7 @@ impl Store {
             token,
             me,
             handshake_timeout,
-            move |r| r < world,
+            world,
             |stream: &TcpStream, id: &Identity, hs_deadline: Instant| {
                 let (tag, payload) =
                     read_frame(stream, MAX_ADDR_LEN, hs_deadline).map_err(|f| {
@@ -245,9 +246,7 @@ impl Store {
             .name("pgt-store".into())
             .spawn(move || {
                 let _stop = StopOnDrop(stop2);
-                let regs = collect(&rx, world as usize, deadline, "registration", |have| {
-                    (0..world).filter(|r| !have.contains(r)).collect()
-                })?;
+                let regs = collect(&rx, world, deadline, "registration")?;
                 let mut table = vec![String::new(); world as usize];
                 for (rank, _, addr) in &regs {
                     table[*rank as usize] = addr.to_string();

@@ -327,16 +327,17 @@ impl TcpProcessGroup {
         // 4a. Accept lower ranks from now on (they may connect as soon as they have the table).
         let stop = Arc::new(AtomicBool::new(false));
         let _stop_guard = StopOnDrop(Arc::clone(&stop));
+        let me = Identity {
+            purpose: PURPOSE_PEER,
+            rank,
+            world,
+        };
         let incoming = spawn_acceptor(
             listener,
             Arc::clone(&token),
-            Identity {
-                purpose: PURPOSE_PEER,
-                rank,
-                world,
-            },
+            me,
             tuning.handshake_timeout,
-            move |r| r < rank,
+            rank,
             |_: &TcpStream, _: &Identity, _: Instant| Ok(()),
             Arc::clone(&stop),
         )?;
@@ -357,11 +358,6 @@ impl TcpProcessGroup {
 
         // 4b. Connect to higher ranks.
         let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
-        let me = Identity {
-            purpose: PURPOSE_PEER,
-            rank,
-            world,
-        };
         for peer in rank + 1..world {
             let (s, id) = connect_authenticated(
                 &table[peer as usize..=peer as usize],
@@ -382,9 +378,7 @@ impl TcpProcessGroup {
         }
 
         // 4c. Collect lower ranks.
-        let lower = collect(&incoming, rank as usize, deadline, "connections", |have| {
-            (0..rank).filter(|r| !have.contains(r)).collect()
-        })?;
+        let lower = collect(&incoming, rank, deadline, "connections")?;
         for (r, s, ()) in lower {
             streams[r as usize] = Some(s);
         }
