@@ -290,6 +290,12 @@ pub fn transfer(metadata: Metadata, storages: &[Vec<u8>], run: &Run) -> HashMap<
         .collect();
     let lookahead = run.lookahead.max(1);
     let mut sender_done = false;
+    let nbytes: Vec<u64> = sender
+        .manifest()
+        .storages()
+        .iter()
+        .map(|s| s.nbytes)
+        .collect();
     loop {
         let mut progressed = false;
         // The sender sends a few messages per round, so receivers run interleaved with it.
@@ -297,12 +303,6 @@ pub fn transfer(metadata: Metadata, storages: &[Vec<u8>], run: &Run) -> HashMap<
             if sender_done {
                 break;
             }
-            let nbytes: Vec<u64> = sender
-                .manifest()
-                .storages()
-                .iter()
-                .map(|s| s.nbytes)
-                .collect();
             let mut digests = Vec::new();
             match sender.poll() {
                 SendPoll::Send(op) => {

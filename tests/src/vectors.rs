@@ -1357,6 +1357,18 @@ pub struct StreamCase {
     pub rank: u32,
 }
 
+impl StreamCase {
+    /// The options of the receiver whose messages the file holds (default limits).
+    pub fn receiver_options(&self) -> ReceiverOptions {
+        ReceiverOptions {
+            rank: self.rank,
+            source: self.metadata.source,
+            expected_step: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
 impl std::fmt::Debug for StreamCase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StreamCase")
@@ -1486,12 +1498,7 @@ fn stream_vector(c: &StreamCase) -> (Vector, Vec<Wire>) {
             }))
             .collect::<Vec<_>>(),
     });
-    let options = ReceiverOptions {
-        rank: c.rank,
-        source: c.metadata.source,
-        expected_step: None,
-        limits: Limits::default(),
-    };
+    let options = c.receiver_options();
     let mut e = entry(c.name, Kind::Stream, c.description);
     e["receiver"] = options_json(&options);
     e["manifest"] = summary(&header, &manifest);
@@ -1574,22 +1581,15 @@ pub fn vectors() -> Vec<Vector> {
                 .unwrap_or_else(|e| panic!("valid vector {name}: {e}")),
         );
     }
-    let mut direct_digests = Vec::new();
-    let mut stream_receiver = None;
+    let mut direct_digests = None;
     for c in stream_cases() {
         let (v, wires) = stream_vector(&c);
         if c.name == "stream_direct_digests" {
-            direct_digests = wires;
-            stream_receiver = Some(ReceiverOptions {
-                rank: c.rank,
-                source: c.metadata.source,
-                expected_step: None,
-                limits: Limits::default(),
-            });
+            direct_digests = Some((wires, c.receiver_options()));
         }
         out.push(v);
     }
-    let receiver = stream_receiver.expect("stream_direct_digests exists");
+    let (direct_digests, receiver) = direct_digests.expect("stream_direct_digests exists");
     let mut flipped = direct_digests.clone();
     flipped[3].bytes[10] ^= 0x01; // data message 1 (tag 4): bytes 64..128 of storage 0
     out.push(malformed_stream_vector(
