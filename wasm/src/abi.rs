@@ -11,7 +11,7 @@
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 
-use pgt_core::codec::{Limits, Metadata};
+use pgt_core::codec::{Header, Limits, Manifest, Metadata};
 use pgt_core::dtype::DType;
 use pgt_core::receiver::{Receiver, ReceiverOptions};
 use pgt_core::sender::Sender;
@@ -138,6 +138,27 @@ fn flag(v: u32) -> Result<bool, Fail> {
     }
 }
 
+/// The arguments of `pgt_decode` and `pgt_plan`: header, metadata and limits, decoded and validated.
+fn decoded(
+    header: &[u8],
+    metadata: &[u8],
+    limits_bytes: &[u8],
+) -> Result<(Header, Manifest), Fail> {
+    let limits = limits(limits_bytes)?;
+    Ok(api::decode(header, metadata, &limits)?)
+}
+
+/// The arguments of `pgt_encode` and `pgt_sender_new`: metadata, digests flag, limits.
+fn metadata_args(
+    metadata: &[u8],
+    digests: u32,
+    limits_bytes: &[u8],
+) -> Result<(Metadata, bool, Limits), Fail> {
+    let digests = flag(digests)?;
+    let limits = limits(limits_bytes)?;
+    Ok((pgt_core::codec::decode_metadata(metadata)?, digests, limits))
+}
+
 fn insert<T>(slab: &mut Vec<Option<T>>, v: T) -> u32 {
     let i = match slab.iter().position(Option::is_none) {
         Some(i) => {
@@ -246,8 +267,7 @@ pub unsafe extern "C" fn pgt_decode(
         )
     };
     run(|| {
-        let limits = limits(l)?;
-        let (header, manifest) = api::decode(h, m, &limits)?;
+        let (header, manifest) = decoded(h, m, l)?;
         Ok(api::summary(&header, &manifest))
     })
 }
@@ -274,8 +294,7 @@ pub unsafe extern "C" fn pgt_plan(
         )
     };
     run(|| {
-        let limits = limits(l)?;
-        let (header, manifest) = api::decode(h, m, &limits)?;
+        let (header, manifest) = decoded(h, m, l)?;
         Ok(api::plan(&manifest, header.metadata_len))
     })
 }
@@ -296,9 +315,7 @@ pub unsafe extern "C" fn pgt_encode(
     // SAFETY: the caller's contract.
     let (m, l) = unsafe { (input(metadata, metadata_len), input(limits_ptr, limits_len)) };
     run(|| {
-        let digests = flag(digests)?;
-        let limits = limits(l)?;
-        let meta: Metadata = pgt_core::codec::decode_metadata(m)?;
+        let (meta, digests, limits) = metadata_args(m, digests, l)?;
         Ok(api::encode(meta, digests, &limits)?)
     })
 }
@@ -320,9 +337,7 @@ pub unsafe extern "C" fn pgt_sender_new(
     // SAFETY: the caller's contract.
     let (m, l) = unsafe { (input(metadata, metadata_len), input(limits_ptr, limits_len)) };
     run(|| {
-        let digests = flag(digests)?;
-        let limits = limits(l)?;
-        let meta: Metadata = pgt_core::codec::decode_metadata(m)?;
+        let (meta, digests, limits) = metadata_args(m, digests, l)?;
         let sender = Sender::new(meta, digests, &limits)?;
         let storages = api::storages(sender.manifest());
         let handle = insert(&mut state().senders, sender);
