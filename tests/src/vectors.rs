@@ -18,12 +18,12 @@ use pgt_core::layout::TensorLayout;
 use pgt_core::plan::{FanOut, MessageKind, Plan, PlanParams};
 use pgt_core::receiver::ReceiverOptions;
 use pgt_core::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
-use pgt_core::tree::{Key, KeyPath, Leaf, Node, PathElem, Value};
+use pgt_core::tree::{Key, Leaf, Node, Value};
 use pgt_core::Error;
 use serde_json::{json, Value as Json};
 
 use self::host::Wire;
-use self::json::{hex64, int, uint, uints};
+use self::json::{hex64, uint};
 use self::spec::W;
 
 /// Directory of the vectors, relative to the workspace root.
@@ -80,18 +80,6 @@ pub fn error_name(e: &Error) -> String {
         .collect()
 }
 
-/// `Limits` as JSON (every field).
-pub fn limits_json(l: &Limits) -> Json {
-    json!({
-        "max_metadata_bytes": uint(l.max_metadata_bytes),
-        "max_leaves": uint(l.max_leaves),
-        "max_depth": l.max_depth,
-        "max_ndim": l.max_ndim,
-        "max_total_bytes": uint(l.max_total_bytes),
-        "max_messages": uint(l.max_messages),
-    })
-}
-
 /// Reads `Limits` back from [`limits_json`]'s form.
 pub fn limits_from_json(j: &Json) -> Option<Limits> {
     let n = |k: &str| j.get(k).and_then(json_u64);
@@ -111,165 +99,26 @@ pub fn json_u64(j: &Json) -> Option<u64> {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Summaries: what a valid vector decodes to, as JSON.
+// Summaries: what a valid vector decodes to, as JSON (pgt-wasm's JSON forms, which the JS build
+// returns too).
 
-fn dtype_json(d: DType) -> Json {
-    Json::from(d.torch_name())
-}
+pub use pgt_wasm::json::{leaf_json, limits_json};
 
-fn layout_json(l: &TensorLayout) -> Json {
-    json!({
-        "dtype": dtype_json(l.dtype),
-        "shape": uints(&l.shape),
-        "stride": uints(&l.stride),
-        "storage_offset": uint(l.storage_offset),
-        "nbytes": uint(l.nbytes),
-    })
-}
-
-fn placement_json(p: &Placement) -> Json {
-    Json::from(match p {
-        Placement::Shard(d) => format!("Shard({d})"),
-        Placement::Replicate => "Replicate".into(),
-        Placement::Partial(op) => format!("Partial({op:?})"),
-    })
-}
-
-fn shard_meta_json(s: &ShardMetadata) -> Json {
-    json!({
-        "offsets": uints(&s.offsets),
-        "sizes": uints(&s.sizes),
-        "placement": s.placement,
-    })
-}
-
-fn value_json(v: &Value) -> Json {
-    match v {
-        Value::None => json!({"type": "none"}),
-        Value::Bool(b) => json!({"type": "bool", "value": b}),
-        Value::Int(i) => json!({"type": "int", "value": int(*i)}),
-        Value::Float(f) => {
-            let mut j = json!({"type": "float", "bits": hex64(f.to_bits())});
-            if f.is_finite() {
-                j["value"] = Json::from(*f);
-            }
-            j
-        }
-        Value::Str(s) => json!({"type": "str", "value": s}),
-        Value::Bytes(b) => json!({"type": "bytes", "hex": hex::encode(b)}),
-    }
-}
-
-/// A leaf as JSON.
-pub fn leaf_json(l: &Leaf) -> Json {
-    match l {
-        Leaf::Value(v) => json!({"kind": "value", "value": value_json(v)}),
-        Leaf::Tensor(t) => json!({"kind": "tensor", "layout": layout_json(t)}),
-        Leaf::DTensor { local, spec } => json!({
-            "kind": "dtensor",
-            "local": layout_json(local),
-            "spec": {
-                "mesh": {
-                    "shape": uints(&spec.mesh.shape),
-                    "ranks": uints(&spec.mesh.ranks),
-                    "dim_names": spec.mesh.dim_names,
-                    "device_type": spec.mesh.device_type,
-                },
-                "placements": spec.placements.iter().map(placement_json).collect::<Vec<_>>(),
-                "global_shape": uints(&spec.global_shape),
-                "global_stride": uints(&spec.global_stride),
-                "dtype": dtype_json(spec.dtype),
-            },
-        }),
-        Leaf::Sharded {
-            local_shards,
-            global,
-        } => json!({
-            "kind": "sharded_tensor",
-            "local_shards": local_shards
-                .iter()
-                .map(|s| json!({"layout": layout_json(&s.layout), "meta": shard_meta_json(&s.meta)}))
-                .collect::<Vec<_>>(),
-            "global": {
-                "shards": global.shards.iter().map(shard_meta_json).collect::<Vec<_>>(),
-                "global_size": uints(&global.global_size),
-                "dtype": dtype_json(global.dtype),
-            },
-        }),
-    }
-}
-
-fn path_elems_json(p: &KeyPath) -> Json {
-    Json::Array(
-        p.0.iter()
-            .map(|e| match e {
-                PathElem::Key(Key::Str(s)) => json!({ "key": s }),
-                PathElem::Key(Key::Int(i)) => json!({ "int_key": int(*i) }),
-                PathElem::Index(i) => json!({ "index": uint(*i) }),
-            })
-            .collect(),
-    )
-}
-
+/// A message kind's name in index.json.
 fn kind_name(k: MessageKind) -> &'static str {
-    match k {
-        MessageKind::Header => "header",
-        MessageKind::Metadata => "metadata",
-        MessageKind::Data => "data",
-        MessageKind::Trailer => "trailer",
-    }
-}
-
-/// The header fields as JSON.
-pub fn header_json(h: &Header) -> Json {
-    json!({
-        "version": h.version,
-        "flags": h.flags,
-        "metadata_len": uint(h.metadata_len),
-        "metadata_digest": hex64(h.metadata_digest),
-    })
+    pgt_wasm::json::kind_name(k.into())
 }
 
 /// Everything a valid header + metadata decodes to: the manifest, its key paths, storages and plan.
 pub fn summary(header: &Header, manifest: &Manifest) -> Json {
-    let m = manifest.metadata();
-    let plan = Plan::new(manifest, header.metadata_len);
-    let messages: Vec<Json> = plan
-        .messages()
-        .iter()
-        .map(|msg| {
-            let segments: Vec<Json> = plan
-                .segments(msg)
-                .iter()
-                .map(|s| json!({"storage": s.storage, "offset": uint(s.offset), "len": uint(s.len)}))
-                .collect();
-            json!({"kind": kind_name(msg.kind), "tag": uint(msg.tag), "len": uint(msg.len), "segments": segments})
-        })
-        .collect();
-    json!({
-        "header": header_json(header),
-        "step": m.step.map(uint),
-        "source": m.source,
-        "destinations": m.destinations,
-        "plan": {
-            "fanout": format!("{:?}", m.plan.fanout),
-            "bucket_size": uint(m.plan.bucket_size),
-            "chunk_size": uint(m.plan.chunk_size),
-        },
-        "digests": manifest.digests(),
-        "leaf_count": m.leaves.len(),
-        "storage_count": manifest.storages().len(),
-        "total_bytes": uint(manifest.total_bytes()),
-        "paths": manifest.paths().iter().map(|p| p.to_string()).collect::<Vec<_>>(),
-        "path_elems": manifest.paths().iter().map(path_elems_json).collect::<Vec<_>>(),
-        "leaves": m.leaves.iter().map(leaf_json).collect::<Vec<_>>(),
-        "storages": manifest
-            .storages()
-            .iter()
-            .map(|s| json!({"leaf": s.leaf, "shard": s.shard, "nbytes": uint(s.nbytes), "dtype": dtype_json(s.dtype)}))
-            .collect::<Vec<_>>(),
-        "messages": messages,
-    })
+    let mut j = pgt_wasm::json::summary_json(&pgt_wasm::api::summary(header, manifest));
+    let m = j.as_object_mut().expect("a summary is an object");
+    m.remove("tree");
+    m.insert(
+        "messages".into(),
+        pgt_wasm::json::plan_json(&pgt_wasm::api::plan(manifest, header.metadata_len)),
+    );
+    j
 }
 
 // ---------------------------------------------------------------------------------------------------

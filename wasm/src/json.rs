@@ -1,4 +1,5 @@
-//! JSON forms of pgt values for the JS build (feature "js"): the conventions of
+//! JSON forms of pgt values (feature "json"; the JS build returns them, pgt-tests writes the golden
+//! vectors' summaries with them): the conventions of
 //! `tests/vectors/index.json` (see `tests/vectors/README.md`), so a JS summary compares field for field
 //! with a vector's `manifest`:
 //! - integers above 2^53 − 1 are decimal strings (JavaScript numbers stay exact);
@@ -46,7 +47,8 @@ pub fn int(v: i64) -> Json {
     }
 }
 
-fn uints(v: &[u64]) -> Json {
+/// A list of unsigned integers.
+pub fn uints(v: &[u64]) -> Json {
     Json::Array(v.iter().map(|&x| uint(x)).collect())
 }
 
@@ -215,15 +217,20 @@ pub fn paths_json(paths: &[KeyPath]) -> Json {
     Json::Array(paths.iter().map(path_elems_json).collect())
 }
 
+/// The header's fields.
+pub fn header_json(h: &HeaderW) -> Json {
+    json!({
+        "version": h.version,
+        "flags": h.flags,
+        "metadata_len": uint(h.metadata_len),
+        "metadata_digest": hex64(h.metadata_digest),
+    })
+}
+
 /// A summary: index.json's `manifest` without `messages`, plus `tree`.
 pub fn summary_json(s: &Summary) -> Json {
     json!({
-        "header": {
-            "version": s.header.version,
-            "flags": s.header.flags,
-            "metadata_len": uint(s.header.metadata_len),
-            "metadata_digest": hex64(s.header.metadata_digest),
-        },
+        "header": header_json(&s.header),
         "step": s.step.map(uint),
         "source": s.source,
         "destinations": s.destinations,

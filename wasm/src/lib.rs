@@ -28,5 +28,5 @@ mod abi;
 
 #[cfg(all(feature = "js", target_arch = "wasm32"))]
 mod js;
-#[cfg(feature = "js")]
+#[cfg(feature = "json")]
 pub mod json;

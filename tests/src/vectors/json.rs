@@ -4,36 +4,7 @@
 
 use serde_json::Value as Json;
 
-/// Largest integer a JSON reader using IEEE doubles (JavaScript) holds exactly.
-pub const MAX_SAFE: u64 = (1 << 53) - 1;
-
-/// An unsigned integer: a JSON number up to 2^53 − 1, else a decimal string (exact in every reader).
-pub fn uint(v: u64) -> Json {
-    if v <= MAX_SAFE {
-        Json::from(v)
-    } else {
-        Json::from(v.to_string())
-    }
-}
-
-/// A signed integer: a JSON number within ±(2^53 − 1), else a decimal string.
-pub fn int(v: i64) -> Json {
-    if v.unsigned_abs() <= MAX_SAFE {
-        Json::from(v)
-    } else {
-        Json::from(v.to_string())
-    }
-}
-
-/// A list of unsigned integers.
-pub fn uints(v: &[u64]) -> Json {
-    Json::Array(v.iter().map(|&x| uint(x)).collect())
-}
-
-/// A 64-bit value as `0x` and 16 lowercase hex digits.
-pub fn hex64(v: u64) -> Json {
-    Json::from(format!("0x{v:016x}"))
-}
+pub use pgt_wasm::json::{hex64, int, uint, uints, MAX_SAFE};
 
 /// The document, ending with a newline.
 pub fn to_string(v: &Json) -> String {
