@@ -279,6 +279,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// The variant's name (`"TreeTooDeep"` for `TreeTooDeep { max: 64 }`): how hosts, tools and the
+    /// golden vectors name an error.
+    pub fn name(&self) -> String {
+        alloc::format!("{self:?}")
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect()
+    }
+
     pub(crate) fn from_postcard(e: postcard::Error) -> Error {
         match e {
             postcard::Error::DeserializeUnexpectedEnd => Error::TruncatedMetadata,

@@ -72,14 +72,6 @@ pub struct Vector {
     pub entry: Json,
 }
 
-/// The variant name of an error (`"TreeTooDeep"` for `TreeTooDeep { max: 64 }`).
-pub fn error_name(e: &Error) -> String {
-    format!("{e:?}")
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric())
-        .collect()
-}
-
 /// Reads `Limits` back from [`limits_json`]'s form.
 pub fn limits_from_json(j: &Json) -> Option<Limits> {
     let n = |k: &str| j.get(k).and_then(json_u64);
@@ -1091,7 +1083,7 @@ fn malformed_vector(b: Bad) -> Vector {
         .unwrap_or_else(|| panic!("malformed vector {} decodes", b.name));
     let mut e = entry(b.name, Kind::Malformed, b.description);
     e["header_len"] = Json::from(b.header.len());
-    e["error"] = Json::from(error_name(&err));
+    e["error"] = Json::from(err.name());
     e["error_debug"] = Json::from(format!("{err:?}"));
     if let Some(l) = b.limits {
         e["limits"] = limits_json(&l);
@@ -1178,7 +1170,7 @@ fn receiver_reject_vector(
     e["header_len"] = Json::from(Header::SIZE);
     e["manifest"] = summary(&header_for(0, &meta), &manifest);
     e["receiver"] = options_json(&options);
-    e["error"] = Json::from(error_name(&err));
+    e["error"] = Json::from(err.name());
     e["error_debug"] = Json::from(format!("{err:?}"));
     Vector {
         name: name.into(),
@@ -1376,7 +1368,7 @@ fn malformed_stream_vector(
     e["receiver"] = options_json(&receiver);
     e["pattern"] = Json::from(pattern_text());
     let (name_, debug) = match &err {
-        host::HostError::Core(err) => (error_name(err), format!("{err:?}")),
+        host::HostError::Core(err) => (err.name(), format!("{err:?}")),
         host::HostError::Host(h) => panic!("malformed stream {name} fails in the host: {h}"),
     };
     e["error"] = Json::from(name_);

@@ -145,7 +145,7 @@ fn malformed_vectors_fail_with_their_named_error() {
             .and_then(|header| codec::decode(&header, &meta, &limits))
             .err()
             .unwrap_or_else(|| panic!("{name} decodes"));
-        assert_eq!(vectors::error_name(&err), str_of(e, "error"), "{name}");
+        assert_eq!(err.name(), str_of(e, "error"), "{name}");
         assert_eq!(format!("{err:?}"), str_of(e, "error_debug"), "{name}");
         // Vectors that get past the header carry a header consistent with their metadata, except the
         // ones about exactly that.
@@ -193,7 +193,7 @@ fn receiver_rejects() {
         let mut rx = Receiver::new(options);
         rx.handle_header(&h).expect("header accepted");
         let err = rx.handle_metadata(&meta).expect_err("rejected");
-        assert_eq!(vectors::error_name(&err), str_of(e, "error"), "{name}");
+        assert_eq!(err.name(), str_of(e, "error"), "{name}");
         assert_eq!(format!("{err:?}"), str_of(e, "error_debug"), "{name}");
     }
 }
@@ -271,7 +271,7 @@ fn malformed_streams_fail_with_their_named_error() {
         let options = vectors::options_from_json(&e["receiver"]).expect("receiver options");
         match vectors::run_stream(options, &records) {
             Err(host::HostError::Core(err)) => {
-                assert_eq!(vectors::error_name(&err), str_of(e, "error"), "{name}");
+                assert_eq!(err.name(), str_of(e, "error"), "{name}");
                 assert_eq!(format!("{err:?}"), str_of(e, "error_debug"), "{name}");
             }
             other => panic!("{name}: {other:?}"),

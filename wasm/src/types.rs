@@ -59,13 +59,14 @@ pub struct ErrorInfo {
 impl ErrorInfo {
     /// Describes a pgt-core error.
     pub fn from_core(e: &pgt_core::Error) -> ErrorInfo {
+        // `Error::name()` from the Debug form this formats anyway: calling it instead made the raw
+        // module 6 KB larger (211,172 -> 217,287 bytes, measured).
         let debug = alloc::format!("{e:?}");
-        let name = debug
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric())
-            .collect();
         ErrorInfo {
-            name,
+            name: debug
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric())
+                .collect(),
             message: alloc::format!("{e}"),
             debug,
             detail: ErrorW::from_core(e),

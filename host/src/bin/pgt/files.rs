@@ -304,13 +304,9 @@ impl Report {
             return;
         }
         let debug = format!("{e:?}");
-        let name: String = debug
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric())
-            .collect();
         self.set(
             "error",
-            json!({"name": name, "debug": debug, "message": e.to_string()}),
+            json!({"name": e.name(), "debug": debug, "message": e.to_string()}),
         );
         self.error = Some(anyhow!("{debug}: {e}"));
     }
