@@ -54,14 +54,14 @@ fn demo_delivers_every_byte_to_three_receivers_in_both_fanout_modes() {
     }
 }
 
-#[test]
-fn bench_prints_the_json_contract() {
+/// `pgt bench --scenario S --bytes B --repeat 1 --json`, which must succeed; its JSON line.
+fn bench_json(scenario: &str, bytes: &str) -> serde_json::Value {
     let out = pgt(&[
         "bench",
         "--scenario",
-        "large-inplace",
+        scenario,
         "--bytes",
-        "4MiB",
+        bytes,
         "--repeat",
         "1",
         "--json",
@@ -71,8 +71,12 @@ fn bench_prints_the_json_contract() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let line = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON line");
+    serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("one JSON line")
+}
+
+#[test]
+fn bench_prints_the_json_contract() {
+    let v = bench_json("large-inplace", "4MiB");
     for key in [
         "scenario",
         "world_size",
@@ -97,23 +101,7 @@ fn bench_prints_the_json_contract() {
 
 #[test]
 fn bench_large_pooled_times_a_receive_into_recycled_buffers() {
-    let out = pgt(&[
-        "bench",
-        "--scenario",
-        "large-pooled",
-        "--bytes",
-        "16MiB",
-        "--repeat",
-        "1",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("one JSON line");
+    let v = bench_json("large-pooled", "16MiB");
     assert_eq!(v["scenario"], "large-pooled");
     assert_eq!(v["verified"], true);
     assert!(v["receiver_cpu_seconds"].as_f64().unwrap() > 0.0, "{v}");
