@@ -153,6 +153,8 @@ impl StorageHasher {
 
 /// Messages queued per worker: small descriptors, so memory stays flat whatever the transfer size.
 const QUEUE_DEPTH: usize = 256;
+/// How often a wait for workers looks at the abort flag.
+const ABORT_POLL: Duration = Duration::from_millis(20);
 
 impl<P: ProcessGroup> Transport<P> {
     /// A transport over `pg`.
@@ -220,15 +222,13 @@ impl<P: ProcessGroup> Transport<P> {
                 let pg = &self.pg;
                 let progress = progress.clone();
                 let sent = &sent;
-                // The core asks only destination 0's sends to be hashed (so only its thread holds a
-                // digest sender: if it stops, waiting for digests ends at once).
-                let digest_tx = (i == 0).then(|| digest_tx.clone());
+                let digest_tx = digest_tx.clone();
                 // Progress counts the first destination's bytes: one copy of the checkpoint.
                 let counts = i == 0;
                 scope.spawn(move || {
                     // The core asks for every storage byte to be hashed exactly once, on the sends to
-                    // one destination, in order. Hashing right before the send also pulls the bytes
-                    // into cache for the kernel's copy, so the two share one trip to memory.
+                    // one destination, in order (so one thread sees all of a storage). Hashing right
+                    // before the send also pulls the bytes into cache for the kernel's copy.
                     let mut hashers = StorageHashers::new(refs);
                     for step in rx {
                         if abort.is_set() {
@@ -238,23 +238,12 @@ impl<P: ProcessGroup> Transport<P> {
                             OwnedPayload::Bytes(b) => pg.send(step.to, step.tag, &[b], timeout),
                             OwnedPayload::Storages(segs) => {
                                 let parts = storage_parts(storages, segs);
-                                match (step.hash, &digest_tx) {
-                                    (true, Some(digest_tx)) => {
-                                        for (seg, bytes) in segs.iter().zip(&parts) {
-                                            if let Some(d) = hashers.update(seg, bytes) {
-                                                let _ = digest_tx.send(d);
-                                            }
+                                if step.hash {
+                                    for (seg, bytes) in segs.iter().zip(&parts) {
+                                        if let Some(d) = hashers.update(seg, bytes) {
+                                            let _ = digest_tx.send(d);
                                         }
                                     }
-                                    (true, None) => {
-                                        abort.fail(anyhow!(
-                                            "the protocol engine asked to hash a send to rank {}, \
-                                             not the first destination",
-                                            step.to
-                                        ));
-                                        break;
-                                    }
-                                    (false, _) => {}
                                 }
                                 pg.send(step.to, step.tag, &parts, timeout)
                             }
@@ -293,17 +282,30 @@ impl<P: ProcessGroup> Transport<P> {
                                 .send(step)
                                 .map_err(|_| anyhow!("sender to rank {to} stopped"))?;
                         }
-                        SendNext::WaitDigests => match digest_rx.recv_timeout(timeout) {
-                            Ok((s, d)) => engine.handle_storage_digest(s, d)?,
-                            Err(RecvTimeoutError::Timeout) => {
-                                if !abort.is_set() {
-                                    bail!("timed out waiting for storage digests")
+                        // Waits in short slices, so that a failed destination thread (whose error is in
+                        // `abort`) ends the wait at once.
+                        SendNext::WaitDigests => {
+                            let deadline = Instant::now() + timeout;
+                            loop {
+                                match digest_rx.recv_timeout(ABORT_POLL) {
+                                    Ok((s, d)) => {
+                                        engine.handle_storage_digest(s, d)?;
+                                        break;
+                                    }
+                                    Err(RecvTimeoutError::Timeout) if abort.is_set() => {
+                                        return Ok(())
+                                    }
+                                    Err(RecvTimeoutError::Timeout) => {
+                                        if Instant::now() >= deadline {
+                                            bail!("timed out waiting for storage digests")
+                                        }
+                                    }
+                                    Err(RecvTimeoutError::Disconnected) => {
+                                        bail!("hashing stopped before every digest was reported")
+                                    }
                                 }
                             }
-                            Err(RecvTimeoutError::Disconnected) => {
-                                bail!("hashing stopped before every digest was reported")
-                            }
-                        },
+                        }
                         SendNext::Done => return Ok(()),
                     }
                 }
