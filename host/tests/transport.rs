@@ -2,7 +2,7 @@
 //! bucketing boundaries, in-place receive and cast, mismatches, stalls and corruption.
 
 mod common;
-use common::{transfer_with_a_corrupted_byte, Fault, Faulty};
+use common::{in_place_size_mismatch, transfer_with_a_corrupted_byte, Fault, Faulty};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -354,27 +354,7 @@ fn a_pool_gets_cast_staging_back() {
 
 #[test]
 fn in_place_size_mismatch_names_the_key_path() {
-    let mut src = StateDict::new();
-    src.insert(
-        "model.layers.0.weight",
-        Entry::Tensor(Tensor::from_values(&[4], &[1f32; 4]).unwrap()),
-    )
-    .unwrap();
-    let mut dst = StateDict::new();
-    dst.insert(
-        "model.layers.0.weight",
-        Entry::Tensor(Tensor::from_values(&[3], &[0f32; 3]).unwrap()),
-    )
-    .unwrap();
-    let mut groups = InProcessGroup::new(2).into_iter();
-    let a = Transport::new(groups.next().unwrap(), options(FanOut::Direct, 1024, 4096));
-    let b = Transport::new(groups.next().unwrap(), options(FanOut::Direct, 1024, 4096));
-    let err = std::thread::scope(|s| {
-        let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
-        // The receiver gives up after the metadata; the sender's sends may or may not complete.
-        let _ = a.send_checkpoint(&[1], &src);
-        h.join().unwrap().unwrap_err()
-    });
+    let (err, dst) = in_place_size_mismatch(options(FanOut::Direct, 1024, 4096));
     let core = err.downcast_ref::<pgt_core::Error>().expect("a core error");
     assert_eq!(
         core,

@@ -6,7 +6,7 @@
 #![cfg(feature = "wasm")]
 
 mod common;
-use common::transfer_with_a_corrupted_byte;
+use common::{in_place_size_mismatch, transfer_with_a_corrupted_byte};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -157,32 +157,7 @@ fn in_place_receive_and_cast_with_the_core_in_wasm() {
 
 #[test]
 fn in_place_size_mismatch_names_the_key_path() {
-    let mut src = StateDict::new();
-    src.insert(
-        "model.layers.0.weight",
-        Entry::Tensor(Tensor::from_values(&[4], &[1f32; 4]).unwrap()),
-    )
-    .unwrap();
-    let mut dst = StateDict::new();
-    dst.insert(
-        "model.layers.0.weight",
-        Entry::Tensor(Tensor::from_values(&[3], &[0f32; 3]).unwrap()),
-    )
-    .unwrap();
-    let mut groups = InProcessGroup::new(2).into_iter();
-    let a = Transport::new(
-        groups.next().unwrap(),
-        options(wasm(), FanOut::Direct, 1024, 4096),
-    );
-    let b = Transport::new(
-        groups.next().unwrap(),
-        options(wasm(), FanOut::Direct, 1024, 4096),
-    );
-    let err = std::thread::scope(|s| {
-        let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
-        let _ = a.send_checkpoint(&[1], &src);
-        h.join().unwrap().unwrap_err()
-    });
+    let (err, _) = in_place_size_mismatch(options(wasm(), FanOut::Direct, 1024, 4096));
     assert_eq!(
         core_error(&err),
         &pgt_core::Error::InPlaceSizeMismatch {

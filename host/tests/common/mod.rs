@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use pgt_host::pg::{InProcessGroup, PgError, ProcessGroup};
-use pgt_host::state_dict::StateDict;
+use pgt_host::state_dict::{Entry, StateDict, Tensor};
 use pgt_host::synthetic::{self, Shape};
 use pgt_host::transport::{Transport, TransportOptions};
 
@@ -95,4 +95,26 @@ pub fn transfer_with_a_corrupted_byte(
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     (shape, results)
+}
+
+/// Rank 1 receives in place a 4-element `model.layers.0.weight` into its 3-element one, with `opts`;
+/// returns the receiver's error and its state dict afterwards.
+#[allow(dead_code)] // each test crate that includes this module uses only some of it
+pub fn in_place_size_mismatch(opts: TransportOptions) -> (anyhow::Error, StateDict<'static>) {
+    let tensor =
+        |n: u64| Entry::Tensor(Tensor::from_values(&[n], &vec![1f32; n as usize]).unwrap());
+    let mut src = StateDict::new();
+    src.insert("model.layers.0.weight", tensor(4)).unwrap();
+    let mut dst = StateDict::new();
+    dst.insert("model.layers.0.weight", tensor(3)).unwrap();
+    let mut groups = InProcessGroup::new(2).into_iter();
+    let a = Transport::new(groups.next().unwrap(), opts.clone());
+    let b = Transport::new(groups.next().unwrap(), opts);
+    let err = std::thread::scope(|s| {
+        let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
+        // The receiver gives up after the metadata; the sender's sends may or may not complete.
+        let _ = a.send_checkpoint(&[1], &src);
+        h.join().unwrap().unwrap_err()
+    });
+    (err, dst)
 }
