@@ -69,8 +69,14 @@ if [ "$RAW_ONLY" = 0 ]; then
   # stripping removes.
   CARGO_PROFILE_WASM_RELEASE_STRIP=debuginfo wasm_build std,panic_abort --features js
   if [ "$(wasm-bindgen --version 2>/dev/null | awk '{print $2}')" != "$WASM_BINDGEN_VERSION" ]; then
+    # The CLI's own lock file first; when the registry lacks a version it pins (here: webpki-roots
+    # 1.0.11), resolve afresh at the same CLI version. Either way the CLI matches the crate's pin.
     echo "==> cargo install wasm-bindgen-cli $WASM_BINDGEN_VERSION"
-    cargo install wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION" --locked
+    cargo install wasm-bindgen-cli --version "=$WASM_BINDGEN_VERSION" --locked ||
+      { echo "==> --locked failed; installing wasm-bindgen-cli $WASM_BINDGEN_VERSION without it"
+        cargo install wasm-bindgen-cli --version "=$WASM_BINDGEN_VERSION"; }
+    [ "$(wasm-bindgen --version | awk '{print $2}')" = "$WASM_BINDGEN_VERSION" ] ||
+      { echo "build-wasm: wasm-bindgen on PATH is not $WASM_BINDGEN_VERSION" >&2; exit 1; }
   fi
   rm -rf "$OUT_NODE"
   wasm-bindgen --target nodejs --out-dir "$OUT_NODE" --out-name pgt_wasm \

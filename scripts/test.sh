@@ -9,7 +9,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pgt/target}"
 export CARGO_TERM_COLOR=never
 mkdir -p "$CARGO_TARGET_DIR"
 
-step() { printf '\n==> %s\n' "$*"; }
+START=$(date +%s)
+# Each step's line carries the seconds since the start (scripts/fresh-check.sh reports them).
+step() { printf '\n==> [+%ss] %s\n' "$(( $(date +%s) - START ))" "$*"; }
 
 step "toolchain"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
