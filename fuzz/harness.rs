@@ -8,11 +8,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use pgt_core::codec::{self, Header, Limits, Manifest, FLAG_DIGESTS, VERSION};
+use pgt_core::codec;
 use pgt_core::digest::digest;
 use pgt_core::dtype::DType;
+use pgt_core::header::{Header, Limits, FLAG_DIGESTS, VERSION};
+use pgt_core::manifest::Manifest;
 use pgt_core::plan::{self, MessageKind, Plan};
-use pgt_core::receiver::{Receiver, ReceiverOptions, RecvInto, RecvPoll};
+use pgt_core::receiver::{InPlace, Receiver, ReceiverOptions, RecvPoll};
 use pgt_core::Error;
 
 /// Plans larger than this are not built by the harnesses (the limit is the host's choice; building a
@@ -202,10 +204,13 @@ pub fn check_manifest(manifest: &Manifest, limits: &Limits) {
     assert!(total <= limits.max_total_bytes);
 
     // The plan: counted size within the limit, and built only when small.
-    let count = plan::count_data_messages(manifest);
+    let count = plan::count_data_messages(
+        manifest.storages().iter().map(|s| s.nbytes),
+        manifest.metadata().plan,
+    );
     assert!(count <= limits.max_messages);
     if count <= MAX_MESSAGES {
-        check_plan(manifest, &Plan::new(manifest, bytes.len() as u64), count);
+        check_plan(manifest, &manifest.plan(bytes.len() as u64), count);
     }
 }
 
@@ -232,6 +237,8 @@ pub fn check_plan(manifest: &Manifest, plan: &Plan, count: u64) {
             assert!(s.len > 0);
             assert_eq!(covered[s.storage as usize], s.offset, "in order, no gap");
             covered[s.storage as usize] += s.len;
+            let nbytes = manifest.storages()[s.storage as usize].nbytes;
+            assert_eq!(s.completes, covered[s.storage as usize] == nbytes);
             assert!(last <= Some(s.storage));
             last = Some(s.storage);
         }
@@ -259,16 +266,18 @@ struct Log {
     header_ok: bool,
     metadata_ok: bool,
     /// Data messages acknowledged with `Ok`.
-    data_ok: BTreeSet<usize>,
+    data_ok: BTreeSet<u32>,
     /// Forwards acknowledged with `Ok`.
-    forwarded_ok: BTreeSet<usize>,
+    forwarded_ok: BTreeSet<u32>,
     /// Storage digests accepted, by storage.
     digests_ok: BTreeMap<u32, u64>,
     /// The trailer accepted.
     trailer_ok: Option<Vec<u8>>,
     /// Messages polled for receive / forward and not yet completed by the harness.
-    pending_recv: Vec<(usize, MessageKind)>,
-    pending_fwd: Vec<usize>,
+    pending_recv: Vec<(u32, MessageKind)>,
+    pending_fwd: Vec<u32>,
+    /// In-place targets gathered for the next `finish_bindings`.
+    in_place: Vec<InPlace>,
 }
 
 /// Input: `mode`, a u16 metadata length `n`, 24 header bytes, `n` metadata bytes, then a program of
@@ -335,29 +344,45 @@ fn record<T>(res: Result<T, Error>) -> Option<T> {
     }
 }
 
-/// Completes a received data message honestly: reports the digest of each storage that ends in it
-/// (when hashing), then the message. Returns whether the receiver accepted the message.
-fn complete_data(r: &mut Receiver, m: usize, log: &mut Log) -> bool {
-    let hashed: Vec<(u32, bool)> = match (r.plan(), r.manifest()) {
-        (Some(plan), Some(manifest)) if manifest.digests() => plan
-            .messages()
-            .get(m)
-            .map(|msg| {
+/// The storages data message `m` completes, in segment order (empty for other messages).
+fn completed_storages(r: &Receiver, m: u32) -> Vec<u32> {
+    r.plan()
+        .and_then(|plan| {
+            let msg = plan.messages().get(m as usize)?;
+            Some(
                 plan.segments(msg)
                     .iter()
-                    .map(|s| {
-                        let nbytes = manifest.storages()[s.storage as usize].nbytes;
-                        (s.storage, s.offset + s.len == nbytes)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-        _ => Vec::new(),
-    };
-    for (s, last) in hashed {
-        if last && record(r.handle_storage_digest(s, fake_digest(s))).is_some() {
-            log.digests_ok.insert(s, fake_digest(s));
+                    .filter(|s| s.completes)
+                    .map(|s| s.storage)
+                    .collect(),
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// Reports `digests` for data message `m`; logs them when accepted.
+fn report_digests(r: &mut Receiver, m: u32, digests: &[u64], log: &mut Log) {
+    let storages = completed_storages(r, m);
+    if record(r.handle_digests(m, digests)).is_some() {
+        assert_eq!(storages.len(), digests.len());
+        for (s, &d) in storages.into_iter().zip(digests) {
+            assert!(
+                log.digests_ok.insert(s, d).is_none(),
+                "digest {s} accepted twice"
+            );
         }
+    }
+}
+
+/// Completes a received data message honestly: reports the digests of the storages that end in it
+/// (when hashing), then the message. Returns whether the receiver accepted the message.
+fn complete_data(r: &mut Receiver, m: u32, log: &mut Log) -> bool {
+    if r.manifest().is_some_and(|m| m.digests()) {
+        let digests: Vec<u64> = completed_storages(r, m)
+            .into_iter()
+            .map(fake_digest)
+            .collect();
+        report_digests(r, m, &digests, log);
     }
     let ok = record(r.handle_data(m)).is_some();
     if ok {
@@ -381,18 +406,18 @@ fn drive(r: &mut Receiver, header: &[u8], meta: &[u8], log: &mut Log) -> bool {
     enum Act {
         Header,
         Metadata,
-        Data(usize),
+        Data(u32),
         Trailer,
-        Forward(usize),
+        Forward(u32),
         Bindings,
         Nothing,
     }
     let act = match r.poll() {
         RecvPoll::Recv(op) => {
-            match op.into {
-                RecvInto::Core => assert_ne!(op.kind, MessageKind::Data),
-                RecvInto::Storages(_) => assert_eq!(op.kind, MessageKind::Data),
-            }
+            assert_eq!(
+                op.hash,
+                op.kind == MessageKind::Data && r.manifest().is_some_and(|m| m.digests())
+            );
             match op.kind {
                 MessageKind::Header => Act::Header,
                 MessageKind::Metadata => Act::Metadata,
@@ -427,7 +452,10 @@ fn drive(r: &mut Receiver, header: &[u8], meta: &[u8], log: &mut Log) -> bool {
             }
             ok
         }
-        Act::Bindings => record(r.finish_bindings()).is_some(),
+        Act::Bindings => {
+            let in_place = std::mem::take(&mut log.in_place);
+            record(r.finish_bindings(&in_place)).is_some()
+        }
         Act::Nothing => false,
     }
 }
@@ -466,13 +494,14 @@ fn step(
             log.metadata_ok |= record(r.handle_metadata(meta)).is_some();
         }
         4 => {
-            let storage = usize::from(input.u16());
+            let storage = input.u16();
             let id = u64::from(input.u8());
             let dtype = DType::ALL[usize::from(input.u8()) % DType::ALL.len()];
             let how = input.u8();
             let nbytes = match (
                 how % 4,
-                r.manifest().and_then(|m| m.storages().get(storage)),
+                r.manifest()
+                    .and_then(|m| m.storages().get(usize::from(storage))),
             ) {
                 // The exact size for this dtype (cast when it differs), or off by some bytes.
                 (0 | 1, Some(s)) => {
@@ -481,13 +510,19 @@ fn step(
                 }
                 _ => input.u64(),
             };
-            record(r.bind_in_place(storage, id, dtype, nbytes));
+            log.in_place.push(InPlace {
+                storage: storage.into(),
+                id,
+                dtype,
+                nbytes,
+            });
         }
         5 => {
-            record(r.finish_bindings());
+            let in_place = std::mem::take(&mut log.in_place);
+            record(r.finish_bindings(&in_place));
         }
         6 => {
-            let m = usize::from(input.u16());
+            let m = u32::from(input.u16());
             complete_data(r, m, log);
         }
         7 => {
@@ -500,21 +535,30 @@ fn step(
             complete_trailer(r, bytes, log);
         }
         8 => {
-            let s = u32::from(input.u16());
-            let value = if input.u8() & 1 == 0 {
-                fake_digest(s)
-            } else {
-                input.u64()
-            };
-            if record(r.handle_storage_digest(s, value)).is_some() {
-                assert!(
-                    log.digests_ok.insert(s, value).is_none(),
-                    "digest {s} accepted twice"
-                );
+            // Digests for a message: honest, corrupted, or an arbitrary count of arbitrary values.
+            let m = u32::from(input.u16());
+            let how = input.u8();
+            let mut digests: Vec<u64> = completed_storages(r, m)
+                .into_iter()
+                .map(fake_digest)
+                .collect();
+            match how % 4 {
+                0 => {}
+                1 => {
+                    if let Some(d) = digests.first_mut() {
+                        *d ^= input.u64() | 1;
+                    }
+                }
+                _ => {
+                    digests = (0..usize::from(how >> 2) % 8)
+                        .map(|_| input.u64())
+                        .collect();
+                }
             }
+            report_digests(r, m, &digests, log);
         }
         9 => {
-            let m = usize::from(input.u16());
+            let m = u32::from(input.u16());
             if record(r.handle_forwarded(m)).is_some() {
                 assert!(log.forwarded_ok.insert(m), "forward {m} accepted twice");
             }
@@ -558,7 +602,10 @@ fn step(
             // Read-only accessors in any state.
             let _ = r.manifest();
             let _ = r.plan();
-            let _ = r.binding(usize::from(input.u16()));
+            let _ = r.bindings();
+            let _ = r.incoming();
+            let _ = r.paths();
+            let _ = r.payload(u32::from(input.u16()));
             let _ = r.digest_mismatch();
         }
         _ => return false,
@@ -582,7 +629,10 @@ fn check_finish(r: Receiver, log: &Log, rank: u32) -> bool {
     assert!(log.header_ok && log.metadata_ok);
     // Every data message was acknowledged.
     for m in plan.data_messages() {
-        assert!(log.data_ok.contains(&m), "data message {m} never received");
+        assert!(
+            log.data_ok.contains(&(m as u32)),
+            "data message {m} never received"
+        );
     }
     // Digests: the trailer was received and every storage's reported digest matches it.
     if manifest.digests() {
@@ -603,8 +653,8 @@ fn check_finish(r: Receiver, log: &Log, rank: u32) -> bool {
     let meta = manifest.metadata();
     let pos = meta.destinations.iter().position(|&d| d == rank);
     let pos = pos.expect("a result implies this rank is a destination");
-    if meta.plan.fanout == pgt_core::plan::FanOut::Chain && pos + 1 < meta.destinations.len() {
-        for m in 2..plan.messages().len() {
+    if meta.plan.fanout == pgt_core::schema::FanOut::Chain && pos + 1 < meta.destinations.len() {
+        for m in 2..plan.messages().len() as u32 {
             assert!(log.forwarded_ok.contains(&m), "message {m} never forwarded");
         }
     } else {

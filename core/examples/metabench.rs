@@ -5,9 +5,11 @@
 
 use std::time::Instant;
 
-use pgt_core::codec::{decode, encode, Header, Limits, Manifest};
-use pgt_core::plan::PlanParams;
+use pgt_core::codec::{decode, encode};
+use pgt_core::header::{Header, Limits};
+use pgt_core::manifest::Manifest;
 use pgt_core::reference::reference_metadata;
+use pgt_core::schema::PlanParams;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

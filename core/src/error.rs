@@ -2,16 +2,57 @@
 
 use alloc::string::String;
 use core::fmt;
+use serde::{Deserialize, Serialize};
+use strum::{IntoStaticStr, VariantNames};
 
 use crate::dtype::DType;
 
+/// The state-machine call an [`Error::UnexpectedCall`] names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Call {
+    /// `handle_header`.
+    Header,
+    /// `handle_metadata`.
+    Metadata,
+    /// `finish_bindings`.
+    Bindings,
+    /// `handle_data`.
+    Data,
+    /// `handle_digests`.
+    Digests,
+    /// `handle_trailer`.
+    Trailer,
+    /// `handle_forwarded`, or asking for a forward's bytes.
+    Forwarded,
+    /// Asking for what the metadata announced (before it was received).
+    Incoming,
+}
+
+impl fmt::Display for Call {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Call::Header => "the header",
+            Call::Metadata => "the metadata",
+            Call::Bindings => "binding",
+            Call::Data => "a data message",
+            Call::Digests => "a digest report",
+            Call::Trailer => "the trailer",
+            Call::Forwarded => "a forward",
+            Call::Incoming => "asking for the announced storages",
+        })
+    }
+}
+
 /// Everything that can go wrong in pgt-core: malformed or hostile bytes, invalid layouts and specs,
 /// protocol-order violations and in-place binding mismatches. Each variant names what was wrong.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// It derives serde so that it crosses the wasm boundary as itself; [`Error::name`] is the variant's
+/// name, which hosts, tools and the golden vectors use to name an error.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, IntoStaticStr, VariantNames)]
 #[non_exhaustive]
 pub enum Error {
     // ---- header and codec ----
-    /// The header message is not exactly [`crate::codec::Header::SIZE`] bytes.
+    /// The header message is not exactly [`crate::header::Header::SIZE`] bytes.
     HeaderLength {
         /// Bytes received.
         got: u64,
@@ -28,7 +69,7 @@ pub enum Error {
         /// Flags received.
         flags: u16,
     },
-    /// The header announces more metadata than [`crate::codec::Limits::max_metadata_bytes`].
+    /// The header announces more metadata than [`crate::header::Limits::max_metadata_bytes`].
     MetadataTooLarge {
         /// Announced length.
         len: u64,
@@ -56,31 +97,31 @@ pub enum Error {
     /// Encoding failed (only on allocation-free serializer errors; should not happen).
     Encode,
     // ---- limits ----
-    /// More leaves than [`crate::codec::Limits::max_leaves`].
+    /// More leaves than [`crate::header::Limits::max_leaves`].
     TooManyLeaves {
         /// Leaves in the metadata.
         count: u64,
         /// The limit.
         max: u64,
     },
-    /// Nesting deeper than [`crate::codec::Limits::max_depth`].
+    /// Nesting deeper than [`crate::header::Limits::max_depth`].
     TreeTooDeep {
         /// The limit.
         max: u32,
     },
-    /// A tensor, global shape or mesh with more dims than [`crate::codec::Limits::max_ndim`].
+    /// A tensor, global shape or mesh with more dims than [`crate::header::Limits::max_ndim`].
     TooManyDims {
         /// Dims found.
         ndim: u64,
         /// The limit.
         max: u32,
     },
-    /// Storage bytes add up to more than [`crate::codec::Limits::max_total_bytes`].
+    /// Storage bytes add up to more than [`crate::header::Limits::max_total_bytes`].
     TotalBytesTooLarge {
         /// The limit.
         max: u64,
     },
-    /// The plan would have more messages than [`crate::codec::Limits::max_messages`].
+    /// The plan would have more messages than [`crate::header::Limits::max_messages`].
     TooManyMessages {
         /// Data messages the plan needs.
         count: u64,
@@ -94,7 +135,7 @@ pub enum Error {
     TrailingTreeNodes,
     /// A dict has the same key twice.
     DuplicateKey,
-    /// The leaves' key paths would hold more key text than the limit (4 × [`crate::codec::Limits::max_metadata_bytes`]):
+    /// The leaves' key paths would hold more key text than the limit (4 × [`crate::header::Limits::max_metadata_bytes`]):
     /// a long key above many leaves is repeated in every leaf's path.
     KeyPathsTooLarge {
         /// The limit, in bytes of string keys summed over all key paths.
@@ -240,8 +281,59 @@ pub enum Error {
         /// Step in the metadata.
         got: Option<u64>,
     },
-    /// A call came in the wrong state or named a message/storage/leaf the transfer does not have.
-    ProtocolState(&'static str),
+    /// A state machine was called in a state that does not expect the call (a host bug, or a host
+    /// misled by its peer): e.g. metadata before the header, or data before the bindings.
+    UnexpectedCall {
+        /// What was called.
+        call: Call,
+    },
+    /// A storage index the transfer does not have.
+    NoSuchStorage {
+        /// The index.
+        storage: u64,
+    },
+    /// A message index that is not an outstanding receive of that kind (never polled, already
+    /// handled, or of another kind).
+    MessageNotOutstanding {
+        /// The plan index.
+        message: u64,
+    },
+    /// Digests were reported for a transfer that carries none.
+    DigestsOff,
+    /// A data message's digests were reported twice, or for a message that is not hashed.
+    DigestsNotExpected {
+        /// The plan index.
+        message: u64,
+    },
+    /// A data message's digest report has another number of digests than the storages it completes.
+    DigestCount {
+        /// The plan index.
+        message: u64,
+        /// Storages the message completes.
+        expected: u64,
+        /// Digests reported.
+        got: u64,
+    },
+    /// A forward was reported that was never polled.
+    ForwardNotIssued {
+        /// The plan index.
+        message: u64,
+    },
+    /// A forward was reported twice.
+    ForwardReportedTwice {
+        /// The plan index.
+        message: u64,
+    },
+    /// A data message's bytes are not as long as its segments (an in-memory host was handed a message
+    /// of the wrong length; a process group refuses such a message itself).
+    DataLength {
+        /// The plan index.
+        message: u64,
+        /// The segments' total length.
+        expected: u64,
+        /// Bytes handed over.
+        got: u64,
+    },
     /// An in-place destination has a different storage size than the incoming tensor.
     InPlaceSizeMismatch {
         /// Key path of the leaf.
@@ -281,12 +373,12 @@ pub enum Error {
 impl Error {
     /// The variant's name (`"TreeTooDeep"` for `TreeTooDeep { max: 64 }`): how hosts, tools and the
     /// golden vectors name an error.
-    pub fn name(&self) -> String {
-        alloc::format!("{self:?}")
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric())
-            .collect()
+    pub fn name(&self) -> &'static str {
+        self.into()
     }
+
+    /// Every variant's name, in declaration order.
+    pub const NAMES: &'static [&'static str] = <Error as VariantNames>::VARIANTS;
 
     pub(crate) fn from_postcard(e: postcard::Error) -> Error {
         match e {
@@ -412,7 +504,37 @@ impl fmt::Display for Error {
             StepMismatch { expected, got } => {
                 write!(f, "expected step {expected:?}, checkpoint is step {got:?}")
             }
-            ProtocolState(what) => write!(f, "protocol state: {what}"),
+            UnexpectedCall { call } => write!(f, "{call} was not expected in this state"),
+            NoSuchStorage { storage } => write!(f, "the transfer has no storage {storage}"),
+            MessageNotOutstanding { message } => {
+                write!(f, "message {message} is not an outstanding receive")
+            }
+            DigestsOff => f.write_str("digests reported for a transfer without digests"),
+            DigestsNotExpected { message } => {
+                write!(f, "digests of message {message} were not expected")
+            }
+            DigestCount {
+                message,
+                expected,
+                got,
+            } => write!(
+                f,
+                "message {message} completes {expected} storages, {got} digests reported"
+            ),
+            ForwardNotIssued { message } => {
+                write!(f, "forward of message {message} was not issued")
+            }
+            ForwardReportedTwice { message } => {
+                write!(f, "forward of message {message} reported twice")
+            }
+            DataLength {
+                message,
+                expected,
+                got,
+            } => write!(
+                f,
+                "data message {message} is {got} bytes, expected {expected}"
+            ),
             InPlaceSizeMismatch {
                 path,
                 expected,

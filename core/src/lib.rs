@@ -1,11 +1,16 @@
 //! # pgt-core
 //!
 //! The checkpoint-transfer protocol of pgt, once, with no I/O: the data model ([`dtype`], [`layout`],
-//! [`dtensor`], [`sharded`], [`tree`]), the wire [`codec`] with validation of untrusted bytes, the
-//! transfer [`plan`], and the sans-IO [`sender`] and [`receiver`] state machines that a host drives.
+//! [`dtensor`], [`sharded`], [`tree`]), the metadata [`schema`], the [`header`] and [`codec`], validation
+//! into a [`manifest`], the transfer [`plan`], and the sans-IO [`sender`] and [`receiver`] state machines
+//! that a host drives — directly, or through the one [`drive`] loop over the [`engine`] traits.
 //!
 //! The crate is `#![no_std]` + `alloc` so that it runs unchanged inside a wasm sandbox; it never reads a
-//! clock, never touches a socket and never holds tensor bytes. See `PROTOCOL.md` for the wire format.
+//! clock, never touches a socket and never holds tensor bytes (except [`memory`], an in-memory host for
+//! tools and tests). See `PROTOCOL.md` for the wire format.
+//!
+//! Modules depend one way: data model → schema → header → plan → manifest → codec → sender/receiver →
+//! engine → drive → memory.
 #![no_std]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -14,18 +19,25 @@ extern crate alloc;
 
 pub mod codec;
 pub mod digest;
+pub mod drive;
 pub mod dtensor;
 pub mod dtype;
+pub mod engine;
 mod error;
+pub mod header;
 pub mod layout;
+pub mod manifest;
+pub mod memory;
 pub mod plan;
 pub mod receiver;
+#[cfg(feature = "testing")]
 pub mod reference;
+pub mod schema;
 pub mod sender;
 pub mod sharded;
 pub mod tree;
 
-pub use error::Error;
+pub use error::{Call, Error};
 
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = core::result::Result<T, E>;

@@ -9,8 +9,8 @@
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{Header, Manifest};
-use crate::{Error, Result};
+use crate::header::Header;
+use crate::schema::PlanParams;
 
 /// Tag of the header message.
 pub const TAG_HEADER: u64 = 1;
@@ -19,78 +19,23 @@ pub const TAG_METADATA: u64 = 2;
 /// Tag of data message `k` is `TAG_DATA_BASE + k`; the trailer takes the next tag after the last one.
 pub const TAG_DATA_BASE: u64 = 3;
 
-/// Chunk sizes are multiples of this, so chunks split storages on element boundaries for every dtype.
-pub const CHUNK_ALIGN: u64 = 64;
-/// Largest chunk: below MPI's 2 GiB count limit with room to spare.
-pub const MAX_CHUNK_SIZE: u64 = 1 << 30;
-
-/// How the sender reaches several receivers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum FanOut {
-    /// The sender sends every message to every destination (as torch's PGTransport).
-    Direct,
-    /// The sender sends each data message once, to the first destination; each receiver forwards it to
-    /// the next destination as it arrives. Header and metadata still go directly to every destination.
-    Chain,
-}
-
-/// Plan parameters; travel in the metadata so both sides derive the same plan.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct PlanParams {
-    /// Fan-out mode.
-    pub fanout: FanOut,
-    /// Storages of at most this many bytes are coalesced into buckets of at most this size.
-    pub bucket_size: u64,
-    /// Larger storages are split into chunks of this many bytes.
-    pub chunk_size: u64,
-}
-
-impl Default for PlanParams {
-    fn default() -> PlanParams {
-        PlanParams {
-            fanout: FanOut::Chain,
-            bucket_size: 1 << 20,
-            chunk_size: 4 << 20,
-        }
-    }
-}
-
-impl PlanParams {
-    /// Checks `CHUNK_ALIGN ≤ chunk_size ≤ MAX_CHUNK_SIZE`, `chunk_size % CHUNK_ALIGN == 0` and
-    /// `bucket_size ≤ chunk_size`.
-    pub fn validate(&self) -> Result<()> {
-        if self.chunk_size < CHUNK_ALIGN
-            || self.chunk_size > MAX_CHUNK_SIZE
-            || self.chunk_size % CHUNK_ALIGN != 0
-        {
-            return Err(Error::BadChunkSize {
-                chunk_size: self.chunk_size,
-            });
-        }
-        if self.bucket_size > self.chunk_size {
-            return Err(Error::BadBucketSize {
-                bucket_size: self.bucket_size,
-                chunk_size: self.chunk_size,
-            });
-        }
-        Ok(())
-    }
-}
-
 /// A byte range of one storage carried by a message. A message's payload is its segments' bytes
 /// concatenated in order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Segment {
-    /// Index into [`Manifest::storages`].
+    /// Index into the storages ([`crate::manifest::Manifest::storages`]).
     pub storage: u32,
     /// Offset within the storage's wire bytes.
     pub offset: u64,
     /// Length in bytes.
     pub len: u64,
+    /// This segment ends its storage: a host that hashes finishes the storage's digest here and
+    /// reports it with the message's other completed digests, in segment order.
+    pub completes: bool,
 }
 
 /// What a message carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum MessageKind {
     /// The fixed-size header.
     Header,
@@ -103,7 +48,7 @@ pub enum MessageKind {
 }
 
 /// One wire message.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Message {
     /// What it carries.
     pub kind: MessageKind,
@@ -115,15 +60,16 @@ pub struct Message {
 }
 
 /// The ordered wire messages of one transfer.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     messages: Vec<Message>,
     segments: Vec<Segment>,
 }
 
 impl Plan {
-    /// The plan of `manifest`, whose metadata message is `metadata_len` bytes.
-    pub fn new(manifest: &Manifest, metadata_len: u64) -> Plan {
+    /// The plan for storages of `sizes` bytes (in wire order) under `params`, with a trailer if
+    /// `digests`, whose metadata message is `metadata_len` bytes.
+    pub fn new(sizes: &[u64], params: PlanParams, digests: bool, metadata_len: u64) -> Plan {
         let mut messages = Vec::new();
         let mut segments = Vec::new();
         messages.push(Message {
@@ -138,7 +84,7 @@ impl Plan {
             len: metadata_len,
             segments: 0..0,
         });
-        let chunk_size = manifest.metadata().plan.chunk_size;
+        let chunk_size = params.chunk_size;
         let mut start = 0u32;
         let mut len = 0u64;
         let mut end_message = |segments: &[Segment], len: &mut u64| {
@@ -152,7 +98,7 @@ impl Plan {
             });
             start = end;
         };
-        walk(manifest, |event| match event {
+        walk(sizes.iter().copied(), params, |event| match event {
             Walk::Segment(s) => {
                 len += s.len;
                 segments.push(s);
@@ -166,6 +112,7 @@ impl Plan {
                         storage,
                         offset,
                         len: chunk,
+                        completes: offset + chunk == nbytes,
                     });
                     // `walk` ends the open bucket before a chunked storage.
                     debug_assert_eq!(len, 0);
@@ -175,12 +122,12 @@ impl Plan {
                 }
             }
         });
-        if manifest.digests() {
+        if digests {
             let k = messages.len() as u64 - 2;
             messages.push(Message {
                 kind: MessageKind::Trailer,
                 tag: TAG_DATA_BASE + k,
-                len: 8 * manifest.storages().len() as u64,
+                len: 8 * sizes.len() as u64,
                 segments: 0..0,
             });
         }
@@ -212,12 +159,12 @@ impl Plan {
     }
 }
 
-/// How many data messages the plan of `manifest` has, computed without allocating, in time linear in the
-/// number of storages (a chunked storage is counted, not walked chunk by chunk).
-pub fn count_data_messages(manifest: &Manifest) -> u64 {
-    let chunk_size = manifest.metadata().plan.chunk_size;
+/// How many data messages the plan for storages of `sizes` bytes has, computed without allocating, in
+/// time linear in the number of storages (a chunked storage is counted, not walked chunk by chunk).
+pub fn count_data_messages(sizes: impl IntoIterator<Item = u64>, params: PlanParams) -> u64 {
+    let chunk_size = params.chunk_size;
     let mut count = 0u64;
-    walk(manifest, |event| match event {
+    walk(sizes, params, |event| match event {
         Walk::Segment(_) => {}
         Walk::EndMessage => count = count.saturating_add(1),
         Walk::Chunked { nbytes, .. } => count = count.saturating_add(nbytes.div_ceil(chunk_size)),
@@ -235,13 +182,11 @@ enum Walk {
 }
 
 // The one place that decides which storages share a bucket and which travel alone in chunks.
-fn walk(manifest: &Manifest, mut emit: impl FnMut(Walk)) {
-    let params = manifest.metadata().plan;
+fn walk(sizes: impl IntoIterator<Item = u64>, params: PlanParams, mut emit: impl FnMut(Walk)) {
     let mut bucket_len = 0u64;
     let mut bucket_open = false;
-    for (i, s) in manifest.storages().iter().enumerate() {
+    for (i, nbytes) in sizes.into_iter().enumerate() {
         let storage = i as u32;
-        let nbytes = s.nbytes;
         if nbytes == 0 {
             continue;
         }
@@ -256,6 +201,7 @@ fn walk(manifest: &Manifest, mut emit: impl FnMut(Walk)) {
                 storage,
                 offset: 0,
                 len: nbytes,
+                completes: true,
             }));
             continue;
         }

@@ -3,38 +3,42 @@
 //! time, checks digests and yields the received tree. Nothing here does I/O; tensor bytes never pass
 //! through it.
 //!
-//! Driving it: call [`Receiver::poll`] and act on what it returns, until [`RecvPoll::Done`]:
-//! - [`RecvPoll::Recv`] with [`RecvInto::Core`]: receive the message and pass its bytes to
-//!   [`Receiver::handle_header`], [`Receiver::handle_metadata`] or [`Receiver::handle_trailer`] (by
-//!   [`RecvOp::kind`]).
-//! - [`RecvPoll::Recv`] with [`RecvInto::Storages`]: receive the message's bytes into the bound
-//!   destinations of its segments (through a staging buffer and [`crate::dtype::convert`] where the
-//!   binding casts), hash them when `hash` is set (see [`crate::sender`]; report each storage with
-//!   [`Receiver::handle_storage_digest`]), then call [`Receiver::handle_data`]. Later receives may be
-//!   polled before earlier ones complete.
-//! - [`RecvPoll::NeedBindings`]: bind in-place destinations with [`Receiver::bind_in_place`], then call
-//!   [`Receiver::finish_bindings`]; unbound storages get fresh destinations.
-//! - [`RecvPoll::Forward`]: send the message's wire bytes (as received, before any cast) to `to`, then
-//!   call [`Receiver::handle_forwarded`].
+//! Driving it (or let [`crate::drive::receive`] do it): call [`Receiver::poll`] and act on what it
+//! returns, until [`RecvPoll::Done`]:
+//! - [`RecvPoll::Recv`] of a header, metadata or trailer: receive the message and pass its bytes to
+//!   [`Receiver::handle_header`], [`Receiver::handle_metadata`] or [`Receiver::handle_trailer`].
+//! - [`RecvPoll::Recv`] of a data message: receive its bytes into the bound destinations of its segments
+//!   ([`Incoming::plan`]; through a staging buffer and [`crate::dtype::convert`] where the binding casts)
+//!   and call [`Receiver::handle_data`]; when `hash` is set, hash each segment's bytes as in
+//!   [`crate::sender`] and report the message's completed digests with [`Receiver::handle_digests`].
+//!   Later receives may be polled before earlier ones complete.
+//! - [`RecvPoll::NeedBindings`]: pick in-place destinations (from [`Receiver::incoming`] and
+//!   [`Receiver::paths`]) and call [`Receiver::finish_bindings`]; unbound storages get fresh destinations.
+//! - [`RecvPoll::Forward`]: send the message's wire bytes ([`Receiver::payload`]: as received, before
+//!   any cast) to `to`, then call [`Receiver::handle_forwarded`].
 //! - [`RecvPoll::Wait`]: something polled is still in flight; complete it, then poll again.
 //!
 //! After `Done`, [`Receiver::finish`] yields the result. A receiver that stops early never yields a
 //! result: a partial checkpoint is never reported complete.
 
+use alloc::boxed::Box;
 use alloc::string::ToString;
 use alloc::vec;
 use alloc::vec::Vec;
+use serde::{Deserialize, Serialize};
 
-use crate::codec::{decode, Header, Limits, Manifest};
-use crate::digest::{digest, StorageHasher};
+use crate::codec::decode;
 use crate::dtype::DType;
-use crate::plan::{FanOut, MessageKind, Plan, Segment, TAG_HEADER};
-use crate::sender::Payload;
-use crate::tree::Leaf;
-use crate::{Error, Result};
+use crate::header::{Header, Limits};
+use crate::manifest::{Manifest, StorageRef};
+use crate::plan::{MessageKind, Plan, TAG_HEADER, TAG_METADATA};
+use crate::schema::FanOut;
+use crate::sender::{digest_slots, record_digests, Payload};
+use crate::tree::{KeyPath, Leaf, Node};
+use crate::{Call, Error, Result};
 
 /// Receiver settings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReceiverOptions {
     /// This receiver's rank.
     pub rank: u32,
@@ -47,7 +51,7 @@ pub struct ReceiverOptions {
 }
 
 /// Where a storage's bytes end up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Dest {
     /// A buffer the host allocates (of the binding's `nbytes`).
     Fresh,
@@ -56,7 +60,7 @@ pub enum Dest {
 }
 
 /// The destination of one storage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Binding {
     /// Fresh or in place.
     pub dest: Dest,
@@ -68,58 +72,74 @@ pub struct Binding {
     pub cast_from: Option<DType>,
 }
 
-/// Where a message's bytes go.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RecvInto<'a> {
-    /// Hand the bytes to the state machine.
-    Core,
-    /// Into the bound destinations of these storage ranges (in wire bytes).
-    Storages(&'a [Segment]),
+/// An existing buffer the host offers for storage `storage` (see [`Receiver::finish_bindings`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct InPlace {
+    /// Index of the storage ([`Incoming::storages`]).
+    pub storage: u32,
+    /// The host's id for the buffer (reported back in [`Dest::InPlace`]).
+    pub id: u64,
+    /// The buffer's dtype.
+    pub dtype: DType,
+    /// The buffer's size in bytes.
+    pub nbytes: u64,
+}
+
+/// What the metadata announced, for a host to bind and place bytes: the storages and the plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incoming {
+    /// Step of the checkpoint.
+    pub step: Option<u64>,
+    /// Every storage, in wire order.
+    pub storages: Vec<StorageRef>,
+    /// Total storage bytes.
+    pub total_bytes: u64,
+    /// The plan: which storage byte ranges each message carries.
+    pub plan: Plan,
 }
 
 /// One receive for the host to perform.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RecvOp<'a> {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RecvOp {
     /// Rank to receive from.
     pub from: u32,
     /// Index of the message in the plan (0 = header, 1 = metadata).
-    pub message: usize,
+    pub message: u32,
     /// What the message carries.
     pub kind: MessageKind,
     /// Tag of the message.
     pub tag: u64,
     /// Exact length of the message.
     pub len: u64,
-    /// Where its bytes go.
-    pub into: RecvInto<'a>,
     /// Hash the storage bytes as they land (digests on).
     pub hash: bool,
 }
 
-/// One message to forward to the next receiver (chain fan-out).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ForwardOp<'a> {
+/// One message to forward to the next receiver (chain fan-out); its bytes are
+/// [`Receiver::payload`]`(message)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ForwardOp {
     /// Rank to send to.
     pub to: u32,
     /// Index of the message in the plan.
-    pub message: usize,
+    pub message: u32,
+    /// What the message carries.
+    pub kind: MessageKind,
     /// Tag of the message.
     pub tag: u64,
     /// Length of the message.
     pub len: u64,
-    /// Its bytes: storage ranges as received, or the trailer.
-    pub payload: Payload<'a>,
 }
 
 /// What the receiver wants next.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RecvPoll<'a> {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RecvPoll {
     /// Receive this message.
-    Recv(RecvOp<'a>),
-    /// Bind destinations, then call [`Receiver::finish_bindings`].
+    Recv(RecvOp),
+    /// Bind destinations: call [`Receiver::finish_bindings`].
     NeedBindings,
     /// Forward this message.
-    Forward(ForwardOp<'a>),
+    Forward(ForwardOp),
     /// Complete an operation in flight, then poll again.
     Wait,
     /// Every message is handled: call [`Receiver::finish`] for the verified result.
@@ -127,10 +147,12 @@ pub enum RecvPoll<'a> {
 }
 
 /// The result of a complete, verified transfer.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Received {
-    /// The validated metadata as sent.
-    pub manifest: Manifest,
+    /// Step of the checkpoint.
+    pub step: Option<u64>,
+    /// The tree structure as sent, flat in pre-order.
+    pub tree: Vec<Node>,
     /// The leaves as received: tensor dtypes and storage sizes as bound (after cast on receive), and
     /// each local shard's placement rewritten to this receiver's rank.
     pub leaves: Vec<Leaf>,
@@ -147,13 +169,11 @@ enum State {
     Finished,
 }
 
-use alloc::boxed::Box;
-
 #[derive(Debug)]
 struct Transfer {
     manifest: Manifest,
     plan: Plan,
-    bindings: Vec<Option<Binding>>,
+    bindings: Vec<Binding>,
     upstream: u32,
     downstream: Option<u32>,
     /// Next message to hand out as a receive.
@@ -168,8 +188,9 @@ struct Transfer {
     digests: Vec<Option<u64>>,
     missing_digests: usize,
     trailer: Option<Vec<u8>>,
-    /// The first digest mismatch. Kept, not returned at once, so that a chain receiver still forwards
-    /// everything (downstream ranks check their own copy); [`Receiver::finish`] reports it.
+    /// The first digest mismatch in storage order. Kept, not returned at once, so that a chain
+    /// receiver still forwards everything (downstream ranks check their own copy);
+    /// [`Receiver::finish`] reports it.
     mismatch: Option<Error>,
 }
 
@@ -189,41 +210,54 @@ impl Receiver {
         }
     }
 
-    /// The validated metadata, once received.
-    pub fn manifest(&self) -> Option<&Manifest> {
+    fn transfer(&self) -> Option<&Transfer> {
         match &self.state {
-            State::Binding(t) | State::Streaming(t) => Some(&t.manifest),
+            State::Binding(t) | State::Streaming(t) => Some(t),
             _ => None,
         }
+    }
+
+    /// The validated metadata, once received.
+    pub fn manifest(&self) -> Option<&Manifest> {
+        self.transfer().map(|t| &t.manifest)
     }
 
     /// The plan, once the metadata is received.
     pub fn plan(&self) -> Option<&Plan> {
-        match &self.state {
-            State::Binding(t) | State::Streaming(t) => Some(&t.plan),
-            _ => None,
-        }
+        self.transfer().map(|t| &t.plan)
     }
 
-    /// The binding of storage `storage`, once bindings are finished.
-    pub fn binding(&self, storage: usize) -> Option<&Binding> {
-        match &self.state {
-            State::Streaming(t) => t.bindings.get(storage)?.as_ref(),
-            _ => None,
-        }
+    /// What the metadata announced (an owned copy, for hosts that keep it across calls).
+    pub fn incoming(&self) -> Result<Incoming> {
+        let t = self.transfer().ok_or(Error::UnexpectedCall {
+            call: Call::Incoming,
+        })?;
+        Ok(Incoming {
+            step: t.manifest.metadata().step,
+            storages: t.manifest.storages().to_vec(),
+            total_bytes: t.manifest.total_bytes(),
+            plan: t.plan.clone(),
+        })
+    }
+
+    /// The key path of every leaf, once the metadata is received (for binding in place by key path).
+    pub fn paths(&self) -> Result<&[KeyPath]> {
+        let t = self.transfer().ok_or(Error::UnexpectedCall {
+            call: Call::Incoming,
+        })?;
+        Ok(t.manifest.paths())
     }
 
     /// Every storage's binding, in storage order, once bindings are finished (else empty).
-    pub fn bindings(&self) -> Vec<Binding> {
+    pub fn bindings(&self) -> &[Binding] {
         match &self.state {
-            // `finish_bindings` filled every slot.
-            State::Streaming(t) => t.bindings.iter().flatten().copied().collect(),
-            _ => Vec::new(),
+            State::Streaming(t) => &t.bindings,
+            _ => &[],
         }
     }
 
     /// What to do next. See the module docs.
-    pub fn poll(&mut self) -> RecvPoll<'_> {
+    pub fn poll(&mut self) -> RecvPoll {
         let source = self.options.source;
         match &mut self.state {
             State::Header => RecvPoll::Recv(RecvOp {
@@ -232,16 +266,14 @@ impl Receiver {
                 kind: MessageKind::Header,
                 tag: TAG_HEADER,
                 len: Header::SIZE as u64,
-                into: RecvInto::Core,
                 hash: false,
             }),
             State::Metadata(h) => RecvPoll::Recv(RecvOp {
                 from: source,
                 message: 1,
                 kind: MessageKind::Metadata,
-                tag: crate::plan::TAG_METADATA,
+                tag: TAG_METADATA,
                 len: h.metadata_len,
-                into: RecvInto::Core,
                 hash: false,
             }),
             State::Binding(_) => RecvPoll::NeedBindings,
@@ -253,17 +285,19 @@ impl Receiver {
     /// Handles the header message's bytes.
     pub fn handle_header(&mut self, bytes: &[u8]) -> Result<()> {
         if !matches!(self.state, State::Header) {
-            return Err(Error::ProtocolState("header not expected"));
+            return Err(Error::UnexpectedCall { call: Call::Header });
         }
         self.state = State::Metadata(Header::parse(bytes, &self.options.limits)?);
         Ok(())
     }
 
-    /// Handles the metadata message's bytes: decodes, validates, checks this rank is a destination and
-    /// the source and step are the expected ones.
+    /// Handles the metadata message's bytes: decodes, validates, then checks, in this order, that the
+    /// source is the expected one, the step is the expected one and this rank is a destination.
     pub fn handle_metadata(&mut self, bytes: &[u8]) -> Result<()> {
         let State::Metadata(header) = &self.state else {
-            return Err(Error::ProtocolState("metadata not expected"));
+            return Err(Error::UnexpectedCall {
+                call: Call::Metadata,
+            });
         };
         let manifest = decode(header, bytes, &self.options.limits)?;
         let meta = manifest.metadata();
@@ -297,24 +331,13 @@ impl Receiver {
                 meta.destinations.get(position + 1).copied(),
             ),
         };
-        let plan = Plan::new(&manifest, header.metadata_len);
-        let n = manifest.storages().len();
-        let mut digests = vec![None; n];
-        let mut missing_digests = 0;
-        if manifest.digests() {
-            for (slot, s) in digests.iter_mut().zip(manifest.storages()) {
-                if s.nbytes == 0 {
-                    *slot = Some(digest(&[]));
-                } else {
-                    missing_digests += 1;
-                }
-            }
-        }
+        let plan = manifest.plan(header.metadata_len);
+        let (digests, missing_digests) = digest_slots(&manifest);
         let messages = plan.messages().len();
         self.state = State::Binding(Box::new(Transfer {
             manifest,
             plan,
-            bindings: vec![None; n],
+            bindings: Vec::new(),
             upstream,
             downstream,
             next_recv: 2,
@@ -331,92 +354,74 @@ impl Receiver {
         Ok(())
     }
 
-    /// Binds storage `storage` to the host's existing buffer `id` of `dtype` and `nbytes`. The sizes must
-    /// match the incoming storage exactly (after cast, when `dtype` is another float type); the error
-    /// names the leaf's key path.
-    pub fn bind_in_place(
-        &mut self,
-        storage: usize,
-        id: u64,
-        dtype: DType,
-        nbytes: u64,
-    ) -> Result<()> {
+    /// Ends binding: each of `in_place` binds its storage to an existing buffer, whose size must match
+    /// the incoming storage exactly (after cast, when its dtype is another float type; the error names
+    /// the leaf's key path); every other storage gets a fresh destination of its wire dtype and size.
+    /// Returns every storage's binding, in storage order.
+    pub fn finish_bindings(&mut self, in_place: &[InPlace]) -> Result<&[Binding]> {
         let State::Binding(t) = &mut self.state else {
-            return Err(Error::ProtocolState("bindings not expected"));
+            return Err(Error::UnexpectedCall {
+                call: Call::Bindings,
+            });
         };
-        let incoming = *t
+        let mut bindings: Vec<Binding> = t
             .manifest
             .storages()
-            .get(storage)
-            .ok_or(Error::ProtocolState("no such storage"))?;
-        let path = || t.manifest.paths()[incoming.leaf as usize].to_string();
-        let cast_from = if dtype == incoming.dtype {
-            None
-        } else if dtype.is_castable_float() && incoming.dtype.is_castable_float() {
-            Some(incoming.dtype)
-        } else {
-            return Err(Error::InPlaceDTypeMismatch {
-                path: path(),
-                incoming: incoming.dtype,
-                destination: dtype,
-            });
-        };
-        let expected = incoming.nbytes / incoming.dtype.element_size() * dtype.element_size();
-        if nbytes != expected {
-            return Err(Error::InPlaceSizeMismatch {
-                path: path(),
-                expected,
-                got: nbytes,
-            });
-        }
-        t.bindings[storage] = Some(Binding {
-            dest: Dest::InPlace(id),
-            dtype,
-            nbytes,
-            cast_from,
-        });
-        Ok(())
-    }
-
-    /// Ends binding: every unbound storage gets a fresh destination of its wire dtype and size.
-    pub fn finish_bindings(&mut self) -> Result<()> {
-        let state = core::mem::replace(&mut self.state, State::Finished);
-        let State::Binding(mut t) = state else {
-            self.state = state;
-            return Err(Error::ProtocolState("bindings not expected"));
-        };
-        for (slot, s) in t.bindings.iter_mut().zip(t.manifest.storages()) {
-            slot.get_or_insert(Binding {
+            .iter()
+            .map(|s| Binding {
                 dest: Dest::Fresh,
                 dtype: s.dtype,
                 nbytes: s.nbytes,
                 cast_from: None,
-            });
+            })
+            .collect();
+        for target in in_place {
+            let binding = bind(&t.manifest, target)?;
+            bindings[target.storage as usize] = binding;
         }
+        t.bindings = bindings;
+        let State::Binding(t) = core::mem::replace(&mut self.state, State::Finished) else {
+            unreachable!("checked above");
+        };
         self.state = State::Streaming(t);
-        Ok(())
+        Ok(self.bindings())
     }
 
-    fn streaming(&mut self) -> Result<&mut Transfer> {
+    fn streaming(&mut self, call: Call) -> Result<&mut Transfer> {
         match &mut self.state {
             State::Streaming(t) => Ok(t),
-            _ => Err(Error::ProtocolState("not streaming")),
+            _ => Err(Error::UnexpectedCall { call }),
         }
     }
 
     /// Reports that data message `message` (polled before) has fully landed.
-    pub fn handle_data(&mut self, message: usize) -> Result<()> {
-        let t = self.streaming()?;
-        t.mark_received(message, MessageKind::Data)
+    pub fn handle_data(&mut self, message: u32) -> Result<()> {
+        let t = self.streaming(Call::Data)?;
+        t.mark_received(message as usize, MessageKind::Data)
+    }
+
+    /// Reports the digests of the storages data message `message` completes (its segments with
+    /// `completes` set, in order), hashed as they landed.
+    pub fn handle_digests(&mut self, message: u32, digests: &[u64]) -> Result<()> {
+        let t = self.streaming(Call::Digests)?;
+        if !t.manifest.digests() {
+            return Err(Error::DigestsOff);
+        }
+        let polled = (message as usize) < t.next_recv;
+        t.missing_digests -= record_digests(&t.plan, &mut t.digests, message, digests, polled)?;
+        t.check_digests();
+        Ok(())
     }
 
     /// Handles the trailer's bytes (per-storage digests).
     pub fn handle_trailer(&mut self, bytes: &[u8]) -> Result<()> {
-        let t = self.streaming()?;
+        let t = self.streaming(Call::Trailer)?;
         let message = t.plan.messages().len() - 1;
         let expected = t.plan.messages()[message].len;
         if t.trailer.is_some() || message >= t.next_recv || !t.manifest.digests() {
-            return Err(Error::ProtocolState("trailer not expected"));
+            return Err(Error::UnexpectedCall {
+                call: Call::Trailer,
+            });
         }
         if bytes.len() as u64 != expected {
             return Err(Error::TrailerLength {
@@ -426,39 +431,49 @@ impl Receiver {
         }
         t.trailer = Some(bytes.to_vec());
         t.mark_received(message, MessageKind::Trailer)?;
-        for storage in 0..t.digests.len() {
-            t.check_digest(storage);
-        }
+        t.check_digests();
         Ok(())
     }
 
-    /// Reports the digest of storage `storage`'s wire bytes, hashed as they landed.
-    pub fn handle_storage_digest(&mut self, storage: u32, value: u64) -> Result<()> {
-        let t = self.streaming()?;
-        if !t.manifest.digests() {
-            return Err(Error::ProtocolState("digests are off for this transfer"));
+    /// The wire bytes of message `message` for a forward: the storage ranges of a data message, or the
+    /// trailer as received.
+    pub fn payload(&self, message: u32) -> Result<Payload<'_>> {
+        let t = self.transfer().ok_or(Error::UnexpectedCall {
+            call: Call::Forwarded,
+        })?;
+        let m = t
+            .plan
+            .messages()
+            .get(message as usize)
+            .ok_or(Error::ForwardNotIssued {
+                message: message.into(),
+            })?;
+        match m.kind {
+            MessageKind::Data => Ok(Payload::Storages(t.plan.segments(m))),
+            MessageKind::Trailer => Ok(Payload::Bytes(t.trailer.as_deref().ok_or(
+                Error::ForwardNotIssued {
+                    message: message.into(),
+                },
+            )?)),
+            _ => Err(Error::ForwardNotIssued {
+                message: message.into(),
+            }),
         }
-        let slot = t
-            .digests
-            .get_mut(storage as usize)
-            .ok_or(Error::ProtocolState("no such storage"))?;
-        if slot.is_some() {
-            return Err(Error::ProtocolState("storage digest reported twice"));
-        }
-        *slot = Some(value);
-        t.missing_digests -= 1;
-        t.check_digest(storage as usize);
-        Ok(())
     }
 
     /// Reports that forward `message` (polled before) has been sent.
-    pub fn handle_forwarded(&mut self, message: usize) -> Result<()> {
-        let t = self.streaming()?;
-        if message >= t.next_forward || message < 2 {
-            return Err(Error::ProtocolState("forward not issued"));
+    pub fn handle_forwarded(&mut self, message: u32) -> Result<()> {
+        let t = self.streaming(Call::Forwarded)?;
+        let m = message as usize;
+        if m >= t.next_forward || m < 2 {
+            return Err(Error::ForwardNotIssued {
+                message: message.into(),
+            });
         }
-        if core::mem::replace(&mut t.forwarded[message], true) {
-            return Err(Error::ProtocolState("forward reported twice"));
+        if core::mem::replace(&mut t.forwarded[m], true) {
+            return Err(Error::ForwardReportedTwice {
+                message: message.into(),
+            });
         }
         t.forwards_done += 1;
         Ok(())
@@ -474,7 +489,8 @@ impl Receiver {
     }
 
     /// The result, once [`Receiver::poll`] said [`RecvPoll::Done`]: [`Error::Incomplete`] before, and
-    /// [`Error::DigestMismatch`] when a storage's bytes differ from the sender's.
+    /// [`Error::DigestMismatch`] (the first wrong storage in storage order) when a storage's bytes
+    /// differ from the sender's.
     pub fn finish(self) -> Result<Received> {
         let State::Streaming(t) = self.state else {
             return Err(Error::Incomplete);
@@ -485,9 +501,10 @@ impl Receiver {
         if let Some(mismatch) = t.mismatch {
             return Err(mismatch);
         }
-        let bindings: Vec<Binding> = t.bindings.into_iter().flatten().collect();
+        let bindings = t.bindings;
         let rank = u64::from(self.options.rank);
-        let mut leaves = t.manifest.metadata().leaves.clone();
+        let meta = t.manifest.into_metadata();
+        let mut leaves = meta.leaves;
         let mut storage = 0;
         for leaf in &mut leaves {
             match leaf {
@@ -519,11 +536,50 @@ impl Receiver {
             }
         }
         Ok(Received {
-            manifest: t.manifest,
+            step: meta.step,
+            tree: meta.tree,
             leaves,
             bindings,
         })
     }
+}
+
+/// The binding of one in-place target: same dtype, or a float cast; exactly the incoming size.
+fn bind(manifest: &Manifest, target: &InPlace) -> Result<Binding> {
+    let incoming =
+        *manifest
+            .storages()
+            .get(target.storage as usize)
+            .ok_or(Error::NoSuchStorage {
+                storage: target.storage.into(),
+            })?;
+    let path = || manifest.paths()[incoming.leaf as usize].to_string();
+    let dtype = target.dtype;
+    let cast_from = if dtype == incoming.dtype {
+        None
+    } else if dtype.is_castable_float() && incoming.dtype.is_castable_float() {
+        Some(incoming.dtype)
+    } else {
+        return Err(Error::InPlaceDTypeMismatch {
+            path: path(),
+            incoming: incoming.dtype,
+            destination: dtype,
+        });
+    };
+    let expected = incoming.nbytes / incoming.dtype.element_size() * dtype.element_size();
+    if target.nbytes != expected {
+        return Err(Error::InPlaceSizeMismatch {
+            path: path(),
+            expected,
+            got: target.nbytes,
+        });
+    }
+    Ok(Binding {
+        dest: Dest::InPlace(target.id),
+        dtype,
+        nbytes: target.nbytes,
+        cast_from,
+    })
 }
 
 fn rebind(layout: &mut crate::layout::TensorLayout, binding: &Binding) {
@@ -532,40 +588,31 @@ fn rebind(layout: &mut crate::layout::TensorLayout, binding: &Binding) {
 }
 
 impl Transfer {
-    fn poll(&mut self) -> RecvPoll<'_> {
+    fn poll(&mut self) -> RecvPoll {
         let messages = self.plan.messages();
         if let Some(to) = self.downstream {
             if self.next_forward < self.received_prefix {
                 let m = self.next_forward;
                 self.next_forward += 1;
                 let message = &messages[m];
-                let payload = match message.kind {
-                    MessageKind::Data => Payload::Storages(self.plan.segments(message)),
-                    _ => Payload::Bytes(self.trailer.as_deref().unwrap_or_default()),
-                };
                 return RecvPoll::Forward(ForwardOp {
                     to,
-                    message: m,
+                    message: m as u32,
+                    kind: message.kind,
                     tag: message.tag,
                     len: message.len,
-                    payload,
                 });
             }
         }
         if let Some(message) = messages.get(self.next_recv) {
             let m = self.next_recv;
             self.next_recv += 1;
-            let into = match message.kind {
-                MessageKind::Data => RecvInto::Storages(self.plan.segments(message)),
-                _ => RecvInto::Core,
-            };
             return RecvPoll::Recv(RecvOp {
                 from: self.upstream,
-                message: m,
+                message: m as u32,
                 kind: message.kind,
                 tag: message.tag,
                 len: message.len,
-                into,
                 hash: self.manifest.digests() && message.kind == MessageKind::Data,
             });
         }
@@ -589,7 +636,9 @@ impl Transfer {
     fn mark_received(&mut self, message: usize, kind: MessageKind) -> Result<()> {
         let issued = message >= 2 && message < self.next_recv;
         if !issued || self.plan.messages()[message].kind != kind || self.received[message] {
-            return Err(Error::ProtocolState("message not outstanding"));
+            return Err(Error::MessageNotOutstanding {
+                message: message as u64,
+            });
         }
         self.received[message] = true;
         while self.received.get(self.received_prefix) == Some(&true) {
@@ -598,109 +647,26 @@ impl Transfer {
         Ok(())
     }
 
-    fn check_digest(&mut self, storage: usize) {
-        let (Some(trailer), Some(computed)) = (&self.trailer, self.digests[storage]) else {
+    /// Compares every digest known so far with the trailer, once both are there; keeps the first
+    /// mismatch in storage order (so which one is reported does not depend on arrival order).
+    fn check_digests(&mut self) {
+        let Some(trailer) = &self.trailer else {
             return;
         };
-        let mut sent = [0u8; 8];
-        sent.copy_from_slice(&trailer[storage * 8..storage * 8 + 8]);
-        if u64::from_le_bytes(sent) != computed && self.mismatch.is_none() {
-            let leaf = self.manifest.storages()[storage].leaf as usize;
-            self.mismatch = Some(Error::DigestMismatch {
-                path: self.manifest.paths()[leaf].to_string(),
-                storage: storage as u32,
-            });
+        if self.missing_digests > 0 {
+            return;
         }
-    }
-}
-
-/// Storage bytes kept in plain memory, for hosts that hold a whole checkpoint in `Vec`s (tools, tests):
-/// it does a host's part for data messages — land each segment where the plan says, hash when asked,
-/// report every digest a message completes — so such hosts don't each write it again. The receiver's
-/// state machine itself still never holds tensor bytes.
-#[derive(Clone, Default)]
-pub struct MemoryStorages {
-    bytes: Vec<Vec<u8>>,
-    hashers: Vec<StorageHasher>,
-}
-
-impl core::fmt::Debug for MemoryStorages {
-    /// Storage sizes only: the bytes can be huge.
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("MemoryStorages")
-            .field("storages", &self.bytes.len())
-            .field("bytes", &self.bytes.iter().map(Vec::len).sum::<usize>())
-            .finish()
-    }
-}
-
-impl MemoryStorages {
-    /// Zeroed storages of the wire sizes `receiver`'s metadata announced (after
-    /// [`Receiver::finish_bindings`]; empty before the metadata).
-    pub fn for_receiver(receiver: &Receiver) -> MemoryStorages {
-        let sizes: Vec<u64> = receiver
-            .manifest()
-            .map(|m| m.storages().iter().map(|s| s.nbytes).collect())
-            .unwrap_or_default();
-        MemoryStorages {
-            bytes: sizes.iter().map(|&n| vec![0u8; n as usize]).collect(),
-            hashers: vec![StorageHasher::new(); sizes.len()],
-        }
-    }
-
-    /// Lands data message `message`, the concatenation of `segments` (as polled), hashing them if
-    /// `hash`, and reports the message and every storage digest it completes to `receiver`.
-    pub fn land(
-        &mut self,
-        receiver: &mut Receiver,
-        message: usize,
-        segments: &[Segment],
-        hash: bool,
-        bytes: &[u8],
-    ) -> Result<()> {
-        if segments.iter().map(|s| s.len).sum::<u64>() != bytes.len() as u64 {
-            return Err(Error::ProtocolState(
-                "a data message's length differs from its segments",
-            ));
-        }
-        let mut at = 0usize;
-        for s in segments {
-            let i = s.storage as usize;
-            let part = &bytes[at..at + s.len as usize];
-            at += s.len as usize;
-            let storage = self
-                .bytes
-                .get_mut(i)
-                .ok_or(Error::ProtocolState("no such storage"))?;
-            let start = s.offset as usize;
-            storage
-                .get_mut(start..start + part.len())
-                .ok_or(Error::ProtocolState("a segment lies outside its storage"))?
-                .copy_from_slice(part);
-            if hash {
-                self.hashers[i].update(part);
-                if start + part.len() == storage.len() {
-                    receiver.handle_storage_digest(s.storage, self.hashers[i].finish())?;
-                }
+        for (storage, computed) in self.digests.iter().enumerate() {
+            let mut sent = [0u8; 8];
+            sent.copy_from_slice(&trailer[storage * 8..storage * 8 + 8]);
+            if Some(u64::from_le_bytes(sent)) != *computed {
+                let leaf = self.manifest.storages()[storage].leaf as usize;
+                self.mismatch = Some(Error::DigestMismatch {
+                    path: self.manifest.paths()[leaf].to_string(),
+                    storage: storage as u32,
+                });
+                return;
             }
         }
-        receiver.handle_data(message)
-    }
-
-    /// The bytes of `segments`, concatenated (what a forward of them sends).
-    pub fn gather(&self, segments: &[Segment]) -> Vec<u8> {
-        segments
-            .iter()
-            .flat_map(|s| {
-                let start = s.offset as usize;
-                &self.bytes[s.storage as usize][start..start + s.len as usize]
-            })
-            .copied()
-            .collect()
-    }
-
-    /// Every storage's bytes, in storage order.
-    pub fn into_inner(self) -> Vec<Vec<u8>> {
-        self.bytes
     }
 }

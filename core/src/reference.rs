@@ -6,10 +6,10 @@
 use alloc::format;
 use alloc::vec::Vec;
 
-use crate::codec::Metadata;
 use crate::dtype::DType;
 use crate::layout::TensorLayout;
-use crate::plan::PlanParams;
+use crate::schema::Metadata;
+use crate::schema::PlanParams;
 use crate::tree::{Key, Leaf, Node, Value};
 
 /// Tensors in the reference dict.

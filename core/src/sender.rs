@@ -2,19 +2,25 @@
 //! time, in plan order. The host moves the bytes (and hashes storage bytes when asked); nothing here does
 //! I/O.
 //!
-//! Driving it: call [`Sender::poll`] until it returns [`SendPoll::Done`]. Each [`SendPoll::Send`] must be
-//! performed; sends to one destination must go out in the order they were polled (sends to different
-//! destinations may run in parallel). When an op has `hash: true`, feed its segments' bytes, in order, to
-//! one [`crate::digest::StorageHasher`] per storage, and when a storage's last byte is hashed (segment
-//! `offset + len == nbytes`) report it with [`Sender::handle_storage_digest`]. [`SendPoll::WaitDigests`]
-//! means the trailer is next but some digests are missing: finish the sends in flight, report, poll again.
+//! Driving it (or let [`crate::drive::send`] do it): call [`Sender::poll`] until it returns
+//! [`SendPoll::Done`]. Each [`SendPoll::Send`] must be performed, with the bytes
+//! [`Sender::payload`] names; sends to one destination must go out in the order they were polled (sends to
+//! different destinations may run in parallel). When an op has `hash: true`, feed each segment's bytes to
+//! one [`crate::digest::StorageHasher`] per storage, finish the hash at every segment whose `completes`
+//! is set, and report the message's finished digests, in segment order, with
+//! [`Sender::handle_digests`]. [`SendPoll::WaitDigests`] means the trailer is next but some digests are
+//! missing: finish the sends in flight, report, poll again.
 
 use alloc::vec;
 use alloc::vec::Vec;
+use serde::{Deserialize, Serialize};
 
-use crate::codec::{encode, Header, Limits, Manifest, Metadata};
+use crate::codec::encode;
 use crate::digest::digest;
-use crate::plan::{FanOut, Message, MessageKind, Plan, Segment};
+use crate::header::{Header, Limits};
+use crate::manifest::Manifest;
+use crate::plan::{MessageKind, Plan, Segment};
+use crate::schema::{FanOut, Metadata};
 use crate::{Error, Result};
 
 /// The bytes of one message.
@@ -26,28 +32,28 @@ pub enum Payload<'a> {
     Storages(&'a [Segment]),
 }
 
-/// One send for the host to perform.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SendOp<'a> {
+/// One send for the host to perform; its bytes are [`Sender::payload`]`(message)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SendOp {
     /// Destination rank.
     pub to: u32,
     /// Index of the message in the plan.
-    pub message: usize,
+    pub message: u32,
+    /// What the message carries.
+    pub kind: MessageKind,
     /// Tag of the message.
     pub tag: u64,
     /// Length of the message.
     pub len: u64,
-    /// What to send.
-    pub payload: Payload<'a>,
     /// Hash the storage bytes while sending (set once per data message when digests are on).
     pub hash: bool,
 }
 
 /// What the sender wants next.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SendPoll<'a> {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SendPoll {
     /// Perform this send.
-    Send(SendOp<'a>),
+    Send(SendOp),
     /// The trailer is next and storage digests are missing: report them, then poll again.
     WaitDigests,
     /// Every message has been handed out.
@@ -74,25 +80,15 @@ impl Sender {
     pub fn new(metadata: Metadata, digests: bool, limits: &Limits) -> Result<Sender> {
         let manifest = Manifest::new(metadata, digests, limits)?;
         let (header, metadata) = encode(&manifest)?;
-        let plan = Plan::new(&manifest, header.metadata_len);
-        let mut digest_slots = vec![None; manifest.storages().len()];
-        let mut missing_digests = 0;
-        if digests {
-            for (slot, s) in digest_slots.iter_mut().zip(manifest.storages()) {
-                if s.nbytes == 0 {
-                    *slot = Some(digest(&[]));
-                } else {
-                    missing_digests += 1;
-                }
-            }
-        }
+        let plan = manifest.plan(header.metadata_len);
+        let (digests, missing_digests) = digest_slots(&manifest);
         Ok(Sender {
             manifest,
             header: header.to_bytes(),
             metadata,
             plan,
             cursor: (0, 0),
-            digests: digest_slots,
+            digests,
             missing_digests,
             trailer: Vec::new(),
         })
@@ -118,21 +114,22 @@ impl Sender {
         &self.metadata
     }
 
-    fn recipients(&self, message: &Message) -> usize {
+    fn recipients(&self, kind: MessageKind) -> usize {
         let dsts = self.manifest.metadata().destinations.len();
-        match (self.manifest.metadata().plan.fanout, message.kind) {
+        match (self.manifest.metadata().plan.fanout, kind) {
             (_, MessageKind::Header | MessageKind::Metadata) | (FanOut::Direct, _) => dsts,
             (FanOut::Chain, _) => 1,
         }
     }
 
     /// The next send. See the module docs for the contract.
-    pub fn poll(&mut self) -> SendPoll<'_> {
+    pub fn poll(&mut self) -> SendPoll {
         let (m, d) = self.cursor;
         let Some(message) = self.plan.messages().get(m) else {
             return SendPoll::Done;
         };
-        if message.kind == MessageKind::Trailer && self.trailer.is_empty() {
+        let kind = message.kind;
+        if kind == MessageKind::Trailer && self.trailer.is_empty() {
             if self.missing_digests > 0 {
                 return SendPoll::WaitDigests;
             }
@@ -142,41 +139,46 @@ impl Sender {
                 .flat_map(|d| d.unwrap_or_default().to_le_bytes())
                 .collect();
         }
-        self.cursor = if d + 1 < self.recipients(message) {
+        let op = SendOp {
+            to: self.manifest.metadata().destinations[d],
+            message: m as u32,
+            kind,
+            tag: message.tag,
+            len: message.len,
+            hash: self.manifest.digests() && kind == MessageKind::Data && d == 0,
+        };
+        self.cursor = if d + 1 < self.recipients(kind) {
             (m, d + 1)
         } else {
             (m + 1, 0)
         };
-        let payload = match message.kind {
-            MessageKind::Header => Payload::Bytes(&self.header),
-            MessageKind::Metadata => Payload::Bytes(&self.metadata),
-            MessageKind::Trailer => Payload::Bytes(&self.trailer),
-            MessageKind::Data => Payload::Storages(self.plan.segments(message)),
-        };
-        SendPoll::Send(SendOp {
-            to: self.manifest.metadata().destinations[d],
-            message: m,
-            tag: message.tag,
-            len: message.len,
-            payload,
-            hash: self.manifest.digests() && message.kind == MessageKind::Data && d == 0,
-        })
+        SendPoll::Send(op)
     }
 
-    /// Reports the digest of storage `storage`'s bytes, hashed while sending.
-    pub fn handle_storage_digest(&mut self, storage: u32, digest: u64) -> Result<()> {
+    /// The bytes of message `message`: the header, metadata or trailer (once polled), or the storage
+    /// ranges of a data message.
+    pub fn payload(&self, message: u32) -> Payload<'_> {
+        match self.plan.messages().get(message as usize) {
+            Some(m) => match m.kind {
+                MessageKind::Header => Payload::Bytes(&self.header),
+                MessageKind::Metadata => Payload::Bytes(&self.metadata),
+                MessageKind::Trailer => Payload::Bytes(&self.trailer),
+                MessageKind::Data => Payload::Storages(self.plan.segments(m)),
+            },
+            None => Payload::Bytes(&[]),
+        }
+    }
+
+    /// Reports the digests of the storages data message `message` completes (its segments with
+    /// `completes` set, in order), hashed while sending it.
+    pub fn handle_digests(&mut self, message: u32, digests: &[u64]) -> Result<()> {
         if !self.manifest.digests() {
-            return Err(Error::ProtocolState("digests are off for this transfer"));
+            return Err(Error::DigestsOff);
         }
-        let slot = self
-            .digests
-            .get_mut(storage as usize)
-            .ok_or(Error::ProtocolState("no such storage"))?;
-        if slot.is_some() {
-            return Err(Error::ProtocolState("storage digest reported twice"));
-        }
-        *slot = Some(digest);
-        self.missing_digests -= 1;
+        let polled = (message as usize) < self.cursor.0
+            || (message as usize == self.cursor.0 && self.cursor.1 > 0);
+        let missing = record_digests(&self.plan, &mut self.digests, message, digests, polled)?;
+        self.missing_digests -= missing;
         Ok(())
     }
 
@@ -184,4 +186,56 @@ impl Sender {
     pub fn is_done(&self) -> bool {
         self.cursor.0 >= self.plan.messages().len()
     }
+}
+
+/// One slot per storage, zero-byte storages already hashed; and how many are missing.
+pub(crate) fn digest_slots(manifest: &Manifest) -> (Vec<Option<u64>>, usize) {
+    let mut slots = vec![None; manifest.storages().len()];
+    let mut missing = 0;
+    if manifest.digests() {
+        for (slot, s) in slots.iter_mut().zip(manifest.storages()) {
+            if s.nbytes == 0 {
+                *slot = Some(digest(&[]));
+            } else {
+                missing += 1;
+            }
+        }
+    }
+    (slots, missing)
+}
+
+/// Stores a data message's digests in their storages' slots: the message must be a polled data message,
+/// reported once, with one digest per segment that completes a storage. Returns how many were stored.
+pub(crate) fn record_digests(
+    plan: &Plan,
+    slots: &mut [Option<u64>],
+    message: u32,
+    digests: &[u64],
+    polled: bool,
+) -> Result<usize> {
+    let m = plan
+        .messages()
+        .get(message as usize)
+        .filter(|m| m.kind == MessageKind::Data && polled)
+        .ok_or(Error::MessageNotOutstanding {
+            message: message.into(),
+        })?;
+    let completing = || plan.segments(m).iter().filter(|s| s.completes);
+    let expected = completing().count();
+    if digests.len() != expected {
+        return Err(Error::DigestCount {
+            message: message.into(),
+            expected: expected as u64,
+            got: digests.len() as u64,
+        });
+    }
+    if completing().any(|s| slots[s.storage as usize].is_some()) {
+        return Err(Error::DigestsNotExpected {
+            message: message.into(),
+        });
+    }
+    for (s, &d) in completing().zip(digests) {
+        slots[s.storage as usize] = Some(d);
+    }
+    Ok(expected)
 }

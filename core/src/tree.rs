@@ -149,7 +149,7 @@ impl fmt::Display for KeyPath {
 /// the stack.
 ///
 /// The paths are not bounded in size here (a long key above many leaves is repeated in each of their
-/// paths); [`crate::codec::Manifest::new`] bounds them, see [`Error::KeyPathsTooLarge`].
+/// paths); [`crate::manifest::Manifest::new`] bounds them, see [`Error::KeyPathsTooLarge`].
 pub fn key_paths(nodes: &[Node], max_depth: u32) -> Result<Vec<KeyPath>> {
     key_paths_within(nodes, max_depth, u64::MAX)
 }

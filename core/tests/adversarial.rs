@@ -11,10 +11,13 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use common::*;
-use pgt_core::codec::{self, Limits, Metadata};
+use pgt_core::codec;
 use pgt_core::dtype::DType;
+use pgt_core::header::Limits;
 use pgt_core::layout::TensorLayout;
-use pgt_core::plan::{self, FanOut, Plan, PlanParams};
+use pgt_core::plan::{self, Plan};
+use pgt_core::schema::Metadata;
+use pgt_core::schema::{FanOut, PlanParams};
 use pgt_core::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
 use pgt_core::tree::{Key, Leaf, Node, Value};
 use pgt_core::Error;
@@ -75,7 +78,7 @@ fn varint(mut v: u64, out: &mut Vec<u8>) {
 }
 
 /// Decodes raw metadata bytes behind a matching header; returns the result and the peak heap.
-fn decode_raw(bytes: &[u8], limits: &Limits) -> (Result<codec::Manifest, Error>, u64) {
+fn decode_raw(bytes: &[u8], limits: &Limits) -> (Result<pgt_core::manifest::Manifest, Error>, u64) {
     let header = header_for(bytes, false);
     peak_heap(|| decode_bytes(&header, bytes, limits))
 }
@@ -152,7 +155,7 @@ fn a_metadata_length_over_the_limit_is_refused_from_the_header() {
     let (header, _) = encode_raw(&sample(), false);
     let mut h = header.clone();
     h[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
-    let (res, peak) = peak_heap(|| codec::Header::parse(&h, &Limits::default()));
+    let (res, peak) = peak_heap(|| pgt_core::header::Header::parse(&h, &Limits::default()));
     assert!(matches!(res, Err(Error::MetadataTooLarge { .. })));
     assert_eq!(peak, 0);
 }
@@ -429,9 +432,10 @@ fn count_data_messages_agrees_with_the_plan() {
             chunk_size,
         };
         let manifest = round_trip(&m, &Limits::default()).unwrap();
-        let p = Plan::new(&manifest, 1);
+        let p = manifest.plan(1);
+        assert_eq!(p, Plan::new(&sizes, m.plan, false, 1));
         assert_eq!(
-            plan::count_data_messages(&manifest),
+            plan::count_data_messages(sizes.iter().copied(), m.plan),
             p.data_messages().len() as u64
         );
         // Every storage's bytes are covered once, in order.
@@ -443,6 +447,11 @@ fn count_data_messages_agrees_with_the_plan() {
             for s in segs {
                 assert_eq!(covered[s.storage as usize], s.offset);
                 covered[s.storage as usize] += s.len;
+                // The segment that ends its storage, and only that one, says so.
+                assert_eq!(
+                    s.completes,
+                    covered[s.storage as usize] == sizes[s.storage as usize]
+                );
             }
         }
         assert_eq!(covered, sizes);

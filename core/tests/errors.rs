@@ -4,16 +4,19 @@
 mod common;
 
 use common::*;
-use pgt_core::codec::{self, Header, Limits, Metadata, MAGIC, VERSION};
+use pgt_core::codec;
 use pgt_core::dtensor::Placement;
 use pgt_core::dtype::DType;
+use pgt_core::header::{Header, Limits, MAGIC, VERSION};
 use pgt_core::layout::TensorLayout;
-use pgt_core::plan::{FanOut, MessageKind, PlanParams};
-use pgt_core::receiver::{Receiver, ReceiverOptions, RecvPoll};
-use pgt_core::sender::Sender;
+use pgt_core::plan::MessageKind;
+use pgt_core::receiver::{InPlace, Receiver, ReceiverOptions, RecvPoll};
+use pgt_core::schema::Metadata;
+use pgt_core::schema::{FanOut, PlanParams};
+use pgt_core::sender::{SendPoll, Sender};
 use pgt_core::sharded::LocalShard;
 use pgt_core::tree::{Key, Leaf, Node, Value};
-use pgt_core::Error;
+use pgt_core::{Call, Error};
 
 fn limits() -> Limits {
     Limits::default()
@@ -192,7 +195,7 @@ fn metadata_digest() {
 }
 
 /// Decodes raw metadata bytes behind a header that matches them (so only the codec can object).
-fn decode_raw(bytes: &[u8]) -> Result<codec::Manifest, Error> {
+fn decode_raw(bytes: &[u8]) -> Result<pgt_core::manifest::Manifest, Error> {
     decode_bytes(&header_for(bytes, false), bytes, &limits())
 }
 
@@ -938,12 +941,23 @@ fn step_mismatch() {
     receiver_with(options(1), &m).unwrap();
 }
 
+/// Binds storage `storage` in place (and every other storage fresh).
+fn bind(r: &mut Receiver, storage: u32, id: u64, dtype: DType, nbytes: u64) -> Result<(), Error> {
+    r.finish_bindings(&[InPlace {
+        storage,
+        id,
+        dtype,
+        nbytes,
+    }])
+    .map(|_| ())
+}
+
 #[test]
 fn in_place_size_mismatch() {
     let mut r = receiver_at_bindings(sample(), true, 1);
     // Storage 0 is model.layers.0.weight, float32 [3, 4]: 48 bytes.
     assert_eq!(
-        r.bind_in_place(0, 10, DType::Float32, 44),
+        bind(&mut r, 0, 10, DType::Float32, 44),
         Err(Error::InPlaceSizeMismatch {
             path: "model.layers.0.weight".into(),
             expected: 48,
@@ -952,30 +966,32 @@ fn in_place_size_mismatch() {
     );
     // Cast on receive to bfloat16: 24 bytes.
     assert_eq!(
-        r.bind_in_place(0, 10, DType::BFloat16, 48),
+        bind(&mut r, 0, 10, DType::BFloat16, 48),
         Err(Error::InPlaceSizeMismatch {
             path: "model.layers.0.weight".into(),
             expected: 24,
             got: 48
         })
     );
-    r.bind_in_place(0, 10, DType::BFloat16, 24).unwrap();
     // Storage 4 is the int-keyed transposed float16 view: path "3".
     assert_eq!(
-        r.bind_in_place(4, 11, DType::Float16, 0),
+        bind(&mut r, 4, 11, DType::Float16, 0),
         Err(Error::InPlaceSizeMismatch {
             path: "3".into(),
             expected: 24,
             got: 0
         })
     );
+    // A refused binding leaves the receiver binding: the right one still works.
+    bind(&mut r, 0, 10, DType::BFloat16, 24).unwrap();
+    assert_eq!(r.bindings()[0].cast_from, Some(DType::Float32));
 }
 
 #[test]
 fn in_place_dtype_mismatch() {
     let mut r = receiver_at_bindings(sample(), true, 2);
     assert_eq!(
-        r.bind_in_place(0, 1, DType::Int32, 48),
+        bind(&mut r, 0, 1, DType::Int32, 48),
         Err(Error::InPlaceDTypeMismatch {
             path: "model.layers.0.weight".into(),
             incoming: DType::Float32,
@@ -984,7 +1000,7 @@ fn in_place_dtype_mismatch() {
     );
     // Storage 3 is the sharded int64 table: never cast, even to float64 of the same size.
     assert_eq!(
-        r.bind_in_place(3, 1, DType::Float64, 32),
+        bind(&mut r, 3, 1, DType::Float64, 32),
         Err(Error::InPlaceDTypeMismatch {
             path: "model.table".into(),
             incoming: DType::Int64,
@@ -994,9 +1010,10 @@ fn in_place_dtype_mismatch() {
 }
 
 /// Binds fresh destinations and receives every data message, until the trailer is polled. Returns
-/// the trailer's message index.
-fn stream_to_trailer(r: &mut Receiver) -> usize {
-    r.finish_bindings().unwrap();
+/// the data messages (to report their digests) and the trailer's message index.
+fn stream_to_trailer(r: &mut Receiver) -> (Vec<u32>, u32) {
+    r.finish_bindings(&[]).unwrap();
+    let mut data = Vec::new();
     loop {
         let (m, kind) = match r.poll() {
             RecvPoll::Recv(op) => (op.message, op.kind),
@@ -1008,26 +1025,45 @@ fn stream_to_trailer(r: &mut Receiver) -> usize {
             other => panic!("unexpected {other:?}"),
         };
         match kind {
-            MessageKind::Data => r.handle_data(m).unwrap(),
-            MessageKind::Trailer => return m,
+            MessageKind::Data => {
+                r.handle_data(m).unwrap();
+                data.push(m);
+            }
+            MessageKind::Trailer => return (data, m),
             other => panic!("unexpected {other:?}"),
         }
     }
 }
 
-/// Reports every storage's digest (the fake ones) and returns the matching trailer.
-fn report_digests(r: &mut Receiver) -> Vec<u8> {
-    let n = r.manifest().unwrap().storages().len() as u32;
-    let nonempty: Vec<u32> = (0..n)
-        .filter(|&i| r.manifest().unwrap().storages()[i as usize].nbytes > 0)
-        .collect();
-    for &i in &nonempty {
-        r.handle_storage_digest(i, fake_digest(i)).unwrap();
+/// The fake digests data message `m` completes, in segment order.
+fn fake_digests(r: &Receiver, m: u32) -> Vec<u64> {
+    let plan = r.plan().unwrap();
+    plan.segments(&plan.messages()[m as usize])
+        .iter()
+        .filter(|s| s.completes)
+        .map(|s| fake_digest(s.storage))
+        .collect()
+}
+
+/// Reports the fake digests of every data message except the one holding storage `skip`'s last byte,
+/// and returns the matching trailer (every storage's fake digest).
+fn report_digests_except(r: &mut Receiver, data: &[u32], skip: Option<u32>) -> Vec<u8> {
+    for &m in data {
+        let plan = r.plan().unwrap();
+        let completes = plan.segments(&plan.messages()[m as usize]);
+        if skip.is_some_and(|k| completes.iter().any(|s| s.completes && s.storage == k)) {
+            continue;
+        }
+        let d = fake_digests(r, m);
+        r.handle_digests(m, &d).unwrap();
     }
-    (0..n)
-        .flat_map(|i| {
-            let d = if nonempty.contains(&i) {
-                fake_digest(i)
+    let storages = r.manifest().unwrap().storages();
+    storages
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| {
+            let d = if s.nbytes > 0 {
+                fake_digest(i as u32)
             } else {
                 pgt_core::digest::digest(&[])
             };
@@ -1039,8 +1075,8 @@ fn report_digests(r: &mut Receiver) -> Vec<u8> {
 #[test]
 fn trailer_length() {
     let mut r = receiver_at_bindings(sample(), true, 2);
-    stream_to_trailer(&mut r);
-    let trailer = report_digests(&mut r);
+    let (data, _) = stream_to_trailer(&mut r);
+    let trailer = report_digests_except(&mut r, &data, None);
     assert_eq!(trailer.len(), 40);
     assert_eq!(
         r.handle_trailer(&trailer[..39]),
@@ -1065,8 +1101,8 @@ fn trailer_length() {
 #[test]
 fn digest_mismatch_from_the_trailer() {
     let mut r = receiver_at_bindings(sample(), true, 1);
-    stream_to_trailer(&mut r);
-    let mut trailer = report_digests(&mut r);
+    let (data, _) = stream_to_trailer(&mut r);
+    let mut trailer = report_digests_except(&mut r, &data, None);
     // Storage 2 is model.emb (the DTensor).
     trailer[2 * 8] ^= 1;
     let want = Error::DigestMismatch {
@@ -1086,14 +1122,49 @@ fn digest_mismatch_from_the_trailer() {
 }
 
 #[test]
+fn digest_mismatch_reports_the_first_wrong_storage_in_storage_order() {
+    let mut r = receiver_at_bindings(sample(), true, 1);
+    let (data, _) = stream_to_trailer(&mut r);
+    let mut trailer = report_digests_except(&mut r, &data, None);
+    // Storages 3 (model.table) and 1 are both wrong: storage 1 is reported, whatever the order of
+    // arrival.
+    trailer[3 * 8] ^= 1;
+    trailer[8] ^= 1;
+    r.handle_trailer(&trailer).unwrap();
+    assert_eq!(r.digest_mismatch().map(Error::name), Some("DigestMismatch"));
+    assert!(matches!(
+        r.digest_mismatch(),
+        Some(Error::DigestMismatch { storage: 1, .. })
+    ));
+}
+
+#[test]
 fn digest_mismatch_from_a_late_storage_digest() {
     let mut r = receiver_at_bindings(with_fanout(sample(), FanOut::Direct), true, 2);
-    stream_to_trailer(&mut r);
+    let (data, _) = stream_to_trailer(&mut r);
     // The trailer arrives before the host reports storage 3's digest (model.table).
-    let trailer = report_digests_except(&mut r, 3);
+    let trailer = report_digests_except(&mut r, &data, Some(3));
     r.handle_trailer(&trailer).unwrap();
     assert_eq!(r.digest_mismatch(), None);
-    r.handle_storage_digest(3, 12345).unwrap();
+    let late = *data
+        .iter()
+        .find(|&&m| {
+            let plan = r.plan().unwrap();
+            plan.segments(&plan.messages()[m as usize])
+                .iter()
+                .any(|s| s.completes && s.storage == 3)
+        })
+        .unwrap();
+    let mut digests = fake_digests(&r, late);
+    let plan = r.plan().unwrap();
+    let at = plan
+        .segments(&plan.messages()[late as usize])
+        .iter()
+        .filter(|s| s.completes)
+        .position(|s| s.storage == 3)
+        .unwrap();
+    digests[at] = 12345;
+    r.handle_digests(late, &digests).unwrap();
     let want = Error::DigestMismatch {
         path: "model.table".into(),
         storage: 3,
@@ -1103,116 +1174,154 @@ fn digest_mismatch_from_a_late_storage_digest() {
     assert_eq!(r.finish().err(), Some(want));
 }
 
-fn report_digests_except(r: &mut Receiver, skip: u32) -> Vec<u8> {
-    let n = r.manifest().unwrap().storages().len() as u32;
-    for i in (0..n).filter(|&i| i != skip) {
-        r.handle_storage_digest(i, fake_digest(i)).unwrap();
-    }
-    (0..n).flat_map(|i| fake_digest(i).to_le_bytes()).collect()
-}
-
 #[test]
-fn protocol_state() {
-    use Error::ProtocolState as P;
+fn unexpected_calls() {
+    let call = |call| Err(Error::UnexpectedCall { call });
     let (header, bytes) = encode_raw(&sample(), true);
     let mut r = Receiver::new(options(1));
     // Wrong order before the metadata.
-    assert_eq!(r.handle_metadata(&bytes), Err(P("metadata not expected")));
-    assert_eq!(
-        r.bind_in_place(0, 0, DType::Float32, 48),
-        Err(P("bindings not expected"))
-    );
-    assert_eq!(r.finish_bindings(), Err(P("bindings not expected")));
-    assert_eq!(r.handle_data(2), Err(P("not streaming")));
-    assert_eq!(r.handle_trailer(&[]), Err(P("not streaming")));
-    assert_eq!(r.handle_storage_digest(0, 0), Err(P("not streaming")));
-    assert_eq!(r.handle_forwarded(2), Err(P("not streaming")));
+    assert_eq!(r.handle_metadata(&bytes), call(Call::Metadata));
+    assert_eq!(r.finish_bindings(&[]).map(|_| ()), call(Call::Bindings));
+    assert_eq!(r.handle_data(2), call(Call::Data));
+    assert_eq!(r.handle_trailer(&[]), call(Call::Trailer));
+    assert_eq!(r.handle_digests(2, &[]), call(Call::Digests));
+    assert_eq!(r.handle_forwarded(2), call(Call::Forwarded));
+    assert_eq!(r.incoming().map(|_| ()), call(Call::Incoming));
+    assert_eq!(r.paths().map(|_| ()), call(Call::Incoming));
     r.handle_header(&header).unwrap();
-    assert_eq!(r.handle_header(&header), Err(P("header not expected")));
+    assert_eq!(r.handle_header(&header), call(Call::Header));
     r.handle_metadata(&bytes).unwrap();
-    assert_eq!(r.handle_metadata(&bytes), Err(P("metadata not expected")));
-    assert_eq!(r.handle_header(&header), Err(P("header not expected")));
+    assert_eq!(r.handle_metadata(&bytes), call(Call::Metadata));
+    assert_eq!(r.handle_header(&header), call(Call::Header));
     // Binding: no such storage; data before bindings end.
     assert_eq!(
-        r.bind_in_place(5, 0, DType::Float32, 48),
-        Err(P("no such storage"))
+        bind(&mut r, 5, 0, DType::Float32, 48),
+        Err(Error::NoSuchStorage { storage: 5 })
     );
-    assert_eq!(r.handle_data(2), Err(P("not streaming")));
-    r.finish_bindings().unwrap();
-    assert_eq!(r.finish_bindings(), Err(P("bindings not expected")));
-    assert_eq!(
-        r.bind_in_place(0, 0, DType::Float32, 48),
-        Err(P("bindings not expected"))
-    );
+    assert_eq!(r.handle_data(2), call(Call::Data));
+    r.finish_bindings(&[]).unwrap();
+    assert_eq!(r.finish_bindings(&[]).map(|_| ()), call(Call::Bindings));
     // Streaming: data not yet polled, header/metadata indices, out of range.
-    for m in [0, 1, 2, 3, 1000, usize::MAX] {
+    for m in [0, 1, 2, 3, 1000, u32::MAX] {
         assert_eq!(
             r.handle_data(m),
-            Err(P("message not outstanding")),
+            Err(Error::MessageNotOutstanding { message: m.into() }),
+            "message {m}"
+        );
+        assert_eq!(
+            r.handle_digests(m, &[]),
+            Err(Error::MessageNotOutstanding { message: m.into() }),
             "message {m}"
         );
     }
-    assert_eq!(r.handle_trailer(&[0; 40]), Err(P("trailer not expected")));
-    assert_eq!(r.handle_storage_digest(5, 0), Err(P("no such storage")));
-    assert_eq!(
-        r.handle_storage_digest(u32::MAX, 0),
-        Err(P("no such storage"))
-    );
-    r.handle_storage_digest(0, fake_digest(0)).unwrap();
-    assert_eq!(
-        r.handle_storage_digest(0, fake_digest(0)),
-        Err(P("storage digest reported twice"))
-    );
+    assert_eq!(r.handle_trailer(&[0; 40]), call(Call::Trailer));
     // Rank 1 is first in the chain: it forwards to rank 2, but nothing was forwarded yet.
-    assert_eq!(r.handle_forwarded(2), Err(P("forward not issued")));
-    assert_eq!(r.handle_forwarded(0), Err(P("forward not issued")));
+    assert_eq!(
+        r.handle_forwarded(2),
+        Err(Error::ForwardNotIssued { message: 2 })
+    );
+    assert_eq!(
+        r.handle_forwarded(0),
+        Err(Error::ForwardNotIssued { message: 0 })
+    );
     let RecvPoll::Recv(op) = r.poll() else {
         panic!("a data receive")
     };
     let m = op.message;
     assert_eq!(op.kind, MessageKind::Data);
+    // Digests: one per completed storage, once.
+    let d = fake_digests(&r, m);
+    assert_eq!(
+        r.handle_digests(m, &[]),
+        Err(Error::DigestCount {
+            message: m.into(),
+            expected: d.len() as u64,
+            got: 0
+        })
+    );
+    r.handle_digests(m, &d).unwrap();
+    assert_eq!(
+        r.handle_digests(m, &d),
+        Err(Error::DigestsNotExpected { message: m.into() })
+    );
     r.handle_data(m).unwrap();
-    assert_eq!(r.handle_data(m), Err(P("message not outstanding")));
+    assert_eq!(
+        r.handle_data(m),
+        Err(Error::MessageNotOutstanding { message: m.into() })
+    );
     // The trailer's index is not a data message.
-    let last = r.plan().unwrap().messages().len() - 1;
-    assert_eq!(r.handle_data(last), Err(P("message not outstanding")));
+    let last = r.plan().unwrap().messages().len() as u32 - 1;
+    assert_eq!(
+        r.handle_data(last),
+        Err(Error::MessageNotOutstanding {
+            message: last.into()
+        })
+    );
     let RecvPoll::Forward(f) = r.poll() else {
         panic!("a forward")
     };
     let fm = f.message;
     r.handle_forwarded(fm).unwrap();
-    assert_eq!(r.handle_forwarded(fm), Err(P("forward reported twice")));
+    assert_eq!(
+        r.handle_forwarded(fm),
+        Err(Error::ForwardReportedTwice { message: fm.into() })
+    );
 }
 
 #[test]
-fn protocol_state_without_digests() {
-    use Error::ProtocolState as P;
+fn unexpected_calls_without_digests() {
     let mut r = receiver_at_bindings(sample(), false, 2);
-    r.finish_bindings().unwrap();
+    r.finish_bindings(&[]).unwrap();
+    assert_eq!(r.handle_digests(2, &[0]), Err(Error::DigestsOff));
     assert_eq!(
-        r.handle_storage_digest(0, 0),
-        Err(P("digests are off for this transfer"))
+        r.handle_trailer(&[]),
+        Err(Error::UnexpectedCall {
+            call: Call::Trailer
+        })
     );
-    assert_eq!(r.handle_trailer(&[]), Err(P("trailer not expected")));
     // The sender refuses the same way.
     let mut s = Sender::new(sample(), false, &limits()).unwrap();
-    assert_eq!(
-        s.handle_storage_digest(0, 0),
-        Err(P("digests are off for this transfer"))
-    );
+    assert_eq!(s.handle_digests(2, &[0]), Err(Error::DigestsOff));
     let mut s = Sender::new(sample(), true, &limits()).unwrap();
-    assert_eq!(s.handle_storage_digest(5, 0), Err(P("no such storage")));
-    s.handle_storage_digest(1, 0).unwrap();
+    // Not polled yet.
     assert_eq!(
-        s.handle_storage_digest(1, 0),
-        Err(P("storage digest reported twice"))
+        s.handle_digests(2, &[0]),
+        Err(Error::MessageNotOutstanding { message: 2 })
+    );
+    let op = loop {
+        match s.poll() {
+            SendPoll::Send(op) if op.kind == MessageKind::Data => break op,
+            SendPoll::Send(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    let plan = s.plan();
+    let completed = plan
+        .segments(&plan.messages()[op.message as usize])
+        .iter()
+        .filter(|s| s.completes)
+        .count();
+    assert_eq!(
+        s.handle_digests(op.message, &[]),
+        Err(Error::DigestCount {
+            message: op.message.into(),
+            expected: completed as u64,
+            got: 0
+        })
+    );
+    s.handle_digests(op.message, &vec![0; completed]).unwrap();
+    assert_eq!(
+        s.handle_digests(op.message, &vec![0; completed]),
+        Err(Error::DigestsNotExpected {
+            message: op.message.into()
+        })
     );
 }
 
 #[test]
 fn direct_fan_out_never_forwards() {
     let mut r = receiver_at_bindings(with_fanout(sample(), FanOut::Direct), false, 1);
-    r.finish_bindings().unwrap();
+    r.finish_bindings(&[]).unwrap();
     let RecvPoll::Recv(op) = r.poll() else {
         panic!("a receive")
     };
@@ -1220,7 +1329,7 @@ fn direct_fan_out_never_forwards() {
     r.handle_data(m).unwrap();
     assert_eq!(
         r.handle_forwarded(m),
-        Err(Error::ProtocolState("forward not issued"))
+        Err(Error::ForwardNotIssued { message: m.into() })
     );
 }
 
@@ -1234,14 +1343,14 @@ fn incomplete() {
     assert_eq!(r.finish().err(), Some(Error::Incomplete));
     // Everything received but one digest missing.
     let mut r = receiver_at_bindings(sample(), true, 2);
-    stream_to_trailer(&mut r);
-    let trailer = report_digests_except(&mut r, 1);
+    let (data, _) = stream_to_trailer(&mut r);
+    let trailer = report_digests_except(&mut r, &data, Some(1));
     r.handle_trailer(&trailer).unwrap();
     assert_eq!(r.poll(), RecvPoll::Wait);
     assert_eq!(r.finish().err(), Some(Error::Incomplete));
     // Rank 1 (chain head) has received everything but not forwarded.
     let mut r = receiver_at_bindings(sample(), false, 1);
-    r.finish_bindings().unwrap();
+    r.finish_bindings(&[]).unwrap();
     while let RecvPoll::Recv(op) = r.poll() {
         let m = op.message;
         r.handle_data(m).unwrap();
@@ -1309,8 +1418,8 @@ fn display_is_one_clear_line() {
             "expected step Some(8), checkpoint is step None",
         ),
         (
-            Error::ProtocolState("header not expected"),
-            "protocol state: header not expected",
+            Error::UnexpectedCall { call: Call::Header },
+            "the header was not expected in this state",
         ),
         (Error::Incomplete, "transfer is not complete"),
     ];
@@ -1339,7 +1448,7 @@ fn every_error_displays_as_one_line() {
     m.destinations = vec![1, 1];
     errs.push(round_trip(&m, &limits()).unwrap_err());
     let mut r = receiver_at_bindings(sample(), true, 1);
-    errs.push(r.bind_in_place(0, 0, DType::UInt8, 1).unwrap_err());
+    errs.push(bind(&mut r, 0, 0, DType::UInt8, 1).unwrap_err());
     for e in errs {
         let s = e.to_string();
         assert!(!s.is_empty() && !s.contains('\n'), "{s:?}");

@@ -11,11 +11,15 @@ use proptest::collection::{btree_map, btree_set, vec};
 use proptest::prelude::*;
 
 use common::*;
-use pgt_core::codec::{self, Header, Limits, Manifest, Metadata};
+use pgt_core::codec;
 use pgt_core::dtensor::{DTensorSpec, DeviceMesh, Placement, ReduceOp};
 use pgt_core::dtype::DType;
+use pgt_core::header::{Header, Limits};
 use pgt_core::layout::{contiguous_strides, TensorLayout};
-use pgt_core::plan::{FanOut, Plan, PlanParams};
+use pgt_core::manifest::Manifest;
+use pgt_core::receiver::InPlace;
+use pgt_core::schema::Metadata;
+use pgt_core::schema::{FanOut, PlanParams};
 use pgt_core::sender::Sender;
 use pgt_core::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
 use pgt_core::tree::{Key, Leaf, Node, Value};
@@ -387,7 +391,7 @@ proptest! {
         }
         prop_assert_eq!(manifest.paths().len(), meta.leaves.len());
         prop_assert_eq!(manifest.storages(), sender.manifest().storages());
-        prop_assert_eq!(&Plan::new(&manifest, header.metadata_len), sender.plan());
+        prop_assert_eq!(&manifest.plan(header.metadata_len), sender.plan());
         // The same through Manifest::new + codec::encode, and decode_metadata.
         let direct = Manifest::new(meta.clone(), digests, &limits).unwrap();
         let (h2, b2) = codec::encode(&direct).unwrap();
@@ -499,9 +503,11 @@ proptest! {
         let received = transfer(meta.clone(), digests);
         prop_assert_eq!(received.len(), meta.destinations.len());
         for (r, &rank) in received.iter().zip(&meta.destinations) {
-            prop_assert_eq!(bits(r.manifest.metadata()), bits(&meta));
+            prop_assert_eq!(r.step, meta.step);
+            prop_assert_eq!(&r.tree, &meta.tree);
             prop_assert_eq!(r.leaves.len(), meta.leaves.len());
-            prop_assert_eq!(r.bindings.len(), r.manifest.storages().len());
+            let storages: usize = meta.leaves.iter().map(|l| l.storages().count()).sum();
+            prop_assert_eq!(r.bindings.len(), storages);
             for (got, sent) in r.leaves.iter().zip(&meta.leaves) {
                 match (got, sent) {
                     (Leaf::Sharded { local_shards, .. }, Leaf::Sharded { local_shards: s, .. }) => {
@@ -531,19 +537,22 @@ proptest! {
         let mut r = receiver_at_bindings(meta.clone(), false, rank);
         let storages = r.manifest().unwrap().storages().to_vec();
         let mut cast = Vec::new();
+        let mut targets = Vec::new();
         for (i, s) in storages.iter().enumerate() {
+            let storage = i as u32;
             if s.dtype.is_castable_float() {
                 let to = if s.dtype == DType::BFloat16 { DType::Float32 } else { DType::BFloat16 };
                 let nbytes = s.nbytes / s.dtype.element_size() * to.element_size();
-                r.bind_in_place(i, i as u64, to, nbytes).unwrap();
+                targets.push(InPlace { storage, id: i as u64, dtype: to, nbytes });
                 cast.push((i, to, nbytes));
             } else if s.dtype != DType::Bool {
-                prop_assert!(r.bind_in_place(i, 0, DType::Bool, s.nbytes).is_err());
+                let bool_target = InPlace { storage, id: 0, dtype: DType::Bool, nbytes: s.nbytes };
+                prop_assert!(r.finish_bindings(&[bool_target]).is_err());
             }
         }
-        r.finish_bindings().unwrap();
+        r.finish_bindings(&targets).unwrap();
         for (i, to, nbytes) in cast {
-            let b = r.binding(i).unwrap();
+            let b = r.bindings()[i];
             prop_assert_eq!((b.dtype, b.nbytes, b.cast_from), (to, nbytes, Some(storages[i].dtype)));
         }
     }

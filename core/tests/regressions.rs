@@ -14,8 +14,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use pgt_core::codec::Metadata;
-use pgt_core::plan::FanOut;
+use pgt_core::schema::FanOut;
+use pgt_core::schema::Metadata;
 
 fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")

@@ -3,14 +3,22 @@
 //! receivers.
 #![allow(dead_code)]
 
-use pgt_core::codec::{self, Header, Limits, Manifest, Metadata, FLAG_DIGESTS, VERSION};
+use pgt_core::codec;
 use pgt_core::digest::digest;
+use pgt_core::drive::{self, Event, ReceiveHost, SendHost};
 use pgt_core::dtensor::{DTensorSpec, DeviceMesh, Placement, ReduceOp};
 use pgt_core::dtype::DType;
+use pgt_core::header::{Header, Limits, FLAG_DIGESTS, VERSION};
 use pgt_core::layout::TensorLayout;
-use pgt_core::plan::{FanOut, MessageKind, PlanParams};
-use pgt_core::receiver::{Received, Receiver, ReceiverOptions, RecvInto, RecvPoll};
-use pgt_core::sender::{Payload, SendPoll, Sender};
+use pgt_core::manifest::Manifest;
+use pgt_core::plan::MessageKind;
+use pgt_core::plan::Segment;
+use pgt_core::receiver::{
+    Binding, ForwardOp, Incoming, Received, Receiver, ReceiverOptions, RecvOp, RecvPoll,
+};
+use pgt_core::schema::Metadata;
+use pgt_core::schema::{FanOut, PlanParams};
+use pgt_core::sender::{Payload, SendOp, Sender};
 use pgt_core::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
 use pgt_core::tree::{Key, Leaf, Node, Value};
 use pgt_core::Error;
@@ -238,104 +246,98 @@ pub fn fake_digest(storage: u32) -> u64 {
     0x9E37_79B9_7F4A_7C15u64.wrapping_mul(u64::from(storage) + 1)
 }
 
-/// Drives a sender and one receiver per destination honestly, in memory, to completion: every send is
-/// delivered, digests are reported on both sides, forwards are performed in chain fan-out. Returns
-/// each receiver's result. Panics if either side errors or stalls.
+/// Drives a sender and one receiver per destination honestly, through [`pgt_core::drive`], to
+/// completion: every send is delivered, digests are reported on both sides (made-up values: no tensor
+/// bytes exist in these tests), forwards are performed in chain fan-out. Returns each receiver's result.
+/// Panics if either side errors or stalls.
 pub fn transfer(meta: Metadata, digests: bool) -> Vec<Received> {
-    let sender = Sender::new(meta, digests, &Limits::default()).expect("valid metadata");
+    let mut sender = Sender::new(meta, digests, &Limits::default()).expect("valid metadata");
     let dests = sender.manifest().metadata().destinations.clone();
     let source = sender.manifest().metadata().source;
     let step = sender.manifest().metadata().step;
-    let mut sender = sender;
-    // Drain the sender: only the message indices matter to the receivers (their bytes are not moved
-    // except header/metadata/trailer).
-    let mut header = Vec::new();
-    let mut meta_bytes = Vec::new();
-    let mut trailer = Vec::new();
-    let mut polls = 0u64;
-    loop {
-        polls += 1;
-        assert!(polls < 10_000_000, "sender stalls");
-        let (hash_segments, kind_bytes) = match sender.poll() {
-            SendPoll::Done => break,
-            SendPoll::WaitDigests => panic!("digests are reported as data is sent"),
-            SendPoll::Send(op) => match op.payload {
-                Payload::Bytes(b) => (None, Some((op.message, b.to_vec()))),
-                Payload::Storages(segs) => (op.hash.then(|| segs.to_vec()), None),
-            },
-        };
-        if let Some((m, b)) = kind_bytes {
-            match sender.plan().messages()[m].kind {
-                MessageKind::Header => header = b,
-                MessageKind::Metadata => meta_bytes = b,
-                MessageKind::Trailer => trailer = b,
-                MessageKind::Data => unreachable!(),
-            }
-        }
-        if let Some(segs) = hash_segments {
-            for s in segs {
-                let nbytes = sender.manifest().storages()[s.storage as usize].nbytes;
-                if s.offset + s.len == nbytes {
-                    sender
-                        .handle_storage_digest(s.storage, fake_digest(s.storage))
-                        .unwrap();
-                }
-            }
-        }
-    }
+    let mut host = FakeHost::default();
+    drive::send(&mut sender, &mut host).expect("honest send");
     assert!(sender.is_done());
     let mut out = Vec::new();
     for &rank in &dests {
-        let mut r = Receiver::new(ReceiverOptions {
+        let r = Receiver::new(ReceiverOptions {
             rank,
             source,
             expected_step: step,
             limits: Limits::default(),
         });
-        let mut nbytes: Option<Vec<u64>> = None;
-        let mut polls = 0u64;
-        loop {
-            polls += 1;
-            assert!(polls < 10_000_000, "receiver stalls");
-            let poll = r.poll();
-            match poll {
-                RecvPoll::Done => break,
-                RecvPoll::Wait => panic!("nothing is in flight in this driver"),
-                RecvPoll::NeedBindings => r.finish_bindings().unwrap(),
-                RecvPoll::Forward(f) => {
-                    let m = f.message;
-                    r.handle_forwarded(m).unwrap();
-                }
-                RecvPoll::Recv(op) => {
-                    let (m, kind) = (op.message, op.kind);
-                    let hashed = match op.into {
-                        RecvInto::Storages(segs) if op.hash => segs.to_vec(),
-                        _ => Vec::new(),
-                    };
-                    match kind {
-                        MessageKind::Header => r.handle_header(&header).unwrap(),
-                        MessageKind::Metadata => r.handle_metadata(&meta_bytes).unwrap(),
-                        MessageKind::Trailer => r.handle_trailer(&trailer).unwrap(),
-                        MessageKind::Data => {
-                            let nbytes = nbytes.get_or_insert_with(|| {
-                                let storages = r.manifest().unwrap().storages();
-                                storages.iter().map(|s| s.nbytes).collect::<Vec<u64>>()
-                            });
-                            for s in hashed {
-                                if s.offset + s.len == nbytes[s.storage as usize] {
-                                    r.handle_storage_digest(s.storage, fake_digest(s.storage))
-                                        .unwrap();
-                                }
-                            }
-                            r.handle_data(m).unwrap();
-                        }
-                    }
-                }
-            }
-        }
-        out.push(r.finish().expect("complete transfer"));
+        out.push(drive::receive(r, &mut host).expect("complete transfer"));
     }
     out
+}
+
+/// A host that moves no tensor bytes: the header, metadata and trailer it sent are handed back to
+/// receivers, and every completed storage "hashes" to [`fake_digest`] on both sides.
+#[derive(Default)]
+struct FakeHost {
+    core_bytes: Vec<(MessageKind, Vec<u8>)>,
+    events: std::collections::VecDeque<Event>,
+}
+
+impl FakeHost {
+    fn completed(&mut self, message: u32, segments: &[Segment], hash: bool) {
+        if hash {
+            let digests = segments
+                .iter()
+                .filter(|s| s.completes)
+                .map(|s| fake_digest(s.storage))
+                .collect();
+            self.events.push_back(Event::Digests(message, digests));
+        }
+    }
+}
+
+impl SendHost for FakeHost {
+    type Error = Error;
+    fn send(&mut self, op: &SendOp, payload: Payload<'_>) -> Result<(), Error> {
+        match payload {
+            Payload::Bytes(b) => {
+                if !self.core_bytes.iter().any(|(k, _)| *k == op.kind) {
+                    self.core_bytes.push((op.kind, b.to_vec()));
+                }
+            }
+            Payload::Storages(segments) => self.completed(op.message, segments, op.hash),
+        }
+        Ok(())
+    }
+    fn next_event(&mut self, _: bool) -> Result<Option<Event>, Error> {
+        Ok(self.events.pop_front())
+    }
+    fn flush(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+impl ReceiveHost for FakeHost {
+    type Error = Error;
+    fn recv_bytes(&mut self, op: &RecvOp) -> Result<Vec<u8>, Error> {
+        let (_, b) = self
+            .core_bytes
+            .iter()
+            .find(|(k, _)| *k == op.kind)
+            .expect("sent");
+        Ok(b.clone())
+    }
+    fn bound(&mut self, _: &Incoming, _: &[Binding]) -> Result<(), Error> {
+        Ok(())
+    }
+    fn recv_data(&mut self, op: &RecvOp, segments: &[Segment]) -> Result<(), Error> {
+        self.events.push_back(Event::Landed(op.message));
+        self.completed(op.message, segments, op.hash);
+        Ok(())
+    }
+    fn forward(&mut self, op: &ForwardOp, _: Payload<'_>) -> Result<(), Error> {
+        self.events.push_back(Event::Forwarded(op.message));
+        Ok(())
+    }
+    fn next_event(&mut self, _: bool) -> Result<Option<Event>, Error> {
+        Ok(self.events.pop_front())
+    }
 }
 
 /// Fan-out variants of a plan, for tests that cover both.

@@ -1,0 +1,190 @@
+//! The one loop that drives a state machine. A host says how bytes move by implementing [`ReceiveHost`]
+//! or [`SendHost`]; [`receive`] and [`send`] decide what happens when, from the engine's ops. pgt-host's
+//! `Transport` and CLI, the test harnesses and the in-memory [`crate::memory::MemoryHost`] all run
+//! through these two functions, so none of them re-derives the protocol.
+
+use alloc::vec::Vec;
+
+use crate::engine::{ReceiveEngine, SendEngine};
+use crate::plan::{MessageKind, Plan, Segment};
+use crate::receiver::{Binding, ForwardOp, InPlace, Incoming, Received, RecvOp, RecvPoll};
+use crate::sender::{Payload, SendOp, SendPoll};
+use crate::tree::KeyPath;
+use crate::{Call, Error};
+
+/// A completion a host reports back to the driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Data message `message` has fully landed in its destinations.
+    Landed(u32),
+    /// The digests of the storages data message `message` completes, in segment order.
+    Digests(u32, Vec<u64>),
+    /// The forward of message `message` has been sent.
+    Forwarded(u32),
+}
+
+/// How a receiving host moves bytes. Each method does one thing the driver asks for; completions of
+/// work the host does in the background come back through [`ReceiveHost::next_event`].
+pub trait ReceiveHost {
+    /// The host's error; also the engine's (see [`receive`]).
+    type Error;
+
+    /// Receives a header, metadata or trailer message: exactly `op.len` bytes from `op.from` under
+    /// `op.tag`.
+    fn recv_bytes(&mut self, op: &RecvOp) -> Result<Vec<u8>, Self::Error>;
+
+    /// Picks in-place destinations for what `incoming` announced; `paths` gives every leaf's key path.
+    /// The default binds nothing: every storage gets a fresh destination.
+    fn bind(
+        &mut self,
+        incoming: &Incoming,
+        paths: &mut dyn FnMut() -> Result<Vec<KeyPath>, Self::Error>,
+    ) -> Result<Vec<InPlace>, Self::Error> {
+        let _ = (incoming, paths);
+        Ok(Vec::new())
+    }
+
+    /// Bindings are final (one per storage, in storage order): prepare the destinations.
+    fn bound(&mut self, incoming: &Incoming, bindings: &[Binding]) -> Result<(), Self::Error>;
+
+    /// Receives data message `op` into the destinations of `segments` (casting where a binding says
+    /// so), hashing each segment's wire bytes when `op.hash`; reports [`Event::Landed`] (and
+    /// [`Event::Digests`]) now or later.
+    fn recv_data(&mut self, op: &RecvOp, segments: &[Segment]) -> Result<(), Self::Error>;
+
+    /// Sends `payload`, the message's wire bytes, to `op.to`; reports [`Event::Forwarded`] now or
+    /// later.
+    fn forward(&mut self, op: &ForwardOp, payload: Payload<'_>) -> Result<(), Self::Error>;
+
+    /// The next completion. Without `wait`, `None` when none is ready; with `wait`, blocks until one
+    /// is (or fails: a host that has nothing in flight returns `None`, and the driver reports
+    /// [`Error::Incomplete`]).
+    fn next_event(&mut self, wait: bool) -> Result<Option<Event>, Self::Error>;
+}
+
+/// Runs `engine` to completion over `host` and returns the verified result.
+pub fn receive<E, H>(mut engine: E, host: &mut H) -> Result<Received, E::Error>
+where
+    E: ReceiveEngine,
+    H: ReceiveHost<Error = E::Error>,
+{
+    let mut incoming: Option<Incoming> = None;
+    let mut trailer = Vec::new();
+    loop {
+        while let Some(event) = host.next_event(false)? {
+            apply_receive(&mut engine, event)?;
+        }
+        match engine.poll()? {
+            RecvPoll::Recv(op) => match op.kind {
+                MessageKind::Header => engine.handle_header(&host.recv_bytes(&op)?)?,
+                MessageKind::Metadata => {
+                    incoming = Some(engine.handle_metadata(&host.recv_bytes(&op)?)?);
+                }
+                MessageKind::Trailer => {
+                    trailer = host.recv_bytes(&op)?;
+                    engine.handle_trailer(&trailer)?;
+                }
+                MessageKind::Data => {
+                    let plan = &announced(&incoming, Call::Data)?.plan;
+                    host.recv_data(&op, segments(plan, op.message)?)?;
+                }
+            },
+            RecvPoll::NeedBindings => {
+                let incoming = announced(&incoming, Call::Bindings)?;
+                let in_place = host.bind(incoming, &mut || engine.paths())?;
+                let bindings = engine.finish_bindings(&in_place)?;
+                host.bound(incoming, &bindings)?;
+            }
+            RecvPoll::Forward(op) => {
+                let payload = match op.kind {
+                    MessageKind::Data => Payload::Storages(segments(
+                        &announced(&incoming, Call::Forwarded)?.plan,
+                        op.message,
+                    )?),
+                    _ => Payload::Bytes(&trailer),
+                };
+                host.forward(&op, payload)?;
+            }
+            RecvPoll::Wait => match host.next_event(true)? {
+                Some(event) => apply_receive(&mut engine, event)?,
+                None => return Err(Error::Incomplete.into()),
+            },
+            RecvPoll::Done => return engine.finish(),
+        }
+    }
+}
+
+fn announced(incoming: &Option<Incoming>, call: Call) -> Result<&Incoming, Error> {
+    incoming.as_ref().ok_or(Error::UnexpectedCall { call })
+}
+
+fn segments(plan: &Plan, message: u32) -> Result<&[Segment], Error> {
+    let m = plan
+        .messages()
+        .get(message as usize)
+        .ok_or(Error::MessageNotOutstanding {
+            message: message.into(),
+        })?;
+    Ok(plan.segments(m))
+}
+
+fn apply_receive<E: ReceiveEngine>(engine: &mut E, event: Event) -> Result<(), E::Error> {
+    match event {
+        Event::Landed(m) => engine.handle_data(m),
+        Event::Digests(m, d) => engine.handle_digests(m, &d),
+        Event::Forwarded(m) => engine.handle_forwarded(m),
+    }
+}
+
+/// How a sending host moves bytes.
+pub trait SendHost {
+    /// The host's error; also the engine's (see [`send`]).
+    type Error;
+
+    /// Sends `payload`, message `op`'s bytes, to `op.to` (in poll order per destination); when
+    /// `op.hash`, hashes the storage bytes as in [`crate::sender`] and reports [`Event::Digests`] now
+    /// or later.
+    fn send(&mut self, op: &SendOp, payload: Payload<'_>) -> Result<(), Self::Error>;
+
+    /// The next digest report, as [`ReceiveHost::next_event`].
+    fn next_event(&mut self, wait: bool) -> Result<Option<Event>, Self::Error>;
+
+    /// Every send has been handed out: finish those in flight.
+    fn flush(&mut self) -> Result<(), Self::Error>;
+}
+
+/// Runs `engine` to completion over `host`.
+pub fn send<E, H>(engine: &mut E, host: &mut H) -> Result<(), E::Error>
+where
+    E: SendEngine,
+    H: SendHost<Error = E::Error>,
+{
+    loop {
+        while let Some(event) = host.next_event(false)? {
+            apply_send(engine, event)?;
+        }
+        match engine.poll()? {
+            SendPoll::Send(op) if op.kind == MessageKind::Data => {
+                host.send(&op, Payload::Storages(segments(engine.plan(), op.message)?))?;
+            }
+            SendPoll::Send(op) => {
+                let bytes = engine.message_bytes(op.message)?;
+                host.send(&op, Payload::Bytes(&bytes))?;
+            }
+            SendPoll::WaitDigests => match host.next_event(true)? {
+                Some(event) => apply_send(engine, event)?,
+                None => return Err(Error::Incomplete.into()),
+            },
+            SendPoll::Done => return host.flush(),
+        }
+    }
+}
+
+fn apply_send<E: SendEngine>(engine: &mut E, event: Event) -> Result<(), E::Error> {
+    match event {
+        Event::Digests(m, d) => engine.handle_digests(m, &d),
+        Event::Landed(m) | Event::Forwarded(m) => {
+            Err(Error::MessageNotOutstanding { message: m.into() }.into())
+        }
+    }
+}

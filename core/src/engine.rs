@@ -1,0 +1,122 @@
+//! The state machines as traits, so that one driver ([`crate::drive`]) runs pgt-core linked natively or
+//! inside a sandbox (pgt-host's wasm engine implements the same traits by calling the guest). The ops
+//! are the core's own owned types; only a sandbox's failures need another error type.
+
+use alloc::borrow::Cow;
+use alloc::vec::Vec;
+
+use crate::plan::Plan;
+use crate::receiver::{Binding, InPlace, Incoming, Received, Receiver, RecvPoll};
+use crate::sender::{Payload, SendPoll, Sender};
+use crate::tree::KeyPath;
+use crate::Error;
+
+/// The sender side.
+pub trait SendEngine {
+    /// The engine's error: the core's, or more (a sandbox can fail too).
+    type Error: From<Error>;
+    /// The plan: which storage ranges each data message carries.
+    fn plan(&self) -> &Plan;
+    /// The next send ([`Sender::poll`]).
+    fn poll(&mut self) -> Result<SendPoll, Self::Error>;
+    /// The header, metadata or trailer bytes of message `message` (after it was polled).
+    fn message_bytes(&mut self, message: u32) -> Result<Cow<'_, [u8]>, Self::Error>;
+    /// The digests a data message completes ([`Sender::handle_digests`]).
+    fn handle_digests(&mut self, message: u32, digests: &[u64]) -> Result<(), Self::Error>;
+}
+
+/// The receiver side.
+pub trait ReceiveEngine {
+    /// The engine's error: the core's, or more (a sandbox can fail too).
+    type Error: From<Error>;
+    /// The next operation ([`Receiver::poll`]).
+    fn poll(&mut self) -> Result<RecvPoll, Self::Error>;
+    /// The header's bytes.
+    fn handle_header(&mut self, bytes: &[u8]) -> Result<(), Self::Error>;
+    /// The metadata's bytes; returns what it announced.
+    fn handle_metadata(&mut self, bytes: &[u8]) -> Result<Incoming, Self::Error>;
+    /// Every leaf's key path (asked for only when binding in place).
+    fn paths(&mut self) -> Result<Vec<KeyPath>, Self::Error>;
+    /// Ends binding ([`Receiver::finish_bindings`]); returns every storage's binding.
+    fn finish_bindings(&mut self, in_place: &[InPlace]) -> Result<Vec<Binding>, Self::Error>;
+    /// A data message landed.
+    fn handle_data(&mut self, message: u32) -> Result<(), Self::Error>;
+    /// The digests a data message completes.
+    fn handle_digests(&mut self, message: u32, digests: &[u64]) -> Result<(), Self::Error>;
+    /// The trailer's bytes.
+    fn handle_trailer(&mut self, bytes: &[u8]) -> Result<(), Self::Error>;
+    /// A forward was sent.
+    fn handle_forwarded(&mut self, message: u32) -> Result<(), Self::Error>;
+    /// The verified result.
+    fn finish(self) -> Result<Received, Self::Error>;
+}
+
+impl SendEngine for Sender {
+    type Error = Error;
+
+    fn plan(&self) -> &Plan {
+        Sender::plan(self)
+    }
+
+    fn poll(&mut self) -> Result<SendPoll, Error> {
+        Ok(Sender::poll(self))
+    }
+
+    fn message_bytes(&mut self, message: u32) -> Result<Cow<'_, [u8]>, Error> {
+        match self.payload(message) {
+            Payload::Bytes(b) => Ok(Cow::Borrowed(b)),
+            Payload::Storages(_) => Err(Error::MessageNotOutstanding {
+                message: message.into(),
+            }),
+        }
+    }
+
+    fn handle_digests(&mut self, message: u32, digests: &[u64]) -> Result<(), Error> {
+        Sender::handle_digests(self, message, digests)
+    }
+}
+
+impl ReceiveEngine for Receiver {
+    type Error = Error;
+
+    fn poll(&mut self) -> Result<RecvPoll, Error> {
+        Ok(Receiver::poll(self))
+    }
+
+    fn handle_header(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        Receiver::handle_header(self, bytes)
+    }
+
+    fn handle_metadata(&mut self, bytes: &[u8]) -> Result<Incoming, Error> {
+        Receiver::handle_metadata(self, bytes)?;
+        self.incoming()
+    }
+
+    fn paths(&mut self) -> Result<Vec<KeyPath>, Error> {
+        Ok(Receiver::paths(self)?.to_vec())
+    }
+
+    fn finish_bindings(&mut self, in_place: &[InPlace]) -> Result<Vec<Binding>, Error> {
+        Ok(Receiver::finish_bindings(self, in_place)?.to_vec())
+    }
+
+    fn handle_data(&mut self, message: u32) -> Result<(), Error> {
+        Receiver::handle_data(self, message)
+    }
+
+    fn handle_digests(&mut self, message: u32, digests: &[u64]) -> Result<(), Error> {
+        Receiver::handle_digests(self, message, digests)
+    }
+
+    fn handle_trailer(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        Receiver::handle_trailer(self, bytes)
+    }
+
+    fn handle_forwarded(&mut self, message: u32) -> Result<(), Error> {
+        Receiver::handle_forwarded(self, message)
+    }
+
+    fn finish(self) -> Result<Received, Error> {
+        Receiver::finish(self)
+    }
+}

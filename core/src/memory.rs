@@ -1,0 +1,270 @@
+//! Hosts that keep a whole checkpoint in plain memory, for tools and tests (pgt inspect, the golden
+//! vectors, the harnesses): [`MemoryHost`] receives, [`MemorySender`] sends. They move bytes only; the
+//! protocol is [`crate::drive`]'s.
+
+use alloc::collections::VecDeque;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use crate::digest::StorageHasher;
+use crate::drive::{Event, ReceiveHost, SendHost};
+use crate::dtype::convert;
+use crate::plan::Segment;
+use crate::receiver::{Binding, ForwardOp, InPlace, Incoming, RecvOp};
+use crate::sender::{Payload, SendOp};
+use crate::tree::KeyPath;
+use crate::Error;
+
+/// One storage's destination and hashing state.
+#[derive(Clone, Debug, Default)]
+struct Slot {
+    /// Destination bytes (binding size).
+    dest: Vec<u8>,
+    /// Wire bytes of a storage cast on receive (wire size), converted once complete.
+    staging: Option<Vec<u8>>,
+    hasher: StorageHasher,
+    cast: Option<Binding>,
+}
+
+/// A receiving host in memory. Message bytes come from `source` (a recorded stream, a simulated
+/// network, …); forwards are collected in [`MemoryHost::forwards`].
+pub struct MemoryHost<S> {
+    source: S,
+    /// Buffers offered for in-place binding, with their current bytes, by storage index.
+    in_place: Vec<(InPlace, Vec<u8>)>,
+    slots: Vec<Slot>,
+    events: VecDeque<Event>,
+    /// Completions held back before they are reported (tests out-of-order completion).
+    lookahead: usize,
+    /// Every forward, in order: the op and its bytes.
+    pub forwards: Vec<(ForwardOp, Vec<u8>)>,
+}
+
+impl<S> core::fmt::Debug for MemoryHost<S> {
+    /// Sizes only: the bytes can be huge.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("MemoryHost")
+            .field("storages", &self.slots.len())
+            .field("forwards", &self.forwards.len())
+            .finish()
+    }
+}
+
+impl<S> MemoryHost<S>
+where
+    S: FnMut(&RecvOp) -> Result<Vec<u8>, Error>,
+{
+    /// A host receiving every message from `source`, into fresh buffers.
+    pub fn new(source: S) -> MemoryHost<S> {
+        MemoryHost {
+            source,
+            in_place: Vec::new(),
+            slots: Vec::new(),
+            events: VecDeque::new(),
+            lookahead: 0,
+            forwards: Vec::new(),
+        }
+    }
+
+    /// Offers existing buffers: `(target, bytes)` binds storage `target.storage` in place.
+    pub fn in_place(mut self, targets: Vec<(InPlace, Vec<u8>)>) -> Self {
+        self.in_place = targets;
+        self
+    }
+
+    /// Holds up to `n` completions back before reporting them, so that the receiver polls later
+    /// receives before earlier ones complete.
+    pub fn lookahead(mut self, n: usize) -> Self {
+        self.lookahead = n;
+        self
+    }
+
+    /// Every storage's destination bytes, in storage order.
+    pub fn into_storages(self) -> Vec<Vec<u8>> {
+        self.slots.into_iter().map(|s| s.dest).collect()
+    }
+
+    /// The wire bytes of `segments`, concatenated (what a forward of them sends).
+    pub fn gather(&self, segments: &[Segment]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for s in segments {
+            let slot = &self.slots[s.storage as usize];
+            let wire = slot.staging.as_ref().unwrap_or(&slot.dest);
+            out.extend_from_slice(&wire[s.offset as usize..(s.offset + s.len) as usize]);
+        }
+        out
+    }
+}
+
+impl<S> ReceiveHost for MemoryHost<S>
+where
+    S: FnMut(&RecvOp) -> Result<Vec<u8>, Error>,
+{
+    type Error = Error;
+
+    fn recv_bytes(&mut self, op: &RecvOp) -> Result<Vec<u8>, Error> {
+        (self.source)(op)
+    }
+
+    fn bind(
+        &mut self,
+        _: &Incoming,
+        _: &mut dyn FnMut() -> Result<Vec<KeyPath>, Error>,
+    ) -> Result<Vec<InPlace>, Error> {
+        Ok(self.in_place.iter().map(|(t, _)| *t).collect())
+    }
+
+    fn bound(&mut self, incoming: &Incoming, bindings: &[Binding]) -> Result<(), Error> {
+        let mut offered: Vec<Option<Vec<u8>>> = vec![None; bindings.len()];
+        for (t, bytes) in core::mem::take(&mut self.in_place) {
+            if let Some(o) = offered.get_mut(t.storage as usize) {
+                *o = Some(bytes);
+            }
+        }
+        self.slots = bindings
+            .iter()
+            .zip(&incoming.storages)
+            .zip(offered)
+            .map(|((b, s), offered)| Slot {
+                dest: offered.unwrap_or_else(|| vec![0; b.nbytes as usize]),
+                staging: b.cast_from.map(|_| vec![0; s.nbytes as usize]),
+                hasher: StorageHasher::new(),
+                cast: b.cast_from.map(|_| *b),
+            })
+            .collect();
+        Ok(())
+    }
+
+    fn recv_data(&mut self, op: &RecvOp, segments: &[Segment]) -> Result<(), Error> {
+        let bytes = (self.source)(op)?;
+        let expected: u64 = segments.iter().map(|s| s.len).sum();
+        if bytes.len() as u64 != expected {
+            return Err(Error::DataLength {
+                message: op.message.into(),
+                expected,
+                got: bytes.len() as u64,
+            });
+        }
+        let mut digests = Vec::new();
+        let mut at = 0usize;
+        for s in segments {
+            let part = &bytes[at..at + s.len as usize];
+            at += s.len as usize;
+            let slot = self
+                .slots
+                .get_mut(s.storage as usize)
+                .ok_or(Error::NoSuchStorage {
+                    storage: s.storage.into(),
+                })?;
+            let wire = slot.staging.as_mut().unwrap_or(&mut slot.dest);
+            wire.get_mut(s.offset as usize..s.offset as usize + part.len())
+                .ok_or(Error::NoSuchStorage {
+                    storage: s.storage.into(),
+                })?
+                .copy_from_slice(part);
+            if op.hash {
+                slot.hasher.update(part);
+                if s.completes {
+                    digests.push(slot.hasher.finish());
+                }
+            }
+            if let (true, Some(b), Some(staging)) = (s.completes, slot.cast, &slot.staging) {
+                convert(
+                    b.cast_from.unwrap_or(b.dtype),
+                    staging,
+                    b.dtype,
+                    &mut slot.dest,
+                )?;
+            }
+        }
+        self.events.push_back(Event::Landed(op.message));
+        if op.hash {
+            self.events.push_back(Event::Digests(op.message, digests));
+        }
+        Ok(())
+    }
+
+    fn forward(&mut self, op: &ForwardOp, payload: Payload<'_>) -> Result<(), Error> {
+        let bytes = match payload {
+            Payload::Bytes(b) => b.to_vec(),
+            Payload::Storages(segments) => self.gather(segments),
+        };
+        self.forwards.push((*op, bytes));
+        self.events.push_back(Event::Forwarded(op.message));
+        Ok(())
+    }
+
+    fn next_event(&mut self, wait: bool) -> Result<Option<Event>, Error> {
+        if wait || self.events.len() > self.lookahead {
+            Ok(self.events.pop_front())
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// A sending host in memory: storage bytes from a `Vec` per storage, every message collected in
+/// [`MemorySender::sent`] in send order.
+#[derive(Debug, Default)]
+pub struct MemorySender<'a> {
+    storages: &'a [Vec<u8>],
+    hashers: Vec<StorageHasher>,
+    events: VecDeque<Event>,
+    /// Every send: the op and its bytes.
+    pub sent: Vec<(SendOp, Vec<u8>)>,
+}
+
+impl<'a> MemorySender<'a> {
+    /// Sends the bytes of `storages` (one buffer per storage, in storage order).
+    pub fn new(storages: &'a [Vec<u8>]) -> MemorySender<'a> {
+        MemorySender {
+            storages,
+            hashers: vec![StorageHasher::new(); storages.len()],
+            events: VecDeque::new(),
+            sent: Vec::new(),
+        }
+    }
+}
+
+impl SendHost for MemorySender<'_> {
+    type Error = Error;
+
+    fn send(&mut self, op: &SendOp, payload: Payload<'_>) -> Result<(), Error> {
+        let bytes = match payload {
+            Payload::Bytes(b) => b.to_vec(),
+            Payload::Storages(segments) => {
+                let mut out = Vec::with_capacity(op.len as usize);
+                let mut digests = Vec::new();
+                for s in segments {
+                    let i = s.storage as usize;
+                    let part = self
+                        .storages
+                        .get(i)
+                        .and_then(|b| b.get(s.offset as usize..(s.offset + s.len) as usize))
+                        .ok_or(Error::NoSuchStorage { storage: i as u64 })?;
+                    out.extend_from_slice(part);
+                    if op.hash {
+                        self.hashers[i].update(part);
+                        if s.completes {
+                            digests.push(self.hashers[i].finish());
+                        }
+                    }
+                }
+                if op.hash {
+                    self.events.push_back(Event::Digests(op.message, digests));
+                }
+                out
+            }
+        };
+        self.sent.push((*op, bytes));
+        Ok(())
+    }
+
+    fn next_event(&mut self, _wait: bool) -> Result<Option<Event>, Error> {
+        Ok(self.events.pop_front())
+    }
+
+    fn flush(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+}
