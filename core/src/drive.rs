@@ -26,7 +26,7 @@ pub enum Event {
 /// How a receiving host moves bytes. Each method does one thing the driver asks for; completions of
 /// work the host does in the background come back through [`ReceiveHost::next_event`].
 pub trait ReceiveHost {
-    /// The host's error; also the engine's (see [`receive`]).
+    /// The host's error (engine and protocol errors convert into it, see [`receive`]).
     type Error;
 
     /// Receives a header, metadata or trailer message: exactly `op.len` bytes from `op.from` under
@@ -62,11 +62,13 @@ pub trait ReceiveHost {
     fn next_event(&mut self, wait: bool) -> Result<Option<Event>, Self::Error>;
 }
 
-/// Runs `engine` to completion over `host` and returns the verified result.
-pub fn receive<E, H>(mut engine: E, host: &mut H) -> Result<Received, E::Error>
+/// Runs `engine` to completion over `host` and returns the verified result. The first error — the
+/// engine's, the protocol's or the host's — ends the transfer; the engine is dropped with it.
+pub fn receive<E, H>(mut engine: E, host: &mut H) -> Result<Received, H::Error>
 where
     E: ReceiveEngine,
-    H: ReceiveHost<Error = E::Error>,
+    H: ReceiveHost,
+    H::Error: From<E::Error> + From<Error>,
 {
     let mut incoming: Option<Incoming> = None;
     let mut trailer = Vec::new();
@@ -91,7 +93,7 @@ where
             },
             RecvPoll::NeedBindings => {
                 let incoming = announced(&incoming, Call::Bindings)?;
-                let in_place = host.bind(incoming, &mut || engine.paths())?;
+                let in_place = host.bind(incoming, &mut || Ok(engine.paths()?))?;
                 let bindings = engine.finish_bindings(&in_place)?;
                 host.bound(incoming, &bindings)?;
             }
@@ -109,7 +111,7 @@ where
                 Some(event) => apply_receive(&mut engine, event)?,
                 None => return Err(Error::Incomplete.into()),
             },
-            RecvPoll::Done => return engine.finish(),
+            RecvPoll::Done => return Ok(engine.finish()?),
         }
     }
 }
@@ -138,7 +140,7 @@ fn apply_receive<E: ReceiveEngine>(engine: &mut E, event: Event) -> Result<(), E
 
 /// How a sending host moves bytes.
 pub trait SendHost {
-    /// The host's error; also the engine's (see [`send`]).
+    /// The host's error (engine and protocol errors convert into it, see [`send`]).
     type Error;
 
     /// Sends `payload`, message `op`'s bytes, to `op.to` (in poll order per destination); when
@@ -154,10 +156,11 @@ pub trait SendHost {
 }
 
 /// Runs `engine` to completion over `host`.
-pub fn send<E, H>(engine: &mut E, host: &mut H) -> Result<(), E::Error>
+pub fn send<E, H>(engine: &mut E, host: &mut H) -> Result<(), H::Error>
 where
     E: SendEngine,
-    H: SendHost<Error = E::Error>,
+    H: SendHost,
+    H::Error: From<E::Error> + From<Error>,
 {
     loop {
         while let Some(event) = host.next_event(false)? {

@@ -11,15 +11,16 @@
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 
-use pgt_core::codec::{Header, Limits, Manifest, Metadata};
-use pgt_core::dtype::DType;
-use pgt_core::receiver::{Receiver, ReceiverOptions};
-use pgt_core::sender::Sender;
+use pgt_core::header::{Header, Limits};
+use pgt_core::manifest::Manifest;
+use pgt_core::receiver::{InPlace, Receiver, ReceiverOptions};
+use pgt_core::schema::Metadata;
+use pgt_core::sender::{Payload, Sender};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::api;
-use crate::types::{abi_error, status, ErrorInfo, LimitsW, ReceiverOptionsW, SenderCreated};
+use crate::types::{abi_error, status, ErrorInfo, SenderCreated};
 
 #[global_allocator]
 static ALLOC: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
@@ -81,7 +82,7 @@ fn respond<T: Serialize>(r: Result<T, Fail>) -> *const u8 {
         Ok(v) => (status::OK, postcard::to_extend(&v, buf)),
         Err(Fail::Core(e)) => (
             status::ERROR,
-            postcard::to_extend(&ErrorInfo::from_core(&e), buf),
+            postcard::to_extend(&ErrorInfo::from_core(e), buf),
         ),
         Err(Fail::Abi(name, message)) => (
             status::ABI_ERROR,
@@ -127,7 +128,7 @@ fn limits(bytes: &[u8]) -> Result<Limits, Fail> {
     if bytes.is_empty() {
         return Ok(Limits::default());
     }
-    from_postcard::<LimitsW>(bytes, "limits are not postcard LimitsW").map(Into::into)
+    from_postcard::<Limits>(bytes, "limits are not postcard Limits")
 }
 
 fn flag(v: u32) -> Result<bool, Fail> {
@@ -136,6 +137,10 @@ fn flag(v: u32) -> Result<bool, Fail> {
         1 => Ok(true),
         _ => Err(bad_argument("a flag must be 0 or 1")),
     }
+}
+
+fn digests(bytes: &[u8]) -> Result<Vec<u64>, Fail> {
+    api::digests_from_le(bytes).ok_or_else(|| bad_argument("digests are 8 little-endian bytes each"))
 }
 
 /// The arguments of `pgt_decode` and `pgt_plan`: header, metadata and limits, decoded and validated.
@@ -204,7 +209,7 @@ pub extern "C" fn pgt_abi_version() -> u32 {
 /// Version of the wire protocol the module speaks.
 #[no_mangle]
 pub extern "C" fn pgt_protocol_version() -> u32 {
-    u32::from(pgt_core::codec::VERSION)
+    u32::from(pgt_core::header::VERSION)
 }
 
 /// Allocates `len` bytes for an input; returns 0 when out of memory. `len == 0` gives a dangling,
@@ -236,15 +241,15 @@ pub unsafe extern "C" fn pgt_free(ptr: *mut u8, len: usize) {
     }
 }
 
-/// `Limits::default()` as postcard `LimitsW`.
+/// `Limits::default()` as postcard `Limits`.
 #[no_mangle]
 pub extern "C" fn pgt_default_limits() -> *const u8 {
-    respond::<LimitsW>(Ok(Limits::default().into()))
+    respond::<Limits>(Ok(Limits::default()))
 }
 
 // ---- stateless ----
 
-/// Parses the header and decodes + validates the metadata under the limits (postcard `LimitsW`, or
+/// Parses the header and decodes + validates the metadata under the limits (postcard `Limits`, or
 /// empty for the defaults). Result: `Summary`.
 ///
 /// # Safety
@@ -272,7 +277,7 @@ pub unsafe extern "C" fn pgt_decode(
     })
 }
 
-/// Like [`pgt_decode`], but the result is the transfer plan: `PlanW`.
+/// Like [`pgt_decode`], but the result is the transfer plan: `Plan`.
 ///
 /// # Safety
 /// As [`pgt_decode`].
@@ -295,11 +300,11 @@ pub unsafe extern "C" fn pgt_plan(
     };
     run(|| {
         let (header, manifest) = decoded(h, m, l)?;
-        Ok(api::plan(&manifest, header.metadata_len))
+        Ok(manifest.plan(header.metadata_len))
     })
 }
 
-/// Validates metadata (postcard `pgt_core::codec::Metadata`, the metadata message's schema) as a sender
+/// Validates metadata (postcard `pgt_core::schema::Metadata`, the metadata message's schema) as a sender
 /// does and encodes it. `digests`: 0 or 1. Result: `Encoded` (header and metadata messages).
 ///
 /// # Safety
@@ -339,22 +344,44 @@ pub unsafe extern "C" fn pgt_sender_new(
     run(|| {
         let (meta, digests, limits) = metadata_args(m, digests, l)?;
         let sender = Sender::new(meta, digests, &limits)?;
-        let storages = api::storages(sender.manifest());
+        let plan = sender.plan().clone();
         let handle = insert(&mut state().senders, sender);
-        Ok(SenderCreated { handle, storages })
+        Ok(SenderCreated { handle, plan })
     })
 }
 
-/// The sender's next step. Result: `SendNextW`.
+/// The sender's next send. Result: `SendPoll`.
 #[no_mangle]
 pub extern "C" fn pgt_sender_poll(handle: u32) -> *const u8 {
-    respond(sender(handle).map(|s| api::send_next(s.poll())))
+    respond(sender(handle).map(|s| s.poll()))
 }
 
-/// Reports the digest of storage `storage`, hashed while sending. Result: `()`.
+/// The bytes of header, metadata or trailer message `message` (once polled). Result: `Vec<u8>`.
 #[no_mangle]
-pub extern "C" fn pgt_sender_digest(handle: u32, storage: u32, digest: u64) -> *const u8 {
-    run(|| Ok(sender(handle)?.handle_storage_digest(storage, digest)?))
+pub extern "C" fn pgt_sender_bytes(handle: u32, message: u32) -> *const u8 {
+    run(|| match sender(handle)?.payload(message) {
+        Payload::Bytes(b) => Ok(b),
+        Payload::Storages(_) => Err(Fail::Core(pgt_core::Error::MessageNotOutstanding {
+            message: message.into(),
+        })),
+    })
+}
+
+/// Reports the digests data message `message` completes: `len / 8` little-endian `u64`s, in segment
+/// order. Result: `()`.
+///
+/// # Safety
+/// As [`pgt_decode`].
+#[no_mangle]
+pub unsafe extern "C" fn pgt_sender_digests(
+    handle: u32,
+    message: u32,
+    ptr: *const u8,
+    len: usize,
+) -> *const u8 {
+    // SAFETY: the caller's contract.
+    let bytes = unsafe { input(ptr, len) };
+    run(|| Ok(sender(handle)?.handle_digests(message, &digests(bytes)?)?))
 }
 
 /// Frees a sender. Result: `()`.
@@ -365,7 +392,7 @@ pub extern "C" fn pgt_sender_drop(handle: u32) -> *const u8 {
 
 // ---- receiver ----
 
-/// A receiver with these options (postcard `ReceiverOptionsW`). Result: the handle, a `u32`.
+/// A receiver with these options (postcard `ReceiverOptions`). Result: the handle, a `u32`.
 ///
 /// # Safety
 /// As [`pgt_decode`].
@@ -374,17 +401,16 @@ pub unsafe extern "C" fn pgt_receiver_new(options: *const u8, options_len: usize
     // SAFETY: the caller's contract.
     let o = unsafe { input(options, options_len) };
     run(|| {
-        let options: ReceiverOptionsW =
-            from_postcard(o, "options are not postcard ReceiverOptionsW")?;
-        let receiver = Receiver::new(ReceiverOptions::from(options));
-        Ok(insert(&mut state().receivers, receiver))
+        let options: ReceiverOptions =
+            from_postcard(o, "options are not postcard ReceiverOptions")?;
+        Ok(insert(&mut state().receivers, Receiver::new(options)))
     })
 }
 
-/// The receiver's next step. Result: `RecvNextW`.
+/// The receiver's next step. Result: `RecvPoll`.
 #[no_mangle]
 pub extern "C" fn pgt_receiver_poll(handle: u32) -> *const u8 {
-    respond(receiver(handle).map(|r| api::recv_next(r.poll())))
+    respond(receiver(handle).map(|r| r.poll()))
 }
 
 /// Hands over the header message. Result: `()`.
@@ -398,7 +424,7 @@ pub unsafe extern "C" fn pgt_receiver_header(handle: u32, ptr: *const u8, len: u
     run(|| Ok(receiver(handle)?.handle_header(bytes)?))
 }
 
-/// Hands over the metadata message. Result: `IncomingW`.
+/// Hands over the metadata message. Result: `Incoming` (storages, plan).
 ///
 /// # Safety
 /// As [`pgt_decode`].
@@ -413,42 +439,51 @@ pub unsafe extern "C" fn pgt_receiver_metadata(
     run(|| {
         let r = receiver(handle)?;
         r.handle_metadata(bytes)?;
-        Ok(api::incoming(r)?)
+        Ok(r.incoming()?)
     })
 }
 
-/// Binds storage `storage` in place to the host's buffer `id` of `dtype` (index in wire order,
-/// `DType::ALL`) and `nbytes`. Result: `()`.
+/// Every leaf's key path (after the metadata). Result: `Vec<KeyPath>`.
 #[no_mangle]
-pub extern "C" fn pgt_receiver_bind(
-    handle: u32,
-    storage: u32,
-    id: u64,
-    dtype: u32,
-    nbytes: u64,
-) -> *const u8 {
-    run(|| {
-        let dtype = *DType::ALL
-            .get(dtype as usize)
-            .ok_or_else(|| bad_argument("no such dtype index"))?;
-        Ok(receiver(handle)?.bind_in_place(storage as usize, id, dtype, nbytes)?)
-    })
+pub extern "C" fn pgt_receiver_paths(handle: u32) -> *const u8 {
+    run(|| Ok(receiver(handle)?.paths()?))
 }
 
-/// Ends binding. Result: every storage's binding, `Vec<BindingW>`.
+/// Ends binding: the in-place targets (postcard `Vec<InPlace>`), every other storage fresh. Result:
+/// every storage's binding, `Vec<Binding>`.
+///
+/// # Safety
+/// As [`pgt_decode`].
 #[no_mangle]
-pub extern "C" fn pgt_receiver_finish_bindings(handle: u32) -> *const u8 {
+pub unsafe extern "C" fn pgt_receiver_bind(handle: u32, ptr: *const u8, len: usize) -> *const u8 {
+    // SAFETY: the caller's contract.
+    let bytes = unsafe { input(ptr, len) };
     run(|| {
-        let r = receiver(handle)?;
-        r.finish_bindings()?;
-        Ok(api::bindings(r))
+        let targets: Vec<InPlace> = from_postcard(bytes, "targets are not postcard Vec<InPlace>")?;
+        Ok(receiver(handle)?.finish_bindings(&targets)?)
     })
 }
 
 /// Data message `message` has landed. Result: `()`.
 #[no_mangle]
 pub extern "C" fn pgt_receiver_data(handle: u32, message: u32) -> *const u8 {
-    run(|| Ok(receiver(handle)?.handle_data(message as usize)?))
+    run(|| Ok(receiver(handle)?.handle_data(message)?))
+}
+
+/// Reports the digests data message `message` completes, as [`pgt_sender_digests`]. Result: `()`.
+///
+/// # Safety
+/// As [`pgt_decode`].
+#[no_mangle]
+pub unsafe extern "C" fn pgt_receiver_digests(
+    handle: u32,
+    message: u32,
+    ptr: *const u8,
+    len: usize,
+) -> *const u8 {
+    // SAFETY: the caller's contract.
+    let bytes = unsafe { input(ptr, len) };
+    run(|| Ok(receiver(handle)?.handle_digests(message, &digests(bytes)?)?))
 }
 
 /// Hands over the trailer message. Result: `()`.
@@ -466,26 +501,20 @@ pub unsafe extern "C" fn pgt_receiver_trailer(
     run(|| Ok(receiver(handle)?.handle_trailer(bytes)?))
 }
 
-/// Reports storage `storage`'s digest, hashed as it landed. Result: `()`.
-#[no_mangle]
-pub extern "C" fn pgt_receiver_digest(handle: u32, storage: u32, digest: u64) -> *const u8 {
-    run(|| Ok(receiver(handle)?.handle_storage_digest(storage, digest)?))
-}
-
 /// Forward `message` has been sent. Result: `()`.
 #[no_mangle]
 pub extern "C" fn pgt_receiver_forwarded(handle: u32, message: u32) -> *const u8 {
-    run(|| Ok(receiver(handle)?.handle_forwarded(message as usize)?))
+    run(|| Ok(receiver(handle)?.handle_forwarded(message)?))
 }
 
-/// The verified result; frees the receiver whatever the outcome. Result: `ReceivedW`.
+/// The verified result; frees the receiver whatever the outcome. Result: `Received`.
 #[no_mangle]
 pub extern "C" fn pgt_receiver_finish(handle: u32) -> *const u8 {
     run(|| {
         let r = slot(&mut state().receivers, handle)?
             .take()
             .ok_or_else(bad_handle)?;
-        Ok(api::received(r.finish()?))
+        Ok(r.finish()?)
     })
 }
 

@@ -11,14 +11,14 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use js_sys::{Error as JsError, Reflect, Uint8Array, JSON};
-use pgt_core::codec::Limits;
-use pgt_core::receiver::{Receiver as CoreReceiver, ReceiverOptions};
-use pgt_core::sender::Sender as CoreSender;
+use pgt_core::header::Limits;
+use pgt_core::receiver::{Receiver as CoreReceiver, ReceiverOptions, RecvPoll};
+use pgt_core::sender::{Payload, SendPoll, Sender as CoreSender};
 use serde_json::{json, Value as Json};
 use wasm_bindgen::prelude::*;
 
 use crate::json::*;
-use crate::types::*;
+use crate::types::{abi_error, ErrorInfo};
 use crate::{api, json};
 
 #[wasm_bindgen(typescript_custom_section)]
@@ -30,7 +30,8 @@ export interface Limits {
   max_metadata_bytes?: U64; max_leaves?: U64; max_depth?: number; max_ndim?: number;
   max_total_bytes?: U64; max_messages?: U64;
 }
-export interface Segment { storage: number; offset: U64; len: U64 }
+/** A storage byte range; `completes`: the storage's last bytes (finish its digest here). */
+export interface Segment { storage: number; offset: U64; len: U64; completes: boolean }
 export interface StorageInfo { leaf: number; shard: number; nbytes: U64; dtype: string }
 export type PathElem = { key: string } | { int_key: U64 } | { index: U64 };
 export type TreeNode = "leaf" | { list: U64 } | { tuple: U64 } | { dict: (string | { int: U64 })[] };
@@ -47,19 +48,22 @@ export interface Summary extends MetadataInput {
   digests: boolean; leaf_count: number; storage_count: number; total_bytes: U64;
   paths: string[]; path_elems: PathElem[][]; storages: StorageInfo[];
 }
-export interface Message { kind: "header" | "metadata" | "data" | "trailer"; tag: U64; len: U64; segments: Segment[] }
+export type MessageKind = "header" | "metadata" | "data" | "trailer";
+export interface Message { kind: MessageKind; tag: U64; len: U64; segments: Segment[] }
 export interface Encoded { header: Uint8Array; metadata: Uint8Array }
-/** A send or forward carries either bytes (header, metadata, trailer) or storage segments. */
+/** A send's bytes: sender.bytes(message) for header, metadata and trailer; the plan's segments for data. */
 export type SendOp =
-  | { type: "send"; to: number; message: number; tag: U64; len: U64; hash: boolean; bytes?: Uint8Array; segments?: Segment[] }
+  | { type: "send"; to: number; message: number; kind: MessageKind; tag: U64; len: U64; hash: boolean }
   | { type: "wait_digests" } | { type: "done" };
+/** A data receive lands in the plan's segments; a forward sends them (or, for the trailer, the bytes received). */
 export type RecvOp =
-  | { type: "recv"; from: number; message: number; kind: Message["kind"]; tag: U64; len: U64; hash: boolean; segments: Segment[] }
+  | { type: "recv"; from: number; message: number; kind: MessageKind; tag: U64; len: U64; hash: boolean }
   | { type: "need_bindings" }
-  | { type: "forward"; to: number; message: number; tag: U64; len: U64; bytes?: Uint8Array; segments?: Segment[] }
+  | { type: "forward"; to: number; message: number; kind: MessageKind; tag: U64; len: U64 }
   | { type: "wait" } | { type: "done" };
 export interface ReceiverOptions { rank: number; source: number; expected_step?: U64 | null; limits?: Limits }
-export interface Incoming { step: U64 | null; paths: PathElem[][]; storages: StorageInfo[]; total_bytes: U64 }
+export interface Incoming { step: U64 | null; storages: StorageInfo[]; total_bytes: U64; plan: Message[] }
+export interface InPlaceTarget { storage: number; id: U64; dtype: string; nbytes: U64 }
 export interface BindingInfo { dest: "fresh" | { in_place: U64 }; dtype: string; nbytes: U64; cast_from: string | null }
 export interface Received { step: U64 | null; tree: TreeNode[]; leaves: Leaf[]; bindings: BindingInfo[] }
 "#;
@@ -68,13 +72,12 @@ fn throw(info: ErrorInfo) -> JsValue {
     let e = JsError::new(&info.message);
     e.set_name(&info.name);
     let _ = Reflect::set(&e, &"variant".into(), &info.name.as_str().into());
-    let _ = Reflect::set(&e, &"debug".into(), &info.debug.as_str().into());
     let _ = Reflect::set(&e, &"pgt".into(), &JsValue::TRUE);
     e.into()
 }
 
 fn core_err(e: pgt_core::Error) -> JsValue {
-    throw(ErrorInfo::from_core(&e))
+    throw(ErrorInfo::from_core(e))
 }
 
 fn bad_argument(message: String) -> JsValue {
@@ -108,16 +111,6 @@ fn set(obj: &JsValue, key: &str, value: &JsValue) {
 }
 
 /// A JS object from JSON, plus the payload as `bytes` (Uint8Array) or `segments`.
-fn with_payload(base: Json, payload: &PayloadW) -> JsValue {
-    let obj = to_js(&base);
-    match payload {
-        PayloadW::Bytes(b) => set(&obj, "bytes", &Uint8Array::from(b.as_slice()).into()),
-        PayloadW::Storages(s) => set(&obj, "segments", &to_js(&segments_json(s))),
-    }
-    obj
-}
-
-/// The default limits.
 #[wasm_bindgen(js_name = defaultLimits, unchecked_return_type = "Limits")]
 pub fn default_limits() -> JsValue {
     to_js(&limits_json(&Limits::default()))
@@ -126,7 +119,7 @@ pub fn default_limits() -> JsValue {
 /// The wire protocol version this module speaks.
 #[wasm_bindgen(js_name = protocolVersion)]
 pub fn protocol_version() -> u32 {
-    u32::from(pgt_core::codec::VERSION)
+    u32::from(pgt_core::header::VERSION)
 }
 
 /// Parses `header` and decodes + validates `metadata` (optionally under `limits`). Throws a pgt error.
@@ -150,10 +143,10 @@ pub fn plan(
 ) -> Result<JsValue, JsValue> {
     let limits = limits_arg(&limits)?;
     let (h, m) = api::decode(header, metadata, &limits).map_err(core_err)?;
-    Ok(to_js(&plan_json(&api::plan(&m, h.metadata_len))))
+    Ok(to_js(&plan_json(&m.plan(h.metadata_len))))
 }
 
-fn metadata_arg(v: &JsValue) -> Result<pgt_core::codec::Metadata, JsValue> {
+fn metadata_arg(v: &JsValue) -> Result<pgt_core::schema::Metadata, JsValue> {
     json::metadata_from_json(&from_js(v, "metadata")?).map_err(bad_argument)
 }
 
@@ -203,47 +196,52 @@ impl Sender {
     }
 
     /// Every storage, in wire order.
-    #[wasm_bindgen(unchecked_return_type = "StorageInfo[]")]
-    pub fn storages(&self) -> JsValue {
-        to_js(&storages_json(&api::storages(self.inner.manifest())))
+    #[wasm_bindgen(unchecked_return_type = "Message[]")]
+    pub fn plan(&self) -> JsValue {
+        to_js(&plan_json(self.inner.plan()))
     }
 
-    /// The encoded header message.
     #[wasm_bindgen(js_name = headerBytes)]
     pub fn header_bytes(&self) -> Vec<u8> {
         self.inner.header_bytes().to_vec()
     }
 
-    /// The encoded metadata message.
     #[wasm_bindgen(js_name = metadataBytes)]
     pub fn metadata_bytes(&self) -> Vec<u8> {
         self.inner.metadata_bytes().to_vec()
     }
 
-    /// The next operation.
     #[wasm_bindgen(unchecked_return_type = "SendOp")]
     pub fn poll(&mut self) -> JsValue {
-        match api::send_next(self.inner.poll()) {
-            SendNextW::Send(op) => with_payload(
-                json!({"type": "send", "to": op.to, "message": op.message, "tag": uint(op.tag),
-                       "len": uint(op.len), "hash": op.hash}),
-                &op.payload,
-            ),
-            SendNextW::WaitDigests => to_js(&json!({"type": "wait_digests"})),
-            SendNextW::Done => to_js(&json!({"type": "done"})),
+        match self.inner.poll() {
+            SendPoll::Send(op) => to_js(&json!({
+                "type": "send", "to": op.to, "message": op.message, "kind": kind_name(op.kind),
+                "tag": uint(op.tag), "len": uint(op.len), "hash": op.hash,
+            })),
+            SendPoll::WaitDigests => to_js(&json!({"type": "wait_digests"})),
+            SendPoll::Done => to_js(&json!({"type": "done"})),
         }
     }
 
-    /// Reports the digest (XXH3-64) of storage `storage`'s bytes, hashed while sending.
-    #[wasm_bindgen(js_name = handleStorageDigest)]
-    pub fn handle_storage_digest(&mut self, storage: u32, digest: u64) -> Result<(), JsValue> {
+    /// The bytes of header, metadata or trailer message `message` (once polled).
+    pub fn bytes(&self, message: u32) -> Result<Vec<u8>, JsValue> {
+        match self.inner.payload(message) {
+            Payload::Bytes(b) => Ok(b.to_vec()),
+            Payload::Storages(_) => Err(core_err(pgt_core::Error::MessageNotOutstanding {
+                message: message.into(),
+            })),
+        }
+    }
+
+    /// The digests data message `message` completes, in segment order.
+    #[wasm_bindgen(js_name = handleDigests)]
+    pub fn handle_digests(&mut self, message: u32, digests: &[u64]) -> Result<(), JsValue> {
         self.inner
-            .handle_storage_digest(storage, digest)
+            .handle_digests(message, digests)
             .map_err(core_err)
     }
 }
 
-/// The receiver state machine of one transfer.
 #[wasm_bindgen]
 #[derive(Debug)]
 pub struct Receiver {
@@ -295,20 +293,18 @@ impl Receiver {
     /// The next operation.
     #[wasm_bindgen(unchecked_return_type = "RecvOp")]
     pub fn poll(&mut self) -> Result<JsValue, JsValue> {
-        Ok(match api::recv_next(self.get()?.poll()) {
-            RecvNextW::Recv(op) => to_js(&json!({
+        Ok(match self.get()?.poll() {
+            RecvPoll::Recv(op) => to_js(&json!({
                 "type": "recv", "from": op.from, "message": op.message, "kind": kind_name(op.kind),
                 "tag": uint(op.tag), "len": uint(op.len), "hash": op.hash,
-                "segments": segments_json(&op.segments),
             })),
-            RecvNextW::NeedBindings => to_js(&json!({"type": "need_bindings"})),
-            RecvNextW::Forward(op) => with_payload(
-                json!({"type": "forward", "to": op.to, "message": op.message, "tag": uint(op.tag),
-                       "len": uint(op.len)}),
-                &op.payload,
-            ),
-            RecvNextW::Wait => to_js(&json!({"type": "wait"})),
-            RecvNextW::Done => to_js(&json!({"type": "done"})),
+            RecvPoll::NeedBindings => to_js(&json!({"type": "need_bindings"})),
+            RecvPoll::Forward(op) => to_js(&json!({
+                "type": "forward", "to": op.to, "message": op.message, "kind": kind_name(op.kind),
+                "tag": uint(op.tag), "len": uint(op.len),
+            })),
+            RecvPoll::Wait => to_js(&json!({"type": "wait"})),
+            RecvPoll::Done => to_js(&json!({"type": "done"})),
         })
     }
 
@@ -323,65 +319,62 @@ impl Receiver {
     pub fn handle_metadata(&mut self, bytes: &[u8]) -> Result<JsValue, JsValue> {
         let r = self.get()?;
         r.handle_metadata(bytes).map_err(core_err)?;
-        let m = api::incoming(r).map_err(core_err)?;
+        let m = r.incoming().map_err(core_err)?;
         Ok(to_js(&json!({
             "step": m.step.map(uint),
-            "paths": paths_json(m.paths),
             "storages": storages_json(&m.storages),
             "total_bytes": uint(m.total_bytes),
+            "plan": plan_json(&m.plan),
         })))
     }
 
-    /// Binds storage `storage` to the host's existing buffer `id` of `dtype` (torch name) and `nbytes`.
-    #[wasm_bindgen(js_name = bindInPlace)]
-    pub fn bind_in_place(
+    /// Every leaf's key path (after the metadata).
+    #[wasm_bindgen(unchecked_return_type = "PathElem[][]")]
+    pub fn paths(&mut self) -> Result<JsValue, JsValue> {
+        Ok(to_js(&paths_json(self.get()?.paths().map_err(core_err)?)))
+    }
+
+    /// Ends binding: each target binds its storage in place, every other storage is fresh.
+    #[wasm_bindgen(js_name = finishBindings, unchecked_return_type = "BindingInfo[]")]
+    pub fn finish_bindings(
         &mut self,
-        storage: u32,
-        id: u64,
-        dtype: &str,
-        nbytes: u64,
-    ) -> Result<(), JsValue> {
-        let dtype = dtype_from(&Json::from(dtype)).map_err(bad_argument)?;
+        #[wasm_bindgen(unchecked_param_type = "InPlaceTarget[] | undefined")] targets: JsValue,
+    ) -> Result<JsValue, JsValue> {
+        let targets = match from_js(&targets, "targets")? {
+            Json::Null => Vec::new(),
+            Json::Array(a) => a
+                .iter()
+                .map(in_place_from)
+                .collect::<Result<Vec<_>, String>>()
+                .map_err(bad_argument)?,
+            _ => return Err(bad_argument("targets: not an array".into())),
+        };
+        let b = self.get()?.finish_bindings(&targets).map_err(core_err)?;
+        Ok(to_js(&Json::Array(b.iter().map(binding_json).collect())))
+    }
+
+    #[wasm_bindgen(js_name = handleData)]
+    pub fn handle_data(&mut self, message: u32) -> Result<(), JsValue> {
+        self.get()?.handle_data(message).map_err(core_err)
+    }
+
+    /// The digests data message `message` completes, in segment order.
+    #[wasm_bindgen(js_name = handleDigests)]
+    pub fn handle_digests(&mut self, message: u32, digests: &[u64]) -> Result<(), JsValue> {
         self.get()?
-            .bind_in_place(storage as usize, id, dtype, nbytes)
+            .handle_digests(message, digests)
             .map_err(core_err)
     }
 
-    /// Ends binding; returns every storage's binding.
-    #[wasm_bindgen(js_name = finishBindings, unchecked_return_type = "BindingInfo[]")]
-    pub fn finish_bindings(&mut self) -> Result<JsValue, JsValue> {
-        let r = self.get()?;
-        r.finish_bindings().map_err(core_err)?;
-        let b: Vec<Json> = api::bindings(r).iter().map(binding_json).collect();
-        Ok(to_js(&Json::Array(b)))
-    }
-
-    /// Data message `message` has landed.
-    #[wasm_bindgen(js_name = handleData)]
-    pub fn handle_data(&mut self, message: u32) -> Result<(), JsValue> {
-        self.get()?.handle_data(message as usize).map_err(core_err)
-    }
-
-    /// Hands over the trailer message.
     #[wasm_bindgen(js_name = handleTrailer)]
     pub fn handle_trailer(&mut self, bytes: &[u8]) -> Result<(), JsValue> {
         self.get()?.handle_trailer(bytes).map_err(core_err)
     }
 
     /// Reports storage `storage`'s digest (XXH3-64), hashed as it landed.
-    #[wasm_bindgen(js_name = handleStorageDigest)]
-    pub fn handle_storage_digest(&mut self, storage: u32, digest: u64) -> Result<(), JsValue> {
-        self.get()?
-            .handle_storage_digest(storage, digest)
-            .map_err(core_err)
-    }
-
-    /// Forward `message` has been sent.
     #[wasm_bindgen(js_name = handleForwarded)]
     pub fn handle_forwarded(&mut self, message: u32) -> Result<(), JsValue> {
-        self.get()?
-            .handle_forwarded(message as usize)
-            .map_err(core_err)
+        self.get()?.handle_forwarded(message).map_err(core_err)
     }
 
     /// The verified result (once poll() said "done"); the receiver is finished afterwards.
@@ -393,7 +386,7 @@ impl Receiver {
                 "the receiver has finished",
             ))
         })?;
-        let r = api::received(r.finish().map_err(core_err)?);
+        let r = r.finish().map_err(core_err)?;
         Ok(to_js(&json!({
             "step": r.step.map(uint),
             "tree": r.tree.iter().map(node_json).collect::<Vec<_>>(),

@@ -15,16 +15,22 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use pgt_core::codec::{Limits, Metadata};
+use pgt_core::header::Limits;
+use pgt_core::schema::Metadata;
 use pgt_core::dtensor::{DTensorSpec, DeviceMesh, Placement, ReduceOp};
 use pgt_core::dtype::DType;
 use pgt_core::layout::TensorLayout;
-use pgt_core::plan::{FanOut, PlanParams};
+use pgt_core::schema::{FanOut, PlanParams};
 use pgt_core::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
 use pgt_core::tree::{Key, KeyPath, Leaf, Node, PathElem, Value};
 use serde_json::{json, Map, Value as Json};
 
-use crate::types::*;
+use pgt_core::header::Header;
+use pgt_core::manifest::StorageRef;
+use pgt_core::plan::{MessageKind, Plan, Segment};
+use pgt_core::receiver::{Binding, Dest};
+
+use crate::types::Summary;
 
 /// Largest integer a JSON reader using IEEE doubles holds exactly.
 pub const MAX_SAFE: u64 = (1 << 53) - 1;
@@ -177,20 +183,23 @@ fn path_elems_json(p: &KeyPath) -> Json {
 }
 
 /// A message kind's name: `header`, `metadata`, `data`, `trailer`.
-pub fn kind_name(k: MessageKindW) -> &'static str {
+pub fn kind_name(k: MessageKind) -> &'static str {
     match k {
-        MessageKindW::Header => "header",
-        MessageKindW::Metadata => "metadata",
-        MessageKindW::Data => "data",
-        MessageKindW::Trailer => "trailer",
+        MessageKind::Header => "header",
+        MessageKind::Metadata => "metadata",
+        MessageKind::Data => "data",
+        MessageKind::Trailer => "trailer",
     }
 }
 
-/// Segments: `[{storage, offset, len}]`.
-pub fn segments_json(s: &[SegmentW]) -> Json {
+/// Segments: `[{storage, offset, len, completes}]`.
+pub fn segments_json(s: &[Segment]) -> Json {
     Json::Array(
         s.iter()
-            .map(|s| json!({"storage": s.storage, "offset": uint(s.offset), "len": uint(s.len)}))
+            .map(|s| {
+                json!({"storage": s.storage, "offset": uint(s.offset), "len": uint(s.len),
+                       "completes": s.completes})
+            })
             .collect(),
     )
 }
@@ -204,7 +213,7 @@ fn plan_params_json(p: &PlanParams) -> Json {
 }
 
 /// Storages: `[{leaf, shard, nbytes, dtype}]`.
-pub fn storages_json(s: &[StorageW]) -> Json {
+pub fn storages_json(s: &[StorageRef]) -> Json {
     Json::Array(
         s.iter()
             .map(|s| json!({"leaf": s.leaf, "shard": s.shard, "nbytes": uint(s.nbytes), "dtype": dtype_json(s.dtype)}))
@@ -218,7 +227,7 @@ pub fn paths_json(paths: &[KeyPath]) -> Json {
 }
 
 /// The header's fields.
-pub fn header_json(h: &HeaderW) -> Json {
+pub fn header_json(h: &Header) -> Json {
     json!({
         "version": h.version,
         "flags": h.flags,
@@ -248,16 +257,16 @@ pub fn summary_json(s: &Summary) -> Json {
 }
 
 /// The plan: index.json's `messages`.
-pub fn plan_json(p: &PlanW) -> Json {
+pub fn plan_json(p: &Plan) -> Json {
     Json::Array(
-        p.messages
+        p.messages()
             .iter()
             .map(|m| {
                 json!({
                     "kind": kind_name(m.kind),
                     "tag": uint(m.tag),
                     "len": uint(m.len),
-                    "segments": segments_json(&m.segments),
+                    "segments": segments_json(p.segments(m)),
                 })
             })
             .collect(),
@@ -277,11 +286,11 @@ pub fn limits_json(l: &Limits) -> Json {
 }
 
 /// A binding: `{dest: "fresh" | {in_place: id}, dtype, nbytes, cast_from}`.
-pub fn binding_json(b: &BindingW) -> Json {
+pub fn binding_json(b: &Binding) -> Json {
     json!({
         "dest": match b.dest {
-            DestW::Fresh => Json::from("fresh"),
-            DestW::InPlace(id) => json!({ "in_place": uint(id) }),
+            Dest::Fresh => Json::from("fresh"),
+            Dest::InPlace(id) => json!({ "in_place": uint(id) }),
         },
         "dtype": dtype_json(b.dtype),
         "nbytes": uint(b.nbytes),
@@ -554,6 +563,17 @@ pub fn metadata_from_json(j: &Json) -> R<Metadata> {
             .iter()
             .map(leaf_from)
             .collect::<R<_>>()?,
+    })
+}
+
+/// An in-place target: `{storage, id, dtype, nbytes}`.
+pub fn in_place_from(j: &Json) -> R<pgt_core::receiver::InPlace> {
+    let storage = as_u64(field(j, "storage")?, "storage")?;
+    Ok(pgt_core::receiver::InPlace {
+        storage: u32::try_from(storage).map_err(|_| "storage: too large".to_string())?,
+        id: as_u64(field(j, "id")?, "id")?,
+        dtype: dtype_from(field(j, "dtype")?)?,
+        nbytes: as_u64(field(j, "nbytes")?, "nbytes")?,
     })
 }
 

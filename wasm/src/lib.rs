@@ -12,15 +12,15 @@
 //! - **JS** (feature `js`): wasm-bindgen functions and classes on plain JS objects, packaged with
 //!   `wasm-bindgen --target nodejs` into `wasm/pkg-node/`.
 //!
-//! As an rlib (any target) the crate provides the result [`types`] (postcard/serde, shared by guest and
-//! hosts) and the [`api`] that both builds run, so native code can produce the very values the guest does.
+//! Across the boundary travel pgt-core's own serde types; [`types`] holds the few the ABI adds (the error
+//! block, the decode summary). As an rlib (any target) the crate provides them and the [`api`] both builds
+//! run, so native code can produce the very values the guest does.
 #![cfg_attr(all(target_arch = "wasm32", not(feature = "js")), no_std)]
 #![warn(missing_docs)]
 
 extern crate alloc;
 
 pub mod api;
-pub mod error;
 pub mod types;
 
 #[cfg(all(target_arch = "wasm32", not(feature = "js")))]
