@@ -6,8 +6,10 @@
 
 use std::time::Instant;
 
-use pgt_core::codec::{encode, Limits, Manifest};
-use pgt_core::plan::PlanParams;
+use pgt_core::codec::encode;
+use pgt_core::header::Limits;
+use pgt_core::manifest::Manifest;
+use pgt_core::schema::PlanParams;
 use pgt_core::receiver::ReceiverOptions;
 use pgt_host::engine::{EngineFactory, NativeEngine};
 use pgt_host::wasm_engine::WasmEngine;

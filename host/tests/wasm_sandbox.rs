@@ -8,8 +8,11 @@
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use pgt_core::codec::{encode, Limits, Manifest, Metadata};
-use pgt_core::plan::{FanOut, PlanParams};
+use pgt_core::codec::encode;
+use pgt_core::header::Limits;
+use pgt_core::manifest::Manifest;
+use pgt_core::schema::Metadata;
+use pgt_core::schema::{FanOut, PlanParams};
 use pgt_core::receiver::ReceiverOptions;
 use pgt_host::engine::{EngineFactory, RecvNext};
 use pgt_host::wasm_engine::{SandboxError, WasmEngine, WasmLimits};

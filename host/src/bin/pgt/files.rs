@@ -8,8 +8,12 @@ use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
 use clap::{Args, ValueEnum};
-use pgt_core::codec::{self, Header, Limits, Manifest, Metadata, MAGIC};
-use pgt_core::plan::{FanOut, MessageKind, Plan, TAG_HEADER, TAG_METADATA};
+use pgt_core::codec;
+use pgt_core::header::{Header, Limits, MAGIC};
+use pgt_core::manifest::Manifest;
+use pgt_core::schema::Metadata;
+use pgt_core::schema::FanOut;
+use pgt_core::plan::{MessageKind, Plan, TAG_HEADER, TAG_METADATA};
 use pgt_core::receiver::{MemoryStorages, Receiver, ReceiverOptions, RecvInto, RecvPoll};
 use pgt_core::tree::{key_paths, Leaf, Value};
 use pgt_host::pg::ProcessGroup;
