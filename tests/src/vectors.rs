@@ -1551,7 +1551,9 @@ Every entry has `file`, `kind`, `description`. Then by kind:
   displayed: elements joined by `.`, `<root>` for the empty path — not unique, see `nested`),
   `path_elems` (the same paths, structured: `{"key": str}`, `{"int_key": n}` or `{"index": n}`),
   `leaves` (every leaf in full), `storages` (leaf, shard, nbytes, dtype, in wire order) and `messages`
-  (the plan: kind, tag, len and the storage segments of every message).
+  (the plan: kind, tag, len and the storage segments of every message — `storage`, `offset`, `len`
+  and `completes`, true when the segment ends its storage: where a hashing host finishes that
+  storage's digest).
 - `malformed`: `header_len`, `error` (the `pgt_core::Error` variant name, e.g. `"TreeTooDeep"`) and
   `error_debug` (its Debug form, e.g. `"TreeTooDeep { max: 64 }"`). Decode with `Header::parse` then
   `codec::decode` under `default_limits`, or under the entry's `limits` when it has one.
