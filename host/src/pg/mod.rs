@@ -53,6 +53,7 @@
 //! fails with [`PgError::Poisoned`] instead of misparsing the stream (frames already complete in
 //! the stash are still delivered).
 
+pub mod conformance;
 mod error;
 pub mod inproc;
 #[cfg(feature = "mpi")]
