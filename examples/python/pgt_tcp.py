@@ -20,6 +20,7 @@ Errors are :class:`PgError` subclasses: :class:`AuthFailed` (wrong token, not a 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -108,7 +109,7 @@ class TcpOptions:
     listen_host: str | None = None
 
     @classmethod
-    def from_env(cls, env=os.environ) -> "TcpOptions":
+    def from_env(cls, env=os.environ) -> TcpOptions:
         """MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, PGT_TOKEN (required); PGT_TIMEOUT_SECS and
         PGT_LISTEN_HOST (optional), as ``TcpOptions::from_env`` in Rust."""
 
@@ -131,7 +132,9 @@ class TcpOptions:
             rank=num("RANK", req("RANK")),
             world_size=num("WORLD_SIZE", req("WORLD_SIZE")),
             token=req("PGT_TOKEN").encode(),
-            timeout=num("PGT_TIMEOUT_SECS", timeout, float) if timeout else DEFAULT_SETUP_TIMEOUT,
+            timeout=num("PGT_TIMEOUT_SECS", timeout, float)
+            if timeout
+            else DEFAULT_SETUP_TIMEOUT,
             listen_host=env.get("PGT_LISTEN_HOST") or None,
         )
 
@@ -153,7 +156,9 @@ class _TimedOut(Exception):
     pass
 
 
-def _read_into(sock: socket.socket, view: memoryview, deadline: float, done: list | None = None):
+def _read_into(
+    sock: socket.socket, view: memoryview, deadline: float, done: list | None = None
+):
     """Fills ``view`` (a byte memoryview) from ``sock`` by 4 MiB reads, giving up at ``deadline``."""
     off, n = 0, len(view)
     while off < n:
@@ -163,7 +168,7 @@ def _read_into(sock: socket.socket, view: memoryview, deadline: float, done: lis
         sock.settimeout(left)
         try:
             got = sock.recv_into(view[off : off + IO_CHUNK])
-        except (socket.timeout, BlockingIOError, InterruptedError):
+        except (TimeoutError, BlockingIOError, InterruptedError):
             continue
         except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as e:
             raise _Closed(str(e)) from None
@@ -192,7 +197,7 @@ def _write_all(sock: socket.socket, parts, deadline: float):
                 break
         try:
             sent = sock.sendmsg(batch)
-        except (socket.timeout, BlockingIOError, InterruptedError):
+        except (TimeoutError, BlockingIOError, InterruptedError):
             continue
         except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as e:
             raise _Closed(str(e)) from None
@@ -226,7 +231,9 @@ def _read_frame(sock, max_len: int, deadline: float) -> tuple[int, bytes]:
 
 
 def _hello(purpose: int, rank: int, world: int, nonce: bytes) -> bytes:
-    return AUTH_MAGIC + bytes([purpose, 0, 0, 0]) + struct.pack("<II", rank, world) + nonce
+    return (
+        AUTH_MAGIC + bytes([purpose, 0, 0, 0]) + struct.pack("<II", rank, world) + nonce
+    )
 
 
 def _parse_hello(b: bytes):
@@ -252,7 +259,9 @@ def _peer_name(sock) -> str:
         return "<unknown>"
 
 
-def client_handshake(sock, token: bytes, purpose: int, rank: int, world: int, deadline: float, what: str):
+def client_handshake(
+    sock, token: bytes, purpose: int, rank: int, world: int, deadline: float, what: str
+):
     """Client side; returns the server's (purpose, rank, world) once it accepted us."""
     addr = _peer_name(sock)
     hello = _hello(purpose, rank, world, os.urandom(NONCE_LEN))
@@ -263,8 +272,12 @@ def client_handshake(sock, token: bytes, purpose: int, rank: int, world: int, de
         raise _Transport(f"{addr}: {type(e).__name__} {e}") from None
     server = _parse_hello(sh[:CLIENT_HELLO_LEN])
     if server is None:
-        raise AuthFailed(f"authentication with {what} at {addr} failed: the other side is not a pgt endpoint")
-    if not hmac.compare_digest(_mac(token, LABEL_SERVER, hello, sh[:CLIENT_HELLO_LEN]), sh[CLIENT_HELLO_LEN:]):
+        raise AuthFailed(
+            f"authentication with {what} at {addr} failed: the other side is not a pgt endpoint"
+        )
+    if not hmac.compare_digest(
+        _mac(token, LABEL_SERVER, hello, sh[:CLIENT_HELLO_LEN]), sh[CLIENT_HELLO_LEN:]
+    ):
         raise AuthFailed(
             f"authentication with {what} at {addr} failed: the other side does not know the job token "
             "(is PGT_TOKEN the same on every rank?)"
@@ -277,17 +290,29 @@ def client_handshake(sock, token: bytes, purpose: int, rank: int, world: int, de
     if verdict == VERDICT_ACCEPTED:
         return server
     if verdict == VERDICT_BAD_PROOF:
-        raise AuthFailed(f"authentication with {what} at {addr} failed: our proof was refused")
+        raise AuthFailed(
+            f"authentication with {what} at {addr} failed: our proof was refused"
+        )
     if verdict == VERDICT_UNEXPECTED_RANK:
-        raise RendezvousError(f"{what} at {addr} refused rank {rank} (not expected there, or already connected)")
+        raise RendezvousError(
+            f"{what} at {addr} refused rank {rank} (not expected there, or already connected)"
+        )
     if verdict == VERDICT_WORLD_MISMATCH:
-        raise RendezvousError(f"{what} at {addr} runs a world of size {server[2]}, we have {world}")
+        raise RendezvousError(
+            f"{what} at {addr} runs a world of size {server[2]}, we have {world}"
+        )
     if verdict == VERDICT_WRONG_PURPOSE:
-        raise RendezvousError(f"{addr} is not a {'rendezvous store' if purpose == PURPOSE_STORE else 'pgt rank'}")
-    raise AuthFailed(f"authentication with {what} at {addr} failed: invalid verdict byte {verdict}")
+        raise RendezvousError(
+            f"{addr} is not a {'rendezvous store' if purpose == PURPOSE_STORE else 'pgt rank'}"
+        )
+    raise AuthFailed(
+        f"authentication with {what} at {addr} failed: invalid verdict byte {verdict}"
+    )
 
 
-def server_handshake(sock, token: bytes, purpose: int, rank: int, world: int, deadline: float, admit):
+def server_handshake(
+    sock, token: bytes, purpose: int, rank: int, world: int, deadline: float, admit
+):
     """Server side; ``admit(client_rank) -> bool`` after the client proved the token. Returns the client's
     rank once accepted; raises PgError otherwise."""
     addr = _peer_name(sock)
@@ -300,10 +325,8 @@ def server_handshake(sock, token: bytes, purpose: int, rank: int, world: int, de
     _write_all(sock, [sh], deadline)
     proof = _read_exact(sock, MAC_LEN, deadline)
     if not hmac.compare_digest(_mac(token, LABEL_CLIENT, ch, sh), proof):
-        try:
+        with contextlib.suppress(_Closed, _TimedOut, OSError):
             _write_all(sock, [bytes([VERDICT_BAD_PROOF])], deadline)
-        except Exception:
-            pass
         raise AuthFailed(f"refused {addr}: wrong job token")
     c_purpose, c_rank, c_world = client
     if c_purpose != purpose:
@@ -391,7 +414,9 @@ def _connect_authenticated(addrs, token, purpose, rank, world, deadline, what):
                 sock.connect(sa)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 hs_deadline = min(deadline, time.monotonic() + HANDSHAKE_TIMEOUT)
-                server = client_handshake(sock, token, purpose, rank, world, hs_deadline, what)
+                server = client_handshake(
+                    sock, token, purpose, rank, world, hs_deadline, what
+                )
                 return sock, server
             except _Transport as e:
                 last = str(e)
@@ -412,7 +437,13 @@ class _Acceptor(threading.Thread):
 
     def __init__(self, listener, token, rank, world, log):
         super().__init__(name=f"pgt-accept-{rank}", daemon=True)
-        self.listener, self.token, self.rank, self.world, self.log = listener, token, rank, world, log
+        self.listener, self.token, self.rank, self.world, self.log = (
+            listener,
+            token,
+            rank,
+            world,
+            log,
+        )
         self.admitted: queue.Queue = queue.Queue()
         self.claimed: set[int] = set()
         self.lock = threading.Lock()
@@ -429,13 +460,28 @@ class _Acceptor(threading.Thread):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             deadline = time.monotonic() + HANDSHAKE_TIMEOUT
-            r = server_handshake(sock, self.token, PURPOSE_PEER, self.rank, self.world, deadline, self._admit)
+            r = server_handshake(
+                sock,
+                self.token,
+                PURPOSE_PEER,
+                self.rank,
+                self.world,
+                deadline,
+                self._admit,
+            )
             if self.stop.is_set():
                 sock.close()
             else:
                 self.admitted.put((r, sock))
-        except Exception as e:  # a stranger or a broken attempt: log and go on
-            self.log(f"refused a connection from {_peer_name(sock)}: {type(e).__name__}: {e}")
+        except (
+            PgError,
+            _Closed,
+            _TimedOut,
+            OSError,
+        ) as e:  # a stranger or a broken attempt
+            self.log(
+                f"refused a connection from {_peer_name(sock)}: {type(e).__name__}: {e}"
+            )
             sock.close()
 
     def run(self):
@@ -443,7 +489,7 @@ class _Acceptor(threading.Thread):
         while not self.stop.is_set():
             try:
                 sock, _ = self.listener.accept()
-            except (socket.timeout, InterruptedError):
+            except (TimeoutError, InterruptedError):
                 continue
             except OSError:
                 if self.stop.is_set():
@@ -470,7 +516,9 @@ class _Store(threading.Thread):
         self.cv = threading.Condition(self.lock)
         self.listener = socket.socket(fam, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        while True:  # the port may still be held (a previous job): retry until the deadline
+        while (
+            True
+        ):  # the port may still be held (a previous job): retry until the deadline
             try:
                 self.listener.bind(sa)
                 break
@@ -479,7 +527,9 @@ class _Store(threading.Thread):
                     time.sleep(0.1)
                     continue
                 self.listener.close()
-                raise RendezvousError(f"cannot host the store on {_fmt_addr(*sa[:2])}: {e}") from None
+                raise RendezvousError(
+                    f"cannot host the store on {_fmt_addr(*sa[:2])}: {e}"
+                ) from None
         self.listener.listen(1024)
         self.claimed: set[int] = set()
 
@@ -495,7 +545,15 @@ class _Store(threading.Thread):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             hs_deadline = time.monotonic() + HANDSHAKE_TIMEOUT
-            r = server_handshake(sock, self.token, PURPOSE_STORE, STORE_RANK, self.world, hs_deadline, self._admit)
+            r = server_handshake(
+                sock,
+                self.token,
+                PURPOSE_STORE,
+                STORE_RANK,
+                self.world,
+                hs_deadline,
+                self._admit,
+            )
             tag, payload = _read_frame(sock, MAX_ADDR_LEN, hs_deadline)
             addr = payload.decode()
             if tag != TAG_REGISTER:
@@ -504,8 +562,10 @@ class _Store(threading.Thread):
             with self.cv:
                 self.regs[r] = (sock, addr)
                 self.cv.notify_all()
-        except Exception as e:
-            self.log(f"store: refused a connection from {_peer_name(sock)}: {type(e).__name__}: {e}")
+        except (PgError, _Closed, _TimedOut, OSError, ValueError) as e:
+            self.log(
+                f"store: refused a connection from {_peer_name(sock)}: {type(e).__name__}: {e}"
+            )
             if r is not None:
                 with self.lock:
                     self.claimed.discard(r)  # let the rank try again
@@ -520,11 +580,13 @@ class _Store(threading.Thread):
                         break
                 if _left(self.deadline) is None:
                     missing = [r for r in range(self.world) if r not in self.regs]
-                    self.error = RendezvousError(f"timed out waiting for registration from ranks {missing}")
+                    self.error = RendezvousError(
+                        f"timed out waiting for registration from ranks {missing}"
+                    )
                     return
                 try:
                     sock, _ = self.listener.accept()
-                except (socket.timeout, InterruptedError):
+                except (TimeoutError, InterruptedError):
                     continue
                 sock.settimeout(None)
                 threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
@@ -540,7 +602,9 @@ class _Store(threading.Thread):
                 try:
                     _write_frame(sock, TAG_TABLE, table, send_deadline)
                 except (_Closed, _TimedOut, OSError) as e:
-                    self.error = RendezvousError(f"store: sending the table to rank {r}: {e}")
+                    self.error = RendezvousError(
+                        f"store: sending the table to rank {r}: {e}"
+                    )
                     return
         finally:
             self.listener.close()
@@ -556,7 +620,9 @@ class _Peer:
         self.rank, self.sock = rank, sock
         self.stash: dict[int, list[bytes]] = {}
         self.stashed = 0
-        self.pending: tuple[int, int] | None = None  # a frame header read but not its payload
+        self.pending: tuple[int, int] | None = (
+            None  # a frame header read but not its payload
+        )
         self.poisoned = False
 
 
@@ -568,7 +634,7 @@ class TcpGroup:
         self.peers = {r: _Peer(r, s) for r, s in peers.items()}
 
     @classmethod
-    def join(cls, opts: TcpOptions, log=lambda msg: None) -> "TcpGroup":
+    def join(cls, opts: TcpOptions, log=lambda msg: None) -> TcpGroup:
         """Forms the group with the other ranks; blocks until every rank is connected or ``opts.timeout``."""
         rank, world, token = opts.rank, opts.world_size, opts.token
         if world <= 0 or not 0 <= rank < world:
@@ -620,17 +686,27 @@ class TcpGroup:
             # 4. Connect to higher ranks.
             for peer in range(rank + 1, world):
                 sock, server = _connect_authenticated(
-                    [table[peer]], token, PURPOSE_PEER, rank, world, deadline, f"rank {peer}"
+                    [table[peer]],
+                    token,
+                    PURPOSE_PEER,
+                    rank,
+                    world,
+                    deadline,
+                    f"rank {peer}",
                 )
                 socks[peer] = sock
                 if server[1] != peer:
-                    raise RendezvousError(f"{_fmt_addr(*table[peer][1][:2])} answered as rank {server[1]}, expected rank {peer}")
+                    raise RendezvousError(
+                        f"{_fmt_addr(*table[peer][1][:2])} answered as rank {server[1]}, expected rank {peer}"
+                    )
             # 5. Collect lower ranks.
             while len([r for r in socks if r < rank]) < rank:
                 left = _left(deadline)
                 missing = [r for r in range(rank) if r not in socks]
                 if left is None:
-                    raise RendezvousError(f"timed out waiting for connections from ranks {missing}")
+                    raise RendezvousError(
+                        f"timed out waiting for connections from ranks {missing}"
+                    )
                 try:
                     r, sock = acceptor.admitted.get(timeout=left)
                 except queue.Empty:
@@ -657,12 +733,16 @@ class TcpGroup:
 
     @staticmethod
     def _register(masters, token, rank, world, advertised, deadline):
-        sock, _ = _connect_authenticated(masters, token, PURPOSE_STORE, rank, world, deadline, "the rendezvous store")
+        sock, _ = _connect_authenticated(
+            masters, token, PURPOSE_STORE, rank, world, deadline, "the rendezvous store"
+        )
         try:
             _write_frame(sock, TAG_REGISTER, advertised.encode(), deadline)
             tag, payload = _read_frame(sock, 4 + world * (2 + MAX_ADDR_LEN), deadline)
         except _TimedOut:
-            raise RendezvousError(f"rank {rank}: timed out waiting for all {world} ranks to register") from None
+            raise RendezvousError(
+                f"rank {rank}: timed out waiting for all {world} ranks to register"
+            ) from None
         except (_Closed, OSError) as e:
             raise RendezvousError(f"waiting for the address table: {e}") from None
         finally:
@@ -679,9 +759,13 @@ class TcpGroup:
     def _peer(self, r: int) -> _Peer:
         p = self.peers.get(r)
         if p is None:
-            raise PgError(f"rank {r} is not another rank of this group of {self.size} (we are rank {self.rank})")
+            raise PgError(
+                f"rank {r} is not another rank of this group of {self.size} (we are rank {self.rank})"
+            )
         if p.poisoned:
-            raise PgError(f"connection to rank {r} is unusable after an earlier failure in the middle of a frame")
+            raise PgError(
+                f"connection to rank {r} is unusable after an earlier failure in the middle of a frame"
+            )
         return p
 
     def send(self, dst: int, tag: int, parts, timeout: float):
@@ -689,15 +773,21 @@ class TcpGroup:
         p = self._peer(dst)
         n = sum(len(memoryview(x).cast("B")) for x in parts)
         try:
-            _write_all(p.sock, [FRAME_HEADER.pack(tag, n), *parts], time.monotonic() + timeout)
+            _write_all(
+                p.sock, [FRAME_HEADER.pack(tag, n), *parts], time.monotonic() + timeout
+            )
         except _TimedOut:
             p.poisoned = True
-            raise PgTimeout(f"timed out after {timeout:g} s sending tag {tag} to rank {dst}") from None
+            raise PgTimeout(
+                f"timed out after {timeout:g} s sending tag {tag} to rank {dst}"
+            ) from None
         except (_Closed, OSError):
             p.poisoned = True
             raise PeerClosed(f"rank {dst} closed the connection") from None
 
-    def _next_frame(self, p: _Peer, tag: int, deadline: float, done: list) -> tuple[int, int]:
+    def _next_frame(
+        self, p: _Peer, tag: int, deadline: float, done: list
+    ) -> tuple[int, int]:
         """Reads frame headers from ``p`` until one has ``tag`` (stashing other frames whole); returns it
         as pending."""
         while True:
@@ -737,7 +827,9 @@ class TcpGroup:
         except _TimedOut:
             if done[0]:
                 p.poisoned = True
-            raise PgTimeout(f"timed out after {timeout:g} s waiting for tag {tag} from rank {src}") from None
+            raise PgTimeout(
+                f"timed out after {timeout:g} s waiting for tag {tag} from rank {src}"
+            ) from None
         except (_Closed, OSError):
             p.poisoned = True
             raise PeerClosed(f"rank {src} closed the connection") from None
@@ -751,7 +843,9 @@ class TcpGroup:
 
         def take(n, read, data):
             if n != want:
-                raise LengthMismatch(f"message with tag {tag} from rank {src} has {n} bytes, expected {want}")
+                raise LengthMismatch(
+                    f"message with tag {tag} from rank {src} has {n} bytes, expected {want}"
+                )
             off = 0
             for x in parts:
                 if data is None:
@@ -767,7 +861,9 @@ class TcpGroup:
 
         def take(n, read, data):
             if n > max_len:
-                raise LengthMismatch(f"message with tag {tag} from rank {src} has {n} bytes, more than the limit of {max_len}")
+                raise LengthMismatch(
+                    f"message with tag {tag} from rank {src} has {n} bytes, more than the limit of {max_len}"
+                )
             if data is not None:
                 return data
             b = bytearray(n)
