@@ -138,11 +138,17 @@ pub fn cases() -> Vec<Case> {
         Case {
             name: "bad_proof",
             description: "A forger (not pgt's client) sends a well-formed hello, then 32 zero bytes as \
-                its proof: rank 1 answers verdict 1 (bad proof) and closes. Only the server end is \
-                pgt's code here.",
+                its proof: rank 1 answers verdict 1 (bad proof) and closes. The hello's purpose (1), \
+                world (3) and rank (5) would each be refused too: the proof is checked first. Only \
+                the server end is pgt's code here.",
             script: Script {
                 forged_proof: Some([0; 32]),
-                ..script(peer(0, 2), peer_server(1, 2), After::Nothing)
+                admit: false,
+                ..script(
+                    client(PURPOSE_STORE, 5, 3),
+                    peer_server(1, 2),
+                    After::Nothing,
+                )
             },
         },
         Case {
@@ -156,16 +162,21 @@ pub fn cases() -> Vec<Case> {
         },
         Case {
             name: "world_mismatch",
-            description: "Rank 0 of a world of 3 connects to rank 1 of a world of 2: the proof is \
-                good, the verdict is 3 (world size mismatch).",
-            script: script(peer(0, 3), peer_server(1, 2), After::Nothing),
+            description: "Rank 2 of a world of 3 connects to rank 1 of a world of 2: the proof is \
+                good, the verdict is 3 (world size mismatch). Rank 1 would not admit rank 2 either: \
+                the world size is checked before admission.",
+            script: Script {
+                admit: false,
+                ..script(peer(2, 3), peer_server(1, 2), After::Nothing)
+            },
         },
         Case {
             name: "wrong_purpose",
-            description: "A rank registering (purpose 1) reaches rank 0's peer listener (purpose 2) \
-                instead of the store: the proof is good, the verdict is 4 (wrong purpose).",
+            description: "Rank 1 of a world of 3, registering (purpose 1), reaches rank 0's peer \
+                listener (purpose 2, world 2) instead of the store: the proof is good, the verdict is 4 \
+                (wrong purpose). The world sizes differ too: the purpose is checked first.",
             script: script(
-                client(PURPOSE_STORE, 1, 2),
+                client(PURPOSE_STORE, 1, 3),
                 peer_server(0, 2),
                 After::Nothing,
             ),
