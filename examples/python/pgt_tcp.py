@@ -1,9 +1,10 @@
 """pgt's TCP process group, from Python: join a job of `pgt` ranks as one rank.
 
-A byte-for-byte rebuild of the Rust side (``host/src/pg/``): rendezvous with the store that rank 0 hosts
-on ``MASTER_ADDR:MASTER_PORT``, a mutual HMAC-SHA256 challenge–response keyed with the job token on every
-connection, one connection per pair of ranks (each rank connects to every higher rank and accepts every
-lower one), then frames ``tag u64 LE | len u64 LE | payload`` in both directions.
+The TCP process group as ``TCP.md`` (repository root) specifies it, byte for byte as the Rust side
+(``host/src/pg/``): rendezvous with the store that rank 0 hosts on ``MASTER_ADDR:MASTER_PORT``, a
+mutual HMAC-SHA256 challenge–response keyed with the job token on every connection, one connection
+per pair of ranks (each rank connects to every higher rank and accepts every lower one), then frames
+``tag u64 LE | len u64 LE | payload`` in both directions.
 
 This module only moves bytes. It knows nothing of pgt's wire protocol (that runs in the wasm module).
 
@@ -12,6 +13,12 @@ This module only moves bytes. It knows nothing of pgt's wire protocol (that runs
     data = pg.recv_bytes(0, tag, max_len=24, timeout=60)
     pg.send(2, tag, [b"...", memoryview(buf)[64:128]], timeout=60)
     pg.close()
+
+The wire format's pure pieces — :func:`hello`, :func:`parse_hello`, :func:`mac`,
+:func:`frame_header`, :func:`encode_table`, :func:`decode_table` — and the handshake and registration
+steps (:func:`client_handshake`, :func:`server_handshake` with an optional fixed ``nonce``,
+:func:`exchange_registration`, :func:`read_registration`) are what ``tests/python`` checks against the
+conformance transcripts in ``tests/vectors/tcp``.
 
 Errors are :class:`PgError` subclasses: :class:`AuthFailed` (wrong token, not a pgt endpoint),
 :class:`RendezvousError` (formation failed or timed out), :class:`PgTimeout`, :class:`PeerClosed`,
@@ -24,6 +31,7 @@ import contextlib
 import errno
 import hashlib
 import hmac
+import ipaddress
 import os
 import queue
 import socket
@@ -216,8 +224,13 @@ def _read_exact(sock, n: int, deadline: float) -> bytes:
     return bytes(b)
 
 
+def frame_header(tag: int, length: int) -> bytes:
+    """A frame's 16-byte header: ``tag u64 LE | len u64 LE`` (the payload follows)."""
+    return FRAME_HEADER.pack(tag, length)
+
+
 def _write_frame(sock, tag: int, payload: bytes, deadline: float):
-    _write_all(sock, [FRAME_HEADER.pack(tag, len(payload)), payload], deadline)
+    _write_all(sock, [frame_header(tag, len(payload)), payload], deadline)
 
 
 def _read_frame(sock, max_len: int, deadline: float) -> tuple[int, bytes]:
@@ -230,13 +243,14 @@ def _read_frame(sock, max_len: int, deadline: float) -> tuple[int, bytes]:
 # ---- the handshake (host/src/pg/auth.rs) ----
 
 
-def _hello(purpose: int, rank: int, world: int, nonce: bytes) -> bytes:
+def hello(purpose: int, rank: int, world: int, nonce: bytes) -> bytes:
+    """A ClientHello, or a ServerHello's first 52 bytes."""
     return (
         AUTH_MAGIC + bytes([purpose, 0, 0, 0]) + struct.pack("<II", rank, world) + nonce
     )
 
 
-def _parse_hello(b: bytes):
+def parse_hello(b: bytes):
     """(purpose, rank, world), or None if these are not a pgt hello's first 52 bytes."""
     if b[:8] != AUTH_MAGIC or b[9:12] != b"\0\0\0":
         return None
@@ -244,7 +258,8 @@ def _parse_hello(b: bytes):
     return b[8], rank, world
 
 
-def _mac(token: bytes, label: bytes, *pieces: bytes) -> bytes:
+def mac(token: bytes, label: bytes, *pieces: bytes) -> bytes:
+    """HMAC-SHA256 keyed with the job token over ``label`` and ``pieces``, concatenated."""
     m = hmac.new(token, label, hashlib.sha256)
     for p in pieces:
         m.update(p)
@@ -260,30 +275,38 @@ def _peer_name(sock) -> str:
 
 
 def client_handshake(
-    sock, token: bytes, purpose: int, rank: int, world: int, deadline: float, what: str
+    sock,
+    token: bytes,
+    purpose: int,
+    rank: int,
+    world: int,
+    deadline: float,
+    what: str,
+    nonce: bytes | None = None,
 ):
-    """Client side; returns the server's (purpose, rank, world) once it accepted us."""
+    """Client side; returns the server's (purpose, rank, world) once it accepted us. ``nonce``: fresh
+    from the OS unless given (the conformance transcripts fix it)."""
     addr = _peer_name(sock)
-    hello = _hello(purpose, rank, world, os.urandom(NONCE_LEN))
+    ch = hello(purpose, rank, world, nonce or os.urandom(NONCE_LEN))
     try:
-        _write_all(sock, [hello], deadline)
+        _write_all(sock, [ch], deadline)
         sh = _read_exact(sock, SERVER_HELLO_LEN, deadline)
     except (_Closed, _TimedOut, OSError) as e:
         raise _Transport(f"{addr}: {type(e).__name__} {e}") from None
-    server = _parse_hello(sh[:CLIENT_HELLO_LEN])
+    server = parse_hello(sh[:CLIENT_HELLO_LEN])
     if server is None:
         raise AuthFailed(
             f"authentication with {what} at {addr} failed: the other side is not a pgt endpoint"
         )
     if not hmac.compare_digest(
-        _mac(token, LABEL_SERVER, hello, sh[:CLIENT_HELLO_LEN]), sh[CLIENT_HELLO_LEN:]
+        mac(token, LABEL_SERVER, ch, sh[:CLIENT_HELLO_LEN]), sh[CLIENT_HELLO_LEN:]
     ):
         raise AuthFailed(
             f"authentication with {what} at {addr} failed: the other side does not know the job token "
             "(is PGT_TOKEN the same on every rank?)"
         )
     try:
-        _write_all(sock, [_mac(token, LABEL_CLIENT, hello, sh)], deadline)
+        _write_all(sock, [mac(token, LABEL_CLIENT, ch, sh)], deadline)
         verdict = _read_exact(sock, 1, deadline)[0]
     except (_Closed, _TimedOut, OSError) as e:
         raise _Transport(f"{addr}: {type(e).__name__} {e}") from None
@@ -311,20 +334,28 @@ def client_handshake(
 
 
 def server_handshake(
-    sock, token: bytes, purpose: int, rank: int, world: int, deadline: float, admit
+    sock,
+    token: bytes,
+    purpose: int,
+    rank: int,
+    world: int,
+    deadline: float,
+    admit,
+    nonce: bytes | None = None,
 ):
-    """Server side; ``admit(client_rank) -> bool`` after the client proved the token. Returns the client's
-    rank once accepted; raises PgError otherwise."""
+    """Server side; ``admit(client_rank) -> bool`` after the client proved the token. Returns the
+    client's rank once accepted; raises PgError otherwise (``_Closed``/``_TimedOut`` when the client
+    goes away or stalls). ``nonce``: fresh from the OS unless given."""
     addr = _peer_name(sock)
     ch = _read_exact(sock, CLIENT_HELLO_LEN, deadline)
-    client = _parse_hello(ch)
+    client = parse_hello(ch)
     if client is None:
         raise AuthFailed(f"refused {addr}: garbage instead of a pgt hello")
-    sh = _hello(purpose, rank, world, os.urandom(NONCE_LEN))
-    sh += _mac(token, LABEL_SERVER, ch, sh)
+    sh = hello(purpose, rank, world, nonce or os.urandom(NONCE_LEN))
+    sh += mac(token, LABEL_SERVER, ch, sh)
     _write_all(sock, [sh], deadline)
     proof = _read_exact(sock, MAC_LEN, deadline)
-    if not hmac.compare_digest(_mac(token, LABEL_CLIENT, ch, sh), proof):
+    if not hmac.compare_digest(mac(token, LABEL_CLIENT, ch, sh), proof):
         with contextlib.suppress(_Closed, _TimedOut, OSError):
             _write_all(sock, [bytes([VERDICT_BAD_PROOF])], deadline)
         raise AuthFailed(f"refused {addr}: wrong job token")
@@ -380,7 +411,34 @@ def _parse_addr(s: str):
     return socket.AF_INET, (host, int(port))
 
 
-def _decode_table(b: bytes, world: int):
+def canonical_addr(s: str) -> str | None:
+    """``s`` as Rust's ``SocketAddr`` prints it, if it parses as one (``1.2.3.4:5`` or ``[::1]:5``: an IP
+    literal, never a host name); else None."""
+    host, sep, port = s.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 0xFFFF:
+        return None
+    try:
+        if host.startswith("[") and host.endswith("]"):
+            ip = ipaddress.IPv6Address(host[1:-1])
+        else:
+            ip = ipaddress.IPv4Address(host)
+    except ValueError:
+        return None
+    return _fmt_addr(str(ip), int(port))
+
+
+def encode_table(addrs: list[str]) -> bytes:
+    """The TABLE payload: ``count u32 LE``, then per rank ``len u16 LE | address (UTF-8)``."""
+    out = struct.pack("<I", len(addrs))
+    for a in addrs:
+        b = a.encode()
+        out += struct.pack("<H", len(b)) + b
+    return out
+
+
+def decode_table(b: bytes, world: int):
+    """The TABLE payload as ``[(family, sockaddr)]`` in rank order, or None if it is malformed or not
+    ``world`` entries long."""
     if len(b) < 4 or struct.unpack_from("<I", b)[0] != world:
         return None
     off, out = 4, []
@@ -397,6 +455,42 @@ def _decode_table(b: bytes, world: int):
             return None
         off += n
     return out if off == len(b) else None
+
+
+def read_registration(sock, rank: int, deadline: float) -> str:
+    """The store's side of a registration, right after the handshake admitted ``rank``: reads the
+    REGISTER frame and returns its address as Rust prints it. Raises PgError unless it is a REGISTER
+    frame of at most MAX_ADDR_LEN bytes holding an IP socket address."""
+    tag, payload = _read_frame(sock, MAX_ADDR_LEN, deadline)
+    try:
+        addr = canonical_addr(payload.decode()) if tag == TAG_REGISTER else None
+    except UnicodeDecodeError:
+        addr = None
+    if addr is None:
+        raise PgError(f"bad registration from rank {rank}")
+    return addr
+
+
+def exchange_registration(
+    sock, rank: int, world: int, advertised: str, deadline: float
+):
+    """A rank's side of a registration, right after the store accepted its handshake: sends the
+    REGISTER frame and waits (until ``deadline``) for the TABLE; returns it as ``decode_table`` does."""
+    try:
+        _write_frame(sock, TAG_REGISTER, advertised.encode(), deadline)
+        tag, payload = _read_frame(sock, 4 + world * (2 + MAX_ADDR_LEN), deadline)
+    except _TimedOut:
+        raise RendezvousError(
+            f"rank {rank}: timed out waiting for all {world} ranks to register"
+        ) from None
+    except (_Closed, OSError) as e:
+        raise RendezvousError(f"waiting for the address table: {e}") from None
+    if tag != TAG_TABLE:
+        raise RendezvousError(f"unexpected store message tag {tag}")
+    table = decode_table(payload, world)
+    if table is None:
+        raise RendezvousError("malformed address table from the store")
+    return table
 
 
 def _connect_authenticated(addrs, token, purpose, rank, world, deadline, what):
@@ -554,15 +648,11 @@ class _Store(threading.Thread):
                 hs_deadline,
                 self._admit,
             )
-            tag, payload = _read_frame(sock, MAX_ADDR_LEN, hs_deadline)
-            addr = payload.decode()
-            if tag != TAG_REGISTER:
-                raise PgError(f"bad registration from rank {r}")
-            _parse_addr(addr)
+            addr = read_registration(sock, r, hs_deadline)
             with self.cv:
                 self.regs[r] = (sock, addr)
                 self.cv.notify_all()
-        except (PgError, _Closed, _TimedOut, OSError, ValueError) as e:
+        except (PgError, _Closed, _TimedOut, OSError) as e:
             self.log(
                 f"store: refused a connection from {_peer_name(sock)}: {type(e).__name__}: {e}"
             )
@@ -592,10 +682,7 @@ class _Store(threading.Thread):
                 threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
             if self.stop.is_set():
                 return
-            table = struct.pack("<I", self.world)
-            for r in range(self.world):
-                a = self.regs[r][1].encode()
-                table += struct.pack("<H", len(a)) + a
+            table = encode_table([self.regs[r][1] for r in range(self.world)])
             send_deadline = max(self.deadline, time.monotonic() + 5)
             for r in range(self.world):
                 sock = self.regs[r][0]
@@ -712,14 +799,15 @@ class TcpGroup:
                 except queue.Empty:
                     continue
                 socks[r] = sock
-        except BaseException:
-            for s in socks.values():
-                s.close()
-            raise
+            # 6. Rank 0: the store has sent every rank the table (or failed).
             if store is not None:
                 store.join(max(_left(deadline) or 0, 5.0))
                 if store.error:
                     raise store.error
+        except BaseException:
+            for s in socks.values():
+                s.close()
+            raise
         finally:
             acceptor.stop.set()
             acceptor.join(1.0)
@@ -737,22 +825,9 @@ class TcpGroup:
             masters, token, PURPOSE_STORE, rank, world, deadline, "the rendezvous store"
         )
         try:
-            _write_frame(sock, TAG_REGISTER, advertised.encode(), deadline)
-            tag, payload = _read_frame(sock, 4 + world * (2 + MAX_ADDR_LEN), deadline)
-        except _TimedOut:
-            raise RendezvousError(
-                f"rank {rank}: timed out waiting for all {world} ranks to register"
-            ) from None
-        except (_Closed, OSError) as e:
-            raise RendezvousError(f"waiting for the address table: {e}") from None
+            return exchange_registration(sock, rank, world, advertised, deadline)
         finally:
             sock.close()
-        if tag != TAG_TABLE:
-            raise RendezvousError(f"unexpected store message tag {tag}")
-        table = _decode_table(payload, world)
-        if table is None:
-            raise RendezvousError("malformed address table from the store")
-        return table
 
     # ---- messaging ----
 
@@ -774,7 +849,7 @@ class TcpGroup:
         n = sum(len(memoryview(x).cast("B")) for x in parts)
         try:
             _write_all(
-                p.sock, [FRAME_HEADER.pack(tag, n), *parts], time.monotonic() + timeout
+                p.sock, [frame_header(tag, n), *parts], time.monotonic() + timeout
             )
         except _TimedOut:
             p.poisoned = True
