@@ -65,6 +65,7 @@ fn script(client: Party, server: Party, after: After) -> Script {
         client,
         server,
         admit: true,
+        forged_hello: None,
         forged_proof: None,
         after,
     }
@@ -72,6 +73,26 @@ fn script(client: Party, server: Party, after: After) -> Script {
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().expect("a literal socket address")
+}
+
+/// 52 bytes of an HTTP request: what a port scanner might send.
+fn http_request() -> [u8; 52] {
+    let mut b = [b' '; 52];
+    let req = b"GET / HTTP/1.1\r\nHost: 192.0.2.7:40001\r\n\r\n";
+    b[..req.len()].copy_from_slice(req);
+    b
+}
+
+/// `p`'s hello with byte 9 (reserved, must be 0) set to 1.
+fn with_reserved_byte(p: Party) -> [u8; 52] {
+    let mut b = [0u8; 52];
+    b[..8].copy_from_slice(b"PGTAUTH1");
+    b[8] = p.purpose;
+    b[9] = 1;
+    b[12..16].copy_from_slice(&p.rank.to_le_bytes());
+    b[16..20].copy_from_slice(&p.world.to_le_bytes());
+    b[20..].copy_from_slice(&p.nonce);
+    b
 }
 
 /// A tag above 2^53 whose eight bytes differ: shows the byte order (and that JSON readers must keep
@@ -149,6 +170,24 @@ pub fn cases() -> Vec<Case> {
                     peer_server(1, 2),
                     After::Nothing,
                 )
+            },
+        },
+        Case {
+            name: "not_a_hello",
+            description: "A stranger sends 52 bytes of an HTTP request instead of a hello: the magic \
+                is wrong, so rank 1 closes the connection without answering.",
+            script: Script {
+                forged_hello: Some(http_request()),
+                ..script(peer(0, 2), peer_server(1, 2), After::Nothing)
+            },
+        },
+        Case {
+            name: "reserved_byte",
+            description: "A hello whose first reserved byte (offset 9) is 01, otherwise rank 0's \
+                well-formed hello: rank 1 closes the connection without answering.",
+            script: Script {
+                forged_hello: Some(with_reserved_byte(peer(0, 2))),
+                ..script(peer(0, 2), peer_server(1, 2), After::Nothing)
             },
         },
         Case {
@@ -299,6 +338,9 @@ fn message_json(m: &Message) -> Json {
 pub fn transcript_json(case: &Case, t: &Transcript) -> String {
     let s = &case.script;
     let mut client = party_json(&s.client);
+    if let Some(h) = s.forged_hello {
+        client["forged_hello"] = json!(hex(&h));
+    }
     if let Some(p) = s.forged_proof {
         client["forged_proof"] = json!(hex(&p));
     }
@@ -390,8 +432,10 @@ JSON, keys sorted. Integers above 2^53 − 1 (tags) are decimal strings. Bytes a
 
 - `client`, `server`: the inputs of each end — `token` (the job token; the HMAC key is its UTF-8
   bytes), `purpose`, `rank`, `world` and `nonce` of its hello. `server.admits`: whether the server's
-  admission check lets this client's rank in (verdict 2 otherwise). `client.forged_proof`: present
-  when the client is a forger that sends these 32 bytes as its proof instead of computing it.
+  admission check lets this client's rank in (verdict 2 otherwise). `client.forged_hello`: present
+  when the client is a stranger that sends these 52 bytes instead of its hello (its other inputs then
+  play no part). `client.forged_proof`: present when the client is a forger that sends these 32 bytes
+  as its proof instead of computing it.
 - `messages`: every message in protocol order, each with `from` (`client` or `server`), `message`
   (`ClientHello`, `ServerHello`, `ClientProof`, `Verdict`, `Register`, `Table`, `Frame`), `hex` (its
   bytes) and `fields` (the same bytes cut into `[name, hex]` pairs, in order). Frames also have `tag`;

@@ -22,7 +22,7 @@ use super::auth::{
 use super::conn::PeerConn;
 use super::rendezvous::{encode_table, exchange_registration, read_registration, send_table};
 use super::stash::DEFAULT_STASH_LIMIT;
-use super::wire::{read_full, write_full, FRAME_HEADER_LEN};
+use super::wire::{read_full, write_full, Fail, FRAME_HEADER_LEN};
 use super::{Dest, PgError};
 
 pub use super::auth::{NONCE_LEN, PURPOSE_PEER, PURPOSE_STORE, STORE_RANK};
@@ -90,8 +90,12 @@ pub struct Script {
     pub server: Party,
     /// The server's admission decision once purpose and world size matched (`false`: verdict 2).
     pub admit: bool,
-    /// `Some(proof)`: the client is not pgt's client but a forger that sends its hello, then `proof`
-    /// whatever the server said, and reads the verdict. Only the server end is pgt's code then.
+    /// `Some(hello)`: the client is not pgt's client but a forger that sends these bytes instead of
+    /// its hello (the server end is then the only pgt code recorded). It reads the ServerHello if one
+    /// comes, then sends `forged_proof` if there is one, or closes.
+    pub forged_hello: Option<[u8; CLIENT_HELLO_LEN]>,
+    /// `Some(proof)`: the client is a forger (as for `forged_hello`) that sends its hello, then
+    /// `proof` whatever the server said, and reads the verdict.
     pub forged_proof: Option<[u8; MAC_LEN]>,
     pub after: After,
 }
@@ -190,26 +194,8 @@ fn relay(from: TcpStream, to: TcpStream) -> JoinHandle<io::Result<Vec<u8>>> {
 fn run_client(stream: TcpStream, script: &Script, deadline: Instant) -> Result<Outcome, PgError> {
     let me = identity(&script.client);
     let token = &script.client.token;
-    if let Some(proof) = script.forged_proof {
-        let t = |e| io_fail("forger", e);
-        write_full(
-            &stream,
-            &[&me.encode(&script.client.nonce)],
-            deadline,
-            usize::MAX,
-            &mut 0,
-        )
-        .map_err(t)?;
-        let mut sh = [0u8; SERVER_HELLO_LEN];
-        read_full(&stream, &mut [&mut sh[..]], deadline, usize::MAX, &mut 0).map_err(t)?;
-        write_full(&stream, &[&proof], deadline, usize::MAX, &mut 0).map_err(t)?;
-        let mut v = [0u8; 1];
-        read_full(&stream, &mut [&mut v[..]], deadline, usize::MAX, &mut 0).map_err(t)?;
-        return Ok(if v[0] == Verdict::Accepted as u8 {
-            Outcome::Accepted
-        } else {
-            Outcome::AuthFailed
-        });
+    if script.forged_hello.is_some() || script.forged_proof.is_some() {
+        return run_forger(&stream, script, deadline);
     }
     let hs = client_handshake_with_nonce(&stream, token, me, &script.client.nonce, deadline);
     let server = match hs {
@@ -231,6 +217,48 @@ fn run_client(stream: TcpStream, script: &Script, deadline: Instant) -> Result<O
         } => exchange(stream, server.rank, Side::Client, frames, client_receives)?,
     }
     Ok(Outcome::Accepted)
+}
+
+/// A client that is not pgt's: a scripted hello, then a scripted proof or nothing.
+fn run_forger(stream: &TcpStream, script: &Script, deadline: Instant) -> Result<Outcome, PgError> {
+    let hello = script
+        .forged_hello
+        .unwrap_or_else(|| identity(&script.client).encode(&script.client.nonce));
+    let io = |r: Result<(), Fail>| match r {
+        Ok(()) => Ok(true),
+        Err(Fail::Closed) => Ok(false),
+        Err(e) => Err(io_fail("forger", e)),
+    };
+    io(write_full(stream, &[&hello], deadline, usize::MAX, &mut 0))?;
+    let mut sh = [0u8; SERVER_HELLO_LEN];
+    if !io(read_full(
+        stream,
+        &mut [&mut sh[..]],
+        deadline,
+        usize::MAX,
+        &mut 0,
+    ))? {
+        return Ok(Outcome::Closed);
+    }
+    let Some(proof) = script.forged_proof else {
+        return Ok(Outcome::Closed);
+    };
+    io(write_full(stream, &[&proof], deadline, usize::MAX, &mut 0))?;
+    let mut v = [0u8; 1];
+    if !io(read_full(
+        stream,
+        &mut [&mut v[..]],
+        deadline,
+        usize::MAX,
+        &mut 0,
+    ))? {
+        return Ok(Outcome::Closed);
+    }
+    Ok(if v[0] == Verdict::Accepted as u8 {
+        Outcome::Accepted
+    } else {
+        Outcome::AuthFailed
+    })
 }
 
 fn run_server(stream: TcpStream, script: &Script, deadline: Instant) -> Result<Outcome, PgError> {
@@ -447,6 +475,7 @@ mod tests {
             client,
             server,
             admit: true,
+            forged_hello: None,
             forged_proof: None,
             after,
         }
@@ -532,6 +561,19 @@ mod tests {
         let t = record(&forged).unwrap();
         assert_eq!(t.server, Outcome::AuthFailed);
         assert_eq!(t.messages[3].bytes, [Verdict::BadProof as u8]);
+
+        // A hello with a reserved byte set: dropped without a word.
+        let mut hello = identity(&forged.client).encode(&[1; NONCE_LEN]);
+        hello[10] = 1;
+        let garbage = Script {
+            forged_hello: Some(hello),
+            forged_proof: None,
+            ..forged
+        };
+        let t = record(&garbage).unwrap();
+        assert_eq!((t.client, t.server), (Outcome::Closed, Outcome::AuthFailed));
+        assert_eq!(t.messages.len(), 1);
+        assert_eq!(t.messages[0].bytes, hello);
     }
 
     #[test]
