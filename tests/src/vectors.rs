@@ -255,7 +255,7 @@ pub fn valid_cases() -> Vec<(&'static str, &'static str, Metadata, bool)> {
     let mut out = Vec::new();
     out.push((
         "empty_dict",
-        "An empty dict: no leaves, no storages, no data messages. Default plan (Chain, bucket 1 MiB, chunk 16 MiB), digests off.",
+        "An empty dict: no leaves, no storages, no data messages. Default plan (Chain, bucket 1 MiB, chunk 4 MiB), digests off.",
         metadata(None, 0, &[1], PlanParams::default(), vec![Node::Dict(vec![])], vec![]),
         false,
     ));
@@ -810,7 +810,7 @@ fn bad_cases() -> Vec<Bad> {
     ));
     v.push(bad_meta(
         "too_many_messages",
-        "A uint8 tensor of 64 × 2^24 + 1 bytes with chunk_size 64: 2^24 + 1 data messages (default max_messages is 2^24).",
+        "A uint8 tensor of 64 × 2^24 + 1 bytes with chunk_size 64: 2^24 + 1 data messages (default max_messages is 2^20).",
         &Metadata {
             plan: plan(FanOut::Chain, 64, 64),
             ..one_tensor(TensorLayout::contiguous(DType::UInt8, &[(64 << 24) + 1]))
