@@ -589,6 +589,34 @@ fn layout_overflow() {
     );
 }
 
+#[test]
+fn a_zero_dim_is_not_an_overflow() {
+    // The true product counts: [2^32, 2^32, 0] has 0 elements, although multiplying in order overflows
+    // before the 0 is reached.
+    round_trip(
+        &single(
+            "t",
+            tensor(
+                DType::Float32,
+                &[1 << 32, 1 << 32, 0],
+                &[1 << 32, 1, 1],
+                0,
+                0,
+            ),
+        ),
+        &limits(),
+    )
+    .unwrap();
+    // Likewise a mesh: its size is 0, so the sample mesh's 2 ranks are too many (not LayoutOverflow).
+    rejects(
+        dtensor_with(|_, s| s.mesh.shape = vec![1 << 32, 1 << 32, 0]),
+        Error::MeshRankCount {
+            ranks: 2,
+            mesh_size: 0,
+        },
+    );
+}
+
 // ---------------------------------------------------------------- DTensor
 
 fn dtensor_with(

@@ -917,6 +917,11 @@ fn bad_cases() -> Vec<Bad> {
         &with_dtensor(|_, s| s.mesh.shape = vec![1 << 32, 1 << 32]),
     ));
     v.push(bad_meta(
+        "mesh_zero_dim",
+        "A DTensor whose mesh shape is [2^32, 2^32, 0] (its 4 ranks, 2 dim names and 2 placements kept): the mesh size is the true product, 0, not an overflow, so the rank count is checked and is wrong (MeshRankCount, before the dim names and placements).",
+        &with_dtensor(|_, s| s.mesh.shape = vec![1 << 32, 1 << 32, 0]),
+    ));
+    v.push(bad_meta(
         "mesh_dim_names",
         "A DTensor whose 2-dim mesh has 1 dim name.",
         &with_dtensor(|_, s| s.mesh.dim_names = Some(vec!["dp".into()])),
@@ -1070,6 +1075,12 @@ fn valid_limit_cases() -> Vec<(&'static str, &'static str, Metadata, bool)> {
                 plan: plan(FanOut::Chain, 0, 1 << 30),
                 ..one_tensor(TensorLayout::contiguous(DType::UInt8, &[100]))
             },
+            false,
+        ),
+        (
+            "zero_size_huge_dims",
+            "A float32 tensor of shape [2^32, 2^32, 0], stride [2^32, 1, 1], in a 0-byte storage: multiplying the dims in order overflows before the 0 is reached, but the element count is the true product, 0, so the layout is valid (not LayoutOverflow; compare layout_overflow).",
+            one_tensor(view(DType::Float32, &[1 << 32, 1 << 32, 0], &[1 << 32, 1, 1], 0, 0)),
             false,
         ),
     ]
