@@ -1140,6 +1140,39 @@ fn report_digests_except(r: &mut Receiver, skip: u32) -> Vec<u8> {
 }
 
 #[test]
+fn digest_mismatch_names_the_lowest_storage_whatever_the_order() {
+    let mut r = receiver_at_bindings(with_fanout(sample(), FanOut::Direct), true, 2);
+    stream_to_trailer(&mut r);
+    let n = r.manifest().unwrap().storages().len() as u32;
+    assert_eq!(n, 5);
+    let trailer: Vec<u8> = (0..n).flat_map(|i| fake_digest(i).to_le_bytes()).collect();
+    // Storages 1, 3 and 4 mismatch. Storage 3's digest is in before the trailer; 1's and then 4's come
+    // after it (a host may finish hashing late).
+    for i in [0, 2] {
+        r.handle_storage_digest(i, fake_digest(i)).unwrap();
+    }
+    r.handle_storage_digest(3, 12345).unwrap();
+    r.handle_trailer(&trailer).unwrap();
+    assert_eq!(
+        r.digest_mismatch(),
+        Some(&Error::DigestMismatch {
+            path: "model.table".into(),
+            storage: 3,
+        })
+    );
+    r.handle_storage_digest(1, 12345).unwrap();
+    let want = Error::DigestMismatch {
+        path: "model.layers.0.bias".into(),
+        storage: 1,
+    };
+    assert_eq!(r.digest_mismatch(), Some(&want));
+    r.handle_storage_digest(4, 12345).unwrap();
+    assert_eq!(r.digest_mismatch(), Some(&want));
+    assert_eq!(r.poll(), RecvPoll::Done);
+    assert_eq!(r.finish().err(), Some(want));
+}
+
+#[test]
 fn protocol_state() {
     use Error::ProtocolState as P;
     let (header, bytes) = encode_raw(&sample(), true);

@@ -1459,6 +1459,16 @@ pub fn vectors() -> Vec<Vector> {
         &short,
         receiver,
     ));
+    let mut several = direct_digests.clone();
+    several[6].bytes[0] ^= 0x01; // data message 4 (tag 7): storage 3 "mask", byte 0
+    several[last].bytes[8] ^= 0x01; // the trailer's digest of storage 1 "layer.bias"
+    several[last].bytes[32] ^= 0x01; // the trailer's digest of storage 4 "empty" (0 bytes)
+    out.push(malformed_stream_vector(
+        "stream_digest_mismatch_several",
+        "stream_direct_digests with storages 1, 3 and 4 mismatching: one bit flipped in data message tag 7 (storage 3 \"mask\", byte 0) and in the trailer's digests of storage 1 \"layer.bias\" and storage 4 \"empty\" (0 bytes). The error names the lowest mismatching storage, 1.",
+        &several,
+        receiver,
+    ));
     for b in bad_cases() {
         out.push(malformed_vector(b));
     }
