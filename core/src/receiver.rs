@@ -30,6 +30,7 @@ use crate::digest::{digest, StorageHasher};
 use crate::dtype::DType;
 use crate::plan::{FanOut, MessageKind, Plan, Segment, TAG_HEADER};
 use crate::sender::Payload;
+use crate::sharded::ShardMetadata;
 use crate::tree::Leaf;
 use crate::{Error, Result};
 
@@ -505,12 +506,9 @@ impl Receiver {
                     local_shards,
                     global,
                 } => {
-                    let offsets: Vec<Vec<u64>> = local_shards
-                        .iter()
-                        .map(|s| s.meta.offsets.clone())
-                        .collect();
-                    let offsets: Vec<&[u64]> = offsets.iter().map(Vec::as_slice).collect();
-                    global.rewrite_placements(&offsets, rank);
+                    let held: Vec<ShardMetadata> =
+                        local_shards.iter().map(|s| s.meta.clone()).collect();
+                    global.rewrite_placements(&held, rank);
                     for shard in local_shards.iter_mut() {
                         shard.meta = shard.meta.placed_on(rank);
                         rebind(&mut shard.layout, &bindings[storage]);

@@ -1303,7 +1303,47 @@ pub fn stream_cases() -> Vec<StreamCase> {
             digests: true,
             rank: 2,
         },
+        StreamCase {
+            name: "stream_sharded_placements",
+            description: "What a receiver rewrites in a ShardedTensor, Direct 0 → [2] (rank 2's stream), digests on, default plan. float32 [6, 4]; global shards [0,0]+[2,4] at \"rank:000/cuda:0\", [0,0]+[0,4] at \"rank:18446744073709551615/cuda:3\" (a zero-size shard at the same offsets as the first), [2,0]+[2,4] at \"rank:1/node-a/cuda:1\", [4,0]+[2,4] at \"rank:0/cpu\"; the sender holds 3 local shards (32 B each): [0,0]+[2,4] at \"rank:0/cuda:0\", [2,0]+[2,4] at \"rank:01/node-a/cuda:1\", [4,0]+[2,4] at \"rank:0/cuda:0\". Leading zeros and a '/' in the device are valid. Rank 2 places each local shard at rank:2 with its own device, and each global shard whose (offsets, sizes) equal a local shard's at rank:2 with the global entry's own device: \"rank:2/cuda:0\", unchanged, \"rank:2/node-a/cuda:1\", \"rank:2/cpu\".",
+            metadata: metadata(
+                None,
+                0,
+                &[2],
+                plan(FanOut::Direct, 1 << 20, 4 << 20),
+                vec![dict(&["table"]), Node::Leaf],
+                vec![placements_leaf()],
+            ),
+            digests: true,
+            rank: 2,
+        },
     ]
+}
+
+/// The ShardedTensor of `stream_sharded_placements`.
+fn placements_leaf() -> Leaf {
+    let global = ShardedTensorMetadata {
+        shards: vec![
+            shard_meta(&[0, 0], &[2, 4], "rank:000/cuda:0"),
+            shard_meta(&[0, 0], &[0, 4], "rank:18446744073709551615/cuda:3"),
+            shard_meta(&[2, 0], &[2, 4], "rank:1/node-a/cuda:1"),
+            shard_meta(&[4, 0], &[2, 4], "rank:0/cpu"),
+        ],
+        global_size: vec![6, 4],
+        dtype: DType::Float32,
+    };
+    let local = |offsets: &[u64], placement: &str| LocalShard {
+        layout: TensorLayout::contiguous(DType::Float32, &[2, 4]),
+        meta: shard_meta(offsets, &[2, 4], placement),
+    };
+    Leaf::Sharded {
+        local_shards: vec![
+            local(&[0, 0], "rank:0/cuda:0"),
+            local(&[2, 0], "rank:01/node-a/cuda:1"),
+            local(&[4, 0], "rank:0/cuda:0"),
+        ],
+        global,
+    }
 }
 
 fn pattern_text() -> &'static str {
