@@ -978,6 +978,87 @@ fn bad_cases() -> Vec<Bad> {
         "A ShardedTensor shard placed at \"cuda:1\" (not \"rank:N/device\").",
         &with_sharded(|_, g| g.shards[1].placement = "cuda:1".into()),
     ));
+    for (name, placement, description) in [
+        (
+            "bad_placement_uppercase",
+            "RANK:1/cuda:1",
+            "A ShardedTensor shard placed at \"RANK:1/cuda:1\": the prefix \"rank:\" is lowercase and case-sensitive.",
+        ),
+        (
+            "bad_placement_empty_rank",
+            "rank:/cuda:1",
+            "A ShardedTensor shard placed at \"rank:/cuda:1\": the rank has at least one digit (JavaScript's Number(\"\") would be 0).",
+        ),
+        (
+            "bad_placement_sign",
+            "rank:+1/cuda:1",
+            "A ShardedTensor shard placed at \"rank:+1/cuda:1\": the rank is ASCII digits only, no sign (Rust's and Python's integer parsers take \"+1\").",
+        ),
+        (
+            "bad_placement_space",
+            "rank: 1/cuda:1",
+            "A ShardedTensor shard placed at \"rank: 1/cuda:1\": no spaces (Python's int() takes \" 1\").",
+        ),
+        (
+            "bad_placement_underscore",
+            "rank:1_0/cuda:1",
+            "A ShardedTensor shard placed at \"rank:1_0/cuda:1\": ASCII digits only (Python's int() takes \"1_0\" as 10).",
+        ),
+        (
+            "bad_placement_unicode_digit",
+            "rank:\u{661}/cuda:1",
+            "A ShardedTensor shard placed at \"rank:\u{661}/cuda:1\" (U+0661 ARABIC-INDIC DIGIT ONE, bytes D9 A1): ASCII digits only (Python's int() and str.isdigit() take it).",
+        ),
+        (
+            "bad_placement_rank_overflow",
+            "rank:18446744073709551616/cuda:1",
+            "A ShardedTensor shard placed at \"rank:18446744073709551616/cuda:1\": the rank is a u64 and 2^64 overflows it.",
+        ),
+        (
+            "bad_placement_empty_device",
+            "rank:1/",
+            "A ShardedTensor shard placed at \"rank:1/\": the device after the first '/' is not empty.",
+        ),
+    ] {
+        v.push(bad_meta(
+            name,
+            description,
+            &with_sharded(|_, g| g.shards[1].placement = placement.into()),
+        ));
+    }
+    v.push(bad_meta(
+        "sharded_order_layouts_first",
+        "A ShardedTensor whose local shard 1 has stride [1] for shape [2, 4] and whose global shard 0 is placed at \"cuda:0\": every local shard's layout is checked before the global shards, so StrideRankMismatch, not BadPlacement.",
+        &with_sharded(|l, g| {
+            l[1].layout.stride = vec![1];
+            g.shards[0].placement = "cuda:0".into();
+        }),
+    ));
+    v.push(bad_meta(
+        "sharded_order_shard_dims",
+        "A ShardedTensor whose global shard 1 has offsets [7, 2^64 − 1], sizes [2, 4] and placement \"RANK:1/cuda:1\": a shard's dims are checked in order, each for overflow then bounds, and the placement last, so dim 0's end 9 > 8 gives ShardOutOfBounds, not LayoutOverflow (dim 1) or BadPlacement.",
+        &with_sharded(|_, g| {
+            g.shards[1].offsets = vec![7, u64::MAX];
+            g.shards[1].placement = "RANK:1/cuda:1".into();
+        }),
+    ));
+    v.push(bad_meta(
+        "sharded_order_global_before_local",
+        "A ShardedTensor whose local shard 0 holds a [2, 2] tensor for sizes [2, 4] and whose global shard 3 is placed at \"cuda:1\": every global shard is checked before any local shard's metadata, so BadPlacement, not LocalShapeMismatch.",
+        &with_sharded(|l, g| {
+            l[0].layout = TensorLayout::contiguous(DType::Float32, &[2, 2]);
+            g.shards[3].placement = "cuda:1".into();
+        }),
+    ));
+    v.push(bad_meta(
+        "sharded_order_local_checks",
+        "A float32 ShardedTensor whose local shard 0 is a float16 [2, 4] tensor at offsets [1, 0] (no global shard is there) and whose local shard 1 holds a [2, 2] tensor for sizes [2, 4]: all of a local shard's checks (metadata, shape, dtype, membership) run before the next shard's, so local shard 0's DTypeMismatch, not ShardNotInGlobal or local shard 1's LocalShapeMismatch.",
+        &with_sharded(|l, _| {
+            l[0].layout = TensorLayout::contiguous(DType::Float16, &[2, 4]);
+            l[0].meta.offsets = vec![1, 0];
+            l[1].layout = TensorLayout::contiguous(DType::Float32, &[2, 2]);
+        }),
+    ));
     v.push(bad_meta(
         "shard_not_in_global",
         "A local shard at offsets [1, 0] that the global shard list does not have.",
@@ -1152,8 +1233,20 @@ fn receiver_reject_cases() -> Vec<(&'static str, &'static str, Metadata, Receive
         (
             "step_mismatch",
             "Metadata of step 9 received by a receiver expecting step 10.",
-            stepped,
+            stepped.clone(),
             opts(1, 0, Some(10)),
+        ),
+        (
+            "receiver_checks_source_first",
+            "Metadata of step 9 from source 0 to [1], received by rank 5 expecting source 7 and step 10: source, step and destination are all wrong, and the source is checked first (UnexpectedSource).",
+            stepped.clone(),
+            opts(5, 7, Some(10)),
+        ),
+        (
+            "receiver_checks_step_before_rank",
+            "Metadata of step 9 from source 0 to [1], received by rank 5 expecting source 0 and step 10: step and destination are wrong, and the step is checked before the destination (StepMismatch).",
+            stepped,
+            opts(5, 0, Some(10)),
         ),
     ]
 }
