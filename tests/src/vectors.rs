@@ -42,6 +42,9 @@ pub enum Kind {
     Stream,
     /// A stream that the receiver rejects with the named error.
     MalformedStream,
+    /// A stream that the receiving host must refuse itself (a data message of the wrong length, a
+    /// message that never comes), before pgt-core sees the offending message.
+    HostRejectStream,
 }
 
 impl Kind {
@@ -53,6 +56,7 @@ impl Kind {
             Kind::ReceiverReject => "receiver_reject",
             Kind::Stream => "stream",
             Kind::MalformedStream => "malformed_stream",
+            Kind::HostRejectStream => "host_reject_stream",
         }
     }
 }
@@ -1513,7 +1517,7 @@ fn malformed_stream_vector(
     e["pattern"] = Json::from(pattern_text());
     let (name_, debug) = match &err {
         host::HostError::Core(err) => (err.name(), format!("{err:?}")),
-        host::HostError::Host(h) => panic!("malformed stream {name} fails in the host: {h}"),
+        other => panic!("malformed stream {name} fails in the host: {other:?}"),
     };
     e["error"] = Json::from(name_);
     e["error_debug"] = Json::from(debug);
@@ -1526,27 +1530,63 @@ fn malformed_stream_vector(
     }
 }
 
-/// Feeds stream records, in order, to a receiver: each receive takes the next record, whose tag must be
-/// the one asked for.
+fn host_reject_stream_vector(
+    name: &str,
+    description: &str,
+    wires: &[Wire],
+    receiver: ReceiverOptions,
+) -> Vector {
+    let records: Vec<(u64, Vec<u8>)> = wires.iter().map(|w| (w.tag, w.bytes.clone())).collect();
+    let err = run_stream(receiver, &records).expect_err("the host refuses the stream");
+    let host_error = host_error_json(&err)
+        .unwrap_or_else(|| panic!("stream {name} fails with {err:?}, not a host refusal"));
+    let mut e = entry(name, Kind::HostRejectStream, description);
+    e["receiver"] = options_json(&receiver);
+    e["pattern"] = Json::from(pattern_text());
+    e["host_error"] = host_error;
+    Vector {
+        name: name.into(),
+        kind: Kind::HostRejectStream,
+        description: description.into(),
+        bytes: host::encode_stream(wires),
+        entry: e,
+    }
+}
+
+/// A host's refusal as in a `host_reject_stream` entry's `host_error`; `None` for other errors.
+pub fn host_error_json(e: &host::HostError) -> Option<Json> {
+    match *e {
+        host::HostError::Length {
+            from,
+            tag,
+            expected,
+            got,
+        } => Some(json!({
+            "reason": "length",
+            "from": from,
+            "tag": uint(tag),
+            "expected": uint(expected),
+            "got": uint(got),
+        })),
+        host::HostError::Missing { from, tag } => {
+            Some(json!({"reason": "missing", "from": from, "tag": uint(tag)}))
+        }
+        _ => None,
+    }
+}
+
+/// Feeds stream records, in order, to a receiver: each receive takes the next record. A record with
+/// another tag than the one asked for is not that message, which then never comes
+/// ([`host::HostError::Missing`]), as for a host that matches messages on their tag.
 pub fn run_stream(
     options: ReceiverOptions,
     records: &[(u64, Vec<u8>)],
 ) -> Result<host::Outcome, host::HostError> {
     let mut it = records.iter();
-    let mut bad_tag = None;
     let r = host::run_receiver(options, |_, tag| {
         let (t, bytes) = it.next()?;
-        if *t != tag {
-            bad_tag = Some((*t, tag));
-            return None;
-        }
-        Some(bytes.clone())
+        (*t == tag).then(|| bytes.clone())
     });
-    if let Some((got, want)) = bad_tag {
-        return Err(host::HostError::Host(format!(
-            "record has tag {got}, receiver asked for {want}"
-        )));
-    }
     let outcome = r?;
     if it.next().is_some() {
         return Err(host::HostError::Host("records left over".into()));
@@ -1592,6 +1632,14 @@ pub fn vectors() -> Vec<Vector> {
         &short,
         receiver,
     ));
+    let mut long_trailer = direct_digests.clone();
+    long_trailer[last].bytes.extend_from_slice(&[0; 8]);
+    out.push(malformed_stream_vector(
+        "stream_trailer_long",
+        "stream_direct_digests with 8 zero bytes after the trailer (48 bytes; 5 storages need 40): a longer trailer is TrailerLength too, for a host that hands the core what arrived (pgt-host's process group refuses it before: PROTOCOL.md §12).",
+        &long_trailer,
+        receiver,
+    ));
     let mut several = direct_digests.clone();
     several[6].bytes[0] ^= 0x01; // data message 4 (tag 7): storage 3 "mask", byte 0
     several[last].bytes[8] ^= 0x01; // the trailer's digest of storage 1 "layer.bias"
@@ -1600,6 +1648,38 @@ pub fn vectors() -> Vec<Vector> {
         "stream_digest_mismatch_several",
         "stream_direct_digests with storages 1, 3 and 4 mismatching: one bit flipped in data message tag 7 (storage 3 \"mask\", byte 0) and in the trailer's digests of storage 1 \"layer.bias\" and storage 4 \"empty\" (0 bytes). The error names the lowest mismatching storage, 1.",
         &several,
+        receiver,
+    ));
+    let mut data_short = direct_digests.clone();
+    data_short[3].bytes.truncate(63);
+    out.push(host_reject_stream_vector(
+        "stream_data_short",
+        "stream_direct_digests with data message tag 4 cut to 63 bytes (the plan says 64). The host must refuse it: pgt-core hands out the expected length and only learns that a data message landed.",
+        &data_short,
+        receiver,
+    ));
+    let mut data_long = direct_digests.clone();
+    data_long[5].bytes.push(0);
+    out.push(host_reject_stream_vector(
+        "stream_data_long",
+        "stream_direct_digests with a zero byte after data message tag 6 (41 bytes; the plan says 40): the host must refuse it.",
+        &data_long,
+        receiver,
+    ));
+    let mut wrong_tag = direct_digests.clone();
+    wrong_tag[3].tag = 9;
+    out.push(host_reject_stream_vector(
+        "stream_wrong_tag",
+        "stream_direct_digests with data message tag 4 sent with tag 9 (this transfer's tags are 1 to 8): it is not the message the receiver waits for, and tag 4 never comes.",
+        &wrong_tag,
+        receiver,
+    ));
+    let mut no_trailer = direct_digests.clone();
+    no_trailer.pop();
+    out.push(host_reject_stream_vector(
+        "stream_missing_trailer",
+        "stream_direct_digests without its trailer: the header's flag bit 0 announces one (tag 8), so the receiver waits for it.",
+        &no_trailer,
         receiver,
     ));
     for b in bad_cases() {
@@ -1630,6 +1710,7 @@ pub fn readme(vectors: &[Vector]) -> String {
         Kind::ValidMetadata,
         Kind::Stream,
         Kind::MalformedStream,
+        Kind::HostRejectStream,
         Kind::Malformed,
         Kind::ReceiverReject,
     ] {
@@ -1643,7 +1724,18 @@ pub fn readme(vectors: &[Vector]) -> String {
         for v in vectors.iter().filter(|v| v.kind == kind) {
             let desc = v.description.replace('|', "\\|");
             if with_error {
-                let err = v.entry["error_debug"].as_str().unwrap_or_default();
+                let err = match v.entry.get("host_error") {
+                    // Fixed key order: serde_json's own order depends on its features.
+                    Some(h) => ["reason", "from", "tag", "expected", "got"]
+                        .iter()
+                        .filter_map(|k| Some(format!("{k}: {}", h.get(*k)?)))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    None => v.entry["error_debug"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                };
                 out.push_str(&format!("| `{}.bin` | `{}` | {} |\n", v.name, err, desc));
             } else {
                 out.push_str(&format!("| `{}.bin` | {} |\n", v.name, desc));
@@ -1683,9 +1775,9 @@ as `index.json` says. The wire format is specified in `PROTOCOL.md` at the repos
     (`header_len` bytes, 24 except in `header_short` / `header_long`) immediately followed by the
     metadata message (the rest of the file). A decoder parses `file[:header_len]` as the header and
     `file[header_len:]` as the metadata.
-  - **stream** (kinds `stream`, `malformed_stream`): the messages one receiver gets, in the order it
-    receives them, each as `tag: u64 LE | len: u64 LE | len bytes`, back to back. The first two records
-    are the header (tag 1) and metadata (tag 2) messages.
+  - **stream** (kinds `stream`, `malformed_stream`, `host_reject_stream`): the messages one receiver
+    gets, in the order it receives them, each as `tag: u64 LE | len: u64 LE | len bytes`, back to back.
+    The first two records are the header (tag 1) and metadata (tag 2) messages.
 
 ## index.json
 
@@ -1717,6 +1809,12 @@ Every entry has `file`, `kind`, `description`. Then by kind:
   pattern.
 - `malformed_stream`: `receiver`, `pattern`, `error`, `error_debug`: feeding the records in order makes
   the receiver fail with that error.
+- `host_reject_stream`: `receiver`, `pattern`, `host_error`: feeding the records in order, the host
+  itself must fail the transfer, which pgt-core alone cannot (PROTOCOL.md §12, "Messages that do not
+  fit the plan"). `host_error` is `{"reason": "length", "from", "tag", "expected", "got"}` for a data message of
+  another length than the plan's, or `{"reason": "missing", "from", "tag"}` for a message the receiver
+  waits for that never comes (the records run out, or the next one has another tag: a record with
+  another tag is not that message).
 
 ## Vectors
 "#;
