@@ -5,10 +5,12 @@
 //! - [`transport`]: `Transport`, PGTransport's API, executing what the protocol [`engine`] asks for;
 //! - [`state_dict`]: state dicts for Rust users; [`safetensors_io`]: safetensors files in and out;
 //! - [`memory`]: receive buffers that keep page faults off the wire's critical path;
+//! - [`Error`]: what the library's operations fail with;
 //! - [`synthetic`]: generated state dicts and their byte-exact verification (demo, benches, tests);
 //! - `wasm_engine` (feature `wasm`): pgt-core running inside wasmtime.
 
 pub mod engine;
+mod error;
 pub mod memory;
 pub mod pg;
 pub mod safetensors_io;
@@ -17,6 +19,8 @@ pub mod synthetic;
 pub mod transport;
 #[cfg(feature = "wasm")]
 pub mod wasm_engine;
+
+pub use error::{Error, Result};
 
 /// The README's Rust example, compiled and run as a doctest.
 #[doc = include_str!("../../README.md")]

@@ -885,7 +885,7 @@ fn inspect_safetensors(path: &Path, file_bytes: u64) -> Report {
     let sd = match safetensors_io::load(path) {
         Ok(sd) => sd,
         Err(e) => {
-            report.other_error(e);
+            report.other_error(e.into());
             return report;
         }
     };
