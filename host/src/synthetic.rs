@@ -1,5 +1,8 @@
 //! Deterministic generated state dicts for the demo, the benchmarks and tests, and their verification.
 //!
+//! Feature `testing` (the `cli` feature turns it on): fixtures, **not part of the stable API** — they
+//! change with the benchmarks and tests that use them.
+//!
 //! Every storage is filled with a pattern seeded by its key path and shard index, so a receiver in
 //! another process checks every byte without a copy of the original: it regenerates the pattern
 //! word by word as it compares.
