@@ -69,7 +69,7 @@ fn metadata_json(report: &mut Report, metadata: &Metadata, manifest: Option<&Man
         .enumerate()
         .map(|(i, leaf)| {
             let path = paths.get(i).cloned().unwrap_or_else(|| format!("#{i}"));
-            leaf_json(&path, leaf)
+            leaf_json(&path, leaf, None)
         })
         .collect();
     report.set("leaves", Json::Array(leaves));

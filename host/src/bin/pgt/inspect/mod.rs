@@ -35,7 +35,8 @@ pub enum Format {
 pub struct InspectArgs {
     /// A pgt metadata blob, a message stream (as in tests/vectors) or a safetensors file.
     pub file: PathBuf,
-    /// Print one JSON object instead of text.
+    /// Print one JSON object instead of text (leaves in the form of tests/vectors/index.json, each
+    /// with its `path`).
     #[arg(long)]
     pub json: bool,
     /// What FILE is.

@@ -6,6 +6,7 @@ use pgt_core::codec;
 use pgt_core::plan::TAG_METADATA;
 use serde_json::{json, Value as Json};
 
+use super::leaves::{leaf_row, COLUMNS};
 use crate::common::human;
 
 fn list(j: &Json) -> String {
@@ -199,36 +200,8 @@ pub(super) fn render(r: &serde_json::Map<String, Json>) -> String {
     if leaves.is_empty() {
         return out;
     }
-    let mut rows: Vec<[String; 8]> = vec![[
-        "PATH", "KIND", "DTYPE", "SHAPE", "STRIDE", "OFFSET", "NBYTES", "DETAILS",
-    ]
-    .map(String::from)];
-    for l in leaves {
-        let is_value = l["kind"] == json!("value");
-        let details = if is_value {
-            opt(&l["text"])
-        } else {
-            l.get("summary").map(opt).unwrap_or_default()
-        };
-        rows.push([
-            opt(&l["path"]),
-            opt(&l["kind"]),
-            if is_value {
-                opt(&l["value_type"])
-            } else {
-                opt(&l["dtype"])
-            },
-            if is_value {
-                "-".into()
-            } else {
-                list(&l["shape"])
-            },
-            list(&l["stride"]),
-            opt(&l["offset"]),
-            opt(&l["nbytes"]),
-            details,
-        ]);
-    }
+    let mut rows: Vec<[String; 8]> = vec![COLUMNS.map(String::from)];
+    rows.extend(leaves.iter().map(leaf_row));
     let mut widths = [0usize; 8];
     for row in &rows {
         for (w, c) in widths.iter_mut().zip(row) {

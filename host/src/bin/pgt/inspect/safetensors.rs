@@ -3,9 +3,8 @@
 use std::io::Read;
 use std::path::Path;
 
-use pgt_core::tree::Leaf;
 use pgt_host::safetensors_io;
-use pgt_host::state_dict::{Entry, Storage};
+use pgt_host::state_dict::{Entry, Storage, Tensor};
 use serde_json::{json, Value as Json};
 
 use super::leaves::leaf_json;
@@ -35,23 +34,19 @@ pub(super) fn inspect_safetensors(path: &Path, file_bytes: u64) -> Report {
     let leaves: Vec<Json> = entries
         .iter()
         .map(|(kp, entry)| {
-            let path = kp.to_string();
-            let mut j = match entry {
-                Entry::Tensor(t) => leaf_json(&path, &Leaf::Tensor(t.layout.clone())),
-                other => leaf_json(&path, &other.to_leaf()),
-            };
             for t in entry.tensors() {
                 tensors += 1;
                 total += t.layout.nbytes;
-                if let (Storage::Shared(_, range), Json::Object(m)) = (&t.storage, &mut j) {
-                    m.insert("file_range".into(), json!([range.start, range.end]));
-                    m.insert(
-                        "summary".into(),
-                        json!(format!("file bytes {}..{}", range.start, range.end)),
-                    );
-                }
             }
-            j
+            // A loaded file's tensors are plain tensors, each a range of the mapped file.
+            let file_range = match entry {
+                Entry::Tensor(Tensor {
+                    storage: Storage::Shared(_, range),
+                    ..
+                }) => Some(range.clone()),
+                _ => None,
+            };
+            leaf_json(&kp.to_string(), &entry.to_leaf(), file_range)
         })
         .collect();
     report.set("tensor_count", json!(tensors));
