@@ -12,7 +12,8 @@ use crate::pg::PgError;
 /// Everything the library's operations can fail with.
 ///
 /// A variant that wraps a lower-level error returns it from [`std::error::Error::source`] and does
-/// not repeat it in its own message (print the chain, e.g. with `anyhow`'s `{:#}`, to see both).
+/// not repeat it in its own message: walk the `source()` chain to see both (the CLI prints it as
+/// one line).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -186,7 +187,7 @@ mod tests {
             digest,
             Error::Protocol(pgt_core::Error::MetadataDigest)
         ));
-        // Usable behind `?` in anyhow code (the CLI, examples, tests).
+        // Boxable behind `?` by callers that collect errors (the CLI, examples, tests).
         fn assert_send_sync<T: Send + Sync + 'static>() {}
         assert_send_sync::<Error>();
     }
