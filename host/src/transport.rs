@@ -1010,7 +1010,7 @@ fn assemble(
         .leaves
         .into_iter()
         .map(|leaf| Entry::from_leaf(leaf, &mut storages))
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<crate::Result<Vec<_>>>()?;
     *target = StateDict::unflatten(&received.tree, entries, received.step)?;
     if let Some(pool) = pool {
         // Staging held wire bytes only until the cast; the next receive can reuse it.
