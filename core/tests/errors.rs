@@ -1224,7 +1224,13 @@ fn digest_mismatch_names_the_lowest_storage_whatever_the_order() {
     let wrong = |r: &Receiver, m: u32| -> Vec<u64> {
         completes(r, m)
             .into_iter()
-            .map(|s| if [1, 3, 4].contains(&s) { 12345 } else { fake_digest(s) })
+            .map(|s| {
+                if [1, 3, 4].contains(&s) {
+                    12345
+                } else {
+                    fake_digest(s)
+                }
+            })
             .collect()
     };
     let (with3, rest): (Vec<u32>, Vec<u32>) =

@@ -10,8 +10,8 @@ use pgt_core::codec::encode;
 use pgt_core::engine::ReceiveEngine;
 use pgt_core::header::Limits;
 use pgt_core::manifest::Manifest;
-use pgt_core::schema::PlanParams;
 use pgt_core::receiver::ReceiverOptions;
+use pgt_core::schema::PlanParams;
 use pgt_host::engine::{EngineFactory, NativeEngine};
 use pgt_host::wasm_engine::WasmEngine;
 

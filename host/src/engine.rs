@@ -8,7 +8,9 @@ use std::borrow::Cow;
 use pgt_core::engine::{ReceiveEngine, SendEngine};
 use pgt_core::header::Limits;
 use pgt_core::plan::Plan;
-use pgt_core::receiver::{Binding, InPlace, Incoming, Received, Receiver, ReceiverOptions, RecvPoll};
+use pgt_core::receiver::{
+    Binding, InPlace, Incoming, Received, Receiver, ReceiverOptions, RecvPoll,
+};
 use pgt_core::schema::Metadata;
 use pgt_core::sender::{SendPoll, Sender};
 use pgt_core::tree::KeyPath;

@@ -672,13 +672,25 @@ impl<'a> ReceiveMemory<'a> {
                 Target::Fresh(mut b) | Target::Touched(mut b) if b.is_empty() => {
                     (b.as_mut_ptr(), 0, false, false, (0, 0), Some(b))
                 }
-                Target::Fresh(mut b) => {
-                    (b.as_mut_ptr(), b.len(), b.is_mapped(), true, b.page_span(), Some(b))
+                Target::Fresh(mut b) => (
+                    b.as_mut_ptr(),
+                    b.len(),
+                    b.is_mapped(),
+                    true,
+                    b.page_span(),
+                    Some(b),
+                ),
+                Target::Touched(mut b) => (
+                    b.as_mut_ptr(),
+                    b.len(),
+                    b.is_mapped(),
+                    false,
+                    b.page_span(),
+                    Some(b),
+                ),
+                Target::Borrowed(bytes) => {
+                    (bytes.as_mut_ptr(), bytes.len(), false, false, (0, 0), None)
                 }
-                Target::Touched(mut b) => {
-                    (b.as_mut_ptr(), b.len(), b.is_mapped(), false, b.page_span(), Some(b))
-                }
-                Target::Borrowed(bytes) => (bytes.as_mut_ptr(), bytes.len(), false, false, (0, 0), None),
             };
             regions.push(Region {
                 // Exposes the provenance for the `Touch` thread (`with_exposed_provenance_mut`)
@@ -1333,7 +1345,10 @@ mod tests {
                     method: Some(method),
                     ..Default::default()
                 };
-                let pf = ReceiveMemory::with_options(bufs.into_iter().map(Target::Fresh).collect(), opts);
+                let pf = ReceiveMemory::with_options(
+                    bufs.into_iter().map(Target::Fresh).collect(),
+                    opts,
+                );
                 assert_eq!(pf.method(), method);
                 wait_done(&pf);
                 let st = pf.stats();
@@ -1378,7 +1393,10 @@ mod tests {
                     method: Some(method),
                     step: 64 << 10,
                 };
-                let pf = ReceiveMemory::with_options(bufs.into_iter().map(Target::Fresh).collect(), opts);
+                let pf = ReceiveMemory::with_options(
+                    bufs.into_iter().map(Target::Fresh).collect(),
+                    opts,
+                );
                 let mut written: Vec<Vec<Range<usize>>> = vec![Vec::new(); sizes.len()];
                 let mut claim_len = 4096 * 3 + 17 + round as usize * 1000;
                 for (b, &n) in sizes.iter().enumerate() {
@@ -1397,7 +1415,10 @@ mod tests {
                         .unwrap();
                         // What landed reads back as written.
                         let back = pf.read(b, off..end).unwrap();
-                        assert!(back.iter().enumerate().all(|(k, &x)| x == pattern(off + k, round)));
+                        assert!(back
+                            .iter()
+                            .enumerate()
+                            .all(|(k, &x)| x == pattern(off + k, round)));
                         written[b].push(off..end);
                         off = end;
                         claim_len = claim_len * 5 / 4 % (1 << 20) + 100;
@@ -1447,7 +1468,10 @@ mod tests {
                 p[1].fill(i as u8 + 20);
             })
             .unwrap();
-            assert_eq!(pf.read(i, len / 2 - 1..len / 2 + 1), Some(&[i as u8 + 10, i as u8 + 20][..]));
+            assert_eq!(
+                pf.read(i, len / 2 - 1..len / 2 + 1),
+                Some(&[i as u8 + 10, i as u8 + 20][..])
+            );
         }
         wait_done(&pf);
         let back = pf.finish();
@@ -1458,7 +1482,11 @@ mod tests {
 
     #[test]
     fn writes_from_several_threads_and_reads_after_landing() {
-        let pf = ReceiveMemory::new((0..4).map(|_| Target::Fresh(Buffer::zeroed(3 << 20))).collect());
+        let pf = ReceiveMemory::new(
+            (0..4)
+                .map(|_| Target::Fresh(Buffer::zeroed(3 << 20)))
+                .collect(),
+        );
         std::thread::scope(|s| {
             for b in 0..4 {
                 let pf = &pf;

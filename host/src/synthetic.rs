@@ -7,10 +7,10 @@
 //! another process checks every byte without a copy of the original: it regenerates the pattern
 //! word by word as it compares.
 
-use pgt_core::schema::Metadata;
 use pgt_core::dtensor::{DTensorSpec, DeviceMesh, Placement, ReduceOp};
 use pgt_core::dtype::DType;
 use pgt_core::layout::TensorLayout;
+use pgt_core::schema::Metadata;
 use pgt_core::schema::PlanParams;
 use pgt_core::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
 use pgt_core::tree::{Key, KeyPath, Leaf, Node, Value};

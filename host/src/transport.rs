@@ -143,7 +143,8 @@ impl Abort {
 
     /// The first error, or a stand-in when it was taken already.
     fn error(&self) -> anyhow::Error {
-        self.take().unwrap_or_else(|| anyhow!("the transfer was aborted"))
+        self.take()
+            .unwrap_or_else(|| anyhow!("the transfer was aborted"))
     }
 }
 
@@ -447,10 +448,12 @@ impl<'a> SendWorkers<'a> {
                         }
                     };
                     if let Err(e) = result {
-                        abort.fail(anyhow!(e).context(format!(
-                            "sending message {} to rank {}",
-                            op.message, op.to
-                        )));
+                        abort.fail(
+                            anyhow!(e).context(format!(
+                                "sending message {} to rank {}",
+                                op.message, op.to
+                            )),
+                        );
                         break;
                     }
                 }
@@ -751,7 +754,8 @@ where
         let (post_tx, post_rx) = mpsc::sync_channel::<PostJob>(QUEUE_DEPTH);
         self.post = Some(post_tx);
         {
-            let (memory, layout, event_tx) = (Arc::clone(&memory), Arc::clone(&layout), event_tx.clone());
+            let (memory, layout, event_tx) =
+                (Arc::clone(&memory), Arc::clone(&layout), event_tx.clone());
             self.scope.spawn(move || {
                 let mut hashers = StorageHashers::default();
                 for job in post_rx {
@@ -781,15 +785,29 @@ where
                     break;
                 }
                 let (op, result) = match &job {
-                    ForwardJob::Bytes(op, b) => (op, pg.send(op.to, op.tag, &[b], timeout).map_err(anyhow::Error::from)),
+                    ForwardJob::Bytes(op, b) => (
+                        op,
+                        pg.send(op.to, op.tag, &[b], timeout)
+                            .map_err(anyhow::Error::from),
+                    ),
                     ForwardJob::Storages(op, segs) => {
                         let parts: Option<Vec<&[u8]>> = segs
                             .iter()
-                            .map(|s| memory.read(s.storage as usize, s.offset as usize..(s.offset + s.len) as usize))
+                            .map(|s| {
+                                memory.read(
+                                    s.storage as usize,
+                                    s.offset as usize..(s.offset + s.len) as usize,
+                                )
+                            })
                             .collect();
                         let result = match parts {
-                            Some(parts) => pg.send(op.to, op.tag, &parts, timeout).map_err(anyhow::Error::from),
-                            None => Err(anyhow!("message {} was forwarded before it landed", op.message)),
+                            Some(parts) => pg
+                                .send(op.to, op.tag, &parts, timeout)
+                                .map_err(anyhow::Error::from),
+                            None => Err(anyhow!(
+                                "message {} was forwarded before it landed",
+                                op.message
+                            )),
                         };
                         (op, result)
                     }
@@ -900,11 +918,18 @@ where
         let layout = self.layout.as_ref().context("data before bindings")?;
         let parts: Vec<(usize, std::ops::Range<usize>)> = segments
             .iter()
-            .map(|s| (s.storage as usize, s.offset as usize..(s.offset + s.len) as usize))
+            .map(|s| {
+                (
+                    s.storage as usize,
+                    s.offset as usize..(s.offset + s.len) as usize,
+                )
+            })
             .collect();
         let pg = &self.transport.pg;
         memory
-            .write(&parts, |slices| pg.recv_into(op.from, op.tag, slices, self.transport.options.timeout))?
+            .write(&parts, |slices| {
+                pg.recv_into(op.from, op.tag, slices, self.transport.options.timeout)
+            })?
             .with_context(|| format!("receiving message {} from rank {}", op.message, op.from))?;
         self.received += op.len;
         if let Some(p) = &self.transport.options.progress {

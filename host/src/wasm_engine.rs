@@ -203,7 +203,12 @@ impl WasmEngine {
     }
 
     /// The transfer plan of a header + metadata, computed in a fresh guest.
-    pub fn plan(&self, header: &[u8], metadata: &[u8], limits: &Limits) -> Result<Plan, EngineError> {
+    pub fn plan(
+        &self,
+        header: &[u8],
+        metadata: &[u8],
+        limits: &Limits,
+    ) -> Result<Plan, EngineError> {
         self.instantiate()?
             .decode_like(|e| &e.plan, header, metadata, limits)
     }
@@ -275,12 +280,16 @@ impl EngineFactory for WasmEngine {
     }
 
     fn receiver(&self, options: ReceiverOptions) -> Result<ReceiverEngine, EngineError> {
-        let opts = postcard::to_allocvec(&options).map_err(|e| module_error("encoding options", e))?;
+        let opts =
+            postcard::to_allocvec(&options).map_err(|e| module_error("encoding options", e))?;
         let mut guest = self.instantiate()?;
         let handle: u32 = guest.with_inputs(&[&opts], |g, a| {
             g.call(|e| &e.receiver_new, (a[0].0, a[0].1))
         })?;
-        Ok(ReceiverEngine::Wasm(Box::new(WasmReceiver { guest, handle })))
+        Ok(ReceiverEngine::Wasm(Box::new(WasmReceiver {
+            guest,
+            handle,
+        })))
     }
 }
 
@@ -634,7 +643,9 @@ impl SendEngine for WasmSender {
     }
 
     fn message_bytes(&mut self, message: u32) -> Result<Cow<'_, [u8]>, EngineError> {
-        self.bytes = self.guest.call(|e| &e.sender_bytes, (self.handle, message))?;
+        self.bytes = self
+            .guest
+            .call(|e| &e.sender_bytes, (self.handle, message))?;
         Ok(Cow::Borrowed(&self.bytes))
     }
 
@@ -695,7 +706,8 @@ impl ReceiveEngine for WasmReceiver {
     }
 
     fn handle_data(&mut self, message: u32) -> Result<(), EngineError> {
-        self.guest.call(|e| &e.receiver_data, (self.handle, message))
+        self.guest
+            .call(|e| &e.receiver_data, (self.handle, message))
     }
 
     fn handle_digests(&mut self, message: u32, digests: &[u64]) -> Result<(), EngineError> {

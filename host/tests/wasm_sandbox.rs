@@ -9,12 +9,12 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use pgt_core::codec::encode;
+use pgt_core::engine::ReceiveEngine;
 use pgt_core::header::Limits;
 use pgt_core::manifest::Manifest;
+use pgt_core::receiver::{ReceiverOptions, RecvPoll};
 use pgt_core::schema::Metadata;
 use pgt_core::schema::{FanOut, PlanParams};
-use pgt_core::engine::ReceiveEngine;
-use pgt_core::receiver::{ReceiverOptions, RecvPoll};
 use pgt_host::engine::{EngineError, EngineFactory};
 use pgt_host::wasm_engine::{SandboxError, WasmEngine, WasmLimits};
 
@@ -234,8 +234,7 @@ fn out_of_memory_is_a_clean_error_and_the_engine_goes_on() {
 
     let e = engine
         .sender(reference(usize::MAX), true, &Limits::default())
-        .err()
-        .expect("a sender for the reference dict does not fit in 4 MiB");
+        .expect_err("a sender for the reference dict does not fit in 4 MiB");
     assert!(
         matches!(sandbox_error(&e), SandboxError::OutOfMemory { .. }),
         "{e:#}"

@@ -140,7 +140,8 @@ fn flag(v: u32) -> Result<bool, Fail> {
 }
 
 fn digests(bytes: &[u8]) -> Result<Vec<u64>, Fail> {
-    api::digests_from_le(bytes).ok_or_else(|| bad_argument("digests are 8 little-endian bytes each"))
+    api::digests_from_le(bytes)
+        .ok_or_else(|| bad_argument("digests are 8 little-endian bytes each"))
 }
 
 /// The arguments of `pgt_decode` and `pgt_plan`: header, metadata and limits, decoded and validated.

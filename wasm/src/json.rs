@@ -15,11 +15,11 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use pgt_core::header::Limits;
-use pgt_core::schema::Metadata;
 use pgt_core::dtensor::{DTensorSpec, DeviceMesh, Placement, ReduceOp};
 use pgt_core::dtype::DType;
+use pgt_core::header::Limits;
 use pgt_core::layout::TensorLayout;
+use pgt_core::schema::Metadata;
 use pgt_core::schema::{FanOut, PlanParams};
 use pgt_core::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
 use pgt_core::tree::{Key, KeyPath, Leaf, Node, PathElem, Value};

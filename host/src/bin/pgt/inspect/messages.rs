@@ -6,14 +6,14 @@ use std::path::Path;
 
 use anyhow::anyhow;
 use pgt_core::codec;
+use pgt_core::drive;
 use pgt_core::header::{Header, MAGIC};
 use pgt_core::manifest::Manifest;
-use pgt_core::schema::Metadata;
-use pgt_core::schema::FanOut;
-use pgt_core::plan::{MessageKind, Plan, TAG_HEADER, TAG_METADATA};
-use pgt_core::drive;
 use pgt_core::memory::MemoryHost;
+use pgt_core::plan::{MessageKind, TAG_HEADER, TAG_METADATA};
 use pgt_core::receiver::{Receiver, ReceiverOptions, RecvOp};
+use pgt_core::schema::FanOut;
+use pgt_core::schema::Metadata;
 use pgt_core::tree::key_paths;
 use serde_json::{json, Value as Json};
 

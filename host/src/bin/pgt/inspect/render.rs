@@ -2,7 +2,6 @@
 
 use std::fmt::Write as _;
 
-use pgt_core::codec;
 use pgt_core::plan::TAG_METADATA;
 use serde_json::{json, Value as Json};
 
