@@ -1,7 +1,7 @@
 //! Tensor digests: XXH3-64 (seed 0) of each storage's wire bytes, streamed.
 //!
 //! Hosts hash the bytes as they move them (the state machines never hold tensor bytes;
-//! [`crate::receiver::MemoryStorages`] does it for hosts that keep everything in memory); the core
+//! [`crate::memory::MemoryHost`] does it for hosts that keep everything in memory); the core
 //! compares what the host computed with the sender's trailer.
 
 /// A streaming XXH3-64 hasher for one storage.

@@ -7,7 +7,47 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::engine::EngineError;
 use crate::pg::PgError;
+
+/// What a transfer was doing with a peer when the process group failed ([`Error::Peer`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PeerAction {
+    /// Sending a message to a destination.
+    Sending,
+    /// Receiving a data message from the upstream rank.
+    Receiving,
+    /// Forwarding a message to the next rank of a chain.
+    Forwarding,
+}
+
+impl std::fmt::Display for PeerAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PeerAction::Sending => "sending",
+            PeerAction::Receiving => "receiving",
+            PeerAction::Forwarding => "forwarding",
+        })
+    }
+}
+
+/// Receive memory refusing a write is a bug in pgt-host: the plan's ranges never overlap.
+impl From<crate::memory::ClaimError> for Error {
+    fn from(e: crate::memory::ClaimError) -> Error {
+        Error::internal(e.to_string())
+    }
+}
+
+/// A protocol error as [`Error::Protocol`], whichever engine reported it, so callers match it the same
+/// way with either engine.
+impl From<EngineError> for Error {
+    fn from(e: EngineError) -> Error {
+        match e {
+            EngineError::Protocol(p) => Error::Protocol(p),
+            other => Error::Engine(other),
+        }
+    }
+}
 
 /// Everything the library's operations can fail with.
 ///
@@ -56,12 +96,31 @@ pub enum Error {
         reason: String,
     },
 
-    /// The sandboxed protocol engine failed: the wasm module could not be loaded or instantiated,
-    /// trapped, or ran out of fuel or memory.
-    #[error("protocol sandbox: {message}")]
-    Sandbox {
-        /// What failed.
-        message: String,
+    /// The protocol engine failed other than by refusing the protocol: the wasm sandbox (fuel, memory,
+    /// a trap) or the module itself (could not be loaded, misbehaved).
+    #[error(transparent)]
+    Engine(EngineError),
+
+    /// Sending or forwarding a message, or receiving a data message, failed at the process group;
+    /// the [`PgError`] says why and names the peer.
+    #[error("{action} message {message} {} rank {rank}", if *.action == PeerAction::Receiving { "from" } else { "to" })]
+    Peer {
+        /// What was being done.
+        action: PeerAction,
+        /// The message's index in the plan.
+        message: u32,
+        /// The other rank.
+        rank: u32,
+        /// The process group's error.
+        #[source]
+        source: PgError,
+    },
+
+    /// A bug in pgt-host (an invariant of its own that did not hold); please report it.
+    #[error("pgt-host bug: {what}")]
+    Internal {
+        /// What went wrong.
+        what: String,
     },
 
     /// A transfer waited longer than its timeout for something other than a process-group
@@ -108,18 +167,16 @@ impl Error {
         }
     }
 
-    /// An [`Error::Sandbox`].
-    pub fn sandbox(message: impl Into<String>) -> Error {
-        Error::Sandbox {
-            message: message.into(),
-        }
+    /// An [`Error::Internal`].
+    pub fn internal(what: impl Into<String>) -> Error {
+        Error::Internal { what: what.into() }
     }
 
     /// True for a timeout, of a process-group operation or of the transfer itself: the peer
     /// stalled, and nothing says the data was bad.
     pub fn is_timeout(&self) -> bool {
         match self {
-            Error::ProcessGroup(e) => e.is_timeout(),
+            Error::ProcessGroup(e) | Error::Peer { source: e, .. } => e.is_timeout(),
             Error::Timeout { .. } => true,
             _ => false,
         }

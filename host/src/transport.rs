@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::Scope;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{Error, PeerAction, Result};
 use pgt_core::drive::{self, Event, ReceiveHost, SendHost};
 use pgt_core::dtype::convert;
 use pgt_core::header::Limits;
@@ -121,11 +121,11 @@ impl<P: ProcessGroup> std::fmt::Debug for Transport<P> {
 #[derive(Default)]
 struct Abort {
     flag: AtomicBool,
-    error: Mutex<Option<anyhow::Error>>,
+    error: Mutex<Option<Error>>,
 }
 
 impl Abort {
-    fn fail(&self, e: anyhow::Error) {
+    fn fail(&self, e: Error) {
         let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             *slot = Some(e);
@@ -137,14 +137,14 @@ impl Abort {
         self.flag.load(Ordering::SeqCst)
     }
 
-    fn take(&self) -> Option<anyhow::Error> {
+    fn take(&self) -> Option<Error> {
         self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// The first error, or a stand-in when it was taken already.
-    fn error(&self) -> anyhow::Error {
+    fn error(&self) -> Error {
         self.take()
-            .unwrap_or_else(|| anyhow!("the transfer was aborted"))
+            .unwrap_or_else(|| Error::internal("the transfer was aborted without an error"))
     }
 }
 
@@ -201,14 +201,19 @@ fn wait_event(
         match events.recv_timeout(ABORT_POLL) {
             Ok(event) => return Ok(event),
             Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
-                bail!("timed out waiting for {what}")
+                return Err(Error::Timeout {
+                    waiting_for: what.into(),
+                    after: timeout,
+                })
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 if abort.is_set() {
                     return Err(abort.error());
                 }
-                bail!("{what} stopped before the transfer completed")
+                return Err(Error::internal(format!(
+                    "the threads for {what} stopped before the transfer completed"
+                )));
             }
         }
     }
@@ -254,12 +259,10 @@ impl<P: ProcessGroup> Transport<P> {
             leaves: entries.iter().map(|e| e.to_leaf()).collect(),
         };
         let encode_span = info_span!("encode").entered();
-        let mut engine = self
-            .options
-            .engine
-            .sender(metadata, self.options.digests, &self.options.limits)
-            .map_err(|e| protocol_error_first(e.into()))
-            .context("invalid state dict")?;
+        let mut engine =
+            self.options
+                .engine
+                .sender(metadata, self.options.digests, &self.options.limits)?;
         let total: u64 = storages.iter().map(|s| s.len() as u64).sum();
         drop(encode_span);
         let _data_span = info_span!("data", bytes = total).entered();
@@ -267,7 +270,7 @@ impl<P: ProcessGroup> Transport<P> {
         std::thread::scope(|scope| {
             let mut host = SendWorkers::start(self, scope, dst_ranks, &storages, total, &abort);
             if let Err(e) = drive::send(&mut engine, &mut host) {
-                abort.fail(protocol_error_first(e));
+                abort.fail(e);
             }
             // Closing the queues ends the workers; the scope joins them.
         });
@@ -310,34 +313,31 @@ impl<P: ProcessGroup> Transport<P> {
         let span = info_span!("recv_checkpoint", rank = self.pg.rank(), src);
         let _enter = span.enter();
         let start = Instant::now();
-        let engine = self
-            .options
-            .engine
-            .receiver(ReceiverOptions {
-                rank: self.pg.rank(),
-                source: src,
-                expected_step: self.options.expected_step,
-                limits: self.options.limits,
-            })
-            .map_err(|e| protocol_error_first(e.into()))?;
+        let engine = self.options.engine.receiver(ReceiverOptions {
+            rank: self.pg.rank(),
+            source: src,
+            expected_step: self.options.expected_step,
+            limits: self.options.limits,
+        })?;
         let abort = Abort::default();
         let (received, landed) = std::thread::scope(|scope| {
             let mut host = Landing::new(self, scope, in_place.then_some(&mut *target), &abort);
             let received = drive::receive(engine, &mut host);
-            if let Err(e) = &received {
-                abort.fail(anyhow!("{e:#}"));
+            if received.is_err() {
+                // Stops the workers at once; the error itself is returned below.
+                abort.fail(Error::internal("the receive failed"));
             }
             // Closing the queues ends the workers; the scope joins them.
             (received, host.into_landed())
         });
-        let received = received.map_err(protocol_error_first)?;
+        let received = received?;
         let Landed {
             memory,
             cast_dest,
             in_place_origin,
             total_bytes,
             metadata_seconds,
-        } = landed.context("no storages were bound")?;
+        } = landed.ok_or_else(|| Error::internal("a transfer completed without bindings"))?;
         let _assemble_span = info_span!("assemble").entered();
         let stats = TransferStats {
             bytes: total_bytes,
@@ -348,7 +348,7 @@ impl<P: ProcessGroup> Transport<P> {
         // The workers have stopped: the memory is ours alone, and the borrow of `target`'s in-place
         // buffers ends here.
         let buffers = Arc::try_unwrap(memory)
-            .map_err(|_| anyhow!("receive memory still shared after the workers stopped"))?
+            .map_err(|_| Error::internal("receive memory still shared after the workers stopped"))?
             .finish();
         assemble(
             received,
@@ -363,16 +363,6 @@ impl<P: ProcessGroup> Transport<P> {
             seconds: start.elapsed().as_secs_f64(),
             ..stats
         })
-    }
-}
-
-/// A protocol error as the `pgt_core::Error` itself (whichever engine reported it), so callers match
-/// it the same way with either engine.
-fn protocol_error_first(e: anyhow::Error) -> anyhow::Error {
-    match e.downcast::<crate::engine::EngineError>() {
-        Ok(crate::engine::EngineError::Protocol(p)) => anyhow::Error::new(p),
-        Ok(other) => anyhow::Error::new(other),
-        Err(e) => e,
     }
 }
 
@@ -448,12 +438,12 @@ impl<'a> SendWorkers<'a> {
                         }
                     };
                     if let Err(e) = result {
-                        abort.fail(
-                            anyhow!(e).context(format!(
-                                "sending message {} to rank {}",
-                                op.message, op.to
-                            )),
-                        );
+                        abort.fail(Error::Peer {
+                            action: PeerAction::Sending,
+                            message: op.message,
+                            rank: op.to,
+                            source: e,
+                        });
                         break;
                     }
                 }
@@ -469,7 +459,7 @@ impl<'a> SendWorkers<'a> {
 }
 
 impl SendHost for SendWorkers<'_> {
-    type Error = anyhow::Error;
+    type Error = Error;
 
     fn send(&mut self, op: &SendOp, payload: Payload<'_>) -> Result<()> {
         if self.abort.is_set() {
@@ -479,10 +469,12 @@ impl SendHost for SendWorkers<'_> {
             Payload::Bytes(b) => SendJob::Bytes(*op, b.to_vec()),
             Payload::Storages(s) => SendJob::Storages(*op, s.to_vec()),
         };
-        let worker = self
-            .workers
-            .get(&op.to)
-            .with_context(|| format!("the engine named rank {}, not a destination", op.to))?;
+        let worker = self.workers.get(&op.to).ok_or_else(|| {
+            Error::internal(format!(
+                "the engine named rank {}, not a destination",
+                op.to
+            ))
+        })?;
         if worker.send(job).is_err() {
             // The worker stopped: its error is in `abort`.
             return Err(self.abort.error());
@@ -685,7 +677,9 @@ where
                         .in_place
                         .get_mut(id as usize)
                         .and_then(Option::take)
-                        .with_context(|| format!("in-place buffer {id} was never bound"))?;
+                        .ok_or_else(|| {
+                            Error::internal(format!("in-place buffer {id} was never bound"))
+                        })?;
                     Some(Target::Borrowed(&mut buf[..]))
                 }
                 Dest::Fresh => None,
@@ -702,17 +696,22 @@ where
                     }
                     None => Buffer::try_zeroed(len)
                         .map(|b| Some(Target::Fresh(b)))
-                        .with_context(|| format!("allocating {len} bytes for storage {s}")),
+                        .map_err(|e| {
+                            Error::io(format!("allocating {len} bytes for storage {s}"), e)
+                        }),
                 }
             };
             if b.cast_from.is_some() {
-                let dest = match dest {
-                    Some(d) => d,
-                    None => match fresh(b.nbytes as usize, false, &mut Vec::new())? {
+                let dest =
+                    match dest {
                         Some(d) => d,
-                        None => Target::Fresh(Buffer::try_zeroed(b.nbytes as usize)?),
-                    },
-                };
+                        None => match fresh(b.nbytes as usize, false, &mut Vec::new())? {
+                            Some(d) => d,
+                            None => Target::Fresh(Buffer::try_zeroed(b.nbytes as usize).map_err(
+                                |e| Error::io(format!("allocating storage {s}'s destination"), e),
+                            )?),
+                        },
+                    };
                 cast.push((s, dest));
                 wire[s] = fresh(r.nbytes as usize, true, &mut to_carve)?;
             } else {
@@ -723,9 +722,9 @@ where
             }
         }
         let carve_lens: Vec<usize> = to_carve.iter().map(|&(_, len)| len).collect();
-        let carved = Buffer::zeroed_many(&carve_lens).with_context(|| {
+        let carved = Buffer::zeroed_many(&carve_lens).map_err(|e| {
             let total: usize = carve_lens.iter().sum();
-            format!("allocating {total} bytes for small storages")
+            Error::io(format!("allocating {total} bytes for small storages"), e)
         })?;
         for ((s, _), buf) in to_carve.into_iter().zip(carved) {
             wire[s] = Some(Target::Fresh(buf));
@@ -788,7 +787,12 @@ where
                     ForwardJob::Bytes(op, b) => (
                         op,
                         pg.send(op.to, op.tag, &[b], timeout)
-                            .map_err(anyhow::Error::from),
+                            .map_err(|source| Error::Peer {
+                                action: PeerAction::Forwarding,
+                                message: op.message,
+                                rank: op.to,
+                                source,
+                            }),
                     ),
                     ForwardJob::Storages(op, segs) => {
                         let parts: Option<Vec<&[u8]>> = segs
@@ -801,13 +805,20 @@ where
                             })
                             .collect();
                         let result = match parts {
-                            Some(parts) => pg
-                                .send(op.to, op.tag, &parts, timeout)
-                                .map_err(anyhow::Error::from),
-                            None => Err(anyhow!(
+                            Some(parts) => {
+                                pg.send(op.to, op.tag, &parts, timeout).map_err(|source| {
+                                    Error::Peer {
+                                        action: PeerAction::Forwarding,
+                                        message: op.message,
+                                        rank: op.to,
+                                        source,
+                                    }
+                                })
+                            }
+                            None => Err(Error::internal(format!(
                                 "message {} was forwarded before it landed",
                                 op.message
-                            )),
+                            ))),
                         };
                         (op, result)
                     }
@@ -817,10 +828,7 @@ where
                         let _ = event_tx.send(Event::Forwarded(op.message));
                     }
                     Err(e) => {
-                        abort.fail(e.context(format!(
-                            "forwarding message {} to rank {}",
-                            op.message, op.to
-                        )));
+                        abort.fail(e);
                         break;
                     }
                 }
@@ -842,7 +850,9 @@ fn post(
         let storage = s.storage as usize;
         let bytes = memory
             .read(storage, s.offset as usize..(s.offset + s.len) as usize)
-            .with_context(|| format!("storage {storage} was hashed before it landed"))?;
+            .ok_or_else(|| {
+                Error::internal(format!("storage {storage} was hashed before it landed"))
+            })?;
         if job.hash {
             if let Some(d) = hashers.update(s, bytes) {
                 digests.push(d);
@@ -854,7 +864,9 @@ fn post(
         {
             let wire = memory
                 .read(storage, 0..memory.region_len(storage))
-                .with_context(|| format!("storage {storage} was cast before it landed"))?;
+                .ok_or_else(|| {
+                    Error::internal(format!("storage {storage} was cast before it landed"))
+                })?;
             memory.write(&[(dest, 0..memory.region_len(dest))], |d| {
                 convert(from, wire, binding.dtype, d[0])
             })??;
@@ -869,14 +881,13 @@ where
     'a: 'scope,
     't: 'scope,
 {
-    type Error = anyhow::Error;
+    type Error = Error;
 
     fn recv_bytes(&mut self, op: &RecvOp) -> Result<Vec<u8>> {
         let bytes = self
             .transport
             .pg
-            .recv_vec(op.from, op.tag, op.len as usize, self.timeout())
-            .with_context(|| format!("receiving the {:?} from rank {}", op.kind, op.from))?;
+            .recv_vec(op.from, op.tag, op.len as usize, self.timeout())?;
         Ok(bytes)
     }
 
@@ -904,7 +915,11 @@ where
 
     fn bound(&mut self, incoming: &Incoming, bindings: &[Binding]) -> Result<()> {
         let layout = Arc::new(self.allocate(incoming, bindings)?);
-        let memory = Arc::clone(self.memory.as_ref().context("receive memory")?);
+        let memory = Arc::clone(
+            self.memory
+                .as_ref()
+                .ok_or_else(|| Error::internal("no receive memory after allocating it"))?,
+        );
         self.start_workers(memory, Arc::clone(&layout));
         self.layout = Some(layout);
         Ok(())
@@ -914,8 +929,9 @@ where
         if self.abort.is_set() {
             return Err(self.abort.error());
         }
-        let memory = self.memory.as_ref().context("data before bindings")?;
-        let layout = self.layout.as_ref().context("data before bindings")?;
+        let (Some(memory), Some(layout)) = (&self.memory, &self.layout) else {
+            return Err(Error::internal("data before bindings"));
+        };
         let parts: Vec<(usize, std::ops::Range<usize>)> = segments
             .iter()
             .map(|s| {
@@ -930,7 +946,12 @@ where
             .write(&parts, |slices| {
                 pg.recv_into(op.from, op.tag, slices, self.transport.options.timeout)
             })?
-            .with_context(|| format!("receiving message {} from rank {}", op.message, op.from))?;
+            .map_err(|source| Error::Peer {
+                action: PeerAction::Receiving,
+                message: op.message,
+                rank: op.from,
+                source,
+            })?;
         self.received += op.len;
         if let Some(p) = &self.transport.options.progress {
             p(self.received, self.total_bytes);
@@ -944,7 +965,10 @@ where
                 segments: segments.to_vec(),
                 hash: op.hash,
             };
-            let post = self.post.as_ref().context("post worker")?;
+            let post = self
+                .post
+                .as_ref()
+                .ok_or_else(|| Error::internal("data before the post worker started"))?;
             if post.send(job).is_err() {
                 return Err(self.abort.error());
             }
@@ -958,7 +982,10 @@ where
             Payload::Bytes(b) => ForwardJob::Bytes(*op, b.to_vec()),
             Payload::Storages(s) => ForwardJob::Storages(*op, s.to_vec()),
         };
-        let forward = self.forward.as_ref().context("forward worker")?;
+        let forward = self
+            .forward
+            .as_ref()
+            .ok_or_else(|| Error::internal("a forward before the forward worker started"))?;
         if forward.send(job).is_err() {
             return Err(self.abort.error());
         }
@@ -1008,13 +1035,15 @@ fn assemble(
             Dest::Fresh => buffers
                 .get_mut(dest_region.unwrap_or(s))
                 .and_then(Option::take)
-                .with_context(|| format!("fresh buffer of storage {s}"))?,
+                .ok_or_else(|| Error::internal(format!("no fresh buffer for storage {s}")))?,
             Dest::InPlace(id) => {
                 let (leaf, shard) = in_place_origin
                     .get(id as usize)
                     .copied()
                     .flatten()
-                    .with_context(|| format!("in-place buffer {id} was never bound"))?;
+                    .ok_or_else(|| {
+                        Error::internal(format!("in-place buffer {id} was never bound"))
+                    })?;
                 let storage = old_entries.get_mut(leaf).and_then(|entry| {
                     let tensor = StateDict::entry_tensors_mut(entry).into_iter().nth(shard)?;
                     Some(std::mem::replace(
@@ -1024,7 +1053,7 @@ fn assemble(
                 });
                 match storage {
                     Some(Storage::Owned(buf)) => buf,
-                    _ => bail!("in-place buffer {id} vanished"),
+                    _ => return Err(Error::internal(format!("in-place buffer {id} vanished"))),
                 }
             }
         };

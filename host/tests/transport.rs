@@ -31,7 +31,7 @@ fn run(
     world: u32,
     shape: &Shape,
     opts: TransportOptions,
-) -> Vec<anyhow::Result<StateDict<'static>>> {
+) -> Vec<pgt_host::Result<StateDict<'static>>> {
     let sd = synthetic::materialize(shape).unwrap();
     let mut groups = InProcessGroup::new(world).into_iter();
     let sender = Transport::new(groups.next().unwrap(), opts.clone());
@@ -355,7 +355,9 @@ fn a_pool_gets_cast_staging_back() {
 #[test]
 fn in_place_size_mismatch_names_the_key_path() {
     let (err, dst) = in_place_size_mismatch(options(FanOut::Direct, 1024, 4096));
-    let core = err.downcast_ref::<pgt_core::Error>().expect("a core error");
+    let pgt_host::Error::Protocol(core) = &err else {
+        panic!("not a protocol error: {err}")
+    };
     assert_eq!(
         core,
         &pgt_core::Error::InPlaceSizeMismatch {
@@ -386,9 +388,9 @@ fn stalled_sender_times_out() {
     let t = Instant::now();
     let err = b.recv_checkpoint(0).unwrap_err();
     assert!(t.elapsed() < timeout + Duration::from_secs(1));
-    let pg = err
-        .downcast_ref::<PgError>()
-        .unwrap_or_else(|| panic!("{err:#}"));
+    let pgt_host::Error::ProcessGroup(pg) = &err else {
+        panic!("not a process-group error: {err}")
+    };
     assert!(pg.is_timeout(), "{pg}");
 }
 
@@ -398,9 +400,11 @@ fn a_byte_corrupted_in_flight_is_caught_by_the_digest() {
     let (shape, results) = transfer_with_a_corrupted_byte(options(FanOut::Direct, 1024, 4096));
     synthetic::verify(results[0].as_ref().unwrap(), &shape).unwrap();
     let err = results[1].as_ref().unwrap_err();
-    match err.downcast_ref::<pgt_core::Error>() {
-        Some(pgt_core::Error::DigestMismatch { path, .. }) => assert_eq!(path, "w01"),
-        other => panic!("expected a digest mismatch, got {other:?} ({err:#})"),
+    match err {
+        pgt_host::Error::Protocol(pgt_core::Error::DigestMismatch { path, .. }) => {
+            assert_eq!(path, "w01")
+        }
+        other => panic!("expected a digest mismatch, got {other:?}"),
     }
 }
 

@@ -53,7 +53,7 @@ fn run(
     shape: &Shape,
     sender: TransportOptions,
     receiver: impl Fn(u32) -> TransportOptions,
-) -> Vec<anyhow::Result<StateDict<'static>>> {
+) -> Vec<pgt_host::Result<StateDict<'static>>> {
     let sd = synthetic::materialize(shape).unwrap();
     let mut groups = InProcessGroup::new(world).into_iter();
     let s = Transport::new(groups.next().unwrap(), sender);
@@ -72,9 +72,11 @@ fn run(
 }
 
 /// The core error, exactly as with a native core.
-fn core_error(e: &anyhow::Error) -> &pgt_core::Error {
-    e.downcast_ref::<pgt_core::Error>()
-        .unwrap_or_else(|| panic!("not a pgt_core::Error: {e:#}"))
+fn core_error(e: &pgt_host::Error) -> &pgt_core::Error {
+    match e {
+        pgt_host::Error::Protocol(p) => p,
+        other => panic!("not a pgt_core::Error: {other}"),
+    }
 }
 
 #[test]

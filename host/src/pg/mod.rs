@@ -74,7 +74,9 @@ pub use inproc::InProcessGroup;
 #[cfg(feature = "mpi")]
 pub use mpi::MpiProcessGroup;
 pub use stash::DEFAULT_STASH_LIMIT;
-pub use tcp::{raw_loopback_gbps, TcpOptions, TcpProcessGroup, TcpTuning};
+#[cfg(feature = "testing")]
+pub use tcp::raw_loopback_gbps;
+pub use tcp::{TcpOptions, TcpProcessGroup, TcpTuning};
 pub use wire::FRAME_HEADER_LEN;
 
 /// Ranked point-to-point messaging; see the [module docs](self) for tags, ordering, the concurrency

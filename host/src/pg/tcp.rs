@@ -164,26 +164,10 @@ pub struct TcpTuning {
 }
 
 impl Default for TcpTuning {
-    /// Defaults chosen with `examples/tcp_tune.rs` on the 2-core development box (Linux 6.18,
-    /// loopback; sysctl wmem_max = rmem_max = 4 MiB, tcp_rmem max 32 MiB): 256 MiB messages
-    /// through this group (send of 2 parts → recv_into), median of 12, GB/s, quietest run:
-    ///
-    /// ```text
-    /// plain loopback TCP (8 MiB writes, default buffers): 4.45
-    /// SO_SNDBUF=SO_RCVBUF \ chunk   256K   1M     4M     16M
-    /// auto (not set)                3.11   3.22   4.19   3.53
-    /// 256K                          3.42   3.91   4.42   4.46
-    /// 1M                            3.23   3.50   3.40   3.49
-    /// 4M                            3.42   4.00   3.61   3.16
-    /// default (auto, 4M chunks):    4.02 = 90 % of plain TCP
-    /// 64-byte ping-pong round trip: 20.5 µs median
-    /// ```
-    ///
-    /// The box is shared, so figures moved ±30 % between runs (the default measured 82–116 % of
-    /// plain TCP over six runs). What held in every run: 4 MiB chunks were at or near the top for
-    /// kernel-autotuned buffers, 16 MiB chunks never helped, and fixed 4 MiB buffers (which also
-    /// switch off receive autotuning) were never better. Hence: leave the buffers to the kernel,
-    /// 4 MiB per system call (also keeps each syscall short, so timeouts stay responsive).
+    /// Kernel-autotuned socket buffers and 4 MiB per system call: across runs of
+    /// `examples/tcp_tune.rs` these were at or near the top (fixed buffers never did better, 16 MiB
+    /// chunks never helped), and short system calls keep timeouts responsive. The measurements are in
+    /// `docs/perf.md`.
     fn default() -> Self {
         TcpTuning {
             send_buffer: None,
@@ -489,7 +473,9 @@ impl ProcessGroup for TcpProcessGroup {
 
 /// Plain single-stream loopback TCP throughput in GB/s (bytes / seconds / 1e9): a sender thread
 /// writes `bytes` from a reused, touched 8 MiB buffer to a receiver reading into another touched
-/// 8 MiB buffer, default socket options. The baseline for group benchmarks in the same run.
+/// 8 MiB buffer, default socket options. The baseline for group benchmarks in the same run (feature
+/// `testing`: not part of the stable API).
+#[cfg(feature = "testing")]
 pub fn raw_loopback_gbps(bytes: u64) -> io::Result<f64> {
     const BUF: usize = 8 << 20;
     let listener = TcpListener::bind("127.0.0.1:0")?;
@@ -568,6 +554,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "testing")]
     fn raw_loopback_measures_something() {
         let g = raw_loopback_gbps(32 << 20).unwrap();
         assert!(g > 0.0 && g.is_finite());

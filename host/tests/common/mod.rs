@@ -72,7 +72,7 @@ impl<P: ProcessGroup> ProcessGroup for Faulty<P> {
 #[allow(dead_code)] // each test crate that includes this module uses only some of it
 pub fn transfer_with_a_corrupted_byte(
     opts: TransportOptions,
-) -> (Shape, Vec<anyhow::Result<StateDict<'static>>>) {
+) -> (Shape, Vec<pgt_host::Result<StateDict<'static>>>) {
     let shape = synthetic::large(64 << 10, 4);
     let sd = synthetic::materialize(&shape).unwrap();
     let mut groups = InProcessGroup::new(3).into_iter();
@@ -100,7 +100,7 @@ pub fn transfer_with_a_corrupted_byte(
 /// Rank 1 receives in place a 4-element `model.layers.0.weight` into its 3-element one, with `opts`;
 /// returns the receiver's error and its state dict afterwards.
 #[allow(dead_code)] // each test crate that includes this module uses only some of it
-pub fn in_place_size_mismatch(opts: TransportOptions) -> (anyhow::Error, StateDict<'static>) {
+pub fn in_place_size_mismatch(opts: TransportOptions) -> (pgt_host::Error, StateDict<'static>) {
     let tensor =
         |n: u64| Entry::Tensor(Tensor::from_values(&[n], &vec![1f32; n as usize]).unwrap());
     let mut src = StateDict::new();
