@@ -98,4 +98,13 @@ mirror! {
     TrailerLength { expected: u64, got: u64 },
     DigestMismatch { path: String, storage: u32 },
     Incomplete,
+    // ---- added by hostile branch ----
+    DTensorLocalSize { dim: u64, local: u64, global: u64 },
+    DuplicateMeshRank { rank: u64 },
+    MeshRankOutOfRange { rank: u64, world_size: u64 },
+    ShardsOverlap,
+    ShardsDoNotCover { covered: u64, volume: u64 },
+    ShardingTooComplex { shards: u64 },
+    PlacementRankOutOfRange { rank: u64, world_size: u64 },
+    ViewTooLarge { path: String, bytes: u64, max: u64 },
 }
