@@ -1575,3 +1575,25 @@ fn placement_rank_out_of_range() {
         })
     );
 }
+
+#[test]
+fn view_too_large() {
+    // 4 bytes broadcast to [2^20, 2^20] (stride 0) are a valid view: 4 TiB when written out.
+    let huge = TensorLayout {
+        dtype: DType::Float32,
+        shape: vec![1 << 20, 1 << 20],
+        stride: vec![0, 0],
+        storage_offset: 0,
+        nbytes: 4,
+    };
+    round_trip(&single("t", Leaf::Tensor(huge.clone())), &limits()).unwrap();
+    let max = 4 + pgt_core::layout::MAX_VIEW_EXPANSION;
+    assert_eq!(
+        huge.gather(&[0; 4], max),
+        Err(Error::ViewTooLarge {
+            path: String::new(),
+            bytes: 1 << 42,
+            max,
+        })
+    );
+}

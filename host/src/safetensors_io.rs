@@ -57,7 +57,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, ensure, Context, Result};
 use memmap2::Mmap;
 use pgt_core::dtype::DType;
-use pgt_core::layout::TensorLayout;
+use pgt_core::layout::{TensorLayout, MAX_VIEW_EXPANSION};
 use pgt_core::tree::{Key, KeyPath, PathElem, Value};
 use safetensors::tensor::{Dtype, SafeTensors, View};
 
@@ -232,12 +232,15 @@ fn nest(tensors: &mut Vec<(String, Tensor<'static>)>) -> Option<Vec<(Key, Tree<'
 }
 
 /// A tensor as the `safetensors` crate's [`View`]: bytes borrowed from the state dict's storage (dense
-/// views), or gathered when the serializer asks for them (strided views).
+/// views), or gathered when the serializer asks for them (strided views). [`View::data`] cannot fail:
+/// a gather that does (memory) leaves its error in `failed` and the file is not committed.
 struct TensorData<'s, 'a> {
     tensor: &'s Tensor<'a>,
     dtype: Dtype,
     shape: Vec<usize>,
     len: usize,
+    name: String,
+    failed: &'s std::cell::RefCell<Option<pgt_core::Error>>,
 }
 
 impl View for TensorData<'_, '_> {
@@ -261,7 +264,24 @@ impl View for TensorData<'_, '_> {
                 }
             }
         }
-        Cow::Owned(self.tensor.contiguous_bytes())
+        // At most `len` bytes: `save` has checked that against the expansion budget.
+        match l.gather(self.tensor.storage.bytes(), self.len as u64) {
+            Ok(b) => Cow::Owned(b),
+            Err(e) => {
+                let e = match e {
+                    pgt_core::Error::ViewTooLarge { bytes, max, .. } => {
+                        pgt_core::Error::ViewTooLarge {
+                            path: self.name.clone(),
+                            bytes,
+                            max,
+                        }
+                    }
+                    e => e,
+                };
+                self.failed.borrow_mut().get_or_insert(e);
+                Cow::Borrowed(&[])
+            }
+        }
     }
 
     fn data_len(&self) -> usize {
@@ -277,7 +297,11 @@ fn st_dtype(dtype: DType, name: &str) -> Result<Dtype> {
         .map_err(|e| anyhow!("{name}: safetensors does not know dtype {st}: {e}"))
 }
 
-fn tensor_data<'s, 'a>(t: &'s Tensor<'a>, name: &str) -> Result<TensorData<'s, 'a>> {
+fn tensor_data<'s, 'a>(
+    t: &'s Tensor<'a>,
+    name: &str,
+    failed: &'s std::cell::RefCell<Option<pgt_core::Error>>,
+) -> Result<TensorData<'s, 'a>> {
     let l = &t.layout;
     let numel = l
         .numel()
@@ -291,6 +315,8 @@ fn tensor_data<'s, 'a>(t: &'s Tensor<'a>, name: &str) -> Result<TensorData<'s, '
         dtype: st_dtype(l.dtype, name)?,
         shape: l.shape.iter().map(|&d| d as usize).collect(),
         len,
+        name: name.to_string(),
+        failed,
     })
 }
 
@@ -379,15 +405,31 @@ pub fn save(state_dict: &StateDict<'_>, path: impl AsRef<Path>) -> Result<()> {
             }
         }
     }
-    // The tensors, named as `tensor_names` says.
+    // The tensors, named as `tensor_names` says. Views that repeat storage elements (stride 0,
+    // overlapping strides) take more bytes written out than their storage: at most
+    // MAX_VIEW_EXPANSION more in all, checked before anything is gathered or written.
+    let failed = std::cell::RefCell::new(None);
     let mut names: HashSet<String> = HashSet::new();
     let mut views: Vec<(String, TensorData<'_, '_>)> = Vec::new();
+    let mut expansion = 0u64;
     for (name, t) in tensor_names(state_dict) {
         ensure!(
             names.insert(name.clone()),
             "{name}: two tensors would share this name"
         );
-        let view = tensor_data(t, &name)?;
+        let bytes = t.layout.view_nbytes().with_context(|| name.clone())?;
+        let extra = bytes.saturating_sub(t.layout.nbytes);
+        let left = MAX_VIEW_EXPANSION - expansion;
+        if extra > left {
+            return Err(pgt_core::Error::ViewTooLarge {
+                path: name,
+                bytes,
+                max: t.layout.nbytes.saturating_add(left),
+            }
+            .into());
+        }
+        expansion += extra;
+        let view = tensor_data(t, &name, &failed)?;
         views.push((name, view));
     }
     if let Some(step) = state_dict.step {
@@ -399,6 +441,9 @@ pub fn save(state_dict: &StateDict<'_>, path: impl AsRef<Path>) -> Result<()> {
     let tmp = TempFile::new(path)?;
     safetensors::tensor::serialize_to_file(views, metadata, &tmp.path)
         .map_err(|e| anyhow!("cannot write {}: {e}", tmp.path.display()))?;
+    if let Some(e) = failed.into_inner() {
+        return Err(e.into());
+    }
     tmp.commit(path)
 }
 
@@ -570,7 +615,11 @@ mod tests {
                 .unwrap_or_else(|| panic!("{name} missing"));
             assert_eq!(u.dtype(), t.dtype(), "{name}");
             assert_eq!(u.shape(), t.shape(), "{name}");
-            assert_eq!(u.contiguous_bytes(), t.contiguous_bytes(), "{name}");
+            assert_eq!(
+                u.contiguous_bytes().unwrap(),
+                t.contiguous_bytes().unwrap(),
+                "{name}"
+            );
             assert!(
                 matches!(u.storage, Storage::Shared(..)),
                 "{name} is not mapped"
@@ -1002,6 +1051,95 @@ mod tests {
         };
         save(&root, &path).unwrap();
         assert!(load(&path).unwrap().tensor("<root>").is_some());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// The files in `dir`, sorted.
+    fn files_in(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A float32 tensor of `shape` whose every element is the one element of a 4-byte storage.
+    fn broadcast(shape: &[u64], value: f32) -> Tensor<'static> {
+        let layout = TensorLayout {
+            dtype: DType::Float32,
+            shape: shape.to_vec(),
+            stride: vec![0; shape.len()],
+            storage_offset: 0,
+            nbytes: 4,
+        };
+        Tensor::new(
+            layout,
+            Storage::Owned(Buffer::from_slice(&value.to_le_bytes())),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn views_that_repeat_their_storage_are_bounded() {
+        let dir = temp_dir("broadcast");
+        let path = dir.join("b.safetensors");
+        // 4 bytes broadcast to [2^20, 2^20]: 4 TiB written out. Refused before anything is
+        // gathered or a file created.
+        let mut sd = StateDict::new();
+        sd.insert("w", Entry::Tensor(f32s(&[2], 0.0))).unwrap();
+        sd.insert(
+            "model.bias",
+            Entry::Tensor(broadcast(&[1 << 20, 1 << 20], 1.0)),
+        )
+        .unwrap();
+        let err = save(&sd, &path).unwrap_err();
+        assert_eq!(
+            err.downcast_ref::<pgt_core::Error>(),
+            Some(&pgt_core::Error::ViewTooLarge {
+                path: "model.bias".into(),
+                bytes: 1 << 42,
+                max: 4 + MAX_VIEW_EXPANSION,
+            })
+        );
+        assert!(format!("{err:#}").starts_with("model.bias: "), "{err:#}");
+        assert!(files_in(&dir).is_empty(), "{:?}", files_in(&dir));
+        // A smaller broadcast (16 MiB) is written out expanded, as torch's `contiguous()`.
+        let mut sd = StateDict::new();
+        sd.insert("b", Entry::Tensor(broadcast(&[1 << 11, 1 << 11], 2.5)))
+            .unwrap();
+        save(&sd, &path).unwrap();
+        let back = load(&path).unwrap();
+        let b = back.tensor("b").unwrap();
+        assert_eq!(b.shape(), &[1 << 11, 1 << 11]);
+        assert!(b.storage_as::<f32>().unwrap().iter().all(|&x| x == 2.5));
+        // The budget is for the whole file: two broadcasts of 40 MiB each are one too many.
+        let mut sd = StateDict::new();
+        sd.insert("a", Entry::Tensor(broadcast(&[10 << 20], 1.0)))
+            .unwrap();
+        sd.insert("c", Entry::Tensor(broadcast(&[10 << 20], 1.0)))
+            .unwrap();
+        let err = save(&sd, &path).unwrap_err();
+        assert_eq!(
+            err.downcast_ref::<pgt_core::Error>(),
+            Some(&pgt_core::Error::ViewTooLarge {
+                path: "c".into(),
+                bytes: 40 << 20,
+                max: 4 + MAX_VIEW_EXPANSION - ((40 << 20) - 4),
+            })
+        );
+        // The earlier file is untouched and nothing else was left behind.
+        assert_eq!(files_in(&dir), ["b.safetensors"]);
+        assert_eq!(
+            load(&path).unwrap().tensor("b").unwrap().shape(),
+            &[1 << 11, 1 << 11]
+        );
+        // And reading such a view as values is bounded the same way.
+        let huge = broadcast(&[1 << 20, 1 << 20], 1.0);
+        assert!(matches!(
+            huge.to_vec::<f32>().unwrap_err().downcast_ref::<pgt_core::Error>(),
+            Some(pgt_core::Error::ViewTooLarge { bytes, .. }) if *bytes == 1 << 42
+        ));
         std::fs::remove_dir_all(&dir).ok();
     }
 }
