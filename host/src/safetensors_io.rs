@@ -320,6 +320,82 @@ fn tensor_data<'s, 'a>(
     })
 }
 
+/// The largest header the `safetensors` library loads: its `MAX_HEADER_SIZE` (private; 100,000,000 bytes
+/// in `safetensors` 0.6's `tensor.rs`, which the Python package runs too). It refuses a longer one as
+/// "header too large", so [`save`] refuses to write one ([`SaveError::HeaderTooLarge`]).
+pub const SAFETENSORS_MAX_HEADER: u64 = 100_000_000;
+
+/// Why [`save`] refuses to write a file: one the `safetensors` library would not load back.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// The header — tensor names, dtypes, shapes and offsets, and the `__metadata__` strings (plain
+    /// values, DTensor and ShardedTensor summaries) — would be longer than [`SAFETENSORS_MAX_HEADER`].
+    #[error(
+        "the safetensors header would be {bytes} bytes, more than the {max} the safetensors library loads (plain values and names go in the header)"
+    )]
+    HeaderTooLarge {
+        /// Bytes of the header, padded to 8 as the writer does.
+        bytes: u64,
+        /// [`SAFETENSORS_MAX_HEADER`].
+        max: u64,
+    },
+}
+
+/// The length of the header `safetensors::serialize_to_file` writes for `views` and `metadata`: the
+/// JSON of `__metadata__` and of every tensor's info (dtype, shape, data offsets, with the tensors
+/// laid out as the writer lays them out: by descending dtype, then name), padded with spaces to a
+/// multiple of 8. Counted without building it.
+fn header_len(
+    views: &[(String, TensorData<'_, '_>)],
+    metadata: Option<&HashMap<String, String>>,
+) -> Result<u64> {
+    use safetensors::tensor::TensorInfo;
+
+    let mut order: Vec<&(String, TensorData<'_, '_>)> = views.iter().collect();
+    order.sort_by(|(ln, l), (rn, r)| r.dtype.cmp(&l.dtype).then(ln.cmp(rn)));
+    let mut offset = 0usize;
+    let mut infos = Vec::with_capacity(order.len());
+    for (name, v) in order {
+        let end = offset
+            .checked_add(v.len)
+            .with_context(|| format!("{name}: file size overflows"))?;
+        infos.push((
+            name.as_str(),
+            TensorInfo {
+                dtype: v.dtype,
+                shape: v.shape.clone(),
+                data_offsets: (offset, end),
+            },
+        ));
+        offset = end;
+    }
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    // serde_json's compact map: `{` + `"key":value` entries joined by `,` + `}`.
+    let mut count = Count(0);
+    let mut entries = 0u64;
+    if let Some(m) = metadata {
+        serde_json::to_writer(&mut count, "__metadata__")?;
+        serde_json::to_writer(&mut count, m)?;
+        entries += 1;
+    }
+    for (name, info) in &infos {
+        serde_json::to_writer(&mut count, name)?;
+        serde_json::to_writer(&mut count, info)?;
+        entries += 1;
+    }
+    count.0 += 2 + entries + entries.saturating_sub(1);
+    Ok(count.0.next_multiple_of(8))
+}
+
 /// A value as a metadata string (see the module docs).
 pub fn value_repr(v: &Value) -> String {
     match v {
@@ -437,6 +513,14 @@ pub fn save(state_dict: &StateDict<'_>, path: impl AsRef<Path>) -> Result<()> {
     }
     write_metadata |= !metadata.is_empty();
     let metadata = write_metadata.then_some(metadata);
+    let header = header_len(&views, metadata.as_ref())?;
+    if header > SAFETENSORS_MAX_HEADER {
+        return Err(SaveError::HeaderTooLarge {
+            bytes: header,
+            max: SAFETENSORS_MAX_HEADER,
+        })
+        .with_context(|| format!("cannot write {}", path.display()));
+    }
 
     let tmp = TempFile::new(path)?;
     safetensors::tensor::serialize_to_file(views, metadata, &tmp.path)
@@ -1140,6 +1224,80 @@ mod tests {
             huge.to_vec::<f32>().unwrap_err().downcast_ref::<pgt_core::Error>(),
             Some(pgt_core::Error::ViewTooLarge { bytes, .. }) if *bytes == 1 << 42
         ));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A state dict with one tensor and a plain string value `v`.
+    fn with_value(v: String) -> StateDict<'static> {
+        let mut sd = StateDict::new();
+        sd.insert("w", Entry::Tensor(f32s(&[2], 0.0))).unwrap();
+        sd.insert("note", Entry::Value(Value::Str(v))).unwrap();
+        sd
+    }
+
+    #[test]
+    fn headers_the_library_would_refuse_are_not_written() {
+        let dir = temp_dir("header");
+        let path = dir.join("h.safetensors");
+        // The header's JSON without the value's characters.
+        save(&with_value(String::new()), &path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let base = std::str::from_utf8(&bytes[8..8 + n])
+            .unwrap()
+            .trim_end()
+            .len() as u64;
+        std::fs::remove_file(&path).unwrap();
+
+        // A value that makes the header exactly the library's limit: written, and the library loads
+        // it.
+        let fits = "x".repeat((SAFETENSORS_MAX_HEADER - base) as usize);
+        save(&with_value(fits.clone()), &path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(
+            u64::from_le_bytes(bytes[..8].try_into().unwrap()),
+            SAFETENSORS_MAX_HEADER
+        );
+        let (_, meta) = SafeTensors::read_metadata(&bytes).expect("the library loads it");
+        assert_eq!(meta.metadata().as_ref().unwrap()["note"], fits);
+        drop(bytes);
+        std::fs::remove_file(&path).unwrap();
+
+        // One character more: refused, and no file. The library itself would refuse that file.
+        let over = format!("{fits}x");
+        let err = save(&with_value(over.clone()), &path).unwrap_err();
+        let want = SAFETENSORS_MAX_HEADER + 8;
+        assert!(
+            matches!(
+                err.downcast_ref::<SaveError>(),
+                Some(SaveError::HeaderTooLarge { bytes, max })
+                    if *bytes == want && *max == SAFETENSORS_MAX_HEADER
+            ),
+            "{err:#}"
+        );
+        assert!(files_in(&dir).is_empty(), "{:?}", files_in(&dir));
+        let raw = dir.join("raw.safetensors");
+        let data = [0u8; 8];
+        let view = safetensors::tensor::TensorView::new(Dtype::F32, vec![2], &data).unwrap();
+        let meta = HashMap::from([("note".to_string(), over)]);
+        safetensors::tensor::serialize_to_file([("w", view)], Some(meta), &raw).unwrap();
+        let bytes = std::fs::read(&raw).unwrap();
+        assert_eq!(u64::from_le_bytes(bytes[..8].try_into().unwrap()), want);
+        assert!(matches!(
+            SafeTensors::read_metadata(&bytes),
+            Err(safetensors::SafeTensorError::HeaderTooLarge)
+        ));
+        drop(bytes);
+        std::fs::remove_file(&raw).unwrap();
+
+        // 20 MB of control characters: JSON escapes each as 6 bytes, 120 MB of header.
+        let err = save(&with_value("\u{1}".repeat(20_000_000)), &path).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("safetensors header would be 1200000") && msg.contains("h.safetensors"),
+            "{msg}"
+        );
+        assert!(files_in(&dir).is_empty(), "{:?}", files_in(&dir));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -1,5 +1,5 @@
 //! `pgt recv` fed what a hostile (or careless) sender can send in valid metadata: a view that writes
-//! terabytes out of 4 bytes. The sender is this test, rank 0 of a real TCP job
+//! terabytes out of 4 bytes, a value whose safetensors header the library refuses to load. The sender is this test, rank 0 of a real TCP job
 //! (`Transport::send_checkpoint` with hand-built tensors); the receiver is a `pgt recv` process. Each
 //! case must end with a one-line named error and a non-zero exit, leave no file (and no temporary
 //! file) behind, and keep the receiver's memory small.
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use pgt_core::dtype::DType;
 use pgt_core::layout::TensorLayout;
+use pgt_core::tree::Value;
 use pgt_host::memory::Buffer;
 use pgt_host::pg::{TcpOptions, TcpProcessGroup};
 use pgt_host::state_dict::{Entry, StateDict, Storage, Tensor};
@@ -216,4 +217,25 @@ fn a_view_that_would_write_terabytes_is_refused() {
     assert!(ended.max_rss_kib < 256 << 10, "{} KiB", ended.max_rss_kib);
     std::fs::remove_dir_all(&dir).ok();
     std::fs::remove_dir_all(&dir2).ok();
+}
+
+#[test]
+fn a_header_the_safetensors_library_refuses_is_not_written() {
+    // A 20 MB string of control characters: JSON writes each as `\u0001`, a 120 MB header, which the
+    // safetensors library refuses to load ("header too large"; issue 10 #7: pgt recv wrote it and
+    // exited 0).
+    let mut sd = StateDict::new();
+    sd.insert("w", Entry::Tensor(f32s(&[2]))).unwrap();
+    sd.insert("note", Entry::Value(Value::Str("\u{1}".repeat(20_000_000))))
+        .unwrap();
+    let (ended, dir) = send_to_pgt_recv("header", &sd);
+    assert_refused(
+        &ended,
+        &dir,
+        &[
+            "out.safetensors: the safetensors header would be 12000",
+            "more than the 100000000 the safetensors library loads",
+        ],
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }
