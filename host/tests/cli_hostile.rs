@@ -1,5 +1,6 @@
 //! `pgt recv` fed what a hostile (or careless) sender can send in valid metadata: a view that writes
-//! terabytes out of 4 bytes, a value whose safetensors header the library refuses to load. The sender is this test, rank 0 of a real TCP job
+//! terabytes out of 4 bytes, a value whose safetensors header the library refuses to load, DTensors and
+//! ShardedTensors placed on ranks outside the job. The sender is this test, rank 0 of a real TCP job
 //! (`Transport::send_checkpoint` with hand-built tensors); the receiver is a `pgt recv` process. Each
 //! case must end with a one-line named error and a non-zero exit, leave no file (and no temporary
 //! file) behind, and keep the receiver's memory small.
@@ -9,11 +10,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use pgt_core::dtensor::{DTensorSpec, DeviceMesh, Placement};
 use pgt_core::dtype::DType;
 use pgt_core::layout::TensorLayout;
+use pgt_core::sharded::{ShardMetadata, ShardedTensorMetadata};
 use pgt_core::tree::Value;
 use pgt_host::memory::Buffer;
 use pgt_host::pg::{TcpOptions, TcpProcessGroup};
+use pgt_host::safetensors_io;
 use pgt_host::state_dict::{Entry, StateDict, Storage, Tensor};
 use pgt_host::transport::{Transport, TransportOptions};
 
@@ -236,6 +240,76 @@ fn a_header_the_safetensors_library_refuses_is_not_written() {
             "out.safetensors: the safetensors header would be 12000",
             "more than the 100000000 the safetensors library loads",
         ],
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A DTensor `[4, 2]` sharded on rows over a 2-rank mesh of `ranks`, and a ShardedTensor `[4, 2]` in two
+/// row shards on ranks 0 and `other`.
+fn distributed(ranks: [u64; 2], other: u64) -> StateDict<'static> {
+    let mut sd = StateDict::new();
+    let spec = DTensorSpec {
+        mesh: DeviceMesh {
+            shape: vec![2],
+            ranks: ranks.to_vec(),
+            dim_names: None,
+            device_type: "cpu".into(),
+        },
+        placements: vec![Placement::Shard(0)],
+        global_shape: vec![4, 2],
+        global_stride: vec![2, 1],
+        dtype: DType::Float32,
+    };
+    sd.insert(
+        "d",
+        Entry::DTensor {
+            local: f32s(&[2, 2]),
+            spec,
+        },
+    )
+    .unwrap();
+    let shard = |row: u64, rank: u64| ShardMetadata {
+        offsets: vec![row, 0],
+        sizes: vec![2, 2],
+        placement: format!("rank:{rank}/cpu"),
+    };
+    sd.insert(
+        "s",
+        Entry::Sharded {
+            local_shards: vec![(f32s(&[2, 2]), shard(0, 0))],
+            global: ShardedTensorMetadata {
+                shards: vec![shard(0, 0), shard(2, other)],
+                global_size: vec![4, 2],
+                dtype: DType::Float32,
+            },
+        },
+    )
+    .unwrap();
+    sd
+}
+
+#[test]
+fn ranks_outside_the_job_are_refused() {
+    // Inside the 2-rank job: received and written.
+    let (ended, dir) = send_to_pgt_recv("ranks-ok", &distributed([0, 1], 1));
+    assert_eq!(ended.code, Some(0), "{ended:?}");
+    let got = safetensors_io::load(dir.join("out.safetensors")).unwrap();
+    assert!(got.tensor("d").is_some() && got.tensor("s.shard0").is_some());
+    std::fs::remove_dir_all(&dir).ok();
+    // A mesh naming rank 5 (issue 10 #9: torch refuses such a mesh in a 2-rank world).
+    let (ended, dir) = send_to_pgt_recv("mesh-rank", &distributed([0, 5], 1));
+    assert_refused(
+        &ended,
+        &dir,
+        &["d: refusing the checkpoint: device mesh names rank 5, outside the process group of 2 ranks"],
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    // A shard placed on rank 7.
+    let (ended, dir) = send_to_pgt_recv("placement-rank", &distributed([0, 1], 7));
+    assert_refused(
+        &ended,
+        &dir,
+        &["s: refusing the checkpoint: shard placed on rank 7, outside the process group of 2 ranks"],
     );
     std::fs::remove_dir_all(&dir).ok();
 }
