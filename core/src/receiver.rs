@@ -30,6 +30,7 @@ use crate::digest::{digest, StorageHasher};
 use crate::dtype::DType;
 use crate::plan::{FanOut, MessageKind, Plan, Segment, TAG_HEADER};
 use crate::sender::Payload;
+use crate::sharded::ShardMetadata;
 use crate::tree::Leaf;
 use crate::{Error, Result};
 
@@ -168,8 +169,9 @@ struct Transfer {
     digests: Vec<Option<u64>>,
     missing_digests: usize,
     trailer: Option<Vec<u8>>,
-    /// The first digest mismatch. Kept, not returned at once, so that a chain receiver still forwards
-    /// everything (downstream ranks check their own copy); [`Receiver::finish`] reports it.
+    /// The digest mismatch of the lowest storage index found so far. Kept, not returned at once, so that
+    /// a chain receiver still forwards everything (downstream ranks check their own copy);
+    /// [`Receiver::finish`] reports it.
     mismatch: Option<Error>,
 }
 
@@ -464,8 +466,9 @@ impl Receiver {
         Ok(())
     }
 
-    /// A digest mismatch found so far, if any: the transfer goes on (a chain receiver keeps forwarding)
-    /// but [`Receiver::finish`] will fail with it.
+    /// The digest mismatch of the lowest storage found so far, if any: the transfer goes on (a chain
+    /// receiver keeps forwarding) but [`Receiver::finish`] will fail with it (or with a lower storage's,
+    /// found later).
     pub fn digest_mismatch(&self) -> Option<&Error> {
         match &self.state {
             State::Streaming(t) => t.mismatch.as_ref(),
@@ -474,7 +477,7 @@ impl Receiver {
     }
 
     /// The result, once [`Receiver::poll`] said [`RecvPoll::Done`]: [`Error::Incomplete`] before, and
-    /// [`Error::DigestMismatch`] when a storage's bytes differ from the sender's.
+    /// [`Error::DigestMismatch`] naming the lowest storage whose bytes differ from the sender's.
     pub fn finish(self) -> Result<Received> {
         let State::Streaming(t) = self.state else {
             return Err(Error::Incomplete);
@@ -503,12 +506,9 @@ impl Receiver {
                     local_shards,
                     global,
                 } => {
-                    let offsets: Vec<Vec<u64>> = local_shards
-                        .iter()
-                        .map(|s| s.meta.offsets.clone())
-                        .collect();
-                    let offsets: Vec<&[u64]> = offsets.iter().map(Vec::as_slice).collect();
-                    global.rewrite_placements(&offsets, rank);
+                    let held: Vec<ShardMetadata> =
+                        local_shards.iter().map(|s| s.meta.clone()).collect();
+                    global.rewrite_placements(&held, rank);
                     for shard in local_shards.iter_mut() {
                         shard.meta = shard.meta.placed_on(rank);
                         rebind(&mut shard.layout, &bindings[storage]);
@@ -604,7 +604,13 @@ impl Transfer {
         };
         let mut sent = [0u8; 8];
         sent.copy_from_slice(&trailer[storage * 8..storage * 8 + 8]);
-        if u64::from_le_bytes(sent) != computed && self.mismatch.is_none() {
+        // The lowest mismatching storage is reported, whatever order the digests and the trailer came
+        // in (a host may report a digest after the trailer).
+        let lower = match &self.mismatch {
+            Some(Error::DigestMismatch { storage: s, .. }) => storage < *s as usize,
+            _ => true,
+        };
+        if u64::from_le_bytes(sent) != computed && lower {
             let leaf = self.manifest.storages()[storage].leaf as usize;
             self.mismatch = Some(Error::DigestMismatch {
                 path: self.manifest.paths()[leaf].to_string(),

@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
 use crate::dtype::DType;
-use crate::layout::TensorLayout;
+use crate::layout::{checked_product, TensorLayout};
 use crate::{Error, Result};
 
 /// Where one shard sits in the global tensor, and on which rank/device.
@@ -119,7 +119,7 @@ impl ShardedTensorMetadata {
     /// Checks that the global shards tile the global tensor, as torch's
     /// `validate_non_overlapping_shards_metadata` and `check_tensor` do: no two share an element and
     /// together they hold every element. With every shard inside the global size (checked before):
-    /// 1. the global element count overflows u64 → [`Error::LayoutOverflow`];
+    /// 1. the global element count overflows u64 → [`Error::LayoutOverflow`] (a 0 dim makes it 0);
     /// 2. the shards' element counts add up to more → [`Error::ShardsOverlap`], to less →
     ///    [`Error::ShardsDoNotCover`];
     /// 3. they add up to exactly the global count, so they tile it unless two shards intersect. Only the
@@ -130,21 +130,12 @@ impl ShardedTensorMetadata {
     ///    distinct ranges are pairwise disjoint, so each shard is one cell), where two overlap iff they
     ///    are the same cell; shards on no grid are [`Error::ShardingTooComplex`].
     pub fn check_tiling(&self) -> Result<()> {
-        let overflow = || Error::LayoutOverflow;
-        let volume = self
-            .global_size
-            .iter()
-            .try_fold(1u64, |n, &s| n.checked_mul(s))
-            .ok_or_else(overflow)?;
+        let volume = checked_product(&self.global_size).ok_or(Error::LayoutOverflow)?;
         let mut covered = 0u128;
         let mut solid: Vec<&ShardMetadata> = Vec::new();
         for shard in &self.shards {
             // Inside the global size, so at most `volume`.
-            let v = shard
-                .sizes
-                .iter()
-                .try_fold(1u64, |n, &s| n.checked_mul(s))
-                .ok_or_else(overflow)?;
+            let v = checked_product(&shard.sizes).ok_or(Error::LayoutOverflow)?;
             covered += u128::from(v);
             if v > 0 {
                 solid.push(shard);
@@ -218,12 +209,17 @@ impl ShardedTensorMetadata {
         Ok(())
     }
 
-    /// Rewrites the placement of the shards at these offsets to `rank` (keeping each device), as the
-    /// receiver does for the shards it now holds.
-    pub fn rewrite_placements(&mut self, local_offsets: &[&[u64]], rank: u64) {
-        let local: BTreeSet<&[u64]> = local_offsets.iter().copied().collect();
+    /// Rewrites the placement of every shard whose `(offsets, sizes)` equal one of `local`'s to `rank`,
+    /// each keeping its own device, as the receiver does for the shards it now holds. Shards are matched
+    /// as validation matches local shards to global ones: by offsets and sizes, never by placement (a
+    /// zero-size shard at the same offsets as a held one is another rank's, and keeps its placement).
+    pub fn rewrite_placements(&mut self, local: &[ShardMetadata], rank: u64) {
+        let held: BTreeSet<(&[u64], &[u64])> = local
+            .iter()
+            .map(|s| (s.offsets.as_slice(), s.sizes.as_slice()))
+            .collect();
         for shard in &mut self.shards {
-            if local.contains(shard.offsets.as_slice()) {
+            if held.contains(&(shard.offsets.as_slice(), shard.sizes.as_slice())) {
                 *shard = shard.placed_on(rank);
             }
         }
@@ -457,5 +453,69 @@ mod tests {
                 world_size: 2
             })
         );
+    }
+
+    #[test]
+    fn placement_syntax_is_exact() {
+        // Leading zeros are fine, the device is everything after the first '/', the rank is any u64.
+        assert_eq!(parse_placement("rank:007/cpu"), Some((7, "cpu")));
+        assert_eq!(
+            parse_placement("rank:1/node-a/cuda:1"),
+            Some((1, "node-a/cuda:1"))
+        );
+        assert_eq!(
+            parse_placement("rank:18446744073709551615/cpu"),
+            Some((u64::MAX, "cpu"))
+        );
+        // What lenient integer parsers (Rust's `+`, Python's `int`) would take is not a rank.
+        for bad in [
+            "RANK:1/cpu",
+            "Rank:1/cpu",
+            "rank:+1/cpu",
+            "rank: 1/cpu",
+            "rank:1 /cpu",
+            "rank:1_0/cpu",
+            "rank:\u{661}/cpu",
+            "rank:18446744073709551616/cpu",
+            "rank:1/",
+            "rank:/cpu",
+            "rank:1",
+        ] {
+            assert_eq!(parse_placement(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn rewrite_matches_offsets_and_sizes_and_keeps_each_device() {
+        let mut g = ShardedTensorMetadata {
+            shards: alloc::vec![
+                ShardMetadata {
+                    offsets: alloc::vec![0],
+                    sizes: alloc::vec![2],
+                    placement: "rank:000/cpu".into(),
+                },
+                ShardMetadata {
+                    offsets: alloc::vec![0],
+                    sizes: alloc::vec![0],
+                    placement: "rank:3/cuda:3".into(),
+                },
+                ShardMetadata {
+                    offsets: alloc::vec![2],
+                    sizes: alloc::vec![2],
+                    placement: "rank:1/cuda:1".into(),
+                },
+            ],
+            global_size: alloc::vec![4],
+            dtype: DType::Float32,
+        };
+        // The sender's shard says cuda:0; the global entry's own device (cpu) is kept.
+        let local = ShardMetadata {
+            offsets: alloc::vec![0],
+            sizes: alloc::vec![2],
+            placement: "rank:0/cuda:0".into(),
+        };
+        g.rewrite_placements(&[local], 5);
+        let placements: Vec<&str> = g.shards.iter().map(|s| s.placement.as_str()).collect();
+        assert_eq!(placements, ["rank:5/cpu", "rank:3/cuda:3", "rank:1/cuda:1"]);
     }
 }

@@ -594,6 +594,34 @@ fn layout_overflow() {
     );
 }
 
+#[test]
+fn a_zero_dim_is_not_an_overflow() {
+    // The true product counts: [2^32, 2^32, 0] has 0 elements, although multiplying in order overflows
+    // before the 0 is reached.
+    round_trip(
+        &single(
+            "t",
+            tensor(
+                DType::Float32,
+                &[1 << 32, 1 << 32, 0],
+                &[1 << 32, 1, 1],
+                0,
+                0,
+            ),
+        ),
+        &limits(),
+    )
+    .unwrap();
+    // Likewise a mesh: its size is 0, so the sample mesh's 2 ranks are too many (not LayoutOverflow).
+    rejects(
+        dtensor_with(|_, s| s.mesh.shape = vec![1 << 32, 1 << 32, 0]),
+        Error::MeshRankCount {
+            ranks: 2,
+            mesh_size: 0,
+        },
+    );
+}
+
 // ---------------------------------------------------------------- DTensor
 
 fn dtensor_with(
@@ -1109,6 +1137,39 @@ fn report_digests_except(r: &mut Receiver, skip: u32) -> Vec<u8> {
         r.handle_storage_digest(i, fake_digest(i)).unwrap();
     }
     (0..n).flat_map(|i| fake_digest(i).to_le_bytes()).collect()
+}
+
+#[test]
+fn digest_mismatch_names_the_lowest_storage_whatever_the_order() {
+    let mut r = receiver_at_bindings(with_fanout(sample(), FanOut::Direct), true, 2);
+    stream_to_trailer(&mut r);
+    let n = r.manifest().unwrap().storages().len() as u32;
+    assert_eq!(n, 5);
+    let trailer: Vec<u8> = (0..n).flat_map(|i| fake_digest(i).to_le_bytes()).collect();
+    // Storages 1, 3 and 4 mismatch. Storage 3's digest is in before the trailer; 1's and then 4's come
+    // after it (a host may finish hashing late).
+    for i in [0, 2] {
+        r.handle_storage_digest(i, fake_digest(i)).unwrap();
+    }
+    r.handle_storage_digest(3, 12345).unwrap();
+    r.handle_trailer(&trailer).unwrap();
+    assert_eq!(
+        r.digest_mismatch(),
+        Some(&Error::DigestMismatch {
+            path: "model.table".into(),
+            storage: 3,
+        })
+    );
+    r.handle_storage_digest(1, 12345).unwrap();
+    let want = Error::DigestMismatch {
+        path: "model.layers.0.bias".into(),
+        storage: 1,
+    };
+    assert_eq!(r.digest_mismatch(), Some(&want));
+    r.handle_storage_digest(4, 12345).unwrap();
+    assert_eq!(r.digest_mismatch(), Some(&want));
+    assert_eq!(r.poll(), RecvPoll::Done);
+    assert_eq!(r.finish().err(), Some(want));
 }
 
 #[test]

@@ -54,7 +54,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use anyhow::{anyhow, ensure, Context, Result};
 use memmap2::Mmap;
 use pgt_core::dtype::DType;
 use pgt_core::layout::{TensorLayout, MAX_VIEW_EXPANSION};
@@ -62,6 +61,7 @@ use pgt_core::tree::{Key, KeyPath, PathElem, Value};
 use safetensors::tensor::{Dtype, SafeTensors, View};
 
 use crate::state_dict::{Entry, SharedBytes, StateDict, Storage, Tensor, Tree};
+use crate::{Error, Result};
 
 /// The reserved top-level key under which a file's `__metadata__` map lives in a loaded state dict.
 pub const METADATA_KEY: &str = "__metadata__";
@@ -73,22 +73,24 @@ pub const STEP_KEY: &str = "pgt.step";
 /// `__metadata__` and dtypes).
 pub fn load(path: impl AsRef<Path>) -> Result<StateDict<'static>> {
     let path = path.as_ref();
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file =
+        File::open(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
     let len = file
         .metadata()
-        .with_context(|| format!("cannot stat {}", path.display()))?
+        .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?
         .len();
-    ensure!(
-        len >= 8,
-        "{}: not a safetensors file: {len} bytes (the header size alone takes 8)",
-        path.display()
-    );
+    if len < 8 {
+        return Err(Error::safetensors(
+            path,
+            format!("not a safetensors file: {len} bytes (the header size alone takes 8)"),
+        ));
+    }
     // SAFETY: the mapping is read-only; like every reader of a mapped file we rely on nobody truncating
     // or rewriting the file while it is mapped (documented on the module).
     let mmap = unsafe { Mmap::map(&file) }
-        .with_context(|| format!("cannot memory-map {}", path.display()))?;
+        .map_err(|e| Error::io(format!("cannot memory-map {}", path.display()), e))?;
     let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
-        .map_err(|e| anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+        .map_err(|e| Error::safetensors(path, format!("not a valid safetensors file: {e}")))?;
     let data_start = 8 + header_len;
     let shared: SharedBytes = Arc::new(mmap);
 
@@ -96,12 +98,12 @@ pub fn load(path: impl AsRef<Path>) -> Result<StateDict<'static>> {
     for name in metadata.offset_keys() {
         let info = metadata
             .info(&name)
-            .with_context(|| format!("{}: tensor {name:?} vanished", path.display()))?;
+            .ok_or_else(|| Error::safetensors(path, format!("tensor {name:?} vanished")))?;
         let st_name = info.dtype.to_string();
-        let dtype = DType::from_safetensors_name(&st_name).with_context(|| {
-            format!(
-                "{}: tensor {name:?} has dtype {st_name}, which pgt does not support",
-                path.display()
+        let dtype = DType::from_safetensors_name(&st_name).ok_or_else(|| {
+            Error::safetensors(
+                path,
+                format!("tensor {name:?} has dtype {st_name}, which pgt does not support"),
             )
         })?;
         let shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
@@ -110,7 +112,7 @@ pub fn load(path: impl AsRef<Path>) -> Result<StateDict<'static>> {
             TensorLayout::contiguous(dtype, &shape),
             Storage::Shared(shared.clone(), data_start + start..data_start + end),
         )
-        .with_context(|| format!("{}: tensor {name:?}", path.display()))?;
+        .map_err(|e| Error::safetensors(path, format!("tensor {name:?}: {e}")))?;
         tensors.push((name, tensor));
     }
 
@@ -290,11 +292,14 @@ impl View for TensorData<'_, '_> {
 }
 
 fn st_dtype(dtype: DType, name: &str) -> Result<Dtype> {
-    let st = dtype
-        .safetensors_name()
-        .with_context(|| format!("{name}: dtype {dtype} cannot be stored in a safetensors file"))?;
+    let st = dtype.safetensors_name().ok_or_else(|| {
+        Error::state_dict(
+            name,
+            format!("dtype {dtype} cannot be stored in a safetensors file"),
+        )
+    })?;
     serde_json::from_value(serde_json::Value::String(st.into()))
-        .map_err(|e| anyhow!("{name}: safetensors does not know dtype {st}: {e}"))
+        .map_err(|e| Error::state_dict(name, format!("safetensors does not know dtype {st}: {e}")))
 }
 
 fn tensor_data<'s, 'a>(
@@ -305,11 +310,11 @@ fn tensor_data<'s, 'a>(
     let l = &t.layout;
     let numel = l
         .numel()
-        .with_context(|| format!("{name}: element count overflows"))?;
+        .ok_or_else(|| Error::state_dict(name, "element count overflows"))?;
     let len = numel
         .checked_mul(l.dtype.element_size())
         .and_then(|n| usize::try_from(n).ok())
-        .with_context(|| format!("{name}: byte size overflows"))?;
+        .ok_or_else(|| Error::state_dict(name, "byte size overflows"))?;
     Ok(TensorData {
         tensor: t,
         dtype: st_dtype(l.dtype, name)?,
@@ -322,24 +327,8 @@ fn tensor_data<'s, 'a>(
 
 /// The largest header the `safetensors` library loads: its `MAX_HEADER_SIZE` (private; 100,000,000 bytes
 /// in `safetensors` 0.6's `tensor.rs`, which the Python package runs too). It refuses a longer one as
-/// "header too large", so [`save`] refuses to write one ([`SaveError::HeaderTooLarge`]).
+/// "header too large", so [`save`] refuses to write one ([`Error::SafetensorsHeaderTooLarge`]).
 pub const SAFETENSORS_MAX_HEADER: u64 = 100_000_000;
-
-/// Why [`save`] refuses to write a file: one the `safetensors` library would not load back.
-#[derive(Debug, thiserror::Error)]
-pub enum SaveError {
-    /// The header — tensor names, dtypes, shapes and offsets, and the `__metadata__` strings (plain
-    /// values, DTensor and ShardedTensor summaries) — would be longer than [`SAFETENSORS_MAX_HEADER`].
-    #[error(
-        "the safetensors header would be {bytes} bytes, more than the {max} the safetensors library loads (plain values and names go in the header)"
-    )]
-    HeaderTooLarge {
-        /// Bytes of the header, padded to 8 as the writer does.
-        bytes: u64,
-        /// [`SAFETENSORS_MAX_HEADER`].
-        max: u64,
-    },
-}
 
 /// The length of the header `safetensors::serialize_to_file` writes for `views` and `metadata`: the
 /// JSON of `__metadata__` and of every tensor's info (dtype, shape, data offsets, with the tensors
@@ -358,7 +347,7 @@ fn header_len(
     for (name, v) in order {
         let end = offset
             .checked_add(v.len)
-            .with_context(|| format!("{name}: file size overflows"))?;
+            .ok_or_else(|| Error::state_dict(name, "file size overflows"))?;
         infos.push((
             name.as_str(),
             TensorInfo {
@@ -382,14 +371,16 @@ fn header_len(
     // serde_json's compact map: `{` + `"key":value` entries joined by `,` + `}`.
     let mut count = Count(0);
     let mut entries = 0u64;
+    let json =
+        |e: serde_json::Error| Error::state_dict("", format!("cannot encode the header: {e}"));
     if let Some(m) = metadata {
-        serde_json::to_writer(&mut count, "__metadata__")?;
-        serde_json::to_writer(&mut count, m)?;
+        serde_json::to_writer(&mut count, "__metadata__").map_err(json)?;
+        serde_json::to_writer(&mut count, m).map_err(json)?;
         entries += 1;
     }
     for (name, info) in &infos {
-        serde_json::to_writer(&mut count, name)?;
-        serde_json::to_writer(&mut count, info)?;
+        serde_json::to_writer(&mut count, name).map_err(json)?;
+        serde_json::to_writer(&mut count, info).map_err(json)?;
         entries += 1;
     }
     count.0 += 2 + entries + entries.saturating_sub(1);
@@ -431,10 +422,12 @@ pub fn save(state_dict: &StateDict<'_>, path: impl AsRef<Path>) -> Result<()> {
     let mut write_metadata = matches!(&state_dict.root, Tree::Dict(items)
         if items.iter().any(|(k, _)| matches!(k, Key::Str(s) if s == METADATA_KEY)));
     let mut meta = |key: String, value: String| -> Result<()> {
-        ensure!(
-            !metadata.contains_key(&key),
-            "{key}: two values would share this __metadata__ entry"
-        );
+        if metadata.contains_key(&key) {
+            return Err(Error::state_dict(
+                key,
+                "two values would share this __metadata__ entry",
+            ));
+        }
         metadata.insert(key, value);
         Ok(())
     };
@@ -489,11 +482,13 @@ pub fn save(state_dict: &StateDict<'_>, path: impl AsRef<Path>) -> Result<()> {
     let mut views: Vec<(String, TensorData<'_, '_>)> = Vec::new();
     let mut expansion = 0u64;
     for (name, t) in tensor_names(state_dict) {
-        ensure!(
-            names.insert(name.clone()),
-            "{name}: two tensors would share this name"
-        );
-        let bytes = t.layout.view_nbytes().with_context(|| name.clone())?;
+        if !names.insert(name.clone()) {
+            return Err(Error::state_dict(name, "two tensors would share this name"));
+        }
+        let bytes = t
+            .layout
+            .view_nbytes()
+            .map_err(|_| Error::state_dict(&name, "byte size overflows"))?;
         let extra = bytes.saturating_sub(t.layout.nbytes);
         let left = MAX_VIEW_EXPANSION - expansion;
         if extra > left {
@@ -515,16 +510,16 @@ pub fn save(state_dict: &StateDict<'_>, path: impl AsRef<Path>) -> Result<()> {
     let metadata = write_metadata.then_some(metadata);
     let header = header_len(&views, metadata.as_ref())?;
     if header > SAFETENSORS_MAX_HEADER {
-        return Err(SaveError::HeaderTooLarge {
+        return Err(Error::SafetensorsHeaderTooLarge {
+            file: path.to_path_buf(),
             bytes: header,
             max: SAFETENSORS_MAX_HEADER,
-        })
-        .with_context(|| format!("cannot write {}", path.display()));
+        });
     }
 
     let tmp = TempFile::new(path)?;
     safetensors::tensor::serialize_to_file(views, metadata, &tmp.path)
-        .map_err(|e| anyhow!("cannot write {}: {e}", tmp.path.display()))?;
+        .map_err(|e| Error::safetensors(&tmp.path, format!("cannot write: {e}")))?;
     if let Some(e) = failed.into_inner() {
         return Err(e.into());
     }
@@ -542,7 +537,7 @@ impl TempFile {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let file_name = dest
             .file_name()
-            .with_context(|| format!("{} is not a file path", dest.display()))?;
+            .ok_or_else(|| Error::safetensors(dest, "not a file path"))?;
         let mut tmp_name = std::ffi::OsString::from(".");
         tmp_name.push(file_name);
         tmp_name.push(format!(
@@ -560,13 +555,14 @@ impl TempFile {
     fn commit(mut self, dest: &Path) -> Result<()> {
         File::open(&self.path)
             .and_then(|f| f.sync_all())
-            .with_context(|| format!("cannot sync {}", self.path.display()))?;
-        std::fs::rename(&self.path, dest).with_context(|| {
-            format!(
+            .map_err(|e| Error::io(format!("cannot sync {}", self.path.display()), e))?;
+        std::fs::rename(&self.path, dest).map_err(|e| {
+            let context = format!(
                 "cannot rename {} to {}",
                 self.path.display(),
                 dest.display()
-            )
+            );
+            Error::io(context, e)
         })?;
         self.committed = true;
         if let Some(dir) = dest.parent() {
@@ -1178,13 +1174,13 @@ mod tests {
         )
         .unwrap();
         let err = save(&sd, &path).unwrap_err();
-        assert_eq!(
-            err.downcast_ref::<pgt_core::Error>(),
-            Some(&pgt_core::Error::ViewTooLarge {
-                path: "model.bias".into(),
-                bytes: 1 << 42,
-                max: 4 + MAX_VIEW_EXPANSION,
-            })
+        assert!(
+            matches!(
+                &err,
+                Error::Protocol(pgt_core::Error::ViewTooLarge { path, bytes, max })
+                    if path == "model.bias" && *bytes == 1 << 42 && *max == 4 + MAX_VIEW_EXPANSION
+            ),
+            "{err:?}"
         );
         assert!(format!("{err:#}").starts_with("model.bias: "), "{err:#}");
         assert!(files_in(&dir).is_empty(), "{:?}", files_in(&dir));
@@ -1204,13 +1200,15 @@ mod tests {
         sd.insert("c", Entry::Tensor(broadcast(&[10 << 20], 1.0)))
             .unwrap();
         let err = save(&sd, &path).unwrap_err();
-        assert_eq!(
-            err.downcast_ref::<pgt_core::Error>(),
-            Some(&pgt_core::Error::ViewTooLarge {
-                path: "c".into(),
-                bytes: 40 << 20,
-                max: 4 + MAX_VIEW_EXPANSION - ((40 << 20) - 4),
-            })
+        assert!(
+            matches!(
+                &err,
+                Error::Protocol(pgt_core::Error::ViewTooLarge { path, bytes, max })
+                    if path == "c"
+                        && *bytes == 40 << 20
+                        && *max == 4 + MAX_VIEW_EXPANSION - ((40 << 20) - 4)
+            ),
+            "{err:?}"
         );
         // The earlier file is untouched and nothing else was left behind.
         assert_eq!(files_in(&dir), ["b.safetensors"]);
@@ -1221,8 +1219,8 @@ mod tests {
         // And reading such a view as values is bounded the same way.
         let huge = broadcast(&[1 << 20, 1 << 20], 1.0);
         assert!(matches!(
-            huge.to_vec::<f32>().unwrap_err().downcast_ref::<pgt_core::Error>(),
-            Some(pgt_core::Error::ViewTooLarge { bytes, .. }) if *bytes == 1 << 42
+            huge.to_vec::<f32>().unwrap_err(),
+            Error::Protocol(pgt_core::Error::ViewTooLarge { bytes, .. }) if bytes == 1 << 42
         ));
         std::fs::remove_dir_all(&dir).ok();
     }
@@ -1269,9 +1267,9 @@ mod tests {
         let want = SAFETENSORS_MAX_HEADER + 8;
         assert!(
             matches!(
-                err.downcast_ref::<SaveError>(),
-                Some(SaveError::HeaderTooLarge { bytes, max })
-                    if *bytes == want && *max == SAFETENSORS_MAX_HEADER
+                &err,
+                Error::SafetensorsHeaderTooLarge { file, bytes, max }
+                    if *bytes == want && *max == SAFETENSORS_MAX_HEADER && file == &path
             ),
             "{err:#}"
         );

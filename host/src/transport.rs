@@ -704,7 +704,7 @@ impl<P: ProcessGroup> Transport<P> {
             .leaves
             .into_iter()
             .map(|leaf| Entry::from_leaf(leaf, &mut storages))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<crate::Result<Vec<_>>>()?;
         *target = StateDict::unflatten(&received_tree.tree, entries, received_tree.step)?;
         if let Some(pool) = &self.options.pool {
             // Staging held wire bytes only until the cast; the next receive can reuse it.

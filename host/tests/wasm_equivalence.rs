@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use pgt_core::codec::{Limits, Metadata};
 use pgt_core::digest::StorageHasher;
 use pgt_core::dtype::DType;
@@ -163,6 +163,34 @@ fn every_vector_decodes_identically() {
                     (n, w) => panic!("{name}: native {n:?}, wasm {w:?}"),
                 }
             }
+            "host_reject_stream" => {
+                // The host refuses a message before the core sees it: both engines asked for the same
+                // messages up to there, and the refusal is the one the entry names.
+                let records = decode_stream(&bytes);
+                let opts = receiver_options(entry, limits);
+                let native = drive(NativeEngine.receiver(opts).unwrap(), &records, None);
+                let wasm = drive(wasm().receiver(opts).unwrap(), &records, None);
+                assert_eq!(native.ops, wasm.ops, "{name}: operations");
+                let h = &entry["host_error"];
+                let lengths = (h["reason"] == "length")
+                    .then(|| (json_u64(&h["expected"]), json_u64(&h["got"])));
+                let want = host_refusal(
+                    h["reason"].as_str().unwrap(),
+                    json_u64(&h["from"]) as u32,
+                    json_u64(&h["tag"]),
+                    lengths,
+                );
+                for (engine, result) in [("native", &native.result), ("wasm", &wasm.result)] {
+                    match result {
+                        Err(e) => assert_eq!(
+                            (e.name.as_str(), e.message.as_str()),
+                            ("Host", want.as_str()),
+                            "{name}: {engine}"
+                        ),
+                        Ok(r) => panic!("{name}: {engine} accepted it: {r}"),
+                    }
+                }
+            }
             other => panic!("{name}: unknown kind {other}"),
         }
     }
@@ -274,12 +302,17 @@ fn drive(
             ops.push(format!("{next:?}"));
             match next {
                 RecvNext::Recv(step) => {
-                    let (tag, bytes) = next_record.next().ok_or_else(|| anyhow!("stream ended"))?;
+                    // A record with another tag is not the message asked for, which never comes.
+                    let Some((_, bytes)) = next_record.next().filter(|(t, _)| *t == step.tag)
+                    else {
+                        bail!("{}", host_refusal("missing", step.from, step.tag, None));
+                    };
                     // Header, metadata and trailer go to the core as they are (it checks their
                     // lengths); data must fit the plan before the host places them.
                     let data = step.kind == MessageKind::Data;
-                    if *tag != step.tag || (data && bytes.len() as u64 != step.len) {
-                        bail!("record tag {tag} len {} for {step:?}", bytes.len());
+                    if data && bytes.len() as u64 != step.len {
+                        let lengths = Some((step.len, bytes.len() as u64));
+                        bail!("{}", host_refusal("length", step.from, step.tag, lengths));
                     }
                     match step.kind {
                         MessageKind::Header => engine.handle_header(bytes)?,
@@ -339,6 +372,16 @@ fn drive(
         result: r
             .map_err(|e| try_info(&e).unwrap_or_else(|| ErrorInfo::abi("Host", &format!("{e:#}")))),
     }
+}
+
+/// How [`drive`] words a host's refusal of a stream: the fields of a `host_reject_stream` entry's
+/// `host_error` (`lengths`: expected, got).
+fn host_refusal(reason: &str, from: u32, tag: u64, lengths: Option<(u64, u64)>) -> String {
+    let mut s = format!("{reason}: tag {tag} from rank {from}");
+    if let Some((expected, got)) = lengths {
+        s += &format!(", {got} bytes, expected {expected}");
+    }
+    s
 }
 
 /// One message on the wire: `(to, tag, bytes)`.

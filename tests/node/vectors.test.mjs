@@ -120,7 +120,19 @@ test("receiver_reject vectors decode but a receiver with the vector's options re
   }
 });
 
-/** Drives a Receiver over a stream's records, as a sequential host: returns the storages and result. */
+/** The host refusing a message before the core sees it: `error` as in a host_reject_stream entry. */
+class HostReject extends Error {
+  constructor(error) {
+    super(JSON.stringify(error));
+    this.error = error;
+  }
+}
+
+/**
+ * Drives a Receiver over a stream's records, as a sequential host: returns the storages and result. A
+ * record with another tag than the one asked for is not that message, which then never comes; a data
+ * message must have exactly the plan's length (the core never sees its bytes).
+ */
 function receive(v) {
   const recs = records(v);
   const r = new pgt.Receiver(v.receiver);
@@ -143,15 +155,19 @@ function receive(v) {
     }
     assert.equal(op.type, "recv", `${v.file}: a sequential receiver never waits`);
     const rec = recs[next++];
-    assert.ok(rec, `${v.file}: stream ended`);
-    assert.equal(rec.tag, num(op.tag), `${v.file}: tag`);
+    if (!rec || rec.tag !== num(op.tag)) {
+      throw new HostReject({ reason: "missing", from: op.from, tag: num(op.tag) });
+    }
     if (op.kind === "header") r.handleHeader(rec.bytes);
     else if (op.kind === "metadata") {
       const incoming = r.handleMetadata(rec.bytes);
       storages = incoming.storages.map((s) => new Uint8Array(num(s.nbytes)));
     } else if (op.kind === "trailer") r.handleTrailer(rec.bytes);
     else {
-      assert.equal(rec.bytes.length, num(op.len));
+      if (rec.bytes.length !== num(op.len)) {
+        const [expected, got] = [num(op.len), rec.bytes.length];
+        throw new HostReject({ reason: "length", from: op.from, tag: num(op.tag), expected, got });
+      }
       let at = 0;
       for (const seg of op.segments) {
         const [off, len] = [num(seg.offset), num(seg.len)];
@@ -187,6 +203,28 @@ test("malformed streams fail with the named error", () => {
   const vs = byKind("malformed_stream");
   assert.ok(vs.length >= 2);
   for (const v of vs) assert.throws(() => receive(v), isPgtError(v), v.file);
+});
+
+test("host_reject streams are refused by the host before the core sees the message", () => {
+  const vs = byKind("host_reject_stream");
+  assert.ok(vs.length >= 4);
+  for (const v of vs) {
+    assert.throws(
+      () => receive(v),
+      (e) => {
+        assert.ok(e instanceof HostReject, `${v.file}: ${e}`);
+        assert.deepEqual(e.error, v.host_error, v.file);
+        return true;
+      },
+      v.file,
+    );
+  }
+});
+
+test("every vector kind is tested", () => {
+  const kinds = new Set(index.vectors.map((v) => v.kind));
+  const tested = ["valid_metadata", "malformed", "receiver_reject", "stream", "malformed_stream", "host_reject_stream"];
+  assert.deepEqual([...kinds].sort(), [...tested].sort());
 });
 
 test("a JS-driven sender produces each stream's bytes", () => {

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import xxhash
-
 from pgt_abi import ABI_ERROR, ERROR, Pgt, PgtError, module_path
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
@@ -110,8 +109,18 @@ def test_receiver_reject(pgt, v):
     check_error(e.value, v)
 
 
+class HostReject(Exception):
+    """The host refuses a message before the core sees it: ``error`` as in a host_reject_stream entry."""
+
+    def __init__(self, error):
+        super().__init__(error)
+        self.error = error
+
+
 def receive(pgt, v):
-    """Drives a receiver over the stream's records as a sequential host that hashes what lands."""
+    """Drives a receiver over the stream's records as a sequential host that hashes what lands. A record
+    with another tag than the one asked for is not that message, which then never comes; a data message
+    must have exactly the plan's length (the core never sees its bytes)."""
     recs = iter(records(v))
     o = v["receiver"]
     r = pgt.receiver(o["rank"], o["source"], o["expected_step"])
@@ -128,8 +137,10 @@ def receive(pgt, v):
             r.handle_forwarded(op["message"])
             continue
         assert op["type"] == "recv", "a sequential receiver never waits"
-        tag, data = next(recs)
-        assert tag == op["tag"]
+        frm, want = op["from"], int(op["tag"])
+        tag, data = next(recs, (None, None))
+        if tag != want:
+            raise HostReject({"reason": "missing", "from": frm, "tag": want})
         if op["kind"] == "header":
             r.handle_header(data)
         elif op["kind"] == "metadata":
@@ -139,6 +150,8 @@ def receive(pgt, v):
         elif op["kind"] == "trailer":
             r.handle_trailer(data)
         else:
+            if len(data) != int(op["len"]):
+                raise HostReject({"reason": "length", "from": frm, "tag": want, "expected": int(op["len"]), "got": len(data)})
             at = 0
             for seg in op["segments"]:
                 s, off, n = seg["storage"], int(seg["offset"]), int(seg["len"])
@@ -149,6 +162,7 @@ def receive(pgt, v):
                         r.handle_storage_digest(s, hashers[s].intdigest())
                 at += n
             r.handle_data(op["message"])
+    assert next(recs, None) is None, "records left over"
     return storages, r.finish(), ops
 
 
@@ -166,6 +180,25 @@ def test_malformed_stream(pgt, v):
     with pytest.raises(PgtError) as e:
         receive(pgt, v)
     check_error(e.value, v)
+
+
+@pytest.mark.parametrize("v", by_kind("host_reject_stream"), ids=ids(by_kind("host_reject_stream")))
+def test_host_reject_stream(pgt, v):
+    with pytest.raises(HostReject) as e:
+        receive(pgt, v)
+    assert e.value.error == v["host_error"]
+
+
+def test_every_kind_is_tested():
+    assert {v["kind"] for v in INDEX["vectors"]} == {
+        "valid_metadata",
+        "malformed",
+        "receiver_reject",
+        "stream",
+        "malformed_stream",
+        "host_reject_stream",
+    }
+    assert len(by_kind("host_reject_stream")) >= 4
 
 
 @pytest.mark.parametrize("v", by_kind("stream"), ids=ids(by_kind("stream")))

@@ -109,7 +109,26 @@ pub fn send_all(
 pub enum HostError {
     /// The receiver state machine returned this error.
     Core(Error),
-    /// The messages did not fit what the receiver asked for (missing, wrong tag or length).
+    /// The host refused a header, metadata or data message of another length than the receiver asked
+    /// for (a trailer goes to the core whatever its length).
+    Length {
+        /// The rank it came from.
+        from: u32,
+        /// Its tag.
+        tag: u64,
+        /// The length asked for.
+        expected: u64,
+        /// Its length.
+        got: u64,
+    },
+    /// The message the receiver asked for never came.
+    Missing {
+        /// The rank it was to come from.
+        from: u32,
+        /// Its tag.
+        tag: u64,
+    },
+    /// Anything else the host found wrong.
     Host(String),
 }
 
@@ -201,8 +220,7 @@ pub fn run_receiver(
                 segments,
                 hash,
             } => {
-                let bytes = next(from, tag)
-                    .ok_or_else(|| HostError::Host(format!("no message {tag} from {from}")))?;
+                let bytes = next(from, tag).ok_or(HostError::Missing { from, tag })?;
                 consumed.push(Wire {
                     from,
                     to: rank,
@@ -210,10 +228,12 @@ pub fn run_receiver(
                     bytes: bytes.clone(),
                 });
                 if kind != MessageKind::Trailer && bytes.len() as u64 != len {
-                    return Err(HostError::Host(format!(
-                        "message {tag} is {} bytes, expected {len}",
-                        bytes.len()
-                    )));
+                    return Err(HostError::Length {
+                        from,
+                        tag,
+                        expected: len,
+                        got: bytes.len() as u64,
+                    });
                 }
                 match kind {
                     MessageKind::Header => rx.handle_header(&bytes)?,
