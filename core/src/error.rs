@@ -368,6 +368,66 @@ pub enum Error {
     },
     /// The transfer was asked for its result before it completed.
     Incomplete,
+    // ---- added by hostile branch ----
+    /// A DTensor's local size along a tensor dim is not one torch's sharding gives any mesh coordinate:
+    /// along a dim no placement shards it must equal the global size; along a dim `Shard(dim)` splits
+    /// (torch's chunking, `ceil(size / mesh_dim_size)` per coordinate), one of the chunk sizes.
+    DTensorLocalSize {
+        /// The tensor dim.
+        dim: u64,
+        /// The local size along it.
+        local: u64,
+        /// The global size along it.
+        global: u64,
+    },
+    /// A DTensor's device mesh lists a rank twice.
+    DuplicateMeshRank {
+        /// The rank.
+        rank: u64,
+    },
+    /// A DTensor's device mesh names a rank outside the receiver's process group (checked by hosts
+    /// that know the group's size: [`crate::dtensor::DeviceMesh::check_world_size`]).
+    MeshRankOutOfRange {
+        /// The rank.
+        rank: u64,
+        /// Ranks in the process group.
+        world_size: u64,
+    },
+    /// Two shards of a ShardedTensor share elements (their volumes add up to more than the global
+    /// tensor's, or they add up to it and two of them intersect).
+    ShardsOverlap,
+    /// The shards of a ShardedTensor do not cover the global tensor: their volumes add up to less.
+    ShardsDoNotCover {
+        /// Elements the shards hold, summed.
+        covered: u64,
+        /// Elements of the global tensor.
+        volume: u64,
+    },
+    /// A ShardedTensor's shards vary along two or more dims, are more than
+    /// [`crate::sharded::MAX_PAIRWISE_SHARDS`] and lie on no grid: too costly to check for overlap.
+    ShardingTooComplex {
+        /// Shards of non-zero volume.
+        shards: u64,
+    },
+    /// A ShardedTensor shard placement names a rank outside the receiver's process group (checked by
+    /// hosts that know the group's size: [`crate::sharded::ShardedTensorMetadata::check_world_size`]).
+    PlacementRankOutOfRange {
+        /// The rank.
+        rank: u64,
+        /// Ranks in the process group.
+        world_size: u64,
+    },
+    /// Writing a view out contiguously would materialise more bytes than allowed: a stride-0 or
+    /// self-overlapping view repeats storage elements ([`crate::layout::MAX_VIEW_EXPANSION`]). `max` 0:
+    /// the memory could not be allocated.
+    ViewTooLarge {
+        /// Key path of the tensor (empty when not known).
+        path: String,
+        /// Bytes the view's elements take.
+        bytes: u64,
+        /// The most that may be materialised (0: the allocation failed).
+        max: u64,
+    },
 }
 
 impl Error {
@@ -561,6 +621,42 @@ impl fmt::Display for Error {
                 )
             }
             Incomplete => f.write_str("transfer is not complete"),
+            // ---- added by hostile branch ----
+            DTensorLocalSize { dim, local, global } => write!(
+                f,
+                "DTensor local size {local} along dim {dim} is no shard of the global size {global} under its placements"
+            ),
+            DuplicateMeshRank { rank } => write!(f, "device mesh lists rank {rank} twice"),
+            MeshRankOutOfRange { rank, world_size } => write!(
+                f,
+                "device mesh names rank {rank}, outside the process group of {world_size} ranks"
+            ),
+            ShardsOverlap => f.write_str("ShardedTensor shards overlap"),
+            ShardsDoNotCover { covered, volume } => write!(
+                f,
+                "ShardedTensor shards hold {covered} of the global tensor's {volume} elements"
+            ),
+            ShardingTooComplex { shards } => write!(
+                f,
+                "ShardedTensor of {shards} shards split along several dims is not a grid: too costly to check for overlap"
+            ),
+            PlacementRankOutOfRange { rank, world_size } => write!(
+                f,
+                "shard placed on rank {rank}, outside the process group of {world_size} ranks"
+            ),
+            ViewTooLarge { path, bytes, max } => {
+                if !path.is_empty() {
+                    write!(f, "{path}: ")?;
+                }
+                if *max == 0 {
+                    write!(f, "writing the view out takes {bytes} bytes, which could not be allocated")
+                } else {
+                    write!(
+                        f,
+                        "writing the view out takes {bytes} bytes, more than the {max} allowed (a stride-0 or overlapping view repeats its storage)"
+                    )
+                }
+            }
         }
     }
 }

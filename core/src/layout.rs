@@ -95,22 +95,60 @@ impl TensorLayout {
         Ok(start..end)
     }
 
-    /// The view's elements in row-major order, gathered from `storage` (the whole storage's bytes);
-    /// `None` when the layout is inconsistent or the view does not lie inside `storage`. Rows whose
-    /// elements are adjacent are copied whole.
-    pub fn gather(&self, storage: &[u8]) -> Option<Vec<u8>> {
+    /// Bytes the view's elements take when written out contiguously (`numel × element size`): at most
+    /// the storage's `nbytes` unless the view reads some storage element more than once (a stride-0
+    /// broadcast or self-overlapping strides). Errors on overflow.
+    pub fn view_nbytes(&self) -> Result<u64> {
+        self.numel()
+            .and_then(|n| n.checked_mul(self.dtype.element_size()))
+            .ok_or(Error::LayoutOverflow)
+    }
+
+    /// The view's elements in row-major order, gathered from `storage` (the whole storage's bytes). At
+    /// most `max_bytes` are materialised: a larger view is [`Error::ViewTooLarge`] (as is memory that
+    /// cannot be allocated), never an abort. A layout inconsistent with itself or with `storage` is the
+    /// validation error it would get ([`Error::StrideRankMismatch`], [`Error::LayoutOverflow`],
+    /// [`Error::ViewOutOfBounds`] against `storage.len()`). Rows whose elements are adjacent are copied
+    /// whole.
+    pub fn gather(&self, storage: &[u8], max_bytes: u64) -> Result<Vec<u8>> {
         if self.stride.len() != self.shape.len() {
-            return None;
+            return Err(Error::StrideRankMismatch {
+                shape: self.shape.len() as u64,
+                stride: self.stride.len() as u64,
+            });
         }
-        let range = self.byte_range().ok()?;
+        let bytes = self.view_nbytes()?;
+        let range = self.byte_range()?;
         if range.end > storage.len() as u64 {
-            return None;
+            return Err(Error::ViewOutOfBounds {
+                needed: range.end,
+                nbytes: storage.len() as u64,
+            });
+        }
+        if bytes > max_bytes {
+            return Err(Error::ViewTooLarge {
+                path: alloc::string::String::new(),
+                bytes,
+                max: max_bytes,
+            });
+        }
+        let too_large = || Error::ViewTooLarge {
+            path: alloc::string::String::new(),
+            bytes,
+            max: 0,
+        };
+        let len = usize::try_from(bytes).map_err(|_| too_large())?;
+        let mut out = Vec::new();
+        out.try_reserve_exact(len).map_err(|_| too_large())?;
+        if len == 0 {
+            return Ok(out);
         }
         if self.is_contiguous() {
-            return Some(storage[range.start as usize..range.end as usize].to_vec());
+            // Contiguous and non-empty: the range is exactly the elements.
+            out.extend_from_slice(&storage[range.start as usize..range.end as usize]);
+            return Ok(out);
         }
         let es = self.dtype.element_size() as usize;
-        let numel = self.numel()? as usize;
         let ndim = self.shape.len();
         // The innermost dimension is copied as one run when its elements are adjacent (the
         // view is not contiguous, so there is at least one dimension and no zero-size one).
@@ -118,9 +156,10 @@ impl TensorLayout {
             Some(1) => (self.shape[ndim - 1] as usize, ndim - 1),
             _ => (1, ndim),
         };
-        let mut out = Vec::with_capacity(numel * es);
         let mut index = alloc::vec![0u64; outer];
-        for _ in 0..numel / run {
+        // Every element index is at most the range's last element (checked by byte_range), so the
+        // arithmetic below cannot overflow.
+        for _ in 0..len / es / run {
             let elem = self.storage_offset
                 + index
                     .iter()
@@ -137,7 +176,7 @@ impl TensorLayout {
                 index[d] = 0;
             }
         }
-        Some(out)
+        Ok(out)
     }
 
     /// Checks the layout: as many strides as dims, at most `max_ndim` dims, `nbytes` a multiple of the
@@ -172,6 +211,12 @@ impl TensorLayout {
         Ok(())
     }
 }
+
+/// How many bytes more than their storages the views written out to one file may take, in total:
+/// 64 MiB. A view whose elements are distinct storage elements never takes more than its storage;
+/// only stride-0 (broadcast) and self-overlapping views do, and an output that would repeat a few bytes
+/// of storage into terabytes is refused ([`Error::ViewTooLarge`]) instead of written.
+pub const MAX_VIEW_EXPANSION: u64 = 64 << 20;
 
 /// The product of `dims` (1 for none), or `None` when it exceeds `u64::MAX`. This is the true product:
 /// a 0 among the dims makes it 0 even when the dims before it multiply past `u64::MAX` (`[2^32, 2^32, 0]`
@@ -208,7 +253,8 @@ mod tests {
         let elems = |bytes: Vec<u8>| bytes.chunks(4).map(|c| c[0]).collect::<Vec<_>>();
         let g = |shape: &[u64], stride: &[u64], offset: u64| {
             layout(shape, stride, offset, 48)
-                .gather(&storage)
+                .gather(&storage, 1 << 20)
+                .ok()
                 .map(elems)
         };
         assert_eq!(g(&[3, 4], &[4, 1], 0), Some((0..12).collect()));
@@ -225,6 +271,47 @@ mod tests {
         // Outside the storage, or strides that don't match the shape: no view.
         assert_eq!(g(&[3, 4], &[4, 1], 1), None);
         assert_eq!(g(&[3, 4], &[4], 0), None);
+    }
+
+    #[test]
+    fn gather_refuses_views_larger_than_the_cap() {
+        // 4 bytes of storage broadcast (stride 0) to [2^20, 2^20]: 4 TiB if materialised.
+        let storage = [1u8, 2, 3, 4];
+        let huge = layout(&[1 << 20, 1 << 20], &[0, 0], 0, 4);
+        huge.validate(8).unwrap();
+        assert_eq!(huge.view_nbytes(), Ok(1 << 42));
+        assert_eq!(
+            huge.gather(&storage, 4 + MAX_VIEW_EXPANSION),
+            Err(Error::ViewTooLarge {
+                path: alloc::string::String::new(),
+                bytes: 1 << 42,
+                max: 4 + MAX_VIEW_EXPANSION
+            })
+        );
+        // Under the cap a broadcast is written out expanded.
+        let small = layout(&[2, 3], &[0, 0], 0, 4);
+        assert_eq!(small.gather(&storage, 24).unwrap(), [1, 2, 3, 4].repeat(6));
+        assert!(matches!(
+            small.gather(&storage, 23),
+            Err(Error::ViewTooLarge {
+                bytes: 24,
+                max: 23,
+                ..
+            })
+        ));
+        // Overflowing element counts are errors too.
+        assert_eq!(
+            layout(&[u64::MAX, 2], &[0, 0], 0, 4).gather(&storage, u64::MAX),
+            Err(Error::LayoutOverflow)
+        );
+        // A storage shorter than the layout says.
+        assert_eq!(
+            layout(&[2], &[1], 0, 8).gather(&storage, 64),
+            Err(Error::ViewOutOfBounds {
+                needed: 8,
+                nbytes: 4
+            })
+        );
     }
 
     fn layout(shape: &[u64], stride: &[u64], offset: u64, nbytes: u64) -> TensorLayout {

@@ -590,6 +590,11 @@ fn layout_overflow() {
         sharded_with(|_, g| g.shards[0].offsets = vec![u64::MAX, 0]),
         Error::LayoutOverflow,
     );
+    // A ShardedTensor whose global element count overflows (its shards fit inside it).
+    rejects(
+        sharded_with(|_, g| g.global_size = vec![1 << 32, 1 << 32]),
+        Error::LayoutOverflow,
+    );
 }
 
 #[test]
@@ -821,11 +826,6 @@ fn shard_not_in_global() {
     // A valid shard at offsets [1, 0] that the global metadata does not list.
     rejects(
         sharded_with(|l, _| l[0].meta.offsets = vec![1, 0]),
-        Error::ShardNotInGlobal,
-    );
-    // No global shards at all.
-    rejects(
-        sharded_with(|_, g| g.shards.clear()),
         Error::ShardNotInGlobal,
     );
 }
@@ -1501,6 +1501,37 @@ fn display_is_one_clear_line() {
             "the header was not expected in this state",
         ),
         (Error::Incomplete, "transfer is not complete"),
+        (
+            Error::DTensorLocalSize {
+                dim: 0,
+                local: 4,
+                global: 4,
+            },
+            "DTensor local size 4 along dim 0 is no shard of the global size 4 under its placements",
+        ),
+        (
+            Error::ShardsDoNotCover {
+                covered: 4,
+                volume: 8,
+            },
+            "ShardedTensor shards hold 4 of the global tensor's 8 elements",
+        ),
+        (
+            Error::ViewTooLarge {
+                path: "model.bias".into(),
+                bytes: 1 << 42,
+                max: 67108868,
+            },
+            "model.bias: writing the view out takes 4398046511104 bytes, more than the 67108868 allowed (a stride-0 or overlapping view repeats its storage)",
+        ),
+        (
+            Error::ViewTooLarge {
+                path: String::new(),
+                bytes: 1 << 40,
+                max: 0,
+            },
+            "writing the view out takes 1099511627776 bytes, which could not be allocated",
+        ),
     ];
     for (err, want) in cases {
         let s = err.to_string();
@@ -1532,4 +1563,225 @@ fn every_error_displays_as_one_line() {
         let s = e.to_string();
         assert!(!s.is_empty() && !s.contains('\n'), "{s:?}");
     }
+}
+
+// ---------------------------------------------------------------- added by the hostile branch
+
+#[test]
+fn dtensor_local_size() {
+    // Shard(0) on a 2-rank mesh whose local tensor is the whole global one along dim 0.
+    rejects(
+        dtensor_with(|l, _| *l = TensorLayout::contiguous(DType::Float32, &[4, 4])),
+        Error::DTensorLocalSize {
+            dim: 0,
+            local: 4,
+            global: 4,
+        },
+    );
+    // A dim no placement shards must be whole: dim 1 holds 3 of 4.
+    rejects(
+        dtensor_with(|l, _| *l = TensorLayout::contiguous(DType::Float32, &[2, 3])),
+        Error::DTensorLocalSize {
+            dim: 1,
+            local: 3,
+            global: 4,
+        },
+    );
+    // An uneven split: 5 rows over 2 ranks are chunks of 3 and 2, never 1.
+    let uneven = |rows: u64| {
+        dtensor_with(|l, s| {
+            *l = TensorLayout::contiguous(DType::Float32, &[rows, 4]);
+            s.global_shape = vec![5, 4];
+        })
+    };
+    round_trip(&uneven(3), &limits()).unwrap();
+    round_trip(&uneven(2), &limits()).unwrap();
+    rejects(
+        uneven(1),
+        Error::DTensorLocalSize {
+            dim: 0,
+            local: 1,
+            global: 5,
+        },
+    );
+    // A rank that gets nothing: 1 row over 2 ranks.
+    let one_row = |rows: u64| {
+        dtensor_with(|l, s| {
+            *l = TensorLayout::contiguous(DType::Float32, &[rows, 4]);
+            s.global_shape = vec![1, 4];
+        })
+    };
+    round_trip(&one_row(0), &limits()).unwrap();
+    round_trip(&one_row(1), &limits()).unwrap();
+    // Partial and Replicate leave the size alone: the 2-dim sample stays valid, a smaller local
+    // tensor does not.
+    round_trip(&single("d", dtensor_leaf_2d()), &limits()).unwrap();
+    let Leaf::DTensor { spec, .. } = dtensor_leaf_2d() else {
+        unreachable!()
+    };
+    rejects(
+        single(
+            "d",
+            Leaf::DTensor {
+                local: TensorLayout::contiguous(DType::BFloat16, &[2, 4]),
+                spec,
+            },
+        ),
+        Error::DTensorLocalSize {
+            dim: 0,
+            local: 2,
+            global: 4,
+        },
+    );
+}
+
+#[test]
+fn duplicate_mesh_rank() {
+    rejects(
+        dtensor_with(|_, s| s.mesh.ranks = vec![1, 1]),
+        Error::DuplicateMeshRank { rank: 1 },
+    );
+}
+
+#[test]
+fn mesh_rank_out_of_range() {
+    // Not part of validation (the metadata does not say how large the group is): a host that knows
+    // checks it.
+    let Leaf::DTensor { spec, .. } = dtensor_leaf() else {
+        unreachable!()
+    };
+    assert_eq!(spec.mesh.check_world_size(2), Ok(()));
+    let mut mesh = spec.mesh;
+    mesh.ranks = vec![0, 1 << 40];
+    assert_eq!(
+        mesh.check_world_size(4),
+        Err(Error::MeshRankOutOfRange {
+            rank: 1 << 40,
+            world_size: 4
+        })
+    );
+}
+
+#[test]
+fn shards_overlap() {
+    // Shard 0 grows into shard 1: 12 elements of shards in an 8-element tensor.
+    rejects(
+        sharded_with(|_, g| g.shards[0].sizes = vec![4, 2]),
+        Error::ShardsOverlap,
+    );
+    // Shard 1 moves up a row: the volumes add up to 8, but rows 1 is held twice and row 3 never.
+    rejects(
+        sharded_with(|_, g| g.shards[1].offsets = vec![1, 0]),
+        Error::ShardsOverlap,
+    );
+    // The same shard listed twice, and a zero-size shard that overlaps nothing.
+    rejects(
+        sharded_with(|_, g| g.shards.push(g.shards[0].clone())),
+        Error::ShardsOverlap,
+    );
+    round_trip(
+        &sharded_with(|_, g| g.shards.push(shard_meta(&[1, 1], &[0, 1], "rank:0/cpu"))),
+        &limits(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn shards_do_not_cover() {
+    rejects(
+        sharded_with(|_, g| {
+            g.shards.remove(0);
+        }),
+        Error::ShardsDoNotCover {
+            covered: 4,
+            volume: 8,
+        },
+    );
+    // No global shards at all.
+    rejects(
+        sharded_with(|_, g| g.shards.clear()),
+        Error::ShardsDoNotCover {
+            covered: 0,
+            volume: 8,
+        },
+    );
+}
+
+#[test]
+fn sharding_too_complex() {
+    // Two rows of 130 laid like bricks: row 0 in 65 shards of 2, row 1 in 64 shards of 2 between two
+    // of 1. A tiling, but split along both dims into more than 64 shards that lie on no grid.
+    let mut shards = Vec::new();
+    for i in 0..65 {
+        shards.push(shard_meta(&[0, 2 * i], &[1, 2], "rank:0/cpu"));
+    }
+    shards.push(shard_meta(&[1, 0], &[1, 1], "rank:0/cpu"));
+    for i in 0..64 {
+        shards.push(shard_meta(&[1, 1 + 2 * i], &[1, 2], "rank:0/cpu"));
+    }
+    shards.push(shard_meta(&[1, 129], &[1, 1], "rank:0/cpu"));
+    let local = LocalShard {
+        layout: TensorLayout::contiguous(DType::Int64, &[1, 2]),
+        meta: shards[0].clone(),
+    };
+    let leaf = |shards: Vec<_>| {
+        single(
+            "s",
+            Leaf::Sharded {
+                local_shards: vec![local.clone()],
+                global: pgt_core::sharded::ShardedTensorMetadata {
+                    shards,
+                    global_size: vec![2, 130],
+                    dtype: DType::Int64,
+                },
+            },
+        )
+    };
+    rejects(
+        leaf(shards.clone()),
+        Error::ShardingTooComplex { shards: 131 },
+    );
+    // The same tensor in a 2 × 65 grid is checked in n log n.
+    let grid: Vec<_> = (0..2)
+        .flat_map(|r| (0..65).map(move |c| shard_meta(&[r, 2 * c], &[1, 2], "rank:0/cpu")))
+        .collect();
+    round_trip(&leaf(grid), &limits()).unwrap();
+}
+
+#[test]
+fn placement_rank_out_of_range() {
+    // Not part of validation, as mesh ranks: the sample's shards are on ranks 0 and 3.
+    let Leaf::Sharded { global, .. } = sharded_leaf() else {
+        unreachable!()
+    };
+    assert_eq!(global.check_world_size(4), Ok(()));
+    assert_eq!(
+        global.check_world_size(2),
+        Err(Error::PlacementRankOutOfRange {
+            rank: 3,
+            world_size: 2
+        })
+    );
+}
+
+#[test]
+fn view_too_large() {
+    // 4 bytes broadcast to [2^20, 2^20] (stride 0) are a valid view: 4 TiB when written out.
+    let huge = TensorLayout {
+        dtype: DType::Float32,
+        shape: vec![1 << 20, 1 << 20],
+        stride: vec![0, 0],
+        storage_offset: 0,
+        nbytes: 4,
+    };
+    round_trip(&single("t", Leaf::Tensor(huge.clone())), &limits()).unwrap();
+    let max = 4 + pgt_core::layout::MAX_VIEW_EXPANSION;
+    assert_eq!(
+        huge.gather(&[0; 4], max),
+        Err(Error::ViewTooLarge {
+            path: String::new(),
+            bytes: 1 << 42,
+            max,
+        })
+    );
 }

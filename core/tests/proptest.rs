@@ -109,70 +109,143 @@ fn placement(ndim: usize) -> BoxedStrategy<Placement> {
     }
 }
 
+/// The size torch's chunking (`torch.chunk`) gives coordinate `c` of `n` along a dim of `size`.
+fn chunk(size: u64, n: u64, c: u64) -> u64 {
+    let full = size.div_ceil(n);
+    let start = full * c;
+    size.min(start + full).saturating_sub(start)
+}
+
+/// A valid DTensor: a global shape, a 1- or 2-dim mesh of distinct ranks and placements; the local
+/// tensor is what torch gives a random mesh coordinate (any layout of that shape).
 fn dtensor() -> impl Strategy<Value = Leaf> {
-    (layout(), vec(1u64..3, 1..=2)).prop_flat_map(|(local, mesh_shape)| {
-        let ndim = local.shape.len();
-        let mesh_ndim = mesh_shape.len();
-        let mesh_size: u64 = mesh_shape.iter().product();
-        (
-            Just(local),
-            Just(mesh_shape),
-            vec(any::<u64>(), mesh_size as usize),
-            proptest::option::of(vec("[a-z]{1,3}", mesh_ndim)),
-            prop_oneof![Just("cpu".to_string()), Just("cuda".to_string())],
-            vec(placement(ndim), mesh_ndim),
-            vec(0u64..3, ndim),
-        )
-            .prop_map(
-                |(local, shape, ranks, dim_names, device_type, placements, extra)| {
-                    let global_shape: Vec<u64> =
-                        local.shape.iter().zip(&extra).map(|(l, e)| l + e).collect();
-                    let global_stride = contiguous_strides(&global_shape);
-                    let dtype = local.dtype;
-                    Leaf::DTensor {
-                        local,
-                        spec: DTensorSpec {
+    (dtype(), vec(0u64..7, 0..=3), vec(1u64..4, 1..=2)).prop_flat_map(
+        |(dtype, global_shape, mesh_shape)| {
+            let ndim = global_shape.len();
+            let mesh_ndim = mesh_shape.len();
+            let mesh_size: u64 = mesh_shape.iter().product();
+            (
+                Just(global_shape),
+                Just(mesh_shape.clone()),
+                Just((0..mesh_size).collect::<Vec<u64>>()).prop_shuffle(),
+                0u64..1 << 40,
+                proptest::option::of(vec("[a-z]{1,3}", mesh_ndim)),
+                prop_oneof![Just("cpu".to_string()), Just("cuda".to_string())],
+                vec(placement(ndim), mesh_ndim),
+                mesh_shape.iter().map(|&n| 0..n).collect::<Vec<_>>(),
+            )
+                .prop_flat_map(
+                    move |(
+                        global_shape,
+                        shape,
+                        ranks,
+                        base,
+                        dim_names,
+                        device_type,
+                        placements,
+                        coord,
+                    )| {
+                        let mut local_shape = global_shape.clone();
+                        for ((p, &n), &c) in placements.iter().zip(&shape).zip(&coord) {
+                            if let Placement::Shard(d) = *p {
+                                let d = d as usize;
+                                local_shape[d] = chunk(local_shape[d], n, c);
+                            }
+                        }
+                        let spec = DTensorSpec {
                             mesh: DeviceMesh {
                                 shape,
-                                ranks,
+                                ranks: ranks.iter().map(|r| base + r).collect(),
                                 dim_names,
                                 device_type,
                             },
                             placements,
+                            global_stride: contiguous_strides(&global_shape),
                             global_shape,
-                            global_stride,
                             dtype,
-                        },
-                    }
-                },
-            )
-    })
-}
-
-/// A shard inside `global`: offsets and sizes per dim, on some rank and device.
-fn shard(global: Vec<u64>) -> impl Strategy<Value = ShardMetadata> {
-    let dims: Vec<_> = global
-        .iter()
-        .map(|&g| (0..=g).prop_flat_map(move |o| (Just(o), 0..=g - o)))
-        .collect();
-    (
-        dims,
-        0u32..8,
-        prop_oneof![Just("cpu"), Just("cuda:0"), Just("cuda:1")],
+                        };
+                        layout_for(dtype, local_shape).prop_map(move |local| Leaf::DTensor {
+                            local,
+                            spec: spec.clone(),
+                        })
+                    },
+                )
+        },
     )
-        .prop_map(|(dims, rank, dev)| ShardMetadata {
-            offsets: dims.iter().map(|d| d.0).collect(),
-            sizes: dims.iter().map(|d| d.1).collect(),
-            placement: format!("rank:{rank}/{dev}"),
-        })
 }
 
+/// The ranges `[start, end)` that cutting `[0, size)` after the positions flagged in `cuts` gives.
+fn pieces(size: u64, cuts: &[bool]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, &cut) in cuts.iter().enumerate() {
+        if cut {
+            out.push((start, i as u64 + 1));
+            start = i as u64 + 1;
+        }
+    }
+    out.push((start, size));
+    out
+}
+
+/// A valid ShardedTensor: the global tensor cut into a grid of shards (a random partition per dim),
+/// maybe with an empty shard at the end of dim 0 (as torch places the empty chunks of an uneven split),
+/// listed in a random order, each on some rank and device; the sender holds a random subset.
 fn sharded() -> impl Strategy<Value = Leaf> {
     (dtype(), vec(1u64..6, 1..=3))
         .prop_flat_map(|(dtype, global)| {
-            (Just(dtype), Just(global.clone()), vec(shard(global), 0..5))
+            let cuts: Vec<_> = global
+                .iter()
+                .map(|&g| vec(any::<bool>(), g as usize - 1))
+                .collect();
+            (Just(dtype), Just(global), cuts, any::<bool>())
         })
-        .prop_flat_map(|(dtype, global_size, shards)| {
+        .prop_flat_map(|(dtype, global, cuts, empty)| {
+            let mut shards: Vec<(Vec<u64>, Vec<u64>)> = vec![(vec![], vec![])];
+            for (&g, c) in global.iter().zip(&cuts) {
+                shards = shards
+                    .into_iter()
+                    .flat_map(|(o, s)| {
+                        pieces(g, c).into_iter().map(move |(a, b)| {
+                            let (mut o, mut s) = (o.clone(), s.clone());
+                            o.push(a);
+                            s.push(b - a);
+                            (o, s)
+                        })
+                    })
+                    .collect();
+            }
+            if empty {
+                let mut o = vec![0; global.len()];
+                o[0] = global[0];
+                let mut s = global.clone();
+                s[0] = 0;
+                shards.push((o, s));
+            }
+            let n = shards.len();
+            (
+                Just(dtype),
+                Just(global),
+                Just(shards).prop_shuffle(),
+                vec(
+                    (
+                        0u32..8,
+                        prop_oneof![Just("cpu"), Just("cuda:0"), Just("cuda:1")],
+                    ),
+                    n,
+                ),
+            )
+        })
+        .prop_flat_map(|(dtype, global_size, shards, places)| {
+            let shards: Vec<ShardMetadata> = shards
+                .into_iter()
+                .zip(places)
+                .map(|((offsets, sizes), (rank, dev))| ShardMetadata {
+                    offsets,
+                    sizes,
+                    placement: format!("rank:{rank}/{dev}"),
+                })
+                .collect();
             let n = shards.len();
             let layouts: Vec<_> = shards
                 .iter()

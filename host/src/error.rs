@@ -132,6 +132,23 @@ pub enum Error {
         /// The timeout.
         after: Duration,
     },
+
+    // ---- added by hostile branch ----
+    /// A safetensors file [`crate::safetensors_io::save`] does not write because the `safetensors`
+    /// library would refuse to load it: its header (names, shapes, `__metadata__` strings) would be
+    /// longer than [`crate::safetensors_io::SAFETENSORS_MAX_HEADER`].
+    #[error(
+        "{}: the safetensors header would be {bytes} bytes, more than the {max} the safetensors library loads (plain values and names go in the header)",
+        file.display()
+    )]
+    SafetensorsHeaderTooLarge {
+        /// The file not written.
+        file: PathBuf,
+        /// Bytes of the header, padded to 8 as the writer does.
+        bytes: u64,
+        /// The library's limit.
+        max: u64,
+    },
 }
 
 fn with_path(path: &str, reason: &str) -> String {

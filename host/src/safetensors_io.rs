@@ -56,7 +56,7 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 use pgt_core::dtype::DType;
-use pgt_core::layout::TensorLayout;
+use pgt_core::layout::{TensorLayout, MAX_VIEW_EXPANSION};
 use pgt_core::tree::{Key, KeyPath, PathElem, Value};
 use safetensors::tensor::{Dtype, SafeTensors, View};
 
@@ -234,12 +234,15 @@ fn nest(tensors: &mut Vec<(String, Tensor<'static>)>) -> Option<Vec<(Key, Tree<'
 }
 
 /// A tensor as the `safetensors` crate's [`View`]: bytes borrowed from the state dict's storage (dense
-/// views), or gathered when the serializer asks for them (strided views).
+/// views), or gathered when the serializer asks for them (strided views). [`View::data`] cannot fail:
+/// a gather that does (memory) leaves its error in `failed` and the file is not committed.
 struct TensorData<'s, 'a> {
     tensor: &'s Tensor<'a>,
     dtype: Dtype,
     shape: Vec<usize>,
     len: usize,
+    name: String,
+    failed: &'s std::cell::RefCell<Option<pgt_core::Error>>,
 }
 
 impl View for TensorData<'_, '_> {
@@ -263,7 +266,24 @@ impl View for TensorData<'_, '_> {
                 }
             }
         }
-        Cow::Owned(self.tensor.contiguous_bytes())
+        // At most `len` bytes: `save` has checked that against the expansion budget.
+        match l.gather(self.tensor.storage.bytes(), self.len as u64) {
+            Ok(b) => Cow::Owned(b),
+            Err(e) => {
+                let e = match e {
+                    pgt_core::Error::ViewTooLarge { bytes, max, .. } => {
+                        pgt_core::Error::ViewTooLarge {
+                            path: self.name.clone(),
+                            bytes,
+                            max,
+                        }
+                    }
+                    e => e,
+                };
+                self.failed.borrow_mut().get_or_insert(e);
+                Cow::Borrowed(&[])
+            }
+        }
     }
 
     fn data_len(&self) -> usize {
@@ -282,7 +302,11 @@ fn st_dtype(dtype: DType, name: &str) -> Result<Dtype> {
         .map_err(|e| Error::state_dict(name, format!("safetensors does not know dtype {st}: {e}")))
 }
 
-fn tensor_data<'s, 'a>(t: &'s Tensor<'a>, name: &str) -> Result<TensorData<'s, 'a>> {
+fn tensor_data<'s, 'a>(
+    t: &'s Tensor<'a>,
+    name: &str,
+    failed: &'s std::cell::RefCell<Option<pgt_core::Error>>,
+) -> Result<TensorData<'s, 'a>> {
     let l = &t.layout;
     let numel = l
         .numel()
@@ -296,7 +320,71 @@ fn tensor_data<'s, 'a>(t: &'s Tensor<'a>, name: &str) -> Result<TensorData<'s, '
         dtype: st_dtype(l.dtype, name)?,
         shape: l.shape.iter().map(|&d| d as usize).collect(),
         len,
+        name: name.to_string(),
+        failed,
     })
+}
+
+/// The largest header the `safetensors` library loads: its `MAX_HEADER_SIZE` (private; 100,000,000 bytes
+/// in `safetensors` 0.6's `tensor.rs`, which the Python package runs too). It refuses a longer one as
+/// "header too large", so [`save`] refuses to write one ([`Error::SafetensorsHeaderTooLarge`]).
+pub const SAFETENSORS_MAX_HEADER: u64 = 100_000_000;
+
+/// The length of the header `safetensors::serialize_to_file` writes for `views` and `metadata`: the
+/// JSON of `__metadata__` and of every tensor's info (dtype, shape, data offsets, with the tensors
+/// laid out as the writer lays them out: by descending dtype, then name), padded with spaces to a
+/// multiple of 8. Counted without building it.
+fn header_len(
+    views: &[(String, TensorData<'_, '_>)],
+    metadata: Option<&HashMap<String, String>>,
+) -> Result<u64> {
+    use safetensors::tensor::TensorInfo;
+
+    let mut order: Vec<&(String, TensorData<'_, '_>)> = views.iter().collect();
+    order.sort_by(|(ln, l), (rn, r)| r.dtype.cmp(&l.dtype).then(ln.cmp(rn)));
+    let mut offset = 0usize;
+    let mut infos = Vec::with_capacity(order.len());
+    for (name, v) in order {
+        let end = offset
+            .checked_add(v.len)
+            .ok_or_else(|| Error::state_dict(name, "file size overflows"))?;
+        infos.push((
+            name.as_str(),
+            TensorInfo {
+                dtype: v.dtype,
+                shape: v.shape.clone(),
+                data_offsets: (offset, end),
+            },
+        ));
+        offset = end;
+    }
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    // serde_json's compact map: `{` + `"key":value` entries joined by `,` + `}`.
+    let mut count = Count(0);
+    let mut entries = 0u64;
+    let json =
+        |e: serde_json::Error| Error::state_dict("", format!("cannot encode the header: {e}"));
+    if let Some(m) = metadata {
+        serde_json::to_writer(&mut count, "__metadata__").map_err(json)?;
+        serde_json::to_writer(&mut count, m).map_err(json)?;
+        entries += 1;
+    }
+    for (name, info) in &infos {
+        serde_json::to_writer(&mut count, name).map_err(json)?;
+        serde_json::to_writer(&mut count, info).map_err(json)?;
+        entries += 1;
+    }
+    count.0 += 2 + entries + entries.saturating_sub(1);
+    Ok(count.0.next_multiple_of(8))
 }
 
 /// A value as a metadata string (see the module docs).
@@ -386,14 +474,33 @@ pub fn save(state_dict: &StateDict<'_>, path: impl AsRef<Path>) -> Result<()> {
             }
         }
     }
-    // The tensors, named as `tensor_names` says.
+    // The tensors, named as `tensor_names` says. Views that repeat storage elements (stride 0,
+    // overlapping strides) take more bytes written out than their storage: at most
+    // MAX_VIEW_EXPANSION more in all, checked before anything is gathered or written.
+    let failed = std::cell::RefCell::new(None);
     let mut names: HashSet<String> = HashSet::new();
     let mut views: Vec<(String, TensorData<'_, '_>)> = Vec::new();
+    let mut expansion = 0u64;
     for (name, t) in tensor_names(state_dict) {
         if !names.insert(name.clone()) {
             return Err(Error::state_dict(name, "two tensors would share this name"));
         }
-        let view = tensor_data(t, &name)?;
+        let bytes = t
+            .layout
+            .view_nbytes()
+            .map_err(|_| Error::state_dict(&name, "byte size overflows"))?;
+        let extra = bytes.saturating_sub(t.layout.nbytes);
+        let left = MAX_VIEW_EXPANSION - expansion;
+        if extra > left {
+            return Err(pgt_core::Error::ViewTooLarge {
+                path: name,
+                bytes,
+                max: t.layout.nbytes.saturating_add(left),
+            }
+            .into());
+        }
+        expansion += extra;
+        let view = tensor_data(t, &name, &failed)?;
         views.push((name, view));
     }
     if let Some(step) = state_dict.step {
@@ -401,10 +508,21 @@ pub fn save(state_dict: &StateDict<'_>, path: impl AsRef<Path>) -> Result<()> {
     }
     write_metadata |= !metadata.is_empty();
     let metadata = write_metadata.then_some(metadata);
+    let header = header_len(&views, metadata.as_ref())?;
+    if header > SAFETENSORS_MAX_HEADER {
+        return Err(Error::SafetensorsHeaderTooLarge {
+            file: path.to_path_buf(),
+            bytes: header,
+            max: SAFETENSORS_MAX_HEADER,
+        });
+    }
 
     let tmp = TempFile::new(path)?;
     safetensors::tensor::serialize_to_file(views, metadata, &tmp.path)
         .map_err(|e| Error::safetensors(&tmp.path, format!("cannot write: {e}")))?;
+    if let Some(e) = failed.into_inner() {
+        return Err(e.into());
+    }
     tmp.commit(path)
 }
 
@@ -577,7 +695,11 @@ mod tests {
                 .unwrap_or_else(|| panic!("{name} missing"));
             assert_eq!(u.dtype(), t.dtype(), "{name}");
             assert_eq!(u.shape(), t.shape(), "{name}");
-            assert_eq!(u.contiguous_bytes(), t.contiguous_bytes(), "{name}");
+            assert_eq!(
+                u.contiguous_bytes().unwrap(),
+                t.contiguous_bytes().unwrap(),
+                "{name}"
+            );
             assert!(
                 matches!(u.storage, Storage::Shared(..)),
                 "{name} is not mapped"
@@ -1009,6 +1131,171 @@ mod tests {
         };
         save(&root, &path).unwrap();
         assert!(load(&path).unwrap().tensor("<root>").is_some());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// The files in `dir`, sorted.
+    fn files_in(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A float32 tensor of `shape` whose every element is the one element of a 4-byte storage.
+    fn broadcast(shape: &[u64], value: f32) -> Tensor<'static> {
+        let layout = TensorLayout {
+            dtype: DType::Float32,
+            shape: shape.to_vec(),
+            stride: vec![0; shape.len()],
+            storage_offset: 0,
+            nbytes: 4,
+        };
+        Tensor::new(
+            layout,
+            Storage::Owned(Buffer::from_slice(&value.to_le_bytes())),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn views_that_repeat_their_storage_are_bounded() {
+        let dir = temp_dir("broadcast");
+        let path = dir.join("b.safetensors");
+        // 4 bytes broadcast to [2^20, 2^20]: 4 TiB written out. Refused before anything is
+        // gathered or a file created.
+        let mut sd = StateDict::new();
+        sd.insert("w", Entry::Tensor(f32s(&[2], 0.0))).unwrap();
+        sd.insert(
+            "model.bias",
+            Entry::Tensor(broadcast(&[1 << 20, 1 << 20], 1.0)),
+        )
+        .unwrap();
+        let err = save(&sd, &path).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Protocol(pgt_core::Error::ViewTooLarge { path, bytes, max })
+                    if path == "model.bias" && *bytes == 1 << 42 && *max == 4 + MAX_VIEW_EXPANSION
+            ),
+            "{err:?}"
+        );
+        assert!(format!("{err:#}").starts_with("model.bias: "), "{err:#}");
+        assert!(files_in(&dir).is_empty(), "{:?}", files_in(&dir));
+        // A smaller broadcast (16 MiB) is written out expanded, as torch's `contiguous()`.
+        let mut sd = StateDict::new();
+        sd.insert("b", Entry::Tensor(broadcast(&[1 << 11, 1 << 11], 2.5)))
+            .unwrap();
+        save(&sd, &path).unwrap();
+        let back = load(&path).unwrap();
+        let b = back.tensor("b").unwrap();
+        assert_eq!(b.shape(), &[1 << 11, 1 << 11]);
+        assert!(b.storage_as::<f32>().unwrap().iter().all(|&x| x == 2.5));
+        // The budget is for the whole file: two broadcasts of 40 MiB each are one too many.
+        let mut sd = StateDict::new();
+        sd.insert("a", Entry::Tensor(broadcast(&[10 << 20], 1.0)))
+            .unwrap();
+        sd.insert("c", Entry::Tensor(broadcast(&[10 << 20], 1.0)))
+            .unwrap();
+        let err = save(&sd, &path).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Protocol(pgt_core::Error::ViewTooLarge { path, bytes, max })
+                    if path == "c"
+                        && *bytes == 40 << 20
+                        && *max == 4 + MAX_VIEW_EXPANSION - ((40 << 20) - 4)
+            ),
+            "{err:?}"
+        );
+        // The earlier file is untouched and nothing else was left behind.
+        assert_eq!(files_in(&dir), ["b.safetensors"]);
+        assert_eq!(
+            load(&path).unwrap().tensor("b").unwrap().shape(),
+            &[1 << 11, 1 << 11]
+        );
+        // And reading such a view as values is bounded the same way.
+        let huge = broadcast(&[1 << 20, 1 << 20], 1.0);
+        assert!(matches!(
+            huge.to_vec::<f32>().unwrap_err(),
+            Error::Protocol(pgt_core::Error::ViewTooLarge { bytes, .. }) if bytes == 1 << 42
+        ));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A state dict with one tensor and a plain string value `v`.
+    fn with_value(v: String) -> StateDict<'static> {
+        let mut sd = StateDict::new();
+        sd.insert("w", Entry::Tensor(f32s(&[2], 0.0))).unwrap();
+        sd.insert("note", Entry::Value(Value::Str(v))).unwrap();
+        sd
+    }
+
+    #[test]
+    fn headers_the_library_would_refuse_are_not_written() {
+        let dir = temp_dir("header");
+        let path = dir.join("h.safetensors");
+        // The header's JSON without the value's characters.
+        save(&with_value(String::new()), &path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let base = std::str::from_utf8(&bytes[8..8 + n])
+            .unwrap()
+            .trim_end()
+            .len() as u64;
+        std::fs::remove_file(&path).unwrap();
+
+        // A value that makes the header exactly the library's limit: written, and the library loads
+        // it.
+        let fits = "x".repeat((SAFETENSORS_MAX_HEADER - base) as usize);
+        save(&with_value(fits.clone()), &path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(
+            u64::from_le_bytes(bytes[..8].try_into().unwrap()),
+            SAFETENSORS_MAX_HEADER
+        );
+        let (_, meta) = SafeTensors::read_metadata(&bytes).expect("the library loads it");
+        assert_eq!(meta.metadata().as_ref().unwrap()["note"], fits);
+        drop(bytes);
+        std::fs::remove_file(&path).unwrap();
+
+        // One character more: refused, and no file. The library itself would refuse that file.
+        let over = format!("{fits}x");
+        let err = save(&with_value(over.clone()), &path).unwrap_err();
+        let want = SAFETENSORS_MAX_HEADER + 8;
+        assert!(
+            matches!(
+                &err,
+                Error::SafetensorsHeaderTooLarge { file, bytes, max }
+                    if *bytes == want && *max == SAFETENSORS_MAX_HEADER && file == &path
+            ),
+            "{err:#}"
+        );
+        assert!(files_in(&dir).is_empty(), "{:?}", files_in(&dir));
+        let raw = dir.join("raw.safetensors");
+        let data = [0u8; 8];
+        let view = safetensors::tensor::TensorView::new(Dtype::F32, vec![2], &data).unwrap();
+        let meta = HashMap::from([("note".to_string(), over)]);
+        safetensors::tensor::serialize_to_file([("w", view)], Some(meta), &raw).unwrap();
+        let bytes = std::fs::read(&raw).unwrap();
+        assert_eq!(u64::from_le_bytes(bytes[..8].try_into().unwrap()), want);
+        assert!(matches!(
+            SafeTensors::read_metadata(&bytes),
+            Err(safetensors::SafeTensorError::HeaderTooLarge)
+        ));
+        drop(bytes);
+        std::fs::remove_file(&raw).unwrap();
+
+        // 20 MB of control characters: JSON escapes each as 6 bytes, 120 MB of header.
+        let err = save(&with_value("\u{1}".repeat(20_000_000)), &path).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("safetensors header would be 1200000") && msg.contains("h.safetensors"),
+            "{msg}"
+        );
+        assert!(files_in(&dir).is_empty(), "{:?}", files_in(&dir));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

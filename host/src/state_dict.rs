@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use pgt_core::dtensor::DTensorSpec;
 use pgt_core::dtype::DType;
-use pgt_core::layout::TensorLayout;
+use pgt_core::layout::{TensorLayout, MAX_VIEW_EXPANSION};
 use pgt_core::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
 use pgt_core::tree::{Key, KeyPath, Leaf, Node, PathElem, Value};
 
@@ -161,16 +161,19 @@ impl<'a> Tensor<'a> {
     }
 
     /// The view's elements in row-major order (gathered through the strides, as torch's
-    /// `contiguous()`), as raw bytes.
-    pub fn contiguous_bytes(&self) -> Vec<u8> {
-        // A tensor's layout fits its storage (checked when it was made).
-        self.layout.gather(self.storage.bytes()).unwrap_or_default()
+    /// `contiguous()`), as raw bytes. A stride-0 or self-overlapping view may take up to
+    /// [`MAX_VIEW_EXPANSION`] bytes more than its storage; a larger one is
+    /// [`pgt_core::Error::ViewTooLarge`] (as is memory that cannot be allocated), never an abort.
+    pub fn contiguous_bytes(&self) -> Result<Vec<u8>> {
+        let storage = self.storage.bytes();
+        let max = (storage.len() as u64).saturating_add(MAX_VIEW_EXPANSION);
+        Ok(self.layout.gather(storage, max)?)
     }
 
     /// The view's elements in row-major order as `T` (the tensor's dtype).
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         self.check_dtype::<T>()?;
-        Ok(bytemuck::pod_collect_to_vec(&self.contiguous_bytes()))
+        Ok(bytemuck::pod_collect_to_vec(&self.contiguous_bytes()?))
     }
 
     /// This tensor with `'static` storage (borrowed bytes are copied).

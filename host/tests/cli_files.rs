@@ -189,7 +189,7 @@ fn assert_same_tensors(want: &StateDict<'_>, got: &StateDict<'_>, what: &str) {
         assert_eq!(u.dtype(), t.dtype(), "{what}: {name} dtype");
         assert_eq!(u.shape(), t.shape(), "{what}: {name} shape");
         assert!(
-            u.contiguous_bytes() == t.contiguous_bytes(),
+            u.contiguous_bytes().unwrap() == t.contiguous_bytes().unwrap(),
             "{what}: {name} bytes differ"
         );
     }

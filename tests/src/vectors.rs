@@ -963,6 +963,21 @@ fn bad_cases() -> Vec<Bad> {
         "A DTensor whose local tensor is float32 and spec bfloat16.",
         &with_dtensor(|_, s| s.dtype = DType::BFloat16),
     ));
+    v.push(bad_meta(
+        "dtensor_local_size",
+        "A DTensor sharded [Shard(0), Shard(1)] on a 2×2 mesh whose local tensor [8, 3] is the whole global [8, 6] along dim 0: Shard(0) on a mesh dim of 2 leaves 4 rows.",
+        &with_dtensor(|l, _| *l = TensorLayout::contiguous(DType::Float32, &[8, 3])),
+    ));
+    v.push(bad_meta(
+        "dtensor_local_size_unsharded_dim",
+        "A DTensor [Shard(0), Replicate] with local [4, 3] of global [8, 6]: no placement shards dim 1, so it must hold all 6.",
+        &with_dtensor(|_, s| s.placements = vec![Placement::Shard(0), Placement::Replicate]),
+    ));
+    v.push(bad_meta(
+        "duplicate_mesh_rank",
+        "A DTensor whose 2×2 mesh lists ranks [0, 1, 2, 1].",
+        &with_dtensor(|_, s| s.mesh.ranks = vec![0, 1, 2, 1]),
+    ));
 
     // ---- ShardedTensor ----
     v.push(bad_meta(
@@ -1083,6 +1098,44 @@ fn bad_cases() -> Vec<Bad> {
         "sharded_dtype_mismatch",
         "A local shard of dtype float16 in a float32 ShardedTensor.",
         &with_sharded(|l, _| l[1].layout = TensorLayout::contiguous(DType::Float16, &[2, 4])),
+    ));
+    v.push(bad_meta(
+        "shards_overlap",
+        "A ShardedTensor [8, 4] whose global shard 1 starts at row 1 instead of 2: row 1 is in two shards and row 3 in none (the shards' volumes still add up to 32).",
+        &with_sharded(|_, g| g.shards[1].offsets = vec![1, 0]),
+    ));
+    v.push(bad_meta(
+        "shards_overlap_volume",
+        "A ShardedTensor [8, 4] whose global shard 3 spans rows 5..8: the shards hold 36 elements of 32.",
+        &with_sharded(|_, g| {
+            g.shards[3].offsets = vec![5, 0];
+            g.shards[3].sizes = vec![3, 4];
+        }),
+    ));
+    v.push(bad_meta(
+        "shards_do_not_cover",
+        "A ShardedTensor [8, 4] without its global shard at rows 2..4: the shards hold 24 elements of 32.",
+        &with_sharded(|_, g| {
+            g.shards.remove(1);
+        }),
+    ));
+    v.push(bad_meta(
+        "sharding_too_complex",
+        "A ShardedTensor [2, 130] tiled like bricks: row 0 in 65 shards of [1, 2], row 1 in shards of [1, 1], 64 × [1, 2], [1, 1]. Split along both dims into more than 64 shards that lie on no grid.",
+        &with_sharded(|_, g| {
+            g.global_size = vec![2, 130];
+            g.shards = (0..65)
+                .map(|i| shard_meta(&[0, 2 * i], &[1, 2], "rank:0/cuda:0"))
+                .chain([shard_meta(&[1, 0], &[1, 1], "rank:1/cuda:1")])
+                .chain((0..64).map(|i| shard_meta(&[1, 1 + 2 * i], &[1, 2], "rank:1/cuda:1")))
+                .chain([shard_meta(&[1, 129], &[1, 1], "rank:1/cuda:1")])
+                .collect();
+        }),
+    ));
+    v.push(bad_meta(
+        "sharded_volume_overflow",
+        "A ShardedTensor whose global size [2^32, 2^32] has more than 2^64 − 1 elements (its shards fit inside it).",
+        &with_sharded(|_, g| g.global_size = vec![1 << 32, 1 << 32]),
     ));
 
     // ---- plan and ranks ----

@@ -157,8 +157,12 @@ fn assert_all_bytes(metadata: &Metadata, sent: &[Vec<u8>], got: &[Vec<u8>]) {
     for leaf in &metadata.leaves {
         for layout in leaf.storages() {
             assert_eq!(
-                layout.gather(&sent[storage]).expect("view in storage"),
-                layout.gather(&got[storage]).expect("view in storage")
+                layout
+                    .gather(&sent[storage], u64::MAX)
+                    .expect("view in storage"),
+                layout
+                    .gather(&got[storage], u64::MAX)
+                    .expect("view in storage")
             );
             storage += 1;
         }

@@ -356,7 +356,9 @@ fn every_wire_error_has_a_vector() {
     // Errors that no bytes on the wire can cause: host API use (a call in the wrong state, an unknown
     // storage or message, a digest or forward report that does not fit the plan), host-side casts, the
     // encoder. `DataLength` too: a transport delivers a message of exactly its planned length or fails;
-    // only an in-memory host can be handed a data message of another length.
+    // only an in-memory host can be handed a data message of another length. And the checks a host
+    // makes beyond validation (PROTOCOL.md §11), which no vector can show: the process group's size,
+    // writing a view out.
     let not_from_the_wire = [
         "Encode",
         "UnsupportedCast",
@@ -373,6 +375,9 @@ fn every_wire_error_has_a_vector() {
         "InPlaceSizeMismatch",
         "InPlaceDTypeMismatch",
         "Incomplete",
+        "MeshRankOutOfRange",
+        "PlacementRankOutOfRange",
+        "ViewTooLarge",
     ];
     for v in &not_from_the_wire {
         assert!(error_variants().contains(v), "Error::{v} does not exist");

@@ -7,7 +7,7 @@ use anyhow::{ensure, Context, Result};
 use clap::Args;
 use pgt_host::pg::ProcessGroup;
 use pgt_host::safetensors_io;
-use pgt_host::state_dict::StateDict;
+use pgt_host::state_dict::{Entry, StateDict};
 use pgt_host::transport::{TransferStats, Transport, TransportOptions};
 
 use crate::common::{self, human, GroupArgs, TransferArgs};
@@ -170,6 +170,7 @@ fn recv_with(pg: &dyn ProcessGroup, args: RecvArgs, mut options: TransportOption
         bar.finish_and_clear();
     }
     let stats = result.with_context(|| format!("receiving from rank {}", args.src))?;
+    check_ranks(&sd, pg.size())?;
     safetensors_io::save(&sd, &args.out)?;
     if !args.transfer.quiet {
         let step = sd.step.map_or("none".to_string(), |s| s.to_string());
@@ -179,6 +180,21 @@ fn recv_with(pg: &dyn ProcessGroup, args: RecvArgs, mut options: TransportOption
             args.src,
             rate(&stats)
         );
+    }
+    Ok(())
+}
+
+/// Torch's rules that need the process group's size, which validation does not know (PROTOCOL.md
+/// §11, *Checks beyond validation*): every DTensor mesh rank and ShardedTensor placement is a rank of
+/// this job.
+fn check_ranks(sd: &StateDict<'_>, world_size: u32) -> Result<()> {
+    for (path, entry) in sd.entries() {
+        let checked = match entry {
+            Entry::DTensor { spec, .. } => spec.mesh.check_world_size(world_size.into()),
+            Entry::Sharded { global, .. } => global.check_world_size(world_size.into()),
+            _ => Ok(()),
+        };
+        checked.with_context(|| format!("{path}: refusing the checkpoint"))?;
     }
     Ok(())
 }
