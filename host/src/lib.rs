@@ -13,6 +13,7 @@
 //! Features: `wasm` (default), `cli` (default: the `pgt` binary and its dependencies), `testing`,
 //! `mpi`. A library user who wants neither the CLI's dependencies nor wasmtime takes
 //! `default-features = false`.
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod engine;
 mod error;

@@ -17,6 +17,7 @@
 //! run, so native code can produce the very values the guest does.
 #![cfg_attr(all(target_arch = "wasm32", not(feature = "js")), no_std)]
 #![warn(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 extern crate alloc;
 

@@ -299,8 +299,9 @@ pub fn peak_rss_bytes() -> u64 {
 
 /// CPU time (user + system, all threads) this process has used so far, in seconds.
 pub fn cpu_seconds() -> f64 {
-    // SAFETY: getrusage only writes the struct it is given.
+    // SAFETY: `rusage` is plain old data (integers and timevals): all-zero bytes are a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage only writes the struct it is given, which is valid and exclusively borrowed.
     if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
         return 0.0;
     }

@@ -1,4 +1,5 @@
 //! `pgt`: move model checkpoints between processes — fast, verified, no pickle.
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 mod bench;
 mod common;
