@@ -296,7 +296,10 @@ fn map_anon(len: usize, pages: Pages) -> io::Result<(NonNull<u8>, usize)> {
     let page = page_size();
     let oom = || io::Error::from(io::ErrorKind::OutOfMemory);
     let map_len = len.checked_next_multiple_of(page).ok_or_else(oom)?;
-    let align = if pages != Pages::Small && len >= HUGE_PAGE {
+    // Miri models a mapping as one allocation that can only be unmapped whole (a partial `munmap`
+    // is reported as a deallocation with the wrong layout), and its `mmap` aligns to pages: under
+    // Miri, mappings are page aligned only, so that nothing below is trimmed (`docs/miri.md`).
+    let align = if pages != Pages::Small && len >= HUGE_PAGE && !cfg!(miri) {
         HUGE_PAGE.max(page)
     } else {
         page
@@ -330,7 +333,8 @@ fn map_anon(len: usize, pages: Pages) -> io::Result<(NonNull<u8>, usize)> {
         if tail > 0 {
             libc::munmap(start.add(map_len).cast(), tail);
         }
-        #[cfg(target_os = "linux")]
+        // Advice only (Miri has no `madvise`; it changes no contents).
+        #[cfg(all(target_os = "linux", not(miri)))]
         match pages {
             Pages::Auto => 0,
             Pages::Small => libc::madvise(start.cast(), map_len, libc::MADV_NOHUGEPAGE),
@@ -363,10 +367,22 @@ impl Drop for Buffer {
                 let hi = (start + self.len) / page * page;
                 if hi > lo {
                     let p = self.ptr.as_ptr().with_addr(lo);
-                    // SAFETY: `lo..hi` are whole pages inside this buffer's own bytes, which no
-                    // other buffer overlaps and nothing reads after this drop; MADV_DONTNEED on a
-                    // private anonymous mapping just returns them (zeroed on any later touch).
-                    unsafe { libc::madvise(p.cast(), hi - lo, libc::MADV_DONTNEED) };
+                    #[cfg(not(miri))]
+                    {
+                        // SAFETY: `lo..hi` are whole pages inside this buffer's own bytes, which
+                        // no other buffer overlaps and nothing reads after this drop; MADV_DONTNEED
+                        // on a private anonymous mapping just returns them (zeroed on any later
+                        // touch).
+                        unsafe { libc::madvise(p.cast(), hi - lo, libc::MADV_DONTNEED) };
+                    }
+                    #[cfg(miri)]
+                    {
+                        // Miri has no `madvise`; what the program could see of MADV_DONTNEED, the
+                        // pages reading as zero, is a write of zeros through this buffer's
+                        // pointer, which Miri checks is this buffer's alone to make.
+                        // SAFETY: as above, `lo..hi` lies inside this buffer's own bytes.
+                        unsafe { p.write_bytes(0, hi - lo) };
+                    }
                 }
             }
         }
@@ -464,6 +480,10 @@ impl PrefaultMethod {
 
 /// Largest piece `Mlock` locks at once: a quarter of `RLIMIT_MEMLOCK` in whole pages (0: unusable).
 fn mlock_step() -> usize {
+    // Miri cannot run `getrlimit`/`mlock`: no `Mlock` there (`docs/miri.md`).
+    if cfg!(miri) {
+        return 0;
+    }
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -484,7 +504,8 @@ fn mlock_step() -> usize {
 pub fn populate_write_supported() -> bool {
     static SUPPORTED: OnceLock<bool> = OnceLock::new();
     *SUPPORTED.get_or_init(|| {
-        #[cfg(target_os = "linux")]
+        // Miri has no `madvise`: `Touch` there (`docs/miri.md`).
+        #[cfg(all(target_os = "linux", not(miri)))]
         {
             // SAFETY: an empty range at a page-aligned address: the kernel validates the advice
             // and returns without touching any memory.
@@ -497,7 +518,7 @@ pub fn populate_write_supported() -> bool {
             };
             r == 0
         }
-        #[cfg(not(target_os = "linux"))]
+        #[cfg(any(not(target_os = "linux"), miri))]
         false
     })
 }
@@ -1161,7 +1182,13 @@ mod tests {
     use super::*;
     use std::time::{Duration, Instant};
 
-    /// Fraction of the buffer's pages resident (mincore).
+    /// Under Miri (`scripts/miri.sh`, `docs/miri.md`) the tests take smaller sizes where they say so,
+    /// and skip what only the kernel can answer (`resident`, huge-page alignment). Everywhere they
+    /// fill and compare bytes in bulk (`Pattern`, `all_eq`): per-byte accesses to a large
+    /// allocation cost Miri time quadratic in its length.
+    const MIRI: bool = cfg!(miri);
+
+    /// Fraction of the buffer's pages resident (mincore). Not under Miri (no `mincore`).
     fn resident(buf: &Buffer) -> f64 {
         let (lo, len) = buf.page_span();
         let pages = len / page_size();
@@ -1173,9 +1200,66 @@ mod tests {
         vec.iter().filter(|&&v| v & 1 == 1).count() as f64 / pages as f64
     }
 
-    fn pattern(i: usize, seed: u8) -> u8 {
-        // Never zero, so a stray zero write shows.
-        ((i.wrapping_mul(31) ^ (i >> 12)) % 251) as u8 + 1 + (seed % 4)
+    /// Whether every byte of `bytes` is `x` (compared a page at a time).
+    fn all_eq(bytes: &[u8], x: u8) -> bool {
+        let page = [x; 4096];
+        bytes.chunks(page.len()).all(|c| c == &page[..c.len()])
+    }
+
+    /// A never-zero byte pattern by position (so that a stray zero write, or bytes written at the
+    /// wrong offset, show), written and checked a period at a time.
+    struct Pattern {
+        /// Two periods, so that any period-long window starts inside it.
+        table: Vec<u8>,
+    }
+
+    impl Pattern {
+        /// Prime, and no divisor of any page, alignment or claim size.
+        const PERIOD: usize = 4093;
+
+        fn new(seed: u8) -> Pattern {
+            let table = (0..2 * Pattern::PERIOD)
+                .map(|i| {
+                    let j = (i % Pattern::PERIOD) as u32 ^ (u32::from(seed) << 16);
+                    (j.wrapping_mul(0x9E37_79B1) >> 24) as u8 % 251 + 1
+                })
+                .collect();
+            Pattern { table }
+        }
+
+        /// The pattern's bytes `off..off + dst.len()`, into `dst`.
+        fn fill(&self, dst: &mut [u8], off: usize) {
+            let s = off % Pattern::PERIOD;
+            for c in dst.chunks_mut(Pattern::PERIOD) {
+                c.copy_from_slice(&self.table[s..s + c.len()]);
+            }
+        }
+
+        /// Whether `src` holds the pattern's bytes `off..off + src.len()`.
+        fn matches(&self, src: &[u8], off: usize) -> bool {
+            let s = off % Pattern::PERIOD;
+            src.chunks(Pattern::PERIOD)
+                .all(|c| c == &self.table[s..s + c.len()])
+        }
+
+        /// The pattern's bytes `0..len`.
+        fn vec(&self, len: usize) -> Vec<u8> {
+            let mut v = vec![0; len];
+            self.fill(&mut v, 0);
+            v
+        }
+    }
+
+    /// The first index where `a` and `b` differ, for a failure message.
+    fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+        if a == b {
+            return None;
+        }
+        Some(
+            (0..a.len().min(b.len()))
+                .find(|&i| a[i] != b[i])
+                .unwrap_or(a.len().min(b.len())),
+        )
     }
 
     const ALL_METHODS: [PrefaultMethod; 3] = [
@@ -1183,6 +1267,19 @@ mod tests {
         PrefaultMethod::Mlock,
         PrefaultMethod::Touch,
     ];
+
+    fn supported_methods() -> Vec<PrefaultMethod> {
+        let methods: Vec<PrefaultMethod> = ALL_METHODS
+            .into_iter()
+            .filter(|m| m.is_supported())
+            .collect();
+        if MIRI {
+            // Miri runs no `madvise`, `getrlimit` or `mlock`.
+            assert_eq!(methods, [PrefaultMethod::Touch]);
+            assert_eq!(PrefaultMethod::best(), PrefaultMethod::Touch);
+        }
+        methods
+    }
 
     fn wait_done(pf: &ReceiveMemory<'_>) {
         let t = Instant::now();
@@ -1199,13 +1296,14 @@ mod tests {
         assert_eq!(bufs.iter().map(|b| b.len()).collect::<Vec<_>>(), lens);
         let big = &bufs[5];
         assert!(big.is_mapped());
-        assert_eq!(resident(big), 0.0, "allocating touched no page");
+        if !MIRI {
+            assert_eq!(resident(big), 0.0, "allocating touched no page");
+        }
+        let patterns: Vec<Pattern> = (0..lens.len()).map(|k| Pattern::new(k as u8)).collect();
         for (k, b) in bufs.iter_mut().enumerate() {
             assert_eq!(b.as_mut_ptr().addr() % MIN_ALIGN, 0, "buffer {k} aligned");
-            assert!(b.iter().all(|&x| x == 0), "buffer {k} zeroed");
-            for (i, x) in b.iter_mut().enumerate() {
-                *x = pattern(i, k as u8);
-            }
+            assert!(all_eq(b, 0), "buffer {k} zeroed");
+            patterns[k].fill(b, 0);
         }
         // Every buffer kept its own bytes (no overlap), also after others are dropped (dropping one
         // returns its inner pages; the mapping lives on for the rest).
@@ -1214,19 +1312,58 @@ mod tests {
             .enumerate()
             .filter_map(|(k, b)| (k % 2 == 0).then_some((k, b)))
             .map(|(k, b)| {
-                assert!(b.iter().enumerate().all(|(i, &x)| x == pattern(i, k as u8)));
+                assert!(patterns[k].matches(&b, 0));
                 b
             })
             .collect();
         for (j, b) in kept.iter().enumerate() {
             let k = 2 * j;
             assert!(
-                b.iter().enumerate().all(|(i, &x)| x == pattern(i, k as u8)),
+                patterns[k].matches(b, 0),
                 "buffer {k} after its neighbours were dropped"
             );
         }
         assert!(Buffer::zeroed_many(&[]).unwrap().is_empty());
         assert!(Buffer::zeroed_many(&[usize::MAX, 2]).is_err());
+    }
+
+    /// Carved buffers written, read and dropped on different threads, in any order: each thread
+    /// owns its buffer's bytes (the drop hands whole pages back), the last drop unmaps.
+    #[test]
+    fn carved_buffers_live_and_die_on_several_threads() {
+        let lens = [4096 + 100, 3, 2 * 4096, 0, 5000, 64];
+        for round in 0..2u8 {
+            let bufs = Buffer::zeroed_many(&lens).unwrap();
+            let kept = std::thread::scope(|s| {
+                let handles: Vec<_> = bufs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(k, mut b)| {
+                        s.spawn(move || {
+                            let p = Pattern::new(k as u8 + round);
+                            p.fill(&mut b, 0);
+                            assert!(p.matches(&b, 0), "buffer {k}");
+                            // Half of them die here, on their thread; the others go back.
+                            ((k + round as usize) % 2 == 0).then_some((k, b))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .filter_map(|h| h.join().unwrap())
+                    .collect::<Vec<_>>()
+            });
+            for (k, b) in &kept {
+                assert!(Pattern::new(*k as u8 + round).matches(b, 0), "buffer {k}");
+            }
+            // Clones are deep copies that outlive the mapping.
+            let clones: Vec<(usize, Buffer)> = kept.iter().map(|(k, b)| (*k, b.clone())).collect();
+            drop(kept);
+            for (k, b) in &clones {
+                assert!(!b.is_mapped() || b.len() >= MMAP_THRESHOLD);
+                assert!(Pattern::new(*k as u8 + round).matches(b, 0), "clone of {k}");
+            }
+        }
     }
 
     const SIZES: &[usize] = &[
@@ -1257,11 +1394,12 @@ mod tests {
                     assert!(b.is_mapped());
                     assert_eq!(a % page_size(), 0, "{len} {pages:?}");
                 }
-                if pages != Pages::Small && len >= HUGE_PAGE {
+                // Miri's mappings are page aligned only (see `map_anon`).
+                if pages != Pages::Small && len >= HUGE_PAGE && !MIRI {
                     assert_eq!(a % HUGE_PAGE, 0, "{len} {pages:?}");
                 }
                 assert_eq!(b.is_huge(), pages == Pages::Huge && b.is_mapped());
-                assert!(b.iter().all(|&x| x == 0), "{len} {pages:?} not zeroed");
+                assert!(all_eq(&b, 0), "{len} {pages:?} not zeroed");
             }
         }
         assert!(Buffer::zeroed_with(HUGE_PAGE, Pages::Huge).is_huge());
@@ -1292,55 +1430,73 @@ mod tests {
 
     #[test]
     fn from_vec_and_slice() {
-        let v: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        let p = Pattern::new(0);
+        let v = p.vec(5000);
         assert_eq!(&Buffer::from_slice(&v)[..], &v[..]);
         assert_eq!(&Buffer::from_vec(v.clone())[..], &v[..]);
-        let big: Vec<u8> = (0..MMAP_THRESHOLD + 3).map(|i| pattern(i, 0)).collect();
-        assert_eq!(&Buffer::from_vec(big.clone())[..], &big[..]);
+        let big = p.vec(MMAP_THRESHOLD + 3);
+        let b = Buffer::from_vec(big.clone());
+        assert!(b.is_mapped());
+        assert_eq!(&b[..], &big[..]);
     }
 
     #[test]
     fn clone_is_deep() {
         for len in [0, 100, HUGE_PAGE + 3] {
-            let mut a = Buffer::from_vec((0..len).map(|i| pattern(i, 2)).collect());
-            let b = a.clone();
-            assert_eq!((b.len(), b.is_huge()), (a.len(), a.is_huge()));
-            assert_eq!(&a[..], &b[..]);
-            if len > 0 {
-                a[0] ^= 0xff;
-                assert_ne!(a[0], b[0]);
+            for pages in [Pages::Auto, Pages::Huge] {
+                let mut a = Buffer::zeroed_with(len, pages);
+                Pattern::new(2).fill(&mut a, 0);
+                let b = a.clone();
+                assert_eq!((b.len(), b.is_huge()), (a.len(), a.is_huge()));
+                assert_eq!(&a[..], &b[..]);
+                if len > 0 {
+                    assert_ne!(a.as_ptr(), b.as_ptr());
+                    a[0] ^= 0xff;
+                    assert_ne!(a[0], b[0]);
+                }
+                // The clone lives on another thread, the original dies here.
+                let expect = b.to_vec();
+                let b = std::thread::spawn(move || b).join().unwrap();
+                drop(a);
+                assert_eq!(&b[..], &expect[..]);
             }
         }
     }
 
     #[test]
     fn large_write_read_back() {
+        let len = if MIRI {
+            HUGE_PAGE + 123
+        } else {
+            (64 << 20) + 123
+        };
         for pages in [Pages::Small, Pages::Huge] {
-            let len = (64 << 20) + 123;
+            let p = Pattern::new(1);
             let mut b = Buffer::zeroed_with(len, pages);
-            for (i, x) in b.iter_mut().enumerate() {
-                *x = pattern(i, 1);
-            }
-            assert!(b.iter().enumerate().all(|(i, &x)| x == pattern(i, 1)));
+            p.fill(&mut b, 0);
+            assert!(p.matches(&b, 0));
             // Moving the buffer moves no bytes.
             let moved = std::thread::spawn(move || b).join().unwrap();
-            assert!(moved.iter().enumerate().all(|(i, &x)| x == pattern(i, 1)));
+            assert!(p.matches(&moved, 0));
         }
     }
 
     #[test]
     fn prefaulter_maps_everything() {
-        let methods: Vec<PrefaultMethod> = ALL_METHODS
-            .into_iter()
-            .filter(|m| m.is_supported())
-            .collect();
-        for method in methods {
+        let sizes = if MIRI {
+            [(2 << 20) + 5, MMAP_THRESHOLD]
+        } else {
+            [8 << 20, 3 << 20]
+        };
+        for method in supported_methods() {
             for pages in [Pages::Small, Pages::Huge] {
-                let bufs = vec![
-                    Buffer::zeroed_with(8 << 20, pages),
-                    Buffer::zeroed_with(3 << 20, pages),
-                ];
-                assert!(bufs.iter().all(|b| resident(b) < 0.5));
+                let bufs: Vec<Buffer> = sizes
+                    .iter()
+                    .map(|&n| Buffer::zeroed_with(n, pages))
+                    .collect();
+                if !MIRI {
+                    assert!(bufs.iter().all(|b| resident(b) < 0.5));
+                }
                 let opts = PrefaultOptions {
                     method: Some(method),
                     ..Default::default()
@@ -1355,8 +1511,10 @@ mod tests {
                 assert_eq!((st.progress, st.prefaulted), (st.total, st.total));
                 let bufs = pf.finish();
                 for b in bufs.iter().flatten() {
-                    assert_eq!(resident(b), 1.0, "{method:?} {pages:?}");
-                    assert!(b.iter().all(|&x| x == 0));
+                    if !MIRI {
+                        assert_eq!(resident(b), 1.0, "{method:?} {pages:?}");
+                    }
+                    assert!(all_eq(b, 0));
                 }
             }
         }
@@ -1367,13 +1525,17 @@ mod tests {
     /// byte must end up as written, and every unclaimed byte as it was.
     #[test]
     fn prefaulter_never_changes_data() {
-        let methods: Vec<PrefaultMethod> = ALL_METHODS
-            .into_iter()
-            .filter(|m| m.is_supported())
-            .collect();
-        for method in methods {
-            for round in 0..4u8 {
-                let sizes = [24 << 20, 5, 0, (1 << 20) + 7, (6 << 20) + 4095, 4096];
+        let sizes = if MIRI {
+            // A mapped buffer, heap ones, a page: the Touch prefaulter over all of them.
+            [MMAP_THRESHOLD + 12_345, 5, 0, 70_001, 40_000 + 4095, 4096]
+        } else {
+            [24 << 20, 5, 0, (1 << 20) + 7, (6 << 20) + 4095, 4096]
+        };
+        let (rounds, step) = if MIRI { (2, 16 << 10) } else { (4, 64 << 10) };
+        let old = Pattern::new(3);
+        for method in supported_methods() {
+            for round in 0..rounds {
+                let new = Pattern::new(round);
                 let mut bufs: Vec<Buffer> = sizes
                     .iter()
                     .map(|&n| {
@@ -1386,12 +1548,10 @@ mod tests {
                     })
                     .collect();
                 // Some pre-existing content the prefaulter must preserve too.
-                for (i, x) in bufs[4][..10_000].iter_mut().enumerate() {
-                    *x = pattern(i, 3);
-                }
+                old.fill(&mut bufs[4][..10_000], 0);
                 let opts = PrefaultOptions {
                     method: Some(method),
-                    step: 64 << 10,
+                    step,
                 };
                 let pf = ReceiveMemory::with_options(
                     bufs.into_iter().map(Target::Fresh).collect(),
@@ -1407,18 +1567,9 @@ mod tests {
                             off = (off + 5000).min(n);
                         }
                         let end = (off + claim_len).min(n);
-                        pf.write(&[(b, off..end)], |s| {
-                            for (k, x) in s[0].iter_mut().enumerate() {
-                                *x = pattern(off + k, round);
-                            }
-                        })
-                        .unwrap();
+                        pf.write(&[(b, off..end)], |s| new.fill(s[0], off)).unwrap();
                         // What landed reads back as written.
-                        let back = pf.read(b, off..end).unwrap();
-                        assert!(back
-                            .iter()
-                            .enumerate()
-                            .all(|(k, &x)| x == pattern(off + k, round)));
+                        assert!(new.matches(pf.read(b, off..end).unwrap(), off));
                         written[b].push(off..end);
                         off = end;
                         claim_len = claim_len * 5 / 4 % (1 << 20) + 100;
@@ -1430,16 +1581,12 @@ mod tests {
                     assert_eq!(buf.len(), sizes[b]);
                     let mut expect = vec![0u8; sizes[b]];
                     if b == 4 {
-                        for (i, x) in expect[..10_000].iter_mut().enumerate() {
-                            *x = pattern(i, 3);
-                        }
+                        old.fill(&mut expect[..10_000], 0);
                     }
                     for r in &written[b] {
-                        for i in r.clone() {
-                            expect[i] = pattern(i, round);
-                        }
+                        new.fill(&mut expect[r.clone()], r.start);
                     }
-                    if let Some(i) = (0..sizes[b]).find(|&i| buf[i] != expect[i]) {
+                    if let Some(i) = first_difference(buf, &expect) {
                         panic!(
                             "{method:?} round {round}: buffer {b} byte {i} is {} not {}",
                             buf[i], expect[i]
@@ -1454,15 +1601,16 @@ mod tests {
     /// prefaulter skips them in receive order.
     #[test]
     fn touched_and_borrowed_regions() {
+        let big = if MIRI { MMAP_THRESHOLD + 4096 } else { 3 << 20 };
         let mut mine = vec![7u8; 100_000];
         let pf = ReceiveMemory::new(vec![
-            Target::Fresh(Buffer::zeroed(3 << 20)),
+            Target::Fresh(Buffer::zeroed(big)),
             Target::Borrowed(&mut mine),
             Target::Touched(Buffer::from_vec(vec![1; 5000])),
             Target::Fresh(Buffer::zeroed(1 << 20)),
         ]);
-        assert_eq!(pf.stats().total, 4 << 20);
-        for (i, len) in [(0, 3 << 20), (1, 100_000), (2, 5000), (3, 1 << 20)] {
+        assert_eq!(pf.stats().total, (big + (1 << 20)) as u64);
+        for (i, len) in [(0, big), (1, 100_000), (2, 5000), (3, 1 << 20)] {
             pf.write(&[(i, 0..len / 2), (i, len / 2..len)], |p| {
                 p[0].fill(i as u8 + 10);
                 p[1].fill(i as u8 + 20);
@@ -1477,14 +1625,16 @@ mod tests {
         let back = pf.finish();
         assert!(back[1].is_none());
         assert_eq!(back[2].as_deref().unwrap()[4999], 22);
-        assert!(mine[..50_000].iter().all(|&x| x == 11) && mine[50_000..].iter().all(|&x| x == 21));
+        assert!(all_eq(&mine[..50_000], 11) && all_eq(&mine[50_000..], 21));
     }
 
     #[test]
     fn writes_from_several_threads_and_reads_after_landing() {
+        // Region `b` is three chunks, each written by one `write` of thread `b`.
+        let chunk = if MIRI { 1 << 18 } else { 1 << 20 };
         let pf = ReceiveMemory::new(
             (0..4)
-                .map(|_| Target::Fresh(Buffer::zeroed(3 << 20)))
+                .map(|_| Target::Fresh(Buffer::zeroed(3 * chunk)))
                 .collect(),
         );
         std::thread::scope(|s| {
@@ -1493,15 +1643,139 @@ mod tests {
                 s.spawn(move || {
                     for c in 0..3 {
                         // Nothing of this range is readable before it lands.
-                        assert_eq!(pf.read(b, c << 20..(c + 1) << 20), None);
-                        pf.write(&[(b, c << 20..(c + 1) << 20)], |p| p[0].fill(b as u8 + 1))
-                            .unwrap();
+                        assert_eq!(pf.read(b, c * chunk..(c + 1) * chunk), None);
+                        pf.write(&[(b, c * chunk..(c + 1) * chunk)], |p| {
+                            p[0].fill(b as u8 + 1)
+                        })
+                        .unwrap();
                     }
                 });
             }
         });
         for (b, buf) in pf.finish().iter().enumerate() {
-            assert!(buf.as_ref().unwrap().iter().all(|&x| x == b as u8 + 1));
+            assert!(all_eq(buf.as_ref().unwrap(), b as u8 + 1));
+        }
+    }
+
+    /// As the transport uses it: one thread receives into the regions in order (a `write` may span
+    /// regions), other threads read each range as soon as it has landed (and one of them writes
+    /// its own region, as the cast thread does), while the prefaulter runs ahead.
+    #[test]
+    fn readers_follow_the_writer() {
+        let chunk = if MIRI { 3 * 4096 + 5 } else { 100_003 };
+        let chunks = 8;
+        let region = chunk * chunks;
+        let lens = [region, region, region];
+        let pats: Vec<Pattern> = (0..3).map(|r| Pattern::new(r as u8)).collect();
+        let pf = ReceiveMemory::with_options(
+            vec![
+                Target::Fresh(Buffer::zeroed(region)),
+                Target::Fresh(Buffer::zeroed_with(region, Pages::Small)),
+                // The cast thread's output.
+                Target::Fresh(Buffer::zeroed(region)),
+            ],
+            PrefaultOptions {
+                method: None,
+                step: 4096,
+            },
+        );
+        std::thread::scope(|s| {
+            let pf = &pf;
+            let pats = &pats;
+            // The receiver: chunk `c` of region 0, then of region 1; the last of region 0 and the
+            // first of region 1 in one write.
+            s.spawn(move || {
+                for c in 0..chunks {
+                    let mut parts = vec![(0, c * chunk..(c + 1) * chunk)];
+                    if c == chunks - 1 {
+                        parts.push((1, 0..chunk));
+                    }
+                    pf.write(&parts, |p| {
+                        for (slice, (r, range)) in p.iter_mut().zip(&parts) {
+                            pats[*r].fill(slice, range.start);
+                        }
+                    })
+                    .unwrap();
+                }
+                for c in 1..chunks {
+                    pf.write(&[(1, c * chunk..(c + 1) * chunk)], |p| {
+                        pats[1].fill(p[0], c * chunk)
+                    })
+                    .unwrap();
+                }
+            });
+            // A hasher: reads region 0 and 1 chunk by chunk as they land.
+            s.spawn(move || {
+                for (r, pat) in pats.iter().enumerate().take(2) {
+                    for c in 0..chunks {
+                        let range = c * chunk..(c + 1) * chunk;
+                        let bytes = loop {
+                            match pf.read(r, range.clone()) {
+                                Some(b) => break b,
+                                None => std::thread::yield_now(),
+                            }
+                        };
+                        assert!(pat.matches(bytes, range.start), "region {r} chunk {c}");
+                    }
+                }
+            });
+            // The cast thread: copies region 1 into region 2 as it lands.
+            s.spawn(move || {
+                for c in 0..chunks {
+                    let range = c * chunk..(c + 1) * chunk;
+                    let src = loop {
+                        match pf.read(1, range.clone()) {
+                            Some(b) => break b,
+                            None => std::thread::yield_now(),
+                        }
+                    };
+                    pf.write(&[(2, range.clone())], |p| p[0].copy_from_slice(src))
+                        .unwrap();
+                }
+            });
+        });
+        assert!(pats[1].matches(pf.read(2, 0..region).unwrap(), 0));
+        let back = pf.finish();
+        for (r, b) in back.iter().enumerate() {
+            let b = b.as_ref().unwrap();
+            assert_eq!(b.len(), lens[r]);
+            assert!(pats[r.min(1)].matches(b, 0), "region {r}");
+        }
+    }
+
+    /// `finish` (or dropping) stops the prefaulter wherever it is; the buffers come back intact.
+    #[test]
+    fn finish_and_drop_stop_the_prefaulter() {
+        let len = if MIRI { 2 * MMAP_THRESHOLD } else { 32 << 20 };
+        for method in supported_methods() {
+            let opts = PrefaultOptions {
+                method: Some(method),
+                step: 4096,
+            };
+            let pf = ReceiveMemory::with_options(
+                vec![
+                    Target::Fresh(Buffer::zeroed(len)),
+                    Target::Fresh(Buffer::zeroed(len)),
+                ],
+                opts,
+            );
+            pf.write(&[(1, 100..200)], |p| p[0].fill(5)).unwrap();
+            let back = pf.finish();
+            assert!(all_eq(&back[0].as_ref().unwrap()[..], 0));
+            let b1 = back[1].as_ref().unwrap();
+            assert!(all_eq(&b1[..100], 0) && all_eq(&b1[100..200], 5) && all_eq(&b1[200..], 0));
+            // Dropped while the prefaulter runs: it is stopped and joined before its buffers go.
+            let mut mine = vec![9u8; 1000];
+            let pf = ReceiveMemory::with_options(
+                vec![
+                    Target::Borrowed(&mut mine),
+                    Target::Fresh(Buffer::zeroed(len)),
+                ],
+                opts,
+            );
+            pf.write(&[(0, 0..10)], |p| p[0].fill(1)).unwrap();
+            drop(pf);
+            assert!(all_eq(&mine[..10], 1) && all_eq(&mine[10..], 9));
         }
     }
 
@@ -1537,8 +1811,45 @@ mod tests {
         assert_eq!((b.as_ptr().addr(), b[5]), (addr, 9));
         assert_eq!(pool.bytes(), 1 << 20);
         let (c, reused) = pool.take_or_zeroed(2 << 20);
-        assert!(!reused && c.iter().all(|&x| x == 0));
+        assert!(!reused && all_eq(&c, 0));
         pool.clear();
         assert_eq!(pool.bytes(), 0);
+    }
+
+    /// The pool shared by threads: buffers put by one thread, taken, written and recycled by
+    /// others, as touched targets of a receive.
+    #[test]
+    fn pool_across_threads_and_receives() {
+        let pool = BufferPool::new(1 << 20);
+        let lens = [4096, 70_000, 100, 5000];
+        assert_eq!(
+            pool.recycle(Buffer::zeroed_many(&lens).unwrap()),
+            lens.iter().sum::<usize>()
+        );
+        std::thread::scope(|s| {
+            for t in 0..2u8 {
+                let pool = &pool;
+                s.spawn(move || {
+                    let targets: Vec<Target<'_>> = lens
+                        .iter()
+                        .map(|&n| match pool.take_or_zeroed(n) {
+                            (b, true) => Target::Touched(b),
+                            (b, false) => Target::Fresh(b),
+                        })
+                        .collect();
+                    let pf = ReceiveMemory::new(targets);
+                    for (r, &n) in lens.iter().enumerate() {
+                        pf.write(&[(r, 0..n)], |p| p[0].fill(t + 1)).unwrap();
+                        assert!(all_eq(pf.read(r, 0..n).unwrap(), t + 1));
+                    }
+                    pool.recycle(pf.finish().into_iter().flatten());
+                });
+            }
+        });
+        assert!(pool.bytes() <= 1 << 20);
+        for &n in &lens {
+            let b = pool.take(n).unwrap();
+            assert!(all_eq(&b, b[0]) && (b[0] == 1 || b[0] == 2));
+        }
     }
 }
