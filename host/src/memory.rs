@@ -572,9 +572,13 @@ struct Shared {
     /// `Mlock`: largest piece locked at once.
     mlock_step: usize,
     stop: AtomicBool,
+    /// Set (Release) when the background thread is done, so that `prefault_done` (Acquire) also
+    /// makes its last counts visible (`JoinHandle::is_finished` does not synchronise).
+    done: AtomicBool,
     /// Where (in receive order) the receiver last started writing; the prefaulter jumps past it.
     hint: AtomicU64,
-    /// How far (in receive order) the prefaulter has got.
+    /// How far (in receive order) the prefaulter has got. Stored with Release after adding to
+    /// `prefaulted`, so that a reader of `progress` (Acquire) sees those counts.
     progress: AtomicU64,
     /// Bytes actually prefaulted (skipped ranges not counted).
     prefaulted: AtomicU64,
@@ -737,6 +741,7 @@ impl<'a> ReceiveMemory<'a> {
             step: options.step.max(1).next_multiple_of(page),
             mlock_step: mlock_step().max(page),
             stop: AtomicBool::new(false),
+            done: AtomicBool::new(false),
             hint: AtomicU64::new(0),
             progress: AtomicU64::new(0),
             prefaulted: AtomicU64::new(0),
@@ -748,8 +753,11 @@ impl<'a> ReceiveMemory<'a> {
             let s = Arc::clone(&shared);
             match std::thread::Builder::new()
                 .name("pgt-prefault".into())
-                .spawn(move || run(&s))
-            {
+                .spawn(move || {
+                    // Set however `run` ends (it is not meant to panic).
+                    let _done = SetOnDrop(&s.done);
+                    run(&s)
+                }) {
                 Ok(h) => Some(h),
                 Err(e) => {
                     tracing::warn!(
@@ -791,7 +799,10 @@ impl<'a> ReceiveMemory<'a> {
     pub fn stats(&self) -> PrefaultStats {
         PrefaultStats {
             method: self.shared.method,
-            progress: self.shared.progress.load(Ordering::Relaxed),
+            // Acquire, and before `prefaulted`: the counts added before the progress read are
+            // seen (`prefault_done` does not synchronise; Miri's weak memory showed a finished
+            // prefaulter's final progress with a stale `prefaulted` of 0).
+            progress: self.shared.progress.load(Ordering::Acquire),
             prefaulted: self.shared.prefaulted.load(Ordering::Relaxed),
             total: self.shared.total,
         }
@@ -799,7 +810,7 @@ impl<'a> ReceiveMemory<'a> {
 
     /// Whether the prefaulter has gone through every fresh region (or was stopped, or never ran).
     pub fn prefault_done(&self) -> bool {
-        self.thread.as_ref().is_none_or(|t| t.is_finished())
+        self.thread.is_none() || self.shared.done.load(Ordering::Acquire)
     }
 
     /// Writes `parts` (each a region and a byte range of it): hands `f` one writable slice per part,
@@ -928,6 +939,15 @@ impl Drop for ReceiveMemory<'_> {
     }
 }
 
+/// Stores `true` (Release) into its flag when dropped.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 /// `Touch` mode touches this many pages per lock.
 const TOUCH_BATCH: usize = 64;
 
@@ -1005,9 +1025,9 @@ fn run(sh: &Shared) {
                 pos = region.start + i.min(region.len) as u64;
             }
         }
-        sh.progress.store(pos, Ordering::Relaxed);
+        sh.progress.store(pos, Ordering::Release);
     }
-    sh.progress.store(sh.total, Ordering::Relaxed);
+    sh.progress.store(sh.total, Ordering::Release);
 }
 
 /// `MADV_POPULATE_WRITE` over the pages spanning bytes `off..end` of `region` (rounded out to
