@@ -556,10 +556,37 @@ struct Region {
     prefault: bool,
     /// Offset of this region in receive order (sum of the earlier prefaulted regions' lengths).
     start: u64,
-    /// Every byte handed out for writing lies below this. Under `Shared::lock` in `Touch` mode.
+    /// Every byte handed out for writing lies below this. Changed under `writes` (and
+    /// `Shared::lock` in `Touch` mode, under which the prefaulter reads it).
     claimed: AtomicUsize,
-    /// Every byte below this has been written and may be read; nothing below it is written again.
+    /// Every byte below this has been written (or skipped) by writes that have all returned, and
+    /// may be read; nothing below it is written again. Stored under `writes`.
     landed: AtomicUsize,
+    /// The writes of this region in flight.
+    writes: Mutex<Writes>,
+}
+
+/// The writes of one region handed out and not yet returned. Claims go up the region, but writes
+/// on different threads may return in any order: the region lands only when none is in flight.
+#[derive(Debug, Default)]
+struct Writes {
+    /// Claims handed out and not yet returned (or given back).
+    in_flight: usize,
+    /// The furthest end of the returned writes.
+    end: usize,
+}
+
+impl Region {
+    fn writes(&self) -> MutexGuard<'_, Writes> {
+        self.writes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Lands what the returned writes cover once no write of the region is in flight.
+    fn settle(&self, w: &Writes) {
+        if w.in_flight == 0 {
+            self.landed.store(w.end, Ordering::Release);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -637,12 +664,15 @@ pub struct ClaimError {
 ///
 /// # Soundness
 /// Each region has two frontiers. `claimed`: every byte handed out for writing lies below it, and a
-/// write is handed out only at or above it (an atomic update), so no two writable slices overlap.
-/// `landed`: advanced (Release) only by [`write`](Self::write) after its closure has returned and its
-/// slices are gone, to the end of what was written; [`read`](Self::read) hands out bytes only below it
-/// (Acquire), and writes never go below `claimed` ≥ `landed`, so a byte is never read while it can be
-/// written. Owned buffers are never dereferenced while the memory is shared (only their addresses are
-/// used), and they do not move (heap blocks or mappings); borrowed ones are held for `'a`.
+/// non-empty write is handed out only at or above it (moving it up, under the region's `writes`
+/// lock), so no two writable slices overlap. `landed`: stored (Release) only by
+/// [`write`](Self::write), after its closure has returned and its slices are gone, and only when no
+/// other write of the region is in flight (counted under the same lock), to the furthest end written:
+/// every byte below it was written by a write that has returned, or skipped; empty ranges neither
+/// claim nor land. [`read`](Self::read) hands out bytes only below `landed` (Acquire), and writes
+/// never go below `claimed` ≥ `landed`, so a byte is never read while it can be written. Owned
+/// buffers are never dereferenced while the memory is shared (only their addresses are used), and
+/// they do not move (heap blocks or mappings); borrowed ones are held for `'a`.
 ///
 /// The prefaulter thread holds addresses, never references, and:
 /// - with [`PrefaultMethod::PopulateWrite`] and [`PrefaultMethod::Mlock`] it performs no memory
@@ -728,6 +758,7 @@ impl<'a> ReceiveMemory<'a> {
                 start,
                 claimed: AtomicUsize::new(0),
                 landed: AtomicUsize::new(0),
+                writes: Mutex::default(),
             });
             if prefault {
                 start += len as u64;
@@ -816,7 +847,8 @@ impl<'a> ReceiveMemory<'a> {
     /// Writes `parts` (each a region and a byte range of it): hands `f` one writable slice per part,
     /// in order, and once `f` has returned, marks them landed (readable by [`read`](Self::read)).
     /// The ranges of one region must come in increasing order across calls, never below an earlier
-    /// write (the plan's segments do). On error nothing is handed out.
+    /// write (the plan's segments do). Writes of one region may run on several threads at once; the
+    /// region then lands when the last of them returns. On error nothing is handed out.
     pub fn write<R>(
         &self,
         parts: &[(usize, Range<usize>)],
@@ -828,6 +860,7 @@ impl<'a> ReceiveMemory<'a> {
                 Ok(s) => slices.push(s),
                 Err(e) => {
                     // Give back what this call claimed: nothing was written, nothing lands.
+                    drop(slices);
                     for (r, range) in &parts[..i] {
                         self.unclaim(*r, range.clone());
                     }
@@ -838,8 +871,14 @@ impl<'a> ReceiveMemory<'a> {
         let result = f(&mut slices);
         drop(slices);
         for (region, range) in parts {
-            if let Some(r) = self.shared.regions.get(*region) {
-                r.landed.fetch_max(range.end, Ordering::Release);
+            match self.shared.regions.get(*region) {
+                Some(r) if !range.is_empty() => {
+                    let mut w = r.writes();
+                    w.in_flight -= 1;
+                    w.end = w.end.max(range.end);
+                    r.settle(&w);
+                }
+                _ => {}
             }
         }
         Ok(result)
@@ -856,9 +895,9 @@ impl<'a> ReceiveMemory<'a> {
         }
         let ptr = std::ptr::with_exposed_provenance::<u8>(region.addr);
         // SAFETY: `range` lies below `landed` (checked, Acquire), so it is within the region, it was
-        // written by `write` whose slices are gone (Release), and no writable slice will ever cover
-        // it again (claims start at or above `claimed` ≥ `landed`). The region's memory lives as
-        // long as `self` (owned, unmoved; or borrowed for 'a).
+        // written by writes that have all returned, their slices gone (Release), or skipped, and no
+        // writable slice will ever cover it again (claims start at or above `claimed` ≥ `landed`).
+        // The region's memory lives as long as `self` (owned, unmoved; or borrowed for 'a).
         Some(unsafe { std::slice::from_raw_parts(ptr.add(range.start), range.len()) })
     }
 
@@ -881,14 +920,13 @@ impl<'a> ReceiveMemory<'a> {
             return Ok(&mut []);
         }
         {
-            let _guard = (self.shared.method == PrefaultMethod::Touch && region.prefault)
-                .then(|| self.shared.lock());
-            region
-                .claimed
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |end| {
-                    (range.start >= end).then_some(range.end)
-                })
-                .map_err(|_| error())?;
+            let _touch = self.touch_lock(region);
+            let mut w = region.writes();
+            if range.start < region.claimed.load(Ordering::Relaxed) {
+                return Err(error());
+            }
+            region.claimed.store(range.end, Ordering::Release);
+            w.in_flight += 1;
         }
         if region.prefault {
             self.shared
@@ -899,22 +937,33 @@ impl<'a> ReceiveMemory<'a> {
         // SAFETY: `range` is within the region, whose memory lives (unmoved) as long as `self`. The
         // frontier update above succeeded only if `range` lies at or above every earlier claim of
         // this region, so no other slice handed out covers these bytes, and no reader sees them
-        // before `write` marks them landed after this slice is gone. The background thread no longer
-        // touches them (see the type's docs).
+        // before this claim, counted in flight, has returned and its slice is gone (`settle`). The
+        // background thread no longer touches them (see the type's docs).
         Ok(unsafe { std::slice::from_raw_parts_mut(ptr.add(range.start), range.len()) })
     }
 
     /// Undoes a claim of `write` that handed out nothing (the frontier goes back if nobody claimed
     /// past it since).
     fn unclaim(&self, index: usize, range: Range<usize>) {
-        if let Some(r) = self.shared.regions.get(index) {
-            let _ = r.claimed.compare_exchange(
-                range.end,
-                range.start,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
+        let Some(r) = self.shared.regions.get(index) else {
+            return;
+        };
+        if range.is_empty() {
+            return;
         }
+        let _touch = self.touch_lock(r);
+        let mut w = r.writes();
+        if r.claimed.load(Ordering::Relaxed) == range.end {
+            r.claimed.store(range.start, Ordering::Release);
+        }
+        w.in_flight -= 1;
+        // Writes of the region that returned meanwhile may land now.
+        r.settle(&w);
+    }
+
+    /// In `Touch` mode, the lock under which a fresh region's claim frontier moves.
+    fn touch_lock(&self, region: &Region) -> Option<MutexGuard<'_, ()>> {
+        (self.shared.method == PrefaultMethod::Touch && region.prefault).then(|| self.shared.lock())
     }
 
     /// Stops the prefaulter and gives the owned buffers back, by region (`None` for borrowed ones).
@@ -1812,6 +1861,67 @@ mod tests {
         pf.write(&[(0, 100..200)], |p| p[0].fill(3)).unwrap();
         assert_eq!(pf.read(0, 150..151), Some(&[3][..]));
         assert_eq!(pf.read(0, 150..201), None);
+    }
+
+    /// Two writes of one region in flight on different threads: the later one, returning first,
+    /// does not land before the earlier one has (else `read` would hand out bytes still being
+    /// written); a refused write meanwhile gives its claim back.
+    #[test]
+    fn concurrent_writes_of_one_region_land_in_claim_order() {
+        let pf = ReceiveMemory::new(vec![
+            Target::Touched(Buffer::zeroed(300)),
+            Target::Fresh(Buffer::zeroed(300)),
+        ]);
+        for region in 0..2 {
+            let (claimed_tx, claimed_rx) = std::sync::mpsc::channel();
+            let (go_tx, go_rx) = std::sync::mpsc::channel();
+            std::thread::scope(|s| {
+                // Dropped if an assertion below fails, so that `first` does not wait forever.
+                let go_tx = go_tx;
+                let pf = &pf;
+                let first = s.spawn(move || {
+                    pf.write(&[(region, 0..100)], |p| {
+                        claimed_tx.send(()).unwrap();
+                        go_rx.recv().unwrap();
+                        p[0].fill(1);
+                    })
+                    .unwrap();
+                });
+                claimed_rx.recv().unwrap();
+                pf.write(&[(region, 100..200)], |p| p[0].fill(2)).unwrap();
+                assert_eq!(
+                    pf.read(region, 100..200),
+                    None,
+                    "landed past a write in flight"
+                );
+                assert_eq!(pf.read(region, 0..1), None);
+                assert!(pf
+                    .write(&[(region, 200..250), (region, 240..260)], |_| ())
+                    .is_err());
+                assert_eq!(pf.read(region, 100..200), None);
+                go_tx.send(()).unwrap();
+                first.join().unwrap();
+            });
+            let landed = pf.read(region, 0..200).unwrap();
+            assert!(all_eq(&landed[..100], 1) && all_eq(&landed[100..], 2));
+            assert_eq!(pf.read(region, 200..201), None);
+            pf.write(&[(region, 200..300)], |p| p[0].fill(3)).unwrap();
+            assert_eq!(pf.read(region, 299..300), Some(&[3][..]));
+        }
+    }
+
+    /// An empty range claims nothing and lands nothing: the bytes below it stay unreadable, and a
+    /// later write may still claim them.
+    #[test]
+    fn empty_writes_land_nothing() {
+        let pf = ReceiveMemory::new(vec![Target::Touched(Buffer::zeroed(1000))]);
+        pf.write(&[(0, 500..500)], |p| assert!(p[0].is_empty()))
+            .unwrap();
+        assert_eq!(pf.read(0, 0..100), None);
+        pf.write(&[(0, 0..100), (0, 100..100)], |p| p[0].fill(4))
+            .unwrap();
+        assert_eq!(pf.read(0, 0..100).map(|b| all_eq(b, 4)), Some(true));
+        assert_eq!(pf.read(0, 0..101), None);
     }
 
     #[test]
