@@ -1286,14 +1286,19 @@ mod tests {
         /// Prime, and no divisor of any page, alignment or claim size.
         const PERIOD: usize = 4093;
 
-        fn new(seed: u8) -> Pattern {
-            let table = (0..2 * Pattern::PERIOD)
-                .map(|i| {
-                    let j = (i % Pattern::PERIOD) as u32 ^ (u32::from(seed) << 16);
-                    (j.wrapping_mul(0x9E37_79B1) >> 24) as u8 % 251 + 1
-                })
-                .collect();
-            Pattern { table }
+        /// The pattern of `seed`, built once per process (byte by byte: slow under Miri).
+        fn new(seed: u8) -> &'static Pattern {
+            static BUILT: [OnceLock<Pattern>; 256] = [const { OnceLock::new() }; 256];
+            BUILT[usize::from(seed)].get_or_init(|| {
+                let mut table: Vec<u8> = (0..Pattern::PERIOD as u32)
+                    .map(|i| {
+                        let j = i ^ (u32::from(seed) << 16);
+                        (j.wrapping_mul(0x9E37_79B1) >> 24) as u8 % 251 + 1
+                    })
+                    .collect();
+                table.extend_from_within(..);
+                Pattern { table }
+            })
         }
 
         /// The pattern's bytes `off..off + dst.len()`, into `dst`.
@@ -1368,7 +1373,7 @@ mod tests {
         if !MIRI {
             assert_eq!(resident(big), 0.0, "allocating touched no page");
         }
-        let patterns: Vec<Pattern> = (0..lens.len()).map(|k| Pattern::new(k as u8)).collect();
+        let patterns: Vec<&Pattern> = (0..lens.len()).map(|k| Pattern::new(k as u8)).collect();
         for (k, b) in bufs.iter_mut().enumerate() {
             assert_eq!(b.as_mut_ptr().addr() % MIN_ALIGN, 0, "buffer {k} aligned");
             assert!(all_eq(b, 0), "buffer {k} zeroed");
@@ -1735,7 +1740,7 @@ mod tests {
         let chunks = 8;
         let region = chunk * chunks;
         let lens = [region, region, region];
-        let pats: Vec<Pattern> = (0..3).map(|r| Pattern::new(r as u8)).collect();
+        let pats: Vec<&Pattern> = (0..3).map(|r| Pattern::new(r as u8)).collect();
         let pf = ReceiveMemory::with_options(
             vec![
                 Target::Fresh(Buffer::zeroed(region)),
