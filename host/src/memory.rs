@@ -545,7 +545,11 @@ impl Default for PrefaultOptions {
 /// One region as the background thread and the frontiers see it.
 #[derive(Debug)]
 struct Region {
-    /// Address of the first byte (provenance exposed; see [`ReceiveMemory::new`]).
+    /// The first byte, with the provenance of the whole region: every slice handed out and every
+    /// byte the `Touch` prefaulter reaches derive from it (strict provenance, so that Miri follows
+    /// each of them: `docs/miri.md`).
+    base: NonNull<u8>,
+    /// Its address, for the page arithmetic.
     addr: usize,
     len: usize,
     /// Page-rounded span for `madvise`.
@@ -565,6 +569,13 @@ struct Region {
     /// The writes of this region in flight.
     writes: Mutex<Writes>,
 }
+
+// SAFETY: `base` is an address shared by the threads of a `ReceiveMemory`, which reach the region's
+// bytes through it only as the soundness section of `ReceiveMemory` says (disjoint claims, reads
+// below `landed`, the `Touch` prefaulter above `claimed` under the lock).
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
 
 /// The writes of one region handed out and not yet returned. Claims go up the region, but writes
 /// on different threads may return in any order: the region lands only when none is in flight.
@@ -748,9 +759,8 @@ impl<'a> ReceiveMemory<'a> {
                 }
             };
             regions.push(Region {
-                // Exposes the provenance for the `Touch` thread (`with_exposed_provenance_mut`)
-                // and for the slices handed out (`ptr` below is rebuilt from it).
-                addr: ptr.expose_provenance(),
+                base: NonNull::new(ptr).expect("slices and buffers are never null"),
+                addr: ptr.addr(),
                 len,
                 span,
                 mapped,
@@ -893,7 +903,7 @@ impl<'a> ReceiveMemory<'a> {
         if range.is_empty() {
             return Some(&[]);
         }
-        let ptr = std::ptr::with_exposed_provenance::<u8>(region.addr);
+        let ptr = region.base.as_ptr().cast_const();
         // SAFETY: `range` lies below `landed` (checked, Acquire), so it is within the region, it was
         // written by writes that have all returned, their slices gone (Release), or skipped, and no
         // writable slice will ever cover it again (claims start at or above `claimed` ≥ `landed`).
@@ -933,7 +943,7 @@ impl<'a> ReceiveMemory<'a> {
                 .hint
                 .fetch_max(region.start + range.start as u64, Ordering::Relaxed);
         }
-        let ptr = std::ptr::with_exposed_provenance_mut::<u8>(region.addr);
+        let ptr = region.base.as_ptr();
         // SAFETY: `range` is within the region, whose memory lives (unmoved) as long as `self`. The
         // frontier update above succeeded only if `range` lies at or above every earlier claim of
         // this region, so no other slice handed out covers these bytes, and no reader sees them
@@ -1057,8 +1067,9 @@ fn run(sh: &Shared) {
                     let batch_end = end.min(from + TOUCH_BATCH * page);
                     i = from;
                     while i < batch_end {
-                        let p = std::ptr::with_exposed_provenance_mut::<u8>(region.addr + i);
                         // SAFETY: `i < len`, so `p` is in the buffer, which outlives this thread.
+                        let p = unsafe { region.base.as_ptr().add(i) };
+                        // SAFETY: as above, `p` is in the buffer, which outlives this thread.
                         // `i ≥ claimed`, read under the lock `claim` takes to advance it, so no
                         // slice covering this byte has been handed out, and none can be until
                         // we release the lock: nobody else accesses the byte meanwhile. The
