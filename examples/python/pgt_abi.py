@@ -23,9 +23,26 @@ import wasmtime
 ROOT = Path(__file__).resolve().parents[2]
 
 DTYPES = [
-    "float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-    "float8_e5m2fnuz", "complex128", "complex64", "complex32", "int64", "int32", "int16", "int8",
-    "uint64", "uint32", "uint16", "uint8", "bool",
+    "float64",
+    "float32",
+    "float16",
+    "bfloat16",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "complex128",
+    "complex64",
+    "complex32",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint64",
+    "uint32",
+    "uint16",
+    "uint8",
+    "bool",
 ]
 KINDS = ["header", "metadata", "data", "trailer"]
 REDUCE_OPS = ["Sum", "Avg", "Product", "Min", "Max"]
@@ -133,7 +150,14 @@ def limits_bytes(limits: dict | None) -> bytes:
     """postcard LimitsW; b"" (the defaults) for None."""
     if not limits:
         return b""
-    fields = ["max_metadata_bytes", "max_leaves", "max_depth", "max_ndim", "max_total_bytes", "max_messages"]
+    fields = [
+        "max_metadata_bytes",
+        "max_leaves",
+        "max_depth",
+        "max_ndim",
+        "max_total_bytes",
+        "max_messages",
+    ]
     return b"".join(varint(int(limits[f])) for f in fields)
 
 
@@ -246,7 +270,11 @@ def segment(r: Reader) -> dict:
 
 
 def plan_params(r: Reader) -> dict:
-    return {"fanout": ["Direct", "Chain"][r.varint()], "bucket_size": uint(r.varint()), "chunk_size": uint(r.varint())}
+    return {
+        "fanout": ["Direct", "Chain"][r.varint()],
+        "bucket_size": uint(r.varint()),
+        "chunk_size": uint(r.varint()),
+    }
 
 
 def summary(r: Reader) -> dict:
@@ -276,7 +304,12 @@ def summary(r: Reader) -> dict:
 
 
 def message(r: Reader) -> dict:
-    return {"kind": KINDS[r.varint()], "tag": uint(r.varint()), "len": uint(r.varint()), "segments": r.seq(lambda: segment(r))}
+    return {
+        "kind": KINDS[r.varint()],
+        "tag": uint(r.varint()),
+        "len": uint(r.varint()),
+        "segments": r.seq(lambda: segment(r)),
+    }
 
 
 def payload(r: Reader, out: dict) -> dict:
@@ -293,7 +326,13 @@ def send_next(r: Reader) -> dict:
         return {"type": "wait_digests"}
     if tag == 2:
         return {"type": "done"}
-    op = {"type": "send", "to": r.varint(), "message": r.varint(), "tag": r.varint(), "len": r.varint()}
+    op = {
+        "type": "send",
+        "to": r.varint(),
+        "message": r.varint(),
+        "tag": r.varint(),
+        "len": r.varint(),
+    }
     payload(r, op)
     op["hash"] = r.bool()
     return op
@@ -313,14 +352,25 @@ def recv_next(r: Reader) -> dict:
             "hash": r.bool(),
         }
     if tag == 2:
-        op = {"type": "forward", "to": r.varint(), "message": r.varint(), "tag": r.varint(), "len": r.varint()}
+        op = {
+            "type": "forward",
+            "to": r.varint(),
+            "message": r.varint(),
+            "tag": r.varint(),
+            "len": r.varint(),
+        }
         return payload(r, op)
     return {"type": {1: "need_bindings", 3: "wait", 4: "done"}[tag]}
 
 
 def binding(r: Reader) -> dict:
     dest = "fresh" if r.varint() == 0 else {"in_place": uint(r.varint())}
-    return {"dest": dest, "dtype": r.dtype(), "nbytes": uint(r.varint()), "cast_from": r.opt(r.dtype)}
+    return {
+        "dest": dest,
+        "dtype": r.dtype(),
+        "nbytes": uint(r.varint()),
+        "cast_from": r.opt(r.dtype),
+    }
 
 
 def incoming(r: Reader) -> dict:
@@ -371,7 +421,7 @@ class Pgt:
         return wasmtime.Module.from_file(engine, str(path)), engine
 
     @classmethod
-    def load(cls, path: Path | None = None) -> "Pgt":
+    def load(cls, path: Path | None = None) -> Pgt:
         return cls(*cls.compile(path))
 
     def _put(self, data: bytes) -> tuple[int, int]:
@@ -407,7 +457,14 @@ class Pgt:
 
     def default_limits(self) -> dict:
         def limits(r):
-            keys = ["max_metadata_bytes", "max_leaves", "max_depth", "max_ndim", "max_total_bytes", "max_messages"]
+            keys = [
+                "max_metadata_bytes",
+                "max_leaves",
+                "max_depth",
+                "max_ndim",
+                "max_total_bytes",
+                "max_messages",
+            ]
             return {k: uint(r.varint()) for k in keys}
 
         return self.call("pgt_default_limits", limits)
@@ -416,9 +473,15 @@ class Pgt:
         return self.call("pgt_decode", summary, inputs=(header, metadata, limits_bytes(limits)))
 
     def plan(self, header: bytes, metadata: bytes, limits: dict | None = None) -> list:
-        return self.call("pgt_plan", lambda r: r.seq(lambda: message(r)), inputs=(header, metadata, limits_bytes(limits)))
+        return self.call(
+            "pgt_plan",
+            lambda r: r.seq(lambda: message(r)),
+            inputs=(header, metadata, limits_bytes(limits)),
+        )
 
-    def encode(self, metadata_postcard: bytes, digests: bool, limits: dict | None = None) -> tuple[bytes, bytes]:
+    def encode(
+        self, metadata_postcard: bytes, digests: bool, limits: dict | None = None
+    ) -> tuple[bytes, bytes]:
         """Validates and encodes postcard Metadata (the metadata message's schema): (header, metadata)."""
 
         def encoded(r):
@@ -444,7 +507,7 @@ class Pgt:
         return out
 
     # state machines
-    def sender(self, metadata_postcard: bytes, digests: bool, limits: dict | None = None) -> "Sender":
+    def sender(self, metadata_postcard: bytes, digests: bool, limits: dict | None = None) -> Sender:
         placed = [self._put(metadata_postcard), self._put(limits_bytes(limits))]
         try:
             block = self.exports["pgt_sender_new"](self.store, *placed[0], int(digests), *placed[1])
@@ -453,7 +516,9 @@ class Pgt:
         handle, storages = self._result(block, lambda r: (r.varint(), r.seq(lambda: storage(r))))
         return Sender(self, handle, storages)
 
-    def receiver(self, rank: int, source: int, expected_step: int | None = None, limits: dict | None = None) -> "Receiver":
+    def receiver(
+        self, rank: int, source: int, expected_step: int | None = None, limits: dict | None = None
+    ) -> Receiver:
         opts = varint(rank) + varint(source)
         opts += b"\x00" if expected_step is None else b"\x01" + varint(expected_step)
         lim = limits or self.default_limits()
@@ -490,10 +555,20 @@ class Receiver:
         return self.pgt.call("pgt_receiver_metadata", incoming, self.handle, inputs=(data,))
 
     def bind_in_place(self, storage: int, buffer_id: int, dtype: str, nbytes: int):
-        self.pgt.call("pgt_receiver_bind", unit, self.handle, storage, i64(buffer_id), DTYPES.index(dtype), i64(nbytes))
+        self.pgt.call(
+            "pgt_receiver_bind",
+            unit,
+            self.handle,
+            storage,
+            i64(buffer_id),
+            DTYPES.index(dtype),
+            i64(nbytes),
+        )
 
     def finish_bindings(self) -> list:
-        return self.pgt.call("pgt_receiver_finish_bindings", lambda r: r.seq(lambda: binding(r)), self.handle)
+        return self.pgt.call(
+            "pgt_receiver_finish_bindings", lambda r: r.seq(lambda: binding(r)), self.handle
+        )
 
     def handle_data(self, message: int):
         self.pgt.call("pgt_receiver_data", unit, self.handle, message)

@@ -36,10 +36,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # pgt_abi.py and pgt_tcp.py live next to this file
 
+import pgt_abi  # noqa: E402
 import wasmtime  # noqa: E402
 import xxhash  # noqa: E402
-
-import pgt_abi  # noqa: E402
 from pgt_abi import Pgt, PgtError  # noqa: E402
 from pgt_tcp import PgError, TcpGroup, TcpOptions  # noqa: E402
 
@@ -50,21 +49,66 @@ except ImportError:  # numpy is only needed for --npz and faster strided gathers
 
 # PROTOCOL.md §6: element sizes and safetensors names, by torch name (pgt_abi.DTYPES order).
 ELEMENT_SIZE = {
-    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
-    "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "complex128": 16, "complex64": 8, "complex32": 4,
-    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1,
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2fnuz": 1,
+    "complex128": 16,
+    "complex64": 8,
+    "complex32": 4,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint64": 8,
+    "uint32": 4,
+    "uint16": 2,
+    "uint8": 1,
+    "bool": 1,
 }
 SAFETENSORS_NAME = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2", "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint64": "U64",
-    "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint64": "U64",
+    "uint32": "U32",
+    "uint16": "U16",
+    "uint8": "U8",
+    "bool": "BOOL",
 }
 # numpy dtypes for .npz; types numpy lacks are stored as their raw bits (listed in __pgt_dtypes__).
 NUMPY_DTYPE = {
-    "float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float8_e4m3fn": "u1",
-    "float8_e5m2": "u1", "float8_e4m3fnuz": "u1", "float8_e5m2fnuz": "u1", "complex128": "<c16",
-    "complex64": "<c8", "complex32": "<u4", "int64": "<i8", "int32": "<i4", "int16": "<i2", "int8": "i1",
-    "uint64": "<u8", "uint32": "<u4", "uint16": "<u2", "uint8": "u1", "bool": "?",
+    "float64": "<f8",
+    "float32": "<f4",
+    "float16": "<f2",
+    "bfloat16": "<u2",
+    "float8_e4m3fn": "u1",
+    "float8_e5m2": "u1",
+    "float8_e4m3fnuz": "u1",
+    "float8_e5m2fnuz": "u1",
+    "complex128": "<c16",
+    "complex64": "<c8",
+    "complex32": "<u4",
+    "int64": "<i8",
+    "int32": "<i4",
+    "int16": "<i2",
+    "int8": "i1",
+    "uint64": "<u8",
+    "uint32": "<u4",
+    "uint16": "<u2",
+    "uint8": "u1",
+    "bool": "?",
 }
 METADATA_KEY = "__metadata__"
 STEP_KEY = "pgt.step"
@@ -96,8 +140,15 @@ class Received:
         self.seconds, self.nbytes = seconds, nbytes
 
 
-def receive(pg: TcpGroup, pgt: Pgt, src: int, expected_step: int | None, timeout: float,
-            log: Log, limits: dict | None = None) -> Received:
+def receive(
+    pg: TcpGroup,
+    pgt: Pgt,
+    src: int,
+    expected_step: int | None,
+    timeout: float,
+    log: Log,
+    limits: dict | None = None,
+) -> Received:
     """Runs the module's receiver state machine against the process group until it is done; returns the
     verified result. Raises PgtError (the module's named error) or PgError (the process group's)."""
     r = pgt.receiver(rank=pg.rank, source=src, expected_step=expected_step, limits=limits)
@@ -121,7 +172,9 @@ def receive(pg: TcpGroup, pgt: Pgt, src: int, expected_step: int | None, timeout
                         r.handle_header(data)
                     elif op["kind"] == "metadata":
                         incoming = r.handle_metadata(data)
-                        log.debug(f"metadata: {len(incoming['storages'])} storages, {incoming['total_bytes']} bytes")
+                        log.debug(
+                            f"metadata: {len(incoming['storages'])} storages, {incoming['total_bytes']} bytes"
+                        )
                     else:
                         r.handle_trailer(data)
                     continue
@@ -130,7 +183,7 @@ def receive(pg: TcpGroup, pgt: Pgt, src: int, expected_step: int | None, timeout
                 pg.recv_into(frm, tag, parts, timeout)  # straight into the storages
                 moved += n
                 if op["hash"]:
-                    for (s, _, ln), part in zip(segs, parts):
+                    for (s, _, ln), part in zip(segs, parts, strict=True):
                         h = hashers.get(s)
                         if h is None:
                             h = hashers[s] = xxhash.xxh3_64()
@@ -155,12 +208,19 @@ def receive(pg: TcpGroup, pgt: Pgt, src: int, expected_step: int | None, timeout
                 if "bytes" in op:
                     parts = [op["bytes"]]
                 else:
-                    parts = [views[s["storage"]][int(s["offset"]) : int(s["offset"]) + int(s["len"])] for s in op["segments"]]
+                    parts = [
+                        views[s["storage"]][int(s["offset"]) : int(s["offset"]) + int(s["len"])]
+                        for s in op["segments"]
+                    ]
                 pg.send(op["to"], op["tag"], parts, timeout)
                 r.handle_forwarded(op["message"])
-                log.debug(f"forwarded message {op['message']} ({op['len']} bytes, tag {op['tag']}) to rank {op['to']}")
+                log.debug(
+                    f"forwarded message {op['message']} ({op['len']} bytes, tag {op['tag']}) to rank {op['to']}"
+                )
             elif kind == "wait":
-                raise RuntimeError("the module waits for an operation in flight, but this host completes each one at once")
+                raise RuntimeError(
+                    "the module waits for an operation in flight, but this host completes each one at once"
+                )
             else:  # done
                 break
         result = r.finish()  # DigestMismatch etc. surface here; frees the receiver
@@ -208,12 +268,14 @@ def view_bytes(buf, layout: dict):
         return mv[off * es : (off + numel) * es]
     if np is not None:
         base = np.frombuffer(buf, dtype=np.uint8)[off * es :]
-        v = np.lib.stride_tricks.as_strided(base, shape + [es], [s * es for s in stride] + [1], writeable=False)
+        v = np.lib.stride_tricks.as_strided(
+            base, shape + [es], [s * es for s in stride] + [1], writeable=False
+        )
         return np.ascontiguousarray(v).tobytes()
     out = bytearray()
     inner, istride = shape[-1], stride[-1]
     for idx in itertools.product(*[range(d) for d in shape[:-1]]):
-        first = off + sum(i * s for i, s in zip(idx, stride))
+        first = off + sum(i * s for i, s in zip(idx, stride[:-1], strict=True))
         if istride == 1:
             out += mv[first * es : (first + inner) * es]
         else:
@@ -264,10 +326,17 @@ def tensors_of(rec: Received):
         if name in names:
             raise ValueError(f"{name}: two tensors would share this name")
         names.add(name)
-        tensors.append((name, layout["dtype"], [int(d) for d in layout["shape"]], view_bytes(rec.buffers[storage], layout)))
+        tensors.append(
+            (
+                name,
+                layout["dtype"],
+                [int(d) for d in layout["shape"]],
+                view_bytes(rec.buffers[storage], layout),
+            )
+        )
 
     storage = 0
-    for leaf, path in zip(res["leaves"], paths):
+    for leaf, path in zip(res["leaves"], paths, strict=True):
         name = display(path)
         k = leaf["kind"]
         if k == "value":
@@ -280,22 +349,41 @@ def tensors_of(rec: Received):
             storage += 1
         elif k == "dtensor":
             spec = leaf["spec"]
-            meta(f"pgt.dtensor.{name}", json.dumps({
-                "global_shape": [int(d) for d in spec["global_shape"]],
-                "mesh": [int(d) for d in spec["mesh"]["shape"]],
-                "placements": spec["placements"],
-            }, separators=(",", ":"), sort_keys=True))
+            meta(
+                f"pgt.dtensor.{name}",
+                json.dumps(
+                    {
+                        "global_shape": [int(d) for d in spec["global_shape"]],
+                        "mesh": [int(d) for d in spec["mesh"]["shape"]],
+                        "placements": spec["placements"],
+                    },
+                    separators=(",", ":"),
+                    sort_keys=True,
+                ),
+            )
             add(name, leaf["local"], storage)
             storage += 1
         else:  # sharded_tensor
             g = leaf["global"]
-            meta(f"pgt.sharded.{name}", json.dumps({
-                "global_size": [int(d) for d in g["global_size"]],
-                "dtype": g["dtype"],
-                "local_shards": [{"offsets": [int(x) for x in s["meta"]["offsets"]],
-                                  "sizes": [int(x) for x in s["meta"]["sizes"]],
-                                  "placement": s["meta"]["placement"]} for s in leaf["local_shards"]],
-            }, separators=(",", ":"), sort_keys=True))
+            meta(
+                f"pgt.sharded.{name}",
+                json.dumps(
+                    {
+                        "global_size": [int(d) for d in g["global_size"]],
+                        "dtype": g["dtype"],
+                        "local_shards": [
+                            {
+                                "offsets": [int(x) for x in s["meta"]["offsets"]],
+                                "sizes": [int(x) for x in s["meta"]["sizes"]],
+                                "placement": s["meta"]["placement"],
+                            }
+                            for s in leaf["local_shards"]
+                        ],
+                    },
+                    separators=(",", ":"),
+                    sort_keys=True,
+                ),
+            )
             for i, shard in enumerate(leaf["local_shards"]):
                 add(f"{name}.shard{i}", shard["layout"], storage)
                 storage += 1
@@ -367,15 +455,28 @@ def parse_args(argv):
     p.add_argument("--npz", type=Path, help="write the checkpoint here as a numpy .npz file")
     p.add_argument("--src", type=int, default=0, help="rank that sends (default 0)")
     p.add_argument("--expect-step", type=int, help="refuse a checkpoint of another training step")
-    p.add_argument("--timeout", type=float, default=120.0, help="per-operation timeout in seconds (default 120)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="per-operation timeout in seconds (default 120)",
+    )
     p.add_argument("--rank", type=int)
     p.add_argument("--world-size", type=int)
     p.add_argument("--master-addr")
     p.add_argument("--master-port", type=int)
     p.add_argument("--token", help="job token (prefer PGT_TOKEN: flags show in ps)")
     p.add_argument("--listen-host")
-    p.add_argument("--setup-timeout", type=float, help="group formation timeout in seconds (PGT_TIMEOUT_SECS, default 300)")
-    p.add_argument("--wasm", type=Path, help="pgt_wasm.wasm (default $PGT_WASM_MODULE, else $CARGO_TARGET_DIR/pgt-wasm/)")
+    p.add_argument(
+        "--setup-timeout",
+        type=float,
+        help="group formation timeout in seconds (PGT_TIMEOUT_SECS, default 300)",
+    )
+    p.add_argument(
+        "--wasm",
+        type=Path,
+        help="pgt_wasm.wasm (default $PGT_WASM_MODULE, else $CARGO_TARGET_DIR/pgt-wasm/)",
+    )
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("-v", "--verbose", action="count", default=0)
     args = p.parse_args(argv)
@@ -388,9 +489,15 @@ def options_from(args) -> TcpOptions:
     env = dict(os.environ)
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")
-    for flag, var in [("rank", "RANK"), ("world_size", "WORLD_SIZE"), ("master_addr", "MASTER_ADDR"),
-                      ("master_port", "MASTER_PORT"), ("token", "PGT_TOKEN"), ("listen_host", "PGT_LISTEN_HOST"),
-                      ("setup_timeout", "PGT_TIMEOUT_SECS")]:
+    for flag, var in [
+        ("rank", "RANK"),
+        ("world_size", "WORLD_SIZE"),
+        ("master_addr", "MASTER_ADDR"),
+        ("master_port", "MASTER_PORT"),
+        ("token", "PGT_TOKEN"),
+        ("listen_host", "PGT_LISTEN_HOST"),
+        ("setup_timeout", "PGT_TIMEOUT_SECS"),
+    ]:
         v = getattr(args, flag)
         if v is not None:
             env[var] = str(v)
@@ -402,18 +509,27 @@ def main(argv=None) -> int:
     log = Log(args.verbose, args.quiet)
     for out in (args.out, args.npz):
         if out is not None and not (out.parent if str(out.parent) else Path(".")).is_dir():
-            print(f"pgt_recv: error: cannot write {out}: {out.parent} is not a directory", file=sys.stderr)
+            print(
+                f"pgt_recv: error: cannot write {out}: {out.parent} is not a directory",
+                file=sys.stderr,
+            )
             return EXIT_SETUP
     if args.npz is not None and np is None:
-        print("pgt_recv: error: --npz needs numpy (pip install -r requirements.txt)", file=sys.stderr)
+        print(
+            "pgt_recv: error: --npz needs numpy (pip install -r requirements.txt)", file=sys.stderr
+        )
         return EXIT_SETUP
     try:
         opts = options_from(args)
         pgt = Pgt.load(args.wasm)
-        pgt.store.set_limits(memory_size=2 << 30)  # as WasmEngine's default cap: a runaway guest traps
+        pgt.store.set_limits(
+            memory_size=2 << 30
+        )  # as WasmEngine's default cap: a runaway guest traps
         abi = pgt.abi_version()
         if abi != 1:
-            raise RuntimeError(f"{args.wasm or pgt_abi.module_path()} speaks raw ABI {abi}; this host speaks 1")
+            raise RuntimeError(
+                f"{args.wasm or pgt_abi.module_path()} speaks raw ABI {abi}; this host speaks 1"
+            )
     except (PgError, FileNotFoundError, RuntimeError) as e:
         print(f"pgt_recv: error: {e}", file=sys.stderr)
         return EXIT_SETUP
@@ -422,16 +538,25 @@ def main(argv=None) -> int:
         pg = TcpGroup.join(opts, log=log.debug)
         rec = receive(pg, pgt, args.src, args.expect_step, args.timeout, log)
     except PgtError as e:
-        print(f"pgt_recv: error: receiving from rank {args.src}: pgt error {e.name}: {e.message}", file=sys.stderr)
+        print(
+            f"pgt_recv: error: receiving from rank {args.src}: pgt error {e.name}: {e.message}",
+            file=sys.stderr,
+        )
         return EXIT_PROTOCOL
     except PgError as e:
-        what = f"rank {opts.rank} could not join the job at {opts.master_addr}:{opts.master_port}" if pg is None \
+        what = (
+            f"rank {opts.rank} could not join the job at {opts.master_addr}:{opts.master_port}"
+            if pg is None
             else f"receiving from rank {args.src}"
+        )
         print(f"pgt_recv: error: {what}: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_GROUP
     except (wasmtime.Trap, wasmtime.WasmtimeError, RuntimeError) as e:
         # a trap is a guest bug or the memory cap; a RuntimeError an order this host cannot follow
-        print(f"pgt_recv: error: receiving from rank {args.src}: {type(e).__name__}: {e}", file=sys.stderr)
+        print(
+            f"pgt_recv: error: receiving from rank {args.src}: {type(e).__name__}: {e}",
+            file=sys.stderr,
+        )
         return EXIT_PROTOCOL
     finally:
         if pg is not None:

@@ -108,7 +108,7 @@ class TcpOptions:
     listen_host: str | None = None
 
     @classmethod
-    def from_env(cls, env=os.environ) -> "TcpOptions":
+    def from_env(cls, env=os.environ) -> TcpOptions:
         """MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, PGT_TOKEN (required); PGT_TIMEOUT_SECS and
         PGT_LISTEN_HOST (optional), as ``TcpOptions::from_env`` in Rust."""
 
@@ -163,7 +163,7 @@ def _read_into(sock: socket.socket, view: memoryview, deadline: float, done: lis
         sock.settimeout(left)
         try:
             got = sock.recv_into(view[off : off + IO_CHUNK])
-        except (socket.timeout, BlockingIOError, InterruptedError):
+        except (TimeoutError, BlockingIOError, InterruptedError):
             continue
         except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as e:
             raise _Closed(str(e)) from None
@@ -192,7 +192,7 @@ def _write_all(sock: socket.socket, parts, deadline: float):
                 break
         try:
             sent = sock.sendmsg(batch)
-        except (socket.timeout, BlockingIOError, InterruptedError):
+        except (TimeoutError, BlockingIOError, InterruptedError):
             continue
         except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as e:
             raise _Closed(str(e)) from None
@@ -252,7 +252,9 @@ def _peer_name(sock) -> str:
         return "<unknown>"
 
 
-def client_handshake(sock, token: bytes, purpose: int, rank: int, world: int, deadline: float, what: str):
+def client_handshake(
+    sock, token: bytes, purpose: int, rank: int, world: int, deadline: float, what: str
+):
     """Client side; returns the server's (purpose, rank, world) once it accepted us."""
     addr = _peer_name(sock)
     hello = _hello(purpose, rank, world, os.urandom(NONCE_LEN))
@@ -263,8 +265,12 @@ def client_handshake(sock, token: bytes, purpose: int, rank: int, world: int, de
         raise _Transport(f"{addr}: {type(e).__name__} {e}") from None
     server = _parse_hello(sh[:CLIENT_HELLO_LEN])
     if server is None:
-        raise AuthFailed(f"authentication with {what} at {addr} failed: the other side is not a pgt endpoint")
-    if not hmac.compare_digest(_mac(token, LABEL_SERVER, hello, sh[:CLIENT_HELLO_LEN]), sh[CLIENT_HELLO_LEN:]):
+        raise AuthFailed(
+            f"authentication with {what} at {addr} failed: the other side is not a pgt endpoint"
+        )
+    if not hmac.compare_digest(
+        _mac(token, LABEL_SERVER, hello, sh[:CLIENT_HELLO_LEN]), sh[CLIENT_HELLO_LEN:]
+    ):
         raise AuthFailed(
             f"authentication with {what} at {addr} failed: the other side does not know the job token "
             "(is PGT_TOKEN the same on every rank?)"
@@ -279,15 +285,21 @@ def client_handshake(sock, token: bytes, purpose: int, rank: int, world: int, de
     if verdict == VERDICT_BAD_PROOF:
         raise AuthFailed(f"authentication with {what} at {addr} failed: our proof was refused")
     if verdict == VERDICT_UNEXPECTED_RANK:
-        raise RendezvousError(f"{what} at {addr} refused rank {rank} (not expected there, or already connected)")
+        raise RendezvousError(
+            f"{what} at {addr} refused rank {rank} (not expected there, or already connected)"
+        )
     if verdict == VERDICT_WORLD_MISMATCH:
         raise RendezvousError(f"{what} at {addr} runs a world of size {server[2]}, we have {world}")
     if verdict == VERDICT_WRONG_PURPOSE:
-        raise RendezvousError(f"{addr} is not a {'rendezvous store' if purpose == PURPOSE_STORE else 'pgt rank'}")
+        raise RendezvousError(
+            f"{addr} is not a {'rendezvous store' if purpose == PURPOSE_STORE else 'pgt rank'}"
+        )
     raise AuthFailed(f"authentication with {what} at {addr} failed: invalid verdict byte {verdict}")
 
 
-def server_handshake(sock, token: bytes, purpose: int, rank: int, world: int, deadline: float, admit):
+def server_handshake(
+    sock, token: bytes, purpose: int, rank: int, world: int, deadline: float, admit
+):
     """Server side; ``admit(client_rank) -> bool`` after the client proved the token. Returns the client's
     rank once accepted; raises PgError otherwise."""
     addr = _peer_name(sock)
@@ -412,7 +424,13 @@ class _Acceptor(threading.Thread):
 
     def __init__(self, listener, token, rank, world, log):
         super().__init__(name=f"pgt-accept-{rank}", daemon=True)
-        self.listener, self.token, self.rank, self.world, self.log = listener, token, rank, world, log
+        self.listener, self.token, self.rank, self.world, self.log = (
+            listener,
+            token,
+            rank,
+            world,
+            log,
+        )
         self.admitted: queue.Queue = queue.Queue()
         self.claimed: set[int] = set()
         self.lock = threading.Lock()
@@ -429,7 +447,9 @@ class _Acceptor(threading.Thread):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             deadline = time.monotonic() + HANDSHAKE_TIMEOUT
-            r = server_handshake(sock, self.token, PURPOSE_PEER, self.rank, self.world, deadline, self._admit)
+            r = server_handshake(
+                sock, self.token, PURPOSE_PEER, self.rank, self.world, deadline, self._admit
+            )
             if self.stop.is_set():
                 sock.close()
             else:
@@ -443,7 +463,7 @@ class _Acceptor(threading.Thread):
         while not self.stop.is_set():
             try:
                 sock, _ = self.listener.accept()
-            except (socket.timeout, InterruptedError):
+            except (TimeoutError, InterruptedError):
                 continue
             except OSError:
                 if self.stop.is_set():
@@ -479,7 +499,9 @@ class _Store(threading.Thread):
                     time.sleep(0.1)
                     continue
                 self.listener.close()
-                raise RendezvousError(f"cannot host the store on {_fmt_addr(*sa[:2])}: {e}") from None
+                raise RendezvousError(
+                    f"cannot host the store on {_fmt_addr(*sa[:2])}: {e}"
+                ) from None
         self.listener.listen(1024)
         self.claimed: set[int] = set()
 
@@ -495,7 +517,9 @@ class _Store(threading.Thread):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             hs_deadline = time.monotonic() + HANDSHAKE_TIMEOUT
-            r = server_handshake(sock, self.token, PURPOSE_STORE, STORE_RANK, self.world, hs_deadline, self._admit)
+            r = server_handshake(
+                sock, self.token, PURPOSE_STORE, STORE_RANK, self.world, hs_deadline, self._admit
+            )
             tag, payload = _read_frame(sock, MAX_ADDR_LEN, hs_deadline)
             addr = payload.decode()
             if tag != TAG_REGISTER:
@@ -505,7 +529,9 @@ class _Store(threading.Thread):
                 self.regs[r] = (sock, addr)
                 self.cv.notify_all()
         except Exception as e:
-            self.log(f"store: refused a connection from {_peer_name(sock)}: {type(e).__name__}: {e}")
+            self.log(
+                f"store: refused a connection from {_peer_name(sock)}: {type(e).__name__}: {e}"
+            )
             if r is not None:
                 with self.lock:
                     self.claimed.discard(r)  # let the rank try again
@@ -520,11 +546,13 @@ class _Store(threading.Thread):
                         break
                 if _left(self.deadline) is None:
                     missing = [r for r in range(self.world) if r not in self.regs]
-                    self.error = RendezvousError(f"timed out waiting for registration from ranks {missing}")
+                    self.error = RendezvousError(
+                        f"timed out waiting for registration from ranks {missing}"
+                    )
                     return
                 try:
                     sock, _ = self.listener.accept()
-                except (socket.timeout, InterruptedError):
+                except (TimeoutError, InterruptedError):
                     continue
                 sock.settimeout(None)
                 threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
@@ -568,7 +596,7 @@ class TcpGroup:
         self.peers = {r: _Peer(r, s) for r, s in peers.items()}
 
     @classmethod
-    def join(cls, opts: TcpOptions, log=lambda msg: None) -> "TcpGroup":
+    def join(cls, opts: TcpOptions, log=lambda msg: None) -> TcpGroup:
         """Forms the group with the other ranks; blocks until every rank is connected or ``opts.timeout``."""
         rank, world, token = opts.rank, opts.world_size, opts.token
         if world <= 0 or not 0 <= rank < world:
@@ -624,7 +652,9 @@ class TcpGroup:
                 )
                 socks[peer] = sock
                 if server[1] != peer:
-                    raise RendezvousError(f"{_fmt_addr(*table[peer][1][:2])} answered as rank {server[1]}, expected rank {peer}")
+                    raise RendezvousError(
+                        f"{_fmt_addr(*table[peer][1][:2])} answered as rank {server[1]}, expected rank {peer}"
+                    )
             # 5. Collect lower ranks.
             while len([r for r in socks if r < rank]) < rank:
                 left = _left(deadline)
@@ -657,12 +687,16 @@ class TcpGroup:
 
     @staticmethod
     def _register(masters, token, rank, world, advertised, deadline):
-        sock, _ = _connect_authenticated(masters, token, PURPOSE_STORE, rank, world, deadline, "the rendezvous store")
+        sock, _ = _connect_authenticated(
+            masters, token, PURPOSE_STORE, rank, world, deadline, "the rendezvous store"
+        )
         try:
             _write_frame(sock, TAG_REGISTER, advertised.encode(), deadline)
             tag, payload = _read_frame(sock, 4 + world * (2 + MAX_ADDR_LEN), deadline)
         except _TimedOut:
-            raise RendezvousError(f"rank {rank}: timed out waiting for all {world} ranks to register") from None
+            raise RendezvousError(
+                f"rank {rank}: timed out waiting for all {world} ranks to register"
+            ) from None
         except (_Closed, OSError) as e:
             raise RendezvousError(f"waiting for the address table: {e}") from None
         finally:
@@ -679,9 +713,13 @@ class TcpGroup:
     def _peer(self, r: int) -> _Peer:
         p = self.peers.get(r)
         if p is None:
-            raise PgError(f"rank {r} is not another rank of this group of {self.size} (we are rank {self.rank})")
+            raise PgError(
+                f"rank {r} is not another rank of this group of {self.size} (we are rank {self.rank})"
+            )
         if p.poisoned:
-            raise PgError(f"connection to rank {r} is unusable after an earlier failure in the middle of a frame")
+            raise PgError(
+                f"connection to rank {r} is unusable after an earlier failure in the middle of a frame"
+            )
         return p
 
     def send(self, dst: int, tag: int, parts, timeout: float):
@@ -692,7 +730,9 @@ class TcpGroup:
             _write_all(p.sock, [FRAME_HEADER.pack(tag, n), *parts], time.monotonic() + timeout)
         except _TimedOut:
             p.poisoned = True
-            raise PgTimeout(f"timed out after {timeout:g} s sending tag {tag} to rank {dst}") from None
+            raise PgTimeout(
+                f"timed out after {timeout:g} s sending tag {tag} to rank {dst}"
+            ) from None
         except (_Closed, OSError):
             p.poisoned = True
             raise PeerClosed(f"rank {dst} closed the connection") from None
@@ -737,7 +777,9 @@ class TcpGroup:
         except _TimedOut:
             if done[0]:
                 p.poisoned = True
-            raise PgTimeout(f"timed out after {timeout:g} s waiting for tag {tag} from rank {src}") from None
+            raise PgTimeout(
+                f"timed out after {timeout:g} s waiting for tag {tag} from rank {src}"
+            ) from None
         except (_Closed, OSError):
             p.poisoned = True
             raise PeerClosed(f"rank {src} closed the connection") from None
@@ -751,7 +793,9 @@ class TcpGroup:
 
         def take(n, read, data):
             if n != want:
-                raise LengthMismatch(f"message with tag {tag} from rank {src} has {n} bytes, expected {want}")
+                raise LengthMismatch(
+                    f"message with tag {tag} from rank {src} has {n} bytes, expected {want}"
+                )
             off = 0
             for x in parts:
                 if data is None:
@@ -767,7 +811,9 @@ class TcpGroup:
 
         def take(n, read, data):
             if n > max_len:
-                raise LengthMismatch(f"message with tag {tag} from rank {src} has {n} bytes, more than the limit of {max_len}")
+                raise LengthMismatch(
+                    f"message with tag {tag} from rank {src} has {n} bytes, more than the limit of {max_len}"
+                )
             if data is not None:
                 return data
             b = bytearray(n)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import xxhash
-
 from pgt_abi import ABI_ERROR, ERROR, Pgt, PgtError, module_path
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
@@ -45,7 +44,10 @@ def records(v):
     b = (VECTORS / v["file"]).read_bytes()
     out, at = [], 0
     while at < len(b):
-        tag, n = int.from_bytes(b[at : at + 8], "little"), int.from_bytes(b[at + 8 : at + 16], "little")
+        tag, n = (
+            int.from_bytes(b[at : at + 8], "little"),
+            int.from_bytes(b[at + 8 : at + 16], "little"),
+        )
         out.append((tag, b[at + 16 : at + 16 + n]))
         at += 16 + n
     return out
@@ -66,7 +68,16 @@ def test_module_imports_nothing(compiled):
     module, _ = compiled
     assert module.imports == [], [f"{i.module}::{i.name}" for i in module.imports]
     names = {e.name for e in module.exports}
-    for name in ["memory", "pgt_alloc", "pgt_free", "pgt_decode", "pgt_plan", "pgt_encode", "pgt_sender_new", "pgt_receiver_new"]:
+    for name in [
+        "memory",
+        "pgt_alloc",
+        "pgt_free",
+        "pgt_decode",
+        "pgt_plan",
+        "pgt_encode",
+        "pgt_sender_new",
+        "pgt_receiver_new",
+    ]:
         assert name in names
 
 
@@ -181,7 +192,10 @@ def test_sender_produces_the_stream(pgt, v):
         assert op["type"] == "send"
         data = op.get("bytes")
         if data is None:
-            data = b"".join(storages[g["storage"]][int(g["offset"]) : int(g["offset"]) + int(g["len"])] for g in op["segments"])
+            data = b"".join(
+                storages[g["storage"]][int(g["offset"]) : int(g["offset"]) + int(g["len"])]
+                for g in op["segments"]
+            )
         assert len(data) == op["len"]
         if op["to"] == rank or (chain and op["tag"] > 2):
             sent.append((op["tag"], data))
@@ -200,7 +214,9 @@ def test_misuse_is_an_abi_error(pgt):
     assert (e.value.status, e.value.name) == (ABI_ERROR, "BadHandle")
     h, m = split(by_kind("valid_metadata")[0])
     with pytest.raises(PgtError) as e:
-        pgt.call("pgt_decode", lambda r: None, inputs=(h, m, b"\xff"))  # limits: not postcard LimitsW
+        pgt.call(
+            "pgt_decode", lambda r: None, inputs=(h, m, b"\xff")
+        )  # limits: not postcard LimitsW
     assert (e.value.status, e.value.name) == (ABI_ERROR, "BadArgument")
 
 
