@@ -670,9 +670,13 @@ class TcpGroup:
             for s in socks.values():
                 s.close()
             raise
+        else:
+            # Rank 0: the store has sent every rank the table (or failed to: then the job cannot form).
             if store is not None:
                 store.join(max(_left(deadline) or 0, 5.0))
                 if store.error:
+                    for s in socks.values():
+                        s.close()
                     raise store.error
         finally:
             acceptor.stop.set()
