@@ -11,9 +11,10 @@ Division of labour:
   decision: it checks the header, decodes and validates the metadata, computes the plan, tells this host
   which message to receive from whom with which tag and length, into which byte ranges of which storage,
   what to forward where (chain fan-out), checks the digests and yields the final result;
-- this file follows the module's orders: it receives each data message straight into per-storage
-  buffers (memoryview slices, no staging copy), hashes the storage bytes with XXH3-64 when asked and
-  reports the digests, forwards when asked, and at the end writes the tensors the module returned as a
+- this file follows the module's orders, in the one loop of pgt-core's drive.rs (``receive``): it
+  receives each data message straight into per-storage buffers (memoryview slices, no staging copy),
+  hashes its storage bytes with XXH3-64 when asked and reports the digests of the storages it
+  completes, forwards when asked, and at the end writes the tensors the module returned as a
   safetensors file and/or a .npz file.
 
 Exit status: 0 received and verified; 1 pgt protocol error (the module's named error, e.g.
@@ -24,6 +25,8 @@ DigestMismatch, StepMismatch, NotADestination); 2 usage or setup error; 3 proces
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import itertools
 import json
 import math
@@ -36,9 +39,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # pgt_abi.py and pgt_tcp.py live next to this file
 
-import pgt_abi  # noqa: E402
 import wasmtime  # noqa: E402
 import xxhash  # noqa: E402
+
+import pgt_abi  # noqa: E402
 from pgt_abi import Pgt, PgtError  # noqa: E402
 from pgt_tcp import PgError, TcpGroup, TcpOptions  # noqa: E402
 
@@ -47,69 +51,34 @@ try:
 except ImportError:  # numpy is only needed for --npz and faster strided gathers
     np = None
 
-# PROTOCOL.md §6: element sizes and safetensors names, by torch name (pgt_abi.DTYPES order).
-ELEMENT_SIZE = {
-    "float64": 8,
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-    "float8_e4m3fnuz": 1,
-    "float8_e5m2fnuz": 1,
-    "complex128": 16,
-    "complex64": 8,
-    "complex32": 4,
-    "int64": 8,
-    "int32": 4,
-    "int16": 2,
-    "int8": 1,
-    "uint64": 8,
-    "uint32": 4,
-    "uint16": 2,
-    "uint8": 1,
-    "bool": 1,
+# PROTOCOL.md §6, by torch name (pgt_abi.DTYPES order): element size, safetensors name (None: the
+# format has none), numpy dtype for .npz (types numpy lacks are stored as their raw bits, listed in
+# __pgt_dtypes__).
+DTYPE_INFO = {
+    "float64": (8, "F64", "<f8"),
+    "float32": (4, "F32", "<f4"),
+    "float16": (2, "F16", "<f2"),
+    "bfloat16": (2, "BF16", "<u2"),
+    "float8_e4m3fn": (1, "F8_E4M3", "u1"),
+    "float8_e5m2": (1, "F8_E5M2", "u1"),
+    "float8_e4m3fnuz": (1, None, "u1"),
+    "float8_e5m2fnuz": (1, None, "u1"),
+    "complex128": (16, None, "<c16"),
+    "complex64": (8, None, "<c8"),
+    "complex32": (4, None, "<u4"),
+    "int64": (8, "I64", "<i8"),
+    "int32": (4, "I32", "<i4"),
+    "int16": (2, "I16", "<i2"),
+    "int8": (1, "I8", "i1"),
+    "uint64": (8, "U64", "<u8"),
+    "uint32": (4, "U32", "<u4"),
+    "uint16": (2, "U16", "<u2"),
+    "uint8": (1, "U8", "u1"),
+    "bool": (1, "BOOL", "?"),
 }
-SAFETENSORS_NAME = {
-    "float64": "F64",
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint64": "U64",
-    "uint32": "U32",
-    "uint16": "U16",
-    "uint8": "U8",
-    "bool": "BOOL",
-}
-# numpy dtypes for .npz; types numpy lacks are stored as their raw bits (listed in __pgt_dtypes__).
-NUMPY_DTYPE = {
-    "float64": "<f8",
-    "float32": "<f4",
-    "float16": "<f2",
-    "bfloat16": "<u2",
-    "float8_e4m3fn": "u1",
-    "float8_e5m2": "u1",
-    "float8_e4m3fnuz": "u1",
-    "float8_e5m2fnuz": "u1",
-    "complex128": "<c16",
-    "complex64": "<c8",
-    "complex32": "<u4",
-    "int64": "<i8",
-    "int32": "<i4",
-    "int16": "<i2",
-    "int8": "i1",
-    "uint64": "<u8",
-    "uint32": "<u4",
-    "uint16": "<u2",
-    "uint8": "u1",
-    "bool": "?",
-}
+ELEMENT_SIZE = {d: info[0] for d, info in DTYPE_INFO.items()}
+SAFETENSORS_NAME = {d: info[1] for d, info in DTYPE_INFO.items() if info[1]}
+NUMPY_DTYPE = {d: info[2] for d, info in DTYPE_INFO.items()}
 METADATA_KEY = "__metadata__"
 STEP_KEY = "pgt.step"
 
@@ -129,18 +98,147 @@ class Log:
             print(f"pgt_recv: {msg}", file=sys.stderr, flush=True)
 
 
-# ---- the receive loop: the module decides, this host moves bytes ----
+# ---- the receive loop (pgt-core's drive.rs): the module decides, a host moves bytes ----
+
+
+def receive(engine, host) -> dict:
+    """Runs receiver ``engine`` (a ``pgt_abi.Receiver``) to completion over ``host`` and returns the
+    verified result, as ``pgt_core::drive::receive`` does: one loop that reports the host's completions,
+    polls, and acts on the op. The plan (from the metadata) says which storage ranges each data message
+    carries; a forwarded trailer is the trailer as received. The first error — the module's PgtError or
+    the host's — ends the transfer and frees the receiver.
+
+    A host has ``recv_bytes(op) -> bytes``; ``bind(incoming, paths) -> [InPlace target]`` (``paths()``
+    gives every leaf's key path); ``bound(incoming, bindings)``; ``recv_data(op, segments)``;
+    ``forward(op, payload)`` (a data message's segments, or the trailer's bytes); and
+    ``next_event(wait)``, the next completion: ``("landed", m)``, ``("digests", m, [u64, …])`` (the
+    digests of the storages data message m completes, in segment order) or ``("forwarded", m)``;
+    None when none is ready (with ``wait``: when nothing is in flight)."""
+    incoming, trailer, finished = None, b"", False
+    try:
+        while True:
+            while (event := host.next_event(False)) is not None:
+                apply(engine, event)
+            op = engine.poll()
+            if op["type"] == "recv":
+                kind = op["kind"]
+                if kind == "header":
+                    engine.handle_header(host.recv_bytes(op))
+                elif kind == "metadata":
+                    incoming = engine.handle_metadata(host.recv_bytes(op))
+                elif kind == "trailer":
+                    trailer = host.recv_bytes(op)
+                    engine.handle_trailer(trailer)
+                else:
+                    host.recv_data(op, incoming["plan"][op["message"]]["segments"])
+            elif op["type"] == "need_bindings":
+                bindings = engine.finish_bindings(host.bind(incoming, engine.paths))
+                host.bound(incoming, bindings)
+            elif op["type"] == "forward":
+                data = op["kind"] == "data"
+                host.forward(op, incoming["plan"][op["message"]]["segments"] if data else trailer)
+            elif op["type"] == "wait":
+                event = host.next_event(True)
+                if event is None:
+                    raise RuntimeError("the receiver waits, but nothing is in flight: incomplete")
+                apply(engine, event)
+            else:  # done
+                finished = True
+                return engine.finish()  # DigestMismatch etc. surface here; frees the receiver
+    finally:
+        if not finished:
+            with contextlib.suppress(PgtError):
+                engine.drop()
+
+
+def apply(engine, event):
+    """Reports a host's completion to the receiver."""
+    if event[0] == "landed":
+        engine.handle_data(event[1])
+    elif event[0] == "digests":
+        engine.handle_digests(event[1], event[2])
+    else:
+        engine.handle_forwarded(event[1])
+
+
+class TcpHost:
+    """Moves a transfer's bytes over the process group, each operation at once (its completion is
+    reported at the loop's next turn): data messages straight into per-storage buffers (memoryview
+    slices, no staging copy), hashed with XXH3-64 when the op says so; every storage fresh."""
+
+    def __init__(self, pg: TcpGroup, timeout: float, log: Log):
+        self.pg, self.timeout, self.log = pg, timeout, log
+        self.events: collections.deque = collections.deque()
+        self.paths: list = []  # every leaf's key path, for the output's names
+        self.buffers: list = []  # one writable buffer per storage, of its binding's nbytes
+        self.views: list = []
+        self.hashers: dict = {}  # storage -> xxh3_64 of its wire bytes so far
+        self.moved = 0
+
+    def recv_bytes(self, op: dict) -> bytes:
+        data = self.pg.recv_bytes(op["from"], op["tag"], int(op["len"]), self.timeout)
+        self.log.debug(f"{op['kind']}: {len(data)} bytes, tag {op['tag']} from rank {op['from']}")
+        return data
+
+    def bind(self, incoming: dict, paths) -> list:
+        # No in-place targets: every storage gets a fresh buffer. The key paths name the tensors.
+        self.paths = paths()
+        self.log.debug(
+            f"metadata: {len(incoming['storages'])} storages, {incoming['total_bytes']} bytes, "
+            f"{len(incoming['plan'])} messages"
+        )
+        return []
+
+    def bound(self, incoming: dict, bindings: list):
+        for b in bindings:
+            if b["dest"] != "fresh" or b["cast_from"] is not None:
+                raise RuntimeError(f"unexpected binding {b}")
+        self.buffers = [bytearray(int(b["nbytes"])) for b in bindings]
+        self.views = [memoryview(b) for b in self.buffers]
+        self.log.debug(f"bound {len(self.buffers)} fresh storages")
+
+    def _parts(self, segments: list) -> list:
+        return [
+            self.views[s["storage"]][int(s["offset"]) : int(s["offset"]) + int(s["len"])]
+            for s in segments
+        ]
+
+    def recv_data(self, op: dict, segments: list):
+        parts = self._parts(segments)
+        self.pg.recv_into(op["from"], op["tag"], parts, self.timeout)  # straight into the storages
+        self.moved += int(op["len"])
+        self.events.append(("landed", op["message"]))
+        if op["hash"]:
+            digests = []
+            for s, part in zip(segments, parts, strict=True):
+                h = self.hashers.get(s["storage"])
+                if h is None:
+                    h = self.hashers[s["storage"]] = xxhash.xxh3_64()
+                h.update(part)
+                if s["completes"]:  # the storage's last bytes: its digest is done
+                    digests.append(self.hashers.pop(s["storage"]).intdigest())
+            self.events.append(("digests", op["message"], digests))
+        self.log.debug(f"data message {op['message']}: {op['len']} bytes, tag {op['tag']}")
+
+    def forward(self, op: dict, payload):
+        parts = [payload] if isinstance(payload, bytes) else self._parts(payload)
+        self.pg.send(op["to"], op["tag"], parts, self.timeout)
+        self.events.append(("forwarded", op["message"]))
+        self.log.debug(f"forwarded message {op['message']} ({op['len']} bytes) to rank {op['to']}")
+
+    def next_event(self, wait: bool):
+        return self.events.popleft() if self.events else None
 
 
 class Received:
-    """What a finished transfer gives: the module's result plus the storages' bytes."""
+    """What a finished transfer gives: the module's result, the key paths and the storages' bytes."""
 
-    def __init__(self, result: dict, incoming: dict, buffers: list, seconds: float, nbytes: int):
-        self.result, self.incoming, self.buffers = result, incoming, buffers
+    def __init__(self, result: dict, paths: list, buffers: list, seconds: float, nbytes: int):
+        self.result, self.paths, self.buffers = result, paths, buffers
         self.seconds, self.nbytes = seconds, nbytes
 
 
-def receive(
+def receive_checkpoint(
     pg: TcpGroup,
     pgt: Pgt,
     src: int,
@@ -149,89 +247,13 @@ def receive(
     log: Log,
     limits: dict | None = None,
 ) -> Received:
-    """Runs the module's receiver state machine against the process group until it is done; returns the
-    verified result. Raises PgtError (the module's named error) or PgError (the process group's)."""
-    r = pgt.receiver(rank=pg.rank, source=src, expected_step=expected_step, limits=limits)
-    incoming = None
-    buffers: list = []  # one writable buffer per storage, of its binding's nbytes
-    views: list = []
-    hashers: dict = {}  # storage -> xxh3_64 over its wire bytes so far
-    hashed: dict = {}  # storage -> bytes hashed so far
-    start, moved = time.monotonic(), 0
-    try:
-        while True:
-            op = r.poll()
-            kind = op["type"]
-            if kind == "recv":
-                frm, tag, n = op["from"], op["tag"], int(op["len"])
-                if op["kind"] != "data":
-                    # header, metadata, trailer: the bytes go to the module, which checks them
-                    data = pg.recv_bytes(frm, tag, n, timeout)
-                    log.debug(f"{op['kind']}: {len(data)} bytes, tag {tag} from rank {frm}")
-                    if op["kind"] == "header":
-                        r.handle_header(data)
-                    elif op["kind"] == "metadata":
-                        incoming = r.handle_metadata(data)
-                        log.debug(
-                            f"metadata: {len(incoming['storages'])} storages, {incoming['total_bytes']} bytes"
-                        )
-                    else:
-                        r.handle_trailer(data)
-                    continue
-                segs = [(s["storage"], int(s["offset"]), int(s["len"])) for s in op["segments"]]
-                parts = [views[s][off : off + ln] for s, off, ln in segs]
-                pg.recv_into(frm, tag, parts, timeout)  # straight into the storages
-                moved += n
-                if op["hash"]:
-                    for (s, _, ln), part in zip(segs, parts, strict=True):
-                        h = hashers.get(s)
-                        if h is None:
-                            h = hashers[s] = xxhash.xxh3_64()
-                        h.update(part)
-                        hashed[s] = hashed.get(s, 0) + ln
-                        if hashed[s] == len(buffers[s]):  # the storage's last byte landed
-                            r.handle_storage_digest(s, h.intdigest())
-                            del hashers[s]
-                r.handle_data(op["message"])
-                log.debug(f"data message {op['message']}: {n} bytes, tag {tag} from rank {frm}")
-            elif kind == "need_bindings":
-                # Every storage gets a fresh buffer (no in-place targets here): the module says which
-                # dtype and size each destination has.
-                bindings = r.finish_bindings()
-                for b in bindings:
-                    if b["dest"] != "fresh" or b["cast_from"] is not None:
-                        raise RuntimeError(f"unexpected binding {b}")
-                    buffers.append(bytearray(int(b["nbytes"])))
-                views = [memoryview(b) for b in buffers]
-                log.debug(f"bound {len(buffers)} fresh storages")
-            elif kind == "forward":
-                if "bytes" in op:
-                    parts = [op["bytes"]]
-                else:
-                    parts = [
-                        views[s["storage"]][int(s["offset"]) : int(s["offset"]) + int(s["len"])]
-                        for s in op["segments"]
-                    ]
-                pg.send(op["to"], op["tag"], parts, timeout)
-                r.handle_forwarded(op["message"])
-                log.debug(
-                    f"forwarded message {op['message']} ({op['len']} bytes, tag {op['tag']}) to rank {op['to']}"
-                )
-            elif kind == "wait":
-                raise RuntimeError(
-                    "the module waits for an operation in flight, but this host completes each one at once"
-                )
-            else:  # done
-                break
-        result = r.finish()  # DigestMismatch etc. surface here; frees the receiver
-        r = None
-    finally:
-        if r is not None:
-            try:
-                r.drop()
-            except PgtError:
-                pass
-    return Received(result, incoming, buffers, time.monotonic() - start, moved)
+    """Receives one checkpoint from rank ``src`` over the process group. Raises PgtError (the module's
+    named error) or PgError (the process group's)."""
+    start = time.monotonic()
+    engine = pgt.receiver(rank=pg.rank, source=src, expected_step=expected_step, limits=limits)
+    host = TcpHost(pg, timeout, log)
+    result = receive(engine, host)
+    return Received(result, host.paths, host.buffers, time.monotonic() - start, host.moved)
 
 
 # ---- turning the result into tensors ----
@@ -311,7 +333,7 @@ def tensors_of(rec: Received):
     out as `pgt recv` writes a safetensors file (see host/src/safetensors_io.rs; its JSON entries have
     sorted keys, as serde_json's)."""
     res = rec.result
-    paths = rec.incoming["paths"]
+    paths = rec.paths
     tree = res["tree"]
     root_keys = tree[0].get("dict", []) if tree and isinstance(tree[0], dict) else []
     write_metadata = METADATA_KEY in root_keys
@@ -522,13 +544,13 @@ def main(argv=None) -> int:
     try:
         opts = options_from(args)
         pgt = Pgt.load(args.wasm)
-        pgt.store.set_limits(
-            memory_size=2 << 30
-        )  # as WasmEngine's default cap: a runaway guest traps
+        # As WasmEngine's default cap: a runaway guest traps.
+        pgt.store.set_limits(memory_size=2 << 30)
         abi = pgt.abi_version()
-        if abi != 1:
+        if abi != pgt_abi.ABI_VERSION:
             raise RuntimeError(
-                f"{args.wasm or pgt_abi.module_path()} speaks raw ABI {abi}; this host speaks 1"
+                f"{args.wasm or pgt_abi.module_path()} speaks raw ABI {abi}; "
+                f"this host speaks {pgt_abi.ABI_VERSION}"
             )
     except (PgError, FileNotFoundError, RuntimeError) as e:
         print(f"pgt_recv: error: {e}", file=sys.stderr)
@@ -536,7 +558,7 @@ def main(argv=None) -> int:
     pg = None
     try:
         pg = TcpGroup.join(opts, log=log.debug)
-        rec = receive(pg, pgt, args.src, args.expect_step, args.timeout, log)
+        rec = receive_checkpoint(pg, pgt, args.src, args.expect_step, args.timeout, log)
     except PgtError as e:
         print(
             f"pgt_recv: error: receiving from rank {args.src}: pgt error {e.name}: {e.message}",

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import xxhash
+
 from pgt_abi import DTYPES, Pgt, module_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -515,27 +516,30 @@ def _python_send(port, token, metadata, storages, corrupt=None, errors=None, wor
         with TcpGroup.join(
             TcpOptions("127.0.0.1", port, 0, world, token.encode(), timeout=30)
         ) as pg:
-            hashers, hashed = {}, {}
-            while True:
+            hashers, digests = {}, []
+            while True:  # as pgt_core::drive::send, each send done (and hashed) at once
+                while digests:
+                    s.handle_digests(*digests.pop(0))
                 op = s.poll()
                 if op["type"] == "done":
                     break
                 assert op["type"] == "send", op
-                if "bytes" in op:
-                    parts = [op["bytes"]]
+                if op["kind"] != "data":
+                    parts = [s.bytes(op["message"])]
                 else:
-                    parts = []
-                    for seg in op["segments"]:
+                    parts, done = [], []
+                    for seg in s.plan[op["message"]]["segments"]:
                         st, off, n = seg["storage"], seg["offset"], seg["len"]
                         part = storages[st][off : off + n]
                         if op["hash"]:
                             hashers.setdefault(st, xxhash.xxh3_64()).update(part)
-                            hashed[st] = hashed.get(st, 0) + n
-                            if hashed[st] == len(storages[st]):
-                                s.handle_storage_digest(st, hashers[st].intdigest())
+                            if seg["completes"]:
+                                done.append(hashers.pop(st).intdigest())
                         if st == corrupt:
                             part = bytes([part[0] ^ 1]) + part[1:]
                         parts.append(part)
+                    if op["hash"]:
+                        digests.append((op["message"], done))
                 pg.send(op["to"], op["tag"], parts, 30)
     except Exception as e:  # reported by the test
         errors.append(e)
