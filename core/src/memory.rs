@@ -27,9 +27,15 @@ struct Slot {
 }
 
 /// A receiving host in memory. Message bytes come from `source` (a recorded stream, a simulated
-/// network, …); forwards are collected in [`MemoryHost::forwards`].
-pub struct MemoryHost<S> {
+/// network, …), which may fail with the host's own error `E`; forwards are collected in
+/// [`MemoryHost::forwards`].
+pub struct MemoryHost<S, E = Error> {
     source: S,
+    /// What the metadata announced, once bound.
+    incoming: Option<Incoming>,
+    /// Every leaf's key path, when asked for with [`MemoryHost::keep_paths`].
+    paths: Option<Vec<KeyPath>>,
+    keep_paths: bool,
     /// Buffers offered for in-place binding, with their current bytes, by storage index.
     in_place: Vec<(InPlace, Vec<u8>)>,
     slots: Vec<Slot>,
@@ -38,9 +44,10 @@ pub struct MemoryHost<S> {
     lookahead: usize,
     /// Every forward, in order: the op and its bytes.
     pub forwards: Vec<(ForwardOp, Vec<u8>)>,
+    _error: core::marker::PhantomData<fn() -> E>,
 }
 
-impl<S> core::fmt::Debug for MemoryHost<S> {
+impl<S, E> core::fmt::Debug for MemoryHost<S, E> {
     /// Sizes only: the bytes can be huge.
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("MemoryHost")
@@ -50,14 +57,19 @@ impl<S> core::fmt::Debug for MemoryHost<S> {
     }
 }
 
-impl<S> MemoryHost<S>
+impl<S, E> MemoryHost<S, E>
 where
-    S: FnMut(&RecvOp) -> Result<Vec<u8>, Error>,
+    S: FnMut(&RecvOp) -> Result<Vec<u8>, E>,
+    E: From<Error>,
 {
     /// A host receiving every message from `source`, into fresh buffers.
-    pub fn new(source: S) -> MemoryHost<S> {
+    pub fn new(source: S) -> MemoryHost<S, E> {
         MemoryHost {
             source,
+            incoming: None,
+            paths: None,
+            keep_paths: false,
+            _error: core::marker::PhantomData,
             in_place: Vec::new(),
             slots: Vec::new(),
             events: VecDeque::new(),
@@ -79,6 +91,22 @@ where
         self
     }
 
+    /// Asks for every leaf's key path when binding (see [`MemoryHost::paths`]).
+    pub fn keep_paths(mut self) -> Self {
+        self.keep_paths = true;
+        self
+    }
+
+    /// What the metadata announced, once bound.
+    pub fn incoming(&self) -> Option<&Incoming> {
+        self.incoming.as_ref()
+    }
+
+    /// Every leaf's key path, once bound, if asked for with [`MemoryHost::keep_paths`].
+    pub fn paths(&self) -> Option<&[KeyPath]> {
+        self.paths.as_deref()
+    }
+
     /// Every storage's destination bytes, in storage order.
     pub fn into_storages(self) -> Vec<Vec<u8>> {
         self.slots.into_iter().map(|s| s.dest).collect()
@@ -96,25 +124,30 @@ where
     }
 }
 
-impl<S> ReceiveHost for MemoryHost<S>
+impl<S, E> ReceiveHost for MemoryHost<S, E>
 where
-    S: FnMut(&RecvOp) -> Result<Vec<u8>, Error>,
+    S: FnMut(&RecvOp) -> Result<Vec<u8>, E>,
+    E: From<Error>,
 {
-    type Error = Error;
+    type Error = E;
 
-    fn recv_bytes(&mut self, op: &RecvOp) -> Result<Vec<u8>, Error> {
+    fn recv_bytes(&mut self, op: &RecvOp) -> Result<Vec<u8>, E> {
         (self.source)(op)
     }
 
     fn bind(
         &mut self,
         _: &Incoming,
-        _: &mut dyn FnMut() -> Result<Vec<KeyPath>, Error>,
-    ) -> Result<Vec<InPlace>, Error> {
+        paths: &mut dyn FnMut() -> Result<Vec<KeyPath>, E>,
+    ) -> Result<Vec<InPlace>, E> {
+        if self.keep_paths {
+            self.paths = Some(paths()?);
+        }
         Ok(self.in_place.iter().map(|(t, _)| *t).collect())
     }
 
-    fn bound(&mut self, incoming: &Incoming, bindings: &[Binding]) -> Result<(), Error> {
+    fn bound(&mut self, incoming: &Incoming, bindings: &[Binding]) -> Result<(), E> {
+        self.incoming = Some(incoming.clone());
         let mut offered: Vec<Option<Vec<u8>>> = vec![None; bindings.len()];
         for (t, bytes) in core::mem::take(&mut self.in_place) {
             if let Some(o) = offered.get_mut(t.storage as usize) {
@@ -135,7 +168,7 @@ where
         Ok(())
     }
 
-    fn recv_data(&mut self, op: &RecvOp, segments: &[Segment]) -> Result<(), Error> {
+    fn recv_data(&mut self, op: &RecvOp, segments: &[Segment]) -> Result<(), E> {
         let bytes = (self.source)(op)?;
         let expected: u64 = segments.iter().map(|s| s.len).sum();
         if bytes.len() as u64 != expected {
@@ -143,24 +176,21 @@ where
                 message: op.message.into(),
                 expected,
                 got: bytes.len() as u64,
-            });
+            }
+            .into());
         }
         let mut digests = Vec::new();
         let mut at = 0usize;
         for s in segments {
             let part = &bytes[at..at + s.len as usize];
             at += s.len as usize;
-            let slot = self
-                .slots
-                .get_mut(s.storage as usize)
-                .ok_or(Error::NoSuchStorage {
-                    storage: s.storage.into(),
-                })?;
+            let no_such = || Error::NoSuchStorage {
+                storage: s.storage.into(),
+            };
+            let slot = self.slots.get_mut(s.storage as usize).ok_or_else(no_such)?;
             let wire = slot.staging.as_mut().unwrap_or(&mut slot.dest);
             wire.get_mut(s.offset as usize..s.offset as usize + part.len())
-                .ok_or(Error::NoSuchStorage {
-                    storage: s.storage.into(),
-                })?
+                .ok_or_else(no_such)?
                 .copy_from_slice(part);
             if op.hash {
                 slot.hasher.update(part);
@@ -184,7 +214,7 @@ where
         Ok(())
     }
 
-    fn forward(&mut self, op: &ForwardOp, payload: Payload<'_>) -> Result<(), Error> {
+    fn forward(&mut self, op: &ForwardOp, payload: Payload<'_>) -> Result<(), E> {
         let bytes = match payload {
             Payload::Bytes(b) => b.to_vec(),
             Payload::Storages(segments) => self.gather(segments),
@@ -194,7 +224,7 @@ where
         Ok(())
     }
 
-    fn next_event(&mut self, wait: bool) -> Result<Option<Event>, Error> {
+    fn next_event(&mut self, wait: bool) -> Result<Option<Event>, E> {
         if wait || self.events.len() > self.lookahead {
             Ok(self.events.pop_front())
         } else {

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use pgt_host::memory::{
     page_size, populate_write_supported, Buffer, BufferPool, Pages, PrefaultMethod,
-    PrefaultOptions, Prefaulter,
+    PrefaultOptions, ReceiveMemory, Target as Region,
 };
 
 /// pgt's default chunk size: the receiver claims and reads one message at a time.
@@ -162,8 +162,11 @@ fn options(method: PrefaultMethod) -> PrefaultOptions {
 /// The background prefaulter alone, from allocation until it is done.
 fn prefault_only(n: usize, pages: Pages, method: PrefaultMethod) -> Outcome {
     let t = Instant::now();
-    let pf = Prefaulter::with_options(vec![Buffer::zeroed_with(n, pages)], options(method));
-    while !pf.is_done() {
+    let pf = ReceiveMemory::with_options(
+        vec![Region::Fresh(Buffer::zeroed_with(n, pages))],
+        options(method),
+    );
+    while !pf.prefault_done() {
         std::thread::sleep(Duration::from_micros(200));
     }
     let time = t.elapsed();
@@ -249,17 +252,22 @@ fn tcp(n: usize, target: Target<'_>) -> Outcome {
         } => {
             // As a receiver would: allocate every destination, start the prefaulter, receive.
             let part = n.div_ceil(count);
-            let bufs = (0..n)
+            let bufs: Vec<Buffer> = (0..n)
                 .step_by(part)
                 .map(|off| Buffer::zeroed_with(part.min(n - off), pages))
                 .collect();
-            let pf = Prefaulter::with_options(bufs, options(method));
+            let pf = ReceiveMemory::with_options(
+                bufs.into_iter().map(Region::Fresh).collect(),
+                options(method),
+            );
             s.write_all(&[1]).expect("go");
             for i in 0..pf.len() {
-                let len = pf.buffer_len(i);
+                let len = pf.region_len(i);
                 for off in (0..len).step_by(MESSAGE) {
                     let end = (off + MESSAGE).min(len);
-                    s.read_exact(pf.claim(i, off..end)).expect("recv");
+                    pf.write(&[(i, off..end)], |p| s.read_exact(p[0]))
+                        .expect("in bounds")
+                        .expect("recv");
                 }
             }
             let st = pf.stats();
@@ -267,7 +275,7 @@ fn tcp(n: usize, target: Target<'_>) -> Outcome {
                 "prefaulter did {:.0}%",
                 100.0 * st.prefaulted as f64 / st.total.max(1) as f64
             );
-            kept = pf.finish();
+            kept = pf.finish().into_iter().flatten().collect();
         }
     }
     sender.join().expect("sender");

@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use pgt_core::plan::{FanOut, PlanParams};
+use pgt_core::schema::{FanOut, PlanParams};
 use pgt_host::pg::{MpiProcessGroup, PgError, ProcessGroup};
 use pgt_host::synthetic;
 use pgt_host::transport::{Transport, TransportOptions};

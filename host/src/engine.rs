@@ -1,180 +1,82 @@
-//! The protocol engine a [`crate::transport::Transport`] drives: pgt-core's sans-IO Sender and Receiver,
-//! behind object-safe traits with owned operations, so the same transport runs the core natively or
-//! inside a wasm sandbox. The host owns no protocol logic: everything decided here comes from the core.
+//! The protocol engines a [`crate::transport::Transport`] drives: pgt-core linked natively, or inside a
+//! wasm sandbox ([`crate::wasm_engine`]). Both implement pgt-core's own engine traits
+//! ([`pgt_core::engine`]) with pgt-core's own ops, so the one driver ([`pgt_core::drive`]) runs either;
+//! the host owns no protocol logic.
 
-use pgt_core::codec::{Limits, Metadata, StorageRef};
-use pgt_core::dtype::DType;
-use pgt_core::plan::{MessageKind, Segment};
-use pgt_core::receiver::{Binding, Receiver, ReceiverOptions, RecvInto, RecvPoll};
-use pgt_core::sender::{Payload, SendPoll, Sender};
-use pgt_core::tree::{KeyPath, Leaf, Node};
+use std::borrow::Cow;
 
-/// A protocol error from the engine (the core's error, or the sandbox failing).
-pub type EngineError = anyhow::Error;
+use pgt_core::engine::{ReceiveEngine, SendEngine};
+use pgt_core::header::Limits;
+use pgt_core::plan::Plan;
+use pgt_core::receiver::{Binding, InPlace, Incoming, Received, Receiver, ReceiverOptions, RecvPoll};
+use pgt_core::schema::Metadata;
+use pgt_core::sender::{SendPoll, Sender};
+use pgt_core::tree::KeyPath;
 
-/// What a message carries when it is sent or forwarded.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum OwnedPayload {
-    /// Bytes from the engine (header, metadata, trailer).
-    Bytes(Vec<u8>),
-    /// Storage byte ranges held by the host.
-    Storages(Vec<Segment>),
+#[cfg(feature = "wasm")]
+use crate::wasm_engine::{SandboxError, WasmReceiver, WasmSender};
+
+/// Why an engine failed a call: the protocol (the same [`pgt_core::Error`] from either engine), or the
+/// sandbox running it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// pgt-core refused: bad bytes, invalid metadata, a call in the wrong order…
+    #[error(transparent)]
+    Protocol(#[from] pgt_core::Error),
+    /// The wasm sandbox failed the call (fuel, memory, a trap).
+    #[cfg(feature = "wasm")]
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    /// The wasm module misbehaved: it refused a call as ABI misuse, answered with something that does
+    /// not decode, or could not be loaded.
+    #[error("wasm module: {0}")]
+    Module(String),
 }
 
-/// One send, owned.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SendStep {
-    /// Destination rank.
-    pub to: u32,
-    /// Plan index.
-    pub message: usize,
-    /// Tag.
-    pub tag: u64,
-    /// Length.
-    pub len: u64,
-    /// Bytes to send.
-    pub payload: OwnedPayload,
-    /// Hash the storage bytes while sending.
-    pub hash: bool,
+impl EngineError {
+    /// The protocol error, if that is what this is.
+    pub fn protocol(&self) -> Option<&pgt_core::Error> {
+        match self {
+            EngineError::Protocol(e) => Some(e),
+            _ => None,
+        }
+    }
 }
 
-/// What the sender engine wants next.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SendNext {
-    /// Perform this send.
-    Send(SendStep),
-    /// Report missing storage digests, then poll again.
-    WaitDigests,
-    /// All sends handed out.
-    Done,
+/// A sender engine: native or sandboxed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SenderEngine {
+    /// pgt-core linked in.
+    Native(Box<Sender>),
+    /// pgt-core in wasmtime.
+    #[cfg(feature = "wasm")]
+    Wasm(Box<WasmSender>),
 }
 
-/// The sender side of the core.
-pub trait SenderEngine: Send {
-    /// The storages of the transfer, in wire order.
-    fn storages(&self) -> Vec<StorageRef>;
-    /// The next operation.
-    fn poll(&mut self) -> Result<SendNext, EngineError>;
-    /// Reports a storage's digest.
-    fn handle_storage_digest(&mut self, storage: u32, digest: u64) -> Result<(), EngineError>;
-}
-
-/// One receive, owned.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RecvStep {
-    /// Source rank.
-    pub from: u32,
-    /// Plan index.
-    pub message: usize,
-    /// What it carries.
-    pub kind: MessageKind,
-    /// Tag.
-    pub tag: u64,
-    /// Exact length.
-    pub len: u64,
-    /// Storage ranges for data messages (empty otherwise: bytes go back to the engine).
-    pub segments: Vec<Segment>,
-    /// Hash the storage bytes as they land.
-    pub hash: bool,
-}
-
-/// One forward, owned.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ForwardStep {
-    /// Destination rank.
-    pub to: u32,
-    /// Plan index.
-    pub message: usize,
-    /// Tag.
-    pub tag: u64,
-    /// Length.
-    pub len: u64,
-    /// Bytes to forward.
-    pub payload: OwnedPayload,
-}
-
-/// What the receiver engine wants next.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RecvNext {
-    /// Receive this message.
-    Recv(RecvStep),
-    /// Bind destinations ([`ReceiverEngine::bind_in_place`]), then [`ReceiverEngine::finish_bindings`].
-    NeedBindings,
-    /// Forward this message.
-    Forward(ForwardStep),
-    /// Complete something in flight.
-    Wait,
-    /// Everything handled: call [`ReceiverEngine::finish`].
-    Done,
-}
-
-/// What the receiver learned from the metadata, for binding.
-#[derive(Clone, Debug, PartialEq)]
-pub struct IncomingManifest {
-    /// Step of the checkpoint.
-    pub step: Option<u64>,
-    /// Key path of every leaf.
-    pub paths: Vec<KeyPath>,
-    /// Every storage, in wire order.
-    pub storages: Vec<StorageRef>,
-    /// Total storage bytes.
-    pub total_bytes: u64,
-}
-
-/// The verified result of a transfer.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ReceivedTree {
-    /// Step of the checkpoint.
-    pub step: Option<u64>,
-    /// Tree structure, pre-order.
-    pub tree: Vec<Node>,
-    /// Leaves as bound (dtype after cast, placements rewritten).
-    pub leaves: Vec<Leaf>,
-    /// Destination of every storage.
-    pub bindings: Vec<Binding>,
-}
-
-/// The receiver side of the core.
-pub trait ReceiverEngine: Send {
-    /// The next operation.
-    fn poll(&mut self) -> Result<RecvNext, EngineError>;
-    /// Hands over the header's bytes.
-    fn handle_header(&mut self, bytes: &[u8]) -> Result<(), EngineError>;
-    /// Hands over the metadata's bytes; returns what binding needs.
-    fn handle_metadata(&mut self, bytes: &[u8]) -> Result<IncomingManifest, EngineError>;
-    /// Binds a storage to an existing buffer.
-    fn bind_in_place(
-        &mut self,
-        storage: usize,
-        id: u64,
-        dtype: DType,
-        nbytes: u64,
-    ) -> Result<(), EngineError>;
-    /// Ends binding; returns every storage's binding.
-    fn finish_bindings(&mut self) -> Result<Vec<Binding>, EngineError>;
-    /// A data message landed.
-    fn handle_data(&mut self, message: usize) -> Result<(), EngineError>;
-    /// The trailer's bytes.
-    fn handle_trailer(&mut self, bytes: &[u8]) -> Result<(), EngineError>;
-    /// A storage's digest, hashed as it landed.
-    fn handle_storage_digest(&mut self, storage: u32, digest: u64) -> Result<(), EngineError>;
-    /// A forward was sent.
-    fn handle_forwarded(&mut self, message: usize) -> Result<(), EngineError>;
-    /// The verified result.
-    fn finish(self: Box<Self>) -> Result<ReceivedTree, EngineError>;
+/// A receiver engine: native or sandboxed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ReceiverEngine {
+    /// pgt-core linked in.
+    Native(Box<Receiver>),
+    /// pgt-core in wasmtime.
+    #[cfg(feature = "wasm")]
+    Wasm(Box<WasmReceiver>),
 }
 
 /// Builds engines: native (pgt-core linked in) or sandboxed.
-pub trait EngineFactory: Send + Sync {
-    /// A sender for `metadata`.
+pub trait EngineFactory: Send + Sync + std::fmt::Debug {
+    /// A sender for `metadata` (validated under `limits`).
     fn sender(
         &self,
         metadata: Metadata,
         digests: bool,
         limits: &Limits,
-    ) -> Result<Box<dyn SenderEngine>, EngineError>;
+    ) -> Result<SenderEngine, EngineError>;
     /// A receiver.
-    fn receiver(&self, options: ReceiverOptions) -> Result<Box<dyn ReceiverEngine>, EngineError>;
+    fn receiver(&self, options: ReceiverOptions) -> Result<ReceiverEngine, EngineError>;
 }
 
 /// pgt-core, linked natively.
@@ -187,131 +89,96 @@ impl EngineFactory for NativeEngine {
         metadata: Metadata,
         digests: bool,
         limits: &Limits,
-    ) -> Result<Box<dyn SenderEngine>, EngineError> {
-        Ok(Box::new(Sender::new(metadata, digests, limits)?))
+    ) -> Result<SenderEngine, EngineError> {
+        Ok(SenderEngine::Native(Box::new(Sender::new(
+            metadata, digests, limits,
+        )?)))
     }
 
-    fn receiver(&self, options: ReceiverOptions) -> Result<Box<dyn ReceiverEngine>, EngineError> {
-        Ok(Box::new(Receiver::new(options)))
-    }
-}
-
-fn owned(payload: Payload<'_>) -> OwnedPayload {
-    match payload {
-        Payload::Bytes(b) => OwnedPayload::Bytes(b.to_vec()),
-        Payload::Storages(s) => OwnedPayload::Storages(s.to_vec()),
+    fn receiver(&self, options: ReceiverOptions) -> Result<ReceiverEngine, EngineError> {
+        Ok(ReceiverEngine::Native(Box::new(Receiver::new(options))))
     }
 }
 
-impl SenderEngine for Sender {
-    fn storages(&self) -> Vec<StorageRef> {
-        self.manifest().storages().to_vec()
+/// Dispatches a call to whichever engine this is, converting its error.
+macro_rules! dispatch {
+    ($self:expr, $e:ident => $call:expr) => {
+        match $self {
+            Self::Native($e) => Ok($call?),
+            #[cfg(feature = "wasm")]
+            Self::Wasm($e) => Ok($call?),
+        }
+    };
+}
+
+impl SendEngine for SenderEngine {
+    type Error = EngineError;
+
+    fn plan(&self) -> &Plan {
+        match self {
+            Self::Native(e) => e.plan(),
+            #[cfg(feature = "wasm")]
+            Self::Wasm(e) => e.plan(),
+        }
     }
 
-    fn poll(&mut self) -> Result<SendNext, EngineError> {
-        Ok(match Sender::poll(self) {
-            SendPoll::Send(op) => SendNext::Send(SendStep {
-                to: op.to,
-                message: op.message,
-                tag: op.tag,
-                len: op.len,
-                payload: owned(op.payload),
-                hash: op.hash,
-            }),
-            SendPoll::WaitDigests => SendNext::WaitDigests,
-            SendPoll::Done => SendNext::Done,
-        })
+    fn poll(&mut self) -> Result<SendPoll, EngineError> {
+        dispatch!(self, e => SendEngine::poll(&mut **e))
     }
 
-    fn handle_storage_digest(&mut self, storage: u32, digest: u64) -> Result<(), EngineError> {
-        Ok(Sender::handle_storage_digest(self, storage, digest)?)
+    fn message_bytes(&mut self, message: u32) -> Result<Cow<'_, [u8]>, EngineError> {
+        dispatch!(self, e => e.message_bytes(message))
+    }
+
+    fn handle_digests(&mut self, message: u32, digests: &[u64]) -> Result<(), EngineError> {
+        dispatch!(self, e => SendEngine::handle_digests(&mut **e, message, digests))
     }
 }
 
-impl ReceiverEngine for Receiver {
-    fn poll(&mut self) -> Result<RecvNext, EngineError> {
-        Ok(match Receiver::poll(self) {
-            RecvPoll::Recv(op) => RecvNext::Recv(RecvStep {
-                from: op.from,
-                message: op.message,
-                kind: op.kind,
-                tag: op.tag,
-                len: op.len,
-                segments: match op.into {
-                    RecvInto::Core => Vec::new(),
-                    RecvInto::Storages(s) => s.to_vec(),
-                },
-                hash: op.hash,
-            }),
-            RecvPoll::NeedBindings => RecvNext::NeedBindings,
-            RecvPoll::Forward(op) => RecvNext::Forward(ForwardStep {
-                to: op.to,
-                message: op.message,
-                tag: op.tag,
-                len: op.len,
-                payload: owned(op.payload),
-            }),
-            RecvPoll::Wait => RecvNext::Wait,
-            RecvPoll::Done => RecvNext::Done,
-        })
+impl ReceiveEngine for ReceiverEngine {
+    type Error = EngineError;
+
+    fn poll(&mut self) -> Result<RecvPoll, EngineError> {
+        dispatch!(self, e => ReceiveEngine::poll(&mut **e))
     }
 
     fn handle_header(&mut self, bytes: &[u8]) -> Result<(), EngineError> {
-        Ok(Receiver::handle_header(self, bytes)?)
+        dispatch!(self, e => ReceiveEngine::handle_header(&mut **e, bytes))
     }
 
-    fn handle_metadata(&mut self, bytes: &[u8]) -> Result<IncomingManifest, EngineError> {
-        Receiver::handle_metadata(self, bytes)?;
-        let m = self
-            .manifest()
-            .ok_or_else(|| anyhow::anyhow!("no manifest"))?;
-        Ok(IncomingManifest {
-            step: m.metadata().step,
-            paths: m.paths().to_vec(),
-            storages: m.storages().to_vec(),
-            total_bytes: m.total_bytes(),
-        })
+    fn handle_metadata(&mut self, bytes: &[u8]) -> Result<Incoming, EngineError> {
+        dispatch!(self, e => ReceiveEngine::handle_metadata(&mut **e, bytes))
     }
 
-    fn bind_in_place(
-        &mut self,
-        storage: usize,
-        id: u64,
-        dtype: DType,
-        nbytes: u64,
-    ) -> Result<(), EngineError> {
-        Ok(Receiver::bind_in_place(self, storage, id, dtype, nbytes)?)
+    fn paths(&mut self) -> Result<Vec<KeyPath>, EngineError> {
+        dispatch!(self, e => ReceiveEngine::paths(&mut **e))
     }
 
-    fn finish_bindings(&mut self) -> Result<Vec<Binding>, EngineError> {
-        Receiver::finish_bindings(self)?;
-        Ok(self.bindings())
+    fn finish_bindings(&mut self, in_place: &[InPlace]) -> Result<Vec<Binding>, EngineError> {
+        dispatch!(self, e => ReceiveEngine::finish_bindings(&mut **e, in_place))
     }
 
-    fn handle_data(&mut self, message: usize) -> Result<(), EngineError> {
-        Ok(Receiver::handle_data(self, message)?)
+    fn handle_data(&mut self, message: u32) -> Result<(), EngineError> {
+        dispatch!(self, e => ReceiveEngine::handle_data(&mut **e, message))
+    }
+
+    fn handle_digests(&mut self, message: u32, digests: &[u64]) -> Result<(), EngineError> {
+        dispatch!(self, e => ReceiveEngine::handle_digests(&mut **e, message, digests))
     }
 
     fn handle_trailer(&mut self, bytes: &[u8]) -> Result<(), EngineError> {
-        Ok(Receiver::handle_trailer(self, bytes)?)
+        dispatch!(self, e => ReceiveEngine::handle_trailer(&mut **e, bytes))
     }
 
-    fn handle_storage_digest(&mut self, storage: u32, digest: u64) -> Result<(), EngineError> {
-        Ok(Receiver::handle_storage_digest(self, storage, digest)?)
+    fn handle_forwarded(&mut self, message: u32) -> Result<(), EngineError> {
+        dispatch!(self, e => ReceiveEngine::handle_forwarded(&mut **e, message))
     }
 
-    fn handle_forwarded(&mut self, message: usize) -> Result<(), EngineError> {
-        Ok(Receiver::handle_forwarded(self, message)?)
-    }
-
-    fn finish(self: Box<Self>) -> Result<ReceivedTree, EngineError> {
-        let r = Receiver::finish(*self)?;
-        let meta = r.manifest.into_metadata();
-        Ok(ReceivedTree {
-            step: meta.step,
-            tree: meta.tree,
-            leaves: r.leaves,
-            bindings: r.bindings,
-        })
+    fn finish(self) -> Result<Received, EngineError> {
+        match self {
+            Self::Native(e) => Ok(ReceiveEngine::finish(*e)?),
+            #[cfg(feature = "wasm")]
+            Self::Wasm(e) => Ok(ReceiveEngine::finish(*e)?),
+        }
     }
 }

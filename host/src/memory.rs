@@ -1,13 +1,13 @@
 //! Receive buffers: owned, zero-initialised, aligned allocations ([`Buffer`]); a background
 //! pre-faulter that maps fresh buffers' pages while the receiver is busy on the wire
-//! ([`Prefaulter`]); and a bounded pool that keeps touched buffers between transfers
+//! ([`ReceiveMemory`], which also shares a receive's buffers between its threads); and a bounded pool that keeps touched buffers between transfers
 //! ([`BufferPool`]).
 //!
 //! # Why
 //! A receiver writes tensor bytes straight into their final buffers. Fresh anonymous memory is
 //! page-fault bound: every first write to a page traps into the kernel, which allocates and zeroes
 //! a page (and, on a VM, the hypervisor may have to back it too). Done inline by the receiving
-//! thread, that work serialises with the copy out of the socket. [`Prefaulter`] moves it to one
+//! thread, that work serialises with the copy out of the socket. [`ReceiveMemory`] moves it to one
 //! background thread that walks the buffers in receive order just ahead of the receiver, with
 //! `MADV_POPULATE_WRITE` (Linux ≥ 5.14; `mlock`+`munlock` before that), which maps pages writable
 //! without changing contents, in the kernel, without one trap per page.
@@ -77,17 +77,19 @@
 //!    over them: 0.17–0.19 s for the 10,220-leaf reference dict, measured, against 2.5 ms), or
 //!    take them from a [`BufferPool`] when the process receives checkpoints of the same shapes
 //!    repeatedly.
-//! 2. Hand them to [`Prefaulter::start`] **in receive order** (storage wire order) before the first
-//!    data message; in-place destinations and pooled buffers need no prefaulting (leave them out).
-//! 3. Receive each message into [`Prefaulter::claim`]ed ranges (or claim whole buffers up front
-//!    for raw views and call [`Prefaulter::progress_hint`] as messages land).
-//! 4. [`Prefaulter::finish`] gives the buffers back. Memory stays bounded by the buffers' size: the
-//!    prefaulter maps nothing else.
+//! 2. Hand them to [`ReceiveMemory::new`] **in receive order** (storage wire order) before the first
+//!    data message, as [`Target::Fresh`]; in-place destinations and pooled buffers need no
+//!    prefaulting ([`Target::Borrowed`], [`Target::Touched`]).
+//! 3. Receive each message through [`ReceiveMemory::write`]; other threads read what has landed
+//!    with [`ReceiveMemory::read`].
+//! 4. [`ReceiveMemory::finish`] gives the buffers back. Memory stays bounded by the buffers' size:
+//!    the prefaulter maps nothing else.
 
 use std::alloc::{self, Layout};
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
+use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut, Range};
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -176,7 +178,7 @@ impl Drop for SharedMap {
 /// An owned, zero-initialised byte buffer, at least [`MIN_ALIGN`]-aligned (page aligned when
 /// mapped, [`HUGE_PAGE`] aligned when huge). Like `Box<[u8]>`, but allocation never touches the
 /// memory: a large buffer is a fresh anonymous mapping whose pages the kernel supplies, zeroed, on
-/// first access (see [`Prefaulter`] to take that cost off the receiving thread).
+/// first access (see [`ReceiveMemory`] to take that cost off the receiving thread).
 pub struct Buffer {
     /// Valid for reads and writes of `len` bytes, all initialised; owned by this value alone.
     ptr: NonNull<u8>,
@@ -477,10 +479,10 @@ impl fmt::Debug for Buffer {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Prefaulter
+// ReceiveMemory and its prefaulter
 // ---------------------------------------------------------------------------------------------
 
-/// How the [`Prefaulter`] maps pages.
+/// How the prefaulter of a [`ReceiveMemory`] maps pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PrefaultMethod {
     /// `madvise(MADV_POPULATE_WRITE)` (Linux ≥ 5.14): the kernel faults the range in writable and
@@ -555,7 +557,7 @@ pub fn populate_write_supported() -> bool {
     })
 }
 
-/// [`Prefaulter`] settings.
+/// Prefaulter settings of a [`ReceiveMemory`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrefaultOptions {
     /// `None`, or a method this system doesn't support: [`PrefaultMethod::best`].
@@ -574,25 +576,30 @@ impl Default for PrefaultOptions {
     }
 }
 
-/// One buffer as the background thread sees it.
+/// One region as the background thread and the frontiers see it.
 #[derive(Debug)]
 struct Region {
-    /// Address of the first byte (provenance exposed; see [`Prefaulter::start`]).
+    /// Address of the first byte (provenance exposed; see [`ReceiveMemory::new`]).
     addr: usize,
     len: usize,
     /// Page-rounded span for `madvise`.
     span: (usize, usize),
     /// Whether the buffer is its own mapping (`Mlock` only handles those).
     mapped: bool,
-    /// Offset of this buffer in receive order (sum of the earlier buffers' lengths).
+    /// Whether the background thread prefaults this region (fresh memory).
+    prefault: bool,
+    /// Offset of this region in receive order (sum of the earlier prefaulted regions' lengths).
     start: u64,
-    /// Every byte the receiver has claimed lies below this. Under `Shared::lock` in `Touch` mode.
+    /// Every byte handed out for writing lies below this. Under `Shared::lock` in `Touch` mode.
     claimed: AtomicUsize,
+    /// Every byte below this has been written and may be read; nothing below it is written again.
+    landed: AtomicUsize,
 }
 
 #[derive(Debug)]
 struct Shared {
     regions: Vec<Region>,
+    /// Total bytes of the prefaulted regions.
     total: u64,
     method: PrefaultMethod,
     step: usize,
@@ -605,7 +612,7 @@ struct Shared {
     progress: AtomicU64,
     /// Bytes actually prefaulted (skipped ranges not counted).
     prefaulted: AtomicU64,
-    /// `Touch` mode: held by the prefaulter while it touches a step, and by `claim`.
+    /// `Touch` mode: held by the prefaulter while it touches a step, and by claims.
     lock: Mutex<()>,
 }
 
@@ -615,7 +622,7 @@ impl Shared {
     }
 }
 
-/// What a [`Prefaulter`] has done so far.
+/// What the prefaulter of a [`ReceiveMemory`] has done so far.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrefaultStats {
     /// The method in use.
@@ -624,78 +631,127 @@ pub struct PrefaultStats {
     pub progress: u64,
     /// Bytes it actually prefaulted (not those it skipped because the receiver was there first).
     pub prefaulted: u64,
-    /// Total bytes of all buffers.
+    /// Total bytes of all prefaulted regions.
     pub total: u64,
 }
 
-/// Owns a set of fresh buffers and faults their pages in on one background thread, in the order
-/// the receiver will fill them, while the receiver writes into ranges it [`claim`](Self::claim)s.
-///
-/// The receiver never waits for the prefaulter: if it catches up, it faults pages itself, and the
-/// prefaulter jumps ahead of the receiver's latest claim instead of racing it page by page.
-///
-/// # Soundness
-/// The background thread holds the buffers' addresses, never references to them, and:
-/// - with [`PrefaultMethod::PopulateWrite`] and [`PrefaultMethod::Mlock`] it performs no memory
-///   access at all: the kernel maps pages writable and leaves their contents alone, so it may
-///   overlap the receiver's writes;
-/// - with [`PrefaultMethod::Touch`] it accesses (with an atomic, content-preserving
-///   `compare_exchange(0, 0)`) only bytes at or above the buffer's claim frontier, reading that
-///   frontier and touching under `lock`; [`claim`](Self::claim) advances the frontier under the
-///   same lock before handing bytes out. So no byte is ever accessed by both threads, and the lock
-///   orders the touches before any later claim.
-///
-/// The buffers outlive the thread: `finish` and `Drop` stop and join it before giving back or
-/// dropping them. Claims never overlap (each starts at or after the end of the previous claim of
-/// that buffer), which is what lets [`claim`](Self::claim) hand out `&mut` from `&self`.
-pub struct Prefaulter {
-    buffers: Vec<Buffer>,
-    shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+/// A region of a [`ReceiveMemory`]: where one storage's bytes (or a cast storage's converted bytes)
+/// go.
+#[derive(Debug)]
+pub enum Target<'a> {
+    /// Fresh memory: prefaulted in the background, in the order the regions are given.
+    Fresh(Buffer),
+    /// Memory already touched (from a [`BufferPool`]): not prefaulted.
+    Touched(Buffer),
+    /// The caller's own memory (an in-place receive), borrowed for the receive.
+    Borrowed(&'a mut [u8]),
 }
 
-impl fmt::Debug for Prefaulter {
+/// Writing a range outside its region, or over bytes already handed out.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("receive memory: bytes {range:?} of region {region} ({len} bytes) are out of bounds or already written")]
+pub struct ClaimError {
+    /// The region.
+    pub region: usize,
+    /// The range asked for.
+    pub range: Range<usize>,
+    /// The region's length.
+    pub len: usize,
+}
+
+/// The memory of one receive, shared by the threads that move its bytes: the receiving thread writes
+/// each message's ranges once, through [`write`](Self::write); other threads read ranges that have
+/// landed, through [`read`](Self::read); and a background thread prefaults the fresh regions' pages
+/// just ahead of the receiver, in receive order, so that page faults stay off the wire's critical
+/// path. This is the only place receive memory is reached through raw pointers.
+///
+/// # Soundness
+/// Each region has two frontiers. `claimed`: every byte handed out for writing lies below it, and a
+/// write is handed out only at or above it (an atomic update), so no two writable slices overlap.
+/// `landed`: advanced (Release) only by [`write`](Self::write) after its closure has returned and its
+/// slices are gone, to the end of what was written; [`read`](Self::read) hands out bytes only below it
+/// (Acquire), and writes never go below `claimed` ≥ `landed`, so a byte is never read while it can be
+/// written. Owned buffers are never dereferenced while the memory is shared (only their addresses are
+/// used), and they do not move (heap blocks or mappings); borrowed ones are held for `'a`.
+///
+/// The prefaulter thread holds addresses, never references, and:
+/// - with [`PrefaultMethod::PopulateWrite`] and [`PrefaultMethod::Mlock`] it performs no memory
+///   access at all: the kernel maps pages writable and leaves their contents alone;
+/// - with [`PrefaultMethod::Touch`] it accesses (with an atomic, content-preserving
+///   `compare_exchange(0, 0)`) only bytes at or above the region's claim frontier, reading that
+///   frontier and touching under `lock`; claims advance the frontier under the same lock.
+///
+/// The memory outlives the thread: `finish` and `Drop` stop and join it first.
+pub struct ReceiveMemory<'a> {
+    /// The owned buffers, by region (`None` for borrowed regions). Never dereferenced while shared.
+    owned: Vec<Option<Buffer>>,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    _borrowed: PhantomData<&'a mut [u8]>,
+}
+
+// SAFETY: the memory is plain bytes, and every cross-thread access follows the frontier discipline
+// in the type's docs (atomics order the writes before the reads).
+unsafe impl Sync for ReceiveMemory<'_> {}
+// SAFETY: the owned buffers are Send; the borrowed regions are `&'a mut [u8]`, which is Send.
+unsafe impl Send for ReceiveMemory<'_> {}
+
+impl fmt::Debug for ReceiveMemory<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Prefaulter")
-            .field("buffers", &self.buffers.len())
+        f.debug_struct("ReceiveMemory")
+            .field("regions", &self.shared.regions.len())
             .field("stats", &self.stats())
             .finish()
     }
 }
 
-impl Prefaulter {
-    /// Starts prefaulting `buffers`, which the receiver will fill in this order (buffer 0 first,
-    /// each from its start to its end), with the default [`PrefaultOptions`].
-    pub fn start(buffers: Vec<Buffer>) -> Prefaulter {
-        Prefaulter::with_options(buffers, PrefaultOptions::default())
+impl<'a> ReceiveMemory<'a> {
+    /// Takes `targets` (the receiver fills the fresh ones in this order) and starts prefaulting the
+    /// fresh ones, with the default [`PrefaultOptions`].
+    pub fn new(targets: Vec<Target<'a>>) -> ReceiveMemory<'a> {
+        ReceiveMemory::with_options(targets, PrefaultOptions::default())
     }
 
-    /// As [`start`](Self::start), with `options`.
-    pub fn with_options(mut buffers: Vec<Buffer>, options: PrefaultOptions) -> Prefaulter {
+    /// As [`new`](Self::new), with `options`.
+    pub fn with_options(targets: Vec<Target<'a>>, options: PrefaultOptions) -> ReceiveMemory<'a> {
         let method = match options.method {
             Some(m) if m.is_supported() => m,
             _ => PrefaultMethod::best(),
         };
         let page = page_size();
         let mut start = 0u64;
-        let regions = buffers
-            .iter_mut()
-            .map(|b| {
-                let span = b.page_span();
-                let r = Region {
-                    // Exposes the provenance for the `Touch` thread
-                    // (`with_exposed_provenance_mut`).
-                    addr: b.as_mut_ptr().expose_provenance(),
-                    len: b.len(),
-                    span,
-                    mapped: b.is_mapped(),
-                    start,
-                    claimed: AtomicUsize::new(0),
-                };
-                start += b.len() as u64;
-                r
-            })
-            .collect();
+        let mut owned = Vec::with_capacity(targets.len());
+        let mut regions = Vec::with_capacity(targets.len());
+        for target in targets {
+            let (ptr, len, mapped, prefault, span, buffer) = match target {
+                Target::Fresh(mut b) | Target::Touched(mut b) if b.is_empty() => {
+                    (b.as_mut_ptr(), 0, false, false, (0, 0), Some(b))
+                }
+                Target::Fresh(mut b) => {
+                    (b.as_mut_ptr(), b.len(), b.is_mapped(), true, b.page_span(), Some(b))
+                }
+                Target::Touched(mut b) => {
+                    (b.as_mut_ptr(), b.len(), b.is_mapped(), false, b.page_span(), Some(b))
+                }
+                Target::Borrowed(bytes) => (bytes.as_mut_ptr(), bytes.len(), false, false, (0, 0), None),
+            };
+            regions.push(Region {
+                // Exposes the provenance for the `Touch` thread (`with_exposed_provenance_mut`)
+                // and for the slices handed out (`ptr` below is rebuilt from it).
+                addr: ptr.expose_provenance(),
+                len,
+                span,
+                mapped,
+                prefault,
+                start,
+                claimed: AtomicUsize::new(0),
+                landed: AtomicUsize::new(0),
+            });
+            if prefault {
+                start += len as u64;
+            }
+            owned.push(buffer);
+        }
         let shared = Arc::new(Shared {
             regions,
             total: start,
@@ -725,34 +781,35 @@ impl Prefaulter {
                 }
             }
         };
-        Prefaulter {
-            buffers,
+        ReceiveMemory {
+            owned,
             shared,
             thread,
+            _borrowed: PhantomData,
         }
     }
 
-    /// Number of buffers.
+    /// Number of regions.
     pub fn len(&self) -> usize {
-        self.buffers.len()
+        self.shared.regions.len()
     }
 
-    /// Whether there are no buffers.
+    /// Whether there are no regions.
     pub fn is_empty(&self) -> bool {
-        self.buffers.is_empty()
+        self.shared.regions.is_empty()
     }
 
-    /// Length of buffer `index`.
-    pub fn buffer_len(&self, index: usize) -> usize {
-        self.buffers[index].len()
+    /// Length of region `index`.
+    pub fn region_len(&self, index: usize) -> usize {
+        self.shared.regions.get(index).map_or(0, |r| r.len)
     }
 
-    /// The method in use.
+    /// The prefault method in use.
     pub fn method(&self) -> PrefaultMethod {
         self.shared.method
     }
 
-    /// Progress so far.
+    /// The prefaulter's progress so far.
     pub fn stats(&self) -> PrefaultStats {
         PrefaultStats {
             method: self.shared.method,
@@ -762,82 +819,119 @@ impl Prefaulter {
         }
     }
 
-    /// Whether the prefaulter has gone through every buffer (or was stopped, or never ran).
-    pub fn is_done(&self) -> bool {
+    /// Whether the prefaulter has gone through every fresh region (or was stopped, or never ran).
+    pub fn prefault_done(&self) -> bool {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
 
-    /// Claims bytes `range` of buffer `index` for writing and returns them. From now on the
-    /// prefaulter leaves them alone (it may still map their pages with `PopulateWrite`, which
-    /// doesn't change contents), and it moves on past `range.start` if it was behind.
-    ///
-    /// Claims of one buffer must come in increasing order: `range.start` must be at or after the
-    /// end of the previous non-empty claim of that buffer. Either claim each message's part as
-    /// you receive it, or claim whole buffers up front and report where you are with
-    /// [`progress_hint`](Self::progress_hint): the same with `PopulateWrite` and `Mlock`, but
-    /// `Touch` never touches claimed bytes, so it only helps with claims made as you go.
-    ///
-    /// # Panics
-    /// If `index` or `range` is out of bounds, or `range` overlaps an earlier claim of `index`.
-    #[allow(clippy::mut_from_ref)] // Claims are disjoint by construction: see the type's docs.
-    pub fn claim(&self, index: usize, range: Range<usize>) -> &mut [u8] {
-        let region = &self.shared.regions[index];
-        assert!(
-            range.start <= range.end && range.end <= region.len,
-            "claim {range:?} out of bounds of buffer {index} ({} bytes)",
-            region.len
-        );
-        if range.is_empty() {
-            return &mut [];
-        }
-        {
-            let _guard = (self.shared.method == PrefaultMethod::Touch).then(|| self.shared.lock());
-            let advanced =
-                region
-                    .claimed
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |end| {
-                        (range.start >= end).then_some(range.end)
-                    });
-            if let Err(end) = advanced {
-                panic!("claim {range:?} of buffer {index} overlaps an earlier claim (up to {end})");
+    /// Writes `parts` (each a region and a byte range of it): hands `f` one writable slice per part,
+    /// in order, and once `f` has returned, marks them landed (readable by [`read`](Self::read)).
+    /// The ranges of one region must come in increasing order across calls, never below an earlier
+    /// write (the plan's segments do). On error nothing is handed out.
+    pub fn write<R>(
+        &self,
+        parts: &[(usize, Range<usize>)],
+        f: impl FnOnce(&mut [&mut [u8]]) -> R,
+    ) -> Result<R, ClaimError> {
+        let mut slices = Vec::with_capacity(parts.len());
+        for (i, (region, range)) in parts.iter().enumerate() {
+            match self.claim(*region, range.clone()) {
+                Ok(s) => slices.push(s),
+                Err(e) => {
+                    // Give back what this call claimed: nothing was written, nothing lands.
+                    for (r, range) in &parts[..i] {
+                        self.unclaim(*r, range.clone());
+                    }
+                    return Err(e);
+                }
             }
         }
-        self.shared
-            .hint
-            .fetch_max(region.start + range.start as u64, Ordering::Relaxed);
-        let base = self.buffers[index].ptr.as_ptr();
-        // SAFETY: `range` is within the buffer, which lives (unmoved: it is a heap block or a
-        // mapping) as long as `self`, i.e. at least as long as the returned slice. The atomic
+        let result = f(&mut slices);
+        drop(slices);
+        for (region, range) in parts {
+            if let Some(r) = self.shared.regions.get(*region) {
+                r.landed.fetch_max(range.end, Ordering::Release);
+            }
+        }
+        Ok(result)
+    }
+
+    /// Bytes `range` of region `index`, once they have landed (else `None`).
+    pub fn read(&self, index: usize, range: Range<usize>) -> Option<&[u8]> {
+        let region = self.shared.regions.get(index)?;
+        if range.start > range.end || range.end > region.landed.load(Ordering::Acquire) {
+            return None;
+        }
+        if range.is_empty() {
+            return Some(&[]);
+        }
+        let ptr = std::ptr::with_exposed_provenance::<u8>(region.addr);
+        // SAFETY: `range` lies below `landed` (checked, Acquire), so it is within the region, it was
+        // written by `write` whose slices are gone (Release), and no writable slice will ever cover
+        // it again (claims start at or above `claimed` ≥ `landed`). The region's memory lives as
+        // long as `self` (owned, unmoved; or borrowed for 'a).
+        Some(unsafe { std::slice::from_raw_parts(ptr.add(range.start), range.len()) })
+    }
+
+    #[allow(clippy::mut_from_ref)] // Claims are disjoint by construction: see the type's docs.
+    fn claim(&self, index: usize, range: Range<usize>) -> Result<&mut [u8], ClaimError> {
+        let region = self.shared.regions.get(index).ok_or(ClaimError {
+            region: index,
+            range: range.clone(),
+            len: 0,
+        })?;
+        let error = || ClaimError {
+            region: index,
+            range: range.clone(),
+            len: region.len,
+        };
+        if range.start > range.end || range.end > region.len {
+            return Err(error());
+        }
+        if range.is_empty() {
+            return Ok(&mut []);
+        }
+        {
+            let _guard = (self.shared.method == PrefaultMethod::Touch && region.prefault)
+                .then(|| self.shared.lock());
+            region
+                .claimed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |end| {
+                    (range.start >= end).then_some(range.end)
+                })
+                .map_err(|_| error())?;
+        }
+        if region.prefault {
+            self.shared
+                .hint
+                .fetch_max(region.start + range.start as u64, Ordering::Relaxed);
+        }
+        let ptr = std::ptr::with_exposed_provenance_mut::<u8>(region.addr);
+        // SAFETY: `range` is within the region, whose memory lives (unmoved) as long as `self`. The
         // frontier update above succeeded only if `range` lies at or above every earlier claim of
-        // this buffer, so no other slice handed out covers any of these bytes; `self.buffers` is
-        // never accessed otherwise until `finish`/`drop`, which take `self` by value / `&mut`.
-        // The background thread no longer touches them (see the type's docs; in `Touch` mode it
-        // reads the frontier under the lock we took, which also orders its earlier touches before
-        // our writes).
-        unsafe { std::slice::from_raw_parts_mut(base.add(range.start), range.len()) }
+        // this region, so no other slice handed out covers these bytes, and no reader sees them
+        // before `write` marks them landed after this slice is gone. The background thread no longer
+        // touches them (see the type's docs).
+        Ok(unsafe { std::slice::from_raw_parts_mut(ptr.add(range.start), range.len()) })
     }
 
-    /// Tells the prefaulter that the receiver is now writing at `offset` of buffer `index`, without
-    /// claiming anything; it then jumps past that point if it was behind. [`claim`](Self::claim)
-    /// does this by itself; this is for a receiver that claimed whole buffers up front.
-    ///
-    /// # Panics
-    /// If `index` or `offset` is out of bounds.
-    pub fn progress_hint(&self, index: usize, offset: usize) {
-        let region = &self.shared.regions[index];
-        assert!(
-            offset <= region.len,
-            "hint {offset} out of bounds of buffer {index}"
-        );
-        self.shared
-            .hint
-            .fetch_max(region.start + offset as u64, Ordering::Relaxed);
+    /// Undoes a claim of `write` that handed out nothing (the frontier goes back if nobody claimed
+    /// past it since).
+    fn unclaim(&self, index: usize, range: Range<usize>) {
+        if let Some(r) = self.shared.regions.get(index) {
+            let _ = r.claimed.compare_exchange(
+                range.end,
+                range.start,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
     }
 
-    /// Stops the prefaulter (wherever it is) and gives the buffers back, in the order given.
-    pub fn finish(mut self) -> Vec<Buffer> {
+    /// Stops the prefaulter and gives the owned buffers back, by region (`None` for borrowed ones).
+    pub fn finish(mut self) -> Vec<Option<Buffer>> {
         self.stop();
-        std::mem::take(&mut self.buffers)
+        std::mem::take(&mut self.owned)
     }
 
     fn stop(&mut self) {
@@ -850,7 +944,7 @@ impl Prefaulter {
     }
 }
 
-impl Drop for Prefaulter {
+impl Drop for ReceiveMemory<'_> {
     fn drop(&mut self) {
         self.stop();
     }
@@ -871,7 +965,9 @@ fn run(sh: &Shared) {
         if hint > 0 && hint >= pos {
             pos = (hint + sh.step as u64).min(sh.total);
         }
-        while r < sh.regions.len() && sh.regions[r].start + sh.regions[r].len as u64 <= pos {
+        while r < sh.regions.len()
+            && (!sh.regions[r].prefault || sh.regions[r].start + sh.regions[r].len as u64 <= pos)
+        {
             r += 1;
         }
         let Some(region) = sh.regions.get(r) else {
@@ -1131,9 +1227,9 @@ mod tests {
         PrefaultMethod::Touch,
     ];
 
-    fn wait_done(pf: &Prefaulter) {
+    fn wait_done(pf: &ReceiveMemory<'_>) {
         let t = Instant::now();
-        while !pf.is_done() {
+        while !pf.prefault_done() {
             assert!(t.elapsed() < Duration::from_secs(60), "prefaulter stuck");
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -1225,12 +1321,16 @@ mod tests {
         assert_eq!(&b[..], &[] as &[u8]);
         assert_eq!(&mut b[..], &mut [] as &mut [u8]);
         assert!(Buffer::from_vec(Vec::new()).is_empty());
-        let pf = Prefaulter::start(vec![Buffer::zeroed(0), Buffer::zeroed(0)]);
-        assert!(pf.claim(1, 0..0).is_empty());
+        let pf = ReceiveMemory::new(vec![
+            Target::Fresh(Buffer::zeroed(0)),
+            Target::Fresh(Buffer::zeroed(0)),
+        ]);
+        assert_eq!(pf.write(&[(1, 0..0)], |p| p[0].len()), Ok(0));
+        assert_eq!(pf.read(1, 0..0), Some(&[][..]));
         assert_eq!(pf.stats().total, 0);
         let back = pf.finish();
         assert_eq!(back.len(), 2);
-        drop(Prefaulter::start(Vec::new()));
+        drop(ReceiveMemory::new(Vec::new()));
     }
 
     #[test]
@@ -1288,13 +1388,13 @@ mod tests {
                     method: Some(method),
                     ..Default::default()
                 };
-                let pf = Prefaulter::with_options(bufs, opts);
+                let pf = ReceiveMemory::with_options(bufs.into_iter().map(Target::Fresh).collect(), opts);
                 assert_eq!(pf.method(), method);
                 wait_done(&pf);
                 let st = pf.stats();
                 assert_eq!((st.progress, st.prefaulted), (st.total, st.total));
                 let bufs = pf.finish();
-                for b in &bufs {
+                for b in bufs.iter().flatten() {
                     assert_eq!(resident(b), 1.0, "{method:?} {pages:?}");
                     assert!(b.iter().all(|&x| x == 0));
                 }
@@ -1333,7 +1433,7 @@ mod tests {
                     method: Some(method),
                     step: 64 << 10,
                 };
-                let pf = Prefaulter::with_options(bufs, opts);
+                let pf = ReceiveMemory::with_options(bufs.into_iter().map(Target::Fresh).collect(), opts);
                 let mut written: Vec<Vec<Range<usize>>> = vec![Vec::new(); sizes.len()];
                 let mut claim_len = 4096 * 3 + 17 + round as usize * 1000;
                 for (b, &n) in sizes.iter().enumerate() {
@@ -1344,10 +1444,15 @@ mod tests {
                             off = (off + 5000).min(n);
                         }
                         let end = (off + claim_len).min(n);
-                        let s = pf.claim(b, off..end);
-                        for (k, x) in s.iter_mut().enumerate() {
-                            *x = pattern(off + k, round);
-                        }
+                        pf.write(&[(b, off..end)], |s| {
+                            for (k, x) in s[0].iter_mut().enumerate() {
+                                *x = pattern(off + k, round);
+                            }
+                        })
+                        .unwrap();
+                        // What landed reads back as written.
+                        let back = pf.read(b, off..end).unwrap();
+                        assert!(back.iter().enumerate().all(|(k, &x)| x == pattern(off + k, round)));
                         written[b].push(off..end);
                         off = end;
                         claim_len = claim_len * 5 / 4 % (1 << 20) + 100;
@@ -1355,6 +1460,7 @@ mod tests {
                 }
                 let bufs = pf.finish();
                 for (b, buf) in bufs.iter().enumerate() {
+                    let buf = buf.as_ref().unwrap();
                     assert_eq!(buf.len(), sizes[b]);
                     let mut expect = vec![0u8; sizes[b]];
                     if b == 4 {
@@ -1378,69 +1484,67 @@ mod tests {
         }
     }
 
-    /// Whole buffers claimed up front (as a receiver holding raw views would), progress reported
-    /// by hint: the content-preserving methods still map everything, and data stays intact.
+    /// Touched and borrowed regions are not prefaulted, but written and read the same way; the
+    /// prefaulter skips them in receive order.
     #[test]
-    fn whole_claims_with_hints() {
-        for method in [PrefaultMethod::PopulateWrite, PrefaultMethod::Mlock] {
-            if !method.is_supported() {
-                continue;
-            }
-            let opts = PrefaultOptions {
-                method: Some(method),
-                step: 256 << 10,
-            };
-            let pf =
-                Prefaulter::with_options((0..3).map(|_| Buffer::zeroed(5 << 20)).collect(), opts);
-            let mut views: Vec<&mut [u8]> = (0..pf.len())
-                .map(|i| pf.claim(i, 0..pf.buffer_len(i)))
-                .collect();
-            for (i, v) in views.iter_mut().enumerate() {
-                for (k, chunk) in v.chunks_mut(1 << 20).enumerate() {
-                    pf.progress_hint(i, k << 20);
-                    chunk.fill(i as u8 + 1);
-                }
-            }
-            wait_done(&pf);
-            drop(views);
-            for (i, b) in pf.finish().iter().enumerate() {
-                assert_eq!(resident(b), 1.0, "{method:?}");
-                assert!(b.iter().all(|&x| x == i as u8 + 1), "{method:?}");
-            }
+    fn touched_and_borrowed_regions() {
+        let mut mine = vec![7u8; 100_000];
+        let pf = ReceiveMemory::new(vec![
+            Target::Fresh(Buffer::zeroed(3 << 20)),
+            Target::Borrowed(&mut mine),
+            Target::Touched(Buffer::from_vec(vec![1; 5000])),
+            Target::Fresh(Buffer::zeroed(1 << 20)),
+        ]);
+        assert_eq!(pf.stats().total, 4 << 20);
+        for (i, len) in [(0, 3 << 20), (1, 100_000), (2, 5000), (3, 1 << 20)] {
+            pf.write(&[(i, 0..len / 2), (i, len / 2..len)], |p| {
+                p[0].fill(i as u8 + 10);
+                p[1].fill(i as u8 + 20);
+            })
+            .unwrap();
+            assert_eq!(pf.read(i, len / 2 - 1..len / 2 + 1), Some(&[i as u8 + 10, i as u8 + 20][..]));
         }
+        wait_done(&pf);
+        let back = pf.finish();
+        assert!(back[1].is_none());
+        assert_eq!(back[2].as_deref().unwrap()[4999], 22);
+        assert!(mine[..50_000].iter().all(|&x| x == 11) && mine[50_000..].iter().all(|&x| x == 21));
     }
 
     #[test]
-    fn claims_from_several_threads() {
-        let pf = Prefaulter::start((0..4).map(|_| Buffer::zeroed(3 << 20)).collect());
+    fn writes_from_several_threads_and_reads_after_landing() {
+        let pf = ReceiveMemory::new((0..4).map(|_| Target::Fresh(Buffer::zeroed(3 << 20))).collect());
         std::thread::scope(|s| {
             for b in 0..4 {
                 let pf = &pf;
                 s.spawn(move || {
                     for c in 0..3 {
-                        pf.claim(b, c << 20..(c + 1) << 20).fill(b as u8 + 1);
+                        // Nothing of this range is readable before it lands.
+                        assert_eq!(pf.read(b, c << 20..(c + 1) << 20), None);
+                        pf.write(&[(b, c << 20..(c + 1) << 20)], |p| p[0].fill(b as u8 + 1))
+                            .unwrap();
                     }
                 });
             }
         });
         for (b, buf) in pf.finish().iter().enumerate() {
-            assert!(buf.iter().all(|&x| x == b as u8 + 1));
+            assert!(buf.as_ref().unwrap().iter().all(|&x| x == b as u8 + 1));
         }
     }
 
     #[test]
-    #[should_panic(expected = "overlaps")]
-    fn overlapping_claim_panics() {
-        let pf = Prefaulter::start(vec![Buffer::zeroed(10_000)]);
-        let _a = pf.claim(0, 0..100);
-        let _b = pf.claim(0, 99..200);
-    }
-
-    #[test]
-    #[should_panic(expected = "out of bounds")]
-    fn out_of_bounds_claim_panics() {
-        let pf = Prefaulter::start(vec![Buffer::zeroed(100)]);
-        let _ = pf.claim(0, 50..101);
+    fn overlapping_or_out_of_bounds_writes_are_refused() {
+        let pf = ReceiveMemory::new(vec![Target::Fresh(Buffer::zeroed(10_000))]);
+        pf.write(&[(0, 0..100)], |_| ()).unwrap();
+        let overlap = pf.write(&[(0, 99..200)], |_| ()).unwrap_err();
+        assert_eq!((overlap.region, overlap.range), (0, 99..200));
+        assert!(pf.write(&[(0, 9000..10_001)], |_| ()).is_err());
+        assert!(pf.write(&[(1, 0..1)], |_| ()).is_err());
+        // A refused multi-part write hands out nothing and leaves the frontier where it was.
+        assert!(pf.write(&[(0, 100..200), (0, 150..160)], |_| ()).is_err());
+        pf.write(&[(0, 100..200)], |p| p[0].fill(3)).unwrap();
+        assert_eq!(pf.read(0, 150..151), Some(&[3][..]));
+        assert_eq!(pf.read(0, 150..201), None);
     }
 
     #[test]

@@ -5,11 +5,11 @@
 //! word by word as it compares.
 
 use anyhow::{ensure, Context, Result};
-use pgt_core::codec::Metadata;
+use pgt_core::schema::Metadata;
 use pgt_core::dtensor::{DTensorSpec, DeviceMesh, Placement, ReduceOp};
 use pgt_core::dtype::DType;
 use pgt_core::layout::TensorLayout;
-use pgt_core::plan::PlanParams;
+use pgt_core::schema::PlanParams;
 use pgt_core::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
 use pgt_core::tree::{Key, KeyPath, Leaf, Node, Value};
 
@@ -388,6 +388,6 @@ pub fn validate(shape: &Shape) -> Result<()> {
         tree: shape.nodes.clone(),
         leaves: shape.leaves.clone(),
     };
-    pgt_core::codec::Manifest::new(metadata, true, &Default::default()).context("invalid shape")?;
+    pgt_core::manifest::Manifest::new(metadata, true, &Default::default()).context("invalid shape")?;
     Ok(())
 }

@@ -1,29 +1,35 @@
-//! `Transport`: PGTransport's API over any [`ProcessGroup`]. It executes what the protocol engine
-//! (pgt-core, native or sandboxed) asks for — sends, receives into final buffers, forwards, hashing —
-//! and owns no protocol decisions.
+//! `Transport`: PGTransport's API over any [`ProcessGroup`]. It is a host of the one driver
+//! ([`pgt_core::drive`]): it moves the bytes the protocol engine (pgt-core, native or sandboxed) asks
+//! for — sends, receives into final buffers, forwards, hashing — and owns no protocol decision.
 //!
-//! Threads: the sender runs one thread per destination, so destinations proceed in parallel; the
-//! first destination's thread hashes each message right before sending it, which leaves the bytes in
-//! cache for the kernel's copy. The receiver receives on the calling thread straight into
-//! the destination buffers; a second thread hashes (and casts) what has landed, and a third forwards it
-//! in chain fan-out, so neither delays the next receive.
+//! Threads: the sender runs one thread per destination ([`SendWorkers`]), so destinations proceed in
+//! parallel; the first destination's thread hashes each message right before sending it, which leaves
+//! the bytes in cache for the kernel's copy. The receiver ([`Landing`]) receives on the calling thread
+//! straight into the destination memory ([`ReceiveMemory`]); a second thread hashes (and casts) what
+//! has landed, and a third forwards it in chain fan-out, so neither delays the next receive.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver as Rx, RecvTimeoutError, SyncSender};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
+use std::thread::Scope;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use pgt_core::codec::{Limits, Metadata, StorageRef};
+use pgt_core::drive::{self, Event, ReceiveHost, SendHost};
 use pgt_core::dtype::convert;
-use pgt_core::plan::{MessageKind, PlanParams, Segment};
-use pgt_core::receiver::{Binding, Dest, ReceiverOptions};
+use pgt_core::header::Limits;
+use pgt_core::plan::Segment;
+use pgt_core::receiver::{
+    Binding, Dest, ForwardOp, InPlace, Incoming, Received, ReceiverOptions, RecvOp,
+};
+use pgt_core::schema::{Metadata, PlanParams};
+use pgt_core::sender::{Payload, SendOp};
 use pgt_core::tree::KeyPath;
 use tracing::{debug, info_span};
 
-use crate::engine::{EngineFactory, NativeEngine, OwnedPayload, RecvNext, SendNext, SendStep};
-use crate::memory::{Buffer, BufferPool, Prefaulter, MMAP_THRESHOLD};
+use crate::engine::{EngineFactory, NativeEngine};
+use crate::memory::{Buffer, BufferPool, ReceiveMemory, Target, MMAP_THRESHOLD};
 use crate::pg::ProcessGroup;
 use crate::state_dict::{Entry, StateDict, Storage, Tensor};
 
@@ -134,6 +140,11 @@ impl Abort {
     fn take(&self) -> Option<anyhow::Error> {
         self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
+
+    /// The first error, or a stand-in when it was taken already.
+    fn error(&self) -> anyhow::Error {
+        self.take().unwrap_or_else(|| anyhow!("the transfer was aborted"))
+    }
 }
 
 /// XXH3-64 of a storage's bytes, streamed: the same digest as [`pgt_core::digest`], computed with
@@ -151,10 +162,56 @@ impl StorageHasher {
     }
 }
 
+/// Running hashes of the storages whose bytes are arriving, segment by segment; a storage's hasher
+/// exists only while its bytes are in flight.
+#[derive(Default)]
+struct StorageHashers(HashMap<u32, StorageHasher>);
+
+impl StorageHashers {
+    /// Feeds one segment's bytes; returns the storage's digest when the segment completes it.
+    fn update(&mut self, seg: &Segment, bytes: &[u8]) -> Option<u64> {
+        let h = self.0.entry(seg.storage).or_default();
+        h.update(bytes);
+        if !seg.completes {
+            return None;
+        }
+        self.0.remove(&seg.storage).map(|h| h.finish())
+    }
+}
+
 /// Messages queued per worker: small descriptors, so memory stays flat whatever the transfer size.
 const QUEUE_DEPTH: usize = 256;
 /// How often a wait for workers looks at the abort flag.
 const ABORT_POLL: Duration = Duration::from_millis(20);
+
+/// Waits for the next event from workers, in short slices so that a worker's failure (in `abort`)
+/// ends the wait at once; fails after `timeout`.
+fn wait_event(
+    events: &mpsc::Receiver<Event>,
+    abort: &Abort,
+    timeout: Duration,
+    what: &str,
+) -> Result<Event> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if abort.is_set() {
+            return Err(abort.error());
+        }
+        match events.recv_timeout(ABORT_POLL) {
+            Ok(event) => return Ok(event),
+            Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+                bail!("timed out waiting for {what}")
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                if abort.is_set() {
+                    return Err(abort.error());
+                }
+                bail!("{what} stopped before the transfer completed")
+            }
+        }
+    }
+}
 
 impl<P: ProcessGroup> Transport<P> {
     /// A transport over `pg`.
@@ -201,127 +258,23 @@ impl<P: ProcessGroup> Transport<P> {
             .engine
             .sender(metadata, self.options.digests, &self.options.limits)
             .context("invalid state dict")?;
-        let refs = engine.storages();
-        let total: u64 = refs.iter().map(|s| s.nbytes).sum();
-        let timeout = self.options.timeout;
-        let abort = Abort::default();
-        let progress = self.options.progress.clone();
-        let sent = std::sync::atomic::AtomicU64::new(0);
-
+        let total: u64 = storages.iter().map(|s| s.len() as u64).sum();
         drop(encode_span);
         let _data_span = info_span!("data", bytes = total).entered();
-        std::thread::scope(|scope| -> Result<()> {
-            let (digest_tx, digest_rx) = mpsc::channel::<(u32, u64)>();
-            let storages = &storages;
-            let refs = &refs;
-            let abort = &abort;
-            let mut workers: HashMap<u32, SyncSender<SendStep>> = HashMap::new();
-            for (i, &dst) in dst_ranks.iter().enumerate() {
-                let (tx, rx) = mpsc::sync_channel::<SendStep>(QUEUE_DEPTH);
-                workers.insert(dst, tx);
-                let pg = &self.pg;
-                let progress = progress.clone();
-                let sent = &sent;
-                let digest_tx = digest_tx.clone();
-                // Progress counts the first destination's bytes: one copy of the checkpoint.
-                let counts = i == 0;
-                scope.spawn(move || {
-                    // The core asks for every storage byte to be hashed exactly once, on the sends to
-                    // one destination, in order (so one thread sees all of a storage). Hashing right
-                    // before the send also pulls the bytes into cache for the kernel's copy.
-                    let mut hashers = StorageHashers::new(refs);
-                    for step in rx {
-                        if abort.is_set() {
-                            break;
-                        }
-                        let result = match &step.payload {
-                            OwnedPayload::Bytes(b) => pg.send(step.to, step.tag, &[b], timeout),
-                            OwnedPayload::Storages(segs) => {
-                                let parts = storage_parts(storages, segs);
-                                if step.hash {
-                                    for (seg, bytes) in segs.iter().zip(&parts) {
-                                        if let Some(d) = hashers.update(seg, bytes) {
-                                            let _ = digest_tx.send(d);
-                                        }
-                                    }
-                                }
-                                pg.send(step.to, step.tag, &parts, timeout)
-                            }
-                        };
-                        if let Err(e) = result {
-                            abort.fail(anyhow!(e).context(format!(
-                                "sending message {} to rank {}",
-                                step.message, step.to
-                            )));
-                            break;
-                        }
-                        if counts && matches!(step.payload, OwnedPayload::Storages(_)) {
-                            let done = sent.fetch_add(step.len, Ordering::Relaxed) + step.len;
-                            if let Some(p) = &progress {
-                                p(done, total);
-                            }
-                        }
-                    }
-                });
-            }
-            drop(digest_tx);
-            let result = (|| -> Result<()> {
-                loop {
-                    if abort.is_set() {
-                        return Ok(());
-                    }
-                    while let Ok((s, d)) = digest_rx.try_recv() {
-                        engine.handle_storage_digest(s, d)?;
-                    }
-                    match engine.poll()? {
-                        SendNext::Send(step) => {
-                            let to = step.to;
-                            workers
-                                .get(&to)
-                                .context("engine named an unknown destination")?
-                                .send(step)
-                                .map_err(|_| anyhow!("sender to rank {to} stopped"))?;
-                        }
-                        // Waits in short slices, so that a failed destination thread (whose error is in
-                        // `abort`) ends the wait at once.
-                        SendNext::WaitDigests => {
-                            let deadline = Instant::now() + timeout;
-                            loop {
-                                match digest_rx.recv_timeout(ABORT_POLL) {
-                                    Ok((s, d)) => {
-                                        engine.handle_storage_digest(s, d)?;
-                                        break;
-                                    }
-                                    Err(RecvTimeoutError::Timeout) if abort.is_set() => {
-                                        return Ok(())
-                                    }
-                                    Err(RecvTimeoutError::Timeout) => {
-                                        if Instant::now() >= deadline {
-                                            bail!("timed out waiting for storage digests")
-                                        }
-                                    }
-                                    Err(RecvTimeoutError::Disconnected) => {
-                                        bail!("hashing stopped before every digest was reported")
-                                    }
-                                }
-                            }
-                        }
-                        SendNext::Done => return Ok(()),
-                    }
-                }
-            })();
-            drop(workers);
-            if let Err(e) = result {
+        let abort = Abort::default();
+        std::thread::scope(|scope| {
+            let mut host = SendWorkers::start(self, scope, dst_ranks, &storages, total, &abort);
+            if let Err(e) = drive::send(&mut engine, &mut host) {
                 abort.fail(e);
             }
-            Ok(())
-        })?;
+            // Closing the queues ends the workers; the scope joins them.
+        });
         if let Some(e) = abort.take() {
             return Err(e);
         }
         Ok(TransferStats {
             bytes: total,
-            tensors: refs.len() as u64,
+            tensors: storages.len() as u64,
             seconds: start.elapsed().as_secs_f64(),
             metadata_seconds: 0.0,
         })
@@ -355,444 +308,180 @@ impl<P: ProcessGroup> Transport<P> {
         let span = info_span!("recv_checkpoint", rank = self.pg.rank(), src);
         let _enter = span.enter();
         let start = Instant::now();
-        let timeout = self.options.timeout;
-        let mut engine = self.options.engine.receiver(ReceiverOptions {
+        let engine = self.options.engine.receiver(ReceiverOptions {
             rank: self.pg.rank(),
             source: src,
             expected_step: self.options.expected_step,
             limits: self.options.limits,
         })?;
-        // Header and metadata.
-        let metadata_span = info_span!("metadata").entered();
-        let mut manifest = None;
-        loop {
-            match engine.poll()? {
-                RecvNext::Recv(step)
-                    if step.kind == MessageKind::Header || step.kind == MessageKind::Metadata =>
-                {
-                    let bytes = self
-                        .pg
-                        .recv_vec(step.from, step.tag, step.len as usize, timeout)
-                        .with_context(|| {
-                            format!("receiving the {:?} from rank {}", step.kind, step.from)
-                        })?;
-                    if step.kind == MessageKind::Header {
-                        engine.handle_header(&bytes)?;
-                    } else {
-                        manifest = Some(engine.handle_metadata(&bytes)?);
-                    }
-                }
-                RecvNext::NeedBindings => break,
-                other => bail!("protocol engine asked for {other:?} before bindings"),
-            }
-        }
-        let manifest = manifest.context("no metadata")?;
-        let metadata_seconds = start.elapsed().as_secs_f64();
-        drop(metadata_span);
-        let bind_span = info_span!("bind").entered();
-        debug!(
-            storages = manifest.storages.len(),
-            bytes = manifest.total_bytes,
-            "metadata received"
-        );
-
-        // Bind in-place destinations by key path. A target usually has the received tree's shape, so
-        // received leaf i is the target's leaf i; a map of the target's paths is built only if not.
-        // `in_place_origin[s]` remembers (target leaf, shard) so assembling needs no lookups.
-        // By storage index, which is also the id each in-place binding carries.
-        let mut in_place_buffers: Vec<Option<&mut Buffer>> =
-            (0..manifest.storages.len()).map(|_| None).collect();
-        let mut in_place_origin: Vec<Option<(usize, usize)>> = vec![None; manifest.storages.len()];
-        if in_place {
-            let (target_paths, mut target_tensors): (Vec<KeyPath>, Vec<Vec<Option<&mut Tensor>>>) =
-                target
-                    .entries_mut()
-                    .into_iter()
-                    .map(|(path, entry)| {
-                        let tensors = StateDict::entry_tensors_mut(entry);
-                        (path, tensors.into_iter().map(Some).collect())
-                    })
-                    .unzip();
-            let mut by_path: Option<HashMap<&KeyPath, usize>> = None;
-            let mut find = |leaf: usize, path: &KeyPath| -> Option<usize> {
-                if target_paths.get(leaf) == Some(path) {
-                    return Some(leaf);
-                }
-                by_path
-                    .get_or_insert_with(|| target_paths.iter().zip(0..).collect())
-                    .get(path)
-                    .copied()
-            };
-            for (s, r) in manifest.storages.iter().enumerate() {
-                let Some(leaf) = find(r.leaf as usize, &manifest.paths[r.leaf as usize]) else {
-                    continue;
-                };
-                let shard = r.shard as usize;
-                let slot = target_tensors[leaf].get_mut(shard).and_then(Option::take);
-                let Some(Tensor { layout, storage }) = slot else {
-                    continue;
-                };
-                if let Storage::Owned(buf) = storage {
-                    engine.bind_in_place(s, s as u64, layout.dtype, buf.len() as u64)?;
-                    in_place_buffers[s] = Some(buf);
-                    in_place_origin[s] = Some((leaf, shard));
-                }
-            }
-        }
-        let bindings = engine.finish_bindings()?;
-        // Final buffers: in place (bound above), or fresh; cast storages also get a staging buffer
-        // for wire bytes.
-        let FreshBuffers {
-            mut fresh,
-            mut staging,
-            reused,
-        } = FreshBuffers::allocate(&bindings, &manifest.storages, self.options.pool.as_deref())?;
-        let mut regions = Vec::with_capacity(bindings.len());
-        for (s, b) in bindings.iter().enumerate() {
-            let dest: &mut [u8] = match b.dest {
-                Dest::Fresh => fresh[s].as_mut().context("fresh buffer")?,
-                Dest::InPlace(id) => in_place_buffers
-                    .get_mut(id as usize)
-                    .and_then(Option::as_deref_mut)
-                    .context("in-place buffer")?,
-            };
-            let dest = Region::new(dest);
-            let wire = match staging[s].as_mut() {
-                Some(st) => Region::new(st),
-                None => dest,
-            };
-            regions.push(StorageRegions { wire, dest });
-        }
-        // Fresh wire targets (fresh buffers, and staging of cast storages) go to a prefaulter that maps
-        // their pages on another thread ahead of the receiver, in receive (= storage) order, so the
-        // receiving thread mostly writes into memory that is already mapped. The regions above keep
-        // pointing at the same bytes: buffers are heap/mmap allocations that do not move. Reused
-        // buffers are mapped already.
-        let mut prefault_index: Vec<Option<usize>> = vec![None; bindings.len()];
-        let mut prefault_buffers = Vec::new();
-        for s in 0..bindings.len() {
-            if reused[s] {
-                continue;
-            }
-            let owned = match staging[s].take() {
-                Some(st) => Some((st, true)),
-                None => fresh[s].take().map(|f| (f, false)),
-            };
-            if let Some((buf, is_staging)) = owned {
-                prefault_index[s] = Some(prefault_buffers.len());
-                prefault_buffers.push((s, is_staging, buf));
-            }
-        }
-        let placement: Vec<(usize, bool)> = prefault_buffers
-            .iter()
-            .map(|(s, st, _)| (*s, *st))
-            .collect();
-        let prefaulter =
-            Prefaulter::start(prefault_buffers.into_iter().map(|(_, _, b)| b).collect());
-
-        let total = manifest.total_bytes;
         let abort = Abort::default();
-        drop(bind_span);
-        let data_span = info_span!("data", bytes = total).entered();
-        let received_tree = std::thread::scope(|scope| -> Result<crate::engine::ReceivedTree> {
-            let (event_tx, event_rx) = mpsc::channel::<Event>();
-            let (post_tx, post_rx) = mpsc::sync_channel::<(Vec<Segment>, bool)>(QUEUE_DEPTH);
-            let (fwd_tx, fwd_rx) = mpsc::sync_channel::<crate::engine::ForwardStep>(QUEUE_DEPTH);
-            let regions = &regions;
-            let refs = &manifest.storages;
-            let bindings = &bindings;
-            let abort = &abort;
-            {
-                let event_tx = event_tx.clone();
-                scope.spawn(move || post_worker(post_rx, regions, refs, bindings, event_tx, abort));
+        let (received, landed) = std::thread::scope(|scope| {
+            let mut host = Landing::new(self, scope, in_place.then_some(&mut *target), &abort);
+            let received = drive::receive(engine, &mut host);
+            if let Err(e) = &received {
+                abort.fail(anyhow!("{e:#}"));
             }
-            {
-                let event_tx = event_tx.clone();
-                let pg = &self.pg;
-                scope.spawn(move || {
-                    for step in fwd_rx {
-                        if abort.is_set() {
-                            break;
-                        }
-                        let result = match &step.payload {
-                            OwnedPayload::Bytes(b) => pg.send(step.to, step.tag, &[b], timeout),
-                            OwnedPayload::Storages(segs) => {
-                                let parts: Vec<&[u8]> = segs
-                                    .iter()
-                                    // SAFETY: see `Region`: these bytes landed before the engine asked
-                                    // to forward them, and nothing writes wire bytes again.
-                                    .map(|s| unsafe {
-                                        regions[s.storage as usize].wire.slice(s.offset, s.len)
-                                    })
-                                    .collect();
-                                pg.send(step.to, step.tag, &parts, timeout)
-                            }
-                        };
-                        match result {
-                            Ok(()) => {
-                                let _ = event_tx.send(Event::Forwarded(step.message));
-                            }
-                            Err(e) => {
-                                abort.fail(anyhow!(e).context(format!(
-                                    "forwarding message {} to rank {}",
-                                    step.message, step.to
-                                )));
-                                let _ = event_tx.send(Event::Stopped);
-                                break;
-                            }
-                        }
-                    }
-                });
-            }
-            drop(event_tx);
-            let progress = self.options.progress.clone();
-            let mut received = 0u64;
-            let result = (|| -> Result<()> {
-                let handle = |engine: &mut Box<dyn crate::engine::ReceiverEngine>,
-                              ev: Event|
-                 -> Result<()> {
-                    match ev {
-                        Event::Digest(s, d) => engine.handle_storage_digest(s, d)?,
-                        Event::Forwarded(m) => engine.handle_forwarded(m)?,
-                        Event::Stopped => bail!("a worker stopped"),
-                    }
-                    Ok(())
-                };
-                loop {
-                    if abort.is_set() {
-                        return Ok(());
-                    }
-                    while let Ok(ev) = event_rx.try_recv() {
-                        handle(&mut engine, ev)?;
-                    }
-                    match engine.poll()? {
-                        RecvNext::Recv(step) => match step.kind {
-                            MessageKind::Data => {
-                                let mut parts: Vec<&mut [u8]> = step
-                                    .segments
-                                    .iter()
-                                    .map(|s| match prefault_index[s.storage as usize] {
-                                        Some(i) => prefaulter.claim(
-                                            i,
-                                            s.offset as usize..(s.offset + s.len) as usize,
-                                        ),
-                                        // SAFETY: see `Region`: the plan's segments of one message
-                                        // are disjoint from every other message's, and no other
-                                        // thread touches a message's bytes before it has landed.
-                                        None => unsafe {
-                                            regions[s.storage as usize]
-                                                .wire
-                                                .slice_mut(s.offset, s.len)
-                                        },
-                                    })
-                                    .collect();
-                                self.pg
-                                    .recv_into(step.from, step.tag, &mut parts, timeout)
-                                    .with_context(|| {
-                                        format!(
-                                            "receiving message {} from rank {}",
-                                            step.message, step.from
-                                        )
-                                    })?;
-                                received += step.len;
-                                if let Some(p) = &progress {
-                                    p(received, total);
-                                }
-                                let needs_post = step.hash
-                                    || step
-                                        .segments
-                                        .iter()
-                                        .any(|s| bindings[s.storage as usize].cast_from.is_some());
-                                if needs_post {
-                                    post_tx
-                                        .send((step.segments, step.hash))
-                                        .map_err(|_| anyhow!("hashing stopped"))?;
-                                }
-                                engine.handle_data(step.message)?;
-                            }
-                            MessageKind::Trailer => {
-                                let bytes = self
-                                    .pg
-                                    .recv_vec(step.from, step.tag, step.len as usize, timeout)
-                                    .with_context(|| {
-                                        format!(
-                                            "receiving the digest trailer from rank {}",
-                                            step.from
-                                        )
-                                    })?;
-                                engine.handle_trailer(&bytes)?;
-                            }
-                            kind => bail!("unexpected {kind:?} receive while streaming"),
-                        },
-                        RecvNext::Forward(step) => {
-                            fwd_tx
-                                .send(step)
-                                .map_err(|_| anyhow!("forwarding stopped"))?;
-                        }
-                        RecvNext::Wait => match event_rx.recv_timeout(timeout) {
-                            Ok(ev) => handle(&mut engine, ev)?,
-                            Err(RecvTimeoutError::Timeout) => {
-                                bail!("timed out waiting for hashing/forwarding")
-                            }
-                            Err(RecvTimeoutError::Disconnected) => {
-                                bail!("workers stopped before the transfer completed")
-                            }
-                        },
-                        RecvNext::NeedBindings => bail!("protocol engine asked for bindings twice"),
-                        RecvNext::Done => return Ok(()),
-                    }
-                }
-            })();
-            drop(post_tx);
-            drop(fwd_tx);
-            if let Err(e) = result {
-                abort.fail(e);
-            }
-            // Let the workers drain before the result is taken.
-            while event_rx.recv().is_ok() {}
-            if let Some(e) = abort.take() {
-                return Err(e);
-            }
-            engine.finish()
-        })?;
-        drop(regions);
-        for ((s, is_staging), buf) in placement.into_iter().zip(prefaulter.finish()) {
-            if is_staging {
-                staging[s] = Some(buf);
-            } else {
-                fresh[s] = Some(buf);
-            }
-        }
-
-        drop(data_span);
-        let _assemble_span = info_span!("assemble").entered();
-        // Assemble the received tree: fresh buffers move in; in-place ones move out of the old tree,
-        // from where binding found them.
-        drop(in_place_buffers);
-        let mut old_entries = if in_place {
-            target.take_entries()
-        } else {
-            Vec::new()
-        };
-        let mut storages = Vec::with_capacity(received_tree.bindings.len());
-        for (s, b) in received_tree.bindings.iter().enumerate() {
-            let buf = match b.dest {
-                Dest::Fresh => fresh[s].take().context("fresh buffer")?,
-                Dest::InPlace(id) => {
-                    let (leaf, shard) = in_place_origin
-                        .get(id as usize)
-                        .copied()
-                        .flatten()
-                        .with_context(|| format!("in-place buffer {id} was never bound"))?;
-                    let storage = old_entries.get_mut(leaf).and_then(|entry| {
-                        let tensor = StateDict::entry_tensors_mut(entry).into_iter().nth(shard)?;
-                        Some(std::mem::replace(
-                            &mut tensor.storage,
-                            Storage::Borrowed(&[]),
-                        ))
-                    });
-                    match storage {
-                        Some(Storage::Owned(buf)) => buf,
-                        _ => bail!("in-place buffer {id} vanished"),
-                    }
-                }
-            };
-            storages.push(Storage::Owned(buf));
-        }
-        let mut storages = storages.into_iter();
-        let entries = received_tree
-            .leaves
-            .into_iter()
-            .map(|leaf| Entry::from_leaf(leaf, &mut storages))
-            .collect::<Result<Vec<_>>>()?;
-        *target = StateDict::unflatten(&received_tree.tree, entries, received_tree.step)?;
-        if let Some(pool) = &self.options.pool {
-            // Staging held wire bytes only until the cast; the next receive can reuse it.
-            pool.recycle(staging.into_iter().flatten());
-        }
-        Ok(TransferStats {
-            bytes: total,
-            tensors: manifest.storages.len() as u64,
-            seconds: start.elapsed().as_secs_f64(),
+            // Closing the queues ends the workers; the scope joins them.
+            (received, host.into_landed())
+        });
+        let received = received?;
+        let Landed {
+            memory,
+            cast_dest,
+            in_place_origin,
+            total_bytes,
             metadata_seconds,
+        } = landed.context("no storages were bound")?;
+        let _assemble_span = info_span!("assemble").entered();
+        let stats = TransferStats {
+            bytes: total_bytes,
+            tensors: received.bindings.len() as u64,
+            seconds: 0.0,
+            metadata_seconds,
+        };
+        // The workers have stopped: the memory is ours alone, and the borrow of `target`'s in-place
+        // buffers ends here.
+        let buffers = Arc::try_unwrap(memory)
+            .map_err(|_| anyhow!("receive memory still shared after the workers stopped"))?
+            .finish();
+        assemble(
+            received,
+            buffers,
+            &cast_dest,
+            &in_place_origin,
+            target,
+            in_place,
+            self.options.pool.as_deref(),
+        )?;
+        Ok(TransferStats {
+            seconds: start.elapsed().as_secs_f64(),
+            ..stats
         })
     }
 }
 
-/// The buffers a receive allocates, by storage: fresh destinations, staging for cast storages.
-struct FreshBuffers {
-    fresh: Vec<Option<Buffer>>,
-    staging: Vec<Option<Buffer>>,
-    /// Whether a storage's wire target (staging if cast, else its fresh buffer) came from the pool.
-    reused: Vec<bool>,
+// ---- sending ----
+
+/// What a destination's thread sends.
+enum SendJob {
+    Bytes(SendOp, Vec<u8>),
+    Storages(SendOp, Vec<Segment>),
 }
 
-impl FreshBuffers {
-    /// Buffers come from `pool` when it keeps one of the size (pages touched, bytes stale — every
-    /// byte is received or cast over them); the other small destinations are carved from one new
-    /// mapping (allocating them touches nothing), the rest are allocated each.
-    fn allocate(
-        bindings: &[Binding],
-        storages: &[StorageRef],
-        pool: Option<&BufferPool>,
-    ) -> Result<FreshBuffers> {
-        let n = bindings.len();
-        let mut fresh: Vec<Option<Buffer>> = (0..n).map(|_| None).collect();
-        let mut staging: Vec<Option<Buffer>> = (0..n).map(|_| None).collect();
-        let mut reused = vec![false; n];
-        // Small fresh destinations, as (storage, length).
-        let mut to_carve: Vec<(usize, usize)> = Vec::new();
-        for (s, (b, r)) in bindings.iter().zip(storages).enumerate() {
-            let mut wanted = Vec::with_capacity(2);
-            if b.dest == Dest::Fresh {
-                wanted.push((false, b.nbytes as usize));
-            }
-            if b.cast_from.is_some() {
-                wanted.push((true, r.nbytes as usize));
-            }
-            for (is_staging, len) in wanted {
-                let is_wire = is_staging || b.cast_from.is_none();
-                let buf = match pool.and_then(|p| p.take(len)) {
-                    Some(buf) => {
-                        reused[s] |= is_wire;
-                        buf
+/// The sending host: one thread per destination, each sending its messages in order; the first
+/// destination's thread hashes data right before sending it.
+struct SendWorkers<'a> {
+    workers: HashMap<u32, SyncSender<SendJob>>,
+    events: mpsc::Receiver<Event>,
+    abort: &'a Abort,
+    timeout: Duration,
+}
+
+impl<'a> SendWorkers<'a> {
+    fn start<'scope, P: ProcessGroup>(
+        transport: &'a Transport<P>,
+        scope: &'scope Scope<'scope, '_>,
+        dst_ranks: &[u32],
+        storages: &'a [&'a [u8]],
+        total: u64,
+        abort: &'a Abort,
+    ) -> SendWorkers<'a>
+    where
+        'a: 'scope,
+    {
+        let timeout = transport.options.timeout;
+        let (event_tx, events) = mpsc::channel::<Event>();
+        let sent: &'a AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+        let mut workers = HashMap::new();
+        for (i, &dst) in dst_ranks.iter().enumerate() {
+            let (tx, rx) = mpsc::sync_channel::<SendJob>(QUEUE_DEPTH);
+            workers.insert(dst, tx);
+            let pg = &transport.pg;
+            let progress = transport.options.progress.clone();
+            let event_tx = event_tx.clone();
+            // Progress counts the first destination's bytes: one copy of the checkpoint.
+            let counts = i == 0;
+            scope.spawn(move || {
+                // The core asks for every storage byte to be hashed exactly once, on the sends to one
+                // destination, in order (so one thread sees all of a storage).
+                let mut hashers = StorageHashers::default();
+                for job in rx {
+                    if abort.is_set() {
+                        break;
                     }
-                    // Staging is temporary (and may go to the pool): carving it would keep the
-                    // destinations' shared mapping alive with it.
-                    None if len < MMAP_THRESHOLD && !is_staging => {
-                        to_carve.push((s, len));
-                        continue;
+                    let (op, result) = match &job {
+                        SendJob::Bytes(op, b) => (op, pg.send(op.to, op.tag, &[b], timeout)),
+                        SendJob::Storages(op, segs) => {
+                            let parts = storage_parts(storages, segs);
+                            if op.hash {
+                                let digests = segs
+                                    .iter()
+                                    .zip(&parts)
+                                    .filter_map(|(seg, bytes)| hashers.update(seg, bytes))
+                                    .collect();
+                                let _ = event_tx.send(Event::Digests(op.message, digests));
+                            }
+                            let r = pg.send(op.to, op.tag, &parts, timeout);
+                            if counts && r.is_ok() {
+                                let done = sent.fetch_add(op.len, Ordering::Relaxed) + op.len;
+                                if let Some(p) = &progress {
+                                    p(done, total);
+                                }
+                            }
+                            (op, r)
+                        }
+                    };
+                    if let Err(e) = result {
+                        abort.fail(anyhow!(e).context(format!(
+                            "sending message {} to rank {}",
+                            op.message, op.to
+                        )));
+                        break;
                     }
-                    None => Buffer::try_zeroed(len)
-                        .with_context(|| format!("allocating {len} bytes for storage {s}"))?,
-                };
-                *(if is_staging {
-                    &mut staging[s]
-                } else {
-                    &mut fresh[s]
-                }) = Some(buf);
-            }
+                }
+            });
         }
-        let carve_lens: Vec<usize> = to_carve.iter().map(|&(_, len)| len).collect();
-        let carved = Buffer::zeroed_many(&carve_lens).with_context(|| {
-            let total: usize = carve_lens.iter().sum();
-            format!("allocating {total} bytes for small storages")
-        })?;
-        for ((s, _), buf) in to_carve.into_iter().zip(carved) {
-            fresh[s] = Some(buf);
+        SendWorkers {
+            workers,
+            events,
+            abort,
+            timeout,
         }
-        Ok(FreshBuffers {
-            fresh,
-            staging,
-            reused,
-        })
     }
 }
 
-enum Event {
-    Digest(u32, u64),
-    Forwarded(usize),
-    Stopped,
+impl SendHost for SendWorkers<'_> {
+    type Error = anyhow::Error;
+
+    fn send(&mut self, op: &SendOp, payload: Payload<'_>) -> Result<()> {
+        if self.abort.is_set() {
+            return Err(self.abort.error());
+        }
+        let job = match payload {
+            Payload::Bytes(b) => SendJob::Bytes(*op, b.to_vec()),
+            Payload::Storages(s) => SendJob::Storages(*op, s.to_vec()),
+        };
+        let worker = self
+            .workers
+            .get(&op.to)
+            .with_context(|| format!("the engine named rank {}, not a destination", op.to))?;
+        if worker.send(job).is_err() {
+            // The worker stopped: its error is in `abort`.
+            return Err(self.abort.error());
+        }
+        Ok(())
+    }
+
+    fn next_event(&mut self, wait: bool) -> Result<Option<Event>> {
+        if !wait {
+            return Ok(self.events.try_recv().ok());
+        }
+        wait_event(&self.events, self.abort, self.timeout, "storage digests").map(Some)
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 fn storage_parts<'a>(storages: &[&'a [u8]], segs: &[Segment]) -> Vec<&'a [u8]> {
@@ -801,123 +490,518 @@ fn storage_parts<'a>(storages: &[&'a [u8]], segs: &[Segment]) -> Vec<&'a [u8]> {
         .collect()
 }
 
-/// One running hash per storage whose bytes are arriving in order, segment by segment.
-struct StorageHashers<'a> {
-    refs: &'a [StorageRef],
-    running: HashMap<u32, StorageHasher>,
+// ---- receiving ----
+
+/// Where each storage of a receive lands: region `s` of the [`ReceiveMemory`] is storage `s`'s wire
+/// target (its destination, or staging when it is cast on receive); a cast storage's destination is
+/// region `cast_dest[s]`.
+struct Layout {
+    bindings: Vec<Binding>,
+    cast_dest: Vec<Option<usize>>,
 }
 
-impl<'a> StorageHashers<'a> {
-    fn new(refs: &'a [StorageRef]) -> Self {
-        StorageHashers {
-            refs,
-            running: HashMap::new(),
+/// A hash-and-cast job: a landed data message's segments.
+struct PostJob {
+    message: u32,
+    segments: Vec<Segment>,
+    hash: bool,
+}
+
+/// A forward job.
+enum ForwardJob {
+    Bytes(ForwardOp, Vec<u8>),
+    Storages(ForwardOp, Vec<Segment>),
+}
+
+/// What a receive leaves for assembly.
+struct Landed<'t> {
+    memory: Arc<ReceiveMemory<'t>>,
+    cast_dest: Vec<Option<usize>>,
+    /// The (target leaf, shard) each in-place storage was found at.
+    in_place_origin: Vec<Option<(usize, usize)>>,
+    total_bytes: u64,
+    metadata_seconds: f64,
+}
+
+/// The receiving host: receives on the calling thread straight into [`ReceiveMemory`]; a post thread
+/// hashes and casts what has landed, a forward thread relays it (chain fan-out).
+struct Landing<'a, 'scope, 'env, 't, P: ProcessGroup> {
+    transport: &'a Transport<P>,
+    scope: &'scope Scope<'scope, 'env>,
+    /// The in-place target, until binding takes its buffers.
+    target: Option<&'t mut StateDict<'static>>,
+    /// In-place buffers found by binding, by storage, and where they were found.
+    in_place: Vec<Option<&'t mut Buffer>>,
+    in_place_origin: Vec<Option<(usize, usize)>>,
+    memory: Option<Arc<ReceiveMemory<'t>>>,
+    layout: Option<Arc<Layout>>,
+    post: Option<SyncSender<PostJob>>,
+    forward: Option<SyncSender<ForwardJob>>,
+    /// Completions of this thread (data landed), reported before the workers'.
+    local: VecDeque<Event>,
+    events: Option<mpsc::Receiver<Event>>,
+    abort: &'a Abort,
+    received: u64,
+    total_bytes: u64,
+    started: Instant,
+    metadata_seconds: f64,
+}
+
+impl<'a, 'scope, 'env, 't, P> Landing<'a, 'scope, 'env, 't, P>
+where
+    P: ProcessGroup,
+    'a: 'scope,
+    't: 'scope,
+{
+    fn new(
+        transport: &'a Transport<P>,
+        scope: &'scope Scope<'scope, 'env>,
+        target: Option<&'t mut StateDict<'static>>,
+        abort: &'a Abort,
+    ) -> Self {
+        Landing {
+            transport,
+            scope,
+            target,
+            in_place: Vec::new(),
+            in_place_origin: Vec::new(),
+            memory: None,
+            layout: None,
+            post: None,
+            forward: None,
+            local: VecDeque::new(),
+            events: None,
+            abort,
+            received: 0,
+            total_bytes: 0,
+            started: Instant::now(),
+            metadata_seconds: 0.0,
         }
     }
 
-    /// Feeds one segment's bytes; returns `(storage, digest)` once the storage's last byte is in.
-    fn update(&mut self, seg: &Segment, bytes: &[u8]) -> Option<(u32, u64)> {
-        let h = self.running.entry(seg.storage).or_default();
-        h.update(bytes);
-        if seg.offset + seg.len != self.refs[seg.storage as usize].nbytes {
-            return None;
-        }
-        let d = h.finish();
-        self.running.remove(&seg.storage);
-        Some((seg.storage, d))
+    fn timeout(&self) -> Duration {
+        self.transport.options.timeout
     }
-}
 
-/// Hashes (when the message's `bool` says so) and casts what has landed, storage by storage.
-fn post_worker(
-    rx: Rx<(Vec<Segment>, bool)>,
-    regions: &[StorageRegions],
-    refs: &[StorageRef],
-    bindings: &[Binding],
-    tx: mpsc::Sender<Event>,
-    abort: &Abort,
-) {
-    let mut hashers = StorageHashers::new(refs);
-    for (segs, hash) in rx {
-        for s in segs {
-            let r = &regions[s.storage as usize];
-            let digest = if hash {
-                // SAFETY: see `Region`: the message has landed; the receiving thread no longer
-                // writes it.
-                let bytes = unsafe { r.wire.slice(s.offset, s.len) };
-                match hashers.update(&s, bytes) {
-                    Some((_, d)) => Some(d),
-                    None => continue,
-                }
-            } else if s.offset + s.len == refs[s.storage as usize].nbytes {
-                None
-            } else {
+    /// What assembly needs, once the workers are told to stop (their queues close).
+    fn into_landed(self) -> Option<Landed<'t>> {
+        Some(Landed {
+            memory: self.memory?,
+            cast_dest: self.layout.map(|l| l.cast_dest.clone()).unwrap_or_default(),
+            in_place_origin: self.in_place_origin,
+            total_bytes: self.total_bytes,
+            metadata_seconds: self.metadata_seconds,
+        })
+    }
+
+    /// Matches the target's tensors to the incoming storages by key path: the target usually has the
+    /// received tree's shape, so received leaf i is the target's leaf i; a map of the target's paths
+    /// is built only if not. Owned buffers become in-place destinations.
+    fn bind_in_place(
+        &mut self,
+        target: &'t mut StateDict<'static>,
+        incoming: &Incoming,
+        paths: &[KeyPath],
+    ) -> Vec<InPlace> {
+        let n = incoming.storages.len();
+        self.in_place = (0..n).map(|_| None).collect();
+        self.in_place_origin = vec![None; n];
+        let (target_paths, mut target_tensors): (Vec<KeyPath>, Vec<Vec<Option<&'t mut Tensor>>>) =
+            target
+                .entries_mut()
+                .into_iter()
+                .map(|(path, entry)| {
+                    let tensors = StateDict::entry_tensors_mut(entry);
+                    (path, tensors.into_iter().map(Some).collect())
+                })
+                .unzip();
+        let mut by_path: Option<HashMap<&KeyPath, usize>> = None;
+        let mut targets = Vec::new();
+        for (s, r) in incoming.storages.iter().enumerate() {
+            let Some(path) = paths.get(r.leaf as usize) else {
                 continue;
             };
-            let b = &bindings[s.storage as usize];
-            if let Some(from) = b.cast_from {
-                // SAFETY: a cast storage's wire bytes are all in staging now; its destination is written
-                // only here, once.
-                let (wire, dest) =
-                    unsafe { (r.wire.slice(0, r.wire.len), r.dest.slice_mut(0, r.dest.len)) };
-                if let Err(e) = convert(from, wire, b.dtype, dest) {
-                    abort.fail(anyhow!(e));
-                    let _ = tx.send(Event::Stopped);
-                    return;
-                }
-            }
-            if let Some(d) = digest {
-                if tx.send(Event::Digest(s.storage, d)).is_err() {
-                    return;
-                }
+            let leaf = r.leaf as usize;
+            let found = if target_paths.get(leaf) == Some(path) {
+                Some(leaf)
+            } else {
+                by_path
+                    .get_or_insert_with(|| target_paths.iter().zip(0..).collect())
+                    .get(path)
+                    .copied()
+            };
+            let Some(leaf) = found else {
+                continue;
+            };
+            let shard = r.shard as usize;
+            let Some(tensor) = target_tensors[leaf].get_mut(shard).and_then(Option::take) else {
+                continue;
+            };
+            let Tensor { layout, storage } = tensor;
+            if let Storage::Owned(buf) = storage {
+                targets.push(InPlace {
+                    storage: s as u32,
+                    id: s as u64,
+                    dtype: layout.dtype,
+                    nbytes: buf.len() as u64,
+                });
+                self.in_place[s] = Some(buf);
+                self.in_place_origin[s] = Some((leaf, shard));
             }
         }
+        targets
+    }
+
+    /// The memory of the receive: in-place buffers as they are, the rest fresh or from the pool.
+    fn allocate(&mut self, incoming: &Incoming, bindings: &[Binding]) -> Result<Layout> {
+        let n = bindings.len();
+        let pool = self.transport.options.pool.as_deref();
+        let mut wire: Vec<Option<Target<'t>>> = (0..n).map(|_| None).collect();
+        let mut cast: Vec<(usize, Target<'t>)> = Vec::new();
+        // Small fresh destinations, as (storage, length): carved from one mapping.
+        let mut to_carve: Vec<(usize, usize)> = Vec::new();
+        for (s, (b, r)) in bindings.iter().zip(&incoming.storages).enumerate() {
+            let dest = match b.dest {
+                Dest::InPlace(id) => {
+                    let buf = self
+                        .in_place
+                        .get_mut(id as usize)
+                        .and_then(Option::take)
+                        .with_context(|| format!("in-place buffer {id} was never bound"))?;
+                    Some(Target::Borrowed(&mut buf[..]))
+                }
+                Dest::Fresh => None,
+            };
+            // A fresh destination: from the pool (touched memory), carved, or its own mapping.
+            let fresh = |len: usize, staging: bool, carve: &mut Vec<(usize, usize)>| {
+                match pool.and_then(|p| p.take(len)) {
+                    Some(buf) => Ok(Some(Target::Touched(buf))),
+                    // Staging is temporary (and may go to the pool): carving it would keep the
+                    // destinations' shared mapping alive with it.
+                    None if len < MMAP_THRESHOLD && !staging => {
+                        carve.push((s, len));
+                        Ok(None)
+                    }
+                    None => Buffer::try_zeroed(len)
+                        .map(|b| Some(Target::Fresh(b)))
+                        .with_context(|| format!("allocating {len} bytes for storage {s}")),
+                }
+            };
+            if b.cast_from.is_some() {
+                let dest = match dest {
+                    Some(d) => d,
+                    None => match fresh(b.nbytes as usize, false, &mut Vec::new())? {
+                        Some(d) => d,
+                        None => Target::Fresh(Buffer::try_zeroed(b.nbytes as usize)?),
+                    },
+                };
+                cast.push((s, dest));
+                wire[s] = fresh(r.nbytes as usize, true, &mut to_carve)?;
+            } else {
+                wire[s] = match dest {
+                    Some(d) => Some(d),
+                    None => fresh(b.nbytes as usize, false, &mut to_carve)?,
+                };
+            }
+        }
+        let carve_lens: Vec<usize> = to_carve.iter().map(|&(_, len)| len).collect();
+        let carved = Buffer::zeroed_many(&carve_lens).with_context(|| {
+            let total: usize = carve_lens.iter().sum();
+            format!("allocating {total} bytes for small storages")
+        })?;
+        for ((s, _), buf) in to_carve.into_iter().zip(carved) {
+            wire[s] = Some(Target::Fresh(buf));
+        }
+        let mut cast_dest = vec![None; n];
+        let mut targets: Vec<Target<'t>> = wire
+            .into_iter()
+            .map(|t| t.unwrap_or(Target::Fresh(Buffer::zeroed(0))))
+            .collect();
+        for (s, dest) in cast {
+            cast_dest[s] = Some(targets.len());
+            targets.push(dest);
+        }
+        self.memory = Some(Arc::new(ReceiveMemory::new(targets)));
+        Ok(Layout {
+            bindings: bindings.to_vec(),
+            cast_dest,
+        })
+    }
+
+    /// Starts the post (hash and cast) and forward threads.
+    fn start_workers(&mut self, memory: Arc<ReceiveMemory<'t>>, layout: Arc<Layout>) {
+        let (event_tx, events) = mpsc::channel::<Event>();
+        self.events = Some(events);
+        let abort = self.abort;
+        let (post_tx, post_rx) = mpsc::sync_channel::<PostJob>(QUEUE_DEPTH);
+        self.post = Some(post_tx);
+        {
+            let (memory, layout, event_tx) = (Arc::clone(&memory), Arc::clone(&layout), event_tx.clone());
+            self.scope.spawn(move || {
+                let mut hashers = StorageHashers::default();
+                for job in post_rx {
+                    if abort.is_set() {
+                        break;
+                    }
+                    match post(&memory, &layout, &mut hashers, &job) {
+                        Ok(Some(digests)) => {
+                            let _ = event_tx.send(Event::Digests(job.message, digests));
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            abort.fail(e);
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+        let (fwd_tx, fwd_rx) = mpsc::sync_channel::<ForwardJob>(QUEUE_DEPTH);
+        self.forward = Some(fwd_tx);
+        let pg = &self.transport.pg;
+        let timeout = self.timeout();
+        self.scope.spawn(move || {
+            for job in fwd_rx {
+                if abort.is_set() {
+                    break;
+                }
+                let (op, result) = match &job {
+                    ForwardJob::Bytes(op, b) => (op, pg.send(op.to, op.tag, &[b], timeout).map_err(anyhow::Error::from)),
+                    ForwardJob::Storages(op, segs) => {
+                        let parts: Option<Vec<&[u8]>> = segs
+                            .iter()
+                            .map(|s| memory.read(s.storage as usize, s.offset as usize..(s.offset + s.len) as usize))
+                            .collect();
+                        let result = match parts {
+                            Some(parts) => pg.send(op.to, op.tag, &parts, timeout).map_err(anyhow::Error::from),
+                            None => Err(anyhow!("message {} was forwarded before it landed", op.message)),
+                        };
+                        (op, result)
+                    }
+                };
+                match result {
+                    Ok(()) => {
+                        let _ = event_tx.send(Event::Forwarded(op.message));
+                    }
+                    Err(e) => {
+                        abort.fail(e.context(format!(
+                            "forwarding message {} to rank {}",
+                            op.message, op.to
+                        )));
+                        break;
+                    }
+                }
+            }
+        });
     }
 }
 
-/// A raw view of one buffer, shared by the receiving thread (which writes each message's segments once)
-/// and the workers (which read a message's segments only after it landed, and write a cast storage's
-/// destination only after all its wire bytes landed). The plan guarantees segments never overlap, so
-/// no byte is ever accessed mutably by two threads, or read while being written.
-#[derive(Clone, Copy)]
-struct Region {
-    ptr: *mut u8,
-    len: u64,
+/// Hashes a landed message's segments (when asked) and casts every storage it completes that is cast
+/// on receive. Returns the message's digests when hashing.
+fn post(
+    memory: &ReceiveMemory<'_>,
+    layout: &Layout,
+    hashers: &mut StorageHashers,
+    job: &PostJob,
+) -> Result<Option<Vec<u64>>> {
+    let mut digests = Vec::new();
+    for s in &job.segments {
+        let storage = s.storage as usize;
+        let bytes = memory
+            .read(storage, s.offset as usize..(s.offset + s.len) as usize)
+            .with_context(|| format!("storage {storage} was hashed before it landed"))?;
+        if job.hash {
+            if let Some(d) = hashers.update(s, bytes) {
+                digests.push(d);
+            }
+        }
+        let binding = &layout.bindings[storage];
+        if let (true, Some(from), Some(dest)) =
+            (s.completes, binding.cast_from, layout.cast_dest[storage])
+        {
+            let wire = memory
+                .read(storage, 0..memory.region_len(storage))
+                .with_context(|| format!("storage {storage} was cast before it landed"))?;
+            memory.write(&[(dest, 0..memory.region_len(dest))], |d| {
+                convert(from, wire, binding.dtype, d[0])
+            })??;
+        }
+    }
+    Ok(job.hash.then_some(digests))
 }
 
-// SAFETY: the access discipline above makes cross-thread use data-race free.
-unsafe impl Send for Region {}
-unsafe impl Sync for Region {}
+impl<'a, 'scope, 'env, 't, P> ReceiveHost for Landing<'a, 'scope, 'env, 't, P>
+where
+    P: ProcessGroup,
+    'a: 'scope,
+    't: 'scope,
+{
+    type Error = anyhow::Error;
 
-impl Region {
-    fn new(bytes: &mut [u8]) -> Region {
-        Region {
-            ptr: bytes.as_mut_ptr(),
-            len: bytes.len() as u64,
+    fn recv_bytes(&mut self, op: &RecvOp) -> Result<Vec<u8>> {
+        let bytes = self
+            .transport
+            .pg
+            .recv_vec(op.from, op.tag, op.len as usize, self.timeout())
+            .with_context(|| format!("receiving the {:?} from rank {}", op.kind, op.from))?;
+        Ok(bytes)
+    }
+
+    fn bind(
+        &mut self,
+        incoming: &Incoming,
+        paths: &mut dyn FnMut() -> Result<Vec<KeyPath>>,
+    ) -> Result<Vec<InPlace>> {
+        self.metadata_seconds = self.started.elapsed().as_secs_f64();
+        self.total_bytes = incoming.total_bytes;
+        debug!(
+            storages = incoming.storages.len(),
+            bytes = incoming.total_bytes,
+            "metadata received"
+        );
+        let _bind_span = info_span!("bind").entered();
+        match self.target.take() {
+            Some(target) => {
+                let paths = paths()?;
+                Ok(self.bind_in_place(target, incoming, &paths))
+            }
+            None => Ok(Vec::new()),
         }
     }
 
-    /// # Safety
-    /// The range must be in bounds (the plan's segments are, by validation) and not written concurrently.
-    unsafe fn slice<'a>(&self, offset: u64, len: u64) -> &'a [u8] {
-        assert!(offset + len <= self.len, "segment out of bounds");
-        // SAFETY: in bounds (checked), and the caller guarantees no concurrent writer.
-        unsafe { std::slice::from_raw_parts(self.ptr.add(offset as usize), len as usize) }
+    fn bound(&mut self, incoming: &Incoming, bindings: &[Binding]) -> Result<()> {
+        let layout = Arc::new(self.allocate(incoming, bindings)?);
+        let memory = Arc::clone(self.memory.as_ref().context("receive memory")?);
+        self.start_workers(memory, Arc::clone(&layout));
+        self.layout = Some(layout);
+        Ok(())
     }
 
-    /// # Safety
-    /// The range must be in bounds and accessed by no other thread while the slice lives.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice_mut<'a>(&self, offset: u64, len: u64) -> &'a mut [u8] {
-        assert!(offset + len <= self.len, "segment out of bounds");
-        // SAFETY: in bounds (checked), and the caller guarantees exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset as usize), len as usize) }
+    fn recv_data(&mut self, op: &RecvOp, segments: &[Segment]) -> Result<()> {
+        if self.abort.is_set() {
+            return Err(self.abort.error());
+        }
+        let memory = self.memory.as_ref().context("data before bindings")?;
+        let layout = self.layout.as_ref().context("data before bindings")?;
+        let parts: Vec<(usize, std::ops::Range<usize>)> = segments
+            .iter()
+            .map(|s| (s.storage as usize, s.offset as usize..(s.offset + s.len) as usize))
+            .collect();
+        let pg = &self.transport.pg;
+        memory
+            .write(&parts, |slices| pg.recv_into(op.from, op.tag, slices, self.transport.options.timeout))?
+            .with_context(|| format!("receiving message {} from rank {}", op.message, op.from))?;
+        self.received += op.len;
+        if let Some(p) = &self.transport.options.progress {
+            p(self.received, self.total_bytes);
+        }
+        let casts = segments
+            .iter()
+            .any(|s| s.completes && layout.bindings[s.storage as usize].cast_from.is_some());
+        if op.hash || casts {
+            let job = PostJob {
+                message: op.message,
+                segments: segments.to_vec(),
+                hash: op.hash,
+            };
+            let post = self.post.as_ref().context("post worker")?;
+            if post.send(job).is_err() {
+                return Err(self.abort.error());
+            }
+        }
+        self.local.push_back(Event::Landed(op.message));
+        Ok(())
+    }
+
+    fn forward(&mut self, op: &ForwardOp, payload: Payload<'_>) -> Result<()> {
+        let job = match payload {
+            Payload::Bytes(b) => ForwardJob::Bytes(*op, b.to_vec()),
+            Payload::Storages(s) => ForwardJob::Storages(*op, s.to_vec()),
+        };
+        let forward = self.forward.as_ref().context("forward worker")?;
+        if forward.send(job).is_err() {
+            return Err(self.abort.error());
+        }
+        Ok(())
+    }
+
+    fn next_event(&mut self, wait: bool) -> Result<Option<Event>> {
+        if let Some(e) = self.local.pop_front() {
+            return Ok(Some(e));
+        }
+        let Some(events) = &self.events else {
+            return Ok(None);
+        };
+        if !wait {
+            return Ok(events.try_recv().ok());
+        }
+        wait_event(events, self.abort, self.timeout(), "hashing/forwarding").map(Some)
     }
 }
 
-struct StorageRegions {
-    wire: Region,
-    dest: Region,
+/// Builds the received tree: fresh buffers move in; in-place ones move out of the old tree, from where
+/// binding found them; staging goes back to the pool.
+fn assemble(
+    received: Received,
+    buffers: Vec<Option<Buffer>>,
+    cast_dest: &[Option<usize>],
+    in_place_origin: &[Option<(usize, usize)>],
+    target: &mut StateDict<'static>,
+    in_place: bool,
+    pool: Option<&BufferPool>,
+) -> Result<()> {
+    let mut buffers = buffers;
+    let mut old_entries = if in_place {
+        target.take_entries()
+    } else {
+        Vec::new()
+    };
+    let mut storages = Vec::with_capacity(received.bindings.len());
+    let mut staging = Vec::new();
+    for (s, b) in received.bindings.iter().enumerate() {
+        let dest_region = cast_dest.get(s).copied().flatten();
+        if dest_region.is_some() {
+            // Region `s` held the wire bytes of a cast storage.
+            staging.extend(buffers.get_mut(s).and_then(Option::take));
+        }
+        let buf = match b.dest {
+            Dest::Fresh => buffers
+                .get_mut(dest_region.unwrap_or(s))
+                .and_then(Option::take)
+                .with_context(|| format!("fresh buffer of storage {s}"))?,
+            Dest::InPlace(id) => {
+                let (leaf, shard) = in_place_origin
+                    .get(id as usize)
+                    .copied()
+                    .flatten()
+                    .with_context(|| format!("in-place buffer {id} was never bound"))?;
+                let storage = old_entries.get_mut(leaf).and_then(|entry| {
+                    let tensor = StateDict::entry_tensors_mut(entry).into_iter().nth(shard)?;
+                    Some(std::mem::replace(
+                        &mut tensor.storage,
+                        Storage::Borrowed(&[]),
+                    ))
+                });
+                match storage {
+                    Some(Storage::Owned(buf)) => buf,
+                    _ => bail!("in-place buffer {id} vanished"),
+                }
+            }
+        };
+        storages.push(Storage::Owned(buf));
+    }
+    let mut storages = storages.into_iter();
+    let entries = received
+        .leaves
+        .into_iter()
+        .map(|leaf| Entry::from_leaf(leaf, &mut storages))
+        .collect::<Result<Vec<_>>>()?;
+    *target = StateDict::unflatten(&received.tree, entries, received.step)?;
+    if let Some(pool) = pool {
+        // Staging held wire bytes only until the cast; the next receive can reuse it.
+        pool.recycle(staging);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! `WasmEngine`: pgt-core inside a wasmtime sandbox, behind the same [`EngineFactory`] traits as
+//! `WasmEngine`: pgt-core inside a wasmtime sandbox, behind the same engine traits as
 //! [`crate::engine::NativeEngine`], so a [`crate::transport::Transport`] runs unchanged with every
 //! protocol decision — decoding untrusted metadata, validation, the plan, the state machines — made by
 //! the guest. The host only moves bytes: tensor bytes never enter the guest's memory.
@@ -12,31 +12,29 @@
 //!   ([`SandboxError::OutOfMemory`]), one instance, one memory, one table of bounded size.
 //!
 //! A guest that traps is poisoned ([`SandboxError::Poisoned`] from then on) and dropped with its transfer;
-//! the engine and later transfers are unaffected. Protocol errors come back as the same
-//! `pgt_core::Error` a native core returns (rebuilt from the guest's `ErrorInfo::detail` and checked
-//! against its Debug form), so callers match errors the same way with either engine; misuse of the ABI
-//! and errors the host cannot rebuild exactly come back as [`pgt_wasm::types::ErrorInfo`].
+//! the engine and later transfers are unaffected. Protocol errors come back as the very
+//! `pgt_core::Error` a native core returns (it crosses the boundary as itself), so callers match errors
+//! the same way with either engine. The exports are typed once, in [`Exports`]: a wrong signature fails
+//! when the module is loaded, a wrong name does not compile.
 
+use std::borrow::Cow;
 use std::path::Path;
 
-use anyhow::{anyhow, Context};
-use pgt_core::codec::{Limits, Metadata, StorageRef};
-use pgt_core::dtype::DType;
-use pgt_core::receiver::{Binding, ReceiverOptions};
-use pgt_wasm::types::{
-    segments_from_w, status, BindingW, Encoded, ErrorInfo, ForwardStepW, LimitsW, PayloadW, PlanW,
-    ReceivedW, ReceiverOptionsW, RecvNextW, SendNextW, SenderCreated, Summary,
-};
+use pgt_core::engine::{ReceiveEngine, SendEngine};
+use pgt_core::header::Limits;
+use pgt_core::plan::Plan;
+use pgt_core::receiver::{Binding, InPlace, Incoming, Received, ReceiverOptions, RecvPoll};
+use pgt_core::schema::Metadata;
+use pgt_core::sender::SendPoll;
+use pgt_core::tree::KeyPath;
+use pgt_wasm::types::{status, Encoded, ErrorInfo, SenderCreated, Summary};
 use serde::de::DeserializeOwned;
 use wasmtime::{
     Config, Engine, InstancePre, Linker, Memory, Module, ResourceLimiter, Store, StoreLimits,
     StoreLimitsBuilder, Trap, TypedFunc,
 };
 
-use crate::engine::{
-    EngineError, EngineFactory, ForwardStep, IncomingManifest, OwnedPayload, ReceivedTree,
-    ReceiverEngine, RecvNext, RecvStep, SendNext, SendStep, SenderEngine,
-};
+use crate::engine::{EngineError, EngineFactory, ReceiverEngine, SenderEngine};
 
 /// The module embedded at build time (empty when it was not built).
 static EMBEDDED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pgt_wasm.wasm"));
@@ -114,61 +112,63 @@ impl std::fmt::Debug for WasmEngine {
 impl WasmEngine {
     /// The embedded module (or, if this binary was built without it, the file named by
     /// `$PGT_WASM_MODULE`) with default limits.
-    pub fn new() -> anyhow::Result<WasmEngine> {
+    pub fn new() -> Result<WasmEngine, EngineError> {
         WasmEngine::with_limits(WasmLimits::default())
     }
 
     /// As [`WasmEngine::new`], with these caps.
-    pub fn with_limits(limits: WasmLimits) -> anyhow::Result<WasmEngine> {
+    pub fn with_limits(limits: WasmLimits) -> Result<WasmEngine, EngineError> {
         if !EMBEDDED.is_empty() {
             return WasmEngine::from_bytes(EMBEDDED, limits);
         }
         if let Some(path) = std::env::var_os("PGT_WASM_MODULE") {
             return WasmEngine::from_file(Path::new(&path), limits);
         }
-        Err(anyhow!(
+        Err(EngineError::Module(format!(
             "pgt's wasm module is not built into this binary ({EMBEDDED_SOURCE}); build it with \
              `{BUILD_COMMAND}` and rebuild, or set PGT_WASM_MODULE to a pgt_wasm.wasm"
-        ))
+        )))
     }
 
     /// The module in file `path`.
-    pub fn from_file(path: &Path, limits: WasmLimits) -> anyhow::Result<WasmEngine> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("reading the wasm module {}", path.display()))?;
+    pub fn from_file(path: &Path, limits: WasmLimits) -> Result<WasmEngine, EngineError> {
+        let bytes = std::fs::read(path).map_err(|e| {
+            EngineError::Module(format!("reading the wasm module {}: {e}", path.display()))
+        })?;
         WasmEngine::from_bytes(&bytes, limits)
     }
 
     /// The module `bytes` (a pgt-wasm raw-ABI build), compiled now.
-    pub fn from_bytes(bytes: &[u8], limits: WasmLimits) -> anyhow::Result<WasmEngine> {
+    pub fn from_bytes(bytes: &[u8], limits: WasmLimits) -> Result<WasmEngine, EngineError> {
         let mut config = Config::new();
         config.consume_fuel(true);
-        let engine = Engine::new(&config).map_err(|e| anyhow!("wasmtime: {e:?}"))?;
+        let engine = Engine::new(&config).map_err(|e| module_error("wasmtime", e))?;
         let module =
-            Module::new(&engine, bytes).map_err(|e| anyhow!("compiling the wasm module: {e:?}"))?;
+            Module::new(&engine, bytes).map_err(|e| module_error("compiling the module", e))?;
         if let Some(import) = module.imports().next() {
-            return Err(anyhow!(
-                "the wasm module imports {}::{}: not a pgt raw-ABI module",
+            return Err(EngineError::Module(format!(
+                "the module imports {}::{}: not a pgt raw-ABI module",
                 import.module(),
                 import.name()
-            ));
+            )));
         }
         let linker = Linker::new(&engine);
         let pre = linker
             .instantiate_pre(&module)
-            .map_err(|e| anyhow!("preparing the wasm module: {e:?}"))?;
+            .map_err(|e| module_error("preparing the module", e))?;
         let engine = WasmEngine {
             engine,
             pre,
             limits,
         };
+        // Instantiating checks every export's signature (see `Exports::load`).
         let mut guest = engine.instantiate()?;
         let abi = guest.abi_version()?;
         if abi != pgt_wasm::types::ABI_VERSION {
-            return Err(anyhow!(
-                "the wasm module speaks ABI version {abi}, this host {}: rebuild it with `{BUILD_COMMAND}`",
+            return Err(EngineError::Module(format!(
+                "the module speaks ABI version {abi}, this host {}: rebuild it with `{BUILD_COMMAND}`",
                 pgt_wasm::types::ABI_VERSION
-            ));
+            )));
         }
         Ok(engine)
     }
@@ -197,15 +197,15 @@ impl WasmEngine {
         header: &[u8],
         metadata: &[u8],
         limits: &Limits,
-    ) -> anyhow::Result<Summary> {
+    ) -> Result<Summary, EngineError> {
         self.instantiate()?
-            .decode_like("pgt_decode", header, metadata, limits)
+            .decode_like(|e| &e.decode, header, metadata, limits)
     }
 
     /// The transfer plan of a header + metadata, computed in a fresh guest.
-    pub fn plan(&self, header: &[u8], metadata: &[u8], limits: &Limits) -> anyhow::Result<PlanW> {
+    pub fn plan(&self, header: &[u8], metadata: &[u8], limits: &Limits) -> Result<Plan, EngineError> {
         self.instantiate()?
-            .decode_like("pgt_plan", header, metadata, limits)
+            .decode_like(|e| &e.plan, header, metadata, limits)
     }
 
     /// Validates and encodes metadata in a fresh guest: the header and metadata messages.
@@ -214,12 +214,12 @@ impl WasmEngine {
         metadata: &Metadata,
         digests: bool,
         limits: &Limits,
-    ) -> anyhow::Result<Encoded> {
+    ) -> Result<Encoded, EngineError> {
         self.instantiate()?
-            .metadata_call("pgt_encode", metadata, digests, limits)
+            .metadata_call(|e| &e.encode, metadata, digests, limits)
     }
 
-    fn instantiate(&self) -> anyhow::Result<Guest> {
+    fn instantiate(&self) -> Result<Guest, EngineError> {
         let limiter = StoreLimitsBuilder::new()
             .memory_size(self.limits.max_memory_bytes)
             .table_elements(self.limits.max_table_elements)
@@ -235,25 +235,24 @@ impl WasmEngine {
             },
         );
         store.limiter(|d| d as &mut dyn ResourceLimiter);
-        let mut guest = Guest {
+        store
+            .set_fuel(self.limits.fuel_per_call)
+            .map_err(|e| module_error("wasmtime fuel", e))?;
+        let instance = match self.pre.instantiate(&mut store) {
+            Ok(i) => i,
+            Err(e) => return Err(sandbox_error(&store, self.limits, e).into()),
+        };
+        let memory = instance
+            .get_memory(&mut store, "memory")
+            .ok_or_else(|| EngineError::Module("the module exports no memory".into()))?;
+        let exports = Exports::load(&instance, &mut store)?;
+        Ok(Guest {
             store,
-            memory: None,
-            funcs: Funcs::default(),
+            memory,
+            exports,
             limits: self.limits,
             poisoned: false,
-        };
-        guest.refuel()?;
-        let instance = self
-            .pre
-            .instantiate(&mut guest.store)
-            .map_err(|e| guest.sandbox_error(e))?;
-        guest.memory = Some(
-            instance
-                .get_memory(&mut guest.store, "memory")
-                .ok_or_else(|| anyhow!("the wasm module exports no memory"))?,
-        );
-        guest.funcs = Funcs::load(&instance, &mut guest.store)?;
-        Ok(guest)
+        })
     }
 }
 
@@ -263,30 +262,49 @@ impl EngineFactory for WasmEngine {
         metadata: Metadata,
         digests: bool,
         limits: &Limits,
-    ) -> Result<Box<dyn SenderEngine>, EngineError> {
+    ) -> Result<SenderEngine, EngineError> {
         let mut guest = self.instantiate()?;
         let created: SenderCreated =
-            guest.metadata_call("pgt_sender_new", &metadata, digests, limits)?;
-        Ok(Box::new(WasmSender {
+            guest.metadata_call(|e| &e.sender_new, &metadata, digests, limits)?;
+        Ok(SenderEngine::Wasm(Box::new(WasmSender {
             guest,
             handle: created.handle,
-            storages: created.storages.into_iter().map(Into::into).collect(),
-        }))
+            plan: created.plan,
+            bytes: Vec::new(),
+        })))
     }
 
-    fn receiver(&self, options: ReceiverOptions) -> Result<Box<dyn ReceiverEngine>, EngineError> {
-        let opts = postcard::to_allocvec(&ReceiverOptionsW::from(options))
-            .context("encoding receiver options for the guest")?;
+    fn receiver(&self, options: ReceiverOptions) -> Result<ReceiverEngine, EngineError> {
+        let opts = postcard::to_allocvec(&options).map_err(|e| module_error("encoding options", e))?;
         let mut guest = self.instantiate()?;
         let handle: u32 = guest.with_inputs(&[&opts], |g, a| {
-            g.call("pgt_receiver_new", (a[0].0, a[0].1))
+            g.call(|e| &e.receiver_new, (a[0].0, a[0].1))
         })?;
-        Ok(Box::new(WasmReceiver { guest, handle }))
+        Ok(ReceiverEngine::Wasm(Box::new(WasmReceiver { guest, handle })))
     }
 }
 
+fn module_error(what: &str, e: impl std::fmt::Debug) -> EngineError {
+    EngineError::Module(format!("{what}: {e:?}"))
+}
+
 fn limits_bytes(limits: &Limits) -> Vec<u8> {
-    postcard::to_allocvec(&LimitsW::from(*limits)).expect("LimitsW always encodes")
+    postcard::to_allocvec(limits).expect("Limits always encodes")
+}
+
+/// A wasmtime error of a call as a [`SandboxError`].
+fn sandbox_error(store: &Store<GuestData>, limits: WasmLimits, e: wasmtime::Error) -> SandboxError {
+    if e.downcast_ref::<Trap>() == Some(&Trap::OutOfFuel) {
+        SandboxError::OutOfFuel {
+            limit: limits.fuel_per_call,
+        }
+    } else if store.data().memory_denied {
+        SandboxError::OutOfMemory {
+            limit: limits.max_memory_bytes,
+        }
+    } else {
+        SandboxError::Trap(format!("{e:?}"))
+    }
 }
 
 // ---- one guest instance ----
@@ -331,199 +349,133 @@ impl ResourceLimiter for GuestData {
     }
 }
 
-// Export signatures (pointers and lengths are wasm32 `i32`s) and tables of exports by name.
-type Fn1 = TypedFunc<u32, u32>;
-type Fn2 = TypedFunc<(u32, u32), u32>;
-type Fn3 = TypedFunc<(u32, u32, u32), u32>;
-type FnDigest = TypedFunc<(u32, u32, u64), u32>;
-type Fn5 = TypedFunc<(u32, u32, u32, u32, u32), u32>;
-type Fn6 = TypedFunc<(u32, u32, u32, u32, u32, u32), u32>;
-type FnBind = TypedFunc<(u32, u32, u64, u32, u64), u32>;
-type Table<F> = std::collections::HashMap<&'static str, F>;
-
-/// The exports, looked up once per instance.
-#[derive(Default)]
-struct Funcs {
-    abi_version: Option<TypedFunc<(), u32>>,
-    alloc: Option<Fn1>,
-    free: Option<TypedFunc<(u32, u32), ()>>,
-    by_handle: Table<Fn1>,
-    decode: Table<Fn6>,
-    new5: Table<Fn5>,
-    bytes: Table<Fn3>,
-    index: Table<Fn2>,
-    digest: Table<FnDigest>,
-    bind: Option<FnBind>,
+/// Every export of the raw ABI, typed once (`wasm/ABI.md`; pointers and lengths are wasm32 `i32`s, and
+/// every export but the first three returns a result block's address). Loading checks each signature.
+struct Exports {
+    abi_version: TypedFunc<(), u32>,
+    alloc: TypedFunc<u32, u32>,
+    free: TypedFunc<(u32, u32), ()>,
+    decode: TypedFunc<(u32, u32, u32, u32, u32, u32), u32>,
+    plan: TypedFunc<(u32, u32, u32, u32, u32, u32), u32>,
+    encode: TypedFunc<(u32, u32, u32, u32, u32), u32>,
+    sender_new: TypedFunc<(u32, u32, u32, u32, u32), u32>,
+    sender_poll: TypedFunc<u32, u32>,
+    sender_bytes: TypedFunc<(u32, u32), u32>,
+    sender_digests: TypedFunc<(u32, u32, u32, u32), u32>,
+    sender_drop: TypedFunc<u32, u32>,
+    receiver_new: TypedFunc<(u32, u32), u32>,
+    receiver_poll: TypedFunc<u32, u32>,
+    receiver_header: TypedFunc<(u32, u32, u32), u32>,
+    receiver_metadata: TypedFunc<(u32, u32, u32), u32>,
+    receiver_paths: TypedFunc<u32, u32>,
+    receiver_bind: TypedFunc<(u32, u32, u32), u32>,
+    receiver_data: TypedFunc<(u32, u32), u32>,
+    receiver_digests: TypedFunc<(u32, u32, u32, u32), u32>,
+    receiver_trailer: TypedFunc<(u32, u32, u32), u32>,
+    receiver_forwarded: TypedFunc<(u32, u32), u32>,
+    receiver_finish: TypedFunc<u32, u32>,
+    receiver_drop: TypedFunc<u32, u32>,
 }
 
-impl Funcs {
-    fn load(instance: &wasmtime::Instance, store: &mut Store<GuestData>) -> anyhow::Result<Funcs> {
-        macro_rules! get {
-            ($name:expr) => {
-                instance
-                    .get_typed_func(&mut *store, $name)
-                    .map_err(|e| anyhow!("wasm module export {}: {e:?}", $name))?
+impl Exports {
+    fn load(
+        instance: &wasmtime::Instance,
+        store: &mut Store<GuestData>,
+    ) -> Result<Exports, EngineError> {
+        macro_rules! exports {
+            ($($field:ident),* $(,)?) => {
+                Exports {
+                    $($field: instance
+                        .get_typed_func(&mut *store, concat!("pgt_", stringify!($field)))
+                        .map_err(|e| module_error(concat!("export pgt_", stringify!($field)), e))?,)*
+                }
             };
         }
-        let mut f = Funcs {
-            abi_version: Some(get!("pgt_abi_version")),
-            alloc: Some(get!("pgt_alloc")),
-            free: Some(get!("pgt_free")),
-            bind: Some(get!("pgt_receiver_bind")),
-            ..Funcs::default()
-        };
-        for name in [
-            "pgt_sender_poll",
-            "pgt_sender_drop",
-            "pgt_receiver_poll",
-            "pgt_receiver_finish_bindings",
-            "pgt_receiver_finish",
-            "pgt_receiver_drop",
-        ] {
-            f.by_handle.insert(name, get!(name));
-        }
-        for name in ["pgt_decode", "pgt_plan"] {
-            f.decode.insert(name, get!(name));
-        }
-        for name in ["pgt_encode", "pgt_sender_new"] {
-            f.new5.insert(name, get!(name));
-        }
-        for name in [
-            "pgt_receiver_header",
-            "pgt_receiver_metadata",
-            "pgt_receiver_trailer",
-        ] {
-            f.bytes.insert(name, get!(name));
-        }
-        for name in [
-            "pgt_receiver_new",
-            "pgt_receiver_data",
-            "pgt_receiver_forwarded",
-        ] {
-            f.index.insert(name, get!(name));
-        }
-        for name in ["pgt_sender_digest", "pgt_receiver_digest"] {
-            f.digest.insert(name, get!(name));
-        }
-        Ok(f)
+        Ok(exports!(
+            abi_version,
+            alloc,
+            free,
+            decode,
+            plan,
+            encode,
+            sender_new,
+            sender_poll,
+            sender_bytes,
+            sender_digests,
+            sender_drop,
+            receiver_new,
+            receiver_poll,
+            receiver_header,
+            receiver_metadata,
+            receiver_paths,
+            receiver_bind,
+            receiver_data,
+            receiver_digests,
+            receiver_trailer,
+            receiver_forwarded,
+            receiver_finish,
+            receiver_drop,
+        ))
     }
 }
 
-/// Parameters of one export call, by signature.
-trait Call {
-    fn invoke(self, g: &mut Guest, name: &'static str) -> wasmtime::Result<u32>;
-}
-
-impl Call for u32 {
-    fn invoke(self, g: &mut Guest, name: &'static str) -> wasmtime::Result<u32> {
-        g.funcs.by_handle[name].call(&mut g.store, self)
-    }
-}
-
-impl Call for (u32, u32) {
-    fn invoke(self, g: &mut Guest, name: &'static str) -> wasmtime::Result<u32> {
-        g.funcs.index[name].call(&mut g.store, self)
-    }
-}
-
-impl Call for (u32, u32, u32) {
-    fn invoke(self, g: &mut Guest, name: &'static str) -> wasmtime::Result<u32> {
-        g.funcs.bytes[name].call(&mut g.store, self)
-    }
-}
-
-impl Call for (u32, u32, u64) {
-    fn invoke(self, g: &mut Guest, name: &'static str) -> wasmtime::Result<u32> {
-        g.funcs.digest[name].call(&mut g.store, self)
-    }
-}
-
-impl Call for (u32, u32, u32, u32, u32) {
-    fn invoke(self, g: &mut Guest, name: &'static str) -> wasmtime::Result<u32> {
-        g.funcs.new5[name].call(&mut g.store, self)
-    }
-}
-
-impl Call for (u32, u32, u32, u32, u32, u32) {
-    fn invoke(self, g: &mut Guest, name: &'static str) -> wasmtime::Result<u32> {
-        g.funcs.decode[name].call(&mut g.store, self)
-    }
-}
-
-impl Call for (u32, u32, u64, u32, u64) {
-    fn invoke(self, g: &mut Guest, _: &'static str) -> wasmtime::Result<u32> {
-        let f = g.funcs.bind.clone().expect("loaded");
-        f.call(&mut g.store, self)
-    }
-}
+/// One export, picked from [`Exports`].
+type Pick<P> = fn(&Exports) -> &TypedFunc<P, u32>;
 
 struct Guest {
     store: Store<GuestData>,
-    memory: Option<Memory>,
-    funcs: Funcs,
+    memory: Memory,
+    exports: Exports,
     limits: WasmLimits,
     poisoned: bool,
 }
 
 impl Guest {
-    fn refuel(&mut self) -> anyhow::Result<()> {
+    fn refuel(&mut self) -> Result<(), EngineError> {
         self.store
             .set_fuel(self.limits.fuel_per_call)
-            .map_err(|e| anyhow!("wasmtime fuel: {e:?}"))
+            .map_err(|e| module_error("wasmtime fuel", e))
     }
 
     /// Turns a wasmtime error of a call into a [`SandboxError`] and poisons the instance.
-    fn sandbox_error(&mut self, e: wasmtime::Error) -> anyhow::Error {
+    fn fail(&mut self, e: wasmtime::Error) -> EngineError {
         self.poisoned = true;
-        let err = if e.downcast_ref::<Trap>() == Some(&Trap::OutOfFuel) {
-            SandboxError::OutOfFuel {
-                limit: self.limits.fuel_per_call,
-            }
-        } else if self.store.data().memory_denied {
-            SandboxError::OutOfMemory {
-                limit: self.limits.max_memory_bytes,
-            }
-        } else {
-            SandboxError::Trap(format!("{e:?}"))
-        };
-        anyhow::Error::new(err)
+        sandbox_error(&self.store, self.limits, e).into()
     }
 
-    fn check(&self) -> anyhow::Result<()> {
+    fn check(&self) -> Result<(), EngineError> {
         if self.poisoned {
-            return Err(anyhow::Error::new(SandboxError::Poisoned));
+            return Err(SandboxError::Poisoned.into());
         }
         Ok(())
     }
 
-    fn abi_version(&mut self) -> anyhow::Result<u32> {
+    fn abi_version(&mut self) -> Result<u32, EngineError> {
         self.check()?;
         self.refuel()?;
-        let f = self.funcs.abi_version.clone().expect("loaded");
-        f.call(&mut self.store, ())
-            .map_err(|e| self.sandbox_error(e))
+        let f = self.exports.abi_version.clone();
+        f.call(&mut self.store, ()).map_err(|e| self.fail(e))
     }
 
     /// Copies `bytes` into a fresh guest buffer: `(ptr, len)`.
-    fn put(&mut self, bytes: &[u8]) -> anyhow::Result<(u32, u32)> {
+    fn put(&mut self, bytes: &[u8]) -> Result<(u32, u32), EngineError> {
         self.check()?;
-        let len = u32::try_from(bytes.len()).context("input larger than 4 GiB")?;
+        let len = u32::try_from(bytes.len())
+            .map_err(|_| EngineError::Module("an input larger than 4 GiB".into()))?;
         self.refuel()?;
-        let alloc = self.funcs.alloc.clone().expect("loaded");
-        let ptr = alloc
-            .call(&mut self.store, len)
-            .map_err(|e| self.sandbox_error(e))?;
+        let alloc = self.exports.alloc.clone();
+        let ptr = alloc.call(&mut self.store, len).map_err(|e| self.fail(e))?;
         if ptr == 0 {
             self.poisoned = true;
-            return Err(anyhow::Error::new(SandboxError::OutOfMemory {
+            return Err(SandboxError::OutOfMemory {
                 limit: self.limits.max_memory_bytes,
-            }));
+            }
+            .into());
         }
         if len > 0 {
-            let memory = self.memory.expect("instantiated");
-            memory
+            self.memory
                 .write(&mut self.store, ptr as usize, bytes)
-                .map_err(|e| anyhow!("writing into the guest: {e}"))?;
+                .map_err(|e| module_error("writing into the guest", e))?;
         }
         Ok((ptr, len))
     }
@@ -532,9 +484,9 @@ impl Guest {
         if self.poisoned || len == 0 || self.refuel().is_err() {
             return;
         }
-        let free = self.funcs.free.clone().expect("loaded");
+        let free = self.exports.free.clone();
         if let Err(e) = free.call(&mut self.store, (ptr, len)) {
-            let _ = self.sandbox_error(e);
+            let _ = self.fail(e);
         }
     }
 
@@ -542,8 +494,8 @@ impl Guest {
     fn with_inputs<T>(
         &mut self,
         inputs: &[&[u8]],
-        f: impl FnOnce(&mut Guest, &[(u32, u32)]) -> anyhow::Result<T>,
-    ) -> anyhow::Result<T> {
+        f: impl FnOnce(&mut Guest, &[(u32, u32)]) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
         let mut placed = Vec::with_capacity(inputs.len());
         for input in inputs {
             match self.put(input) {
@@ -563,260 +515,215 @@ impl Guest {
         r
     }
 
-    /// Calls export `name` and decodes its result block.
-    fn call<T: DeserializeOwned>(
+    /// Calls the export `pick` chooses and decodes its result block.
+    fn call<P: wasmtime::WasmParams, T: DeserializeOwned>(
         &mut self,
-        name: &'static str,
-        args: impl Call,
-    ) -> anyhow::Result<T> {
+        pick: Pick<P>,
+        args: P,
+    ) -> Result<T, EngineError> {
         self.check()?;
         self.refuel()?;
-        let ptr = args.invoke(self, name).map_err(|e| self.sandbox_error(e))?;
-        let memory = self.memory.expect("instantiated");
-        let data = memory.data(&self.store);
+        let f = pick(&self.exports).clone();
+        let ptr = f.call(&mut self.store, args).map_err(|e| self.fail(e))?;
+        let data = self.memory.data(&self.store);
         let block = data
             .get(ptr as usize..)
             .filter(|b| b.len() >= 8)
-            .ok_or_else(|| anyhow!("{name}: result block out of bounds"))?;
+            .ok_or_else(|| EngineError::Module("result block out of bounds".into()))?;
         let code = u32::from_le_bytes(block[0..4].try_into().expect("4 bytes"));
         let len = u32::from_le_bytes(block[4..8].try_into().expect("4 bytes")) as usize;
         let payload = block
             .get(8..8 + len)
-            .ok_or_else(|| anyhow!("{name}: result payload out of bounds"))?;
+            .ok_or_else(|| EngineError::Module("result payload out of bounds".into()))?;
         match code {
-            status::OK => postcard::from_bytes(payload)
-                .with_context(|| format!("{name}: result does not decode")),
+            status::OK => {
+                postcard::from_bytes(payload).map_err(|e| module_error("result does not decode", e))
+            }
             status::ERROR | status::ABI_ERROR => {
                 let info: ErrorInfo = postcard::from_bytes(payload)
-                    .with_context(|| format!("{name}: error does not decode"))?;
-                Err(guest_error(info))
+                    .map_err(|e| module_error("error does not decode", e))?;
+                Err(match info.error {
+                    Some(e) => EngineError::Protocol(e),
+                    None => EngineError::Module(format!("{}: {}", info.name, info.message)),
+                })
             }
-            other => Err(anyhow!("{name}: unknown status {other}")),
+            other => Err(EngineError::Module(format!("unknown status {other}"))),
         }
     }
 
     /// Calls an export that takes metadata, a digests flag and limits (`pgt_encode`, `pgt_sender_new`).
     fn metadata_call<T: DeserializeOwned>(
         &mut self,
-        name: &'static str,
+        pick: Pick<(u32, u32, u32, u32, u32)>,
         metadata: &Metadata,
         digests: bool,
         limits: &Limits,
-    ) -> anyhow::Result<T> {
-        let meta = postcard::to_allocvec(metadata).context("encoding metadata for the guest")?;
+    ) -> Result<T, EngineError> {
+        let meta =
+            postcard::to_allocvec(metadata).map_err(|e| module_error("encoding metadata", e))?;
         self.with_inputs(&[&meta, &limits_bytes(limits)], |g, a| {
-            g.call(name, (a[0].0, a[0].1, u32::from(digests), a[1].0, a[1].1))
+            g.call(pick, (a[0].0, a[0].1, u32::from(digests), a[1].0, a[1].1))
         })
     }
 
     fn decode_like<T: DeserializeOwned>(
         &mut self,
-        name: &'static str,
+        pick: Pick<(u32, u32, u32, u32, u32, u32)>,
         header: &[u8],
         metadata: &[u8],
         limits: &Limits,
-    ) -> anyhow::Result<T> {
+    ) -> Result<T, EngineError> {
         self.with_inputs(&[header, metadata, &limits_bytes(limits)], |g, a| {
-            g.call(name, (a[0].0, a[0].1, a[1].0, a[1].1, a[2].0, a[2].1))
+            g.call(pick, (a[0].0, a[0].1, a[1].0, a[1].1, a[2].0, a[2].1))
         })
     }
-}
 
-/// A protocol error from the guest as the `pgt_core::Error` it is — so callers match errors the same
-/// way with either engine — when the guest sent it in full and it reads back exactly (same Debug form:
-/// a module built from other sources cannot pass off another error); else the [`ErrorInfo`].
-fn guest_error(info: ErrorInfo) -> anyhow::Error {
-    if let Some(detail) = info.detail.clone() {
-        let core = detail.into_core(intern);
-        if format!("{core:?}") == info.debug && core.to_string() == info.message {
-            return anyhow::Error::new(core);
-        }
+    /// Calls an export that takes a handle and one byte input.
+    fn bytes_call<T: DeserializeOwned>(
+        &mut self,
+        pick: Pick<(u32, u32, u32)>,
+        handle: u32,
+        bytes: &[u8],
+    ) -> Result<T, EngineError> {
+        self.with_inputs(&[bytes], |g, a| g.call(pick, (handle, a[0].0, a[0].1)))
     }
-    anyhow::Error::new(info)
-}
 
-/// `pgt_core::Error::ProtocolState` holds a `&'static str`: the guest's texts are interned, each leaked
-/// once; past a bound (a misbehaving guest) they are not, and the error stays an [`ErrorInfo`].
-fn intern(text: String) -> &'static str {
-    use std::collections::BTreeSet;
-    use std::sync::Mutex;
-    static TEXTS: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
-    let mut texts = TEXTS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(t) = texts.get(text.as_str()) {
-        return t;
+    /// Calls an export that takes a handle, a message and digests (8 little-endian bytes each).
+    fn digests_call(
+        &mut self,
+        pick: Pick<(u32, u32, u32, u32)>,
+        handle: u32,
+        message: u32,
+        digests: &[u64],
+    ) -> Result<(), EngineError> {
+        let bytes: Vec<u8> = digests.iter().flat_map(|d| d.to_le_bytes()).collect();
+        self.with_inputs(&[&bytes], |g, a| {
+            g.call(pick, (handle, message, a[0].0, a[0].1))
+        })
     }
-    if texts.len() >= 256 || text.len() > 200 {
-        return "(a protocol state the wasm guest reported)";
-    }
-    let t: &'static str = Box::leak(text.into_boxed_str());
-    texts.insert(t);
-    t
 }
 
 // ---- the engines ----
 
-fn payload(p: PayloadW) -> OwnedPayload {
-    match p {
-        PayloadW::Bytes(b) => OwnedPayload::Bytes(b),
-        PayloadW::Storages(s) => OwnedPayload::Storages(segments_from_w(s)),
-    }
-}
-
-fn index(message: u64) -> anyhow::Result<usize> {
-    usize::try_from(message).context("message index out of range")
-}
-
-struct WasmSender {
+/// A sender in a guest: the plan is fetched once, at creation.
+pub struct WasmSender {
     guest: Guest,
     handle: u32,
-    storages: Vec<StorageRef>,
+    plan: Plan,
+    /// The last header/metadata/trailer bytes fetched (lent out by `message_bytes`).
+    bytes: Vec<u8>,
 }
 
-impl SenderEngine for WasmSender {
-    fn storages(&self) -> Vec<StorageRef> {
-        self.storages.clone()
+impl std::fmt::Debug for WasmSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmSender")
+            .field("handle", &self.handle)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SendEngine for WasmSender {
+    type Error = EngineError;
+
+    fn plan(&self) -> &Plan {
+        &self.plan
     }
 
-    fn poll(&mut self) -> Result<SendNext, EngineError> {
-        let next: SendNextW = self.guest.call("pgt_sender_poll", self.handle)?;
-        Ok(match next {
-            SendNextW::Send(op) => SendNext::Send(SendStep {
-                to: op.to,
-                message: index(op.message)?,
-                tag: op.tag,
-                len: op.len,
-                payload: payload(op.payload),
-                hash: op.hash,
-            }),
-            SendNextW::WaitDigests => SendNext::WaitDigests,
-            SendNextW::Done => SendNext::Done,
-        })
+    fn poll(&mut self) -> Result<SendPoll, EngineError> {
+        self.guest.call(|e| &e.sender_poll, self.handle)
     }
 
-    fn handle_storage_digest(&mut self, storage: u32, digest: u64) -> Result<(), EngineError> {
+    fn message_bytes(&mut self, message: u32) -> Result<Cow<'_, [u8]>, EngineError> {
+        self.bytes = self.guest.call(|e| &e.sender_bytes, (self.handle, message))?;
+        Ok(Cow::Borrowed(&self.bytes))
+    }
+
+    fn handle_digests(&mut self, message: u32, digests: &[u64]) -> Result<(), EngineError> {
         self.guest
-            .call("pgt_sender_digest", (self.handle, storage, digest))
+            .digests_call(|e| &e.sender_digests, self.handle, message, digests)
     }
 }
 
-struct WasmReceiver {
+impl Drop for WasmSender {
+    fn drop(&mut self) {
+        if !self.guest.poisoned {
+            let _: Result<(), _> = self.guest.call(|e| &e.sender_drop, self.handle);
+        }
+    }
+}
+
+/// A receiver in a guest.
+pub struct WasmReceiver {
     guest: Guest,
     handle: u32,
 }
 
-impl WasmReceiver {
-    fn bytes_call<T: DeserializeOwned>(
-        &mut self,
-        name: &'static str,
-        bytes: &[u8],
-    ) -> anyhow::Result<T> {
-        let handle = self.handle;
-        self.guest
-            .with_inputs(&[bytes], |g, a| g.call(name, (handle, a[0].0, a[0].1)))
+impl std::fmt::Debug for WasmReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmReceiver")
+            .field("handle", &self.handle)
+            .finish_non_exhaustive()
     }
 }
 
-fn message_arg(message: usize) -> anyhow::Result<u32> {
-    u32::try_from(message).context("message index out of range")
-}
+impl ReceiveEngine for WasmReceiver {
+    type Error = EngineError;
 
-impl ReceiverEngine for WasmReceiver {
-    fn poll(&mut self) -> Result<RecvNext, EngineError> {
-        let next: RecvNextW = self.guest.call("pgt_receiver_poll", self.handle)?;
-        Ok(match next {
-            RecvNextW::Recv(op) => RecvNext::Recv(RecvStep {
-                from: op.from,
-                message: index(op.message)?,
-                kind: op.kind.into(),
-                tag: op.tag,
-                len: op.len,
-                segments: segments_from_w(op.segments),
-                hash: op.hash,
-            }),
-            RecvNextW::NeedBindings => RecvNext::NeedBindings,
-            RecvNextW::Forward(ForwardStepW {
-                to,
-                message,
-                tag,
-                len,
-                payload: p,
-            }) => RecvNext::Forward(ForwardStep {
-                to,
-                message: index(message)?,
-                tag,
-                len,
-                payload: payload(p),
-            }),
-            RecvNextW::Wait => RecvNext::Wait,
-            RecvNextW::Done => RecvNext::Done,
-        })
+    fn poll(&mut self) -> Result<RecvPoll, EngineError> {
+        self.guest.call(|e| &e.receiver_poll, self.handle)
     }
 
     fn handle_header(&mut self, bytes: &[u8]) -> Result<(), EngineError> {
-        self.bytes_call("pgt_receiver_header", bytes)
+        self.guest
+            .bytes_call(|e| &e.receiver_header, self.handle, bytes)
     }
 
-    fn handle_metadata(&mut self, bytes: &[u8]) -> Result<IncomingManifest, EngineError> {
-        let m: pgt_wasm::types::IncomingW = self.bytes_call("pgt_receiver_metadata", bytes)?;
-        Ok(IncomingManifest {
-            step: m.step,
-            paths: m.paths,
-            storages: m.storages.into_iter().map(Into::into).collect(),
-            total_bytes: m.total_bytes,
-        })
+    fn handle_metadata(&mut self, bytes: &[u8]) -> Result<Incoming, EngineError> {
+        self.guest
+            .bytes_call(|e| &e.receiver_metadata, self.handle, bytes)
     }
 
-    fn bind_in_place(
-        &mut self,
-        storage: usize,
-        id: u64,
-        dtype: DType,
-        nbytes: u64,
-    ) -> Result<(), EngineError> {
-        let storage = u32::try_from(storage).context("storage index out of range")?;
-        let dtype = DType::ALL
-            .iter()
-            .position(|&d| d == dtype)
-            .expect("every dtype is in DType::ALL") as u32;
-        self.guest.call(
-            "pgt_receiver_bind",
-            (self.handle, storage, id, dtype, nbytes),
-        )
+    fn paths(&mut self) -> Result<Vec<KeyPath>, EngineError> {
+        self.guest.call(|e| &e.receiver_paths, self.handle)
     }
 
-    fn finish_bindings(&mut self) -> Result<Vec<Binding>, EngineError> {
-        let b: Vec<BindingW> = self
-            .guest
-            .call("pgt_receiver_finish_bindings", self.handle)?;
-        Ok(b.into_iter().map(Into::into).collect())
+    fn finish_bindings(&mut self, in_place: &[InPlace]) -> Result<Vec<Binding>, EngineError> {
+        let targets =
+            postcard::to_allocvec(in_place).map_err(|e| module_error("encoding targets", e))?;
+        self.guest
+            .bytes_call(|e| &e.receiver_bind, self.handle, &targets)
     }
 
-    fn handle_data(&mut self, message: usize) -> Result<(), EngineError> {
-        let m = message_arg(message)?;
-        self.guest.call("pgt_receiver_data", (self.handle, m))
+    fn handle_data(&mut self, message: u32) -> Result<(), EngineError> {
+        self.guest.call(|e| &e.receiver_data, (self.handle, message))
+    }
+
+    fn handle_digests(&mut self, message: u32, digests: &[u64]) -> Result<(), EngineError> {
+        self.guest
+            .digests_call(|e| &e.receiver_digests, self.handle, message, digests)
     }
 
     fn handle_trailer(&mut self, bytes: &[u8]) -> Result<(), EngineError> {
-        self.bytes_call("pgt_receiver_trailer", bytes)
-    }
-
-    fn handle_storage_digest(&mut self, storage: u32, digest: u64) -> Result<(), EngineError> {
         self.guest
-            .call("pgt_receiver_digest", (self.handle, storage, digest))
+            .bytes_call(|e| &e.receiver_trailer, self.handle, bytes)
     }
 
-    fn handle_forwarded(&mut self, message: usize) -> Result<(), EngineError> {
-        let m = message_arg(message)?;
-        self.guest.call("pgt_receiver_forwarded", (self.handle, m))
+    fn handle_forwarded(&mut self, message: u32) -> Result<(), EngineError> {
+        self.guest
+            .call(|e| &e.receiver_forwarded, (self.handle, message))
     }
 
-    fn finish(mut self: Box<Self>) -> Result<ReceivedTree, EngineError> {
-        let r: ReceivedW = self.guest.call("pgt_receiver_finish", self.handle)?;
-        Ok(ReceivedTree {
-            step: r.step,
-            tree: r.tree,
-            leaves: r.leaves,
-            bindings: r.bindings.into_iter().map(Into::into).collect(),
-        })
+    fn finish(mut self) -> Result<Received, EngineError> {
+        // pgt_receiver_finish frees the receiver whatever the outcome.
+        let handle = std::mem::take(&mut self.handle);
+        self.guest.call(|e| &e.receiver_finish, handle)
+    }
+}
+
+impl Drop for WasmReceiver {
+    fn drop(&mut self) {
+        if self.handle != 0 && !self.guest.poisoned {
+            let _: Result<(), _> = self.guest.call(|e| &e.receiver_drop, self.handle);
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgt_core::dtype::DType;
-use pgt_core::plan::{FanOut, PlanParams};
+use pgt_core::schema::{FanOut, PlanParams};
 use pgt_host::memory::BufferPool;
 use pgt_host::pg::{InProcessGroup, PgError};
 use pgt_host::state_dict::{Entry, StateDict, Tensor};

@@ -10,11 +10,13 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Result};
-use pgt_core::codec::{Limits, Metadata};
+use pgt_core::header::Limits;
+use pgt_core::schema::Metadata;
 use pgt_core::digest::StorageHasher;
 use pgt_core::dtype::DType;
 use pgt_core::layout::TensorLayout;
-use pgt_core::plan::{FanOut, MessageKind, PlanParams};
+use pgt_core::schema::{FanOut, PlanParams};
+use pgt_core::plan::MessageKind;
 use pgt_core::receiver::ReceiverOptions;
 use pgt_core::tree::{Key, Leaf, Node, Value};
 use pgt_host::engine::{

@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use pgt_core::dtype::DType;
-use pgt_core::plan::{FanOut, PlanParams};
+use pgt_core::schema::{FanOut, PlanParams};
 use pgt_host::engine::{EngineFactory, NativeEngine};
 use pgt_host::pg::{InProcessGroup, ProcessGroup};
 use pgt_host::state_dict::{Entry, StateDict, Tensor};

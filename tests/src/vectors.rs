@@ -10,13 +10,16 @@ pub mod host;
 pub mod json;
 pub mod spec;
 
-use pgt_core::codec::{self, Header, Limits, Manifest, Metadata};
+use pgt_core::codec;
 use pgt_core::digest::digest;
 use pgt_core::dtensor::{DTensorSpec, DeviceMesh, Placement, ReduceOp};
 use pgt_core::dtype::DType;
+use pgt_core::header::{self, Header, Limits};
 use pgt_core::layout::TensorLayout;
-use pgt_core::plan::{FanOut, MessageKind, Plan, PlanParams};
+use pgt_core::manifest::Manifest;
+use pgt_core::plan::MessageKind;
 use pgt_core::receiver::ReceiverOptions;
+use pgt_core::schema::{FanOut, Metadata, PlanParams};
 use pgt_core::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
 use pgt_core::tree::{Key, Leaf, Node, Value};
 use pgt_core::Error;
@@ -98,7 +101,7 @@ pub use pgt_wasm::json::{leaf_json, limits_json};
 
 /// A message kind's name in index.json.
 fn kind_name(k: MessageKind) -> &'static str {
-    pgt_wasm::json::kind_name(k.into())
+    pgt_wasm::json::kind_name(k)
 }
 
 /// Everything a valid header + metadata decodes to: the manifest, its key paths, storages and plan.
@@ -108,7 +111,7 @@ pub fn summary(header: &Header, manifest: &Manifest) -> Json {
     m.remove("tree");
     m.insert(
         "messages".into(),
-        pgt_wasm::json::plan_json(&pgt_wasm::api::plan(manifest, header.metadata_len)),
+        pgt_wasm::json::plan_json(&manifest.plan(header.metadata_len)),
     );
     j
 }
@@ -174,7 +177,7 @@ fn metadata(
 /// The header for `meta` as a sender would write it (length and digest of these bytes).
 fn header_for(flags: u16, meta: &[u8]) -> Header {
     Header {
-        version: codec::VERSION,
+        version: header::VERSION,
         flags,
         metadata_len: meta.len() as u64,
         metadata_digest: digest(meta),
@@ -1314,7 +1317,7 @@ fn stream_vector(c: &StreamCase) -> (Vector, Vec<Wire>) {
         "received bytes equal the pattern"
     );
     let (header, _) = codec::encode(&manifest).expect("encodes");
-    let plan = Plan::new(&manifest, header.metadata_len);
+    let plan = manifest.plan(header.metadata_len);
     let records: Vec<Json> = outcome
         .consumed
         .iter()
@@ -1461,7 +1464,7 @@ pub fn vectors() -> Vec<Vector> {
 pub fn index(vectors: &[Vector]) -> String {
     let doc = json!({
         "format": 1,
-        "protocol_version": codec::VERSION,
+        "protocol_version": header::VERSION,
         "default_limits": limits_json(&Limits::default()),
         "generator": "cargo run -p pgt-tests --bin gen-vectors",
         "vectors": vectors.iter().map(|v| v.entry.clone()).collect::<Vec<_>>(),
@@ -1548,7 +1551,9 @@ Every entry has `file`, `kind`, `description`. Then by kind:
   displayed: elements joined by `.`, `<root>` for the empty path — not unique, see `nested`),
   `path_elems` (the same paths, structured: `{"key": str}`, `{"int_key": n}` or `{"index": n}`),
   `leaves` (every leaf in full), `storages` (leaf, shard, nbytes, dtype, in wire order) and `messages`
-  (the plan: kind, tag, len and the storage segments of every message).
+  (the plan: kind, tag, len and the storage segments of every message — `storage`, `offset`, `len`
+  and `completes`, true when the segment ends its storage: where a hashing host finishes that
+  storage's digest).
 - `malformed`: `header_len`, `error` (the `pgt_core::Error` variant name, e.g. `"TreeTooDeep"`) and
   `error_debug` (its Debug form, e.g. `"TreeTooDeep { max: 64 }"`). Decode with `Header::parse` then
   `codec::decode` under `default_limits`, or under the entry's `limits` when it has one.

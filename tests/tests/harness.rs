@@ -3,12 +3,11 @@
 
 use std::collections::HashMap;
 
-use pgt_core::codec::Metadata;
 use pgt_core::dtensor::{DTensorSpec, DeviceMesh, Placement, ReduceOp};
 use pgt_core::dtype::{convert, DType};
 use pgt_core::layout::TensorLayout;
-use pgt_core::plan::{FanOut, PlanParams};
 use pgt_core::receiver::Dest;
+use pgt_core::schema::{FanOut, Metadata, PlanParams};
 use pgt_core::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
 use pgt_core::tree::{Key, Leaf, Node, Value};
 use pgt_core::Error;
@@ -188,7 +187,7 @@ fn every_mode_and_boundary_delivers_every_byte() {
                             let received = o.result.as_ref().unwrap_or_else(|e| {
                                 panic!("{fanout:?} {dsts:?} {bucket}/{chunk}: rank {rank}: {e}")
                             });
-                            assert_eq!(received.manifest.metadata().step, Some(42));
+                            assert_eq!(received.step, Some(42));
                             assert_all_bytes(&metadata, &storages, &o.storages);
                             let expect_forwards = fanout == FanOut::Chain && i + 1 < dsts.len();
                             assert_eq!(o.forwarded > 0, expect_forwards, "rank {rank} forwarding");

@@ -1,13 +1,17 @@
-//! A minimal in-memory host for the stream vectors: drives a [`Sender`] to completion, and drives a
-//! [`Receiver`] over messages handed to it one at a time (from a stream file or a simulated network).
-//! Sequential and fully buffered: every send completes at once, so no receive is ever in flight when the
-//! receiver is polled again. Storages are bound fresh (no in-place binding, no cast).
+//! A minimal in-memory host for the stream vectors: runs a [`Sender`] to completion, and a [`Receiver`]
+//! over messages handed to it one at a time (from a stream file or a simulated network), both through
+//! pgt-core's one driver ([`drive::send`], [`drive::receive`]) with its in-memory hosts
+//! ([`MemorySender`], [`MemoryHost`]). Sequential and fully buffered: every send completes at once, and
+//! every receive is reported before the receiver is polled again. Storages are bound fresh (no in-place
+//! binding, no cast).
 
-use pgt_core::codec::{Limits, Manifest, Metadata};
-use pgt_core::digest::StorageHasher;
-use pgt_core::plan::{MessageKind, Segment};
-use pgt_core::receiver::{MemoryStorages, Received, Receiver, ReceiverOptions, RecvInto, RecvPoll};
-use pgt_core::sender::{Payload, SendPoll, Sender};
+use pgt_core::drive;
+use pgt_core::header::Limits;
+use pgt_core::manifest::Manifest;
+use pgt_core::memory::{MemoryHost, MemorySender};
+use pgt_core::receiver::{Received, Receiver, ReceiverOptions, RecvOp};
+use pgt_core::schema::Metadata;
+use pgt_core::sender::Sender;
 use pgt_core::Error;
 
 /// One message on the wire.
@@ -38,16 +42,7 @@ pub fn pattern_storages(manifest: &Manifest) -> Vec<Vec<u8>> {
         .collect()
 }
 
-fn gather(storages: &[Vec<u8>], segments: &[Segment]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for s in segments {
-        let start = s.offset as usize;
-        out.extend_from_slice(&storages[s.storage as usize][start..start + s.len as usize]);
-    }
-    out
-}
-
-/// Drives a sender over `storages` (wire bytes, in storage order) and returns every send, in order.
+/// Runs a sender over `storages` (wire bytes, in storage order) and returns every send, in order.
 pub fn send_all(
     metadata: Metadata,
     digests: bool,
@@ -55,61 +50,29 @@ pub fn send_all(
 ) -> Result<Vec<Wire>, Error> {
     let mut sender = Sender::new(metadata, digests, &Limits::default())?;
     let source = sender.manifest().metadata().source;
-    let nbytes: Vec<u64> = sender
-        .manifest()
-        .storages()
-        .iter()
-        .map(|s| s.nbytes)
-        .collect();
-    let mut hashers = vec![StorageHasher::new(); nbytes.len()];
-    let mut out = Vec::new();
-    loop {
-        let mut finished = Vec::new();
-        match sender.poll() {
-            SendPoll::Send(op) => {
-                let bytes = match op.payload {
-                    Payload::Bytes(b) => b.to_vec(),
-                    Payload::Storages(segments) => {
-                        if op.hash {
-                            for s in segments {
-                                let i = s.storage as usize;
-                                let start = s.offset as usize;
-                                hashers[i].update(&storages[i][start..start + s.len as usize]);
-                                if s.offset + s.len == nbytes[i] {
-                                    finished.push((s.storage, hashers[i].finish()));
-                                }
-                            }
-                        }
-                        gather(storages, segments)
-                    }
-                };
-                assert_eq!(bytes.len() as u64, op.len, "sender payload length");
-                out.push(Wire {
-                    from: source,
-                    to: op.to,
-                    tag: op.tag,
-                    bytes,
-                });
+    let mut host = MemorySender::new(storages);
+    drive::send(&mut sender, &mut host)?;
+    Ok(host
+        .sent
+        .into_iter()
+        .map(|(op, bytes)| {
+            assert_eq!(bytes.len() as u64, op.len, "sender payload length");
+            Wire {
+                from: source,
+                to: op.to,
+                tag: op.tag,
+                bytes,
             }
-            SendPoll::WaitDigests => {
-                return Err(Error::ProtocolState(
-                    "sender waits for digests that were all reported",
-                ))
-            }
-            SendPoll::Done => return Ok(out),
-        }
-        for (storage, d) in finished {
-            sender.handle_storage_digest(storage, d)?;
-        }
-    }
+        })
+        .collect())
 }
 
 /// Why a receiver run stopped.
 #[derive(Debug, PartialEq)]
 pub enum HostError {
-    /// The receiver state machine returned this error.
+    /// The receiver (the state machine, or the in-memory host placing its bytes) returned this error.
     Core(Error),
-    /// The messages did not fit what the receiver asked for (missing, wrong tag or length).
+    /// The messages did not fit what the receiver asked for (a message missing).
     Host(String),
 }
 
@@ -132,121 +95,50 @@ pub struct Outcome {
     pub forwarded: Vec<Wire>,
 }
 
-enum Step {
-    Recv {
-        from: u32,
-        message: usize,
-        kind: MessageKind,
-        tag: u64,
-        len: u64,
-        segments: Vec<Segment>,
-        hash: bool,
-    },
-    Bind,
-    Forward(Wire, usize),
-    Wait,
-    Done,
-}
-
 /// Runs a receiver to completion. `next(from, tag)` yields the next message from `from` (`None`: none
-/// left). Data and header/metadata message lengths are checked by the host; a trailer of the wrong
-/// length is handed to the core as it is (which must reject it).
+/// left). Every message is handed to the receiver as it is: a message of the wrong length is the core's
+/// to reject (`HeaderLength`, `MetadataLength`, `TrailerLength`; `DataLength` from [`MemoryHost`]).
 pub fn run_receiver(
     options: ReceiverOptions,
     mut next: impl FnMut(u32, u64) -> Option<Vec<u8>>,
 ) -> Result<Outcome, HostError> {
     let rank = options.rank;
-    let mut rx = Receiver::new(options);
-    let mut storages = MemoryStorages::default();
     let mut consumed = Vec::new();
-    let mut forwarded = Vec::new();
-    loop {
-        let step = match rx.poll() {
-            RecvPoll::Recv(op) => Step::Recv {
-                from: op.from,
-                message: op.message,
-                kind: op.kind,
-                tag: op.tag,
-                len: op.len,
-                segments: match op.into {
-                    RecvInto::Storages(s) => s.to_vec(),
-                    RecvInto::Core => Vec::new(),
-                },
-                hash: op.hash,
-            },
-            RecvPoll::NeedBindings => Step::Bind,
-            RecvPoll::Forward(op) => {
-                let bytes = match op.payload {
-                    Payload::Bytes(b) => b.to_vec(),
-                    Payload::Storages(segments) => storages.gather(segments),
-                };
-                let wire = Wire {
-                    from: rank,
-                    to: op.to,
-                    tag: op.tag,
-                    bytes,
-                };
-                Step::Forward(wire, op.message)
-            }
-            RecvPoll::Wait => Step::Wait,
-            RecvPoll::Done => Step::Done,
+    let mut missing = None;
+    let mut host = MemoryHost::new(|op: &RecvOp| {
+        let Some(bytes) = next(op.from, op.tag) else {
+            missing = Some(format!("no message {} from {}", op.tag, op.from));
+            // Ends the run; reported as the host error above.
+            return Err(Error::Incomplete);
         };
-        match step {
-            Step::Recv {
-                from,
-                message,
-                kind,
-                tag,
-                len,
-                segments,
-                hash,
-            } => {
-                let bytes = next(from, tag)
-                    .ok_or_else(|| HostError::Host(format!("no message {tag} from {from}")))?;
-                consumed.push(Wire {
-                    from,
-                    to: rank,
-                    tag,
-                    bytes: bytes.clone(),
-                });
-                if kind != MessageKind::Trailer && bytes.len() as u64 != len {
-                    return Err(HostError::Host(format!(
-                        "message {tag} is {} bytes, expected {len}",
-                        bytes.len()
-                    )));
-                }
-                match kind {
-                    MessageKind::Header => rx.handle_header(&bytes)?,
-                    MessageKind::Metadata => rx.handle_metadata(&bytes)?,
-                    MessageKind::Trailer => rx.handle_trailer(&bytes)?,
-                    MessageKind::Data => {
-                        storages.land(&mut rx, message, &segments, hash, &bytes)?
-                    }
-                }
-            }
-            Step::Bind => {
-                rx.finish_bindings()?;
-                storages = MemoryStorages::for_receiver(&rx);
-            }
-            Step::Forward(wire, message) => {
-                forwarded.push(wire);
-                rx.handle_forwarded(message)?;
-            }
-            Step::Wait => {
-                return Err(HostError::Host(
-                    "receiver waits although nothing is in flight".into(),
-                ))
-            }
-            Step::Done => {
-                return Ok(Outcome {
-                    received: rx.finish()?,
-                    storages: storages.into_inner(),
-                    consumed,
-                    forwarded,
-                })
-            }
-        }
+        consumed.push(Wire {
+            from: op.from,
+            to: rank,
+            tag: op.tag,
+            bytes: bytes.clone(),
+        });
+        Ok(bytes)
+    });
+    let result = drive::receive(Receiver::new(options), &mut host);
+    let forwarded = std::mem::take(&mut host.forwards)
+        .into_iter()
+        .map(|(op, bytes)| Wire {
+            from: rank,
+            to: op.to,
+            tag: op.tag,
+            bytes,
+        })
+        .collect();
+    let storages = host.into_storages();
+    if let Some(m) = missing {
+        return Err(HostError::Host(m));
     }
+    Ok(Outcome {
+        received: result?,
+        storages,
+        consumed,
+        forwarded,
+    })
 }
 
 /// Simulates a whole transfer: the sender's sends, then each destination in order (so that in chain

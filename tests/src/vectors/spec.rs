@@ -3,11 +3,10 @@
 //! byte, which keeps the document honest. It also builds the malformed vectors, which core refuses to
 //! encode.
 
-use pgt_core::codec::Metadata;
 use pgt_core::dtensor::{DTensorSpec, DeviceMesh, Placement, ReduceOp};
 use pgt_core::dtype::DType;
 use pgt_core::layout::TensorLayout;
-use pgt_core::plan::{FanOut, PlanParams};
+use pgt_core::schema::{FanOut, Metadata, PlanParams};
 use pgt_core::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
 use pgt_core::tree::{Key, Leaf, Node, Value};
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pgt_core::plan::{FanOut, PlanParams};
+use pgt_core::schema::{FanOut, PlanParams};
 use pgt_host::pg::{ProcessGroup, TcpOptions, TcpProcessGroup};
 use pgt_host::transport::{Progress, TransportOptions};
 

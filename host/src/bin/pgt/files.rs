@@ -8,9 +8,15 @@ use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
 use clap::{Args, ValueEnum};
-use pgt_core::codec::{self, Header, Limits, Manifest, Metadata, MAGIC};
-use pgt_core::plan::{FanOut, MessageKind, Plan, TAG_HEADER, TAG_METADATA};
-use pgt_core::receiver::{MemoryStorages, Receiver, ReceiverOptions, RecvInto, RecvPoll};
+use pgt_core::codec;
+use pgt_core::header::{Header, Limits, MAGIC};
+use pgt_core::manifest::Manifest;
+use pgt_core::schema::Metadata;
+use pgt_core::schema::FanOut;
+use pgt_core::plan::{MessageKind, TAG_HEADER, TAG_METADATA};
+use pgt_core::drive;
+use pgt_core::memory::MemoryHost;
+use pgt_core::receiver::{Receiver, ReceiverOptions, RecvOp};
 use pgt_core::tree::{key_paths, Leaf, Value};
 use pgt_host::pg::ProcessGroup;
 use pgt_host::safetensors_io;
@@ -401,7 +407,7 @@ fn raw_header_json(h: &[u8]) -> Json {
         "magic_ok": h.get(0..4) == Some(&MAGIC[..]),
         "version": u16_at(4),
         "flags": flags,
-        "digests": flags.map(|f| f & codec::FLAG_DIGESTS != 0),
+        "digests": flags.map(|f| f & pgt_core::header::FLAG_DIGESTS != 0),
         "metadata_len": u64_at(h, 8),
         "metadata_digest": u64_at(h, 16).map(|d| format!("0x{d:016x}")),
     })
@@ -649,7 +655,7 @@ fn inspect_blob(path: &Path, bytes: &[u8], args: &InspectArgs) -> Report {
     let manifest = match Header::parse(h, &limits) {
         Ok(header) => match codec::decode(&header, m, &limits) {
             Ok(manifest) => {
-                let plan = Plan::new(&manifest, header.metadata_len);
+                let plan = manifest.plan(header.metadata_len);
                 report.set("messages", json!(plan.messages().len()));
                 Some(manifest)
             }
@@ -703,46 +709,15 @@ fn parse_records(mut bytes: &[u8]) -> (Vec<(u64, &[u8])>, Option<String>) {
     (out, None)
 }
 
-/// Drives a receiver over the records in order, hashing and keeping every storage's bytes. Returns
-/// each storage's path, size and digest.
+/// Drives a receiver over the records in order (through the one driver, with the in-memory host),
+/// hashing and keeping every storage's bytes. Returns each storage's path, size and digest.
 fn run_stream(
     options: ReceiverOptions,
     records: &[(u64, &[u8])],
 ) -> Result<Vec<Json>, StreamError> {
-    let mut rx = Receiver::new(options);
     let mut it = records.iter().enumerate();
-    let mut storages = MemoryStorages::default();
-    loop {
-        let (op_kind, op_tag, op_len, op_message, segments, hash) = match rx.poll() {
-            RecvPoll::Recv(op) => (
-                op.kind,
-                op.tag,
-                op.len,
-                op.message,
-                match op.into {
-                    RecvInto::Storages(s) => s.to_vec(),
-                    RecvInto::Core => Vec::new(),
-                },
-                op.hash,
-            ),
-            RecvPoll::NeedBindings => {
-                rx.finish_bindings()?;
-                storages = MemoryStorages::for_receiver(&rx);
-                continue;
-            }
-            RecvPoll::Forward(op) => {
-                // A middle rank of a chain forwards; here the bytes go nowhere.
-                let message = op.message;
-                rx.handle_forwarded(message)?;
-                continue;
-            }
-            RecvPoll::Wait => {
-                return Err(StreamError::Host(
-                    "the receiver waits although nothing is in flight".into(),
-                ))
-            }
-            RecvPoll::Done => break,
-        };
+    let source = |op: &RecvOp| -> Result<Vec<u8>, StreamError> {
+        let (op_kind, op_tag, op_len) = (op.kind, op.tag, op.len);
         let Some((i, (tag, bytes))) = it.next() else {
             return Err(StreamError::Host(format!(
                 "the stream ends where the receiver expects message tag {op_tag} ({op_kind:?})"
@@ -759,27 +734,28 @@ fn run_stream(
                 bytes.len()
             )));
         }
-        match op_kind {
-            MessageKind::Header => rx.handle_header(bytes)?,
-            MessageKind::Metadata => rx.handle_metadata(bytes)?,
-            MessageKind::Trailer => rx.handle_trailer(bytes)?,
-            MessageKind::Data => storages.land(&mut rx, op_message, &segments, hash, bytes)?,
-        }
-    }
+        Ok(bytes.to_vec())
+    };
+    // A middle rank of a chain forwards; here the forwarded bytes are collected and dropped.
+    let mut host = MemoryHost::new(source).keep_paths();
+    drive::receive(Receiver::new(options), &mut host)?;
+    let paths = host.paths().unwrap_or_default().to_vec();
+    let refs = host
+        .incoming()
+        .map(|i| i.storages.clone())
+        .unwrap_or_default();
+    let storages = host.into_storages();
     if let Some((i, (tag, _))) = it.next() {
         return Err(StreamError::Host(format!(
             "record {i} (tag {tag}) and later ones are left over after the transfer completed"
         )));
     }
-    let received = rx.finish()?;
-    let manifest = &received.manifest;
-    Ok(manifest
-        .storages()
+    Ok(refs
         .iter()
-        .zip(storages.into_inner())
+        .zip(storages)
         .map(|(r, bytes)| {
             json!({
-                "path": manifest.paths()[r.leaf as usize].to_string(),
+                "path": paths.get(r.leaf as usize).map(ToString::to_string).unwrap_or_default(),
                 "shard": r.shard,
                 "nbytes": r.nbytes,
                 "digest": format!("0x{:016x}", pgt_core::digest::digest(&bytes)),
@@ -1002,7 +978,7 @@ fn render(r: &serde_json::Map<String, Json>) -> String {
         let flags = h["flags"]
             .as_u64()
             .map(|f| {
-                let digests = if f & u64::from(codec::FLAG_DIGESTS) != 0 {
+                let digests = if f & u64::from(pgt_core::header::FLAG_DIGESTS) != 0 {
                     " (digests)"
                 } else {
                     ""
