@@ -5,7 +5,7 @@ use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
 use crate::dtype::DType;
-use crate::layout::TensorLayout;
+use crate::layout::{checked_product, TensorLayout};
 use crate::{Error, Result};
 
 /// A device mesh: an n-dimensional arrangement of ranks.
@@ -68,12 +68,7 @@ impl DTensorSpec {
                 max: max_ndim,
             });
         }
-        let mesh_size = self
-            .mesh
-            .shape
-            .iter()
-            .try_fold(1u64, |n, &s| n.checked_mul(s))
-            .ok_or(Error::LayoutOverflow)?;
+        let mesh_size = checked_product(&self.mesh.shape).ok_or(Error::LayoutOverflow)?;
         if self.mesh.ranks.len() as u64 != mesh_size {
             return Err(Error::MeshRankCount {
                 ranks: self.mesh.ranks.len() as u64,

@@ -26,19 +26,21 @@ impl TensorLayout {
     /// A contiguous tensor that owns exactly its storage.
     pub fn contiguous(dtype: DType, shape: &[u64]) -> TensorLayout {
         let stride = contiguous_strides(shape);
-        let numel: u64 = shape.iter().product();
+        // A size that overflows saturates; `validate` rejects such a layout.
+        let numel = checked_product(shape).unwrap_or(u64::MAX);
         TensorLayout {
             dtype,
             shape: shape.to_vec(),
             stride,
             storage_offset: 0,
-            nbytes: numel * dtype.element_size(),
+            nbytes: numel.saturating_mul(dtype.element_size()),
         }
     }
 
-    /// Number of elements of the view (1 for a 0-dim scalar), or `None` on overflow.
+    /// Number of elements of the view (1 for a 0-dim scalar), or `None` when it does not fit in a u64
+    /// (see [`checked_product`]: a view with a dim of size 0 has 0 elements, whatever its other dims).
     pub fn numel(&self) -> Option<u64> {
-        self.shape.iter().try_fold(1u64, |n, &s| n.checked_mul(s))
+        checked_product(&self.shape)
     }
 
     /// True when the view is row-major contiguous (dims of size 1 may have any stride, as torch).
@@ -171,6 +173,17 @@ impl TensorLayout {
     }
 }
 
+/// The product of `dims` (1 for none), or `None` when it exceeds `u64::MAX`. This is the true product:
+/// a 0 among the dims makes it 0 even when the dims before it multiply past `u64::MAX` (`[2^32, 2^32, 0]`
+/// is 0, not an overflow). Without a 0, checked multiplication in any order overflows exactly when the
+/// true product does.
+pub fn checked_product(dims: &[u64]) -> Option<u64> {
+    if dims.contains(&0) {
+        return Some(0);
+    }
+    dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d))
+}
+
 /// Row-major contiguous strides for `shape`, in elements (torch's convention: a dim of size 0 or 1 still
 /// gets the product of the later sizes).
 pub fn contiguous_strides(shape: &[u64]) -> Vec<u64> {
@@ -271,6 +284,25 @@ mod tests {
                 nbytes: 16
             })
         );
+    }
+
+    #[test]
+    fn a_zero_dim_makes_the_product_zero_even_after_an_overflow() {
+        assert_eq!(checked_product(&[]), Some(1));
+        assert_eq!(checked_product(&[1 << 32, 1 << 32]), None);
+        assert_eq!(checked_product(&[1 << 32, 1 << 32, 0]), Some(0));
+        assert_eq!(checked_product(&[0, 1 << 32, 1 << 32]), Some(0));
+        assert_eq!(
+            checked_product(&[1 << 32, (1 << 32) - 1]),
+            Some(u64::MAX - (1 << 32) + 1)
+        );
+        // A zero-size view with huge other dims is valid (it touches no bytes) and constructible.
+        let l = layout(&[1 << 32, 1 << 32, 0], &[1 << 32, 1, 1], 0, 0);
+        assert_eq!(l.numel(), Some(0));
+        l.validate(8).unwrap();
+        let c = TensorLayout::contiguous(DType::Float32, &[1 << 32, 1 << 32, 0]);
+        assert_eq!(c.nbytes, 0);
+        c.validate(8).unwrap();
     }
 
     #[test]

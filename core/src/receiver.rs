@@ -34,6 +34,7 @@ use crate::manifest::{Manifest, StorageRef};
 use crate::plan::{MessageKind, Plan, TAG_HEADER, TAG_METADATA};
 use crate::schema::FanOut;
 use crate::sender::{digest_slots, record_digests, Payload};
+use crate::sharded::ShardMetadata;
 use crate::tree::{KeyPath, Leaf, Node};
 use crate::{Call, Error, Result};
 
@@ -479,8 +480,9 @@ impl Receiver {
         Ok(())
     }
 
-    /// A digest mismatch found so far, if any: the transfer goes on (a chain receiver keeps forwarding)
-    /// but [`Receiver::finish`] will fail with it.
+    /// The digest mismatch of the lowest storage found so far, if any: the transfer goes on (a chain
+    /// receiver keeps forwarding) but [`Receiver::finish`] will fail with it (or with a lower storage's,
+    /// found later).
     pub fn digest_mismatch(&self) -> Option<&Error> {
         match &self.state {
             State::Streaming(t) => t.mismatch.as_ref(),
@@ -520,12 +522,9 @@ impl Receiver {
                     local_shards,
                     global,
                 } => {
-                    let offsets: Vec<Vec<u64>> = local_shards
-                        .iter()
-                        .map(|s| s.meta.offsets.clone())
-                        .collect();
-                    let offsets: Vec<&[u64]> = offsets.iter().map(Vec::as_slice).collect();
-                    global.rewrite_placements(&offsets, rank);
+                    let held: Vec<ShardMetadata> =
+                        local_shards.iter().map(|s| s.meta.clone()).collect();
+                    global.rewrite_placements(&held, rank);
                     for shard in local_shards.iter_mut() {
                         shard.meta = shard.meta.placed_on(rank);
                         rebind(&mut shard.layout, &bindings[storage]);

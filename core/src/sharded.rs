@@ -115,12 +115,17 @@ impl ShardedTensorMetadata {
         Ok(())
     }
 
-    /// Rewrites the placement of the shards at these offsets to `rank` (keeping each device), as the
-    /// receiver does for the shards it now holds.
-    pub fn rewrite_placements(&mut self, local_offsets: &[&[u64]], rank: u64) {
-        let local: BTreeSet<&[u64]> = local_offsets.iter().copied().collect();
+    /// Rewrites the placement of every shard whose `(offsets, sizes)` equal one of `local`'s to `rank`,
+    /// each keeping its own device, as the receiver does for the shards it now holds. Shards are matched
+    /// as validation matches local shards to global ones: by offsets and sizes, never by placement (a
+    /// zero-size shard at the same offsets as a held one is another rank's, and keeps its placement).
+    pub fn rewrite_placements(&mut self, local: &[ShardMetadata], rank: u64) {
+        let held: BTreeSet<(&[u64], &[u64])> = local
+            .iter()
+            .map(|s| (s.offsets.as_slice(), s.sizes.as_slice()))
+            .collect();
         for shard in &mut self.shards {
-            if local.contains(shard.offsets.as_slice()) {
+            if held.contains(&(shard.offsets.as_slice(), shard.sizes.as_slice())) {
                 *shard = shard.placed_on(rank);
             }
         }
@@ -143,5 +148,69 @@ mod tests {
             placement: "rank:0/cuda:1".into(),
         };
         assert_eq!(s.placed_on(5).placement, "rank:5/cuda:1");
+    }
+
+    #[test]
+    fn placement_syntax_is_exact() {
+        // Leading zeros are fine, the device is everything after the first '/', the rank is any u64.
+        assert_eq!(parse_placement("rank:007/cpu"), Some((7, "cpu")));
+        assert_eq!(
+            parse_placement("rank:1/node-a/cuda:1"),
+            Some((1, "node-a/cuda:1"))
+        );
+        assert_eq!(
+            parse_placement("rank:18446744073709551615/cpu"),
+            Some((u64::MAX, "cpu"))
+        );
+        // What lenient integer parsers (Rust's `+`, Python's `int`) would take is not a rank.
+        for bad in [
+            "RANK:1/cpu",
+            "Rank:1/cpu",
+            "rank:+1/cpu",
+            "rank: 1/cpu",
+            "rank:1 /cpu",
+            "rank:1_0/cpu",
+            "rank:\u{661}/cpu",
+            "rank:18446744073709551616/cpu",
+            "rank:1/",
+            "rank:/cpu",
+            "rank:1",
+        ] {
+            assert_eq!(parse_placement(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn rewrite_matches_offsets_and_sizes_and_keeps_each_device() {
+        let mut g = ShardedTensorMetadata {
+            shards: alloc::vec![
+                ShardMetadata {
+                    offsets: alloc::vec![0],
+                    sizes: alloc::vec![2],
+                    placement: "rank:000/cpu".into(),
+                },
+                ShardMetadata {
+                    offsets: alloc::vec![0],
+                    sizes: alloc::vec![0],
+                    placement: "rank:3/cuda:3".into(),
+                },
+                ShardMetadata {
+                    offsets: alloc::vec![2],
+                    sizes: alloc::vec![2],
+                    placement: "rank:1/cuda:1".into(),
+                },
+            ],
+            global_size: alloc::vec![4],
+            dtype: DType::Float32,
+        };
+        // The sender's shard says cuda:0; the global entry's own device (cpu) is kept.
+        let local = ShardMetadata {
+            offsets: alloc::vec![0],
+            sizes: alloc::vec![2],
+            placement: "rank:0/cuda:0".into(),
+        };
+        g.rewrite_placements(&[local], 5);
+        let placements: Vec<&str> = g.shards.iter().map(|s| s.placement.as_str()).collect();
+        assert_eq!(placements, ["rank:5/cpu", "rank:3/cuda:3", "rank:1/cuda:1"]);
     }
 }

@@ -592,6 +592,34 @@ fn layout_overflow() {
     );
 }
 
+#[test]
+fn a_zero_dim_is_not_an_overflow() {
+    // The true product counts: [2^32, 2^32, 0] has 0 elements, although multiplying in order overflows
+    // before the 0 is reached.
+    round_trip(
+        &single(
+            "t",
+            tensor(
+                DType::Float32,
+                &[1 << 32, 1 << 32, 0],
+                &[1 << 32, 1, 1],
+                0,
+                0,
+            ),
+        ),
+        &limits(),
+    )
+    .unwrap();
+    // Likewise a mesh: its size is 0, so the sample mesh's 2 ranks are too many (not LayoutOverflow).
+    rejects(
+        dtensor_with(|_, s| s.mesh.shape = vec![1 << 32, 1 << 32, 0]),
+        Error::MeshRankCount {
+            ranks: 2,
+            mesh_size: 0,
+        },
+    );
+}
+
 // ---------------------------------------------------------------- DTensor
 
 fn dtensor_with(
@@ -1168,6 +1196,51 @@ fn digest_mismatch_from_a_late_storage_digest() {
     let want = Error::DigestMismatch {
         path: "model.table".into(),
         storage: 3,
+    };
+    assert_eq!(r.digest_mismatch(), Some(&want));
+    assert_eq!(r.poll(), RecvPoll::Done);
+    assert_eq!(r.finish().err(), Some(want));
+}
+
+#[test]
+fn digest_mismatch_names_the_lowest_storage_whatever_the_order() {
+    let mut r = receiver_at_bindings(with_fanout(sample(), FanOut::Direct), true, 2);
+    let (data, _) = stream_to_trailer(&mut r);
+    let storages = r.manifest().unwrap().storages().len();
+    assert_eq!(storages, 5);
+    let trailer: Vec<u8> = (0..storages as u32)
+        .flat_map(|i| fake_digest(i).to_le_bytes())
+        .collect();
+    // Storages 1, 3 and 4 mismatch. The message completing storage 3 is reported before the trailer;
+    // the others after it, latest first (a host may finish hashing late, in any order).
+    let completes = |r: &Receiver, m: u32| -> Vec<u32> {
+        let plan = r.plan().unwrap();
+        plan.segments(&plan.messages()[m as usize])
+            .iter()
+            .filter(|s| s.completes)
+            .map(|s| s.storage)
+            .collect()
+    };
+    let wrong = |r: &Receiver, m: u32| -> Vec<u64> {
+        completes(r, m)
+            .into_iter()
+            .map(|s| if [1, 3, 4].contains(&s) { 12345 } else { fake_digest(s) })
+            .collect()
+    };
+    let (with3, rest): (Vec<u32>, Vec<u32>) =
+        data.iter().partition(|&&m| completes(&r, m).contains(&3));
+    for &m in &with3 {
+        let d = wrong(&r, m);
+        r.handle_digests(m, &d).unwrap();
+    }
+    r.handle_trailer(&trailer).unwrap();
+    for &m in rest.iter().rev() {
+        let d = wrong(&r, m);
+        r.handle_digests(m, &d).unwrap();
+    }
+    let want = Error::DigestMismatch {
+        path: "model.layers.0.bias".into(),
+        storage: 1,
     };
     assert_eq!(r.digest_mismatch(), Some(&want));
     assert_eq!(r.poll(), RecvPoll::Done);

@@ -1,8 +1,9 @@
 // pgt's TCP process group, from Node: join a job of `pgt` ranks as one rank (not rank 0, which hosts the
 // rendezvous store: run `pgt send` or `pgt recv` there).
 //
-// The same bytes as the Rust side (host/src/pg/) and examples/python/pgt_tcp.py: register with the store
-// on MASTER_ADDR:MASTER_PORT and get every rank's listener address; a mutual HMAC-SHA256
+// The TCP process group as TCP.md (repository root) specifies it — the same bytes as the Rust side
+// (host/src/pg/) and examples/python/pgt_tcp.py: register with the store on MASTER_ADDR:MASTER_PORT
+// and get every rank's listener address; a mutual HMAC-SHA256
 // challenge–response keyed with the job token on every connection; one connection per pair of ranks
 // (each rank connects to every higher rank and accepts every lower one); then frames
 // `tag u64 LE | len u64 LE | payload` both ways. This module only moves bytes; pgt's protocol runs in
@@ -13,6 +14,11 @@
 //   const bytes = await pg.recvBytes(0, tag, 24, 60_000);
 //   await pg.send(2, tag, [header, buf.subarray(64, 128)], 60_000);
 //   pg.close();
+//
+// The wire format's pure pieces (hello, parseHello, mac, frameHeader, decodeTable) and the handshake
+// and registration steps (clientHandshake and serverHandshake with an optional fixed nonce,
+// exchangeRegistration, over a Conn) are exported for tests/node, which checks them against the
+// conformance transcripts in tests/vectors/tcp.
 //
 // Errors are PgError with `kind`: "auth" (wrong token, not a pgt endpoint), "rendezvous", "timeout",
 // "closed", "length", "poisoned", "config".
@@ -27,18 +33,18 @@ const AUTH_MAGIC = Buffer.from("PGTAUTH1");
 const CLIENT_HELLO_LEN = 52;
 const SERVER_HELLO_LEN = 84;
 const MAC_LEN = 32;
-const NONCE_LEN = 32;
-const PURPOSE_STORE = 1;
-const PURPOSE_PEER = 2;
-const LABEL_SERVER = Buffer.from("pgt/1 server");
-const LABEL_CLIENT = Buffer.from("pgt/1 client");
-const VERDICT_ACCEPTED = 0;
-const VERDICT_BAD_PROOF = 1;
-const VERDICT_UNEXPECTED_RANK = 2;
-const VERDICT_WORLD_MISMATCH = 3;
-const VERDICT_WRONG_PURPOSE = 4;
-const TAG_REGISTER = 1n;
-const TAG_TABLE = 2n;
+export const NONCE_LEN = 32;
+export const PURPOSE_STORE = 1;
+export const PURPOSE_PEER = 2;
+export const LABEL_SERVER = Buffer.from("pgt/1 server");
+export const LABEL_CLIENT = Buffer.from("pgt/1 client");
+export const VERDICT_ACCEPTED = 0;
+export const VERDICT_BAD_PROOF = 1;
+export const VERDICT_UNEXPECTED_RANK = 2;
+export const VERDICT_WORLD_MISMATCH = 3;
+export const VERDICT_WRONG_PURPOSE = 4;
+export const TAG_REGISTER = 1n;
+export const TAG_TABLE = 2n;
 const MAX_ADDR_LEN = 256;
 const FRAME_HEADER_LEN = 16;
 const HANDSHAKE_TIMEOUT_MS = 10_000;
@@ -89,7 +95,7 @@ export function optionsFromEnv(env = process.env) {
 }
 
 /** A socket read as a byte stream with deadlines, and written in order. */
-class Conn {
+export class Conn {
   constructor(socket) {
     this.socket = socket;
     this.chunks = [];
@@ -198,7 +204,8 @@ const u64le = (v) => {
   b.writeBigUInt64LE(BigInt(v));
   return b;
 };
-const frameHeader = (tag, len) => Buffer.concat([u64le(tag), u64le(len)]);
+/** A frame's 16-byte header: `tag u64 LE | len u64 LE` (the payload follows). */
+export const frameHeader = (tag, len) => Buffer.concat([u64le(tag), u64le(len)]);
 
 async function readFrame(conn, maxLen, deadline) {
   const h = await conn.readExact(FRAME_HEADER_LEN, deadline);
@@ -210,7 +217,8 @@ async function readFrame(conn, maxLen, deadline) {
 
 // ---- the handshake (host/src/pg/auth.rs) ----
 
-function hello(purpose, rank, world, nonce) {
+/** A ClientHello, or a ServerHello's first 52 bytes. */
+export function hello(purpose, rank, world, nonce) {
   const b = Buffer.alloc(CLIENT_HELLO_LEN);
   AUTH_MAGIC.copy(b, 0);
   b[8] = purpose;
@@ -220,12 +228,14 @@ function hello(purpose, rank, world, nonce) {
   return b;
 }
 
-function parseHello(b) {
+/** `{ purpose, rank, world }`, or null if `b` is not a pgt hello's first 52 bytes. */
+export function parseHello(b) {
   if (!b.subarray(0, 8).equals(AUTH_MAGIC) || b[9] || b[10] || b[11]) return null;
   return { purpose: b[8], rank: b.readUInt32LE(12), world: b.readUInt32LE(16) };
 }
 
-function mac(token, label, ...pieces) {
+/** HMAC-SHA256 keyed with the job token over `label` and `pieces`, concatenated. */
+export function mac(token, label, ...pieces) {
   const m = crypto.createHmac("sha256", token);
   m.update(label);
   for (const p of pieces) m.update(p);
@@ -239,9 +249,11 @@ function peerName(socket) {
   return a.includes(":") ? `[${a}]:${socket.remotePort}` : `${a}:${socket.remotePort}`;
 }
 
-async function clientHandshake(conn, token, purpose, rank, world, deadline, what) {
+/** Client side; resolves to the server's `{ purpose, rank, world }` once it accepted us. `nonce`: fresh
+ * from the OS unless given (the conformance transcripts fix it). */
+export async function clientHandshake(conn, token, purpose, rank, world, deadline, what, nonce = crypto.randomBytes(NONCE_LEN)) {
   const addr = peerName(conn.socket);
-  const mine = hello(purpose, rank, world, crypto.randomBytes(NONCE_LEN));
+  const mine = hello(purpose, rank, world, nonce);
   await conn.write([mine], deadline);
   const sh = await conn.readExact(SERVER_HELLO_LEN, deadline);
   const server = parseHello(sh.subarray(0, CLIENT_HELLO_LEN));
@@ -270,13 +282,14 @@ async function clientHandshake(conn, token, purpose, rank, world, deadline, what
   }
 }
 
-/** Server side; `admit(rank)` decides once the client proved the token. Returns the client's rank. */
-async function serverHandshake(conn, token, purpose, rank, world, deadline, admit) {
+/** Server side; `admit(rank)` decides once the client proved the token. Returns the client's rank.
+ * `nonce`: fresh from the OS unless given. */
+export async function serverHandshake(conn, token, purpose, rank, world, deadline, admit, nonce = crypto.randomBytes(NONCE_LEN)) {
   const addr = peerName(conn.socket);
   const ch = await conn.readExact(CLIENT_HELLO_LEN, deadline);
   const client = parseHello(ch);
   if (!client) throw new PgError("auth", `refused ${addr}: garbage instead of a pgt hello`);
-  const sh0 = hello(purpose, rank, world, crypto.randomBytes(NONCE_LEN));
+  const sh0 = hello(purpose, rank, world, nonce);
   const sh = Buffer.concat([sh0, mac(token, LABEL_SERVER, ch, sh0)]);
   await conn.write([sh], deadline);
   const proof = await conn.readExact(MAC_LEN, deadline);
@@ -295,6 +308,23 @@ async function serverHandshake(conn, token, purpose, rank, world, deadline, admi
 
 // ---- formation (host/src/pg/tcp.rs, rendezvous.rs) ----
 
+/** A rank's side of a registration, right after the store accepted its handshake on `conn`: sends the
+ * REGISTER frame with `advertised` and waits (until `deadline`) for the TABLE; resolves to it as
+ * `decodeTable` returns it. */
+export async function exchangeRegistration(conn, rank, world, advertised, deadline) {
+  try {
+    await conn.write([frameHeader(TAG_REGISTER, Buffer.byteLength(advertised)), Buffer.from(advertised)], deadline);
+    const [tag, payload] = await readFrame(conn, 4 + world * (2 + MAX_ADDR_LEN), deadline);
+    if (tag !== TAG_TABLE) throw new PgError("rendezvous", `unexpected store message tag ${tag}`);
+    const table = decodeTable(payload, world);
+    if (!table) throw new PgError("rendezvous", "malformed address table from the store");
+    return table;
+  } catch (e) {
+    if (e instanceof TimedOut) throw new PgError("rendezvous", `rank ${rank}: timed out waiting for all ${world} ranks to register`);
+    throw e;
+  }
+}
+
 const fmtAddr = (host, port) => (host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`);
 
 function parseAddr(s) {
@@ -307,7 +337,9 @@ function parseAddr(s) {
   return { host, port };
 }
 
-function decodeTable(b, world) {
+/** The TABLE payload as `[{ host, port }]` in rank order, or null if it is malformed or not `world`
+ * entries long. */
+export function decodeTable(b, world) {
   if (b.length < 4 || b.readUInt32LE(0) !== world) return null;
   const out = [];
   let off = 4;
@@ -469,14 +501,7 @@ export class TcpGroup {
       );
       let table;
       try {
-        await store.write([frameHeader(TAG_REGISTER, Buffer.byteLength(advertised)), Buffer.from(advertised)], deadline);
-        const [tag, payload] = await readFrame(store, 4 + world * (2 + MAX_ADDR_LEN), deadline);
-        if (tag !== TAG_TABLE) throw new PgError("rendezvous", `unexpected store message tag ${tag}`);
-        table = decodeTable(payload, world);
-        if (!table) throw new PgError("rendezvous", "malformed address table from the store");
-      } catch (e) {
-        if (e instanceof TimedOut) throw new PgError("rendezvous", `rank ${rank}: timed out waiting for all ${world} ranks to register`);
-        throw e;
+        table = await exchangeRegistration(store, rank, world, advertised, deadline);
       } finally {
         store.close();
       }

@@ -1,9 +1,10 @@
 """pgt's TCP process group, from Python: join a job of `pgt` ranks as one rank.
 
-A byte-for-byte rebuild of the Rust side (``host/src/pg/``): rendezvous with the store that rank 0 hosts
-on ``MASTER_ADDR:MASTER_PORT``, a mutual HMAC-SHA256 challenge–response keyed with the job token on every
-connection, one connection per pair of ranks (each rank connects to every higher rank and accepts every
-lower one), then frames ``tag u64 LE | len u64 LE | payload`` in both directions.
+The TCP process group as ``TCP.md`` (repository root) specifies it, byte for byte as the Rust side
+(``host/src/pg/``): rendezvous with the store that rank 0 hosts on ``MASTER_ADDR:MASTER_PORT``, a
+mutual HMAC-SHA256 challenge–response keyed with the job token on every connection, one connection
+per pair of ranks (each rank connects to every higher rank and accepts every lower one), then frames
+``tag u64 LE | len u64 LE | payload`` in both directions.
 
 This module only moves bytes. It knows nothing of pgt's wire protocol (that runs in the wasm module).
 
@@ -13,6 +14,12 @@ This module only moves bytes. It knows nothing of pgt's wire protocol (that runs
     pg.send(2, tag, [b"...", memoryview(buf)[64:128]], timeout=60)
     pg.close()
 
+The wire format's pure pieces — :func:`hello`, :func:`parse_hello`, :func:`mac`,
+:func:`frame_header`, :func:`encode_table`, :func:`decode_table` — and the handshake and registration
+steps (:func:`client_handshake`, :func:`server_handshake` with an optional fixed ``nonce``,
+:func:`exchange_registration`, :func:`read_registration`) are what ``tests/python`` checks against the
+conformance transcripts in ``tests/vectors/tcp``.
+
 Errors are :class:`PgError` subclasses: :class:`AuthFailed` (wrong token, not a pgt endpoint),
 :class:`RendezvousError` (formation failed or timed out), :class:`PgTimeout`, :class:`PeerClosed`,
 :class:`LengthMismatch`.
@@ -20,9 +27,11 @@ Errors are :class:`PgError` subclasses: :class:`AuthFailed` (wrong token, not a 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import hmac
+import ipaddress
 import os
 import queue
 import socket
@@ -131,7 +140,9 @@ class TcpOptions:
             rank=num("RANK", req("RANK")),
             world_size=num("WORLD_SIZE", req("WORLD_SIZE")),
             token=req("PGT_TOKEN").encode(),
-            timeout=num("PGT_TIMEOUT_SECS", timeout, float) if timeout else DEFAULT_SETUP_TIMEOUT,
+            timeout=num("PGT_TIMEOUT_SECS", timeout, float)
+            if timeout
+            else DEFAULT_SETUP_TIMEOUT,
             listen_host=env.get("PGT_LISTEN_HOST") or None,
         )
 
@@ -153,7 +164,9 @@ class _TimedOut(Exception):
     pass
 
 
-def _read_into(sock: socket.socket, view: memoryview, deadline: float, done: list | None = None):
+def _read_into(
+    sock: socket.socket, view: memoryview, deadline: float, done: list | None = None
+):
     """Fills ``view`` (a byte memoryview) from ``sock`` by 4 MiB reads, giving up at ``deadline``."""
     off, n = 0, len(view)
     while off < n:
@@ -211,8 +224,13 @@ def _read_exact(sock, n: int, deadline: float) -> bytes:
     return bytes(b)
 
 
+def frame_header(tag: int, length: int) -> bytes:
+    """A frame's 16-byte header: ``tag u64 LE | len u64 LE`` (the payload follows)."""
+    return FRAME_HEADER.pack(tag, length)
+
+
 def _write_frame(sock, tag: int, payload: bytes, deadline: float):
-    _write_all(sock, [FRAME_HEADER.pack(tag, len(payload)), payload], deadline)
+    _write_all(sock, [frame_header(tag, len(payload)), payload], deadline)
 
 
 def _read_frame(sock, max_len: int, deadline: float) -> tuple[int, bytes]:
@@ -225,11 +243,14 @@ def _read_frame(sock, max_len: int, deadline: float) -> tuple[int, bytes]:
 # ---- the handshake (host/src/pg/auth.rs) ----
 
 
-def _hello(purpose: int, rank: int, world: int, nonce: bytes) -> bytes:
-    return AUTH_MAGIC + bytes([purpose, 0, 0, 0]) + struct.pack("<II", rank, world) + nonce
+def hello(purpose: int, rank: int, world: int, nonce: bytes) -> bytes:
+    """A ClientHello, or a ServerHello's first 52 bytes."""
+    return (
+        AUTH_MAGIC + bytes([purpose, 0, 0, 0]) + struct.pack("<II", rank, world) + nonce
+    )
 
 
-def _parse_hello(b: bytes):
+def parse_hello(b: bytes):
     """(purpose, rank, world), or None if these are not a pgt hello's first 52 bytes."""
     if b[:8] != AUTH_MAGIC or b[9:12] != b"\0\0\0":
         return None
@@ -237,7 +258,8 @@ def _parse_hello(b: bytes):
     return b[8], rank, world
 
 
-def _mac(token: bytes, label: bytes, *pieces: bytes) -> bytes:
+def mac(token: bytes, label: bytes, *pieces: bytes) -> bytes:
+    """HMAC-SHA256 keyed with the job token over ``label`` and ``pieces``, concatenated."""
     m = hmac.new(token, label, hashlib.sha256)
     for p in pieces:
         m.update(p)
@@ -253,69 +275,89 @@ def _peer_name(sock) -> str:
 
 
 def client_handshake(
-    sock, token: bytes, purpose: int, rank: int, world: int, deadline: float, what: str
+    sock,
+    token: bytes,
+    purpose: int,
+    rank: int,
+    world: int,
+    deadline: float,
+    what: str,
+    nonce: bytes | None = None,
 ):
-    """Client side; returns the server's (purpose, rank, world) once it accepted us."""
+    """Client side; returns the server's (purpose, rank, world) once it accepted us. ``nonce``: fresh
+    from the OS unless given (the conformance transcripts fix it)."""
     addr = _peer_name(sock)
-    hello = _hello(purpose, rank, world, os.urandom(NONCE_LEN))
+    ch = hello(purpose, rank, world, nonce or os.urandom(NONCE_LEN))
     try:
-        _write_all(sock, [hello], deadline)
+        _write_all(sock, [ch], deadline)
         sh = _read_exact(sock, SERVER_HELLO_LEN, deadline)
     except (_Closed, _TimedOut, OSError) as e:
         raise _Transport(f"{addr}: {type(e).__name__} {e}") from None
-    server = _parse_hello(sh[:CLIENT_HELLO_LEN])
+    server = parse_hello(sh[:CLIENT_HELLO_LEN])
     if server is None:
         raise AuthFailed(
             f"authentication with {what} at {addr} failed: the other side is not a pgt endpoint"
         )
     if not hmac.compare_digest(
-        _mac(token, LABEL_SERVER, hello, sh[:CLIENT_HELLO_LEN]), sh[CLIENT_HELLO_LEN:]
+        mac(token, LABEL_SERVER, ch, sh[:CLIENT_HELLO_LEN]), sh[CLIENT_HELLO_LEN:]
     ):
         raise AuthFailed(
             f"authentication with {what} at {addr} failed: the other side does not know the job token "
             "(is PGT_TOKEN the same on every rank?)"
         )
     try:
-        _write_all(sock, [_mac(token, LABEL_CLIENT, hello, sh)], deadline)
+        _write_all(sock, [mac(token, LABEL_CLIENT, ch, sh)], deadline)
         verdict = _read_exact(sock, 1, deadline)[0]
     except (_Closed, _TimedOut, OSError) as e:
         raise _Transport(f"{addr}: {type(e).__name__} {e}") from None
     if verdict == VERDICT_ACCEPTED:
         return server
     if verdict == VERDICT_BAD_PROOF:
-        raise AuthFailed(f"authentication with {what} at {addr} failed: our proof was refused")
+        raise AuthFailed(
+            f"authentication with {what} at {addr} failed: our proof was refused"
+        )
     if verdict == VERDICT_UNEXPECTED_RANK:
         raise RendezvousError(
             f"{what} at {addr} refused rank {rank} (not expected there, or already connected)"
         )
     if verdict == VERDICT_WORLD_MISMATCH:
-        raise RendezvousError(f"{what} at {addr} runs a world of size {server[2]}, we have {world}")
+        raise RendezvousError(
+            f"{what} at {addr} runs a world of size {server[2]}, we have {world}"
+        )
     if verdict == VERDICT_WRONG_PURPOSE:
         raise RendezvousError(
             f"{addr} is not a {'rendezvous store' if purpose == PURPOSE_STORE else 'pgt rank'}"
         )
-    raise AuthFailed(f"authentication with {what} at {addr} failed: invalid verdict byte {verdict}")
+    raise AuthFailed(
+        f"authentication with {what} at {addr} failed: invalid verdict byte {verdict}"
+    )
 
 
 def server_handshake(
-    sock, token: bytes, purpose: int, rank: int, world: int, deadline: float, admit
+    sock,
+    token: bytes,
+    purpose: int,
+    rank: int,
+    world: int,
+    deadline: float,
+    admit,
+    nonce: bytes | None = None,
 ):
-    """Server side; ``admit(client_rank) -> bool`` after the client proved the token. Returns the client's
-    rank once accepted; raises PgError otherwise."""
+    """Server side; ``admit(client_rank) -> bool`` after the client proved the token. Returns the
+    client's rank once accepted; raises PgError otherwise (``_Closed``/``_TimedOut`` when the client
+    goes away or stalls). ``nonce``: fresh from the OS unless given."""
     addr = _peer_name(sock)
     ch = _read_exact(sock, CLIENT_HELLO_LEN, deadline)
-    client = _parse_hello(ch)
+    client = parse_hello(ch)
     if client is None:
         raise AuthFailed(f"refused {addr}: garbage instead of a pgt hello")
-    sh = _hello(purpose, rank, world, os.urandom(NONCE_LEN))
-    sh += _mac(token, LABEL_SERVER, ch, sh)
+    sh = hello(purpose, rank, world, nonce or os.urandom(NONCE_LEN))
+    sh += mac(token, LABEL_SERVER, ch, sh)
     _write_all(sock, [sh], deadline)
     proof = _read_exact(sock, MAC_LEN, deadline)
-    if not hmac.compare_digest(_mac(token, LABEL_CLIENT, ch, sh), proof):
-        try:
+    if not hmac.compare_digest(mac(token, LABEL_CLIENT, ch, sh), proof):
+        with contextlib.suppress(_Closed, _TimedOut, OSError):
             _write_all(sock, [bytes([VERDICT_BAD_PROOF])], deadline)
-        except Exception:
-            pass
         raise AuthFailed(f"refused {addr}: wrong job token")
     c_purpose, c_rank, c_world = client
     if c_purpose != purpose:
@@ -369,7 +411,34 @@ def _parse_addr(s: str):
     return socket.AF_INET, (host, int(port))
 
 
-def _decode_table(b: bytes, world: int):
+def canonical_addr(s: str) -> str | None:
+    """``s`` as Rust's ``SocketAddr`` prints it, if it parses as one (``1.2.3.4:5`` or ``[::1]:5``: an IP
+    literal, never a host name); else None."""
+    host, sep, port = s.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 0xFFFF:
+        return None
+    try:
+        if host.startswith("[") and host.endswith("]"):
+            ip = ipaddress.IPv6Address(host[1:-1])
+        else:
+            ip = ipaddress.IPv4Address(host)
+    except ValueError:
+        return None
+    return _fmt_addr(str(ip), int(port))
+
+
+def encode_table(addrs: list[str]) -> bytes:
+    """The TABLE payload: ``count u32 LE``, then per rank ``len u16 LE | address (UTF-8)``."""
+    out = struct.pack("<I", len(addrs))
+    for a in addrs:
+        b = a.encode()
+        out += struct.pack("<H", len(b)) + b
+    return out
+
+
+def decode_table(b: bytes, world: int):
+    """The TABLE payload as ``[(family, sockaddr)]`` in rank order, or None if it is malformed or not
+    ``world`` entries long."""
     if len(b) < 4 or struct.unpack_from("<I", b)[0] != world:
         return None
     off, out = 4, []
@@ -388,6 +457,42 @@ def _decode_table(b: bytes, world: int):
     return out if off == len(b) else None
 
 
+def read_registration(sock, rank: int, deadline: float) -> str:
+    """The store's side of a registration, right after the handshake admitted ``rank``: reads the
+    REGISTER frame and returns its address as Rust prints it. Raises PgError unless it is a REGISTER
+    frame of at most MAX_ADDR_LEN bytes holding an IP socket address."""
+    tag, payload = _read_frame(sock, MAX_ADDR_LEN, deadline)
+    try:
+        addr = canonical_addr(payload.decode()) if tag == TAG_REGISTER else None
+    except UnicodeDecodeError:
+        addr = None
+    if addr is None:
+        raise PgError(f"bad registration from rank {rank}")
+    return addr
+
+
+def exchange_registration(
+    sock, rank: int, world: int, advertised: str, deadline: float
+):
+    """A rank's side of a registration, right after the store accepted its handshake: sends the
+    REGISTER frame and waits (until ``deadline``) for the TABLE; returns it as ``decode_table`` does."""
+    try:
+        _write_frame(sock, TAG_REGISTER, advertised.encode(), deadline)
+        tag, payload = _read_frame(sock, 4 + world * (2 + MAX_ADDR_LEN), deadline)
+    except _TimedOut:
+        raise RendezvousError(
+            f"rank {rank}: timed out waiting for all {world} ranks to register"
+        ) from None
+    except (_Closed, OSError) as e:
+        raise RendezvousError(f"waiting for the address table: {e}") from None
+    if tag != TAG_TABLE:
+        raise RendezvousError(f"unexpected store message tag {tag}")
+    table = decode_table(payload, world)
+    if table is None:
+        raise RendezvousError("malformed address table from the store")
+    return table
+
+
 def _connect_authenticated(addrs, token, purpose, rank, world, deadline, what):
     """Connects to one of ``addrs`` and runs the client handshake, retrying transport failures (not up
     yet, reset…) until ``deadline``. Authentication failures and refusals are not retried."""
@@ -403,7 +508,9 @@ def _connect_authenticated(addrs, token, purpose, rank, world, deadline, what):
                 sock.connect(sa)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 hs_deadline = min(deadline, time.monotonic() + HANDSHAKE_TIMEOUT)
-                server = client_handshake(sock, token, purpose, rank, world, hs_deadline, what)
+                server = client_handshake(
+                    sock, token, purpose, rank, world, hs_deadline, what
+                )
                 return sock, server
             except _Transport as e:
                 last = str(e)
@@ -448,14 +555,27 @@ class _Acceptor(threading.Thread):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             deadline = time.monotonic() + HANDSHAKE_TIMEOUT
             r = server_handshake(
-                sock, self.token, PURPOSE_PEER, self.rank, self.world, deadline, self._admit
+                sock,
+                self.token,
+                PURPOSE_PEER,
+                self.rank,
+                self.world,
+                deadline,
+                self._admit,
             )
             if self.stop.is_set():
                 sock.close()
             else:
                 self.admitted.put((r, sock))
-        except Exception as e:  # a stranger or a broken attempt: log and go on
-            self.log(f"refused a connection from {_peer_name(sock)}: {type(e).__name__}: {e}")
+        except (
+            PgError,
+            _Closed,
+            _TimedOut,
+            OSError,
+        ) as e:  # a stranger or a broken attempt
+            self.log(
+                f"refused a connection from {_peer_name(sock)}: {type(e).__name__}: {e}"
+            )
             sock.close()
 
     def run(self):
@@ -490,7 +610,9 @@ class _Store(threading.Thread):
         self.cv = threading.Condition(self.lock)
         self.listener = socket.socket(fam, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        while True:  # the port may still be held (a previous job): retry until the deadline
+        while (
+            True
+        ):  # the port may still be held (a previous job): retry until the deadline
             try:
                 self.listener.bind(sa)
                 break
@@ -518,17 +640,19 @@ class _Store(threading.Thread):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             hs_deadline = time.monotonic() + HANDSHAKE_TIMEOUT
             r = server_handshake(
-                sock, self.token, PURPOSE_STORE, STORE_RANK, self.world, hs_deadline, self._admit
+                sock,
+                self.token,
+                PURPOSE_STORE,
+                STORE_RANK,
+                self.world,
+                hs_deadline,
+                self._admit,
             )
-            tag, payload = _read_frame(sock, MAX_ADDR_LEN, hs_deadline)
-            addr = payload.decode()
-            if tag != TAG_REGISTER:
-                raise PgError(f"bad registration from rank {r}")
-            _parse_addr(addr)
+            addr = read_registration(sock, r, hs_deadline)
             with self.cv:
                 self.regs[r] = (sock, addr)
                 self.cv.notify_all()
-        except Exception as e:
+        except (PgError, _Closed, _TimedOut, OSError) as e:
             self.log(
                 f"store: refused a connection from {_peer_name(sock)}: {type(e).__name__}: {e}"
             )
@@ -558,17 +682,16 @@ class _Store(threading.Thread):
                 threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
             if self.stop.is_set():
                 return
-            table = struct.pack("<I", self.world)
-            for r in range(self.world):
-                a = self.regs[r][1].encode()
-                table += struct.pack("<H", len(a)) + a
+            table = encode_table([self.regs[r][1] for r in range(self.world)])
             send_deadline = max(self.deadline, time.monotonic() + 5)
             for r in range(self.world):
                 sock = self.regs[r][0]
                 try:
                     _write_frame(sock, TAG_TABLE, table, send_deadline)
                 except (_Closed, _TimedOut, OSError) as e:
-                    self.error = RendezvousError(f"store: sending the table to rank {r}: {e}")
+                    self.error = RendezvousError(
+                        f"store: sending the table to rank {r}: {e}"
+                    )
                     return
         finally:
             self.listener.close()
@@ -584,7 +707,9 @@ class _Peer:
         self.rank, self.sock = rank, sock
         self.stash: dict[int, list[bytes]] = {}
         self.stashed = 0
-        self.pending: tuple[int, int] | None = None  # a frame header read but not its payload
+        self.pending: tuple[int, int] | None = (
+            None  # a frame header read but not its payload
+        )
         self.poisoned = False
 
 
@@ -648,7 +773,13 @@ class TcpGroup:
             # 4. Connect to higher ranks.
             for peer in range(rank + 1, world):
                 sock, server = _connect_authenticated(
-                    [table[peer]], token, PURPOSE_PEER, rank, world, deadline, f"rank {peer}"
+                    [table[peer]],
+                    token,
+                    PURPOSE_PEER,
+                    rank,
+                    world,
+                    deadline,
+                    f"rank {peer}",
                 )
                 socks[peer] = sock
                 if server[1] != peer:
@@ -660,24 +791,23 @@ class TcpGroup:
                 left = _left(deadline)
                 missing = [r for r in range(rank) if r not in socks]
                 if left is None:
-                    raise RendezvousError(f"timed out waiting for connections from ranks {missing}")
+                    raise RendezvousError(
+                        f"timed out waiting for connections from ranks {missing}"
+                    )
                 try:
                     r, sock = acceptor.admitted.get(timeout=left)
                 except queue.Empty:
                     continue
                 socks[r] = sock
+            # 6. Rank 0: the store has sent every rank the table (or failed).
+            if store is not None:
+                store.join(max(_left(deadline) or 0, 5.0))
+                if store.error:
+                    raise store.error
         except BaseException:
             for s in socks.values():
                 s.close()
             raise
-        else:
-            # Rank 0: the store has sent every rank the table (or failed to: then the job cannot form).
-            if store is not None:
-                store.join(max(_left(deadline) or 0, 5.0))
-                if store.error:
-                    for s in socks.values():
-                        s.close()
-                    raise store.error
         finally:
             acceptor.stop.set()
             acceptor.join(1.0)
@@ -695,22 +825,9 @@ class TcpGroup:
             masters, token, PURPOSE_STORE, rank, world, deadline, "the rendezvous store"
         )
         try:
-            _write_frame(sock, TAG_REGISTER, advertised.encode(), deadline)
-            tag, payload = _read_frame(sock, 4 + world * (2 + MAX_ADDR_LEN), deadline)
-        except _TimedOut:
-            raise RendezvousError(
-                f"rank {rank}: timed out waiting for all {world} ranks to register"
-            ) from None
-        except (_Closed, OSError) as e:
-            raise RendezvousError(f"waiting for the address table: {e}") from None
+            return exchange_registration(sock, rank, world, advertised, deadline)
         finally:
             sock.close()
-        if tag != TAG_TABLE:
-            raise RendezvousError(f"unexpected store message tag {tag}")
-        table = _decode_table(payload, world)
-        if table is None:
-            raise RendezvousError("malformed address table from the store")
-        return table
 
     # ---- messaging ----
 
@@ -731,7 +848,9 @@ class TcpGroup:
         p = self._peer(dst)
         n = sum(len(memoryview(x).cast("B")) for x in parts)
         try:
-            _write_all(p.sock, [FRAME_HEADER.pack(tag, n), *parts], time.monotonic() + timeout)
+            _write_all(
+                p.sock, [frame_header(tag, n), *parts], time.monotonic() + timeout
+            )
         except _TimedOut:
             p.poisoned = True
             raise PgTimeout(
@@ -741,7 +860,9 @@ class TcpGroup:
             p.poisoned = True
             raise PeerClosed(f"rank {dst} closed the connection") from None
 
-    def _next_frame(self, p: _Peer, tag: int, deadline: float, done: list) -> tuple[int, int]:
+    def _next_frame(
+        self, p: _Peer, tag: int, deadline: float, done: list
+    ) -> tuple[int, int]:
         """Reads frame headers from ``p`` until one has ``tag`` (stashing other frames whole); returns it
         as pending."""
         while True:

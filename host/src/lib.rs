@@ -5,18 +5,28 @@
 //! - [`transport`]: `Transport`, PGTransport's API, executing what the protocol [`engine`] asks for;
 //! - [`state_dict`]: state dicts for Rust users; [`safetensors_io`]: safetensors files in and out;
 //! - [`memory`]: receive buffers that keep page faults off the wire's critical path;
-//! - [`synthetic`]: generated state dicts and their byte-exact verification (demo, benches, tests);
-//! - `wasm_engine` (feature `wasm`): pgt-core running inside wasmtime.
+//! - [`Error`]: what the library's operations fail with;
+//! - `wasm_engine` (feature `wasm`): pgt-core running inside wasmtime;
+//! - `synthetic` (feature `testing`): generated state dicts and their byte-exact verification, for
+//!   the demo, the benchmarks and tests — **not part of the stable API**.
+//!
+//! Features: `wasm` (default), `cli` (default: the `pgt` binary and its dependencies), `testing`,
+//! `mpi`. A library user who wants neither the CLI's dependencies nor wasmtime takes
+//! `default-features = false`.
 
 pub mod engine;
+mod error;
 pub mod memory;
 pub mod pg;
 pub mod safetensors_io;
 pub mod state_dict;
+#[cfg(feature = "testing")]
 pub mod synthetic;
 pub mod transport;
 #[cfg(feature = "wasm")]
 pub mod wasm_engine;
+
+pub use error::{Error, Result};
 
 /// The README's Rust example, compiled and run as a doctest.
 #[doc = include_str!("../../README.md")]

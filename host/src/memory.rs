@@ -12,63 +12,8 @@
 //! `MADV_POPULATE_WRITE` (Linux ≥ 5.14; `mlock`+`munlock` before that), which maps pages writable
 //! without changing contents, in the kernel, without one trap per page.
 //!
-//! # Measured
-//! `cargo run --release -p pgt-host --example fault_bench -- 1 5`: Firecracker VM, 2 vCPUs (shared
-//! with other engineers' builds), Linux 6.18, THP `madvise`, free-page reporting to the host; 1 GiB
-//! target, "cold" memory (see the example), median of 5, ratio = median of per-rep ratios.
-//!
-//! ```text
-//! case (1 GiB, cold memory)                     median s   GB/s  ratio
-//! (a)  memset, touched memory                       0.061  17.69   1.00
-//! (b)  memset, fresh Vec (calloc)                   0.552   1.94   0.11
-//! (c)  memset, fresh mmap 4K                        0.537   2.00   0.11
-//! (d)  memset, fresh mmap THP                       2.316   0.46   0.03
-//! (e)  mmap MAP_POPULATE 4K                         0.319   3.37   0.14
-//! (f1) MADV_POPULATE_WRITE 4K, 1 call               0.324   3.31   0.20
-//! (f2) MADV_POPULATE_WRITE THP, 1 call              2.264   0.47   0.03
-//! (f3) Prefaulter alone, PopulateWrite 4K           0.328   3.27   0.16
-//! (f4) Prefaulter alone, PopulateWrite THP          2.145   0.50   0.03
-//! (f5) Prefaulter alone, Touch 4K                   0.396   2.71   0.15
-//! (f7) Prefaulter alone, Mlock 4K                   0.392   2.74   0.15
-//! (g i)   tcp -> touched                            0.439   2.45   1.00   cpu 0.55 s
-//! (g ii)  tcp -> fresh 4K                           0.620   1.73   0.55   cpu 0.72 s
-//! (g ii') tcp -> fresh THP                          2.442   0.44   0.16   cpu 2.54 s
-//! (g iii) tcp -> fresh 4K + prefaulter              0.354   3.03   0.82   cpu 0.63 s
-//! (g iii') tcp -> 256 fresh 4K + prefaulter         0.368   2.92   0.80   cpu 0.67 s
-//! (g iv)  tcp -> fresh THP + prefaulter             1.371   0.78   0.32   cpu 2.65 s
-//! (g v)   tcp -> fresh 4K + prefaulter(Touch)       0.702   1.53   0.59   cpu 0.87 s
-//! (g vi)  tcp -> fresh 4K + prefaulter(Mlock)       0.394   2.73   1.12   cpu 0.69 s
-//! (g vii) tcp -> BufferPool (reused after rep 1)    0.321   3.34   0.89   cpu 0.41 s
-//!
-//! The table above used 16 MiB messages. The tcp rows again with 4 MiB messages (the current
-//! default chunk size), 11 reps on a quiet machine (filter "(g ii),(g iii),(g vi)"):
-//! (g i)   tcp -> touched                            0.296   3.63   1.00   cpu 0.40 s
-//! (g ii)  tcp -> fresh 4K                           0.621   1.73   0.44   cpu 0.76 s
-//! (g iii) tcp -> fresh 4K + prefaulter              0.393   2.73   0.79   cpu 0.71 s
-//! (g vi)  tcp -> fresh 4K + prefaulter(Mlock)       0.407   2.64   0.77   cpu 0.71 s
-//!   (loopback itself is bimodal: (g i) took 0.26-0.30 s or 0.45-0.68 s, as did pooled memory
-//!   in another 11-rep run; the prefaulted runs stayed at 0.36-0.41 s but for one 0.56)
-//!
-//! Warm memory (COLD_MS=0), medians: (f2) THP populate 0.10 s, (f3) 4K 0.31 s; tcp: touched
-//! 0.360, fresh 4K 0.699, 4K + prefaulter 0.421, THP + prefaulter 0.346 s.
-//! ```
-//!
-//! What it says:
-//! - Faulting 4 KiB pages costs ~0.55 s/GiB as traps (memset), ~0.33 s/GiB in the kernel
-//!   (`MADV_POPULATE_WRITE`, `MAP_POPULATE`; `mlock` ~0.4 s). Huge pages are bimodal on this VM:
-//!   ~0.1 s/GiB on memory freed moments ago, ~2.2 s/GiB on long-free memory (what a fresh buffer
-//!   normally gets) — hence [`Pages::Auto`] leaves them to the system policy (off here).
-//! - Receiving 1 GiB over loopback into fresh 4 KiB pages runs at 0.4–0.55× of touched memory;
-//!   with the prefaulter 0.75–0.82× on a quiet machine (about 1.0× in runs where loopback itself
-//!   was slowed by other load), and recycled [`BufferPool`] memory is touched memory. The
-//!   prefaulter's remaining gap is CPU, not overlap (it stays ahead: "did 100%"): loopback sender
-//!   and receiver already use ~1.4 of the 2 vCPUs, and faulting costs another ~0.3 CPU·s per GiB
-//!   ("cpu" column: 0.40 s touched, 0.71 s prefaulted): 0.71 CPU·s on 2 vCPUs can't take less
-//!   than ~0.36 s, and 0.36-0.39 s is measured. With the sender on another host (not measured
-//!   here) the faults would fit in the spare vCPU.
-//! - `Mlock` does nearly as well as `PopulateWrite`. The `Touch` fallback helps least (0.5–0.6×),
-//!   probably because the receiver's claims wait for the prefaulter's lock while the prefaulter
-//!   is preempted holding it (3 busy threads on 2 vCPUs; not verified).
+//! The measurements behind these choices (fault cost per GiB, huge vs base pages on this VM, receiving
+//! over loopback into fresh, prefaulted and pooled memory) are in `docs/perf.md`.
 //!
 //! # Recommended use by a receiver
 //! 1. Right after the metadata, allocate every fresh destination with [`Buffer::zeroed`] (an
@@ -128,7 +73,7 @@ pub enum Pages {
     /// pages). Mappings of at least [`HUGE_PAGE`] bytes are 2 MiB aligned so that either works.
     /// The default, because in `madvise` mode it gives base pages, which measured best here:
     /// huge pages fault 4× faster than base pages on memory freed moments ago, but 4× *slower*
-    /// on long-free ("cold") memory, which is what fresh buffers normally get (see the table).
+    /// on long-free ("cold") memory, which is what fresh buffers normally get (`docs/perf.md`).
     #[default]
     Auto,
     /// Base pages (`MADV_NOHUGEPAGE`).

@@ -54,7 +54,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use anyhow::{anyhow, ensure, Context, Result};
 use memmap2::Mmap;
 use pgt_core::dtype::DType;
 use pgt_core::layout::TensorLayout;
@@ -62,6 +61,7 @@ use pgt_core::tree::{Key, KeyPath, PathElem, Value};
 use safetensors::tensor::{Dtype, SafeTensors, View};
 
 use crate::state_dict::{Entry, SharedBytes, StateDict, Storage, Tensor, Tree};
+use crate::{Error, Result};
 
 /// The reserved top-level key under which a file's `__metadata__` map lives in a loaded state dict.
 pub const METADATA_KEY: &str = "__metadata__";
@@ -73,22 +73,24 @@ pub const STEP_KEY: &str = "pgt.step";
 /// `__metadata__` and dtypes).
 pub fn load(path: impl AsRef<Path>) -> Result<StateDict<'static>> {
     let path = path.as_ref();
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file =
+        File::open(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
     let len = file
         .metadata()
-        .with_context(|| format!("cannot stat {}", path.display()))?
+        .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?
         .len();
-    ensure!(
-        len >= 8,
-        "{}: not a safetensors file: {len} bytes (the header size alone takes 8)",
-        path.display()
-    );
+    if len < 8 {
+        return Err(Error::safetensors(
+            path,
+            format!("not a safetensors file: {len} bytes (the header size alone takes 8)"),
+        ));
+    }
     // SAFETY: the mapping is read-only; like every reader of a mapped file we rely on nobody truncating
     // or rewriting the file while it is mapped (documented on the module).
     let mmap = unsafe { Mmap::map(&file) }
-        .with_context(|| format!("cannot memory-map {}", path.display()))?;
+        .map_err(|e| Error::io(format!("cannot memory-map {}", path.display()), e))?;
     let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
-        .map_err(|e| anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+        .map_err(|e| Error::safetensors(path, format!("not a valid safetensors file: {e}")))?;
     let data_start = 8 + header_len;
     let shared: SharedBytes = Arc::new(mmap);
 
@@ -96,12 +98,12 @@ pub fn load(path: impl AsRef<Path>) -> Result<StateDict<'static>> {
     for name in metadata.offset_keys() {
         let info = metadata
             .info(&name)
-            .with_context(|| format!("{}: tensor {name:?} vanished", path.display()))?;
+            .ok_or_else(|| Error::safetensors(path, format!("tensor {name:?} vanished")))?;
         let st_name = info.dtype.to_string();
-        let dtype = DType::from_safetensors_name(&st_name).with_context(|| {
-            format!(
-                "{}: tensor {name:?} has dtype {st_name}, which pgt does not support",
-                path.display()
+        let dtype = DType::from_safetensors_name(&st_name).ok_or_else(|| {
+            Error::safetensors(
+                path,
+                format!("tensor {name:?} has dtype {st_name}, which pgt does not support"),
             )
         })?;
         let shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
@@ -110,7 +112,7 @@ pub fn load(path: impl AsRef<Path>) -> Result<StateDict<'static>> {
             TensorLayout::contiguous(dtype, &shape),
             Storage::Shared(shared.clone(), data_start + start..data_start + end),
         )
-        .with_context(|| format!("{}: tensor {name:?}", path.display()))?;
+        .map_err(|e| Error::safetensors(path, format!("tensor {name:?}: {e}")))?;
         tensors.push((name, tensor));
     }
 
@@ -270,22 +272,25 @@ impl View for TensorData<'_, '_> {
 }
 
 fn st_dtype(dtype: DType, name: &str) -> Result<Dtype> {
-    let st = dtype
-        .safetensors_name()
-        .with_context(|| format!("{name}: dtype {dtype} cannot be stored in a safetensors file"))?;
+    let st = dtype.safetensors_name().ok_or_else(|| {
+        Error::state_dict(
+            name,
+            format!("dtype {dtype} cannot be stored in a safetensors file"),
+        )
+    })?;
     serde_json::from_value(serde_json::Value::String(st.into()))
-        .map_err(|e| anyhow!("{name}: safetensors does not know dtype {st}: {e}"))
+        .map_err(|e| Error::state_dict(name, format!("safetensors does not know dtype {st}: {e}")))
 }
 
 fn tensor_data<'s, 'a>(t: &'s Tensor<'a>, name: &str) -> Result<TensorData<'s, 'a>> {
     let l = &t.layout;
     let numel = l
         .numel()
-        .with_context(|| format!("{name}: element count overflows"))?;
+        .ok_or_else(|| Error::state_dict(name, "element count overflows"))?;
     let len = numel
         .checked_mul(l.dtype.element_size())
         .and_then(|n| usize::try_from(n).ok())
-        .with_context(|| format!("{name}: byte size overflows"))?;
+        .ok_or_else(|| Error::state_dict(name, "byte size overflows"))?;
     Ok(TensorData {
         tensor: t,
         dtype: st_dtype(l.dtype, name)?,
@@ -329,10 +334,12 @@ pub fn save(state_dict: &StateDict<'_>, path: impl AsRef<Path>) -> Result<()> {
     let mut write_metadata = matches!(&state_dict.root, Tree::Dict(items)
         if items.iter().any(|(k, _)| matches!(k, Key::Str(s) if s == METADATA_KEY)));
     let mut meta = |key: String, value: String| -> Result<()> {
-        ensure!(
-            !metadata.contains_key(&key),
-            "{key}: two values would share this __metadata__ entry"
-        );
+        if metadata.contains_key(&key) {
+            return Err(Error::state_dict(
+                key,
+                "two values would share this __metadata__ entry",
+            ));
+        }
         metadata.insert(key, value);
         Ok(())
     };
@@ -383,10 +390,9 @@ pub fn save(state_dict: &StateDict<'_>, path: impl AsRef<Path>) -> Result<()> {
     let mut names: HashSet<String> = HashSet::new();
     let mut views: Vec<(String, TensorData<'_, '_>)> = Vec::new();
     for (name, t) in tensor_names(state_dict) {
-        ensure!(
-            names.insert(name.clone()),
-            "{name}: two tensors would share this name"
-        );
+        if !names.insert(name.clone()) {
+            return Err(Error::state_dict(name, "two tensors would share this name"));
+        }
         let view = tensor_data(t, &name)?;
         views.push((name, view));
     }
@@ -398,7 +404,7 @@ pub fn save(state_dict: &StateDict<'_>, path: impl AsRef<Path>) -> Result<()> {
 
     let tmp = TempFile::new(path)?;
     safetensors::tensor::serialize_to_file(views, metadata, &tmp.path)
-        .map_err(|e| anyhow!("cannot write {}: {e}", tmp.path.display()))?;
+        .map_err(|e| Error::safetensors(&tmp.path, format!("cannot write: {e}")))?;
     tmp.commit(path)
 }
 
@@ -413,7 +419,7 @@ impl TempFile {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let file_name = dest
             .file_name()
-            .with_context(|| format!("{} is not a file path", dest.display()))?;
+            .ok_or_else(|| Error::safetensors(dest, "not a file path"))?;
         let mut tmp_name = std::ffi::OsString::from(".");
         tmp_name.push(file_name);
         tmp_name.push(format!(
@@ -431,13 +437,14 @@ impl TempFile {
     fn commit(mut self, dest: &Path) -> Result<()> {
         File::open(&self.path)
             .and_then(|f| f.sync_all())
-            .with_context(|| format!("cannot sync {}", self.path.display()))?;
-        std::fs::rename(&self.path, dest).with_context(|| {
-            format!(
+            .map_err(|e| Error::io(format!("cannot sync {}", self.path.display()), e))?;
+        std::fs::rename(&self.path, dest).map_err(|e| {
+            let context = format!(
                 "cannot rename {} to {}",
                 self.path.display(),
                 dest.display()
-            )
+            );
+            Error::io(context, e)
         })?;
         self.committed = true;
         if let Some(dir) = dest.parent() {

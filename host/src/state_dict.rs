@@ -6,7 +6,6 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use anyhow::{bail, ensure, Context, Result};
 use pgt_core::dtensor::DTensorSpec;
 use pgt_core::dtype::DType;
 use pgt_core::layout::TensorLayout;
@@ -14,6 +13,7 @@ use pgt_core::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
 use pgt_core::tree::{Key, KeyPath, Leaf, Node, PathElem, Value};
 
 use crate::memory::Buffer;
+use crate::{Error, Result};
 
 /// Bytes shared between owners, e.g. a memory-mapped file.
 pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
@@ -95,15 +95,20 @@ pub struct Tensor<'a> {
 }
 
 impl<'a> Tensor<'a> {
-    /// A tensor over `storage`, checked: the layout is valid and the storage has `layout.nbytes` bytes.
+    /// A tensor over `storage`, checked: the layout is valid ([`Error::Protocol`] names the rule it
+    /// breaks) and the storage has `layout.nbytes` bytes ([`Error::StateDict`]).
     pub fn new(layout: TensorLayout, storage: Storage<'a>) -> Result<Tensor<'a>> {
-        layout.validate(64).context("invalid tensor layout")?;
-        ensure!(
-            storage.bytes().len() as u64 == layout.nbytes,
-            "storage has {} bytes, layout needs {}",
-            storage.bytes().len(),
-            layout.nbytes
-        );
+        layout.validate(64)?;
+        if storage.bytes().len() as u64 != layout.nbytes {
+            return Err(Error::state_dict(
+                "",
+                format!(
+                    "storage has {} bytes, layout needs {}",
+                    storage.bytes().len(),
+                    layout.nbytes
+                ),
+            ));
+        }
         Ok(Tensor { layout, storage })
     }
 
@@ -135,14 +140,24 @@ impl<'a> Tensor<'a> {
     /// The whole storage as elements of `T` (which must be the tensor's dtype). Errors if the storage is
     /// not aligned for `T` (owned buffers always are).
     pub fn storage_as<T: Element>(&self) -> Result<&[T]> {
-        ensure!(
-            T::DTYPE == self.layout.dtype,
-            "tensor is {}, not {}",
-            self.layout.dtype,
-            T::DTYPE
-        );
-        bytemuck::try_cast_slice(self.storage.bytes())
-            .map_err(|e| anyhow::anyhow!("storage cannot be viewed as {}: {e:?}", T::DTYPE))
+        self.check_dtype::<T>()?;
+        bytemuck::try_cast_slice(self.storage.bytes()).map_err(|e| {
+            Error::state_dict(
+                "",
+                format!("storage cannot be viewed as {}: {e:?}", T::DTYPE),
+            )
+        })
+    }
+
+    fn check_dtype<T: Element>(&self) -> Result<()> {
+        if T::DTYPE == self.layout.dtype {
+            Ok(())
+        } else {
+            Err(Error::state_dict(
+                "",
+                format!("tensor is {}, not {}", self.layout.dtype, T::DTYPE),
+            ))
+        }
     }
 
     /// The view's elements in row-major order (gathered through the strides, as torch's
@@ -154,12 +169,7 @@ impl<'a> Tensor<'a> {
 
     /// The view's elements in row-major order as `T` (the tensor's dtype).
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
-        ensure!(
-            T::DTYPE == self.layout.dtype,
-            "tensor is {}, not {}",
-            self.layout.dtype,
-            T::DTYPE
-        );
+        self.check_dtype::<T>()?;
         Ok(bytemuck::pod_collect_to_vec(&self.contiguous_bytes()))
     }
 
@@ -243,7 +253,9 @@ impl<'a> Entry<'a> {
     /// An entry from a received leaf and its storages (in wire order).
     pub fn from_leaf(leaf: Leaf, storages: &mut impl Iterator<Item = Storage<'a>>) -> Result<Self> {
         let mut next = |layout: TensorLayout| -> Result<Tensor<'a>> {
-            let storage = storages.next().context("missing storage for a leaf")?;
+            let storage = storages
+                .next()
+                .ok_or_else(|| Error::state_dict("", "missing storage for a leaf"))?;
             Tensor::new(layout, storage)
         };
         Ok(match leaf {
@@ -335,7 +347,10 @@ impl<'a> StateDict<'a> {
         let parts: Vec<&str> = path.split('.').collect();
         for (i, part) in parts.iter().enumerate() {
             let Tree::Dict(items) = node else {
-                bail!("{path}: {} is not a dict", parts[..i].join("."));
+                return Err(Error::state_dict(
+                    path,
+                    format!("{} is not a dict", parts[..i].join(".")),
+                ));
             };
             let key = Key::Str((*part).into());
             let pos = match items.iter().position(|(k, _)| *k == key) {
@@ -471,14 +486,21 @@ impl<'a> StateDict<'a> {
 
     /// Rebuilds a tree from pre-order nodes and leaf entries (depth-first order).
     pub fn unflatten(nodes: &[Node], entries: Vec<Entry<'a>>, step: Option<u64>) -> Result<Self> {
+        let malformed = || Error::state_dict("", "malformed tree");
         // Build bottom-up: walk nodes in reverse pre-order, keeping finished subtrees on a stack.
         let mut entries = entries;
         let mut done: Vec<Tree<'a>> = Vec::new();
         for node in nodes.iter().rev() {
             let tree = match node {
-                Node::Leaf => Tree::Leaf(entries.pop().context("fewer entries than leaves")?),
+                Node::Leaf => Tree::Leaf(
+                    entries
+                        .pop()
+                        .ok_or_else(|| Error::state_dict("", "fewer entries than leaves"))?,
+                ),
                 Node::Dict(keys) => {
-                    ensure!(done.len() >= keys.len(), "malformed tree");
+                    if done.len() < keys.len() {
+                        return Err(malformed());
+                    }
                     let children = done.split_off(done.len() - keys.len());
                     Tree::Dict(
                         keys.iter()
@@ -489,7 +511,9 @@ impl<'a> StateDict<'a> {
                 }
                 Node::List(n) | Node::Tuple(n) => {
                     let n = *n as usize;
-                    ensure!(done.len() >= n, "malformed tree");
+                    if done.len() < n {
+                        return Err(malformed());
+                    }
                     let children: Vec<_> =
                         done.split_off(done.len() - n).into_iter().rev().collect();
                     match node {
@@ -500,11 +524,11 @@ impl<'a> StateDict<'a> {
             };
             done.push(tree);
         }
-        ensure!(done.len() == 1 && entries.is_empty(), "malformed tree");
-        Ok(StateDict {
-            root: done.pop().context("empty tree")?,
-            step,
-        })
+        if done.len() != 1 || !entries.is_empty() {
+            return Err(malformed());
+        }
+        let root = done.pop().ok_or_else(malformed)?;
+        Ok(StateDict { root, step })
     }
 
     /// This state dict with `'static` storages (borrowed bytes are copied).

@@ -1,10 +1,12 @@
 //! Deterministic generated state dicts for the demo, the benchmarks and tests, and their verification.
 //!
+//! Feature `testing` (the `cli` feature turns it on): fixtures, **not part of the stable API** — they
+//! change with the benchmarks and tests that use them.
+//!
 //! Every storage is filled with a pattern seeded by its key path and shard index, so a receiver in
 //! another process checks every byte without a copy of the original: it regenerates the pattern
 //! word by word as it compares.
 
-use anyhow::{ensure, Context, Result};
 use pgt_core::schema::Metadata;
 use pgt_core::dtensor::{DTensorSpec, DeviceMesh, Placement, ReduceOp};
 use pgt_core::dtype::DType;
@@ -15,6 +17,7 @@ use pgt_core::tree::{Key, KeyPath, Leaf, Node, Value};
 
 use crate::memory::Buffer;
 use crate::state_dict::{Entry, StateDict, Storage};
+use crate::{Error, Result};
 
 /// A state dict described by its structure and leaves, before any bytes exist.
 #[derive(Clone, Debug, PartialEq)]
@@ -114,9 +117,16 @@ fn build(
 /// (ShardedTensor placements may name the receiver), every storage byte. Returns the bytes checked.
 pub fn verify(received: &StateDict<'_>, shape: &Shape) -> Result<u64> {
     let (nodes, entries) = received.flatten();
-    ensure!(nodes == shape.nodes, "tree structure differs");
-    ensure!(received.step == shape.step, "step differs");
-    ensure!(entries.len() == shape.leaves.len(), "leaf count differs");
+    let differs = |what: &str| Err(Error::state_dict("", format!("{what} differs")));
+    if nodes != shape.nodes {
+        return differs("tree structure");
+    }
+    if received.step != shape.step {
+        return differs("step");
+    }
+    if entries.len() != shape.leaves.len() {
+        return differs("leaf count");
+    }
     let paths = pgt_core::tree::key_paths(&nodes, u32::MAX)?;
     let mut checked = 0;
     for ((path, entry), expected) in paths.iter().zip(&entries).zip(&shape.leaves) {
@@ -144,13 +154,16 @@ pub fn verify(received: &StateDict<'_>, shape: &Shape) -> Result<u64> {
             }
             _ => got == *expected,
         };
-        ensure!(same, "{path}: leaf differs: got {got:?}");
+        if !same {
+            let reason = format!("leaf differs: got {got:?}");
+            return Err(Error::state_dict(path.to_string(), reason));
+        }
         for (shard, t) in entry.tensors().iter().enumerate() {
             let bytes = t.storage.bytes();
-            ensure!(
-                check(seed(path, shard), bytes),
-                "{path}: storage {shard} bytes differ"
-            );
+            if !check(seed(path, shard), bytes) {
+                let reason = format!("storage {shard} bytes differ");
+                return Err(Error::state_dict(path.to_string(), reason));
+            }
             checked += bytes.len() as u64;
         }
     }
@@ -388,6 +401,6 @@ pub fn validate(shape: &Shape) -> Result<()> {
         tree: shape.nodes.clone(),
         leaves: shape.leaves.clone(),
     };
-    pgt_core::manifest::Manifest::new(metadata, true, &Default::default()).context("invalid shape")?;
+    pgt_core::manifest::Manifest::new(metadata, true, &Default::default())?;
     Ok(())
 }

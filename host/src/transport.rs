@@ -257,6 +257,7 @@ impl<P: ProcessGroup> Transport<P> {
             .options
             .engine
             .sender(metadata, self.options.digests, &self.options.limits)
+            .map_err(|e| protocol_error_first(e.into()))
             .context("invalid state dict")?;
         let total: u64 = storages.iter().map(|s| s.len() as u64).sum();
         drop(encode_span);
@@ -265,7 +266,7 @@ impl<P: ProcessGroup> Transport<P> {
         std::thread::scope(|scope| {
             let mut host = SendWorkers::start(self, scope, dst_ranks, &storages, total, &abort);
             if let Err(e) = drive::send(&mut engine, &mut host) {
-                abort.fail(e);
+                abort.fail(protocol_error_first(e));
             }
             // Closing the queues ends the workers; the scope joins them.
         });
@@ -308,12 +309,16 @@ impl<P: ProcessGroup> Transport<P> {
         let span = info_span!("recv_checkpoint", rank = self.pg.rank(), src);
         let _enter = span.enter();
         let start = Instant::now();
-        let engine = self.options.engine.receiver(ReceiverOptions {
-            rank: self.pg.rank(),
-            source: src,
-            expected_step: self.options.expected_step,
-            limits: self.options.limits,
-        })?;
+        let engine = self
+            .options
+            .engine
+            .receiver(ReceiverOptions {
+                rank: self.pg.rank(),
+                source: src,
+                expected_step: self.options.expected_step,
+                limits: self.options.limits,
+            })
+            .map_err(|e| protocol_error_first(e.into()))?;
         let abort = Abort::default();
         let (received, landed) = std::thread::scope(|scope| {
             let mut host = Landing::new(self, scope, in_place.then_some(&mut *target), &abort);
@@ -324,7 +329,7 @@ impl<P: ProcessGroup> Transport<P> {
             // Closing the queues ends the workers; the scope joins them.
             (received, host.into_landed())
         });
-        let received = received?;
+        let received = received.map_err(protocol_error_first)?;
         let Landed {
             memory,
             cast_dest,
@@ -357,6 +362,16 @@ impl<P: ProcessGroup> Transport<P> {
             seconds: start.elapsed().as_secs_f64(),
             ..stats
         })
+    }
+}
+
+/// A protocol error as the `pgt_core::Error` itself (whichever engine reported it), so callers match
+/// it the same way with either engine.
+fn protocol_error_first(e: anyhow::Error) -> anyhow::Error {
+    match e.downcast::<crate::engine::EngineError>() {
+        Ok(crate::engine::EngineError::Protocol(p)) => anyhow::Error::new(p),
+        Ok(other) => anyhow::Error::new(other),
+        Err(e) => e,
     }
 }
 
@@ -995,7 +1010,7 @@ fn assemble(
         .leaves
         .into_iter()
         .map(|leaf| Entry::from_leaf(leaf, &mut storages))
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<crate::Result<Vec<_>>>()?;
     *target = StateDict::unflatten(&received.tree, entries, received.step)?;
     if let Some(pool) = pool {
         // Staging held wire bytes only until the cast; the next receive can reuse it.

@@ -499,6 +499,18 @@ fn inspect_valid_vectors_matches_the_index() {
             .collect();
         let want: Vec<&Json> = m["paths"].as_array().unwrap().iter().collect();
         assert_eq!(paths, want, "{file}: paths");
+        // Each leaf in pgt-wasm's JSON form, as index.json has it, plus its path.
+        let leaves: Vec<Json> = j["leaves"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                let mut l = l.clone();
+                l.as_object_mut().unwrap().remove("path");
+                l
+            })
+            .collect();
+        assert_eq!(Some(&leaves), m["leaves"].as_array(), "{file}: leaves");
         if kind == "stream" {
             assert_eq!(j["received"], Json::Bool(true), "{file}");
             let digests: Vec<&Json> = j["received_storages"]
@@ -605,9 +617,10 @@ fn inspect_safetensors_and_garbage() {
         .iter()
         .find(|l| l["path"] == "model.layers.1.proj_t")
         .expect("proj_t listed");
-    assert_eq!(t["dtype"], "int32");
-    assert_eq!(t["shape"], serde_json::json!([4, 6]));
-    assert_eq!(t["stride"], serde_json::json!([6, 1]));
+    let layout = &t["layout"];
+    assert_eq!(layout["dtype"], "int32");
+    assert_eq!(layout["shape"], serde_json::json!([4, 6]));
+    assert_eq!(layout["stride"], serde_json::json!([6, 1]));
 
     // Not a safetensors file, whatever its name says.
     let bad = dir.join("bad.safetensors");

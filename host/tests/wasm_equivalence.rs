@@ -3,44 +3,83 @@
 //! names); senders emit the same operations and wire bytes; receivers go through the same operations and
 //! end with the same result or error (in-place size mismatch naming the key path, digest mismatch…).
 //!
-//! Needs the module: `scripts/build-wasm.sh` before `cargo test`.
+//! Both engines run through pgt-core's one driver ([`drive::receive`], [`drive::send`]) with its
+//! in-memory hosts ([`MemoryHost`], [`MemorySender`]); a [`Recording`] engine logs what each engine
+//! decides on the way (every poll result, what the metadata announced, key paths, bindings).
+//!
+//! Needs the module: `scripts/build-wasm.sh --raw-only` before `cargo test`.
 #![cfg(feature = "wasm")]
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use anyhow::{anyhow, bail, Result};
-use pgt_core::header::Limits;
-use pgt_core::schema::Metadata;
-use pgt_core::digest::StorageHasher;
+use pgt_core::digest::digest;
+use pgt_core::drive::{self, Event, SendHost};
 use pgt_core::dtype::DType;
+use pgt_core::engine::{ReceiveEngine, SendEngine};
+use pgt_core::header::Limits;
 use pgt_core::layout::TensorLayout;
-use pgt_core::schema::{FanOut, PlanParams};
-use pgt_core::plan::MessageKind;
-use pgt_core::receiver::ReceiverOptions;
-use pgt_core::tree::{Key, Leaf, Node, Value};
-use pgt_host::engine::{
-    EngineFactory, IncomingManifest, NativeEngine, OwnedPayload, ReceiverEngine, RecvNext, SendNext,
+use pgt_core::manifest::Manifest;
+use pgt_core::memory::{MemoryHost, MemorySender};
+use pgt_core::plan::{MessageKind, Plan};
+use pgt_core::receiver::{
+    Binding, Dest, ForwardOp, InPlace, Incoming, Received, ReceiverOptions, RecvOp, RecvPoll,
 };
+use pgt_core::schema::{FanOut, Metadata, PlanParams};
+use pgt_core::sender::{Payload, SendOp, SendPoll};
+use pgt_core::tree::{Key, KeyPath, Leaf, Node, Value};
+use pgt_core::{Call, Error};
+use pgt_host::engine::{EngineError, EngineFactory, NativeEngine};
 use pgt_host::wasm_engine::WasmEngine;
 use pgt_wasm::types::ErrorInfo;
 use serde_json::Value as Json;
 
 fn wasm() -> &'static WasmEngine {
     static ENGINE: OnceLock<WasmEngine> = OnceLock::new();
-    ENGINE.get_or_init(|| WasmEngine::new().unwrap_or_else(|e| panic!("{e:#}")))
+    ENGINE.get_or_init(|| WasmEngine::new().unwrap_or_else(|e| panic!("{e}")))
 }
 
-/// The error as the guest reports it: from pgt-core natively, from the result block in wasm.
-fn info(e: &anyhow::Error) -> ErrorInfo {
-    try_info(e).unwrap_or_else(|| panic!("not a protocol error: {e:#}"))
+/// A protocol error as both engines report it: pgt-core's own error, with its name and Display text.
+fn info(e: &EngineError) -> ErrorInfo {
+    let core = e
+        .protocol()
+        .unwrap_or_else(|| panic!("not a protocol error: {e}"));
+    ErrorInfo::from_core(core.clone())
 }
 
-fn try_info(e: &anyhow::Error) -> Option<ErrorInfo> {
-    if let Some(core) = e.downcast_ref::<pgt_core::Error>() {
-        return Some(ErrorInfo::from_core(core));
+/// Why a run failed: the engine (protocol, sandbox, module), or the test's host refusing a message.
+#[derive(Debug)]
+enum Failure {
+    Engine(EngineError),
+    Host(String),
+}
+
+impl From<EngineError> for Failure {
+    fn from(e: EngineError) -> Failure {
+        Failure::Engine(e)
     }
-    e.downcast_ref::<ErrorInfo>().cloned()
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        Failure::Engine(EngineError::Protocol(e))
+    }
+}
+
+impl Failure {
+    /// Comparable: a protocol error as [`info`]; anything else by a name of its own and its text.
+    fn info(&self) -> ErrorInfo {
+        match self {
+            Failure::Engine(e) if e.protocol().is_some() => info(e),
+            Failure::Engine(e @ EngineError::Module(_)) => ErrorInfo::abi("Module", &e.to_string()),
+            Failure::Engine(e @ EngineError::Sandbox(_)) => {
+                ErrorInfo::abi("Sandbox", &e.to_string())
+            }
+            Failure::Engine(e) => ErrorInfo::abi("Engine", &e.to_string()),
+            Failure::Host(message) => ErrorInfo::abi("Host", message),
+        }
+    }
 }
 
 fn vectors_dir() -> PathBuf {
@@ -91,6 +130,8 @@ fn bytes_of<T: serde::Serialize>(v: &T) -> Vec<u8> {
     postcard::to_allocvec(v).unwrap()
 }
 
+/// The same error from both engines (name, Display text, the pgt-core error itself), and the one the
+/// entry names: `error` is its name, `error_debug` its Debug form.
 fn check_error(name: &str, what: &str, native: &ErrorInfo, wasm: &ErrorInfo, entry: &Json) {
     assert_eq!(
         native, wasm,
@@ -101,8 +142,12 @@ fn check_error(name: &str, what: &str, native: &ErrorInfo, wasm: &ErrorInfo, ent
         entry["error"].as_str().unwrap(),
         "{name}: {what}"
     );
+    let core = native
+        .error
+        .as_ref()
+        .unwrap_or_else(|| panic!("{name}: {what}: not a protocol error: {native:?}"));
     assert_eq!(
-        native.debug,
+        format!("{core:?}"),
         entry["error_debug"].as_str().unwrap(),
         "{name}: {what}"
     );
@@ -132,9 +177,7 @@ fn every_vector_decodes_identically() {
                 if kind == "receiver_reject" {
                     let opts = receiver_options(entry, limits);
                     let records = vec![(1, h.to_vec()), (2, m.to_vec())];
-                    let native = drive(NativeEngine.receiver(opts).unwrap(), &records, None);
-                    let wasm = drive(wasm().receiver(opts).unwrap(), &records, None);
-                    assert_eq!(native.ops, wasm.ops, "{name}: operations");
+                    let (native, wasm) = both(name, opts, &records, &[]);
                     let (Err(n), Err(w)) = (&native.result, &wasm.result) else {
                         panic!("{name}: the receivers accepted it")
                     };
@@ -144,25 +187,53 @@ fn every_vector_decodes_identically() {
             "stream" | "malformed_stream" => {
                 let records = decode_stream(&bytes);
                 let opts = receiver_options(entry, limits);
-                let native = drive(NativeEngine.receiver(opts).unwrap(), &records, None);
-                let wasm = drive(wasm().receiver(opts).unwrap(), &records, None);
-                assert_eq!(native.ops, wasm.ops, "{name}: operations");
-                assert_eq!(native.storages, wasm.storages, "{name}: storage bytes");
+                let (native, wasm) = both(name, opts, &records, &[]);
                 match (&native.result, &wasm.result) {
-                    (Ok(n), Ok(w)) => {
+                    (Ok(_), Ok(_)) => {
                         assert_eq!(kind, "stream", "{name}: accepted a malformed stream");
-                        assert_eq!(n, w, "{name}: results");
                         let expected = entry["result"]["storages"].as_array().unwrap();
-                        assert_eq!(native.storages.len(), expected.len());
-                        for (s, bytes) in native.storages.iter().enumerate() {
+                        assert_eq!(native.storages.len(), expected.len(), "{name}");
+                        for (s, (bytes, e)) in native.storages.iter().zip(expected).enumerate() {
                             let pattern: Vec<u8> = (0..bytes.len())
                                 .map(|i| ((17 * s + i) % 256) as u8)
                                 .collect();
                             assert_eq!(bytes, &pattern, "{name}: storage {s}");
+                            assert_eq!(bytes.len() as u64, json_u64(&e["nbytes"]), "{name}: {s}");
+                            assert_eq!(
+                                format!("0x{:016x}", digest(bytes)),
+                                e["digest"].as_str().unwrap(),
+                                "{name}: storage {s}"
+                            );
                         }
                     }
                     (Err(n), Err(w)) => check_error(name, "stream", n, w, entry),
                     (n, w) => panic!("{name}: native {n:?}, wasm {w:?}"),
+                }
+            }
+            "host_reject_stream" => {
+                // The host refuses a message before the core sees it: both engines asked for the same
+                // messages up to there, and the refusal is the one the entry names.
+                let records = decode_stream(&bytes);
+                let opts = receiver_options(entry, limits);
+                let (native, wasm) = both(name, opts, &records, &[]);
+                let h = &entry["host_error"];
+                let lengths = (h["reason"] == "length")
+                    .then(|| (json_u64(&h["expected"]), json_u64(&h["got"])));
+                let want = host_refusal(
+                    h["reason"].as_str().unwrap(),
+                    json_u64(&h["from"]) as u32,
+                    json_u64(&h["tag"]),
+                    lengths,
+                );
+                for (engine, result) in [("native", &native.result), ("wasm", &wasm.result)] {
+                    match result {
+                        Err(e) => assert_eq!(
+                            (e.name.as_str(), e.message.as_str()),
+                            ("Host", want.as_str()),
+                            "{name}: {engine}"
+                        ),
+                        Ok(r) => panic!("{name}: {engine} accepted it: {r:?}"),
+                    }
                 }
             }
             other => panic!("{name}: unknown kind {other}"),
@@ -173,13 +244,8 @@ fn every_vector_decodes_identically() {
 
 fn decode_both(name: &str, kind: &str, entry: &Json, h: &[u8], m: &[u8], limits: &Limits) {
     let native = pgt_wasm::api::decode(h, m, limits)
-        .map(|(h, man)| {
-            (
-                pgt_wasm::api::summary(&h, &man),
-                pgt_wasm::api::plan(&man, h.metadata_len),
-            )
-        })
-        .map_err(|e| ErrorInfo::from_core(&e));
+        .map(|(h, man)| (pgt_wasm::api::summary(&h, &man), man.plan(h.metadata_len)))
+        .map_err(ErrorInfo::from_core);
     let wasm_summary = wasm().decode(h, m, limits);
     let wasm_plan = wasm().plan(h, m, limits);
     match (native, wasm_summary, wasm_plan) {
@@ -209,11 +275,15 @@ fn decode_both(name: &str, kind: &str, entry: &Json, h: &[u8], m: &[u8], limits:
             assert_eq!(ws.total_bytes, json_u64(&man["total_bytes"]), "{name}");
             assert_eq!(ws.digests, man["digests"].as_bool().unwrap(), "{name}");
             let messages = man["messages"].as_array().unwrap();
-            assert_eq!(wp.messages.len(), messages.len(), "{name}: message count");
-            for (w, j) in wp.messages.iter().zip(messages) {
+            assert_eq!(wp.messages().len(), messages.len(), "{name}: message count");
+            for (w, j) in wp.messages().iter().zip(messages) {
                 assert_eq!(w.tag, json_u64(&j["tag"]), "{name}");
                 assert_eq!(w.len, json_u64(&j["len"]), "{name}");
-                assert_eq!(w.segments.len(), j["segments"].as_array().unwrap().len());
+                assert_eq!(
+                    wp.segments(w).len(),
+                    j["segments"].as_array().unwrap().len(),
+                    "{name}"
+                );
             }
         }
         (Err(n), Err(ws), Err(wp)) => {
@@ -245,165 +315,269 @@ fn decode_stream(mut bytes: &[u8]) -> Vec<(u64, Vec<u8>)> {
     out
 }
 
-/// How a test binds storages in place: `(storage, dtype, nbytes)` for each, by the manifest.
-type Binder = dyn Fn(&IncomingManifest) -> Vec<(usize, DType, u64)>;
+/// An engine that logs, as Debug text, what the engine it wraps decides: every poll result, what the
+/// metadata announced, the key paths and the bindings. Every call is delegated as it is.
+struct Recording<'a, E> {
+    engine: E,
+    log: &'a mut Vec<String>,
+}
+
+impl<'a, E> Recording<'a, E> {
+    fn new(engine: E, log: &'a mut Vec<String>) -> Self {
+        Recording { engine, log }
+    }
+
+    fn record<T: std::fmt::Debug>(&mut self, v: T) -> T {
+        self.log.push(format!("{v:?}"));
+        v
+    }
+}
+
+impl<E: ReceiveEngine> ReceiveEngine for Recording<'_, E> {
+    type Error = E::Error;
+
+    fn poll(&mut self) -> Result<RecvPoll, E::Error> {
+        let p = self.engine.poll()?;
+        Ok(self.record(p))
+    }
+
+    fn handle_header(&mut self, bytes: &[u8]) -> Result<(), E::Error> {
+        self.engine.handle_header(bytes)
+    }
+
+    fn handle_metadata(&mut self, bytes: &[u8]) -> Result<Incoming, E::Error> {
+        let incoming = self.engine.handle_metadata(bytes)?;
+        Ok(self.record(incoming))
+    }
+
+    fn paths(&mut self) -> Result<Vec<KeyPath>, E::Error> {
+        let paths = self.engine.paths()?;
+        Ok(self.record(paths))
+    }
+
+    fn finish_bindings(&mut self, in_place: &[InPlace]) -> Result<Vec<Binding>, E::Error> {
+        let bindings = self.engine.finish_bindings(in_place)?;
+        Ok(self.record(bindings))
+    }
+
+    fn handle_data(&mut self, message: u32) -> Result<(), E::Error> {
+        self.engine.handle_data(message)
+    }
+
+    fn handle_digests(&mut self, message: u32, digests: &[u64]) -> Result<(), E::Error> {
+        self.engine.handle_digests(message, digests)
+    }
+
+    fn handle_trailer(&mut self, bytes: &[u8]) -> Result<(), E::Error> {
+        self.engine.handle_trailer(bytes)
+    }
+
+    fn handle_forwarded(&mut self, message: u32) -> Result<(), E::Error> {
+        self.engine.handle_forwarded(message)
+    }
+
+    fn finish(self) -> Result<Received, E::Error> {
+        self.engine.finish()
+    }
+}
+
+impl<E: SendEngine> SendEngine for Recording<'_, E> {
+    type Error = E::Error;
+
+    fn plan(&self) -> &Plan {
+        self.engine.plan()
+    }
+
+    fn poll(&mut self) -> Result<SendPoll, E::Error> {
+        let p = self.engine.poll()?;
+        Ok(self.record(p))
+    }
+
+    fn message_bytes(&mut self, message: u32) -> Result<Cow<'_, [u8]>, E::Error> {
+        self.engine.message_bytes(message)
+    }
+
+    fn handle_digests(&mut self, message: u32, digests: &[u64]) -> Result<(), E::Error> {
+        self.engine.handle_digests(message, digests)
+    }
+}
+
+/// How the test's host words its refusal of a stream: the fields of a `host_reject_stream` entry's
+/// `host_error` (`lengths`: expected, got).
+fn host_refusal(reason: &str, from: u32, tag: u64, lengths: Option<(u64, u64)>) -> String {
+    let mut s = format!("{reason}: tag {tag} from rank {from}");
+    if let Some((expected, got)) = lengths {
+        s += &format!(", {got} bytes, expected {expected}");
+    }
+    s
+}
 
 /// What a receiver did with a sequence of messages.
 #[derive(Debug)]
 struct Outcome {
-    /// Every operation it asked for and every binding it reported, as Debug text.
+    /// What the engine decided, as Debug text ([`Recording`]).
     ops: Vec<String>,
-    /// The storages' bytes as received (wire bytes).
+    /// Every storage's destination bytes.
     storages: Vec<Vec<u8>>,
-    /// The result, as Debug text (bit-exact for floats), or the error.
-    result: Result<String, ErrorInfo>,
+    /// Every forward: the op and its bytes.
+    forwards: Vec<(ForwardOp, Vec<u8>)>,
+    /// Records the receiver never asked for.
+    left_over: usize,
+    /// The result, or the error.
+    result: Result<Received, ErrorInfo>,
 }
 
-/// Drives a receiver over `records` (tag, bytes), in order, sequentially: each receive completes before
-/// the next poll; data are hashed as they land and every finished storage's digest reported at once.
-fn drive(
-    mut engine: Box<dyn ReceiverEngine>,
-    records: &[(u64, Vec<u8>)],
-    binder: Option<&Binder>,
-) -> Outcome {
-    let mut ops = Vec::new();
-    let mut storages: Vec<Vec<u8>> = Vec::new();
-    let r = (|| -> Result<String> {
-        let mut next_record = records.iter();
-        let mut hashers: Vec<StorageHasher> = Vec::new();
-        loop {
-            let next = engine.poll()?;
-            ops.push(format!("{next:?}"));
-            match next {
-                RecvNext::Recv(step) => {
-                    let (tag, bytes) = next_record.next().ok_or_else(|| anyhow!("stream ended"))?;
-                    // Header, metadata and trailer go to the core as they are (it checks their
-                    // lengths); data must fit the plan before the host places them.
-                    let data = step.kind == MessageKind::Data;
-                    if *tag != step.tag || (data && bytes.len() as u64 != step.len) {
-                        bail!("record tag {tag} len {} for {step:?}", bytes.len());
-                    }
-                    match step.kind {
-                        MessageKind::Header => engine.handle_header(bytes)?,
-                        MessageKind::Metadata => {
-                            let m = engine.handle_metadata(bytes)?;
-                            ops.push(format!("{m:?}"));
-                            storages = m
-                                .storages
-                                .iter()
-                                .map(|s| vec![0; s.nbytes as usize])
-                                .collect();
-                            hashers = vec![StorageHasher::new(); storages.len()];
-                            if let Some(binder) = binder {
-                                for (s, dtype, nbytes) in binder(&m) {
-                                    engine.bind_in_place(s, s as u64, dtype, nbytes)?;
-                                }
-                            }
-                        }
-                        MessageKind::Data => {
-                            let mut at = 0usize;
-                            let mut done = Vec::new();
-                            for seg in &step.segments {
-                                let (s, off, len) =
-                                    (seg.storage as usize, seg.offset as usize, seg.len as usize);
-                                let part = &bytes[at..at + len];
-                                storages[s][off..off + len].copy_from_slice(part);
-                                if step.hash {
-                                    hashers[s].update(part);
-                                    if off + len == storages[s].len() {
-                                        done.push((seg.storage, hashers[s].finish()));
-                                    }
-                                }
-                                at += len;
-                            }
-                            for (s, d) in done {
-                                engine.handle_storage_digest(s, d)?;
-                            }
-                            engine.handle_data(step.message)?;
-                        }
-                        MessageKind::Trailer => engine.handle_trailer(bytes)?,
-                    }
-                }
-                RecvNext::NeedBindings => {
-                    let b = engine.finish_bindings()?;
-                    ops.push(format!("{b:?}"));
-                }
-                RecvNext::Forward(step) => engine.handle_forwarded(step.message)?,
-                RecvNext::Wait => bail!("a sequential receiver never waits"),
-                RecvNext::Done => break,
-            }
-        }
-        Ok(format!("{:?}", engine.finish()?))
-    })();
-    Outcome {
-        ops,
-        storages,
-        result: r
-            .map_err(|e| try_info(&e).unwrap_or_else(|| ErrorInfo::abi("Host", &format!("{e:#}")))),
+impl Outcome {
+    /// The result, comparable bit-exactly (floats as their bits).
+    fn result_bytes(&self) -> Result<Vec<u8>, &ErrorInfo> {
+        self.result.as_ref().map(bytes_of)
     }
 }
 
-/// One message on the wire: `(to, tag, bytes)`.
-type Wire = (u32, u64, Vec<u8>);
+/// Runs a receiver of `factory` through the driver over `records` `(tag, bytes)`: each receive takes
+/// the next record, in order. A record of another tag is not the message asked for, which then never
+/// comes ("missing"); a data record must be as long as the plan says ("length"); header, metadata and
+/// trailer records go to the core as they are (it checks their lengths). `in_place` are the buffers
+/// offered for in-place binding ([`MemoryHost::in_place`]).
+fn receive(
+    factory: &dyn EngineFactory,
+    options: ReceiverOptions,
+    records: &[(u64, Vec<u8>)],
+    in_place: &[(InPlace, Vec<u8>)],
+) -> Outcome {
+    let mut ops = Vec::new();
+    let mut next = records.iter();
+    let source = |op: &RecvOp| -> Result<Vec<u8>, Failure> {
+        let refuse =
+            |reason, lengths| Failure::Host(host_refusal(reason, op.from, op.tag, lengths));
+        match next.next() {
+            Some((tag, _)) if *tag != op.tag => Err(refuse("missing", None)),
+            None => Err(refuse("missing", None)),
+            Some((_, bytes)) if op.kind == MessageKind::Data && bytes.len() as u64 != op.len => {
+                Err(refuse("length", Some((op.len, bytes.len() as u64))))
+            }
+            Some((_, bytes)) => Ok(bytes.clone()),
+        }
+    };
+    let mut host = MemoryHost::new(source)
+        .in_place(in_place.to_vec())
+        .keep_paths();
+    let result = factory
+        .receiver(options)
+        .map_err(Failure::from)
+        .and_then(|engine| drive::receive(Recording::new(engine, &mut ops), &mut host));
+    let forwards = std::mem::take(&mut host.forwards);
+    let storages = host.into_storages();
+    Outcome {
+        ops,
+        storages,
+        forwards,
+        left_over: next.len(),
+        result: result.map_err(|e| e.info()),
+    }
+}
 
-/// Drives a sender to completion over pattern-filled storages: every operation, and the wire messages
-/// `(to, tag, bytes)`.
+/// Runs a receiver of each engine over `records` and checks that they did the same: the same
+/// operations, bytes, forwards and result or error. A sequential run never waits, and a successful
+/// one consumes every record.
+fn both(
+    what: &str,
+    options: ReceiverOptions,
+    records: &[(u64, Vec<u8>)],
+    in_place: &[(InPlace, Vec<u8>)],
+) -> (Outcome, Outcome) {
+    let native = receive(&NativeEngine, options, records, in_place);
+    let wasm = receive(wasm(), options, records, in_place);
+    assert_eq!(native.ops, wasm.ops, "{what}: operations");
+    assert_eq!(native.storages, wasm.storages, "{what}: storage bytes");
+    assert_eq!(native.forwards, wasm.forwards, "{what}: forwards");
+    assert_eq!(
+        native.result_bytes(),
+        wasm.result_bytes(),
+        "{what}: results"
+    );
+    assert!(
+        !native.ops.iter().any(|o| o == "Wait"),
+        "{what}: a sequential receiver never waits: {:?}",
+        native.ops
+    );
+    if native.result.is_ok() {
+        assert_eq!(native.left_over, 0, "{what}: records left over");
+    }
+    (native, wasm)
+}
+
+/// [`MemorySender`] for an engine whose errors are [`EngineError`]s (its own are pgt-core's).
+struct Sending<'a>(MemorySender<'a>);
+
+impl SendHost for Sending<'_> {
+    type Error = EngineError;
+
+    fn send(&mut self, op: &SendOp, payload: Payload<'_>) -> Result<(), EngineError> {
+        Ok(self.0.send(op, payload)?)
+    }
+
+    fn next_event(&mut self, wait: bool) -> Result<Option<Event>, EngineError> {
+        Ok(self.0.next_event(wait)?)
+    }
+
+    fn flush(&mut self) -> Result<(), EngineError> {
+        Ok(self.0.flush()?)
+    }
+}
+
+/// What a sender did.
+#[derive(Debug)]
+struct Sent {
+    /// Every poll result, as Debug text ([`Recording`]).
+    ops: Vec<String>,
+    /// The plan it followed.
+    plan: Plan,
+    /// Every message it sent, in order: the op and the wire bytes.
+    wire: Vec<(SendOp, Vec<u8>)>,
+}
+
+/// Runs a sender of `factory` through the driver over pattern-filled storages (byte `i` of storage
+/// `s` is `(17·s + i) mod 256`).
 fn send_all(
     factory: &dyn EngineFactory,
     metadata: &Metadata,
     digests: bool,
-) -> Result<(Vec<SendNext>, Vec<Wire>), ErrorInfo> {
-    (|| -> Result<_> {
-        let mut engine = factory.sender(metadata.clone(), digests, &Limits::default())?;
-        let storages: Vec<Vec<u8>> = engine
-            .storages()
-            .iter()
-            .enumerate()
-            .map(|(s, r)| {
-                (0..r.nbytes)
-                    .map(|i| ((17 * s as u64 + i) % 256) as u8)
-                    .collect()
-            })
-            .collect();
-        let mut hashers = vec![StorageHasher::new(); storages.len()];
-        let (mut ops, mut wire) = (Vec::new(), Vec::new());
-        loop {
-            let next = engine.poll()?;
-            ops.push(next.clone());
-            let step = match next {
-                SendNext::Send(step) => step,
-                SendNext::WaitDigests => bail!("all digests were reported"),
-                SendNext::Done => break,
-            };
-            let mut done = Vec::new();
-            let bytes = match &step.payload {
-                OwnedPayload::Bytes(b) => b.clone(),
-                OwnedPayload::Storages(segs) => {
-                    let mut out = Vec::new();
-                    for seg in segs {
-                        let s = seg.storage as usize;
-                        let part =
-                            &storages[s][seg.offset as usize..(seg.offset + seg.len) as usize];
-                        if step.hash {
-                            hashers[s].update(part);
-                            if seg.offset + seg.len == storages[s].len() as u64 {
-                                done.push((seg.storage, hashers[s].finish()));
-                            }
-                        }
-                        out.extend_from_slice(part);
-                    }
-                    out
-                }
-            };
-            assert_eq!(bytes.len() as u64, step.len);
-            wire.push((step.to, step.tag, bytes));
-            for (s, d) in done {
-                engine.handle_storage_digest(s, d)?;
-            }
-        }
-        Ok((ops, wire))
-    })()
-    .map_err(|e| info(&e))
+) -> Result<Sent, ErrorInfo> {
+    let limits = Limits::default();
+    let engine = factory
+        .sender(metadata.clone(), digests, &limits)
+        .map_err(|e| info(&e))?;
+    let storages: Vec<Vec<u8>> = Manifest::new(metadata.clone(), digests, &limits)
+        .expect("the engine accepted the metadata")
+        .storages()
+        .iter()
+        .enumerate()
+        .map(|(s, r)| {
+            (0..r.nbytes)
+                .map(|i| ((17 * s as u64 + i) % 256) as u8)
+                .collect()
+        })
+        .collect();
+    let mut ops = Vec::new();
+    let mut host = Sending(MemorySender::new(&storages));
+    let plan = {
+        let mut recording = Recording::new(engine, &mut ops);
+        drive::send(&mut recording, &mut host).map_err(|e| info(&e))?;
+        recording.engine.plan().clone()
+    };
+    assert!(
+        !ops.iter().any(|o| o == "WaitDigests"),
+        "every digest was reported at once: {ops:?}"
+    );
+    for (op, bytes) in &host.0.sent {
+        assert_eq!(bytes.len() as u64, op.len, "{op:?}");
+    }
+    Ok(Sent {
+        ops,
+        plan,
+        wire: host.0.sent,
+    })
 }
 
 fn tensor(dtype: DType, shape: &[u64]) -> Leaf {
@@ -471,16 +645,37 @@ fn state_dicts() -> Vec<(String, Metadata)> {
 
 #[test]
 fn senders_emit_identical_operations_and_bytes() {
+    let limits = Limits::default();
     for (name, metadata) in state_dicts() {
         for digests in [false, true] {
-            let native = send_all(&NativeEngine, &metadata, digests);
-            let wasm = send_all(wasm(), &metadata, digests);
-            let (Ok((nops, nwire)), Ok((wops, wwire))) = (&native, &wasm) else {
-                panic!("{name}: native {:?}, wasm {:?}", native.err(), wasm.err())
+            let (native, sandboxed) = (
+                send_all(&NativeEngine, &metadata, digests),
+                send_all(wasm(), &metadata, digests),
+            );
+            let (Ok(n), Ok(w)) = (&native, &sandboxed) else {
+                panic!(
+                    "{name}: native {:?}, wasm {:?}",
+                    native.err(),
+                    sandboxed.err()
+                )
             };
-            assert!(nops.len() > 3, "{name}");
-            assert_eq!(nops, wops, "{name} digests={digests}: operations");
-            assert_eq!(nwire, wwire, "{name} digests={digests}: wire bytes");
+            assert!(n.ops.len() > 3, "{name}");
+            assert_eq!(n.ops, w.ops, "{name} digests={digests}: operations");
+            assert_eq!(n.plan, w.plan, "{name} digests={digests}: plans");
+            assert_eq!(n.wire, w.wire, "{name} digests={digests}: wire bytes");
+            // pgt_encode's header and metadata are the ones the senders sent.
+            let encoded = pgt_wasm::api::encode(metadata.clone(), digests, &limits).unwrap();
+            let wasm_encoded = wasm().encode(&metadata, digests, &limits).unwrap();
+            assert_eq!(encoded, wasm_encoded, "{name} digests={digests}: encode");
+            for (op, bytes) in &n.wire {
+                match op.kind {
+                    MessageKind::Header => assert_eq!(&encoded.header, bytes, "{name}: header"),
+                    MessageKind::Metadata => {
+                        assert_eq!(&encoded.metadata, bytes, "{name}: metadata")
+                    }
+                    _ => {}
+                }
+            }
         }
     }
 }
@@ -499,37 +694,23 @@ fn invalid_sender_metadata_fails_identically() {
 /// source, data and trailer from the source (direct) or from the previous rank (chain) — the payload
 /// bytes are the same either way.
 fn records_for(metadata: &Metadata, digests: bool, rank: u32) -> Vec<(u64, Vec<u8>)> {
-    let (_, wire) = send_all(&NativeEngine, metadata, digests).unwrap();
+    let sent = send_all(&NativeEngine, metadata, digests).unwrap();
     let first = metadata.destinations[0];
     let chain = metadata.plan.fanout == FanOut::Chain;
-    wire.into_iter()
-        .filter(|(to, tag, _)| *to == rank || (chain && *tag > 2 && *to == first))
-        .map(|(_, tag, bytes)| (tag, bytes))
+    sent.wire
+        .into_iter()
+        .filter(|(op, _)| op.to == rank || (chain && op.tag > 2 && op.to == first))
+        .map(|(op, bytes)| (op.tag, bytes))
         .collect()
 }
 
-fn both(
-    metadata: &Metadata,
-    digests: bool,
-    rank: u32,
-    records: &[(u64, Vec<u8>)],
-    binder: Option<&Binder>,
-) -> (Outcome, Outcome) {
-    let opts = ReceiverOptions {
+fn options(metadata: &Metadata, rank: u32) -> ReceiverOptions {
+    ReceiverOptions {
         rank,
         source: metadata.source,
         expected_step: metadata.step,
         limits: Limits::default(),
-    };
-    let native = drive(NativeEngine.receiver(opts).unwrap(), records, binder);
-    let wasm = drive(wasm().receiver(opts).unwrap(), records, binder);
-    assert_eq!(
-        native.ops, wasm.ops,
-        "digests={digests} rank {rank}: operations"
-    );
-    assert_eq!(native.storages, wasm.storages);
-    assert_eq!(native.result, wasm.result);
-    (native, wasm)
+    }
 }
 
 #[test]
@@ -537,48 +718,84 @@ fn receivers_agree_on_every_rank_and_mode() {
     for (name, metadata) in state_dicts() {
         for digests in [false, true] {
             for &rank in &metadata.destinations {
+                let what = format!("{name} digests={digests} rank {rank}");
                 let records = records_for(&metadata, digests, rank);
-                let (native, _) = both(&metadata, digests, rank, &records, None);
+                let (native, _) = both(&what, options(&metadata, rank), &records, &[]);
                 if let Err(e) = &native.result {
-                    panic!("{name} digests={digests} rank {rank}: {e:?}");
+                    panic!("{what}: {e:?}");
                 }
             }
         }
     }
 }
 
+/// The storages of `metadata` (as a sender validates it).
+fn storages_of(metadata: &Metadata, digests: bool) -> Vec<pgt_core::manifest::StorageRef> {
+    Manifest::new(metadata.clone(), digests, &Limits::default())
+        .unwrap()
+        .storages()
+        .to_vec()
+}
+
 #[test]
 fn in_place_binding_and_cast_agree() {
     let (_, metadata) = state_dicts().remove(1);
     let records = records_for(&metadata, true, 1);
-    // Every float tensor in place, float32 received into float64 (a cast: twice the bytes).
-    let cast: &Binder = &|m: &IncomingManifest| {
-        m.storages
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.dtype == DType::Float32)
-            .map(|(i, s)| (i, DType::Float64, s.nbytes * 2))
-            .collect()
-    };
-    let (native, _) = both(&metadata, true, 1, &records, Some(cast));
+    // Every float32 tensor in place, received into float64 (a cast: twice the bytes).
+    let cast: Vec<(InPlace, Vec<u8>)> = storages_of(&metadata, true)
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.dtype == DType::Float32)
+        .map(|(i, s)| {
+            let target = InPlace {
+                storage: i as u32,
+                id: i as u64,
+                dtype: DType::Float64,
+                nbytes: s.nbytes * 2,
+            };
+            (target, vec![0xa5; target.nbytes as usize])
+        })
+        .collect();
+    assert!(!cast.is_empty());
+    let (native, _) = both("cast", options(&metadata, 1), &records, &cast);
     let result = native.result.unwrap();
-    assert!(result.contains("InPlace(0)") && result.contains("cast_from: Some(Float32)"));
+    let b = &result.bindings[0];
+    assert_eq!(
+        (b.dest, b.dtype, b.cast_from),
+        (Dest::InPlace(0), DType::Float64, Some(DType::Float32)),
+        "{result:?}"
+    );
+    // The cast landed: storage 0 holds float64 values of the float32 pattern.
+    let wire: Vec<u8> = (0..cast[0].0.nbytes / 2).map(|i| (i % 256) as u8).collect();
+    let expected: Vec<u8> = wire
+        .chunks_exact(4)
+        .flat_map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes())
+        .collect();
+    assert!(
+        native.storages[0] == expected,
+        "storage 0 was not cast from the pattern"
+    );
 }
 
 #[test]
 fn in_place_size_mismatch_names_the_key_path() {
     let (_, metadata) = state_dicts().remove(0);
     let records = records_for(&metadata, false, 1);
-    let wrong: &Binder = &|m: &IncomingManifest| {
-        let bias = 1; // model.b: bfloat16 [129]
-        vec![(bias, m.storages[bias].dtype, m.storages[bias].nbytes + 2)]
+    let bias = 1; // model.b: bfloat16 [129]
+    let s = &storages_of(&metadata, false)[bias];
+    let target = InPlace {
+        storage: bias as u32,
+        id: bias as u64,
+        dtype: s.dtype,
+        nbytes: s.nbytes + 2,
     };
-    let (native, _) = both(&metadata, false, 1, &records, Some(wrong));
+    let wrong = [(target, vec![0; target.nbytes as usize])];
+    let (native, _) = both("size mismatch", options(&metadata, 1), &records, &wrong);
     let e = native.result.unwrap_err();
     assert_eq!(e.name, "InPlaceSizeMismatch");
     assert!(e.message.starts_with("model.b:"), "{}", e.message);
     assert_eq!(
-        e.debug,
+        format!("{:?}", e.error.unwrap()),
         "InPlaceSizeMismatch { path: \"model.b\", expected: 258, got: 260 }"
     );
 }
@@ -596,7 +813,7 @@ fn digest_mismatch_is_found_by_both() {
             .nth(1)
             .unwrap();
         data.1[5] ^= 0x10;
-        let (native, _) = both(&metadata, true, 1, &records, None);
+        let (native, _) = both(&format!("{fanout:?}"), options(&metadata, 1), &records, &[]);
         let e = native.result.unwrap_err();
         assert_eq!(e.name, "DigestMismatch", "{fanout:?}: {e:?}");
         // In chain mode the receiver still forwarded everything before failing.
@@ -607,6 +824,7 @@ fn digest_mismatch_is_found_by_both() {
                 .filter(|o| o.starts_with("Forward"))
                 .count();
             assert_eq!(forwards, records.len() - 2, "{:?}", native.ops);
+            assert_eq!(native.forwards.len(), forwards);
         }
     }
 }
@@ -621,19 +839,26 @@ fn protocol_order_errors_agree() {
         limits: Limits::default(),
     };
     let records = records_for(&metadata, false, 1);
+    let unexpected = |call| Some(Error::UnexpectedCall { call });
     for factory in [&NativeEngine as &dyn EngineFactory, wasm()] {
         let mut r = factory.receiver(opts).unwrap();
         // Metadata before the header, data before anything.
+        let e = r.handle_metadata(&records[1].1).unwrap_err();
         assert_eq!(
-            info(&r.handle_metadata(&records[1].1).unwrap_err()).name,
-            "ProtocolState"
+            e.protocol(),
+            unexpected(Call::Metadata).as_ref(),
+            "{factory:?}"
         );
-        assert_eq!(info(&r.handle_data(2).unwrap_err()).name, "ProtocolState");
+        let e = r.handle_data(2).unwrap_err();
+        assert_eq!(e.protocol(), unexpected(Call::Data).as_ref(), "{factory:?}");
         r.handle_header(&records[0].1).unwrap();
+        let e = r.handle_header(&records[0].1).unwrap_err();
         assert_eq!(
-            info(&r.handle_header(&records[0].1).unwrap_err()).name,
-            "ProtocolState"
+            e.protocol(),
+            unexpected(Call::Header).as_ref(),
+            "{factory:?}"
         );
-        assert_eq!(info(&r.finish().unwrap_err()).name, "Incomplete");
+        let e = r.finish().unwrap_err();
+        assert_eq!(e.protocol(), Some(&Error::Incomplete), "{factory:?}");
     }
 }

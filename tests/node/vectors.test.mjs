@@ -122,8 +122,20 @@ test("receiver_reject vectors decode but a receiver with the vector's options re
   }
 });
 
-/** A sequential host over a stream's records (pgt_recv.mjs's `receive` drives it): each message is the
- * next record; data lands in fresh storages, with its digests per message when the op says so. */
+/** The host refusing a message before the core sees it: `error` as in a host_reject_stream entry. */
+class HostReject extends Error {
+  constructor(error) {
+    super(JSON.stringify(error));
+    this.error = error;
+  }
+}
+
+/**
+ * A sequential host over a stream's records (pgt_recv.mjs's `receive` drives it): each message is the
+ * next record; data lands in fresh storages, with its digests per message when the op says so. A record
+ * with another tag than the one asked for is not that message, which then never comes; a data message
+ * must have exactly the plan's length (the core never sees its bytes).
+ */
 class RecordsHost {
   constructor(v) {
     Object.assign(this, { v, recs: records(v), next: 0, storages: [], paths: null, forwards: [], events: [] });
@@ -131,8 +143,9 @@ class RecordsHost {
 
   recvBytes(op) {
     const rec = this.recs[this.next++];
-    assert.ok(rec, `${this.v.file}: stream ended`);
-    assert.equal(rec.tag, num(op.tag), `${this.v.file}: tag`);
+    if (!rec || rec.tag !== num(op.tag)) {
+      throw new HostReject({ reason: "missing", from: op.from, tag: num(op.tag) });
+    }
     return rec.bytes;
   }
 
@@ -149,7 +162,10 @@ class RecordsHost {
 
   recvData(op, segments) {
     const bytes = this.recvBytes(op);
-    assert.equal(bytes.length, num(op.len));
+    if (bytes.length !== num(op.len)) {
+      const [expected, got] = [num(op.len), bytes.length];
+      throw new HostReject({ reason: "length", from: op.from, tag: num(op.tag), expected, got });
+    }
     const digests = [];
     let at = 0;
     for (const seg of segments) {
@@ -202,6 +218,28 @@ test("malformed streams fail with the named error", async () => {
   const vs = byKind("malformed_stream");
   assert.ok(vs.length >= 2);
   for (const v of vs) await assert.rejects(receive(v), isPgtError(v), v.file);
+});
+
+test("host_reject streams are refused by the host before the core sees the message", async () => {
+  const vs = byKind("host_reject_stream");
+  assert.ok(vs.length >= 4);
+  for (const v of vs) {
+    await assert.rejects(
+      receive(v),
+      (e) => {
+        assert.ok(e instanceof HostReject, `${v.file}: ${e}`);
+        assert.deepEqual(e.error, v.host_error, v.file);
+        return true;
+      },
+      v.file,
+    );
+  }
+});
+
+test("every vector kind is tested", () => {
+  const kinds = new Set(index.vectors.map((v) => v.kind));
+  const tested = ["valid_metadata", "malformed", "receiver_reject", "stream", "malformed_stream", "host_reject_stream"];
+  assert.deepEqual([...kinds].sort(), [...tested].sort());
 });
 
 test("a JS-driven sender produces each stream's bytes", () => {

@@ -158,9 +158,19 @@ def test_receiver_reject(pgt, v):
     check_error(e.value, v)
 
 
+class HostReject(Exception):
+    """The host refuses a message before the core sees it: ``error`` as in a host_reject_stream entry."""
+
+    def __init__(self, error):
+        super().__init__(error)
+        self.error = error
+
+
 class RecordsHost:
     """A sequential host over a stream's records (pgt_recv.receive drives it): each message is the
-    next record; data lands in fresh storages, hashed with XXH3-64 per message when the op says so."""
+    next record; data lands in fresh storages, hashed with XXH3-64 per message when the op says so. A
+    record with another tag than the one asked for is not that message, which then never comes; a data
+    message must have exactly the plan's length (the core never sees its bytes)."""
 
     def __init__(self, v, targets=()):
         self.recs, self.targets = iter(records(v)), list(targets)
@@ -168,8 +178,10 @@ class RecordsHost:
         self.events = collections.deque()
 
     def recv_bytes(self, op):
-        tag, data = next(self.recs)
-        assert tag == op["tag"]
+        want = int(op["tag"])
+        tag, data = next(self.recs, (None, None))
+        if tag != want:
+            raise HostReject({"reason": "missing", "from": op["from"], "tag": want})
         return data
 
     def bind(self, incoming, paths):
@@ -183,6 +195,11 @@ class RecordsHost:
 
     def recv_data(self, op, segments):
         data, at, digests = self.recv_bytes(op), 0, []
+        if len(data) != int(op["len"]):
+            raise HostReject(
+                {"reason": "length", "from": op["from"], "tag": int(op["tag"]),
+                 "expected": int(op["len"]), "got": len(data)}
+            )  # fmt: skip
         for seg in segments:
             s, off, n = seg["storage"], int(seg["offset"]), int(seg["len"])
             self.storages[s][off : off + n] = data[at : at + n]
@@ -208,6 +225,7 @@ def receive(pgt, v, targets=()):
     o = v["receiver"]
     host = RecordsHost(v, targets)
     result = drive(pgt.receiver(o["rank"], o["source"], o["expected_step"]), host)
+    assert next(host.recs, None) is None, "records left over"
     return host, result
 
 
@@ -243,6 +261,25 @@ def test_in_place_targets(pgt):
     with pytest.raises(PgtError) as e:
         receive(pgt, v, [dict(target, nbytes=int(st["nbytes"]) + 2)])
     assert e.value.name == "InPlaceSizeMismatch", e.value.message
+
+
+@pytest.mark.parametrize("v", by_kind("host_reject_stream"), ids=ids(by_kind("host_reject_stream")))
+def test_host_reject_stream(pgt, v):
+    with pytest.raises(HostReject) as e:
+        receive(pgt, v)
+    assert e.value.error == v["host_error"]
+
+
+def test_every_kind_is_tested():
+    assert {v["kind"] for v in INDEX["vectors"]} == {
+        "valid_metadata",
+        "malformed",
+        "receiver_reject",
+        "stream",
+        "malformed_stream",
+        "host_reject_stream",
+    }
+    assert len(by_kind("host_reject_stream")) >= 4
 
 
 @pytest.mark.parametrize("v", by_kind("stream"), ids=ids(by_kind("stream")))

@@ -45,6 +45,9 @@ pub enum Kind {
     Stream,
     /// A stream that the receiver rejects with the named error.
     MalformedStream,
+    /// A stream that the receiving host must refuse itself (a data message of the wrong length, a
+    /// message that never comes), before pgt-core sees the offending message.
+    HostRejectStream,
 }
 
 impl Kind {
@@ -56,6 +59,7 @@ impl Kind {
             Kind::ReceiverReject => "receiver_reject",
             Kind::Stream => "stream",
             Kind::MalformedStream => "malformed_stream",
+            Kind::HostRejectStream => "host_reject_stream",
         }
     }
 }
@@ -258,7 +262,7 @@ pub fn valid_cases() -> Vec<(&'static str, &'static str, Metadata, bool)> {
     let mut out = Vec::new();
     out.push((
         "empty_dict",
-        "An empty dict: no leaves, no storages, no data messages. Default plan (Chain, bucket 1 MiB, chunk 16 MiB), digests off.",
+        "An empty dict: no leaves, no storages, no data messages. Default plan (Chain, bucket 1 MiB, chunk 4 MiB), digests off.",
         metadata(None, 0, &[1], PlanParams::default(), vec![Node::Dict(vec![])], vec![]),
         false,
     ));
@@ -813,7 +817,7 @@ fn bad_cases() -> Vec<Bad> {
     ));
     v.push(bad_meta(
         "too_many_messages",
-        "A uint8 tensor of 64 × 2^24 + 1 bytes with chunk_size 64: 2^24 + 1 data messages (default max_messages is 2^24).",
+        "A uint8 tensor of 64 × 2^24 + 1 bytes with chunk_size 64: 2^24 + 1 data messages (default max_messages is 2^20).",
         &Metadata {
             plan: plan(FanOut::Chain, 64, 64),
             ..one_tensor(TensorLayout::contiguous(DType::UInt8, &[(64 << 24) + 1]))
@@ -920,6 +924,11 @@ fn bad_cases() -> Vec<Bad> {
         &with_dtensor(|_, s| s.mesh.shape = vec![1 << 32, 1 << 32]),
     ));
     v.push(bad_meta(
+        "mesh_zero_dim",
+        "A DTensor whose mesh shape is [2^32, 2^32, 0] (its 4 ranks, 2 dim names and 2 placements kept): the mesh size is the true product, 0, not an overflow, so the rank count is checked and is wrong (MeshRankCount, before the dim names and placements).",
+        &with_dtensor(|_, s| s.mesh.shape = vec![1 << 32, 1 << 32, 0]),
+    ));
+    v.push(bad_meta(
         "mesh_dim_names",
         "A DTensor whose 2-dim mesh has 1 dim name.",
         &with_dtensor(|_, s| s.mesh.dim_names = Some(vec!["dp".into()])),
@@ -975,6 +984,87 @@ fn bad_cases() -> Vec<Bad> {
         "bad_placement",
         "A ShardedTensor shard placed at \"cuda:1\" (not \"rank:N/device\").",
         &with_sharded(|_, g| g.shards[1].placement = "cuda:1".into()),
+    ));
+    for (name, placement, description) in [
+        (
+            "bad_placement_uppercase",
+            "RANK:1/cuda:1",
+            "A ShardedTensor shard placed at \"RANK:1/cuda:1\": the prefix \"rank:\" is lowercase and case-sensitive.",
+        ),
+        (
+            "bad_placement_empty_rank",
+            "rank:/cuda:1",
+            "A ShardedTensor shard placed at \"rank:/cuda:1\": the rank has at least one digit (JavaScript's Number(\"\") would be 0).",
+        ),
+        (
+            "bad_placement_sign",
+            "rank:+1/cuda:1",
+            "A ShardedTensor shard placed at \"rank:+1/cuda:1\": the rank is ASCII digits only, no sign (Rust's and Python's integer parsers take \"+1\").",
+        ),
+        (
+            "bad_placement_space",
+            "rank: 1/cuda:1",
+            "A ShardedTensor shard placed at \"rank: 1/cuda:1\": no spaces (Python's int() takes \" 1\").",
+        ),
+        (
+            "bad_placement_underscore",
+            "rank:1_0/cuda:1",
+            "A ShardedTensor shard placed at \"rank:1_0/cuda:1\": ASCII digits only (Python's int() takes \"1_0\" as 10).",
+        ),
+        (
+            "bad_placement_unicode_digit",
+            "rank:\u{661}/cuda:1",
+            "A ShardedTensor shard placed at \"rank:\u{661}/cuda:1\" (U+0661 ARABIC-INDIC DIGIT ONE, bytes D9 A1): ASCII digits only (Python's int() and str.isdigit() take it).",
+        ),
+        (
+            "bad_placement_rank_overflow",
+            "rank:18446744073709551616/cuda:1",
+            "A ShardedTensor shard placed at \"rank:18446744073709551616/cuda:1\": the rank is a u64 and 2^64 overflows it.",
+        ),
+        (
+            "bad_placement_empty_device",
+            "rank:1/",
+            "A ShardedTensor shard placed at \"rank:1/\": the device after the first '/' is not empty.",
+        ),
+    ] {
+        v.push(bad_meta(
+            name,
+            description,
+            &with_sharded(|_, g| g.shards[1].placement = placement.into()),
+        ));
+    }
+    v.push(bad_meta(
+        "sharded_order_layouts_first",
+        "A ShardedTensor whose local shard 1 has stride [1] for shape [2, 4] and whose global shard 0 is placed at \"cuda:0\": every local shard's layout is checked before the global shards, so StrideRankMismatch, not BadPlacement.",
+        &with_sharded(|l, g| {
+            l[1].layout.stride = vec![1];
+            g.shards[0].placement = "cuda:0".into();
+        }),
+    ));
+    v.push(bad_meta(
+        "sharded_order_shard_dims",
+        "A ShardedTensor whose global shard 1 has offsets [7, 2^64 − 1], sizes [2, 4] and placement \"RANK:1/cuda:1\": a shard's dims are checked in order, each for overflow then bounds, and the placement last, so dim 0's end 9 > 8 gives ShardOutOfBounds, not LayoutOverflow (dim 1) or BadPlacement.",
+        &with_sharded(|_, g| {
+            g.shards[1].offsets = vec![7, u64::MAX];
+            g.shards[1].placement = "RANK:1/cuda:1".into();
+        }),
+    ));
+    v.push(bad_meta(
+        "sharded_order_global_before_local",
+        "A ShardedTensor whose local shard 0 holds a [2, 2] tensor for sizes [2, 4] and whose global shard 3 is placed at \"cuda:1\": every global shard is checked before any local shard's metadata, so BadPlacement, not LocalShapeMismatch.",
+        &with_sharded(|l, g| {
+            l[0].layout = TensorLayout::contiguous(DType::Float32, &[2, 2]);
+            g.shards[3].placement = "cuda:1".into();
+        }),
+    ));
+    v.push(bad_meta(
+        "sharded_order_local_checks",
+        "A float32 ShardedTensor whose local shard 0 is a float16 [2, 4] tensor at offsets [1, 0] (no global shard is there) and whose local shard 1 holds a [2, 2] tensor for sizes [2, 4]: all of a local shard's checks (metadata, shape, dtype, membership) run before the next shard's, so local shard 0's DTypeMismatch, not ShardNotInGlobal or local shard 1's LocalShapeMismatch.",
+        &with_sharded(|l, _| {
+            l[0].layout = TensorLayout::contiguous(DType::Float16, &[2, 4]);
+            l[0].meta.offsets = vec![1, 0];
+            l[1].layout = TensorLayout::contiguous(DType::Float32, &[2, 2]);
+        }),
     ));
     v.push(bad_meta(
         "shard_not_in_global",
@@ -1075,6 +1165,12 @@ fn valid_limit_cases() -> Vec<(&'static str, &'static str, Metadata, bool)> {
             },
             false,
         ),
+        (
+            "zero_size_huge_dims",
+            "A float32 tensor of shape [2^32, 2^32, 0], stride [2^32, 1, 1], in a 0-byte storage: multiplying the dims in order overflows before the 0 is reached, but the element count is the true product, 0, so the layout is valid (not LayoutOverflow; compare layout_overflow).",
+            one_tensor(view(DType::Float32, &[1 << 32, 1 << 32, 0], &[1 << 32, 1, 1], 0, 0)),
+            false,
+        ),
     ]
 }
 
@@ -1144,8 +1240,20 @@ fn receiver_reject_cases() -> Vec<(&'static str, &'static str, Metadata, Receive
         (
             "step_mismatch",
             "Metadata of step 9 received by a receiver expecting step 10.",
-            stepped,
+            stepped.clone(),
             opts(1, 0, Some(10)),
+        ),
+        (
+            "receiver_checks_source_first",
+            "Metadata of step 9 from source 0 to [1], received by rank 5 expecting source 7 and step 10: source, step and destination are all wrong, and the source is checked first (UnexpectedSource).",
+            stepped.clone(),
+            opts(5, 7, Some(10)),
+        ),
+        (
+            "receiver_checks_step_before_rank",
+            "Metadata of step 9 from source 0 to [1], received by rank 5 expecting source 0 and step 10: step and destination are wrong, and the step is checked before the destination (StepMismatch).",
+            stepped,
+            opts(5, 0, Some(10)),
         ),
     ]
 }
@@ -1295,7 +1403,47 @@ pub fn stream_cases() -> Vec<StreamCase> {
             digests: true,
             rank: 2,
         },
+        StreamCase {
+            name: "stream_sharded_placements",
+            description: "What a receiver rewrites in a ShardedTensor, Direct 0 → [2] (rank 2's stream), digests on, default plan. float32 [6, 4]; global shards [0,0]+[2,4] at \"rank:000/cuda:0\", [0,0]+[0,4] at \"rank:18446744073709551615/cuda:3\" (a zero-size shard at the same offsets as the first), [2,0]+[2,4] at \"rank:1/node-a/cuda:1\", [4,0]+[2,4] at \"rank:0/cpu\"; the sender holds 3 local shards (32 B each): [0,0]+[2,4] at \"rank:0/cuda:0\", [2,0]+[2,4] at \"rank:01/node-a/cuda:1\", [4,0]+[2,4] at \"rank:0/cuda:0\". Leading zeros and a '/' in the device are valid. Rank 2 places each local shard at rank:2 with its own device, and each global shard whose (offsets, sizes) equal a local shard's at rank:2 with the global entry's own device: \"rank:2/cuda:0\", unchanged, \"rank:2/node-a/cuda:1\", \"rank:2/cpu\".",
+            metadata: metadata(
+                None,
+                0,
+                &[2],
+                plan(FanOut::Direct, 1 << 20, 4 << 20),
+                vec![dict(&["table"]), Node::Leaf],
+                vec![placements_leaf()],
+            ),
+            digests: true,
+            rank: 2,
+        },
     ]
+}
+
+/// The ShardedTensor of `stream_sharded_placements`.
+fn placements_leaf() -> Leaf {
+    let global = ShardedTensorMetadata {
+        shards: vec![
+            shard_meta(&[0, 0], &[2, 4], "rank:000/cuda:0"),
+            shard_meta(&[0, 0], &[0, 4], "rank:18446744073709551615/cuda:3"),
+            shard_meta(&[2, 0], &[2, 4], "rank:1/node-a/cuda:1"),
+            shard_meta(&[4, 0], &[2, 4], "rank:0/cpu"),
+        ],
+        global_size: vec![6, 4],
+        dtype: DType::Float32,
+    };
+    let local = |offsets: &[u64], placement: &str| LocalShard {
+        layout: TensorLayout::contiguous(DType::Float32, &[2, 4]),
+        meta: shard_meta(offsets, &[2, 4], placement),
+    };
+    Leaf::Sharded {
+        local_shards: vec![
+            local(&[0, 0], "rank:0/cuda:0"),
+            local(&[2, 0], "rank:01/node-a/cuda:1"),
+            local(&[4, 0], "rank:0/cuda:0"),
+        ],
+        global,
+    }
 }
 
 fn pattern_text() -> &'static str {
@@ -1372,7 +1520,7 @@ fn malformed_stream_vector(
     e["pattern"] = Json::from(pattern_text());
     let (name_, debug) = match &err {
         host::HostError::Core(err) => (err.name(), format!("{err:?}")),
-        host::HostError::Host(h) => panic!("malformed stream {name} fails in the host: {h}"),
+        other => panic!("malformed stream {name} fails in the host: {other:?}"),
     };
     e["error"] = Json::from(name_);
     e["error_debug"] = Json::from(debug);
@@ -1385,27 +1533,63 @@ fn malformed_stream_vector(
     }
 }
 
-/// Feeds stream records, in order, to a receiver: each receive takes the next record, whose tag must be
-/// the one asked for.
+fn host_reject_stream_vector(
+    name: &str,
+    description: &str,
+    wires: &[Wire],
+    receiver: ReceiverOptions,
+) -> Vector {
+    let records: Vec<(u64, Vec<u8>)> = wires.iter().map(|w| (w.tag, w.bytes.clone())).collect();
+    let err = run_stream(receiver, &records).expect_err("the host refuses the stream");
+    let host_error = host_error_json(&err)
+        .unwrap_or_else(|| panic!("stream {name} fails with {err:?}, not a host refusal"));
+    let mut e = entry(name, Kind::HostRejectStream, description);
+    e["receiver"] = options_json(&receiver);
+    e["pattern"] = Json::from(pattern_text());
+    e["host_error"] = host_error;
+    Vector {
+        name: name.into(),
+        kind: Kind::HostRejectStream,
+        description: description.into(),
+        bytes: host::encode_stream(wires),
+        entry: e,
+    }
+}
+
+/// A host's refusal as in a `host_reject_stream` entry's `host_error`; `None` for other errors.
+pub fn host_error_json(e: &host::HostError) -> Option<Json> {
+    match *e {
+        host::HostError::Length {
+            from,
+            tag,
+            expected,
+            got,
+        } => Some(json!({
+            "reason": "length",
+            "from": from,
+            "tag": uint(tag),
+            "expected": uint(expected),
+            "got": uint(got),
+        })),
+        host::HostError::Missing { from, tag } => {
+            Some(json!({"reason": "missing", "from": from, "tag": uint(tag)}))
+        }
+        _ => None,
+    }
+}
+
+/// Feeds stream records, in order, to a receiver: each receive takes the next record. A record with
+/// another tag than the one asked for is not that message, which then never comes
+/// ([`host::HostError::Missing`]), as for a host that matches messages on their tag.
 pub fn run_stream(
     options: ReceiverOptions,
     records: &[(u64, Vec<u8>)],
 ) -> Result<host::Outcome, host::HostError> {
     let mut it = records.iter();
-    let mut bad_tag = None;
     let r = host::run_receiver(options, |_, tag| {
         let (t, bytes) = it.next()?;
-        if *t != tag {
-            bad_tag = Some((*t, tag));
-            return None;
-        }
-        Some(bytes.clone())
+        (*t == tag).then(|| bytes.clone())
     });
-    if let Some((got, want)) = bad_tag {
-        return Err(host::HostError::Host(format!(
-            "record has tag {got}, receiver asked for {want}"
-        )));
-    }
     let outcome = r?;
     if it.next().is_some() {
         return Err(host::HostError::Host("records left over".into()));
@@ -1451,6 +1635,56 @@ pub fn vectors() -> Vec<Vector> {
         &short,
         receiver,
     ));
+    let mut long_trailer = direct_digests.clone();
+    long_trailer[last].bytes.extend_from_slice(&[0; 8]);
+    out.push(malformed_stream_vector(
+        "stream_trailer_long",
+        "stream_direct_digests with 8 zero bytes after the trailer (48 bytes; 5 storages need 40): a longer trailer is TrailerLength too, for a host that hands the core what arrived (pgt-host's process group refuses it before: PROTOCOL.md §12).",
+        &long_trailer,
+        receiver,
+    ));
+    let mut several = direct_digests.clone();
+    several[6].bytes[0] ^= 0x01; // data message 4 (tag 7): storage 3 "mask", byte 0
+    several[last].bytes[8] ^= 0x01; // the trailer's digest of storage 1 "layer.bias"
+    several[last].bytes[32] ^= 0x01; // the trailer's digest of storage 4 "empty" (0 bytes)
+    out.push(malformed_stream_vector(
+        "stream_digest_mismatch_several",
+        "stream_direct_digests with storages 1, 3 and 4 mismatching: one bit flipped in data message tag 7 (storage 3 \"mask\", byte 0) and in the trailer's digests of storage 1 \"layer.bias\" and storage 4 \"empty\" (0 bytes). The error names the lowest mismatching storage, 1.",
+        &several,
+        receiver,
+    ));
+    let mut data_short = direct_digests.clone();
+    data_short[3].bytes.truncate(63);
+    out.push(host_reject_stream_vector(
+        "stream_data_short",
+        "stream_direct_digests with data message tag 4 cut to 63 bytes (the plan says 64). The host must refuse it: pgt-core hands out the expected length and only learns that a data message landed.",
+        &data_short,
+        receiver,
+    ));
+    let mut data_long = direct_digests.clone();
+    data_long[5].bytes.push(0);
+    out.push(host_reject_stream_vector(
+        "stream_data_long",
+        "stream_direct_digests with a zero byte after data message tag 6 (41 bytes; the plan says 40): the host must refuse it.",
+        &data_long,
+        receiver,
+    ));
+    let mut wrong_tag = direct_digests.clone();
+    wrong_tag[3].tag = 9;
+    out.push(host_reject_stream_vector(
+        "stream_wrong_tag",
+        "stream_direct_digests with data message tag 4 sent with tag 9 (this transfer's tags are 1 to 8): it is not the message the receiver waits for, and tag 4 never comes.",
+        &wrong_tag,
+        receiver,
+    ));
+    let mut no_trailer = direct_digests.clone();
+    no_trailer.pop();
+    out.push(host_reject_stream_vector(
+        "stream_missing_trailer",
+        "stream_direct_digests without its trailer: the header's flag bit 0 announces one (tag 8), so the receiver waits for it.",
+        &no_trailer,
+        receiver,
+    ));
     for b in bad_cases() {
         out.push(malformed_vector(b));
     }
@@ -1479,6 +1713,7 @@ pub fn readme(vectors: &[Vector]) -> String {
         Kind::ValidMetadata,
         Kind::Stream,
         Kind::MalformedStream,
+        Kind::HostRejectStream,
         Kind::Malformed,
         Kind::ReceiverReject,
     ] {
@@ -1492,7 +1727,18 @@ pub fn readme(vectors: &[Vector]) -> String {
         for v in vectors.iter().filter(|v| v.kind == kind) {
             let desc = v.description.replace('|', "\\|");
             if with_error {
-                let err = v.entry["error_debug"].as_str().unwrap_or_default();
+                let err = match v.entry.get("host_error") {
+                    // Fixed key order: serde_json's own order depends on its features.
+                    Some(h) => ["reason", "from", "tag", "expected", "got"]
+                        .iter()
+                        .filter_map(|k| Some(format!("{k}: {}", h.get(*k)?)))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    None => v.entry["error_debug"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                };
                 out.push_str(&format!("| `{}.bin` | `{}` | {} |\n", v.name, err, desc));
             } else {
                 out.push_str(&format!("| `{}.bin` | {} |\n", v.name, desc));
@@ -1532,9 +1778,9 @@ as `index.json` says. The wire format is specified in `PROTOCOL.md` at the repos
     (`header_len` bytes, 24 except in `header_short` / `header_long`) immediately followed by the
     metadata message (the rest of the file). A decoder parses `file[:header_len]` as the header and
     `file[header_len:]` as the metadata.
-  - **stream** (kinds `stream`, `malformed_stream`): the messages one receiver gets, in the order it
-    receives them, each as `tag: u64 LE | len: u64 LE | len bytes`, back to back. The first two records
-    are the header (tag 1) and metadata (tag 2) messages.
+  - **stream** (kinds `stream`, `malformed_stream`, `host_reject_stream`): the messages one receiver
+    gets, in the order it receives them, each as `tag: u64 LE | len: u64 LE | len bytes`, back to back.
+    The first two records are the header (tag 1) and metadata (tag 2) messages.
 
 ## index.json
 
@@ -1568,6 +1814,12 @@ Every entry has `file`, `kind`, `description`. Then by kind:
   pattern.
 - `malformed_stream`: `receiver`, `pattern`, `error`, `error_debug`: feeding the records in order makes
   the receiver fail with that error.
+- `host_reject_stream`: `receiver`, `pattern`, `host_error`: feeding the records in order, the host
+  itself must fail the transfer, which pgt-core alone cannot (PROTOCOL.md §12, "Messages that do not
+  fit the plan"). `host_error` is `{"reason": "length", "from", "tag", "expected", "got"}` for a data message of
+  another length than the plan's, or `{"reason": "missing", "from", "tag"}` for a message the receiver
+  waits for that never comes (the records run out, or the next one has another tag: a record with
+  another tag is not that message).
 
 ## Vectors
 "#;

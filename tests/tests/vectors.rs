@@ -302,6 +302,28 @@ fn malformed_streams_fail_with_their_named_error() {
 }
 
 #[test]
+fn host_reject_streams_are_refused_by_the_host() {
+    let mut seen = 0;
+    for e in entries()
+        .iter()
+        .filter(|e| e["kind"] == Kind::HostRejectStream.name())
+    {
+        seen += 1;
+        let name = str_of(e, "file");
+        let records =
+            host::decode_stream(&read(name)).unwrap_or_else(|err| panic!("{name}: {err}"));
+        let options = vectors::options_from_json(&e["receiver"]).expect("receiver options");
+        let err = vectors::run_stream(options, &records).expect_err(name);
+        assert_eq!(
+            vectors::host_error_json(&err).as_ref(),
+            Some(&e["host_error"]),
+            "{name}: {err:?}"
+        );
+    }
+    assert!(seen >= 4, "only {seen} host_reject streams");
+}
+
+#[test]
 fn empty_storage_digest_is_the_documented_constant() {
     assert_eq!(pgt_core::digest::digest(&[]), 0x2D06_8005_38D3_94C2);
 }

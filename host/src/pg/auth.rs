@@ -36,17 +36,25 @@ use super::PgError;
 type HmacSha256 = Hmac<Sha256>;
 
 const MAGIC: &[u8; 8] = b"PGTAUTH1";
-const CLIENT_HELLO_LEN: usize = 52;
-const SERVER_HELLO_LEN: usize = 84;
-const MAC_LEN: usize = 32;
-const NONCE_LEN: usize = 32;
+/// Length of a ClientHello, and of a ServerHello without its MAC.
+pub(crate) const CLIENT_HELLO_LEN: usize = 52;
+/// Length of a ServerHello.
+pub(crate) const SERVER_HELLO_LEN: usize = 84;
+/// Length of an HMAC-SHA256 (the ServerHello's MAC, the ClientProof).
+pub(crate) const MAC_LEN: usize = 32;
+/// Length of a hello's nonce.
+pub const NONCE_LEN: usize = 32;
+/// Label of the server's MAC.
+const LABEL_SERVER: &[u8] = b"pgt/1 server";
+/// Label of the client's proof.
+const LABEL_CLIENT: &[u8] = b"pgt/1 client";
 
 /// Purpose byte: registration with the rendezvous store.
-pub(crate) const PURPOSE_STORE: u8 = 1;
+pub const PURPOSE_STORE: u8 = 1;
 /// Purpose byte: a peer-to-peer connection.
-pub(crate) const PURPOSE_PEER: u8 = 2;
+pub const PURPOSE_PEER: u8 = 2;
 /// Rank field of the store.
-pub(crate) const STORE_RANK: u32 = u32::MAX;
+pub const STORE_RANK: u32 = u32::MAX;
 
 /// Verdict codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +88,7 @@ pub(crate) struct Identity {
 }
 
 impl Identity {
-    fn encode(&self, nonce: &[u8; NONCE_LEN]) -> [u8; CLIENT_HELLO_LEN] {
+    pub(crate) fn encode(&self, nonce: &[u8; NONCE_LEN]) -> [u8; CLIENT_HELLO_LEN] {
         let mut b = [0u8; CLIENT_HELLO_LEN];
         b[..8].copy_from_slice(MAGIC);
         b[8] = self.purpose;
@@ -147,11 +155,23 @@ fn peer_name(stream: &TcpStream) -> String {
         .unwrap_or_else(|_| "<unknown>".into())
 }
 
-/// Client side. Returns the server's identity once the server accepted us.
+/// Client side, with a fresh nonce from the OS RNG. Returns the server's identity once the server
+/// accepted us.
 pub(crate) fn client_handshake(
     stream: &TcpStream,
     token: &[u8],
     me: Identity,
+    deadline: Instant,
+) -> Result<Identity, HsError> {
+    client_handshake_with_nonce(stream, token, me, &nonce()?, deadline)
+}
+
+/// [`client_handshake`] with the caller's nonce: the conformance transcripts fix it.
+pub(crate) fn client_handshake_with_nonce(
+    stream: &TcpStream,
+    token: &[u8],
+    me: Identity,
+    nonce: &[u8; NONCE_LEN],
     deadline: Instant,
 ) -> Result<Identity, HsError> {
     let addr = peer_name(stream);
@@ -161,7 +181,7 @@ pub(crate) fn client_handshake(
             reason: reason.into(),
         })
     };
-    let hello = me.encode(&nonce()?);
+    let hello = me.encode(nonce);
     write_full(stream, &[&hello], deadline, usize::MAX, &mut 0)
         .map_err(|f| transport("sending hello", f))?;
     let mut sh = [0u8; SERVER_HELLO_LEN];
@@ -170,10 +190,10 @@ pub(crate) fn client_handshake(
     let Some(server) = Identity::decode(&sh[..CLIENT_HELLO_LEN]) else {
         return Err(auth_failed("the other side is not a pgt endpoint"));
     };
-    mac(token, b"pgt/1 server", &[&hello, &sh[..CLIENT_HELLO_LEN]])
+    mac(token, LABEL_SERVER, &[&hello, &sh[..CLIENT_HELLO_LEN]])
         .verify_slice(&sh[CLIENT_HELLO_LEN..])
         .map_err(|_| auth_failed("the other side does not know the job token"))?;
-    let proof = mac(token, b"pgt/1 client", &[&hello, &sh])
+    let proof = mac(token, LABEL_CLIENT, &[&hello, &sh])
         .finalize()
         .into_bytes();
     write_full(stream, &[&proof], deadline, usize::MAX, &mut 0)
@@ -204,12 +224,25 @@ pub(crate) fn client_handshake(
     }
 }
 
-/// Server side. `admit` decides, after the client proved the token, whether this identity is
-/// welcome (expected rank, not a duplicate, ...). Returns the client's identity once accepted.
+/// Server side, with a fresh nonce from the OS RNG. `admit` decides, after the client proved the
+/// token, whether this identity is welcome (expected rank, not a duplicate, ...). Returns the
+/// client's identity once accepted.
 pub(crate) fn server_handshake(
     stream: &TcpStream,
     token: &[u8],
     me: Identity,
+    deadline: Instant,
+    admit: impl FnOnce(&Identity) -> Verdict,
+) -> Result<Identity, HsError> {
+    server_handshake_with_nonce(stream, token, me, &nonce()?, deadline, admit)
+}
+
+/// [`server_handshake`] with the caller's nonce: the conformance transcripts fix it.
+pub(crate) fn server_handshake_with_nonce(
+    stream: &TcpStream,
+    token: &[u8],
+    me: Identity,
+    nonce: &[u8; NONCE_LEN],
     deadline: Instant,
     admit: impl FnOnce(&Identity) -> Verdict,
 ) -> Result<Identity, HsError> {
@@ -227,8 +260,8 @@ pub(crate) fn server_handshake(
         return Err(refused("garbage instead of a pgt hello"));
     };
     let mut sh = [0u8; SERVER_HELLO_LEN];
-    sh[..CLIENT_HELLO_LEN].copy_from_slice(&me.encode(&nonce()?));
-    let mac_s = mac(token, b"pgt/1 server", &[&ch, &sh[..CLIENT_HELLO_LEN]])
+    sh[..CLIENT_HELLO_LEN].copy_from_slice(&me.encode(nonce));
+    let mac_s = mac(token, LABEL_SERVER, &[&ch, &sh[..CLIENT_HELLO_LEN]])
         .finalize()
         .into_bytes();
     sh[CLIENT_HELLO_LEN..].copy_from_slice(&mac_s);
@@ -241,7 +274,7 @@ pub(crate) fn server_handshake(
         write_full(stream, &[&[v as u8]], deadline, usize::MAX, &mut 0)
             .map_err(|f| transport("sending verdict", f))
     };
-    if mac(token, b"pgt/1 client", &[&ch, &sh])
+    if mac(token, LABEL_CLIENT, &[&ch, &sh])
         .verify_slice(&proof)
         .is_err()
     {

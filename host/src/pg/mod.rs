@@ -4,7 +4,8 @@
 //! - [`TcpProcessGroup`]: one authenticated TCP connection per pair of ranks, formed through an
 //!   embedded rendezvous store hosted by rank 0 (torch-style `MASTER_ADDR`/`MASTER_PORT`/`RANK`/
 //!   `WORLD_SIZE`, plus a shared job token `PGT_TOKEN`). See [`tcp`] for rendezvous, handshake and
-//!   socket tuning.
+//!   socket tuning; `TCP.md` at the repository root specifies all of it byte by byte, and
+//!   [`conformance`] records the transcripts that pin it.
 //! - [`InProcessGroup`]: all ranks in one process (threads), for tests and single-process use.
 //! - `MpiProcessGroup` (feature `mpi`): the ranks of an MPI job (`mpirun`, `srun`); see `mpi`.
 //!
@@ -53,6 +54,7 @@
 //! fails with [`PgError::Poisoned`] instead of misparsing the stream (frames already complete in
 //! the stash are still delivered).
 
+pub mod conformance;
 mod error;
 pub mod inproc;
 #[cfg(feature = "mpi")]

@@ -221,24 +221,7 @@ impl Store {
             me,
             handshake_timeout,
             world,
-            |stream: &TcpStream, id: &Identity, hs_deadline: Instant| {
-                let (tag, payload) =
-                    read_frame(stream, MAX_ADDR_LEN, hs_deadline).map_err(|f| {
-                        HsError::Transport(format!("reading registration of rank {}: {f}", id.rank))
-                    })?;
-                let addr = (tag == TAG_REGISTER)
-                    .then(|| {
-                        std::str::from_utf8(&payload)
-                            .ok()?
-                            .parse::<SocketAddr>()
-                            .ok()
-                    })
-                    .flatten()
-                    .ok_or_else(|| {
-                        HsError::Transport(format!("bad registration from rank {}", id.rank))
-                    })?;
-                Ok(addr)
-            },
+            read_registration,
             Arc::clone(&stop),
         )?;
         let stop2 = Arc::clone(&stop);
@@ -255,7 +238,7 @@ impl Store {
                 tracing::debug!(world, "store: all ranks registered, sending table");
                 let send_deadline = deadline.max(Instant::now() + Duration::from_secs(5));
                 for (rank, stream, _) in &regs {
-                    write_frame(stream, TAG_TABLE, &payload, send_deadline).map_err(|f| {
+                    send_table(stream, &payload, send_deadline).map_err(|f| {
                         PgError::Rendezvous(format!("store: sending table to rank {rank}: {f}"))
                     })?;
                 }
@@ -277,7 +260,38 @@ impl Store {
     }
 }
 
-fn encode_table(table: &[String]) -> Vec<u8> {
+/// The store's side of a registration, right after the handshake admitted `id`: read the REGISTER
+/// frame (by the handshake's deadline) and parse its address.
+pub(crate) fn read_registration(
+    stream: &TcpStream,
+    id: &Identity,
+    deadline: Instant,
+) -> Result<SocketAddr, HsError> {
+    let (tag, payload) = read_frame(stream, MAX_ADDR_LEN, deadline).map_err(|f| {
+        HsError::Transport(format!("reading registration of rank {}: {f}", id.rank))
+    })?;
+    (tag == TAG_REGISTER)
+        .then(|| {
+            std::str::from_utf8(&payload)
+                .ok()?
+                .parse::<SocketAddr>()
+                .ok()
+        })
+        .flatten()
+        .ok_or_else(|| HsError::Transport(format!("bad registration from rank {}", id.rank)))
+}
+
+/// The store's answer: the TABLE frame, `payload` from [`encode_table`].
+pub(crate) fn send_table(
+    stream: &TcpStream,
+    payload: &[u8],
+    deadline: Instant,
+) -> Result<(), Fail> {
+    write_frame(stream, TAG_TABLE, payload, deadline)
+}
+
+/// The TABLE payload: every rank's address, in rank order.
+pub(crate) fn encode_table(table: &[String]) -> Vec<u8> {
     let mut v = Vec::new();
     v.extend_from_slice(&(table.len() as u32).to_le_bytes());
     for a in table {
@@ -373,16 +387,28 @@ pub(crate) fn register(
         deadline,
         "the rendezvous store",
     )?;
+    exchange_registration(&stream, rank, world, listen_addr, deadline)
+}
+
+/// A rank's side of a registration, right after the store accepted its handshake: send the REGISTER
+/// frame and wait (until `deadline`) for the TABLE.
+pub(crate) fn exchange_registration(
+    stream: &TcpStream,
+    rank: u32,
+    world: u32,
+    listen_addr: SocketAddr,
+    deadline: Instant,
+) -> Result<Vec<SocketAddr>, PgError> {
     let fail = |what: &str, f: Fail| PgError::Rendezvous(format!("{what}: {f}"));
     write_frame(
-        &stream,
+        stream,
         TAG_REGISTER,
         listen_addr.to_string().as_bytes(),
         deadline,
     )
     .map_err(|f| fail("sending registration", f))?;
     let max = 4 + world as usize * (2 + MAX_ADDR_LEN);
-    let (tag, payload) = read_frame(&stream, max, deadline).map_err(|f| match f {
+    let (tag, payload) = read_frame(stream, max, deadline).map_err(|f| match f {
         Fail::Timeout => PgError::Rendezvous(format!(
             "rank {rank}: timed out waiting for all {world} ranks to register"
         )),

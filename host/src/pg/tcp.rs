@@ -1,5 +1,8 @@
 //! [`TcpProcessGroup`]: one authenticated TCP connection per pair of ranks, no external service.
 //!
+//! `TCP.md` at the repository root specifies this group byte by byte (formation, handshake, store,
+//! frames, timeouts, security); the summary below follows it.
+//!
 //! # Formation
 //! 1. Every rank binds a listener on an ephemeral port (or [`TcpTuning::listen_port`]) of
 //!    `listen_host` — by default the local interface that routes to `MASTER_ADDR` (127.0.0.1 when

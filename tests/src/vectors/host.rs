@@ -9,6 +9,7 @@ use pgt_core::drive;
 use pgt_core::header::Limits;
 use pgt_core::manifest::Manifest;
 use pgt_core::memory::{MemoryHost, MemorySender};
+use pgt_core::plan::MessageKind;
 use pgt_core::receiver::{Received, Receiver, ReceiverOptions, RecvOp};
 use pgt_core::schema::Metadata;
 use pgt_core::sender::Sender;
@@ -72,7 +73,26 @@ pub fn send_all(
 pub enum HostError {
     /// The receiver (the state machine, or the in-memory host placing its bytes) returned this error.
     Core(Error),
-    /// The messages did not fit what the receiver asked for (a message missing).
+    /// The host refused a header, metadata or data message of another length than the receiver asked
+    /// for (a trailer goes to the core whatever its length).
+    Length {
+        /// The rank it came from.
+        from: u32,
+        /// Its tag.
+        tag: u64,
+        /// The length asked for.
+        expected: u64,
+        /// Its length.
+        got: u64,
+    },
+    /// The message the receiver asked for never came.
+    Missing {
+        /// The rank it was to come from.
+        from: u32,
+        /// Its tag.
+        tag: u64,
+    },
+    /// Anything else the host found wrong.
     Host(String),
 }
 
@@ -95,28 +115,33 @@ pub struct Outcome {
     pub forwarded: Vec<Wire>,
 }
 
-/// Runs a receiver to completion. `next(from, tag)` yields the next message from `from` (`None`: none
-/// left). Every message is handed to the receiver as it is: a message of the wrong length is the core's
-/// to reject (`HeaderLength`, `MetadataLength`, `TrailerLength`; `DataLength` from [`MemoryHost`]).
+/// Runs a receiver to completion through the one driver. `next(from, tag)` yields the next message
+/// from `from` (`None`: none left). The host refuses a header, metadata or data message of another
+/// length than asked for ([`HostError::Length`]); a trailer goes to the core whatever its length
+/// (`TrailerLength`).
 pub fn run_receiver(
     options: ReceiverOptions,
     mut next: impl FnMut(u32, u64) -> Option<Vec<u8>>,
 ) -> Result<Outcome, HostError> {
     let rank = options.rank;
     let mut consumed = Vec::new();
-    let mut missing = None;
-    let mut host = MemoryHost::new(|op: &RecvOp| {
-        let Some(bytes) = next(op.from, op.tag) else {
-            missing = Some(format!("no message {} from {}", op.tag, op.from));
-            // Ends the run; reported as the host error above.
-            return Err(Error::Incomplete);
-        };
+    let mut host = MemoryHost::new(|op: &RecvOp| -> Result<Vec<u8>, HostError> {
+        let (from, tag) = (op.from, op.tag);
+        let bytes = next(from, tag).ok_or(HostError::Missing { from, tag })?;
         consumed.push(Wire {
-            from: op.from,
+            from,
             to: rank,
-            tag: op.tag,
+            tag,
             bytes: bytes.clone(),
         });
+        if op.kind != MessageKind::Trailer && bytes.len() as u64 != op.len {
+            return Err(HostError::Length {
+                from,
+                tag,
+                expected: op.len,
+                got: bytes.len() as u64,
+            });
+        }
         Ok(bytes)
     });
     let result = drive::receive(Receiver::new(options), &mut host);
@@ -130,9 +155,6 @@ pub fn run_receiver(
         })
         .collect();
     let storages = host.into_storages();
-    if let Some(m) = missing {
-        return Err(HostError::Host(m));
-    }
     Ok(Outcome {
         received: result?,
         storages,

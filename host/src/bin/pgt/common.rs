@@ -271,6 +271,22 @@ pub fn progress(label: &str, quiet: bool) -> (Option<Progress>, Option<ProgressB
     (Some(callback), Some(bar))
 }
 
+/// Bytes with a binary unit.
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 /// Resident set size now, in bytes (Linux `/proc/self/status`).
 pub fn rss_bytes() -> u64 {
     status_kib("VmRSS:") * 1024
@@ -383,4 +399,17 @@ pub fn collect_reports(children: Vec<Child>) -> Result<Vec<serde_json::Value>> {
         bail!("{}", failed.join("; "));
     }
     Ok(reports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(0), "0 B");
+        assert_eq!(human(1023), "1023 B");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(16 << 20), "16.0 MiB");
+    }
 }

@@ -3,7 +3,8 @@
 mod bench;
 mod common;
 mod demo;
-mod files;
+mod inspect;
+mod send_recv;
 
 use std::process::ExitCode;
 
@@ -28,11 +29,11 @@ enum Command {
     /// Run a benchmark scenario and print its figures.
     Bench(bench::BenchArgs),
     /// Send a safetensors file to receiving ranks.
-    Send(files::SendArgs),
+    Send(send_recv::SendArgs),
     /// Receive a checkpoint and write it as a safetensors file.
-    Recv(files::RecvArgs),
+    Recv(send_recv::RecvArgs),
     /// Decode and print a metadata blob, a golden vector or a safetensors file's header.
-    Inspect(files::InspectArgs),
+    Inspect(inspect::InspectArgs),
     /// One rank of a local job started by `demo` or `bench` (internal).
     #[command(hide = true)]
     Worker(bench::WorkerArgs),
@@ -56,9 +57,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
-        Command::Send(a) => files::send(a),
-        Command::Recv(a) => files::recv(a),
-        Command::Inspect(a) => files::inspect(a),
+        Command::Send(a) => send_recv::send(a),
+        Command::Recv(a) => send_recv::recv(a),
+        Command::Inspect(a) => inspect::inspect(a),
         Command::Worker(a) => bench::worker(a),
     };
     match result {

@@ -1,0 +1,194 @@
+//! The error type of pgt-host's library API.
+//!
+//! One enum, so that a caller can tell a digest mismatch ([`Error::Protocol`]) from a stalled peer
+//! ([`Error::ProcessGroup`] or [`Error::Timeout`]) with a `match` instead of a downcast.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::pg::PgError;
+
+/// Everything the library's operations can fail with.
+///
+/// A variant that wraps a lower-level error returns it from [`std::error::Error::source`] and does
+/// not repeat it in its own message: walk the `source()` chain to see both (the CLI prints it as
+/// one line).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// pgt-core refused something: malformed or hostile metadata, an invalid layout or spec, a
+    /// protocol step out of order, an in-place mismatch, a digest mismatch.
+    #[error(transparent)]
+    Protocol(#[from] pgt_core::Error),
+
+    /// A process-group operation failed; the [`PgError`] names the peer rank where there is one.
+    #[error(transparent)]
+    ProcessGroup(#[from] PgError),
+
+    /// A file or OS operation failed; `context` says which (and on what path).
+    #[error("{context}")]
+    Io {
+        /// What was being done, e.g. `cannot open model.safetensors`.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A state dict that cannot be built, received into or written as asked. `path` is the key
+    /// path (dotted) of the leaf concerned, empty when the problem is not at one leaf (a tensor
+    /// built on its own, the tree's structure).
+    #[error("{}", with_path(path, reason))]
+    StateDict {
+        /// The leaf's key path, or empty.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// A file that is not a safetensors file pgt can read, or one that could not be written.
+    #[error("{}: {reason}", file.display())]
+    Safetensors {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong (the `safetensors` crate's message included).
+        reason: String,
+    },
+
+    /// The sandboxed protocol engine failed: the wasm module could not be loaded or instantiated,
+    /// trapped, or ran out of fuel or memory.
+    #[error("protocol sandbox: {message}")]
+    Sandbox {
+        /// What failed.
+        message: String,
+    },
+
+    /// A transfer waited longer than its timeout for something other than a process-group
+    /// operation (those fail with [`PgError::Timeout`]).
+    #[error("timed out after {after:?} waiting for {waiting_for}")]
+    Timeout {
+        /// What did not arrive, e.g. `storage digests`.
+        waiting_for: String,
+        /// The timeout.
+        after: Duration,
+    },
+}
+
+fn with_path(path: &str, reason: &str) -> String {
+    if path.is_empty() {
+        reason.to_string()
+    } else {
+        format!("{path}: {reason}")
+    }
+}
+
+impl Error {
+    /// An [`Error::Io`]: `source` while doing what `context` says.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// An [`Error::StateDict`] at key path `path` (empty: not at one leaf).
+    pub fn state_dict(path: impl Into<String>, reason: impl Into<String>) -> Error {
+        Error::StateDict {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An [`Error::Safetensors`] about `file`.
+    pub fn safetensors(file: impl Into<PathBuf>, reason: impl Into<String>) -> Error {
+        Error::Safetensors {
+            file: file.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An [`Error::Sandbox`].
+    pub fn sandbox(message: impl Into<String>) -> Error {
+        Error::Sandbox {
+            message: message.into(),
+        }
+    }
+
+    /// True for a timeout, of a process-group operation or of the transfer itself: the peer
+    /// stalled, and nothing says the data was bad.
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            Error::ProcessGroup(e) => e.is_timeout(),
+            Error::Timeout { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// A `Result` with [`Error`] as its default error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn messages_and_sources() {
+        let e = Error::io("cannot open m.safetensors", io::Error::other("boom"));
+        assert_eq!(e.to_string(), "cannot open m.safetensors");
+        assert_eq!(e.source().map(|s| s.to_string()).as_deref(), Some("boom"));
+
+        assert_eq!(
+            Error::state_dict("a.b", "storage has 3 bytes").to_string(),
+            "a.b: storage has 3 bytes"
+        );
+        assert_eq!(
+            Error::state_dict("", "malformed tree").to_string(),
+            "malformed tree"
+        );
+        assert_eq!(
+            Error::safetensors("m.safetensors", "not a safetensors file").to_string(),
+            "m.safetensors: not a safetensors file"
+        );
+
+        // The wrapped errors speak for themselves.
+        let core = pgt_core::Error::MetadataDigest;
+        assert_eq!(Error::from(core.clone()).to_string(), core.to_string());
+        let pg = PgError::PeerClosed { peer: 2 };
+        assert_eq!(Error::from(pg.clone()).to_string(), pg.to_string());
+    }
+
+    #[test]
+    fn timeouts_are_told_apart_without_downcasting() {
+        let pg = Error::from(PgError::Timeout {
+            peer: 1,
+            tag: 7,
+            after: Duration::from_secs(1),
+        });
+        assert!(pg.is_timeout());
+        assert!(matches!(
+            pg,
+            Error::ProcessGroup(PgError::Timeout { peer: 1, .. })
+        ));
+        let waiting = Error::Timeout {
+            waiting_for: "storage digests".into(),
+            after: Duration::from_secs(2),
+        };
+        assert!(waiting.is_timeout());
+        assert_eq!(
+            waiting.to_string(),
+            "timed out after 2s waiting for storage digests"
+        );
+        let digest = Error::from(pgt_core::Error::MetadataDigest);
+        assert!(!digest.is_timeout());
+        assert!(matches!(
+            digest,
+            Error::Protocol(pgt_core::Error::MetadataDigest)
+        ));
+        // Boxable behind `?` by callers that collect errors (the CLI, examples, tests).
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        assert_send_sync::<Error>();
+    }
+}
