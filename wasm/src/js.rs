@@ -4,8 +4,7 @@
 //!
 //! Errors are thrown as `Error` objects whose `name` is the pgt-core variant (`"BadMagic"`,
 //! `"InPlaceSizeMismatch"`…; `"BadArgument"` / `"BadHandle"` for misuse), `message` its Display text, and
-//! with extra properties `variant` (= name), `debug` (the Debug form, e.g. `"TreeTooDeep { max: 64 }"`)
-//! and `pgt: true`.
+//! with extra properties `variant` (= name) and `pgt: true`.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -110,7 +109,7 @@ fn set(obj: &JsValue, key: &str, value: &JsValue) {
     let _ = Reflect::set(obj, &key.into(), value);
 }
 
-/// A JS object from JSON, plus the payload as `bytes` (Uint8Array) or `segments`.
+/// The default limits.
 #[wasm_bindgen(js_name = defaultLimits, unchecked_return_type = "Limits")]
 pub fn default_limits() -> JsValue {
     to_js(&limits_json(&Limits::default()))
@@ -195,7 +194,7 @@ impl Sender {
         Ok(Sender { inner })
     }
 
-    /// Every storage, in wire order.
+    /// The plan: every wire message, with the storage segments of the data messages.
     #[wasm_bindgen(unchecked_return_type = "Message[]")]
     pub fn plan(&self) -> JsValue {
         to_js(&plan_json(self.inner.plan()))
@@ -371,7 +370,7 @@ impl Receiver {
         self.get()?.handle_trailer(bytes).map_err(core_err)
     }
 
-    /// Reports storage `storage`'s digest (XXH3-64), hashed as it landed.
+    /// Reports that forward `message` has been sent.
     #[wasm_bindgen(js_name = handleForwarded)]
     pub fn handle_forwarded(&mut self, message: u32) -> Result<(), JsValue> {
         self.get()?.handle_forwarded(message).map_err(core_err)
