@@ -63,7 +63,7 @@ impl SendEngine for Sender {
     }
 
     fn message_bytes(&mut self, message: u32) -> Result<Cow<'_, [u8]>, Error> {
-        match self.payload(message) {
+        match self.payload(message)? {
             Payload::Bytes(b) => Ok(Cow::Borrowed(b)),
             Payload::Storages(_) => Err(Error::MessageNotOutstanding {
                 message: message.into(),

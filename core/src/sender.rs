@@ -155,18 +155,25 @@ impl Sender {
         SendPoll::Send(op)
     }
 
-    /// The bytes of message `message`: the header, metadata or trailer (once polled), or the storage
-    /// ranges of a data message.
-    pub fn payload(&self, message: u32) -> Payload<'_> {
-        match self.plan.messages().get(message as usize) {
-            Some(m) => match m.kind {
-                MessageKind::Header => Payload::Bytes(&self.header),
-                MessageKind::Metadata => Payload::Bytes(&self.metadata),
-                MessageKind::Trailer => Payload::Bytes(&self.trailer),
-                MessageKind::Data => Payload::Storages(self.plan.segments(m)),
-            },
-            None => Payload::Bytes(&[]),
-        }
+    /// The bytes of message `message` once it was polled: the header, metadata or trailer, or the
+    /// storage ranges of a data message.
+    pub fn payload(&self, message: u32) -> Result<Payload<'_>> {
+        let polled = (message as usize) < self.cursor.0
+            || (message as usize == self.cursor.0 && self.cursor.1 > 0);
+        let m = self
+            .plan
+            .messages()
+            .get(message as usize)
+            .filter(|_| polled)
+            .ok_or(Error::MessageNotOutstanding {
+                message: message.into(),
+            })?;
+        Ok(match m.kind {
+            MessageKind::Header => Payload::Bytes(&self.header),
+            MessageKind::Metadata => Payload::Bytes(&self.metadata),
+            MessageKind::Trailer => Payload::Bytes(&self.trailer),
+            MessageKind::Data => Payload::Storages(self.plan.segments(m)),
+        })
     }
 
     /// Reports the digests of the storages data message `message` completes (its segments with

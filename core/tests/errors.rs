@@ -1362,7 +1362,17 @@ fn unexpected_calls_without_digests() {
     let mut s = Sender::new(sample(), false, &limits()).unwrap();
     assert_eq!(s.handle_digests(2, &[0]), Err(Error::DigestsOff));
     let mut s = Sender::new(sample(), true, &limits()).unwrap();
-    // Not polled yet.
+    // Not polled yet: no bytes to hand out, no digests to take.
+    assert_eq!(
+        s.payload(0).err(),
+        Some(Error::MessageNotOutstanding { message: 0 })
+    );
+    assert_eq!(
+        s.payload(u32::MAX).err(),
+        Some(Error::MessageNotOutstanding {
+            message: u32::MAX.into()
+        })
+    );
     assert_eq!(
         s.handle_digests(2, &[0]),
         Err(Error::MessageNotOutstanding { message: 2 })

@@ -360,7 +360,7 @@ pub extern "C" fn pgt_sender_poll(handle: u32) -> *const u8 {
 /// The bytes of header, metadata or trailer message `message` (once polled). Result: `Vec<u8>`.
 #[no_mangle]
 pub extern "C" fn pgt_sender_bytes(handle: u32, message: u32) -> *const u8 {
-    run(|| match sender(handle)?.payload(message) {
+    run(|| match sender(handle)?.payload(message)? {
         Payload::Bytes(b) => Ok(b),
         Payload::Storages(_) => Err(Fail::Core(pgt_core::Error::MessageNotOutstanding {
             message: message.into(),

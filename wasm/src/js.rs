@@ -224,7 +224,7 @@ impl Sender {
 
     /// The bytes of header, metadata or trailer message `message` (once polled).
     pub fn bytes(&self, message: u32) -> Result<Vec<u8>, JsValue> {
-        match self.inner.payload(message) {
+        match self.inner.payload(message).map_err(core_err)? {
             Payload::Bytes(b) => Ok(b.to_vec()),
             Payload::Storages(_) => Err(core_err(pgt_core::Error::MessageNotOutstanding {
                 message: message.into(),
