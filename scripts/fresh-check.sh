@@ -38,9 +38,19 @@ done
 git clone -q --no-local "$ROOT" "$SCRATCH/pgt"
 mkdir -p "$SCRATCH/home" "$SCRATCH/cargo/bin"
 
-# The machine's one toolchain, copied so that removing wasm32 from the copy makes `rustup target add`
-# (or the Debian fallback) run as on a new machine.
-cp -a "$REAL_RUSTUP_HOME" "$SCRATCH/rustup"
+# The machine's default toolchain (only it: others may be large), copied so that removing wasm32 from
+# the copy makes `rustup target add` (or the Debian fallback) run as on a new machine.
+mkdir -p "$SCRATCH/rustup/toolchains"
+cp -a "$REAL_RUSTUP_HOME/settings.toml" "$SCRATCH/rustup/"
+[ -d "$REAL_RUSTUP_HOME/update-hashes" ] && cp -a "$REAL_RUSTUP_HOME/update-hashes" "$SCRATCH/rustup/"
+DEFAULT_TC=$(sed -n 's/^default_toolchain = "\(.*\)"/\1/p' "$REAL_RUSTUP_HOME/settings.toml")
+cp -a "$(readlink -f "$REAL_RUSTUP_HOME/toolchains/$DEFAULT_TC")" "$SCRATCH/rustup/toolchains/$DEFAULT_TC"
+# Toolchain aliases (e.g. 1.95.0 -> stable) that point at the default one.
+for link in "$REAL_RUSTUP_HOME"/toolchains/*; do
+  [ -L "$link" ] && [ "$(readlink -f "$link")" = "$(readlink -f "$REAL_RUSTUP_HOME/toolchains/$DEFAULT_TC")" ] &&
+    ln -s "$SCRATCH/rustup/toolchains/$DEFAULT_TC" "$SCRATCH/rustup/toolchains/$(basename "$link")"
+done
+say "toolchain: $DEFAULT_TC (copied; wasm32 target removed from the copy)"
 RUSTUP_HOME="$SCRATCH/rustup" "$REAL_CARGO_BIN/rustup" target remove wasm32-unknown-unknown >/dev/null 2>&1 || true
 # rustup's proxies dispatch on their name; link only those, so nothing else in ~/.cargo/bin is on PATH.
 for t in rustup cargo rustc rustdoc rustfmt cargo-fmt cargo-clippy clippy-driver; do
