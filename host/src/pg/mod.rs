@@ -64,6 +64,7 @@ pub mod mpi;
 mod stash;
 pub mod tcp;
 
+mod accept;
 mod auth;
 mod conn;
 mod rendezvous;

@@ -1,7 +1,8 @@
 //! Process-group tests: shared scenarios against both backends, plus TCP-specific ones
-//! (authentication of strangers, poisoning, stash limit and cost).
+//! (authentication of strangers, floods, poisoning, stash limit and cost).
 
 mod alloc_count;
+mod formation;
 mod inproc;
 mod scenarios;
 mod stash_cost;
