@@ -790,6 +790,20 @@ impl<'a> ReceiveMemory<'a> {
         parts: &[(usize, Range<usize>)],
         f: impl FnOnce(&mut [&mut [u8]]) -> R,
     ) -> Result<R, ClaimError> {
+        self.try_write(parts, |slices| Ok::<R, std::convert::Infallible>(f(slices)))
+            .map(|r| match r {
+                Ok(r) => r,
+                Err(never) => match never {},
+            })
+    }
+
+    /// As [`write`](Self::write), for a fill that can fail (a receive from the network): the parts land
+    /// only if `f` returns `Ok`; after an `Err` they are never readable (and never written again).
+    pub fn try_write<R, E>(
+        &self,
+        parts: &[(usize, Range<usize>)],
+        f: impl FnOnce(&mut [&mut [u8]]) -> Result<R, E>,
+    ) -> Result<Result<R, E>, ClaimError> {
         let mut slices = Vec::with_capacity(parts.len());
         for (i, (region, range)) in parts.iter().enumerate() {
             match self.claim(*region, range.clone()) {
@@ -805,9 +819,11 @@ impl<'a> ReceiveMemory<'a> {
         }
         let result = f(&mut slices);
         drop(slices);
-        for (region, range) in parts {
-            if let Some(r) = self.shared.regions.get(*region) {
-                r.landed.fetch_max(range.end, Ordering::Release);
+        if result.is_ok() {
+            for (region, range) in parts {
+                if let Some(r) = self.shared.regions.get(*region) {
+                    r.landed.fetch_max(range.end, Ordering::Release);
+                }
             }
         }
         Ok(result)
@@ -1503,6 +1519,21 @@ mod tests {
         for (b, buf) in pf.finish().iter().enumerate() {
             assert!(buf.as_ref().unwrap().iter().all(|&x| x == b as u8 + 1));
         }
+    }
+
+    #[test]
+    fn a_failed_write_never_lands() {
+        let pf = ReceiveMemory::new(vec![Target::Fresh(Buffer::zeroed(1000))]);
+        let r = pf.try_write(&[(0, 0..100)], |p| {
+            p[0].fill(9);
+            Err::<(), &str>("the peer went away")
+        });
+        assert_eq!(r, Ok(Err("the peer went away")));
+        assert_eq!(pf.read(0, 0..1), None);
+        // Nor can the bytes be written again: the claim frontier has passed them.
+        assert!(pf.write(&[(0, 50..60)], |_| ()).is_err());
+        pf.write(&[(0, 100..200)], |p| p[0].fill(1)).unwrap();
+        assert_eq!(pf.read(0, 100..101), Some(&[1][..]));
     }
 
     #[test]
