@@ -184,6 +184,9 @@ impl StorageHashers {
 const QUEUE_DEPTH: usize = 256;
 /// How often a wait for workers looks at the abort flag.
 const ABORT_POLL: Duration = Duration::from_millis(20);
+/// How long a wait for workers outlasts the timeout: a worker stalled on the same peer reports that
+/// peer's own timeout a little later (socket timers are coarse), and that error is the one to report.
+const TIMEOUT_GRACE: Duration = Duration::from_millis(500);
 
 /// Waits for the next event from workers, in short slices so that a worker's failure (in `abort`)
 /// ends the wait at once; fails after `timeout`.
@@ -200,7 +203,7 @@ fn wait_event(
         }
         match events.recv_timeout(ABORT_POLL) {
             Ok(event) => return Ok(event),
-            Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+            Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline + TIMEOUT_GRACE => {
                 return Err(Error::Timeout {
                     waiting_for: what.into(),
                     after: timeout,
