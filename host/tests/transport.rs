@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use pgt_core::dtype::DType;
 use pgt_core::schema::{FanOut, PlanParams};
 use pgt_host::memory::BufferPool;
-use pgt_host::pg::{InProcessGroup, PgError};
+use pgt_host::pg::InProcessGroup;
 use pgt_host::state_dict::{Entry, StateDict, Tensor};
 use pgt_host::synthetic::{self, Shape};
 use pgt_host::transport::{Transport, TransportOptions};

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::anyhow;
 use pgt_core::codec;
 use pgt_core::drive;
-use pgt_core::header::{Header, MAGIC};
+use pgt_core::header::{Header, MAGIC, PREFIX_LEN};
 use pgt_core::manifest::Manifest;
 use pgt_core::memory::MemoryHost;
 use pgt_core::plan::{MessageKind, TAG_HEADER, TAG_METADATA};
@@ -34,7 +34,13 @@ fn raw_header_json(h: &[u8]) -> Json {
         "digests": flags.map(|f| f & pgt_core::header::FLAG_DIGESTS != 0),
         "metadata_len": u64_at(h, 8),
         "metadata_digest": u64_at(h, 16).map(|d| format!("0x{d:016x}")),
+        "transfer_id": u64_at(h, 24).map(|d| format!("0x{d:016x}")),
     })
+}
+
+/// The postcard metadata of a metadata message: what follows its 8-byte prefix.
+fn postcard_part(message: &[u8]) -> &[u8] {
+    message.get(PREFIX_LEN as usize..).unwrap_or_default()
 }
 
 /// Header, metadata and (unless `validated` is false and the tree is malformed) leaves of a metadata
@@ -152,7 +158,7 @@ pub(super) fn inspect_blob(path: &Path, bytes: &[u8], args: &InspectArgs) -> Rep
     // Show the metadata even when it is invalid, as far as it decodes.
     let metadata = match &manifest {
         Some(man) => Some(man.metadata().clone()),
-        None => codec::decode_metadata(m).ok(),
+        None => codec::decode_metadata(postcard_part(m)).ok(),
     };
     if let Some(md) = &metadata {
         metadata_json(&mut report, md, manifest.as_ref());
@@ -190,7 +196,8 @@ fn parse_records(mut bytes: &[u8]) -> (Vec<(u64, &[u8])>, Option<String>) {
 }
 
 /// Drives a receiver over the records in order (through the one driver, with the in-memory host),
-/// hashing and keeping every storage's bytes. Returns each storage's path, size and digest.
+/// hashing and keeping every storage's bytes; a record of another transfer (stale) is skipped, as a
+/// receiver does. Returns each storage's path, size and digest.
 fn run_stream(
     options: ReceiverOptions,
     records: &[(u64, &[u8])],
@@ -208,7 +215,7 @@ fn run_stream(
                 "record {i} has tag {tag}, the receiver expects tag {op_tag} ({op_kind:?})"
             )));
         }
-        if op_kind != MessageKind::Trailer && bytes.len() as u64 != op_len {
+        if op_kind != MessageKind::Trailer && !op.is_stale(bytes) && bytes.len() as u64 != op_len {
             return Err(StreamError::Host(format!(
                 "record {i} (tag {tag}) is {} bytes, the receiver expects {op_len}",
                 bytes.len()
@@ -292,7 +299,7 @@ pub(super) fn inspect_stream(path: &Path, bytes: &[u8], args: &InspectArgs) -> R
         metadata = manifest
             .as_ref()
             .map(|man| man.metadata().clone())
-            .or_else(|| codec::decode_metadata(m).ok());
+            .or_else(|| codec::decode_metadata(postcard_part(m)).ok());
         if let Some(md) = &metadata {
             metadata_json(&mut report, md, manifest.as_ref());
         }

@@ -80,7 +80,7 @@ pub(super) fn render(r: &serde_json::Map<String, Json>) -> String {
         fields.push((
             "header",
             format!(
-                "{} bytes: magic \"{}\"{}, version {}, flags {}, metadata_len {}, metadata_digest {}",
+                "{} bytes: magic \"{}\"{}, version {}, flags {}, metadata_len {}, metadata_digest {}, transfer_id {}",
                 opt(&h["len"]),
                 opt(&h["magic"]),
                 if h["magic_ok"] == json!(true) { "" } else { " (bad)" },
@@ -88,6 +88,7 @@ pub(super) fn render(r: &serde_json::Map<String, Json>) -> String {
                 flags,
                 opt(&h["metadata_len"]),
                 opt(&h["metadata_digest"]),
+                opt(&h["transfer_id"]),
             ),
         ));
     }
