@@ -1545,6 +1545,21 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_write_never_lands() {
+        let pf = ReceiveMemory::new(vec![Target::Fresh(Buffer::zeroed(1000))]);
+        let r = pf.try_write(&[(0, 0..100)], |p| {
+            p[0].fill(9);
+            Err::<(), &str>("the peer went away")
+        });
+        assert_eq!(r, Ok(Err("the peer went away")));
+        assert_eq!(pf.read(0, 0..1), None);
+        // The ranges go back: the next write of them lands its own bytes (a receive that took a
+        // stale message receives the next one into the same ranges).
+        pf.write(&[(0, 0..100)], |p| p[0].fill(1)).unwrap();
+        assert_eq!(pf.read(0, 0..100), Some(&[1; 100][..]));
+    }
+
+    #[test]
     fn overlapping_or_out_of_bounds_writes_are_refused() {
         let pf = ReceiveMemory::new(vec![Target::Fresh(Buffer::zeroed(10_000))]);
         pf.write(&[(0, 0..100)], |_| ()).unwrap();

@@ -413,8 +413,10 @@ impl<P: ProcessGroup> Transport<P> {
         drop(encode_span);
         let _data_span = info_span!("data", bytes = total).entered();
         let abort = Abort::default();
+        let sent = AtomicU64::new(0);
         std::thread::scope(|scope| {
-            let mut host = SendWorkers::start(self, scope, dst_ranks, &storages, total, &abort);
+            let mut host =
+                SendWorkers::start(self, scope, dst_ranks, &storages, (&sent, total), &abort);
             if let Err(e) = drive::send(&mut engine, &mut host) {
                 abort.fail(e);
             }
@@ -549,7 +551,7 @@ impl<'a> SendWorkers<'a> {
         scope: &'scope Scope<'scope, '_>,
         dst_ranks: &[u32],
         storages: &'a [&'a [u8]],
-        total: u64,
+        (sent, total): (&'a AtomicU64, u64),
         abort: &'a Abort,
     ) -> SendWorkers<'a>
     where
@@ -557,7 +559,7 @@ impl<'a> SendWorkers<'a> {
     {
         let timeout = transport.options.timeout;
         let (event_tx, events) = mpsc::channel::<Event>();
-        let sent: &'a AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+
         let mut workers = HashMap::new();
         for (i, &dst) in dst_ranks.iter().enumerate() {
             let (tx, rx) = mpsc::sync_channel::<SendJob>(QUEUE_DEPTH);
@@ -1041,7 +1043,7 @@ fn post(
                 .ok_or_else(|| {
                     Error::internal(format!("storage {storage} was cast before it landed"))
                 })?;
-            memory.write(&[(dest, 0..memory.region_len(dest))], |d| {
+            memory.try_write(&[(dest, 0..memory.region_len(dest))], |d| {
                 convert(from, wire, binding.dtype, d[0])
             })??;
         }

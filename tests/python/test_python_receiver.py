@@ -484,7 +484,7 @@ def _dtensor() -> bytes:
 def _sharded() -> bytes:
     """Leaf::Sharded: int32 global [4]; the local shard is [2:4] (placed on rank 0 by the sender)."""
     local = _layout("int32", [2], [1], 0, 8) + _shard_meta([2], [2], "rank:0/cpu")
-    glob = _vec([_shard_meta([0], [2], "rank:5/cpu"), _shard_meta([2], [2], "rank:0/cpu")]) + _vec(
+    glob = _vec([_shard_meta([0], [2], "rank:2/cpu"), _shard_meta([2], [2], "rank:0/cpu")]) + _vec(
         [_varint(4)]
     )
     return _varint(3) + _vec([local]) + glob + _varint(DTYPES.index("int32"))
