@@ -51,9 +51,13 @@ pub(super) fn render(r: &serde_json::Map<String, Json>) -> String {
             .iter()
             .filter(|x| x["tag"].as_u64() > Some(TAG_METADATA))
             .count();
+        // A stale record (another transfer's) is marked with a `*`.
         let lens: Vec<String> = recs
             .iter()
-            .map(|x| format!("{}:{}", opt(&x["tag"]), opt(&x["len"])))
+            .map(|x| {
+                let stale = if x["stale"] == json!(true) { "*" } else { "" };
+                format!("{}:{}{stale}", opt(&x["tag"]), opt(&x["len"]))
+            })
             .collect();
         fields.push((
             "records",
