@@ -1,35 +1,50 @@
-//! The wire codec: the [`Header`] and the postcard-encoded [`Metadata`] message, decoded under hard
-//! [`Limits`] and then validated into a [`Manifest`].
+//! The wire codec: the [`Header`] and the metadata message (the transfer id, then the postcard-encoded
+//! [`Metadata`]), decoded under hard [`Limits`] and then validated into a [`Manifest`].
 
 use alloc::vec::Vec;
 
 use crate::digest::digest;
-use crate::header::{Header, Limits, VERSION};
+use crate::header::{prefix, prefix_of, Header, Limits, PREFIX_LEN, VERSION};
 use crate::manifest::Manifest;
 use crate::schema::{Metadata, PlanParams};
 use crate::tree::{Leaf, Node};
 use crate::{Error, Result};
 
-/// Encodes validated metadata: the header and the metadata message.
-pub fn encode(manifest: &Manifest) -> Result<(Header, Vec<u8>)> {
-    let bytes = postcard::to_allocvec(manifest.metadata()).map_err(|_| Error::Encode)?;
+/// Encodes validated metadata for transfer `transfer_id`: the header and the metadata message (the
+/// transfer id, then the postcard metadata).
+pub fn encode(manifest: &Manifest, transfer_id: u64) -> Result<(Header, Vec<u8>)> {
+    let message = postcard::to_extend(manifest.metadata(), prefix(transfer_id).to_vec())
+        .map_err(|_| Error::Encode)?;
+    let body = &message[PREFIX_LEN as usize..];
     let header = Header {
         version: VERSION,
         flags: manifest.flags(),
-        metadata_len: bytes.len() as u64,
-        metadata_digest: digest(&bytes),
+        metadata_len: body.len() as u64,
+        metadata_digest: digest(body),
+        transfer_id,
     };
-    Ok((header, bytes))
+    Ok((header, message))
 }
 
-/// Decodes and validates the metadata message that `header` announced.
-pub fn decode(header: &Header, bytes: &[u8], limits: &Limits) -> Result<Manifest> {
-    if bytes.len() as u64 != header.metadata_len {
-        return Err(Error::MetadataLength {
-            expected: header.metadata_len,
-            got: bytes.len() as u64,
+/// Decodes and validates the metadata message that `header` announced, checking in this order: its
+/// prefix is the header's transfer id ([`Error::TransferMismatch`], message 1), its length
+/// ([`Error::MetadataLength`]), the digest of the postcard bytes ([`Error::MetadataDigest`]), then
+/// decoding and validation.
+pub fn decode(header: &Header, message: &[u8], limits: &Limits) -> Result<Manifest> {
+    if let Some(got) = prefix_of(message).filter(|&id| id != header.transfer_id) {
+        return Err(Error::TransferMismatch {
+            message: 1,
+            expected: header.transfer_id,
+            got,
         });
     }
+    if message.len() as u64 != header.metadata_message_len() {
+        return Err(Error::MetadataLength {
+            expected: header.metadata_message_len(),
+            got: message.len() as u64,
+        });
+    }
+    let bytes = &message[PREFIX_LEN as usize..];
     if digest(bytes) != header.metadata_digest {
         return Err(Error::MetadataDigest);
     }

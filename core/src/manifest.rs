@@ -154,7 +154,7 @@ impl Manifest {
         self.total_bytes
     }
 
-    /// The plan of this transfer, whose metadata message is `metadata_len` bytes.
+    /// The plan of this transfer, whose postcard metadata is `metadata_len` bytes (the header's).
     pub fn plan(&self, metadata_len: u64) -> Plan {
         let sizes: Vec<u64> = self.storages.iter().map(|s| s.nbytes).collect();
         Plan::new(&sizes, self.metadata.plan, self.digests, metadata_len)

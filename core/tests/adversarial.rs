@@ -199,7 +199,9 @@ fn deep_tree_is_too_deep_without_recursion() {
     assert_eq!(manifest.paths()[0].0.len(), 100_000);
     drop(manifest);
     // And the receiver/sender path handles it (Drop of the metadata is flat too).
-    let sender = pgt_core::sender::Sender::new(nested_lists(100_000), true, &unlimited).unwrap();
+    let sender =
+        pgt_core::sender::Sender::new(nested_lists(100_000), true, &unlimited, TRANSFER_ID)
+            .unwrap();
     assert_eq!(sender.plan().messages().len(), 3);
 }
 
@@ -442,8 +444,9 @@ fn count_data_messages_agrees_with_the_plan() {
         let mut covered = vec![0u64; sizes.len()];
         for msg in &p.messages()[p.data_messages()] {
             let segs = p.segments(msg);
-            assert_eq!(segs.iter().map(|s| s.len).sum::<u64>(), msg.len);
-            assert!(msg.len <= chunk_size.max(bucket_size));
+            // The 8-byte prefix, then the segments' bytes.
+            assert_eq!(8 + segs.iter().map(|s| s.len).sum::<u64>(), msg.len);
+            assert!(msg.len <= 8 + chunk_size.max(bucket_size));
             for s in segs {
                 assert_eq!(covered[s.storage as usize], s.offset);
                 covered[s.storage as usize] += s.len;

@@ -57,6 +57,30 @@ function loadModule() {
 
 const num = (x) => Number(x); // module integers are numbers or, above 2^53 - 1, decimal strings
 
+// Every message after the header starts with the transfer id, u64 little-endian (PROTOCOL.md §2).
+export const PREFIX_LEN = 8;
+// Stale messages skipped while waiting for one message (pgt_core::header::MAX_STALE), and the longest one
+// read whole to see whether it is stale (MAX_STALE_LEN).
+export const MAX_STALE = 1024;
+export const MAX_STALE_LEN = 2 ** 30 + 16;
+
+/** The 8 bytes a message starts with, from an op's `prefix` ("0x…", the transfer id). */
+export function prefixBytes(prefix) {
+  const b = Buffer.alloc(PREFIX_LEN);
+  b.writeBigUInt64LE(BigInt(prefix));
+  return b;
+}
+
+/**
+ * Whether `message` (or its first bytes) belongs to another transfer than `op`'s: it has a prefix, and the
+ * prefix is not `op.prefix` (pgt_core's RecvOp::is_stale). Such a message is never used: skip it and
+ * receive the next one with the tag.
+ */
+export function isStale(op, message) {
+  if (op.prefix == null || message.length < PREFIX_LEN) return false;
+  return !Buffer.from(message.buffer, message.byteOffset, PREFIX_LEN).equals(prefixBytes(op.prefix));
+}
+
 /**
  * Runs receiver `engine` (a pgt.Receiver) to completion over `host` and returns the verified result, as
  * pgt_core::drive::receive does: one loop that reports the host's completions, polls, and acts on the op.
@@ -69,11 +93,17 @@ const num = (x) => Number(x); // module integers are numbers or, above 2^53 - 1,
  * message's segments, or the trailer's bytes) and `nextEvent(wait)`, the next completion:
  * `["landed", m]`, `["digests", m, BigUint64Array]` (the digests of the storages data message m
  * completes, in segment order) or `["forwarded", m]`; null when none is ready (with `wait`: when nothing
- * is in flight). Any of them may return a promise.
+ * is in flight); and `discard(op) -> boolean`, which receives a message a failed transfer's plan still says
+ * is coming and throws it away (false: stop draining). Any of them may return a promise. Every receive
+ * skips messages of other transfers (`isStale`): never use one.
+ *
+ * After an error the host drains what the plan still says is coming (`engine.leftover()`), so that the
+ * next transfer on the link does not meet it (PROTOCOL.md §12).
  */
 export async function receive(engine, host) {
   let incoming = null;
   let trailer = new Uint8Array(0);
+  let finished = false;
   try {
     for (;;) {
       for (let e; (e = await host.nextEvent(false)) != null; ) apply(engine, e);
@@ -95,9 +125,19 @@ export async function receive(engine, host) {
         if (e == null) throw new Error("the receiver waits, but nothing is in flight: incomplete");
         apply(engine, e);
       } else {
+        finished = true;
         return engine.finish(); // done: DigestMismatch etc. surface here
       }
     }
+  } catch (e) {
+    if (!finished) {
+      try {
+        for (let op; (op = engine.leftover()) != null && (await host.discard(op)); );
+      } catch {
+        // Draining is best effort: the error that ended the transfer is the one reported.
+      }
+    }
+    throw e;
   } finally {
     engine.free();
   }
@@ -112,8 +152,9 @@ function apply(engine, [kind, message, digests]) {
 
 /**
  * Moves a transfer's bytes over the process group, each operation at once (its completion is reported at
- * the loop's next turn): data messages straight into per-storage buffers, hashed with XXH3-64 when the op
- * says so; every storage fresh.
+ * the loop's next turn): data messages straight into per-storage buffers after their 8-byte prefix, hashed
+ * with XXH3-64 when the op says so; every storage fresh. Messages of other transfers (stale) are skipped,
+ * whatever their length.
  */
 export class TcpHost {
   constructor(pg, { timeoutMs, log = () => {} }) {
@@ -126,8 +167,26 @@ export class TcpHost {
     this.moved = 0;
   }
 
+  /** Counts a stale message of `n` bytes skipped while waiting for `op`'s. */
+  skip(op, skipped, n) {
+    this.log(`skipped a stale message of ${n} bytes, tag ${op.tag} from rank ${op.from}`);
+    if (skipped + 1 > MAX_STALE) {
+      throw new Error(`TooManyStale: skipped ${skipped} stale messages waiting for message ${op.message}`);
+    }
+    return skipped + 1;
+  }
+
+  /** The next message with `op`'s tag, whatever its length (up to what a stale message can be). */
+  whole(op) {
+    return this.pg.recvBytes(op.from, op.tag, Math.max(num(op.len), MAX_STALE_LEN), this.timeoutMs);
+  }
+
   async recvBytes(op) {
-    const data = await this.pg.recvBytes(op.from, op.tag, num(op.len), this.timeoutMs);
+    let data;
+    for (let skipped = 0; isStale(op, (data = await this.whole(op))); ) skipped = this.skip(op, skipped, data.length);
+    if (data.length > num(op.len)) {
+      throw new PgError("length", `message with tag ${op.tag} from rank ${op.from} has ${data.length} bytes, more than the limit of ${op.len}`);
+    }
     this.log(`${op.kind}: ${data.length} bytes from rank ${op.from}`);
     return data;
   }
@@ -151,8 +210,23 @@ export class TcpHost {
 
   async recvData(op, segments) {
     const parts = this.parts(segments);
-    await this.pg.recvInto(op.from, op.tag, parts, this.timeoutMs); // straight into the storages
-    this.moved += num(op.len);
+    const prefix = Buffer.alloc(PREFIX_LEN);
+    for (let skipped = 0; ; ) {
+      let n = num(op.len);
+      try {
+        // The prefix into its own 8 bytes, the rest straight into the storages.
+        await this.pg.recvInto(op.from, op.tag, [prefix, ...parts], this.timeoutMs);
+        if (!isStale(op, prefix)) break; // a stale message's bytes are overwritten by the next
+      } catch (e) {
+        if (!(e instanceof PgError && e.kind === "length")) throw e;
+        // Another length: stale (skip it), or this transfer's (the transfer fails).
+        const whole = await this.whole(op);
+        if (!isStale(op, whole)) throw e;
+        n = whole.length;
+      }
+      skipped = this.skip(op, skipped, n);
+    }
+    this.moved += num(op.len) - PREFIX_LEN;
     this.events.push(["landed", op.message]);
     if (op.hash) {
       const digests = [];
@@ -170,7 +244,8 @@ export class TcpHost {
   }
 
   async forward(op, payload) {
-    const parts = payload instanceof Uint8Array ? [payload] : this.parts(payload);
+    // The trailer as received (prefix included), or a data message's prefix and segments as received.
+    const parts = payload instanceof Uint8Array ? [payload] : [prefixBytes(op.prefix), ...this.parts(payload)];
     await this.pg.send(op.to, op.tag, parts, this.timeoutMs);
     this.events.push(["forwarded", op.message]);
     this.log(`forwarded message ${op.message} to rank ${op.to}`);
@@ -178,6 +253,18 @@ export class TcpHost {
 
   nextEvent() {
     return this.events.shift() ?? null;
+  }
+
+  /** Receives a message a failed transfer still sends and throws it away; false when the link fails. */
+  async discard(op) {
+    try {
+      let data;
+      for (let skipped = 0; isStale(op, (data = await this.whole(op))); ) skipped = this.skip(op, skipped, data.length);
+    } catch {
+      return false;
+    }
+    this.log(`drained message ${op.message} from rank ${op.from}`);
+    return true;
   }
 }
 

@@ -1,4 +1,4 @@
-"""pgt's raw-ABI wasm module (wasm/ABI.md, version 2) from Python, with wasmtime-py.
+"""pgt's raw-ABI wasm module (wasm/ABI.md, version 3) from Python, with wasmtime-py.
 
 A small host: loads ``pgt_wasm.wasm`` (built by ``scripts/build-wasm.sh``), copies inputs into guest
 memory, calls the exports and decodes their result blocks — pgt-core's own types, postcard-encoded —
@@ -43,7 +43,13 @@ LIMITS = [  # Limits' fields, in order
 MAX_SAFE = 2**53 - 1
 
 # The raw ABI version this host speaks (pgt_abi_version).
-ABI_VERSION = 2
+ABI_VERSION = 3
+# Every message after the header starts with the transfer id, u64 little-endian (PROTOCOL.md §2).
+PREFIX_LEN = 8
+# Stale messages a host skips while waiting for one message (pgt_core::header::MAX_STALE), and the
+# longest one it reads whole to see whether it is stale (MAX_STALE_LEN).
+MAX_STALE = 1024
+MAX_STALE_LEN = (1 << 30) + 16
 # Result block status words.
 OK, ERROR, ABI_ERROR = 0, 1, 2
 
@@ -70,6 +76,24 @@ class PgtError(Exception):
 
 def uint(v: int):
     return v if v <= MAX_SAFE else str(v)
+
+
+def hex64(v: int) -> str:
+    return f"0x{v:016x}"
+
+
+def prefix_bytes(prefix: str) -> bytes:
+    """The 8 bytes a message starts with, from an op's ``prefix`` ("0x…", the transfer id)."""
+    return int(prefix, 16).to_bytes(PREFIX_LEN, "little")
+
+
+def is_stale(op: dict, message) -> bool:
+    """Whether ``message`` (or its first bytes) belongs to another transfer than ``op``'s: it has a
+    prefix, and the prefix is not ``op["prefix"]`` (pgt_core's RecvOp::is_stale). Such a message is never
+    used: skip it and receive the next one with the tag."""
+    if op.get("prefix") is None or len(message) < PREFIX_LEN:
+        return False
+    return bytes(message[:PREFIX_LEN]) != prefix_bytes(op["prefix"])
 
 
 def sint(v: int):
@@ -300,6 +324,7 @@ def summary(r: Reader) -> dict:
             "flags": r.varint(),
             "metadata_len": r.uint(),
             "metadata_digest": f"0x{r.varint():016x}",
+            "transfer_id": f"0x{r.varint():016x}",
         },
         "step": r.opt(Reader.uint),
         "source": r.varint(),
@@ -343,24 +368,34 @@ def op(r: Reader, peer: str) -> dict:
     return {peer: rank, "message": message, "kind": kind, "tag": r.uint(), "len": r.uint()}
 
 
+def prefix(r: Reader):
+    """An op's ``prefix: Option<u64>``: the transfer id the message starts with, as "0x…", or None."""
+    return r.opt(lambda r: hex64(r.varint()))
+
+
+def recv_op(r: Reader) -> dict:  # RecvOp
+    return {"type": "recv", **op(r, "from"), "hash": r.bool(), "prefix": prefix(r)}
+
+
 def send_poll(r: Reader) -> dict:
     tag = r.varint()
     if tag == 0:  # Send(SendOp)
-        return {"type": "send", **op(r, "to"), "hash": r.bool()}
+        return {"type": "send", **op(r, "to"), "hash": r.bool(), "prefix": prefix(r)}
     return {"type": ["send", "wait_digests", "done"][tag]}
 
 
 def recv_poll(r: Reader) -> dict:
     tag = r.varint()
     if tag == 0:  # Recv(RecvOp)
-        return {"type": "recv", **op(r, "from"), "hash": r.bool()}
+        return recv_op(r)
     if tag == 2:  # Forward(ForwardOp)
-        return {"type": "forward", **op(r, "to")}
+        return {"type": "forward", **op(r, "to"), "prefix": prefix(r)}
     return {"type": ["recv", "need_bindings", "forward", "wait", "done"][tag]}
 
 
 def incoming(r: Reader) -> dict:
     return {
+        "transfer_id": hex64(r.varint()),
         "step": r.opt(Reader.uint),
         "storages": r.seq(storage),
         "total_bytes": r.uint(),
@@ -466,23 +501,36 @@ class Pgt:
     def plan(self, header: bytes, metadata: bytes, limits: dict | None = None) -> list:
         return self.call("pgt_plan", plan, inputs=(header, metadata, limits_bytes(limits)))
 
-    def encode(self, metadata: bytes, digests: bool, limits: dict | None = None) -> tuple:
-        """Validates and encodes postcard Metadata (the metadata message's schema): ``Encoded``, as
-        (header, metadata)."""
+    def encode(
+        self, metadata: bytes, digests: bool, transfer_id: int, limits: dict | None = None
+    ) -> tuple:
+        """Validates and encodes postcard Metadata (the metadata message's schema) for transfer
+        ``transfer_id``: ``Encoded``, as (header, metadata message)."""
         return self._metadata_call(
-            "pgt_encode", lambda r: (r.bytes(), r.bytes()), metadata, digests, limits
+            "pgt_encode", lambda r: (r.bytes(), r.bytes()), metadata, digests, transfer_id, limits
         )
 
-    def _metadata_call(self, name, decode, metadata: bytes, digests: bool, limits: dict | None):
-        # pgt_encode and pgt_sender_new take the digests flag between their two inputs.
+    def _metadata_call(
+        self, name, decode, metadata: bytes, digests: bool, transfer_id: int, limits: dict | None
+    ):
+        # pgt_encode and pgt_sender_new take the digests flag between their two inputs, and the
+        # transfer id last, as two 32-bit halves.
         ptr, n, lptr, ln = self._put((metadata, limits_bytes(limits)))
-        return self.call(name, decode, ptr, n, int(digests), lptr, ln)
+        lo, hi = transfer_id & 0xFFFFFFFF, transfer_id >> 32
+        return self.call(name, decode, ptr, n, int(digests), lptr, ln, lo, hi)
 
     # state machines
-    def sender(self, metadata: bytes, digests: bool, limits: dict | None = None) -> Sender:
-        """A sender for postcard Metadata."""
+    def sender(
+        self, metadata: bytes, digests: bool, transfer_id: int, limits: dict | None = None
+    ) -> Sender:
+        """A sender for postcard Metadata, of transfer ``transfer_id`` (pick it at random)."""
         handle, messages = self._metadata_call(
-            "pgt_sender_new", lambda r: (r.varint(), plan(r)), metadata, digests, limits
+            "pgt_sender_new",
+            lambda r: (r.varint(), plan(r)),
+            metadata,
+            digests,
+            transfer_id,
+            limits,
         )
         return Sender(self, handle, messages)
 
@@ -556,6 +604,11 @@ class Receiver:
 
     def handle_forwarded(self, message: int):
         self._call("pgt_receiver_forwarded", unit, message)
+
+    def leftover(self):
+        """After an error: the next message the failed transfer's plan says is still coming (a "recv"
+        op) to receive and discard, or None. The first call ends the transfer."""
+        return self._call("pgt_receiver_leftover", lambda r: r.opt(recv_op))
 
     def finish(self) -> dict:
         """The verified result; frees the receiver whatever the outcome."""

@@ -43,8 +43,8 @@ import wasmtime  # noqa: E402
 import xxhash  # noqa: E402
 
 import pgt_abi  # noqa: E402
-from pgt_abi import Pgt, PgtError  # noqa: E402
-from pgt_tcp import PgError, TcpGroup, TcpOptions  # noqa: E402
+from pgt_abi import MAX_STALE, MAX_STALE_LEN, PREFIX_LEN, Pgt, PgtError, is_stale  # noqa: E402
+from pgt_tcp import LengthMismatch, PgError, TcpGroup, TcpOptions  # noqa: E402
 
 try:
     import numpy as np
@@ -110,10 +110,15 @@ def receive(engine, host) -> dict:
 
     A host has ``recv_bytes(op) -> bytes``; ``bind(incoming, paths) -> [InPlace target]`` (``paths()``
     gives every leaf's key path); ``bound(incoming, bindings)``; ``recv_data(op, segments)``;
-    ``forward(op, payload)`` (a data message's segments, or the trailer's bytes); and
-    ``next_event(wait)``, the next completion: ``("landed", m)``, ``("digests", m, [u64, …])`` (the
-    digests of the storages data message m completes, in segment order) or ``("forwarded", m)``;
-    None when none is ready (with ``wait``: when nothing is in flight)."""
+    ``forward(op, payload)`` (a data message's segments, or the trailer's bytes); ``next_event(wait)``,
+    the next completion: ``("landed", m)``, ``("digests", m, [u64, …])`` (the digests of the storages
+    data message m completes, in segment order) or ``("forwarded", m)``; None when none is ready (with
+    ``wait``: when nothing is in flight); and ``discard(op) -> bool``, which receives a message a failed
+    transfer's plan still says is coming and throws it away (False: stop draining). Every receive skips
+    messages of other transfers (``pgt_abi.is_stale``): never use one.
+
+    After an error, the host drains what the plan still says is coming (``engine.leftover()``), so
+    that the next transfer on the link does not meet it (PROTOCOL.md §12)."""
     incoming, trailer, finished = None, b"", False
     try:
         while True:
@@ -145,6 +150,12 @@ def receive(engine, host) -> dict:
             else:  # done
                 finished = True
                 return engine.finish()  # DigestMismatch etc. surface here; frees the receiver
+    except Exception:
+        if not finished:
+            with contextlib.suppress(PgtError, PgError):
+                while (op := engine.leftover()) is not None and host.discard(op):
+                    pass
+        raise
     finally:
         if not finished:
             with contextlib.suppress(PgtError):
@@ -164,7 +175,8 @@ def apply(engine, event):
 class TcpHost:
     """Moves a transfer's bytes over the process group, each operation at once (its completion is
     reported at the loop's next turn): data messages straight into per-storage buffers (memoryview
-    slices, no staging copy), hashed with XXH3-64 when the op says so; every storage fresh."""
+    slices, no staging copy) after their 8-byte prefix, hashed with XXH3-64 when the op says so; every
+    storage fresh. Messages of other transfers (stale) are skipped, whatever their length."""
 
     def __init__(self, pg: TcpGroup, timeout: float, log: Log):
         self.pg, self.timeout, self.log = pg, timeout, log
@@ -175,8 +187,33 @@ class TcpHost:
         self.hashers: dict = {}  # storage -> xxh3_64 of its wire bytes so far
         self.moved = 0
 
+    def _skip(self, op: dict, skipped: int, n: int) -> int:
+        """Counts a stale message (``n`` bytes) skipped while waiting for ``op``'s."""
+        self.log.debug(
+            f"skipped a stale message of {n} bytes, tag {op['tag']} from rank {op['from']}"
+        )
+        if skipped + 1 > MAX_STALE:
+            raise RuntimeError(
+                f"TooManyStale: skipped {skipped} stale messages waiting for message {op['message']}"
+            )
+        return skipped + 1
+
+    def _whole(self, op: dict) -> bytes:
+        """The next message with ``op``'s tag, whatever its length (up to what a stale message can be)."""
+        cap = max(int(op["len"]), MAX_STALE_LEN)
+        return self.pg.recv_bytes(op["from"], op["tag"], cap, self.timeout)
+
     def recv_bytes(self, op: dict) -> bytes:
-        data = self.pg.recv_bytes(op["from"], op["tag"], int(op["len"]), self.timeout)
+        skipped = 0
+        while True:
+            data = self._whole(op)
+            if not is_stale(op, data):
+                break
+            skipped = self._skip(op, skipped, len(data))
+        if len(data) > int(op["len"]):
+            raise LengthMismatch(
+                f"message with tag {op['tag']} from rank {op['from']} has {len(data)} bytes, more than the limit of {op['len']}"
+            )
         self.log.debug(f"{op['kind']}: {len(data)} bytes, tag {op['tag']} from rank {op['from']}")
         return data
 
@@ -205,8 +242,22 @@ class TcpHost:
 
     def recv_data(self, op: dict, segments: list):
         parts = self._parts(segments)
-        self.pg.recv_into(op["from"], op["tag"], parts, self.timeout)  # straight into the storages
-        self.moved += int(op["len"])
+        prefix, skipped = bytearray(PREFIX_LEN), 0
+        while True:
+            try:
+                # The prefix into its own 8 bytes, the rest straight into the storages.
+                self.pg.recv_into(op["from"], op["tag"], [prefix, *parts], self.timeout)
+                if not is_stale(op, prefix):
+                    break
+                n = int(op["len"])  # its bytes in the storages are overwritten by the next
+            except LengthMismatch:
+                # Another length: stale (skip it), or this transfer's (the transfer fails).
+                whole = self._whole(op)
+                if not is_stale(op, whole):
+                    raise
+                n = len(whole)
+            skipped = self._skip(op, skipped, n)
+        self.moved += int(op["len"]) - PREFIX_LEN
         self.events.append(("landed", op["message"]))
         if op["hash"]:
             digests = []
@@ -221,13 +272,28 @@ class TcpHost:
         self.log.debug(f"data message {op['message']}: {op['len']} bytes, tag {op['tag']}")
 
     def forward(self, op: dict, payload):
-        parts = [payload] if isinstance(payload, bytes) else self._parts(payload)
+        if isinstance(payload, bytes):  # the trailer as received, prefix included
+            parts = [payload]
+        else:  # a data message: the prefix, then the segments' bytes as received
+            parts = [pgt_abi.prefix_bytes(op["prefix"]), *self._parts(payload)]
         self.pg.send(op["to"], op["tag"], parts, self.timeout)
         self.events.append(("forwarded", op["message"]))
         self.log.debug(f"forwarded message {op['message']} ({op['len']} bytes) to rank {op['to']}")
 
     def next_event(self, wait: bool):
         return self.events.popleft() if self.events else None
+
+    def discard(self, op: dict) -> bool:
+        """Receives a message a failed transfer still sends and throws it away (skipping stale ones);
+        False when the link fails."""
+        try:
+            skipped = 0
+            while is_stale(op, data := self._whole(op)):
+                skipped = self._skip(op, skipped, len(data))
+        except (PgError, RuntimeError):
+            return False
+        self.log.debug(f"drained message {op['message']}, tag {op['tag']} from rank {op['from']}")
+        return True
 
 
 class Received:

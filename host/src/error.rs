@@ -133,6 +133,21 @@ pub enum Error {
         after: Duration,
     },
 
+    /// A transfer with this rank is already running on this [`crate::transport::Transport`] in this
+    /// direction (a receive from it, or a send or chain forward to it). Transfers between one pair of
+    /// ranks use the same tags, so they run one at a time: the second is refused at once instead of
+    /// letting the two take each other's messages (PROTOCOL.md §12).
+    #[error(
+        "a transfer {} rank {rank} is already running on this Transport: transfers between two ranks run one at a time",
+        if *.action == PeerAction::Receiving { "from" } else { "to" }
+    )]
+    ConcurrentTransfer {
+        /// What this transfer would do with the rank.
+        action: PeerAction,
+        /// The other rank.
+        rank: u32,
+    },
+
     // ---- added by hostile branch ----
     /// A safetensors file [`crate::safetensors_io::save`] does not write because the `safetensors`
     /// library would refuse to load it: its header (names, shapes, `__metadata__` strings) would be

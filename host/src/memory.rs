@@ -790,43 +790,65 @@ impl<'a> ReceiveMemory<'a> {
         parts: &[(usize, Range<usize>)],
         f: impl FnOnce(&mut [&mut [u8]]) -> R,
     ) -> Result<R, ClaimError> {
-        self.try_write(parts, |slices| Ok::<R, std::convert::Infallible>(f(slices)))
-            .map(|r| match r {
-                Ok(r) => r,
-                Err(never) => match never {},
-            })
+        let mut slices = self.claim_all(parts)?;
+        let result = f(&mut slices);
+        drop(slices);
+        self.land(parts);
+        Ok(result)
     }
 
-    /// As [`write`](Self::write), for a fill that can fail (a receive from the network): the parts land
-    /// only if `f` returns `Ok`; after an `Err` they are never readable (and never written again).
-    pub fn try_write<R, E>(
+    /// As [`write`](Self::write), for a fill that can fail or turn out not to be wanted: when `f`
+    /// returns `Err`, nothing lands and the ranges are given back, so that the same ranges can be
+    /// written again (a receive that took a stale message of another transfer, PROTOCOL.md §12). The
+    /// bytes `f` wrote stay below the landed frontier, never read, until a later write lands its own.
+    pub fn try_write<T, E>(
         &self,
         parts: &[(usize, Range<usize>)],
-        f: impl FnOnce(&mut [&mut [u8]]) -> Result<R, E>,
-    ) -> Result<Result<R, E>, ClaimError> {
+        f: impl FnOnce(&mut [&mut [u8]]) -> Result<T, E>,
+    ) -> Result<Result<T, E>, ClaimError> {
+        let mut slices = self.claim_all(parts)?;
+        let result = f(&mut slices);
+        drop(slices);
+        match &result {
+            Ok(_) => self.land(parts),
+            // The slices are gone: the ranges can be handed out again.
+            Err(_) => self.unclaim_all(parts),
+        }
+        Ok(result)
+    }
+
+    /// Claims every part, or none (giving back what it claimed).
+    fn claim_all(&self, parts: &[(usize, Range<usize>)]) -> Result<Vec<&mut [u8]>, ClaimError> {
         let mut slices = Vec::with_capacity(parts.len());
         for (i, (region, range)) in parts.iter().enumerate() {
             match self.claim(*region, range.clone()) {
                 Ok(s) => slices.push(s),
                 Err(e) => {
                     // Give back what this call claimed: nothing was written, nothing lands.
-                    for (r, range) in &parts[..i] {
-                        self.unclaim(*r, range.clone());
-                    }
+                    drop(slices);
+                    self.unclaim_all(&parts[..i]);
                     return Err(e);
                 }
             }
         }
-        let result = f(&mut slices);
-        drop(slices);
-        if result.is_ok() {
-            for (region, range) in parts {
-                if let Some(r) = self.shared.regions.get(*region) {
-                    r.landed.fetch_max(range.end, Ordering::Release);
-                }
+        Ok(slices)
+    }
+
+    /// Gives back claims of parts whose slices are gone, latest first (so that two parts of one
+    /// region both go back).
+    fn unclaim_all(&self, parts: &[(usize, Range<usize>)]) {
+        for (r, range) in parts.iter().rev() {
+            self.unclaim(*r, range.clone());
+        }
+    }
+
+    /// Marks written parts landed.
+    fn land(&self, parts: &[(usize, Range<usize>)]) {
+        for (region, range) in parts {
+            if let Some(r) = self.shared.regions.get(*region) {
+                r.landed.fetch_max(range.end, Ordering::Release);
             }
         }
-        Ok(result)
     }
 
     /// Bytes `range` of region `index`, once they have landed (else `None`).
@@ -888,8 +910,9 @@ impl<'a> ReceiveMemory<'a> {
         Ok(unsafe { std::slice::from_raw_parts_mut(ptr.add(range.start), range.len()) })
     }
 
-    /// Undoes a claim of `write` that handed out nothing (the frontier goes back if nobody claimed
-    /// past it since).
+    /// Undoes a claim of `write` whose slice is gone or was never handed out (the frontier goes back
+    /// if nobody claimed past it since). Sound: no slice covers the range any more, and the bytes are
+    /// above `landed`, so no reader sees them; the prefaulter may touch them again (content-preserving).
     fn unclaim(&self, index: usize, range: Range<usize>) {
         if let Some(r) = self.shared.regions.get(index) {
             let _ = r.claimed.compare_exchange(
@@ -1530,10 +1553,10 @@ mod tests {
         });
         assert_eq!(r, Ok(Err("the peer went away")));
         assert_eq!(pf.read(0, 0..1), None);
-        // Nor can the bytes be written again: the claim frontier has passed them.
-        assert!(pf.write(&[(0, 50..60)], |_| ()).is_err());
-        pf.write(&[(0, 100..200)], |p| p[0].fill(1)).unwrap();
-        assert_eq!(pf.read(0, 100..101), Some(&[1][..]));
+        // The ranges go back: the next write of them lands its own bytes (a receive that took a
+        // stale message receives the next one into the same ranges).
+        pf.write(&[(0, 0..100)], |p| p[0].fill(1)).unwrap();
+        assert_eq!(pf.read(0, 0..100), Some(&[1; 100][..]));
     }
 
     #[test]
@@ -1549,6 +1572,33 @@ mod tests {
         pf.write(&[(0, 100..200)], |p| p[0].fill(3)).unwrap();
         assert_eq!(pf.read(0, 150..151), Some(&[3][..]));
         assert_eq!(pf.read(0, 150..201), None);
+    }
+
+    #[test]
+    fn a_failed_try_write_lands_nothing_and_can_be_written_again() {
+        let pf = ReceiveMemory::new(vec![Target::Fresh(Buffer::zeroed(1000))]);
+        pf.write(&[(0, 0..100)], |p| p[0].fill(1)).unwrap();
+        // Two parts of one region, written, then refused: nothing lands, both go back.
+        let r = pf.try_write(&[(0, 100..200), (0, 200..300)], |p| {
+            p[0].fill(7);
+            p[1].fill(7);
+            Err::<(), _>("stale")
+        });
+        assert_eq!(r, Ok(Err("stale")));
+        assert_eq!(pf.read(0, 100..101), None, "nothing landed");
+        assert_eq!(pf.read(0, 0..100), Some(&[1; 100][..]));
+        let r = pf.try_write(&[(0, 100..200), (0, 200..300)], |p| {
+            p[0].fill(2);
+            p[1].fill(3);
+            Ok::<_, ()>(5)
+        });
+        assert_eq!(r, Ok(Ok(5)));
+        assert_eq!(pf.read(0, 150..151), Some(&[2][..]));
+        assert_eq!(pf.read(0, 250..251), Some(&[3][..]));
+        assert!(
+            pf.write(&[(0, 250..260)], |_| ()).is_err(),
+            "landed stays written"
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ import { createRequire } from "node:module";
 import { fileURLToPath } from "node:url";
 import path from "node:path";
 
-import { receive as drive } from "../../examples/node/pgt_recv.mjs";
+import { receive as drive, isStale, prefixBytes } from "../../examples/node/pgt_recv.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const root = path.join(here, "..", "..");
@@ -76,7 +76,8 @@ function digestOf(storage, bytes) {
   return isPattern ? d : d ^ 1n; // bytes that differ from the pattern hash to something else
 }
 
-test("the module speaks protocol version 1 and has the documented defaults", () => {
+test("the module speaks index.json's protocol version (2) and has the documented defaults", () => {
+  assert.equal(index.protocol_version, 2);
   assert.equal(pgt.protocolVersion(), index.protocol_version);
   assert.deepEqual(pgt.defaultLimits(), index.default_limits);
 });
@@ -93,7 +94,7 @@ test("valid metadata decodes to index.json's manifest, plans and re-encodes byte
     }
     assert.ok(Array.isArray(summary.tree) && summary.tree.length > 0, v.file);
     assert.deepEqual(pgt.plan(h, m), messages, `${v.file}: plan`);
-    const e = pgt.encode(summary, summary.digests);
+    const e = pgt.encode(summary, summary.digests, undefined, BigInt(summary.header.transfer_id));
     assert.deepEqual(e.header, h, `${v.file}: header round trip`);
     assert.deepEqual(e.metadata, m, `${v.file}: metadata round trip`);
   }
@@ -133,20 +134,34 @@ class HostReject extends Error {
 /**
  * A sequential host over a stream's records (pgt_recv.mjs's `receive` drives it): each message is the
  * next record; data lands in fresh storages, with its digests per message when the op says so. A record
- * with another tag than the one asked for is not that message, which then never comes; a data message
- * must have exactly the plan's length (the core never sees its bytes).
+ * with another tag than the one asked for is not that message, which then never comes; a record of
+ * another transfer (stale: its prefix is not the op's) is skipped; a data message must have exactly the
+ * plan's length (the core never sees its bytes).
  */
 class RecordsHost {
   constructor(v) {
     Object.assign(this, { v, recs: records(v), next: 0, storages: [], paths: null, forwards: [], events: [] });
+    this.skipped = 0;
   }
 
   recvBytes(op) {
-    const rec = this.recs[this.next++];
-    if (!rec || rec.tag !== num(op.tag)) {
-      throw new HostReject({ reason: "missing", from: op.from, tag: num(op.tag) });
+    for (;;) {
+      const rec = this.recs[this.next++];
+      if (!rec || rec.tag !== num(op.tag)) {
+        throw new HostReject({ reason: "missing", from: op.from, tag: num(op.tag) });
+      }
+      if (!isStale(op, rec.bytes)) return rec.bytes;
+      this.skipped++;
     }
-    return rec.bytes;
+  }
+
+  discard(op) {
+    try {
+      this.recvBytes(op);
+      return true;
+    } catch {
+      return false;
+    }
   }
 
   bind(incoming, paths) {
@@ -167,7 +182,7 @@ class RecordsHost {
       throw new HostReject({ reason: "length", from: op.from, tag: num(op.tag), expected, got });
     }
     const digests = [];
-    let at = 0;
+    let at = 8; // the storage bytes follow the prefix
     for (const seg of segments) {
       const [off, len] = [num(seg.offset), num(seg.len)];
       this.storages[seg.storage].set(bytes.subarray(at, at + len), off);
@@ -214,6 +229,24 @@ test("stream vectors are received completely, with the expected leaves and bytes
   }
 });
 
+test("stale streams: records of another transfer are skipped, the result is the transfer's own", async () => {
+  const vs = byKind("stale_stream");
+  assert.ok(vs.length >= 1);
+  for (const v of vs) {
+    const { host, result } = await receive(v);
+    assert.equal(host.skipped, v.records.filter((r) => r.stale).length, v.file);
+    assert.ok(host.skipped >= 3, v.file);
+    assert.deepEqual(result.leaves, v.result.leaves, `${v.file}: leaves`);
+    host.storages.forEach((s, i) => assert.ok(s.every((b, j) => b === pattern(i, j)), `${v.file}: storage ${i}`));
+    // A host that hands the module the stale metadata is refused by name, never served.
+    const recs = records(v);
+    const r = new pgt.Receiver(v.receiver);
+    r.poll();
+    r.handleHeader(recs[0].bytes);
+    assert.throws(() => r.handleMetadata(recs[1].bytes), (e) => e.name === "TransferMismatch", v.file);
+  }
+});
+
 test("malformed streams fail with the named error", async () => {
   const vs = byKind("malformed_stream");
   assert.ok(vs.length >= 2);
@@ -238,7 +271,15 @@ test("host_reject streams are refused by the host before the core sees the messa
 
 test("every vector kind is tested", () => {
   const kinds = new Set(index.vectors.map((v) => v.kind));
-  const tested = ["valid_metadata", "malformed", "receiver_reject", "stream", "malformed_stream", "host_reject_stream"];
+  const tested = [
+    "valid_metadata",
+    "malformed",
+    "receiver_reject",
+    "stream",
+    "stale_stream",
+    "malformed_stream",
+    "host_reject_stream",
+  ];
   assert.deepEqual([...kinds].sort(), [...tested].sort());
 });
 
@@ -246,7 +287,7 @@ test("a JS-driven sender produces each stream's bytes", () => {
   for (const v of byKind("stream")) {
     const recs = records(v);
     const summary = pgt.decodeMetadata(recs[0].bytes, recs[1].bytes);
-    const s = new pgt.Sender(summary, summary.digests);
+    const s = new pgt.Sender(summary, summary.digests, undefined, BigInt(summary.header.transfer_id));
     const plan = s.plan();
     const storages = summary.storages.map((st, i) =>
       Uint8Array.from({ length: num(st.nbytes) }, (_, j) => pattern(i, j)),
@@ -264,8 +305,9 @@ test("a JS-driven sender produces each stream's bytes", () => {
       let bytes;
       if (op.kind === "data") {
         bytes = new Uint8Array(num(op.len));
+        bytes.set(prefixBytes(op.prefix)); // the transfer id, then the storage bytes
         const done = [];
-        let at = 0;
+        let at = 8;
         for (const seg of plan[op.message].segments) {
           const [off, len] = [num(seg.offset), num(seg.len)];
           bytes.set(storages[seg.storage].subarray(off, off + len), at);
@@ -286,7 +328,7 @@ test("a JS-driven sender produces each stream's bytes", () => {
 });
 
 test("bad arguments are errors too, not crashes", () => {
-  assert.throws(() => pgt.encode({ source: 0 }, false), (e) => e.name === "BadArgument");
+  assert.throws(() => pgt.encode({ source: 0 }, false, undefined, 0n), (e) => e.name === "BadArgument");
   assert.throws(() => new pgt.Receiver({ rank: 1 }), (e) => e.name === "BadArgument");
   const r = new pgt.Receiver({ rank: 1, source: 0 });
   const target = { storage: 0, id: 0, dtype: "float32", nbytes: 4 };

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from pgt_abi import DTYPES, Pgt, module_path
+from pgt_abi import DTYPES, Pgt, module_path, prefix_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "python"
@@ -505,17 +505,21 @@ def _metadata(step, dests, keys, leaves) -> bytes:
     )
 
 
-def _python_send(port, token, metadata, storages, corrupt=None, errors=None, world=2):
+def _python_send(port, token, metadata, storages, corrupt=None, errors=None, world=2, stale=()):
     """Rank 0 in Python: hosts the store, joins, and drives the module's sender; ``corrupt`` = a storage
-    whose bytes get one bit flipped on the wire *after* hashing."""
+    whose bytes get one bit flipped on the wire *after* hashing; ``stale`` = (tag, bytes) messages sent
+    to rank 1 before the transfer (another transfer's, which the receiver must skip)."""
     sys.path.insert(0, str(EXAMPLE))
     from pgt_tcp import TcpGroup, TcpOptions
 
     try:
-        s = Pgt.load().sender(metadata, digests=True)
+        # A random transfer id, as every sender picks one.
+        s = Pgt.load().sender(metadata, digests=True, transfer_id=secrets.randbits(64))
         with TcpGroup.join(
             TcpOptions("127.0.0.1", port, 0, world, token.encode(), timeout=30)
         ) as pg:
+            for tag, message in stale:
+                pg.send(1, tag, [message], 30)
             hashers, digests = {}, []
             while True:  # as pgt_core::drive::send, each send done (and hashed) at once
                 while digests:
@@ -526,8 +530,8 @@ def _python_send(port, token, metadata, storages, corrupt=None, errors=None, wor
                 assert op["type"] == "send", op
                 if op["kind"] != "data":
                     parts = [s.bytes(op["message"])]
-                else:
-                    parts, done = [], []
+                else:  # the transfer id's prefix, then the storage bytes
+                    parts, done = [prefix_bytes(op["prefix"])], []
                     for seg in s.plan[op["message"]]["segments"]:
                         st, off, n = seg["storage"], seg["offset"], seg["len"]
                         part = storages[st][off : off + n]
@@ -545,11 +549,13 @@ def _python_send(port, token, metadata, storages, corrupt=None, errors=None, wor
         errors.append(e)
 
 
-def _with_python_sender(wasm, tmp_path, metadata, storages, corrupt=None, extra=()):
+def _with_python_sender(wasm, tmp_path, metadata, storages, corrupt=None, extra=(), stale=()):
     port, token = free_port(), secrets.token_hex(16)
     errors = []
     t = threading.Thread(
-        target=_python_send, args=(port, token, metadata, storages, corrupt, errors), daemon=True
+        target=_python_send,
+        args=(port, token, metadata, storages, corrupt, errors, 2, stale),
+        daemon=True,
     )
     t.start()
     out = tmp_path / "out.safetensors"
@@ -598,6 +604,26 @@ def test_strided_views_values_and_step_from_a_python_sender(wasm, tmp_path):
         # the module rewrote the local shard's placement to the receiving rank
         "pgt.sharded.sh": '{"dtype":"int32","global_size":[4],"local_shards":[{"offsets":[2],"placement":"rank:1/cpu","sizes":[2]}]}',
     }
+
+
+def test_stale_messages_of_another_transfer_are_skipped(wasm, tmp_path):
+    """Messages of another transfer (another 8-byte prefix) wait for the receiver under the metadata's,
+    a data message's and the trailer's tags, some of the right length, some not: it skips every one
+    and receives this transfer's checkpoint, byte for byte."""
+    metadata, storages = _strided_job()
+    other = (0xFEDC_BA98_7654_3210).to_bytes(8, "little")
+    stale = [
+        (2, other + b"\x00" * 90),
+        (3, other + b"\xee" * 100),
+        (3, other + b"\xdd" * 5),
+        (4, other + bytes(64)),
+    ]
+    (code, _, err), out = _with_python_sender(wasm, tmp_path, metadata, storages, stale=stale)
+    assert code == 0, err
+    _, got = read_safetensors(out)
+    assert got["blob"] == ("U8", [1400], storages[2])
+    assert got["dt"] == ("F32", [2], storages[3])
+    assert got["sh.shard0"] == ("I32", [2], storages[4])
 
 
 def test_output_matches_pgt_recv(pgt_bin, wasm, tmp_path):

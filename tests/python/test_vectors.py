@@ -14,7 +14,18 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from pgt_abi import ABI_ERROR, DTYPES, ERROR, Pgt, PgtError, Reader, module_path, varint
+from pgt_abi import (
+    ABI_ERROR,
+    DTYPES,
+    ERROR,
+    Pgt,
+    PgtError,
+    Reader,
+    is_stale,
+    module_path,
+    prefix_bytes,
+    varint,
+)
 from pgt_recv import receive as drive
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
@@ -119,7 +130,7 @@ def test_module_imports_nothing(compiled):
 
 
 def test_versions_and_default_limits(pgt):
-    assert pgt.abi_version() == 2
+    assert pgt.abi_version() == 3
     assert pgt.protocol_version() == INDEX["protocol_version"]
     assert pgt.default_limits() == INDEX["default_limits"]
 
@@ -133,8 +144,11 @@ def test_valid_metadata(pgt, v):
     for k, want in expected.items():
         assert summary[k] == want, k
     assert pgt.plan(h, m) == messages
-    # The metadata message is postcard Metadata: encoding it again gives the same two messages.
-    assert pgt.encode(m, summary["digests"]) == (h, m)
+    # The metadata message is the transfer id's prefix, then postcard Metadata: encoding it again for
+    # that transfer gives the same two messages.
+    transfer_id = int(summary["header"]["transfer_id"], 16)
+    assert m[:8] == transfer_id.to_bytes(8, "little")
+    assert pgt.encode(m[8:], summary["digests"], transfer_id) == (h, m)
 
 
 @pytest.mark.parametrize("v", by_kind("malformed"), ids=ids(by_kind("malformed")))
@@ -169,20 +183,32 @@ class HostReject(Exception):
 class RecordsHost:
     """A sequential host over a stream's records (pgt_recv.receive drives it): each message is the
     next record; data lands in fresh storages, hashed with XXH3-64 per message when the op says so. A
-    record with another tag than the one asked for is not that message, which then never comes; a data
-    message must have exactly the plan's length (the core never sees its bytes)."""
+    record with another tag than the one asked for is not that message, which then never comes; a
+    record of another transfer (stale: its prefix is not the op's) is skipped; a data message must have
+    exactly the plan's length (the core never sees its bytes)."""
 
     def __init__(self, v, targets=()):
         self.recs, self.targets = iter(records(v)), list(targets)
         self.storages, self.paths, self.hashers = [], None, {}
         self.events = collections.deque()
+        self.skipped = 0
 
     def recv_bytes(self, op):
         want = int(op["tag"])
-        tag, data = next(self.recs, (None, None))
-        if tag != want:
-            raise HostReject({"reason": "missing", "from": op["from"], "tag": want})
-        return data
+        while True:
+            tag, data = next(self.recs, (None, None))
+            if tag != want:
+                raise HostReject({"reason": "missing", "from": op["from"], "tag": want})
+            if not is_stale(op, data):
+                return data
+            self.skipped += 1
+
+    def discard(self, op):
+        try:
+            self.recv_bytes(op)
+        except HostReject:
+            return False
+        return True
 
     def bind(self, incoming, paths):
         self.paths = paths()
@@ -194,7 +220,7 @@ class RecordsHost:
         self.storages = [bytearray(int(b["nbytes"])) for b in bindings]
 
     def recv_data(self, op, segments):
-        data, at, digests = self.recv_bytes(op), 0, []
+        data, at, digests = self.recv_bytes(op), 8, []  # the storage bytes follow the prefix
         if len(data) != int(op["len"]):
             raise HostReject(
                 {"reason": "length", "from": op["from"], "tag": int(op["tag"]),
@@ -240,6 +266,26 @@ def test_stream(pgt, v):
         assert f"0x{xxhash.xxh3_64_intdigest(bytes(s)):016x}" == want["digest"]
 
 
+@pytest.mark.parametrize("v", by_kind("stale_stream"), ids=ids(by_kind("stale_stream")))
+def test_stale_stream(pgt, v):
+    """Records of another transfer are skipped by their prefix; the result is the transfer's own."""
+    host, result = receive(pgt, v)
+    stale = [r["stale"] for r in v["records"]]
+    assert host.skipped == sum(stale) >= 3
+    assert result["leaves"] == v["result"]["leaves"]
+    for i, (s, want) in enumerate(zip(host.storages, v["result"]["storages"], strict=True)):
+        assert bytes(s) == pattern(i, len(s))
+        assert f"0x{xxhash.xxh3_64_intdigest(bytes(s)):016x}" == want["digest"]
+    # A host that hands the module a stale metadata message is refused by name, never served.
+    recs = records(v)
+    r = pgt.receiver(v["receiver"]["rank"], v["receiver"]["source"])
+    r.poll()
+    r.handle_header(recs[0][1])
+    with pytest.raises(PgtError) as e:
+        r.handle_metadata(recs[1][1])
+    assert e.value.name == "TransferMismatch"
+
+
 @pytest.mark.parametrize("v", by_kind("malformed_stream"), ids=ids(by_kind("malformed_stream")))
 def test_malformed_stream(pgt, v):
     with pytest.raises(PgtError) as e:
@@ -276,6 +322,7 @@ def test_every_kind_is_tested():
         "malformed",
         "receiver_reject",
         "stream",
+        "stale_stream",
         "malformed_stream",
         "host_reject_stream",
     }
@@ -286,7 +333,8 @@ def test_every_kind_is_tested():
 def test_sender_produces_the_stream(pgt, v):
     recs = records(v)
     summary = pgt.decode(recs[0][1], recs[1][1])
-    s = pgt.sender(recs[1][1], summary["digests"])
+    transfer_id = int(summary["header"]["transfer_id"], 16)
+    s = pgt.sender(recs[1][1][8:], summary["digests"], transfer_id)
     storages = [pattern(i, int(st["nbytes"])) for i, st in enumerate(summary["storages"])]
     hashers = [xxhash.xxh3_64() for _ in storages]
     rank, chain = v["receiver"]["rank"], summary["plan"]["fanout"] == "Chain"
@@ -304,7 +352,7 @@ def test_sender_produces_the_stream(pgt, v):
                 storages[g["storage"]][int(g["offset"]) : int(g["offset"]) + int(g["len"])]
                 for g in segments
             ]
-            data = b"".join(parts)
+            data = prefix_bytes(op["prefix"]) + b"".join(parts)
             if op["hash"]:
                 done = []
                 for g, part in zip(segments, parts, strict=True):

@@ -43,25 +43,35 @@ export interface MetadataInput {
 }
 /** What a header + metadata decode to: index.json's manifest without messages, plus tree. */
 export interface Summary extends MetadataInput {
-  header: { version: number; flags: number; metadata_len: U64; metadata_digest: string };
+  header: { version: number; flags: number; metadata_len: U64; metadata_digest: string; transfer_id: string };
   digests: boolean; leaf_count: number; storage_count: number; total_bytes: U64;
   paths: string[]; path_elems: PathElem[][]; storages: StorageInfo[];
 }
 export type MessageKind = "header" | "metadata" | "data" | "trailer";
 export interface Message { kind: MessageKind; tag: U64; len: U64; segments: Segment[] }
 export interface Encoded { header: Uint8Array; metadata: Uint8Array }
-/** A send's bytes: sender.bytes(message) for header, metadata and trailer; the plan's segments for data. */
+/**
+ * `prefix`: the transfer id every message after the header starts with, as "0x" and 16 hex digits (its 8
+ * bytes are the id little-endian); null for the header. Header, metadata and trailer bytes already start
+ * with it; a data message is those 8 bytes, then its segments' bytes.
+ */
+export type Prefix = string | null;
+/** A send's bytes: sender.bytes(message) for header, metadata and trailer; the prefix, then the plan's segments for data. */
 export type SendOp =
-  | { type: "send"; to: number; message: number; kind: MessageKind; tag: U64; len: U64; hash: boolean }
+  | { type: "send"; to: number; message: number; kind: MessageKind; tag: U64; len: U64; hash: boolean; prefix: Prefix }
   | { type: "wait_digests" } | { type: "done" };
-/** A data receive lands in the plan's segments; a forward sends them (or, for the trailer, the bytes received). */
+/**
+ * A data receive takes the prefix, then lands in the plan's segments; a forward sends the prefix and
+ * them (or, for the trailer, the bytes received). A message whose first 8 bytes are not the prefix is
+ * stale: skip it and receive the next one with the tag.
+ */
 export type RecvOp =
-  | { type: "recv"; from: number; message: number; kind: MessageKind; tag: U64; len: U64; hash: boolean }
+  | { type: "recv"; from: number; message: number; kind: MessageKind; tag: U64; len: U64; hash: boolean; prefix: Prefix }
   | { type: "need_bindings" }
-  | { type: "forward"; to: number; message: number; kind: MessageKind; tag: U64; len: U64 }
+  | { type: "forward"; to: number; message: number; kind: MessageKind; tag: U64; len: U64; prefix: Prefix }
   | { type: "wait" } | { type: "done" };
 export interface ReceiverOptions { rank: number; source: number; expected_step?: U64 | null; limits?: Limits }
-export interface Incoming { step: U64 | null; storages: StorageInfo[]; total_bytes: U64; plan: Message[] }
+export interface Incoming { transfer_id: string; step: U64 | null; storages: StorageInfo[]; total_bytes: U64; plan: Message[] }
 export interface InPlaceTarget { storage: number; id: U64; dtype: string; nbytes: U64 }
 export interface BindingInfo { dest: "fresh" | { in_place: U64 }; dtype: string; nbytes: U64; cast_from: string | null }
 export interface Received { step: U64 | null; tree: TreeNode[]; leaves: Leaf[]; bindings: BindingInfo[] }
@@ -149,15 +159,18 @@ fn metadata_arg(v: &JsValue) -> Result<pgt_core::schema::Metadata, JsValue> {
     json::metadata_from_json(&from_js(v, "metadata")?).map_err(bad_argument)
 }
 
-/// Validates metadata as a sender does and encodes it: `{header, metadata}` messages.
+/// Validates metadata as a sender does and encodes it for transfer `transferId` (a u64 bigint):
+/// `{header, metadata}` messages.
 #[wasm_bindgen(unchecked_return_type = "Encoded")]
 pub fn encode(
     #[wasm_bindgen(unchecked_param_type = "MetadataInput")] metadata: JsValue,
     digests: bool,
     #[wasm_bindgen(unchecked_param_type = "Limits | undefined")] limits: JsValue,
+    #[wasm_bindgen(js_name = transferId)] transfer_id: u64,
 ) -> Result<JsValue, JsValue> {
     let limits = limits_arg(&limits)?;
-    let e = api::encode(metadata_arg(&metadata)?, digests, &limits).map_err(core_err)?;
+    let e =
+        api::encode(metadata_arg(&metadata)?, digests, &limits, transfer_id).map_err(core_err)?;
     let obj = to_js(&json!({}));
     set(
         &obj,
@@ -181,16 +194,18 @@ pub struct Sender {
 
 #[wasm_bindgen]
 impl Sender {
-    /// Validates and encodes `metadata`; `digests`: send a digest trailer.
+    /// Validates and encodes `metadata`; `digests`: send a digest trailer; `transferId`: this
+    /// transfer's id (a u64 bigint, random: every message after the header starts with it).
     #[wasm_bindgen(constructor)]
     pub fn new(
         #[wasm_bindgen(unchecked_param_type = "MetadataInput")] metadata: JsValue,
         digests: bool,
         #[wasm_bindgen(unchecked_param_type = "Limits | undefined")] limits: JsValue,
+        #[wasm_bindgen(js_name = transferId)] transfer_id: u64,
     ) -> Result<Sender, JsValue> {
         let limits = limits_arg(&limits)?;
-        let inner =
-            CoreSender::new(metadata_arg(&metadata)?, digests, &limits).map_err(core_err)?;
+        let inner = CoreSender::new(metadata_arg(&metadata)?, digests, &limits, transfer_id)
+            .map_err(core_err)?;
         Ok(Sender { inner })
     }
 
@@ -216,6 +231,7 @@ impl Sender {
             SendPoll::Send(op) => to_js(&json!({
                 "type": "send", "to": op.to, "message": op.message, "kind": kind_name(op.kind),
                 "tag": uint(op.tag), "len": uint(op.len), "hash": op.hash,
+                "prefix": op.prefix.map(hex64),
             })),
             SendPoll::WaitDigests => to_js(&json!({"type": "wait_digests"})),
             SendPoll::Done => to_js(&json!({"type": "done"})),
@@ -226,7 +242,7 @@ impl Sender {
     pub fn bytes(&self, message: u32) -> Result<Vec<u8>, JsValue> {
         match self.inner.payload(message).map_err(core_err)? {
             Payload::Bytes(b) => Ok(b.to_vec()),
-            Payload::Storages(_) => Err(core_err(pgt_core::Error::MessageNotOutstanding {
+            Payload::Storages { .. } => Err(core_err(pgt_core::Error::MessageNotOutstanding {
                 message: message.into(),
             })),
         }
@@ -293,14 +309,11 @@ impl Receiver {
     #[wasm_bindgen(unchecked_return_type = "RecvOp")]
     pub fn poll(&mut self) -> Result<JsValue, JsValue> {
         Ok(match self.get()?.poll() {
-            RecvPoll::Recv(op) => to_js(&json!({
-                "type": "recv", "from": op.from, "message": op.message, "kind": kind_name(op.kind),
-                "tag": uint(op.tag), "len": uint(op.len), "hash": op.hash,
-            })),
+            RecvPoll::Recv(op) => to_js(&recv_op_json(&op)),
             RecvPoll::NeedBindings => to_js(&json!({"type": "need_bindings"})),
             RecvPoll::Forward(op) => to_js(&json!({
                 "type": "forward", "to": op.to, "message": op.message, "kind": kind_name(op.kind),
-                "tag": uint(op.tag), "len": uint(op.len),
+                "tag": uint(op.tag), "len": uint(op.len), "prefix": op.prefix.map(hex64),
             })),
             RecvPoll::Wait => to_js(&json!({"type": "wait"})),
             RecvPoll::Done => to_js(&json!({"type": "done"})),
@@ -320,6 +333,7 @@ impl Receiver {
         r.handle_metadata(bytes).map_err(core_err)?;
         let m = r.incoming().map_err(core_err)?;
         Ok(to_js(&json!({
+            "transfer_id": hex64(m.transfer_id),
             "step": m.step.map(uint),
             "storages": storages_json(&m.storages),
             "total_bytes": uint(m.total_bytes),
@@ -376,6 +390,17 @@ impl Receiver {
         self.get()?.handle_forwarded(message).map_err(core_err)
     }
 
+    /// After an error: the next message the failed transfer's plan still says is coming (a "recv" op),
+    /// which the host receives and discards so that the next transfer on the link starts clean; null
+    /// when none is left or nothing is known. The first call ends the transfer.
+    #[wasm_bindgen(unchecked_return_type = "RecvOp | null")]
+    pub fn leftover(&mut self) -> Result<JsValue, JsValue> {
+        Ok(match self.get()?.leftover() {
+            Some(op) => to_js(&recv_op_json(&op)),
+            None => JsValue::NULL,
+        })
+    }
+
     /// The verified result (once poll() said "done"); the receiver is finished afterwards.
     #[wasm_bindgen(unchecked_return_type = "Received")]
     pub fn finish(&mut self) -> Result<JsValue, JsValue> {
@@ -393,4 +418,11 @@ impl Receiver {
             "bindings": r.bindings.iter().map(binding_json).collect::<Vec<_>>(),
         })))
     }
+}
+
+fn recv_op_json(op: &pgt_core::receiver::RecvOp) -> Json {
+    json!({
+        "type": "recv", "from": op.from, "message": op.message, "kind": kind_name(op.kind),
+        "tag": uint(op.tag), "len": uint(op.len), "hash": op.hash, "prefix": op.prefix.map(hex64),
+    })
 }
