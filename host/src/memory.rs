@@ -68,6 +68,22 @@ pub fn page_size() -> usize {
     })
 }
 
+/// Bytes of physical memory of this system (`_SC_PHYS_PAGES` × page size), if it says.
+pub fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf only reads a system constant.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    u64::try_from(pages)
+        .ok()
+        .filter(|&p| p > 0)
+        .map(|p| p.saturating_mul(page_size() as u64))
+}
+
+/// The default receive memory budget: half of physical memory (no bound where the system does not
+/// say how much it has).
+pub fn default_memory_budget() -> u64 {
+    physical_memory().map_or(u64::MAX, |m| m / 2)
+}
+
 /// What pages back a mapped (≥ [`MMAP_THRESHOLD`]) buffer. Smaller buffers ignore it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Pages {
