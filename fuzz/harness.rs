@@ -117,6 +117,17 @@ pub fn decode(data: &[u8]) {
 
     // The raw codec, without limits or header.
     let raw = codec::decode_metadata(meta);
+    // It (a scan of the bytes, then a decode of what passed) fails exactly where and as postcard's
+    // own decoder of the schema does, and decodes the same value.
+    let reference = match postcard::take_from_bytes::<pgt_core::schema::Metadata>(meta) {
+        Ok((m, [])) => Ok(m),
+        Ok((_, rest)) => Err(Error::TrailingBytes {
+            count: rest.len() as u64,
+        }),
+        Err(postcard::Error::DeserializeUnexpectedEnd) => Err(Error::TruncatedMetadata),
+        Err(_) => Err(Error::MalformedMetadata),
+    };
+    assert_eq!(raw, reference);
     if let Ok(m) = &raw {
         // Postcard round trip: what decodes re-encodes to something that decodes to the same value.
         let again = postcard::to_allocvec(m).expect("decoded metadata encodes");
@@ -157,12 +168,18 @@ pub fn decode(data: &[u8]) {
             if mode & 1 != 0 {
                 assert!(!framing, "a matching header was refused: {e}");
             }
-            // Every codec error of decode is also one of decode_metadata, except the limit on the
-            // leaf count, which decode checks earlier.
+            // Every codec error of decode is also one of decode_metadata, except the limits decode
+            // applies while scanning, before decoding: the leaf count, the dims lists, the decoded size.
             if let Err(raw) = raw {
                 if !framing {
                     assert!(
-                        raw == e || matches!(e, Error::TooManyLeaves { .. }),
+                        raw == e
+                            || matches!(
+                                e,
+                                Error::TooManyLeaves { .. }
+                                    | Error::TooManyDims { .. }
+                                    | Error::DecodedTooLarge { .. }
+                            ),
                         "{raw} vs {e}"
                     );
                 }

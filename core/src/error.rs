@@ -109,7 +109,15 @@ pub enum Error {
         /// The limit.
         max: u32,
     },
-    /// A tensor, global shape or mesh with more dims than [`crate::header::Limits::max_ndim`].
+    /// The metadata would take more memory decoded, with its tables and key paths, than
+    /// [`crate::scan::DECODED_SIZE_RATIO`] × its length + [`crate::scan::DECODED_SIZE_SLACK`]
+    /// (checked while scanning it, before anything is decoded; PROTOCOL.md §11).
+    DecodedTooLarge {
+        /// The budget, in bytes.
+        max: u64,
+    },
+    /// A tensor, global shape or mesh with more dims than [`crate::header::Limits::max_ndim`] (a dims
+    /// list longer than that is refused from its announced length, before it is decoded).
     TooManyDims {
         /// Dims found.
         ndim: u64,
@@ -499,6 +507,12 @@ impl fmt::Display for Error {
                 write!(f, "{count} leaves exceed the limit of {max}")
             }
             TreeTooDeep { max } => write!(f, "tree nesting exceeds the limit of {max}"),
+            DecodedTooLarge { max } => write!(
+                f,
+                "metadata would take more than {max} bytes of memory decoded ({} × its length + {} MiB)",
+                crate::scan::DECODED_SIZE_RATIO,
+                crate::scan::DECODED_SIZE_SLACK >> 20
+            ),
             TooManyDims { ndim, max } => write!(f, "{ndim} dims exceed the limit of {max}"),
             TotalBytesTooLarge { max } => {
                 write!(f, "tensor bytes exceed the limit of {max}")

@@ -164,6 +164,21 @@ pub enum Error {
         /// The library's limit.
         max: u64,
     },
+
+    // ---- added by budget branch ----
+    /// A receive would take more memory than the receiver's budget
+    /// ([`crate::transport::TransportOptions::memory_budget`]): the metadata's decoded size plus
+    /// the fresh buffers (and cast staging) of every storage it announces, checked before any of it
+    /// is allocated.
+    #[error(
+        "receiving needs {needed} bytes of memory (the metadata decoded and the announced storages), more than the receiver's memory budget of {budget} bytes"
+    )]
+    MemoryBudget {
+        /// Bytes the receive needs.
+        needed: u64,
+        /// The budget.
+        budget: u64,
+    },
 }
 
 fn with_path(path: &str, reason: &str) -> String {

@@ -28,7 +28,9 @@
 //! 3. Receive each message through [`ReceiveMemory::write`]; other threads read what has landed
 //!    with [`ReceiveMemory::read`].
 //! 4. [`ReceiveMemory::finish`] gives the buffers back. Memory stays bounded by the buffers' size:
-//!    the prefaulter maps nothing else.
+//!    the prefaulter maps nothing else. And it follows the data: the prefaulter stays at most
+//!    [`PrefaultOptions::window`] bytes ahead of the receiver, so memory announced and never sent is
+//!    never faulted in.
 
 use std::alloc::{self, Layout};
 use std::collections::HashMap;
@@ -64,6 +66,22 @@ pub fn page_size() -> usize {
             4096
         }
     })
+}
+
+/// Bytes of physical memory of this system (`_SC_PHYS_PAGES` × page size), if it says.
+pub fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf only reads a system constant.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    u64::try_from(pages)
+        .ok()
+        .filter(|&p| p > 0)
+        .map(|p| p.saturating_mul(page_size() as u64))
+}
+
+/// The default receive memory budget: half of physical memory (no bound where the system does not
+/// say how much it has).
+pub fn default_memory_budget() -> u64 {
+    physical_memory().map_or(u64::MAX, |m| m / 2)
 }
 
 /// What pages back a mapped (≥ [`MMAP_THRESHOLD`]) buffer. Smaller buffers ignore it.
@@ -510,13 +528,23 @@ pub struct PrefaultOptions {
     /// Bytes per step (one `madvise`, or one locked batch of touches); the prefaulter checks for
     /// stop and for the receiver's position between steps. Rounded up to pages.
     pub step: usize,
+    /// The prefaulter stays at most this many bytes (in receive order) ahead of where the receiver
+    /// last started writing, and waits there: memory follows the data, so a sender that announces
+    /// storages and sends nothing costs the receiver at most this much faulted memory.
+    /// [`DEFAULT_PREFAULT_WINDOW`] by default; `usize::MAX`: no bound.
+    pub window: usize,
 }
+
+/// The default [`PrefaultOptions::window`]: 64 MiB, 16 default chunks, some 20 ms of receiving at
+/// 3 GB/s — far enough ahead that the receiver does not catch up with the prefaulter.
+pub const DEFAULT_PREFAULT_WINDOW: usize = 64 << 20;
 
 impl Default for PrefaultOptions {
     fn default() -> PrefaultOptions {
         PrefaultOptions {
             method: None,
             step: HUGE_PAGE,
+            window: DEFAULT_PREFAULT_WINDOW,
         }
     }
 }
@@ -551,8 +579,13 @@ struct Shared {
     /// `Mlock`: largest piece locked at once.
     mlock_step: usize,
     stop: AtomicBool,
-    /// Where (in receive order) the receiver last started writing; the prefaulter jumps past it.
+    /// Where (in receive order) the receiver last started writing; the prefaulter jumps past it, and
+    /// stays at most `window` bytes ahead of it.
     hint: AtomicU64,
+    /// See [`PrefaultOptions::window`].
+    window: u64,
+    /// Set by the prefaulter while it waits for the receiver (`claim` then wakes it).
+    waiting: AtomicBool,
     /// How far (in receive order) the prefaulter has got.
     progress: AtomicU64,
     /// Bytes actually prefaulted (skipped ranges not counted).
@@ -608,7 +641,8 @@ pub struct ClaimError {
 /// each message's ranges once, through [`write`](Self::write); other threads read ranges that have
 /// landed, through [`read`](Self::read); and a background thread prefaults the fresh regions' pages
 /// just ahead of the receiver, in receive order, so that page faults stay off the wire's critical
-/// path. This is the only place receive memory is reached through raw pointers.
+/// path, never more than [`PrefaultOptions::window`] bytes ahead of the receiver. This is the only
+/// place receive memory is reached through raw pointers.
 ///
 /// # Soundness
 /// Each region has two frontiers. `claimed`: every byte handed out for writing lies below it, and a
@@ -717,6 +751,8 @@ impl<'a> ReceiveMemory<'a> {
             mlock_step: mlock_step().max(page),
             stop: AtomicBool::new(false),
             hint: AtomicU64::new(0),
+            window: u64::try_from(options.window).unwrap_or(u64::MAX),
+            waiting: AtomicBool::new(false),
             progress: AtomicU64::new(0),
             prefaulted: AtomicU64::new(0),
             lock: Mutex::new(()),
@@ -899,7 +935,13 @@ impl<'a> ReceiveMemory<'a> {
         if region.prefault {
             self.shared
                 .hint
-                .fetch_max(region.start + range.start as u64, Ordering::Relaxed);
+                .fetch_max(region.start + range.start as u64, Ordering::SeqCst);
+            // The prefaulter may be waiting for the receiver to come closer: it may go on.
+            if self.shared.waiting.load(Ordering::SeqCst) {
+                if let Some(t) = &self.thread {
+                    t.thread().unpark();
+                }
+            }
         }
         let ptr = std::ptr::with_exposed_provenance_mut::<u8>(region.addr);
         // SAFETY: `range` is within the region, whose memory lives (unmoved) as long as `self`. The
@@ -933,6 +975,7 @@ impl<'a> ReceiveMemory<'a> {
     fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             // The thread never panics (no indexing out of bounds, no unwraps on fallible calls);
             // if it somehow did, the buffers are still intact and ours.
             let _ = t.join();
@@ -949,7 +992,11 @@ impl Drop for ReceiveMemory<'_> {
 /// `Touch` mode touches this many pages per lock.
 const TOUCH_BATCH: usize = 64;
 
-/// The background thread: walks all regions in order, one step at a time.
+/// How long the prefaulter waits for the receiver before looking again (a claim wakes it sooner).
+const WINDOW_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// The background thread: walks all regions in order, one step at a time, at most `window` bytes
+/// ahead of the receiver.
 fn run(sh: &Shared) {
     let page = page_size();
     let mut pos = 0u64; // in receive order
@@ -957,9 +1004,22 @@ fn run(sh: &Shared) {
     while pos < sh.total && !sh.stop.load(Ordering::Relaxed) {
         // The receiver started writing at `hint`: resume one step past it rather than fault the
         // pages it is faulting right now.
-        let hint = sh.hint.load(Ordering::Relaxed);
+        let hint = sh.hint.load(Ordering::SeqCst);
         if hint > 0 && hint >= pos {
             pos = (hint + sh.step as u64).min(sh.total);
+        }
+        // Never more than `window` ahead of the receiver: wait for it there.
+        let limit = hint.saturating_add(sh.window);
+        if pos >= limit {
+            sh.progress.store(pos, Ordering::Relaxed);
+            sh.waiting.store(true, Ordering::SeqCst);
+            // A claim that moved the hint since it was read either is seen here, or sees `waiting`
+            // and unparks us (which makes the park return at once).
+            if sh.hint.load(Ordering::SeqCst) == hint && !sh.stop.load(Ordering::Relaxed) {
+                std::thread::park_timeout(WINDOW_WAIT);
+            }
+            sh.waiting.store(false, Ordering::SeqCst);
+            continue;
         }
         while r < sh.regions.len()
             && (!sh.regions[r].prefault || sh.regions[r].start + sh.regions[r].len as u64 <= pos)
@@ -970,9 +1030,11 @@ fn run(sh: &Shared) {
             break;
         };
         let off = (pos - region.start) as usize;
-        // Steps end on `step` boundaries of the address space (huge-page aligned for the default).
+        // Steps end on `step` boundaries of the address space (huge-page aligned for the default),
+        // and at the window's end.
         let end_addr = (region.addr + off + 1).next_multiple_of(sh.step);
-        let end = (end_addr - region.addr).min(region.len);
+        let to_limit = usize::try_from(limit - region.start).unwrap_or(usize::MAX);
+        let end = (end_addr - region.addr).min(region.len).min(to_limit);
         match sh.method {
             PrefaultMethod::PopulateWrite => {
                 if populate(region, off, end) {
@@ -1212,6 +1274,12 @@ mod tests {
         vec.iter().filter(|&&v| v & 1 == 1).count() as f64 / pages as f64
     }
 
+    /// Resident bytes of the buffer's pages (mincore).
+    fn resident_bytes(buf: &Buffer) -> usize {
+        let (_, len) = buf.page_span();
+        (resident(buf) * len as f64).round() as usize
+    }
+
     fn pattern(i: usize, seed: u8) -> u8 {
         // Never zero, so a stray zero write shows.
         ((i.wrapping_mul(31) ^ (i >> 12)) % 251) as u8 + 1 + (seed % 4)
@@ -1401,6 +1469,60 @@ mod tests {
         }
     }
 
+    /// Issue 10 #3: memory follows the data. 1 GiB of fresh memory that nobody writes costs one
+    /// window of faulted pages; as the receiver writes, the prefaulter follows, a window ahead.
+    #[test]
+    fn the_prefaulter_stays_within_its_window_of_the_receiver() {
+        const MIB: usize = 1 << 20;
+        assert_eq!(PrefaultOptions::default().window, 64 * MIB);
+        let window = 16 * MIB;
+        let wait_for = |pf: &ReceiveMemory<'_>, progress: u64| {
+            let t = Instant::now();
+            while pf.stats().progress < progress {
+                assert!(t.elapsed() < Duration::from_secs(60), "{:?}", pf.stats());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // It stays there.
+            std::thread::sleep(Duration::from_millis(100));
+            assert_eq!(pf.stats().progress, progress);
+        };
+        let methods = ALL_METHODS.into_iter().filter(|m| m.is_supported());
+        for method in methods {
+            let bufs: Vec<Target<'_>> = (0..4)
+                .map(|_| Target::Fresh(Buffer::zeroed(256 * MIB)))
+                .collect();
+            let opts = PrefaultOptions {
+                method: Some(method),
+                window,
+                ..Default::default()
+            };
+            let pf = ReceiveMemory::with_options(bufs, opts);
+            assert_eq!(pf.stats().total, 1 << 30);
+            // Nobody writes: the prefaulter faults the first window and waits.
+            wait_for(&pf, window as u64);
+            assert!(pf.stats().prefaulted <= window as u64, "{method:?}");
+            assert!(!pf.prefault_done());
+            // The receiver writes 64 MiB in 4 MiB claims: the prefaulter follows, to a window past
+            // the last claim's start.
+            for c in 0..16 {
+                pf.write(&[(0, c * 4 * MIB..(c + 1) * 4 * MIB)], |p| p[0].fill(1))
+                    .unwrap();
+            }
+            let hint = 60 * MIB;
+            wait_for(&pf, (hint + window) as u64);
+            let bufs = pf.finish();
+            let resident: usize = bufs.iter().flatten().map(resident_bytes).sum();
+            assert!(
+                resident >= hint + window - 2 * MIB && resident <= hint + window + 2 * MIB,
+                "{method:?}: {} MiB resident",
+                resident / MIB
+            );
+            assert!(bufs[0].as_ref().unwrap()[..64 * MIB]
+                .iter()
+                .all(|&x| x == 1));
+        }
+    }
+
     /// The receiver writes a never-zero pattern in odd-sized claims (not page aligned, sometimes
     /// skipping ahead) while the prefaulter runs over the same buffers with small steps; every
     /// byte must end up as written, and every unclaimed byte as it was.
@@ -1431,6 +1553,7 @@ mod tests {
                 let opts = PrefaultOptions {
                     method: Some(method),
                     step: 64 << 10,
+                    ..Default::default()
                 };
                 let pf = ReceiveMemory::with_options(
                     bufs.into_iter().map(Target::Fresh).collect(),

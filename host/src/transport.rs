@@ -25,7 +25,7 @@ use crate::error::{Error, PeerAction, Result};
 use pgt_core::drive::{self, Event, ReceiveHost, SendHost};
 use pgt_core::dtype::convert;
 use pgt_core::header::{Limits, MAX_STALE_LEN, PREFIX_LEN};
-use pgt_core::plan::Segment;
+use pgt_core::plan::{MessageKind, Segment};
 use pgt_core::receiver::{
     Binding, Dest, ForwardOp, InPlace, Incoming, Received, ReceiverOptions, RecvOp,
 };
@@ -65,6 +65,13 @@ pub struct TransportOptions {
     /// [`StateDict::into_buffers`]. Without a pool, fresh buffers are new mappings, pre-faulted on
     /// another thread.
     pub pool: Option<Arc<BufferPool>>,
+    /// Receiver side: the most memory one receive may take, in bytes — the metadata's decoded size
+    /// (PROTOCOL.md §11) plus every fresh (or pooled) storage buffer and cast staging buffer; in-place
+    /// buffers are the caller's and do not count. Checked before anything is decoded or allocated
+    /// ([`Error::MemoryBudget`]). Default: half of physical memory
+    /// ([`crate::memory::default_memory_budget`]). What is allocated is then faulted in as the data
+    /// arrives, at most a window ahead of it ([`crate::memory::PrefaultOptions::window`]).
+    pub memory_budget: u64,
 }
 
 impl Default for TransportOptions {
@@ -78,6 +85,7 @@ impl Default for TransportOptions {
             engine: Arc::new(NativeEngine),
             progress: None,
             pool: None,
+            memory_budget: crate::memory::default_memory_budget(),
         }
     }
 }
@@ -91,6 +99,7 @@ impl std::fmt::Debug for TransportOptions {
             .field("limits", &self.limits)
             .field("expected_step", &self.expected_step)
             .field("pool", &self.pool)
+            .field("memory_budget", &self.memory_budget)
             .finish_non_exhaustive()
     }
 }
@@ -731,6 +740,8 @@ struct Landing<'a, 'scope, 'env, 't, P: ProcessGroup> {
     total_bytes: u64,
     started: Instant,
     metadata_seconds: f64,
+    /// The received metadata's decoded size: memory of this receive's budget.
+    metadata_memory: u64,
 }
 
 impl<'a, 'scope, 'env, 't, P> Landing<'a, 'scope, 'env, 't, P>
@@ -766,6 +777,7 @@ where
             total_bytes: 0,
             started: Instant::now(),
             metadata_seconds: 0.0,
+            metadata_memory: 0,
         }
     }
 
@@ -842,8 +854,26 @@ where
         targets
     }
 
-    /// The memory of the receive: in-place buffers as they are, the rest fresh or from the pool.
+    /// The memory of the receive: in-place buffers as they are, the rest fresh or from the pool, if
+    /// it fits in the memory budget with the metadata.
     fn allocate(&mut self, incoming: &Incoming, bindings: &[Binding]) -> Result<Layout> {
+        let budget = self.transport.options.memory_budget;
+        let needed =
+            bindings
+                .iter()
+                .zip(&incoming.storages)
+                .fold(self.metadata_memory, |sum, (b, r)| {
+                    let fresh = if matches!(b.dest, Dest::InPlace(_)) {
+                        0
+                    } else {
+                        b.nbytes
+                    };
+                    let staging = if b.cast_from.is_some() { r.nbytes } else { 0 };
+                    sum.saturating_add(fresh).saturating_add(staging)
+                });
+        if needed > budget {
+            return Err(Error::MemoryBudget { needed, budget });
+        }
         let n = bindings.len();
         let pool = self.transport.options.pool.as_deref();
         let mut wire: Vec<Option<Target<'t>>> = (0..n).map(|_| None).collect();
@@ -1071,7 +1101,23 @@ where
             Ok((!op.is_stale(&bytes)).then_some(bytes))
         });
         self.link_failed |= matches!(result, Err(Error::ProcessGroup(_)));
-        result
+        let bytes = result?;
+        if op.kind == MessageKind::Metadata {
+            // What decoding it will take, from a pass over the bytes that allocates nothing; the
+            // budget is checked before pgt-core decodes it (bytes it refuses are its to name).
+            let body = bytes.get(PREFIX_LEN as usize..).unwrap_or_default();
+            if let Ok(size) = pgt_core::codec::decoded_size(body) {
+                let budget = self.transport.options.memory_budget;
+                if size > budget {
+                    return Err(Error::MemoryBudget {
+                        needed: size,
+                        budget,
+                    });
+                }
+                self.metadata_memory = size;
+            }
+        }
+        Ok(bytes)
     }
 
     fn bind(
@@ -1088,11 +1134,13 @@ where
         );
         let _bind_span = info_span!("bind").entered();
         match self.target.take() {
-            Some(target) => {
+            // A target that owns no storage (`pgt recv`'s empty dict) has nothing to bind in place:
+            // the key paths, which take memory, are not built.
+            Some(target) if owns_storage(target) => {
                 let paths = paths()?;
                 Ok(self.bind_in_place(target, incoming, &paths))
             }
-            None => Ok(Vec::new()),
+            _ => Ok(Vec::new()),
         }
     }
 
@@ -1260,6 +1308,16 @@ where
             }
         }
     }
+}
+
+/// Whether some tensor of `sd` owns its storage (can be received into in place).
+fn owns_storage(sd: &StateDict<'_>) -> bool {
+    let (_, entries) = sd.flatten();
+    entries.iter().any(|e| {
+        e.tensors()
+            .iter()
+            .any(|t| matches!(t.storage, Storage::Owned(_)))
+    })
 }
 
 /// Builds the received tree: fresh buffers move in; in-place ones move out of the old tree, from where

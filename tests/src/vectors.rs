@@ -851,6 +851,46 @@ fn bad_cases() -> Vec<Bad> {
         "A uint8 tensor with 65 dims of size 1 (default max_ndim is 64).",
         &one_tensor(view(DType::UInt8, &[1; 65], &[1; 65], 0, 1)),
     ));
+    {
+        let mut w = W::new();
+        w.raw(&head);
+        spec::plan(&mut w, &PlanParams::default());
+        w.varint(2);
+        spec::node(&mut w, &dict(&["t"]));
+        spec::node(&mut w, &Node::Leaf);
+        w.varint(1)
+            .varint(1)
+            .varint(spec::dtype_index(DType::UInt8));
+        w.varint(1 << 60); // the shape's length, and nothing after it
+        v.push(bad(
+            "too_many_dims_announced",
+            "A tensor whose shape announces 2^60 dims (default max_ndim is 64) and ends there: a dims list's length is refused as soon as it is read, before any dim is decoded (so not TruncatedMetadata).",
+            w.buf,
+        ));
+    }
+    v.push(bad_meta(
+        "too_many_dims_stride",
+        "A uint8 tensor of shape [1, 1] whose stride has 65 entries, in metadata with no destinations: refused from the stride's length while decoding (TooManyDims), before validation, which would find NoDestinations first (and StrideRankMismatch for the tensor).",
+        &Metadata {
+            destinations: vec![],
+            ..one_tensor(view(DType::UInt8, &[1, 1], &[1; 65], 0, 1))
+        },
+    ));
+    v.push(bad_meta(
+        "decoded_too_large",
+        "A 4096-byte key above a list of 4200 None leaves: 16,720 bytes of metadata whose decoded size (PROTOCOL.md §11) is 18,668,972 bytes, as the key is in each leaf's key path: over 64 × 16,720 + 16 MiB = 17,847,296, which the scan passes at the 940th leaf, before anything is decoded. Every other limit holds.",
+        &metadata(
+            None,
+            0,
+            &[1],
+            PlanParams::default(),
+            [Node::Dict(vec![s(&"k".repeat(4096))]), Node::List(4200)]
+                .into_iter()
+                .chain(std::iter::repeat_n(Node::Leaf, 4200))
+                .collect(),
+            vec![Leaf::Value(Value::None); 4200],
+        ),
+    ));
     v.push(bad_meta(
         "total_bytes_too_large",
         "A uint8 tensor of 2^44 + 1 bytes (default max_total_bytes is 2^44).",
