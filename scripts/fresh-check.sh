@@ -37,6 +37,13 @@ done
 
 git clone -q --no-local "$ROOT" "$SCRATCH/pgt"
 mkdir -p "$SCRATCH/home" "$SCRATCH/cargo/bin"
+# The machine's own client settings (registry certificates and the like), which a new machine has too.
+for f in .npmrc .gitconfig .config/pip/pip.conf; do
+  if [ -f "$HOME/$f" ]; then
+    mkdir -p "$(dirname "$SCRATCH/home/$f")" && cp "$HOME/$f" "$SCRATCH/home/$f"
+    say "machine setting kept: ~/$f"
+  fi
+done
 
 # The machine's default toolchain (only it: others may be large), copied so that removing wasm32 from
 # the copy makes `rustup target add` (or the Debian fallback) run as on a new machine.
@@ -57,8 +64,12 @@ for t in rustup cargo rustc rustdoc rustfmt cargo-fmt cargo-clippy clippy-driver
   [ -e "$REAL_CARGO_BIN/$t" ] && ln -s "$REAL_CARGO_BIN/$t" "$SCRATCH/cargo/bin/$t"
 done
 
+# The machine's environment (registry certificates, proxies: CI keeps it too), but every variable that
+# points at state an earlier session could have left replaced by a throwaway one.
 fresh_env=(
-  env -i
+  env
+  -u CARGO_TARGET_DIR -u RUSTC -u RUSTC_WRAPPER -u RUSTFLAGS -u VIRTUAL_ENV -u PGT_WASM_MODULE
+  -u PGT_BIN -u PGT_WASM_ROUTE
   HOME="$SCRATCH/home"
   CARGO_HOME="$SCRATCH/cargo"
   RUSTUP_HOME="$SCRATCH/rustup"
@@ -68,7 +79,6 @@ fresh_env=(
   XDG_CACHE_HOME="$SCRATCH/home/.cache"
   PYENV_ROOT="${PYENV_ROOT:-/root/.pyenv}"
   PATH="$SCRATCH/cargo/bin:${PYENV_ROOT:-/root/.pyenv}/shims:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-  LANG=C.UTF-8
   CI=true
 )
 

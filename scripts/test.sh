@@ -59,7 +59,7 @@ step "cargo test"
 cargo test --workspace
 
 step "node: the JS build against the golden vectors; the Node receiver against pgt send"
-npm ci --prefix examples/node --no-audit --no-fund --silent
+npm ci --prefix examples/node --no-audit --no-fund --loglevel=error
 node --test tests/node/
 
 step "python: ruff, then the raw ABI from wasmtime-py"

@@ -82,8 +82,16 @@ fn varint(mut v: u64, out: &mut Vec<u8>) {
 
 /// Decodes raw metadata bytes behind a matching header; returns the result and the peak heap.
 fn decode_raw(bytes: &[u8], limits: &Limits) -> (Result<pgt_core::manifest::Manifest, Error>, u64) {
-    let header = header_for(bytes, false);
-    peak_heap(|| decode_bytes(&header, bytes, limits))
+    let (header, message) = header_and_message(bytes, limits);
+    peak_heap(|| codec::decode(&header, &message, limits))
+}
+
+/// The parsed header and the metadata message (prefix + `bytes`) of transfer `TRANSFER_ID`, built
+/// before a measurement so that the copy is not counted as decoding's memory.
+fn header_and_message(bytes: &[u8], limits: &Limits) -> (pgt_core::header::Header, Vec<u8>) {
+    let header =
+        pgt_core::header::Header::parse(&header_for(bytes, false), limits).expect("valid header");
+    (header, message_for(bytes))
 }
 
 // ---------------------------------------------------------------- announced lengths
@@ -362,8 +370,8 @@ fn nones(n: usize) -> Metadata {
 
 /// Decodes, validates and builds the key paths of `bytes`; the peak heap of all that.
 fn decode_with_paths(bytes: &[u8], limits: &Limits) -> (Result<usize, Error>, u64) {
-    let header = header_for(bytes, false);
-    peak_heap(|| decode_bytes(&header, bytes, limits).map(|m| m.paths().len()))
+    let (header, message) = header_and_message(bytes, limits);
+    peak_heap(|| codec::decode(&header, &message, limits).map(|m| m.paths().len()))
 }
 
 #[test]
