@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use pgt_core::codec;
 use pgt_core::digest::digest;
 use pgt_core::dtype::DType;
-use pgt_core::header::{Header, Limits, FLAG_DIGESTS, VERSION};
+use pgt_core::header::{self, Header, Limits, FLAG_DIGESTS, PREFIX_LEN, VERSION};
 use pgt_core::manifest::Manifest;
 use pgt_core::plan::{self, MessageKind, Plan};
 use pgt_core::receiver::{InPlace, Receiver, ReceiverOptions, RecvPoll};
@@ -39,15 +39,24 @@ pub fn fuzz_limits(tight: bool) -> Limits {
     l
 }
 
-/// A header that announces `bytes` correctly.
+/// The transfer id of the harnesses' headers.
+pub const TRANSFER_ID: u64 = 0x0123_4567_89ab_cdef;
+
+/// A header of transfer [`TRANSFER_ID`] that announces the postcard metadata `bytes` correctly.
 pub fn header_for(bytes: &[u8], flags: u16) -> [u8; Header::SIZE] {
     Header {
         version: VERSION,
         flags,
         metadata_len: bytes.len() as u64,
         metadata_digest: digest(bytes),
+        transfer_id: TRANSFER_ID,
     }
     .to_bytes()
+}
+
+/// The metadata message of transfer [`TRANSFER_ID`] for the postcard metadata `bytes`.
+pub fn message_for(bytes: &[u8]) -> Vec<u8> {
+    [&header::prefix(TRANSFER_ID)[..], bytes].concat()
 }
 
 /// A cursor over the fuzz input; reads past the end yield zeros.
@@ -87,25 +96,38 @@ impl<'a> Input<'a> {
 
 // ---------------------------------------------------------------- decode
 
-/// Input: `mode`, 24 header bytes, then the metadata bytes.
-/// `mode` bit 0: replace the header by one that matches the metadata (so mutations reach the codec and
-/// validation, not only the digest check); bit 1: digests flag in that header; bit 2: tight limits.
+/// Input: `mode`, 32 header bytes, then the metadata message's bytes.
+/// `mode` bit 0: replace the header by one that matches the metadata, and take the bytes as the
+/// postcard metadata behind the header's prefix (so mutations reach the codec and validation, not only
+/// the prefix and digest checks); bit 1: digests flag in that header; bit 2: tight limits.
 pub fn decode(data: &[u8]) {
     let mut input = Input::new(data);
     let mode = input.u8();
     let raw_header = input.bytes(Header::SIZE);
-    let meta = input.rest();
+    let rest = input.rest();
     let limits = fuzz_limits(mode & 4 != 0);
     let fixed;
-    let header_bytes = if mode & 1 != 0 {
-        fixed = header_for(meta, if mode & 2 != 0 { FLAG_DIGESTS } else { 0 });
-        &fixed[..]
+    let (header_bytes, message) = if mode & 1 != 0 {
+        fixed = header_for(rest, if mode & 2 != 0 { FLAG_DIGESTS } else { 0 });
+        (&fixed[..], message_for(rest))
     } else {
-        raw_header
+        (raw_header, rest.to_vec())
     };
+    let meta = message.get(PREFIX_LEN as usize..).unwrap_or_default();
 
     // The raw codec, without limits or header.
     let raw = codec::decode_metadata(meta);
+    // It (a scan of the bytes, then a decode of what passed) fails exactly where and as postcard's
+    // own decoder of the schema does, and decodes the same value.
+    let reference = match postcard::take_from_bytes::<pgt_core::schema::Metadata>(meta) {
+        Ok((m, [])) => Ok(m),
+        Ok((_, rest)) => Err(Error::TrailingBytes {
+            count: rest.len() as u64,
+        }),
+        Err(postcard::Error::DeserializeUnexpectedEnd) => Err(Error::TruncatedMetadata),
+        Err(_) => Err(Error::MalformedMetadata),
+    };
+    assert_eq!(raw, reference);
     if let Ok(m) = &raw {
         // Postcard round trip: what decodes re-encodes to something that decodes to the same value.
         let again = postcard::to_allocvec(m).expect("decoded metadata encodes");
@@ -125,7 +147,7 @@ pub fn decode(data: &[u8]) {
         }
     };
     assert!(header.metadata_len <= limits.max_metadata_bytes);
-    match codec::decode(&header, meta, &limits) {
+    match codec::decode(&header, &message, &limits) {
         Ok(manifest) => {
             // The checked decode agrees with the raw one.
             let raw = raw.expect("decode succeeded where decode_metadata failed");
@@ -137,18 +159,27 @@ pub fn decode(data: &[u8]) {
         }
         Err(e) => {
             check_error(&e);
+            let framing = matches!(
+                e,
+                Error::TransferMismatch { .. }
+                    | Error::MetadataLength { .. }
+                    | Error::MetadataDigest
+            );
             if mode & 1 != 0 {
-                assert!(
-                    !matches!(e, Error::MetadataLength { .. } | Error::MetadataDigest),
-                    "a matching header was refused: {e}"
-                );
+                assert!(!framing, "a matching header was refused: {e}");
             }
-            // Every codec error of decode is also one of decode_metadata, except the limit on the
-            // leaf count, which decode checks earlier.
+            // Every codec error of decode is also one of decode_metadata, except the limits decode
+            // applies while scanning, before decoding: the leaf count, the dims lists, the decoded size.
             if let Err(raw) = raw {
-                if !matches!(e, Error::MetadataLength { .. } | Error::MetadataDigest) {
+                if !framing {
                     assert!(
-                        raw == e || matches!(e, Error::TooManyLeaves { .. }),
+                        raw == e
+                            || matches!(
+                                e,
+                                Error::TooManyLeaves { .. }
+                                    | Error::TooManyDims { .. }
+                                    | Error::DecodedTooLarge { .. }
+                            ),
                         "{raw} vs {e}"
                     );
                 }
@@ -168,7 +199,9 @@ pub fn check_manifest(manifest: &Manifest, limits: &Limits) {
     let meta = manifest.metadata();
     // It re-validates, and re-encodes to bytes that decode to the same manifest.
     let again = Manifest::new(meta.clone(), manifest.digests(), limits).expect("re-validates");
-    let (header, bytes) = codec::encode(&again).expect("encodes");
+    let (header, bytes) = codec::encode(&again, TRANSFER_ID).expect("encodes");
+    assert_eq!(header.transfer_id, TRANSFER_ID);
+    assert_eq!(bytes.len() as u64, header.metadata_message_len());
     let decoded = codec::decode(&header, &bytes, limits).expect("re-encoded metadata decodes");
     assert_eq!(
         postcard::to_allocvec(decoded.metadata()).unwrap(),
@@ -210,7 +243,9 @@ pub fn check_manifest(manifest: &Manifest, limits: &Limits) {
     );
     assert!(count <= limits.max_messages);
     if count <= MAX_MESSAGES {
-        check_plan(manifest, &manifest.plan(bytes.len() as u64), count);
+        let plan = manifest.plan(header.metadata_len);
+        assert_eq!(plan.messages()[1].len, bytes.len() as u64);
+        check_plan(manifest, &plan, count);
     }
 }
 
@@ -231,8 +266,9 @@ pub fn check_plan(manifest: &Manifest, plan: &Plan, count: u64) {
         assert_eq!(m.kind, MessageKind::Data);
         let segs = plan.segments(m);
         assert!(!segs.is_empty());
-        assert_eq!(segs.iter().map(|s| s.len).sum::<u64>(), m.len);
-        assert!(m.len <= params.chunk_size.max(params.bucket_size));
+        // The prefix, then the segments' bytes.
+        assert_eq!(PREFIX_LEN + segs.iter().map(|s| s.len).sum::<u64>(), m.len);
+        assert!(m.len <= PREFIX_LEN + params.chunk_size.max(params.bucket_size));
         for s in segs {
             assert!(s.len > 0);
             assert_eq!(covered[s.storage as usize], s.offset, "in order, no gap");
@@ -249,7 +285,8 @@ pub fn check_plan(manifest: &Manifest, plan: &Plan, count: u64) {
     let trailer = msgs.last().filter(|m| m.kind == MessageKind::Trailer);
     assert_eq!(trailer.is_some(), manifest.digests());
     if let Some(t) = trailer {
-        assert_eq!(t.len, 8 * manifest.storages().len() as u64);
+        // The prefix, the metadata digest, a digest per storage.
+        assert_eq!(t.len, 16 + 8 * manifest.storages().len() as u64);
     }
 }
 
@@ -278,23 +315,27 @@ struct Log {
     pending_fwd: Vec<u32>,
     /// In-place targets gathered for the next `finish_bindings`.
     in_place: Vec<InPlace>,
+    /// `leftover` was called: the transfer has ended, without a result.
+    leftover: bool,
 }
 
-/// Input: `mode`, a u16 metadata length `n`, 24 header bytes, `n` metadata bytes, then a program of
-/// receiver calls (see `step`). `mode` bits 0-1: this receiver's rank (1, 2, 3 or 0 — the sample
-/// transfers come from 0 to [1, 2]); bit 2: expect step 7; bit 3: expect source 5 instead of 0;
-/// bit 4: replace the header by one that matches the metadata; bit 5: its digests flag; bit 6: tight
-/// limits. Returns whether `finish` yielded a result.
+/// Input: `mode`, a u16 metadata length `n`, 32 header bytes, `n` metadata message bytes, then a
+/// program of receiver calls (see `step`). `mode` bits 0-1: this receiver's rank (1, 2, 3 or 0 — the
+/// sample transfers come from 0 to [1, 2]); bit 2: expect step 7; bit 3: expect source 5 instead of 0;
+/// bit 4: replace the header by one that matches the metadata, and take the `n` bytes as the postcard
+/// metadata behind its prefix; bit 5: its digests flag; bit 6: tight limits. Returns whether `finish`
+/// yielded a result.
 pub fn receiver(data: &[u8]) -> bool {
     let mut input = Input::new(data);
     let mode = input.u8();
     let n = input.u16() as usize;
     let raw_header = input.bytes(Header::SIZE).to_vec();
     let meta = input.bytes(n).to_vec();
-    let header = if mode & 16 != 0 {
-        header_for(&meta, if mode & 32 != 0 { FLAG_DIGESTS } else { 0 }).to_vec()
+    let (header, meta) = if mode & 16 != 0 {
+        let flags = if mode & 32 != 0 { FLAG_DIGESTS } else { 0 };
+        (header_for(&meta, flags).to_vec(), message_for(&meta))
     } else {
-        raw_header
+        (raw_header, meta)
     };
     let options = ReceiverOptions {
         rank: [1, 2, 3, 0][usize::from(mode & 3)],
@@ -315,23 +356,24 @@ pub fn receiver(data: &[u8]) -> bool {
     check_finish(r, &log, rank)
 }
 
-/// The honest trailer: the fake digest of every non-empty storage, the empty digest for the others.
-fn honest_trailer(r: &Receiver) -> Vec<u8> {
-    let Some(m) = r.manifest() else {
+/// The honest trailer: the transfer's prefix and the header's metadata digest, then the fake digest
+/// of every non-empty storage and the empty digest for the others.
+fn honest_trailer(r: &Receiver, header: &[u8]) -> Vec<u8> {
+    let (Some(m), Some(announced)) = (r.manifest(), header.get(16..32)) else {
         return Vec::new();
     };
-    m.storages()
-        .iter()
-        .enumerate()
-        .flat_map(|(i, s)| {
-            let d = if s.nbytes == 0 {
-                digest(&[])
-            } else {
-                fake_digest(i as u32)
-            };
-            d.to_le_bytes()
-        })
-        .collect()
+    // The header's metadata digest and transfer id, little-endian, in the trailer's order.
+    let mut t = announced[8..16].to_vec();
+    t.extend_from_slice(&announced[..8]);
+    t.extend(m.storages().iter().enumerate().flat_map(|(i, s)| {
+        let d = if s.nbytes == 0 {
+            digest(&[])
+        } else {
+            fake_digest(i as u32)
+        };
+        d.to_le_bytes()
+    }));
+    t
 }
 
 fn record<T>(res: Result<T, Error>) -> Option<T> {
@@ -442,7 +484,7 @@ fn drive(r: &mut Receiver, header: &[u8], meta: &[u8], log: &mut Log) -> bool {
         }
         Act::Data(m) => complete_data(r, m, log),
         Act::Trailer => {
-            let t = honest_trailer(r);
+            let t = honest_trailer(r, header);
             complete_trailer(r, t, log)
         }
         Act::Forward(m) => {
@@ -468,7 +510,7 @@ fn step(
     meta: &[u8],
     log: &mut Log,
 ) -> bool {
-    match input.u8() % 14 {
+    match input.u8() % 15 {
         0 => {
             drive(r, header, meta, log);
         }
@@ -528,7 +570,7 @@ fn step(
         7 => {
             let n = usize::from(input.u8());
             let bytes = if n == 0 {
-                honest_trailer(r)
+                honest_trailer(r, header)
             } else {
                 input.bytes(n - 1).to_vec()
             };
@@ -579,7 +621,7 @@ fn step(
                         complete_data(r, m, log);
                     }
                     MessageKind::Trailer => {
-                        let t = honest_trailer(r);
+                        let t = honest_trailer(r, header);
                         complete_trailer(r, t, log);
                     }
                 }
@@ -608,6 +650,20 @@ fn step(
             let _ = r.payload(u32::from(input.u16()));
             let _ = r.digest_mismatch();
         }
+        14 => {
+            // The transfer ends here: what is left of the plan, in order, each with the prefix.
+            let mut last = 1;
+            let id = r.incoming().ok().map(|i| i.transfer_id);
+            while let Some(op) = r.leftover() {
+                assert!(op.message > last, "leftover {} after {last}", op.message);
+                assert!(op.prefix.is_some() && !op.hash);
+                if let Some(id) = id {
+                    assert_eq!(op.prefix, Some(id));
+                }
+                last = op.message;
+            }
+            log.leftover = true;
+        }
         _ => return false,
     }
     true
@@ -624,6 +680,7 @@ fn check_finish(r: Receiver, log: &Log, rank: u32) -> bool {
         }
         return false;
     };
+    assert!(!log.leftover, "a result after leftover");
     let (manifest, plan) = state.expect("a result implies a manifest and a plan");
     assert!(mismatch.is_none(), "a result despite {mismatch:?}");
     assert!(log.header_ok && log.metadata_ok);
@@ -641,7 +698,8 @@ fn check_finish(r: Receiver, log: &Log, rank: u32) -> bool {
             .as_ref()
             .expect("a result without the trailer");
         for (i, s) in manifest.storages().iter().enumerate() {
-            let sent = u64::from_le_bytes(trailer[8 * i..8 * i + 8].try_into().unwrap());
+            let at = 16 + 8 * i;
+            let sent = u64::from_le_bytes(trailer[at..at + 8].try_into().unwrap());
             if s.nbytes == 0 {
                 assert_eq!(sent, digest(&[]), "empty storage {i} with a wrong digest");
             } else {

@@ -37,18 +37,39 @@ done
 
 git clone -q --no-local "$ROOT" "$SCRATCH/pgt"
 mkdir -p "$SCRATCH/home" "$SCRATCH/cargo/bin"
+# The machine's own client settings (registry certificates and the like), which a new machine has too.
+for f in .npmrc .gitconfig .config/pip/pip.conf; do
+  if [ -f "$HOME/$f" ]; then
+    mkdir -p "$(dirname "$SCRATCH/home/$f")" && cp "$HOME/$f" "$SCRATCH/home/$f"
+    say "machine setting kept: ~/$f"
+  fi
+done
 
-# The machine's one toolchain, copied so that removing wasm32 from the copy makes `rustup target add`
-# (or the Debian fallback) run as on a new machine.
-cp -a "$REAL_RUSTUP_HOME" "$SCRATCH/rustup"
+# The machine's default toolchain (only it: others may be large), copied so that removing wasm32 from
+# the copy makes `rustup target add` (or the Debian fallback) run as on a new machine.
+mkdir -p "$SCRATCH/rustup/toolchains"
+cp -a "$REAL_RUSTUP_HOME/settings.toml" "$SCRATCH/rustup/"
+[ -d "$REAL_RUSTUP_HOME/update-hashes" ] && cp -a "$REAL_RUSTUP_HOME/update-hashes" "$SCRATCH/rustup/"
+DEFAULT_TC=$(sed -n 's/^default_toolchain = "\(.*\)"/\1/p' "$REAL_RUSTUP_HOME/settings.toml")
+cp -a "$(readlink -f "$REAL_RUSTUP_HOME/toolchains/$DEFAULT_TC")" "$SCRATCH/rustup/toolchains/$DEFAULT_TC"
+# Toolchain aliases (e.g. 1.95.0 -> stable) that point at the default one.
+for link in "$REAL_RUSTUP_HOME"/toolchains/*; do
+  [ -L "$link" ] && [ "$(readlink -f "$link")" = "$(readlink -f "$REAL_RUSTUP_HOME/toolchains/$DEFAULT_TC")" ] &&
+    ln -s "$SCRATCH/rustup/toolchains/$DEFAULT_TC" "$SCRATCH/rustup/toolchains/$(basename "$link")"
+done
+say "toolchain: $DEFAULT_TC (copied; wasm32 target removed from the copy)"
 RUSTUP_HOME="$SCRATCH/rustup" "$REAL_CARGO_BIN/rustup" target remove wasm32-unknown-unknown >/dev/null 2>&1 || true
 # rustup's proxies dispatch on their name; link only those, so nothing else in ~/.cargo/bin is on PATH.
 for t in rustup cargo rustc rustdoc rustfmt cargo-fmt cargo-clippy clippy-driver; do
   [ -e "$REAL_CARGO_BIN/$t" ] && ln -s "$REAL_CARGO_BIN/$t" "$SCRATCH/cargo/bin/$t"
 done
 
+# The machine's environment (registry certificates, proxies: CI keeps it too), but every variable that
+# points at state an earlier session could have left replaced by a throwaway one.
 fresh_env=(
-  env -i
+  env
+  -u CARGO_TARGET_DIR -u RUSTC -u RUSTC_WRAPPER -u RUSTFLAGS -u VIRTUAL_ENV -u PGT_WASM_MODULE
+  -u PGT_BIN -u PGT_WASM_ROUTE
   HOME="$SCRATCH/home"
   CARGO_HOME="$SCRATCH/cargo"
   RUSTUP_HOME="$SCRATCH/rustup"
@@ -58,7 +79,6 @@ fresh_env=(
   XDG_CACHE_HOME="$SCRATCH/home/.cache"
   PYENV_ROOT="${PYENV_ROOT:-/root/.pyenv}"
   PATH="$SCRATCH/cargo/bin:${PYENV_ROOT:-/root/.pyenv}/shims:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-  LANG=C.UTF-8
   CI=true
 )
 

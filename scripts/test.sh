@@ -59,13 +59,15 @@ step "cargo test"
 cargo test --workspace
 
 step "node: the JS build against the golden vectors; the Node receiver against pgt send"
-npm ci --prefix examples/node --no-audit --no-fund --silent
+npm ci --prefix examples/node --no-audit --no-fund --loglevel=error
 node --test tests/node/
 
-step "python: the raw ABI from wasmtime-py"
+step "python: ruff, then the raw ABI from wasmtime-py"
 PYENV_DIR="$HOME/.cache/pgt/pyenv"
 [ -x "$PYENV_DIR/bin/python" ] || python3 -m venv "$PYENV_DIR"
 "$PYENV_DIR/bin/pip" install -q -r tests/python/requirements.txt
+"$PYENV_DIR/bin/ruff" format --check .
+"$PYENV_DIR/bin/ruff" check .
 "$PYENV_DIR/bin/python" -m pytest -q tests/python
 
 step "mpi: the MPI process group and pgt --pg mpi under mpirun"
@@ -78,3 +80,4 @@ cargo clippy -p pgt-host --features mpi --all-targets -- -D warnings
 # builds no examples), and `pgt send : pgt recv` in one job.
 cargo build -p pgt-host --features mpi --example mpi_check
 cargo test -p pgt-host --features mpi --test mpi
+step "done: every test passed"

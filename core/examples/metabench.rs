@@ -28,7 +28,7 @@ fn main() {
         // Encode includes building the validated manifest from the caller's metadata, as a sender does.
         let t = Instant::now();
         let manifest = Manifest::new(metadata.clone(), true, &limits).unwrap();
-        let (header, bytes) = encode(&manifest).unwrap();
+        let (header, bytes) = encode(&manifest, 1).unwrap();
         let header_bytes = header.to_bytes();
         encode_ms.push(t.elapsed().as_secs_f64() * 1e3);
         meta_bytes = bytes.len();

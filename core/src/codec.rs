@@ -1,59 +1,113 @@
-//! The wire codec: the [`Header`] and the postcard-encoded [`Metadata`] message, decoded under hard
-//! [`Limits`] and then validated into a [`Manifest`].
+//! The wire codec: the [`Header`] and the metadata message (the transfer id, then the postcard-encoded
+//! [`Metadata`]), decoded under hard [`Limits`] and then validated into a [`Manifest`].
 
 use alloc::vec::Vec;
 
 use crate::digest::digest;
-use crate::header::{Header, Limits, VERSION};
+use crate::header::{prefix, prefix_of, Header, Limits, PREFIX_LEN, VERSION};
 use crate::manifest::Manifest;
+use crate::scan::{decoded_size_budget, scan, ScanLimits};
 use crate::schema::{Metadata, PlanParams};
-use crate::tree::{Leaf, Node};
+use crate::tree::{Leaf, Node, Value};
 use crate::{Error, Result};
 
-/// Encodes validated metadata: the header and the metadata message.
-pub fn encode(manifest: &Manifest) -> Result<(Header, Vec<u8>)> {
-    let bytes = postcard::to_allocvec(manifest.metadata()).map_err(|_| Error::Encode)?;
+/// Encodes validated metadata for transfer `transfer_id`: the header and the metadata message (the
+/// transfer id, then the postcard metadata). Refuses metadata that receivers would refuse as
+/// [`Error::DecodedTooLarge`] (a property of the encoded bytes, so checked on them).
+pub fn encode(manifest: &Manifest, transfer_id: u64) -> Result<(Header, Vec<u8>)> {
+    let message = postcard::to_extend(manifest.metadata(), prefix(transfer_id).to_vec())
+        .map_err(|_| Error::Encode)?;
+    let body = &message[PREFIX_LEN as usize..];
+    decoded_size(body)?;
     let header = Header {
         version: VERSION,
         flags: manifest.flags(),
-        metadata_len: bytes.len() as u64,
-        metadata_digest: digest(&bytes),
+        metadata_len: body.len() as u64,
+        metadata_digest: digest(body),
+        transfer_id,
     };
-    Ok((header, bytes))
+    Ok((header, message))
 }
 
-/// Decodes and validates the metadata message that `header` announced.
-pub fn decode(header: &Header, bytes: &[u8], limits: &Limits) -> Result<Manifest> {
-    if bytes.len() as u64 != header.metadata_len {
-        return Err(Error::MetadataLength {
-            expected: header.metadata_len,
-            got: bytes.len() as u64,
+/// Decodes and validates the metadata message that `header` announced, checking in this order: its
+/// prefix is the header's transfer id ([`Error::TransferMismatch`], message 1), its length
+/// ([`Error::MetadataLength`]), the digest of the postcard bytes ([`Error::MetadataDigest`]), then
+/// decoding and validation.
+pub fn decode(header: &Header, message: &[u8], limits: &Limits) -> Result<Manifest> {
+    if let Some(got) = prefix_of(message).filter(|&id| id != header.transfer_id) {
+        return Err(Error::TransferMismatch {
+            message: 1,
+            expected: header.transfer_id,
+            got,
         });
     }
+    if message.len() as u64 != header.metadata_message_len() {
+        return Err(Error::MetadataLength {
+            expected: header.metadata_message_len(),
+            got: message.len() as u64,
+        });
+    }
+    let bytes = &message[PREFIX_LEN as usize..];
     if digest(bytes) != header.metadata_digest {
         return Err(Error::MetadataDigest);
     }
-    let metadata = decode_metadata_within(bytes, limits.max_leaves)?;
+    // Every cap that must hold before decoding, in one pass that allocates nothing (see `scan`); only
+    // bytes that pass are decoded.
+    scan(
+        bytes,
+        ScanLimits {
+            max_leaves: limits.max_leaves,
+            max_ndim: Some(limits.max_ndim),
+            max_decoded: decoded_size_budget(bytes.len() as u64),
+        },
+    )?;
+    let metadata = decode_scanned(bytes)?;
     Manifest::new(metadata, header.has_digests(), limits)
 }
 
-/// [`decode_metadata`], refusing more than `max_leaves` leaves from their announced count, before they are
-/// decoded: a leaf of 2 wire bytes takes hundreds of bytes decoded.
-fn decode_metadata_within(bytes: &[u8], max_leaves: u64) -> Result<Metadata> {
-    // The fields of `Metadata` before `leaves`: postcard encodes a struct as its fields in order, as a
+/// The decoded size of a metadata message (PROTOCOL.md §11): what decoding it, validating it and
+/// building its key paths takes in memory, by the cost model of [`crate::scan::cost`]. Fails as
+/// decoding would (malformed or truncated input, trailing bytes), or with [`Error::DecodedTooLarge`]
+/// when it exceeds [`decoded_size_budget`]`(bytes.len())`; no other limit applies.
+pub fn decoded_size(bytes: &[u8]) -> Result<u64> {
+    scan(
+        bytes,
+        ScanLimits {
+            max_leaves: u64::MAX,
+            max_ndim: None,
+            max_decoded: decoded_size_budget(bytes.len() as u64),
+        },
+    )
+}
+
+/// Decodes the postcard metadata without validating it or applying any limit (for tools that show
+/// malformed input); the whole input must be consumed.
+pub fn decode_metadata(bytes: &[u8]) -> Result<Metadata> {
+    scan(
+        bytes,
+        ScanLimits {
+            max_leaves: u64::MAX,
+            max_ndim: None,
+            max_decoded: u64::MAX,
+        },
+    )?;
+    decode_scanned(bytes)
+}
+
+/// Decodes bytes that passed [`scan`]. Their counts are real (each element is there), so the tree and
+/// the leaves are allocated at their exact size, not grown by doubling.
+fn decode_scanned(bytes: &[u8]) -> Result<Metadata> {
+    // The fields of `Metadata` before `tree`: postcard encodes a struct as its fields in order, as a
     // tuple, and a sequence as its varint length, then its elements.
-    type Head = (Option<u64>, u32, Vec<u32>, PlanParams, Vec<Node>);
-    let ((step, source, destinations, plan, tree), rest) =
+    type Head = (Option<u64>, u32, Vec<u32>, PlanParams);
+    let ((step, source, destinations, plan), rest) =
         postcard::take_from_bytes::<Head>(bytes).map_err(Error::from_postcard)?;
-    let (count, _) = postcard::take_from_bytes::<u64>(rest).map_err(Error::from_postcard)?;
-    if count > max_leaves {
-        return Err(Error::TooManyLeaves {
-            count,
-            max: max_leaves,
-        });
-    }
-    let (leaves, rest) =
-        postcard::take_from_bytes::<Vec<Leaf>>(rest).map_err(Error::from_postcard)?;
+    let (tree, rest) = take_vec(rest, |n: &mut Node| {
+        if let Node::Dict(keys) = n {
+            keys.shrink_to_fit();
+        }
+    })?;
+    let (leaves, rest) = take_vec(rest, shrink_leaf)?;
     if !rest.is_empty() {
         return Err(Error::TrailingBytes {
             count: rest.len() as u64,
@@ -69,8 +123,39 @@ fn decode_metadata_within(bytes: &[u8], max_leaves: u64) -> Result<Metadata> {
     })
 }
 
-/// Decodes the postcard metadata without validating it (for tools that show malformed input); the whole
-/// input must be consumed.
-pub fn decode_metadata(bytes: &[u8]) -> Result<Metadata> {
-    decode_metadata_within(bytes, u64::MAX)
+/// A `Vec<T>` (varint count, then the elements), allocated once at its count (at most one element per
+/// remaining byte); `shrink` gives back what serde's decoding of each element over-allocated.
+fn take_vec<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    shrink: impl Fn(&mut T),
+) -> Result<(Vec<T>, &[u8])> {
+    let (count, mut rest) =
+        postcard::take_from_bytes::<u64>(bytes).map_err(Error::from_postcard)?;
+    let count = usize::try_from(count).map_err(|_| Error::MalformedMetadata)?;
+    let mut out = Vec::with_capacity(count.min(rest.len()));
+    for _ in 0..count {
+        let (mut item, r) = postcard::take_from_bytes::<T>(rest).map_err(Error::from_postcard)?;
+        shrink(&mut item);
+        out.push(item);
+        rest = r;
+    }
+    Ok((out, rest))
+}
+
+/// serde decodes a list longer than 1 MiB by growing it (doubling): the lists of a leaf that can be that
+/// long give their spare capacity back, so that what stays decoded is what the decoded size charged.
+/// (Dims lists are at most `max_ndim` long.)
+fn shrink_leaf(leaf: &mut Leaf) {
+    match leaf {
+        Leaf::Value(Value::Bytes(b)) => b.shrink_to_fit(),
+        Leaf::DTensor { spec, .. } => spec.mesh.ranks.shrink_to_fit(),
+        Leaf::Sharded {
+            local_shards,
+            global,
+        } => {
+            local_shards.shrink_to_fit();
+            global.shards.shrink_to_fit();
+        }
+        Leaf::Value(_) | Leaf::Tensor(_) => {}
+    }
 }

@@ -6,6 +6,7 @@
 use alloc::vec::Vec;
 
 use crate::engine::{ReceiveEngine, SendEngine};
+use crate::header::prefix;
 use crate::plan::{MessageKind, Plan, Segment};
 use crate::receiver::{Binding, ForwardOp, InPlace, Incoming, Received, RecvOp, RecvPoll};
 use crate::sender::{Payload, SendOp, SendPoll};
@@ -56,6 +57,17 @@ pub trait ReceiveHost {
     /// later.
     fn forward(&mut self, op: &ForwardOp, payload: Payload<'_>) -> Result<(), Self::Error>;
 
+    /// After the transfer failed: receives message `op`, which the failed transfer's plan says is
+    /// still coming (skipping stale messages, as for any receive), and throws it away, so that the next
+    /// transfer on the link does not meet it. Returns whether to go on draining: a host whose link is
+    /// broken (a timeout, a closed peer, a message of the wrong length) returns `false`, and so does
+    /// the default, which drains nothing (PROTOCOL.md §12: stale messages are skipped by the next
+    /// transfer instead).
+    fn discard(&mut self, op: &RecvOp) -> bool {
+        let _ = op;
+        false
+    }
+
     /// The next completion. Without `wait`, `None` when none is ready; with `wait`, blocks until one
     /// is (or fails: a host that has nothing in flight returns `None`, and the driver reports
     /// [`Error::Incomplete`]).
@@ -63,8 +75,29 @@ pub trait ReceiveHost {
 }
 
 /// Runs `engine` to completion over `host` and returns the verified result. The first error — the
-/// engine's, the protocol's or the host's — ends the transfer; the engine is dropped with it.
+/// engine's, the protocol's or the host's — ends the transfer: the host then drains what the plan
+/// still says is coming ([`ReceiveEngine::leftover`], [`ReceiveHost::discard`]), and the engine is
+/// dropped.
 pub fn receive<E, H>(mut engine: E, host: &mut H) -> Result<Received, H::Error>
+where
+    E: ReceiveEngine,
+    H: ReceiveHost,
+    H::Error: From<E::Error> + From<Error>,
+{
+    match run_receive(&mut engine, host) {
+        Ok(()) => Ok(engine.finish()?),
+        Err(e) => {
+            while let Ok(Some(op)) = engine.leftover() {
+                if !host.discard(&op) {
+                    break;
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+fn run_receive<E, H>(engine: &mut E, host: &mut H) -> Result<(), H::Error>
 where
     E: ReceiveEngine,
     H: ReceiveHost,
@@ -74,7 +107,7 @@ where
     let mut trailer = Vec::new();
     loop {
         while let Some(event) = host.next_event(false)? {
-            apply_receive(&mut engine, event)?;
+            apply_receive(engine, event)?;
         }
         match engine.poll()? {
             RecvPoll::Recv(op) => match op.kind {
@@ -99,21 +132,31 @@ where
             }
             RecvPoll::Forward(op) => {
                 let payload = match op.kind {
-                    MessageKind::Data => Payload::Storages(segments(
-                        &announced(&incoming, Call::Forwarded)?.plan,
-                        op.message,
-                    )?),
+                    MessageKind::Data => Payload::Storages {
+                        prefix: op_prefix(op.prefix, op.message)?,
+                        segments: segments(
+                            &announced(&incoming, Call::Forwarded)?.plan,
+                            op.message,
+                        )?,
+                    },
                     _ => Payload::Bytes(&trailer),
                 };
                 host.forward(&op, payload)?;
             }
             RecvPoll::Wait => match host.next_event(true)? {
-                Some(event) => apply_receive(&mut engine, event)?,
+                Some(event) => apply_receive(engine, event)?,
                 None => return Err(Error::Incomplete.into()),
             },
-            RecvPoll::Done => return Ok(engine.finish()?),
+            RecvPoll::Done => return Ok(()),
         }
     }
+}
+
+/// A data message's prefix, from its op.
+fn op_prefix(id: Option<u64>, message: u32) -> Result<[u8; 8], Error> {
+    id.map(prefix).ok_or(Error::MessageNotOutstanding {
+        message: message.into(),
+    })
 }
 
 fn announced(incoming: &Option<Incoming>, call: Call) -> Result<&Incoming, Error> {
@@ -168,7 +211,11 @@ where
         }
         match engine.poll()? {
             SendPoll::Send(op) if op.kind == MessageKind::Data => {
-                host.send(&op, Payload::Storages(segments(engine.plan(), op.message)?))?;
+                let payload = Payload::Storages {
+                    prefix: op_prefix(op.prefix, op.message)?,
+                    segments: segments(engine.plan(), op.message)?,
+                };
+                host.send(&op, payload)?;
             }
             SendPoll::Send(op) => {
                 let bytes = engine.message_bytes(op.message)?;

@@ -6,7 +6,7 @@ use alloc::borrow::Cow;
 use alloc::vec::Vec;
 
 use crate::plan::Plan;
-use crate::receiver::{Binding, InPlace, Incoming, Received, Receiver, RecvPoll};
+use crate::receiver::{Binding, InPlace, Incoming, Received, Receiver, RecvOp, RecvPoll};
 use crate::sender::{Payload, SendPoll, Sender};
 use crate::tree::KeyPath;
 use crate::Error;
@@ -47,6 +47,8 @@ pub trait ReceiveEngine {
     fn handle_trailer(&mut self, bytes: &[u8]) -> Result<(), Self::Error>;
     /// A forward was sent.
     fn handle_forwarded(&mut self, message: u32) -> Result<(), Self::Error>;
+    /// After an error: the next message the plan still says is coming ([`Receiver::leftover`]).
+    fn leftover(&mut self) -> Result<Option<RecvOp>, Self::Error>;
     /// The verified result.
     fn finish(self) -> Result<Received, Self::Error>;
 }
@@ -63,9 +65,9 @@ impl SendEngine for Sender {
     }
 
     fn message_bytes(&mut self, message: u32) -> Result<Cow<'_, [u8]>, Error> {
-        match self.payload(message) {
+        match self.payload(message)? {
             Payload::Bytes(b) => Ok(Cow::Borrowed(b)),
-            Payload::Storages(_) => Err(Error::MessageNotOutstanding {
+            Payload::Storages { .. } => Err(Error::MessageNotOutstanding {
                 message: message.into(),
             }),
         }
@@ -114,6 +116,10 @@ impl ReceiveEngine for Receiver {
 
     fn handle_forwarded(&mut self, message: u32) -> Result<(), Error> {
         Receiver::handle_forwarded(self, message)
+    }
+
+    fn leftover(&mut self) -> Result<Option<RecvOp>, Error> {
+        Ok(Receiver::leftover(self))
     }
 
     fn finish(self) -> Result<Received, Error> {

@@ -78,7 +78,7 @@ pub enum Error {
     },
     /// The metadata message length differs from the header's.
     MetadataLength {
-        /// Length in the header.
+        /// Length of the metadata message the header announced: the prefix and `metadata_len`.
         expected: u64,
         /// Length received.
         got: u64,
@@ -109,7 +109,15 @@ pub enum Error {
         /// The limit.
         max: u32,
     },
-    /// A tensor, global shape or mesh with more dims than [`crate::header::Limits::max_ndim`].
+    /// The metadata would take more memory decoded, with its tables and key paths, than
+    /// [`crate::scan::DECODED_SIZE_RATIO`] × its length + [`crate::scan::DECODED_SIZE_SLACK`]
+    /// (checked while scanning it, before anything is decoded; PROTOCOL.md §11).
+    DecodedTooLarge {
+        /// The budget, in bytes.
+        max: u64,
+    },
+    /// A tensor, global shape or mesh with more dims than [`crate::header::Limits::max_ndim`] (a dims
+    /// list longer than that is refused from its announced length, before it is decoded).
     TooManyDims {
         /// Dims found.
         ndim: u64,
@@ -428,6 +436,29 @@ pub enum Error {
         /// The most that may be materialised (0: the allocation failed).
         max: u64,
     },
+    // ---- added by isolation branch (protocol version 2) ----
+    /// A metadata or trailer message handed to the receiver starts with another transfer's id: it is a
+    /// stale or foreign message, never used (a host skips such messages, PROTOCOL.md §12; this is what
+    /// a host that hands one over gets).
+    TransferMismatch {
+        /// The message's index in the plan.
+        message: u64,
+        /// This transfer's id (the header's).
+        expected: u64,
+        /// The id the message starts with.
+        got: u64,
+    },
+    /// The trailer's copy of the metadata digest is not the header's: the trailer belongs to another
+    /// transfer's metadata.
+    TrailerMetadataDigest,
+    /// A host skipped [`crate::header::MAX_STALE`] stale messages while waiting for one message of the
+    /// transfer, and gave up.
+    TooManyStale {
+        /// The message waited for (its index in the plan).
+        message: u64,
+        /// Stale messages skipped.
+        skipped: u64,
+    },
 }
 
 impl Error {
@@ -452,16 +483,21 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use Error::*;
         match self {
-            HeaderLength { got } => write!(f, "header must be 24 bytes, got {got}"),
+            HeaderLength { got } => write!(
+                f,
+                "header must be {} bytes, got {got}",
+                crate::header::Header::SIZE
+            ),
             BadMagic => f.write_str("not a pgt transfer (bad magic)"),
             UnsupportedVersion { got } => write!(f, "unsupported protocol version {got}"),
             UnknownFlags { flags } => write!(f, "unknown header flags {flags:#06x}"),
             MetadataTooLarge { len, max } => {
                 write!(f, "metadata of {len} bytes exceeds the limit of {max}")
             }
-            MetadataLength { expected, got } => {
-                write!(f, "metadata is {got} bytes, header announced {expected}")
-            }
+            MetadataLength { expected, got } => write!(
+                f,
+                "metadata message is {got} bytes, header announced {expected} (with the transfer id)"
+            ),
             MetadataDigest => f.write_str("metadata does not match the header's digest"),
             TruncatedMetadata => f.write_str("metadata ends early"),
             MalformedMetadata => f.write_str("metadata is malformed"),
@@ -471,6 +507,12 @@ impl fmt::Display for Error {
                 write!(f, "{count} leaves exceed the limit of {max}")
             }
             TreeTooDeep { max } => write!(f, "tree nesting exceeds the limit of {max}"),
+            DecodedTooLarge { max } => write!(
+                f,
+                "metadata would take more than {max} bytes of memory decoded ({} × its length + {} MiB)",
+                crate::scan::DECODED_SIZE_RATIO,
+                crate::scan::DECODED_SIZE_SLACK >> 20
+            ),
             TooManyDims { ndim, max } => write!(f, "{ndim} dims exceed the limit of {max}"),
             TotalBytesTooLarge { max } => {
                 write!(f, "tensor bytes exceed the limit of {max}")
@@ -657,6 +699,21 @@ impl fmt::Display for Error {
                     )
                 }
             }
+            TransferMismatch {
+                message,
+                expected,
+                got,
+            } => write!(
+                f,
+                "message {message} belongs to transfer {got:#018x}, not to this one ({expected:#018x}): a stale or foreign message"
+            ),
+            TrailerMetadataDigest => f.write_str(
+                "the trailer's metadata digest is not the header's: the trailer belongs to another transfer",
+            ),
+            TooManyStale { message, skipped } => write!(
+                f,
+                "skipped {skipped} stale messages of other transfers waiting for message {message}"
+            ),
         }
     }
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::header::{Limits, FLAG_DIGESTS};
 use crate::plan::{count_data_messages, Plan};
 use crate::schema::Metadata;
-use crate::tree::{key_paths_within, KeyPath, Leaf};
+use crate::tree::{check_structure, key_paths_for, KeyPath, Leaf};
 use crate::{Error, Result};
 
 /// Where one storage (one wire byte stream) comes from: leaf `leaf`, local shard `shard` (0 for plain
@@ -30,7 +30,7 @@ pub struct StorageRef {
 pub struct Manifest {
     metadata: Metadata,
     digests: bool,
-    paths: Vec<KeyPath>,
+    paths: LazyPaths,
     storages: Vec<StorageRef>,
     leaf_storages: Vec<u32>,
     total_bytes: u64,
@@ -58,18 +58,21 @@ impl Manifest {
             }
         }
         metadata.plan.validate()?;
-        let paths = key_paths_within(
+        // The paths themselves are built only when asked for (`paths`): a receiver into fresh memory
+        // never needs them.
+        let tree_leaves = check_structure(
             &metadata.tree,
             limits.max_depth,
             limits.max_metadata_bytes.saturating_mul(4),
         )?;
-        if paths.len() != metadata.leaves.len() {
+        if tree_leaves != metadata.leaves.len() as u64 {
             return Err(Error::LeafCountMismatch {
-                tree: paths.len() as u64,
+                tree: tree_leaves,
                 leaves: metadata.leaves.len() as u64,
             });
         }
-        let mut storages = Vec::new();
+        let count: usize = metadata.leaves.iter().map(|l| l.storages().count()).sum();
+        let mut storages = Vec::with_capacity(count);
         let mut leaf_storages = Vec::with_capacity(metadata.leaves.len() + 1);
         let mut total_bytes = 0u64;
         for (i, leaf) in metadata.leaves.iter().enumerate() {
@@ -94,7 +97,7 @@ impl Manifest {
         let manifest = Manifest {
             metadata,
             digests,
-            paths,
+            paths: LazyPaths::default(),
             storages,
             leaf_storages,
             total_bytes,
@@ -128,9 +131,13 @@ impl Manifest {
         self.digests
     }
 
-    /// The key path of every leaf, in leaf order.
+    /// The key path of every leaf, in leaf order: built on the first call (validation checked the
+    /// structure; a received manifest's paths are bounded by its decoded size, PROTOCOL.md §11).
     pub fn paths(&self) -> &[KeyPath] {
-        &self.paths
+        self.paths.0.get_or_init(|| {
+            key_paths_for(&self.metadata.tree, u32::MAX, self.metadata.leaves.len())
+                .unwrap_or_default()
+        })
     }
 
     /// Every storage that travels, in wire order.
@@ -154,7 +161,7 @@ impl Manifest {
         self.total_bytes
     }
 
-    /// The plan of this transfer, whose metadata message is `metadata_len` bytes.
+    /// The plan of this transfer, whose postcard metadata is `metadata_len` bytes (the header's).
     pub fn plan(&self, metadata_len: u64) -> Plan {
         let sizes: Vec<u64> = self.storages.iter().map(|s| s.nbytes).collect();
         Plan::new(&sizes, self.metadata.plan, self.digests, metadata_len)
@@ -167,6 +174,17 @@ impl Manifest {
         } else {
             0
         }
+    }
+}
+
+/// A manifest's key paths, built on first use. Derived from the tree, so it never makes two manifests
+/// differ.
+#[derive(Clone, Debug, Default)]
+struct LazyPaths(core::cell::OnceCell<Vec<KeyPath>>);
+
+impl PartialEq for LazyPaths {
+    fn eq(&self, _: &LazyPaths) -> bool {
+        true
     }
 }
 

@@ -1,6 +1,7 @@
 //! Hosts that keep a whole checkpoint in plain memory, for tools and tests (pgt inspect, the golden
 //! vectors, the harnesses): [`MemoryHost`] receives, [`MemorySender`] sends. They move bytes only; the
-//! protocol is [`crate::drive`]'s.
+//! protocol is [`crate::drive`]'s. [`MemoryHost`] skips stale messages ([`RecvOp::is_stale`]) as every
+//! host must, and drains a failed transfer's leftovers ([`ReceiveHost::discard`]).
 
 use alloc::collections::VecDeque;
 use alloc::vec;
@@ -9,6 +10,7 @@ use alloc::vec::Vec;
 use crate::digest::StorageHasher;
 use crate::drive::{Event, ReceiveHost, SendHost};
 use crate::dtype::convert;
+use crate::header::PREFIX_LEN;
 use crate::plan::Segment;
 use crate::receiver::{Binding, ForwardOp, InPlace, Incoming, RecvOp};
 use crate::sender::{Payload, SendOp};
@@ -27,8 +29,9 @@ struct Slot {
 }
 
 /// A receiving host in memory. Message bytes come from `source` (a recorded stream, a simulated
-/// network, …), which may fail with the host's own error `E`; forwards are collected in
-/// [`MemoryHost::forwards`].
+/// network, …): each call yields the next message from `op.from` with `op.tag`, or fails with the
+/// host's own error `E`. A message that belongs to another transfer ([`RecvOp::is_stale`]) is skipped
+/// and the next one asked for. Forwards are collected in [`MemoryHost::forwards`].
 pub struct MemoryHost<S, E = Error> {
     source: S,
     /// What the metadata announced, once bound.
@@ -44,6 +47,10 @@ pub struct MemoryHost<S, E = Error> {
     lookahead: usize,
     /// Every forward, in order: the op and its bytes.
     pub forwards: Vec<(ForwardOp, Vec<u8>)>,
+    /// Stale messages skipped, in order: the op they were skipped for, and their bytes.
+    pub skipped: Vec<(RecvOp, Vec<u8>)>,
+    /// Messages drained after a failure ([`ReceiveHost::discard`]), in order.
+    pub drained: Vec<(RecvOp, Vec<u8>)>,
     _error: core::marker::PhantomData<fn() -> E>,
 }
 
@@ -75,6 +82,8 @@ where
             events: VecDeque::new(),
             lookahead: 0,
             forwards: Vec::new(),
+            skipped: Vec::new(),
+            drained: Vec::new(),
         }
     }
 
@@ -112,6 +121,20 @@ where
         self.slots.into_iter().map(|s| s.dest).collect()
     }
 
+    /// The next message for `op` that is not stale: stale ones are skipped (at most
+    /// [`crate::header::MAX_STALE`]).
+    fn current(&mut self, op: &RecvOp) -> Result<Vec<u8>, E> {
+        let mut skipped = 0;
+        loop {
+            let bytes = (self.source)(op)?;
+            if !op.is_stale(&bytes) {
+                return Ok(bytes);
+            }
+            op.skip_stale(&mut skipped)?;
+            self.skipped.push((*op, bytes));
+        }
+    }
+
     /// The wire bytes of `segments`, concatenated (what a forward of them sends).
     pub fn gather(&self, segments: &[Segment]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -132,7 +155,7 @@ where
     type Error = E;
 
     fn recv_bytes(&mut self, op: &RecvOp) -> Result<Vec<u8>, E> {
-        (self.source)(op)
+        self.current(op)
     }
 
     fn bind(
@@ -169,8 +192,8 @@ where
     }
 
     fn recv_data(&mut self, op: &RecvOp, segments: &[Segment]) -> Result<(), E> {
-        let bytes = (self.source)(op)?;
-        let expected: u64 = segments.iter().map(|s| s.len).sum();
+        let bytes = self.current(op)?;
+        let expected = PREFIX_LEN + segments.iter().map(|s| s.len).sum::<u64>();
         if bytes.len() as u64 != expected {
             return Err(Error::DataLength {
                 message: op.message.into(),
@@ -180,7 +203,7 @@ where
             .into());
         }
         let mut digests = Vec::new();
-        let mut at = 0usize;
+        let mut at = PREFIX_LEN as usize;
         for s in segments {
             let part = &bytes[at..at + s.len as usize];
             at += s.len as usize;
@@ -217,7 +240,9 @@ where
     fn forward(&mut self, op: &ForwardOp, payload: Payload<'_>) -> Result<(), E> {
         let bytes = match payload {
             Payload::Bytes(b) => b.to_vec(),
-            Payload::Storages(segments) => self.gather(segments),
+            Payload::Storages { prefix, segments } => {
+                [&prefix[..], &self.gather(segments)].concat()
+            }
         };
         self.forwards.push((*op, bytes));
         self.events.push_back(Event::Forwarded(op.message));
@@ -229,6 +254,16 @@ where
             Ok(self.events.pop_front())
         } else {
             Ok(None)
+        }
+    }
+
+    fn discard(&mut self, op: &RecvOp) -> bool {
+        match self.current(op) {
+            Ok(bytes) => {
+                self.drained.push((*op, bytes));
+                true
+            }
+            Err(_) => false,
         }
     }
 }
@@ -262,8 +297,9 @@ impl SendHost for MemorySender<'_> {
     fn send(&mut self, op: &SendOp, payload: Payload<'_>) -> Result<(), Error> {
         let bytes = match payload {
             Payload::Bytes(b) => b.to_vec(),
-            Payload::Storages(segments) => {
+            Payload::Storages { prefix, segments } => {
                 let mut out = Vec::with_capacity(op.len as usize);
+                out.extend_from_slice(&prefix);
                 let mut digests = Vec::new();
                 for s in segments {
                     let i = s.storage as usize;

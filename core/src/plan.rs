@@ -1,6 +1,10 @@
 //! The transfer plan: from a validated [`Manifest`], the exact ordered list of wire messages that both
 //! sides compute identically — tags, lengths and the storage byte ranges each message carries.
 //!
+//! Every message after the header starts with the transfer id ([`crate::header::PREFIX_LEN`] bytes), so
+//! its length is the prefix plus its contents; a data message's segments say where its bytes after the
+//! prefix go.
+//!
 //! Rules (PROTOCOL.md §Plan): storages travel in wire order; zero-byte storages carry no bytes; a
 //! storage of at most `bucket_size` bytes joins the open bucket (which is sent first if the storage would
 //! overflow it); a larger storage closes the open bucket and is sent alone in chunks of `chunk_size`
@@ -9,7 +13,7 @@
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
-use crate::header::Header;
+use crate::header::{Header, PREFIX_LEN};
 use crate::schema::PlanParams;
 
 /// Tag of the header message.
@@ -19,8 +23,8 @@ pub const TAG_METADATA: u64 = 2;
 /// Tag of data message `k` is `TAG_DATA_BASE + k`; the trailer takes the next tag after the last one.
 pub const TAG_DATA_BASE: u64 = 3;
 
-/// A byte range of one storage carried by a message. A message's payload is its segments' bytes
-/// concatenated in order.
+/// A byte range of one storage carried by a message. A data message is the transfer id's prefix, then
+/// its segments' bytes concatenated in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Segment {
     /// Index into the storages ([`crate::manifest::Manifest::storages`]).
@@ -43,7 +47,7 @@ pub enum MessageKind {
     Metadata,
     /// Storage bytes (a bucket or a chunk).
     Data,
-    /// Per-storage digests: 8 bytes little-endian each, in storage order.
+    /// The metadata digest, then per-storage digests: 8 bytes little-endian each, in storage order.
     Trailer,
 }
 
@@ -54,7 +58,7 @@ pub struct Message {
     pub kind: MessageKind,
     /// Its tag.
     pub tag: u64,
-    /// Its length in bytes.
+    /// Its length in bytes on the wire (after the header: the 8-byte prefix included).
     pub len: u64,
     segments: core::ops::Range<u32>,
 }
@@ -68,7 +72,7 @@ pub struct Plan {
 
 impl Plan {
     /// The plan for storages of `sizes` bytes (in wire order) under `params`, with a trailer if
-    /// `digests`, whose metadata message is `metadata_len` bytes.
+    /// `digests`, whose postcard metadata is `metadata_len` bytes (the header's).
     pub fn new(sizes: &[u64], params: PlanParams, digests: bool, metadata_len: u64) -> Plan {
         let mut messages = Vec::new();
         let mut segments = Vec::new();
@@ -81,7 +85,7 @@ impl Plan {
         messages.push(Message {
             kind: MessageKind::Metadata,
             tag: TAG_METADATA,
-            len: metadata_len,
+            len: PREFIX_LEN.saturating_add(metadata_len),
             segments: 0..0,
         });
         let chunk_size = params.chunk_size;
@@ -93,7 +97,7 @@ impl Plan {
             messages.push(Message {
                 kind: MessageKind::Data,
                 tag: TAG_DATA_BASE + k,
-                len: core::mem::take(len),
+                len: PREFIX_LEN + core::mem::take(len),
                 segments: start..end,
             });
             start = end;
@@ -127,7 +131,7 @@ impl Plan {
             messages.push(Message {
                 kind: MessageKind::Trailer,
                 tag: TAG_DATA_BASE + k,
-                len: 8 * sizes.len() as u64,
+                len: PREFIX_LEN + 8 + 8 * sizes.len() as u64,
                 segments: 0..0,
             });
         }
@@ -153,7 +157,7 @@ impl Plan {
         2..self.messages.len() - usize::from(trailer)
     }
 
-    /// Total bytes of all messages.
+    /// Total bytes of all messages (prefixes included).
     pub fn wire_bytes(&self) -> u64 {
         self.messages.iter().map(|m| m.len).sum()
     }

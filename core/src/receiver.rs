@@ -20,6 +20,12 @@
 //!
 //! After `Done`, [`Receiver::finish`] yields the result. A receiver that stops early never yields a
 //! result: a partial checkpoint is never reported complete.
+//!
+//! Every message after the header starts with the transfer id the header announced
+//! ([`RecvOp::prefix`]); a message that starts with another one is stale ([`RecvOp::is_stale`]): the
+//! host skips it and receives the next message with that tag. After an error, [`Receiver::leftover`]
+//! names the messages the plan says are still coming, for the host to receive and discard, so that the
+//! next transfer on the link starts clean (PROTOCOL.md §12).
 
 use alloc::boxed::Box;
 use alloc::string::ToString;
@@ -29,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::decode;
 use crate::dtype::DType;
-use crate::header::{Header, Limits};
+use crate::header::{self, prefix, prefix_of, Header, Limits, MAX_STALE, PREFIX_LEN};
 use crate::manifest::{Manifest, StorageRef};
 use crate::plan::{MessageKind, Plan, TAG_HEADER, TAG_METADATA};
 use crate::schema::FanOut;
@@ -89,6 +95,8 @@ pub struct InPlace {
 /// What the metadata announced, for a host to bind and place bytes: the storages and the plan.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Incoming {
+    /// The transfer's id (the header's): every message after the header starts with it.
+    pub transfer_id: u64,
     /// Step of the checkpoint.
     pub step: Option<u64>,
     /// Every storage, in wire order.
@@ -110,10 +118,42 @@ pub struct RecvOp {
     pub kind: MessageKind,
     /// Tag of the message.
     pub tag: u64,
-    /// Exact length of the message.
+    /// Exact length of the message (the prefix included).
     pub len: u64,
     /// Hash the storage bytes as they land (digests on).
     pub hash: bool,
+    /// The transfer id the message starts with (8 bytes little-endian; `None` for the header, which
+    /// announces it). A data message's first 8 bytes are received apart from its segments' bytes;
+    /// a metadata or trailer message is handed to the receiver whole. A message that starts with
+    /// another id is stale: skip it ([`RecvOp::is_stale`]).
+    pub prefix: Option<u64>,
+}
+
+impl RecvOp {
+    /// Whether `message` (or at least its first 8 bytes) belongs to another transfer: a stale or
+    /// foreign message with this op's tag, never used. The host discards it and receives the next
+    /// message with the tag (counting with [`RecvOp::skip_stale`]).
+    pub fn is_stale(&self, message: &[u8]) -> bool {
+        self.prefix.is_some_and(|id| header::is_stale(message, id))
+    }
+
+    /// Counts one stale message skipped while waiting for this op's message; fails with
+    /// [`Error::TooManyStale`] past [`MAX_STALE`].
+    pub fn skip_stale(&self, skipped: &mut u64) -> Result<()> {
+        *skipped += 1;
+        if *skipped > u64::from(MAX_STALE) {
+            return Err(Error::TooManyStale {
+                message: self.message.into(),
+                skipped: *skipped - 1,
+            });
+        }
+        Ok(())
+    }
+
+    /// The prefix's bytes (empty for the header).
+    pub fn prefix_bytes(&self) -> Option<[u8; PREFIX_LEN as usize]> {
+        self.prefix.map(prefix)
+    }
 }
 
 /// One message to forward to the next receiver (chain fan-out); its bytes are
@@ -128,8 +168,11 @@ pub struct ForwardOp {
     pub kind: MessageKind,
     /// Tag of the message.
     pub tag: u64,
-    /// Length of the message.
+    /// Length of the message (the prefix included).
     pub len: u64,
+    /// The transfer id the message starts with: a data message's 8 first bytes, sent before its
+    /// segments' bytes (a forwarded trailer is the trailer as received, prefix included).
+    pub prefix: Option<u64>,
 }
 
 /// What the receiver wants next.
@@ -167,13 +210,26 @@ enum State {
     Metadata(Header),
     Binding(Box<Transfer>),
     Streaming(Box<Transfer>),
+    /// Failed, or refused what was announced: only [`Receiver::leftover`] is left.
+    Leftover(Box<Leftover>),
     Finished,
+}
+
+/// What a failed transfer's plan still says is coming to this receiver.
+#[derive(Debug)]
+struct Leftover {
+    plan: Plan,
+    from: u32,
+    transfer_id: u64,
+    next: usize,
 }
 
 #[derive(Debug)]
 struct Transfer {
     manifest: Manifest,
     plan: Plan,
+    transfer_id: u64,
+    metadata_digest: u64,
     bindings: Vec<Binding>,
     upstream: u32,
     downstream: Option<u32>,
@@ -234,6 +290,7 @@ impl Receiver {
             call: Call::Incoming,
         })?;
         Ok(Incoming {
+            transfer_id: t.transfer_id,
             step: t.manifest.metadata().step,
             storages: t.manifest.storages().to_vec(),
             total_bytes: t.manifest.total_bytes(),
@@ -268,18 +325,21 @@ impl Receiver {
                 tag: TAG_HEADER,
                 len: Header::SIZE as u64,
                 hash: false,
+                prefix: None,
             }),
             State::Metadata(h) => RecvPoll::Recv(RecvOp {
                 from: source,
                 message: 1,
                 kind: MessageKind::Metadata,
                 tag: TAG_METADATA,
-                len: h.metadata_len,
+                len: h.metadata_message_len(),
                 hash: false,
+                prefix: Some(h.transfer_id),
             }),
             State::Binding(_) => RecvPoll::NeedBindings,
             State::Streaming(t) => t.poll(),
-            State::Finished => RecvPoll::Done,
+            // Only `leftover` is left; `finish` says `Incomplete`.
+            State::Finished | State::Leftover(_) => RecvPoll::Done,
         }
     }
 
@@ -292,52 +352,71 @@ impl Receiver {
         Ok(())
     }
 
-    /// Handles the metadata message's bytes: decodes, validates, then checks, in this order, that the
-    /// source is the expected one, the step is the expected one and this rank is a destination.
+    /// Handles the metadata message's bytes (its prefix included): decodes, validates, then checks, in
+    /// this order, that the source is the expected one, the step is the expected one and this rank is
+    /// a destination. When one of these three refuses a valid transfer this rank is a destination of,
+    /// the plan says what is still coming: [`Receiver::leftover`].
     pub fn handle_metadata(&mut self, bytes: &[u8]) -> Result<()> {
         let State::Metadata(header) = &self.state else {
             return Err(Error::UnexpectedCall {
                 call: Call::Metadata,
             });
         };
-        let manifest = decode(header, bytes, &self.options.limits)?;
+        let header = *header;
+        let manifest = decode(&header, bytes, &self.options.limits)?;
         let meta = manifest.metadata();
-        if meta.source != self.options.source {
-            return Err(Error::UnexpectedSource {
+        let rank = self.options.rank;
+        let position = meta.destinations.iter().position(|&d| d == rank);
+        let upstream = |p: usize| match (meta.plan.fanout, p) {
+            (FanOut::Direct, _) | (FanOut::Chain, 0) => meta.source,
+            (FanOut::Chain, p) => meta.destinations[p - 1],
+        };
+        let refused = if meta.source != self.options.source {
+            Some(Error::UnexpectedSource {
                 expected: self.options.source,
                 got: meta.source,
-            });
-        }
-        if let Some(step) = self.options.expected_step {
-            if meta.step != Some(step) {
-                return Err(Error::StepMismatch {
-                    expected: Some(step),
-                    got: meta.step,
-                });
-            }
-        }
-        let rank = self.options.rank;
-        let position = meta
-            .destinations
-            .iter()
-            .position(|&d| d == rank)
-            .ok_or(Error::NotADestination { rank })?;
-        let (upstream, downstream) = match meta.plan.fanout {
-            FanOut::Direct => (meta.source, None),
-            FanOut::Chain => (
-                match position {
-                    0 => meta.source,
-                    p => meta.destinations[p - 1],
-                },
-                meta.destinations.get(position + 1).copied(),
-            ),
+            })
+        } else if self
+            .options
+            .expected_step
+            .is_some_and(|step| meta.step != Some(step))
+        {
+            Some(Error::StepMismatch {
+                expected: self.options.expected_step,
+                got: meta.step,
+            })
+        } else if position.is_none() {
+            Some(Error::NotADestination { rank })
+        } else {
+            None
         };
+        if let Some(e) = refused {
+            // Drain only what comes from the ranks this receiver expects: a transfer from another
+            // source, or for other ranks, sends this rank nothing more it could name.
+            if let (Error::StepMismatch { .. }, Some(p)) = (&e, position) {
+                self.state = State::Leftover(Box::new(Leftover {
+                    from: upstream(p),
+                    plan: manifest.plan(header.metadata_len),
+                    transfer_id: header.transfer_id,
+                    next: 2,
+                }));
+            }
+            return Err(e);
+        }
+        let position = position.unwrap_or_default();
+        let downstream = match meta.plan.fanout {
+            FanOut::Direct => None,
+            FanOut::Chain => meta.destinations.get(position + 1).copied(),
+        };
+        let upstream = upstream(position);
         let plan = manifest.plan(header.metadata_len);
         let (digests, missing_digests) = digest_slots(&manifest);
         let messages = plan.messages().len();
         self.state = State::Binding(Box::new(Transfer {
             manifest,
             plan,
+            transfer_id: header.transfer_id,
+            metadata_digest: header.metadata_digest,
             bindings: Vec::new(),
             upstream,
             downstream,
@@ -414,7 +493,10 @@ impl Receiver {
         Ok(())
     }
 
-    /// Handles the trailer's bytes (per-storage digests).
+    /// Handles the trailer's bytes (its prefix included), checking in this order: its prefix is this
+    /// transfer's ([`Error::TransferMismatch`]), its length ([`Error::TrailerLength`]), its copy of the
+    /// metadata digest is the header's ([`Error::TrailerMetadataDigest`]). The per-storage digests are
+    /// compared once every storage's digest is known.
     pub fn handle_trailer(&mut self, bytes: &[u8]) -> Result<()> {
         let t = self.streaming(Call::Trailer)?;
         let message = t.plan.messages().len() - 1;
@@ -424,11 +506,22 @@ impl Receiver {
                 call: Call::Trailer,
             });
         }
+        if let Some(got) = prefix_of(bytes).filter(|&id| id != t.transfer_id) {
+            return Err(Error::TransferMismatch {
+                message: message as u64,
+                expected: t.transfer_id,
+                got,
+            });
+        }
         if bytes.len() as u64 != expected {
             return Err(Error::TrailerLength {
                 expected,
                 got: bytes.len() as u64,
             });
+        }
+        let at = PREFIX_LEN as usize;
+        if prefix_of(&bytes[at..]) != Some(t.metadata_digest) {
+            return Err(Error::TrailerMetadataDigest);
         }
         t.trailer = Some(bytes.to_vec());
         t.mark_received(message, MessageKind::Trailer)?;
@@ -450,7 +543,10 @@ impl Receiver {
                 message: message.into(),
             })?;
         match m.kind {
-            MessageKind::Data => Ok(Payload::Storages(t.plan.segments(m))),
+            MessageKind::Data => Ok(Payload::Storages {
+                prefix: prefix(t.transfer_id),
+                segments: t.plan.segments(m),
+            }),
             MessageKind::Trailer => Ok(Payload::Bytes(t.trailer.as_deref().ok_or(
                 Error::ForwardNotIssued {
                     message: message.into(),
@@ -478,6 +574,41 @@ impl Receiver {
         }
         t.forwards_done += 1;
         Ok(())
+    }
+
+    /// After an error (of the receiver's, or of the host's): the next message the plan says is still
+    /// coming to this receiver, which a host receives (skipping stale messages as usual) and discards,
+    /// so that the next transfer on the link does not meet it (PROTOCOL.md §12). `None` once there is
+    /// none left, or when nothing is known to be coming: the header or the metadata failed, or the
+    /// transfer was refused for another source or for other ranks. Messages handed out as receives
+    /// before are the host's (it knows whether they arrived). The first call ends the transfer: the
+    /// receiver then only hands out leftovers, and never yields a result.
+    pub fn leftover(&mut self) -> Option<RecvOp> {
+        let state = core::mem::replace(&mut self.state, State::Finished);
+        let mut left = match state {
+            State::Binding(t) | State::Streaming(t) => Box::new(Leftover {
+                from: t.upstream,
+                next: t.next_recv,
+                transfer_id: t.transfer_id,
+                plan: t.plan,
+            }),
+            State::Leftover(l) => l,
+            _ => return None,
+        };
+        let m = left.next;
+        let message = left.plan.messages().get(m)?;
+        let op = RecvOp {
+            from: left.from,
+            message: m as u32,
+            kind: message.kind,
+            tag: message.tag,
+            len: message.len,
+            hash: false,
+            prefix: Some(left.transfer_id),
+        };
+        left.next += 1;
+        self.state = State::Leftover(left);
+        Some(op)
     }
 
     /// The digest mismatch of the lowest storage found so far, if any: the transfer goes on (a chain
@@ -600,6 +731,7 @@ impl Transfer {
                     kind: message.kind,
                     tag: message.tag,
                     len: message.len,
+                    prefix: Some(self.transfer_id),
                 });
             }
         }
@@ -613,6 +745,7 @@ impl Transfer {
                 tag: message.tag,
                 len: message.len,
                 hash: self.manifest.digests() && message.kind == MessageKind::Data,
+                prefix: Some(self.transfer_id),
             });
         }
         if self.is_complete() {
@@ -652,6 +785,8 @@ impl Transfer {
         let Some(trailer) = &self.trailer else {
             return;
         };
+        // After the prefix and the metadata digest.
+        let trailer = &trailer[2 * PREFIX_LEN as usize..];
         if self.missing_digests > 0 {
             return;
         }

@@ -10,6 +10,10 @@
 //! is set, and report the message's finished digests, in segment order, with
 //! [`Sender::handle_digests`]. [`SendPoll::WaitDigests`] means the trailer is next but some digests are
 //! missing: finish the sends in flight, report, poll again.
+//!
+//! Every message after the header starts with the transfer id the host chose ([`Sender::new`]): the
+//! header, metadata and trailer bytes the sender hands out include it; a data message's payload names
+//! it ([`Payload::Storages`]) for the host to send before the segments' bytes.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -17,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::encode;
 use crate::digest::digest;
-use crate::header::{Header, Limits};
+use crate::header::{prefix, Header, Limits, PREFIX_LEN};
 use crate::manifest::Manifest;
 use crate::plan::{MessageKind, Plan, Segment};
 use crate::schema::{FanOut, Metadata};
@@ -26,10 +30,16 @@ use crate::{Error, Result};
 /// The bytes of one message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Payload<'a> {
-    /// Bytes held by the state machine (header, metadata, trailer).
+    /// The whole message, held by the state machine (header; metadata and trailer with their prefix).
     Bytes(&'a [u8]),
-    /// Storage byte ranges held by the host, concatenated in order.
-    Storages(&'a [Segment]),
+    /// A data message: `prefix` (the transfer id), then the storage byte ranges held by the host,
+    /// concatenated in order.
+    Storages {
+        /// The message's first 8 bytes.
+        prefix: [u8; PREFIX_LEN as usize],
+        /// The storage byte ranges that follow.
+        segments: &'a [Segment],
+    },
 }
 
 /// One send for the host to perform; its bytes are [`Sender::payload`]`(message)`.
@@ -43,10 +53,13 @@ pub struct SendOp {
     pub kind: MessageKind,
     /// Tag of the message.
     pub tag: u64,
-    /// Length of the message.
+    /// Length of the message (the prefix included).
     pub len: u64,
     /// Hash the storage bytes while sending (set once per data message when digests are on).
     pub hash: bool,
+    /// The transfer id the message starts with (8 bytes little-endian; `None` for the header): the
+    /// first bytes of a metadata or trailer message's bytes, sent before a data message's segments.
+    pub prefix: Option<u64>,
 }
 
 /// What the sender wants next.
@@ -64,6 +77,7 @@ pub enum SendPoll {
 #[derive(Debug)]
 pub struct Sender {
     manifest: Manifest,
+    transfer_id: u64,
     header: [u8; Header::SIZE],
     metadata: Vec<u8>,
     plan: Plan,
@@ -71,27 +85,46 @@ pub struct Sender {
     cursor: (usize, usize),
     digests: Vec<Option<u64>>,
     missing_digests: usize,
+    /// The trailer: prefix and metadata digest, then the storage digests once all are known.
     trailer: Vec<u8>,
+    trailer_done: bool,
 }
 
 impl Sender {
     /// Validates `metadata` (the sender never sends what a receiver would reject under `limits`) and
-    /// encodes it. `digests`: send a digest trailer.
-    pub fn new(metadata: Metadata, digests: bool, limits: &Limits) -> Result<Sender> {
+    /// encodes it. `digests`: send a digest trailer. `transfer_id`: this transfer's identity, which
+    /// every message after the header starts with; the host picks it, at random (so that no two
+    /// transfers between a pair of ranks share one: PROTOCOL.md §2), and the core does no I/O.
+    pub fn new(
+        metadata: Metadata,
+        digests: bool,
+        limits: &Limits,
+        transfer_id: u64,
+    ) -> Result<Sender> {
         let manifest = Manifest::new(metadata, digests, limits)?;
-        let (header, metadata) = encode(&manifest)?;
+        let (header, metadata) = encode(&manifest, transfer_id)?;
         let plan = manifest.plan(header.metadata_len);
         let (digests, missing_digests) = digest_slots(&manifest);
+        // The trailer starts with the prefix and the metadata digest; the storage digests follow.
+        let mut trailer = prefix(transfer_id).to_vec();
+        trailer.extend_from_slice(&header.metadata_digest.to_le_bytes());
         Ok(Sender {
             manifest,
+            transfer_id,
             header: header.to_bytes(),
             metadata,
             plan,
             cursor: (0, 0),
             digests,
             missing_digests,
-            trailer: Vec::new(),
+            trailer,
+            trailer_done: false,
         })
+    }
+
+    /// This transfer's id.
+    pub fn transfer_id(&self) -> u64 {
+        self.transfer_id
     }
 
     /// The validated metadata.
@@ -109,7 +142,7 @@ impl Sender {
         &self.header
     }
 
-    /// The encoded metadata message.
+    /// The encoded metadata message (the prefix, then the postcard metadata).
     pub fn metadata_bytes(&self) -> &[u8] {
         &self.metadata
     }
@@ -129,15 +162,14 @@ impl Sender {
             return SendPoll::Done;
         };
         let kind = message.kind;
-        if kind == MessageKind::Trailer && self.trailer.is_empty() {
+        if kind == MessageKind::Trailer && !self.trailer_done {
             if self.missing_digests > 0 {
                 return SendPoll::WaitDigests;
             }
-            self.trailer = self
-                .digests
-                .iter()
-                .flat_map(|d| d.unwrap_or_default().to_le_bytes())
-                .collect();
+            let digests = self.digests.iter();
+            self.trailer
+                .extend(digests.flat_map(|d| d.unwrap_or_default().to_le_bytes()));
+            self.trailer_done = true;
         }
         let op = SendOp {
             to: self.manifest.metadata().destinations[d],
@@ -146,6 +178,7 @@ impl Sender {
             tag: message.tag,
             len: message.len,
             hash: self.manifest.digests() && kind == MessageKind::Data && d == 0,
+            prefix: (kind != MessageKind::Header).then_some(self.transfer_id),
         };
         self.cursor = if d + 1 < self.recipients(kind) {
             (m, d + 1)
@@ -155,18 +188,28 @@ impl Sender {
         SendPoll::Send(op)
     }
 
-    /// The bytes of message `message`: the header, metadata or trailer (once polled), or the storage
-    /// ranges of a data message.
-    pub fn payload(&self, message: u32) -> Payload<'_> {
-        match self.plan.messages().get(message as usize) {
-            Some(m) => match m.kind {
-                MessageKind::Header => Payload::Bytes(&self.header),
-                MessageKind::Metadata => Payload::Bytes(&self.metadata),
-                MessageKind::Trailer => Payload::Bytes(&self.trailer),
-                MessageKind::Data => Payload::Storages(self.plan.segments(m)),
+    /// The bytes of message `message` once it was polled: the header, metadata or trailer, or the
+    /// storage ranges of a data message.
+    pub fn payload(&self, message: u32) -> Result<Payload<'_>> {
+        let polled = (message as usize) < self.cursor.0
+            || (message as usize == self.cursor.0 && self.cursor.1 > 0);
+        let m = self
+            .plan
+            .messages()
+            .get(message as usize)
+            .filter(|_| polled)
+            .ok_or(Error::MessageNotOutstanding {
+                message: message.into(),
+            })?;
+        Ok(match m.kind {
+            MessageKind::Header => Payload::Bytes(&self.header),
+            MessageKind::Metadata => Payload::Bytes(&self.metadata),
+            MessageKind::Trailer => Payload::Bytes(&self.trailer),
+            MessageKind::Data => Payload::Storages {
+                prefix: prefix(self.transfer_id),
+                segments: self.plan.segments(m),
             },
-            None => Payload::Bytes(&[]),
-        }
+        })
     }
 
     /// Reports the digests of the storages data message `message` completes (its segments with

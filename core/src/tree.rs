@@ -149,38 +149,68 @@ impl fmt::Display for KeyPath {
 /// the stack.
 ///
 /// The paths are not bounded in size here (a long key above many leaves is repeated in each of their
-/// paths); [`crate::manifest::Manifest::new`] bounds them, see [`Error::KeyPathsTooLarge`].
+/// paths); [`crate::manifest::Manifest::new`] bounds them, see [`Error::KeyPathsTooLarge`], and a
+/// receiver bounds them with the decoded size ([`Error::DecodedTooLarge`]) before decoding.
 pub fn key_paths(nodes: &[Node], max_depth: u32) -> Result<Vec<KeyPath>> {
-    key_paths_within(nodes, max_depth, u64::MAX)
+    key_paths_for(nodes, max_depth, 0)
 }
 
-fn key_text(elem: &PathElem) -> u64 {
-    match elem {
-        PathElem::Key(Key::Str(s)) => s.len() as u64,
-        _ => 0,
+/// [`key_paths`] into a list allocated for `leaves` paths.
+pub(crate) fn key_paths_for(nodes: &[Node], max_depth: u32, leaves: usize) -> Result<Vec<KeyPath>> {
+    let mut paths = Vec::with_capacity(leaves);
+    walk(nodes, max_depth, u64::MAX, |path| {
+        let mut elems = Vec::with_capacity(path.len());
+        elems.extend(path);
+        paths.push(KeyPath(elems));
+    })?;
+    Ok(paths)
+}
+
+/// Checks the structure as [`key_paths`] does, refusing with [`Error::KeyPathsTooLarge`] once the string
+/// keys of all leaves' paths together exceed `max_key_text` bytes, without building any path; returns
+/// the number of leaves.
+pub(crate) fn check_structure(nodes: &[Node], max_depth: u32, max_key_text: u64) -> Result<u64> {
+    let mut leaves = 0u64;
+    walk(nodes, max_depth, max_key_text, |_| leaves += 1)?;
+    Ok(leaves)
+}
+
+fn key_text(key: &Key) -> u64 {
+    match key {
+        Key::Str(s) => s.len() as u64,
+        Key::Int(_) => 0,
     }
 }
 
-/// [`key_paths`], refusing with [`Error::KeyPathsTooLarge`] before the string keys of all paths together
-/// exceed `max_key_text` bytes (checked before each path is materialized, so that memory is never spent).
-pub(crate) fn key_paths_within(
-    nodes: &[Node],
+/// An open container: children left to visit, its dict keys (if a dict), the index of the child being
+/// visited (its path element).
+struct Frame<'a> {
+    remaining: u64,
+    keys: Option<&'a [Key]>,
+    next: u64,
+}
+
+impl Frame<'_> {
+    /// The key of the child being visited, for a dict that has started one.
+    fn current_key(&self) -> Option<&Key> {
+        let i = usize::try_from(self.next.checked_sub(1)?).ok()?;
+        self.keys?.get(i)
+    }
+}
+
+/// The walk of PROTOCOL.md §7: checks the structure and calls `leaf` with each leaf's path (the path
+/// element of every open container), in leaf order. The paths' string keys are summed as the walk goes
+/// (checked at each leaf against `max_key_text`).
+fn walk<'a>(
+    nodes: &'a [Node],
     max_depth: u32,
     max_key_text: u64,
-) -> Result<Vec<KeyPath>> {
-    // An open container: children left to visit, its dict keys (if a dict), the next child's index.
-    struct Frame<'a> {
-        remaining: u64,
-        keys: Option<&'a [Key]>,
-        next: u64,
-    }
-    let mut paths = Vec::new();
-    // Invariant: `path.len() == stack.len()`; `path[i]` names the child being visited in `stack[i]`.
-    let mut path: Vec<PathElem> = Vec::new();
-    // Bytes of string keys in `path`, and in all paths so far.
+    mut leaf: impl FnMut(&mut dyn ExactSizeIterator<Item = PathElem>),
+) -> Result<()> {
+    let mut stack: Vec<Frame<'a>> = Vec::new();
+    // Bytes of string keys in the current path, and in all leaves' paths so far.
     let mut path_text = 0u64;
     let mut total_text = 0u64;
-    let mut stack: Vec<Frame<'_>> = Vec::new();
     let mut iter = nodes.iter();
     let mut node = iter.next().ok_or(Error::TruncatedTree)?;
     loop {
@@ -190,7 +220,10 @@ pub(crate) fn key_paths_within(
                 if total_text > max_key_text {
                     return Err(Error::KeyPathsTooLarge { max: max_key_text });
                 }
-                paths.push(KeyPath(path.clone()));
+                leaf(&mut stack.iter().map(|f| match f.current_key() {
+                    Some(k) => PathElem::Key(k.clone()),
+                    None => PathElem::Index(f.next.saturating_sub(1)),
+                }));
                 None
             }
             Node::Dict(keys) => {
@@ -211,30 +244,22 @@ pub(crate) fn key_paths_within(
                 keys,
                 next: 0,
             });
-            path.push(PathElem::Index(0));
         }
         // Advance to the next child slot, closing finished containers.
         while stack.last().is_some_and(|f| f.remaining == 0) {
-            stack.pop();
-            if let Some(elem) = path.pop() {
-                path_text -= key_text(&elem);
+            if let Some(f) = stack.pop() {
+                path_text -= f.current_key().map_or(0, key_text);
             }
         }
         let Some(top) = stack.last_mut() else { break };
-        let elem = match top.keys {
-            Some(keys) => PathElem::Key(keys[top.next as usize].clone()),
-            None => PathElem::Index(top.next),
-        };
+        path_text -= top.current_key().map_or(0, key_text);
         top.remaining -= 1;
         top.next += 1;
-        if let Some(slot) = path.last_mut() {
-            path_text = path_text - key_text(slot) + key_text(&elem);
-            *slot = elem;
-        }
+        path_text += top.current_key().map_or(0, key_text);
         node = iter.next().ok_or(Error::TruncatedTree)?;
     }
     if iter.next().is_some() {
         return Err(Error::TrailingTreeNodes);
     }
-    Ok(paths)
+    Ok(())
 }

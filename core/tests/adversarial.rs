@@ -9,13 +9,16 @@ mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::time::{Duration, Instant};
 
 use common::*;
 use pgt_core::codec;
 use pgt_core::dtype::DType;
 use pgt_core::header::Limits;
 use pgt_core::layout::TensorLayout;
+use pgt_core::manifest::Manifest;
 use pgt_core::plan::{self, Plan};
+use pgt_core::scan::decoded_size_budget;
 use pgt_core::schema::Metadata;
 use pgt_core::schema::{FanOut, PlanParams};
 use pgt_core::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
@@ -79,8 +82,16 @@ fn varint(mut v: u64, out: &mut Vec<u8>) {
 
 /// Decodes raw metadata bytes behind a matching header; returns the result and the peak heap.
 fn decode_raw(bytes: &[u8], limits: &Limits) -> (Result<pgt_core::manifest::Manifest, Error>, u64) {
-    let header = header_for(bytes, false);
-    peak_heap(|| decode_bytes(&header, bytes, limits))
+    let (header, message) = header_and_message(bytes, limits);
+    peak_heap(|| codec::decode(&header, &message, limits))
+}
+
+/// The parsed header and the metadata message (prefix + `bytes`) of transfer `TRANSFER_ID`, built
+/// before a measurement so that the copy is not counted as decoding's memory.
+fn header_and_message(bytes: &[u8], limits: &Limits) -> (pgt_core::header::Header, Vec<u8>) {
+    let header =
+        pgt_core::header::Header::parse(&header_for(bytes, false), limits).expect("valid header");
+    (header, message_for(bytes))
 }
 
 // ---------------------------------------------------------------- announced lengths
@@ -132,14 +143,18 @@ fn huge_announced_lengths_in_small_buffers_are_truncated_without_allocating() {
     for (what, bytes) in cases {
         assert!(bytes.len() < 64, "{what}");
         let (res, peak) = decode_raw(&bytes, &Limits::default());
-        let want = if what == "leaves" {
-            // The leaf count is checked against the limit as soon as it is read.
-            Error::TooManyLeaves {
+        // The leaf count and a dims list's length are checked against their limits as soon as they
+        // are read.
+        let want = match what {
+            "leaves" => Error::TooManyLeaves {
                 count: huge,
                 max: Limits::default().max_leaves,
-            }
-        } else {
-            Error::TruncatedMetadata
+            },
+            "tensor shape" => Error::TooManyDims {
+                ndim: huge,
+                max: Limits::default().max_ndim,
+            },
+            _ => Error::TruncatedMetadata,
         };
         assert_eq!(res.err(), Some(want), "{what}");
         // serde preallocates at most 1 MiB for an announced length; nothing proportional to 2^60.
@@ -199,7 +214,9 @@ fn deep_tree_is_too_deep_without_recursion() {
     assert_eq!(manifest.paths()[0].0.len(), 100_000);
     drop(manifest);
     // And the receiver/sender path handles it (Drop of the metadata is flat too).
-    let sender = pgt_core::sender::Sender::new(nested_lists(100_000), true, &unlimited).unwrap();
+    let sender =
+        pgt_core::sender::Sender::new(nested_lists(100_000), true, &unlimited, TRANSFER_ID)
+            .unwrap();
     assert_eq!(sender.plan().messages().len(), 3);
 }
 
@@ -264,15 +281,26 @@ fn long_key_over_many_leaves(key_len: usize, leaves: u64) -> Metadata {
 #[test]
 fn key_paths_cannot_amplify_one_long_key() {
     // 64 KiB of key + 20,000 three-byte leaves ≈ 125 KB of metadata would materialize 1.3 GB of key
-    // paths. The key text of all paths is bounded by 4 × max_metadata_bytes.
+    // paths. Their text counts in the decoded size, refused from the bytes before anything is decoded.
     let m = long_key_over_many_leaves(64 << 10, 20_000);
     let limits = Limits {
         max_metadata_bytes: MIB,
         ..Limits::default()
     };
-    let (res, peak) = peak_heap(|| round_trip(&m, &limits));
+    let (_, bytes) = encode_raw(&m, false);
+    let (res, peak) = decode_raw(&bytes, &limits);
+    assert_eq!(
+        res.err(),
+        Some(Error::DecodedTooLarge {
+            max: decoded_size_budget(bytes.len() as u64)
+        })
+    );
+    assert!(peak < 64 << 10, "{peak}");
+    // Metadata built in memory (a sender's) is bounded by the key text cap, 4 × max_metadata_bytes,
+    // before its paths are built; the sender could not encode it either.
+    let (res, peak) = peak_heap(|| Manifest::new(m, false, &limits));
     assert_eq!(res.err(), Some(Error::KeyPathsTooLarge { max: 4 * MIB }));
-    assert!(peak < 64 * MIB, "{peak}");
+    assert!(peak < 64 << 10, "{peak}");
     // The bound scales with the metadata cap: 256 KiB of metadata allow 1 MiB of key text.
     let small = Limits {
         max_metadata_bytes: 256 << 10,
@@ -315,6 +343,346 @@ fn leaf_count_is_checked_before_the_leaves_are_decoded() {
     );
     // The tree's 2^19 nodes (24 bytes each) are decoded; the leaves are not.
     assert!(peak < 40 * MIB, "{peak}");
+}
+
+// ---------------------------------------------------------------- decoded size (issue 10 #4)
+
+/// Generous for a loaded debug build; the work is one pass over the bytes.
+fn quick() -> Duration {
+    Duration::from_secs(if cfg!(debug_assertions) { 5 } else { 1 })
+}
+
+/// `depth - 1` nested one-element lists around a list of `leaves` `None` values: every leaf's key path
+/// has `depth` elements (list indices).
+fn deep_lists(depth: usize, leaves: usize) -> Metadata {
+    let mut tree = vec![Node::List(1); depth - 1];
+    tree.push(Node::List(leaves as u64));
+    tree.extend(std::iter::repeat_n(Node::Leaf, leaves));
+    metadata(tree, vec![Leaf::Value(Value::None); leaves])
+}
+
+/// `[None] * n`.
+fn nones(n: usize) -> Metadata {
+    let mut tree = vec![Node::List(n as u64)];
+    tree.extend(std::iter::repeat_n(Node::Leaf, n));
+    metadata(tree, vec![Leaf::Value(Value::None); n])
+}
+
+/// Decodes, validates and builds the key paths of `bytes`; the peak heap of all that.
+fn decode_with_paths(bytes: &[u8], limits: &Limits) -> (Result<usize, Error>, u64) {
+    let (header, message) = header_and_message(bytes, limits);
+    peak_heap(|| codec::decode(&header, &message, limits).map(|m| m.paths().len()))
+}
+
+#[test]
+fn deep_lists_over_many_leaves_are_refused_from_their_decoded_size() {
+    // 600 KB: 200,000 None leaves under 64 lists. Each leaf's path holds 64 list indices: building them
+    // took 390 MB (pgt recv: 687 MB, 10 s of CPU), and indices did not count toward any cap. Now they
+    // count in the decoded size, which is over 64 × 600 KB + 16 MiB: refused before decoding anything.
+    let (_, bytes) = encode_raw(&deep_lists(64, 200_000), false);
+    assert!((590_000..610_000).contains(&bytes.len()), "{}", bytes.len());
+    let t = Instant::now();
+    let (res, peak) = decode_with_paths(&bytes, &Limits::default());
+    assert_eq!(
+        res,
+        Err(Error::DecodedTooLarge {
+            max: decoded_size_budget(bytes.len() as u64)
+        })
+    );
+    assert!(peak < 16 << 10, "{peak}");
+    eprintln!(
+        "{} bytes refused in {:?}, peak heap {peak}",
+        bytes.len(),
+        t.elapsed()
+    );
+    assert!(t.elapsed() < quick(), "{:?}", t.elapsed());
+    // Fewer leaves fit: built on demand, the paths and everything decoded take what the decoded size
+    // says, within its budget.
+    let (_, bytes) = encode_raw(&deep_lists(64, 10_000), false);
+    let size = codec::decoded_size(&bytes).unwrap();
+    assert!(size <= decoded_size_budget(bytes.len() as u64));
+    let (res, peak) = decode_with_paths(&bytes, &Limits::default());
+    assert_eq!(res, Ok(10_000));
+    assert!(peak <= size + (4 << 10), "{peak} > {size}");
+}
+
+#[test]
+fn a_million_none_values_are_refused_from_their_decoded_size() {
+    // 3 MB of valid metadata: 1M `None` values, 3 bytes each on the wire and 324 bytes decoded (a
+    // leaf, its tree node, its key path). It used to decode to 355 MB (pgt recv: 1.2 GB, 11 s of CPU
+    // in a debug build); now the decoded size, 108 × the bytes, is refused before decoding.
+    let (_, bytes) = encode_raw(&nones(1_000_000), false);
+    assert_eq!(bytes.len(), 3_000_024);
+    let t = Instant::now();
+    let (res, peak) = decode_with_paths(&bytes, &Limits::default());
+    assert_eq!(
+        res,
+        Err(Error::DecodedTooLarge {
+            max: decoded_size_budget(bytes.len() as u64)
+        })
+    );
+    assert!(peak < 16 << 10, "{peak}");
+    eprintln!(
+        "{} bytes refused in {:?}, peak heap {peak}",
+        bytes.len(),
+        t.elapsed()
+    );
+    assert!(t.elapsed() < quick(), "{:?}", t.elapsed());
+    // 50,000 of them (150 KB, 16 MB decoded) fit in the 16 MiB every metadata may take beyond 64 × its
+    // length.
+    let (_, bytes) = encode_raw(&nones(50_000), false);
+    let size = codec::decoded_size(&bytes).unwrap();
+    assert_eq!(size, 50_000 * 324 + 24 + 8); // and the list's node, the two destinations
+    let (res, peak) = decode_with_paths(&bytes, &Limits::default());
+    assert_eq!(res, Ok(50_000));
+    assert!(peak <= size + (4 << 10), "{peak} > {size}");
+    // A sender refuses what receivers would.
+    let limits = Limits::default();
+    let manifest = Manifest::new(nones(1_000_000), false, &limits).unwrap();
+    assert!(matches!(
+        codec::encode(&manifest, TRANSFER_ID),
+        Err(Error::DecodedTooLarge { .. })
+    ));
+}
+
+/// Raw metadata bytes: `prefix()`, a one-leaf tree, a float64 tensor leaf of one element whose shape
+/// has `ndim` dims of 1 (and its stride at most 64).
+fn tensor_of_ndim(ndim: u64) -> Vec<u8> {
+    let mut b = prefix();
+    b.extend([1, 3, 1, 1, 0]);
+    varint(ndim, &mut b);
+    b.resize(b.len() + ndim as usize, 1);
+    varint(ndim.min(64), &mut b);
+    b.resize(b.len() + ndim.min(64) as usize, 1);
+    b.extend([0, 8]);
+    b
+}
+
+#[test]
+fn thirty_million_dims_are_refused_before_they_are_decoded() {
+    // 30 MB: one shape of 30M dims, decoded (263 MB) before the 64-dims check. Its length is checked
+    // as soon as it is read.
+    let bytes = tensor_of_ndim(30_000_000);
+    let t = Instant::now();
+    let (res, peak) = decode_raw(&bytes, &Limits::default());
+    assert_eq!(
+        res.err(),
+        Some(Error::TooManyDims {
+            ndim: 30_000_000,
+            max: 64
+        })
+    );
+    assert!(peak < 16 << 10, "{peak}");
+    eprintln!(
+        "{} bytes refused in {:?}, peak heap {peak}",
+        bytes.len(),
+        t.elapsed()
+    );
+    assert!(t.elapsed() < quick(), "{:?}", t.elapsed());
+    // 64 dims are fine, 65 are not; the tools' raw decode has no limit.
+    assert!(decode_raw(&tensor_of_ndim(64), &Limits::default())
+        .0
+        .is_ok());
+    let bytes = tensor_of_ndim(65);
+    assert_eq!(
+        decode_raw(&bytes, &Limits::default()).0.err(),
+        Some(Error::TooManyDims { ndim: 65, max: 64 })
+    );
+    assert!(codec::decode_metadata(&bytes).is_ok());
+}
+
+#[test]
+fn every_dims_list_is_checked_when_its_length_is_read() {
+    // Each list that holds one entry per tensor or mesh dim, 65 long (valid metadata has at most
+    // max_ndim): refused from its length, before any other check (even NoDestinations).
+    let long = vec![1u64; 65];
+    let mut cases: Vec<(&str, Leaf)> = Vec::new();
+    let mut layout = TensorLayout::contiguous(DType::Float32, &[2]);
+    layout.stride = long.clone();
+    cases.push(("stride", Leaf::Tensor(layout)));
+    let Leaf::DTensor { local, spec } = dtensor_leaf() else {
+        unreachable!()
+    };
+    type Edit = fn(&mut pgt_core::dtensor::DTensorSpec, &[u64]);
+    let edits: [(&str, Edit); 6] = [
+        ("mesh shape", |s, l| s.mesh.shape = l.to_vec()),
+        ("dim names", |s, l| {
+            s.mesh.dim_names = Some(l.iter().map(|_| String::new()).collect())
+        }),
+        ("placements", |s, l| {
+            s.placements = l
+                .iter()
+                .map(|_| pgt_core::dtensor::Placement::Replicate)
+                .collect()
+        }),
+        ("global shape", |s, l| s.global_shape = l.to_vec()),
+        ("global stride", |s, l| s.global_stride = l.to_vec()),
+        ("local shape", |_, _| ()),
+    ];
+    for (what, edit) in edits {
+        let (mut local, mut spec) = (local.clone(), spec.clone());
+        edit(&mut spec, &long);
+        if what == "local shape" {
+            local.shape = long.clone();
+        }
+        cases.push((what, Leaf::DTensor { local, spec }));
+    }
+    let Leaf::Sharded {
+        local_shards,
+        global,
+    } = sharded_leaf()
+    else {
+        unreachable!()
+    };
+    for what in [
+        "local offsets",
+        "local sizes",
+        "global offsets",
+        "global size",
+    ] {
+        let (mut local_shards, mut global) = (local_shards.clone(), global.clone());
+        match what {
+            "local offsets" => local_shards[0].meta.offsets = long.clone(),
+            "local sizes" => local_shards[0].meta.sizes = long.clone(),
+            "global offsets" => global.shards[1].offsets = long.clone(),
+            _ => global.global_size = long.clone(),
+        }
+        cases.push((
+            what,
+            Leaf::Sharded {
+                local_shards,
+                global,
+            },
+        ));
+    }
+    for (what, leaf) in cases {
+        let mut m = single("t", leaf);
+        m.destinations.clear();
+        assert_eq!(
+            round_trip(&m, &Limits::default()).err(),
+            Some(Error::TooManyDims { ndim: 65, max: 64 }),
+            "{what}"
+        );
+        let (_, bytes) = encode_raw(&m, false);
+        assert!(codec::decode_metadata(&bytes).is_ok(), "{what}");
+    }
+}
+
+#[test]
+fn the_decoded_size_is_what_decoding_takes() {
+    // For accepted metadata of every shape, decoding, validating and building the key paths take what
+    // the decoded size says (the cost model is pgt-core's 64-bit memory layout), within 4 KiB: so the
+    // budget, 64 × the length + 16 MiB, bounds the peak heap.
+    let wide = {
+        let n = 100_000;
+        let mut tree = vec![Node::Dict(
+            (0..n).map(|i| Key::Str(format!("layer.{i}.w"))).collect(),
+        )];
+        tree.extend(std::iter::repeat_n(Node::Leaf, n));
+        let leaves = (0..n)
+            .map(|i| Leaf::Tensor(TensorLayout::contiguous(DType::Float16, &[i as u64 % 7, 3])))
+            .collect();
+        metadata(tree, leaves)
+    };
+    let ints = {
+        let n = 100_000;
+        let mut tree = vec![
+            Node::Dict(vec![Key::Str("param_groups".into())]),
+            Node::List(1),
+            Node::Dict(vec![Key::Str("params".into()), Key::Int(-1)]),
+            Node::List(n as u64),
+        ];
+        tree.extend(std::iter::repeat_n(Node::Leaf, n + 1));
+        let mut leaves: Vec<Leaf> = (0..n)
+            .map(|i| Leaf::Value(Value::Int(i as i64 * 977)))
+            .collect();
+        leaves.push(Leaf::Value(Value::Bytes(vec![7; 1000])));
+        metadata(tree, leaves)
+    };
+    let mut two_d = vec![dtensor_leaf(), dtensor_leaf_2d(), sharded_leaf()];
+    two_d.extend((0..1000).map(|i| Leaf::Value(Value::Str(format!("v{i}")))));
+    let mut tree = vec![Node::Tuple(two_d.len() as u64)];
+    tree.extend(std::iter::repeat_n(Node::Leaf, two_d.len()));
+    let cases = [
+        ("sample", sample()),
+        (
+            "reference",
+            pgt_core::reference::reference_metadata(0, vec![1], PlanParams::default()),
+        ),
+        ("wide dict", wide),
+        ("ints", ints),
+        ("distributed", metadata(tree, two_d)),
+        ("deep", deep_lists(64, 1000)),
+        (
+            "bytes",
+            single("b", Leaf::Value(Value::Bytes(vec![9; 3_000_000]))),
+        ),
+    ];
+    for (what, m) in cases {
+        let (_, bytes) = encode_raw(&m, false);
+        let size = codec::decoded_size(&bytes).unwrap();
+        assert!(size <= decoded_size_budget(bytes.len() as u64), "{what}");
+        let (res, peak) = decode_with_paths(&bytes, &Limits::default());
+        assert_eq!(res, Ok(m.leaves.len()), "{what}");
+        // serde grows a list of more than 1 MiB by doubling: while the 3 MB value is decoded it takes
+        // 4 MiB (then gives the rest back).
+        let growing = if what == "bytes" {
+            (4 << 20) - 3_000_000
+        } else {
+            0
+        };
+        assert!(
+            peak <= size + growing + (4 << 10) && peak + (peak >> 3) >= size,
+            "{what}: peak heap {peak}, decoded size {size}"
+        );
+        eprintln!(
+            "{what}: {} bytes, decoded size {size} ({:.1} ×), peak heap {peak}",
+            bytes.len(),
+            size as f64 / bytes.len() as f64
+        );
+    }
+}
+
+#[test]
+fn the_scan_fails_where_postcard_fails() {
+    // Every truncation and many one-byte edits of metadata with every kind of value: the scan (which
+    // applies the caps before decoding) reports exactly what postcard's decoder of the schema reports.
+    let mut m = sample();
+    m.leaves[2] = dtensor_leaf_2d();
+    let (_, bytes) = encode_raw(&m, false);
+    let reference = |b: &[u8]| match postcard::take_from_bytes::<Metadata>(b) {
+        Ok((m, [])) => Ok(m),
+        Ok((_, rest)) => Err(Error::TrailingBytes {
+            count: rest.len() as u64,
+        }),
+        Err(postcard::Error::DeserializeUnexpectedEnd) => Err(Error::TruncatedMetadata),
+        Err(_) => Err(Error::MalformedMetadata),
+    };
+    let mut checked = 0;
+    let mut check = |b: &[u8]| {
+        assert_eq!(codec::decode_metadata(b), reference(b), "{b:02x?}");
+        checked += 1;
+    };
+    for n in 0..=bytes.len() {
+        check(&bytes[..n]);
+    }
+    let mut b = bytes.clone();
+    b.push(0);
+    check(&b);
+    for i in 0..bytes.len() {
+        for v in [
+            0x00, 0x01, 0x02, 0x05, 0x0F, 0x10, 0x13, 0x14, 0x7F, 0x80, 0xC0, 0xFF,
+        ] {
+            let mut b = bytes.clone();
+            b[i] = v;
+            check(&b);
+            // An inserted continuation byte makes a varint non-minimal, or too long.
+            let mut b = bytes.clone();
+            b.insert(i, v | 0x80);
+            check(&b);
+        }
+    }
+    assert!(checked > 5000);
 }
 
 // ---------------------------------------------------------------- ShardedTensor width
@@ -442,8 +810,9 @@ fn count_data_messages_agrees_with_the_plan() {
         let mut covered = vec![0u64; sizes.len()];
         for msg in &p.messages()[p.data_messages()] {
             let segs = p.segments(msg);
-            assert_eq!(segs.iter().map(|s| s.len).sum::<u64>(), msg.len);
-            assert!(msg.len <= chunk_size.max(bucket_size));
+            // The 8-byte prefix, then the segments' bytes.
+            assert_eq!(8 + segs.iter().map(|s| s.len).sum::<u64>(), msg.len);
+            assert!(msg.len <= 8 + chunk_size.max(bucket_size));
             for s in segs {
                 assert_eq!(covered[s.storage as usize], s.offset);
                 covered[s.storage as usize] += s.len;

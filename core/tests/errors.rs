@@ -78,14 +78,19 @@ fn the_sample_is_valid() {
 fn header_length() {
     let h = valid_header();
     assert_eq!(
-        Header::parse(&h[..23], &limits()),
-        Err(Error::HeaderLength { got: 23 })
+        Header::parse(&h[..31], &limits()),
+        Err(Error::HeaderLength { got: 31 })
     );
     let mut long = h.to_vec();
     long.push(0);
     assert_eq!(
         Header::parse(&long, &limits()),
-        Err(Error::HeaderLength { got: 25 })
+        Err(Error::HeaderLength { got: 33 })
+    );
+    // Too short to hold magic and version.
+    assert_eq!(
+        Header::parse(&h[..5], &limits()),
+        Err(Error::HeaderLength { got: 5 })
     );
     assert_eq!(
         Header::parse(&[], &limits()),
@@ -104,7 +109,7 @@ fn bad_magic() {
 
 #[test]
 fn unsupported_version() {
-    for v in [0u16, VERSION + 1, u16::MAX] {
+    for v in [0u16, 1, VERSION + 1, u16::MAX] {
         let mut h = valid_header();
         h[4..6].copy_from_slice(&v.to_le_bytes());
         assert_eq!(
@@ -112,6 +117,13 @@ fn unsupported_version() {
             Err(Error::UnsupportedVersion { got: v })
         );
     }
+    // A version-1 header (24 bytes, no transfer id) is named by its version, not its length.
+    let mut v1 = valid_header()[..24].to_vec();
+    v1[4..6].copy_from_slice(&1u16.to_le_bytes());
+    assert_eq!(
+        Header::parse(&v1, &limits()),
+        Err(Error::UnsupportedVersion { got: 1 })
+    );
 }
 
 #[test]
@@ -156,8 +168,9 @@ fn metadata_too_large() {
 
 #[test]
 fn metadata_length() {
+    // The metadata message is the 8-byte prefix and the postcard bytes.
     let (header, bytes) = encode_raw(&sample(), false);
-    let n = bytes.len() as u64;
+    let n = bytes.len() as u64 + 8;
     assert_eq!(
         decode_bytes(&header, &bytes[..bytes.len() - 1], &limits()),
         Err(Error::MetadataLength {
@@ -172,6 +185,34 @@ fn metadata_length() {
         Err(Error::MetadataLength {
             expected: n,
             got: n + 1
+        })
+    );
+    // Shorter than a prefix: a length error too.
+    let h = Header::parse(&header, &limits()).unwrap();
+    assert_eq!(
+        codec::decode(&h, &message_for(&bytes)[..5], &limits()),
+        Err(Error::MetadataLength {
+            expected: n,
+            got: 5
+        })
+    );
+}
+
+#[test]
+fn metadata_of_another_transfer() {
+    // The prefix is checked first: a stale or foreign metadata message is named as such, whatever
+    // its length.
+    let (header, bytes) = encode_raw(&sample(), false);
+    let h = Header::parse(&header, &limits()).unwrap();
+    let mut other = message_for(&bytes);
+    other[0] ^= 1;
+    other.push(0);
+    assert_eq!(
+        codec::decode(&h, &other, &limits()),
+        Err(Error::TransferMismatch {
+            message: 1,
+            expected: TRANSFER_ID,
+            got: TRANSFER_ID ^ 1
         })
     );
 }
@@ -888,7 +929,7 @@ fn the_sender_rejects_what_the_receiver_would() {
     let mut m = sample();
     m.destinations = vec![];
     assert_eq!(
-        Sender::new(m, true, &limits()).err(),
+        Sender::new(m, true, &limits(), TRANSFER_ID).err(),
         Some(Error::NoDestinations)
     );
 }
@@ -899,7 +940,7 @@ fn receiver_with(options: ReceiverOptions, meta: &Metadata) -> Result<Receiver, 
     let (header, bytes) = encode_raw(meta, true);
     let mut r = Receiver::new(options);
     r.handle_header(&header)?;
-    r.handle_metadata(&bytes)?;
+    r.handle_metadata(&message_for(&bytes))?;
     Ok(r)
 }
 
@@ -912,7 +953,10 @@ fn receiver_passes_header_and_codec_errors_through() {
     let (header, mut bytes) = encode_raw(&sample(), true);
     r.handle_header(&header).unwrap();
     bytes[3] ^= 0xFF;
-    assert_eq!(r.handle_metadata(&bytes), Err(Error::MetadataDigest));
+    assert_eq!(
+        r.handle_metadata(&message_for(&bytes)),
+        Err(Error::MetadataDigest)
+    );
 }
 
 #[test]
@@ -1085,19 +1129,20 @@ fn report_digests_except(r: &mut Receiver, data: &[u32], skip: Option<u32>) -> V
         let d = fake_digests(r, m);
         r.handle_digests(m, &d).unwrap();
     }
-    let storages = r.manifest().unwrap().storages();
-    storages
+    let manifest = r.manifest().unwrap();
+    let digests: Vec<u64> = manifest
+        .storages()
         .iter()
         .enumerate()
-        .flat_map(|(i, s)| {
-            let d = if s.nbytes > 0 {
+        .map(|(i, s)| {
+            if s.nbytes > 0 {
                 fake_digest(i as u32)
             } else {
                 pgt_core::digest::digest(&[])
-            };
-            d.to_le_bytes()
+            }
         })
-        .collect()
+        .collect();
+    trailer_for(manifest.metadata(), &digests)
 }
 
 #[test]
@@ -1105,21 +1150,37 @@ fn trailer_length() {
     let mut r = receiver_at_bindings(sample(), true, 2);
     let (data, _) = stream_to_trailer(&mut r);
     let trailer = report_digests_except(&mut r, &data, None);
-    assert_eq!(trailer.len(), 40);
+    // The prefix, the metadata digest, 5 storage digests.
+    assert_eq!(trailer.len(), 56);
     assert_eq!(
-        r.handle_trailer(&trailer[..39]),
+        r.handle_trailer(&trailer[..55]),
         Err(Error::TrailerLength {
-            expected: 40,
-            got: 39
+            expected: 56,
+            got: 55
         })
     );
     assert_eq!(
         r.handle_trailer(&[]),
         Err(Error::TrailerLength {
-            expected: 40,
+            expected: 56,
             got: 0
         })
     );
+    // Another transfer's trailer (whatever its length), or one for other metadata.
+    let mut other = trailer.clone();
+    other[7] ^= 0x80;
+    other.truncate(20);
+    assert_eq!(
+        r.handle_trailer(&other),
+        Err(Error::TransferMismatch {
+            message: r.plan().unwrap().messages().len() as u64 - 1,
+            expected: TRANSFER_ID,
+            got: TRANSFER_ID ^ (0x80 << 56)
+        })
+    );
+    let mut other = trailer.clone();
+    other[8] ^= 1;
+    assert_eq!(r.handle_trailer(&other), Err(Error::TrailerMetadataDigest));
     // The right one still completes the transfer.
     r.handle_trailer(&trailer).unwrap();
     assert_eq!(r.poll(), RecvPoll::Done);
@@ -1131,8 +1192,8 @@ fn digest_mismatch_from_the_trailer() {
     let mut r = receiver_at_bindings(sample(), true, 1);
     let (data, _) = stream_to_trailer(&mut r);
     let mut trailer = report_digests_except(&mut r, &data, None);
-    // Storage 2 is model.emb (the DTensor).
-    trailer[2 * 8] ^= 1;
+    // Storage 2 is model.emb (the DTensor), after the prefix and the metadata digest.
+    trailer[16 + 2 * 8] ^= 1;
     let want = Error::DigestMismatch {
         path: "model.emb".into(),
         storage: 2,
@@ -1156,8 +1217,8 @@ fn digest_mismatch_reports_the_first_wrong_storage_in_storage_order() {
     let mut trailer = report_digests_except(&mut r, &data, None);
     // Storages 3 (model.table) and 1 are both wrong: storage 1 is reported, whatever the order of
     // arrival.
-    trailer[3 * 8] ^= 1;
-    trailer[8] ^= 1;
+    trailer[16 + 3 * 8] ^= 1;
+    trailer[16 + 8] ^= 1;
     r.handle_trailer(&trailer).unwrap();
     assert_eq!(r.digest_mismatch().map(Error::name), Some("DigestMismatch"));
     assert!(matches!(
@@ -1208,9 +1269,8 @@ fn digest_mismatch_names_the_lowest_storage_whatever_the_order() {
     let (data, _) = stream_to_trailer(&mut r);
     let storages = r.manifest().unwrap().storages().len();
     assert_eq!(storages, 5);
-    let trailer: Vec<u8> = (0..storages as u32)
-        .flat_map(|i| fake_digest(i).to_le_bytes())
-        .collect();
+    let all: Vec<u64> = (0..storages as u32).map(fake_digest).collect();
+    let trailer = trailer_for(r.manifest().unwrap().metadata(), &all);
     // Storages 1, 3 and 4 mismatch. The message completing storage 3 is reported before the trailer;
     // the others after it, latest first (a host may finish hashing late, in any order).
     let completes = |r: &Receiver, m: u32| -> Vec<u32> {
@@ -1259,6 +1319,7 @@ fn unexpected_calls() {
     let (header, bytes) = encode_raw(&sample(), true);
     let mut r = Receiver::new(options(1));
     // Wrong order before the metadata.
+    let bytes = message_for(&bytes);
     assert_eq!(r.handle_metadata(&bytes), call(Call::Metadata));
     assert_eq!(r.finish_bindings(&[]).map(|_| ()), call(Call::Bindings));
     assert_eq!(r.handle_data(2), call(Call::Data));
@@ -1359,10 +1420,20 @@ fn unexpected_calls_without_digests() {
         })
     );
     // The sender refuses the same way.
-    let mut s = Sender::new(sample(), false, &limits()).unwrap();
+    let mut s = Sender::new(sample(), false, &limits(), TRANSFER_ID).unwrap();
     assert_eq!(s.handle_digests(2, &[0]), Err(Error::DigestsOff));
-    let mut s = Sender::new(sample(), true, &limits()).unwrap();
-    // Not polled yet.
+    let mut s = Sender::new(sample(), true, &limits(), TRANSFER_ID).unwrap();
+    // Not polled yet: no bytes to hand out, no digests to take.
+    assert_eq!(
+        s.payload(0).err(),
+        Some(Error::MessageNotOutstanding { message: 0 })
+    );
+    assert_eq!(
+        s.payload(u32::MAX).err(),
+        Some(Error::MessageNotOutstanding {
+            message: u32::MAX.into()
+        })
+    );
     assert_eq!(
         s.handle_digests(2, &[0]),
         Err(Error::MessageNotOutstanding { message: 2 })
@@ -1444,7 +1515,7 @@ fn display_is_one_clear_line() {
     let cases = [
         (
             Error::HeaderLength { got: 3 },
-            "header must be 24 bytes, got 3",
+            "header must be 32 bytes, got 3",
         ),
         (Error::BadMagic, "not a pgt transfer (bad magic)"),
         (

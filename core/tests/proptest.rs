@@ -441,7 +441,7 @@ fn mutate(bytes: &mut Vec<u8>, m: &Mutation) {
 /// Whatever decodes is valid: it re-validates and round-trips through the codec.
 fn revalidates(m: &Manifest, limits: &Limits) {
     let again = Manifest::new(m.metadata().clone(), m.digests(), limits).expect("re-validates");
-    let (h, b) = codec::encode(&again).unwrap();
+    let (h, b) = codec::encode(&again, TRANSFER_ID).unwrap();
     let back = codec::decode(&h, &b, limits).expect("round-trips");
     assert_eq!(bits(back.metadata()), bits(m.metadata()));
 }
@@ -454,7 +454,7 @@ proptest! {
     #[test]
     fn valid_metadata_round_trips(meta in metadata(), digests in any::<bool>()) {
         let limits = Limits::default();
-        let sender = Sender::new(meta.clone(), digests, &limits).expect("generated metadata is valid");
+        let sender = Sender::new(meta.clone(), digests, &limits, TRANSFER_ID).expect("generated metadata is valid");
         let header = Header::parse(sender.header_bytes(), &limits).unwrap();
         prop_assert_eq!(header.has_digests(), digests);
         let manifest = codec::decode(&header, sender.metadata_bytes(), &limits).unwrap();
@@ -467,9 +467,10 @@ proptest! {
         prop_assert_eq!(&manifest.plan(header.metadata_len), sender.plan());
         // The same through Manifest::new + codec::encode, and decode_metadata.
         let direct = Manifest::new(meta.clone(), digests, &limits).unwrap();
-        let (h2, b2) = codec::encode(&direct).unwrap();
+        let (h2, b2) = codec::encode(&direct, TRANSFER_ID).unwrap();
         prop_assert_eq!(&h2.to_bytes()[..], sender.header_bytes());
-        prop_assert_eq!(bits(&codec::decode_metadata(&b2).unwrap()), bits(&meta));
+        prop_assert_eq!(&b2[..], sender.metadata_bytes());
+        prop_assert_eq!(bits(&codec::decode_metadata(&b2[8..]).unwrap()), bits(&meta));
         harness::check_manifest(&manifest, &limits);
     }
 
@@ -524,7 +525,7 @@ proptest! {
         }
         match Header::parse(&header, &limits) {
             Ok(h) => {
-                if let Ok(m) = codec::decode(&h, &bytes, &limits) {
+                if let Ok(m) = codec::decode(&h, &message_for(&bytes), &limits) {
                     revalidates(&m, &limits);
                 }
             }
@@ -544,8 +545,8 @@ proptest! {
         if let Ok(manifest) = decode_bytes(&header_for(&data, false), &data, &limits) {
             revalidates(&manifest, &limits);
         }
-        if let Ok(header) = Header::parse(&data[..data.len().min(24)], &limits) {
-            let _ = codec::decode(&header, &data[data.len().min(24)..], &limits);
+        if let Ok(header) = Header::parse(&data[..data.len().min(Header::SIZE)], &limits) {
+            let _ = codec::decode(&header, &data[data.len().min(Header::SIZE)..], &limits);
         }
         harness::decode(&data);
         harness::receiver(&data);

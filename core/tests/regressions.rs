@@ -69,19 +69,20 @@ fn replay_seeds() {
 /// The receiver program that drives a transfer to the end, then calls finish: op 11 (drive), op 13.
 const DRIVE_ALL: [u8; 2] = [11, 13];
 
-/// A decode seed: mode 0 (header as given), the header, the metadata.
+/// A decode seed: mode 0 (header as given), the header, the metadata message.
 fn decode_seed(meta: &Metadata, digests: bool) -> Vec<u8> {
     let (header, bytes) = encode_raw(meta, digests);
     let mut out = vec![0u8];
     out.extend(header);
-    out.extend(bytes);
+    out.extend(message_for(&bytes));
     out
 }
 
-/// A receiver seed: `mode` (rank selector etc., see harness), the metadata length, header, metadata,
-/// then `program`.
+/// A receiver seed: `mode` (rank selector etc., see harness), the metadata message's length, header,
+/// metadata message, then `program`.
 fn receiver_seed(mode: u8, meta: &Metadata, digests: bool, program: &[u8]) -> Vec<u8> {
     let (header, bytes) = encode_raw(meta, digests);
+    let bytes = message_for(&bytes);
     let mut out = vec![mode];
     out.extend((bytes.len() as u16).to_le_bytes());
     out.extend(header);

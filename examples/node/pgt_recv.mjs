@@ -10,9 +10,10 @@
 //   protocol decision: it checks the header, decodes and validates the metadata, plans the transfer,
 //   says which message to receive from whom into which byte ranges of which storage, what to forward
 //   where (chain fan-out), checks the digests and yields the result;
-// - this file follows its orders: receives data straight into per-storage buffers, hashes storage bytes
-//   with XXH3-64 when asked (@node-rs/xxhash) and reports the digests, forwards when asked, and writes the
-//   tensors as a safetensors file named and laid out as `pgt recv` writes one.
+// - this file follows its orders, in the one loop of pgt-core's drive.rs (`receive`): receives data
+//   straight into per-storage buffers, hashes each data message's bytes with XXH3-64 when asked
+//   (@node-rs/xxhash) and reports the digests of the storages it completes, forwards when asked, and
+//   writes the tensors as a safetensors file named and laid out as `pgt recv` writes one.
 //
 // Exit status: 0 received and verified; 1 pgt protocol error (the module's named error, e.g.
 // DigestMismatch); 2 usage or setup error; 3 process-group error (authentication, rendezvous, timeout,
@@ -28,7 +29,6 @@ import { PgError, TcpGroup, optionsFromEnv } from "./pgt_tcp.mjs";
 
 const require = createRequire(import.meta.url);
 const here = path.dirname(fileURLToPath(import.meta.url));
-const { xxh3 } = require("@node-rs/xxhash");
 
 const EXIT_PROTOCOL = 1;
 const EXIT_SETUP = 2;
@@ -57,70 +57,223 @@ function loadModule() {
 
 const num = (x) => Number(x); // module integers are numbers or, above 2^53 - 1, decimal strings
 
-/** Runs the module's receiver against the group until done; returns {result, incoming, buffers, bytes}. */
-export async function receive(pg, pgt, { src, expectedStep = null, timeoutMs, log = () => {} }) {
-  const r = new pgt.Receiver({ rank: pg.rank, source: src, expected_step: expectedStep });
+// Every message after the header starts with the transfer id, u64 little-endian (PROTOCOL.md §2).
+export const PREFIX_LEN = 8;
+// Stale messages skipped while waiting for one message (pgt_core::header::MAX_STALE), and the longest one
+// read whole to see whether it is stale (MAX_STALE_LEN).
+export const MAX_STALE = 1024;
+export const MAX_STALE_LEN = 2 ** 30 + 16;
+
+/** The 8 bytes a message starts with, from an op's `prefix` ("0x…", the transfer id). */
+export function prefixBytes(prefix) {
+  const b = Buffer.alloc(PREFIX_LEN);
+  b.writeBigUInt64LE(BigInt(prefix));
+  return b;
+}
+
+/**
+ * Whether `message` (or its first bytes) belongs to another transfer than `op`'s: it has a prefix, and the
+ * prefix is not `op.prefix` (pgt_core's RecvOp::is_stale). Such a message is never used: skip it and
+ * receive the next one with the tag.
+ */
+export function isStale(op, message) {
+  if (op.prefix == null || message.length < PREFIX_LEN) return false;
+  return !Buffer.from(message.buffer, message.byteOffset, PREFIX_LEN).equals(prefixBytes(op.prefix));
+}
+
+/**
+ * Runs receiver `engine` (a pgt.Receiver) to completion over `host` and returns the verified result, as
+ * pgt_core::drive::receive does: one loop that reports the host's completions, polls, and acts on the op.
+ * The plan (from the metadata) says which storage ranges each data message carries; a forwarded trailer is
+ * the trailer as received. The first error — the module's (`e.pgt`) or the host's — ends the transfer;
+ * the receiver is freed either way.
+ *
+ * A host has `recvBytes(op) -> bytes`, `bind(incoming, paths) -> InPlaceTarget[]` (`paths()` gives every
+ * leaf's key path), `bound(incoming, bindings)`, `recvData(op, segments)`, `forward(op, payload)` (a data
+ * message's segments, or the trailer's bytes) and `nextEvent(wait)`, the next completion:
+ * `["landed", m]`, `["digests", m, BigUint64Array]` (the digests of the storages data message m
+ * completes, in segment order) or `["forwarded", m]`; null when none is ready (with `wait`: when nothing
+ * is in flight); and `discard(op) -> boolean`, which receives a message a failed transfer's plan still says
+ * is coming and throws it away (false: stop draining). Any of them may return a promise. Every receive
+ * skips messages of other transfers (`isStale`): never use one.
+ *
+ * After an error the host drains what the plan still says is coming (`engine.leftover()`), so that the
+ * next transfer on the link does not meet it (PROTOCOL.md §12).
+ */
+export async function receive(engine, host) {
   let incoming = null;
-  let buffers = [];
-  const hashers = new Map(); // storage -> [Xxh3, bytes hashed]
-  let moved = 0;
+  let trailer = new Uint8Array(0);
+  let finished = false;
   try {
     for (;;) {
-      const op = r.poll();
+      for (let e; (e = await host.nextEvent(false)) != null; ) apply(engine, e);
+      const op = engine.poll();
       if (op.type === "recv") {
-        const n = num(op.len);
-        if (op.kind !== "data") {
-          const data = await pg.recvBytes(op.from, op.tag, n, timeoutMs);
-          if (op.kind === "header") r.handleHeader(data);
-          else if (op.kind === "metadata") incoming = r.handleMetadata(data);
-          else r.handleTrailer(data);
-          log(`${op.kind}: ${data.length} bytes from rank ${op.from}`);
-          continue;
-        }
-        const parts = op.segments.map((s) => buffers[s.storage].subarray(num(s.offset), num(s.offset) + num(s.len)));
-        await pg.recvInto(op.from, op.tag, parts, timeoutMs); // straight into the storages
-        moved += n;
-        r.handleData(op.message);
-        if (op.hash) {
-          op.segments.forEach((s, i) => {
-            let h = hashers.get(s.storage);
-            if (!h) hashers.set(s.storage, (h = [xxh3.Xxh3.withSeed(0n), 0]));
-            h[0].update(parts[i]);
-            h[1] += parts[i].length;
-            if (h[1] === buffers[s.storage].length) {
-              r.handleStorageDigest(s.storage, h[0].digest());
-              hashers.delete(s.storage);
-            }
-          });
-        }
+        if (op.kind === "header") engine.handleHeader(await host.recvBytes(op));
+        else if (op.kind === "metadata") incoming = engine.handleMetadata(await host.recvBytes(op));
+        else if (op.kind === "trailer") {
+          trailer = await host.recvBytes(op);
+          engine.handleTrailer(trailer);
+        } else await host.recvData(op, incoming.plan[op.message].segments);
       } else if (op.type === "need_bindings") {
-        // Every storage gets a fresh buffer (no in-place targets here).
-        const bindings = r.finishBindings();
-        buffers = bindings.map((b) => {
-          if (b.dest !== "fresh" || b.cast_from !== null) throw new Error(`unexpected binding ${JSON.stringify(b)}`);
-          return Buffer.alloc(num(b.nbytes));
-        });
+        const bindings = engine.finishBindings(await host.bind(incoming, () => engine.paths()));
+        await host.bound(incoming, bindings);
       } else if (op.type === "forward") {
-        const parts = op.bytes
-          ? [op.bytes]
-          : op.segments.map((s) => buffers[s.storage].subarray(num(s.offset), num(s.offset) + num(s.len)));
-        await pg.send(op.to, op.tag, parts, timeoutMs);
-        r.handleForwarded(op.message);
-        log(`forwarded message ${op.message} to rank ${op.to}`);
+        await host.forward(op, op.kind === "data" ? incoming.plan[op.message].segments : trailer);
       } else if (op.type === "wait") {
-        throw new Error("the module waits for an operation in flight, but this host completes each one at once");
+        const e = await host.nextEvent(true);
+        if (e == null) throw new Error("the receiver waits, but nothing is in flight: incomplete");
+        apply(engine, e);
       } else {
-        break; // done
+        finished = true;
+        return engine.finish(); // done: DigestMismatch etc. surface here
       }
     }
-    return { result: r.finish(), incoming, buffers, bytes: moved }; // DigestMismatch etc. surface here
+  } catch (e) {
+    if (!finished) {
+      try {
+        for (let op; (op = engine.leftover()) != null && (await host.discard(op)); );
+      } catch {
+        // Draining is best effort: the error that ended the transfer is the one reported.
+      }
+    }
+    throw e;
   } finally {
-    try {
-      r.free();
-    } catch {
-      // finish() consumed it
+    engine.free();
+  }
+}
+
+/** Reports a host's completion to the receiver. */
+function apply(engine, [kind, message, digests]) {
+  if (kind === "landed") engine.handleData(message);
+  else if (kind === "digests") engine.handleDigests(message, digests);
+  else engine.handleForwarded(message);
+}
+
+/**
+ * Moves a transfer's bytes over the process group, each operation at once (its completion is reported at
+ * the loop's next turn): data messages straight into per-storage buffers after their 8-byte prefix, hashed
+ * with XXH3-64 when the op says so; every storage fresh. Messages of other transfers (stale) are skipped,
+ * whatever their length.
+ */
+export class TcpHost {
+  constructor(pg, { timeoutMs, log = () => {} }) {
+    Object.assign(this, { pg, timeoutMs, log });
+    this.xxh3 = require("@node-rs/xxhash").xxh3;
+    this.events = [];
+    this.paths = []; // every leaf's key path, for the output's names
+    this.buffers = []; // one buffer per storage, of its binding's nbytes
+    this.hashers = new Map(); // storage -> Xxh3 of its wire bytes so far
+    this.moved = 0;
+  }
+
+  /** Counts a stale message of `n` bytes skipped while waiting for `op`'s. */
+  skip(op, skipped, n) {
+    this.log(`skipped a stale message of ${n} bytes, tag ${op.tag} from rank ${op.from}`);
+    if (skipped + 1 > MAX_STALE) {
+      throw new Error(`TooManyStale: skipped ${skipped} stale messages waiting for message ${op.message}`);
+    }
+    return skipped + 1;
+  }
+
+  /** The next message with `op`'s tag, whatever its length (up to what a stale message can be). */
+  whole(op) {
+    return this.pg.recvBytes(op.from, op.tag, Math.max(num(op.len), MAX_STALE_LEN), this.timeoutMs);
+  }
+
+  async recvBytes(op) {
+    let data;
+    for (let skipped = 0; isStale(op, (data = await this.whole(op))); ) skipped = this.skip(op, skipped, data.length);
+    if (data.length > num(op.len)) {
+      throw new PgError("length", `message with tag ${op.tag} from rank ${op.from} has ${data.length} bytes, more than the limit of ${op.len}`);
+    }
+    this.log(`${op.kind}: ${data.length} bytes from rank ${op.from}`);
+    return data;
+  }
+
+  bind(incoming, paths) {
+    // No in-place targets: every storage gets a fresh buffer. The key paths name the tensors.
+    this.paths = paths();
+    return [];
+  }
+
+  bound(incoming, bindings) {
+    this.buffers = bindings.map((b) => {
+      if (b.dest !== "fresh" || b.cast_from !== null) throw new Error(`unexpected binding ${JSON.stringify(b)}`);
+      return Buffer.alloc(num(b.nbytes));
+    });
+  }
+
+  parts(segments) {
+    return segments.map((s) => this.buffers[s.storage].subarray(num(s.offset), num(s.offset) + num(s.len)));
+  }
+
+  async recvData(op, segments) {
+    const parts = this.parts(segments);
+    const prefix = Buffer.alloc(PREFIX_LEN);
+    for (let skipped = 0; ; ) {
+      let n = num(op.len);
+      try {
+        // The prefix into its own 8 bytes, the rest straight into the storages.
+        await this.pg.recvInto(op.from, op.tag, [prefix, ...parts], this.timeoutMs);
+        if (!isStale(op, prefix)) break; // a stale message's bytes are overwritten by the next
+      } catch (e) {
+        if (!(e instanceof PgError && e.kind === "length")) throw e;
+        // Another length: stale (skip it), or this transfer's (the transfer fails).
+        const whole = await this.whole(op);
+        if (!isStale(op, whole)) throw e;
+        n = whole.length;
+      }
+      skipped = this.skip(op, skipped, n);
+    }
+    this.moved += num(op.len) - PREFIX_LEN;
+    this.events.push(["landed", op.message]);
+    if (op.hash) {
+      const digests = [];
+      segments.forEach((s, i) => {
+        let h = this.hashers.get(s.storage);
+        if (!h) this.hashers.set(s.storage, (h = this.xxh3.Xxh3.withSeed(0n)));
+        h.update(parts[i]);
+        if (s.completes) {
+          digests.push(h.digest()); // the storage's last bytes: its digest is done
+          this.hashers.delete(s.storage);
+        }
+      });
+      this.events.push(["digests", op.message, BigUint64Array.from(digests)]);
     }
   }
+
+  async forward(op, payload) {
+    // The trailer as received (prefix included), or a data message's prefix and segments as received.
+    const parts = payload instanceof Uint8Array ? [payload] : [prefixBytes(op.prefix), ...this.parts(payload)];
+    await this.pg.send(op.to, op.tag, parts, this.timeoutMs);
+    this.events.push(["forwarded", op.message]);
+    this.log(`forwarded message ${op.message} to rank ${op.to}`);
+  }
+
+  nextEvent() {
+    return this.events.shift() ?? null;
+  }
+
+  /** Receives a message a failed transfer still sends and throws it away; false when the link fails. */
+  async discard(op) {
+    try {
+      let data;
+      for (let skipped = 0; isStale(op, (data = await this.whole(op))); ) skipped = this.skip(op, skipped, data.length);
+    } catch {
+      return false;
+    }
+    this.log(`drained message ${op.message} from rank ${op.from}`);
+    return true;
+  }
+}
+
+/** Receives one checkpoint from rank `src` over the group: {result, paths, buffers, bytes}. */
+export async function receiveCheckpoint(pg, pgt, { src, expectedStep = null, timeoutMs, log = () => {} }) {
+  const engine = new pgt.Receiver({ rank: pg.rank, source: src, expected_step: expectedStep });
+  const host = new TcpHost(pg, { timeoutMs, log });
+  const result = await receive(engine, host);
+  return { result, paths: host.paths, buffers: host.buffers, bytes: host.moved };
 }
 
 /** A key path as pgt displays it: elements joined by '.', '<root>' for the empty path. */
@@ -185,8 +338,7 @@ const sortedJson = (x) =>
 
 /** [name, dtype, shape, bytes] for every tensor of the result, and the metadata map, named and laid out
  * as `pgt recv` writes a safetensors file (host/src/safetensors_io.rs). */
-export function tensorsOf({ result, incoming, buffers }) {
-  const paths = incoming.path_elems ?? incoming.paths;
+export function tensorsOf({ result, paths, buffers }) {
   const root = result.tree[0];
   const writeMetadata = typeof root === "object" && root.dict?.includes(METADATA_KEY);
   const tensors = [];
@@ -299,7 +451,7 @@ async function main() {
   const start = Date.now();
   try {
     pg = await TcpGroup.join(opts, log);
-    rec = await receive(pg, pgt, {
+    rec = await receiveCheckpoint(pg, pgt, {
       src,
       expectedStep: args["expect-step"] ?? null,
       timeoutMs: Number(args.timeout) * 1000,

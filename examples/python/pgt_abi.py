@@ -1,19 +1,22 @@
-"""pgt's raw-ABI wasm module (wasm/ABI.md) from Python, with wasmtime-py.
+"""pgt's raw-ABI wasm module (wasm/ABI.md, version 3) from Python, with wasmtime-py.
 
 A small host: loads ``pgt_wasm.wasm`` (built by ``scripts/build-wasm.sh``), copies inputs into guest
-memory, calls the exports and decodes their result blocks (postcard) into plain Python values in the
-JSON forms of ``tests/vectors/index.json`` (integers above 2**53 - 1 as decimal strings, digests as
-``0x…`` hex, dtypes as torch names). Tensor bytes never enter the guest: it sees metadata, plans,
-completions and the digests the host computes.
+memory, calls the exports and decodes their result blocks — pgt-core's own types, postcard-encoded —
+into plain Python values in the JSON forms of ``tests/vectors/index.json`` (integers above 2**53 - 1
+as decimal strings, digests as ``0x…`` hex, dtypes as torch names). Tensor bytes never enter the
+guest: it sees metadata, plans, completions and the digests the host computes.
 
     pgt = Pgt.load()
-    summary = pgt.decode(header, metadata)          # or raises PgtError(name, message, debug)
+    summary = pgt.decode(header, metadata)          # or raises PgtError(status, name, message)
     r = pgt.receiver(rank=1, source=0)
     op = r.poll()                                   # {"type": "recv", "kind": "header", …}
+
+How a host drives a receiver with these wrappers: ``pgt_recv.receive`` (as pgt-core's drive.rs).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from pathlib import Path
@@ -22,15 +25,31 @@ import wasmtime
 
 ROOT = Path(__file__).resolve().parents[2]
 
-DTYPES = [
-    "float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-    "float8_e5m2fnuz", "complex128", "complex64", "complex32", "int64", "int32", "int16", "int8",
-    "uint64", "uint32", "uint16", "uint8", "bool",
+# Variant orders of pgt-core's enums (postcard writes a variant as its index).
+DTYPES = (  # DType, as torch names
+    "float64 float32 float16 bfloat16 float8_e4m3fn float8_e5m2 float8_e4m3fnuz float8_e5m2fnuz "
+    "complex128 complex64 complex32 int64 int32 int16 int8 uint64 uint32 uint16 uint8 bool"
+).split()
+KINDS = ["header", "metadata", "data", "trailer"]  # MessageKind
+REDUCE_OPS = ["Sum", "Avg", "Product", "Min", "Max"]  # ReduceOp
+LIMITS = [  # Limits' fields, in order
+    "max_metadata_bytes",
+    "max_leaves",
+    "max_depth",
+    "max_ndim",
+    "max_total_bytes",
+    "max_messages",
 ]
-KINDS = ["header", "metadata", "data", "trailer"]
-REDUCE_OPS = ["Sum", "Avg", "Product", "Min", "Max"]
 MAX_SAFE = 2**53 - 1
 
+# The raw ABI version this host speaks (pgt_abi_version).
+ABI_VERSION = 3
+# Every message after the header starts with the transfer id, u64 little-endian (PROTOCOL.md §2).
+PREFIX_LEN = 8
+# Stale messages a host skips while waiting for one message (pgt_core::header::MAX_STALE), and the
+# longest one it reads whole to see whether it is stale (MAX_STALE_LEN).
+MAX_STALE = 1024
+MAX_STALE_LEN = (1 << 30) + 16
 # Result block status words.
 OK, ERROR, ABI_ERROR = 0, 1, 2
 
@@ -46,15 +65,35 @@ def module_path() -> Path:
 
 
 class PgtError(Exception):
-    """A pgt error: ``name`` is the pgt_core::Error variant (or BadHandle / BadArgument)."""
+    """A pgt error (an ``ErrorInfo``): ``name`` is the pgt_core::Error variant (or BadHandle /
+    BadArgument), ``message`` its Display text; ``error`` keeps the rest of the payload undecoded
+    (postcard ``Option<pgt_core::Error>``: ``b"\\x00"`` for ABI errors)."""
 
-    def __init__(self, status: int, name: str, message: str, debug: str):
+    def __init__(self, status: int, name: str, message: str, error: bytes):
         super().__init__(f"{name}: {message}")
-        self.status, self.name, self.message, self.debug = status, name, message, debug
+        self.status, self.name, self.message, self.error = status, name, message, error
 
 
 def uint(v: int):
     return v if v <= MAX_SAFE else str(v)
+
+
+def hex64(v: int) -> str:
+    return f"0x{v:016x}"
+
+
+def prefix_bytes(prefix: str) -> bytes:
+    """The 8 bytes a message starts with, from an op's ``prefix`` ("0x…", the transfer id)."""
+    return int(prefix, 16).to_bytes(PREFIX_LEN, "little")
+
+
+def is_stale(op: dict, message) -> bool:
+    """Whether ``message`` (or its first bytes) belongs to another transfer than ``op``'s: it has a
+    prefix, and the prefix is not ``op["prefix"]`` (pgt_core's RecvOp::is_stale). Such a message is never
+    used: skip it and receive the next one with the tag."""
+    if op.get("prefix") is None or len(message) < PREFIX_LEN:
+        return False
+    return bytes(message[:PREFIX_LEN]) != prefix_bytes(op["prefix"])
 
 
 def sint(v: int):
@@ -65,7 +104,9 @@ def sint(v: int):
 
 
 class Reader:
-    """Reads postcard: varints, zigzag, length-prefixed sequences, enum tags, struct fields in order."""
+    """Reads postcard: varints (every integer wider than a byte), zigzag, bools as one byte,
+    length-prefixed sequences and strings, ``Option`` as 0/1 then the value, enums as a varint variant
+    index then the fields, structs as their fields in order."""
 
     def __init__(self, data: bytes):
         self.b, self.i = data, 0
@@ -79,6 +120,9 @@ class Reader:
             shift += 7
             if byte < 0x80:
                 return out
+
+    def uint(self):
+        return uint(self.varint())
 
     def zigzag(self) -> int:
         v = self.varint()
@@ -101,17 +145,20 @@ class Reader:
     def str(self) -> str:
         return self.bytes().decode("utf-8")
 
-    def seq(self, item):
-        return [item() for _ in range(self.varint())]
+    def seq(self, item) -> list:
+        return [item(self) for _ in range(self.varint())]
 
     def opt(self, item):
-        return item() if self.byte() == 1 else None
+        return item(self) if self.byte() == 1 else None
 
-    def u64s(self):
-        return self.seq(lambda: uint(self.varint()))
+    def uints(self) -> list:
+        return self.seq(Reader.uint)
 
     def dtype(self) -> str:
         return DTYPES[self.varint()]
+
+    def rest(self) -> bytes:
+        return self.raw(len(self.b) - self.i)
 
     def done(self):
         assert self.i == len(self.b), f"{len(self.b) - self.i} bytes left in a result"
@@ -129,24 +176,50 @@ def varint(v: int) -> bytes:
             return bytes(out)
 
 
+# ---- inputs: pgt-core's types as postcard ----
+
+
 def limits_bytes(limits: dict | None) -> bytes:
-    """postcard LimitsW; b"" (the defaults) for None."""
+    """postcard ``Limits``; b"" (the defaults) for None."""
     if not limits:
         return b""
-    fields = ["max_metadata_bytes", "max_leaves", "max_depth", "max_ndim", "max_total_bytes", "max_messages"]
-    return b"".join(varint(int(limits[f])) for f in fields)
+    return b"".join(varint(int(limits[f])) for f in LIMITS)
 
 
-# ---- the result types, in index.json's JSON forms ----
+def options_bytes(rank: int, source: int, expected_step: int | None, limits: dict) -> bytes:
+    """postcard ``ReceiverOptions {rank, source, expected_step, limits}``."""
+    step = b"\x00" if expected_step is None else b"\x01" + varint(int(expected_step))
+    return varint(rank) + varint(source) + step + limits_bytes(limits)
 
 
-def layout(r: Reader) -> dict:
+def in_place_bytes(targets) -> bytes:
+    """postcard ``Vec<InPlace>``: each ``{storage, id, dtype, nbytes}``."""
+    out = bytearray(varint(len(targets)))
+    for t in targets:
+        out += varint(t["storage"]) + varint(int(t["id"])) + varint(DTYPES.index(t["dtype"]))
+        out += varint(int(t["nbytes"]))
+    return bytes(out)
+
+
+def digests_bytes(digests) -> bytes:
+    """Digests as the ABI takes them: little-endian u64s, in order."""
+    return struct.pack(f"<{len(digests)}Q", *digests)
+
+
+# ---- results: pgt-core's types, in index.json's JSON forms ----
+
+
+def limits(r: Reader) -> dict:
+    return {f: r.uint() for f in LIMITS}
+
+
+def layout(r: Reader) -> dict:  # TensorLayout
     return {
         "dtype": r.dtype(),
-        "shape": r.u64s(),
-        "stride": r.u64s(),
-        "storage_offset": uint(r.varint()),
-        "nbytes": uint(r.varint()),
+        "shape": r.uints(),
+        "stride": r.uints(),
+        "storage_offset": r.uint(),
+        "nbytes": r.uint(),
     }
 
 
@@ -162,7 +235,7 @@ def value(r: Reader) -> dict:
         raw = r.raw(8)
         f = struct.unpack("<d", raw)[0]
         out = {"type": "float", "bits": f"0x{struct.unpack('<Q', raw)[0]:016x}"}
-        if f == f and f not in (float("inf"), float("-inf")):
+        if math.isfinite(f):
             out["value"] = f
         return out
     if tag == 4:
@@ -182,7 +255,7 @@ def placement(r: Reader) -> str:
 
 
 def shard_meta(r: Reader) -> dict:
-    return {"offsets": r.u64s(), "sizes": r.u64s(), "placement": r.str()}
+    return {"offsets": r.uints(), "sizes": r.uints(), "placement": r.str()}
 
 
 def leaf(r: Reader) -> dict:
@@ -194,22 +267,22 @@ def leaf(r: Reader) -> dict:
     if tag == 2:
         local = layout(r)
         mesh = {
-            "shape": r.u64s(),
-            "ranks": r.u64s(),
-            "dim_names": r.opt(lambda: r.seq(r.str)),
+            "shape": r.uints(),
+            "ranks": r.uints(),
+            "dim_names": r.opt(lambda r: r.seq(Reader.str)),
             "device_type": r.str(),
         }
         spec = {
             "mesh": mesh,
-            "placements": r.seq(lambda: placement(r)),
-            "global_shape": r.u64s(),
-            "global_stride": r.u64s(),
+            "placements": r.seq(placement),
+            "global_shape": r.uints(),
+            "global_stride": r.uints(),
             "dtype": r.dtype(),
         }
         return {"kind": "dtensor", "local": local, "spec": spec}
     if tag == 3:
-        local_shards = r.seq(lambda: {"layout": layout(r), "meta": shard_meta(r)})
-        glob = {"shards": r.seq(lambda: shard_meta(r)), "global_size": r.u64s(), "dtype": r.dtype()}
+        local_shards = r.seq(lambda r: {"layout": layout(r), "meta": shard_meta(r)})
+        glob = {"shards": r.seq(shard_meta), "global_size": r.uints(), "dtype": r.dtype()}
         return {"kind": "sharded_tensor", "local_shards": local_shards, "global": glob}
     raise ValueError(f"leaf tag {tag}")
 
@@ -221,133 +294,135 @@ def key(r: Reader):
 def node(r: Reader):
     tag = r.varint()
     if tag == 0:
-        return {"dict": r.seq(lambda: key(r))}
+        return {"dict": r.seq(key)}
     if tag == 1:
-        return {"list": uint(r.varint())}
+        return {"list": r.uint()}
     if tag == 2:
-        return {"tuple": uint(r.varint())}
+        return {"tuple": r.uint()}
     return "leaf"
 
 
-def path_elem(r: Reader) -> dict:
-    if r.varint() == 0:
+def key_path(r: Reader) -> list:
+    def elem(r):
+        if r.varint() == 1:
+            return {"index": r.uint()}
         if r.varint() == 0:
             return {"key": r.str()}
         return {"int_key": sint(r.zigzag())}
-    return {"index": uint(r.varint())}
+
+    return r.seq(elem)
 
 
-def storage(r: Reader) -> dict:
-    return {"leaf": r.varint(), "shard": r.varint(), "nbytes": uint(r.varint()), "dtype": r.dtype()}
-
-
-def segment(r: Reader) -> dict:
-    return {"storage": r.varint(), "offset": uint(r.varint()), "len": uint(r.varint())}
-
-
-def plan_params(r: Reader) -> dict:
-    return {"fanout": ["Direct", "Chain"][r.varint()], "bucket_size": uint(r.varint()), "chunk_size": uint(r.varint())}
+def storage(r: Reader) -> dict:  # StorageRef
+    return {"leaf": r.varint(), "shard": r.varint(), "nbytes": r.uint(), "dtype": r.dtype()}
 
 
 def summary(r: Reader) -> dict:
-    header = {
-        "version": r.varint(),
-        "flags": r.varint(),
-        "metadata_len": uint(r.varint()),
-        "metadata_digest": f"0x{r.varint():016x}",
-    }
     out = {
-        "header": header,
-        "step": r.opt(lambda: uint(r.varint())),
+        "header": {
+            "version": r.varint(),
+            "flags": r.varint(),
+            "metadata_len": r.uint(),
+            "metadata_digest": f"0x{r.varint():016x}",
+            "transfer_id": f"0x{r.varint():016x}",
+        },
+        "step": r.opt(Reader.uint),
         "source": r.varint(),
-        "destinations": r.seq(r.varint),
-        "plan": plan_params(r),
+        "destinations": r.seq(Reader.varint),
+        "plan": {
+            "fanout": ["Direct", "Chain"][r.varint()],
+            "bucket_size": r.uint(),
+            "chunk_size": r.uint(),
+        },
         "digests": r.bool(),
-        "total_bytes": uint(r.varint()),
-        "tree": r.seq(lambda: node(r)),
-        "leaves": r.seq(lambda: leaf(r)),
-        "paths": r.seq(r.str),
-        "path_elems": r.seq(lambda: r.seq(lambda: path_elem(r))),
-        "storages": r.seq(lambda: storage(r)),
+        "total_bytes": r.uint(),
+        "tree": r.seq(node),
+        "leaves": r.seq(leaf),
+        "paths": r.seq(Reader.str),
+        "path_elems": r.seq(key_path),
+        "storages": r.seq(storage),
     }
     out["leaf_count"] = len(out["leaves"])
     out["storage_count"] = len(out["storages"])
     return out
 
 
-def message(r: Reader) -> dict:
-    return {"kind": KINDS[r.varint()], "tag": uint(r.varint()), "len": uint(r.varint()), "segments": r.seq(lambda: segment(r))}
+def segment(r: Reader) -> dict:
+    return {"storage": r.varint(), "offset": r.uint(), "len": r.uint(), "completes": r.bool()}
 
 
-def payload(r: Reader, out: dict) -> dict:
-    if r.varint() == 0:
-        out["bytes"] = r.bytes()
-    else:
-        out["segments"] = r.seq(lambda: segment(r))
-    return out
+def plan(r: Reader) -> list:
+    """A ``Plan`` (messages, each with a ``Range<u32>`` into the segments; then the segments) as
+    index.json's ``messages``: each message with its own segments."""
+    messages = r.seq(lambda r: (KINDS[r.varint()], r.uint(), r.uint(), r.varint(), r.varint()))
+    segments = r.seq(segment)
+    return [
+        {"kind": kind, "tag": tag, "len": n, "segments": segments[start:end]}
+        for kind, tag, n, start, end in messages
+    ]
 
 
-def send_next(r: Reader) -> dict:
+def op(r: Reader, peer: str) -> dict:
+    """The fields RecvOp, ForwardOp and SendOp share: the peer rank, then message, kind, tag, len."""
+    rank, message, kind = r.varint(), r.varint(), KINDS[r.varint()]
+    return {peer: rank, "message": message, "kind": kind, "tag": r.uint(), "len": r.uint()}
+
+
+def prefix(r: Reader):
+    """An op's ``prefix: Option<u64>``: the transfer id the message starts with, as "0x…", or None."""
+    return r.opt(lambda r: hex64(r.varint()))
+
+
+def recv_op(r: Reader) -> dict:  # RecvOp
+    return {"type": "recv", **op(r, "from"), "hash": r.bool(), "prefix": prefix(r)}
+
+
+def send_poll(r: Reader) -> dict:
     tag = r.varint()
-    if tag == 1:
-        return {"type": "wait_digests"}
-    if tag == 2:
-        return {"type": "done"}
-    op = {"type": "send", "to": r.varint(), "message": r.varint(), "tag": r.varint(), "len": r.varint()}
-    payload(r, op)
-    op["hash"] = r.bool()
-    return op
+    if tag == 0:  # Send(SendOp)
+        return {"type": "send", **op(r, "to"), "hash": r.bool(), "prefix": prefix(r)}
+    return {"type": ["send", "wait_digests", "done"][tag]}
 
 
-def recv_next(r: Reader) -> dict:
+def recv_poll(r: Reader) -> dict:
     tag = r.varint()
-    if tag == 0:
-        return {
-            "type": "recv",
-            "from": r.varint(),
-            "message": r.varint(),
-            "kind": KINDS[r.varint()],
-            "tag": r.varint(),
-            "len": r.varint(),
-            "segments": r.seq(lambda: segment(r)),
-            "hash": r.bool(),
-        }
-    if tag == 2:
-        op = {"type": "forward", "to": r.varint(), "message": r.varint(), "tag": r.varint(), "len": r.varint()}
-        return payload(r, op)
-    return {"type": {1: "need_bindings", 3: "wait", 4: "done"}[tag]}
-
-
-def binding(r: Reader) -> dict:
-    dest = "fresh" if r.varint() == 0 else {"in_place": uint(r.varint())}
-    return {"dest": dest, "dtype": r.dtype(), "nbytes": uint(r.varint()), "cast_from": r.opt(r.dtype)}
+    if tag == 0:  # Recv(RecvOp)
+        return recv_op(r)
+    if tag == 2:  # Forward(ForwardOp)
+        return {"type": "forward", **op(r, "to"), "prefix": prefix(r)}
+    return {"type": ["recv", "need_bindings", "forward", "wait", "done"][tag]}
 
 
 def incoming(r: Reader) -> dict:
     return {
-        "step": r.opt(lambda: uint(r.varint())),
-        "paths": r.seq(lambda: r.seq(lambda: path_elem(r))),
-        "storages": r.seq(lambda: storage(r)),
-        "total_bytes": uint(r.varint()),
+        "transfer_id": hex64(r.varint()),
+        "step": r.opt(Reader.uint),
+        "storages": r.seq(storage),
+        "total_bytes": r.uint(),
+        "plan": plan(r),
+    }
+
+
+def binding(r: Reader) -> dict:
+    return {
+        "dest": "fresh" if r.varint() == 0 else {"in_place": r.uint()},
+        "dtype": r.dtype(),
+        "nbytes": r.uint(),
+        "cast_from": r.opt(Reader.dtype),
     }
 
 
 def received(r: Reader) -> dict:
     return {
-        "step": r.opt(lambda: uint(r.varint())),
-        "tree": r.seq(lambda: node(r)),
-        "leaves": r.seq(lambda: leaf(r)),
-        "bindings": r.seq(lambda: binding(r)),
+        "step": r.opt(Reader.uint),
+        "tree": r.seq(node),
+        "leaves": r.seq(leaf),
+        "bindings": r.seq(binding),
     }
 
 
 def unit(r: Reader):
     return None
-
-
-def i64(v: int) -> int:
-    """A u64 argument as the signed i64 wasm passes."""
-    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 # ---- the module ----
@@ -361,6 +436,9 @@ class Pgt:
         self.instance = wasmtime.Instance(self.store, module, [])
         self.exports = self.instance.exports(self.store)
         self.memory = self.exports["memory"]
+        # One input buffer in guest memory, reused for every call (the module keeps no pointer to an
+        # input); it grows when an input does not fit.
+        self.buf, self.buf_len = 0, 0
 
     @staticmethod
     def compile(path: Path | None = None) -> tuple[wasmtime.Module, wasmtime.Engine]:
@@ -371,34 +449,42 @@ class Pgt:
         return wasmtime.Module.from_file(engine, str(path)), engine
 
     @classmethod
-    def load(cls, path: Path | None = None) -> "Pgt":
+    def load(cls, path: Path | None = None) -> Pgt:
         return cls(*cls.compile(path))
 
-    def _put(self, data: bytes) -> tuple[int, int]:
-        n = len(data)
-        ptr = self.exports["pgt_alloc"](self.store, n) & 0xFFFFFFFF
-        if n:
+    def _put(self, inputs: tuple[bytes, ...]) -> list[int]:
+        """Writes ``inputs`` one after the other into the input buffer: their (ptr, len) pairs, flat."""
+        total = sum(len(b) for b in inputs)
+        if total > self.buf_len:
+            if self.buf_len:
+                self.exports["pgt_free"](self.store, self.buf, self.buf_len)
+                self.buf, self.buf_len = 0, 0
+            size = max(total, 2 * self.buf_len, 4096)
+            ptr = self.exports["pgt_alloc"](self.store, size) & 0xFFFFFFFF
             if ptr == 0:
                 raise MemoryError("pgt_alloc failed")
-            self.memory.write(self.store, data, ptr)
-        return ptr, n
-
-    def _free(self, placed):
-        for ptr, n in placed:
-            if n:
-                self.exports["pgt_free"](self.store, ptr, n)
+            self.buf, self.buf_len = ptr, size
+        flat, at = [], self.buf
+        for b in inputs:
+            if b:
+                self.memory.write(self.store, b, at)
+            flat += [at, len(b)]
+            at += len(b)
+        return flat
 
     def call(self, name: str, decode, *args, inputs: tuple[bytes, ...] = ()):
-        """Calls export ``name`` with ``args`` after the (ptr, len) of each input; decodes the result."""
-        placed = [self._put(b) for b in inputs]
-        try:
-            flat = [x for p in placed for x in p]
-            block = self.exports[name](self.store, *args, *flat)
-        finally:
-            self._free(placed)
-        return self._result(block, decode)
+        """Calls export ``name`` with ``args``, then the (ptr, len) of each input; decodes the result
+        block with ``decode`` (raises PgtError for status 1 and 2)."""
+        block = self.exports[name](self.store, *args, *self._put(inputs)) & 0xFFFFFFFF
+        status, length = struct.unpack("<II", self.memory.read(self.store, block, block + 8))
+        r = Reader(self.memory.read(self.store, block + 8, block + 8 + length))
+        if status != OK:
+            raise PgtError(status, r.str(), r.str(), r.rest())
+        out = decode(r)
+        r.done()
+        return out
 
-    # stateless
+    # memory and versions
     def abi_version(self) -> int:
         return self.exports["pgt_abi_version"](self.store)
 
@@ -406,109 +492,127 @@ class Pgt:
         return self.exports["pgt_protocol_version"](self.store)
 
     def default_limits(self) -> dict:
-        def limits(r):
-            keys = ["max_metadata_bytes", "max_leaves", "max_depth", "max_ndim", "max_total_bytes", "max_messages"]
-            return {k: uint(r.varint()) for k in keys}
-
         return self.call("pgt_default_limits", limits)
 
+    # stateless
     def decode(self, header: bytes, metadata: bytes, limits: dict | None = None) -> dict:
         return self.call("pgt_decode", summary, inputs=(header, metadata, limits_bytes(limits)))
 
     def plan(self, header: bytes, metadata: bytes, limits: dict | None = None) -> list:
-        return self.call("pgt_plan", lambda r: r.seq(lambda: message(r)), inputs=(header, metadata, limits_bytes(limits)))
+        return self.call("pgt_plan", plan, inputs=(header, metadata, limits_bytes(limits)))
 
-    def encode(self, metadata_postcard: bytes, digests: bool, limits: dict | None = None) -> tuple[bytes, bytes]:
-        """Validates and encodes postcard Metadata (the metadata message's schema): (header, metadata)."""
+    def encode(
+        self, metadata: bytes, digests: bool, transfer_id: int, limits: dict | None = None
+    ) -> tuple:
+        """Validates and encodes postcard Metadata (the metadata message's schema) for transfer
+        ``transfer_id``: ``Encoded``, as (header, metadata message)."""
+        return self._metadata_call(
+            "pgt_encode", lambda r: (r.bytes(), r.bytes()), metadata, digests, transfer_id, limits
+        )
 
-        def encoded(r):
-            return r.bytes(), r.bytes()
-
-        # pgt_encode(metadata ptr, len, digests, limits ptr, len): the flag sits between the inputs.
-        placed = [self._put(metadata_postcard), self._put(limits_bytes(limits))]
-        try:
-            block = self.exports["pgt_encode"](self.store, *placed[0], int(digests), *placed[1])
-        finally:
-            self._free(placed)
-        return self._result(block, encoded)
-
-    def _result(self, block: int, decode):
-        """Decodes the result block at ``block`` (valid until the next call)."""
-        block &= 0xFFFFFFFF
-        status, length = struct.unpack("<II", self.memory.read(self.store, block, block + 8))
-        r = Reader(self.memory.read(self.store, block + 8, block + 8 + length))
-        if status != OK:
-            raise PgtError(status, r.str(), r.str(), r.str())
-        out = decode(r)
-        r.done()
-        return out
+    def _metadata_call(
+        self, name, decode, metadata: bytes, digests: bool, transfer_id: int, limits: dict | None
+    ):
+        # pgt_encode and pgt_sender_new take the digests flag between their two inputs, and the
+        # transfer id last, as two 32-bit halves.
+        ptr, n, lptr, ln = self._put((metadata, limits_bytes(limits)))
+        lo, hi = transfer_id & 0xFFFFFFFF, transfer_id >> 32
+        return self.call(name, decode, ptr, n, int(digests), lptr, ln, lo, hi)
 
     # state machines
-    def sender(self, metadata_postcard: bytes, digests: bool, limits: dict | None = None) -> "Sender":
-        placed = [self._put(metadata_postcard), self._put(limits_bytes(limits))]
-        try:
-            block = self.exports["pgt_sender_new"](self.store, *placed[0], int(digests), *placed[1])
-        finally:
-            self._free(placed)
-        handle, storages = self._result(block, lambda r: (r.varint(), r.seq(lambda: storage(r))))
-        return Sender(self, handle, storages)
+    def sender(
+        self, metadata: bytes, digests: bool, transfer_id: int, limits: dict | None = None
+    ) -> Sender:
+        """A sender for postcard Metadata, of transfer ``transfer_id`` (pick it at random)."""
+        handle, messages = self._metadata_call(
+            "pgt_sender_new",
+            lambda r: (r.varint(), plan(r)),
+            metadata,
+            digests,
+            transfer_id,
+            limits,
+        )
+        return Sender(self, handle, messages)
 
-    def receiver(self, rank: int, source: int, expected_step: int | None = None, limits: dict | None = None) -> "Receiver":
-        opts = varint(rank) + varint(source)
-        opts += b"\x00" if expected_step is None else b"\x01" + varint(expected_step)
-        lim = limits or self.default_limits()
-        opts += limits_bytes(lim)
-        handle = self.call("pgt_receiver_new", lambda r: r.varint(), inputs=(opts,))
-        return Receiver(self, handle)
+    def receiver(
+        self, rank: int, source: int, expected_step: int | None = None, limits: dict | None = None
+    ) -> Receiver:
+        opts = options_bytes(rank, source, expected_step, limits or self.default_limits())
+        return Receiver(self, self.call("pgt_receiver_new", Reader.varint, inputs=(opts,)))
 
 
 class Sender:
-    def __init__(self, pgt: Pgt, handle: int, storages: list):
-        self.pgt, self.handle, self.storages = pgt, handle, storages
+    """A sender (``pgt_sender_*``); ``plan`` is its plan, in index.json's ``messages`` form."""
+
+    def __init__(self, pgt: Pgt, handle: int, plan: list):
+        self.pgt, self.handle, self.plan = pgt, handle, plan
 
     def poll(self) -> dict:
-        return self.pgt.call("pgt_sender_poll", send_next, self.handle)
+        return self.pgt.call("pgt_sender_poll", send_poll, self.handle)
 
-    def handle_storage_digest(self, storage: int, digest: int):
-        self.pgt.call("pgt_sender_digest", unit, self.handle, storage, i64(digest))
+    def bytes(self, message: int) -> bytes:
+        """The bytes of header, metadata or trailer message ``message`` (once polled)."""
+        return self.pgt.call("pgt_sender_bytes", Reader.bytes, self.handle, message)
+
+    def handle_digests(self, message: int, digests):
+        self.pgt.call(
+            "pgt_sender_digests", unit, self.handle, message, inputs=(digests_bytes(digests),)
+        )
 
     def drop(self):
         self.pgt.call("pgt_sender_drop", unit, self.handle)
 
 
 class Receiver:
+    """A receiver (``pgt_receiver_*``)."""
+
     def __init__(self, pgt: Pgt, handle: int):
         self.pgt, self.handle = pgt, handle
 
+    def _call(self, name: str, decode, *args, inputs=()):
+        return self.pgt.call(name, decode, self.handle, *args, inputs=inputs)
+
     def poll(self) -> dict:
-        return self.pgt.call("pgt_receiver_poll", recv_next, self.handle)
+        return self._call("pgt_receiver_poll", recv_poll)
 
     def handle_header(self, data: bytes):
-        self.pgt.call("pgt_receiver_header", unit, self.handle, inputs=(data,))
+        self._call("pgt_receiver_header", unit, inputs=(data,))
 
     def handle_metadata(self, data: bytes) -> dict:
-        return self.pgt.call("pgt_receiver_metadata", incoming, self.handle, inputs=(data,))
+        """``Incoming``: {step, storages, total_bytes, plan}."""
+        return self._call("pgt_receiver_metadata", incoming, inputs=(data,))
 
-    def bind_in_place(self, storage: int, buffer_id: int, dtype: str, nbytes: int):
-        self.pgt.call("pgt_receiver_bind", unit, self.handle, storage, i64(buffer_id), DTYPES.index(dtype), i64(nbytes))
+    def paths(self) -> list:
+        """Every leaf's key path (after the metadata)."""
+        return self._call("pgt_receiver_paths", lambda r: r.seq(key_path))
 
-    def finish_bindings(self) -> list:
-        return self.pgt.call("pgt_receiver_finish_bindings", lambda r: r.seq(lambda: binding(r)), self.handle)
+    def finish_bindings(self, targets=()) -> list:
+        """Binds each target ({storage, id, dtype, nbytes}) in place, every other storage fresh;
+        returns every storage's binding."""
+        return self._call(
+            "pgt_receiver_bind", lambda r: r.seq(binding), inputs=(in_place_bytes(targets),)
+        )
 
     def handle_data(self, message: int):
-        self.pgt.call("pgt_receiver_data", unit, self.handle, message)
+        self._call("pgt_receiver_data", unit, message)
+
+    def handle_digests(self, message: int, digests):
+        self._call("pgt_receiver_digests", unit, message, inputs=(digests_bytes(digests),))
 
     def handle_trailer(self, data: bytes):
-        self.pgt.call("pgt_receiver_trailer", unit, self.handle, inputs=(data,))
-
-    def handle_storage_digest(self, storage: int, digest: int):
-        self.pgt.call("pgt_receiver_digest", unit, self.handle, storage, i64(digest))
+        self._call("pgt_receiver_trailer", unit, inputs=(data,))
 
     def handle_forwarded(self, message: int):
-        self.pgt.call("pgt_receiver_forwarded", unit, self.handle, message)
+        self._call("pgt_receiver_forwarded", unit, message)
+
+    def leftover(self):
+        """After an error: the next message the failed transfer's plan says is still coming (a "recv"
+        op) to receive and discard, or None. The first call ends the transfer."""
+        return self._call("pgt_receiver_leftover", lambda r: r.opt(recv_op))
 
     def finish(self) -> dict:
-        return self.pgt.call("pgt_receiver_finish", received, self.handle)
+        """The verified result; frees the receiver whatever the outcome."""
+        return self._call("pgt_receiver_finish", received)
 
     def drop(self):
-        self.pgt.call("pgt_receiver_drop", unit, self.handle)
+        self._call("pgt_receiver_drop", unit)

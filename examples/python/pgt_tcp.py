@@ -140,9 +140,7 @@ class TcpOptions:
             rank=num("RANK", req("RANK")),
             world_size=num("WORLD_SIZE", req("WORLD_SIZE")),
             token=req("PGT_TOKEN").encode(),
-            timeout=num("PGT_TIMEOUT_SECS", timeout, float)
-            if timeout
-            else DEFAULT_SETUP_TIMEOUT,
+            timeout=num("PGT_TIMEOUT_SECS", timeout, float) if timeout else DEFAULT_SETUP_TIMEOUT,
             listen_host=env.get("PGT_LISTEN_HOST") or None,
         )
 
@@ -164,9 +162,7 @@ class _TimedOut(Exception):
     pass
 
 
-def _read_into(
-    sock: socket.socket, view: memoryview, deadline: float, done: list | None = None
-):
+def _read_into(sock: socket.socket, view: memoryview, deadline: float, done: list | None = None):
     """Fills ``view`` (a byte memoryview) from ``sock`` by 4 MiB reads, giving up at ``deadline``."""
     off, n = 0, len(view)
     while off < n:
@@ -245,9 +241,7 @@ def _read_frame(sock, max_len: int, deadline: float) -> tuple[int, bytes]:
 
 def hello(purpose: int, rank: int, world: int, nonce: bytes) -> bytes:
     """A ClientHello, or a ServerHello's first 52 bytes."""
-    return (
-        AUTH_MAGIC + bytes([purpose, 0, 0, 0]) + struct.pack("<II", rank, world) + nonce
-    )
+    return AUTH_MAGIC + bytes([purpose, 0, 0, 0]) + struct.pack("<II", rank, world) + nonce
 
 
 def parse_hello(b: bytes):
@@ -313,24 +307,18 @@ def client_handshake(
     if verdict == VERDICT_ACCEPTED:
         return server
     if verdict == VERDICT_BAD_PROOF:
-        raise AuthFailed(
-            f"authentication with {what} at {addr} failed: our proof was refused"
-        )
+        raise AuthFailed(f"authentication with {what} at {addr} failed: our proof was refused")
     if verdict == VERDICT_UNEXPECTED_RANK:
         raise RendezvousError(
             f"{what} at {addr} refused rank {rank} (not expected there, or already connected)"
         )
     if verdict == VERDICT_WORLD_MISMATCH:
-        raise RendezvousError(
-            f"{what} at {addr} runs a world of size {server[2]}, we have {world}"
-        )
+        raise RendezvousError(f"{what} at {addr} runs a world of size {server[2]}, we have {world}")
     if verdict == VERDICT_WRONG_PURPOSE:
         raise RendezvousError(
             f"{addr} is not a {'rendezvous store' if purpose == PURPOSE_STORE else 'pgt rank'}"
         )
-    raise AuthFailed(
-        f"authentication with {what} at {addr} failed: invalid verdict byte {verdict}"
-    )
+    raise AuthFailed(f"authentication with {what} at {addr} failed: invalid verdict byte {verdict}")
 
 
 def server_handshake(
@@ -471,9 +459,7 @@ def read_registration(sock, rank: int, deadline: float) -> str:
     return addr
 
 
-def exchange_registration(
-    sock, rank: int, world: int, advertised: str, deadline: float
-):
+def exchange_registration(sock, rank: int, world: int, advertised: str, deadline: float):
     """A rank's side of a registration, right after the store accepted its handshake: sends the
     REGISTER frame and waits (until ``deadline``) for the TABLE; returns it as ``decode_table`` does."""
     try:
@@ -508,9 +494,7 @@ def _connect_authenticated(addrs, token, purpose, rank, world, deadline, what):
                 sock.connect(sa)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 hs_deadline = min(deadline, time.monotonic() + HANDSHAKE_TIMEOUT)
-                server = client_handshake(
-                    sock, token, purpose, rank, world, hs_deadline, what
-                )
+                server = client_handshake(sock, token, purpose, rank, world, hs_deadline, what)
                 return sock, server
             except _Transport as e:
                 last = str(e)
@@ -573,9 +557,7 @@ class _Acceptor(threading.Thread):
             _TimedOut,
             OSError,
         ) as e:  # a stranger or a broken attempt
-            self.log(
-                f"refused a connection from {_peer_name(sock)}: {type(e).__name__}: {e}"
-            )
+            self.log(f"refused a connection from {_peer_name(sock)}: {type(e).__name__}: {e}")
             sock.close()
 
     def run(self):
@@ -610,9 +592,7 @@ class _Store(threading.Thread):
         self.cv = threading.Condition(self.lock)
         self.listener = socket.socket(fam, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        while (
-            True
-        ):  # the port may still be held (a previous job): retry until the deadline
+        while True:  # the port may still be held (a previous job): retry until the deadline
             try:
                 self.listener.bind(sa)
                 break
@@ -689,9 +669,7 @@ class _Store(threading.Thread):
                 try:
                     _write_frame(sock, TAG_TABLE, table, send_deadline)
                 except (_Closed, _TimedOut, OSError) as e:
-                    self.error = RendezvousError(
-                        f"store: sending the table to rank {r}: {e}"
-                    )
+                    self.error = RendezvousError(f"store: sending the table to rank {r}: {e}")
                     return
         finally:
             self.listener.close()
@@ -707,9 +685,7 @@ class _Peer:
         self.rank, self.sock = rank, sock
         self.stash: dict[int, list[bytes]] = {}
         self.stashed = 0
-        self.pending: tuple[int, int] | None = (
-            None  # a frame header read but not its payload
-        )
+        self.pending: tuple[int, int] | None = None  # a frame header read but not its payload
         self.poisoned = False
 
 
@@ -791,9 +767,7 @@ class TcpGroup:
                 left = _left(deadline)
                 missing = [r for r in range(rank) if r not in socks]
                 if left is None:
-                    raise RendezvousError(
-                        f"timed out waiting for connections from ranks {missing}"
-                    )
+                    raise RendezvousError(f"timed out waiting for connections from ranks {missing}")
                 try:
                     r, sock = acceptor.admitted.get(timeout=left)
                 except queue.Empty:
@@ -848,9 +822,7 @@ class TcpGroup:
         p = self._peer(dst)
         n = sum(len(memoryview(x).cast("B")) for x in parts)
         try:
-            _write_all(
-                p.sock, [frame_header(tag, n), *parts], time.monotonic() + timeout
-            )
+            _write_all(p.sock, [frame_header(tag, n), *parts], time.monotonic() + timeout)
         except _TimedOut:
             p.poisoned = True
             raise PgTimeout(
@@ -860,9 +832,7 @@ class TcpGroup:
             p.poisoned = True
             raise PeerClosed(f"rank {dst} closed the connection") from None
 
-    def _next_frame(
-        self, p: _Peer, tag: int, deadline: float, done: list
-    ) -> tuple[int, int]:
+    def _next_frame(self, p: _Peer, tag: int, deadline: float, done: list) -> tuple[int, int]:
         """Reads frame headers from ``p`` until one has ``tag`` (stashing other frames whole); returns it
         as pending."""
         while True:

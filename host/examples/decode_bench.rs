@@ -51,7 +51,7 @@ fn measure(
 fn main() -> anyhow::Result<()> {
     let metadata = pgt_core::reference::reference_metadata(0, vec![1], PlanParams::default());
     let manifest = Manifest::new(metadata, true, &Limits::default())?;
-    let (header, bytes) = encode(&manifest)?;
+    let (header, bytes) = encode(&manifest, 1)?;
     let header = header.to_bytes();
     // An optional module path (e.g. a build with other optimisation settings) instead of the embedded one.
     let wasm = match std::env::args().nth(1) {

@@ -9,7 +9,7 @@ use pgt_core::engine::{ReceiveEngine, SendEngine};
 use pgt_core::header::Limits;
 use pgt_core::plan::Plan;
 use pgt_core::receiver::{
-    Binding, InPlace, Incoming, Received, Receiver, ReceiverOptions, RecvPoll,
+    Binding, InPlace, Incoming, Received, Receiver, ReceiverOptions, RecvOp, RecvPoll,
 };
 use pgt_core::schema::Metadata;
 use pgt_core::sender::{SendPoll, Sender};
@@ -70,12 +70,14 @@ pub enum ReceiverEngine {
 
 /// Builds engines: native (pgt-core linked in) or sandboxed.
 pub trait EngineFactory: Send + Sync + std::fmt::Debug {
-    /// A sender for `metadata` (validated under `limits`).
+    /// A sender for `metadata` (validated under `limits`), for transfer `transfer_id` (every message
+    /// after the header starts with it; the host picks it at random).
     fn sender(
         &self,
         metadata: Metadata,
         digests: bool,
         limits: &Limits,
+        transfer_id: u64,
     ) -> Result<SenderEngine, EngineError>;
     /// A receiver.
     fn receiver(&self, options: ReceiverOptions) -> Result<ReceiverEngine, EngineError>;
@@ -91,9 +93,13 @@ impl EngineFactory for NativeEngine {
         metadata: Metadata,
         digests: bool,
         limits: &Limits,
+        transfer_id: u64,
     ) -> Result<SenderEngine, EngineError> {
         Ok(SenderEngine::Native(Box::new(Sender::new(
-            metadata, digests, limits,
+            metadata,
+            digests,
+            limits,
+            transfer_id,
         )?)))
     }
 
@@ -174,6 +180,10 @@ impl ReceiveEngine for ReceiverEngine {
 
     fn handle_forwarded(&mut self, message: u32) -> Result<(), EngineError> {
         dispatch!(self, e => ReceiveEngine::handle_forwarded(&mut **e, message))
+    }
+
+    fn leftover(&mut self) -> Result<Option<RecvOp>, EngineError> {
+        dispatch!(self, e => ReceiveEngine::leftover(&mut **e))
     }
 
     fn finish(self) -> Result<Received, EngineError> {

@@ -133,6 +133,21 @@ pub enum Error {
         after: Duration,
     },
 
+    /// A transfer with this rank is already running on this [`crate::transport::Transport`] in this
+    /// direction (a receive from it, or a send or chain forward to it). Transfers between one pair of
+    /// ranks use the same tags, so they run one at a time: the second is refused at once instead of
+    /// letting the two take each other's messages (PROTOCOL.md §12).
+    #[error(
+        "a transfer {} rank {rank} is already running on this Transport: transfers between two ranks run one at a time",
+        if *.action == PeerAction::Receiving { "from" } else { "to" }
+    )]
+    ConcurrentTransfer {
+        /// What this transfer would do with the rank.
+        action: PeerAction,
+        /// The other rank.
+        rank: u32,
+    },
+
     // ---- added by hostile branch ----
     /// A safetensors file [`crate::safetensors_io::save`] does not write because the `safetensors`
     /// library would refuse to load it: its header (names, shapes, `__metadata__` strings) would be
@@ -148,6 +163,21 @@ pub enum Error {
         bytes: u64,
         /// The library's limit.
         max: u64,
+    },
+
+    // ---- added by budget branch ----
+    /// A receive would take more memory than the receiver's budget
+    /// ([`crate::transport::TransportOptions::memory_budget`]): the metadata's decoded size plus
+    /// the fresh buffers (and cast staging) of every storage it announces, checked before any of it
+    /// is allocated.
+    #[error(
+        "receiving needs {needed} bytes of memory (the metadata decoded and the announced storages), more than the receiver's memory budget of {budget} bytes"
+    )]
+    MemoryBudget {
+        /// Bytes the receive needs.
+        needed: u64,
+        /// The budget.
+        budget: u64,
     },
 }
 

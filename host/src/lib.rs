@@ -27,7 +27,7 @@ pub mod transport;
 #[cfg(feature = "wasm")]
 pub mod wasm_engine;
 
-pub use error::{Error, Result};
+pub use error::{Error, PeerAction, Result};
 
 /// The README's Rust example, compiled and run as a doctest.
 #[doc = include_str!("../../README.md")]

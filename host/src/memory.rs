@@ -28,7 +28,9 @@
 //! 3. Receive each message through [`ReceiveMemory::write`]; other threads read what has landed
 //!    with [`ReceiveMemory::read`].
 //! 4. [`ReceiveMemory::finish`] gives the buffers back. Memory stays bounded by the buffers' size:
-//!    the prefaulter maps nothing else.
+//!    the prefaulter maps nothing else. And it follows the data: the prefaulter stays at most
+//!    [`PrefaultOptions::window`] bytes ahead of the receiver, so memory announced and never sent is
+//!    never faulted in.
 
 use std::alloc::{self, Layout};
 use std::collections::HashMap;
@@ -64,6 +66,22 @@ pub fn page_size() -> usize {
             4096
         }
     })
+}
+
+/// Bytes of physical memory of this system (`_SC_PHYS_PAGES` × page size), if it says.
+pub fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf only reads a system constant.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    u64::try_from(pages)
+        .ok()
+        .filter(|&p| p > 0)
+        .map(|p| p.saturating_mul(page_size() as u64))
+}
+
+/// The default receive memory budget: half of physical memory (no bound where the system does not
+/// say how much it has).
+pub fn default_memory_budget() -> u64 {
+    physical_memory().map_or(u64::MAX, |m| m / 2)
 }
 
 /// What pages back a mapped (≥ [`MMAP_THRESHOLD`]) buffer. Smaller buffers ignore it.
@@ -531,13 +549,23 @@ pub struct PrefaultOptions {
     /// Bytes per step (one `madvise`, or one locked batch of touches); the prefaulter checks for
     /// stop and for the receiver's position between steps. Rounded up to pages.
     pub step: usize,
+    /// The prefaulter stays at most this many bytes (in receive order) ahead of where the receiver
+    /// last started writing, and waits there: memory follows the data, so a sender that announces
+    /// storages and sends nothing costs the receiver at most this much faulted memory.
+    /// [`DEFAULT_PREFAULT_WINDOW`] by default; `usize::MAX`: no bound.
+    pub window: usize,
 }
+
+/// The default [`PrefaultOptions::window`]: 64 MiB, 16 default chunks, some 20 ms of receiving at
+/// 3 GB/s — far enough ahead that the receiver does not catch up with the prefaulter.
+pub const DEFAULT_PREFAULT_WINDOW: usize = 64 << 20;
 
 impl Default for PrefaultOptions {
     fn default() -> PrefaultOptions {
         PrefaultOptions {
             method: None,
             step: HUGE_PAGE,
+            window: DEFAULT_PREFAULT_WINDOW,
         }
     }
 }
@@ -613,8 +641,13 @@ struct Shared {
     /// Set (Release) when the background thread is done, so that `prefault_done` (Acquire) also
     /// makes its last counts visible (`JoinHandle::is_finished` does not synchronise).
     done: AtomicBool,
-    /// Where (in receive order) the receiver last started writing; the prefaulter jumps past it.
+    /// Where (in receive order) the receiver last started writing; the prefaulter jumps past it, and
+    /// stays at most `window` bytes ahead of it.
     hint: AtomicU64,
+    /// See [`PrefaultOptions::window`].
+    window: u64,
+    /// Set by the prefaulter while it waits for the receiver (`claim` then wakes it).
+    waiting: AtomicBool,
     /// How far (in receive order) the prefaulter has got. Stored with Release after adding to
     /// `prefaulted`, so that a reader of `progress` (Acquire) sees those counts.
     progress: AtomicU64,
@@ -671,7 +704,8 @@ pub struct ClaimError {
 /// each message's ranges once, through [`write`](Self::write); other threads read ranges that have
 /// landed, through [`read`](Self::read); and a background thread prefaults the fresh regions' pages
 /// just ahead of the receiver, in receive order, so that page faults stay off the wire's critical
-/// path. This is the only place receive memory is reached through raw pointers.
+/// path, never more than [`PrefaultOptions::window`] bytes ahead of the receiver. This is the only
+/// place receive memory is reached through raw pointers.
 ///
 /// # Soundness
 /// Each region has two frontiers. `claimed`: every byte handed out for writing lies below it, and a
@@ -784,6 +818,8 @@ impl<'a> ReceiveMemory<'a> {
             stop: AtomicBool::new(false),
             done: AtomicBool::new(false),
             hint: AtomicU64::new(0),
+            window: u64::try_from(options.window).unwrap_or(u64::MAX),
+            waiting: AtomicBool::new(false),
             progress: AtomicU64::new(0),
             prefaulted: AtomicU64::new(0),
             lock: Mutex::new(()),
@@ -864,6 +900,35 @@ impl<'a> ReceiveMemory<'a> {
         parts: &[(usize, Range<usize>)],
         f: impl FnOnce(&mut [&mut [u8]]) -> R,
     ) -> Result<R, ClaimError> {
+        let mut slices = self.claim_all(parts)?;
+        let result = f(&mut slices);
+        drop(slices);
+        self.land(parts);
+        Ok(result)
+    }
+
+    /// As [`write`](Self::write), for a fill that can fail or turn out not to be wanted: when `f`
+    /// returns `Err`, nothing lands and the ranges are given back, so that the same ranges can be
+    /// written again (a receive that took a stale message of another transfer, PROTOCOL.md §12). The
+    /// bytes `f` wrote stay below the landed frontier, never read, until a later write lands its own.
+    pub fn try_write<T, E>(
+        &self,
+        parts: &[(usize, Range<usize>)],
+        f: impl FnOnce(&mut [&mut [u8]]) -> Result<T, E>,
+    ) -> Result<Result<T, E>, ClaimError> {
+        let mut slices = self.claim_all(parts)?;
+        let result = f(&mut slices);
+        drop(slices);
+        match &result {
+            Ok(_) => self.land(parts),
+            // The slices are gone: the ranges can be handed out again.
+            Err(_) => self.unclaim_all(parts),
+        }
+        Ok(result)
+    }
+
+    /// Claims every part, or none (giving back what it claimed).
+    fn claim_all(&self, parts: &[(usize, Range<usize>)]) -> Result<Vec<&mut [u8]>, ClaimError> {
         let mut slices = Vec::with_capacity(parts.len());
         for (i, (region, range)) in parts.iter().enumerate() {
             match self.claim(*region, range.clone()) {
@@ -871,15 +936,24 @@ impl<'a> ReceiveMemory<'a> {
                 Err(e) => {
                     // Give back what this call claimed: nothing was written, nothing lands.
                     drop(slices);
-                    for (r, range) in &parts[..i] {
-                        self.unclaim(*r, range.clone());
-                    }
+                    self.unclaim_all(&parts[..i]);
                     return Err(e);
                 }
             }
         }
-        let result = f(&mut slices);
-        drop(slices);
+        Ok(slices)
+    }
+
+    /// Gives back claims of parts whose slices are gone, latest first (so that two parts of one
+    /// region both go back).
+    fn unclaim_all(&self, parts: &[(usize, Range<usize>)]) {
+        for (r, range) in parts.iter().rev() {
+            self.unclaim(*r, range.clone());
+        }
+    }
+
+    /// Marks written parts landed.
+    fn land(&self, parts: &[(usize, Range<usize>)]) {
         for (region, range) in parts {
             match self.shared.regions.get(*region) {
                 Some(r) if !range.is_empty() => {
@@ -891,7 +965,6 @@ impl<'a> ReceiveMemory<'a> {
                 _ => {}
             }
         }
-        Ok(result)
     }
 
     /// Bytes `range` of region `index`, once they have landed (else `None`).
@@ -941,7 +1014,13 @@ impl<'a> ReceiveMemory<'a> {
         if region.prefault {
             self.shared
                 .hint
-                .fetch_max(region.start + range.start as u64, Ordering::Relaxed);
+                .fetch_max(region.start + range.start as u64, Ordering::SeqCst);
+            // The prefaulter may be waiting for the receiver to come closer: it may go on.
+            if self.shared.waiting.load(Ordering::SeqCst) {
+                if let Some(t) = &self.thread {
+                    t.thread().unpark();
+                }
+            }
         }
         let ptr = region.base.as_ptr();
         // SAFETY: `range` is within the region, whose memory lives (unmoved) as long as `self`. The
@@ -952,8 +1031,11 @@ impl<'a> ReceiveMemory<'a> {
         Ok(unsafe { std::slice::from_raw_parts_mut(ptr.add(range.start), range.len()) })
     }
 
-    /// Undoes a claim of `write` that handed out nothing (the frontier goes back if nobody claimed
-    /// past it since).
+    /// Undoes a claim of `write` whose slice is gone or was never handed out (the frontier goes back
+    /// if nobody claimed past it since). Sound: no slice covers the range any more, and the bytes are
+    /// above `landed`, so no reader sees them (unless later writes land past them: then they are a
+    /// gap, written, if at all, by a write that has returned); the prefaulter may touch them again
+    /// (content-preserving, under the same lock).
     fn unclaim(&self, index: usize, range: Range<usize>) {
         let Some(r) = self.shared.regions.get(index) else {
             return;
@@ -985,6 +1067,7 @@ impl<'a> ReceiveMemory<'a> {
     fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             // The thread never panics (no indexing out of bounds, no unwraps on fallible calls);
             // if it somehow did, the buffers are still intact and ours.
             let _ = t.join();
@@ -1010,7 +1093,11 @@ impl Drop for SetOnDrop<'_> {
 /// `Touch` mode touches this many pages per lock.
 const TOUCH_BATCH: usize = 64;
 
-/// The background thread: walks all regions in order, one step at a time.
+/// How long the prefaulter waits for the receiver before looking again (a claim wakes it sooner).
+const WINDOW_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// The background thread: walks all regions in order, one step at a time, at most `window` bytes
+/// ahead of the receiver.
 fn run(sh: &Shared) {
     let page = page_size();
     let mut pos = 0u64; // in receive order
@@ -1018,9 +1105,22 @@ fn run(sh: &Shared) {
     while pos < sh.total && !sh.stop.load(Ordering::Relaxed) {
         // The receiver started writing at `hint`: resume one step past it rather than fault the
         // pages it is faulting right now.
-        let hint = sh.hint.load(Ordering::Relaxed);
+        let hint = sh.hint.load(Ordering::SeqCst);
         if hint > 0 && hint >= pos {
             pos = (hint + sh.step as u64).min(sh.total);
+        }
+        // Never more than `window` ahead of the receiver: wait for it there.
+        let limit = hint.saturating_add(sh.window);
+        if pos >= limit {
+            sh.progress.store(pos, Ordering::Release);
+            sh.waiting.store(true, Ordering::SeqCst);
+            // A claim that moved the hint since it was read either is seen here, or sees `waiting`
+            // and unparks us (which makes the park return at once).
+            if sh.hint.load(Ordering::SeqCst) == hint && !sh.stop.load(Ordering::Relaxed) {
+                std::thread::park_timeout(WINDOW_WAIT);
+            }
+            sh.waiting.store(false, Ordering::SeqCst);
+            continue;
         }
         while r < sh.regions.len()
             && (!sh.regions[r].prefault || sh.regions[r].start + sh.regions[r].len as u64 <= pos)
@@ -1031,9 +1131,11 @@ fn run(sh: &Shared) {
             break;
         };
         let off = (pos - region.start) as usize;
-        // Steps end on `step` boundaries of the address space (huge-page aligned for the default).
+        // Steps end on `step` boundaries of the address space (huge-page aligned for the default),
+        // and at the window's end.
         let end_addr = (region.addr + off + 1).next_multiple_of(sh.step);
-        let end = (end_addr - region.addr).min(region.len);
+        let to_limit = usize::try_from(limit - region.start).unwrap_or(usize::MAX);
+        let end = (end_addr - region.addr).min(region.len).min(to_limit);
         match sh.method {
             PrefaultMethod::PopulateWrite => {
                 if populate(region, off, end) {
@@ -1278,6 +1380,12 @@ mod tests {
         let r = unsafe { libc::mincore(ptr::without_provenance_mut(lo), len, vec.as_mut_ptr()) };
         assert_eq!(r, 0, "mincore: {}", io::Error::last_os_error());
         vec.iter().filter(|&&v| v & 1 == 1).count() as f64 / pages as f64
+    }
+
+    /// Resident bytes of the buffer's pages (mincore). Not under Miri.
+    fn resident_bytes(buf: &Buffer) -> usize {
+        let (_, len) = buf.page_span();
+        (resident(buf) * len as f64).round() as usize
     }
 
     /// Whether every byte of `bytes` is `x` (compared a page at a time).
@@ -1605,6 +1713,62 @@ mod tests {
         }
     }
 
+    /// Issue 10 #3: memory follows the data. 1 GiB of fresh memory that nobody writes costs one
+    /// window of faulted pages; as the receiver writes, the prefaulter follows, a window ahead.
+    #[test]
+    fn the_prefaulter_stays_within_its_window_of_the_receiver() {
+        const MIB: usize = 1 << 20;
+        assert_eq!(PrefaultOptions::default().window, 64 * MIB);
+        // Sizes in units: a MiB (under Miri 64 KiB, and residency is not checked there).
+        let unit = if MIRI { 64 << 10 } else { MIB };
+        let window = 16 * unit;
+        let wait_for = |pf: &ReceiveMemory<'_>, progress: u64| {
+            let t = Instant::now();
+            while pf.stats().progress < progress {
+                assert!(t.elapsed() < Duration::from_secs(60), "{:?}", pf.stats());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // It stays there.
+            std::thread::sleep(Duration::from_millis(100));
+            assert_eq!(pf.stats().progress, progress);
+        };
+        for method in supported_methods() {
+            let bufs: Vec<Target<'_>> = (0..4)
+                .map(|_| Target::Fresh(Buffer::zeroed(256 * unit)))
+                .collect();
+            let opts = PrefaultOptions {
+                method: Some(method),
+                // The default, a huge page, natively.
+                step: 2 * unit,
+                window,
+            };
+            let pf = ReceiveMemory::with_options(bufs, opts);
+            assert_eq!(pf.stats().total, 1024 * unit as u64);
+            // Nobody writes: the prefaulter faults the first window and waits.
+            wait_for(&pf, window as u64);
+            assert!(pf.stats().prefaulted <= window as u64, "{method:?}");
+            assert!(!pf.prefault_done());
+            // The receiver writes 64 units in claims of 4: the prefaulter follows, to a window past
+            // the last claim's start.
+            for c in 0..16 {
+                pf.write(&[(0, c * 4 * unit..(c + 1) * 4 * unit)], |p| p[0].fill(1))
+                    .unwrap();
+            }
+            let hint = 60 * unit;
+            wait_for(&pf, (hint + window) as u64);
+            let bufs = pf.finish();
+            if !MIRI {
+                let resident: usize = bufs.iter().flatten().map(resident_bytes).sum();
+                assert!(
+                    resident >= hint + window - 2 * MIB && resident <= hint + window + 2 * MIB,
+                    "{method:?}: {} MiB resident",
+                    resident / MIB
+                );
+            }
+            assert!(all_eq(&bufs[0].as_ref().unwrap()[..64 * unit], 1));
+        }
+    }
+
     /// The receiver writes a never-zero pattern in odd-sized claims (not page aligned, sometimes
     /// skipping ahead) while the prefaulter runs over the same buffers with small steps; every
     /// byte must end up as written, and every unclaimed byte as it was.
@@ -1637,6 +1801,7 @@ mod tests {
                 let opts = PrefaultOptions {
                     method: Some(method),
                     step,
+                    ..Default::default()
                 };
                 let pf = ReceiveMemory::with_options(
                     bufs.into_iter().map(Target::Fresh).collect(),
@@ -1762,6 +1927,7 @@ mod tests {
             PrefaultOptions {
                 method: None,
                 step: 4096,
+                ..Default::default()
             },
         );
         std::thread::scope(|s| {
@@ -1836,6 +2002,7 @@ mod tests {
             let opts = PrefaultOptions {
                 method: Some(method),
                 step: 4096,
+                ..Default::default()
             };
             let pf = ReceiveMemory::with_options(
                 vec![
@@ -1862,6 +2029,21 @@ mod tests {
             drop(pf);
             assert!(all_eq(&mine[..10], 1) && all_eq(&mine[10..], 9));
         }
+    }
+
+    #[test]
+    fn a_failed_write_never_lands() {
+        let pf = ReceiveMemory::new(vec![Target::Fresh(Buffer::zeroed(1000))]);
+        let r = pf.try_write(&[(0, 0..100)], |p| {
+            p[0].fill(9);
+            Err::<(), &str>("the peer went away")
+        });
+        assert_eq!(r, Ok(Err("the peer went away")));
+        assert_eq!(pf.read(0, 0..1), None);
+        // The ranges go back: the next write of them lands its own bytes (a receive that took a
+        // stale message receives the next one into the same ranges).
+        pf.write(&[(0, 0..100)], |p| p[0].fill(1)).unwrap();
+        assert_eq!(pf.read(0, 0..100), Some(&[1; 100][..]));
     }
 
     #[test]
@@ -1938,6 +2120,33 @@ mod tests {
             .unwrap();
         assert_eq!(pf.read(0, 0..100).map(|b| all_eq(b, 4)), Some(true));
         assert_eq!(pf.read(0, 0..101), None);
+    }
+
+    #[test]
+    fn a_failed_try_write_lands_nothing_and_can_be_written_again() {
+        let pf = ReceiveMemory::new(vec![Target::Fresh(Buffer::zeroed(1000))]);
+        pf.write(&[(0, 0..100)], |p| p[0].fill(1)).unwrap();
+        // Two parts of one region, written, then refused: nothing lands, both go back.
+        let r = pf.try_write(&[(0, 100..200), (0, 200..300)], |p| {
+            p[0].fill(7);
+            p[1].fill(7);
+            Err::<(), _>("stale")
+        });
+        assert_eq!(r, Ok(Err("stale")));
+        assert_eq!(pf.read(0, 100..101), None, "nothing landed");
+        assert_eq!(pf.read(0, 0..100), Some(&[1; 100][..]));
+        let r = pf.try_write(&[(0, 100..200), (0, 200..300)], |p| {
+            p[0].fill(2);
+            p[1].fill(3);
+            Ok::<_, ()>(5)
+        });
+        assert_eq!(r, Ok(Ok(5)));
+        assert_eq!(pf.read(0, 150..151), Some(&[2][..]));
+        assert_eq!(pf.read(0, 250..251), Some(&[3][..]));
+        assert!(
+            pf.write(&[(0, 250..260)], |_| ()).is_err(),
+            "landed stays written"
+        );
     }
 
     #[test]

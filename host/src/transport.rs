@@ -7,8 +7,14 @@
 //! the bytes in cache for the kernel's copy. The receiver ([`Landing`]) receives on the calling thread
 //! straight into the destination memory ([`ReceiveMemory`]); a second thread hashes (and casts) what
 //! has landed, and a third forwards it in chain fan-out, so neither delays the next receive.
+//!
+//! Isolation (PROTOCOL.md §12): every transfer has a random id, which every message after its header
+//! starts with. A receive skips messages of other transfers (stale ones, left by an earlier transfer
+//! that failed) instead of using them ([`receive_current`]); a receive that fails drains what its plan
+//! still says is coming ([`ReceiveHost::discard`]); and a `Transport` runs one transfer at a time per
+//! pair of ranks and direction, refusing a second at once ([`Error::ConcurrentTransfer`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -18,8 +24,8 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, PeerAction, Result};
 use pgt_core::drive::{self, Event, ReceiveHost, SendHost};
 use pgt_core::dtype::convert;
-use pgt_core::header::Limits;
-use pgt_core::plan::Segment;
+use pgt_core::header::{Limits, MAX_STALE_LEN, PREFIX_LEN};
+use pgt_core::plan::{MessageKind, Segment};
 use pgt_core::receiver::{
     Binding, Dest, ForwardOp, InPlace, Incoming, Received, ReceiverOptions, RecvOp,
 };
@@ -30,7 +36,7 @@ use tracing::{debug, info_span};
 
 use crate::engine::{EngineFactory, NativeEngine};
 use crate::memory::{Buffer, BufferPool, ReceiveMemory, Target, MMAP_THRESHOLD};
-use crate::pg::ProcessGroup;
+use crate::pg::{PgError, ProcessGroup};
 use crate::state_dict::{Entry, StateDict, Storage, Tensor};
 
 /// Progress callback: `(bytes done, bytes total)`.
@@ -59,6 +65,13 @@ pub struct TransportOptions {
     /// [`StateDict::into_buffers`]. Without a pool, fresh buffers are new mappings, pre-faulted on
     /// another thread.
     pub pool: Option<Arc<BufferPool>>,
+    /// Receiver side: the most memory one receive may take, in bytes — the metadata's decoded size
+    /// (PROTOCOL.md §11) plus every fresh (or pooled) storage buffer and cast staging buffer; in-place
+    /// buffers are the caller's and do not count. Checked before anything is decoded or allocated
+    /// ([`Error::MemoryBudget`]). Default: half of physical memory
+    /// ([`crate::memory::default_memory_budget`]). What is allocated is then faulted in as the data
+    /// arrives, at most a window ahead of it ([`crate::memory::PrefaultOptions::window`]).
+    pub memory_budget: u64,
 }
 
 impl Default for TransportOptions {
@@ -72,6 +85,7 @@ impl Default for TransportOptions {
             engine: Arc::new(NativeEngine),
             progress: None,
             pool: None,
+            memory_budget: crate::memory::default_memory_budget(),
         }
     }
 }
@@ -85,6 +99,7 @@ impl std::fmt::Debug for TransportOptions {
             .field("limits", &self.limits)
             .field("expected_step", &self.expected_step)
             .field("pool", &self.pool)
+            .field("memory_budget", &self.memory_budget)
             .finish_non_exhaustive()
     }
 }
@@ -103,9 +118,141 @@ pub struct TransferStats {
 }
 
 /// Moves state dicts between ranks of a process group.
+///
+/// One transfer at a time runs per pair of ranks and direction: a second receive from a rank, or a
+/// second send (or chain forward) to a rank, while one is running on this `Transport` is refused at
+/// once with [`Error::ConcurrentTransfer`] (transfers use the same tags, so two at once would take
+/// each other's messages). Use one `Transport` per process group: two `Transport`s over one group do
+/// not see each other's transfers.
 pub struct Transport<P: ProcessGroup> {
     pg: P,
     options: TransportOptions,
+    busy: Arc<Busy>,
+}
+
+/// The transfers running on a [`Transport`]: (direction, rank), direction `Sending` for sends and
+/// forwards, `Receiving` for receives.
+#[derive(Default)]
+struct Busy(Mutex<HashSet<(PeerAction, u32)>>);
+
+impl Busy {
+    /// Takes the slots of `action` with every rank of `ranks`, or none of them.
+    fn claim(self: &Arc<Self>, action: PeerAction, ranks: &[u32]) -> Result<Slots> {
+        let direction = match action {
+            PeerAction::Receiving => PeerAction::Receiving,
+            PeerAction::Sending | PeerAction::Forwarding => PeerAction::Sending,
+        };
+        let mut busy = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&rank) = ranks.iter().find(|&&r| busy.contains(&(direction, r))) {
+            return Err(Error::ConcurrentTransfer { action, rank });
+        }
+        let held: Vec<_> = ranks.iter().map(|&r| (direction, r)).collect();
+        busy.extend(held.iter().copied());
+        Ok(Slots {
+            busy: Arc::clone(self),
+            held,
+        })
+    }
+}
+
+/// Slots of a running transfer; given back when dropped.
+struct Slots {
+    busy: Arc<Busy>,
+    held: Vec<(PeerAction, u32)>,
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        let mut busy = self.busy.0.lock().unwrap_or_else(|p| p.into_inner());
+        for h in &self.held {
+            busy.remove(h);
+        }
+    }
+}
+
+/// A fresh random transfer id (PROTOCOL.md §2): distinct transfers between a pair of ranks must not
+/// share one, which 64 random bits make all but certain.
+fn random_transfer_id() -> Result<u64> {
+    let mut id = [0u8; 8];
+    getrandom::fill(&mut id).map_err(|e| {
+        Error::io(
+            "drawing a transfer id from the OS",
+            std::io::Error::other(e.to_string()),
+        )
+    })?;
+    Ok(u64::from_le_bytes(id))
+}
+
+/// Why one attempt at receiving a message did not give it.
+enum Failed {
+    /// The process group failed (a length mismatch is looked at again: the message may be stale).
+    Pg(PgError),
+    /// Anything else: ends the receive.
+    Host(Error),
+}
+
+/// Receives message `op` from the process group, skipping stale messages (PROTOCOL.md §12): `attempt`
+/// receives the next message with `op.tag` into the caller's buffers, within the time it is given, and
+/// returns `None` when it started with another transfer's id. A message of another length than
+/// `op.len` is refused by the process group unread; when it could be stale (not the header, 8 bytes or
+/// more, and at most [`MAX_STALE_LEN`] or `op.len`), it is read whole and looked at: stale, it is
+/// skipped; this transfer's, the length error stands (`wrap` turns it into the transfer's error). At most
+/// [`pgt_core::header::MAX_STALE`] messages are skipped ([`pgt_core::Error::TooManyStale`]), all of it
+/// within `timeout`.
+fn receive_current<P: ProcessGroup + ?Sized, T>(
+    pg: &P,
+    op: &RecvOp,
+    timeout: Duration,
+    wrap: &dyn Fn(PgError) -> Error,
+    mut attempt: impl FnMut(Duration) -> Result<Option<T>, Failed>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut skipped = 0u64;
+    let mut skip = |why: &str, len: usize| -> Result<()> {
+        debug!(
+            message = op.message,
+            tag = op.tag,
+            from = op.from,
+            len,
+            "skipped a {why} message of another transfer"
+        );
+        Ok(op.skip_stale(&mut skipped)?)
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(wrap(PgError::Timeout {
+                peer: op.from,
+                tag: op.tag,
+                after: timeout,
+            }));
+        }
+        match attempt(left) {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => skip("stale", op.len as usize)?,
+            Err(Failed::Host(e)) => return Err(e),
+            Err(Failed::Pg(e)) => {
+                let got = match e {
+                    PgError::LengthMismatch { got, .. } | PgError::TooLarge { got, .. } => got,
+                    e => return Err(wrap(e)),
+                };
+                // The header is never stale (it announces the id), and a message too short for a
+                // prefix or longer than any message is not read: it stays queued.
+                if op.prefix.is_none() || got < PREFIX_LEN || got > MAX_STALE_LEN.max(op.len) {
+                    return Err(wrap(e));
+                }
+                let whole = pg
+                    .recv_vec(op.from, op.tag, got as usize, left)
+                    .map_err(wrap)?;
+                if !op.is_stale(&whole) {
+                    // This transfer's message, of the wrong length: the transfer fails (the message
+                    // is consumed, so the link stays in step).
+                    return Err(wrap(e));
+                }
+                skip("stale", whole.len())?;
+            }
+        }
+    }
 }
 
 impl<P: ProcessGroup> std::fmt::Debug for Transport<P> {
@@ -184,6 +331,9 @@ impl StorageHashers {
 const QUEUE_DEPTH: usize = 256;
 /// How often a wait for workers looks at the abort flag.
 const ABORT_POLL: Duration = Duration::from_millis(20);
+/// How long a wait for workers outlasts the timeout: a worker stalled on the same peer reports that
+/// peer's own timeout a little later (socket timers are coarse), and that error is the one to report.
+const TIMEOUT_GRACE: Duration = Duration::from_millis(500);
 
 /// Waits for the next event from workers, in short slices so that a worker's failure (in `abort`)
 /// ends the wait at once; fails after `timeout`.
@@ -200,7 +350,7 @@ fn wait_event(
         }
         match events.recv_timeout(ABORT_POLL) {
             Ok(event) => return Ok(event),
-            Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+            Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline + TIMEOUT_GRACE => {
                 return Err(Error::Timeout {
                     waiting_for: what.into(),
                     after: timeout,
@@ -222,7 +372,11 @@ fn wait_event(
 impl<P: ProcessGroup> Transport<P> {
     /// A transport over `pg`.
     pub fn new(pg: P, options: TransportOptions) -> Self {
-        Transport { pg, options }
+        Transport {
+            pg,
+            options,
+            busy: Arc::default(),
+        }
     }
 
     /// The process group.
@@ -236,6 +390,7 @@ impl<P: ProcessGroup> Transport<P> {
     }
 
     /// Sends `state_dict` to `dst_ranks`: metadata first, then every storage's bytes, per the plan.
+    /// Refused with [`Error::ConcurrentTransfer`] while a send or forward to one of them runs.
     pub fn send_checkpoint(
         &self,
         dst_ranks: &[u32],
@@ -259,16 +414,21 @@ impl<P: ProcessGroup> Transport<P> {
             leaves: entries.iter().map(|e| e.to_leaf()).collect(),
         };
         let encode_span = info_span!("encode").entered();
-        let mut engine =
-            self.options
-                .engine
-                .sender(metadata, self.options.digests, &self.options.limits)?;
+        let mut engine = self.options.engine.sender(
+            metadata,
+            self.options.digests,
+            &self.options.limits,
+            random_transfer_id()?,
+        )?;
+        let _slots = self.busy.claim(PeerAction::Sending, dst_ranks)?;
         let total: u64 = storages.iter().map(|s| s.len() as u64).sum();
         drop(encode_span);
         let _data_span = info_span!("data", bytes = total).entered();
         let abort = Abort::default();
+        let sent = AtomicU64::new(0);
         std::thread::scope(|scope| {
-            let mut host = SendWorkers::start(self, scope, dst_ranks, &storages, total, &abort);
+            let mut host =
+                SendWorkers::start(self, scope, dst_ranks, &storages, (&sent, total), &abort);
             if let Err(e) = drive::send(&mut engine, &mut host) {
                 abort.fail(e);
             }
@@ -285,7 +445,11 @@ impl<P: ProcessGroup> Transport<P> {
         })
     }
 
-    /// Receives a checkpoint from `src` into fresh buffers.
+    /// Receives a checkpoint from `src` into fresh buffers. Messages of other transfers from `src`
+    /// (left by a receive that failed) are skipped; when this receive fails after the metadata, it
+    /// first drains what the transfer's plan still says is coming (each message within the timeout),
+    /// so that the next receive from `src` starts clean. Refused with [`Error::ConcurrentTransfer`]
+    /// while another receive from `src` runs.
     pub fn recv_checkpoint(&self, src: u32) -> Result<StateDict<'static>> {
         let mut sd = StateDict::new();
         self.receive(src, &mut sd, false)?;
@@ -313,6 +477,9 @@ impl<P: ProcessGroup> Transport<P> {
         let span = info_span!("recv_checkpoint", rank = self.pg.rank(), src);
         let _enter = span.enter();
         let start = Instant::now();
+        let _slots = self.busy.claim(PeerAction::Receiving, &[src])?;
+        // The chain forward's slot, taken at the first forward; given back once the workers stopped.
+        let forward_slot = Mutex::new(None);
         let engine = self.options.engine.receiver(ReceiverOptions {
             rank: self.pg.rank(),
             source: src,
@@ -321,7 +488,13 @@ impl<P: ProcessGroup> Transport<P> {
         })?;
         let abort = Abort::default();
         let (received, landed) = std::thread::scope(|scope| {
-            let mut host = Landing::new(self, scope, in_place.then_some(&mut *target), &abort);
+            let mut host = Landing::new(
+                self,
+                scope,
+                in_place.then_some(&mut *target),
+                &abort,
+                &forward_slot,
+            );
             let received = drive::receive(engine, &mut host);
             if received.is_err() {
                 // Stops the workers at once; the error itself is returned below.
@@ -371,7 +544,8 @@ impl<P: ProcessGroup> Transport<P> {
 /// What a destination's thread sends.
 enum SendJob {
     Bytes(SendOp, Vec<u8>),
-    Storages(SendOp, Vec<Segment>),
+    /// A data message: the prefix, then the segments' bytes.
+    Storages(SendOp, [u8; PREFIX_LEN as usize], Vec<Segment>),
 }
 
 /// The sending host: one thread per destination, each sending its messages in order; the first
@@ -389,7 +563,7 @@ impl<'a> SendWorkers<'a> {
         scope: &'scope Scope<'scope, '_>,
         dst_ranks: &[u32],
         storages: &'a [&'a [u8]],
-        total: u64,
+        (sent, total): (&'a AtomicU64, u64),
         abort: &'a Abort,
     ) -> SendWorkers<'a>
     where
@@ -397,7 +571,7 @@ impl<'a> SendWorkers<'a> {
     {
         let timeout = transport.options.timeout;
         let (event_tx, events) = mpsc::channel::<Event>();
-        let sent: &'a AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+
         let mut workers = HashMap::new();
         for (i, &dst) in dst_ranks.iter().enumerate() {
             let (tx, rx) = mpsc::sync_channel::<SendJob>(QUEUE_DEPTH);
@@ -417,8 +591,8 @@ impl<'a> SendWorkers<'a> {
                     }
                     let (op, result) = match &job {
                         SendJob::Bytes(op, b) => (op, pg.send(op.to, op.tag, &[b], timeout)),
-                        SendJob::Storages(op, segs) => {
-                            let parts = storage_parts(storages, segs);
+                        SendJob::Storages(op, prefix, segs) => {
+                            let mut parts = storage_parts(storages, segs);
                             if op.hash {
                                 let digests = segs
                                     .iter()
@@ -427,9 +601,11 @@ impl<'a> SendWorkers<'a> {
                                     .collect();
                                 let _ = event_tx.send(Event::Digests(op.message, digests));
                             }
+                            parts.insert(0, prefix);
                             let r = pg.send(op.to, op.tag, &parts, timeout);
                             if counts && r.is_ok() {
-                                let done = sent.fetch_add(op.len, Ordering::Relaxed) + op.len;
+                                let bytes = op.len - PREFIX_LEN;
+                                let done = sent.fetch_add(bytes, Ordering::Relaxed) + bytes;
                                 if let Some(p) = &progress {
                                     p(done, total);
                                 }
@@ -467,7 +643,9 @@ impl SendHost for SendWorkers<'_> {
         }
         let job = match payload {
             Payload::Bytes(b) => SendJob::Bytes(*op, b.to_vec()),
-            Payload::Storages(s) => SendJob::Storages(*op, s.to_vec()),
+            Payload::Storages { prefix, segments } => {
+                SendJob::Storages(*op, prefix, segments.to_vec())
+            }
         };
         let worker = self.workers.get(&op.to).ok_or_else(|| {
             Error::internal(format!(
@@ -520,7 +698,8 @@ struct PostJob {
 /// A forward job.
 enum ForwardJob {
     Bytes(ForwardOp, Vec<u8>),
-    Storages(ForwardOp, Vec<Segment>),
+    /// A data message: the prefix, then the segments' bytes as received.
+    Storages(ForwardOp, [u8; PREFIX_LEN as usize], Vec<Segment>),
 }
 
 /// What a receive leaves for assembly.
@@ -551,10 +730,18 @@ struct Landing<'a, 'scope, 'env, 't, P: ProcessGroup> {
     local: VecDeque<Event>,
     events: Option<mpsc::Receiver<Event>>,
     abort: &'a Abort,
+    /// The slot of the rank this receive forwards to (chain fan-out), taken at the first forward.
+    forward_slot: &'a Mutex<Option<Slots>>,
+    /// A receive from the upstream failed at the process group: the link is not drained.
+    link_failed: bool,
+    /// Where drained messages go ([`ReceiveHost::discard`]).
+    scratch: Vec<u8>,
     received: u64,
     total_bytes: u64,
     started: Instant,
     metadata_seconds: f64,
+    /// The received metadata's decoded size: memory of this receive's budget.
+    metadata_memory: u64,
 }
 
 impl<'a, 'scope, 'env, 't, P> Landing<'a, 'scope, 'env, 't, P>
@@ -568,6 +755,7 @@ where
         scope: &'scope Scope<'scope, 'env>,
         target: Option<&'t mut StateDict<'static>>,
         abort: &'a Abort,
+        forward_slot: &'a Mutex<Option<Slots>>,
     ) -> Self {
         Landing {
             transport,
@@ -582,10 +770,14 @@ where
             local: VecDeque::new(),
             events: None,
             abort,
+            forward_slot,
+            link_failed: false,
+            scratch: Vec::new(),
             received: 0,
             total_bytes: 0,
             started: Instant::now(),
             metadata_seconds: 0.0,
+            metadata_memory: 0,
         }
     }
 
@@ -662,8 +854,26 @@ where
         targets
     }
 
-    /// The memory of the receive: in-place buffers as they are, the rest fresh or from the pool.
+    /// The memory of the receive: in-place buffers as they are, the rest fresh or from the pool, if
+    /// it fits in the memory budget with the metadata.
     fn allocate(&mut self, incoming: &Incoming, bindings: &[Binding]) -> Result<Layout> {
+        let budget = self.transport.options.memory_budget;
+        let needed =
+            bindings
+                .iter()
+                .zip(&incoming.storages)
+                .fold(self.metadata_memory, |sum, (b, r)| {
+                    let fresh = if matches!(b.dest, Dest::InPlace(_)) {
+                        0
+                    } else {
+                        b.nbytes
+                    };
+                    let staging = if b.cast_from.is_some() { r.nbytes } else { 0 };
+                    sum.saturating_add(fresh).saturating_add(staging)
+                });
+        if needed > budget {
+            return Err(Error::MemoryBudget { needed, budget });
+        }
         let n = bindings.len();
         let pool = self.transport.options.pool.as_deref();
         let mut wire: Vec<Option<Target<'t>>> = (0..n).map(|_| None).collect();
@@ -794,15 +1004,14 @@ where
                                 source,
                             }),
                     ),
-                    ForwardJob::Storages(op, segs) => {
-                        let parts: Option<Vec<&[u8]>> = segs
-                            .iter()
-                            .map(|s| {
+                    ForwardJob::Storages(op, prefix, segs) => {
+                        let parts: Option<Vec<&[u8]>> = std::iter::once(Some(&prefix[..]))
+                            .chain(segs.iter().map(|s| {
                                 memory.read(
                                     s.storage as usize,
                                     s.offset as usize..(s.offset + s.len) as usize,
                                 )
-                            })
+                            }))
                             .collect();
                         let result = match parts {
                             Some(parts) => {
@@ -867,7 +1076,7 @@ fn post(
                 .ok_or_else(|| {
                     Error::internal(format!("storage {storage} was cast before it landed"))
                 })?;
-            memory.write(&[(dest, 0..memory.region_len(dest))], |d| {
+            memory.try_write(&[(dest, 0..memory.region_len(dest))], |d| {
                 convert(from, wire, binding.dtype, d[0])
             })??;
         }
@@ -884,10 +1093,30 @@ where
     type Error = Error;
 
     fn recv_bytes(&mut self, op: &RecvOp) -> Result<Vec<u8>> {
-        let bytes = self
-            .transport
-            .pg
-            .recv_vec(op.from, op.tag, op.len as usize, self.timeout())?;
+        let pg = &self.transport.pg;
+        let result = receive_current(pg, op, self.timeout(), &Error::ProcessGroup, |t| {
+            let bytes = pg
+                .recv_vec(op.from, op.tag, op.len as usize, t)
+                .map_err(Failed::Pg)?;
+            Ok((!op.is_stale(&bytes)).then_some(bytes))
+        });
+        self.link_failed |= matches!(result, Err(Error::ProcessGroup(_)));
+        let bytes = result?;
+        if op.kind == MessageKind::Metadata {
+            // What decoding it will take, from a pass over the bytes that allocates nothing; the
+            // budget is checked before pgt-core decodes it (bytes it refuses are its to name).
+            let body = bytes.get(PREFIX_LEN as usize..).unwrap_or_default();
+            if let Ok(size) = pgt_core::codec::decoded_size(body) {
+                let budget = self.transport.options.memory_budget;
+                if size > budget {
+                    return Err(Error::MemoryBudget {
+                        needed: size,
+                        budget,
+                    });
+                }
+                self.metadata_memory = size;
+            }
+        }
         Ok(bytes)
     }
 
@@ -905,11 +1134,13 @@ where
         );
         let _bind_span = info_span!("bind").entered();
         match self.target.take() {
-            Some(target) => {
+            // A target that owns no storage (`pgt recv`'s empty dict) has nothing to bind in place:
+            // the key paths, which take memory, are not built.
+            Some(target) if owns_storage(target) => {
                 let paths = paths()?;
                 Ok(self.bind_in_place(target, incoming, &paths))
             }
-            None => Ok(Vec::new()),
+            _ => Ok(Vec::new()),
         }
     }
 
@@ -942,17 +1173,37 @@ where
             })
             .collect();
         let pg = &self.transport.pg;
-        memory
-            .write(&parts, |slices| {
-                pg.recv_into(op.from, op.tag, slices, self.transport.options.timeout)
-            })?
-            .map_err(|source| Error::Peer {
-                action: PeerAction::Receiving,
-                message: op.message,
-                rank: op.from,
-                source,
-            })?;
-        self.received += op.len;
+        let wrap = |source| Error::Peer {
+            action: PeerAction::Receiving,
+            message: op.message,
+            rank: op.from,
+            source,
+        };
+        // The prefix into its own 8 bytes, the rest straight into the storages; a stale message's
+        // bytes never land (`try_write`), and the next message with the tag is received into the
+        // same ranges.
+        let result = receive_current(pg, op, self.timeout(), &wrap, |t| {
+            let mut prefix = [0u8; PREFIX_LEN as usize];
+            let landed = memory.try_write(&parts, |slices| {
+                let mut all: Vec<&mut [u8]> = Vec::with_capacity(slices.len() + 1);
+                all.push(&mut prefix);
+                all.extend(slices.iter_mut().map(|s| &mut **s));
+                pg.recv_into(op.from, op.tag, &mut all, t).map_err(Some)?;
+                if op.is_stale(&prefix) {
+                    return Err(None);
+                }
+                Ok(())
+            });
+            match landed {
+                Ok(Ok(())) => Ok(Some(())),
+                Ok(Err(None)) => Ok(None),
+                Ok(Err(Some(e))) => Err(Failed::Pg(e)),
+                Err(claim) => Err(Failed::Host(claim.into())),
+            }
+        });
+        self.link_failed |= matches!(result, Err(Error::Peer { .. }));
+        result?;
+        self.received += op.len - PREFIX_LEN;
         if let Some(p) = &self.transport.options.progress {
             p(self.received, self.total_bytes);
         }
@@ -978,9 +1229,21 @@ where
     }
 
     fn forward(&mut self, op: &ForwardOp, payload: Payload<'_>) -> Result<()> {
+        {
+            let mut slot = self.forward_slot.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = Some(
+                    self.transport
+                        .busy
+                        .claim(PeerAction::Forwarding, &[op.to])?,
+                );
+            }
+        }
         let job = match payload {
             Payload::Bytes(b) => ForwardJob::Bytes(*op, b.to_vec()),
-            Payload::Storages(s) => ForwardJob::Storages(*op, s.to_vec()),
+            Payload::Storages { prefix, segments } => {
+                ForwardJob::Storages(*op, prefix, segments.to_vec())
+            }
         };
         let forward = self
             .forward
@@ -1004,6 +1267,57 @@ where
         }
         wait_event(events, self.abort, self.timeout(), "hashing/forwarding").map(Some)
     }
+
+    fn discard(&mut self, op: &RecvOp) -> bool {
+        // A broken link (a timeout, a closed peer, a message of the wrong length) is not drained: the
+        // next receive skips what is left by its prefix instead.
+        if self.link_failed || op.len > MAX_STALE_LEN {
+            return false;
+        }
+        let len = op.len as usize;
+        if self.scratch.len() < len {
+            self.scratch.resize(len, 0);
+        }
+        let pg = &self.transport.pg;
+        let timeout = self.timeout();
+        let scratch = &mut self.scratch[..len];
+        let drained = receive_current(pg, op, timeout, &Error::ProcessGroup, |t| {
+            pg.recv_into(op.from, op.tag, &mut [&mut *scratch], t)
+                .map_err(Failed::Pg)?;
+            Ok((!op.is_stale(scratch)).then_some(()))
+        });
+        match drained {
+            Ok(()) => {
+                debug!(
+                    message = op.message,
+                    tag = op.tag,
+                    from = op.from,
+                    "drained"
+                );
+                true
+            }
+            Err(e) => {
+                debug!(
+                    message = op.message,
+                    tag = op.tag,
+                    from = op.from,
+                    "draining stopped: {e}"
+                );
+                self.link_failed = true;
+                false
+            }
+        }
+    }
+}
+
+/// Whether some tensor of `sd` owns its storage (can be received into in place).
+fn owns_storage(sd: &StateDict<'_>) -> bool {
+    let (_, entries) = sd.flatten();
+    entries.iter().any(|e| {
+        e.tensors()
+            .iter()
+            .any(|t| matches!(t.storage, Storage::Owned(_)))
+    })
 }
 
 /// Builds the received tree: fresh buffers move in; in-place ones move out of the old tree, from where

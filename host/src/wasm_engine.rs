@@ -23,7 +23,7 @@ use std::path::Path;
 use pgt_core::engine::{ReceiveEngine, SendEngine};
 use pgt_core::header::Limits;
 use pgt_core::plan::Plan;
-use pgt_core::receiver::{Binding, InPlace, Incoming, Received, ReceiverOptions, RecvPoll};
+use pgt_core::receiver::{Binding, InPlace, Incoming, Received, ReceiverOptions, RecvOp, RecvPoll};
 use pgt_core::schema::Metadata;
 use pgt_core::sender::SendPoll;
 use pgt_core::tree::KeyPath;
@@ -213,15 +213,17 @@ impl WasmEngine {
             .decode_like(|e| &e.plan, header, metadata, limits)
     }
 
-    /// Validates and encodes metadata in a fresh guest: the header and metadata messages.
+    /// Validates and encodes metadata for transfer `transfer_id` in a fresh guest: the header and
+    /// metadata messages.
     pub fn encode(
         &self,
         metadata: &Metadata,
         digests: bool,
         limits: &Limits,
+        transfer_id: u64,
     ) -> Result<Encoded, EngineError> {
         self.instantiate()?
-            .metadata_call(|e| &e.encode, metadata, digests, limits)
+            .metadata_call(|e| &e.encode, metadata, digests, limits, transfer_id)
     }
 
     fn instantiate(&self) -> Result<Guest, EngineError> {
@@ -267,10 +269,11 @@ impl EngineFactory for WasmEngine {
         metadata: Metadata,
         digests: bool,
         limits: &Limits,
+        transfer_id: u64,
     ) -> Result<SenderEngine, EngineError> {
         let mut guest = self.instantiate()?;
         let created: SenderCreated =
-            guest.metadata_call(|e| &e.sender_new, &metadata, digests, limits)?;
+            guest.metadata_call(|e| &e.sender_new, &metadata, digests, limits, transfer_id)?;
         Ok(SenderEngine::Wasm(Box::new(WasmSender {
             guest,
             handle: created.handle,
@@ -358,6 +361,10 @@ impl ResourceLimiter for GuestData {
     }
 }
 
+/// The arguments of `pgt_encode` and `pgt_sender_new`: metadata (pointer, length), the digests flag,
+/// limits (pointer, length), the transfer id's low and high halves.
+type MetadataArgs = (u32, u32, u32, u32, u32, u32, u32);
+
 /// Every export of the raw ABI, typed once (`wasm/ABI.md`; pointers and lengths are wasm32 `i32`s, and
 /// every export but the first three returns a result block's address). Loading checks each signature.
 struct Exports {
@@ -366,8 +373,8 @@ struct Exports {
     free: TypedFunc<(u32, u32), ()>,
     decode: TypedFunc<(u32, u32, u32, u32, u32, u32), u32>,
     plan: TypedFunc<(u32, u32, u32, u32, u32, u32), u32>,
-    encode: TypedFunc<(u32, u32, u32, u32, u32), u32>,
-    sender_new: TypedFunc<(u32, u32, u32, u32, u32), u32>,
+    encode: TypedFunc<MetadataArgs, u32>,
+    sender_new: TypedFunc<MetadataArgs, u32>,
     sender_poll: TypedFunc<u32, u32>,
     sender_bytes: TypedFunc<(u32, u32), u32>,
     sender_digests: TypedFunc<(u32, u32, u32, u32), u32>,
@@ -382,6 +389,7 @@ struct Exports {
     receiver_digests: TypedFunc<(u32, u32, u32, u32), u32>,
     receiver_trailer: TypedFunc<(u32, u32, u32), u32>,
     receiver_forwarded: TypedFunc<(u32, u32), u32>,
+    receiver_leftover: TypedFunc<u32, u32>,
     receiver_finish: TypedFunc<u32, u32>,
     receiver_drop: TypedFunc<u32, u32>,
 }
@@ -422,6 +430,7 @@ impl Exports {
             receiver_digests,
             receiver_trailer,
             receiver_forwarded,
+            receiver_leftover,
             receiver_finish,
             receiver_drop,
         ))
@@ -560,18 +569,22 @@ impl Guest {
         }
     }
 
-    /// Calls an export that takes metadata, a digests flag and limits (`pgt_encode`, `pgt_sender_new`).
+    /// Calls an export that takes metadata, a digests flag, limits and a transfer id in two 32-bit
+    /// halves (`pgt_encode`, `pgt_sender_new`).
     fn metadata_call<T: DeserializeOwned>(
         &mut self,
-        pick: Pick<(u32, u32, u32, u32, u32)>,
+        pick: Pick<MetadataArgs>,
         metadata: &Metadata,
         digests: bool,
         limits: &Limits,
+        transfer_id: u64,
     ) -> Result<T, EngineError> {
         let meta =
             postcard::to_allocvec(metadata).map_err(|e| module_error("encoding metadata", e))?;
+        let (lo, hi) = (transfer_id as u32, (transfer_id >> 32) as u32);
         self.with_inputs(&[&meta, &limits_bytes(limits)], |g, a| {
-            g.call(pick, (a[0].0, a[0].1, u32::from(digests), a[1].0, a[1].1))
+            let args = (a[0].0, a[0].1, u32::from(digests), a[1].0, a[1].1, lo, hi);
+            g.call(pick, args)
         })
     }
 
@@ -723,6 +736,10 @@ impl ReceiveEngine for WasmReceiver {
     fn handle_forwarded(&mut self, message: u32) -> Result<(), EngineError> {
         self.guest
             .call(|e| &e.receiver_forwarded, (self.handle, message))
+    }
+
+    fn leftover(&mut self) -> Result<Option<RecvOp>, EngineError> {
+        self.guest.call(|e| &e.receiver_leftover, self.handle)
     }
 
     fn finish(mut self) -> Result<Received, EngineError> {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use pgt_core::dtype::DType;
 use pgt_core::schema::{FanOut, PlanParams};
 use pgt_host::memory::BufferPool;
-use pgt_host::pg::{InProcessGroup, PgError};
+use pgt_host::pg::InProcessGroup;
 use pgt_host::state_dict::{Entry, StateDict, Tensor};
 use pgt_host::synthetic::{self, Shape};
 use pgt_host::transport::{Transport, TransportOptions};
@@ -476,4 +476,47 @@ fn a_failed_destination_fails_the_send_at_once_not_at_the_timeout() {
             "the failure took {took:?} to surface"
         );
     });
+}
+
+#[test]
+fn a_receive_over_the_memory_budget_is_refused_before_allocating() {
+    // A 4 MiB tensor: what receiving it takes is its fresh buffer plus the metadata's decoded size (a
+    // few hundred bytes). One byte of budget short of 4 MiB refuses it; in place, the buffer is the
+    // caller's and does not count.
+    let mut sd = StateDict::new();
+    let w = Tensor::from_values(&[1 << 20], &vec![1.5f32; 1 << 20]).unwrap();
+    sd.insert("w", Entry::Tensor(w)).unwrap();
+    let recv = |budget: u64, into: Option<StateDict<'static>>| {
+        let mut groups = InProcessGroup::new(2).into_iter();
+        let opts = TransportOptions {
+            timeout: Duration::from_secs(5),
+            memory_budget: budget,
+            ..TransportOptions::default()
+        };
+        let a = Transport::new(groups.next().unwrap(), opts.clone());
+        let b = Transport::new(groups.next().unwrap(), opts);
+        std::thread::scope(|s| {
+            let h = s.spawn(move || match into {
+                Some(mut target) => b.recv_checkpoint_into(0, &mut target).map(|_| target),
+                None => b.recv_checkpoint(0),
+            });
+            // The sender's data may find nobody receiving it: its result is not the point.
+            let _ = a.send_checkpoint(&[1], &sd);
+            h.join().unwrap()
+        })
+    };
+    let budget = (4 << 20) - 1;
+    match recv(budget, None) {
+        Err(pgt_host::Error::MemoryBudget { needed, budget: b }) => {
+            assert_eq!(b, budget);
+            assert!(needed > 4 << 20 && needed < (4 << 20) + 4096, "{needed}");
+        }
+        other => panic!("expected MemoryBudget, got {other:?}"),
+    }
+    let target = recv(u64::MAX, None).unwrap();
+    let got = recv(budget, Some(target)).unwrap();
+    assert_eq!(
+        got.tensor("w").unwrap().storage_as::<f32>().unwrap()[12345],
+        1.5
+    );
 }

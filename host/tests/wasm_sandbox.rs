@@ -39,7 +39,7 @@ fn reference(tensors: usize) -> Metadata {
 
 fn encoded(m: &Metadata) -> (Vec<u8>, Vec<u8>) {
     let manifest = Manifest::new(m.clone(), true, &Limits::default()).unwrap();
-    let (h, bytes) = encode(&manifest).unwrap();
+    let (h, bytes) = encode(&manifest, 7).unwrap();
     (h.to_bytes().to_vec(), bytes)
 }
 
@@ -80,11 +80,19 @@ fn small_transfer_works(engine: &WasmEngine) {
     r.handle_metadata(&meta).unwrap();
     assert_eq!(r.poll().unwrap(), RecvPoll::NeedBindings);
     r.finish_bindings(&[]).unwrap();
-    // Digests are on: the (empty) trailer is the one message left.
+    // Digests are on: the trailer (no storages: the prefix and the metadata digest) is the one
+    // message left.
     let RecvPoll::Recv(step) = r.poll().unwrap() else {
         panic!("expected the trailer")
     };
-    r.handle_trailer(&vec![0; step.len as usize]).unwrap();
+    let header = pgt_core::header::Header::parse(&h, &Limits::default()).unwrap();
+    let trailer = [
+        pgt_core::header::prefix(header.transfer_id),
+        header.metadata_digest.to_le_bytes(),
+    ]
+    .concat();
+    assert_eq!(trailer.len() as u64, step.len);
+    r.handle_trailer(&trailer).unwrap();
     assert_eq!(r.poll().unwrap(), RecvPoll::Done);
     let tree = r.finish().unwrap();
     assert_eq!(tree.step, Some(1));
@@ -132,6 +140,7 @@ fn module_imports_nothing_and_exports_the_abi() {
         "pgt_receiver_digests",
         "pgt_receiver_trailer",
         "pgt_receiver_forwarded",
+        "pgt_receiver_leftover",
         "pgt_receiver_finish",
         "pgt_receiver_drop",
     ] {
@@ -233,7 +242,7 @@ fn out_of_memory_is_a_clean_error_and_the_engine_goes_on() {
     assert!(e.to_string().contains("memory"), "{e}");
 
     let e = engine
-        .sender(reference(usize::MAX), true, &Limits::default())
+        .sender(reference(usize::MAX), true, &Limits::default(), 7)
         .expect_err("a sender for the reference dict does not fit in 4 MiB");
     assert!(
         matches!(sandbox_error(&e), SandboxError::OutOfMemory { .. }),

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from pgt_abi import DTYPES, Pgt, module_path
+from pgt_abi import DTYPES, Pgt, module_path, prefix_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "python"
@@ -76,8 +76,13 @@ def free_port() -> int:
 
 def job_env(port: int, world: int, token: str, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RUST_LOG", "RANK")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), PGT_TOKEN=token,
-               PGT_TIMEOUT_SECS="30")
+    env.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        PGT_TOKEN=token,
+        PGT_TIMEOUT_SECS="30",
+    )
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -88,8 +93,14 @@ def run_job(ranks: dict, timeout: float = JOB_TIMEOUT) -> dict:
     procs = {}
     for rank, (argv, env) in ranks.items():
         env = dict(env, RANK=str(rank))
-        procs[rank] = subprocess.Popen([str(a) for a in argv], env=env, stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        procs[rank] = subprocess.Popen(
+            [str(a) for a in argv],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
     out, timed_out = {}, []
     deadline = time.monotonic() + timeout
     try:
@@ -117,13 +128,42 @@ def python_rank(wasm: Path, *args) -> list:
 
 # ---- safetensors by hand (no numpy needed) ----
 
-ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
-            "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+ST_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
-TORCH_NAME = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-              "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-              "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool"}
+TORCH_NAME = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 def write_safetensors(path: Path, tensors: list, metadata: dict | None = None):
@@ -226,10 +266,27 @@ def test_receives_a_checkpoint_from_pgt_send(pgt_bin, wasm, ckpt, tmp_path):
     env = job_env(port, 2, token)
     out = tmp_path / "out.safetensors"
     npz = ["--npz", tmp_path / "out.npz"] if HAVE_NUMPY else []
-    res = run_job({
-        0: ([pgt_bin, "send", src, "--dst", "1", "--fanout", "direct", *SMALL_PLAN, "--timeout", "30", "-q"], env),
-        1: (python_rank(wasm, "--out", out, *npz), env),
-    })
+    res = run_job(
+        {
+            0: (
+                [
+                    pgt_bin,
+                    "send",
+                    src,
+                    "--dst",
+                    "1",
+                    "--fanout",
+                    "direct",
+                    *SMALL_PLAN,
+                    "--timeout",
+                    "30",
+                    "-q",
+                ],
+                env,
+            ),
+            1: (python_rank(wasm, "--out", out, *npz), env),
+        }
+    )
     check_ok(res, 0, 1)
     assert "received" in res[1][2] and "(step 7)" in res[1][2], res[1][2]
     meta = assert_same_tensors(out, tensors)
@@ -254,11 +311,28 @@ def test_chain_with_a_rust_receiver(pgt_bin, wasm, ckpt, tmp_path, python_at):
     env = job_env(port, 3, token)
     outs = {r: tmp_path / f"out{r}.safetensors" for r in (1, 2)}
     rust_at = 3 - python_at
-    res = run_job({
-        0: ([pgt_bin, "send", src, "--dst", "1,2", "--fanout", "chain", *SMALL_PLAN, "--timeout", "30", "-q"], env),
-        python_at: (python_rank(wasm, "--out", outs[python_at]), env),
-        rust_at: ([pgt_bin, "recv", "--out", outs[rust_at], "--timeout", "30", "-q"], env),
-    })
+    res = run_job(
+        {
+            0: (
+                [
+                    pgt_bin,
+                    "send",
+                    src,
+                    "--dst",
+                    "1,2",
+                    "--fanout",
+                    "chain",
+                    *SMALL_PLAN,
+                    "--timeout",
+                    "30",
+                    "-q",
+                ],
+                env,
+            ),
+            python_at: (python_rank(wasm, "--out", outs[python_at]), env),
+            rust_at: ([pgt_bin, "recv", "--out", outs[rust_at], "--timeout", "30", "-q"], env),
+        }
+    )
     check_ok(res, 0, 1, 2)
     for r in (1, 2):
         assert assert_same_tensors(outs[r], tensors)["pgt.step"] == "7"
@@ -270,11 +344,27 @@ def test_direct_to_two_python_ranks(pgt_bin, wasm, ckpt, tmp_path):
     src, tensors = ckpt
     port, token = free_port(), secrets.token_hex(16)
     env = job_env(port, 3, token)
-    res = run_job({
-        0: ([pgt_bin, "send", src, "--dst", "2,1", "--fanout", "direct", "--timeout", "30", "-q"], env),
-        1: (python_rank(wasm, "--out", tmp_path / "o1.safetensors"), env),
-        2: (python_rank(wasm, "--out", tmp_path / "o2.safetensors"), env),
-    })
+    res = run_job(
+        {
+            0: (
+                [
+                    pgt_bin,
+                    "send",
+                    src,
+                    "--dst",
+                    "2,1",
+                    "--fanout",
+                    "direct",
+                    "--timeout",
+                    "30",
+                    "-q",
+                ],
+                env,
+            ),
+            1: (python_rank(wasm, "--out", tmp_path / "o1.safetensors"), env),
+            2: (python_rank(wasm, "--out", tmp_path / "o2.safetensors"), env),
+        }
+    )
     check_ok(res, 0, 1, 2)
     for r in (1, 2):
         assert_same_tensors(tmp_path / f"o{r}.safetensors", tensors)
@@ -284,10 +374,12 @@ def test_python_rank_zero_hosts_the_store(pgt_bin, wasm, ckpt, tmp_path):
     src, tensors = ckpt
     port, token = free_port(), secrets.token_hex(16)
     env = job_env(port, 2, token)
-    res = run_job({
-        1: ([pgt_bin, "send", src, "--dst", "0", "--timeout", "30", "-q"], env),
-        0: (python_rank(wasm, "--src", "1", "--out", tmp_path / "o.safetensors"), env),
-    })
+    res = run_job(
+        {
+            1: ([pgt_bin, "send", src, "--dst", "0", "--timeout", "30", "-q"], env),
+            0: (python_rank(wasm, "--src", "1", "--out", tmp_path / "o.safetensors"), env),
+        }
+    )
     check_ok(res, 0, 1)
     assert_same_tensors(tmp_path / "o.safetensors", tensors)
 
@@ -296,11 +388,15 @@ def test_wrong_token_fails_cleanly(pgt_bin, wasm, ckpt, tmp_path):
     src, _ = ckpt
     port = free_port()
     out = tmp_path / "out.safetensors"
-    res = run_job({
-        0: ([pgt_bin, "send", src, "--dst", "1", "--timeout", "10", "-q"],
-            job_env(port, 2, "the-right-token", PGT_TIMEOUT_SECS=5)),
-        1: (python_rank(wasm, "--out", out), job_env(port, 2, "a-wrong-token")),
-    })
+    res = run_job(
+        {
+            0: (
+                [pgt_bin, "send", src, "--dst", "1", "--timeout", "10", "-q"],
+                job_env(port, 2, "the-right-token", PGT_TIMEOUT_SECS=5),
+            ),
+            1: (python_rank(wasm, "--out", out), job_env(port, 2, "a-wrong-token")),
+        }
+    )
     code, _, err = res[1]
     assert code == 3, err
     assert "AuthFailed" in err and "does not know the job token" in err, err
@@ -314,10 +410,12 @@ def test_step_mismatch_is_the_modules_named_error(pgt_bin, wasm, ckpt, tmp_path)
     port, token = free_port(), secrets.token_hex(16)
     env = job_env(port, 2, token)
     out = tmp_path / "out.safetensors"
-    res = run_job({
-        0: ([pgt_bin, "send", src, "--dst", "1", "--timeout", "10", "-q"], env),
-        1: (python_rank(wasm, "--out", out, "--expect-step", "5"), env),
-    })
+    res = run_job(
+        {
+            0: ([pgt_bin, "send", src, "--dst", "1", "--timeout", "10", "-q"], env),
+            1: (python_rank(wasm, "--out", out, "--expect-step", "5"), env),
+        }
+    )
     code, _, err = res[1]
     assert code == 1, err
     assert "StepMismatch" in err and "Traceback" not in err, err
@@ -357,8 +455,13 @@ def _tensor(dtype: str, shape, stride, offset: int, nbytes: int) -> bytes:
 
 
 def _layout(dtype: str, shape, stride, offset: int, nbytes: int) -> bytes:
-    return (_varint(DTYPES.index(dtype)) + _vec(map(_varint, shape)) + _vec(map(_varint, stride))
-            + _varint(offset) + _varint(nbytes))
+    return (
+        _varint(DTYPES.index(dtype))
+        + _vec(map(_varint, shape))
+        + _vec(map(_varint, stride))
+        + _varint(offset)
+        + _varint(nbytes)
+    )
 
 
 def _shard_meta(offsets, sizes, placement: str) -> bytes:
@@ -368,64 +471,92 @@ def _shard_meta(offsets, sizes, placement: str) -> bytes:
 def _dtensor() -> bytes:
     """Leaf::DTensor: float32 local [2] of global [4], mesh [2] on ranks 0, 1, Shard(0)."""
     mesh = _vec([_varint(2)]) + _vec([_varint(0), _varint(1)]) + b"\x00" + _str("cpu")
-    spec = mesh + _vec([_varint(0) + _varint(0)]) + _vec([_varint(4)]) + _vec([_varint(1)]) + _varint(1)
+    spec = (
+        mesh
+        + _vec([_varint(0) + _varint(0)])
+        + _vec([_varint(4)])
+        + _vec([_varint(1)])
+        + _varint(1)
+    )
     return _varint(2) + _layout("float32", [2], [1], 0, 8) + spec
 
 
 def _sharded() -> bytes:
     """Leaf::Sharded: int32 global [4]; the local shard is [2:4] (placed on rank 0 by the sender)."""
     local = _layout("int32", [2], [1], 0, 8) + _shard_meta([2], [2], "rank:0/cpu")
-    glob = _vec([_shard_meta([0], [2], "rank:5/cpu"), _shard_meta([2], [2], "rank:0/cpu")]) + _vec([_varint(4)])
+    glob = _vec([_shard_meta([0], [2], "rank:2/cpu"), _shard_meta([2], [2], "rank:0/cpu")]) + _vec(
+        [_varint(4)]
+    )
     return _varint(3) + _vec([local]) + glob + _varint(DTYPES.index("int32"))
 
 
 def _metadata(step, dests, keys, leaves) -> bytes:
     """postcard Metadata (PROTOCOL.md §6): a root dict of leaves, Direct fan-out from rank 0."""
-    return (b"\x01" + _varint(step) + _varint(0) + _vec(map(_varint, dests))
-            + _varint(0) + _varint(256) + _varint(1024)  # Direct, bucket 256, chunk 1 KiB
-            + _vec([_varint(0) + _vec(_varint(0) + _str(k) for k in keys)] + [_varint(3)] * len(keys))
-            + _vec(leaves))
+    return (
+        b"\x01"
+        + _varint(step)
+        + _varint(0)
+        + _vec(map(_varint, dests))
+        + _varint(0)
+        + _varint(256)
+        + _varint(1024)  # Direct, bucket 256, chunk 1 KiB
+        + _vec([_varint(0) + _vec(_varint(0) + _str(k) for k in keys)] + [_varint(3)] * len(keys))
+        + _vec(leaves)
+    )
 
 
-def _python_send(port, token, metadata, storages, corrupt=None, errors=None, world=2):
+def _python_send(port, token, metadata, storages, corrupt=None, errors=None, world=2, stale=()):
     """Rank 0 in Python: hosts the store, joins, and drives the module's sender; ``corrupt`` = a storage
-    whose bytes get one bit flipped on the wire *after* hashing."""
+    whose bytes get one bit flipped on the wire *after* hashing; ``stale`` = (tag, bytes) messages sent
+    to rank 1 before the transfer (another transfer's, which the receiver must skip)."""
     sys.path.insert(0, str(EXAMPLE))
     from pgt_tcp import TcpGroup, TcpOptions
 
     try:
-        s = Pgt.load().sender(metadata, digests=True)
-        with TcpGroup.join(TcpOptions("127.0.0.1", port, 0, world, token.encode(), timeout=30)) as pg:
-            hashers, hashed = {}, {}
-            while True:
+        # A random transfer id, as every sender picks one.
+        s = Pgt.load().sender(metadata, digests=True, transfer_id=secrets.randbits(64))
+        with TcpGroup.join(
+            TcpOptions("127.0.0.1", port, 0, world, token.encode(), timeout=30)
+        ) as pg:
+            for tag, message in stale:
+                pg.send(1, tag, [message], 30)
+            hashers, digests = {}, []
+            while True:  # as pgt_core::drive::send, each send done (and hashed) at once
+                while digests:
+                    s.handle_digests(*digests.pop(0))
                 op = s.poll()
                 if op["type"] == "done":
                     break
                 assert op["type"] == "send", op
-                if "bytes" in op:
-                    parts = [op["bytes"]]
-                else:
-                    parts = []
-                    for seg in op["segments"]:
+                if op["kind"] != "data":
+                    parts = [s.bytes(op["message"])]
+                else:  # the transfer id's prefix, then the storage bytes
+                    parts, done = [prefix_bytes(op["prefix"])], []
+                    for seg in s.plan[op["message"]]["segments"]:
                         st, off, n = seg["storage"], seg["offset"], seg["len"]
                         part = storages[st][off : off + n]
                         if op["hash"]:
                             hashers.setdefault(st, xxhash.xxh3_64()).update(part)
-                            hashed[st] = hashed.get(st, 0) + n
-                            if hashed[st] == len(storages[st]):
-                                s.handle_storage_digest(st, hashers[st].intdigest())
+                            if seg["completes"]:
+                                done.append(hashers.pop(st).intdigest())
                         if st == corrupt:
                             part = bytes([part[0] ^ 1]) + part[1:]
                         parts.append(part)
+                    if op["hash"]:
+                        digests.append((op["message"], done))
                 pg.send(op["to"], op["tag"], parts, 30)
     except Exception as e:  # reported by the test
         errors.append(e)
 
 
-def _with_python_sender(wasm, tmp_path, metadata, storages, corrupt=None, extra=()):
+def _with_python_sender(wasm, tmp_path, metadata, storages, corrupt=None, extra=(), stale=()):
     port, token = free_port(), secrets.token_hex(16)
     errors = []
-    t = threading.Thread(target=_python_send, args=(port, token, metadata, storages, corrupt, errors), daemon=True)
+    t = threading.Thread(
+        target=_python_send,
+        args=(port, token, metadata, storages, corrupt, errors, 2, stale),
+        daemon=True,
+    )
     t.start()
     out = tmp_path / "out.safetensors"
     res = run_job({1: (python_rank(wasm, "--out", out, *extra), job_env(port, 2, token))})
@@ -437,8 +568,13 @@ def _with_python_sender(wasm, tmp_path, metadata, storages, corrupt=None, extra=
 
 def _strided_job(dests=(1,)):
     f32 = lambda *xs: struct.pack(f"<{len(xs)}f", *xs)  # noqa: E731
-    storages = [f32(0, 1, 2, 3, 4, 5), f32(10, 11, 12, 13, 14), bytes(range(200)) * 7, f32(-1, -2),
-                struct.pack("<2i", 7, -8)]
+    storages = [
+        f32(0, 1, 2, 3, 4, 5),
+        f32(10, 11, 12, 13, 14),
+        bytes(range(200)) * 7,
+        f32(-1, -2),
+        struct.pack("<2i", 7, -8),
+    ]
     leaves = [
         _tensor("float32", [3, 2], [1, 3], 0, 24),  # a transposed [2, 3]: [[0, 3], [1, 4], [2, 5]]
         _tensor("float32", [2], [2], 1, 20),  # every other element from 1: [11, 13]
@@ -470,20 +606,44 @@ def test_strided_views_values_and_step_from_a_python_sender(wasm, tmp_path):
     }
 
 
+def test_stale_messages_of_another_transfer_are_skipped(wasm, tmp_path):
+    """Messages of another transfer (another 8-byte prefix) wait for the receiver under the metadata's,
+    a data message's and the trailer's tags, some of the right length, some not: it skips every one
+    and receives this transfer's checkpoint, byte for byte."""
+    metadata, storages = _strided_job()
+    other = (0xFEDC_BA98_7654_3210).to_bytes(8, "little")
+    stale = [
+        (2, other + b"\x00" * 90),
+        (3, other + b"\xee" * 100),
+        (3, other + b"\xdd" * 5),
+        (4, other + bytes(64)),
+    ]
+    (code, _, err), out = _with_python_sender(wasm, tmp_path, metadata, storages, stale=stale)
+    assert code == 0, err
+    _, got = read_safetensors(out)
+    assert got["blob"] == ("U8", [1400], storages[2])
+    assert got["dt"] == ("F32", [2], storages[3])
+    assert got["sh.shard0"] == ("I32", [2], storages[4])
+
+
 def test_output_matches_pgt_recv(pgt_bin, wasm, tmp_path):
     """One transfer from the Python sender, Direct to a Python rank and a Rust `pgt recv`: both write the
     same tensors (names, dtypes, shapes, bytes) and the same __metadata__."""
     metadata, storages = _strided_job(dests=(1, 2))
     port, token = free_port(), secrets.token_hex(16)
     errors = []
-    t = threading.Thread(target=_python_send, args=(port, token, metadata, storages, None, errors, 3), daemon=True)
+    t = threading.Thread(
+        target=_python_send, args=(port, token, metadata, storages, None, errors, 3), daemon=True
+    )
     t.start()
     env = job_env(port, 3, token)
     outs = {r: tmp_path / f"o{r}.safetensors" for r in (1, 2)}
-    res = run_job({
-        1: (python_rank(wasm, "--out", outs[1]), env),
-        2: ([pgt_bin, "recv", "--out", outs[2], "--timeout", "30", "-q"], env),
-    })
+    res = run_job(
+        {
+            1: (python_rank(wasm, "--out", outs[1]), env),
+            2: ([pgt_bin, "recv", "--out", outs[2], "--timeout", "30", "-q"], env),
+        }
+    )
     t.join(JOB_TIMEOUT)
     assert not t.is_alive() and not errors, errors
     check_ok(res, 1, 2)
@@ -510,8 +670,19 @@ def test_view_bytes_without_numpy_matches_numpy():
     import pgt_recv
 
     buf = bytes(range(256)) * 2
-    layout = {"dtype": "int16", "shape": [3, 4, 2], "stride": [1, 9, 40], "storage_offset": 5, "nbytes": 512}
-    want = b"".join(buf[(5 + i + 9 * j + 40 * k) * 2 :][:2] for i in range(3) for j in range(4) for k in range(2))
+    layout = {
+        "dtype": "int16",
+        "shape": [3, 4, 2],
+        "stride": [1, 9, 40],
+        "storage_offset": 5,
+        "nbytes": 512,
+    }
+    want = b"".join(
+        buf[(5 + i + 9 * j + 40 * k) * 2 :][:2]
+        for i in range(3)
+        for j in range(4)
+        for k in range(2)
+    )
     saved = pgt_recv.np
     try:
         pgt_recv.np = None
@@ -519,5 +690,11 @@ def test_view_bytes_without_numpy_matches_numpy():
     finally:
         pgt_recv.np = saved
     assert bytes(pgt_recv.view_bytes(buf, layout)) == want
-    dense = {"dtype": "int16", "shape": [2, 1, 3], "stride": [3, 7, 1], "storage_offset": 4, "nbytes": 512}
+    dense = {
+        "dtype": "int16",
+        "shape": [2, 1, 3],
+        "stride": [3, 7, 1],
+        "storage_offset": 4,
+        "nbytes": 512,
+    }
     assert bytes(pgt_recv.view_bytes(buf, dense)) == buf[8:20]

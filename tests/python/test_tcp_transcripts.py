@@ -18,8 +18,9 @@ import threading
 import time
 from pathlib import Path
 
-import pgt_tcp
 import pytest
+
+import pgt_tcp
 
 TCP = Path(__file__).resolve().parents[1] / "vectors" / "tcp"
 TRANSCRIPTS = sorted(TCP.glob("*.json"))

@@ -1,17 +1,32 @@
 """pgt's raw-ABI wasm module, loaded by wasmtime-py, against the golden vectors of tests/vectors:
-every vector decodes to the summary, plan and error index.json gives; receivers driven from Python (with
-real XXH3-64 digests) accept the streams and reject the malformed ones with the named error; a sender
-driven from Python produces the streams' bytes.
+every vector decodes to the summary, plan and error index.json gives; receivers driven from Python (by
+pgt_recv's loop, as pgt-core's drive.rs, with real XXH3-64 digests) accept the streams and reject the
+malformed ones with the named error; a sender driven from Python produces the streams' bytes.
 
 Run: pytest tests/python (after scripts/build-wasm.sh).
 """
 
+import collections
 import json
+import re
 from pathlib import Path
 
 import pytest
 import xxhash
-from pgt_abi import ABI_ERROR, ERROR, Pgt, PgtError, module_path
+
+from pgt_abi import (
+    ABI_ERROR,
+    DTYPES,
+    ERROR,
+    Pgt,
+    PgtError,
+    Reader,
+    is_stale,
+    module_path,
+    prefix_bytes,
+    varint,
+)
+from pgt_recv import receive as drive
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 INDEX = json.loads((VECTORS / "index.json").read_text())
@@ -44,7 +59,10 @@ def records(v):
     b = (VECTORS / v["file"]).read_bytes()
     out, at = [], 0
     while at < len(b):
-        tag, n = int.from_bytes(b[at : at + 8], "little"), int.from_bytes(b[at + 8 : at + 16], "little")
+        tag, n = (
+            int.from_bytes(b[at : at + 8], "little"),
+            int.from_bytes(b[at + 8 : at + 16], "little"),
+        )
         out.append((tag, b[at + 16 : at + 16 + n]))
         at += 16 + n
     return out
@@ -57,20 +75,62 @@ def pattern(s, n):
 def check_error(e: PgtError, v):
     assert e.status == ERROR
     assert e.name == v["error"], e.message
-    assert e.debug == v["error_debug"]
+    # The error itself follows name and message: Some(pgt_core::Error), its variant index, its fields.
+    r = Reader(e.error)
+    assert r.byte() == 1
+    r.varint()
+    assert r.rest() == debug_fields(v["error_debug"]), v["error_debug"]
     assert e.message
+
+
+def debug_fields(debug: str) -> bytes:
+    """The postcard of an error's fields from its Debug form (``StepMismatch { expected: Some(10),
+    got: Some(9) }``): integers as varints, options, strings, and dtypes as their variant index."""
+    t = re.findall(r'"(?:[^"\\]|\\.)*"|\w+|[{}(),:]', debug)[1:]  # after the variant's name
+
+    def value() -> bytes:
+        v = t.pop(0)
+        if v == "Some":
+            assert t.pop(0) == "("
+            out = b"\x01" + value()
+            assert t.pop(0) == ")"
+            return out
+        if v == "None":
+            return b"\x00"
+        if v.isdigit():
+            return varint(int(v))
+        if v.startswith('"'):
+            s = json.loads(v).encode()
+            return varint(len(s)) + s
+        return varint([d.replace("_", "") for d in DTYPES].index(v.lower()))
+
+    out = b""
+    while t and t.pop(0) in "{,":  # then "name: value"
+        _, colon = t.pop(0), t.pop(0)
+        assert colon == ":", debug
+        out += value()
+    return out
 
 
 def test_module_imports_nothing(compiled):
     module, _ = compiled
     assert module.imports == [], [f"{i.module}::{i.name}" for i in module.imports]
     names = {e.name for e in module.exports}
-    for name in ["memory", "pgt_alloc", "pgt_free", "pgt_decode", "pgt_plan", "pgt_encode", "pgt_sender_new", "pgt_receiver_new"]:
+    for name in [
+        "memory",
+        "pgt_alloc",
+        "pgt_free",
+        "pgt_decode",
+        "pgt_plan",
+        "pgt_encode",
+        "pgt_sender_new",
+        "pgt_receiver_new",
+    ]:
         assert name in names
 
 
 def test_versions_and_default_limits(pgt):
-    assert pgt.abi_version() == 1
+    assert pgt.abi_version() == 3
     assert pgt.protocol_version() == INDEX["protocol_version"]
     assert pgt.default_limits() == INDEX["default_limits"]
 
@@ -84,8 +144,11 @@ def test_valid_metadata(pgt, v):
     for k, want in expected.items():
         assert summary[k] == want, k
     assert pgt.plan(h, m) == messages
-    # The metadata message is postcard Metadata: encoding it again gives the same two messages.
-    assert pgt.encode(m, summary["digests"]) == (h, m)
+    # The metadata message is the transfer id's prefix, then postcard Metadata: encoding it again for
+    # that transfer gives the same two messages.
+    transfer_id = int(summary["header"]["transfer_id"], 16)
+    assert m[:8] == transfer_id.to_bytes(8, "little")
+    assert pgt.encode(m[8:], summary["digests"], transfer_id) == (h, m)
 
 
 @pytest.mark.parametrize("v", by_kind("malformed"), ids=ids(by_kind("malformed")))
@@ -117,62 +180,110 @@ class HostReject(Exception):
         self.error = error
 
 
-def receive(pgt, v):
-    """Drives a receiver over the stream's records as a sequential host that hashes what lands. A record
-    with another tag than the one asked for is not that message, which then never comes; a data message
-    must have exactly the plan's length (the core never sees its bytes)."""
-    recs = iter(records(v))
+class RecordsHost:
+    """A sequential host over a stream's records (pgt_recv.receive drives it): each message is the
+    next record; data lands in fresh storages, hashed with XXH3-64 per message when the op says so. A
+    record with another tag than the one asked for is not that message, which then never comes; a
+    record of another transfer (stale: its prefix is not the op's) is skipped; a data message must have
+    exactly the plan's length (the core never sees its bytes)."""
+
+    def __init__(self, v, targets=()):
+        self.recs, self.targets = iter(records(v)), list(targets)
+        self.storages, self.paths, self.hashers = [], None, {}
+        self.events = collections.deque()
+        self.skipped = 0
+
+    def recv_bytes(self, op):
+        want = int(op["tag"])
+        while True:
+            tag, data = next(self.recs, (None, None))
+            if tag != want:
+                raise HostReject({"reason": "missing", "from": op["from"], "tag": want})
+            if not is_stale(op, data):
+                return data
+            self.skipped += 1
+
+    def discard(self, op):
+        try:
+            self.recv_bytes(op)
+        except HostReject:
+            return False
+        return True
+
+    def bind(self, incoming, paths):
+        self.paths = paths()
+        return self.targets
+
+    def bound(self, incoming, bindings):
+        assert all(b["dest"] == "fresh" for b in bindings[len(self.targets) :])
+        self.bindings = bindings
+        self.storages = [bytearray(int(b["nbytes"])) for b in bindings]
+
+    def recv_data(self, op, segments):
+        data, at, digests = self.recv_bytes(op), 8, []  # the storage bytes follow the prefix
+        if len(data) != int(op["len"]):
+            raise HostReject(
+                {"reason": "length", "from": op["from"], "tag": int(op["tag"]),
+                 "expected": int(op["len"]), "got": len(data)}
+            )  # fmt: skip
+        for seg in segments:
+            s, off, n = seg["storage"], int(seg["offset"]), int(seg["len"])
+            self.storages[s][off : off + n] = data[at : at + n]
+            if op["hash"]:
+                h = self.hashers.setdefault(s, xxhash.xxh3_64())
+                h.update(data[at : at + n])
+                if seg["completes"]:
+                    digests.append(h.intdigest())
+            at += n
+        self.events.append(("landed", op["message"]))
+        if op["hash"]:
+            self.events.append(("digests", op["message"], digests))
+
+    def forward(self, op, payload):
+        self.events.append(("forwarded", op["message"]))
+
+    def next_event(self, wait):
+        return self.events.popleft() if self.events else None
+
+
+def receive(pgt, v, targets=()):
+    """Receives a stream vector with the vector's receiver options: the host and the result."""
     o = v["receiver"]
-    r = pgt.receiver(o["rank"], o["source"], o["expected_step"])
-    storages, hashers, ops = [], [], []
-    while True:
-        op = r.poll()
-        ops.append(op["type"])
-        if op["type"] == "done":
-            break
-        if op["type"] == "need_bindings":
-            assert all(b["dest"] == "fresh" for b in r.finish_bindings())
-            continue
-        if op["type"] == "forward":
-            r.handle_forwarded(op["message"])
-            continue
-        assert op["type"] == "recv", "a sequential receiver never waits"
-        frm, want = op["from"], int(op["tag"])
-        tag, data = next(recs, (None, None))
-        if tag != want:
-            raise HostReject({"reason": "missing", "from": frm, "tag": want})
-        if op["kind"] == "header":
-            r.handle_header(data)
-        elif op["kind"] == "metadata":
-            incoming = r.handle_metadata(data)
-            storages = [bytearray(int(s["nbytes"])) for s in incoming["storages"]]
-            hashers = [xxhash.xxh3_64() for _ in storages]
-        elif op["kind"] == "trailer":
-            r.handle_trailer(data)
-        else:
-            if len(data) != int(op["len"]):
-                raise HostReject({"reason": "length", "from": frm, "tag": want, "expected": int(op["len"]), "got": len(data)})
-            at = 0
-            for seg in op["segments"]:
-                s, off, n = seg["storage"], int(seg["offset"]), int(seg["len"])
-                storages[s][off : off + n] = data[at : at + n]
-                if op["hash"]:
-                    hashers[s].update(data[at : at + n])
-                    if off + n == len(storages[s]):
-                        r.handle_storage_digest(s, hashers[s].intdigest())
-                at += n
-            r.handle_data(op["message"])
-    assert next(recs, None) is None, "records left over"
-    return storages, r.finish(), ops
+    host = RecordsHost(v, targets)
+    result = drive(pgt.receiver(o["rank"], o["source"], o["expected_step"]), host)
+    assert next(host.recs, None) is None, "records left over"
+    return host, result
 
 
 @pytest.mark.parametrize("v", by_kind("stream"), ids=ids(by_kind("stream")))
 def test_stream(pgt, v):
-    storages, result, _ = receive(pgt, v)
+    host, result = receive(pgt, v)
     assert result["leaves"] == v["result"]["leaves"]
-    for i, (s, want) in enumerate(zip(storages, v["result"]["storages"], strict=True)):
+    recs = records(v)
+    assert host.paths == pgt.decode(recs[0][1], recs[1][1])["path_elems"]
+    for i, (s, want) in enumerate(zip(host.storages, v["result"]["storages"], strict=True)):
         assert bytes(s) == pattern(i, len(s))
         assert f"0x{xxhash.xxh3_64_intdigest(bytes(s)):016x}" == want["digest"]
+
+
+@pytest.mark.parametrize("v", by_kind("stale_stream"), ids=ids(by_kind("stale_stream")))
+def test_stale_stream(pgt, v):
+    """Records of another transfer are skipped by their prefix; the result is the transfer's own."""
+    host, result = receive(pgt, v)
+    stale = [r["stale"] for r in v["records"]]
+    assert host.skipped == sum(stale) >= 3
+    assert result["leaves"] == v["result"]["leaves"]
+    for i, (s, want) in enumerate(zip(host.storages, v["result"]["storages"], strict=True)):
+        assert bytes(s) == pattern(i, len(s))
+        assert f"0x{xxhash.xxh3_64_intdigest(bytes(s)):016x}" == want["digest"]
+    # A host that hands the module a stale metadata message is refused by name, never served.
+    recs = records(v)
+    r = pgt.receiver(v["receiver"]["rank"], v["receiver"]["source"])
+    r.poll()
+    r.handle_header(recs[0][1])
+    with pytest.raises(PgtError) as e:
+        r.handle_metadata(recs[1][1])
+    assert e.value.name == "TransferMismatch"
 
 
 @pytest.mark.parametrize("v", by_kind("malformed_stream"), ids=ids(by_kind("malformed_stream")))
@@ -180,6 +291,22 @@ def test_malformed_stream(pgt, v):
     with pytest.raises(PgtError) as e:
         receive(pgt, v)
     check_error(e.value, v)
+
+
+def test_in_place_targets(pgt):
+    """A target binds its storage in place (its id in the binding); a target of the wrong size is the
+    named error, with the leaf's key path."""
+    v = next(v for v in by_kind("stream") if v["file"] == "stream_small.bin")
+    recs = records(v)
+    st = pgt.decode(recs[0][1], recs[1][1])["storages"][0]
+    target = {"storage": 0, "id": 2**40 + 7, "dtype": st["dtype"], "nbytes": st["nbytes"]}
+    host, result = receive(pgt, v, [target])
+    assert host.bindings[0]["dest"] == {"in_place": 2**40 + 7}
+    assert result["bindings"] == host.bindings
+    assert bytes(host.storages[0]) == pattern(0, int(st["nbytes"]))
+    with pytest.raises(PgtError) as e:
+        receive(pgt, v, [dict(target, nbytes=int(st["nbytes"]) + 2)])
+    assert e.value.name == "InPlaceSizeMismatch", e.value.message
 
 
 @pytest.mark.parametrize("v", by_kind("host_reject_stream"), ids=ids(by_kind("host_reject_stream")))
@@ -195,6 +322,7 @@ def test_every_kind_is_tested():
         "malformed",
         "receiver_reject",
         "stream",
+        "stale_stream",
         "malformed_stream",
         "host_reject_stream",
     }
@@ -205,25 +333,38 @@ def test_every_kind_is_tested():
 def test_sender_produces_the_stream(pgt, v):
     recs = records(v)
     summary = pgt.decode(recs[0][1], recs[1][1])
-    s = pgt.sender(recs[1][1], summary["digests"])
-    storages = [pattern(i, int(st["nbytes"])) for i, st in enumerate(s.storages)]
+    transfer_id = int(summary["header"]["transfer_id"], 16)
+    s = pgt.sender(recs[1][1][8:], summary["digests"], transfer_id)
+    storages = [pattern(i, int(st["nbytes"])) for i, st in enumerate(summary["storages"])]
     hashers = [xxhash.xxh3_64() for _ in storages]
     rank, chain = v["receiver"]["rank"], summary["plan"]["fanout"] == "Chain"
-    sent = []
-    while (op := s.poll())["type"] != "done":
+    sent, digests = [], []
+    while True:  # as pgt_core::drive::send, with every send done (and hashed) at once
+        while digests:
+            s.handle_digests(*digests.pop(0))
+        op = s.poll()
+        if op["type"] == "done":
+            break
         assert op["type"] == "send"
-        data = op.get("bytes")
-        if data is None:
-            data = b"".join(storages[g["storage"]][int(g["offset"]) : int(g["offset"]) + int(g["len"])] for g in op["segments"])
+        if op["kind"] == "data":
+            segments = s.plan[op["message"]]["segments"]
+            parts = [
+                storages[g["storage"]][int(g["offset"]) : int(g["offset"]) + int(g["len"])]
+                for g in segments
+            ]
+            data = prefix_bytes(op["prefix"]) + b"".join(parts)
+            if op["hash"]:
+                done = []
+                for g, part in zip(segments, parts, strict=True):
+                    hashers[g["storage"]].update(part)
+                    if g["completes"]:
+                        done.append(hashers[g["storage"]].intdigest())
+                digests.append((op["message"], done))
+        else:
+            data = s.bytes(op["message"])
         assert len(data) == op["len"]
         if op["to"] == rank or (chain and op["tag"] > 2):
             sent.append((op["tag"], data))
-        if op["hash"]:
-            for g in op["segments"]:
-                part = storages[g["storage"]][int(g["offset"]) : int(g["offset"]) + int(g["len"])]
-                hashers[g["storage"]].update(part)
-                if int(g["offset"]) + int(g["len"]) == len(storages[g["storage"]]):
-                    s.handle_storage_digest(g["storage"], hashers[g["storage"]].intdigest())
     assert sent == recs
 
 
@@ -233,7 +374,7 @@ def test_misuse_is_an_abi_error(pgt):
     assert (e.value.status, e.value.name) == (ABI_ERROR, "BadHandle")
     h, m = split(by_kind("valid_metadata")[0])
     with pytest.raises(PgtError) as e:
-        pgt.call("pgt_decode", lambda r: None, inputs=(h, m, b"\xff"))  # limits: not postcard LimitsW
+        pgt.call("pgt_decode", lambda r: None, inputs=(h, m, b"\xff"))  # not postcard Limits
     assert (e.value.status, e.value.name) == (ABI_ERROR, "BadArgument")
 
 

@@ -87,17 +87,12 @@ impl Net {
             .push_back((tag, bytes));
     }
 
-    /// The next message from `from` to `to`, which must be the one with `tag`.
-    fn take(&mut self, from: u32, to: u32, tag: u64) -> Vec<u8> {
-        let (t, bytes) = self
-            .queues
-            .get_mut(&(from, to))
-            .and_then(VecDeque::pop_front)
-            .unwrap_or_else(|| {
-                panic!("no progress: rank {to} waits for message {tag} from {from}, never sent")
-            });
+    /// The next message from `from` to `to`, which must be the one with `tag`; `None` when there is
+    /// none (a receiver waiting for it would wait forever: its run fails).
+    fn take(&mut self, from: u32, to: u32, tag: u64) -> Option<Vec<u8>> {
+        let (t, bytes) = self.queues.get_mut(&(from, to))?.pop_front()?;
         assert_eq!(t, tag, "messages from {from} to {to} arrive in plan order");
-        bytes
+        Some(bytes)
     }
 }
 
@@ -107,7 +102,8 @@ pub fn transfer(metadata: Metadata, storages: &[Vec<u8>], run: &Run) -> HashMap<
     let limits = Limits::default();
     let source = metadata.source;
     let destinations = metadata.destinations.clone();
-    let mut sender = Sender::new(metadata, run.digests, &limits).expect("valid metadata");
+    let mut sender = Sender::new(metadata, run.digests, &limits, crate::vectors::TRANSFER_ID)
+        .expect("valid metadata");
     let mut sent = MemorySender::new(storages);
     drive::send(&mut sender, &mut sent).expect("the sender runs to completion");
     let mut net = Net {
@@ -138,9 +134,12 @@ pub fn transfer(metadata: Metadata, storages: &[Vec<u8>], run: &Run) -> HashMap<
             })
             .collect();
         targets.sort_by_key(|(t, _)| t.storage);
-        let mut host = MemoryHost::new(|op: &RecvOp| Ok(net.take(op.from, rank, op.tag)))
-            .in_place(targets)
-            .lookahead(held_back);
+        // A message never sent is the run's error (no progress); after a failure, the receiver's
+        // drain stops there too.
+        let mut host =
+            MemoryHost::new(|op: &RecvOp| net.take(op.from, rank, op.tag).ok_or(Error::Incomplete))
+                .in_place(targets)
+                .lookahead(held_back);
         let options = ReceiverOptions {
             rank,
             source,

@@ -32,6 +32,11 @@ use self::spec::W;
 /// Directory of the vectors, relative to the workspace root.
 pub const DIR: &str = "tests/vectors";
 
+/// The transfer id of every vector's transfer (LE bytes `ef cd ab 89 67 45 23 01`).
+pub const TRANSFER_ID: u64 = 0x0123_4567_89ab_cdef;
+/// The id of the other transfer whose messages some vectors hold (stale or foreign messages).
+pub const OTHER_TRANSFER_ID: u64 = 0xfedc_ba98_7654_3210;
+
 /// What a vector is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -43,6 +48,9 @@ pub enum Kind {
     ReceiverReject,
     /// The messages one receiver gets in a whole transfer, which it receives completely.
     Stream,
+    /// A whole transfer with messages of another transfer (stale) before some of its own, under the
+    /// same tags: the receiver skips them by their prefix and receives the transfer completely.
+    StaleStream,
     /// A stream that the receiver rejects with the named error.
     MalformedStream,
     /// A stream that the receiving host must refuse itself (a data message of the wrong length, a
@@ -58,6 +66,7 @@ impl Kind {
             Kind::Malformed => "malformed",
             Kind::ReceiverReject => "receiver_reject",
             Kind::Stream => "stream",
+            Kind::StaleStream => "stale_stream",
             Kind::MalformedStream => "malformed_stream",
             Kind::HostRejectStream => "host_reject_stream",
         }
@@ -178,18 +187,26 @@ fn metadata(
     }
 }
 
-/// The header for `meta` as a sender would write it (length and digest of these bytes).
+/// The header of transfer [`TRANSFER_ID`] for the postcard metadata `meta` as a sender would write it
+/// (length and digest of these bytes).
 fn header_for(flags: u16, meta: &[u8]) -> Header {
     Header {
         version: header::VERSION,
         flags,
         metadata_len: meta.len() as u64,
         metadata_digest: digest(meta),
+        transfer_id: TRANSFER_ID,
     }
 }
 
-fn file(header: &[u8], meta: &[u8]) -> Vec<u8> {
-    [header, meta].concat()
+/// The metadata message of transfer [`TRANSFER_ID`]: its prefix, then the postcard metadata `meta`.
+fn message(meta: &[u8]) -> Vec<u8> {
+    [&header::prefix(TRANSFER_ID)[..], meta].concat()
+}
+
+/// A header + metadata file: the header message, then the metadata message.
+fn file(header: &[u8], metadata_message: &[u8]) -> Vec<u8> {
+    [header, metadata_message].concat()
 }
 
 fn mesh_2d() -> DeviceMesh {
@@ -470,7 +487,7 @@ fn valid_vector(
     digests: bool,
 ) -> Result<Vector, Error> {
     let manifest = Manifest::new(metadata, digests, &Limits::default())?;
-    let (header, meta) = codec::encode(&manifest)?;
+    let (header, meta) = codec::encode(&manifest, TRANSFER_ID)?;
     let mut e = entry(name, Kind::ValidMetadata, description);
     e["header_len"] = Json::from(Header::SIZE);
     e["manifest"] = summary(&header, &manifest);
@@ -554,8 +571,8 @@ fn base_split() -> (Vec<u8>, Vec<u8>) {
     (head, w.buf)
 }
 
-/// A malformed case: the metadata bytes, the header (default: consistent with the bytes), the expected
-/// error, non-default limits.
+/// A malformed case: the header (default: consistent with the metadata), the metadata message (default:
+/// the prefix of [`TRANSFER_ID`] and the postcard bytes), non-default limits.
 struct Bad {
     name: &'static str,
     description: &'static str,
@@ -564,12 +581,13 @@ struct Bad {
     limits: Option<Limits>,
 }
 
+/// The malformed case of the postcard metadata `meta` behind a matching header and prefix.
 fn bad(name: &'static str, description: &'static str, meta: Vec<u8>) -> Bad {
     Bad {
         name,
         description,
         header: header_for(0, &meta).to_bytes().to_vec(),
-        meta,
+        meta: message(&meta),
         limits: None,
     }
 }
@@ -579,9 +597,12 @@ fn bad_meta(name: &'static str, description: &'static str, m: &Metadata) -> Bad 
 }
 
 /// The malformed cases, in index order.
+// One push per vector, as for the valid cases.
+#[allow(clippy::vec_init_then_push)]
 fn bad_cases() -> Vec<Bad> {
-    let base_bytes = spec::metadata(&base());
-    let base_header = header_for(0, &base_bytes);
+    let base_postcard = spec::metadata(&base());
+    let base_header = header_for(0, &base_postcard);
+    let base_bytes = message(&base_postcard);
     let patched = |f: &dyn Fn(&mut [u8; Header::SIZE])| {
         let mut h = base_header.to_bytes();
         f(&mut h);
@@ -593,14 +614,14 @@ fn bad_cases() -> Vec<Bad> {
     // ---- header ----
     v.push(Bad {
         name: "header_short",
-        description: "The header message is 23 bytes (the base header without its last byte); header_len is 23 and there is no metadata.",
-        header: base_header.to_bytes()[..23].to_vec(),
+        description: "The header message is 31 bytes (the base header without its last byte); header_len is 31 and there is no metadata.",
+        header: base_header.to_bytes()[..31].to_vec(),
         meta: vec![],
         limits: None,
     });
     v.push(Bad {
         name: "header_long",
-        description: "The header message is 25 bytes (the base header plus a zero byte); header_len is 25, then the base metadata.",
+        description: "The header message is 33 bytes (the base header plus a zero byte); header_len is 33, then the base metadata message.",
         header: [&base_header.to_bytes()[..], &[0]].concat(),
         meta: base_bytes.clone(),
         limits: None,
@@ -615,11 +636,24 @@ fn bad_cases() -> Vec<Bad> {
     });
     v.push(Bad {
         name: "unsupported_version",
-        description: "Version 2 (this protocol is version 1).",
-        header: patched(&|h| h[4..6].copy_from_slice(&2u16.to_le_bytes())),
+        description: "Version 3 (this protocol is version 2).",
+        header: patched(&|h| h[4..6].copy_from_slice(&3u16.to_le_bytes())),
         meta: base_bytes.clone(),
         limits: None,
     });
+    {
+        // What a version-1 sender sends: a 24-byte header (no transfer id) and the bare postcard
+        // metadata (no prefix).
+        let mut v1 = base_header.to_bytes()[..24].to_vec();
+        v1[4..6].copy_from_slice(&1u16.to_le_bytes());
+        v.push(Bad {
+            name: "version_1_header",
+            description: "A version-1 transfer's header and metadata: the 24-byte version-1 header (magic, version 1, flags, metadata_len, metadata_digest; no transfer id) and the bare postcard base metadata (no prefix); header_len is 24. Refused by its version, not its length.",
+            header: v1,
+            meta: base_postcard.clone(),
+            limits: None,
+        });
+    }
     v.push(Bad {
         name: "unknown_flags",
         description: "Flags 0x8001: bit 0 (digests) is known, bit 15 is not.",
@@ -636,9 +670,9 @@ fn bad_cases() -> Vec<Bad> {
     });
     v.push(Bad {
         name: "metadata_length",
-        description: "The header announces one byte more metadata than follows.",
+        description: "The header announces one byte more metadata than follows (the metadata message is the 8-byte prefix and the postcard bytes, so MetadataLength counts the prefix too).",
         header: patched(&|h| {
-            h[8..16].copy_from_slice(&(base_bytes.len() as u64 + 1).to_le_bytes())
+            h[8..16].copy_from_slice(&(base_postcard.len() as u64 + 1).to_le_bytes())
         }),
         meta: base_bytes.clone(),
         limits: None,
@@ -650,17 +684,24 @@ fn bad_cases() -> Vec<Bad> {
         meta: base_bytes.clone(),
         limits: None,
     });
+    v.push(Bad {
+        name: "metadata_of_another_transfer",
+        description: "The base header (transfer 0x0123456789abcdef), then the base metadata message of another transfer (its prefix is 0xfedcba9876543210, bytes 10 32 54 76 98 ba dc fe): a stale or foreign message, refused by its prefix before its length or digest is looked at. A host skips such a message instead of handing it over (PROTOCOL.md §12).",
+        header: base_header.to_bytes().to_vec(),
+        meta: [&header::prefix(OTHER_TRANSFER_ID)[..], &base_postcard].concat(),
+        limits: None,
+    });
 
     // ---- postcard ----
     v.push(bad(
         "truncated_metadata",
         "The base metadata without its last byte (the header matches the shortened bytes): the value ends early.",
-        base_bytes[..base_bytes.len() - 1].to_vec(),
+        base_postcard[..base_postcard.len() - 1].to_vec(),
     ));
     v.push(bad(
         "trailing_bytes",
         "The base metadata followed by one extra 0x00 byte (the header covers it).",
-        [&base_bytes[..], &[0]].concat(),
+        [&base_postcard[..], &[0]].concat(),
     ));
     v.push(bad(
         "bad_enum_tag",
@@ -690,7 +731,7 @@ fn bad_cases() -> Vec<Bad> {
     v.push(bad(
         "bad_option",
         "The step Option's tag byte is 2 (only 0 = None and 1 = Some exist).",
-        [&[2u8][..], &base_bytes[1..]].concat(),
+        [&[2u8][..], &base_postcard[1..]].concat(),
     ));
     {
         let mut w = W::new();
@@ -809,6 +850,46 @@ fn bad_cases() -> Vec<Bad> {
         "too_many_dims",
         "A uint8 tensor with 65 dims of size 1 (default max_ndim is 64).",
         &one_tensor(view(DType::UInt8, &[1; 65], &[1; 65], 0, 1)),
+    ));
+    {
+        let mut w = W::new();
+        w.raw(&head);
+        spec::plan(&mut w, &PlanParams::default());
+        w.varint(2);
+        spec::node(&mut w, &dict(&["t"]));
+        spec::node(&mut w, &Node::Leaf);
+        w.varint(1)
+            .varint(1)
+            .varint(spec::dtype_index(DType::UInt8));
+        w.varint(1 << 60); // the shape's length, and nothing after it
+        v.push(bad(
+            "too_many_dims_announced",
+            "A tensor whose shape announces 2^60 dims (default max_ndim is 64) and ends there: a dims list's length is refused as soon as it is read, before any dim is decoded (so not TruncatedMetadata).",
+            w.buf,
+        ));
+    }
+    v.push(bad_meta(
+        "too_many_dims_stride",
+        "A uint8 tensor of shape [1, 1] whose stride has 65 entries, in metadata with no destinations: refused from the stride's length while decoding (TooManyDims), before validation, which would find NoDestinations first (and StrideRankMismatch for the tensor).",
+        &Metadata {
+            destinations: vec![],
+            ..one_tensor(view(DType::UInt8, &[1, 1], &[1; 65], 0, 1))
+        },
+    ));
+    v.push(bad_meta(
+        "decoded_too_large",
+        "A 4096-byte key above a list of 4200 None leaves: 16,720 bytes of metadata whose decoded size (PROTOCOL.md §11) is 18,668,972 bytes, as the key is in each leaf's key path: over 64 × 16,720 + 16 MiB = 17,847,296, which the scan passes at the 940th leaf, before anything is decoded. Every other limit holds.",
+        &metadata(
+            None,
+            0,
+            &[1],
+            PlanParams::default(),
+            [Node::Dict(vec![s(&"k".repeat(4096))]), Node::List(4200)]
+                .into_iter()
+                .chain(std::iter::repeat_n(Node::Leaf, 4200))
+                .collect(),
+            vec![Leaf::Value(Value::None); 4200],
+        ),
     ));
     v.push(bad_meta(
         "total_bytes_too_large",
@@ -1317,8 +1398,9 @@ fn receiver_reject_vector(
     m: Metadata,
     options: ReceiverOptions,
 ) -> Vector {
-    let meta = spec::metadata(&m);
-    let header = header_for(0, &meta).to_bytes();
+    let postcard = spec::metadata(&m);
+    let header = header_for(0, &postcard).to_bytes();
+    let meta = message(&postcard);
     let mut rx = pgt_core::receiver::Receiver::new(options);
     let err = rx
         .handle_header(&header)
@@ -1332,7 +1414,7 @@ fn receiver_reject_vector(
     .expect("receiver_reject metadata is valid");
     let mut e = entry(name, Kind::ReceiverReject, description);
     e["header_len"] = Json::from(Header::SIZE);
-    e["manifest"] = summary(&header_for(0, &meta), &manifest);
+    e["manifest"] = summary(&header_for(0, &postcard), &manifest);
     e["receiver"] = options_json(&options);
     e["error"] = Json::from(err.name());
     e["error_debug"] = Json::from(format!("{err:?}"));
@@ -1517,7 +1599,7 @@ fn stream_vector(c: &StreamCase) -> (Vector, Vec<Wire>) {
         outcome.storages, storages,
         "received bytes equal the pattern"
     );
-    let (header, _) = codec::encode(&manifest).expect("encodes");
+    let (header, _) = codec::encode(&manifest, TRANSFER_ID).expect("encodes");
     let plan = manifest.plan(header.metadata_len);
     let records: Vec<Json> = outcome
         .consumed
@@ -1666,13 +1748,15 @@ pub fn vectors() -> Vec<Vector> {
     for c in stream_cases() {
         let (v, wires) = stream_vector(&c);
         if c.name == "stream_direct_digests" {
-            direct_digests = Some((wires, c.receiver_options()));
+            direct_digests = Some((wires, c.receiver_options(), v.entry["result"].clone()));
         }
         out.push(v);
     }
-    let (direct_digests, receiver) = direct_digests.expect("stream_direct_digests exists");
+    let (direct_digests, receiver, result) = direct_digests.expect("stream_direct_digests exists");
+    out.push(stale_stream_vector(&direct_digests, receiver, &result));
     let mut flipped = direct_digests.clone();
-    flipped[3].bytes[10] ^= 0x01; // data message 1 (tag 4): bytes 64..128 of storage 0
+    // Data message 1 (tag 4): its 8-byte prefix, then bytes 64..128 of storage 0.
+    flipped[3].bytes[18] ^= 0x01;
     out.push(malformed_stream_vector(
         "stream_digest_mismatch",
         "stream_direct_digests with one bit flipped in data message tag 4 (storage 0 \"layer.weight\", byte 74): the trailer's digest of storage 0 does not match.",
@@ -1681,10 +1765,10 @@ pub fn vectors() -> Vec<Vector> {
     ));
     let mut short = direct_digests.clone();
     let last = short.len() - 1;
-    short[last].bytes.truncate(32);
+    short[last].bytes.truncate(48);
     out.push(malformed_stream_vector(
         "stream_trailer_length",
-        "stream_direct_digests with the trailer cut to 32 bytes (5 storages need 40).",
+        "stream_direct_digests with the trailer cut to 48 bytes (prefix, metadata digest and 5 storage digests need 56).",
         &short,
         receiver,
     ));
@@ -1692,14 +1776,22 @@ pub fn vectors() -> Vec<Vector> {
     long_trailer[last].bytes.extend_from_slice(&[0; 8]);
     out.push(malformed_stream_vector(
         "stream_trailer_long",
-        "stream_direct_digests with 8 zero bytes after the trailer (48 bytes; 5 storages need 40): a longer trailer is TrailerLength too, for a host that hands the core what arrived (pgt-host's process group refuses it before: PROTOCOL.md §12).",
+        "stream_direct_digests with 8 zero bytes after the trailer (64 bytes; it must be 56): a longer trailer is TrailerLength too, for a host that hands the core what arrived (pgt-host's process group refuses it before: PROTOCOL.md §12).",
         &long_trailer,
         receiver,
     ));
+    let mut other_metadata = direct_digests.clone();
+    other_metadata[last].bytes[8] ^= 0x01;
+    out.push(malformed_stream_vector(
+        "stream_trailer_metadata_digest",
+        "stream_direct_digests with one bit flipped in the trailer's copy of the metadata digest (bytes 8..16, after the prefix): the trailer does not belong to this transfer's metadata.",
+        &other_metadata,
+        receiver,
+    ));
     let mut several = direct_digests.clone();
-    several[6].bytes[0] ^= 0x01; // data message 4 (tag 7): storage 3 "mask", byte 0
-    several[last].bytes[8] ^= 0x01; // the trailer's digest of storage 1 "layer.bias"
-    several[last].bytes[32] ^= 0x01; // the trailer's digest of storage 4 "empty" (0 bytes)
+    several[6].bytes[8] ^= 0x01; // data message 4 (tag 7): storage 3 "mask", byte 0
+    several[last].bytes[16 + 8] ^= 0x01; // the trailer's digest of storage 1 "layer.bias"
+    several[last].bytes[16 + 32] ^= 0x01; // the trailer's digest of storage 4 "empty" (0 bytes)
     out.push(malformed_stream_vector(
         "stream_digest_mismatch_several",
         "stream_direct_digests with storages 1, 3 and 4 mismatching: one bit flipped in data message tag 7 (storage 3 \"mask\", byte 0) and in the trailer's digests of storage 1 \"layer.bias\" and storage 4 \"empty\" (0 bytes). The error names the lowest mismatching storage, 1.",
@@ -1707,10 +1799,10 @@ pub fn vectors() -> Vec<Vector> {
         receiver,
     ));
     let mut data_short = direct_digests.clone();
-    data_short[3].bytes.truncate(63);
+    data_short[3].bytes.truncate(71);
     out.push(host_reject_stream_vector(
         "stream_data_short",
-        "stream_direct_digests with data message tag 4 cut to 63 bytes (the plan says 64). The host must refuse it: pgt-core hands out the expected length and only learns that a data message landed.",
+        "stream_direct_digests with data message tag 4 cut to 71 bytes (the plan says 72: the prefix and 64 storage bytes). The host must refuse it: pgt-core hands out the expected length and only learns that a data message landed.",
         &data_short,
         receiver,
     ));
@@ -1718,7 +1810,7 @@ pub fn vectors() -> Vec<Vector> {
     data_long[5].bytes.push(0);
     out.push(host_reject_stream_vector(
         "stream_data_long",
-        "stream_direct_digests with a zero byte after data message tag 6 (41 bytes; the plan says 40): the host must refuse it.",
+        "stream_direct_digests with a zero byte after data message tag 6 (49 bytes; the plan says 48): the host must refuse it.",
         &data_long,
         receiver,
     ));
@@ -1747,6 +1839,73 @@ pub fn vectors() -> Vec<Vector> {
     out
 }
 
+/// `stream_direct_digests` (rank 1's `wires`) with four messages of another transfer (prefix
+/// [`OTHER_TRANSFER_ID`]) each just before this transfer's message with the same tag: a metadata
+/// message and a data message of other lengths, a data message and a trailer of the same lengths.
+fn stale_stream_vector(wires: &[Wire], receiver: ReceiverOptions, result: &Json) -> Vector {
+    let other = header::prefix(OTHER_TRANSFER_ID);
+    let restamp = |w: &Wire, body: Vec<u8>| Wire {
+        bytes: [&other[..], &body].concat(),
+        ..w.clone()
+    };
+    let flipped = |w: &Wire| w.bytes[8..].iter().map(|b| b ^ 0xFF).collect::<Vec<u8>>();
+    // Another metadata message (stream_small's), 16 bytes of another data message, and this
+    // transfer's data message 1 and trailer with every byte after the prefix flipped.
+    let small = stream_cases().remove(0).metadata;
+    let stale = [
+        (1, restamp(&wires[1], spec::metadata(&small))),
+        (2, restamp(&wires[2], vec![0xEE; 16])),
+        (3, restamp(&wires[3], flipped(&wires[3]))),
+        (
+            wires.len() - 1,
+            restamp(&wires[wires.len() - 1], flipped(&wires[wires.len() - 1])),
+        ),
+    ];
+    let mut records: Vec<(Wire, bool)> = Vec::new();
+    for (i, w) in wires.iter().enumerate() {
+        if let Some((_, s)) = stale.iter().find(|(at, _)| *at == i) {
+            records.push((s.clone(), true));
+        }
+        records.push((w.clone(), false));
+    }
+    let recs: Vec<(u64, Vec<u8>)> = records
+        .iter()
+        .map(|(w, _)| (w.tag, w.bytes.clone()))
+        .collect();
+    let outcome = run_stream(receiver, &recs).expect("a stale stream is received");
+    assert_eq!(
+        outcome.skipped,
+        stale.len(),
+        "every stale record is skipped"
+    );
+    let name = "stream_stale_skipped";
+    let len = |i: usize| stale[i].1.bytes.len();
+    let description = format!(
+        "stream_direct_digests (rank 1) with a message of another transfer (prefix 0xfedcba9876543210, bytes 10 32 54 76 98 ba dc fe) just before four of its own, under the same tag: before the metadata, another transfer's metadata message (stream_small's, {} bytes; this one's is {}); before data message tag 3, {} bytes (this one's is {}); before tag 4 and before the trailer, messages of the same lengths as this transfer's (their bytes after the prefix flipped). A receiver skips each by its prefix and receives stream_direct_digests' result.",
+        len(0),
+        wires[1].bytes.len(),
+        len(1),
+        wires[2].bytes.len()
+    );
+    let mut e = entry(name, Kind::StaleStream, &description);
+    e["receiver"] = options_json(&receiver);
+    e["records"] = Json::Array(
+        records
+            .iter()
+            .map(|(w, stale)| json!({"tag": uint(w.tag), "len": w.bytes.len(), "from": w.from, "stale": stale}))
+            .collect(),
+    );
+    e["pattern"] = Json::from(pattern_text());
+    e["result"] = result.clone();
+    Vector {
+        name: name.into(),
+        kind: Kind::StaleStream,
+        description,
+        bytes: host::encode_stream(&records.into_iter().map(|(w, _)| w).collect::<Vec<_>>()),
+        entry: e,
+    }
+}
+
 /// `index.json` for `vectors`.
 pub fn index(vectors: &[Vector]) -> String {
     let doc = json!({
@@ -1765,13 +1924,14 @@ pub fn readme(vectors: &[Vector]) -> String {
     for kind in [
         Kind::ValidMetadata,
         Kind::Stream,
+        Kind::StaleStream,
         Kind::MalformedStream,
         Kind::HostRejectStream,
         Kind::Malformed,
         Kind::ReceiverReject,
     ] {
         out.push_str(&format!("\n### {}\n\n", kind.name()));
-        let with_error = !matches!(kind, Kind::ValidMetadata | Kind::Stream);
+        let with_error = !matches!(kind, Kind::ValidMetadata | Kind::Stream | Kind::StaleStream);
         if with_error {
             out.push_str("| file | error | contents |\n|---|---|---|\n");
         } else {
@@ -1828,16 +1988,19 @@ as `index.json` says. The wire format is specified in `PROTOCOL.md` at the repos
 - `index.json` — machine-readable list of every vector (see below).
 - `NAME.bin` — one vector each, in one of two layouts:
   - **header + metadata** (kinds `valid_metadata`, `malformed`, `receiver_reject`): the header message
-    (`header_len` bytes, 24 except in `header_short` / `header_long`) immediately followed by the
-    metadata message (the rest of the file). A decoder parses `file[:header_len]` as the header and
-    `file[header_len:]` as the metadata.
-  - **stream** (kinds `stream`, `malformed_stream`, `host_reject_stream`): the messages one receiver
-    gets, in the order it receives them, each as `tag: u64 LE | len: u64 LE | len bytes`, back to back.
-    The first two records are the header (tag 1) and metadata (tag 2) messages.
+    (`header_len` bytes, 32 except in `header_short`, `header_long` and `version_1_header`) immediately
+    followed by the metadata message (the rest of the file: the 8-byte prefix — the transfer id
+    `0x0123456789abcdef`, bytes `ef cd ab 89 67 45 23 01` — then the postcard metadata). A decoder parses
+    `file[:header_len]` as the header and `file[header_len:]` as the metadata message.
+  - **stream** (kinds `stream`, `stale_stream`, `malformed_stream`, `host_reject_stream`): the messages
+    one receiver gets, in the order it receives them, each as `tag: u64 LE | len: u64 LE | len bytes`,
+    back to back. The first two records are the header (tag 1) and metadata (tag 2) messages (in a
+    `stale_stream`, the first record of this transfer with those tags). Every message after the header
+    starts with the transfer id.
 
 ## index.json
 
-Top level: `format` (1), `protocol_version` (1), `default_limits`, `generator`, and `vectors`, a list of
+Top level: `format` (1), `protocol_version` (2), `default_limits`, `generator`, and `vectors`, a list of
 entries. Object keys are sorted. Integers above 2^53 − 1 are written as decimal strings so that
 JavaScript readers stay exact; 64-bit digests are `0x`-prefixed 16-digit hex strings; dtypes are torch
 names (`"float32"`).
@@ -1845,7 +2008,7 @@ names (`"float32"`).
 Every entry has `file`, `kind`, `description`. Then by kind:
 
 - `valid_metadata`: `header_len`, `manifest` — what the vector decodes to: `header` (version, flags,
-  metadata_len, metadata_digest), `step`, `source`, `destinations`, `plan` (fanout, bucket_size,
+  metadata_len, metadata_digest, transfer_id), `step`, `source`, `destinations`, `plan` (fanout, bucket_size,
   chunk_size), `digests`, `leaf_count`, `storage_count`, `total_bytes`, `paths` (each leaf's key path as
   displayed: elements joined by `.`, `<root>` for the empty path — not unique, see `nested`),
   `path_elems` (the same paths, structured: `{"key": str}`, `{"int_key": n}` or `{"index": n}`),
@@ -1865,6 +2028,10 @@ Every entry has `file`, `kind`, `description`. Then by kind:
   them: ShardedTensor placements rewritten to the receiving rank) and every storage's `path`, `nbytes`
   and XXH3-64 `digest`. A receiver fed the records in order must end with every storage equal to the
   pattern.
+- `stale_stream`: `receiver`, `records` (tag, len, from, and `stale`: true for a message of another
+  transfer, whose first 8 bytes are another id), `pattern` and `result` (as for `stream`). A receiver fed
+  the records in order must skip every stale one by its prefix — whatever its length — and end as the
+  `stream` would: every storage equal to the pattern, every record consumed (PROTOCOL.md §12).
 - `malformed_stream`: `receiver`, `pattern`, `error`, `error_debug`: feeding the records in order makes
   the receiver fail with that error.
 - `host_reject_stream`: `receiver`, `pattern`, `host_error`: feeding the records in order, the host

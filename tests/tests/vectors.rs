@@ -115,13 +115,16 @@ fn valid_metadata_decodes_to_its_manifest() {
             *want,
             "{name}: decoded manifest differs from index.json"
         );
-        // Core's encoder and the encoder written from PROTOCOL.md both give exactly these bytes.
-        let (h2, meta2) = codec::encode(&manifest).expect("encodes");
+        // Core's encoder and the encoder written from PROTOCOL.md both give exactly these bytes:
+        // the metadata message is the transfer id's prefix, then the postcard metadata.
+        assert_eq!(header.transfer_id, vectors::TRANSFER_ID, "{name}");
+        let (h2, meta2) = codec::encode(&manifest, vectors::TRANSFER_ID).expect("encodes");
         assert_eq!(h2.to_bytes().as_slice(), h.as_slice(), "{name}: header");
         assert_eq!(meta2, meta, "{name}: core re-encoding");
+        assert_eq!(&meta[..8], &header::prefix(vectors::TRANSFER_ID), "{name}");
         assert_eq!(
             spec::metadata(manifest.metadata()),
-            meta,
+            meta[8..],
             "{name}: the PROTOCOL.md encoder (tests/src/vectors/spec.rs) disagrees with pgt-core"
         );
     }
@@ -164,12 +167,15 @@ fn malformed_vectors_fail_with_their_named_error() {
         );
         if consistent {
             let header = Header::parse(&h, &limits).expect("header parses");
-            assert_eq!(header.metadata_len, meta.len() as u64, "{name}");
+            assert_eq!(header.metadata_message_len(), meta.len() as u64, "{name}");
             assert_eq!(
                 header.metadata_digest,
-                pgt_core::digest::digest(&meta),
+                pgt_core::digest::digest(&meta[8..]),
                 "{name}"
             );
+            if str_of(e, "error") != "TransferMismatch" {
+                assert_eq!(&meta[..8], &header::prefix(header.transfer_id), "{name}");
+            }
         }
     }
     assert!(seen >= 40, "only {seen} malformed vectors");
@@ -279,6 +285,65 @@ fn streams_are_received_completely() {
 }
 
 #[test]
+fn stale_streams_are_received_completely_skipping_the_stale_records() {
+    let mut seen = 0;
+    for e in entries()
+        .iter()
+        .filter(|e| e["kind"] == Kind::StaleStream.name())
+    {
+        seen += 1;
+        let name = str_of(e, "file");
+        let records =
+            host::decode_stream(&read(name)).unwrap_or_else(|err| panic!("{name}: {err}"));
+        let want_records = e["records"].as_array().expect("records");
+        assert_eq!(records.len(), want_records.len(), "{name}: record count");
+        let header = Header::parse(&records[0].1, &Limits::default()).expect("header");
+        let mut stale = 0;
+        for ((tag, bytes), want) in records.iter().zip(want_records) {
+            assert_eq!(Some(*tag), want["tag"].as_u64(), "{name}");
+            assert_eq!(Some(bytes.len() as u64), want["len"].as_u64(), "{name}");
+            // A stale record is one whose prefix is another transfer's.
+            let is_stale = *tag != 1 && header::is_stale(bytes, header.transfer_id);
+            assert_eq!(Some(is_stale), want["stale"].as_bool(), "{name}");
+            stale += usize::from(is_stale);
+        }
+        assert!(stale >= 3, "{name}: {stale} stale records");
+        let options = vectors::options_from_json(&e["receiver"]).expect("receiver options");
+        let outcome =
+            vectors::run_stream(options, &records).unwrap_or_else(|err| panic!("{name}: {err:?}"));
+        assert_eq!(outcome.skipped, stale, "{name}: every stale record skipped");
+        let leaves: Vec<Json> = outcome
+            .received
+            .leaves
+            .iter()
+            .map(vectors::leaf_json)
+            .collect();
+        assert_eq!(Json::Array(leaves), e["result"]["leaves"], "{name}");
+        for (i, s) in e["result"]["storages"]
+            .as_array()
+            .expect("storages")
+            .iter()
+            .enumerate()
+        {
+            let d = format!("0x{:016x}", pgt_core::digest::digest(&outcome.storages[i]));
+            assert_eq!(
+                s["digest"].as_str(),
+                Some(d.as_str()),
+                "{name}: storage {i}"
+            );
+        }
+        // A host that does not skip them uses none: it fails at the first one.
+        let mut rx = Receiver::new(options);
+        rx.handle_header(&records[0].1).unwrap();
+        assert!(matches!(
+            rx.handle_metadata(&records[1].1),
+            Err(Error::TransferMismatch { message: 1, .. })
+        ));
+    }
+    assert!(seen >= 1, "no stale streams");
+}
+
+#[test]
 fn malformed_streams_fail_with_their_named_error() {
     let mut seen = 0;
     for e in entries()
@@ -372,6 +437,9 @@ fn every_wire_error_has_a_vector() {
         "ForwardNotIssued",
         "ForwardReportedTwice",
         "DataLength",
+        // A host's bound on its own work while skipping stale messages (MAX_STALE), not a property
+        // of any message.
+        "TooManyStale",
         "InPlaceSizeMismatch",
         "InPlaceDTypeMismatch",
         "Incomplete",

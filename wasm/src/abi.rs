@@ -165,6 +165,11 @@ fn metadata_args(
     Ok((pgt_core::codec::decode_metadata(metadata)?, digests, limits))
 }
 
+/// A transfer id from its two 32-bit halves (arguments are wasm `i32`s).
+fn transfer_id(lo: u32, hi: u32) -> u64 {
+    u64::from(hi) << 32 | u64::from(lo)
+}
+
 fn insert<T>(slab: &mut Vec<Option<T>>, v: T) -> u32 {
     let i = match slab.iter().position(Option::is_none) {
         Some(i) => {
@@ -317,12 +322,15 @@ pub unsafe extern "C" fn pgt_encode(
     digests: u32,
     limits_ptr: *const u8,
     limits_len: usize,
+    transfer_id_lo: u32,
+    transfer_id_hi: u32,
 ) -> *const u8 {
     // SAFETY: the caller's contract.
     let (m, l) = unsafe { (input(metadata, metadata_len), input(limits_ptr, limits_len)) };
     run(|| {
         let (meta, digests, limits) = metadata_args(m, digests, l)?;
-        Ok(api::encode(meta, digests, &limits)?)
+        let id = transfer_id(transfer_id_lo, transfer_id_hi);
+        Ok(api::encode(meta, digests, &limits, id)?)
     })
 }
 
@@ -339,12 +347,15 @@ pub unsafe extern "C" fn pgt_sender_new(
     digests: u32,
     limits_ptr: *const u8,
     limits_len: usize,
+    transfer_id_lo: u32,
+    transfer_id_hi: u32,
 ) -> *const u8 {
     // SAFETY: the caller's contract.
     let (m, l) = unsafe { (input(metadata, metadata_len), input(limits_ptr, limits_len)) };
     run(|| {
         let (meta, digests, limits) = metadata_args(m, digests, l)?;
-        let sender = Sender::new(meta, digests, &limits)?;
+        let id = transfer_id(transfer_id_lo, transfer_id_hi);
+        let sender = Sender::new(meta, digests, &limits, id)?;
         let plan = sender.plan().clone();
         let handle = insert(&mut state().senders, sender);
         Ok(SenderCreated { handle, plan })
@@ -360,9 +371,9 @@ pub extern "C" fn pgt_sender_poll(handle: u32) -> *const u8 {
 /// The bytes of header, metadata or trailer message `message` (once polled). Result: `Vec<u8>`.
 #[no_mangle]
 pub extern "C" fn pgt_sender_bytes(handle: u32, message: u32) -> *const u8 {
-    run(|| match sender(handle)?.payload(message) {
+    run(|| match sender(handle)?.payload(message)? {
         Payload::Bytes(b) => Ok(b),
-        Payload::Storages(_) => Err(Fail::Core(pgt_core::Error::MessageNotOutstanding {
+        Payload::Storages { .. } => Err(Fail::Core(pgt_core::Error::MessageNotOutstanding {
             message: message.into(),
         })),
     })
@@ -506,6 +517,14 @@ pub unsafe extern "C" fn pgt_receiver_trailer(
 #[no_mangle]
 pub extern "C" fn pgt_receiver_forwarded(handle: u32, message: u32) -> *const u8 {
     run(|| Ok(receiver(handle)?.handle_forwarded(message)?))
+}
+
+/// After an error: the next message the failed transfer's plan still says is coming, which the host
+/// receives and discards (pgt-core's `Receiver::leftover`; the first call ends the transfer). Result:
+/// `Option<RecvOp>`.
+#[no_mangle]
+pub extern "C" fn pgt_receiver_leftover(handle: u32) -> *const u8 {
+    run(|| Ok(receiver(handle)?.leftover()))
 }
 
 /// The verified result; frees the receiver whatever the outcome. Result: `Received`.

@@ -38,10 +38,16 @@ pub fn summary(header: &Header, manifest: &Manifest) -> Summary {
     }
 }
 
-/// Validates `metadata` (as a sender does) and encodes it: the header and metadata messages.
-pub fn encode(metadata: Metadata, digests: bool, limits: &Limits) -> Result<Encoded> {
+/// Validates `metadata` (as a sender does) and encodes it for transfer `transfer_id`: the header and
+/// metadata messages.
+pub fn encode(
+    metadata: Metadata,
+    digests: bool,
+    limits: &Limits,
+    transfer_id: u64,
+) -> Result<Encoded> {
     let manifest = Manifest::new(metadata, digests, limits)?;
-    let (header, metadata) = codec::encode(&manifest)?;
+    let (header, metadata) = codec::encode(&manifest, transfer_id)?;
     Ok(Encoded {
         header: header.to_bytes().to_vec(),
         metadata,

@@ -4,8 +4,7 @@
 //!
 //! Errors are thrown as `Error` objects whose `name` is the pgt-core variant (`"BadMagic"`,
 //! `"InPlaceSizeMismatch"`…; `"BadArgument"` / `"BadHandle"` for misuse), `message` its Display text, and
-//! with extra properties `variant` (= name), `debug` (the Debug form, e.g. `"TreeTooDeep { max: 64 }"`)
-//! and `pgt: true`.
+//! with extra properties `variant` (= name) and `pgt: true`.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -44,25 +43,35 @@ export interface MetadataInput {
 }
 /** What a header + metadata decode to: index.json's manifest without messages, plus tree. */
 export interface Summary extends MetadataInput {
-  header: { version: number; flags: number; metadata_len: U64; metadata_digest: string };
+  header: { version: number; flags: number; metadata_len: U64; metadata_digest: string; transfer_id: string };
   digests: boolean; leaf_count: number; storage_count: number; total_bytes: U64;
   paths: string[]; path_elems: PathElem[][]; storages: StorageInfo[];
 }
 export type MessageKind = "header" | "metadata" | "data" | "trailer";
 export interface Message { kind: MessageKind; tag: U64; len: U64; segments: Segment[] }
 export interface Encoded { header: Uint8Array; metadata: Uint8Array }
-/** A send's bytes: sender.bytes(message) for header, metadata and trailer; the plan's segments for data. */
+/**
+ * `prefix`: the transfer id every message after the header starts with, as "0x" and 16 hex digits (its 8
+ * bytes are the id little-endian); null for the header. Header, metadata and trailer bytes already start
+ * with it; a data message is those 8 bytes, then its segments' bytes.
+ */
+export type Prefix = string | null;
+/** A send's bytes: sender.bytes(message) for header, metadata and trailer; the prefix, then the plan's segments for data. */
 export type SendOp =
-  | { type: "send"; to: number; message: number; kind: MessageKind; tag: U64; len: U64; hash: boolean }
+  | { type: "send"; to: number; message: number; kind: MessageKind; tag: U64; len: U64; hash: boolean; prefix: Prefix }
   | { type: "wait_digests" } | { type: "done" };
-/** A data receive lands in the plan's segments; a forward sends them (or, for the trailer, the bytes received). */
+/**
+ * A data receive takes the prefix, then lands in the plan's segments; a forward sends the prefix and
+ * them (or, for the trailer, the bytes received). A message whose first 8 bytes are not the prefix is
+ * stale: skip it and receive the next one with the tag.
+ */
 export type RecvOp =
-  | { type: "recv"; from: number; message: number; kind: MessageKind; tag: U64; len: U64; hash: boolean }
+  | { type: "recv"; from: number; message: number; kind: MessageKind; tag: U64; len: U64; hash: boolean; prefix: Prefix }
   | { type: "need_bindings" }
-  | { type: "forward"; to: number; message: number; kind: MessageKind; tag: U64; len: U64 }
+  | { type: "forward"; to: number; message: number; kind: MessageKind; tag: U64; len: U64; prefix: Prefix }
   | { type: "wait" } | { type: "done" };
 export interface ReceiverOptions { rank: number; source: number; expected_step?: U64 | null; limits?: Limits }
-export interface Incoming { step: U64 | null; storages: StorageInfo[]; total_bytes: U64; plan: Message[] }
+export interface Incoming { transfer_id: string; step: U64 | null; storages: StorageInfo[]; total_bytes: U64; plan: Message[] }
 export interface InPlaceTarget { storage: number; id: U64; dtype: string; nbytes: U64 }
 export interface BindingInfo { dest: "fresh" | { in_place: U64 }; dtype: string; nbytes: U64; cast_from: string | null }
 export interface Received { step: U64 | null; tree: TreeNode[]; leaves: Leaf[]; bindings: BindingInfo[] }
@@ -110,7 +119,7 @@ fn set(obj: &JsValue, key: &str, value: &JsValue) {
     let _ = Reflect::set(obj, &key.into(), value);
 }
 
-/// A JS object from JSON, plus the payload as `bytes` (Uint8Array) or `segments`.
+/// The default limits.
 #[wasm_bindgen(js_name = defaultLimits, unchecked_return_type = "Limits")]
 pub fn default_limits() -> JsValue {
     to_js(&limits_json(&Limits::default()))
@@ -150,15 +159,18 @@ fn metadata_arg(v: &JsValue) -> Result<pgt_core::schema::Metadata, JsValue> {
     json::metadata_from_json(&from_js(v, "metadata")?).map_err(bad_argument)
 }
 
-/// Validates metadata as a sender does and encodes it: `{header, metadata}` messages.
+/// Validates metadata as a sender does and encodes it for transfer `transferId` (a u64 bigint):
+/// `{header, metadata}` messages.
 #[wasm_bindgen(unchecked_return_type = "Encoded")]
 pub fn encode(
     #[wasm_bindgen(unchecked_param_type = "MetadataInput")] metadata: JsValue,
     digests: bool,
     #[wasm_bindgen(unchecked_param_type = "Limits | undefined")] limits: JsValue,
+    #[wasm_bindgen(js_name = transferId)] transfer_id: u64,
 ) -> Result<JsValue, JsValue> {
     let limits = limits_arg(&limits)?;
-    let e = api::encode(metadata_arg(&metadata)?, digests, &limits).map_err(core_err)?;
+    let e =
+        api::encode(metadata_arg(&metadata)?, digests, &limits, transfer_id).map_err(core_err)?;
     let obj = to_js(&json!({}));
     set(
         &obj,
@@ -182,20 +194,22 @@ pub struct Sender {
 
 #[wasm_bindgen]
 impl Sender {
-    /// Validates and encodes `metadata`; `digests`: send a digest trailer.
+    /// Validates and encodes `metadata`; `digests`: send a digest trailer; `transferId`: this
+    /// transfer's id (a u64 bigint, random: every message after the header starts with it).
     #[wasm_bindgen(constructor)]
     pub fn new(
         #[wasm_bindgen(unchecked_param_type = "MetadataInput")] metadata: JsValue,
         digests: bool,
         #[wasm_bindgen(unchecked_param_type = "Limits | undefined")] limits: JsValue,
+        #[wasm_bindgen(js_name = transferId)] transfer_id: u64,
     ) -> Result<Sender, JsValue> {
         let limits = limits_arg(&limits)?;
-        let inner =
-            CoreSender::new(metadata_arg(&metadata)?, digests, &limits).map_err(core_err)?;
+        let inner = CoreSender::new(metadata_arg(&metadata)?, digests, &limits, transfer_id)
+            .map_err(core_err)?;
         Ok(Sender { inner })
     }
 
-    /// Every storage, in wire order.
+    /// The plan: every wire message, with the storage segments of the data messages.
     #[wasm_bindgen(unchecked_return_type = "Message[]")]
     pub fn plan(&self) -> JsValue {
         to_js(&plan_json(self.inner.plan()))
@@ -217,6 +231,7 @@ impl Sender {
             SendPoll::Send(op) => to_js(&json!({
                 "type": "send", "to": op.to, "message": op.message, "kind": kind_name(op.kind),
                 "tag": uint(op.tag), "len": uint(op.len), "hash": op.hash,
+                "prefix": op.prefix.map(hex64),
             })),
             SendPoll::WaitDigests => to_js(&json!({"type": "wait_digests"})),
             SendPoll::Done => to_js(&json!({"type": "done"})),
@@ -225,9 +240,9 @@ impl Sender {
 
     /// The bytes of header, metadata or trailer message `message` (once polled).
     pub fn bytes(&self, message: u32) -> Result<Vec<u8>, JsValue> {
-        match self.inner.payload(message) {
+        match self.inner.payload(message).map_err(core_err)? {
             Payload::Bytes(b) => Ok(b.to_vec()),
-            Payload::Storages(_) => Err(core_err(pgt_core::Error::MessageNotOutstanding {
+            Payload::Storages { .. } => Err(core_err(pgt_core::Error::MessageNotOutstanding {
                 message: message.into(),
             })),
         }
@@ -294,14 +309,11 @@ impl Receiver {
     #[wasm_bindgen(unchecked_return_type = "RecvOp")]
     pub fn poll(&mut self) -> Result<JsValue, JsValue> {
         Ok(match self.get()?.poll() {
-            RecvPoll::Recv(op) => to_js(&json!({
-                "type": "recv", "from": op.from, "message": op.message, "kind": kind_name(op.kind),
-                "tag": uint(op.tag), "len": uint(op.len), "hash": op.hash,
-            })),
+            RecvPoll::Recv(op) => to_js(&recv_op_json(&op)),
             RecvPoll::NeedBindings => to_js(&json!({"type": "need_bindings"})),
             RecvPoll::Forward(op) => to_js(&json!({
                 "type": "forward", "to": op.to, "message": op.message, "kind": kind_name(op.kind),
-                "tag": uint(op.tag), "len": uint(op.len),
+                "tag": uint(op.tag), "len": uint(op.len), "prefix": op.prefix.map(hex64),
             })),
             RecvPoll::Wait => to_js(&json!({"type": "wait"})),
             RecvPoll::Done => to_js(&json!({"type": "done"})),
@@ -321,6 +333,7 @@ impl Receiver {
         r.handle_metadata(bytes).map_err(core_err)?;
         let m = r.incoming().map_err(core_err)?;
         Ok(to_js(&json!({
+            "transfer_id": hex64(m.transfer_id),
             "step": m.step.map(uint),
             "storages": storages_json(&m.storages),
             "total_bytes": uint(m.total_bytes),
@@ -371,10 +384,21 @@ impl Receiver {
         self.get()?.handle_trailer(bytes).map_err(core_err)
     }
 
-    /// Reports storage `storage`'s digest (XXH3-64), hashed as it landed.
+    /// Reports that forward `message` has been sent.
     #[wasm_bindgen(js_name = handleForwarded)]
     pub fn handle_forwarded(&mut self, message: u32) -> Result<(), JsValue> {
         self.get()?.handle_forwarded(message).map_err(core_err)
+    }
+
+    /// After an error: the next message the failed transfer's plan still says is coming (a "recv" op),
+    /// which the host receives and discards so that the next transfer on the link starts clean; null
+    /// when none is left or nothing is known. The first call ends the transfer.
+    #[wasm_bindgen(unchecked_return_type = "RecvOp | null")]
+    pub fn leftover(&mut self) -> Result<JsValue, JsValue> {
+        Ok(match self.get()?.leftover() {
+            Some(op) => to_js(&recv_op_json(&op)),
+            None => JsValue::NULL,
+        })
     }
 
     /// The verified result (once poll() said "done"); the receiver is finished afterwards.
@@ -394,4 +418,11 @@ impl Receiver {
             "bindings": r.bindings.iter().map(binding_json).collect::<Vec<_>>(),
         })))
     }
+}
+
+fn recv_op_json(op: &pgt_core::receiver::RecvOp) -> Json {
+    json!({
+        "type": "recv", "from": op.from, "message": op.message, "kind": kind_name(op.kind),
+        "tag": uint(op.tag), "len": uint(op.len), "hash": op.hash, "prefix": op.prefix.map(hex64),
+    })
 }

@@ -233,6 +233,7 @@ pub fn header_json(h: &Header) -> Json {
         "flags": h.flags,
         "metadata_len": uint(h.metadata_len),
         "metadata_digest": hex64(h.metadata_digest),
+        "transfer_id": hex64(h.transfer_id),
     })
 }
 

@@ -13,7 +13,7 @@ use pgt_core::schema::PlanParams;
 use pgt_core::tree::{KeyPath, Leaf, Node};
 
 /// Version of the raw ABI (`pgt_abi_version`); bumped on any incompatible change of an export or type.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Status word of a result block.
 pub mod status {
@@ -108,9 +108,9 @@ pub struct Summary {
 /// A header and metadata message (`pgt_encode`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Encoded {
-    /// The 24-byte header message.
+    /// The 32-byte header message.
     pub header: Vec<u8>,
-    /// The metadata message.
+    /// The metadata message (the transfer id, then the postcard metadata).
     pub metadata: Vec<u8>,
 }
 

@@ -8,7 +8,7 @@ use pgt_core::digest::digest;
 use pgt_core::drive::{self, Event, ReceiveHost, SendHost};
 use pgt_core::dtensor::{DTensorSpec, DeviceMesh, Placement, ReduceOp};
 use pgt_core::dtype::DType;
-use pgt_core::header::{Header, Limits, FLAG_DIGESTS, VERSION};
+use pgt_core::header::{self, Header, Limits, FLAG_DIGESTS, VERSION};
 use pgt_core::layout::TensorLayout;
 use pgt_core::manifest::Manifest;
 use pgt_core::plan::MessageKind;
@@ -27,6 +27,8 @@ use pgt_core::Error;
 pub const SOURCE: u32 = 0;
 /// Destination ranks of the sample transfers.
 pub const DESTS: [u32; 2] = [1, 2];
+/// The transfer id of the sample transfers (the golden vectors' too).
+pub const TRANSFER_ID: u64 = 0x0123_4567_89ab_cdef;
 
 pub fn key(s: &str) -> Key {
     Key::Str(s.into())
@@ -185,28 +187,45 @@ pub fn single(name: &str, leaf: Leaf) -> Metadata {
     metadata(vec![Node::Dict(vec![key(name)]), Node::Leaf], vec![leaf])
 }
 
-/// Encodes `meta` as the sender would, WITHOUT validating it: postcard bytes plus a header with the
-/// right length and digest.
+/// Encodes `meta` as the sender would, WITHOUT validating it: postcard bytes (without the metadata
+/// message's prefix: [`message_for`]) plus a header with the right length and digest.
 pub fn encode_raw(meta: &Metadata, digests: bool) -> (Vec<u8>, Vec<u8>) {
     let bytes = postcard::to_allocvec(meta).expect("postcard encodes");
     (header_for(&bytes, digests).to_vec(), bytes)
 }
 
-/// A correct header for these metadata bytes.
+/// A correct header of transfer [`TRANSFER_ID`] for these postcard metadata bytes.
 pub fn header_for(bytes: &[u8], digests: bool) -> [u8; Header::SIZE] {
     Header {
         version: VERSION,
         flags: if digests { FLAG_DIGESTS } else { 0 },
         metadata_len: bytes.len() as u64,
         metadata_digest: digest(bytes),
+        transfer_id: TRANSFER_ID,
     }
     .to_bytes()
 }
 
-/// Parses the header and decodes the metadata, as a receiver does.
+/// The metadata message of transfer [`TRANSFER_ID`] for these postcard metadata bytes.
+pub fn message_for(bytes: &[u8]) -> Vec<u8> {
+    [&header::prefix(TRANSFER_ID)[..], bytes].concat()
+}
+
+/// Parses the header and decodes the postcard metadata `bytes` (behind the prefix of
+/// [`TRANSFER_ID`]), as a receiver does.
 pub fn decode_bytes(header: &[u8], bytes: &[u8], limits: &Limits) -> Result<Manifest, Error> {
     let header = Header::parse(header, limits)?;
-    codec::decode(&header, bytes, limits)
+    codec::decode(&header, &message_for(bytes), limits)
+}
+
+/// The trailer of a transfer of `meta` (validated, encoded by a sender) whose storages have
+/// `digests`: the prefix of [`TRANSFER_ID`], the metadata digest, the digests.
+pub fn trailer_for(meta: &Metadata, digests: &[u64]) -> Vec<u8> {
+    let bytes = postcard::to_allocvec(meta).expect("postcard encodes");
+    let mut t = header::prefix(TRANSFER_ID).to_vec();
+    t.extend_from_slice(&digest(&bytes).to_le_bytes());
+    t.extend(digests.iter().flat_map(|d| d.to_le_bytes()));
+    t
 }
 
 /// Encodes `meta` without validation, then parses and decodes it under `limits`.
@@ -229,7 +248,8 @@ pub fn options(rank: u32) -> ReceiverOptions {
 /// by a [`Sender`]) and is waiting for bindings.
 pub fn receiver_at_bindings(meta: Metadata, digests: bool, rank: u32) -> Receiver {
     let source = meta.source;
-    let sender = Sender::new(meta, digests, &Limits::default()).expect("valid metadata");
+    let sender =
+        Sender::new(meta, digests, &Limits::default(), TRANSFER_ID).expect("valid metadata");
     let mut r = Receiver::new(ReceiverOptions {
         source,
         ..options(rank)
@@ -251,7 +271,8 @@ pub fn fake_digest(storage: u32) -> u64 {
 /// bytes exist in these tests), forwards are performed in chain fan-out. Returns each receiver's result.
 /// Panics if either side errors or stalls.
 pub fn transfer(meta: Metadata, digests: bool) -> Vec<Received> {
-    let mut sender = Sender::new(meta, digests, &Limits::default()).expect("valid metadata");
+    let mut sender =
+        Sender::new(meta, digests, &Limits::default(), TRANSFER_ID).expect("valid metadata");
     let dests = sender.manifest().metadata().destinations.clone();
     let source = sender.manifest().metadata().source;
     let step = sender.manifest().metadata().step;
@@ -301,7 +322,7 @@ impl SendHost for FakeHost {
                     self.core_bytes.push((op.kind, b.to_vec()));
                 }
             }
-            Payload::Storages(segments) => self.completed(op.message, segments, op.hash),
+            Payload::Storages { segments, .. } => self.completed(op.message, segments, op.hash),
         }
         Ok(())
     }

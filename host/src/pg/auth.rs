@@ -114,22 +114,44 @@ impl Identity {
 #[derive(Debug)]
 pub(crate) enum HsError {
     /// Transport trouble (refused, reset, EOF, timeout): for a client, worth retrying.
-    Transport(String),
+    Transport(String, Cause),
     /// The other side is not a pgt endpoint, does not know the token, or refused us.
     Fatal(PgError),
+}
+
+/// What ended a connection at the transport level: a client tallies its failed attempts by it, so
+/// that the error it finally reports names what kept it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// The other side closed or reset the connection.
+    Closed,
+    /// A deadline passed.
+    Timeout,
+    /// Anything else (including a bad registration frame, at the store).
+    Other,
+}
+
+impl From<&Fail> for Cause {
+    fn from(f: &Fail) -> Self {
+        match f {
+            Fail::Closed => Cause::Closed,
+            Fail::Timeout => Cause::Timeout,
+            Fail::Io(_) => Cause::Other,
+        }
+    }
 }
 
 impl fmt::Display for HsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            HsError::Transport(s) => f.write_str(s),
+            HsError::Transport(s, _) => f.write_str(s),
             HsError::Fatal(e) => e.fmt(f),
         }
     }
 }
 
 fn transport(what: &str, f: Fail) -> HsError {
-    HsError::Transport(format!("{what}: {f}"))
+    HsError::Transport(format!("{what}: {f}"), Cause::from(&f))
 }
 
 fn nonce() -> Result<[u8; NONCE_LEN], HsError> {
@@ -224,9 +246,86 @@ pub(crate) fn client_handshake_with_nonce(
     }
 }
 
+/// The server's side of a handshake as steps without I/O ([TCP.md §3.5](../../../TCP.md)): the
+/// blocking [`server_handshake`] and the listeners' non-blocking acceptor both run it.
+pub(crate) struct ServerSteps {
+    ch: [u8; CLIENT_HELLO_LEN],
+    sh: [u8; SERVER_HELLO_LEN],
+    client: Identity,
+}
+
+impl ServerSteps {
+    /// Steps 1–3: from the ClientHello, the ServerHello to send (with `nonce`); `None` when the hello
+    /// is garbage (no magic, or non-zero reserved bytes): close without answering.
+    pub(crate) fn hello(
+        token: &[u8],
+        me: Identity,
+        nonce: &[u8; NONCE_LEN],
+        ch: &[u8; CLIENT_HELLO_LEN],
+    ) -> Option<Self> {
+        let client = Identity::decode(ch)?;
+        let mut sh = [0u8; SERVER_HELLO_LEN];
+        sh[..CLIENT_HELLO_LEN].copy_from_slice(&me.encode(nonce));
+        let mac_s = mac(token, LABEL_SERVER, &[ch, &sh[..CLIENT_HELLO_LEN]])
+            .finalize()
+            .into_bytes();
+        sh[CLIENT_HELLO_LEN..].copy_from_slice(&mac_s);
+        Some(ServerSteps {
+            ch: *ch,
+            sh,
+            client,
+        })
+    }
+
+    /// The ServerHello to send.
+    pub(crate) fn server_hello(&self) -> &[u8; SERVER_HELLO_LEN] {
+        &self.sh
+    }
+
+    /// Who the client says it is (authenticated only once [`verdict`](Self::verdict) accepts it).
+    pub(crate) fn client(&self) -> Identity {
+        self.client
+    }
+
+    /// Steps 4–5: the verdict on the client's proof. The checks run in the specified order; `admit`
+    /// is asked only once the proof, purpose and world size are right.
+    pub(crate) fn verdict(
+        &self,
+        token: &[u8],
+        me: Identity,
+        proof: &[u8; MAC_LEN],
+        admit: impl FnOnce(&Identity) -> Verdict,
+    ) -> Verdict {
+        if mac(token, LABEL_CLIENT, &[&self.ch, &self.sh])
+            .verify_slice(proof)
+            .is_err()
+        {
+            Verdict::BadProof
+        } else if self.client.purpose != me.purpose {
+            Verdict::WrongPurpose
+        } else if self.client.world != me.world {
+            Verdict::WorldMismatch
+        } else {
+            admit(&self.client)
+        }
+    }
+}
+
+/// Why the server refused a client, as the error the blocking handshake returns.
+pub(crate) fn refusal(addr: &str, client: &Identity, verdict: Verdict) -> PgError {
+    match verdict {
+        Verdict::BadProof => PgError::AuthFailed {
+            addr: addr.into(),
+            reason: "wrong job token".into(),
+        },
+        v => PgError::Rendezvous(format!("refused rank {} from {addr}: {v:?}", client.rank)),
+    }
+}
+
 /// Server side, with a fresh nonce from the OS RNG. `admit` decides, after the client proved the
 /// token, whether this identity is welcome (expected rank, not a duplicate, ...). Returns the
-/// client's identity once accepted.
+/// client's identity once accepted. (The listeners run [`ServerSteps`] without blocking instead.)
+#[cfg(test)]
 pub(crate) fn server_handshake(
     stream: &TcpStream,
     token: &[u8],
@@ -247,56 +346,38 @@ pub(crate) fn server_handshake_with_nonce(
     admit: impl FnOnce(&Identity) -> Verdict,
 ) -> Result<Identity, HsError> {
     let addr = peer_name(stream);
-    let refused = |reason: &str| {
-        HsError::Fatal(PgError::AuthFailed {
-            addr: addr.clone(),
-            reason: reason.into(),
-        })
-    };
     let mut ch = [0u8; CLIENT_HELLO_LEN];
     read_full(stream, &mut [&mut ch[..]], deadline, usize::MAX, &mut 0)
         .map_err(|f| transport("reading client hello", f))?;
-    let Some(client) = Identity::decode(&ch) else {
-        return Err(refused("garbage instead of a pgt hello"));
+    let Some(steps) = ServerSteps::hello(token, me, nonce, &ch) else {
+        return Err(HsError::Fatal(PgError::AuthFailed {
+            addr,
+            reason: GARBAGE.into(),
+        }));
     };
-    let mut sh = [0u8; SERVER_HELLO_LEN];
-    sh[..CLIENT_HELLO_LEN].copy_from_slice(&me.encode(nonce));
-    let mac_s = mac(token, LABEL_SERVER, &[&ch, &sh[..CLIENT_HELLO_LEN]])
-        .finalize()
-        .into_bytes();
-    sh[CLIENT_HELLO_LEN..].copy_from_slice(&mac_s);
-    write_full(stream, &[&sh], deadline, usize::MAX, &mut 0)
-        .map_err(|f| transport("sending server hello", f))?;
+    write_full(
+        stream,
+        &[steps.server_hello()],
+        deadline,
+        usize::MAX,
+        &mut 0,
+    )
+    .map_err(|f| transport("sending server hello", f))?;
     let mut proof = [0u8; MAC_LEN];
     read_full(stream, &mut [&mut proof[..]], deadline, usize::MAX, &mut 0)
         .map_err(|f| transport("reading proof", f))?;
-    let send_verdict = |v: Verdict| {
-        write_full(stream, &[&[v as u8]], deadline, usize::MAX, &mut 0)
-            .map_err(|f| transport("sending verdict", f))
-    };
-    if mac(token, LABEL_CLIENT, &[&ch, &sh])
-        .verify_slice(&proof)
-        .is_err()
-    {
-        let _ = send_verdict(Verdict::BadProof);
-        return Err(refused("wrong job token"));
-    }
-    let verdict = if client.purpose != me.purpose {
-        Verdict::WrongPurpose
-    } else if client.world != me.world {
-        Verdict::WorldMismatch
-    } else {
-        admit(&client)
-    };
-    send_verdict(verdict)?;
+    let verdict = steps.verdict(token, me, &proof, admit);
+    let sent = write_full(stream, &[&[verdict as u8]], deadline, usize::MAX, &mut 0)
+        .map_err(|f| transport("sending verdict", f));
     if verdict != Verdict::Accepted {
-        return Err(HsError::Fatal(PgError::Rendezvous(format!(
-            "refused rank {} from {addr}: {verdict:?}",
-            client.rank
-        ))));
+        return Err(HsError::Fatal(refusal(&addr, &steps.client(), verdict)));
     }
-    Ok(client)
+    sent?;
+    Ok(steps.client())
 }
+
+/// Why a server closes a connection whose first 52 bytes are not a hello.
+pub(crate) const GARBAGE: &str = "garbage instead of a pgt hello";
 
 #[cfg(test)]
 mod tests {
@@ -393,7 +474,7 @@ mod tests {
             Instant::now() + Duration::from_millis(200),
             |_| Verdict::Accepted,
         );
-        assert!(matches!(r, Err(HsError::Transport(_))));
+        assert!(matches!(r, Err(HsError::Transport(_, Cause::Timeout))));
         assert!(t0.elapsed() < Duration::from_secs(1));
     }
 

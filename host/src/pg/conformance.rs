@@ -163,7 +163,7 @@ fn outcome(r: Result<(), HsError>) -> Result<Outcome, PgError> {
         Ok(()) => Ok(Outcome::Accepted),
         Err(HsError::Fatal(PgError::AuthFailed { .. })) => Ok(Outcome::AuthFailed),
         Err(HsError::Fatal(PgError::Rendezvous(_))) => Ok(Outcome::Refused),
-        Err(HsError::Transport(_)) => Ok(Outcome::Closed),
+        Err(HsError::Transport(..)) => Ok(Outcome::Closed),
         Err(HsError::Fatal(e)) => Err(e),
     }
 }

@@ -14,8 +14,10 @@
 //! order they were sent. A receive names the tag it wants; if the next message from that peer has
 //! another tag, it is set aside in a per-peer *stash* and reading goes on; a later receive of that
 //! tag takes it from the stash (oldest first). The stash is bounded (default
-//! [`DEFAULT_STASH_LIMIT`] bytes per peer, each frame charged 64 bytes extra): a frame that would
-//! overflow it makes the receive fail with [`PgError::UnexpectedBacklog`] and stays first in line.
+//! [`DEFAULT_STASH_LIMIT`] bytes per peer): each frame is charged what it really costs — its
+//! payload's allocation and its share of the stash's index, 96 bytes — so that no flood of frames,
+//! however small, makes it hold more. A frame that would overflow it makes the receive fail with
+//! [`PgError::UnexpectedBacklog`] and stays first in line.
 //!
 //! A receive whose buffers do not fit the message ([`PgError::LengthMismatch`], or
 //! [`PgError::TooLarge`] for [`ProcessGroup::recv_vec`]) fails **without consuming** the message.
@@ -62,6 +64,7 @@ pub mod mpi;
 mod stash;
 pub mod tcp;
 
+mod accept;
 mod auth;
 mod conn;
 mod rendezvous;

@@ -11,157 +11,35 @@
 //! ```
 //!
 //! The store serves until every rank has registered and got the table (or until the setup
-//! deadline), then closes. A rank registering twice is refused.
+//! deadline), then closes. A rank registering twice is refused. Its listener, like every rank's,
+//! runs the non-blocking accept loop of [`super::accept`].
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 
-use super::auth::{
-    client_handshake, server_handshake, HsError, Identity, Verdict, PURPOSE_STORE, STORE_RANK,
-};
+use super::accept::{spawn_acceptor, AcceptPolicy, Admitted, StopOnDrop, TurnedAway};
+use super::auth::{client_handshake, Cause, HsError, Identity, PURPOSE_STORE, STORE_RANK};
 use super::wire::{read_frame, write_frame, Fail};
 use super::PgError;
 
 const TAG_REGISTER: u64 = 1;
 const TAG_TABLE: u64 = 2;
 /// Longest address string accepted in a registration.
-const MAX_ADDR_LEN: usize = 256;
-/// Handshakes in progress at once per listener; connections beyond this are dropped unanswered.
-const MAX_CONCURRENT_HANDSHAKES: usize = 64;
-/// How often the accept loop looks at its stop flag.
-const ACCEPT_POLL: Duration = Duration::from_millis(100);
+pub(crate) const MAX_ADDR_LEN: usize = 256;
 
-/// Sets the flag when dropped: stops an accept loop on every exit path.
-#[derive(Debug)]
-pub(crate) struct StopOnDrop(pub Arc<AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-}
-
-/// An admitted connection: (rank, stream, what `post` produced).
-pub(crate) type Admitted<T> = (u32, TcpStream, T);
-
-/// Run an accept loop on `listener` in a background thread until `stop` is set. Each connection
-/// is authenticated in its own thread within `handshake_timeout`; strangers (wrong token, garbage,
-/// silence) are logged and dropped while the loop goes on. A client is admitted if its rank is below
-/// `ranks_below` and no other connection claimed that rank; then `post` runs on it (same thread, same
-/// handshake deadline) and the result is sent to the returned channel.
-pub(crate) fn spawn_acceptor<T, P>(
-    listener: TcpListener,
-    token: Arc<[u8]>,
-    me: Identity,
-    handshake_timeout: Duration,
-    ranks_below: u32,
-    post: P,
-    stop: Arc<AtomicBool>,
-) -> Result<mpsc::Receiver<Admitted<T>>, PgError>
-where
-    T: Send + 'static,
-    P: Fn(&TcpStream, &Identity, Instant) -> Result<T, HsError> + Send + Sync + 'static,
-{
-    // Linux honours SO_RCVTIMEO for accept(2) (socket(7)), which lets the loop poll `stop`.
-    SockRef::from(&listener)
-        .set_read_timeout(Some(ACCEPT_POLL))
-        .map_err(|e| PgError::io(None, &e))?;
-    let (tx, rx) = mpsc::channel();
-    let claimed = Arc::new(Mutex::new(HashSet::<u32>::new()));
-    let active = Arc::new(AtomicUsize::new(0));
-    let post = Arc::new(post);
-    std::thread::Builder::new()
-        .name(format!("pgt-accept-{}", me.rank))
-        .spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                let (stream, addr) = match listener.accept() {
-                    Ok(x) => x,
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock
-                                | std::io::ErrorKind::TimedOut
-                                | std::io::ErrorKind::Interrupted
-                        ) =>
-                    {
-                        continue
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        std::thread::sleep(Duration::from_millis(10));
-                        continue;
-                    }
-                };
-                if active.load(Ordering::SeqCst) >= MAX_CONCURRENT_HANDSHAKES {
-                    tracing::warn!(%addr, "too many handshakes in progress, dropping connection");
-                    continue;
-                }
-                active.fetch_add(1, Ordering::SeqCst);
-                let (tx, claimed, active, post, token, stop) = (
-                    tx.clone(),
-                    Arc::clone(&claimed),
-                    Arc::clone(&active),
-                    Arc::clone(&post),
-                    Arc::clone(&token),
-                    Arc::clone(&stop),
-                );
-                let spawned = std::thread::Builder::new()
-                    .name("pgt-handshake".into())
-                    .spawn(move || {
-                        let _ = stream.set_nonblocking(false);
-                        let _ = stream.set_nodelay(true);
-                        let deadline = Instant::now() + handshake_timeout;
-                        let admit = |id: &Identity| {
-                            let mut c = claimed.lock().unwrap_or_else(|e| e.into_inner());
-                            if id.rank < ranks_below && c.insert(id.rank) {
-                                Verdict::Accepted
-                            } else {
-                                Verdict::UnexpectedRank
-                            }
-                        };
-                        let result = server_handshake(&stream, &token, me, deadline, admit)
-                            .and_then(|id| match post(&stream, &id, deadline) {
-                                Ok(t) => Ok((id, t)),
-                                Err(e) => {
-                                    // Let the rank try again.
-                                    claimed
-                                        .lock()
-                                        .unwrap_or_else(|e| e.into_inner())
-                                        .remove(&id.rank);
-                                    Err(e)
-                                }
-                            });
-                        match result {
-                            Ok((id, t)) if !stop.load(Ordering::SeqCst) => {
-                                tracing::debug!(%addr, rank = id.rank, "accepted connection");
-                                let _ = tx.send((id.rank, stream, t));
-                            }
-                            Ok(_) => {}
-                            Err(e) => {
-                                tracing::warn!(%addr, error = %e, "refused connection");
-                            }
-                        }
-                        active.fetch_sub(1, Ordering::SeqCst);
-                    });
-                if spawned.is_err() {
-                    tracing::warn!(%addr, "could not spawn a handshake thread, dropping connection");
-                }
-            }
-        })
-        .map_err(|e| PgError::io(None, &e))?;
-    Ok(rx)
-}
-
-/// Take admitted connections from `rx` until ranks `0..needed` are all in, or `deadline`.
+/// Take admitted connections from `rx` until ranks `0..needed` are all in, or `deadline`. The
+/// timeout error says what the listener turned away meanwhile (`turned_away`): a flood of strangers
+/// is then named as the likely cause.
 pub(crate) fn collect<T>(
     rx: &mpsc::Receiver<Admitted<T>>,
+    turned_away: &TurnedAway,
     needed: u32,
     deadline: Instant,
     what: &str,
@@ -184,8 +62,9 @@ pub(crate) fn collect<T>(
             }
             Err(_) => {
                 return Err(PgError::Rendezvous(format!(
-                    "timed out waiting for {what} from ranks {:?}",
-                    missing(&ranks)
+                    "timed out waiting for {what} from ranks {:?}{}",
+                    missing(&ranks),
+                    meanwhile(turned_away)
                 )))
             }
         }
@@ -193,11 +72,20 @@ pub(crate) fn collect<T>(
     Ok(got)
 }
 
+/// "; meanwhile the listener turned away 1200 other connections (…)", or nothing: when ranks are
+/// missing, whether strangers were crowding the port.
+fn meanwhile(turned_away: &TurnedAway) -> String {
+    match turned_away.summary() {
+        Some(s) => format!("; meanwhile the listener turned away {s}"),
+        None => String::new(),
+    }
+}
+
 /// The rendezvous store, running in a background thread.
 #[derive(Debug)]
 pub(crate) struct Store {
     thread: Option<JoinHandle<Result<(), PgError>>>,
-    _stop: StopOnDrop,
+    stop: StopOnDrop,
 }
 
 impl Store {
@@ -206,7 +94,7 @@ impl Store {
         listener: TcpListener,
         token: Arc<[u8]>,
         world: u32,
-        handshake_timeout: Duration,
+        policy: AcceptPolicy,
         deadline: Instant,
     ) -> Result<Store, PgError> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -215,13 +103,17 @@ impl Store {
             rank: STORE_RANK,
             world,
         };
-        let rx = spawn_acceptor(
+        let (rx, turned_away) = spawn_acceptor(
             listener,
             token,
             me,
-            handshake_timeout,
+            policy,
             world,
-            read_registration,
+            Some(MAX_ADDR_LEN),
+            |id: &Identity, frame: Option<(u64, Vec<u8>)>| {
+                let (tag, payload) = frame.unwrap_or_default();
+                parse_registration(id, tag, &payload)
+            },
             Arc::clone(&stop),
         )?;
         let stop2 = Arc::clone(&stop);
@@ -229,7 +121,7 @@ impl Store {
             .name("pgt-store".into())
             .spawn(move || {
                 let _stop = StopOnDrop(stop2);
-                let regs = collect(&rx, world, deadline, "registration")?;
+                let regs = collect(&rx, &turned_away, world, deadline, "registration")?;
                 let mut table = vec![String::new(); world as usize];
                 for (rank, _, addr) in &regs {
                     table[*rank as usize] = addr.to_string();
@@ -247,8 +139,14 @@ impl Store {
             .map_err(|e| PgError::io(None, &e))?;
         Ok(Store {
             thread: Some(thread),
-            _stop: StopOnDrop(stop),
+            stop: StopOnDrop(stop),
         })
+    }
+
+    /// Stop serving (if it still does) and return how serving ended.
+    pub(crate) fn stop(self) -> Result<(), PgError> {
+        self.stop.0.store(true, Ordering::SeqCst);
+        self.join()
     }
 
     /// Wait for the store to finish serving.
@@ -268,17 +166,25 @@ pub(crate) fn read_registration(
     deadline: Instant,
 ) -> Result<SocketAddr, HsError> {
     let (tag, payload) = read_frame(stream, MAX_ADDR_LEN, deadline).map_err(|f| {
-        HsError::Transport(format!("reading registration of rank {}: {f}", id.rank))
+        HsError::Transport(
+            format!("reading registration of rank {}: {f}", id.rank),
+            Cause::from(&f),
+        )
     })?;
+    parse_registration(id, tag, &payload).map_err(|e| HsError::Transport(e, Cause::Other))
+}
+
+/// A REGISTER frame's address ([TCP.md §4](../../../TCP.md)).
+fn parse_registration(id: &Identity, tag: u64, payload: &[u8]) -> Result<SocketAddr, String> {
     (tag == TAG_REGISTER)
         .then(|| {
-            std::str::from_utf8(&payload)
+            std::str::from_utf8(payload)
                 .ok()?
                 .parse::<SocketAddr>()
                 .ok()
         })
         .flatten()
-        .ok_or_else(|| HsError::Transport(format!("bad registration from rank {}", id.rank)))
+        .ok_or_else(|| format!("bad registration from rank {}", id.rank))
 }
 
 /// The store's answer: the TABLE frame, `payload` from [`encode_table`].
@@ -321,8 +227,85 @@ fn decode_table(b: &[u8], world: u32) -> Option<Vec<SocketAddr>> {
 /// How a client connects a socket (buffer sizes etc. are the caller's business).
 pub(crate) type Connector<'a> = &'a dyn Fn(SocketAddr, Duration) -> std::io::Result<TcpStream>;
 
+/// Whether `stream` is connected to itself: a connection to a port of this host in the ephemeral
+/// range that nobody listens on can get that very port as its source (TCP simultaneous open), and
+/// then reads back its own ClientHello as the start of a ServerHello.
+pub(crate) fn is_self_connected(stream: &TcpStream) -> bool {
+    matches!((stream.local_addr(), stream.peer_addr()), (Ok(l), Ok(p)) if l == p)
+}
+
+/// A client's failed connection attempts, by cause, for the error that ends its retries.
+#[derive(Debug, Default)]
+struct Attempts {
+    refused: u32,
+    closed: u32,
+    timed_out: u32,
+    self_connected: u32,
+    other: u32,
+    last: Option<String>,
+}
+
+impl Attempts {
+    fn failed(&mut self, addr: SocketAddr, cause: Cause, what: impl std::fmt::Display) {
+        match cause {
+            Cause::Closed => self.closed += 1,
+            Cause::Timeout => self.timed_out += 1,
+            Cause::Other => self.other += 1,
+        }
+        self.last = Some(format!("{addr}: {what}"));
+    }
+
+    fn connect_failed(&mut self, addr: SocketAddr, e: &std::io::Error) {
+        use std::io::ErrorKind::*;
+        match e.kind() {
+            ConnectionRefused => {
+                self.refused += 1;
+                self.last = Some(format!("{addr}: {e}"));
+            }
+            TimedOut | WouldBlock => self.failed(addr, Cause::Timeout, format!("connect: {e}")),
+            ConnectionReset | ConnectionAborted => {
+                self.failed(addr, Cause::Closed, format!("connect: {e}"))
+            }
+            _ => self.failed(addr, Cause::Other, format!("connect: {e}")),
+        }
+    }
+
+    /// "12 attempts: 10 closed by the other side before the verdict (…), 2 refused (…); last: …"
+    fn summary(&self) -> String {
+        let parts: Vec<String> = [
+            (
+                self.closed,
+                "closed by the other side before the verdict (not a pgt endpoint, or a listener \
+                 that drops connections: overloaded or flooded)",
+            ),
+            (self.refused, "refused (nothing listening yet)"),
+            (self.timed_out, "timed out"),
+            (
+                self.self_connected,
+                "connected to themselves (the port is in the ephemeral range and nothing listens)",
+            ),
+            (self.other, "failed otherwise"),
+        ]
+        .into_iter()
+        .filter(|&(n, _)| n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
+        let total = self.refused + self.closed + self.timed_out + self.self_connected + self.other;
+        format!(
+            "{total} attempts: {}; last: {}",
+            if parts.is_empty() {
+                "none".into()
+            } else {
+                parts.join(", ")
+            },
+            self.last.as_deref().unwrap_or("no address to try")
+        )
+    }
+}
+
 /// Connect to one of `addrs` and run the client handshake, retrying transport failures (not up
-/// yet, reset, ...) until `deadline`. Authentication failures and refusals are not retried.
+/// yet, reset, connected to itself, ...) until `deadline`. Authentication failures and refusals are
+/// not retried. The error after the deadline counts the failed attempts by cause.
 pub(crate) fn connect_authenticated(
     addrs: &[SocketAddr],
     connector: Connector<'_>,
@@ -333,25 +316,37 @@ pub(crate) fn connect_authenticated(
     what: &str,
 ) -> Result<(TcpStream, Identity), PgError> {
     let mut backoff = Duration::from_millis(10);
-    let mut last = String::from("no address to try");
+    let mut attempts = Attempts::default();
+    let started = Instant::now();
     loop {
         for &addr in addrs {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(PgError::Rendezvous(format!(
-                    "could not reach {what} at {addrs:?} in time: {last}"
+                    "could not reach {what} at {addrs:?} within {:.1?}: {}",
+                    started.elapsed(),
+                    attempts.summary()
                 )));
             }
             match connector(addr, left.min(Duration::from_secs(5))) {
+                Ok(stream) if is_self_connected(&stream) => {
+                    // Closed with a reset: no TIME_WAIT left on the port, which the store (rank 0)
+                    // may be about to bind.
+                    let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                    drop(stream);
+                    tracing::debug!(%addr, "connected to itself, retrying");
+                    attempts.self_connected += 1;
+                    attempts.last = Some(format!("{addr}: connected to itself"));
+                }
                 Ok(stream) => {
                     let hs_deadline = deadline.min(Instant::now() + handshake_timeout);
                     match client_handshake(&stream, token, me, hs_deadline) {
                         Ok(id) => return Ok((stream, id)),
                         Err(HsError::Fatal(e)) => return Err(e),
-                        Err(HsError::Transport(s)) => last = format!("{addr}: {s}"),
+                        Err(HsError::Transport(s, cause)) => attempts.failed(addr, cause, s),
                     }
                 }
-                Err(e) => last = format!("{addr}: {e}"),
+                Err(e) => attempts.connect_failed(addr, &e),
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -412,6 +407,10 @@ pub(crate) fn exchange_registration(
         Fail::Timeout => PgError::Rendezvous(format!(
             "rank {rank}: timed out waiting for all {world} ranks to register"
         )),
+        Fail::Closed => PgError::Rendezvous(format!(
+            "rank {rank}: the store closed the connection before sending the address table \
+             (rank 0 gave up: not all {world} ranks registered by its deadline, or it failed)"
+        )),
         f => fail("waiting for the address table", f),
     })?;
     if tag != TAG_TABLE {
@@ -426,6 +425,11 @@ pub(crate) fn exchange_registration(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pg::auth::Verdict;
+    use crate::pg::tcp::{client_socket, listen, TcpTuning};
+    use socket2::SockAddr;
+    use std::io::{Read, Write};
+    use std::sync::atomic::AtomicU32;
 
     #[test]
     fn table_roundtrip() {
@@ -436,5 +440,170 @@ mod tests {
         assert_eq!(d[1], "[::1]:65535".parse().unwrap());
         assert!(decode_table(&b, 3).is_none());
         assert!(decode_table(&b[..b.len() - 1], 2).is_none());
+    }
+
+    /// A rank's first attempt to reach the store gets the store's own port as its source port (the
+    /// kernel's pick, forced here by binding it) while the store is not up yet: TCP connects the
+    /// socket to itself. The rank must notice at once, close without leaving a TIME_WAIT, and retry;
+    /// the store, which binds the port meanwhile, must get it. Before, the rank read its own hello
+    /// back as the start of a ServerHello and waited out the handshake timeout (10 s) with the port
+    /// held, and the TIME_WAIT it then left kept the store from binding for 60 s.
+    #[test]
+    fn a_connection_to_itself_is_detected_and_retried() {
+        let tuning = TcpTuning::default();
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let token: Arc<[u8]> = Arc::from(&b"token"[..]);
+        let policy = AcceptPolicy {
+            hello_timeout: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(5),
+            slots: 8,
+        };
+        let deadline = Instant::now() + Duration::from_secs(8);
+        let attempts = AtomicU32::new(0);
+        let self_connected = AtomicBool::new(false);
+        let connector = |a: SocketAddr, t: Duration| {
+            let s = client_socket(&a, &tuning)?;
+            if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+                s.bind(&SockAddr::from(a))?;
+            }
+            s.connect_timeout(&SockAddr::from(a), t)?;
+            let s: TcpStream = s.into();
+            if is_self_connected(&s) {
+                self_connected.store(true, Ordering::SeqCst);
+            }
+            Ok(s)
+        };
+        std::thread::scope(|scope| {
+            let store = scope.spawn(|| {
+                // Up a little later, retrying the bind as rank 0 does.
+                std::thread::sleep(Duration::from_millis(200));
+                let listener = loop {
+                    match listen(addr, &tuning, true) {
+                        Ok(l) => break l,
+                        Err(e) if Instant::now() < deadline => {
+                            let _ = e;
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        Err(e) => panic!("the store could not bind {addr}: {e}"),
+                    }
+                };
+                Store::start(listener, Arc::clone(&token), 1, policy, deadline)
+                    .unwrap()
+                    .join()
+            });
+            let t0 = Instant::now();
+            let table = register(
+                &[addr],
+                &connector,
+                &token,
+                0,
+                1,
+                "127.0.0.1:9".parse().unwrap(),
+                policy.handshake_timeout,
+                deadline,
+            )
+            .unwrap();
+            let took = t0.elapsed();
+            assert_eq!(table, vec!["127.0.0.1:9".parse().unwrap()]);
+            assert!(
+                self_connected.load(Ordering::SeqCst),
+                "no connection to itself"
+            );
+            assert!(took < Duration::from_secs(2), "registration took {took:?}");
+            store.join().unwrap().unwrap();
+        });
+    }
+
+    /// A token holder's REGISTER header announcing 2^64−1 bytes: the store closes the connection
+    /// from the header (nothing allocated), forgets the rank's admission, and the rank can register.
+    #[test]
+    fn a_registration_too_long_is_refused_from_its_header_and_forgotten() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token: Arc<[u8]> = Arc::from(&b"token"[..]);
+        let policy = AcceptPolicy {
+            hello_timeout: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(5),
+            slots: 8,
+        };
+        let deadline = Instant::now() + Duration::from_secs(8);
+        let store = Store::start(listener, Arc::clone(&token), 1, policy, deadline).unwrap();
+        let me = Identity {
+            purpose: PURPOSE_STORE,
+            rank: 0,
+            world: 1,
+        };
+        let s = TcpStream::connect(addr).unwrap();
+        client_handshake(&s, &token, me, deadline).unwrap();
+        let huge = crate::pg::wire::Header {
+            tag: TAG_REGISTER,
+            len: u64::MAX,
+        };
+        (&s).write_all(&huge.encode()).unwrap();
+        let mut b = [0u8; 1];
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert!(matches!((&s).read(&mut b), Ok(0) | Err(_)), "not closed");
+        let connector = |a: SocketAddr, t: Duration| TcpStream::connect_timeout(&a, t);
+        let mine: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let table = register(
+            &[addr],
+            &connector,
+            &token,
+            0,
+            1,
+            mine,
+            policy.handshake_timeout,
+            deadline,
+        )
+        .unwrap();
+        assert_eq!(table, vec![mine]);
+        store.join().unwrap();
+    }
+
+    /// A store (with the token) answering with a TABLE header that announces 2^64−1 bytes: the rank
+    /// refuses it from the header, before reading or allocating it.
+    #[test]
+    fn an_address_table_too_long_is_refused_from_its_header() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token: &[u8] = b"token";
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let store = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let me = Identity {
+                purpose: PURPOSE_STORE,
+                rank: STORE_RANK,
+                world: 2,
+            };
+            let id = crate::pg::auth::server_handshake(&s, b"token", me, deadline, |_| {
+                Verdict::Accepted
+            })
+            .unwrap();
+            read_registration(&s, &id, deadline).unwrap();
+            let huge = crate::pg::wire::Header {
+                tag: TAG_TABLE,
+                len: u64::MAX,
+            };
+            (&s).write_all(&huge.encode()).unwrap();
+            s
+        });
+        let connector = |a: SocketAddr, t: Duration| TcpStream::connect_timeout(&a, t);
+        let e = register(
+            &[addr],
+            &connector,
+            token,
+            1,
+            2,
+            "127.0.0.1:9".parse().unwrap(),
+            Duration::from_secs(5),
+            deadline,
+        )
+        .unwrap_err();
+        assert!(matches!(e, PgError::Rendezvous(_)), "{e}");
+        assert!(e.to_string().contains("exceeds"), "{e}");
+        drop(store.join().unwrap());
     }
 }

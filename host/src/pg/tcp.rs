@@ -35,11 +35,18 @@
 //! The traffic itself is not encrypted: the threat model is strangers that don't know the token
 //! (scanners, other jobs, stale ranks), not an on-path attacker.
 //!
-//! A stranger
-//! (wrong token, garbage, or silence past [`TcpTuning::handshake_timeout`]) is logged, refused
-//! and dropped; each handshake runs in its own thread so the listener keeps accepting real ranks
-//! meanwhile. A rank connecting twice, a rank not expected at that listener, or a different world
-//! size is refused too. After formation the listeners are closed.
+//! A stranger (wrong token, garbage, silence past [`TcpTuning::hello_timeout`], a stalled
+//! handshake past [`TcpTuning::handshake_timeout`]) is refused and dropped, counted, and logged
+//! within a rate limit. One thread per listener drives all its handshakes without blocking, at most
+//! [`TcpTuning::handshake_slots`] at once; beyond that a new connection evicts the one that has
+//! shown the least, so silent connections cannot keep real ranks out (see `accept.rs`). A rank
+//! connecting twice, a rank not expected at that listener, or a different world size is refused
+//! too. After formation the listeners are closed.
+//!
+//! A client socket that gets connected to itself (the master port is in the ephemeral range and
+//! nothing listens there yet: TCP simultaneous open) is closed with a reset and the attempt retried;
+//! client sockets have `SO_REUSEADDR`, like the store's listener, so that none of them keeps the
+//! store from binding its port.
 //!
 //! # Sockets
 //! `TCP_NODELAY` on every connection (small control messages must not wait for Nagle). Buffer
@@ -57,11 +64,10 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use super::accept::{spawn_acceptor, AcceptPolicy, StopOnDrop};
 use super::auth::{Identity, PURPOSE_PEER};
 use super::conn::PeerConn;
-use super::rendezvous::{
-    collect, connect_authenticated, register, spawn_acceptor, StopOnDrop, Store,
-};
+use super::rendezvous::{collect, connect_authenticated, register, Store};
 use super::stash::DEFAULT_STASH_LIMIT;
 use super::Dest;
 use super::{check_peer, PgError, ProcessGroup};
@@ -157,8 +163,15 @@ pub struct TcpTuning {
     pub chunk_size: usize,
     /// Cap on stashed (out-of-order) bytes per peer; see [`PgError::UnexpectedBacklog`].
     pub stash_limit: usize,
-    /// How long an accepted connection may take to authenticate before it is dropped.
+    /// How long an accepted connection may take to authenticate before it is dropped; a client's
+    /// wait for the verdict.
     pub handshake_timeout: Duration,
+    /// How long an accepted connection may take to deliver its whole ClientHello (a real client sends
+    /// it at once): a silent connection holds a handshake slot no longer than this.
+    pub hello_timeout: Duration,
+    /// Connections each listener keeps in handshake at once; beyond that a new one evicts the one
+    /// that has shown the least (TCP.md §7.1). Each costs a file descriptor.
+    pub handshake_slots: usize,
     /// Port for this rank's peer listener; 0 (default) = ephemeral.
     pub listen_port: u16,
 }
@@ -175,7 +188,19 @@ impl Default for TcpTuning {
             chunk_size: 4 << 20,
             stash_limit: DEFAULT_STASH_LIMIT,
             handshake_timeout: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(1),
+            handshake_slots: 256,
             listen_port: 0,
+        }
+    }
+}
+
+impl TcpTuning {
+    fn accept_policy(&self) -> AcceptPolicy {
+        AcceptPolicy {
+            hello_timeout: self.hello_timeout,
+            handshake_timeout: self.handshake_timeout,
+            slots: self.handshake_slots,
         }
     }
 }
@@ -210,7 +235,7 @@ fn tuned_socket(addr: &SocketAddr, tuning: &TcpTuning) -> io::Result<Socket> {
     Ok(s)
 }
 
-fn listen(addr: SocketAddr, tuning: &TcpTuning, reuse: bool) -> io::Result<TcpListener> {
+pub(crate) fn listen(addr: SocketAddr, tuning: &TcpTuning, reuse: bool) -> io::Result<TcpListener> {
     let s = tuned_socket(&addr, tuning)?;
     if reuse {
         s.set_reuse_address(true)?;
@@ -220,8 +245,19 @@ fn listen(addr: SocketAddr, tuning: &TcpTuning, reuse: bool) -> io::Result<TcpLi
     Ok(s.into())
 }
 
+/// A client socket for `addr`: tuned, and with `SO_REUSEADDR` like the store's listener. Should it
+/// ever hold the store's port (a connection to itself, see
+/// [`is_self_connected`](super::rendezvous::is_self_connected)), neither it nor its TIME_WAIT keeps
+/// the store from binding that port: Linux lets a bind with `SO_REUSEADDR` through a non-listening
+/// socket on the port, TIME_WAIT included, only if that socket had the option too.
+pub(crate) fn client_socket(addr: &SocketAddr, tuning: &TcpTuning) -> io::Result<Socket> {
+    let s = tuned_socket(addr, tuning)?;
+    s.set_reuse_address(true)?;
+    Ok(s)
+}
+
 fn connect_tuned(addr: SocketAddr, timeout: Duration, tuning: &TcpTuning) -> io::Result<TcpStream> {
-    let s = tuned_socket(&addr, tuning)?;
+    let s = client_socket(&addr, tuning)?;
     s.connect_timeout(&SockAddr::from(addr), timeout)?;
     let s: TcpStream = s.into();
     s.set_nodelay(true)?;
@@ -303,7 +339,7 @@ impl TcpProcessGroup {
         }
 
         // 2. Rank 0: the store.
-        let store = if rank == 0 {
+        let mut store = if rank == 0 {
             Some(Self::host_store(
                 masters[0], &token, world, &tuning, deadline,
             )?)
@@ -319,13 +355,14 @@ impl TcpProcessGroup {
             rank,
             world,
         };
-        let incoming = spawn_acceptor(
+        let (incoming, turned_away) = spawn_acceptor(
             listener,
             Arc::clone(&token),
             me,
-            tuning.handshake_timeout,
+            tuning.accept_policy(),
             rank,
-            |_: &TcpStream, _: &Identity, _: Instant| Ok(()),
+            None,
+            |_: &Identity, _| Ok(()),
             Arc::clone(&stop),
         )?;
 
@@ -340,7 +377,13 @@ impl TcpProcessGroup {
             advertised,
             tuning.handshake_timeout,
             deadline,
-        )?;
+        )
+        .map_err(|e| match store.take() {
+            // Rank 0's own registration fails when its store gives up: the store's error says why
+            // (which ranks are missing, what it turned away meanwhile).
+            Some(store) => store.stop().err().unwrap_or(e),
+            None => e,
+        })?;
         tracing::debug!(rank, ?table, "got address table");
 
         // 4b. Connect to higher ranks.
@@ -365,7 +408,7 @@ impl TcpProcessGroup {
         }
 
         // 4c. Collect lower ranks.
-        let lower = collect(&incoming, rank, deadline, "connections")?;
+        let lower = collect(&incoming, &turned_away, rank, deadline, "connections")?;
         for (r, s, ()) in lower {
             streams[r as usize] = Some(s);
         }
@@ -420,7 +463,7 @@ impl TcpProcessGroup {
             listener,
             Arc::clone(token),
             world,
-            tuning.handshake_timeout,
+            tuning.accept_policy(),
             deadline,
         )
     }
@@ -551,6 +594,28 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("MASTER_PORT"), "{e}");
+    }
+
+    /// A client socket on the store's port — connected to itself, as a rank's retry can be when the
+    /// kernel picks the master port as its source port — keeps the store from binding neither while
+    /// it is open nor in TIME_WAIT after it closed (before `client_socket` set `SO_REUSEADDR`, both
+    /// binds failed with "Address already in use", the second for 60 s).
+    #[test]
+    fn the_store_binds_through_a_client_socket_on_its_port() {
+        let tuning = TcpTuning::default();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let s = client_socket(&port, &tuning).unwrap();
+        // The same port at both ends: a simultaneous open with itself.
+        s.bind(&SockAddr::from(port)).unwrap();
+        s.connect(&SockAddr::from(port)).unwrap();
+        let s: TcpStream = s.into();
+        assert!(super::super::rendezvous::is_self_connected(&s));
+        drop(listen(port, &tuning, true).expect("bind while the client socket is open"));
+        drop(s); // an orderly close: TIME_WAIT on the port
+        drop(listen(port, &tuning, true).expect("bind through the TIME_WAIT"));
     }
 
     #[test]

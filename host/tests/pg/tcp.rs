@@ -7,9 +7,9 @@ use pgt_host::pg::{PgError, ProcessGroup, TcpOptions, TcpProcessGroup, TcpTuning
 
 use crate::scenarios::{self, T};
 
-const TOKEN: &[u8] = b"test-job-token";
+pub(crate) const TOKEN: &[u8] = b"test-job-token";
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -17,7 +17,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn opts(port: u16, rank: u32, world: u32, token: &[u8]) -> TcpOptions {
+pub(crate) fn opts(port: u16, rank: u32, world: u32, token: &[u8]) -> TcpOptions {
     TcpOptions {
         master_addr: "127.0.0.1".into(),
         master_port: port,
@@ -40,7 +40,7 @@ fn spawn_rank(
     })
 }
 
-fn form_with(world: u32, tuning: TcpTuning) -> Vec<TcpProcessGroup> {
+pub(crate) fn form_with(world: u32, tuning: TcpTuning) -> Vec<TcpProcessGroup> {
     let port = free_port();
     let handles: Vec<_> = (0..world)
         .map(|r| spawn_rank(port, r, world, tuning.clone()))

@@ -43,13 +43,24 @@ pub fn pattern_storages(manifest: &Manifest) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Runs a sender over `storages` (wire bytes, in storage order) and returns every send, in order.
+/// Runs a sender of transfer [`super::TRANSFER_ID`] over `storages` (wire bytes, in storage order) and
+/// returns every send, in order.
 pub fn send_all(
     metadata: Metadata,
     digests: bool,
     storages: &[Vec<u8>],
 ) -> Result<Vec<Wire>, Error> {
-    let mut sender = Sender::new(metadata, digests, &Limits::default())?;
+    send_as(metadata, digests, storages, super::TRANSFER_ID)
+}
+
+/// [`send_all`] for transfer `transfer_id`.
+pub fn send_as(
+    metadata: Metadata,
+    digests: bool,
+    storages: &[Vec<u8>],
+    transfer_id: u64,
+) -> Result<Vec<Wire>, Error> {
+    let mut sender = Sender::new(metadata, digests, &Limits::default(), transfer_id)?;
     let source = sender.manifest().metadata().source;
     let mut host = MemorySender::new(storages);
     drive::send(&mut sender, &mut host)?;
@@ -113,12 +124,15 @@ pub struct Outcome {
     pub consumed: Vec<Wire>,
     /// Every message it forwarded (chain fan-out), in order.
     pub forwarded: Vec<Wire>,
+    /// Messages of other transfers it skipped.
+    pub skipped: usize,
 }
 
 /// Runs a receiver to completion through the one driver. `next(from, tag)` yields the next message
-/// from `from` (`None`: none left). The host refuses a header, metadata or data message of another
-/// length than asked for ([`HostError::Length`]); a trailer goes to the core whatever its length
-/// (`TrailerLength`).
+/// from `from` (`None`: none left). A message of another transfer (stale) is skipped by the in-memory
+/// host, whatever its length. The host refuses a header, metadata or data message of this transfer of
+/// another length than asked for ([`HostError::Length`]); a trailer goes to the core whatever its
+/// length (`TrailerLength`).
 pub fn run_receiver(
     options: ReceiverOptions,
     mut next: impl FnMut(u32, u64) -> Option<Vec<u8>>,
@@ -134,7 +148,7 @@ pub fn run_receiver(
             tag,
             bytes: bytes.clone(),
         });
-        if op.kind != MessageKind::Trailer && bytes.len() as u64 != op.len {
+        if op.kind != MessageKind::Trailer && !op.is_stale(&bytes) && bytes.len() as u64 != op.len {
             return Err(HostError::Length {
                 from,
                 tag,
@@ -145,6 +159,7 @@ pub fn run_receiver(
         Ok(bytes)
     });
     let result = drive::receive(Receiver::new(options), &mut host);
+    let skipped = host.skipped.len();
     let forwarded = std::mem::take(&mut host.forwards)
         .into_iter()
         .map(|(op, bytes)| Wire {
@@ -160,6 +175,7 @@ pub fn run_receiver(
         storages,
         consumed,
         forwarded,
+        skipped,
     })
 }
 

@@ -10,7 +10,7 @@ use pgt_host::safetensors_io;
 use pgt_host::state_dict::{Entry, StateDict};
 use pgt_host::transport::{TransferStats, Transport, TransportOptions};
 
-use crate::common::{self, human, GroupArgs, TransferArgs};
+use crate::common::{self, human, parse_size, GroupArgs, TransferArgs};
 
 /// `pgt send` flags.
 #[derive(Args, Debug)]
@@ -43,6 +43,10 @@ pub struct RecvArgs {
     /// Refuse a checkpoint of another training step.
     #[arg(long)]
     pub expect_step: Option<u64>,
+    /// The most memory the receive may take (e.g. 8GiB): the metadata decoded and the checkpoint's
+    /// storages, checked before anything is allocated. Default: half of physical memory.
+    #[arg(long, value_parser = parse_size)]
+    pub memory_budget: Option<u64>,
     #[command(flatten)]
     pub group: GroupArgs,
     #[command(flatten)]
@@ -143,6 +147,9 @@ pub fn recv(args: RecvArgs) -> Result<()> {
 
 fn recv_with(pg: &dyn ProcessGroup, args: RecvArgs, mut options: TransportOptions) -> Result<()> {
     options.expected_step = args.expect_step;
+    if let Some(budget) = args.memory_budget {
+        options.memory_budget = budget;
+    }
     let out = match args.out.to_str() {
         Some(s) if s.contains("{rank}") => {
             PathBuf::from(s.replace("{rank}", &pg.rank().to_string()))

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::anyhow;
 use pgt_core::codec;
 use pgt_core::drive;
-use pgt_core::header::{Header, MAGIC};
+use pgt_core::header::{is_stale, Header, MAGIC, PREFIX_LEN};
 use pgt_core::manifest::Manifest;
 use pgt_core::memory::MemoryHost;
 use pgt_core::plan::{MessageKind, TAG_HEADER, TAG_METADATA};
@@ -34,7 +34,13 @@ fn raw_header_json(h: &[u8]) -> Json {
         "digests": flags.map(|f| f & pgt_core::header::FLAG_DIGESTS != 0),
         "metadata_len": u64_at(h, 8),
         "metadata_digest": u64_at(h, 16).map(|d| format!("0x{d:016x}")),
+        "transfer_id": u64_at(h, 24).map(|d| format!("0x{d:016x}")),
     })
+}
+
+/// The postcard metadata of a metadata message: what follows its 8-byte prefix.
+fn postcard_part(message: &[u8]) -> &[u8] {
+    message.get(PREFIX_LEN as usize..).unwrap_or_default()
 }
 
 /// Header, metadata and (unless `validated` is false and the tree is malformed) leaves of a metadata
@@ -127,7 +133,12 @@ fn receiver_check(
 /// A header message followed by the metadata message.
 pub(super) fn inspect_blob(path: &Path, bytes: &[u8], args: &InspectArgs) -> Report {
     let mut report = Report::new(path, "metadata", bytes.len() as u64);
-    let header_len = args.header_len.unwrap_or(Header::SIZE).min(bytes.len());
+    // A version-1 header (no transfer id) is 24 bytes.
+    let default_len = match bytes.get(4..6) {
+        Some([1, 0]) => 24,
+        _ => Header::SIZE,
+    };
+    let header_len = args.header_len.unwrap_or(default_len).min(bytes.len());
     let (h, m) = bytes.split_at(header_len);
     report.set("header", raw_header_json(h));
     report.set("metadata_bytes", json!(m.len()));
@@ -152,7 +163,7 @@ pub(super) fn inspect_blob(path: &Path, bytes: &[u8], args: &InspectArgs) -> Rep
     // Show the metadata even when it is invalid, as far as it decodes.
     let metadata = match &manifest {
         Some(man) => Some(man.metadata().clone()),
-        None => codec::decode_metadata(m).ok(),
+        None => codec::decode_metadata(postcard_part(m)).ok(),
     };
     if let Some(md) = &metadata {
         metadata_json(&mut report, md, manifest.as_ref());
@@ -190,7 +201,8 @@ fn parse_records(mut bytes: &[u8]) -> (Vec<(u64, &[u8])>, Option<String>) {
 }
 
 /// Drives a receiver over the records in order (through the one driver, with the in-memory host),
-/// hashing and keeping every storage's bytes. Returns each storage's path, size and digest.
+/// hashing and keeping every storage's bytes; a record of another transfer (stale) is skipped, as a
+/// receiver does. Returns each storage's path, size and digest.
 fn run_stream(
     options: ReceiverOptions,
     records: &[(u64, &[u8])],
@@ -208,7 +220,7 @@ fn run_stream(
                 "record {i} has tag {tag}, the receiver expects tag {op_tag} ({op_kind:?})"
             )));
         }
-        if op_kind != MessageKind::Trailer && bytes.len() as u64 != op_len {
+        if op_kind != MessageKind::Trailer && !op.is_stale(bytes) && bytes.len() as u64 != op_len {
             return Err(StreamError::Host(format!(
                 "record {i} (tag {tag}) is {} bytes, the receiver expects {op_len}",
                 bytes.len()
@@ -264,21 +276,33 @@ pub(super) fn inspect_stream(path: &Path, bytes: &[u8], args: &InspectArgs) -> R
         TAG_METADATA => "metadata",
         _ => "data/trailer",
     };
+    // A record after the header that starts with another transfer's id than the header's is stale: a
+    // receiver skips it (PROTOCOL.md §12).
+    let header = records.first().filter(|r| r.0 == TAG_HEADER).map(|r| r.1);
+    let id = header.and_then(|h| u64_at(h, 24));
+    let stale = |i: usize, b: &[u8]| i > 0 && id.is_some_and(|id| is_stale(b, id));
     report.set(
         "records",
         Json::Array(
             records
                 .iter()
-                .map(|(tag, b)| json!({"tag": tag, "len": b.len(), "kind": kind(*tag)}))
+                .enumerate()
+                .map(|(i, (tag, b))| {
+                    json!({"tag": tag, "len": b.len(), "kind": kind(*tag), "stale": stale(i, b)})
+                })
                 .collect(),
         ),
     );
     if let Some(cut) = cut {
         report.other_error(anyhow!("malformed stream: {cut}"));
     }
-    // Header and metadata, shown whatever happens next.
-    let header = records.first().filter(|r| r.0 == TAG_HEADER).map(|r| r.1);
-    let meta = records.get(1).filter(|r| r.0 == TAG_METADATA).map(|r| r.1);
+    // Header and metadata (this transfer's first one), shown whatever happens next.
+    let meta = records
+        .iter()
+        .enumerate()
+        .skip(1)
+        .find(|(i, r)| r.0 == TAG_METADATA && !stale(*i, r.1))
+        .map(|(_, r)| r.1);
     let mut metadata = None;
     if let Some(h) = header {
         report.set("header", raw_header_json(h));
@@ -292,7 +316,7 @@ pub(super) fn inspect_stream(path: &Path, bytes: &[u8], args: &InspectArgs) -> R
         metadata = manifest
             .as_ref()
             .map(|man| man.metadata().clone())
-            .or_else(|| codec::decode_metadata(m).ok());
+            .or_else(|| codec::decode_metadata(postcard_part(m)).ok());
         if let Some(md) = &metadata {
             metadata_json(&mut report, md, manifest.as_ref());
         }

@@ -42,7 +42,7 @@ pub struct InspectArgs {
     /// What FILE is.
     #[arg(long, value_enum, default_value = "auto")]
     pub format: Format,
-    /// Bytes of the header message in a metadata blob (24, unless the file is malformed on purpose).
+    /// Bytes of the header message in a metadata blob (32, unless the file is malformed on purpose).
     #[arg(long)]
     pub header_len: Option<usize>,
     /// Also check the metadata as this receiving rank would (for streams: which receiver to run;

@@ -51,9 +51,13 @@ pub(super) fn render(r: &serde_json::Map<String, Json>) -> String {
             .iter()
             .filter(|x| x["tag"].as_u64() > Some(TAG_METADATA))
             .count();
+        // A stale record (another transfer's) is marked with a `*`.
         let lens: Vec<String> = recs
             .iter()
-            .map(|x| format!("{}:{}", opt(&x["tag"]), opt(&x["len"])))
+            .map(|x| {
+                let stale = if x["stale"] == json!(true) { "*" } else { "" };
+                format!("{}:{}{stale}", opt(&x["tag"]), opt(&x["len"]))
+            })
             .collect();
         fields.push((
             "records",
@@ -80,7 +84,7 @@ pub(super) fn render(r: &serde_json::Map<String, Json>) -> String {
         fields.push((
             "header",
             format!(
-                "{} bytes: magic \"{}\"{}, version {}, flags {}, metadata_len {}, metadata_digest {}",
+                "{} bytes: magic \"{}\"{}, version {}, flags {}, metadata_len {}, metadata_digest {}, transfer_id {}",
                 opt(&h["len"]),
                 opt(&h["magic"]),
                 if h["magic_ok"] == json!(true) { "" } else { " (bad)" },
@@ -88,6 +92,7 @@ pub(super) fn render(r: &serde_json::Map<String, Json>) -> String {
                 flags,
                 opt(&h["metadata_len"]),
                 opt(&h["metadata_digest"]),
+                opt(&h["transfer_id"]),
             ),
         ));
     }
