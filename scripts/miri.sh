@@ -9,7 +9,7 @@
 # or undefined behaviour that Miri finds exits non-zero.
 #
 # Without wasmtime (--no-default-features): Miri builds the dependencies it needs itself.
-# About a minute on 2 cores (two runs of the 18 tests, 20-45 s each) after a first build of ~1.5 min.
+# About a minute on 2 cores (two runs of the 21 tests, 25-45 s each) after a first build of ~1.5 min.
 #
 # Usage: scripts/miri.sh [TEST_FILTER]        (default: memory::)
 #   MIRIFLAGS are passed on, e.g. MIRIFLAGS=-Zmiri-many-seeds=0..8 to try 8 schedules per test.
