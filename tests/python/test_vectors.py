@@ -1,6 +1,6 @@
 """pgt's raw-ABI wasm module, loaded by wasmtime-py, against the golden vectors of tests/vectors:
 every vector decodes to the summary, plan and error index.json gives; receivers driven from Python (by
-pgt_recv's loop, as pgt-core's drive.rs, with real XXH3-64 digests) accept the streams and reject the
+pgt.recv's loop, as pgt-core's drive.rs, with real XXH3-64 digests) accept the streams and reject the
 malformed ones with the named error; a sender driven from Python produces the streams' bytes.
 
 Run: pytest tests/python (after scripts/build-wasm.sh).
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from pgt_abi import (
+from pgt.abi import (
     ABI_ERROR,
     DTYPES,
     ERROR,
@@ -26,7 +26,7 @@ from pgt_abi import (
     prefix_bytes,
     varint,
 )
-from pgt_recv import receive as drive
+from pgt.recv import receive as drive
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 INDEX = json.loads((VECTORS / "index.json").read_text())
@@ -181,7 +181,7 @@ class HostReject(Exception):
 
 
 class RecordsHost:
-    """A sequential host over a stream's records (pgt_recv.receive drives it): each message is the
+    """A sequential host over a stream's records (pgt.recv.receive drives it): each message is the
     next record; data lands in fresh storages, hashed with XXH3-64 per message when the op says so. A
     record with another tag than the one asked for is not that message, which then never comes; a
     record of another transfer (stale: its prefix is not the op's) is skipped; a data message must have
