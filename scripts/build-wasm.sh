@@ -2,7 +2,8 @@
 # Builds pgt's two wasm modules from crate pgt-wasm (wasm/), reproducibly, into known places:
 #
 #   $CARGO_TARGET_DIR/pgt-wasm/pgt_wasm.wasm   the raw ABI (wasm/ABI.md): no_std, imports nothing. pgt-host's
-#                                              build.rs embeds it for WasmEngine; tests/python loads it.
+#                                              build.rs embeds it for WasmEngine; a copy goes to
+#                                              python/src/pgt/, the Python package's own.
 #   wasm/pkg-node/                             the JS build (feature "js"), packaged by
 #                                              `wasm-bindgen --target nodejs`: pgt_wasm.js, pgt_wasm.d.ts,
 #                                              pgt_wasm_bg.wasm, package.json. tests/node uses it.
@@ -100,10 +101,12 @@ wasm_build core,alloc
 mkdir -p "$OUT_RAW"
 # Copy only when changed, so pgt-host's build.rs (which watches this file) does not rebuild needlessly.
 cmp -s "$BUILT" "$OUT_RAW/pgt_wasm.wasm" 2>/dev/null || cp "$BUILT" "$OUT_RAW/pgt_wasm.wasm"
+# The Python package carries the module (`pip install ./python` after this script).
+cmp -s "$BUILT" "$ROOT/python/src/pgt/pgt_wasm.wasm" 2>/dev/null || cp "$BUILT" "$ROOT/python/src/pgt/pgt_wasm.wasm"
 
 size() { wc -c <"$1" | tr -d ' '; }
 echo "==> modules"
-echo "raw ABI: $OUT_RAW/pgt_wasm.wasm ($(size "$OUT_RAW/pgt_wasm.wasm") bytes)"
+echo "raw ABI: $OUT_RAW/pgt_wasm.wasm ($(size "$OUT_RAW/pgt_wasm.wasm") bytes; also in python/src/pgt/)"
 if [ "$RAW_ONLY" = 0 ]; then
   echo "JS:      $OUT_NODE/pgt_wasm_bg.wasm ($(size "$OUT_NODE/pgt_wasm_bg.wasm") bytes)"
 fi

@@ -62,10 +62,12 @@ step "node: the JS build against the golden vectors; the Node receiver against p
 npm ci --prefix examples/node --no-audit --no-fund --loglevel=error
 node --test tests/node/
 
-step "python: ruff, then the raw ABI from wasmtime-py"
+step "python: the pgt package (pip install ./python), ruff, then its tests"
 PYENV_DIR="$HOME/.cache/pgt/pyenv"
 [ -x "$PYENV_DIR/bin/python" ] || python3 -m venv "$PYENV_DIR"
 "$PYENV_DIR/bin/pip" install -q -r tests/python/requirements.txt
+# The one install command a user runs (the package carries the module build-wasm.sh copied into it).
+"$PYENV_DIR/bin/pip" install -q --force-reinstall --no-deps ./python
 "$PYENV_DIR/bin/ruff" format --check .
 "$PYENV_DIR/bin/ruff" check .
 "$PYENV_DIR/bin/python" -m pytest -q tests/python

@@ -1,7 +1,6 @@
-"""The Python host of pgt's raw ABI (`pgt_abi.py`) ships with the Python example; the tests use it from
-there."""
+"""The tests run against the installed `pgt` package (scripts/test.sh: `pip install ./python` after
+scripts/build-wasm.sh), the way a user has it."""
 
-import sys
-from pathlib import Path
+import pgt
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "python"))
+assert pgt.__file__ is not None

@@ -1,4 +1,4 @@
-"""examples/python/pgt_recv.py — a Python rank that receives checkpoints with pgt's wasm module — against
+"""`python -m pgt recv` (examples/python/pgt_recv.py) — a Python rank that receives checkpoints with pgt's wasm module — against
 the real `pgt` binary over TCP: `pgt send FILE` as rank 0, the Python receiver as another rank
 (subprocesses on loopback, a fresh port and token each), then every byte of every tensor of the Python
 output is compared with the input file. Also: chain fan-out with the Python rank as the relay and as the
@@ -30,11 +30,9 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from pgt_abi import DTYPES, Pgt, module_path, prefix_bytes
+from pgt.abi import DTYPES, Pgt, module_path, prefix_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "examples" / "python"
-RECV = EXAMPLE / "pgt_recv.py"
 JOB_TIMEOUT = 60  # seconds for a whole job, after which every process is killed
 HAVE_NUMPY = importlib.util.find_spec("numpy") is not None
 
@@ -123,7 +121,7 @@ def run_job(ranks: dict, timeout: float = JOB_TIMEOUT) -> dict:
 
 
 def python_rank(wasm: Path, *args) -> list:
-    return [sys.executable, RECV, "--wasm", wasm, "--timeout", "30", *args]
+    return [sys.executable, "-m", "pgt", "recv", "--wasm", wasm, "--timeout", "30", *args]
 
 
 # ---- safetensors by hand (no numpy needed) ----
@@ -509,8 +507,7 @@ def _python_send(port, token, metadata, storages, corrupt=None, errors=None, wor
     """Rank 0 in Python: hosts the store, joins, and drives the module's sender; ``corrupt`` = a storage
     whose bytes get one bit flipped on the wire *after* hashing; ``stale`` = (tag, bytes) messages sent
     to rank 1 before the transfer (another transfer's, which the receiver must skip)."""
-    sys.path.insert(0, str(EXAMPLE))
-    from pgt_tcp import TcpGroup, TcpOptions
+    from pgt.tcp import TcpGroup, TcpOptions
 
     try:
         # A random transfer id, as every sender picks one.
@@ -666,8 +663,7 @@ def test_corrupted_bytes_are_a_digest_mismatch(wasm, tmp_path):
 def test_view_bytes_without_numpy_matches_numpy():
     """The pure-Python gather of a strided view equals the numpy one (the receiver uses numpy when it is
     installed)."""
-    sys.path.insert(0, str(EXAMPLE))
-    import pgt_recv
+    from pgt import recv as pgt_recv
 
     buf = bytes(range(256)) * 2
     layout = {

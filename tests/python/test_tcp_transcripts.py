@@ -1,5 +1,5 @@
 """The TCP process group's conformance transcripts (tests/vectors/tcp, specified in TCP.md) against
-the Python implementation, examples/python/pgt_tcp.py.
+the Python implementation, python/src/pgt/tcp.py.
 
 For every transcript: each message is rebuilt from the inputs with pgt_tcp's own functions (hello,
 mac, frame_header, encode_table) and the MACs are checked with hashlib as well; then the transcript is
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-import pgt_tcp
+from pgt import tcp as pgt_tcp
 
 TCP = Path(__file__).resolve().parents[1] / "vectors" / "tcp"
 TRANSCRIPTS = sorted(TCP.glob("*.json"))

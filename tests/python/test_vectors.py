@@ -1,6 +1,6 @@
 """pgt's raw-ABI wasm module, loaded by wasmtime-py, against the golden vectors of tests/vectors:
 every vector decodes to the summary, plan and error index.json gives; receivers driven from Python (by
-pgt_recv's loop, as pgt-core's drive.rs, with real XXH3-64 digests) accept the streams and reject the
+pgt.recv's loop, as pgt-core's drive.rs, with real XXH3-64 digests) accept the streams and reject the
 malformed ones with the named error; a sender driven from Python produces the streams' bytes.
 
 Run: pytest tests/python (after scripts/build-wasm.sh).
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from pgt_abi import (
+from pgt.abi import (
     ABI_ERROR,
     DTYPES,
     ERROR,
@@ -23,10 +23,10 @@ from pgt_abi import (
     Reader,
     is_stale,
     module_path,
-    prefix_bytes,
     varint,
 )
-from pgt_recv import receive as drive
+from pgt.recv import receive as drive
+from pgt.send import send
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 INDEX = json.loads((VECTORS / "index.json").read_text())
@@ -181,7 +181,7 @@ class HostReject(Exception):
 
 
 class RecordsHost:
-    """A sequential host over a stream's records (pgt_recv.receive drives it): each message is the
+    """A sequential host over a stream's records (pgt.recv.receive drives it): each message is the
     next record; data lands in fresh storages, hashed with XXH3-64 per message when the op says so. A
     record with another tag than the one asked for is not that message, which then never comes; a
     record of another transfer (stale: its prefix is not the op's) is skipped; a data message must have
@@ -331,41 +331,28 @@ def test_every_kind_is_tested():
 
 @pytest.mark.parametrize("v", by_kind("stream"), ids=ids(by_kind("stream")))
 def test_sender_produces_the_stream(pgt, v):
+    """pgt.send's loop (the package's sender) puts the stream's bytes on the wire."""
     recs = records(v)
     summary = pgt.decode(recs[0][1], recs[1][1])
     transfer_id = int(summary["header"]["transfer_id"], 16)
-    s = pgt.sender(recs[1][1][8:], summary["digests"], transfer_id)
     storages = [pattern(i, int(st["nbytes"])) for i, st in enumerate(summary["storages"])]
-    hashers = [xxhash.xxh3_64() for _ in storages]
     rank, chain = v["receiver"]["rank"], summary["plan"]["fanout"] == "Chain"
-    sent, digests = [], []
-    while True:  # as pgt_core::drive::send, with every send done (and hashed) at once
-        while digests:
-            s.handle_digests(*digests.pop(0))
-        op = s.poll()
-        if op["type"] == "done":
-            break
-        assert op["type"] == "send"
-        if op["kind"] == "data":
-            segments = s.plan[op["message"]]["segments"]
-            parts = [
-                storages[g["storage"]][int(g["offset"]) : int(g["offset"]) + int(g["len"])]
-                for g in segments
-            ]
-            data = prefix_bytes(op["prefix"]) + b"".join(parts)
-            if op["hash"]:
-                done = []
-                for g, part in zip(segments, parts, strict=True):
-                    hashers[g["storage"]].update(part)
-                    if g["completes"]:
-                        done.append(hashers[g["storage"]].intdigest())
-                digests.append((op["message"], done))
-        else:
-            data = s.bytes(op["message"])
-        assert len(data) == op["len"]
-        if op["to"] == rank or (chain and op["tag"] > 2):
-            sent.append((op["tag"], data))
-    assert sent == recs
+
+    class Recorder:
+        sent: list = []
+
+        def send(self, op, parts):
+            data = b"".join(bytes(p) for p in parts)
+            assert len(data) == op["len"]
+            if op["to"] == rank or (chain and op["tag"] > 2):
+                self.sent.append((op["tag"], data))
+
+    host = Recorder()
+    got = send(
+        pgt, host, recs[1][1][8:], storages, digests=summary["digests"], transfer_id=transfer_id
+    )
+    assert got == transfer_id
+    assert host.sent == recs
 
 
 def test_misuse_is_an_abi_error(pgt):

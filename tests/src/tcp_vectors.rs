@@ -421,7 +421,7 @@ Generated — do not edit by hand. Regenerate with
 as `TCP.md` (repository root) specifies it, recorded with pgt-host's own code at both ends
 (`pgt_host::pg::conformance`), with fixed job tokens and nonces so that every byte is reproducible.
 Checked by `cargo test -p pgt-tests --test tcp_vectors` (today's code records exactly these files),
-`tests/python/test_tcp_transcripts.py` (`examples/python/pgt_tcp.py`) and
+`tests/python/test_tcp_transcripts.py` (`python/src/pgt/tcp.py`) and
 `tests/node/tcp_transcripts.test.mjs` (`examples/node/pgt_tcp.mjs`): each builds every message from
 the inputs with its own code, verifies the MACs, and replays the transcript against its own client and
 server over a real socket, comparing what they send byte for byte.

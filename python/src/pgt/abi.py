@@ -11,7 +11,7 @@ guest: it sees metadata, plans, completions and the digests the host computes.
     r = pgt.receiver(rank=1, source=0)
     op = r.poll()                                   # {"type": "recv", "kind": "header", …}
 
-How a host drives a receiver with these wrappers: ``pgt_recv.receive`` (as pgt-core's drive.rs).
+How a host drives a receiver with these wrappers: ``pgt.recv.receive`` (as pgt-core's drive.rs).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import wasmtime
 
-ROOT = Path(__file__).resolve().parents[2]
+# The module this package carries (scripts/build-wasm.sh copies it here before `pip install`).
+BUNDLED_MODULE = Path(__file__).resolve().parent / "pgt_wasm.wasm"
 
 # Variant orders of pgt-core's enums (postcard writes a variant as its index).
 DTYPES = (  # DType, as torch names
@@ -55,13 +56,10 @@ OK, ERROR, ABI_ERROR = 0, 1, 2
 
 
 def module_path() -> Path:
-    """$PGT_WASM_MODULE, else $CARGO_TARGET_DIR/pgt-wasm/pgt_wasm.wasm, else target/pgt-wasm/…"""
+    """$PGT_WASM_MODULE if set, else the module inside this package."""
     if os.environ.get("PGT_WASM_MODULE"):
         return Path(os.environ["PGT_WASM_MODULE"])
-    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
-    if not target.is_absolute():
-        target = ROOT / target
-    return target / "pgt-wasm" / "pgt_wasm.wasm"
+    return BUNDLED_MODULE
 
 
 class PgtError(Exception):
