@@ -230,14 +230,22 @@ def strided_views(rank, world):
         "empty_of_storage": base[5:5],
         "column": torch.arange(12, dtype=torch.int16).reshape(3, 4)[:, 2:3],
     }
+    conj = torch.tensor([1 + 2j, 3 - 1j]).conj()  # the conjugate bit is not in the storage
+    neg = torch.tensor([1 + 2j, 3 - 1j]).conj().imag  # a negative view
+    param = nn.Parameter(torch.arange(3.0))
     t = _transport()
     if rank == 0:
-        t.send_checkpoint([1], sd)
+        t.send_checkpoint([1], {**sd, "conj": conj, "neg": neg, "param": param})
     elif rank == 1:
         got = t.recv_checkpoint(0)
         for k in sd:
             assert_same_tensor(got[k], sd[k], k)
             assert torch.equal(got[k], sd[k]), k
+        assert (
+            torch.equal(got["conj"], torch.tensor([1 - 2j, 3 + 1j])) and not got["conj"].is_conj()
+        )
+        assert torch.equal(got["neg"], torch.tensor([-2.0, 1.0]))
+        assert type(got["param"]) is torch.Tensor and torch.equal(got["param"], param.detach())
         # Views of one storage on the sender are views of separate storages here (as torch).
         assert got["transposed"].untyped_storage().data_ptr() != (
             got["contiguous"].untyped_storage().data_ptr()
@@ -569,6 +577,24 @@ def many_small_tensors(rank, world, n, size, stage_min):
     pgt_torch.STAGE_MIN = stage_min
     sd = {f"t{i}": torch.full((size // 4,), float(i)) for i in range(n)}
     t = _transport(timeout=120)
+    dist.barrier()
+    start = time.perf_counter()
+    if rank == 0:
+        t.send_checkpoint([1], sd)
+    elif rank == 1:
+        got = t.recv_checkpoint(0)
+        took = time.perf_counter() - start
+        assert torch.equal(got[f"t{n - 1}"], sd[f"t{n - 1}"])
+        return took
+    return None
+
+
+def torch_many_small_tensors(rank, world, n, size):
+    """The same with torch's own PGTransport, for comparison (run by hand)."""
+    from torch.distributed.checkpoint._pg_transport import PGTransport as TorchPGTransport
+
+    sd = {f"t{i}": torch.full((size // 4,), float(i)) for i in range(n)}
+    t = TorchPGTransport(_get_default_group(), timedelta(seconds=120), CPU)
     dist.barrier()
     start = time.perf_counter()
     if rank == 0:
