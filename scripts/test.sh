@@ -70,6 +70,16 @@ PYENV_DIR="$HOME/.cache/pgt/pyenv"
 "$PYENV_DIR/bin/pip" install -q --force-reinstall --no-deps ./python
 "$PYENV_DIR/bin/ruff" format --check .
 "$PYENV_DIR/bin/ruff" check .
+
+# pgt.torch's tests need torch (tests/python/requirements-torch.txt): PyPI's wheel is the CUDA build,
+# ~5.5 GB the first time (a no-op once installed); PGT_TORCH_INDEX points pip at another index (the
+# CPU wheels) where one is reachable.
+step "python: torch for pgt.torch's tests (cached in $PYENV_DIR)"
+"$PYENV_DIR/bin/pip" install -q ${PGT_TORCH_INDEX:+--extra-index-url "$PGT_TORCH_INDEX"} \
+  -r tests/python/requirements-torch.txt
+"$PYENV_DIR/bin/python" -c 'import torch; print("torch", torch.__version__)'
+
+step "python: pytest (pgt.torch over gloo: 4 rank processes)"
 "$PYENV_DIR/bin/python" -m pytest -q tests/python
 
 step "mpi: the MPI process group and pgt --pg mpi under mpirun"

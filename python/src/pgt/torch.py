@@ -1,0 +1,948 @@
+"""pgt.torch: PyTorch's ``PGTransport`` on pgt's protocol, over any ``torch.distributed`` process group.
+
+    from pgt.torch import PGTransport   # instead of torch.distributed.checkpoint._pg_transport
+
+    transport = PGTransport(pg, timeout=timedelta(seconds=30), device=torch.device("cpu"))
+    transport.send_checkpoint([1, 2], state_dict)      # on rank 0
+    state_dict = transport.recv_checkpoint(0)          # on ranks 1 and 2
+
+The constructor and the two methods are torch's; what crosses the wire is pgt's (PROTOCOL.md): no
+pickle — the metadata is pgt's postcard ``Metadata``, decoded and validated by pgt's wasm module
+(``pgt.abi``), which makes every protocol decision on both sides; tensors travel as their storages'
+raw bytes, with an XXH3-64 digest of each checked before anything is returned. Leaves are tensors of
+every dtype pgt has, DTensors, ShardedTensors and plain values (None, bool, int, float, str, bytes) in
+nested dicts, lists and tuples with str or int keys; anything else is refused before anything is sent,
+naming its key path.
+
+**The torch.distributed binding** (PROTOCOL.md §1). gloo's ``recv`` takes one tensor of a size fixed
+in advance, and gloo aborts the receiving *process* when a message is longer than the tensor posted
+for it. So over a torch process group a protocol message crosses as several point-to-point messages,
+all under the message's tag, in this order:
+
+- the header (tag 1): one message, its 32 bytes;
+- every later message: first a **frame** of 24 bytes — the message's 8-byte prefix (the transfer id),
+  then the message's length (prefix included) and its number of parts, each a u64 LE — then the
+  **parts**, the rest of the message cut in order: the metadata and the trailer in one part; a data
+  message's segments (PROTOCOL.md §9) grouped: a segment of at least ``STAGE_MIN`` (64 KiB) is a part
+  of its own, sent from and received into its storage's bytes (no copy); each maximal run of
+  consecutive shorter segments is one part, gathered into a staging tensor by the sender and scattered
+  by copy by the receiver (one pg operation instead of one per small tensor).
+
+The grouping depends only on the plan, which both sides compute, so they agree. The frame is what
+makes the link safe: a receiver sees a message of another transfer (a stale one, PROTOCOL.md §12) or of
+another length before it posts anything sized for it; it skips a stale message by receiving its parts
+into a scratch buffer of the frame's length (gloo accepts a shorter message into a larger tensor), and
+fails a message of this transfer of the wrong length, consumed, with ``PgtTransportError``. Only pgt's
+torch binding speaks to pgt's torch binding over a torch group (Rust ranks use pgt's TCP or MPI groups).
+
+Every wait on the process group honours ``timeout`` (torch's class stores it and never uses it): a
+peer that stalls makes the waiting side raise ``PgtTimeout`` within the timeout (gloo then closes the
+pair: that link is dead, as in torch). Receives are posted ahead (the frames of the next data messages,
+each data message's parts as soon as its frame arrives) and sends are asynchronous, a bounded window
+of each in flight.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import secrets
+import struct
+import time
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import xxhash
+
+from . import abi as pgt_abi
+from . import metadata as pgt_metadata
+from . import recv as pgt_recv
+from . import send as pgt_send
+from .abi import MAX_STALE, MAX_STALE_LEN, PREFIX_LEN, Pgt, PgtError
+
+__all__ = ["PGTransport", "PgtError", "PgtTimeout", "PgtTransportError", "UnsupportedLeaf"]
+
+UnsupportedLeaf = pgt_metadata.UnsupportedLeaf
+
+# The binding's constants (module docstring): the frame's length, and the smallest segment that is a
+# part of its own.
+FRAME_LEN = 24
+STAGE_MIN = 64 << 10
+# Frames of data messages posted ahead of the data message being received, data messages whose parts
+# are in flight at once, and messages a sender keeps in flight before waiting for the oldest.
+FRAMES_AHEAD = 8
+RECV_DEPTH = 4
+SEND_WINDOW = 16
+
+DTYPE_BY_NAME = {name: getattr(torch, name) for name in pgt_abi.DTYPES}
+NAME_BY_DTYPE = {dt: name for name, dt in DTYPE_BY_NAME.items()}
+REDUCE_OP_NAMES = {op.lower(): op for op in pgt_abi.REDUCE_OPS}  # DTensor's Partial("sum") -> Sum
+
+
+class PgtTransportError(RuntimeError):
+    """The process group failed a transfer, or a message did not fit the protocol (another length
+    than the plan's, too many stale messages)."""
+
+
+class PgtTimeout(PgtTransportError, TimeoutError):
+    """A peer did not send or receive within the timeout."""
+
+
+# ---- the binding: parts of a message ----
+
+
+def group_parts(lengths) -> list[tuple[int, int]]:
+    """The parts of a data message whose segments have ``lengths``: (first segment, end) ranges, a
+    segment of at least STAGE_MIN alone, each maximal run of shorter ones together."""
+    parts, start = [], None
+    for i, n in enumerate(lengths):
+        if n >= STAGE_MIN:
+            if start is not None:
+                parts.append((start, i))
+                start = None
+            parts.append((i, i + 1))
+        elif start is None:
+            start = i
+    if start is not None:
+        parts.append((start, len(lengths)))
+    return parts
+
+
+def frame_bytes(prefix, length: int, nparts: int) -> bytes:
+    return bytes(prefix[:PREFIX_LEN]) + struct.pack("<QQ", length, nparts)
+
+
+def _u8(buf) -> torch.Tensor:
+    """A uint8 tensor over a buffer-protocol object's bytes (no copy)."""
+    return (
+        torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
+    )
+
+
+def storage_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 tensor over the whole storage of ``t`` (no copy)."""
+    s = t.untyped_storage()
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(s, 0, (s.nbytes(),), (1,))
+
+
+def view_of(base: torch.Tensor, layout: dict, dtype_name: str) -> torch.Tensor:
+    """The view ``layout`` (sender's shape, stride and storage offset) of the storage under ``base``,
+    as ``dtype_name`` — for every dtype, bool, complex32 and the float8s included."""
+    return torch.empty(0, dtype=DTYPE_BY_NAME[dtype_name], device=base.device).set_(
+        base.untyped_storage(),
+        int(layout["storage_offset"]),
+        [int(d) for d in layout["shape"]],
+        [int(d) for d in layout["stride"]],
+    )
+
+
+def _seconds(timeout) -> float:
+    return timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+
+
+# ---- waiting on the process group ----
+
+
+class _Link:
+    """The process group and the timeout: every wait gets the time left until its deadline."""
+
+    def __init__(self, pg, timeout: float):
+        self.pg, self.timeout = pg, timeout
+        self.rank = pg.rank()
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.timeout
+
+    def wait(self, work, deadline: float, what: str, peer: int):
+        left = max(deadline - time.monotonic(), 0.001)
+        try:
+            work.wait(timedelta(seconds=left))
+        except RuntimeError as e:
+            if "imed out" in str(e) or time.monotonic() >= deadline:
+                raise PgtTimeout(
+                    f"pgt: rank {self.rank}: timed out after {self.timeout:g} s {what} rank {peer}"
+                ) from e
+            raise PgtTransportError(f"pgt: rank {self.rank}: {what} rank {peer}: {e}") from e
+
+    def send(self, t: torch.Tensor, to: int, tag: int):
+        return self.pg.send([t], to, tag)
+
+    def recv(self, t: torch.Tensor, peer: int, tag: int):
+        return self.pg.recv([t], peer, tag)
+
+
+class _Sending:
+    """pgt.send's host: each protocol message as the binding's frame and parts, sent asynchronously;
+    at most SEND_WINDOW messages in flight."""
+
+    def __init__(self, link: _Link):
+        self.link = link
+        self.inflight: collections.deque = collections.deque()  # (op, works, tensors)
+
+    def send(self, op: dict, parts: list):
+        to, tag = op["to"], op["tag"]
+        tensors = []
+        if op["kind"] == "header":
+            tensors.append(_u8(bytearray(parts[0])))
+        elif op["kind"] == "data":
+            segs = parts[1:]
+            groups = group_parts([len(s) for s in segs])
+            tensors.append(_u8(bytearray(frame_bytes(parts[0], op["len"], len(groups)))))
+            for a, b in groups:
+                if b == a + 1:
+                    tensors.append(_u8(segs[a]))
+                else:  # a run of small segments: gathered into one staging tensor
+                    stage = bytearray(sum(len(s) for s in segs[a:b]))
+                    mv, at = memoryview(stage), 0
+                    for s in segs[a:b]:
+                        mv[at : at + len(s)] = s
+                        at += len(s)
+                    tensors.append(_u8(stage))
+        else:  # metadata, trailer: the frame, then the message after its prefix in one part
+            data = bytes(parts[0]) if len(parts) == 1 else b"".join(bytes(p) for p in parts)
+            rest = data[PREFIX_LEN:]
+            tensors.append(_u8(bytearray(frame_bytes(data, len(data), 1 if rest else 0))))
+            if rest:
+                tensors.append(_u8(bytearray(rest)))
+        works = [self.link.send(t, to, tag) for t in tensors]
+        self.inflight.append((op, works, tensors))
+        while len(self.inflight) > SEND_WINDOW:
+            self._finish_oldest()
+
+    def _finish_oldest(self):
+        op, works, _ = self.inflight.popleft()
+        deadline = self.link.deadline()
+        for w in works:
+            self.link.wait(
+                w, deadline, f"sending {op['kind']} message {op['message']} to", op["to"]
+            )
+
+    def flush(self):
+        while self.inflight:
+            self._finish_oldest()
+
+
+class _Frame:
+    def __init__(self, data: bytes):
+        self.prefix = data[:PREFIX_LEN]
+        self.length, self.nparts = struct.unpack("<QQ", data[PREFIX_LEN:FRAME_LEN])
+
+
+class _Receiving:
+    """pgt.recv.receive's host over a torch process group: frames posted ahead, each data message's
+    parts posted as its frame arrives (into the storages, or a staging tensor per run of small
+    segments), hashed with XXH3-64 when the op says so; forwards (chain) asynchronously."""
+
+    def __init__(self, link: _Link, inplace: dict | None):
+        self.link = link
+        self.inplace = inplace  # canonical key path -> existing tensor-like, or None
+        self.events: collections.deque = collections.deque()
+        self.frames: dict = {}  # tag -> (work, tensor): frames posted ahead
+        self.data: collections.OrderedDict = (
+            collections.OrderedDict()
+        )  # tag -> in-flight data message
+        self.done_tags: set = set()  # data messages wholly received (reported or not)
+        self.forwards: collections.deque = collections.deque()  # (message, works, tensors)
+        self.hashers: dict = {}
+        self.plan: list = []
+        self.storages: list = []  # Incoming storages
+        self.landing: list = []  # per storage: the uint8 tensor its wire bytes land in (CPU)
+        self.views: list = []  # memoryviews of landing
+        self.targets: dict = {}  # storage -> (existing tensor-like, its storage as uint8)
+        self.after: list = []  # (storage, destination uint8 storage, cast_from or None): copies after
+        self.header = b""
+        self.metadata = b""
+        self.paths: list = []  # every leaf's canonical key path (when receiving in place)
+        self.orphans: list = []  # works still posted when a transfer failed (kept alive)
+
+    # -- frames --
+
+    def _post_frame(self, peer: int, tag: int):
+        if tag not in self.frames:
+            t = torch.empty(FRAME_LEN, dtype=torch.uint8)
+            self.frames[tag] = (self.link.recv(t, peer, tag), t)
+
+    def _frame(self, op: dict, deadline: float) -> _Frame:
+        """The frame of ``op``'s message, stale messages skipped (at most MAX_STALE)."""
+        peer, tag = op["from"], op["tag"]
+        for _ in range(MAX_STALE + 1):
+            self._post_frame(peer, tag)
+            work, t = self.frames.pop(tag)
+            self.link.wait(work, deadline, f"waiting for {op['kind']} (tag {tag}) from", peer)
+            frame = _Frame(t.numpy().tobytes())
+            if op.get("prefix") is None or frame.prefix == pgt_abi.prefix_bytes(op["prefix"]):
+                return frame
+            self._consume(frame, peer, tag, deadline, "a stale message")
+        raise PgtTransportError(
+            f"TooManyStale: skipped {MAX_STALE} stale messages waiting for tag {tag} from rank {peer}"
+        )
+
+    def _consume(self, frame: _Frame, peer: int, tag: int, deadline: float, what: str):
+        """Receives and throws away the parts of the message ``frame`` announced."""
+        rest = frame.length - PREFIX_LEN
+        if frame.length > MAX_STALE_LEN or (frame.nparts and rest <= 0) or frame.nparts > rest:
+            raise PgtTransportError(
+                f"rank {peer} sent {what} under tag {tag} whose frame announces {frame.nparts} parts "
+                f"of {frame.length} bytes: cannot skip it"
+            )
+        scratch = torch.empty(max(rest, 0), dtype=torch.uint8)
+        for _ in range(frame.nparts):
+            self.link.wait(
+                self.link.recv(scratch, peer, tag), deadline, f"skipping {what} from", peer
+            )
+
+    # -- the host interface of pgt.recv.receive --
+
+    def recv_bytes(self, op: dict) -> bytes:
+        peer, tag, n = op["from"], op["tag"], int(op["len"])
+        deadline = self.link.deadline()
+        if op["kind"] == "header":
+            t = torch.empty(n, dtype=torch.uint8)
+            self.link.wait(
+                self.link.recv(t, peer, tag), deadline, "waiting for the header from", peer
+            )
+            self.header = t.numpy().tobytes()
+            return self.header
+        frame = self._frame(op, deadline)
+        if frame.length > n or frame.nparts != (1 if frame.length > PREFIX_LEN else 0):
+            self._consume(frame, peer, tag, deadline, f"a {op['kind']} message")
+            raise PgtTransportError(
+                f"TooLarge: rank {peer} sent a {op['kind']} message of {frame.length} bytes in "
+                f"{frame.nparts} parts under tag {tag}; expected at most {n} bytes in one part"
+            )
+        body = b""
+        if frame.nparts:
+            t = torch.empty(frame.length - PREFIX_LEN, dtype=torch.uint8)
+            self.link.wait(
+                self.link.recv(t, peer, tag), deadline, f"receiving the {op['kind']} from", peer
+            )
+            body = t.numpy().tobytes()
+        data = frame.prefix + body
+        if op["kind"] == "metadata":
+            self.metadata = data
+        return data
+
+    def bind(self, incoming: dict, paths) -> list:
+        self.plan, self.storages = incoming["plan"], incoming["storages"]
+        if not self.inplace:
+            return []
+        out = []
+        self.paths = [_canonical(p) for p in paths()]
+        for s, st in enumerate(self.storages):
+            path = self.paths[int(st["leaf"])]
+            t = _inplace_tensor(self.inplace.get(path), int(st["shard"]))
+            if t is None:
+                continue
+            self.targets[s] = t
+            out.append(
+                {
+                    "storage": s,
+                    "id": s,
+                    "dtype": NAME_BY_DTYPE[t.dtype],
+                    "nbytes": t.untyped_storage().nbytes(),
+                }
+            )
+        return out
+
+    def bound(self, incoming: dict, bindings: list):
+        for s, b in enumerate(bindings):
+            wire = int(self.storages[s]["nbytes"])
+            if b["dest"] == "fresh":
+                self.targets.pop(s, None)
+                land = torch.empty(wire, dtype=torch.uint8)
+            else:
+                t = self.targets[int(b["dest"]["in_place"])]
+                dest = storage_bytes(t)
+                if b["cast_from"] is None:
+                    land = dest  # straight into the existing storage
+                else:  # cast on receive: land the wire bytes, cast once the digests are checked
+                    land = torch.empty(wire, dtype=torch.uint8)
+                    self.after.append((s, t, b["cast_from"]))
+                self.targets[s] = (t, dest)
+            self.landing.append(land)
+            self.views.append(memoryview(land.numpy()))
+
+    def _slice(self, seg: dict) -> torch.Tensor:
+        off = int(seg["offset"])
+        return self.landing[seg["storage"]][off : off + int(seg["len"])]
+
+    def recv_data(self, op: dict, segments: list):
+        peer, tag = op["from"], op["tag"]
+        self._post_ahead(op)
+        deadline = self.link.deadline()
+        frame = self._frame(op, deadline)
+        groups = group_parts([int(s["len"]) for s in segments])
+        if frame.length != int(op["len"]) or frame.nparts != len(groups):
+            self._consume(frame, peer, tag, deadline, "a data message")
+            self.done_tags.add(tag)
+            raise PgtTransportError(
+                f"LengthMismatch: rank {peer} sent data message {op['message']} (tag {tag}) of "
+                f"{frame.length} bytes in {frame.nparts} parts; the plan says {op['len']} bytes in "
+                f"{len(groups)} parts"
+            )
+        parts, works = [], []
+        for a, b in groups:
+            n = sum(int(s["len"]) for s in segments[a:b])
+            t = self._slice(segments[a]) if b == a + 1 else torch.empty(n, dtype=torch.uint8)
+            parts.append(t)
+            works.append(self.link.recv(t, peer, tag))
+        self.data[tag] = (op, segments, groups, parts, works)
+        while len(self.data) > RECV_DEPTH:
+            self._land_oldest()
+
+    def _post_ahead(self, op: dict):
+        """Posts the frames of the next FRAMES_AHEAD messages after ``op``'s (same upstream)."""
+        for m in range(op["message"] + 1, min(op["message"] + 1 + FRAMES_AHEAD, len(self.plan))):
+            if self.plan[m]["kind"] in ("data", "trailer"):
+                self._post_frame(op["from"], self.plan[m]["tag"])
+
+    def _land_oldest(self):
+        tag, (op, segments, groups, parts, works) = self.data.popitem(last=False)
+        deadline = self.link.deadline()
+        for w in works:
+            self.link.wait(w, deadline, f"receiving data message {op['message']} from", op["from"])
+        self.done_tags.add(tag)
+        for (a, b), part in zip(groups, parts, strict=True):
+            if b > a + 1:  # scatter a staged run into its storages
+                src, at = memoryview(part.numpy()), 0
+                for s in segments[a:b]:
+                    off, n = int(s["offset"]), int(s["len"])
+                    self.views[s["storage"]][off : off + n] = src[at : at + n]
+                    at += n
+        self.events.append(("landed", op["message"]))
+        if op["hash"]:
+            digests = []
+            for s in segments:
+                off, n = int(s["offset"]), int(s["len"])
+                h = self.hashers.get(s["storage"])
+                if h is None:
+                    h = self.hashers[s["storage"]] = xxhash.xxh3_64()
+                h.update(self.views[s["storage"]][off : off + n])
+                if s["completes"]:
+                    digests.append(self.hashers.pop(s["storage"]).intdigest())
+            self.events.append(("digests", op["message"], digests))
+
+    def forward(self, op: dict, payload):
+        link = _Sending(self.link)
+        if isinstance(payload, bytes):  # the trailer as received
+            link.send(op, [payload])
+        else:
+            link.send(op, [pgt_abi.prefix_bytes(op["prefix"]), *[self._mv(s) for s in payload]])
+        self.forwards.append((op, link))
+
+    def _mv(self, seg: dict) -> memoryview:
+        off = int(seg["offset"])
+        return self.views[seg["storage"]][off : off + int(seg["len"])]
+
+    def next_event(self, wait: bool):
+        if self.events:
+            return self.events.popleft()
+        if self.forwards and all(
+            w.is_completed() for _, works, _ in self.forwards[0][1].inflight for w in works
+        ):
+            op, _ = self.forwards.popleft()
+            return ("forwarded", op["message"])
+        if not wait:
+            return None
+        if self.data:
+            self._land_oldest()
+            return self.events.popleft()
+        if self.forwards:
+            op, link = self.forwards.popleft()
+            link.flush()
+            return ("forwarded", op["message"])
+        return None
+
+    def discard(self, op: dict) -> bool:
+        """Receives and throws away a message a failed transfer still sends; False when that fails."""
+        tag = op["tag"]
+        try:
+            if tag in self.done_tags:
+                return True
+            if tag in self.data:
+                _, _, _, _, works = self.data.pop(tag)
+                deadline = self.link.deadline()
+                for w in works:
+                    self.link.wait(w, deadline, "draining from", op["from"])
+                return True
+            deadline = self.link.deadline()
+            frame = self._frame(op, deadline)
+            self._consume(frame, op["from"], tag, deadline, "a message of the failed transfer")
+            return True
+        except Exception:
+            return False
+
+    def abandon(self):
+        """Keeps every work still posted alive (a gloo buffer must outlive its posted receive)."""
+        self.orphans += [w for w, _ in self.frames.values()]
+        self.orphans += [w for *_, works in self.data.values() for w in works]
+        self.orphans += [link for _, link in self.forwards]
+
+    def finish(self):
+        """After the result is verified: the casts on receive, each storage as a whole (torch's
+        copy_, round to nearest even)."""
+        for s, t, cast_from in self.after:
+            _, dest = self.targets[s]
+            src, wire_dtype = self.landing[s], DTYPE_BY_NAME[cast_from]
+            wire = torch.empty(0, dtype=wire_dtype).set_(
+                src.untyped_storage(), 0, (src.numel() // wire_dtype.itemsize,)
+            )
+            out = torch.empty(0, dtype=t.dtype).set_(
+                dest.untyped_storage(), 0, (dest.numel() // t.dtype.itemsize,)
+            )
+            out.copy_(wire)
+
+
+# ---- key paths ----
+
+
+def _canonical(elems: list) -> tuple:
+    """A key path from the module (``{"key"}``/``{"int_key"}``/``{"index"}`` elements) as a tuple that
+    tells str keys, int keys and list indices apart."""
+    out = []
+    for e in elems:
+        if "key" in e:
+            out.append(("k", e["key"]))
+        elif "int_key" in e:
+            out.append(("i", int(e["int_key"])))
+        else:
+            out.append(("x", int(e["index"])))
+    return tuple(out)
+
+
+def _leaves_by_path(obj) -> dict:
+    """Every non-container of a nested dict/list/tuple by canonical key path."""
+    out, stack = {}, [((), obj)]
+    while stack:
+        path, x = stack.pop()
+        if isinstance(x, Mapping):
+            for k, v in x.items():
+                if isinstance(k, str):
+                    stack.append(((*path, ("k", k)), v))
+                elif isinstance(k, int) and not isinstance(k, bool):
+                    stack.append(((*path, ("i", k)), v))
+        elif isinstance(x, list | tuple) and not hasattr(x, "_fields"):
+            stack.extend(((*path, ("x", i)), v) for i, v in enumerate(x))
+        else:
+            out[path] = x
+    return out
+
+
+def _is_dtensor(x) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
+
+
+def _is_sharded(x) -> bool:
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    return isinstance(x, ShardedTensor)
+
+
+def _inplace_tensor(x, shard: int):
+    """The plain tensor of an existing leaf that storage ``shard`` of the leaf may land in."""
+    if x is None:
+        return None
+    if _is_sharded(x):
+        shards = x.local_shards()
+        return shards[shard].tensor if shard < len(shards) else None
+    if _is_dtensor(x):
+        x = x._local_tensor
+    # As torch's class: only a tensor on the transport's device type (CPU) is written in place.
+    if type(x) in (torch.Tensor, torch.nn.Parameter) and x.layout == torch.strided:
+        return x if x.device.type == "cpu" and x.dtype in NAME_BY_DTYPE else None
+    return None
+
+
+# ---- the sender's leaves ----
+
+
+def _layout(t: torch.Tensor, path: tuple) -> dict:
+    if t.layout != torch.strided:
+        raise UnsupportedLeaf(path, f"a tensor with layout {t.layout}")
+    if t.dtype not in NAME_BY_DTYPE:
+        raise UnsupportedLeaf(path, f"a tensor of dtype {t.dtype}")
+    if t.device.type == "meta":
+        raise UnsupportedLeaf(path, "a tensor on the meta device (it has no bytes)")
+    return {
+        "dtype": NAME_BY_DTYPE[t.dtype],
+        "shape": list(t.shape),
+        "stride": list(t.stride()),
+        "storage_offset": t.storage_offset(),
+        "nbytes": t.untyped_storage().nbytes(),
+    }
+
+
+def _plain(t: torch.Tensor, path: tuple) -> torch.Tensor:
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        raise UnsupportedLeaf(path, f"a tensor subclass {type(t).__module__}.{type(t).__name__}")
+    # The conjugate and negative bits are not in a storage's bytes: send the values they show.
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    return t
+
+
+def _placement(p, path: tuple) -> str:
+    from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
+
+    if type(p) is Shard:
+        return f"Shard({p.dim})"
+    if type(p) is Replicate:
+        return "Replicate"
+    if type(p) is Partial and p.reduce_op in REDUCE_OP_NAMES:
+        return f"Partial({REDUCE_OP_NAMES[p.reduce_op]})"
+    raise UnsupportedLeaf(path, f"a DTensor placement {p!r}")
+
+
+class _Leaves:
+    """The sender's leaf function for pgt.metadata.flatten: leaf forms, and the tensors whose storages
+    travel, in storage order."""
+
+    def __init__(self):
+        self.tensors: list[torch.Tensor] = []
+        self.meshes: list = []
+
+    def _tensor(self, t: torch.Tensor, path: tuple) -> dict:
+        t = _plain(t, path)
+        layout = _layout(t, path)
+        self.tensors.append(t)
+        return layout
+
+    def __call__(self, path: tuple, x) -> dict:
+        if _is_dtensor(x):
+            mesh = x.device_mesh
+            names = mesh.mesh_dim_names
+            self.meshes.append(mesh)
+            spec = {
+                "mesh": {
+                    "shape": list(mesh.mesh.shape),
+                    "ranks": [int(r) for r in mesh.mesh.flatten().tolist()],
+                    "dim_names": list(names) if names else None,
+                    "device_type": mesh.device_type,
+                },
+                "placements": [_placement(p, path) for p in x.placements],
+                "global_shape": list(x.shape),
+                "global_stride": list(x.stride()),
+                "dtype": NAME_BY_DTYPE.get(x.dtype, str(x.dtype)),
+            }
+            return {"kind": "dtensor", "local": self._tensor(x._local_tensor, path), "spec": spec}
+        if _is_sharded(x):
+            md = x.metadata()
+
+            def meta(m) -> dict:
+                return {
+                    "offsets": list(m.shard_offsets),
+                    "sizes": list(m.shard_sizes),
+                    "placement": str(m.placement),
+                }
+
+            local = [
+                {"layout": self._tensor(s.tensor, path), "meta": meta(s.metadata)}
+                for s in x.local_shards()
+            ]
+            glob = {
+                "shards": [meta(m) for m in md.shards_metadata],
+                "global_size": list(md.size),
+                "dtype": NAME_BY_DTYPE.get(md.tensor_properties.dtype, "float32"),
+            }
+            return {"kind": "sharded_tensor", "local_shards": local, "global": glob}
+        if isinstance(x, torch.Tensor):
+            return {"kind": "tensor", "layout": self._tensor(x, path)}
+        leaf = pgt_metadata.value_leaf(x)
+        if leaf is None:
+            what = (
+                "an int outside i64"
+                if isinstance(x, int)
+                else f"a value of type {type(x).__module__}.{type(x).__qualname__}"
+            )
+            raise UnsupportedLeaf(path, what)
+        return leaf
+
+
+# ---- the module ----
+
+_COMPILED = None
+
+
+def _pgt() -> Pgt:
+    """An instance of pgt's wasm module (compiled once per process; an instance per transfer)."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = Pgt.compile()
+    return Pgt(*_COMPILED)
+
+
+class PGTransport:
+    """A checkpoint transport over the process group ``pg``, with the constructor and methods of
+    ``torch.distributed.checkpoint._pg_transport.PGTransport``.
+
+    Args:
+        pg: the process group (gloo, or any backend that moves CPU tensors point to point).
+        timeout: every wait on the process group (timedelta, or seconds): a peer that stalls raises
+            ``PgtTimeout`` within it.
+        device: where fresh received tensors live (CPU; see the README for CUDA).
+        state_dict: if given, called at each receive; every tensor of the checkpoint whose key path
+            exists in what it returns is written into that tensor's storage (same size, else
+            ``PgtError`` InPlaceSizeMismatch naming the path; float64/32/16 and bfloat16 cast on
+            receive), and the returned checkpoint holds those tensors.
+
+    pgt's own options, keyword-only: ``fanout`` ("chain": the first destination relays to the next;
+    "direct": the sender sends to each), ``digests`` (XXH3-64 of every storage, checked before a
+    receive returns; on by default), ``bucket_size`` and ``chunk_size`` (PROTOCOL.md §9).
+    """
+
+    def __init__(
+        self,
+        pg,
+        timeout,
+        device,
+        state_dict: Callable[[], object] | None = None,
+        *,
+        fanout: str = "chain",
+        digests: bool = True,
+        bucket_size: int = 1 << 20,
+        chunk_size: int = 1 << 22,
+    ) -> None:
+        self._pg = pg
+        self._timeout = timeout
+        self._device = torch.device(device)
+        self._state_dict = state_dict
+        if self._device.type != "cpu":
+            raise NotImplementedError(
+                f"pgt.torch receives into CPU memory only (device {self._device}); see the README"
+            )
+        if fanout not in ("chain", "direct"):
+            raise ValueError(f"fanout is 'chain' or 'direct', not {fanout!r}")
+        self._plan = {
+            "fanout": fanout.capitalize(),
+            "bucket_size": bucket_size,
+            "chunk_size": chunk_size,
+        }
+        self._digests = digests
+        self._meshes: dict = {}  # DeviceMeshes seen, by their pgt form (for DTensors received)
+        self._orphans: list = []
+
+    def _link(self) -> _Link:
+        return _Link(self._pg, _seconds(self._timeout))
+
+    def send_checkpoint(self, dst_ranks: list[int], state_dict: object) -> None:
+        """Sends ``state_dict`` to every rank of ``dst_ranks`` (pgt's plan: chain or direct fan-out).
+        A leaf pgt cannot carry raises ``UnsupportedLeaf`` naming its key path before anything is
+        sent."""
+        leaves = _Leaves()
+        tree, forms = pgt_metadata.flatten(state_dict, leaves)
+        for mesh in leaves.meshes:
+            self._meshes.setdefault(_mesh_key_of(mesh), mesh)
+        metadata = pgt_metadata.encode(
+            None, self._pg.rank(), [int(r) for r in dst_ranks], self._plan, tree, forms
+        )
+        storages = []
+        for t in leaves.tensors:
+            b = storage_bytes(t)
+            if b.device.type != "cpu":  # as torch: the storage's bytes are copied to the host
+                b = b.cpu()
+            storages.append(b.numpy())
+        host = _Sending(self._link())
+        try:
+            pgt_send.send(
+                _pgt(),
+                host,
+                metadata,
+                storages,
+                digests=self._digests,
+                transfer_id=secrets.randbits(64),
+            )
+        except BaseException:
+            self._orphans += [w for _, works, _ in host.inflight for w in works]
+            raise
+
+    def recv_checkpoint(self, src_rank: int) -> object:
+        """Receives a checkpoint from ``src_rank``: returned only once every storage's digest has been
+        checked. Raises ``PgtError`` (pgt's named error: DigestMismatch, InPlaceSizeMismatch, …),
+        ``PgtTimeout`` or ``PgtTransportError``."""
+        existing = self._state_dict() if self._state_dict else None
+        inplace = _leaves_by_path(existing) if existing is not None else None
+        link = self._link()
+        pgt = _pgt()
+        engine = pgt.receiver(rank=link.rank, source=int(src_rank))
+        host = _Receiving(link, inplace)
+        try:
+            result = pgt_recv.receive(engine, host)
+        except BaseException:
+            host.abandon()
+            self._orphans += host.orphans
+            raise
+        host.finish()
+        return self._assemble(pgt, host, result, inplace or {})
+
+    # -- the result --
+
+    def _assemble(self, pgt: Pgt, host: _Receiving, result: dict, inplace: dict):
+        rank = dist.get_rank() if dist.is_initialized() else self._pg.rank()
+        storage = 0
+        original = None  # the sender's leaves, for ShardedTensor global metadata (torch keeps it)
+        values = []
+
+        def tensor(layout: dict) -> tuple:
+            nonlocal storage
+            s = storage
+            storage += 1
+            target = host.targets.get(s)
+            if target is None:
+                return view_of(host.landing[s], layout, layout["dtype"]), None
+            t, dest = target
+            same = (
+                NAME_BY_DTYPE.get(t.dtype) == layout["dtype"]
+                and list(t.shape) == [int(d) for d in layout["shape"]]
+                and list(t.stride()) == [int(d) for d in layout["stride"]]
+                and t.storage_offset() == int(layout["storage_offset"])
+            )
+            return (t if same else view_of(dest, layout, layout["dtype"])), t
+
+        for i, leaf in enumerate(result["leaves"]):
+            kind = leaf["kind"]
+            if kind == "value":
+                values.append(pgt_metadata.value_of(leaf["value"]))
+            elif kind == "tensor":
+                values.append(tensor(leaf["layout"])[0])
+            elif kind == "dtensor":
+                local, _ = tensor(leaf["local"])
+                existing = inplace.get(host.paths[i]) if host.paths else None
+                values.append(self._dtensor(local, leaf["spec"], existing))
+            else:
+                if original is None:
+                    original = pgt.decode(host.header, host.metadata)["leaves"]
+                locals_ = [tensor(s["layout"])[0] for s in leaf["local_shards"]]
+                values.append(_sharded(locals_, original[i], rank))
+        return pgt_metadata.unflatten(result["tree"], values)
+
+    def _dtensor(self, local: torch.Tensor, spec: dict, existing):
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+        from torch.distributed.tensor.placement_types import Partial, Replicate, Shard
+
+        key = _mesh_key(spec["mesh"])
+        mesh = None
+        if existing is not None and _is_dtensor(existing):
+            if _mesh_key_of(existing.device_mesh) == key:
+                mesh = existing.device_mesh
+        if mesh is None:
+            mesh = self._meshes.get(key) or _build_mesh(spec["mesh"])
+            self._meshes[key] = mesh
+        placements = []
+        for p in spec["placements"]:
+            if p.startswith("Shard("):
+                placements.append(Shard(int(p[6:-1])))
+            elif p == "Replicate":
+                placements.append(Replicate())
+            else:
+                placements.append(Partial(p[8:-1].lower()))
+        meta = TensorMeta(
+            torch.Size(int(d) for d in spec["global_shape"]),
+            tuple(int(d) for d in spec["global_stride"]),
+            DTYPE_BY_NAME[spec["dtype"]],
+        )
+        dspec = DTensorSpec(mesh, tuple(placements), tensor_meta=meta)
+        return DTensor(local, dspec, requires_grad=False)
+
+
+def _sharded(local_tensors: list, leaf: dict, rank: int):
+    """A ShardedTensor as torch's class rebuilds it: each local shard placed on this rank (its
+    tensor's device type), the sender's global metadata unchanged."""
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+    from torch.distributed._shard.sharded_tensor.metadata import (
+        ShardedTensorMetadata,
+        TensorProperties,
+    )
+
+    def meta(m: dict, placement: str | None = None) -> ShardMetadata:
+        return ShardMetadata(
+            shard_offsets=[int(x) for x in m["offsets"]],
+            shard_sizes=[int(x) for x in m["sizes"]],
+            placement=placement or m["placement"],
+        )
+
+    shards = [
+        Shard(tensor=t, metadata=meta(s["meta"], f"rank:{rank}/{t.device.type}"))
+        for t, s in zip(local_tensors, leaf["local_shards"], strict=True)
+    ]
+    g = leaf["global"]
+    dtype = local_tensors[-1].dtype if local_tensors else DTYPE_BY_NAME[g["dtype"]]
+    gmeta = ShardedTensorMetadata(
+        shards_metadata=[meta(m) for m in g["shards"]],
+        size=torch.Size(int(d) for d in g["global_size"]),
+        tensor_properties=TensorProperties(dtype=dtype),
+    )
+    return ShardedTensor._init_from_local_shards_and_global_metadata(
+        local_shards=shards, sharded_tensor_metadata=gmeta
+    )
+
+
+# ---- device meshes ----
+
+
+def _mesh_key(m: dict) -> tuple:
+    names = m.get("dim_names")
+    return (
+        m["device_type"],
+        tuple(int(d) for d in m["shape"]),
+        tuple(int(r) for r in m["ranks"]),
+        tuple(names) if names else None,
+    )
+
+
+def _mesh_key_of(mesh) -> tuple:
+    names = mesh.mesh_dim_names
+    return (
+        mesh.device_type,
+        tuple(mesh.mesh.shape),
+        tuple(int(r) for r in mesh.mesh.flatten().tolist()),
+        tuple(names) if names else None,
+    )
+
+
+def _build_mesh(m: dict):
+    """A DeviceMesh on this rank for a received DTensor, without collectives (a receive must not
+    call into other ranks): torch's mesh over ``ranks`` with this rank's coordinates, and for each mesh
+    dimension the existing process group over exactly its ranks, when there is one (the default group
+    for a dimension spanning the world), so that collectives on the mesh work."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    shape = [int(d) for d in m["shape"]]
+    ranks = torch.tensor([int(r) for r in m["ranks"]], dtype=torch.int).reshape(shape)
+    names = tuple(m["dim_names"]) if m.get("dim_names") else None
+    mesh = DeviceMesh(m["device_type"], ranks, mesh_dim_names=names, _init_backend=False)
+    if not dist.is_initialized():
+        return mesh
+    me = dist.get_rank()
+    where = (ranks == me).nonzero()
+    if where.shape[0] != 1:
+        return mesh
+    coord = where[0].tolist()
+    groups = {}
+    world = dist.get_world_size()
+    c10d = dist.distributed_c10d
+    for pg, members in c10d._world.pg_group_ranks.items():
+        ordered = tuple(g for g, _ in sorted(members.items(), key=lambda kv: kv[1]))
+        groups.setdefault(ordered, pg)
+    names_out = []
+    for d in range(len(shape)):
+        idx = list(coord)
+        idx[d] = slice(None)
+        along = tuple(int(r) for r in ranks[tuple(idx)].tolist())
+        pg = groups.get(along)
+        if pg is None and along == tuple(range(world)):
+            pg = c10d._get_default_group()
+        if pg is None:
+            return mesh  # no group for this dimension: local operations only
+        names_out.append(pg.group_name)
+    with contextlib.suppress(AttributeError):
+        mesh._dim_group_names = names_out
+        mesh._pg_registry = {n: c10d._resolve_process_group(n) for n in names_out}
+    return mesh
