@@ -598,6 +598,42 @@ def write_npz(path: Path, tensors, metadata: dict | None):
 # ---- command line ----
 
 
+def add_group_args(p: argparse.ArgumentParser):
+    """The flags every subcommand that joins a job has (each also read from its variable)."""
+    p.add_argument("--rank", type=int, help="this process's rank (RANK)")
+    p.add_argument("--world-size", type=int, help="number of ranks in the job (WORLD_SIZE)")
+    p.add_argument("--master-addr", help="host of rank 0's rendezvous store (MASTER_ADDR)")
+    p.add_argument("--master-port", type=int, help="port of the rendezvous store (MASTER_PORT)")
+    p.add_argument("--token", help="job token (prefer PGT_TOKEN: flags show in ps)")
+    p.add_argument("--listen-host", help="interface to listen on for peers (PGT_LISTEN_HOST)")
+    p.add_argument(
+        "--setup-timeout",
+        type=float,
+        help="group formation timeout in seconds (PGT_TIMEOUT_SECS, default 300)",
+    )
+    p.add_argument(
+        "--wasm",
+        type=Path,
+        help="pgt_wasm.wasm (default $PGT_WASM_MODULE, else the module inside the package)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+
+
+def load_module(path: Path | None) -> Pgt:
+    """The wasm module, capped and of this host's ABI version; RuntimeError/FileNotFoundError else."""
+    pgt = Pgt.load(path)
+    # As WasmEngine's default cap: a runaway guest traps.
+    pgt.store.set_limits(memory_size=2 << 30)
+    abi = pgt.abi_version()
+    if abi != pgt_abi.ABI_VERSION:
+        raise RuntimeError(
+            f"{path or pgt_abi.module_path()} speaks raw ABI {abi}; "
+            f"this host speaks {pgt_abi.ABI_VERSION}"
+        )
+    return pgt
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m pgt recv",
@@ -615,24 +651,7 @@ def parse_args(argv):
         default=120.0,
         help="per-operation timeout in seconds (default 120)",
     )
-    p.add_argument("--rank", type=int)
-    p.add_argument("--world-size", type=int)
-    p.add_argument("--master-addr")
-    p.add_argument("--master-port", type=int)
-    p.add_argument("--token", help="job token (prefer PGT_TOKEN: flags show in ps)")
-    p.add_argument("--listen-host")
-    p.add_argument(
-        "--setup-timeout",
-        type=float,
-        help="group formation timeout in seconds (PGT_TIMEOUT_SECS, default 300)",
-    )
-    p.add_argument(
-        "--wasm",
-        type=Path,
-        help="pgt_wasm.wasm (default $PGT_WASM_MODULE, else $CARGO_TARGET_DIR/pgt-wasm/)",
-    )
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.add_argument("-v", "--verbose", action="count", default=0)
+    add_group_args(p)
     args = p.parse_args(argv)
     if args.out is None and args.npz is None:
         p.error("give --out FILE.safetensors and/or --npz FILE.npz")
@@ -675,15 +694,7 @@ def main(argv=None) -> int:
         return EXIT_SETUP
     try:
         opts = options_from(args)
-        pgt = Pgt.load(args.wasm)
-        # As WasmEngine's default cap: a runaway guest traps.
-        pgt.store.set_limits(memory_size=2 << 30)
-        abi = pgt.abi_version()
-        if abi != pgt_abi.ABI_VERSION:
-            raise RuntimeError(
-                f"{args.wasm or pgt_abi.module_path()} speaks raw ABI {abi}; "
-                f"this host speaks {pgt_abi.ABI_VERSION}"
-            )
+        pgt = load_module(args.wasm)
     except (PgError, FileNotFoundError, RuntimeError) as e:
         print(f"pgt recv: error: {e}", file=sys.stderr)
         return EXIT_SETUP
