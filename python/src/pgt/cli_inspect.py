@@ -20,7 +20,7 @@ from pathlib import Path
 
 import xxhash
 
-from .abi import LIMITS, PREFIX_LEN, Pgt, PgtError, Reader, is_stale, leaf, node
+from .abi import LIMITS, PREFIX_LEN, Pgt, PgtError, Reader, is_stale, leaf
 from .cli_send import human
 from .recv import load_module, receive
 from .safetensors_io import SafetensorsError
@@ -113,21 +113,74 @@ def detect(head: bytes, file_bytes: int, path: Path) -> str:
 # ---- metadata that may not validate ----
 
 
+class StrictReader(Reader):
+    """postcard as strictly as pgt-core's decoder reads it: bools and option tags 0 or 1, varints
+    within u64 (``u32``: within u32)."""
+
+    def varint(self) -> int:
+        out = shift = 0
+        for _ in range(10):
+            byte = self.b[self.i]
+            self.i += 1
+            out |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                if out >= 1 << 64:
+                    raise ValueError("varint overflows u64")
+                return out
+        raise ValueError("varint longer than 10 bytes")
+
+    def u32(self) -> int:
+        v = self.varint()
+        if v >= 1 << 32:
+            raise ValueError("varint overflows u32")
+        return v
+
+    def bool(self) -> bool:
+        b = self.byte()
+        if b > 1:
+            raise ValueError(f"bool byte {b}")
+        return b == 1
+
+    def opt(self, item):
+        tag = self.byte()
+        if tag > 1:
+            raise ValueError(f"option tag {tag}")
+        return item(self) if tag == 1 else None
+
+
+def _node(r: Reader):
+    tag = r.varint()
+    if tag == 0:
+        return {"dict": r.seq(_key)}
+    if tag in (1, 2):
+        return {["list", "tuple"][tag - 1]: r.uint()}
+    if tag == 3:
+        return "leaf"
+    raise ValueError(f"node tag {tag}")
+
+
+def _key(r: Reader):
+    tag = r.varint()
+    if tag > 1:
+        raise ValueError(f"key tag {tag}")
+    return r.str() if tag == 0 else {"int": r.zigzag()}
+
+
 def decode_metadata(b: bytes) -> dict:
     """postcard ``Metadata`` decoded in Python, unvalidated (to show what an invalid one holds)."""
-    r = Reader(b)
-    out = {
-        "step": r.opt(Reader.uint),
-        "source": r.varint(),
-        "destinations": r.seq(Reader.varint),
-        "plan": {
-            "fanout": ["Direct", "Chain"][r.varint()],
-            "bucket_size": r.uint(),
-            "chunk_size": r.uint(),
-        },
-        "tree": r.seq(node),
-        "leaves": r.seq(leaf),
+    r = StrictReader(b)
+    out = {"step": r.opt(Reader.uint), "source": r.u32(), "destinations": r.seq(StrictReader.u32)}
+    fanout = r.varint()
+    if fanout > 1:
+        raise ValueError(f"fanout tag {fanout}")
+    out["plan"] = {
+        "fanout": ["Direct", "Chain"][fanout],
+        "bucket_size": r.uint(),
+        "chunk_size": r.uint(),
     }
+    out["tree"] = r.seq(_node)
+    out["leaves"] = r.seq(leaf)
     r.done()
     return out
 
@@ -144,6 +197,9 @@ def display_paths(tree: list) -> list[str] | None:
             paths.append(".".join(path) if path else "<root>")
         else:
             if "dict" in n:
+                typed = [k if isinstance(k, str) else ("int", int(k["int"])) for k in n["dict"]]
+                if len(set(typed)) != len(typed):
+                    return None  # DuplicateKey
                 keys = [k if isinstance(k, str) else str(k["int"]) for k in n["dict"]]
                 stack.append([len(keys), keys, 0])
             else:
@@ -182,9 +238,9 @@ def raw_header_json(h: bytes) -> dict:
     flags = u16(6)
     hexu = [None if (v := u64_at(h, i)) is None else f"0x{v:016x}" for i in (16, 24)]
     magic = None
-    if len(h) >= 4:
-        magic = "".join(chr(c) if 32 <= c < 127 and c != 92 else f"\\x{c:02x}" for c in h[:4])
-        magic = magic.replace("\\x00", "\\0")
+    if len(h) >= 4:  # as Rust's escape_ascii
+        special = {9: "\\t", 10: "\\n", 13: "\\r", 34: '\\"', 39: "\\'", 92: "\\\\"}
+        magic = "".join(special.get(c, chr(c) if 32 <= c < 127 else f"\\x{c:02x}") for c in h[:4])
     return {
         "len": len(h),
         "magic": magic,
