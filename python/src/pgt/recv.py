@@ -36,46 +36,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np  # a dependency of the package; view_bytes also gathers without it
 import wasmtime
 import xxhash
 
 from . import abi as pgt_abi
 from .abi import MAX_STALE, MAX_STALE_LEN, PREFIX_LEN, Pgt, PgtError, is_stale
+from .dtypes import BITS, DTYPE_INFO, ELEMENT_SIZE, SAFETENSORS_NAME, convert
 from .tcp import LengthMismatch, PgError, TcpGroup, TcpOptions
 
-try:
-    import numpy as np
-except ImportError:  # numpy is only needed for --npz and faster strided gathers
-    np = None
-
-# PROTOCOL.md §6, by torch name (pgt_abi.DTYPES order): element size, safetensors name (None: the
-# format has none), numpy dtype for .npz (types numpy lacks are stored as their raw bits, listed in
-# __pgt_dtypes__).
-DTYPE_INFO = {
-    "float64": (8, "F64", "<f8"),
-    "float32": (4, "F32", "<f4"),
-    "float16": (2, "F16", "<f2"),
-    "bfloat16": (2, "BF16", "<u2"),
-    "float8_e4m3fn": (1, "F8_E4M3", "u1"),
-    "float8_e5m2": (1, "F8_E5M2", "u1"),
-    "float8_e4m3fnuz": (1, None, "u1"),
-    "float8_e5m2fnuz": (1, None, "u1"),
-    "complex128": (16, None, "<c16"),
-    "complex64": (8, None, "<c8"),
-    "complex32": (4, None, "<u4"),
-    "int64": (8, "I64", "<i8"),
-    "int32": (4, "I32", "<i4"),
-    "int16": (2, "I16", "<i2"),
-    "int8": (1, "I8", "i1"),
-    "uint64": (8, "U64", "<u8"),
-    "uint32": (4, "U32", "<u4"),
-    "uint16": (2, "U16", "<u2"),
-    "uint8": (1, "U8", "u1"),
-    "bool": (1, "BOOL", "?"),
-}
-ELEMENT_SIZE = {d: info[0] for d, info in DTYPE_INFO.items()}
-SAFETENSORS_NAME = {d: info[1] for d, info in DTYPE_INFO.items() if info[1]}
-NUMPY_DTYPE = {d: info[2] for d, info in DTYPE_INFO.items()}
+# The .npz output stores dtypes numpy lacks as their raw bits (listed in __pgt_dtypes__).
+NUMPY_DTYPE = {d: info[2] or BITS[info[0]].str for d, info in DTYPE_INFO.items()}
 METADATA_KEY = "__metadata__"
 STEP_KEY = "pgt.step"
 
@@ -169,20 +140,65 @@ def apply(engine, event):
         engine.handle_forwarded(event[1])
 
 
-class TcpHost:
-    """Moves a transfer's bytes over the process group, each operation at once (its completion is
-    reported at the loop's next turn): data messages straight into per-storage buffers (memoryview
-    slices, no staging copy) after their 8-byte prefix, hashed with XXH3-64 when the op says so; every
-    storage fresh. Messages of other transfers (stale) are skipped, whatever their length."""
+class ReceiveHost:
+    """The host side of one receive over the process group (``receive``'s ``host``), for every
+    receiver in this package — ``python -m pgt recv``, ``pgt.numpy`` (and ``pgt.torch``): it moves
+    a transfer's bytes, each operation at once (its completion is reported at the loop's next turn).
+    Data messages land straight in the storages' buffers (memoryview slices, no staging copy) after
+    their 8-byte prefix, hashed with XXH3-64 when the op says so; messages of other transfers (stale)
+    are skipped, whatever their length; forwarded messages go out as received; after a failure it
+    drains what the failed transfer still sends, unless the link itself failed.
 
-    def __init__(self, pg: TcpGroup, timeout: float, log: Log):
-        self.pg, self.timeout, self.log = pg, timeout, log
+    Where storage s lives is the subclass's business, through three hooks:
+
+    - ``targets(incoming, paths) -> [InPlace]``: the in-place targets (``{storage, id, dtype,
+      nbytes}``, ``Receiver.finish_bindings``' form) — default none, every storage fresh. ``paths()``
+      gives every leaf's key path (built only when called);
+    - ``fresh(s, nbytes)``: a writable buffer of ``nbytes`` for storage s (default a bytearray);
+    - ``in_place(s, binding)``: the writable buffer of in-place target ``binding["dest"]["in_place"]``
+      (the id given in ``targets``), ``binding["nbytes"]`` bytes.
+
+    Where the module casts (``binding["cast_from"]``: the wire dtype), the wire bytes land in a fresh
+    staging buffer and ``finish_casts`` (after the transfer verified) converts them into the target
+    (``cast(s, binding, staging, target)``, default ``pgt.dtypes.convert``). After ``bound``:
+    ``wire[s]`` holds storage s's wire bytes, ``dest[s]`` its final bytes (equal unless cast)."""
+
+    def __init__(self, pg: TcpGroup, timeout: float, log: Log | None = None):
+        self.pg, self.timeout = pg, timeout
+        self.log = log if log is not None else Log(0, True)
         self.events: collections.deque = collections.deque()
-        self.paths: list = []  # every leaf's key path, for the output's names
-        self.buffers: list = []  # one writable buffer per storage, of its binding's nbytes
-        self.views: list = []
+        self.incoming: dict | None = None
+        self.bindings: list = []
+        self.wire: list = []  # per storage: the buffer its wire bytes land in
+        self.dest: list = []  # per storage: its final buffer (the in-place target when cast)
+        self.views: list = []  # per storage: a flat byte memoryview of wire[s]
+        self.casts: list = []  # storages whose bytes are cast after the transfer
         self.hashers: dict = {}  # storage -> xxh3_64 of its wire bytes so far
         self.moved = 0
+        self.link_failed = False
+
+    # ---- hooks ----
+
+    def targets(self, incoming: dict, paths) -> list:
+        return []
+
+    def fresh(self, s: int, nbytes: int):
+        return bytearray(nbytes)
+
+    def in_place(self, s: int, binding: dict):
+        raise RuntimeError(f"storage {s} is bound in place, but this host has no targets")
+
+    def cast(self, s: int, binding: dict, staging, target):
+        convert(binding["cast_from"], staging, binding["dtype"], target)
+
+    # ---- the process group, with link failures noted ----
+
+    def _pg(self, f, *args):
+        try:
+            return f(*args)
+        except PgError:
+            self.link_failed = True
+            raise
 
     def _skip(self, op: dict, skipped: int, n: int) -> int:
         """Counts a stale message (``n`` bytes) skipped while waiting for ``op``'s."""
@@ -198,7 +214,9 @@ class TcpHost:
     def _whole(self, op: dict) -> bytes:
         """The next message with ``op``'s tag, whatever its length (up to what a stale message can be)."""
         cap = max(int(op["len"]), MAX_STALE_LEN)
-        return self.pg.recv_bytes(op["from"], op["tag"], cap, self.timeout)
+        return self._pg(self.pg.recv_bytes, op["from"], op["tag"], cap, self.timeout)
+
+    # ---- the receive loop's host ----
 
     def recv_bytes(self, op: dict) -> bytes:
         skipped = 0
@@ -215,21 +233,37 @@ class TcpHost:
         return data
 
     def bind(self, incoming: dict, paths) -> list:
-        # No in-place targets: every storage gets a fresh buffer. The key paths name the tensors.
-        self.paths = paths()
+        self.incoming = incoming
         self.log.debug(
             f"metadata: {len(incoming['storages'])} storages, {incoming['total_bytes']} bytes, "
             f"{len(incoming['plan'])} messages"
         )
-        return []
+        return self.targets(incoming, paths)
 
     def bound(self, incoming: dict, bindings: list):
-        for b in bindings:
-            if b["dest"] != "fresh" or b["cast_from"] is not None:
-                raise RuntimeError(f"unexpected binding {b}")
-        self.buffers = [bytearray(int(b["nbytes"])) for b in bindings]
-        self.views = [memoryview(b) for b in self.buffers]
-        self.log.debug(f"bound {len(self.buffers)} fresh storages")
+        self.bindings = bindings
+        for s, (b, ref) in enumerate(zip(bindings, incoming["storages"], strict=True)):
+            if b["dest"] == "fresh":
+                if b["cast_from"] is not None:
+                    raise RuntimeError(f"unexpected binding {b}: a fresh storage is never cast")
+                buf = self.fresh(s, int(b["nbytes"]))
+                self.wire.append(buf)
+                self.dest.append(buf)
+            elif b["cast_from"] is None:
+                buf = self.in_place(s, b)
+                self.wire.append(buf)
+                self.dest.append(buf)
+            else:  # the wire bytes in staging, cast into the target once verified
+                self.dest.append(self.in_place(s, b))
+                self.wire.append(self.fresh(s, int(ref["nbytes"])))
+                self.casts.append(s)
+        self.views = [memoryview(b).cast("B") for b in self.wire]
+        for s, (v, ref) in enumerate(zip(self.views, incoming["storages"], strict=True)):
+            if len(v) != int(ref["nbytes"]):
+                raise RuntimeError(
+                    f"storage {s}: the host's buffer has {len(v)} bytes, the wire {ref['nbytes']}"
+                )
+        self.log.debug(f"bound {len(self.wire)} storages ({len(self.casts)} cast)")
 
     def _parts(self, segments: list) -> list:
         return [
@@ -243,14 +277,16 @@ class TcpHost:
         while True:
             try:
                 # The prefix into its own 8 bytes, the rest straight into the storages.
-                self.pg.recv_into(op["from"], op["tag"], [prefix, *parts], self.timeout)
+                self._pg(self.pg.recv_into, op["from"], op["tag"], [prefix, *parts], self.timeout)
                 if not is_stale(op, prefix):
                     break
                 n = int(op["len"])  # its bytes in the storages are overwritten by the next
             except LengthMismatch:
                 # Another length: stale (skip it), or this transfer's (the transfer fails).
+                self.link_failed = False  # the message is still first in line: not a broken link
                 whole = self._whole(op)
                 if not is_stale(op, whole):
+                    self.link_failed = True
                     raise
                 n = len(whole)
             skipped = self._skip(op, skipped, n)
@@ -273,7 +309,7 @@ class TcpHost:
             parts = [payload]
         else:  # a data message: the prefix, then the segments' bytes as received
             parts = [pgt_abi.prefix_bytes(op["prefix"]), *self._parts(payload)]
-        self.pg.send(op["to"], op["tag"], parts, self.timeout)
+        self._pg(self.pg.send, op["to"], op["tag"], parts, self.timeout)
         self.events.append(("forwarded", op["message"]))
         self.log.debug(f"forwarded message {op['message']} ({op['len']} bytes) to rank {op['to']}")
 
@@ -282,7 +318,10 @@ class TcpHost:
 
     def discard(self, op: dict) -> bool:
         """Receives a message a failed transfer still sends and throws it away (skipping stale ones);
-        False when the link fails."""
+        False when the link failed (a timeout, a closed peer: the next receive skips what is left by
+        its prefix instead), or fails now."""
+        if self.link_failed:
+            return False
         try:
             skipped = 0
             while is_stale(op, data := self._whole(op)):
@@ -291,6 +330,35 @@ class TcpHost:
             return False
         self.log.debug(f"drained message {op['message']}, tag {op['tag']} from rank {op['from']}")
         return True
+
+    # ---- after the loop ----
+
+    def run(self, engine) -> dict:
+        """``receive(engine, self)``, then the casts: the verified result."""
+        result = receive(engine, self)
+        self.finish_casts()
+        return result
+
+    def finish_casts(self):
+        for s in self.casts:
+            self.cast(s, self.bindings[s], self.wire[s], self.dest[s])
+            self.wire[s] = self.dest[s]  # the staging buffer is dropped
+
+
+class TcpHost(ReceiveHost):
+    """``python -m pgt recv``'s host: every storage fresh; the key paths kept, to name the output."""
+
+    def __init__(self, pg: TcpGroup, timeout: float, log: Log):
+        super().__init__(pg, timeout, log)
+        self.paths: list = []
+
+    def targets(self, incoming: dict, paths) -> list:
+        self.paths = paths()
+        return []
+
+    @property
+    def buffers(self) -> list:
+        return self.dest
 
 
 class Received:
@@ -315,7 +383,7 @@ def receive_checkpoint(
     start = time.monotonic()
     engine = pgt.receiver(rank=pg.rank, source=src, expected_step=expected_step, limits=limits)
     host = TcpHost(pg, timeout, log)
-    result = receive(engine, host)
+    result = host.run(engine)
     return Received(result, host.paths, host.buffers, time.monotonic() - start, host.moved)
 
 
@@ -530,6 +598,42 @@ def write_npz(path: Path, tensors, metadata: dict | None):
 # ---- command line ----
 
 
+def add_group_args(p: argparse.ArgumentParser):
+    """The flags every subcommand that joins a job has (each also read from its variable)."""
+    p.add_argument("--rank", type=int, help="this process's rank (RANK)")
+    p.add_argument("--world-size", type=int, help="number of ranks in the job (WORLD_SIZE)")
+    p.add_argument("--master-addr", help="host of rank 0's rendezvous store (MASTER_ADDR)")
+    p.add_argument("--master-port", type=int, help="port of the rendezvous store (MASTER_PORT)")
+    p.add_argument("--token", help="job token (prefer PGT_TOKEN: flags show in ps)")
+    p.add_argument("--listen-host", help="interface to listen on for peers (PGT_LISTEN_HOST)")
+    p.add_argument(
+        "--setup-timeout",
+        type=float,
+        help="group formation timeout in seconds (PGT_TIMEOUT_SECS, default 300)",
+    )
+    p.add_argument(
+        "--wasm",
+        type=Path,
+        help="pgt_wasm.wasm (default $PGT_WASM_MODULE, else the module inside the package)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+
+
+def load_module(path: Path | None) -> Pgt:
+    """The wasm module, capped and of this host's ABI version; RuntimeError/FileNotFoundError else."""
+    pgt = Pgt.load(path)
+    # As WasmEngine's default cap: a runaway guest traps.
+    pgt.store.set_limits(memory_size=2 << 30)
+    abi = pgt.abi_version()
+    if abi != pgt_abi.ABI_VERSION:
+        raise RuntimeError(
+            f"{path or pgt_abi.module_path()} speaks raw ABI {abi}; "
+            f"this host speaks {pgt_abi.ABI_VERSION}"
+        )
+    return pgt
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m pgt recv",
@@ -547,24 +651,7 @@ def parse_args(argv):
         default=120.0,
         help="per-operation timeout in seconds (default 120)",
     )
-    p.add_argument("--rank", type=int)
-    p.add_argument("--world-size", type=int)
-    p.add_argument("--master-addr")
-    p.add_argument("--master-port", type=int)
-    p.add_argument("--token", help="job token (prefer PGT_TOKEN: flags show in ps)")
-    p.add_argument("--listen-host")
-    p.add_argument(
-        "--setup-timeout",
-        type=float,
-        help="group formation timeout in seconds (PGT_TIMEOUT_SECS, default 300)",
-    )
-    p.add_argument(
-        "--wasm",
-        type=Path,
-        help="pgt_wasm.wasm (default $PGT_WASM_MODULE, else $CARGO_TARGET_DIR/pgt-wasm/)",
-    )
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.add_argument("-v", "--verbose", action="count", default=0)
+    add_group_args(p)
     args = p.parse_args(argv)
     if args.out is None and args.npz is None:
         p.error("give --out FILE.safetensors and/or --npz FILE.npz")
@@ -607,15 +694,7 @@ def main(argv=None) -> int:
         return EXIT_SETUP
     try:
         opts = options_from(args)
-        pgt = Pgt.load(args.wasm)
-        # As WasmEngine's default cap: a runaway guest traps.
-        pgt.store.set_limits(memory_size=2 << 30)
-        abi = pgt.abi_version()
-        if abi != pgt_abi.ABI_VERSION:
-            raise RuntimeError(
-                f"{args.wasm or pgt_abi.module_path()} speaks raw ABI {abi}; "
-                f"this host speaks {pgt_abi.ABI_VERSION}"
-            )
+        pgt = load_module(args.wasm)
     except (PgError, FileNotFoundError, RuntimeError) as e:
         print(f"pgt recv: error: {e}", file=sys.stderr)
         return EXIT_SETUP
