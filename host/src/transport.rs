@@ -234,6 +234,15 @@ fn receive_current<P: ProcessGroup + ?Sized, T>(
             Err(Failed::Pg(e)) => {
                 let got = match e {
                     PgError::LengthMismatch { got, .. } | PgError::TooLarge { got, .. } => got,
+                    // The wait was given what was left of the operation's timeout: the operation
+                    // timed out after all of it (not "after 1.999999909s").
+                    PgError::Timeout { peer, tag, .. } => {
+                        return Err(wrap(PgError::Timeout {
+                            peer,
+                            tag,
+                            after: timeout,
+                        }))
+                    }
                     e => return Err(wrap(e)),
                 };
                 // The header is never stale (it announces the id), and a message too short for a
@@ -734,8 +743,6 @@ struct Landing<'a, 'scope, 'env, 't, P: ProcessGroup> {
     forward_slot: &'a Mutex<Option<Slots>>,
     /// A receive from the upstream failed at the process group: the link is not drained.
     link_failed: bool,
-    /// Where drained messages go ([`ReceiveHost::discard`]).
-    scratch: Vec<u8>,
     received: u64,
     total_bytes: u64,
     started: Instant,
@@ -772,7 +779,6 @@ where
             abort,
             forward_slot,
             link_failed: false,
-            scratch: Vec::new(),
             received: 0,
             total_bytes: 0,
             started: Instant::now(),
@@ -1274,17 +1280,19 @@ where
         if self.link_failed || op.len > MAX_STALE_LEN {
             return false;
         }
-        let len = op.len as usize;
-        if self.scratch.len() < len {
-            self.scratch.resize(len, 0);
-        }
+        // Each message into a buffer of its own, freed once it is drained: a fresh mapping (from
+        // 1 MiB on), faulted in only as its bytes arrive. Draining costs the memory of what is
+        // actually sent, one message at a time — not of what the refused plan announced (a scratch
+        // zeroed to a 1 GiB chunk's length cost 1 GiB before a byte came).
+        let Ok(mut scratch) = Buffer::try_zeroed(op.len as usize) else {
+            return false;
+        };
         let pg = &self.transport.pg;
         let timeout = self.timeout();
-        let scratch = &mut self.scratch[..len];
         let drained = receive_current(pg, op, timeout, &Error::ProcessGroup, |t| {
-            pg.recv_into(op.from, op.tag, &mut [&mut *scratch], t)
+            pg.recv_into(op.from, op.tag, &mut [&mut scratch[..]], t)
                 .map_err(Failed::Pg)?;
-            Ok((!op.is_stale(scratch)).then_some(()))
+            Ok((!op.is_stale(&scratch)).then_some(()))
         });
         match drained {
             Ok(()) => {

@@ -226,7 +226,7 @@ fn assert_refused_quickly(ended: &Ended, want: &str, max_rss_mib: i64) {
 fn announced_storages_are_not_faulted_in_before_their_data() {
     // 50 bytes of metadata announcing two 512 MiB tensors, and no data: the receiver allocated both and
     // its prefaulter faulted them in, 1 GiB resident within half a second. Now the prefaulter stays a
-    // window (64 MiB) ahead of the data received: none.
+    // window (32 MiB) ahead of the data received: none.
     let half = Leaf::Tensor(TensorLayout::contiguous(DType::UInt8, &[512 << 20]));
     let metadata = encode(
         vec![Node::List(2), Node::Leaf, Node::Leaf],

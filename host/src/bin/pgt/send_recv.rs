@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use clap::Args;
+use pgt_core::header::Limits;
 use pgt_host::pg::ProcessGroup;
 use pgt_host::safetensors_io;
 use pgt_host::state_dict::{Entry, StateDict};
@@ -48,9 +49,48 @@ pub struct RecvArgs {
     #[arg(long, value_parser = parse_size)]
     pub memory_budget: Option<u64>,
     #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
     pub group: GroupArgs,
     #[command(flatten)]
     pub transfer: TransferArgs,
+}
+
+/// The receiver's caps on untrusted metadata (PROTOCOL.md §11, *Limits*); each defaults to the
+/// protocol's default.
+#[derive(Args, Debug)]
+pub struct LimitArgs {
+    /// Largest metadata accepted (e.g. 64MiB), checked from the header before it is received.
+    #[arg(long, value_parser = parse_size, default_value_t = Limits::default().max_metadata_bytes)]
+    pub max_metadata_bytes: u64,
+    /// Most leaves (tensors and values) in a checkpoint.
+    #[arg(long, default_value_t = Limits::default().max_leaves)]
+    pub max_leaves: u64,
+    /// Deepest nesting of dicts, lists and tuples.
+    #[arg(long, default_value_t = Limits::default().max_depth)]
+    pub max_depth: u32,
+    /// Most dimensions of a tensor, global shape or device mesh.
+    #[arg(long, default_value_t = Limits::default().max_ndim)]
+    pub max_ndim: u32,
+    /// Most tensor bytes in a checkpoint (bytes, or e.g. 512GiB).
+    #[arg(long, value_parser = parse_size, default_value_t = Limits::default().max_total_bytes)]
+    pub max_total_bytes: u64,
+    /// Most data messages in a transfer's plan.
+    #[arg(long, default_value_t = Limits::default().max_messages)]
+    pub max_messages: u64,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_metadata_bytes: self.max_metadata_bytes,
+            max_leaves: self.max_leaves,
+            max_depth: self.max_depth,
+            max_ndim: self.max_ndim,
+            max_total_bytes: self.max_total_bytes,
+            max_messages: self.max_messages,
+        }
+    }
 }
 
 /// The group-formation timeout: `PGT_TIMEOUT_SECS` if set (as for the library's `from_env`), else
@@ -147,6 +187,7 @@ pub fn recv(args: RecvArgs) -> Result<()> {
 
 fn recv_with(pg: &dyn ProcessGroup, args: RecvArgs, mut options: TransportOptions) -> Result<()> {
     options.expected_step = args.expect_step;
+    options.limits = args.limits.limits();
     if let Some(budget) = args.memory_budget {
         options.memory_budget = budget;
     }
