@@ -61,6 +61,7 @@ from . import metadata as pgt_metadata
 from . import recv as pgt_recv
 from . import send as pgt_send
 from .abi import MAX_STALE, MAX_STALE_LEN, PREFIX_LEN, Pgt, PgtError
+from .tcp import PgError, PgTimeout, TcpGroup
 
 __all__ = ["PGTransport", "PgtError", "PgtTimeout", "PgtTransportError", "UnsupportedLeaf"]
 
@@ -230,14 +231,85 @@ class _Frame:
         self.length, self.nparts = struct.unpack("<QQ", data[PREFIX_LEN:FRAME_LEN])
 
 
-class _Receiving:
+class _Landing:
+    """Where a receive's storages land, as torch tensors — shared by the hosts of both links (a torch
+    process group's ``_Receiving``, a ``TcpGroup``'s ``_TcpReceiving``) and read by
+    ``PGTransport._assemble``: fresh storages are uint8 tensors of the wire's size; an in-place target
+    (an existing tensor whose key path matches, ``state_dict``) takes the bytes in its own storage, or
+    — when the module orders a cast — after the transfer is verified, from a fresh staging tensor."""
+
+    def __init__(self, inplace: dict | None):
+        self.inplace = inplace  # canonical key path -> existing tensor-like, or None
+        self.paths: list = []  # every leaf's canonical key path (when receiving in place)
+        self.candidates: dict = {}  # target id (= storage) -> existing plain tensor
+        self.landing: dict = {}  # storage -> the uint8 tensor its wire bytes land in (CPU)
+        self.placed: dict = {}  # storage -> (existing tensor, its storage as uint8)
+        self.after: list = []  # (storage, cast_from): casts once the transfer is verified
+        self.header = b""
+        self.metadata = b""
+
+    def in_place_targets(self, storages: list, paths) -> list:
+        """The in-place targets (``Receiver.finish_bindings``' form) of the incoming ``storages``:
+        every storage whose leaf's key path has a CPU tensor in ``inplace``."""
+        if not self.inplace:
+            return []
+        out = []
+        self.paths = [_canonical(p) for p in paths()]
+        for s, st in enumerate(storages):
+            path = self.paths[int(st["leaf"])]
+            t = _inplace_tensor(self.inplace.get(path), int(st["shard"]))
+            if t is None:
+                continue
+            self.candidates[s] = t
+            out.append(
+                {
+                    "storage": s,
+                    "id": s,
+                    "dtype": NAME_BY_DTYPE[t.dtype],
+                    "nbytes": t.untyped_storage().nbytes(),
+                }
+            )
+        return out
+
+    def fresh_storage(self, s: int, nbytes: int) -> torch.Tensor:
+        """A fresh uint8 tensor for storage s's wire bytes (its landing)."""
+        land = self.landing[s] = torch.empty(nbytes, dtype=torch.uint8)
+        return land
+
+    def target_storage(self, s: int, binding: dict) -> torch.Tensor:
+        """The storage (as uint8) of the in-place target ``binding`` names: storage s's destination,
+        and its landing unless a cast follows (then ``fresh_storage`` gives the landing)."""
+        t = self.candidates[int(binding["dest"]["in_place"])]
+        dest = storage_bytes(t)
+        self.placed[s] = (t, dest)
+        self.landing[s] = dest
+        if binding["cast_from"] is not None:
+            self.after.append((s, binding["cast_from"]))
+        return dest
+
+    def cast_storage(self, s: int, cast_from: str):
+        """Storage s's wire bytes (``cast_from``) into its target, as a whole (torch's copy_, round to
+        nearest even)."""
+        t, dest = self.placed[s]
+        src, wire_dtype = self.landing[s], DTYPE_BY_NAME[cast_from]
+        wire = torch.empty(0, dtype=wire_dtype).set_(
+            src.untyped_storage(), 0, (src.numel() // wire_dtype.itemsize,)
+        )
+        out = torch.empty(0, dtype=t.dtype).set_(
+            dest.untyped_storage(), 0, (dest.numel() // t.dtype.itemsize,)
+        )
+        out.copy_(wire)
+        self.landing[s] = dest
+
+
+class _Receiving(_Landing):
     """pgt.recv.receive's host over a torch process group: frames posted ahead, each data message's
     parts posted as its frame arrives (into the storages, or a staging tensor per run of small
     segments), hashed with XXH3-64 when the op says so; forwards (chain) asynchronously."""
 
     def __init__(self, link: _Link, inplace: dict | None):
+        super().__init__(inplace)
         self.link = link
-        self.inplace = inplace  # canonical key path -> existing tensor-like, or None
         self.events: collections.deque = collections.deque()
         self.frames: dict = {}  # tag -> (work, tensor): frames posted ahead
         self.data: collections.OrderedDict = (
@@ -248,13 +320,7 @@ class _Receiving:
         self.hashers: dict = {}
         self.plan: list = []
         self.storages: list = []  # Incoming storages
-        self.landing: list = []  # per storage: the uint8 tensor its wire bytes land in (CPU)
-        self.views: list = []  # memoryviews of landing
-        self.targets: dict = {}  # storage -> (existing tensor-like, its storage as uint8)
-        self.after: list = []  # (storage, destination uint8 storage, cast_from or None): copies after
-        self.header = b""
-        self.metadata = b""
-        self.paths: list = []  # every leaf's canonical key path (when receiving in place)
+        self.views: list = []  # per storage: a memoryview of its landing
         self.orphans: list = []  # works still posted when a transfer failed (kept alive)
 
     # -- frames --
@@ -326,43 +392,15 @@ class _Receiving:
 
     def bind(self, incoming: dict, paths) -> list:
         self.plan, self.storages = incoming["plan"], incoming["storages"]
-        if not self.inplace:
-            return []
-        out = []
-        self.paths = [_canonical(p) for p in paths()]
-        for s, st in enumerate(self.storages):
-            path = self.paths[int(st["leaf"])]
-            t = _inplace_tensor(self.inplace.get(path), int(st["shard"]))
-            if t is None:
-                continue
-            self.targets[s] = t
-            out.append(
-                {
-                    "storage": s,
-                    "id": s,
-                    "dtype": NAME_BY_DTYPE[t.dtype],
-                    "nbytes": t.untyped_storage().nbytes(),
-                }
-            )
-        return out
+        return self.in_place_targets(self.storages, paths)
 
     def bound(self, incoming: dict, bindings: list):
         for s, b in enumerate(bindings):
-            wire = int(self.storages[s]["nbytes"])
-            if b["dest"] == "fresh":
-                self.targets.pop(s, None)
-                land = torch.empty(wire, dtype=torch.uint8)
-            else:
-                t = self.targets[int(b["dest"]["in_place"])]
-                dest = storage_bytes(t)
-                if b["cast_from"] is None:
-                    land = dest  # straight into the existing storage
-                else:  # cast on receive: land the wire bytes, cast once the digests are checked
-                    land = torch.empty(wire, dtype=torch.uint8)
-                    self.after.append((s, t, b["cast_from"]))
-                self.targets[s] = (t, dest)
-            self.landing.append(land)
-            self.views.append(memoryview(land.numpy()))
+            if b["dest"] != "fresh":
+                self.target_storage(s, b)  # straight into the existing storage, unless cast
+            if b["dest"] == "fresh" or b["cast_from"] is not None:
+                self.fresh_storage(s, int(self.storages[s]["nbytes"]))
+            self.views.append(memoryview(self.landing[s].numpy()))
 
     def _slice(self, seg: dict) -> torch.Tensor:
         off = int(seg["offset"])
@@ -481,18 +519,9 @@ class _Receiving:
         self.orphans += [link for _, link in self.forwards]
 
     def finish(self):
-        """After the result is verified: the casts on receive, each storage as a whole (torch's
-        copy_, round to nearest even)."""
-        for s, t, cast_from in self.after:
-            _, dest = self.targets[s]
-            src, wire_dtype = self.landing[s], DTYPE_BY_NAME[cast_from]
-            wire = torch.empty(0, dtype=wire_dtype).set_(
-                src.untyped_storage(), 0, (src.numel() // wire_dtype.itemsize,)
-            )
-            out = torch.empty(0, dtype=t.dtype).set_(
-                dest.untyped_storage(), 0, (dest.numel() // t.dtype.itemsize,)
-            )
-            out.copy_(wire)
+        """After the result is verified: the casts on receive."""
+        for s, cast_from in self.after:
+            self.cast_storage(s, cast_from)
 
 
 # ---- key paths ----
@@ -664,6 +693,63 @@ class _Leaves:
         return leaf
 
 
+# ---- over pgt's TCP process group ----
+
+
+class _TcpSending:
+    """pgt.send's host over a ``TcpGroup``: each protocol message is one frame (TCP.md)."""
+
+    def __init__(self, pg: TcpGroup, timeout: float):
+        self.pg, self.timeout = pg, timeout
+
+    def send(self, op: dict, parts: list):
+        self.pg.send(op["to"], op["tag"], parts, self.timeout)
+
+
+class _TcpReceiving(_Landing, pgt_recv.ReceiveHost):
+    """pgt.recv's generic host over a ``TcpGroup`` — the one ``python -m pgt recv`` and pgt.numpy use:
+    data lands straight in the storages, stale messages are skipped, it forwards when the module says
+    so (chain), drains after a failure — with torch storages behind its hooks: a fresh storage is
+    ``torch.empty(nbytes, dtype=torch.uint8)``, an in-place target the existing tensor's storage, a
+    cast torch's ``copy_``. The header and metadata are kept (for ShardedTensors' global metadata)."""
+
+    def __init__(self, pg: TcpGroup, timeout: float, inplace: dict | None):
+        _Landing.__init__(self, inplace)
+        pgt_recv.ReceiveHost.__init__(self, pg, timeout)
+
+    def recv_bytes(self, op: dict) -> bytes:
+        data = super().recv_bytes(op)
+        if op["kind"] == "header":
+            self.header = data
+        elif op["kind"] == "metadata":
+            self.metadata = data
+        return data
+
+    def targets(self, incoming: dict, paths) -> list:
+        return self.in_place_targets(incoming["storages"], paths)
+
+    def fresh(self, s: int, nbytes: int):
+        return self.fresh_storage(s, nbytes).numpy()
+
+    def in_place(self, s: int, binding: dict):
+        return self.target_storage(s, binding).numpy()
+
+    def cast(self, s: int, binding: dict, staging, target):
+        self.cast_storage(s, binding["cast_from"])
+
+
+@contextlib.contextmanager
+def _tcp_errors(rank: int, what: str):
+    """A TcpGroup's failures as pgt.torch's: PgTimeout as PgtTimeout, any other PgError (a closed
+    peer, a message of the wrong length) as PgtTransportError."""
+    try:
+        yield
+    except PgTimeout as e:
+        raise PgtTimeout(f"pgt: rank {rank}: {what}: {e}") from e
+    except PgError as e:
+        raise PgtTransportError(f"pgt: rank {rank}: {what}: {type(e).__name__}: {e}") from e
+
+
 # ---- the module ----
 
 _COMPILED = None
@@ -682,7 +768,11 @@ class PGTransport:
     ``torch.distributed.checkpoint._pg_transport.PGTransport``.
 
     Args:
-        pg: the process group (gloo, or any backend that moves CPU tensors point to point).
+        pg: the process group: a ``torch.distributed`` one (gloo, or any backend that moves CPU
+            tensors point to point; the binding of the module docstring), or pgt's own
+            ``pgt.tcp.TcpGroup`` (TCP.md: a protocol message is one frame), whose peers may be Rust
+            ranks (``pgt send``/``pgt recv``, ``Transport``), ``pgt.numpy`` ranks or other
+            ``PGTransport`` ranks over the same group.
         timeout: every wait on the process group (timedelta, or seconds): a peer that stalls raises
             ``PgtTimeout`` within it.
         device: where fresh received tensors live (CPU; see the README for CUDA).
@@ -693,7 +783,8 @@ class PGTransport:
 
     pgt's own options, keyword-only: ``fanout`` ("chain": the first destination relays to the next;
     "direct": the sender sends to each), ``digests`` (XXH3-64 of every storage, checked before a
-    receive returns; on by default), ``bucket_size`` and ``chunk_size`` (PROTOCOL.md §9).
+    receive returns; on by default), ``bucket_size`` and ``chunk_size`` (PROTOCOL.md §9); and the
+    methods' ``step``/``expected_step`` (pgt's training step, which ``pgt recv --expect-step`` checks).
     """
 
     def __init__(
@@ -709,6 +800,7 @@ class PGTransport:
         chunk_size: int = 1 << 22,
     ) -> None:
         self._pg = pg
+        self._tcp = isinstance(pg, TcpGroup)
         self._timeout = timeout
         self._device = torch.device(device)
         self._state_dict = state_dict
@@ -730,16 +822,23 @@ class PGTransport:
     def _link(self) -> _Link:
         return _Link(self._pg, _seconds(self._timeout))
 
-    def send_checkpoint(self, dst_ranks: list[int], state_dict: object) -> None:
-        """Sends ``state_dict`` to every rank of ``dst_ranks`` (pgt's plan: chain or direct fan-out).
-        A leaf pgt cannot carry raises ``UnsupportedLeaf`` naming its key path before anything is
-        sent."""
+    def _rank(self) -> int:
+        return self._pg.rank if self._tcp else self._pg.rank()
+
+    def send_checkpoint(
+        self, dst_ranks: list[int], state_dict: object, *, step: int | None = None
+    ) -> None:
+        """Sends ``state_dict`` to every rank of ``dst_ranks`` (pgt's plan: chain or direct fan-out),
+        with pgt's training ``step`` if given. A leaf pgt cannot carry raises ``UnsupportedLeaf``
+        naming its key path before anything is sent."""
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+            raise ValueError(f"send_checkpoint: step is a non-negative int, not {step!r}")
         leaves = _Leaves()
         tree, forms = pgt_metadata.flatten(state_dict, leaves)
         for mesh in leaves.meshes:
             self._meshes.setdefault(_mesh_key_of(mesh), mesh)
         metadata = pgt_metadata.encode(
-            None, self._pg.rank(), [int(r) for r in dst_ranks], self._plan, tree, forms
+            step, self._rank(), [int(r) for r in dst_ranks], self._plan, tree, forms
         )
         storages = []
         for t in leaves.tensors:
@@ -747,6 +846,17 @@ class PGTransport:
             if b.device.type != "cpu":  # as torch: the storage's bytes are copied to the host
                 b = b.cpu()
             storages.append(b.numpy())
+        if self._tcp:
+            with _tcp_errors(self._rank(), f"sending to ranks {list(dst_ranks)}"):
+                pgt_send.send(
+                    _pgt(),
+                    _TcpSending(self._pg, _seconds(self._timeout)),
+                    metadata,
+                    storages,
+                    digests=self._digests,
+                    transfer_id=secrets.randbits(64),
+                )
+            return
         host = _Sending(self._link())
         try:
             pgt_send.send(
@@ -761,16 +871,21 @@ class PGTransport:
             self._orphans += [w for _, works, _ in host.inflight for w in works]
             raise
 
-    def recv_checkpoint(self, src_rank: int) -> object:
+    def recv_checkpoint(self, src_rank: int, *, expected_step: int | None = None) -> object:
         """Receives a checkpoint from ``src_rank``: returned only once every storage's digest has been
-        checked. Raises ``PgtError`` (pgt's named error: DigestMismatch, InPlaceSizeMismatch, …),
-        ``PgtTimeout`` or ``PgtTransportError``."""
+        checked (and, with ``expected_step``, its step: StepMismatch). Raises ``PgtError`` (pgt's
+        named error: DigestMismatch, InPlaceSizeMismatch, …), ``PgtTimeout`` or
+        ``PgtTransportError``."""
         existing = self._state_dict() if self._state_dict else None
         inplace = _leaves_by_path(existing) if existing is not None else None
-        link = self._link()
         pgt = _pgt()
-        engine = pgt.receiver(rank=link.rank, source=int(src_rank))
-        host = _Receiving(link, inplace)
+        engine = pgt.receiver(rank=self._rank(), source=int(src_rank), expected_step=expected_step)
+        if self._tcp:
+            tcp = _TcpReceiving(self._pg, _seconds(self._timeout), inplace)
+            with _tcp_errors(self._rank(), f"receiving from rank {src_rank}"):
+                result = tcp.run(engine)  # the casts made, once verified
+            return self._assemble(pgt, tcp, result, inplace or {})
+        host = _Receiving(self._link(), inplace)
         try:
             result = pgt_recv.receive(engine, host)
         except BaseException:
@@ -782,8 +897,14 @@ class PGTransport:
 
     # -- the result --
 
-    def _assemble(self, pgt: Pgt, host: _Receiving, result: dict, inplace: dict):
-        rank = dist.get_rank() if dist.is_initialized() else self._pg.rank()
+    def _assemble(self, pgt: Pgt, host: _Landing, result: dict, inplace: dict):
+        """The received checkpoint, from either link's host: tensors as views of the sender's layout
+        over their storages (an in-place target itself when its view matches), DTensors and
+        ShardedTensors rebuilt, values as Python values."""
+        if self._tcp:
+            rank = self._pg.rank
+        else:
+            rank = dist.get_rank() if dist.is_initialized() else self._pg.rank()
         storage = 0
         original = None  # the sender's leaves, for ShardedTensor global metadata (torch keeps it)
         values = []
@@ -792,7 +913,7 @@ class PGTransport:
             nonlocal storage
             s = storage
             storage += 1
-            target = host.targets.get(s)
+            target = host.placed.get(s)
             if target is None:
                 return view_of(host.landing[s], layout, layout["dtype"]), None
             t, dest = target
