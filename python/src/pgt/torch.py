@@ -35,6 +35,21 @@ into a scratch buffer of the frame's length (gloo accepts a shorter message into
 fails a message of this transfer of the wrong length, consumed, with ``PgtTransportError``. Only pgt's
 torch binding speaks to pgt's torch binding over a torch group (Rust ranks use pgt's TCP or MPI groups).
 
+**Over pgt's TCP process group.** ``pg`` may instead be a ``pgt.tcp.TcpGroup`` (TCP.md), the group
+``pgt send``/``pgt recv``/Rust's ``Transport`` and ``pgt.numpy`` use: a protocol message is one frame
+there, so no binding is needed — the send loop (``pgt.send``) hands each message to the group, and the
+receive side is ``pgt.recv``'s ``ReceiveHost`` (the host every Python receiver uses: data straight into
+the storages, stale messages skipped, forwarding in chain fan-out, drains after a failure) with torch
+storages behind its hooks. The leaves, the in-place targets and casts (``_Landing``) and the returned
+checkpoint (``PGTransport._assemble``) are the same code for both links. A torch rank then sends to and
+receives from Rust ranks, relays for them, and they for it::
+
+    pg = TcpGroup.join(TcpOptions.from_env())   # MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, PGT_TOKEN
+    PGTransport(pg, timedelta(seconds=30), "cpu").send_checkpoint([1, 2], state_dict, step=7)
+
+The group's errors surface as this module's: ``pgt.tcp.PgTimeout`` as ``PgtTimeout``, any other
+``pgt.tcp.PgError`` as ``PgtTransportError`` (each chained to the group's).
+
 Every wait on the process group honours ``timeout`` (torch's class stores it and never uses it): a
 peer that stalls makes the waiting side raise ``PgtTimeout`` within the timeout (gloo then closes the
 pair: that link is dead, as in torch). Receives are posted ahead (the frames of the next data messages,
