@@ -27,6 +27,7 @@ from test_python_receiver import (  # noqa: E402
 
 import pgt.torch as pgt_torch  # noqa: E402
 from pgt.dtypes import SAFETENSORS_NAME  # noqa: E402
+from pgt.tcp import PgTimeout  # noqa: E402
 from pgt.torch import PgtError, PGTransport, PgtTimeout  # noqa: E402
 
 GEN = torch.Generator().manual_seed(14)
@@ -419,6 +420,7 @@ def test_a_stalled_rust_sender_times_out(tmp_path):
 
     def rx(pg):
         os.kill(rust.p.pid, signal.SIGSTOP)
+        pgt_torch._pgt()  # the module compiled (once per process) before the clock starts
         start = time.monotonic()
         with pytest.raises(PgtTimeout):
             transport(pg, timeout=timeout).recv_checkpoint(0)
@@ -426,6 +428,33 @@ def test_a_stalled_rust_sender_times_out(tmp_path):
 
     try:
         took = j.run({1: rx})[1]
+    finally:
+        if rust.p.poll() is None:
+            os.kill(rust.p.pid, signal.SIGCONT)
+        rust.kill()
+    assert timeout <= took < timeout + 1.0, took
+
+
+def test_a_stalled_rust_receiver_times_out(tmp_path):
+    """`pgt recv`, stopped (SIGSTOP) once the group is formed, of a checkpoint larger than the socket
+    buffers: send_checkpoint raises PgtTimeout (the group's PgTimeout, chained) within
+    timeout + 1 s."""
+    sd = {"w": torch.zeros(48 << 20, dtype=torch.uint8)}
+    j = job(2)
+    rust = Rust(j, 1, ["recv", "--out", tmp_path / "out.safetensors", "--timeout", "60"])
+    timeout = 1.5
+
+    def tx(pg):
+        os.kill(rust.p.pid, signal.SIGSTOP)
+        pgt_torch._pgt()  # the module compiled (once per process) before the clock starts
+        start = time.monotonic()
+        with pytest.raises(PgtTimeout) as e:
+            transport(pg, timeout=timeout).send_checkpoint([1], sd)
+        assert isinstance(e.value.__cause__, PgTimeout), repr(e.value.__cause__)
+        return time.monotonic() - start
+
+    try:
+        took = j.run({0: tx})[0]
     finally:
         if rust.p.poll() is None:
             os.kill(rust.p.pid, signal.SIGCONT)

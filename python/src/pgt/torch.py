@@ -63,6 +63,7 @@ import collections
 import contextlib
 import secrets
 import struct
+import sys
 import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
@@ -574,16 +575,16 @@ def _leaves_by_path(obj) -> dict:
     return out
 
 
+# A DTensor or ShardedTensor exists only once its module has been imported: until then nothing is
+# one, and the check costs no import (torch.distributed.tensor's first import takes seconds).
 def _is_dtensor(x) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(x, DTensor)
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(x, mod.DTensor)
 
 
 def _is_sharded(x) -> bool:
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    return isinstance(x, ShardedTensor)
+    mod = sys.modules.get("torch.distributed._shard.sharded_tensor")
+    return mod is not None and isinstance(x, mod.ShardedTensor)
 
 
 def _inplace_tensor(x, shard: int):
