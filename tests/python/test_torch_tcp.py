@@ -2,7 +2,7 @@
 tensors to a Rust `pgt recv` (its output file byte-exact), from a Rust `pgt send` (fresh, and in place
 with casts), Python -> Rust relay -> Python byte-exact, a Python relay between Rust ranks; and the
 failures: a corrupted byte (DigestMismatch, nothing returned, at a Python and at a Rust receiver), a
-stalled Rust sender (PgtTimeout within timeout + 1 s). Python ranks are threads of this process
+stalled Rust sender or receiver (PgtTimeout within timeout + 1 s). Python ranks are threads of this process
 (test_numpy.Job); Rust ranks are the debug `pgt` binary ($PGT_BIN)."""
 
 from __future__ import annotations
