@@ -108,3 +108,41 @@ def test_a_socket_connected_to_itself_is_recognised():
         server.listen()
         c.connect(server.getsockname())
         assert not is_self_connected(c)
+
+
+def test_a_plan_of_a_million_messages_is_refused_from_a_few_bytes(tmp_path):
+    # 1 GiB in 1 KiB chunks: 2^20 data messages, within the module's default limit, but a Python
+    # receiver decodes the plan into objects — it refuses plans over HOST_MAX_MESSAGES instead.
+    from pgt.abi import HOST_MAX_MESSAGES
+
+    leaf = {
+        "kind": "tensor",
+        "layout": {"dtype": "uint8", "shape": [1 << 30], "stride": [1], "storage_offset": 0},
+    }
+    leaf["layout"]["nbytes"] = 1 << 30
+    metadata = encode(None, 0, [1], {"bucket_size": 0, "chunk_size": 1024}, ["leaf"], [leaf])
+    header, message = Pgt.load().encode(metadata, True, secrets.randbits(64))
+    port, token, errors = free_port(), secrets.token_hex(16), []
+
+    def rank0():
+        try:
+            with TcpGroup.join(
+                TcpOptions("127.0.0.1", port, 0, 2, token.encode(), timeout=30)
+            ) as pg:
+                pg.send(1, 1, [header], 30)
+                pg.send(1, 2, [message], 30)
+                time.sleep(8)
+        except Exception as e:
+            errors.append(e)
+
+    threading.Thread(target=rank0, daemon=True).start()
+    argv = [sys.executable, "-m", "pgt", "recv", "--out", tmp_path / "o.safetensors"]
+    env = dict(job_env(port, 2, token), RANK="1")
+    started = time.monotonic()
+    p = subprocess.run(
+        [str(a) for a in argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 1, p.stderr
+    assert "TooManyMessages" in p.stderr and str(HOST_MAX_MESSAGES) in p.stderr, p.stderr
+    assert time.monotonic() - started < 8, "refused from the metadata, not after a timeout"
+    assert not list(tmp_path.iterdir())
