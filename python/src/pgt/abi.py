@@ -51,6 +51,9 @@ PREFIX_LEN = 8
 # longest one it reads whole to see whether it is stale (MAX_STALE_LEN).
 MAX_STALE = 1024
 MAX_STALE_LEN = (1 << 30) + 16
+# The most data messages a Python receiver accepts by default (the module's default is 2^20): 2^16
+# messages of pgt's default 4 MiB chunks carry 256 GiB. Pass ``limits`` to accept more.
+HOST_MAX_MESSAGES = 1 << 16
 # Result block status words.
 OK, ERROR, ABI_ERROR = 0, 1, 2
 
@@ -541,10 +544,19 @@ class Pgt:
         )
         return Sender(self, handle, messages)
 
+    def host_limits(self) -> dict:
+        """The module's default limits, with ``max_messages`` at most ``HOST_MAX_MESSAGES``: this host
+        decodes the plan into Python objects (~0.5 KB per data message), so a plan of the module's
+        2^20 messages would cost ~0.5 GB of memory for a few bytes of metadata."""
+        out = self.default_limits()
+        out["max_messages"] = min(int(out["max_messages"]), HOST_MAX_MESSAGES)
+        return out
+
     def receiver(
         self, rank: int, source: int, expected_step: int | None = None, limits: dict | None = None
     ) -> Receiver:
-        opts = options_bytes(rank, source, expected_step, limits or self.default_limits())
+        """A receiver; ``limits`` default to ``host_limits()``."""
+        opts = options_bytes(rank, source, expected_step, limits or self.host_limits())
         return Receiver(self, self.call("pgt_receiver_new", Reader.varint, inputs=(opts,)))
 
 

@@ -30,7 +30,9 @@ import contextlib
 import itertools
 import json
 import math
+import mmap
 import os
+import re
 import struct
 import sys
 import time
@@ -140,6 +142,45 @@ def apply(engine, event):
         engine.handle_forwarded(event[1])
 
 
+# Fresh storages at least this large are anonymous mappings: their pages are committed as the bytes
+# land, not when the metadata announces them (a bytearray zero-fills, committing everything at once).
+MAPPED_MIN = 1 << 20
+
+
+def default_memory_budget() -> int:
+    """Half of physical memory, as pgt-host's receivers default to."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+class MemoryBudget(RuntimeError):
+    """The storages a checkpoint announces need more fresh memory than the receiver's budget (checked
+    before anything is allocated; the rest of the transfer is drained)."""
+
+    name = "MemoryBudget"
+
+    def __init__(self, needed: int, budget: int):
+        self.needed, self.budget = needed, budget
+        super().__init__(
+            f"receiving needs {needed} bytes of memory (the announced storages), more than the "
+            f"receiver's memory budget of {budget} bytes"
+        )
+
+
+def parse_size(text: str) -> int:
+    """``8GiB``, ``512MiB``, ``64KiB``, ``1GB`` or plain bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (e.g. 8GiB, 512MiB, 1000000)")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}.get(unit)
+    if scale is None:
+        scale = 1 << (10 * "KMGT".index(unit[0]) + 10)
+    return int(m.group(1)) * scale
+
+
 class ReceiveHost:
     """The host side of one receive over the process group (``receive``'s ``host``), for every
     receiver in this package — ``python -m pgt recv``, ``pgt.numpy`` (and ``pgt.torch``): it moves
@@ -154,17 +195,28 @@ class ReceiveHost:
     - ``targets(incoming, paths) -> [InPlace]``: the in-place targets (``{storage, id, dtype,
       nbytes}``, ``Receiver.finish_bindings``' form) — default none, every storage fresh. ``paths()``
       gives every leaf's key path (built only when called);
-    - ``fresh(s, nbytes)``: a writable buffer of ``nbytes`` for storage s (default a bytearray);
+    - ``fresh(s, nbytes)``: a writable buffer of ``nbytes`` for storage s (default a bytearray, an
+      anonymous mapping from ``MAPPED_MIN`` bytes on: memory follows the data, not the metadata);
     - ``in_place(s, binding)``: the writable buffer of in-place target ``binding["dest"]["in_place"]``
       (the id given in ``targets``), ``binding["nbytes"]`` bytes.
 
     Where the module casts (``binding["cast_from"]``: the wire dtype), the wire bytes land in a fresh
     staging buffer and ``finish_casts`` (after the transfer verified) converts them into the target
     (``cast(s, binding, staging, target)``, default ``pgt.dtypes.convert``). After ``bound``:
-    ``wire[s]`` holds storage s's wire bytes, ``dest[s]`` its final bytes (equal unless cast)."""
+    ``wire[s]`` holds storage s's wire bytes, ``dest[s]`` its final bytes (equal unless cast).
 
-    def __init__(self, pg: TcpGroup, timeout: float, log: Log | None = None):
+    The fresh buffers (and cast staging) a checkpoint needs are summed before any is allocated:
+    over ``memory_budget`` (default half of physical memory) the receive fails with ``MemoryBudget``."""
+
+    def __init__(
+        self,
+        pg: TcpGroup,
+        timeout: float,
+        log: Log | None = None,
+        memory_budget: int | None = None,
+    ):
         self.pg, self.timeout = pg, timeout
+        self.memory_budget = default_memory_budget() if memory_budget is None else memory_budget
         self.log = log if log is not None else Log(0, True)
         self.events: collections.deque = collections.deque()
         self.incoming: dict | None = None
@@ -183,7 +235,7 @@ class ReceiveHost:
         return []
 
     def fresh(self, s: int, nbytes: int):
-        return bytearray(nbytes)
+        return mmap.mmap(-1, nbytes) if nbytes >= MAPPED_MIN else bytearray(nbytes)
 
     def in_place(self, s: int, binding: dict):
         raise RuntimeError(f"storage {s} is bound in place, but this host has no targets")
@@ -242,6 +294,13 @@ class ReceiveHost:
 
     def bound(self, incoming: dict, bindings: list):
         self.bindings = bindings
+        needed = sum(
+            int(ref["nbytes"])
+            for b, ref in zip(bindings, incoming["storages"], strict=True)
+            if b["dest"] == "fresh" or b["cast_from"] is not None
+        )
+        if needed > self.memory_budget:
+            raise MemoryBudget(needed, self.memory_budget)
         for s, (b, ref) in enumerate(zip(bindings, incoming["storages"], strict=True)):
             if b["dest"] == "fresh":
                 if b["cast_from"] is not None:
@@ -348,8 +407,8 @@ class ReceiveHost:
 class TcpHost(ReceiveHost):
     """``python -m pgt recv``'s host: every storage fresh; the key paths kept, to name the output."""
 
-    def __init__(self, pg: TcpGroup, timeout: float, log: Log):
-        super().__init__(pg, timeout, log)
+    def __init__(self, pg: TcpGroup, timeout: float, log: Log, memory_budget: int | None = None):
+        super().__init__(pg, timeout, log, memory_budget)
         self.paths: list = []
 
     def targets(self, incoming: dict, paths) -> list:
@@ -377,12 +436,13 @@ def receive_checkpoint(
     timeout: float,
     log: Log,
     limits: dict | None = None,
+    memory_budget: int | None = None,
 ) -> Received:
     """Receives one checkpoint from rank ``src`` over the process group. Raises PgtError (the module's
-    named error) or PgError (the process group's)."""
+    named error), PgError (the process group's) or MemoryBudget."""
     start = time.monotonic()
     engine = pgt.receiver(rank=pg.rank, source=src, expected_step=expected_step, limits=limits)
-    host = TcpHost(pg, timeout, log)
+    host = TcpHost(pg, timeout, log, memory_budget)
     result = host.run(engine)
     return Received(result, host.paths, host.buffers, time.monotonic() - start, host.moved)
 
@@ -651,6 +711,12 @@ def parse_args(argv):
         default=120.0,
         help="per-operation timeout in seconds (default 120)",
     )
+    p.add_argument(
+        "--memory-budget",
+        type=parse_size,
+        help="the most memory the checkpoint's storages may take (e.g. 8GiB), checked before "
+        "anything is allocated (default: half of physical memory)",
+    )
     add_group_args(p)
     args = p.parse_args(argv)
     if args.out is None and args.npz is None:
@@ -701,7 +767,9 @@ def main(argv=None) -> int:
     pg = None
     try:
         pg = TcpGroup.join(opts, log=log.debug)
-        rec = receive_checkpoint(pg, pgt, args.src, args.expect_step, args.timeout, log)
+        rec = receive_checkpoint(
+            pg, pgt, args.src, args.expect_step, args.timeout, log, memory_budget=args.memory_budget
+        )
     except PgtError as e:
         print(
             f"pgt recv: error: receiving from rank {args.src}: pgt error {e.name}: {e.message}",

@@ -479,6 +479,21 @@ def exchange_registration(sock, rank: int, world: int, advertised: str, deadline
     return table
 
 
+def is_self_connected(sock: socket.socket) -> bool:
+    """Whether ``sock`` is connected to itself (its own address is its peer's)."""
+    try:
+        return sock.getsockname() == sock.getpeername()
+    except OSError:
+        return False
+
+
+def _reset(sock: socket.socket) -> None:
+    """Closes with a reset (no TIME_WAIT left on the port)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
 def _connect_authenticated(addrs, token, purpose, rank, world, deadline, what):
     """Connects to one of ``addrs`` and runs the client handshake, retrying transport failures (not up
     yet, reset…) until ``deadline``. Authentication failures and refusals are not retried."""
@@ -490,8 +505,17 @@ def _connect_authenticated(addrs, token, purpose, rank, world, deadline, what):
                 raise RendezvousError(f"could not reach {what} in time: {last}")
             sock = socket.socket(fam, socket.SOCK_STREAM)
             try:
+                # So that a listener can still bind the port should this socket end up connected to
+                # itself and linger in TIME_WAIT (TCP.md §3, as pgt-host).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.settimeout(min(left, 5.0))
                 sock.connect(sa)
+                if is_self_connected(sock):
+                    # A port in the ephemeral range with nothing listening yet: the kernel can pick
+                    # it as our own source port (TCP simultaneous open). Reset, and retry.
+                    last = f"{_fmt_addr(*sa[:2])}: connected to itself (nothing listening yet)"
+                    _reset(sock)
+                    continue
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 hs_deadline = min(deadline, time.monotonic() + HANDSHAKE_TIMEOUT)
                 server = client_handshake(sock, token, purpose, rank, world, hs_deadline, what)
