@@ -11,13 +11,15 @@ use std::time::{Duration, Instant};
 use pgt_core::codec;
 use pgt_core::digest::digest;
 use pgt_core::dtype::DType;
-use pgt_core::header::{Header, Limits, FLAG_DIGESTS, VERSION};
+use pgt_core::header::{Header, FLAG_DIGESTS, VERSION};
 use pgt_core::layout::TensorLayout;
-use pgt_core::manifest::Manifest;
 use pgt_core::scan::decoded_size_budget;
-use pgt_core::schema::{Metadata, PlanParams};
+use pgt_core::schema::PlanParams;
 use pgt_core::tree::{Key, Leaf, Node};
 use pgt_host::pg::{ProcessGroup, TcpOptions, TcpProcessGroup};
+
+mod hostile;
+use hostile::{encode, free_port, varint};
 
 const PGT: &str = env!("CARGO_BIN_EXE_pgt");
 /// No child may run longer than this: a hang fails the test instead of stalling the suite.
@@ -36,11 +38,6 @@ struct Ended {
     max_rss_kib: i64,
     /// From the metadata's send until it exited.
     seconds: f64,
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-    l.local_addr().expect("local addr").port()
 }
 
 /// Waits for `child` (killing it and failing after [`HANG`]), with its own peak memory.
@@ -149,30 +146,6 @@ fn send_raw_waiting(name: &str, metadata: &[u8], extra: &[&str], timeout: u64) -
     ended
 }
 
-/// The postcard bytes of (small) metadata from rank 0 to rank 1 with this tree and these leaves.
-fn encode(tree: Vec<Node>, leaves: Vec<Leaf>) -> Vec<u8> {
-    let m = Metadata {
-        step: None,
-        source: 0,
-        destinations: vec![1],
-        plan: PlanParams::default(),
-        tree,
-        leaves,
-    };
-    let manifest = Manifest::new(m, true, &Limits::default()).expect("valid metadata");
-    let (_, message) = codec::encode(&manifest, 7).expect("encodes");
-    // The postcard bytes, without the transfer-id prefix.
-    message[pgt_core::header::PREFIX_LEN as usize..].to_vec()
-}
-
-fn varint(mut v: u64, out: &mut Vec<u8>) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
 /// Metadata bytes written out by hand (PROTOCOL.md §6: the fields in order), without building the
 /// metadata in memory: `depth - 1` nested one-element lists around a list of `leaves` value leaves,
 /// the i-th encoded by `value(i)` (an encoded `Value`). pgt's own encoder refuses what these tests
@@ -231,6 +204,7 @@ fn announced_storages_are_not_faulted_in_before_their_data() {
     let metadata = encode(
         vec![Node::List(2), Node::Leaf, Node::Leaf],
         vec![half.clone(), half],
+        PlanParams::default(),
     );
     assert!(metadata.len() < 64);
     let size = codec::decoded_size(&metadata).expect("valid metadata");
@@ -271,6 +245,7 @@ fn metadata_that_decodes_to_too_much_is_refused_before_decoding() {
     let mut metadata = encode(
         vec![Node::Dict(vec![Key::Str("t".into())]), Node::Leaf],
         vec![Leaf::Tensor(TensorLayout::contiguous(DType::UInt8, &[1]))],
+        PlanParams::default(),
     );
     let dims = 30_000_000usize;
     // The leaf is the last 8 bytes: Tensor, dtype, shape [1] (01 01), stride [1] (01 01), offset,

@@ -38,17 +38,18 @@ use std::time::{Duration, Instant};
 use pgt_core::codec;
 use pgt_core::digest::digest;
 use pgt_core::dtype::DType;
-use pgt_core::header::{prefix, Header, Limits, FLAG_DIGESTS, VERSION};
+use pgt_core::header::{prefix, Header, FLAG_DIGESTS, VERSION};
 use pgt_core::layout::TensorLayout;
-use pgt_core::manifest::Manifest;
 use pgt_core::scan::decoded_size_budget;
-use pgt_core::schema::{Metadata, PlanParams};
+use pgt_core::schema::PlanParams;
 use pgt_core::tree::{Leaf, Node, Value};
-use pgt_host::memory::Buffer;
 use pgt_host::pg::{PgError, ProcessGroup, TcpOptions, TcpProcessGroup, FRAME_HEADER_LEN};
-use pgt_host::state_dict::{Entry, StateDict, Storage, Tensor};
+use pgt_host::state_dict::{Entry, StateDict};
 use pgt_host::transport::{Transport, TransportOptions};
 use serde_json::Value as Json;
+
+mod hostile;
+use hostile::{broadcast, encode, f32s, files_in, free_port, row_sharded_spec, varint};
 
 const PGT: &str = env!("CARGO_BIN_EXE_pgt");
 const MIB: u64 = 1 << 20;
@@ -630,51 +631,6 @@ fn frames_of(sd: &StateDict<'_>) -> Vec<Out> {
         .collect()
 }
 
-fn f32s(shape: &[u64]) -> Tensor<'static> {
-    let n: u64 = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|i| i as f32).collect();
-    Tensor::from_values(shape, &v).unwrap()
-}
-
-/// A float32 `shape` whose every element is the one element of a 4-byte storage (stride 0).
-fn broadcast(shape: &[u64]) -> Tensor<'static> {
-    let layout = TensorLayout {
-        dtype: DType::Float32,
-        shape: shape.to_vec(),
-        stride: vec![0; shape.len()],
-        storage_offset: 0,
-        nbytes: 4,
-    };
-    Tensor::new(
-        layout,
-        Storage::Owned(Buffer::from_slice(&1.5f32.to_le_bytes())),
-    )
-    .unwrap()
-}
-
-/// The postcard bytes of metadata from rank 0 to rank 1 with this tree, these leaves and `plan`.
-fn encode(tree: Vec<Node>, leaves: Vec<Leaf>, plan: PlanParams) -> Vec<u8> {
-    let m = Metadata {
-        step: None,
-        source: 0,
-        destinations: vec![1],
-        plan,
-        tree,
-        leaves,
-    };
-    let manifest = Manifest::new(m, true, &Limits::default()).expect("valid metadata");
-    let (_, message) = codec::encode(&manifest, 7).expect("encodes");
-    message[pgt_core::header::PREFIX_LEN as usize..].to_vec()
-}
-
-fn varint(mut v: u64, out: &mut Vec<u8>) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
 /// Metadata written out by hand (PROTOCOL.md §6, the fields in order), which pgt's encoder refuses:
 /// `depth - 1` nested one-element lists around a list of `leaves` `None` values.
 fn nones(depth: usize, leaves: usize) -> Vec<u8> {
@@ -884,18 +840,7 @@ fn hand_built_cases() -> Vec<Case> {
 
     // #9: a DTensor mesh naming rank 5 of a 2-rank job.
     let mut sd = StateDict::new();
-    let spec = pgt_core::dtensor::DTensorSpec {
-        mesh: pgt_core::dtensor::DeviceMesh {
-            shape: vec![2],
-            ranks: vec![0, 5],
-            dim_names: None,
-            device_type: "cpu".into(),
-        },
-        placements: vec![pgt_core::dtensor::Placement::Shard(0)],
-        global_shape: vec![4, 2],
-        global_stride: vec![2, 1],
-        dtype: DType::Float32,
-    };
+    let spec = row_sharded_spec([0, 5]);
     sd.insert(
         "d",
         Entry::DTensor {
@@ -950,35 +895,6 @@ struct Ended {
     files: Vec<String>,
     /// The tensors of the file written, if any: name and XXH3-64 of its bytes.
     written: Vec<(String, u64)>,
-}
-
-/// A loopback port outside the ephemeral range (32768–60999) that nothing listens on.
-fn free_port() -> u16 {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64;
-    let mut x = (nanos ^ u64::from(std::process::id()) << 20)
-        + NEXT.fetch_add(0x9E37_79B9, std::sync::atomic::Ordering::Relaxed);
-    loop {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let port = 20_000 + (x % 12_000) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-fn files_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 /// `VmHWM` of process `pid`, bytes.

@@ -10,16 +10,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pgt_core::dtensor::{DTensorSpec, DeviceMesh, Placement};
 use pgt_core::dtype::DType;
-use pgt_core::layout::TensorLayout;
 use pgt_core::sharded::{ShardMetadata, ShardedTensorMetadata};
 use pgt_core::tree::Value;
-use pgt_host::memory::Buffer;
 use pgt_host::pg::{TcpOptions, TcpProcessGroup};
 use pgt_host::safetensors_io;
-use pgt_host::state_dict::{Entry, StateDict, Storage, Tensor};
+use pgt_host::state_dict::{Entry, StateDict};
 use pgt_host::transport::{Transport, TransportOptions};
+
+mod hostile;
+use hostile::{broadcast, f32s, files_in, free_port, row_sharded_spec};
 
 const PGT: &str = env!("CARGO_BIN_EXE_pgt");
 /// No child may run longer than this: a hang fails the test instead of stalling the suite.
@@ -35,21 +35,6 @@ fn temp_dir(name: &str) -> PathBuf {
     ));
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-    l.local_addr().expect("local addr").port()
-}
-
-/// The files in `dir` (temporary ones are hidden files there, `.<name>.tmp-…`).
-fn files_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .expect("read dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 /// How a `pgt recv` ended.
@@ -167,28 +152,6 @@ fn assert_refused(ended: &Ended, dir: &Path, want: &[&str]) {
     eprintln!("{line} (peak {} KiB)", ended.max_rss_kib);
 }
 
-fn f32s(shape: &[u64]) -> Tensor<'static> {
-    let n: u64 = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|i| i as f32).collect();
-    Tensor::from_values(shape, &v).expect("tensor")
-}
-
-/// A float32 `shape` whose every element is the one element of a 4-byte storage (stride 0).
-fn broadcast(shape: &[u64]) -> Tensor<'static> {
-    let layout = TensorLayout {
-        dtype: DType::Float32,
-        shape: shape.to_vec(),
-        stride: vec![0; shape.len()],
-        storage_offset: 0,
-        nbytes: 4,
-    };
-    Tensor::new(
-        layout,
-        Storage::Owned(Buffer::from_slice(&1.5f32.to_le_bytes())),
-    )
-    .expect("view")
-}
-
 #[test]
 fn a_view_that_would_write_terabytes_is_refused() {
     // 4 bytes of storage broadcast to [2^20, 2^20]: valid metadata, 4 TiB written out (issue 10 #2:
@@ -248,18 +211,7 @@ fn a_header_the_safetensors_library_refuses_is_not_written() {
 /// row shards on ranks 0 and `other`.
 fn distributed(ranks: [u64; 2], other: u64) -> StateDict<'static> {
     let mut sd = StateDict::new();
-    let spec = DTensorSpec {
-        mesh: DeviceMesh {
-            shape: vec![2],
-            ranks: ranks.to_vec(),
-            dim_names: None,
-            device_type: "cpu".into(),
-        },
-        placements: vec![Placement::Shard(0)],
-        global_shape: vec![4, 2],
-        global_stride: vec![2, 1],
-        dtype: DType::Float32,
-    };
+    let spec = row_sharded_spec(ranks);
     sd.insert(
         "d",
         Entry::DTensor {
