@@ -67,9 +67,18 @@ def wasm() -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on, outside the ephemeral range (32768–60999): a master port
+    inside it can become a client's own source port before the store listens (a connection to
+    itself, then the store cannot bind), which made jobs fail now and then under load."""
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    while True:
+        port = rng.randrange(20_000, 32_000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def job_env(port: int, world: int, token: str, **extra) -> dict:
