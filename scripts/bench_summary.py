@@ -2,24 +2,32 @@
 
 import collections
 import json
-import statistics as st
+import statistics
 import sys
 
-rows = collections.defaultdict(lambda: collections.defaultdict(list))
+
+def median(runs: list, field: int) -> float:
+    return statistics.median(r[field] for r in runs)
+
+
+rows: dict = collections.defaultdict(lambda: collections.defaultdict(list))
 for line in open(sys.argv[1]):
     d = json.loads(line)
     o = d["out"]
-    if not o:
-        continue
-    r = rows[d["case"]][d["which"]]
-    r.append((o["seconds"], o["ratio"], o["raw_gbps"], o.get("verified"), float(d["load"])))
+    if o:
+        rows[d["case"]][d["which"]].append(
+            (o["seconds"], o["ratio"], o.get("verified"), float(d["load"]))
+        )
 print("| scenario | old s | new s | new/old s | old ratio | new ratio | runs | verified | load |")
 print("|---|---|---|---|---|---|---|---|---|")
 for case, w in rows.items():
-    o, n = w["old"], w["new"]
-    if not o or not n:
+    old, new = w["old"], w["new"]
+    if not old or not new:
         continue
-    ms = lambda xs, i: st.median(x[i] for x in xs)
+    loads = [r[3] for r in old + new]
     print(
-        f"| `{case}` | {ms(o, 0):.3f} | {ms(n, 0):.3f} | {ms(n, 0) / ms(o, 0):.2f} | {ms(o, 1):.3f} | {ms(n, 1):.3f} | {len(o)}/{len(n)} | {all(x[3] for x in o + n)} | {min(x[4] for x in o + n):.1f}–{max(x[4] for x in o + n):.1f} |"
+        f"| `{case}` | {median(old, 0):.3f} | {median(new, 0):.3f} | "
+        f"{median(new, 0) / median(old, 0):.2f} | {median(old, 1):.3f} | {median(new, 1):.3f} | "
+        f"{len(old)}/{len(new)} | {all(r[2] for r in old + new)} | "
+        f"{min(loads):.1f}–{max(loads):.1f} |"
     )
