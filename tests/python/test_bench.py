@@ -40,3 +40,18 @@ def test_bench_json_lines_verified():
         assert x["pgt_seconds"] > 0 and x["torch_seconds"] > 0 and x["floor_seconds"] > 0
         assert x["speedup"] == pytest.approx(x["torch_seconds"] / x["pgt_seconds"], rel=0.01)
     assert lines[0]["bytes"] == 1 << 20 and lines[2]["leaves"] == 40 + 220
+
+
+def test_bench_tcp_scenario_verified():
+    """large-inplace-tcp: Rust ``pgt send`` to a Python rank in place, beside ``pgt bench``'s Rust
+    receiver (needs the Rust binary: $PGT_BIN)."""
+    pgt_bin = os.environ.get("PGT_BIN")
+    if not pgt_bin:
+        pytest.skip("PGT_BIN is not set")
+    cmd = [sys.executable, "-m", "pgt.bench", "--json", "--repeat", "1", "--bytes", "1MiB"]
+    cmd += ["--scenario", "large-inplace-tcp", "--pgt-bin", pgt_bin]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr
+    (line,) = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    assert KEYS <= line.keys() and line["verified"] is True, line
+    assert line["rust_seconds"] > 0 and line["ratio"] > 0 and line["bytes"] == 1 << 20

@@ -84,6 +84,9 @@ SEND_WINDOW = 16
 # costs a frame and a round trip through each side's Python (gloo sends a message once its receive is
 # posted, and a part's receive is posted once its frame arrived): fewer, longer messages keep gloo busy.
 CHUNK_SIZE = 1 << 26
+# Likewise the default bucket: 4 MiB (pgt's: 1 MiB), a quarter of the frames and round trips for a dict
+# of many small tensors (the 10,220-leaf reference dict: 1.0-1.1 s against 1.2 s in one run).
+BUCKET_SIZE = 1 << 22
 
 DTYPE_BY_NAME = {name: getattr(torch, name) for name in pgt_abi.DTYPES}
 NAME_BY_DTYPE = {dt: name for name, dt in DTYPE_BY_NAME.items()}
@@ -827,8 +830,8 @@ class PGTransport:
 
     pgt's own options, keyword-only: ``fanout`` ("chain": the first destination relays to the next;
     "direct": the sender sends to each), ``digests`` (XXH3-64 of every storage, checked before a
-    receive returns; on by default), ``bucket_size`` and ``chunk_size`` (PROTOCOL.md §9; 1 MiB and,
-    over a torch group, 64 MiB: see CHUNK_SIZE).
+    receive returns; on by default), ``bucket_size`` and ``chunk_size`` (PROTOCOL.md §9; over a torch
+    group 4 MiB and 64 MiB by default: see BUCKET_SIZE and CHUNK_SIZE).
     """
 
     def __init__(
@@ -840,7 +843,7 @@ class PGTransport:
         *,
         fanout: str = "chain",
         digests: bool = True,
-        bucket_size: int = 1 << 20,
+        bucket_size: int = BUCKET_SIZE,
         chunk_size: int = CHUNK_SIZE,
     ) -> None:
         self._pg = pg
