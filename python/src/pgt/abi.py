@@ -16,6 +16,9 @@ How a host drives a receiver with these wrappers: ``pgt.recv.receive`` (as pgt-c
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib.metadata
 import math
 import os
 import struct
@@ -113,17 +116,32 @@ class Reader:
         self.b, self.i = data, 0
 
     def varint(self) -> int:
-        out = shift = 0
+        i = self.i
+        byte = self.b[i]
+        if byte < 0x80:  # most integers of a result are below 128
+            self.i = i + 1
+            return byte
+        out, shift = byte & 0x7F, 7
         while True:
-            byte = self.b[self.i]
-            self.i += 1
+            i += 1
+            byte = self.b[i]
             out |= (byte & 0x7F) << shift
             shift += 7
             if byte < 0x80:
+                self.i = i + 1
                 return out
 
     def uint(self):
-        return uint(self.varint())
+        v = self.varint()
+        return v if v <= MAX_SAFE else str(v)
+
+    def uints(self) -> list:
+        n, read = self.varint(), self.varint
+        out = [read() for _ in range(n)]
+        for v in out:
+            if v > MAX_SAFE:
+                return [uint(v) for v in out]
+        return out
 
     def zigzag(self) -> int:
         v = self.varint()
@@ -151,9 +169,6 @@ class Reader:
 
     def opt(self, item):
         return item(self) if self.byte() == 1 else None
-
-    def uints(self) -> list:
-        return self.seq(Reader.uint)
 
     def dtype(self) -> str:
         return DTYPES[self.varint()]
@@ -215,10 +230,11 @@ def limits(r: Reader) -> dict:
 
 
 def layout(r: Reader) -> dict:  # TensorLayout
+    dtype, shape, stride = DTYPES[r.varint()], r.uints(), r.uints()
     return {
-        "dtype": r.dtype(),
-        "shape": r.uints(),
-        "stride": r.uints(),
+        "dtype": dtype,
+        "shape": shape,
+        "stride": stride,
         "storage_offset": r.uint(),
         "nbytes": r.uint(),
     }
@@ -315,7 +331,9 @@ def key_path(r: Reader) -> list:
 
 
 def storage(r: Reader) -> dict:  # StorageRef
-    return {"leaf": r.varint(), "shard": r.varint(), "nbytes": r.uint(), "dtype": r.dtype()}
+    read = r.varint
+    leaf, shard, nbytes = read(), read(), read()
+    return {"leaf": leaf, "shard": shard, "nbytes": uint(nbytes), "dtype": DTYPES[read()]}
 
 
 def summary(r: Reader) -> dict:
@@ -349,7 +367,9 @@ def summary(r: Reader) -> dict:
 
 
 def segment(r: Reader) -> dict:
-    return {"storage": r.varint(), "offset": r.uint(), "len": r.uint(), "completes": r.bool()}
+    read = r.varint
+    st, off, n = read(), read(), read()
+    return {"storage": st, "offset": uint(off), "len": uint(n), "completes": r.byte() == 1}
 
 
 def plan(r: Reader) -> list:
@@ -405,11 +425,14 @@ def incoming(r: Reader) -> dict:
 
 
 def binding(r: Reader) -> dict:
+    read = r.varint
+    dest = "fresh" if read() == 0 else {"in_place": r.uint()}
+    dtype, nbytes = DTYPES[read()], uint(read())
     return {
-        "dest": "fresh" if r.varint() == 0 else {"in_place": r.uint()},
-        "dtype": r.dtype(),
-        "nbytes": r.uint(),
-        "cast_from": r.opt(Reader.dtype),
+        "dest": dest,
+        "dtype": dtype,
+        "nbytes": nbytes,
+        "cast_from": DTYPES[read()] if r.byte() == 1 else None,
     }
 
 
@@ -422,6 +445,14 @@ def received(r: Reader) -> dict:
     }
 
 
+def received_without_bindings(r: Reader) -> dict:
+    """``received`` for a host that kept the bindings ``finish_bindings`` gave: the same result, its
+    last field (every storage's binding again) left undecoded."""
+    out = {"step": r.opt(Reader.uint), "tree": r.seq(node), "leaves": r.seq(leaf)}
+    r.i = len(r.b)
+    return out
+
+
 def unit(r: Reader):
     return None
 
@@ -430,6 +461,22 @@ def unit(r: Reader):
 
 # Compiled modules by path (Pgt.load).
 _COMPILED: dict = {}
+
+
+def _cache_path(module: bytes) -> Path | None:
+    """Where the compiled form of ``module`` is cached: $PGT_CACHE_DIR (default ~/.cache/pgt)/wasm/,
+    named by the module's SHA-256 and wasmtime's version (a compiled module is native code: only this
+    package's own module is ever cached and loaded back). None when caching is off
+    (PGT_CACHE_DIR=off)."""
+    root = os.environ.get("PGT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pgt")
+    if root == "off":
+        return None
+    try:
+        version = importlib.metadata.version("wasmtime")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    digest = hashlib.sha256(module).hexdigest()[:32]
+    return Path(root) / "wasm" / f"pgt-{digest}-wasmtime-{version}.cwasm"
 
 
 class Pgt:
@@ -446,11 +493,27 @@ class Pgt:
 
     @staticmethod
     def compile(path: Path | None = None) -> tuple[wasmtime.Module, wasmtime.Engine]:
+        """The module at ``path`` compiled: from the on-disk cache when it has this module (keyed by the
+        module's SHA-256 and wasmtime's version), else compiled (half a second) and cached."""
         path = path or module_path()
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run scripts/build-wasm.sh")
         engine = wasmtime.Engine()
-        return wasmtime.Module.from_file(engine, str(path)), engine
+        data = path.read_bytes()
+        cached = _cache_path(data)
+        if cached is not None and cached.is_file():
+            try:
+                return wasmtime.Module.deserialize_file(engine, str(cached)), engine
+            except Exception:  # another wasmtime build, a truncated file: compile again
+                pass
+        module = wasmtime.Module(engine, data)
+        if cached is not None:
+            with contextlib.suppress(OSError):
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+                tmp.write_bytes(module.serialize())
+                os.replace(tmp, cached)
+        return module, engine
 
     @classmethod
     def load(cls, path: Path | None = None) -> Pgt:
@@ -629,9 +692,12 @@ class Receiver:
         op) to receive and discard, or None. The first call ends the transfer."""
         return self._call("pgt_receiver_leftover", lambda r: r.opt(recv_op))
 
-    def finish(self) -> dict:
-        """The verified result; frees the receiver whatever the outcome."""
-        return self._call("pgt_receiver_finish", received)
+    def finish(self, bindings: bool = True) -> dict:
+        """The verified result; frees the receiver whatever the outcome. ``bindings=False``: without
+        its ``bindings`` (the host has them from ``finish_bindings``)."""
+        return self._call(
+            "pgt_receiver_finish", received if bindings else received_without_bindings
+        )
 
     def drop(self):
         self._call("pgt_receiver_drop", unit)

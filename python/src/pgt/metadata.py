@@ -52,6 +52,9 @@ class Writer:
         self.out = bytearray()
 
     def varint(self, v) -> Writer:
+        if type(v) is int and 0 <= v < 0x80:  # the common case: one byte
+            self.out.append(v)
+            return self
         v = int(v)
         if not 0 <= v <= U64_MAX:
             raise ValueError(f"{v} is outside u64")

@@ -71,7 +71,7 @@ class Log:
 # ---- the receive loop (pgt-core's drive.rs): the module decides, a host moves bytes ----
 
 
-def receive(engine, host) -> dict:
+def receive(engine, host, with_bindings: bool = True) -> dict:
     """Runs receiver ``engine`` (a ``pgt_abi.Receiver``) to completion over ``host`` and returns the
     verified result, as ``pgt_core::drive::receive`` does: one loop that reports the host's completions,
     polls, and acts on the op. The plan (from the metadata) says which storage ranges each data message
@@ -119,7 +119,9 @@ def receive(engine, host) -> dict:
                 apply(engine, event)
             else:  # done
                 finished = True
-                return engine.finish()  # DigestMismatch etc. surface here; frees the receiver
+                # DigestMismatch etc. surface here; frees the receiver. Without ``bindings``, the
+                # result leaves out the bindings the host was given (``bound``).
+                return engine.finish(with_bindings)
     except Exception:
         if not finished:
             with contextlib.suppress(PgtError, PgError):

@@ -6,8 +6,9 @@ The module validates the metadata, plans the messages and says, one op at a time
 to which rank under which tag. This loop builds each message from the plan — header, metadata and
 trailer are the module's bytes; a data message is the transfer id's 8-byte prefix then the segments'
 storage bytes, as memoryview slices (no copy) — and hands it to ``host.send(op, parts)``. When the
-op says so it hashes the segments with XXH3-64, one hasher per storage, and reports the digests of the
-storages each message completes, once per message (the trailer carries them).
+op says so it hashes the segments with XXH3-64, one hasher per storage, in a thread while the host
+sends (xxhash releases the GIL), and reports the digests of the storages each message completes, once
+per message, before the trailer (which carries them).
 
 A host has ``send(op, parts)``, which sends one protocol message (``parts`` concatenated, ``op["len"]``
 bytes in all) to ``op["to"]`` under ``op["tag"]``, and may have ``flush()``, called before the loop
@@ -16,12 +17,18 @@ returns, which waits until everything sent has left (a host that sends asynchron
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import secrets
 
 import xxhash
 
 from .abi import Pgt, PgtError, prefix_bytes
+
+# A data message of at least this many bytes is hashed in a thread while it is sent; a shorter one at
+# once (each turn of a thread at the GIL costs more than hashing a few small segments).
+HASH_THREAD_MIN = 4 << 20
 
 
 def storage_views(storages) -> list[memoryview]:
@@ -50,38 +57,61 @@ def send(
     transfer_id = secrets.randbits(64) if transfer_id is None else transfer_id
     views = storage_views(storages)
     sender = pgt.sender(metadata, digests=digests, transfer_id=transfer_id, limits=limits)
+    hashers: dict[int, xxhash.xxh3_64] = {}
+    pending: collections.deque = collections.deque()  # (message, future of its digests)
+
+    def hash_message(segments: list) -> list:
+        # In the hashing thread (xxhash lets go of the GIL): the digests of the storages completed.
+        done = []
+        for seg in segments:
+            st, off, n = seg["storage"], int(seg["offset"]), int(seg["len"])
+            h = hashers.get(st)
+            if h is None:
+                h = hashers[st] = xxhash.xxh3_64()
+            h.update(views[st][off : off + n])
+            if seg["completes"]:
+                done.append(hashers.pop(st).intdigest())
+        return done
+
+    def report(block: bool):
+        while pending and (block or pending[0][1].done()):
+            m, job = pending.popleft()
+            sender.handle_digests(m, job.result())
+
+    pool = None
     try:
         _check_sizes(pgt, sender, views)
-        hashers: dict[int, xxhash.xxh3_64] = {}
         while True:
+            report(False)
             op = sender.poll()
             if op["type"] == "done":
                 break
-            if op["type"] != "send":  # wait_digests: every digest is reported as its message goes
-                raise RuntimeError(f"the sender waits for digests it was given: {op}")
+            if op["type"] != "send":  # wait_digests: the trailer is next
+                if not pending:
+                    raise RuntimeError(f"the sender waits for digests it was given: {op}")
+                report(True)
+                continue
             if op["kind"] != "data":
                 host.send(op, [sender.bytes(op["message"])])
                 continue
+            segments = sender.plan[op["message"]]["segments"]
             parts: list = [prefix_bytes(op["prefix"])]
-            done = []
-            for seg in sender.plan[op["message"]]["segments"]:
-                st, off, n = seg["storage"], int(seg["offset"]), int(seg["len"])
-                part = views[st][off : off + n]
-                if op["hash"]:
-                    h = hashers.get(st)
-                    if h is None:
-                        h = hashers[st] = xxhash.xxh3_64()
-                    h.update(part)
-                    if seg["completes"]:
-                        done.append(hashers.pop(st).intdigest())
-                parts.append(part)
+            for seg in segments:
+                off = int(seg["offset"])
+                parts.append(views[seg["storage"]][off : off + int(seg["len"])])
+            if op["hash"] and (pending or int(op["len"]) >= HASH_THREAD_MIN):
+                if pool is None:  # hashed while the host sends
+                    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pgt-hash")
+                pending.append((op["message"], pool.submit(hash_message, segments)))
+            elif op["hash"]:
+                sender.handle_digests(op["message"], hash_message(segments))
             host.send(op, parts)
-            if op["hash"]:
-                sender.handle_digests(op["message"], done)
         flush = getattr(host, "flush", None)
         if flush is not None:
             flush()
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
         with contextlib.suppress(PgtError):
             sender.drop()
     return transfer_id
