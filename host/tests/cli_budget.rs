@@ -19,7 +19,7 @@ use pgt_core::tree::{Key, Leaf, Node};
 use pgt_host::pg::{ProcessGroup, TcpOptions, TcpProcessGroup};
 
 mod hostile;
-use hostile::{encode, free_port, varint};
+use hostile::{deep_nones, encode, free_port, lists_of_values, varint};
 
 const PGT: &str = env!("CARGO_BIN_EXE_pgt");
 /// No child may run longer than this: a hang fails the test instead of stalling the suite.
@@ -144,37 +144,6 @@ fn send_raw_waiting(name: &str, metadata: &[u8], extra: &[&str], timeout: u64) -
         ended.seconds
     );
     ended
-}
-
-/// Metadata bytes written out by hand (PROTOCOL.md §6: the fields in order), without building the
-/// metadata in memory: `depth - 1` nested one-element lists around a list of `leaves` value leaves,
-/// the i-th encoded by `value(i)` (an encoded `Value`). pgt's own encoder refuses what these tests
-/// send, and building a million leaves in memory would make this test process large, which its
-/// `pgt recv` children would inherit as their peak memory (Linux carries a process's high-water mark
-/// across `execve`).
-fn lists_of_values(depth: usize, leaves: usize, value: impl Fn(usize, &mut Vec<u8>)) -> Vec<u8> {
-    let mut b = vec![0, 0, 1, 1]; // step None, source 0, destinations [1]
-    b.push(1); // Chain
-    varint(PlanParams::default().bucket_size, &mut b);
-    varint(PlanParams::default().chunk_size, &mut b);
-    varint((depth + leaves) as u64, &mut b);
-    for _ in 1..depth {
-        b.extend([1, 1]); // List(1)
-    }
-    b.push(1); // List(leaves)
-    varint(leaves as u64, &mut b);
-    b.resize(b.len() + leaves, 3); // Leaf
-    varint(leaves as u64, &mut b);
-    for i in 0..leaves {
-        b.push(0); // Leaf::Value
-        value(i, &mut b);
-    }
-    b
-}
-
-/// `depth - 1` nested one-element lists around a list of `leaves` `None` values.
-fn deep_nones(depth: usize, leaves: usize) -> Vec<u8> {
-    lists_of_values(depth, leaves, |_, b| b.push(0))
 }
 
 /// Asserts a one-line `pgt recv` error containing `want`, within `max_rss_mib` (peak memory includes

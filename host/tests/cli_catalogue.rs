@@ -49,7 +49,7 @@ use pgt_host::transport::{Transport, TransportOptions};
 use serde_json::Value as Json;
 
 mod hostile;
-use hostile::{broadcast, encode, f32s, files_in, free_port, row_sharded_spec, varint};
+use hostile::{broadcast, deep_nones, encode, f32s, files_in, free_port, row_sharded_spec, varint};
 
 const PGT: &str = env!("CARGO_BIN_EXE_pgt");
 const MIB: u64 = 1 << 20;
@@ -631,27 +631,6 @@ fn frames_of(sd: &StateDict<'_>) -> Vec<Out> {
         .collect()
 }
 
-/// Metadata written out by hand (PROTOCOL.md §6, the fields in order), which pgt's encoder refuses:
-/// `depth - 1` nested one-element lists around a list of `leaves` `None` values.
-fn nones(depth: usize, leaves: usize) -> Vec<u8> {
-    let mut b = vec![0, 0, 1, 1]; // step None, source 0, destinations [1]
-    b.push(1); // Chain
-    varint(PlanParams::default().bucket_size, &mut b);
-    varint(PlanParams::default().chunk_size, &mut b);
-    varint((depth + leaves) as u64, &mut b);
-    for _ in 1..depth {
-        b.extend([1, 1]); // List(1)
-    }
-    b.push(1); // List(leaves)
-    varint(leaves as u64, &mut b);
-    b.resize(b.len() + leaves, 3); // Leaf
-    varint(leaves as u64, &mut b);
-    for _ in 0..leaves {
-        b.extend([0, 0]); // Leaf::Value(None)
-    }
-    b
-}
-
 /// Metadata of one uint8 tensor `t` whose shape announces `dims` dims (and ends there: the count is
 /// refused before the dims are read).
 fn dims_announced(dims: u64) -> Vec<u8> {
@@ -770,21 +749,21 @@ fn hand_built_cases() -> Vec<Case> {
     );
 
     // #4: amplification within the caps.
-    let md = nones(1, 1_000_000); // 3 MB: 1M None values
+    let md = deep_nones(1, 1_000_000); // 3 MB: 1M None values
     cases.push(Case::new(
         "1m_none_values_3_mb",
         "amplification",
         header_and_metadata(&md, id),
         Expect::line(format!("receiving from rank 0: {}", decoded_too_large(&md))),
     ));
-    let md = nones(64, 200_000); // 600 KB: 200,000 None values 64 lists deep
+    let md = deep_nones(64, 200_000); // 600 KB: 200,000 None values 64 lists deep
     cases.push(Case::new(
         "200k_none_values_64_deep_600_kb",
         "amplification",
         header_and_metadata(&md, id),
         Expect::line(format!("receiving from rank 0: {}", decoded_too_large(&md))),
     ));
-    let md = nones(1, 1 << 22); // 12 MB: 4M leaf nodes (max_leaves), each a None value
+    let md = deep_nones(1, 1 << 22); // 12 MB: 4M leaf nodes (max_leaves), each a None value
     cases.push(Case::new(
         "4m_leaf_nodes_12_mb",
         "amplification",

@@ -112,3 +112,37 @@ pub fn varint(mut v: u64, out: &mut Vec<u8>) {
     }
     out.push(v as u8);
 }
+
+/// Metadata from rank 0 to rank 1 written out by hand (PROTOCOL.md §6, the fields in order):
+/// `depth - 1` nested one-element lists around a list of `leaves` value leaves, the i-th encoded by
+/// `value(i)` (an encoded `Value`). By hand because pgt's own encoder refuses what these tests send,
+/// and a million leaves built in memory would make the test process large, which its `pgt recv`
+/// children would inherit as their peak memory (Linux carries a high-water mark across `execve`).
+pub fn lists_of_values(
+    depth: usize,
+    leaves: usize,
+    value: impl Fn(usize, &mut Vec<u8>),
+) -> Vec<u8> {
+    let mut b = vec![0, 0, 1, 1]; // step None, source 0, destinations [1]
+    b.push(1); // Chain
+    varint(PlanParams::default().bucket_size, &mut b);
+    varint(PlanParams::default().chunk_size, &mut b);
+    varint((depth + leaves) as u64, &mut b);
+    for _ in 1..depth {
+        b.extend([1, 1]); // List(1)
+    }
+    b.push(1); // List(leaves)
+    varint(leaves as u64, &mut b);
+    b.resize(b.len() + leaves, 3); // Leaf
+    varint(leaves as u64, &mut b);
+    for i in 0..leaves {
+        b.push(0); // Leaf::Value
+        value(i, &mut b);
+    }
+    b
+}
+
+/// `depth - 1` nested one-element lists around a list of `leaves` `None` values.
+pub fn deep_nones(depth: usize, leaves: usize) -> Vec<u8> {
+    lists_of_values(depth, leaves, |_, b| b.push(0))
+}
