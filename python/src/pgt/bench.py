@@ -22,8 +22,8 @@ Scenarios (PROTOCOL.md's benchmark shapes, as ``pgt bench`` has them):
 - ``fanout``: ``large`` to two receivers (each transport's default plan: pgt relays along a chain,
   torch sends to each in turn); the floor sends to both directly;
 - ``large-inplace-tcp``: a Python rank receiving ``large`` in place from the Rust ``pgt send`` over
-  pgt's TCP group (``pgt.numpy.recv_checkpoint`` into numpy views of torch tensors, this branch's
-  ``pgt.torch`` speaking torch groups only), against the Rust receiver's rate measured by
+  pgt's TCP group (``pgt.numpy.recv_checkpoint`` into numpy views of torch tensors; ``pgt.torch``
+  over a ``TcpGroup`` lands the same way), against the Rust receiver's rate measured by
   ``pgt bench --scenario large-inplace`` in the same run (Rust to Rust, in place); its floor is that
   run's raw loopback TCP figure, ``ratio`` = rust / pgt.
 
