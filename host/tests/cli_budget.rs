@@ -19,7 +19,7 @@ use pgt_core::tree::{Key, Leaf, Node};
 use pgt_host::pg::{ProcessGroup, TcpOptions, TcpProcessGroup};
 
 mod hostile;
-use hostile::{deep_nones, encode, free_port, lists_of_values, varint};
+use hostile::{deep_nones, encode, free_port, lists_of_values, varint, wait_with_rusage};
 
 const PGT: &str = env!("CARGO_BIN_EXE_pgt");
 /// No child may run longer than this: a hang fails the test instead of stalling the suite.
@@ -48,24 +48,7 @@ fn wait(mut child: Child, start: Instant) -> Ended {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let pid = child.id() as libc::pid_t;
-    let (status, rusage) = loop {
-        let mut status = 0;
-        // SAFETY: a zeroed rusage is a valid value of this plain C struct.
-        let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: `pid` is our child, not yet reaped (std's `Child` is never waited on); the
-        // pointers are to live locals.
-        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut rusage) };
-        if r == pid {
-            break (status, rusage);
-        }
-        assert_eq!(r, 0, "wait4: {}", std::io::Error::last_os_error());
-        if start.elapsed() > HANG {
-            let _ = child.kill();
-            panic!("pgt recv still running after {HANG:?}: killed");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (status, rusage) = wait_with_rusage(&mut child, start, HANG);
     Ended {
         code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
         stderr: reader.join().expect("stderr reader"),

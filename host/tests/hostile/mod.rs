@@ -146,3 +146,30 @@ pub fn lists_of_values(
 pub fn deep_nones(depth: usize, leaves: usize) -> Vec<u8> {
     lists_of_values(depth, leaves, |_, b| b.push(0))
 }
+
+/// Waits for `child` to exit (killing it and failing after `hang` from `start`): its wait status and
+/// its own resource usage (`wait4`; std's `Child::wait` gives no rusage).
+pub fn wait_with_rusage(
+    child: &mut std::process::Child,
+    start: std::time::Instant,
+    hang: std::time::Duration,
+) -> (i32, libc::rusage) {
+    let pid = child.id() as libc::pid_t;
+    loop {
+        let mut status = 0;
+        // SAFETY: a zeroed rusage is a valid value of this plain C struct.
+        let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `pid` is our child, not yet reaped (std's `Child` is never waited on); the
+        // pointers are to live locals.
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut rusage) };
+        if r == pid {
+            return (status, rusage);
+        }
+        assert_eq!(r, 0, "wait4: {}", std::io::Error::last_os_error());
+        if start.elapsed() > hang {
+            let _ = child.kill();
+            panic!("pgt recv still running after {hang:?}: killed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
