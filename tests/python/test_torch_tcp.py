@@ -2,7 +2,8 @@
 tensors to a Rust `pgt recv` (its output file byte-exact), from a Rust `pgt send` (fresh, and in place
 with casts), Python -> Rust relay -> Python byte-exact, a Python relay between Rust ranks; and the
 failures: a corrupted byte (DigestMismatch, nothing returned, at a Python and at a Rust receiver), a
-stalled Rust sender or receiver (PgtTimeout within timeout + 1 s). Python ranks are threads of this process
+stalled Rust sender or receiver (PgtTimeout within timeout + 1 s); and examples/python/torch_checkpoint.py
+run as its docstring says. Python ranks are threads of this process
 (test_numpy.Job); Rust ranks are the debug `pgt` binary ($PGT_BIN)."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -19,6 +21,7 @@ torch = pytest.importorskip("torch")
 from test_numpy import Job  # noqa: E402
 from test_python_receiver import (  # noqa: E402
     JOB_TIMEOUT,
+    ROOT,
     job_env,
     pgt_binary,
     read_safetensors,
@@ -460,3 +463,54 @@ def test_a_stalled_rust_receiver_times_out(tmp_path):
             os.kill(rust.p.pid, signal.SIGCONT)
         rust.kill()
     assert timeout <= took < timeout + 1.0, took
+
+
+# ---- the example ----
+
+
+def test_the_torch_checkpoint_example_with_a_rust_relay(tmp_path):
+    """examples/python/torch_checkpoint.py as its docstring runs it: Python rank 0 sends a model's
+    state dict, Rust `pgt recv` (rank 1) writes it and relays it (chain) to Python rank 2, which
+    prints every tensor. Both receivers' tensors are the sender's, element for element."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    want = {f"model.{k}": v for k, v in model.state_dict().items()}
+    j = job(3)
+    script = ROOT / "examples" / "python" / "torch_checkpoint.py"
+    out = tmp_path / "r1.safetensors"
+
+    def python_rank(rank):
+        env = job_env(j.port, j.world, j.token.decode(), RANK=rank)
+        return subprocess.Popen(
+            [sys.executable, str(script)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    procs = [python_rank(0)]
+    rust = Rust(j, 1, ["recv", "--out", out, "--timeout", "30"])
+    procs.append(python_rank(2))
+    try:
+        results = [p.communicate(timeout=JOB_TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        code, err = rust.finish()
+    assert code == 0, err
+    for p, (_, stderr) in zip(procs, results, strict=True):
+        assert p.returncode == 0, stderr
+    assert "rank 0 sent step 100 to ranks 1..2" in results[0][0]
+    printed = sorted(line for line in results[1][0].splitlines() if line.startswith("rank 2: "))
+    expected = sorted(
+        f"rank 2: {k} {v.dtype} {tuple(v.shape)} sum={v.double().sum():.6f}"
+        for k, v in want.items()
+    )
+    assert printed == expected
+    _, written = read_safetensors(out)
+    assert sorted(written) == sorted(want)
+    for k, v in want.items():
+        dtype, shape, data = written[k]
+        assert (dtype, shape, data) == ("F32", list(v.shape), elements(v)), k

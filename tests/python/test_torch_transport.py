@@ -3,11 +3,14 @@ and pgt's, each run on every rank of a pool of WORLD gloo processes (torch_pool.
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("expecttest")  # torch.testing._internal (torch's TestCase.assertEqual)
 
+from test_python_receiver import free_port  # noqa: E402
 from torch_pool import Pool  # noqa: E402
 
 WORLD = 4
@@ -37,6 +40,12 @@ def test_pg_transport_with_mixed_content(pool):
 
 def test_pg_transport_with_sharded_tensor(pool):
     pool("pg_transport_with_sharded_tensor")
+
+
+def test_torch_cases_over_pgt_tcp_group(pool):
+    """The same three cases over pgt's TCP group (pgt.tcp.TcpGroup): DTensors and ShardedTensors
+    cross it and are rebuilt as over gloo."""
+    pool("torch_cases_over_tcp", free_port(), secrets.token_hex(16).encode())
 
 
 # pgt's own.

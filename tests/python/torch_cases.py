@@ -605,3 +605,27 @@ def torch_many_small_tensors(rank, world, n, size):
         assert torch.equal(got[f"t{n - 1}"], sd[f"t{n - 1}"])
         return took
     return None
+
+
+# ---- torch's cases over pgt's TCP process group ----
+
+
+def torch_cases_over_tcp(rank, world, port, token):
+    """PyTorch's three ported cases, unchanged, over pgt's TCP group instead of the gloo one: the
+    cases take their group from ``_get_default_group``, which is pointed at a ``TcpGroup`` for the
+    run. gloo stays the default group of torch.distributed, so DeviceMeshes are built as before:
+    DTensors and ShardedTensors cross the TCP group and are rebuilt on this rank's mesh."""
+    from pgt.tcp import TcpGroup, TcpOptions
+
+    global _get_default_group
+    gloo_group = _get_default_group
+    opts = TcpOptions("127.0.0.1", port, rank, world, token, timeout=60.0)
+    with TcpGroup.join(opts) as pg:
+        assert type(pg) is TcpGroup
+        _get_default_group = lambda: pg  # noqa: E731
+        try:
+            pg_transport(rank, world)
+            pg_transport_with_mixed_content(rank, world)
+            pg_transport_with_sharded_tensor(rank, world)
+        finally:
+            _get_default_group = gloo_group
