@@ -156,13 +156,16 @@ def pg_transport_with_sharded_tensor(rank, world):
     ).reshape(shard_size, 8)
     received_local_tensor = received_st.local_shards()[0].tensor
     torch.testing.assert_close(expected_local_tensor, received_local_tensor)
-    # Beyond torch's test: placements as torch's class rewrites them.
+    # Beyond torch's test: placements as torch's class sets them (PROTOCOL.md §12). The local shard
+    # is placed on this rank; the global metadata is the sender's, unchanged, so exactly one global
+    # shard names each rank (rewriting the received shard's entry would make two claim this one).
     shard = received_st.local_shards()[0]
     assert str(shard.metadata.placement) == f"rank:{rank}/cpu"
     assert shard.metadata.shard_offsets == [prev_start_idx, 0]
-    assert [str(m.placement) for m in received_st.metadata().shards_metadata] == [
-        f"rank:{r}/cpu" for r in range(world)
-    ]
+    sent_global = state_dict["sharded_tensor"].metadata().shards_metadata
+    got_global = received_st.metadata().shards_metadata
+    assert got_global == sent_global, (got_global, sent_global)
+    assert [str(m.placement) for m in got_global] == [f"rank:{r}/cpu" for r in range(world)]
 
 
 # ---- pgt's own ----

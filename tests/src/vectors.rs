@@ -1519,7 +1519,7 @@ pub fn stream_cases() -> Vec<StreamCase> {
         },
         StreamCase {
             name: "stream_chain",
-            description: "Chain 0 → [1, 2], the stream of rank 2 (the chain's end): header and metadata from rank 0, data and trailer forwarded by rank 1. Digests on, bucket 64, chunk 64: a ShardedTensor's 2 local shards (32 B each) fill one bucket, a DTensor's local float32 [4,3] (48 B) the next, a float16 [40] (80 B) goes in chunks of 64 and 16. Rank 2 rewrites the shard placements to rank:2.",
+            description: "Chain 0 → [1, 2], the stream of rank 2 (the chain's end): header and metadata from rank 0, data and trailer forwarded by rank 1. Digests on, bucket 64, chunk 64: a ShardedTensor's 2 local shards (32 B each) fill one bucket, a DTensor's local float32 [4,3] (48 B) the next, a float16 [40] (80 B) goes in chunks of 64 and 16. Rank 2 places its local shards at rank:2/cpu; the global metadata stays as sent.",
             metadata: metadata(
                 None,
                 0,
@@ -1540,7 +1540,7 @@ pub fn stream_cases() -> Vec<StreamCase> {
         },
         StreamCase {
             name: "stream_sharded_placements",
-            description: "What a receiver rewrites in a ShardedTensor, Direct 0 → [2] (rank 2's stream), digests on, default plan. float32 [6, 4]; global shards [0,0]+[2,4] at \"rank:000/cuda:0\", [0,0]+[0,4] at \"rank:18446744073709551615/cuda:3\" (a zero-size shard at the same offsets as the first), [2,0]+[2,4] at \"rank:1/node-a/cuda:1\", [4,0]+[2,4] at \"rank:0/cpu\"; the sender holds 3 local shards (32 B each): [0,0]+[2,4] at \"rank:0/cuda:0\", [2,0]+[2,4] at \"rank:01/node-a/cuda:1\", [4,0]+[2,4] at \"rank:0/cuda:0\". Leading zeros and a '/' in the device are valid. Rank 2 places each local shard at rank:2 with its own device, and each global shard whose (offsets, sizes) equal a local shard's at rank:2 with the global entry's own device: \"rank:2/cuda:0\", unchanged, \"rank:2/node-a/cuda:1\", \"rank:2/cpu\".",
+            description: "What a receiver rewrites in a ShardedTensor, Direct 0 → [2] (rank 2's stream), digests on, default plan. float32 [6, 4]; global shards [0,0]+[2,4] at \"rank:000/cuda:0\", [0,0]+[0,4] at \"rank:18446744073709551615/cuda:3\" (a zero-size shard at the same offsets as the first), [2,0]+[2,4] at \"rank:1/node-a/cuda:1\", [4,0]+[2,4] at \"rank:0/cpu\"; the sender holds 3 local shards (32 B each): [0,0]+[2,4] at \"rank:0/cuda:0\", [2,0]+[2,4] at \"rank:01/node-a/cuda:1\", [4,0]+[2,4] at \"rank:0/cuda:0\". Leading zeros and a '/' in the device are valid. As torch's PGTransport, rank 2 keeps the global metadata as sent (every placement unchanged) and places each local shard at \"rank:2/cpu\" (the receiver's rank and the device type the bytes landed on), whatever the sender's device.",
             metadata: metadata(
                 None,
                 0,
@@ -2025,8 +2025,8 @@ Every entry has `file`, `kind`, `description`. Then by kind:
 - `stream`: `receiver` (options of the receiving rank), `manifest` (as above), `records` (tag, kind,
   len, from — the rank that sent it — of every record), `pattern` (the storage contents: byte `i` of
   storage `s` is `(17·s + i) mod 256`), and `result`: the received `leaves` (as the receiver reports
-  them: ShardedTensor placements rewritten to the receiving rank) and every storage's `path`, `nbytes`
-  and XXH3-64 `digest`. A receiver fed the records in order must end with every storage equal to the
+  them: each ShardedTensor local shard placed at `rank:R/cpu`, R the receiving rank, the global metadata
+  as sent) and every storage's `path`, `nbytes` and XXH3-64 `digest`. A receiver fed the records in order must end with every storage equal to the
   pattern.
 - `stale_stream`: `receiver`, `records` (tag, len, from, and `stale`: true for a message of another
   transfer, whose first 8 bytes are another id), `pattern` and `result` (as for `stream`). A receiver fed
