@@ -262,6 +262,8 @@ def nested_containers(rank, world):
         values={
             "int": -(2**63),
             "big": 2**63 - 1,
+            "seed": 2**64 - 1,  # torch.initial_seed()'s largest: ints are i128
+            "min128": -(2**127),
             "float": -0.0,
             "nan": float("nan"),
             "inf": float("-inf"),
@@ -287,6 +289,7 @@ def nested_containers(rank, world):
         assert isinstance(got["optim"][0]["betas"], tuple)
         v = got["values"]
         assert v["int"] == -(2**63) and v["big"] == 2**63 - 1
+        assert v["seed"] == 2**64 - 1 and v["min128"] == -(2**127)
         assert str(v["float"]) == "-0.0" and v["nan"] != v["nan"] and v["inf"] == float("-inf")
         assert v["str"] == "héllo" and v["bytes"] == b"\x00\xff" and v["none"] is None
         assert got["empty"] == {"dict": {}, "list": [], "tuple": ()}
@@ -313,7 +316,8 @@ def unsupported_leaves(rank, world):
         ({"x": np.zeros(3)}, "x", "ndarray"),
         ({"p": collections.namedtuple("P", "x y")(1, 2)}, "p", "P"),
         ({"k": {(1, 2): torch.ones(1)}}, "k.(1, 2)", "tuple"),
-        ({"huge": 2**64}, "huge", "int"),
+        ({"huge": 2**127}, "huge", "int outside i128"),
+        ({"neg": {"huge": -(2**127) - 1}}, "neg.huge", "int outside i128"),
         ({"sparse": torch.eye(3).to_sparse()}, "sparse", "sparse"),
         ({"bits": torch.zeros(2, dtype=torch.uint8).view(torch.bits8)}, "bits", "bits8"),
     ]

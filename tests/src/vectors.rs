@@ -312,8 +312,8 @@ pub fn valid_cases() -> Vec<(&'static str, &'static str, Metadata, bool)> {
                 Leaf::Value(Value::Bool(true)),
                 Leaf::Value(Value::Bool(false)),
                 Leaf::Value(Value::Int(-42)),
-                Leaf::Value(Value::Int(i64::MIN)),
-                Leaf::Value(Value::Int(i64::MAX)),
+                Leaf::Value(Value::Int(i64::MIN.into())),
+                Leaf::Value(Value::Int(i64::MAX.into())),
                 Leaf::Value(Value::Float(-2.5)),
                 Leaf::Value(Value::Float(f64::from_bits(0x7FF8_0000_0000_0001))),
                 Leaf::Value(Value::Str("héllo ✓".into())),
@@ -322,6 +322,25 @@ pub fn valid_cases() -> Vec<(&'static str, &'static str, Metadata, bool)> {
             ],
         ),
         true,
+    ));
+    out.push((
+        "values_int128",
+        "Ints beyond i64, as Python has them (Value::Int is an i128): 2^64 − 1 (the largest torch.initial_seed() returns; zigzag 2^65 − 2, a 10-byte varint ending 0x03, which an i64 decoder refuses), 2^63, −2^127 (i128::MIN: zigzag 2^128 − 1, 19 bytes ending 0x03), 2^127 − 1 (i128::MAX, 19 bytes) and i64::MIN (the same 10 bytes as an i64's). Chain to [1], digests off.",
+        metadata(
+            None,
+            0,
+            &[1],
+            PlanParams::default(),
+            flat(&["seed", "two_63", "min", "max", "i64_min"]),
+            vec![
+                Leaf::Value(Value::Int(i128::from(u64::MAX))),
+                Leaf::Value(Value::Int(1 << 63)),
+                Leaf::Value(Value::Int(i128::MIN)),
+                Leaf::Value(Value::Int(i128::MAX)),
+                Leaf::Value(Value::Int(i64::MIN.into())),
+            ],
+        ),
+        false,
     ));
     out.push((
         "tensors",
@@ -747,6 +766,21 @@ fn bad_cases() -> Vec<Bad> {
         let mut w = W::new();
         w.raw(&head);
         spec::plan(&mut w, &PlanParams::default());
+        w.varint(2);
+        spec::node(&mut w, &dict(&["seed"]));
+        spec::node(&mut w, &Node::Leaf);
+        // 1 leaf: Leaf::Value(Value::Int(<19-byte varint whose last byte, 0x04, is past 128 bits>)).
+        w.varint(1).varint(0).varint(2).raw(&[0xFF; 18]).byte(0x04);
+        v.push(bad(
+            "bad_int_varint",
+            "A Value::Int (an i128) as a 19-byte varint FF ×18 then 04: 5 × 2^126 − 1, past 128 bits (the 19th byte holds bits 126 and 127 only, so at most 03).",
+            w.buf,
+        ));
+    }
+    {
+        let mut w = W::new();
+        w.raw(&head);
+        spec::plan(&mut w, &PlanParams::default());
         w.varint(2)
             .varint(0)
             .varint(1)
@@ -878,7 +912,7 @@ fn bad_cases() -> Vec<Bad> {
     ));
     v.push(bad_meta(
         "decoded_too_large",
-        "A 4096-byte key above a list of 4200 None leaves: 16,720 bytes of metadata whose decoded size (PROTOCOL.md §11) is 18,668,972 bytes, as the key is in each leaf's key path: over 64 × 16,720 + 16 MiB = 17,847,296, which the scan passes at the 940th leaf, before anything is decoded. Every other limit holds.",
+        "A 4096-byte key above a list of 4200 None leaves: 16,720 bytes of metadata whose decoded size (PROTOCOL.md §11) is 18,702,572 bytes, as the key is in each leaf's key path: over 64 × 16,720 + 16 MiB = 17,847,296, which the scan passes at the 911th leaf, before anything is decoded. Every other limit holds.",
         &metadata(
             None,
             0,

@@ -832,7 +832,7 @@ class _Leaves:
         leaf = pgt_metadata.value_leaf(x)
         if leaf is None:
             what = (
-                "an int outside i64"
+                "an int outside i128 (-2**127 to 2**127 - 1)"
                 if isinstance(x, int)
                 else f"a value of type {type(x).__module__}.{type(x).__qualname__}"
             )
