@@ -159,3 +159,49 @@ fn shrink_leaf(leaf: &mut Leaf) {
         Leaf::Value(_) | Leaf::Tensor(_) => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    fn values(ints: &[i128]) -> Metadata {
+        Metadata {
+            step: None,
+            source: 0,
+            destinations: vec![1],
+            plan: PlanParams::default(),
+            tree: core::iter::once(Node::List(ints.len() as u64))
+                .chain(ints.iter().map(|_| Node::Leaf))
+                .collect(),
+            leaves: ints.iter().map(|&i| Leaf::Value(Value::Int(i))).collect(),
+        }
+    }
+
+    #[test]
+    fn i128_ints_round_trip_and_i64_ones_keep_their_bytes() {
+        let ints = [
+            0,
+            -1,
+            i128::from(i64::MIN),
+            i128::from(i64::MAX),
+            1 << 63,
+            i128::from(u64::MAX),
+            i128::MIN,
+            i128::MAX,
+        ];
+        let manifest = Manifest::new(values(&ints), false, &Limits::default()).unwrap();
+        let (header, message) = encode(&manifest, 7).unwrap();
+        let decoded = decode(&header, &message, &Limits::default()).unwrap();
+        assert_eq!(decoded.into_metadata(), values(&ints));
+        // An int in i64's range is the same bytes as the i64 was (postcard's zigzag varint), so
+        // metadata from before ints were i128 decodes as it did.
+        for i in [0i64, -1, 42, i64::MIN, i64::MAX] {
+            assert_eq!(
+                postcard::to_allocvec(&i128::from(i)).unwrap(),
+                postcard::to_allocvec(&i).unwrap(),
+                "{i}"
+            );
+        }
+    }
+}

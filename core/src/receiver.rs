@@ -40,7 +40,6 @@ use crate::manifest::{Manifest, StorageRef};
 use crate::plan::{MessageKind, Plan, TAG_HEADER, TAG_METADATA};
 use crate::schema::FanOut;
 use crate::sender::{digest_slots, record_digests, Payload};
-use crate::sharded::ShardMetadata;
 use crate::tree::{KeyPath, Leaf, Node};
 use crate::{Call, Error, Result};
 
@@ -197,8 +196,9 @@ pub struct Received {
     pub step: Option<u64>,
     /// The tree structure as sent, flat in pre-order.
     pub tree: Vec<Node>,
-    /// The leaves as received: tensor dtypes and storage sizes as bound (after cast on receive), and
-    /// each local shard's placement rewritten to this receiver's rank.
+    /// The leaves as received: tensor dtypes and storage sizes as bound (after cast on receive), each
+    /// local shard placed on this receiver (`rank:R/cpu`, [`crate::sharded::ShardMetadata::received_on`]);
+    /// a ShardedTensor's global metadata as sent but for its dtype, the bound one.
     pub leaves: Vec<Leaf>,
     /// The destination of every storage, in storage order.
     pub bindings: Vec<Binding>,
@@ -653,11 +653,10 @@ impl Receiver {
                     local_shards,
                     global,
                 } => {
-                    let held: Vec<ShardMetadata> =
-                        local_shards.iter().map(|s| s.meta.clone()).collect();
-                    global.rewrite_placements(&held, rank);
+                    // As torch's PGTransport: the global metadata as sent (its placements name
+                    // the sender's ranks), each local shard placed on this receiver.
                     for shard in local_shards.iter_mut() {
-                        shard.meta = shard.meta.placed_on(rank);
+                        shard.meta = shard.meta.received_on(rank);
                         rebind(&mut shard.layout, &bindings[storage]);
                         global.dtype = bindings[storage].dtype;
                         storage += 1;
@@ -802,5 +801,82 @@ impl Transfer {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drive;
+    use crate::layout::TensorLayout;
+    use crate::memory::{MemoryHost, MemorySender};
+    use crate::schema::{Metadata, PlanParams};
+    use crate::sender::Sender;
+    use crate::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
+    use alloc::string::String;
+
+    fn shard(row: u64, placement: &str) -> ShardMetadata {
+        ShardMetadata {
+            offsets: vec![row, 0],
+            sizes: vec![2, 4],
+            placement: placement.into(),
+        }
+    }
+
+    /// Rank 0 sends its ShardedTensor (rows 0–1 of a [4, 4] split over ranks 0 and 1) to rank 1, as in
+    /// a ring: what rank 1 gets is torch's PGTransport's ShardedTensor.
+    #[test]
+    fn received_shards_are_placed_as_torch_places_them() {
+        let global = ShardedTensorMetadata {
+            shards: vec![shard(0, "rank:0/cuda:0"), shard(2, "rank:1/cuda:1")],
+            global_size: vec![4, 4],
+            dtype: DType::Float32,
+        };
+        let metadata = Metadata {
+            step: None,
+            source: 0,
+            destinations: vec![1],
+            plan: PlanParams::default(),
+            tree: vec![Node::Dict(vec!["st".into()]), Node::Leaf],
+            leaves: vec![Leaf::Sharded {
+                local_shards: vec![LocalShard {
+                    layout: TensorLayout::contiguous(DType::Float32, &[2, 4]),
+                    meta: shard(0, "rank:0/cuda:0"),
+                }],
+                global: global.clone(),
+            }],
+        };
+        let storages = vec![vec![7u8; 32]];
+        let mut sender = Sender::new(metadata, true, &Limits::default(), 42).unwrap();
+        let mut net = MemorySender::new(&storages);
+        drive::send(&mut sender, &mut net).unwrap();
+        let mut sent = net.sent.into_iter().map(|(_, bytes)| bytes);
+        let mut host = MemoryHost::new(|_: &RecvOp| -> Result<Vec<u8>> {
+            sent.next().ok_or(Error::Incomplete)
+        });
+        let receiver = Receiver::new(ReceiverOptions {
+            rank: 1,
+            source: 0,
+            expected_step: None,
+            limits: Limits::default(),
+        });
+        let received = drive::receive(receiver, &mut host).unwrap();
+        let Leaf::Sharded {
+            local_shards,
+            global: got,
+        } = &received.leaves[0]
+        else {
+            panic!("the leaf is a ShardedTensor: {:?}", received.leaves[0]);
+        };
+        // The global metadata as sent: rank 0 still holds rows 0–1 and rank 1 rows 2–3, so exactly one
+        // global shard names each rank.
+        assert_eq!(got, &global);
+        // The local shard: the sender's offsets and sizes, on this rank and the device type its bytes
+        // landed on (host memory: cpu), not the sender's device.
+        let placements: Vec<&String> = local_shards.iter().map(|s| &s.meta.placement).collect();
+        assert_eq!(placements, ["rank:1/cpu"]);
+        assert_eq!(local_shards[0].meta.offsets, [0, 0]);
+        assert_eq!(local_shards[0].meta.sizes, [2, 4]);
+        assert_eq!(host.into_storages(), storages);
     }
 }

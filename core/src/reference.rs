@@ -64,7 +64,7 @@ pub fn reference_metadata(source: u32, destinations: Vec<u32>, plan: PlanParams)
     for v in 0..VALUES {
         tree.push(Node::Leaf);
         leaves.push(Leaf::Value(match v % 3 {
-            0 => Value::Int(next() as i64 >> 20),
+            0 => Value::Int(i128::from(next() as i64 >> 20)),
             1 => Value::Float((next() % 1_000_000) as f64 / 7.0),
             _ => Value::Str(format!("setting-{}", next() % 10_000)),
         }));

@@ -39,7 +39,7 @@ pub mod cost {
     /// A dict key (`Key`), plus the bytes of a string key.
     pub const KEY: u64 = 24;
     /// A leaf (`Leaf`), plus its entry in the manifest's leaf → storages table (4).
-    pub const LEAF: u64 = 248 + 4;
+    pub const LEAF: u64 = 256 + 4;
     /// A storage (`StorageRef`, in the manifest's storage list).
     pub const STORAGE: u64 = 24;
     /// A destination rank (`u32`).
@@ -143,6 +143,23 @@ impl Scanner<'_> {
 
     fn u64(&mut self) -> Result<u64> {
         self.varint(10, 0x01)
+    }
+
+    /// An i128 (or u128) varint, skipped: at most 19 bytes, the last holding the top 2 bits
+    /// (postcard's `try_take_varint_u128`). Not accumulated: its value is not needed, and does not fit
+    /// a `u64`.
+    fn i128(&mut self) -> Result<()> {
+        const MAX_LEN: u32 = 19;
+        for i in 0..MAX_LEN {
+            let b = self.byte()?;
+            if b & 0x80 == 0 {
+                if i == MAX_LEN - 1 && b > 0x03 {
+                    return Err(Error::MalformedMetadata);
+                }
+                return Ok(());
+            }
+        }
+        Err(Error::MalformedMetadata)
     }
 
     fn u32(&mut self) -> Result<u64> {
@@ -356,9 +373,8 @@ impl Scanner<'_> {
             0 => match self.variant(6)? {
                 0 => {}
                 1 => self.bool()?,
-                2 => {
-                    self.u64()?;
-                }
+                // Int(i128): a zigzag varint of up to 19 bytes.
+                2 => self.i128()?,
                 3 => {
                     self.take(8)?;
                 }

@@ -41,6 +41,11 @@ pub struct LocalShard {
     pub meta: ShardMetadata,
 }
 
+/// The device type of every received local shard's placement: pgt receivers land storages in host
+/// memory, which torch's PGTransport names `cpu` (its placement takes the received tensor's
+/// `device.type`, no index).
+pub const RECEIVED_DEVICE_TYPE: &str = "cpu";
+
 /// Splits a placement `"rank:N/device"` into `(N, device)`.
 pub fn parse_placement(placement: &str) -> Option<(u64, &str)> {
     let rest = placement.strip_prefix("rank:")?;
@@ -69,13 +74,14 @@ impl ShardMetadata {
         Ok(())
     }
 
-    /// The same shard, placed on `rank`, keeping its device.
-    pub fn placed_on(&self, rank: u64) -> ShardMetadata {
-        let device = parse_placement(&self.placement).map_or("cpu", |(_, d)| d);
+    /// The same shard as a receiver holds it, as torch's PGTransport rebuilds a received local shard:
+    /// offsets and sizes as sent, placed on the receiving `rank` and the device type its bytes landed
+    /// on ([`RECEIVED_DEVICE_TYPE`]), whatever device the sender held it on.
+    pub fn received_on(&self, rank: u64) -> ShardMetadata {
         ShardMetadata {
             offsets: self.offsets.clone(),
             sizes: self.sizes.clone(),
-            placement: format!("rank:{rank}/{device}"),
+            placement: format!("rank:{rank}/{RECEIVED_DEVICE_TYPE}"),
         }
     }
 }
@@ -197,8 +203,7 @@ impl ShardedTensorMetadata {
     /// ranks, as torch does when it builds a ShardedTensor. [`ShardedTensorMetadata::validate`] cannot:
     /// the receiver's metadata does not say how large the group is. A host that knows calls this
     /// ([`Error::PlacementRankOutOfRange`] for the first such shard, in order; [`Error::BadPlacement`]
-    /// for a placement that does not parse). Local shards are among the global ones, and a receiver
-    /// places those it holds on itself.
+    /// for a placement that does not parse). Local shards are among the global ones.
     pub fn check_world_size(&self, world_size: u64) -> Result<()> {
         for meta in &self.shards {
             let (rank, _) = parse_placement(&meta.placement).ok_or(Error::BadPlacement)?;
@@ -207,22 +212,6 @@ impl ShardedTensorMetadata {
             }
         }
         Ok(())
-    }
-
-    /// Rewrites the placement of every shard whose `(offsets, sizes)` equal one of `local`'s to `rank`,
-    /// each keeping its own device, as the receiver does for the shards it now holds. Shards are matched
-    /// as validation matches local shards to global ones: by offsets and sizes, never by placement (a
-    /// zero-size shard at the same offsets as a held one is another rank's, and keeps its placement).
-    pub fn rewrite_placements(&mut self, local: &[ShardMetadata], rank: u64) {
-        let held: BTreeSet<(&[u64], &[u64])> = local
-            .iter()
-            .map(|s| (s.offsets.as_slice(), s.sizes.as_slice()))
-            .collect();
-        for shard in &mut self.shards {
-            if held.contains(&(shard.offsets.as_slice(), shard.sizes.as_slice())) {
-                *shard = shard.placed_on(rank);
-            }
-        }
     }
 }
 
@@ -305,7 +294,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn placement_parse_and_rewrite() {
+    fn placement_parse_and_receive() {
         assert_eq!(parse_placement("rank:12/cuda:3"), Some((12, "cuda:3")));
         assert_eq!(parse_placement("rank:/cpu"), None);
         assert_eq!(parse_placement("rank:1"), None);
@@ -315,7 +304,10 @@ mod tests {
             sizes: alloc::vec![2],
             placement: "rank:0/cuda:1".into(),
         };
-        assert_eq!(s.placed_on(5).placement, "rank:5/cuda:1");
+        // As torch's PGTransport: the receiver's rank and the device type the bytes landed on.
+        let got = s.received_on(5);
+        assert_eq!(got.placement, "rank:5/cpu");
+        assert_eq!((got.offsets, got.sizes), (s.offsets, s.sizes));
     }
 
     #[test]
@@ -483,39 +475,5 @@ mod tests {
         ] {
             assert_eq!(parse_placement(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn rewrite_matches_offsets_and_sizes_and_keeps_each_device() {
-        let mut g = ShardedTensorMetadata {
-            shards: alloc::vec![
-                ShardMetadata {
-                    offsets: alloc::vec![0],
-                    sizes: alloc::vec![2],
-                    placement: "rank:000/cpu".into(),
-                },
-                ShardMetadata {
-                    offsets: alloc::vec![0],
-                    sizes: alloc::vec![0],
-                    placement: "rank:3/cuda:3".into(),
-                },
-                ShardMetadata {
-                    offsets: alloc::vec![2],
-                    sizes: alloc::vec![2],
-                    placement: "rank:1/cuda:1".into(),
-                },
-            ],
-            global_size: alloc::vec![4],
-            dtype: DType::Float32,
-        };
-        // The sender's shard says cuda:0; the global entry's own device (cpu) is kept.
-        let local = ShardMetadata {
-            offsets: alloc::vec![0],
-            sizes: alloc::vec![2],
-            placement: "rank:0/cuda:0".into(),
-        };
-        g.rewrite_placements(&[local], 5);
-        let placements: Vec<&str> = g.shards.iter().map(|s| s.placement.as_str()).collect();
-        assert_eq!(placements, ["rank:5/cpu", "rank:3/cuda:3", "rank:1/cuda:1"]);
     }
 }

@@ -21,7 +21,7 @@ use crate::{Error, Result};
 pub enum Key {
     /// A string key.
     Str(String),
-    /// An integer key.
+    /// An integer key (i64: wider ints are values only, [`Value::Int`]).
     Int(i64),
 }
 
@@ -57,8 +57,10 @@ pub enum Value {
     None,
     /// A bool.
     Bool(bool),
-    /// An integer.
-    Int(i64),
+    /// An integer: any of i128 (−2^127 … 2^127 − 1), so Python ints up to 2^64 − 1 (what
+    /// `torch.initial_seed()` returns) travel exactly. On the wire a zigzag varint of up to 19 bytes;
+    /// one in the i64 range is the same bytes as an i64 would be.
+    Int(i128),
     /// A float (compared bit-for-bit by the codec: NaN payloads survive).
     Float(f64),
     /// A string.

@@ -81,7 +81,7 @@ fn value() -> impl Strategy<Value = Value> {
     prop_oneof![
         Just(Value::None),
         any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(Value::Int),
+        any::<i128>().prop_map(Value::Int),
         // Every f64, NaNs included: metadata is compared by its encoding (bit for bit).
         any::<f64>().prop_map(Value::Float),
         ".{0,8}".prop_map(Value::Str),

@@ -179,6 +179,23 @@ pub enum Error {
         /// The budget.
         budget: u64,
     },
+
+    // ---- added by recvsem branch ----
+    /// An in-place receive found a tensor at a received key path whose storage it cannot write:
+    /// borrowed bytes (`&[u8]`) or shared ones (an `Arc`, e.g. a memory-mapped safetensors file).
+    /// Refused rather than silently received into a fresh buffer the caller would not see; give
+    /// that leaf a writable storage ([`crate::state_dict::Storage::Owned`] or
+    /// [`crate::state_dict::Storage::BorrowedMut`]) or leave it out of the target. The transfer is
+    /// drained (PROTOCOL.md §12), so the next receive from the rank starts clean.
+    #[error(
+        "{path}: cannot receive in place into a read-only storage ({storage}): give it a writable storage (Owned or BorrowedMut) or leave it out of the in-place state dict"
+    )]
+    InPlaceReadOnly {
+        /// The leaf's key path, displayed.
+        path: String,
+        /// The storage's kind: `Borrowed` or `Shared`.
+        storage: &'static str,
+    },
 }
 
 fn with_path(path: &str, reason: &str) -> String {

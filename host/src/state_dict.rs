@@ -1,7 +1,8 @@
 //! State dicts for Rust users: a tree of dicts, lists and tuples whose leaves are plain values, tensors,
 //! DTensors or ShardedTensors. A tensor is a [`TensorLayout`] plus its storage's bytes, which are owned
-//! (an aligned [`Buffer`]), borrowed (`&[u8]`, e.g. from an mmap) or shared (`Arc`, e.g. a whole mapped
-//! file, with a byte range).
+//! (an aligned [`Buffer`]), borrowed (`&[u8]`, e.g. from an mmap), borrowed writable (`&mut [u8]`: a
+//! model's own memory, received into in place) or shared (`Arc`, e.g. a whole mapped file, with a
+//! byte range).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -22,8 +23,12 @@ pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
 pub enum Storage<'a> {
     /// An owned, aligned, writable buffer (what receivers produce).
     Owned(Buffer),
-    /// Borrowed bytes.
+    /// Borrowed bytes (read-only: an in-place receive refuses them).
     Borrowed(&'a [u8]),
+    /// Borrowed writable bytes, e.g. a model's parameters or a writable mmap: an in-place receive
+    /// writes straight into them, and the received tensor keeps borrowing them (as torch's received
+    /// tensors share the storage of the `state_dict` they were received into).
+    BorrowedMut(&'a mut [u8]),
     /// A range of shared bytes.
     Shared(SharedBytes, Range<usize>),
 }
@@ -33,6 +38,7 @@ impl std::fmt::Debug for Storage<'_> {
         let kind = match self {
             Storage::Owned(_) => "Owned",
             Storage::Borrowed(_) => "Borrowed",
+            Storage::BorrowedMut(_) => "BorrowedMut",
             Storage::Shared(..) => "Shared",
         };
         write!(f, "Storage::{kind}({} bytes)", self.bytes().len())
@@ -40,10 +46,12 @@ impl std::fmt::Debug for Storage<'_> {
 }
 
 impl Clone for Storage<'_> {
-    /// Owned buffers are copied; borrowed and shared bytes are not.
+    /// Owned buffers are copied; borrowed and shared bytes are not. Writable borrowed bytes cannot be
+    /// borrowed twice: they are copied into an owned buffer.
     fn clone(&self) -> Self {
         match self {
             Storage::Owned(b) => Storage::Owned(Buffer::from_slice(b)),
+            Storage::BorrowedMut(b) => Storage::Owned(Buffer::from_slice(b)),
             Storage::Borrowed(b) => Storage::Borrowed(b),
             Storage::Shared(d, r) => Storage::Shared(d.clone(), r.clone()),
         }
@@ -56,7 +64,17 @@ impl Storage<'_> {
         match self {
             Storage::Owned(b) => b,
             Storage::Borrowed(b) => b,
+            Storage::BorrowedMut(b) => b,
             Storage::Shared(data, range) => &data.as_ref().as_ref()[range.clone()],
+        }
+    }
+
+    /// The storage bytes, writable: `None` for read-only ones (borrowed or shared).
+    pub fn bytes_mut(&mut self) -> Option<&mut [u8]> {
+        match self {
+            Storage::Owned(b) => Some(b),
+            Storage::BorrowedMut(b) => Some(b),
+            Storage::Borrowed(_) | Storage::Shared(..) => None,
         }
     }
 
@@ -65,6 +83,7 @@ impl Storage<'_> {
         match self {
             Storage::Owned(b) => Storage::Owned(b),
             Storage::Borrowed(b) => Storage::Owned(Buffer::from_slice(b)),
+            Storage::BorrowedMut(b) => Storage::Owned(Buffer::from_slice(b)),
             Storage::Shared(d, r) => Storage::Shared(d, r),
         }
     }

@@ -358,7 +358,7 @@ pub fn mixed(total_bytes: u64) -> Shape {
     for i in 0..2i64 {
         nodes.push(Node::Dict(vec![Key::Int(i), Key::Int(i + 10)]));
         nodes.push(Node::Leaf);
-        leaves.push(Leaf::Value(Value::Int(i)));
+        leaves.push(Leaf::Value(Value::Int(i.into())));
         nodes.push(Node::Tuple(2));
         nodes.push(Node::Leaf);
         leaves.push(Leaf::Value(Value::Float(i as f64 / 2.0)));

@@ -128,6 +128,35 @@ pub struct Transport<P: ProcessGroup> {
     pg: P,
     options: TransportOptions,
     busy: Arc<Busy>,
+    /// Torch's `state_dict` argument: what [`Transport::recv_checkpoint`] receives into in place.
+    state_dict: Option<Arc<StateDictProvider>>,
+}
+
+/// A state dict to receive into in place, made at each receive ([`Transport::with_state_dict`]).
+pub type StateDictProvider = dyn Fn() -> StateDict<'static> + Send + Sync;
+
+/// Settings of one receive. [`Transport::recv_options`] gives the transport's defaults (from its
+/// [`TransportOptions`]); change what this receive needs:
+///
+/// ```
+/// # use pgt_host::{pg::InProcessGroup, transport::{Transport, TransportOptions}};
+/// # let transport = Transport::new(InProcessGroup::new(1).remove(0), TransportOptions::default());
+/// let options = transport.recv_options().expected_step(Some(100));
+/// assert_eq!(options.expected_step, Some(100));
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecvOptions {
+    /// If set, the checkpoint must carry this step, else the receive fails with
+    /// `pgt_core::Error::StepMismatch` (after draining the transfer, PROTOCOL.md §12).
+    pub expected_step: Option<u64>,
+}
+
+impl RecvOptions {
+    /// These options with `expected_step` (`None`: any step, or none).
+    pub fn expected_step(self, expected_step: Option<u64>) -> RecvOptions {
+        RecvOptions { expected_step }
+    }
 }
 
 /// The transfers running on a [`Transport`]: (direction, rank), direction `Sending` for sends and
@@ -269,6 +298,7 @@ impl<P: ProcessGroup> std::fmt::Debug for Transport<P> {
         f.debug_struct("Transport")
             .field("rank", &self.pg.rank())
             .field("options", &self.options)
+            .field("state_dict", &self.state_dict.as_ref().map(|_| "provider"))
             .finish()
     }
 }
@@ -385,6 +415,27 @@ impl<P: ProcessGroup> Transport<P> {
             pg,
             options,
             busy: Arc::default(),
+            state_dict: None,
+        }
+    }
+
+    /// This transport receiving in place, as torch's `PGTransport(..., state_dict=fn)`: every
+    /// [`Transport::recv_checkpoint`] first calls `state_dict` and receives into what it returns
+    /// (as [`Transport::recv_checkpoint_into`] does), so its owned buffers are written instead of
+    /// fresh ones. For a state dict that borrows a model's memory (`Storage::BorrowedMut`), use
+    /// [`Transport::recv_checkpoint_with`], which takes a provider per receive.
+    pub fn with_state_dict(
+        mut self,
+        state_dict: impl Fn() -> StateDict<'static> + Send + Sync + 'static,
+    ) -> Self {
+        self.state_dict = Some(Arc::new(state_dict));
+        self
+    }
+
+    /// The settings a receive takes by default: [`TransportOptions::expected_step`].
+    pub fn recv_options(&self) -> RecvOptions {
+        RecvOptions {
+            expected_step: self.options.expected_step,
         }
     }
 
@@ -454,34 +505,86 @@ impl<P: ProcessGroup> Transport<P> {
         })
     }
 
-    /// Receives a checkpoint from `src` into fresh buffers. Messages of other transfers from `src`
-    /// (left by a receive that failed) are skipped; when this receive fails after the metadata, it
-    /// first drains what the transfer's plan still says is coming (each message within the timeout),
-    /// so that the next receive from `src` starts clean. Refused with [`Error::ConcurrentTransfer`]
-    /// while another receive from `src` runs.
+    /// Receives a checkpoint from `src`: into fresh buffers, or in place into what the transport's
+    /// [`Transport::with_state_dict`] provider returns when it has one. Messages of other transfers
+    /// from `src` (left by a receive that failed) are skipped; when this receive fails after the
+    /// metadata, it first drains what the transfer's plan still says is coming (each message within
+    /// the timeout), so that the next receive from `src` starts clean. Refused with
+    /// [`Error::ConcurrentTransfer`] while another receive from `src` runs.
     pub fn recv_checkpoint(&self, src: u32) -> Result<StateDict<'static>> {
-        let mut sd = StateDict::new();
-        self.receive(src, &mut sd, false)?;
-        Ok(sd)
+        let options = self.recv_options();
+        match &self.state_dict {
+            Some(provider) => self.recv_checkpoint_with(src, || provider(), options),
+            None => self.recv_checkpoint_with(src, StateDict::new, options),
+        }
     }
 
-    /// Receives a checkpoint from `src` in place: every tensor whose key path exists in `state_dict` with
-    /// an owned storage is written straight into that storage (sizes must match; float dtypes are cast
-    /// on receive). Afterwards `state_dict` holds exactly the received tree. On error its structure is
-    /// unchanged, though in-place buffers may hold partly received bytes.
-    pub fn recv_checkpoint_into(
+    /// Receives a checkpoint from `src` in place: every tensor whose key path exists in `state_dict`
+    /// is written straight into its storage, which must be writable (`Storage::Owned` or
+    /// `Storage::BorrowedMut`; a read-only one at a received key path is [`Error::InPlaceReadOnly`])
+    /// and of the incoming size (float dtypes are cast on receive). Afterwards `state_dict` holds
+    /// exactly the received tree, its in-place tensors over the same storages. On error its
+    /// structure is unchanged, though in-place buffers may hold partly received bytes.
+    pub fn recv_checkpoint_into<'d>(
         &self,
         src: u32,
-        state_dict: &mut StateDict<'static>,
+        state_dict: &mut StateDict<'d>,
     ) -> Result<TransferStats> {
-        self.receive(src, state_dict, true)
+        self.receive(src, state_dict, self.recv_options())
     }
 
-    fn receive(
+    /// Receives a checkpoint from `src` with this receive's own `options` (its expected step), in
+    /// place into the state dict `state_dict` returns — called once, before anything is received,
+    /// as torch's `PGTransport` calls its `state_dict` argument — and returns the received tree.
+    /// Give a fresh receive `StateDict::new`. A provider that borrows a model's memory
+    /// (`Storage::BorrowedMut`) gets it written, and the returned tree borrows it in turn:
+    ///
+    /// ```
+    /// # use pgt_host::{pg::InProcessGroup, state_dict::*, transport::*};
+    /// # fn main() -> pgt_host::Result<()> {
+    /// # let mut ranks = InProcessGroup::new(2).into_iter();
+    /// # let (tx, rx) = (ranks.next().unwrap(), ranks.next().unwrap());
+    /// # let (sender, receiver) = (Transport::new(tx, TransportOptions::default()), Transport::new(rx, TransportOptions::default()));
+    /// # let mut sd = StateDict::new();
+    /// # sd.insert("w", Entry::Tensor(Tensor::from_values(&[2], &[1.0f32, 2.0])?))?;
+    /// # sd.step = Some(7);
+    /// let mut weights = [0u8; 8]; // a model's parameter memory
+    /// let received = std::thread::scope(|s| {
+    ///     s.spawn(|| sender.send_checkpoint(&[1], &sd));
+    ///     receiver.recv_checkpoint_with(
+    ///         0,
+    ///         || {
+    ///             let mut target = StateDict::new();
+    ///             let layout = pgt_core::layout::TensorLayout::contiguous(pgt_core::dtype::DType::Float32, &[2]);
+    ///             let w = Tensor::new(layout, Storage::BorrowedMut(&mut weights)).unwrap();
+    ///             target.insert("w", Entry::Tensor(w)).unwrap();
+    ///             target
+    ///         },
+    ///         receiver.recv_options().expected_step(Some(7)),
+    ///     )
+    /// })?;
+    /// assert!(matches!(received.tensor("w").unwrap().storage, Storage::BorrowedMut(_)));
+    /// drop(received);
+    /// assert_eq!(weights, bytemuck::cast::<[f32; 2], [u8; 8]>([1.0, 2.0]));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn recv_checkpoint_with<'d>(
         &self,
         src: u32,
-        target: &mut StateDict<'static>,
-        in_place: bool,
+        state_dict: impl FnOnce() -> StateDict<'d>,
+        options: RecvOptions,
+    ) -> Result<StateDict<'d>> {
+        let mut target = state_dict();
+        self.receive(src, &mut target, options)?;
+        Ok(target)
+    }
+
+    fn receive<'d>(
+        &self,
+        src: u32,
+        target: &mut StateDict<'d>,
+        options: RecvOptions,
     ) -> Result<TransferStats> {
         let span = info_span!("recv_checkpoint", rank = self.pg.rank(), src);
         let _enter = span.enter();
@@ -492,18 +595,12 @@ impl<P: ProcessGroup> Transport<P> {
         let engine = self.options.engine.receiver(ReceiverOptions {
             rank: self.pg.rank(),
             source: src,
-            expected_step: self.options.expected_step,
+            expected_step: options.expected_step,
             limits: self.options.limits,
         })?;
         let abort = Abort::default();
         let (received, landed) = std::thread::scope(|scope| {
-            let mut host = Landing::new(
-                self,
-                scope,
-                in_place.then_some(&mut *target),
-                &abort,
-                &forward_slot,
-            );
+            let mut host = Landing::new(self, scope, &mut *target, &abort, &forward_slot);
             let received = drive::receive(engine, &mut host);
             if received.is_err() {
                 // Stops the workers at once; the error itself is returned below.
@@ -538,7 +635,6 @@ impl<P: ProcessGroup> Transport<P> {
             &cast_dest,
             &in_place_origin,
             target,
-            in_place,
             self.options.pool.as_deref(),
         )?;
         Ok(TransferStats {
@@ -723,13 +819,13 @@ struct Landed<'t> {
 
 /// The receiving host: receives on the calling thread straight into [`ReceiveMemory`]; a post thread
 /// hashes and casts what has landed, a forward thread relays it (chain fan-out).
-struct Landing<'a, 'scope, 'env, 't, P: ProcessGroup> {
+struct Landing<'a, 'scope, 'env, 't, 'd, P: ProcessGroup> {
     transport: &'a Transport<P>,
     scope: &'scope Scope<'scope, 'env>,
     /// The in-place target, until binding takes its buffers.
-    target: Option<&'t mut StateDict<'static>>,
+    target: Option<&'t mut StateDict<'d>>,
     /// In-place buffers found by binding, by storage, and where they were found.
-    in_place: Vec<Option<&'t mut Buffer>>,
+    in_place: Vec<Option<&'t mut [u8]>>,
     in_place_origin: Vec<Option<(usize, usize)>>,
     memory: Option<Arc<ReceiveMemory<'t>>>,
     layout: Option<Arc<Layout>>,
@@ -751,23 +847,24 @@ struct Landing<'a, 'scope, 'env, 't, P: ProcessGroup> {
     metadata_memory: u64,
 }
 
-impl<'a, 'scope, 'env, 't, P> Landing<'a, 'scope, 'env, 't, P>
+impl<'a, 'scope, 'env, 't, 'd, P> Landing<'a, 'scope, 'env, 't, 'd, P>
 where
     P: ProcessGroup,
     'a: 'scope,
     't: 'scope,
+    'd: 't,
 {
     fn new(
         transport: &'a Transport<P>,
         scope: &'scope Scope<'scope, 'env>,
-        target: Option<&'t mut StateDict<'static>>,
+        target: &'t mut StateDict<'d>,
         abort: &'a Abort,
         forward_slot: &'a Mutex<Option<Slots>>,
     ) -> Self {
         Landing {
             transport,
             scope,
-            target,
+            target: Some(target),
             in_place: Vec::new(),
             in_place_origin: Vec::new(),
             memory: None,
@@ -804,25 +901,28 @@ where
 
     /// Matches the target's tensors to the incoming storages by key path: the target usually has the
     /// received tree's shape, so received leaf i is the target's leaf i; a map of the target's paths
-    /// is built only if not. Owned buffers become in-place destinations.
+    /// is built only if not. Writable storages become in-place destinations; a read-only one
+    /// (borrowed or shared) is [`Error::InPlaceReadOnly`], never silently replaced by a fresh buffer.
     fn bind_in_place(
         &mut self,
-        target: &'t mut StateDict<'static>,
+        target: &'t mut StateDict<'d>,
         incoming: &Incoming,
         paths: &[KeyPath],
-    ) -> Vec<InPlace> {
+    ) -> Result<Vec<InPlace>> {
         let n = incoming.storages.len();
         self.in_place = (0..n).map(|_| None).collect();
         self.in_place_origin = vec![None; n];
-        let (target_paths, mut target_tensors): (Vec<KeyPath>, Vec<Vec<Option<&'t mut Tensor>>>) =
-            target
-                .entries_mut()
-                .into_iter()
-                .map(|(path, entry)| {
-                    let tensors = StateDict::entry_tensors_mut(entry);
-                    (path, tensors.into_iter().map(Some).collect())
-                })
-                .unzip();
+        let (target_paths, mut target_tensors): (
+            Vec<KeyPath>,
+            Vec<Vec<Option<&'t mut Tensor<'d>>>>,
+        ) = target
+            .entries_mut()
+            .into_iter()
+            .map(|(path, entry)| {
+                let tensors = StateDict::entry_tensors_mut(entry);
+                (path, tensors.into_iter().map(Some).collect())
+            })
+            .unzip();
         let mut by_path: Option<HashMap<&KeyPath, usize>> = None;
         let mut targets = Vec::new();
         for (s, r) in incoming.storages.iter().enumerate() {
@@ -846,18 +946,27 @@ where
                 continue;
             };
             let Tensor { layout, storage } = tensor;
-            if let Storage::Owned(buf) = storage {
-                targets.push(InPlace {
-                    storage: s as u32,
-                    id: s as u64,
-                    dtype: layout.dtype,
-                    nbytes: buf.len() as u64,
+            let kind = match storage {
+                Storage::Borrowed(_) => "Borrowed",
+                Storage::Shared(..) => "Shared",
+                Storage::Owned(_) | Storage::BorrowedMut(_) => "",
+            };
+            let Some(buf) = storage.bytes_mut() else {
+                return Err(Error::InPlaceReadOnly {
+                    path: path.to_string(),
+                    storage: kind,
                 });
-                self.in_place[s] = Some(buf);
-                self.in_place_origin[s] = Some((leaf, shard));
-            }
+            };
+            targets.push(InPlace {
+                storage: s as u32,
+                id: s as u64,
+                dtype: layout.dtype,
+                nbytes: buf.len() as u64,
+            });
+            self.in_place[s] = Some(buf);
+            self.in_place_origin[s] = Some((leaf, shard));
         }
-        targets
+        Ok(targets)
     }
 
     /// The memory of the receive: in-place buffers as they are, the rest fresh or from the pool, if
@@ -896,7 +1005,7 @@ where
                         .ok_or_else(|| {
                             Error::internal(format!("in-place buffer {id} was never bound"))
                         })?;
-                    Some(Target::Borrowed(&mut buf[..]))
+                    Some(Target::Borrowed(buf))
                 }
                 Dest::Fresh => None,
             };
@@ -1090,11 +1199,12 @@ fn post(
     Ok(job.hash.then_some(digests))
 }
 
-impl<'a, 'scope, 'env, 't, P> ReceiveHost for Landing<'a, 'scope, 'env, 't, P>
+impl<'a, 'scope, 'env, 't, 'd, P> ReceiveHost for Landing<'a, 'scope, 'env, 't, 'd, P>
 where
     P: ProcessGroup,
     'a: 'scope,
     't: 'scope,
+    'd: 't,
 {
     type Error = Error;
 
@@ -1140,11 +1250,11 @@ where
         );
         let _bind_span = info_span!("bind").entered();
         match self.target.take() {
-            // A target that owns no storage (`pgt recv`'s empty dict) has nothing to bind in place:
-            // the key paths, which take memory, are not built.
-            Some(target) if owns_storage(target) => {
+            // A target without tensors (`pgt recv`'s empty dict) has nothing to bind in place: the
+            // key paths, which take memory, are not built.
+            Some(target) if holds_tensors(target) => {
                 let paths = paths()?;
-                Ok(self.bind_in_place(target, incoming, &paths))
+                self.bind_in_place(target, incoming, &paths)
             }
             _ => Ok(Vec::new()),
         }
@@ -1318,33 +1428,24 @@ where
     }
 }
 
-/// Whether some tensor of `sd` owns its storage (can be received into in place).
-fn owns_storage(sd: &StateDict<'_>) -> bool {
+/// Whether `sd` has a tensor (that a receive may write in place, or must refuse to).
+fn holds_tensors(sd: &StateDict<'_>) -> bool {
     let (_, entries) = sd.flatten();
-    entries.iter().any(|e| {
-        e.tensors()
-            .iter()
-            .any(|t| matches!(t.storage, Storage::Owned(_)))
-    })
+    entries.iter().any(|e| !e.tensors().is_empty())
 }
 
 /// Builds the received tree: fresh buffers move in; in-place ones move out of the old tree, from where
 /// binding found them; staging goes back to the pool.
-fn assemble(
+fn assemble<'d>(
     received: Received,
     buffers: Vec<Option<Buffer>>,
     cast_dest: &[Option<usize>],
     in_place_origin: &[Option<(usize, usize)>],
-    target: &mut StateDict<'static>,
-    in_place: bool,
+    target: &mut StateDict<'d>,
     pool: Option<&BufferPool>,
 ) -> Result<()> {
     let mut buffers = buffers;
-    let mut old_entries = if in_place {
-        target.take_entries()
-    } else {
-        Vec::new()
-    };
+    let mut old_entries = target.take_entries();
     let mut storages = Vec::with_capacity(received.bindings.len());
     let mut staging = Vec::new();
     for (s, b) in received.bindings.iter().enumerate() {
@@ -1353,11 +1454,13 @@ fn assemble(
             // Region `s` held the wire bytes of a cast storage.
             staging.extend(buffers.get_mut(s).and_then(Option::take));
         }
-        let buf = match b.dest {
-            Dest::Fresh => buffers
-                .get_mut(dest_region.unwrap_or(s))
-                .and_then(Option::take)
-                .ok_or_else(|| Error::internal(format!("no fresh buffer for storage {s}")))?,
+        let storage = match b.dest {
+            Dest::Fresh => Storage::Owned(
+                buffers
+                    .get_mut(dest_region.unwrap_or(s))
+                    .and_then(Option::take)
+                    .ok_or_else(|| Error::internal(format!("no fresh buffer for storage {s}")))?,
+            ),
             Dest::InPlace(id) => {
                 let (leaf, shard) = in_place_origin
                     .get(id as usize)
@@ -1374,12 +1477,12 @@ fn assemble(
                     ))
                 });
                 match storage {
-                    Some(Storage::Owned(buf)) => buf,
+                    Some(s @ (Storage::Owned(_) | Storage::BorrowedMut(_))) => s,
                     _ => return Err(Error::internal(format!("in-place buffer {id} vanished"))),
                 }
             }
         };
-        storages.push(Storage::Owned(buf));
+        storages.push(storage);
     }
     let mut storages = storages.into_iter();
     let entries = received

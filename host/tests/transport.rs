@@ -520,3 +520,29 @@ fn a_receive_over_the_memory_budget_is_refused_before_allocating() {
         1.5
     );
 }
+
+#[test]
+fn ints_beyond_i64_travel_exactly() {
+    // Python ints such as torch.initial_seed() (up to 2^64 − 1): Value::Int is an i128.
+    use pgt_core::tree::Value;
+    let ints = [i128::from(u64::MAX), 1 << 63, i128::MIN, i128::MAX, -1];
+    let mut sd = StateDict::new();
+    for (i, &v) in ints.iter().enumerate() {
+        sd.insert(&format!("v{i}"), Entry::Value(Value::Int(v)))
+            .unwrap();
+    }
+    let mut groups = InProcessGroup::new(2).into_iter();
+    let a = Transport::new(groups.next().unwrap(), TransportOptions::default());
+    let b = Transport::new(groups.next().unwrap(), TransportOptions::default());
+    let got = std::thread::scope(|s| {
+        let h = s.spawn(|| b.recv_checkpoint(0));
+        a.send_checkpoint(&[1], &sd).unwrap();
+        h.join().unwrap().unwrap()
+    });
+    for (i, &v) in ints.iter().enumerate() {
+        match got.get_str(&format!("v{i}")) {
+            Some(Entry::Value(Value::Int(x))) => assert_eq!(*x, v),
+            other => panic!("v{i}: {other:?}"),
+        }
+    }
+}

@@ -51,6 +51,7 @@ def test_encode_of_decode_is_the_vectors_bytes(pgt, v):
 
 def test_every_value_round_trips_through_the_module(pgt):
     values = [None, True, False, 0, -1, 2**63 - 1, -(2**63), 1.5, -0.0, math.inf, math.nan, "", "ü"]
+    values += [2**63, 2**64 - 1, -(2**63) - 1, 2**127 - 1, -(2**127)]  # ints are i128
     values += [b"", b"\x00\xff"]
     tree, leaves = flatten({str(i): v for i, v in enumerate(values)}, lambda p, x: value_leaf(x))
     metadata = encode(7, 0, [1], None, tree, leaves)
@@ -104,7 +105,20 @@ def test_unsupported_keys_and_values_name_their_path():
     with pytest.raises(UnsupportedLeaf) as e:
         flatten({"a": {1.5: 0}}, lambda p, x: value_leaf(x))
     assert "a.1.5" in str(e.value) and "float" in str(e.value)
-    assert value_leaf(object()) is None and value_leaf(2**63) is None
+    assert value_leaf(object()) is None and value_leaf(2**127) is None
+    assert value_leaf(-(2**127) - 1) is None and value_leaf(-(2**127)) is not None
+    # Dict keys stay i64; values beyond i128 cannot be written at all.
+    with pytest.raises(UnsupportedLeaf, match="int"):
+        flatten({2**63: 0}, lambda p, x: value_leaf(x))
+    with pytest.raises(ValueError, match="outside i128"):
+        encode(
+            None,
+            0,
+            [1],
+            None,
+            ["leaf"],
+            [{"kind": "value", "value": {"type": "int", "value": 2**127}}],
+        )
     with pytest.raises(ValueError, match="outside u64"):
         encode(-1, 0, [1], None, ["leaf"], [value_leaf(None)])
 

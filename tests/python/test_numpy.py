@@ -260,7 +260,7 @@ def test_unsupported_leaves_are_refused_before_anything_is_sent():
         ({"q": np.zeros(2, np.longdouble)}, "q", "float128"),
         ({"d": np.zeros(2, "datetime64[s]")}, "d", "datetime64"),
         ({"p": Point(1, 2)}, "p", "Point"),
-        ({"big": 1 << 70}, "big", "outside i64"),
+        ({"big": 1 << 127}, "big", "outside i128"),
         ({"set": {1, 2}}, "set", "set"),
     ]
 

@@ -82,6 +82,8 @@ def checkpoint() -> dict:
         },
         "note": "hi",
         "epoch": 3,
+        "seed": 2**64 - 1,  # torch.initial_seed()'s largest: ints travel as i128
+        "min128": -(2**127),
         "flag": True,
         "none": None,
         "blob": b"\x00\xff",

@@ -156,13 +156,16 @@ def pg_transport_with_sharded_tensor(rank, world):
     ).reshape(shard_size, 8)
     received_local_tensor = received_st.local_shards()[0].tensor
     torch.testing.assert_close(expected_local_tensor, received_local_tensor)
-    # Beyond torch's test: placements as torch's class rewrites them.
+    # Beyond torch's test: placements as torch's class sets them (PROTOCOL.md §12). The local shard
+    # is placed on this rank; the global metadata is the sender's, unchanged, so exactly one global
+    # shard names each rank (rewriting the received shard's entry would make two claim this one).
     shard = received_st.local_shards()[0]
     assert str(shard.metadata.placement) == f"rank:{rank}/cpu"
     assert shard.metadata.shard_offsets == [prev_start_idx, 0]
-    assert [str(m.placement) for m in received_st.metadata().shards_metadata] == [
-        f"rank:{r}/cpu" for r in range(world)
-    ]
+    sent_global = state_dict["sharded_tensor"].metadata().shards_metadata
+    got_global = received_st.metadata().shards_metadata
+    assert got_global == sent_global, (got_global, sent_global)
+    assert [str(m.placement) for m in got_global] == [f"rank:{r}/cpu" for r in range(world)]
 
 
 # ---- pgt's own ----
@@ -259,6 +262,8 @@ def nested_containers(rank, world):
         values={
             "int": -(2**63),
             "big": 2**63 - 1,
+            "seed": 2**64 - 1,  # torch.initial_seed()'s largest: ints are i128
+            "min128": -(2**127),
             "float": -0.0,
             "nan": float("nan"),
             "inf": float("-inf"),
@@ -284,6 +289,7 @@ def nested_containers(rank, world):
         assert isinstance(got["optim"][0]["betas"], tuple)
         v = got["values"]
         assert v["int"] == -(2**63) and v["big"] == 2**63 - 1
+        assert v["seed"] == 2**64 - 1 and v["min128"] == -(2**127)
         assert str(v["float"]) == "-0.0" and v["nan"] != v["nan"] and v["inf"] == float("-inf")
         assert v["str"] == "héllo" and v["bytes"] == b"\x00\xff" and v["none"] is None
         assert got["empty"] == {"dict": {}, "list": [], "tuple": ()}
@@ -310,7 +316,8 @@ def unsupported_leaves(rank, world):
         ({"x": np.zeros(3)}, "x", "ndarray"),
         ({"p": collections.namedtuple("P", "x y")(1, 2)}, "p", "P"),
         ({"k": {(1, 2): torch.ones(1)}}, "k.(1, 2)", "tuple"),
-        ({"huge": 2**64}, "huge", "int"),
+        ({"huge": 2**127}, "huge", "int outside i128"),
+        ({"neg": {"huge": -(2**127) - 1}}, "neg.huge", "int outside i128"),
         ({"sparse": torch.eye(3).to_sparse()}, "sparse", "sparse"),
         ({"bits": torch.zeros(2, dtype=torch.uint8).view(torch.bits8)}, "bits", "bits8"),
     ]

@@ -312,8 +312,8 @@ pub fn valid_cases() -> Vec<(&'static str, &'static str, Metadata, bool)> {
                 Leaf::Value(Value::Bool(true)),
                 Leaf::Value(Value::Bool(false)),
                 Leaf::Value(Value::Int(-42)),
-                Leaf::Value(Value::Int(i64::MIN)),
-                Leaf::Value(Value::Int(i64::MAX)),
+                Leaf::Value(Value::Int(i64::MIN.into())),
+                Leaf::Value(Value::Int(i64::MAX.into())),
                 Leaf::Value(Value::Float(-2.5)),
                 Leaf::Value(Value::Float(f64::from_bits(0x7FF8_0000_0000_0001))),
                 Leaf::Value(Value::Str("héllo ✓".into())),
@@ -322,6 +322,25 @@ pub fn valid_cases() -> Vec<(&'static str, &'static str, Metadata, bool)> {
             ],
         ),
         true,
+    ));
+    out.push((
+        "values_int128",
+        "Ints beyond i64, as Python has them (Value::Int is an i128): 2^64 − 1 (the largest torch.initial_seed() returns; zigzag 2^65 − 2, a 10-byte varint ending 0x03, which an i64 decoder refuses), 2^63, −2^127 (i128::MIN: zigzag 2^128 − 1, 19 bytes ending 0x03), 2^127 − 1 (i128::MAX, 19 bytes) and i64::MIN (the same 10 bytes as an i64's). Chain to [1], digests off.",
+        metadata(
+            None,
+            0,
+            &[1],
+            PlanParams::default(),
+            flat(&["seed", "two_63", "min", "max", "i64_min"]),
+            vec![
+                Leaf::Value(Value::Int(i128::from(u64::MAX))),
+                Leaf::Value(Value::Int(1 << 63)),
+                Leaf::Value(Value::Int(i128::MIN)),
+                Leaf::Value(Value::Int(i128::MAX)),
+                Leaf::Value(Value::Int(i64::MIN.into())),
+            ],
+        ),
+        false,
     ));
     out.push((
         "tensors",
@@ -747,6 +766,21 @@ fn bad_cases() -> Vec<Bad> {
         let mut w = W::new();
         w.raw(&head);
         spec::plan(&mut w, &PlanParams::default());
+        w.varint(2);
+        spec::node(&mut w, &dict(&["seed"]));
+        spec::node(&mut w, &Node::Leaf);
+        // 1 leaf: Leaf::Value(Value::Int(<19-byte varint whose last byte, 0x04, is past 128 bits>)).
+        w.varint(1).varint(0).varint(2).raw(&[0xFF; 18]).byte(0x04);
+        v.push(bad(
+            "bad_int_varint",
+            "A Value::Int (an i128) as a 19-byte varint FF ×18 then 04: 5 × 2^126 − 1, past 128 bits (the 19th byte holds bits 126 and 127 only, so at most 03).",
+            w.buf,
+        ));
+    }
+    {
+        let mut w = W::new();
+        w.raw(&head);
+        spec::plan(&mut w, &PlanParams::default());
         w.varint(2)
             .varint(0)
             .varint(1)
@@ -878,7 +912,7 @@ fn bad_cases() -> Vec<Bad> {
     ));
     v.push(bad_meta(
         "decoded_too_large",
-        "A 4096-byte key above a list of 4200 None leaves: 16,720 bytes of metadata whose decoded size (PROTOCOL.md §11) is 18,668,972 bytes, as the key is in each leaf's key path: over 64 × 16,720 + 16 MiB = 17,847,296, which the scan passes at the 940th leaf, before anything is decoded. Every other limit holds.",
+        "A 4096-byte key above a list of 4200 None leaves: 16,720 bytes of metadata whose decoded size (PROTOCOL.md §11) is 18,702,572 bytes, as the key is in each leaf's key path: over 64 × 16,720 + 16 MiB = 17,847,296, which the scan passes at the 911th leaf, before anything is decoded. Every other limit holds.",
         &metadata(
             None,
             0,
@@ -1519,7 +1553,7 @@ pub fn stream_cases() -> Vec<StreamCase> {
         },
         StreamCase {
             name: "stream_chain",
-            description: "Chain 0 → [1, 2], the stream of rank 2 (the chain's end): header and metadata from rank 0, data and trailer forwarded by rank 1. Digests on, bucket 64, chunk 64: a ShardedTensor's 2 local shards (32 B each) fill one bucket, a DTensor's local float32 [4,3] (48 B) the next, a float16 [40] (80 B) goes in chunks of 64 and 16. Rank 2 rewrites the shard placements to rank:2.",
+            description: "Chain 0 → [1, 2], the stream of rank 2 (the chain's end): header and metadata from rank 0, data and trailer forwarded by rank 1. Digests on, bucket 64, chunk 64: a ShardedTensor's 2 local shards (32 B each) fill one bucket, a DTensor's local float32 [4,3] (48 B) the next, a float16 [40] (80 B) goes in chunks of 64 and 16. Rank 2 places its local shards at rank:2/cpu; the global metadata stays as sent.",
             metadata: metadata(
                 None,
                 0,
@@ -1540,7 +1574,7 @@ pub fn stream_cases() -> Vec<StreamCase> {
         },
         StreamCase {
             name: "stream_sharded_placements",
-            description: "What a receiver rewrites in a ShardedTensor, Direct 0 → [2] (rank 2's stream), digests on, default plan. float32 [6, 4]; global shards [0,0]+[2,4] at \"rank:000/cuda:0\", [0,0]+[0,4] at \"rank:18446744073709551615/cuda:3\" (a zero-size shard at the same offsets as the first), [2,0]+[2,4] at \"rank:1/node-a/cuda:1\", [4,0]+[2,4] at \"rank:0/cpu\"; the sender holds 3 local shards (32 B each): [0,0]+[2,4] at \"rank:0/cuda:0\", [2,0]+[2,4] at \"rank:01/node-a/cuda:1\", [4,0]+[2,4] at \"rank:0/cuda:0\". Leading zeros and a '/' in the device are valid. Rank 2 places each local shard at rank:2 with its own device, and each global shard whose (offsets, sizes) equal a local shard's at rank:2 with the global entry's own device: \"rank:2/cuda:0\", unchanged, \"rank:2/node-a/cuda:1\", \"rank:2/cpu\".",
+            description: "What a receiver rewrites in a ShardedTensor, Direct 0 → [2] (rank 2's stream), digests on, default plan. float32 [6, 4]; global shards [0,0]+[2,4] at \"rank:000/cuda:0\", [0,0]+[0,4] at \"rank:18446744073709551615/cuda:3\" (a zero-size shard at the same offsets as the first), [2,0]+[2,4] at \"rank:1/node-a/cuda:1\", [4,0]+[2,4] at \"rank:0/cpu\"; the sender holds 3 local shards (32 B each): [0,0]+[2,4] at \"rank:0/cuda:0\", [2,0]+[2,4] at \"rank:01/node-a/cuda:1\", [4,0]+[2,4] at \"rank:0/cuda:0\". Leading zeros and a '/' in the device are valid. As torch's PGTransport, rank 2 keeps the global metadata as sent (every placement unchanged) and places each local shard at \"rank:2/cpu\" (the receiver's rank and the device type the bytes landed on), whatever the sender's device.",
             metadata: metadata(
                 None,
                 0,
@@ -2025,8 +2059,8 @@ Every entry has `file`, `kind`, `description`. Then by kind:
 - `stream`: `receiver` (options of the receiving rank), `manifest` (as above), `records` (tag, kind,
   len, from — the rank that sent it — of every record), `pattern` (the storage contents: byte `i` of
   storage `s` is `(17·s + i) mod 256`), and `result`: the received `leaves` (as the receiver reports
-  them: ShardedTensor placements rewritten to the receiving rank) and every storage's `path`, `nbytes`
-  and XXH3-64 `digest`. A receiver fed the records in order must end with every storage equal to the
+  them: each ShardedTensor local shard placed at `rank:R/cpu`, R the receiving rank, the global metadata
+  as sent) and every storage's `path`, `nbytes` and XXH3-64 `digest`. A receiver fed the records in order must end with every storage equal to the
   pattern.
 - `stale_stream`: `receiver`, `records` (tag, len, from, and `stale`: true for a message of another
   transfer, whose first 8 bytes are another id), `pattern` and `result` (as for `stream`). A receiver fed

@@ -44,12 +44,13 @@ pub fn uint(v: u64) -> Json {
     }
 }
 
-/// A signed integer: a number within ±(2^53 − 1), else a decimal string.
-pub fn int(v: i64) -> Json {
-    if v.unsigned_abs() <= MAX_SAFE {
-        Json::from(v)
-    } else {
-        Json::from(v.to_string())
+/// A signed integer (an i64 key or an i128 value): a number within ±(2^53 − 1), else a decimal
+/// string.
+pub fn int(v: impl Into<i128>) -> Json {
+    let v: i128 = v.into();
+    match i64::try_from(v) {
+        Ok(small) if v.unsigned_abs() <= u128::from(MAX_SAFE) => Json::from(small),
+        _ => Json::from(v.to_string()),
     }
 }
 
@@ -320,6 +321,19 @@ fn as_i64(j: &Json, what: &str) -> R<i64> {
         .ok_or_else(|| format!("{what}: expected an integer (number or decimal string)"))
 }
 
+/// An int value: a JSON integer, or a decimal string within i128 (−2^127 … 2^127 − 1).
+fn as_i128(j: &Json, what: &str) -> R<i128> {
+    j.as_i64()
+        .map(i128::from)
+        .or_else(|| j.as_u64().map(i128::from))
+        .or_else(|| j.as_str()?.parse().ok())
+        .ok_or_else(|| {
+            format!(
+                "{what}: expected an integer from -2^127 to 2^127 - 1 (number or decimal string)"
+            )
+        })
+}
+
 fn as_u32(j: &Json, what: &str) -> R<u32> {
     u32::try_from(as_u64(j, what)?).map_err(|_| format!("{what}: larger than 2^32 - 1"))
 }
@@ -416,7 +430,7 @@ fn value_from(j: &Json) -> R<Value> {
                 .as_bool()
                 .ok_or("bool: expected true/false")?,
         ),
-        "int" => Value::Int(as_i64(field(j, "value")?, "int")?),
+        "int" => Value::Int(as_i128(field(j, "value")?, "int")?),
         "float" => match j.get("bits") {
             Some(bits) => {
                 let s = bits.as_str().ok_or("float bits: expected \"0x…\"")?;

@@ -147,6 +147,14 @@ class Reader:
         v = self.varint()
         return (v >> 1) ^ -(v & 1)
 
+    def varint128(self) -> int:
+        """A varint of up to 128 bits (a ``Value::Int``'s): this reader reads any length."""
+        return self.varint()
+
+    def zigzag128(self) -> int:
+        v = self.varint128()
+        return (v >> 1) ^ -(v & 1)
+
     def byte(self) -> int:
         self.i += 1
         return self.b[self.i - 1]
@@ -247,7 +255,7 @@ def value(r: Reader) -> dict:
     if tag == 1:
         return {"type": "bool", "value": r.bool()}
     if tag == 2:
-        return {"type": "int", "value": sint(r.zigzag())}
+        return {"type": "int", "value": sint(r.zigzag128())}
     if tag == 3:
         raw = r.raw(8)
         f = struct.unpack("<d", raw)[0]

@@ -115,20 +115,27 @@ def detect(head: bytes, file_bytes: int, path: Path) -> str:
 
 class StrictReader(Reader):
     """postcard as strictly as pgt-core's decoder reads it: bools and option tags 0 or 1, varints
-    within u64 (``u32``: within u32)."""
+    within u64 (``u32``: within u32; a ``Value::Int``'s: within 128 bits)."""
 
-    def varint(self) -> int:
+    def _varint(self, bits: int) -> int:
         out = shift = 0
-        for _ in range(10):
+        most = (bits + 6) // 7
+        for _ in range(most):
             byte = self.b[self.i]
             self.i += 1
             out |= (byte & 0x7F) << shift
             shift += 7
             if byte < 0x80:
-                if out >= 1 << 64:
-                    raise ValueError("varint overflows u64")
+                if out >= 1 << bits:
+                    raise ValueError(f"varint overflows u{bits}")
                 return out
-        raise ValueError("varint longer than 10 bytes")
+        raise ValueError(f"varint longer than {most} bytes")
+
+    def varint(self) -> int:
+        return self._varint(64)
+
+    def varint128(self) -> int:
+        return self._varint(128)
 
     def u32(self) -> int:
         v = self.varint()

@@ -26,6 +26,8 @@ from .abi import DTYPES, REDUCE_OPS
 
 U64_MAX = (1 << 64) - 1
 I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
+# A value's int (``Value::Int``) is an i128; dict keys stay i64 (PROTOCOL.md §6).
+I128_MIN, I128_MAX = -(1 << 127), (1 << 127) - 1
 FANOUTS = ("Direct", "Chain")
 # pgt's sender defaults (PROTOCOL.md §9).
 DEFAULT_PLAN = {"fanout": "Chain", "bucket_size": 1 << 20, "chunk_size": 1 << 22}
@@ -51,13 +53,13 @@ class Writer:
     def __init__(self):
         self.out = bytearray()
 
-    def varint(self, v) -> Writer:
+    def varint(self, v, bits: int = 64) -> Writer:
         if type(v) is int and 0 <= v < 0x80:  # the common case: one byte
             self.out.append(v)
             return self
         v = int(v)
-        if not 0 <= v <= U64_MAX:
-            raise ValueError(f"{v} is outside u64")
+        if not 0 <= v < 1 << bits:
+            raise ValueError(f"{v} is outside u{bits}")
         while True:
             b, v = v & 0x7F, v >> 7
             self.out.append(b | (0x80 if v else 0))
@@ -69,6 +71,13 @@ class Writer:
         if not I64_MIN <= v <= I64_MAX:
             raise ValueError(f"{v} is outside i64")
         return self.varint((v << 1) ^ (v >> 63))
+
+    def zigzag128(self, v) -> Writer:
+        """An i128 (a value's int): within i64, the same bytes as ``zigzag``."""
+        v = int(v)
+        if not I128_MIN <= v <= I128_MAX:
+            raise ValueError(f"{v} is outside i128")
+        return self.varint((v << 1) ^ (v >> 127), 128)
 
     def bool(self, v: bool) -> Writer:
         self.out.append(1 if v else 0)
@@ -122,7 +131,7 @@ def _value(w: Writer, v: Mapping) -> None:
     elif t == "bool":
         w.varint(1).bool(v["value"])
     elif t == "int":
-        w.varint(2).zigzag(v["value"])
+        w.varint(2).zigzag128(v["value"])
     elif t == "float":
         w.varint(3)
         if "bits" in v:  # exact, NaN payloads included
@@ -240,7 +249,7 @@ def value_leaf(obj) -> dict | None:
     elif isinstance(obj, bool):
         v = {"type": "bool", "value": obj}
     elif isinstance(obj, int):
-        if not I64_MIN <= obj <= I64_MAX:
+        if not I128_MIN <= obj <= I128_MAX:
             return None
         v = {"type": "int", "value": obj}
     elif isinstance(obj, float):

@@ -69,8 +69,6 @@ from .dtypes import (
     pgt_dtype,
 )
 from .metadata import (
-    I64_MAX,
-    I64_MIN,
     UnsupportedLeaf,
     encode,
     flatten,
@@ -214,8 +212,8 @@ def _leaves_of(state_dict) -> tuple[list, list, list]:
             return {"kind": "sharded_tensor", "local_shards": shards, "global": x.global_}
         v = value_leaf(x)
         if v is None:
-            if isinstance(x, int) and not I64_MIN <= x <= I64_MAX:
-                raise UnsupportedLeaf(path, f"the int {x} (outside i64)")
+            if isinstance(x, int):
+                raise UnsupportedLeaf(path, f"the int {x} (outside i128, -2**127 to 2**127 - 1)")
             raise UnsupportedLeaf(
                 path, f"a value of type {type(x).__module__}.{type(x).__qualname__}"
             )

@@ -359,8 +359,6 @@ class _Landing:
         self.landing: dict = {}  # storage -> the uint8 tensor its wire bytes land in (CPU)
         self.placed: dict = {}  # storage -> (existing tensor, its storage as uint8)
         self.after: list = []  # (storage, cast_from): casts once the transfer is verified
-        self.header = b""
-        self.metadata = b""
 
     def in_place_targets(self, storages: list, paths) -> list:
         """The in-place targets (``Receiver.finish_bindings``' form) of the incoming ``storages``:
@@ -486,8 +484,7 @@ class _Receiving(_Landing):
             self.link.wait(
                 self.link.recv(t, peer, tag), deadline, "waiting for the header from", peer
             )
-            self.header = t.numpy().tobytes()
-            return self.header
+            return t.numpy().tobytes()
         frame = self._frame(op, deadline)
         if frame.length > n or frame.nparts != (1 if frame.length > PREFIX_LEN else 0):
             self._consume(frame, peer, tag, deadline, f"a {op['kind']} message")
@@ -502,10 +499,7 @@ class _Receiving(_Landing):
                 self.link.recv(t, peer, tag), deadline, f"receiving the {op['kind']} from", peer
             )
             body = t.numpy().tobytes()
-        data = frame.prefix + body
-        if op["kind"] == "metadata":
-            self.metadata = data
-        return data
+        return frame.prefix + body
 
     def bind(self, incoming: dict, paths) -> list:
         self.plan, self.storages = incoming["plan"], incoming["storages"]
@@ -838,7 +832,7 @@ class _Leaves:
         leaf = pgt_metadata.value_leaf(x)
         if leaf is None:
             what = (
-                "an int outside i64"
+                "an int outside i128 (-2**127 to 2**127 - 1)"
                 if isinstance(x, int)
                 else f"a value of type {type(x).__module__}.{type(x).__qualname__}"
             )
@@ -864,19 +858,11 @@ class _TcpReceiving(_Landing, pgt_recv.ReceiveHost):
     data lands straight in the storages, stale messages are skipped, it forwards when the module says
     so (chain), drains after a failure — with torch storages behind its hooks: a fresh storage is
     ``torch.empty(nbytes, dtype=torch.uint8)``, an in-place target the existing tensor's storage, a
-    cast torch's ``copy_``. The header and metadata are kept (for ShardedTensors' global metadata)."""
+    cast torch's ``copy_``."""
 
     def __init__(self, pg: TcpGroup, timeout: float, inplace: dict | None):
         _Landing.__init__(self, inplace)
         pgt_recv.ReceiveHost.__init__(self, pg, timeout)
-
-    def recv_bytes(self, op: dict) -> bytes:
-        data = super().recv_bytes(op)
-        if op["kind"] == "header":
-            self.header = data
-        elif op["kind"] == "metadata":
-            self.metadata = data
-        return data
 
     def targets(self, incoming: dict, paths) -> list:
         return self.in_place_targets(incoming["storages"], paths)
@@ -1040,7 +1026,7 @@ class PGTransport:
             tcp = _TcpReceiving(self._pg, _seconds(self._timeout), inplace)
             with _tcp_errors(self._rank(), f"receiving from rank {src_rank}"):
                 result = tcp.run(engine)  # the casts made, once verified
-            return self._assemble(pgt, tcp, result, inplace or {})
+            return self._assemble(tcp, result, inplace or {})
         host = _Receiving(self._link(), inplace)
         try:
             result = pgt_recv.receive(engine, host, with_bindings=False)
@@ -1051,20 +1037,15 @@ class PGTransport:
         finally:
             host.close()
         host.finish()
-        return self._assemble(pgt, host, result, inplace or {})
+        return self._assemble(host, result, inplace or {})
 
     # -- the result --
 
-    def _assemble(self, pgt: Pgt, host: _Landing, result: dict, inplace: dict):
+    def _assemble(self, host: _Landing, result: dict, inplace: dict):
         """The received checkpoint, from either link's host: tensors as views of the sender's layout
         over their storages (an in-place target itself when its view matches), DTensors and
         ShardedTensors rebuilt, values as Python values."""
-        if self._tcp:
-            rank = self._pg.rank
-        else:
-            rank = dist.get_rank() if dist.is_initialized() else self._pg.rank()
         storage = 0
-        original = None  # the sender's leaves, for ShardedTensor global metadata (torch keeps it)
         values = []
 
         def tensor(layout: dict) -> tuple:
@@ -1094,10 +1075,8 @@ class PGTransport:
                 existing = inplace.get(host.paths[i]) if host.paths else None
                 values.append(self._dtensor(local, leaf["spec"], existing))
             else:
-                if original is None:
-                    original = pgt.decode(host.header, host.metadata)["leaves"]
                 locals_ = [tensor(s["layout"])[0] for s in leaf["local_shards"]]
-                values.append(_sharded(locals_, original[i], rank))
+                values.append(_sharded(locals_, leaf))
         return pgt_metadata.unflatten(result["tree"], values)
 
     def _dtensor(self, local: torch.Tensor, spec: dict, existing):
@@ -1130,9 +1109,10 @@ class PGTransport:
         return DTensor(local, dspec, requires_grad=False)
 
 
-def _sharded(local_tensors: list, leaf: dict, rank: int):
-    """A ShardedTensor as torch's class rebuilds it: each local shard placed on this rank (its
-    tensor's device type), the sender's global metadata unchanged."""
+def _sharded(local_tensors: list, leaf: dict):
+    """A ShardedTensor as torch's class rebuilds it, from the module's result, which has placed
+    each local shard on this rank (``rank:R/cpu``) and kept the sender's global metadata
+    (PROTOCOL.md §12)."""
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
     from torch.distributed._shard.sharded_tensor.metadata import (
@@ -1140,15 +1120,15 @@ def _sharded(local_tensors: list, leaf: dict, rank: int):
         TensorProperties,
     )
 
-    def meta(m: dict, placement: str | None = None) -> ShardMetadata:
+    def meta(m: dict) -> ShardMetadata:
         return ShardMetadata(
             shard_offsets=[int(x) for x in m["offsets"]],
             shard_sizes=[int(x) for x in m["sizes"]],
-            placement=placement or m["placement"],
+            placement=m["placement"],
         )
 
     shards = [
-        Shard(tensor=t, metadata=meta(s["meta"], f"rank:{rank}/{t.device.type}"))
+        Shard(tensor=t, metadata=meta(s["meta"]))
         for t, s in zip(local_tensors, leaf["local_shards"], strict=True)
     ]
     g = leaf["global"]

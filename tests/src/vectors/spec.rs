@@ -36,7 +36,12 @@ impl W {
     }
 
     /// Unsigned LEB128 varint: 7 bits a byte, least significant group first, high bit = more follows.
-    pub fn varint(&mut self, mut v: u64) -> &mut W {
+    pub fn varint(&mut self, v: u64) -> &mut W {
+        self.varint128(u128::from(v))
+    }
+
+    /// The same varint of a 128-bit value (at most 19 bytes).
+    pub fn varint128(&mut self, mut v: u128) -> &mut W {
         loop {
             let low = (v & 0x7F) as u8;
             v >>= 7;
@@ -50,7 +55,12 @@ impl W {
 
     /// Zigzag-mapped signed varint: 0, -1, 1, -2, … → 0, 1, 2, 3, ….
     pub fn zigzag(&mut self, v: i64) -> &mut W {
-        self.varint(((v << 1) ^ (v >> 63)) as u64)
+        self.zigzag128(i128::from(v))
+    }
+
+    /// The same zigzag varint of an i128 (an i64's is the same bytes).
+    pub fn zigzag128(&mut self, v: i128) -> &mut W {
+        self.varint128(((v << 1) ^ (v >> 127)) as u128)
     }
 
     /// A bool: one byte, 0 or 1.
@@ -170,7 +180,7 @@ pub fn value(w: &mut W, v: &Value) {
     match v {
         Value::None => w.varint(0),
         Value::Bool(b) => w.varint(1).bool(*b),
-        Value::Int(i) => w.varint(2).zigzag(*i),
+        Value::Int(i) => w.varint(2).zigzag128(*i),
         Value::Float(f) => w.varint(3).f64(*f),
         Value::Str(s) => w.varint(4).str(s),
         Value::Bytes(b) => w.varint(5).varint(b.len() as u64).raw(b),
