@@ -169,7 +169,7 @@ fn checkpoint() -> StateDict<'static> {
         Entry::Tensor(Tensor::from_bytes(DType::Bool, &[5], &[1, 0, 1, 1, 0]).unwrap()),
     )
     .unwrap();
-    sd.insert("__metadata__.format", Entry::Value(Value::Str("pt".into())))
+    sd.insert_path(&["__metadata__", "format"], Value::Str("pt".into()))
         .unwrap();
     sd.insert("optimizer.lr", Entry::Value(Value::Float(3e-4)))
         .unwrap();
@@ -255,7 +255,7 @@ fn transfer(fanout: &str, extra: &[&str]) {
         assert_same_tensors(&loaded, &got, &out.display().to_string());
         assert_eq!(got.step, Some(1234));
         assert!(
-            matches!(got.get_str("__metadata__.format"), Some(Entry::Value(Value::Str(s))) if s == "pt")
+            matches!(got.get(&["__metadata__", "format"]), Some(Entry::Value(Value::Str(s))) if s == "pt")
         );
         // Values travel as metadata strings, keyed by their dotted path.
         let lr = KeyPath(vec![

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use pgt_core::dtype::DType;
 use pgt_core::schema::{FanOut, PlanParams};
+use pgt_core::tree::PathElem;
 use pgt_host::memory::BufferPool;
 use pgt_host::pg::InProcessGroup;
 use pgt_host::state_dict::{Entry, StateDict, Tensor};
@@ -120,21 +121,21 @@ fn in_place_receive_writes_existing_buffers_and_casts() {
         if let Entry::Tensor(t) = entry {
             if t.dtype() == DType::Float32
                 && cast_path.is_none()
-                && path.to_string().starts_with("model.")
+                && path.0.first() == Some(&PathElem::Key("model".into()))
             {
-                cast_path = Some(path.to_string());
+                cast_path = Some(path.clone());
             }
         }
     }
     let cast_path = cast_path.unwrap();
     {
-        let Some(Entry::Tensor(t)) = dst.get_str(&cast_path).cloned() else {
+        let Some(Entry::Tensor(t)) = dst.get(&cast_path).cloned() else {
             panic!()
         };
         let numel = t.layout.nbytes / 4;
         let bf = Tensor::from_bytes(DType::BFloat16, &[numel], &vec![0u8; (numel * 2) as usize])
             .unwrap();
-        dst.insert(&cast_path, Entry::Tensor(bf)).unwrap();
+        dst.insert_path(&cast_path, Entry::Tensor(bf)).unwrap();
     }
     let ptr_before = dst.tensor(&cast_path).unwrap().storage.bytes().as_ptr();
     let mut groups = InProcessGroup::new(2).into_iter();
@@ -155,7 +156,7 @@ fn in_place_receive_writes_existing_buffers_and_casts() {
     }
     // Every other tensor landed byte for byte.
     for (path, entry) in dst.entries() {
-        if path.to_string() == cast_path {
+        if path == cast_path {
             continue;
         }
         let expected = src.get(&path).unwrap();

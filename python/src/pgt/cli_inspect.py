@@ -22,6 +22,7 @@ import xxhash
 
 from .abi import LIMITS, PREFIX_LEN, Pgt, PgtError, Reader, is_stale, leaf
 from .cli_send import human
+from .metadata import display
 from .recv import load_module, receive
 from .safetensors_io import SafetensorsError
 from .safetensors_io import load as load_safetensors
@@ -425,9 +426,10 @@ class StreamHost:
 
 
 def _display(path: list) -> str:
-    if not path:
-        return "<root>"
-    return ".".join(str(e.get("key", e.get("int_key", e.get("index")))) for e in path)
+    """A decoded key path (``{"key"|"int_key"|"index": …}`` elements) as pgt displays it."""
+    return display(
+        tuple(e["key"] if "key" in e else int(e.get("int_key", e.get("index"))) for e in path)
+    )
 
 
 def inspect_stream(path: Path, b: bytes, args, pgt: Pgt) -> Report:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -39,9 +40,33 @@ class UnsupportedLeaf(TypeError):
         super().__init__(f"{display(path)}: {what} is not supported by pgt (no pickle)")
 
 
+def _quote(key: str) -> str:
+    """``key`` quoted as pgt-core quotes it (Python's ``repr`` for every key whose characters are
+    printable or control characters): single quotes unless it holds a ``'`` and no ``"``."""
+    quote = '"' if "'" in key and '"' not in key else "'"
+    out = [quote]
+    for c in key:
+        if c == "\\":
+            out.append("\\\\")
+        elif c in "\n\r\t":
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}[c])
+        elif c == quote:
+            out.append("\\" + c)
+        elif unicodedata.category(c) == "Cc":
+            out.append(f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    out.append(quote)
+    return "".join(out)
+
+
 def display(path: tuple) -> str:
-    """A key path as pgt displays it: elements joined by '.', '<root>' for the empty path."""
-    return ".".join(str(p) for p in path) if path else "<root>"
+    """A key path as pgt displays it, as torch's pytree ``keystr`` does: ``['net1.weight']``,
+    ``['layers'][0]`` (string keys quoted, int keys and list indices as numbers), '<root>' for the
+    empty path. The same text as pgt-core's ``KeyPath`` display."""
+    if not path:
+        return "<root>"
+    return "".join(f"[{_quote(p)}]" if isinstance(p, str) else f"[{int(p)}]" for p in path)
 
 
 # ---- postcard primitives ----
