@@ -561,6 +561,24 @@ impl From<Value> for Entry<'_> {
     }
 }
 
+impl<'a> From<Entry<'a>> for Tree<'a> {
+    fn from(e: Entry<'a>) -> Self {
+        Tree::Leaf(e)
+    }
+}
+
+impl<'a> From<Tensor<'a>> for Tree<'a> {
+    fn from(t: Tensor<'a>) -> Self {
+        Tree::Leaf(Entry::Tensor(t))
+    }
+}
+
+impl From<Value> for Tree<'_> {
+    fn from(v: Value) -> Self {
+        Tree::Leaf(Entry::Value(v))
+    }
+}
+
 /// A flat dict from `(key, entry)` pairs, in order (a later equal key replaces the earlier entry in
 /// its place), like `dict(pairs)` in Python.
 impl<'a, K: Into<Key>, E: Into<Entry<'a>>> FromIterator<(K, E)> for StateDict<'a> {
@@ -608,11 +626,12 @@ impl<'a> StateDict<'a> {
         Self::default()
     }
 
-    /// Inserts `entry` under the root-level `key`, replacing an entry already there. A string key
+    /// Inserts `entry` (an [`Entry`], [`Tensor`], [`Value`] or a whole [`Tree`]) under the
+    /// root-level `key`, replacing what is already there. A string key
     /// is one key whatever it contains: `insert("net1.weight", …)` makes the flat key
     /// `"net1.weight"`, as in a PyTorch `model.state_dict()` ([`StateDict::insert_path`] nests).
     /// Errors if the root is not a dict.
-    pub fn insert(&mut self, key: impl Into<Key>, entry: impl Into<Entry<'a>>) -> Result<()> {
+    pub fn insert(&mut self, key: impl Into<Key>, entry: impl Into<Tree<'a>>) -> Result<()> {
         self.insert_path(&[PathElem::Key(key.into())][..], entry)
     }
 
@@ -622,7 +641,7 @@ impl<'a> StateDict<'a> {
     pub fn insert_path<L: Locator + ?Sized>(
         &mut self,
         path: &L,
-        entry: impl Into<Entry<'a>>,
+        entry: impl Into<Tree<'a>>,
     ) -> Result<()> {
         let steps = path.steps();
         let path = KeyPath(steps.to_vec());
@@ -669,7 +688,7 @@ impl<'a> StateDict<'a> {
                 }
             };
         }
-        *node = Tree::Leaf(entry.into());
+        *node = entry.into();
         Ok(())
     }
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 import struct
+import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
 
