@@ -52,7 +52,7 @@ pub use state_dict::{
 /// `use pgt_host::prelude::*;`.
 pub mod prelude {
     pub use crate::assert_state_dict_eq;
-    pub use crate::pg::{InProcessGroup, ProcessGroup, TcpProcessGroup};
+    pub use crate::pg::{InProcessGroup, ProcessGroup, TcpOptions, TcpProcessGroup};
     pub use crate::safetensors_io;
     pub use crate::transport::{Transport, TransportOptions};
     pub use crate::{

@@ -887,3 +887,248 @@ impl<'a> StateDict<'a> {
         entry.tensors_mut()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn protocol(e: Error) -> pgt_core::Error {
+        match e {
+            Error::Protocol(p) => p,
+            e => panic!("not a protocol error: {e}"),
+        }
+    }
+
+    #[test]
+    fn flat_keys_nested_paths_and_lookups() {
+        let mut sd = StateDict::new();
+        sd.insert("net1.weight", Value::Int(1)).unwrap();
+        sd.insert_path(&["net1", "weight"], Value::Int(2)).unwrap();
+        // Two different leaves: the flat key and the nested path.
+        assert_eq!(sd.get("net1.weight"), Some(&Entry::Value(Value::Int(1))));
+        assert_eq!(
+            sd.get(&["net1", "weight"]),
+            Some(&Entry::Value(Value::Int(2)))
+        );
+        let Tree::Dict(items) = &sd.root else {
+            panic!()
+        };
+        assert_eq!(items.len(), 2);
+        // A KeyPath with indices; inserting into a list needs the index to exist.
+        sd.insert("layers", Tree::List(vec![Value::None.into()]))
+            .unwrap();
+        let at = KeyPath(vec![PathElem::Key("layers".into()), PathElem::Index(0)]);
+        sd.insert_path(&at, Value::Int(7)).unwrap();
+        assert_eq!(sd.get(&at), Some(&Entry::Value(Value::Int(7))));
+        let past = KeyPath(vec![PathElem::Key("layers".into()), PathElem::Index(1)]);
+        let err = sd.insert_path(&past, Value::None).unwrap_err().to_string();
+        assert!(
+            err.contains("['layers'] has 1 elements, no index 1"),
+            "{err}"
+        );
+        let err = sd
+            .insert_path(&["layers", "x"], Value::None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("['layers'] is a list (it takes indices, not keys)"),
+            "{err}"
+        );
+        if let Some(Entry::Value(v)) = sd.get_mut("net1.weight") {
+            *v = Value::Int(5);
+        }
+        assert_eq!(
+            sd.get(&Key::Str("net1.weight".into())),
+            Some(&Entry::Value(Value::Int(5)))
+        );
+        assert!(sd.tensor("net1.weight").is_none(), "a value, not a tensor");
+        // A later pair with an equal key replaces the earlier one in its place.
+        let d: StateDict = [
+            ("a", Value::Int(1)),
+            ("b", Value::Int(2)),
+            ("a", Value::Int(3)),
+        ]
+        .into_iter()
+        .collect();
+        let Tree::Dict(items) = &d.root else { panic!() };
+        assert_eq!(items.len(), 2);
+        assert_eq!(d.get("a"), Some(&Entry::Value(Value::Int(3))));
+    }
+
+    #[test]
+    fn typed_constructors_for_every_dtype() {
+        let c64 = Tensor::from_values(&[2], &[[1.0f32, -1.0], [0.5, 2.0]]).unwrap();
+        assert_eq!(c64.dtype(), DType::Complex64);
+        assert_eq!(c64.to_vec::<[f32; 2]>().unwrap(), [[1.0, -1.0], [0.5, 2.0]]);
+        let c128 = Tensor::from_values(&[1], &[[1.0f64, 2.0]]).unwrap();
+        assert_eq!((c128.dtype(), c128.layout.nbytes), (DType::Complex128, 16));
+        let c32: Complex32 = [half::f16::ONE, half::f16::NEG_ONE];
+        assert_eq!(
+            Tensor::from_values(&[1], &[c32]).unwrap().dtype(),
+            DType::Complex32
+        );
+        let f8 = Tensor::from_values(&[2], &[Float8E4M3Fn(0x38), Float8E4M3Fn(0x7f)]).unwrap();
+        assert_eq!(f8.dtype(), DType::Float8E4M3Fn);
+        assert_eq!(f8.storage.bytes(), [0x38, 0x7f]);
+        assert_eq!(f8.to_vec::<Float8E4M3Fn>().unwrap()[1], Float8E4M3Fn(0x7f));
+        assert!(f8.to_vec::<Float8E5M2>().is_err(), "another float8 dtype");
+        for (t, d) in [
+            (
+                Tensor::from_values(&[1], &[Float8E5M2(1)]).unwrap(),
+                DType::Float8E5M2,
+            ),
+            (
+                Tensor::from_values(&[1], &[Float8E4M3Fnuz(1)]).unwrap(),
+                DType::Float8E4M3Fnuz,
+            ),
+            (
+                Tensor::from_values(&[1], &[Float8E5M2Fnuz(1)]).unwrap(),
+                DType::Float8E5M2Fnuz,
+            ),
+        ] {
+            assert_eq!(t.dtype(), d);
+        }
+        let b = Tensor::from_bools(&[3], &[true, false, true]).unwrap();
+        assert_eq!(
+            (b.dtype(), b.storage.bytes()),
+            (DType::Bool, &[1u8, 0, 1][..])
+        );
+        assert_eq!(b.to_bools().unwrap(), [true, false, true]);
+        let bad = Tensor::from_bytes(DType::Bool, &[1], &[2]).unwrap();
+        assert!(bad
+            .to_bools()
+            .unwrap_err()
+            .to_string()
+            .contains("bool byte 0x02"));
+        assert!(c64.to_bools().is_err());
+        // Values that do not fill the shape are an error, not a panic.
+        assert!(Tensor::from_bools(&[4], &[true]).is_err());
+    }
+
+    fn mesh(shape: &[u64]) -> DeviceMesh {
+        init_device_mesh("cpu", shape).unwrap()
+    }
+
+    #[test]
+    fn dtensor_from_local_derives_global_shape_and_stride_as_torch() {
+        let local = || Tensor::from_values(&[2, 3], &[0.0f32; 6]).unwrap();
+        // Replicate: the global tensor is the local one.
+        let Entry::DTensor { spec, .. } =
+            Entry::dtensor_from_local(local(), mesh(&[4]), vec![Placement::Replicate]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (spec.global_shape, spec.global_stride),
+            (vec![2, 3], vec![3, 1])
+        );
+        assert_eq!(spec.dtype, DType::Float32);
+        // Shard(0) over 4 ranks: [8, 3], stride [3, 1]; Shard(1): [2, 12], stride [12, 1].
+        let g = |placements: Vec<Placement>, mesh_shape: &[u64]| match Entry::dtensor_from_local(
+            local(),
+            mesh(mesh_shape),
+            placements,
+        )
+        .unwrap()
+        {
+            Entry::DTensor { spec, .. } => (spec.global_shape, spec.global_stride),
+            _ => panic!(),
+        };
+        assert_eq!(g(vec![Placement::Shard(0)], &[4]), (vec![8, 3], vec![3, 1]));
+        assert_eq!(
+            g(vec![Placement::Shard(1)], &[4]),
+            (vec![2, 12], vec![12, 1])
+        );
+        assert_eq!(
+            g(vec![Placement::Shard(0), Placement::Shard(1)], &[2, 3]),
+            (vec![4, 9], vec![9, 1])
+        );
+        // What torch refuses.
+        let err = |placements, m: &[u64]| {
+            protocol(Entry::dtensor_from_local(local(), mesh(m), placements).unwrap_err())
+        };
+        assert_eq!(
+            err(vec![], &[4]),
+            pgt_core::Error::PlacementCount {
+                placements: 0,
+                mesh_ndim: 1
+            }
+        );
+        assert_eq!(
+            err(vec![Placement::Shard(2)], &[4]),
+            pgt_core::Error::ShardDimOutOfRange { dim: 2, ndim: 2 }
+        );
+        let mut dup = mesh(&[2]);
+        dup.ranks = vec![1, 1];
+        assert_eq!(
+            protocol(
+                Entry::dtensor_from_local(local(), dup, vec![Placement::Replicate]).unwrap_err()
+            ),
+            pgt_core::Error::DuplicateMeshRank { rank: 1 }
+        );
+    }
+
+    #[test]
+    fn sharded_from_local_shards_derives_and_checks_the_global_metadata() {
+        let shard = |r: u64, rows: u64| ShardMetadata {
+            offsets: vec![r * 2, 0],
+            sizes: vec![rows, 3],
+            placement: format!("rank:{r}/cpu"),
+        };
+        let t =
+            |rows: u64| Tensor::from_values(&[rows, 3], &vec![1.0f32; rows as usize * 3]).unwrap();
+        // One process, every shard.
+        let Entry::Sharded { global, .. } = Entry::sharded_from_local_shards(
+            vec![(t(2), shard(0, 2)), (t(2), shard(1, 2))],
+            &[4, 3],
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!((global.dtype, global.shards.len()), (DType::Float32, 2));
+        // One shard of four ranks', with the others' metadata.
+        let all: Vec<ShardMetadata> = (0..4).map(|r| shard(r, 2)).collect();
+        assert!(Entry::sharded_from_local_shards_and_global(
+            vec![(t(2), shard(1, 2))],
+            all.clone(),
+            &[8, 3]
+        )
+        .is_ok());
+        let err = |locals: Vec<(Tensor<'static>, ShardMetadata)>, size: &[u64]| {
+            Entry::sharded_from_local_shards_and_global(locals, all.clone(), size).unwrap_err()
+        };
+        // A local tensor not of its metadata's size, shards not covering the global size, a shard
+        // outside it, another dtype, no local shard, a non-contiguous shard.
+        assert_eq!(
+            protocol(err(vec![(t(1), shard(1, 2))], &[8, 3])),
+            pgt_core::Error::LocalShapeMismatch
+        );
+        assert!(matches!(
+            protocol(err(vec![(t(2), shard(1, 2))], &[10, 3])),
+            pgt_core::Error::ShardsDoNotCover { .. }
+        ));
+        assert!(matches!(
+            protocol(err(vec![(t(2), shard(1, 2))], &[6, 3])),
+            pgt_core::Error::ShardOutOfBounds { .. }
+        ));
+        let ints = Tensor::from_values(&[2, 3], &[0i32; 6]).unwrap();
+        assert!(matches!(
+            protocol(
+                Entry::sharded_from_local_shards(
+                    vec![(t(2), shard(0, 2)), (ints, shard(1, 2))],
+                    &[4, 3]
+                )
+                .unwrap_err()
+            ),
+            pgt_core::Error::DTypeMismatch { .. }
+        ));
+        assert!(err(vec![], &[8, 3])
+            .to_string()
+            .contains("needs a local shard"));
+        let mut strided = t(2);
+        strided.layout.stride = vec![1, 2];
+        assert!(err(vec![(strided, shard(1, 2))], &[8, 3])
+            .to_string()
+            .contains("not contiguous"));
+    }
+}
