@@ -581,4 +581,61 @@ mod tests {
         assert_eq!(a.difference(&stepped).unwrap().what, "step None vs Some(1)");
         assert_eq!(a, a.clone());
     }
+
+    #[test]
+    fn dtensors_and_sharded_tensors_compare_specs_and_local_tensors() {
+        use crate::state_dict::init_device_mesh;
+        use pgt_core::dtensor::Placement;
+        use pgt_core::sharded::ShardMetadata;
+        let dt = |placement: Placement, v: f32| {
+            let mesh = init_device_mesh("cpu", &[2]).unwrap();
+            let e = Entry::dtensor_from_local(f32s(&[v, 1.0]), mesh, vec![placement]).unwrap();
+            dict(vec![("d", e)])
+        };
+        assert_eq!(dt(Placement::Shard(0), 0.0), dt(Placement::Shard(0), 0.0));
+        let d = dt(Placement::Shard(0), 0.0)
+            .difference(&dt(Placement::Replicate, 0.0))
+            .unwrap();
+        assert!(d.what.starts_with("DTensor spec "), "{}", d.what);
+        let d = dt(Placement::Replicate, 0.0)
+            .difference(&dt(Placement::Replicate, 3.0))
+            .unwrap();
+        assert_eq!(d.what, "local tensor: element [0]: 0.0 vs 3.0");
+        let shard = |r: u64| ShardMetadata {
+            offsets: vec![r * 2],
+            sizes: vec![2],
+            placement: format!("rank:{r}/cpu"),
+        };
+        let st = |v: f32, size: u64| {
+            let e = Entry::sharded_from_local_shards(
+                vec![(f32s(&[0.0, 1.0]), shard(0)), (f32s(&[v, 3.0]), shard(1))],
+                &[size],
+            )
+            .unwrap();
+            dict(vec![("s", e)])
+        };
+        assert_eq!(st(2.0, 4), st(2.0, 4));
+        assert_eq!(
+            st(2.0, 4).difference(&st(9.0, 4)).unwrap().what,
+            "local shard 1: element [0]: 2.0 vs 9.0"
+        );
+        let mut moved = st(2.0, 4);
+        if let Some(Entry::Sharded { local_shards, .. }) = moved.get_mut("s") {
+            local_shards[1].1.placement = "rank:0/cpu".into();
+        }
+        assert!(st(2.0, 4)
+            .difference(&moved)
+            .unwrap()
+            .what
+            .starts_with("local shard 1: metadata "));
+        let mut global = st(2.0, 4);
+        if let Some(Entry::Sharded { global, .. }) = global.get_mut("s") {
+            global.shards[0].placement = "rank:1/cpu".into();
+        }
+        assert!(st(2.0, 4)
+            .difference(&global)
+            .unwrap()
+            .what
+            .starts_with("global metadata "));
+    }
 }

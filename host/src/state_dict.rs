@@ -2,6 +2,24 @@
 //! DTensors or ShardedTensors. A tensor is a [`TensorLayout`] plus its storage's bytes, which are owned
 //! (an aligned [`Buffer`]), borrowed (`&[u8]`, e.g. from an mmap) or shared (`Arc`, e.g. a whole mapped
 //! file, with a byte range).
+//!
+//! Shaped like PyTorch's: a key is what the user wrote, so `sd.insert("net1.weight", t)` makes the
+//! one flat key `"net1.weight"` of a `model.state_dict()`, and nesting comes only from
+//! [`StateDict::insert_path`] (or a [`Tree`] built by hand). [`StateDict::get`], `get_mut` and
+//! `tensor` look up a root-level key, nested string keys (`&["optim", "lr"]`) or a [`KeyPath`]
+//! ([`Locator`]). A dict also collects from `(key, entry)` pairs. `==` and the first difference
+//! between two dicts are in [`crate::compare`].
+//!
+//! ```
+//! use pgt_host::prelude::*;
+//! let mut sd: StateDict = [("net1.weight", Tensor::from_values(&[2], &[1.0f32, 2.0])?)]
+//!     .into_iter()
+//!     .collect();
+//! sd.insert_path(&["optim", "lr"], Value::Float(1e-3))?;
+//! assert!(sd.tensor("net1.weight").is_some());
+//! assert!(sd.tensor(&["net1", "weight"]).is_none()); // a dotted key is one key
+//! # Ok::<(), pgt_host::Error>(())
+//! ```
 
 use std::borrow::Cow;
 use std::ops::Range;

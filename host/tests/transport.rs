@@ -237,7 +237,7 @@ fn in_place_matches_by_key_path_when_the_trees_differ() {
         let keys: Vec<String> = dst.entries().iter().map(|(p, _)| p.to_string()).collect();
         assert_eq!(
             keys,
-            ["a", "b", "c"],
+            ["['a']", "['b']", "['c']"],
             "the received tree replaces the target's"
         );
         let after: Vec<_> = in_place.iter().map(|k| ptr(&dst, k)).collect();
@@ -362,7 +362,7 @@ fn in_place_size_mismatch_names_the_key_path() {
     assert_eq!(
         core,
         &pgt_core::Error::InPlaceSizeMismatch {
-            path: "model.layers.0.weight".into(),
+            path: "['model.layers.0.weight']".into(),
             expected: 16,
             got: 12
         }
@@ -403,7 +403,7 @@ fn a_byte_corrupted_in_flight_is_caught_by_the_digest() {
     let err = results[1].as_ref().unwrap_err();
     match err {
         pgt_host::Error::Protocol(pgt_core::Error::DigestMismatch { path, .. }) => {
-            assert_eq!(path, "w01")
+            assert_eq!(path, "['w01']")
         }
         other => panic!("expected a digest mismatch, got {other:?}"),
     }

@@ -423,7 +423,7 @@ def test_a_corrupted_byte_is_a_digest_mismatch_and_nothing_is_returned(monkeypat
         t, out = transport(pg), []
         with pytest.raises(PgtError) as e:
             out.append(t.recv_checkpoint(0))
-        assert e.value.name == "DigestMismatch" and "layer.w" in e.value.message
+        assert e.value.name == "DigestMismatch" and "['layer']['w']" in e.value.message
         assert out == []
         return t.recv_checkpoint(0, expected_step=2)
 

@@ -195,13 +195,13 @@ def display_paths(tree: list) -> list[str] | None:
         return None
     while True:
         if n == "leaf":
-            paths.append(".".join(path) if path else "<root>")
+            paths.append(display(tuple(path)))
         else:
             if "dict" in n:
                 typed = [k if isinstance(k, str) else ("int", int(k["int"])) for k in n["dict"]]
                 if len(set(typed)) != len(typed):
                     return None  # DuplicateKey
-                keys = [k if isinstance(k, str) else str(k["int"]) for k in n["dict"]]
+                keys = [k if isinstance(k, str) else int(k["int"]) for k in n["dict"]]
                 stack.append([len(keys), keys, 0])
             else:
                 stack.append([int(n.get("list", n.get("tuple", 0))), None, 0])
@@ -212,7 +212,7 @@ def display_paths(tree: list) -> list[str] | None:
         if not stack:
             break
         top = stack[-1]
-        path[-1] = top[1][top[2]] if top[1] is not None else str(top[2])
+        path[-1] = top[1][top[2]] if top[1] is not None else top[2]
         top[0] -= 1
         top[2] += 1
         n = next(it, None)

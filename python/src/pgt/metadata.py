@@ -66,7 +66,8 @@ def display(path: tuple) -> str:
     empty path. The same text as pgt-core's ``KeyPath`` display."""
     if not path:
         return "<root>"
-    return "".join(f"[{_quote(p)}]" if isinstance(p, str) else f"[{int(p)}]" for p in path)
+    # Ints in decimal; a key pgt refuses (a float, …) as Python prints it, for the error naming it.
+    return "".join(f"[{_quote(p)}]" if isinstance(p, str) else f"[{p!r}]" for p in path)
 
 
 # ---- postcard primitives ----
