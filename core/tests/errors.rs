@@ -1589,7 +1589,7 @@ fn display_is_one_clear_line() {
         ),
         (
             Error::ViewTooLarge {
-                path: "['model']['bias']".into(),
+                path: "model.bias".into(),
                 bytes: 1 << 42,
                 max: 67108868,
             },

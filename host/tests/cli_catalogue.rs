@@ -839,7 +839,7 @@ fn hand_built_cases() -> Vec<Case> {
         "ranks",
         frames_of(&sd),
         Expect::line(
-            "d: refusing the checkpoint: device mesh names rank 5, outside the process group of 2 ranks"
+            "['d']: refusing the checkpoint: device mesh names rank 5, outside the process group of 2 ranks"
                 .into(),
         ),
     ));

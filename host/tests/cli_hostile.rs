@@ -244,7 +244,7 @@ fn ranks_outside_the_job_are_refused() {
     assert_refused(
         &ended,
         &dir,
-        &["s: refusing the checkpoint: shard placed on rank 7, outside the process group of 2 ranks"],
+        &["['s']: refusing the checkpoint: shard placed on rank 7, outside the process group of 2 ranks"],
     );
     std::fs::remove_dir_all(&dir).ok();
 }

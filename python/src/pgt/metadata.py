@@ -316,9 +316,7 @@ def flatten(obj, leaf: Callable[[tuple, Any], dict]) -> tuple[list, list]:
                 elif isinstance(k, int) and not isinstance(k, bool) and I64_MIN <= k <= I64_MAX:
                     keys.append({"int": k})
                 else:
-                    raise UnsupportedLeaf(
-                        (*path, repr(k)), f"a dict key of type {type(k).__name__}"
-                    )
+                    raise UnsupportedLeaf((*path, k), f"a dict key of type {type(k).__name__}")
             tree.append({"dict": keys})
             stack.extend(reversed([((*path, k), x[k]) for k in x]))
         elif isinstance(x, list | tuple) and not _is_namedtuple(x):
