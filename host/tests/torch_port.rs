@@ -124,7 +124,10 @@ fn pg_transport_with_sharded_tensor<P: ProcessGroup>(t: &Transport<P>, rank: u32
     assert!(local_shards[0].0 == local(prev));
 }
 
-const CASES: [(&str, fn(&Transport<Box<dyn ProcessGroup>>, u32)); 3] = [
+/// One rank's part of a test, given its transport and rank.
+type Case = fn(&Transport<Box<dyn ProcessGroup>>, u32);
+
+const CASES: [(&str, Case); 3] = [
     ("pg_transport", pg_transport),
     (
         "pg_transport_with_mixed_content",
@@ -136,7 +139,7 @@ const CASES: [(&str, fn(&Transport<Box<dyn ProcessGroup>>, u32)); 3] = [
     ),
 ];
 
-fn case(name: &str) -> fn(&Transport<Box<dyn ProcessGroup>>, u32) {
+fn case(name: &str) -> Case {
     CASES.iter().find(|(n, _)| *n == name).unwrap().1
 }
 
