@@ -31,6 +31,18 @@ impl From<&str> for Key {
     }
 }
 
+impl From<String> for Key {
+    fn from(s: String) -> Key {
+        Key::Str(s)
+    }
+}
+
+impl From<&String> for Key {
+    fn from(s: &String) -> Key {
+        Key::Str(s.clone())
+    }
+}
+
 impl From<i64> for Key {
     fn from(i: i64) -> Key {
         Key::Int(i)
@@ -123,7 +135,12 @@ pub enum PathElem {
     Index(u64),
 }
 
-/// The path from the root to a leaf, e.g. `model.layers.0.weight`.
+/// The path from the root to a leaf.
+///
+/// Displayed as torch's pytree `keystr` prints one, unambiguous whatever the keys hold: each element
+/// in brackets, string keys quoted as Python's `repr` quotes them (`['net1.weight']`,
+/// `["it's"]`, control characters escaped), int keys and list/tuple indices as numbers
+/// (`['layers'][0]['bias']`, `[3]`); the empty path (the root) as `<root>`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct KeyPath(pub Vec<PathElem>);
 
@@ -132,18 +149,43 @@ impl fmt::Display for KeyPath {
         if self.0.is_empty() {
             return f.write_str("<root>");
         }
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(".")?;
-            }
+        for e in &self.0 {
             match e {
-                PathElem::Key(Key::Str(s)) => f.write_str(s)?,
-                PathElem::Key(Key::Int(n)) => write!(f, "{n}")?,
-                PathElem::Index(n) => write!(f, "{n}")?,
+                PathElem::Key(Key::Str(s)) => {
+                    f.write_str("[")?;
+                    write_python_repr(f, s)?;
+                    f.write_str("]")?;
+                }
+                PathElem::Key(Key::Int(n)) => write!(f, "[{n}]")?,
+                PathElem::Index(n) => write!(f, "[{n}]")?,
             }
         }
         Ok(())
     }
+}
+
+/// A string as Python's `repr` writes it: single quotes unless it holds a `'` and no `"`; `\\`,
+/// the quote, `\n`, `\r`, `\t` escaped, other control characters as `\xNN`/`\uNNNN`.
+fn write_python_repr(f: &mut fmt::Formatter<'_>, s: &str) -> fmt::Result {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    write!(f, "{quote}")?;
+    for c in s.chars() {
+        match c {
+            '\\' => f.write_str("\\\\")?,
+            '\n' => f.write_str("\\n")?,
+            '\r' => f.write_str("\\r")?,
+            '\t' => f.write_str("\\t")?,
+            c if c == quote => write!(f, "\\{c}")?,
+            c if c.is_control() && (c as u32) < 0x100 => write!(f, "\\x{:02x}", c as u32)?,
+            c if c.is_control() => write!(f, "\\u{:04x}", c as u32)?,
+            c => write!(f, "{c}")?,
+        }
+    }
+    write!(f, "{quote}")
 }
 
 /// Checks the flat structure (well formed, depth ≤ `max_depth`, no duplicate dict keys, nothing after the
@@ -264,4 +306,33 @@ fn walk<'a>(
         return Err(Error::TrailingTreeNodes);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+    use alloc::vec;
+
+    #[test]
+    fn key_paths_display_as_torch_keystr() {
+        let key = |s: &str| PathElem::Key(Key::Str(s.into()));
+        let show = |elems: Vec<PathElem>| KeyPath(elems).to_string();
+        assert_eq!(show(vec![]), "<root>");
+        assert_eq!(show(vec![key("net1.weight")]), "['net1.weight']");
+        assert_eq!(
+            show(vec![key("layers"), PathElem::Index(0), key("bias")]),
+            "['layers'][0]['bias']"
+        );
+        assert_eq!(show(vec![PathElem::Key(Key::Int(-3))]), "[-3]");
+        // A string key "0" and the int key 0 no longer look alike.
+        assert_eq!(show(vec![key("0")]), "['0']");
+        assert_eq!(show(vec![key("it's")]), "[\"it's\"]");
+        assert_eq!(show(vec![key("a'b\"c")]), "['a\\'b\"c']");
+        assert_eq!(
+            show(vec![key("tab\there\\\n\u{1}größe")]),
+            "['tab\\there\\\\\\n\\x01größe']"
+        );
+        assert_eq!(show(vec![key("\u{85}")]), "['\\x85']");
+    }
 }

@@ -238,8 +238,8 @@ fn wide_dict_validates_in_n_log_n() {
     let m = metadata(tree, vec![Leaf::Value(Value::Bool(true)); n]);
     let manifest = round_trip(&m, &Limits::default()).unwrap();
     assert_eq!(manifest.paths().len(), n);
-    assert_eq!(manifest.paths()[2].to_string(), "model.layers.2.weight");
-    assert_eq!(manifest.paths()[3].to_string(), "3");
+    assert_eq!(manifest.paths()[2].to_string(), "['model.layers.2.weight']");
+    assert_eq!(manifest.paths()[3].to_string(), "[3]");
     // A duplicate at the very end is still found.
     let mut m = m;
     let Node::Dict(keys) = &mut m.tree[0] else {
@@ -263,7 +263,7 @@ fn many_small_dicts_validate_linearly() {
     }
     let m = metadata(tree, vec![Leaf::Value(Value::Int(1)); n as usize]);
     let manifest = round_trip(&m, &Limits::default()).unwrap();
-    assert_eq!(manifest.paths()[49_999].to_string(), "49999.w");
+    assert_eq!(manifest.paths()[49_999].to_string(), "[49999]['w']");
 }
 
 // ---------------------------------------------------------------- key-path amplification

@@ -56,17 +56,17 @@ fn the_sample_is_valid() {
     assert_eq!(
         paths,
         [
-            "model.layers.0.weight",
-            "model.layers.0.bias",
-            "model.emb",
-            "model.table",
-            "step",
-            "lr",
-            "name",
-            "extra.0",
-            "extra.1",
-            "extra.2",
-            "3"
+            "['model']['layers'][0]['weight']",
+            "['model']['layers'][0]['bias']",
+            "['model']['emb']",
+            "['model']['table']",
+            "['step']",
+            "['lr']",
+            "['name']",
+            "['extra'][0]",
+            "['extra'][1]",
+            "['extra'][2]",
+            "[3]"
         ]
     );
     assert_eq!(m.storages().len(), 5);
@@ -1031,7 +1031,7 @@ fn in_place_size_mismatch() {
     assert_eq!(
         bind(&mut r, 0, 10, DType::Float32, 44),
         Err(Error::InPlaceSizeMismatch {
-            path: "model.layers.0.weight".into(),
+            path: "['model']['layers'][0]['weight']".into(),
             expected: 48,
             got: 44
         })
@@ -1040,7 +1040,7 @@ fn in_place_size_mismatch() {
     assert_eq!(
         bind(&mut r, 0, 10, DType::BFloat16, 48),
         Err(Error::InPlaceSizeMismatch {
-            path: "model.layers.0.weight".into(),
+            path: "['model']['layers'][0]['weight']".into(),
             expected: 24,
             got: 48
         })
@@ -1049,7 +1049,7 @@ fn in_place_size_mismatch() {
     assert_eq!(
         bind(&mut r, 4, 11, DType::Float16, 0),
         Err(Error::InPlaceSizeMismatch {
-            path: "3".into(),
+            path: "[3]".into(),
             expected: 24,
             got: 0
         })
@@ -1065,7 +1065,7 @@ fn in_place_dtype_mismatch() {
     assert_eq!(
         bind(&mut r, 0, 1, DType::Int32, 48),
         Err(Error::InPlaceDTypeMismatch {
-            path: "model.layers.0.weight".into(),
+            path: "['model']['layers'][0]['weight']".into(),
             incoming: DType::Float32,
             destination: DType::Int32
         })
@@ -1074,7 +1074,7 @@ fn in_place_dtype_mismatch() {
     assert_eq!(
         bind(&mut r, 3, 1, DType::Float64, 32),
         Err(Error::InPlaceDTypeMismatch {
-            path: "model.table".into(),
+            path: "['model']['table']".into(),
             incoming: DType::Int64,
             destination: DType::Float64
         })
@@ -1195,7 +1195,7 @@ fn digest_mismatch_from_the_trailer() {
     // Storage 2 is model.emb (the DTensor), after the prefix and the metadata digest.
     trailer[16 + 2 * 8] ^= 1;
     let want = Error::DigestMismatch {
-        path: "model.emb".into(),
+        path: "['model']['emb']".into(),
         storage: 2,
     };
     // The mismatch is kept, not returned at once, so that a chain receiver still forwards everything;
@@ -1255,7 +1255,7 @@ fn digest_mismatch_from_a_late_storage_digest() {
     digests[at] = 12345;
     r.handle_digests(late, &digests).unwrap();
     let want = Error::DigestMismatch {
-        path: "model.table".into(),
+        path: "['model']['table']".into(),
         storage: 3,
     };
     assert_eq!(r.digest_mismatch(), Some(&want));
@@ -1305,7 +1305,7 @@ fn digest_mismatch_names_the_lowest_storage_whatever_the_order() {
         r.handle_digests(m, &d).unwrap();
     }
     let want = Error::DigestMismatch {
-        path: "model.layers.0.bias".into(),
+        path: "['model']['layers'][0]['bias']".into(),
         storage: 1,
     };
     assert_eq!(r.digest_mismatch(), Some(&want));
@@ -1539,26 +1539,26 @@ fn display_is_one_clear_line() {
         ),
         (
             Error::InPlaceSizeMismatch {
-                path: "model.layers.0.weight".into(),
+                path: "['model']['layers'][0]['weight']".into(),
                 expected: 48,
                 got: 44,
             },
-            "model.layers.0.weight: in-place destination has 44 bytes, incoming tensor needs 48",
+            "['model']['layers'][0]['weight']: in-place destination has 44 bytes, incoming tensor needs 48",
         ),
         (
             Error::InPlaceDTypeMismatch {
-                path: "opt.0".into(),
+                path: "['opt'][0]".into(),
                 incoming: DType::Int64,
                 destination: DType::Float32,
             },
-            "opt.0: cannot receive int64 into an in-place float32 tensor",
+            "['opt'][0]: cannot receive int64 into an in-place float32 tensor",
         ),
         (
             Error::DigestMismatch {
-                path: "model.emb".into(),
+                path: "['model']['emb']".into(),
                 storage: 2,
             },
-            "model.emb: storage 2 does not match the sender's digest",
+            "['model']['emb']: storage 2 does not match the sender's digest",
         ),
         (
             Error::StepMismatch {

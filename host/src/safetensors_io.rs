@@ -6,13 +6,12 @@
 //! file reads it straight from the page cache). The file must not be modified while the state dict
 //! (or anything cloned from it) is alive.
 //!
-//! - **Names.** A tensor name with dots becomes a path of nested dicts with string keys:
-//!   `model.layers.0.weight` → `model` → `layers` → `"0"` → `weight` (every key stays a string, so
-//!   [`save`] writes the same name back). If one name is a prefix of another at a dot (`a` and `a.b`),
-//!   or a name's first part is [`METADATA_KEY`], the names cannot all be nested: the **whole file** is
-//!   then loaded flat — one top-level dict whose keys are the full names, dots included.
-//! - **Order.** Tensors appear in the order of their bytes in the file (dicts in the order of their
-//!   first tensor), so a loaded file is sent front to back.
+//! - **Names.** The state dict is flat, as PyTorch's `model.state_dict()`: one top-level dict whose
+//!   string keys are the tensor names byte for byte, dots included (`"model.layers.0.weight"` is one
+//!   key), so [`save`] writes the same names back and a Python rank receives the dict that
+//!   `load_state_dict` expects.
+//! - **Order.** Tensors appear in the order of their bytes in the file, so a loaded file is sent
+//!   front to back.
 //! - **`__metadata__`.** The file's string→string metadata map, if present (even if empty), becomes a
 //!   dict under the reserved top-level key [`METADATA_KEY`] (`"__metadata__"`, first in the root
 //!   dict) whose entries are [`Value::Str`], sorted by key. If it has a [`STEP_KEY`] (`"pgt.step"`)
@@ -21,8 +20,11 @@
 //!   dtype for (`F4`, `F6_E2M3`, `F6_E3M2`, `F8_E8M0`) is an error naming the tensor.
 //!
 //! # Saving ([`save`])
-//! Every leaf is written under its key path joined with dots ([`KeyPath`]'s display: int keys and
-//! list indices as decimal numbers; a root that is itself a leaf is named `<root>`):
+//! Every leaf is written under its [`dotted_name`]: a flat dict's keys as they are (so a loaded file
+//! saves back under the same names), and the keys of nested dicts, int keys and list indices joined
+//! with dots (`{"model": {"layers": [{"w": …}]}}` → `model.layers.0.w`; a root that is itself a leaf
+//! is named `<root>`). Nested and flat names can meet (`{"a": {"b": …}}` and `{"a.b": …}`): that is
+//! an error naming the key path, never a silent overwrite.
 //! - a **tensor** by its view's elements in row-major order: a dense tensor's bytes are written from
 //!   its storage as they are, a strided or offset view as its contiguous elements
 //!   ([`Tensor::contiguous_bytes`], one tensor at a time); zero-size and 0-dim tensors are fine;
@@ -68,6 +70,26 @@ pub const METADATA_KEY: &str = "__metadata__";
 
 /// The metadata entry that carries [`StateDict::step`].
 pub const STEP_KEY: &str = "pgt.step";
+
+/// The name a leaf at `path` is saved under: its keys and indices joined with dots (decimal numbers
+/// for int keys and indices), `<root>` for the empty path.
+pub fn dotted_name(path: &KeyPath) -> String {
+    if path.0.is_empty() {
+        return "<root>".into();
+    }
+    let mut name = String::new();
+    for (i, e) in path.0.iter().enumerate() {
+        if i > 0 {
+            name.push('.');
+        }
+        match e {
+            PathElem::Key(Key::Str(s)) => name.push_str(s),
+            PathElem::Key(Key::Int(n)) => name.push_str(&n.to_string()),
+            PathElem::Index(n) => name.push_str(&n.to_string()),
+        }
+    }
+    name
+}
 
 /// Loads a safetensors file without copying its tensor bytes (see the [module docs](self) for names,
 /// `__metadata__` and dtypes).
@@ -116,13 +138,10 @@ pub fn load(path: impl AsRef<Path>) -> Result<StateDict<'static>> {
         tensors.push((name, tensor));
     }
 
-    let mut root = match nest(&mut tensors) {
-        Some(dict) => dict,
-        None => tensors
-            .into_iter()
-            .map(|(name, t)| (Key::Str(name), Tree::Leaf(Entry::Tensor(t))))
-            .collect(),
-    };
+    let mut root: Vec<(Key, Tree<'static>)> = tensors
+        .into_iter()
+        .map(|(name, t)| (Key::Str(name), Tree::Leaf(Entry::Tensor(t))))
+        .collect();
     let mut step = None;
     if let Some(map) = metadata.metadata() {
         let sorted: BTreeMap<&String, &String> = map.iter().collect();
@@ -144,93 +163,6 @@ pub fn load(path: impl AsRef<Path>) -> Result<StateDict<'static>> {
         root: Tree::Dict(root),
         step,
     })
-}
-
-/// A dict being built: items in insertion order, plus an index by key.
-#[derive(Default)]
-struct DictBuilder {
-    items: Vec<(String, Slot)>,
-    index: HashMap<String, usize>,
-}
-
-enum Slot {
-    Leaf(Tensor<'static>),
-    Dict(DictBuilder),
-}
-
-impl DictBuilder {
-    /// Inserts a tensor at `parts`; false on a conflict (a name that is a prefix of another).
-    fn insert(&mut self, parts: &[&str], tensor: Tensor<'static>) -> bool {
-        let (first, rest) = match parts.split_first() {
-            Some(x) => x,
-            None => return false,
-        };
-        let existing = self.index.get(*first).copied();
-        if rest.is_empty() {
-            if existing.is_some() {
-                return false;
-            }
-            self.index.insert(first.to_string(), self.items.len());
-            self.items.push((first.to_string(), Slot::Leaf(tensor)));
-            return true;
-        }
-        let at = match existing {
-            Some(i) => i,
-            None => {
-                self.index.insert(first.to_string(), self.items.len());
-                self.items
-                    .push((first.to_string(), Slot::Dict(DictBuilder::default())));
-                self.items.len() - 1
-            }
-        };
-        match &mut self.items[at].1 {
-            Slot::Dict(d) => d.insert(rest, tensor),
-            Slot::Leaf(_) => false,
-        }
-    }
-
-    fn build(self) -> Vec<(Key, Tree<'static>)> {
-        self.items
-            .into_iter()
-            .map(|(k, slot)| {
-                let tree = match slot {
-                    Slot::Leaf(t) => Tree::Leaf(Entry::Tensor(t)),
-                    Slot::Dict(d) => Tree::Dict(d.build()),
-                };
-                (Key::Str(k), tree)
-            })
-            .collect()
-    }
-}
-
-/// The tensors as nested dicts, or `None` (tensors untouched) if the names conflict.
-fn nest(tensors: &mut Vec<(String, Tensor<'static>)>) -> Option<Vec<(Key, Tree<'static>)>> {
-    if tensors
-        .iter()
-        .any(|(name, _)| name.split('.').next() == Some(METADATA_KEY))
-    {
-        return None;
-    }
-    // Check for conflicts first, on names alone, so the tensors can be moved in afterwards.
-    let names: HashSet<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
-    for (name, _) in tensors.iter() {
-        for (i, b) in name.bytes().enumerate() {
-            if b == b'.' && names.contains(&name[..i]) {
-                return None;
-            }
-        }
-    }
-    let mut root = DictBuilder::default();
-    for (name, tensor) in std::mem::take(tensors) {
-        let parts: Vec<&str> = name.split('.').collect();
-        // Unreachable after the check above (names are unique in a safetensors file), but a conflict
-        // must never lose a tensor: assert rather than drop it silently.
-        assert!(
-            root.insert(&parts, tensor),
-            "tensor name conflict on {name:?}"
-        );
-    }
-    Some(root.build())
 }
 
 /// A tensor as the `safetensors` crate's [`View`]: bytes borrowed from the state dict's storage (dense
@@ -433,12 +365,12 @@ pub fn save(state_dict: &StateDict<'_>, path: impl AsRef<Path>) -> Result<()> {
     };
     // Values, and what the file can't say about DTensors and ShardedTensors, go to the metadata.
     for (kp, entry) in state_dict.entries() {
-        let name = kp.to_string();
+        let name = dotted_name(&kp);
         match entry {
             Entry::Value(v) => {
                 let key = match kp.0.split_first() {
                     Some((first, rest)) if is_metadata_key(first) && !rest.is_empty() => {
-                        KeyPath(rest.to_vec()).to_string()
+                        dotted_name(&KeyPath(rest.to_vec()))
                     }
                     _ => name,
                 };
@@ -592,7 +524,7 @@ impl Drop for TempFile {
 pub fn tensor_names<'s, 'a>(state_dict: &'s StateDict<'a>) -> Vec<(String, &'s Tensor<'a>)> {
     let mut out = Vec::new();
     for (kp, entry) in state_dict.entries() {
-        let name = kp.to_string();
+        let name = dotted_name(&kp);
         match entry {
             Entry::Value(_) => {}
             Entry::Tensor(t) | Entry::DTensor { local: t, .. } => out.push((name, t)),
@@ -751,90 +683,76 @@ mod tests {
     }
 
     #[test]
-    fn dotted_names_nest_and_save_back_to_the_same_names() {
-        let dir = temp_dir("nested");
-        let mut sd = StateDict::new();
-        sd.insert("model.layers.0.weight", Entry::Tensor(f32s(&[2, 2], 0.0)))
-            .unwrap();
-        sd.insert("model.layers.0.bias", Entry::Tensor(f32s(&[2], 5.0)))
-            .unwrap();
-        sd.insert("model.layers.1.weight", Entry::Tensor(f32s(&[2, 2], 7.0)))
-            .unwrap();
-        sd.insert("lm_head.weight", Entry::Tensor(f32s(&[3], 9.0)))
-            .unwrap();
-        let path = dir.join("n.safetensors");
-        save(&sd, &path).unwrap();
-        let back = load(&path).unwrap();
-        let Tree::Dict(root) = &back.root else {
-            panic!("root is not a dict")
-        };
-        let keys: HashSet<&Key> = root.iter().map(|(k, _)| k).collect();
-        assert_eq!(
-            keys,
-            [str_key("model"), str_key("lm_head")].iter().collect()
-        );
-        let Tree::Dict(model) = &root.iter().find(|(k, _)| *k == str_key("model")).unwrap().1
-        else {
-            panic!("model is not a dict")
-        };
-        let Tree::Dict(layers) = &model[0].1 else {
-            panic!("layers is not a dict")
-        };
-        // Keys stay strings: "0", not the int 0.
-        assert!(layers.iter().any(|(k, _)| *k == str_key("0")));
-        assert_eq!(
-            back.tensor("model.layers.1.weight")
-                .unwrap()
-                .to_vec::<f32>()
-                .unwrap(),
-            [7.0, 8.0, 9.0, 10.0]
-        );
-        let again = dir.join("again.safetensors");
-        save(&back, &again).unwrap();
-        let names: Vec<String> = read_raw(&again).0.into_keys().collect();
-        assert_eq!(
-            names,
-            [
-                "lm_head.weight",
-                "model.layers.0.bias",
-                "model.layers.0.weight",
-                "model.layers.1.weight"
-            ]
-        );
-        std::fs::remove_dir_all(&dir).ok();
-    }
-
-    #[test]
-    fn prefix_conflicts_load_flat() {
+    fn names_load_as_flat_keys_and_save_back_byte_for_byte() {
         let dir = temp_dir("flat");
-        let mut sd = StateDict::new();
-        // Flat keys with dots in them: "a" and "a.b" cannot both be nested.
-        sd.root = Tree::Dict(vec![
-            (str_key("a"), Tree::Leaf(Entry::Tensor(f32s(&[1], 1.0)))),
-            (str_key("a.b"), Tree::Leaf(Entry::Tensor(f32s(&[1], 2.0)))),
-            (str_key("c.d"), Tree::Leaf(Entry::Tensor(f32s(&[1], 3.0)))),
-        ]);
+        // Torch-shaped names, including ones that are prefixes of others at a dot and odd bytes.
+        let names = [
+            "net1.weight",
+            "net1.bias",
+            "layers.0.bias",
+            "a",
+            "a.b",
+            "..",
+            "größe.0",
+            "__metadata__.x",
+        ];
+        let sd: StateDict = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (*n, f32s(&[2], i as f32)))
+            .collect();
         let path = dir.join("f.safetensors");
         save(&sd, &path).unwrap();
         let back = load(&path).unwrap();
         let Tree::Dict(root) = &back.root else {
             panic!("root is not a dict")
         };
-        let keys: HashSet<&Key> = root.iter().map(|(k, _)| k).collect();
+        // One flat key per name, in the order of the file's bytes (as written: by name).
+        let mut sorted = names.to_vec();
+        sorted.sort();
+        let keys: Vec<&Key> = root.iter().map(|(k, _)| k).collect();
         assert_eq!(
             keys,
-            [str_key("a"), str_key("a.b"), str_key("c.d")]
+            sorted
                 .iter()
-                .collect()
+                .map(|n| str_key(n))
+                .collect::<Vec<_>>()
+                .iter()
+                .collect::<Vec<_>>()
         );
-        let get = |k: &str| match &root.iter().find(|(key, _)| *key == str_key(k)).unwrap().1 {
-            Tree::Leaf(Entry::Tensor(t)) => t.to_vec::<f32>().unwrap(),
-            _ => panic!("{k} is not a tensor"),
-        };
-        assert_eq!(
-            (get("a"), get("a.b"), get("c.d")),
-            (vec![1.0], vec![2.0], vec![3.0])
-        );
+        for (i, n) in names.iter().enumerate() {
+            assert_eq!(
+                back.tensor(*n).unwrap().to_vec::<f32>().unwrap(),
+                [i as f32, i as f32 + 1.0],
+                "{n}"
+            );
+        }
+        assert!(back.tensor(&["net1", "weight"]).is_none(), "not nested");
+        let again = dir.join("again.safetensors");
+        save(&back, &again).unwrap();
+        let saved: Vec<String> = read_raw(&again).0.into_keys().collect();
+        assert_eq!(saved, sorted);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn nested_dicts_save_under_dotted_names_and_clashes_are_errors() {
+        let dir = temp_dir("nested");
+        let mut sd = StateDict::new();
+        sd.insert_path(&["model", "layers", "0", "weight"], f32s(&[2, 2], 0.0))
+            .unwrap();
+        sd.insert("lm_head.weight", f32s(&[3], 9.0)).unwrap();
+        let path = dir.join("n.safetensors");
+        save(&sd, &path).unwrap();
+        let names: Vec<String> = read_raw(&path).0.into_keys().collect();
+        assert_eq!(names, ["lm_head.weight", "model.layers.0.weight"]);
+        // Loaded back flat: the nesting was the user's, the file has names.
+        let back = load(&path).unwrap();
+        assert!(back.tensor("model.layers.0.weight").is_some());
+        // A nested and a flat key with the same dotted name cannot share the file.
+        sd.insert("model.layers.0.weight", f32s(&[1], 1.0)).unwrap();
+        let err = save(&sd, &path).unwrap_err().to_string();
+        assert!(err.contains("two tensors would share this name"), "{err}");
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -857,7 +775,7 @@ mod tests {
         let Tree::Dict(root) = &sd.root else { panic!() };
         assert_eq!(root[0].0, str_key(METADATA_KEY), "__metadata__ comes first");
         assert!(matches!(
-            sd.get_str("__metadata__.format"),
+            sd.get(&["__metadata__", "format"]),
             Some(Entry::Value(Value::Str(s))) if s == "pt"
         ));
         // Saved back unchanged.
@@ -881,7 +799,7 @@ mod tests {
         sd.insert("opt.none", Entry::Value(Value::None)).unwrap();
         sd.insert("opt.raw", Entry::Value(Value::Bytes(vec![1, 0xab])))
             .unwrap();
-        sd.insert("__metadata__.format", Entry::Value(Value::Str("pt".into())))
+        sd.insert_path(&["__metadata__", "format"], Value::Str("pt".into()))
             .unwrap();
         sd.step = Some(7);
         let path = dir.join("v.safetensors");

@@ -3,11 +3,30 @@
 //! (an aligned [`Buffer`]), borrowed (`&[u8]`, e.g. from an mmap), borrowed writable (`&mut [u8]`: a
 //! model's own memory, received into in place) or shared (`Arc`, e.g. a whole mapped file, with a
 //! byte range).
+//!
+//! Shaped like PyTorch's: a key is what the user wrote, so `sd.insert("net1.weight", t)` makes the
+//! one flat key `"net1.weight"` of a `model.state_dict()`, and nesting comes only from
+//! [`StateDict::insert_path`] (or a [`Tree`] built by hand). [`StateDict::get`], `get_mut` and
+//! `tensor` look up a root-level key, nested string keys (`&["optim", "lr"]`) or a [`KeyPath`]
+//! ([`Locator`]). A dict also collects from `(key, entry)` pairs. `==` and the first difference
+//! between two dicts are in [`crate::compare`].
+//!
+//! ```
+//! use pgt_host::prelude::*;
+//! let mut sd: StateDict = [("net1.weight", Tensor::from_values(&[2], &[1.0f32, 2.0])?)]
+//!     .into_iter()
+//!     .collect();
+//! sd.insert_path(&["optim", "lr"], Value::Float(1e-3))?;
+//! assert!(sd.tensor("net1.weight").is_some());
+//! assert!(sd.tensor(&["net1", "weight"]).is_none()); // a dotted key is one key
+//! # Ok::<(), pgt_host::Error>(())
+//! ```
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
 
-use pgt_core::dtensor::DTensorSpec;
+use pgt_core::dtensor::{DTensorSpec, DeviceMesh, Placement};
 use pgt_core::dtype::DType;
 use pgt_core::layout::{TensorLayout, MAX_VIEW_EXPANSION};
 use pgt_core::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
@@ -102,7 +121,41 @@ macro_rules! element {
 }
 element!(f64 => Float64, f32 => Float32, half::f16 => Float16, half::bf16 => BFloat16,
     i64 => Int64, i32 => Int32, i16 => Int16, i8 => Int8,
-    u64 => UInt64, u32 => UInt32, u16 => UInt16, u8 => UInt8);
+    u64 => UInt64, u32 => UInt32, u16 => UInt16, u8 => UInt8,
+    [f64; 2] => Complex128, [f32; 2] => Complex64, Complex32 => Complex32,
+    Float8E4M3Fn => Float8E4M3Fn, Float8E5M2 => Float8E5M2,
+    Float8E4M3Fnuz => Float8E4M3Fnuz, Float8E5M2Fnuz => Float8E5M2Fnuz);
+
+/// A `complex32` element (torch's `chalf`): real and imaginary parts as float16. `complex64` and
+/// `complex128` elements are `[f32; 2]` and `[f64; 2]`, `[re, im]`.
+pub type Complex32 = [half::f16; 2];
+
+macro_rules! float8 {
+    ($($name:ident: $torch:literal),* $(,)?) => {$(
+        #[doc = concat!("A `torch.", $torch, "` element, as its raw byte (pgt moves float8 bits, it never")]
+        /// does arithmetic on them).
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+        #[repr(transparent)]
+        pub struct $name(pub u8);
+    )*};
+}
+float8!(Float8E4M3Fn: "float8_e4m3fn", Float8E5M2: "float8_e5m2",
+    Float8E4M3Fnuz: "float8_e4m3fnuz", Float8E5M2Fnuz: "float8_e5m2fnuz");
+
+/// The most dims a tensor built here may have (as the receivers' default limit).
+const MAX_NDIM: u32 = 64;
+
+/// A device mesh of `shape` over the ranks `0..product(shape)` in row-major order, as torch's
+/// `init_device_mesh(device_type, shape)`.
+pub fn init_device_mesh(device_type: &str, shape: &[u64]) -> Result<DeviceMesh> {
+    let size = pgt_core::layout::checked_product(shape).ok_or(pgt_core::Error::LayoutOverflow)?;
+    Ok(DeviceMesh {
+        shape: shape.to_vec(),
+        ranks: (0..size).collect(),
+        dim_names: None,
+        device_type: device_type.into(),
+    })
+}
 
 /// A tensor: layout plus storage.
 #[derive(Clone, Debug)]
@@ -117,7 +170,7 @@ impl<'a> Tensor<'a> {
     /// A tensor over `storage`, checked: the layout is valid ([`Error::Protocol`] names the rule it
     /// breaks) and the storage has `layout.nbytes` bytes ([`Error::StateDict`]).
     pub fn new(layout: TensorLayout, storage: Storage<'a>) -> Result<Tensor<'a>> {
-        layout.validate(64)?;
+        layout.validate(MAX_NDIM)?;
         if storage.bytes().len() as u64 != layout.nbytes {
             return Err(Error::state_dict(
                 "",
@@ -136,6 +189,31 @@ impl<'a> Tensor<'a> {
         let layout = TensorLayout::contiguous(T::DTYPE, shape);
         let bytes = bytemuck::cast_slice(values);
         Tensor::new(layout, Storage::Owned(Buffer::from_slice(bytes)))
+    }
+
+    /// A contiguous `bool` tensor owning a copy of `values`.
+    pub fn from_bools(shape: &[u64], values: &[bool]) -> Result<Tensor<'static>> {
+        let bytes: Vec<u8> = values.iter().map(|&b| u8::from(b)).collect();
+        Tensor::from_bytes(DType::Bool, shape, &bytes)
+    }
+
+    /// The view's elements of a `bool` tensor in row-major order; a byte other than 0 or 1 is an
+    /// error (torch never stores one).
+    pub fn to_bools(&self) -> Result<Vec<bool>> {
+        if self.layout.dtype != DType::Bool {
+            return Err(Error::state_dict(
+                "",
+                format!("tensor is {}, not bool", self.layout.dtype),
+            ));
+        }
+        self.contiguous_bytes()?
+            .into_iter()
+            .map(|b| match b {
+                0 => Ok(false),
+                1 => Ok(true),
+                x => Err(Error::state_dict("", format!("bool byte {x:#04x}"))),
+            })
+            .collect()
     }
 
     /// A contiguous tensor over bytes it owns.
@@ -228,6 +306,117 @@ pub enum Entry<'a> {
 }
 
 impl<'a> Entry<'a> {
+    /// A DTensor from this rank's `local` tensor, as torch's `DTensor.from_local(local, mesh,
+    /// placements, run_check=False)` with even sharding: the global shape multiplies the local size
+    /// along each sharded dim by its mesh dim's size, and the global stride rescales the local one
+    /// likewise (torch's `compute_global_tensor_info`); the dtype is the local tensor's. Checks what
+    /// torch checks, and the spec's own rules ([`DTensorSpec::validate`]): one placement per mesh
+    /// dim, shard dims inside the tensor, mesh ranks unique, sizes that do not overflow.
+    pub fn dtensor_from_local(
+        local: Tensor<'a>,
+        mesh: DeviceMesh,
+        placements: Vec<Placement>,
+    ) -> Result<Entry<'a>> {
+        if placements.len() != mesh.shape.len() {
+            return Err(pgt_core::Error::PlacementCount {
+                placements: placements.len() as u64,
+                mesh_ndim: mesh.shape.len() as u64,
+            }
+            .into());
+        }
+        let mut shape = local.layout.shape.clone();
+        let mut stride = local.layout.stride.clone();
+        for (p, &mesh_size) in placements.iter().zip(&mesh.shape) {
+            let Placement::Shard(dim) = *p else { continue };
+            let dim = dim as usize;
+            if dim >= shape.len() {
+                return Err(pgt_core::Error::ShardDimOutOfRange {
+                    dim: dim as u64,
+                    ndim: shape.len() as u64,
+                }
+                .into());
+            }
+            shape[dim] = shape[dim]
+                .checked_mul(mesh_size)
+                .ok_or(pgt_core::Error::LayoutOverflow)?;
+            let shard_stride = stride[dim];
+            for (i, s) in stride.iter_mut().enumerate() {
+                if i != dim && *s >= shard_stride {
+                    *s = s
+                        .checked_mul(mesh_size)
+                        .ok_or(pgt_core::Error::LayoutOverflow)?;
+                }
+            }
+        }
+        let spec = DTensorSpec {
+            mesh,
+            placements,
+            global_shape: shape,
+            global_stride: stride,
+            dtype: local.layout.dtype,
+        };
+        spec.validate(&local.layout, MAX_NDIM)?;
+        Ok(Entry::DTensor { local, spec })
+    }
+
+    /// A ShardedTensor from this rank's shards when they are all the shards of the tensor (one
+    /// process holds the whole ShardedTensor): [`Entry::sharded_from_local_shards_and_global`] with
+    /// the local shards' metadata as the global shards.
+    pub fn sharded_from_local_shards(
+        local_shards: Vec<(Tensor<'a>, ShardMetadata)>,
+        global_size: &[u64],
+    ) -> Result<Entry<'a>> {
+        let global_shards = local_shards.iter().map(|(_, m)| m.clone()).collect();
+        Entry::sharded_from_local_shards_and_global(local_shards, global_shards, global_size)
+    }
+
+    /// A ShardedTensor from this rank's shards and the metadata of every shard on every rank (what
+    /// torch's `init_from_local_shards` gathers from the group; here the caller says it), as
+    /// torch's `ShardedTensor._init_from_local_shards_and_global_metadata`. The dtype is the local
+    /// shards' (given once). Checks what torch checks: at least one local shard (to take the dtype
+    /// from) and all of one dtype, each local tensor contiguous and of its metadata's size, every
+    /// shard inside the global size with a `rank:N/device` placement, the global shards tiling the
+    /// tensor, and each local shard among them ([`ShardedTensorMetadata::validate`]).
+    pub fn sharded_from_local_shards_and_global(
+        local_shards: Vec<(Tensor<'a>, ShardMetadata)>,
+        global_shards: Vec<ShardMetadata>,
+        global_size: &[u64],
+    ) -> Result<Entry<'a>> {
+        let Some((first, _)) = local_shards.first() else {
+            return Err(Error::state_dict(
+                "",
+                "a ShardedTensor needs a local shard to take its dtype from",
+            ));
+        };
+        let global = ShardedTensorMetadata {
+            shards: global_shards,
+            global_size: global_size.to_vec(),
+            dtype: first.layout.dtype,
+        };
+        for (i, (t, _)) in local_shards.iter().enumerate() {
+            if !t.layout.is_contiguous() {
+                return Err(Error::state_dict(
+                    "",
+                    format!(
+                        "local shard {i} is not contiguous (torch supports contiguous shards only)"
+                    ),
+                ));
+            }
+        }
+        let described: Vec<LocalShard> = local_shards
+            .iter()
+            .map(|(t, meta)| LocalShard {
+                layout: t.layout.clone(),
+                meta: meta.clone(),
+            })
+            .collect();
+        global.validate(&described, MAX_NDIM)?;
+        Ok(Entry::Sharded {
+            local_shards,
+            global,
+        })
+    }
+
     /// The tensors whose storages travel, in wire order.
     pub fn tensors(&self) -> Vec<&Tensor<'a>> {
         match self {
@@ -338,6 +527,118 @@ pub enum Tree<'a> {
     Leaf(Entry<'a>),
 }
 
+/// What [`StateDict::get`] looks up: a root-level key (`str`, `String`, [`Key`]), nested string
+/// keys (`[&str; N]`, `[&str]`) or a whole [`KeyPath`] (`[PathElem]`).
+pub trait Locator {
+    /// The path from the root.
+    fn steps(&self) -> Cow<'_, [PathElem]>;
+}
+
+impl Locator for str {
+    fn steps(&self) -> Cow<'_, [PathElem]> {
+        Cow::Owned(vec![PathElem::Key(Key::Str(self.into()))])
+    }
+}
+
+impl<T: Locator + ?Sized> Locator for &T {
+    fn steps(&self) -> Cow<'_, [PathElem]> {
+        (**self).steps()
+    }
+}
+
+impl Locator for String {
+    fn steps(&self) -> Cow<'_, [PathElem]> {
+        self.as_str().steps()
+    }
+}
+
+impl Locator for Key {
+    fn steps(&self) -> Cow<'_, [PathElem]> {
+        Cow::Owned(vec![PathElem::Key(self.clone())])
+    }
+}
+
+impl Locator for KeyPath {
+    fn steps(&self) -> Cow<'_, [PathElem]> {
+        Cow::Borrowed(&self.0)
+    }
+}
+
+impl Locator for [PathElem] {
+    fn steps(&self) -> Cow<'_, [PathElem]> {
+        Cow::Borrowed(self)
+    }
+}
+
+impl Locator for [&str] {
+    fn steps(&self) -> Cow<'_, [PathElem]> {
+        Cow::Owned(
+            self.iter()
+                .map(|s| PathElem::Key(Key::Str((*s).into())))
+                .collect(),
+        )
+    }
+}
+
+impl<const N: usize> Locator for [&str; N] {
+    fn steps(&self) -> Cow<'_, [PathElem]> {
+        self.as_slice().steps()
+    }
+}
+
+impl<'a> From<Tensor<'a>> for Entry<'a> {
+    fn from(t: Tensor<'a>) -> Self {
+        Entry::Tensor(t)
+    }
+}
+
+impl From<Value> for Entry<'_> {
+    fn from(v: Value) -> Self {
+        Entry::Value(v)
+    }
+}
+
+impl<'a> From<Entry<'a>> for Tree<'a> {
+    fn from(e: Entry<'a>) -> Self {
+        Tree::Leaf(e)
+    }
+}
+
+impl<'a> From<Tensor<'a>> for Tree<'a> {
+    fn from(t: Tensor<'a>) -> Self {
+        Tree::Leaf(Entry::Tensor(t))
+    }
+}
+
+impl From<Value> for Tree<'_> {
+    fn from(v: Value) -> Self {
+        Tree::Leaf(Entry::Value(v))
+    }
+}
+
+/// A flat dict from `(key, entry)` pairs, in order (a later equal key replaces the earlier entry in
+/// its place), like `dict(pairs)` in Python.
+impl<'a, K: Into<Key>, E: Into<Entry<'a>>> FromIterator<(K, E)> for StateDict<'a> {
+    fn from_iter<I: IntoIterator<Item = (K, E)>>(pairs: I) -> Self {
+        let mut items: Vec<(Key, Tree<'a>)> = Vec::new();
+        let mut index: std::collections::HashMap<Key, usize> = std::collections::HashMap::new();
+        for (k, e) in pairs {
+            let (key, tree) = (k.into(), Tree::Leaf(e.into()));
+            match index.get(&key) {
+                Some(&i) => items[i].1 = tree,
+                None => {
+                    index.insert(key.clone(), items.len());
+                    items.push((key, tree));
+                }
+            }
+        }
+        StateDict {
+            root: Tree::Dict(items),
+            step: None,
+        }
+    }
+}
+
 /// A state dict: a tree plus the training step it was taken at.
 #[derive(Clone, Debug)]
 pub struct StateDict<'a> {
@@ -362,44 +663,82 @@ impl<'a> StateDict<'a> {
         Self::default()
     }
 
-    /// Inserts `entry` at a dotted path of string keys (`"model.layers.0.weight"`), creating dicts on
-    /// the way; replaces an existing entry.
-    pub fn insert(&mut self, path: &str, entry: Entry<'a>) -> Result<()> {
+    /// Inserts `entry` (an [`Entry`], [`Tensor`], [`Value`] or a whole [`Tree`]) under the
+    /// root-level `key`, replacing what is already there. A string key
+    /// is one key whatever it contains: `insert("net1.weight", …)` makes the flat key
+    /// `"net1.weight"`, as in a PyTorch `model.state_dict()` ([`StateDict::insert_path`] nests).
+    /// Errors if the root is not a dict.
+    pub fn insert(&mut self, key: impl Into<Key>, entry: impl Into<Tree<'a>>) -> Result<()> {
+        self.insert_path(&[PathElem::Key(key.into())][..], entry)
+    }
+
+    /// Inserts `entry` at `path`, creating the dicts its keys name on the way and replacing an
+    /// entry already there. A list or tuple index must name an existing element.
+    /// `path` is a [`KeyPath`] or nested string keys: `sd.insert_path(&["model", "weight"], t)`.
+    pub fn insert_path<L: Locator + ?Sized>(
+        &mut self,
+        path: &L,
+        entry: impl Into<Tree<'a>>,
+    ) -> Result<()> {
+        let steps = path.steps();
+        let path = KeyPath(steps.to_vec());
         let mut node = &mut self.root;
-        let parts: Vec<&str> = path.split('.').collect();
-        for (i, part) in parts.iter().enumerate() {
-            let Tree::Dict(items) = node else {
-                return Err(Error::state_dict(
-                    path,
-                    format!("{} is not a dict", parts[..i].join(".")),
-                ));
-            };
-            let key = Key::Str((*part).into());
-            let pos = match items.iter().position(|(k, _)| *k == key) {
-                Some(p) => p,
-                None => {
-                    let child = if i + 1 == parts.len() {
-                        Tree::Leaf(Entry::Value(Value::None))
-                    } else {
-                        Tree::Dict(Vec::new())
+        for (depth, elem) in path.0.iter().enumerate() {
+            let last = depth + 1 == path.0.len();
+            let at = || KeyPath(path.0[..depth].to_vec());
+            node = match (node, elem) {
+                (Tree::Dict(items), PathElem::Key(key)) => {
+                    let pos = match items.iter().position(|(k, _)| k == key) {
+                        Some(p) => p,
+                        None => {
+                            let child = if last {
+                                Tree::Leaf(Entry::Value(Value::None))
+                            } else {
+                                Tree::Dict(Vec::new())
+                            };
+                            items.push((key.clone(), child));
+                            items.len() - 1
+                        }
                     };
-                    items.push((key, child));
-                    items.len() - 1
+                    &mut items[pos].1
+                }
+                (Tree::List(v) | Tree::Tuple(v), PathElem::Index(i)) => {
+                    let len = v.len();
+                    v.get_mut(*i as usize).ok_or_else(|| {
+                        Error::state_dict(
+                            path.to_string(),
+                            format!("{} has {len} elements, no index {i}", at()),
+                        )
+                    })?
+                }
+                (node, _) => {
+                    let kind = match node {
+                        Tree::Dict(_) => "a dict (it takes keys, not indices)",
+                        Tree::List(_) => "a list (it takes indices, not keys)",
+                        Tree::Tuple(_) => "a tuple (it takes indices, not keys)",
+                        Tree::Leaf(_) => "a leaf",
+                    };
+                    return Err(Error::state_dict(
+                        path.to_string(),
+                        format!("{} is {kind}", at()),
+                    ));
                 }
             };
-            node = &mut items[pos].1;
         }
-        *node = Tree::Leaf(entry);
+        *node = entry.into();
         Ok(())
     }
 
-    /// The entry at a key path, if any.
-    pub fn get(&self, path: &KeyPath) -> Option<&Entry<'a>> {
+    /// The entry at `at`: a root-level key (`sd.get("net1.weight")`, a [`Key`]), a path of nested
+    /// string keys (`sd.get(&["model", "weight"])`) or a [`KeyPath`].
+    pub fn get<L: Locator + ?Sized>(&self, at: &L) -> Option<&Entry<'a>> {
         let mut node = &self.root;
-        for elem in &path.0 {
+        for elem in at.steps().iter() {
             node = match (node, elem) {
                 (Tree::Dict(items), PathElem::Key(k)) => &items.iter().find(|(key, _)| key == k)?.1,
-                (Tree::List(v) | Tree::Tuple(v), PathElem::Index(i)) => v.get(*i as usize)?,
+                (Tree::List(v) | Tree::Tuple(v), PathElem::Index(i)) => {
+                    v.get(usize::try_from(*i).ok()?)?
+                }
                 _ => return None,
             };
         }
@@ -409,19 +748,29 @@ impl<'a> StateDict<'a> {
         }
     }
 
-    /// The entry at a dotted path of string keys.
-    pub fn get_str(&self, path: &str) -> Option<&Entry<'a>> {
-        let kp = KeyPath(
-            path.split('.')
-                .map(|s| PathElem::Key(Key::Str(s.into())))
-                .collect(),
-        );
-        self.get(&kp)
+    /// The entry at `at` (as [`StateDict::get`]), mutably.
+    pub fn get_mut<L: Locator + ?Sized>(&mut self, at: &L) -> Option<&mut Entry<'a>> {
+        let mut node = &mut self.root;
+        for elem in at.steps().iter() {
+            node = match (node, elem) {
+                (Tree::Dict(items), PathElem::Key(k)) => {
+                    &mut items.iter_mut().find(|(key, _)| key == k)?.1
+                }
+                (Tree::List(v) | Tree::Tuple(v), PathElem::Index(i)) => {
+                    v.get_mut(usize::try_from(*i).ok()?)?
+                }
+                _ => return None,
+            };
+        }
+        match node {
+            Tree::Leaf(e) => Some(e),
+            _ => None,
+        }
     }
 
-    /// The tensor at a dotted path of string keys.
-    pub fn tensor(&self, path: &str) -> Option<&Tensor<'a>> {
-        match self.get_str(path)? {
+    /// The plain tensor at `at` (as [`StateDict::get`]), if that is a plain tensor.
+    pub fn tensor<L: Locator + ?Sized>(&self, at: &L) -> Option<&Tensor<'a>> {
+        match self.get(at)? {
             Entry::Tensor(t) => Some(t),
             _ => None,
         }
@@ -573,5 +922,250 @@ impl<'a> StateDict<'a> {
 
     pub(crate) fn entry_tensors_mut<'e>(entry: &'e mut Entry<'a>) -> Vec<&'e mut Tensor<'a>> {
         entry.tensors_mut()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn protocol(e: Error) -> pgt_core::Error {
+        match e {
+            Error::Protocol(p) => p,
+            e => panic!("not a protocol error: {e}"),
+        }
+    }
+
+    #[test]
+    fn flat_keys_nested_paths_and_lookups() {
+        let mut sd = StateDict::new();
+        sd.insert("net1.weight", Value::Int(1)).unwrap();
+        sd.insert_path(&["net1", "weight"], Value::Int(2)).unwrap();
+        // Two different leaves: the flat key and the nested path.
+        assert_eq!(sd.get("net1.weight"), Some(&Entry::Value(Value::Int(1))));
+        assert_eq!(
+            sd.get(&["net1", "weight"]),
+            Some(&Entry::Value(Value::Int(2)))
+        );
+        let Tree::Dict(items) = &sd.root else {
+            panic!()
+        };
+        assert_eq!(items.len(), 2);
+        // A KeyPath with indices; inserting into a list needs the index to exist.
+        sd.insert("layers", Tree::List(vec![Value::None.into()]))
+            .unwrap();
+        let at = KeyPath(vec![PathElem::Key("layers".into()), PathElem::Index(0)]);
+        sd.insert_path(&at, Value::Int(7)).unwrap();
+        assert_eq!(sd.get(&at), Some(&Entry::Value(Value::Int(7))));
+        let past = KeyPath(vec![PathElem::Key("layers".into()), PathElem::Index(1)]);
+        let err = sd.insert_path(&past, Value::None).unwrap_err().to_string();
+        assert!(
+            err.contains("['layers'] has 1 elements, no index 1"),
+            "{err}"
+        );
+        let err = sd
+            .insert_path(&["layers", "x"], Value::None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("['layers'] is a list (it takes indices, not keys)"),
+            "{err}"
+        );
+        if let Some(Entry::Value(v)) = sd.get_mut("net1.weight") {
+            *v = Value::Int(5);
+        }
+        assert_eq!(
+            sd.get(&Key::Str("net1.weight".into())),
+            Some(&Entry::Value(Value::Int(5)))
+        );
+        assert!(sd.tensor("net1.weight").is_none(), "a value, not a tensor");
+        // A later pair with an equal key replaces the earlier one in its place.
+        let d: StateDict = [
+            ("a", Value::Int(1)),
+            ("b", Value::Int(2)),
+            ("a", Value::Int(3)),
+        ]
+        .into_iter()
+        .collect();
+        let Tree::Dict(items) = &d.root else { panic!() };
+        assert_eq!(items.len(), 2);
+        assert_eq!(d.get("a"), Some(&Entry::Value(Value::Int(3))));
+    }
+
+    #[test]
+    fn typed_constructors_for_every_dtype() {
+        let c64 = Tensor::from_values(&[2], &[[1.0f32, -1.0], [0.5, 2.0]]).unwrap();
+        assert_eq!(c64.dtype(), DType::Complex64);
+        assert_eq!(c64.to_vec::<[f32; 2]>().unwrap(), [[1.0, -1.0], [0.5, 2.0]]);
+        let c128 = Tensor::from_values(&[1], &[[1.0f64, 2.0]]).unwrap();
+        assert_eq!((c128.dtype(), c128.layout.nbytes), (DType::Complex128, 16));
+        let c32: Complex32 = [half::f16::ONE, half::f16::NEG_ONE];
+        assert_eq!(
+            Tensor::from_values(&[1], &[c32]).unwrap().dtype(),
+            DType::Complex32
+        );
+        let f8 = Tensor::from_values(&[2], &[Float8E4M3Fn(0x38), Float8E4M3Fn(0x7f)]).unwrap();
+        assert_eq!(f8.dtype(), DType::Float8E4M3Fn);
+        assert_eq!(f8.storage.bytes(), [0x38, 0x7f]);
+        assert_eq!(f8.to_vec::<Float8E4M3Fn>().unwrap()[1], Float8E4M3Fn(0x7f));
+        assert!(f8.to_vec::<Float8E5M2>().is_err(), "another float8 dtype");
+        for (t, d) in [
+            (
+                Tensor::from_values(&[1], &[Float8E5M2(1)]).unwrap(),
+                DType::Float8E5M2,
+            ),
+            (
+                Tensor::from_values(&[1], &[Float8E4M3Fnuz(1)]).unwrap(),
+                DType::Float8E4M3Fnuz,
+            ),
+            (
+                Tensor::from_values(&[1], &[Float8E5M2Fnuz(1)]).unwrap(),
+                DType::Float8E5M2Fnuz,
+            ),
+        ] {
+            assert_eq!(t.dtype(), d);
+        }
+        let b = Tensor::from_bools(&[3], &[true, false, true]).unwrap();
+        assert_eq!(
+            (b.dtype(), b.storage.bytes()),
+            (DType::Bool, &[1u8, 0, 1][..])
+        );
+        assert_eq!(b.to_bools().unwrap(), [true, false, true]);
+        let bad = Tensor::from_bytes(DType::Bool, &[1], &[2]).unwrap();
+        assert!(bad
+            .to_bools()
+            .unwrap_err()
+            .to_string()
+            .contains("bool byte 0x02"));
+        assert!(c64.to_bools().is_err());
+        // Values that do not fill the shape are an error, not a panic.
+        assert!(Tensor::from_bools(&[4], &[true]).is_err());
+    }
+
+    fn mesh(shape: &[u64]) -> DeviceMesh {
+        init_device_mesh("cpu", shape).unwrap()
+    }
+
+    #[test]
+    fn dtensor_from_local_derives_global_shape_and_stride_as_torch() {
+        let local = || Tensor::from_values(&[2, 3], &[0.0f32; 6]).unwrap();
+        // Replicate: the global tensor is the local one.
+        let Entry::DTensor { spec, .. } =
+            Entry::dtensor_from_local(local(), mesh(&[4]), vec![Placement::Replicate]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (spec.global_shape, spec.global_stride),
+            (vec![2, 3], vec![3, 1])
+        );
+        assert_eq!(spec.dtype, DType::Float32);
+        // Shard(0) over 4 ranks: [8, 3], stride [3, 1]; Shard(1): [2, 12], stride [12, 1].
+        let g = |placements: Vec<Placement>, mesh_shape: &[u64]| match Entry::dtensor_from_local(
+            local(),
+            mesh(mesh_shape),
+            placements,
+        )
+        .unwrap()
+        {
+            Entry::DTensor { spec, .. } => (spec.global_shape, spec.global_stride),
+            _ => panic!(),
+        };
+        assert_eq!(g(vec![Placement::Shard(0)], &[4]), (vec![8, 3], vec![3, 1]));
+        assert_eq!(
+            g(vec![Placement::Shard(1)], &[4]),
+            (vec![2, 12], vec![12, 1])
+        );
+        assert_eq!(
+            g(vec![Placement::Shard(0), Placement::Shard(1)], &[2, 3]),
+            (vec![4, 9], vec![9, 1])
+        );
+        // What torch refuses.
+        let err = |placements, m: &[u64]| {
+            protocol(Entry::dtensor_from_local(local(), mesh(m), placements).unwrap_err())
+        };
+        assert_eq!(
+            err(vec![], &[4]),
+            pgt_core::Error::PlacementCount {
+                placements: 0,
+                mesh_ndim: 1
+            }
+        );
+        assert_eq!(
+            err(vec![Placement::Shard(2)], &[4]),
+            pgt_core::Error::ShardDimOutOfRange { dim: 2, ndim: 2 }
+        );
+        let mut dup = mesh(&[2]);
+        dup.ranks = vec![1, 1];
+        assert_eq!(
+            protocol(
+                Entry::dtensor_from_local(local(), dup, vec![Placement::Replicate]).unwrap_err()
+            ),
+            pgt_core::Error::DuplicateMeshRank { rank: 1 }
+        );
+    }
+
+    #[test]
+    fn sharded_from_local_shards_derives_and_checks_the_global_metadata() {
+        let shard = |r: u64, rows: u64| ShardMetadata {
+            offsets: vec![r * 2, 0],
+            sizes: vec![rows, 3],
+            placement: format!("rank:{r}/cpu"),
+        };
+        let t =
+            |rows: u64| Tensor::from_values(&[rows, 3], &vec![1.0f32; rows as usize * 3]).unwrap();
+        // One process, every shard.
+        let Entry::Sharded { global, .. } = Entry::sharded_from_local_shards(
+            vec![(t(2), shard(0, 2)), (t(2), shard(1, 2))],
+            &[4, 3],
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!((global.dtype, global.shards.len()), (DType::Float32, 2));
+        // One shard of four ranks', with the others' metadata.
+        let all: Vec<ShardMetadata> = (0..4).map(|r| shard(r, 2)).collect();
+        assert!(Entry::sharded_from_local_shards_and_global(
+            vec![(t(2), shard(1, 2))],
+            all.clone(),
+            &[8, 3]
+        )
+        .is_ok());
+        let err = |locals: Vec<(Tensor<'static>, ShardMetadata)>, size: &[u64]| {
+            Entry::sharded_from_local_shards_and_global(locals, all.clone(), size).unwrap_err()
+        };
+        // A local tensor not of its metadata's size, shards not covering the global size, a shard
+        // outside it, another dtype, no local shard, a non-contiguous shard.
+        assert_eq!(
+            protocol(err(vec![(t(1), shard(1, 2))], &[8, 3])),
+            pgt_core::Error::LocalShapeMismatch
+        );
+        assert!(matches!(
+            protocol(err(vec![(t(2), shard(1, 2))], &[10, 3])),
+            pgt_core::Error::ShardsDoNotCover { .. }
+        ));
+        assert!(matches!(
+            protocol(err(vec![(t(2), shard(1, 2))], &[6, 3])),
+            pgt_core::Error::ShardOutOfBounds { .. }
+        ));
+        let ints = Tensor::from_values(&[2, 3], &[0i32; 6]).unwrap();
+        assert!(matches!(
+            protocol(
+                Entry::sharded_from_local_shards(
+                    vec![(t(2), shard(0, 2)), (ints, shard(1, 2))],
+                    &[4, 3]
+                )
+                .unwrap_err()
+            ),
+            pgt_core::Error::DTypeMismatch { .. }
+        ));
+        assert!(err(vec![], &[8, 3])
+            .to_string()
+            .contains("needs a local shard"));
+        let mut strided = t(2);
+        strided.layout.stride = vec![1, 2];
+        assert!(err(vec![(strided, shard(1, 2))], &[8, 3])
+            .to_string()
+            .contains("not contiguous"));
     }
 }

@@ -39,7 +39,8 @@ fn splitmix(mut x: u64) -> u64 {
 
 /// The pattern seed of a storage: its leaf's key path and its shard index.
 pub fn seed(path: &KeyPath, shard: usize) -> u64 {
-    pgt_core::digest::digest(path.to_string().as_bytes()) ^ (shard as u64).wrapping_mul(0x1000_0001)
+    pgt_core::digest::digest(crate::safetensors_io::dotted_name(path).as_bytes())
+        ^ (shard as u64).wrapping_mul(0x1000_0001)
 }
 
 /// Word `i` of the pattern (little-endian bytes).

@@ -408,10 +408,16 @@ fn named_ranks(leaves: &Json) -> Vec<u64> {
 
 /// The tensors a `stream` vector's receiver writes, with the digests of their bytes: those of the
 /// storages whose key path no other storage has (a tensor or DTensor over its whole storage is written
-/// as the storage's bytes, under its key path).
+/// as the storage's bytes, under its key path's dotted name).
 fn written_digests(result: &Json) -> Vec<(String, u64)> {
     let storages = result["storages"].as_array().unwrap();
-    let path = |s: &Json| s["path"].as_str().unwrap().to_string();
+    // The displayed path (`['layer']['weight']`, plain keys in the vectors) as the file's name.
+    let path = |s: &Json| {
+        let shown = s["path"].as_str().unwrap();
+        let inner = shown.trim_start_matches('[').trim_end_matches(']');
+        let elems: Vec<&str> = inner.split("][").map(|e| e.trim_matches('\'')).collect();
+        elems.join(".")
+    };
     storages
         .iter()
         .filter(|s| storages.iter().filter(|o| path(o) == path(s)).count() == 1)
@@ -833,7 +839,7 @@ fn hand_built_cases() -> Vec<Case> {
         "ranks",
         frames_of(&sd),
         Expect::line(
-            "d: refusing the checkpoint: device mesh names rank 5, outside the process group of 2 ranks"
+            "['d']: refusing the checkpoint: device mesh names rank 5, outside the process group of 2 ranks"
                 .into(),
         ),
     ));

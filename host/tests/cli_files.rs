@@ -169,7 +169,7 @@ fn checkpoint() -> StateDict<'static> {
         Entry::Tensor(Tensor::from_bytes(DType::Bool, &[5], &[1, 0, 1, 1, 0]).unwrap()),
     )
     .unwrap();
-    sd.insert("__metadata__.format", Entry::Value(Value::Str("pt".into())))
+    sd.insert_path(&["__metadata__", "format"], Value::Str("pt".into()))
         .unwrap();
     sd.insert("optimizer.lr", Entry::Value(Value::Float(3e-4)))
         .unwrap();
@@ -255,7 +255,7 @@ fn transfer(fanout: &str, extra: &[&str]) {
         assert_same_tensors(&loaded, &got, &out.display().to_string());
         assert_eq!(got.step, Some(1234));
         assert!(
-            matches!(got.get_str("__metadata__.format"), Some(Entry::Value(Value::Str(s))) if s == "pt")
+            matches!(got.get(&["__metadata__", "format"]), Some(Entry::Value(Value::Str(s))) if s == "pt")
         );
         // Values travel as metadata strings, keyed by their dotted path.
         let lr = KeyPath(vec![
@@ -551,12 +551,22 @@ fn inspect_tensors_vector_prints_layouts() {
     let out = text(&o.stdout);
     let line = out
         .lines()
-        .find(|l| l.starts_with("bf16_t "))
+        .find(|l| l.starts_with("['bf16_t'] "))
         .unwrap_or_else(|| panic!("no bf16_t line in\n{out}"));
     let cols: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(
         cols,
-        ["bf16_t", "tensor", "bfloat16", "[3,", "2]", "[1,", "3]", "0", "12"]
+        [
+            "['bf16_t']",
+            "tensor",
+            "bfloat16",
+            "[3,",
+            "2]",
+            "[1,",
+            "3]",
+            "0",
+            "12"
+        ]
     );
     assert!(out.contains("destinations  [1, 2]"), "{out}");
 }
@@ -615,7 +625,7 @@ fn inspect_safetensors_and_garbage() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|l| l["path"] == "model.layers.1.proj_t")
+        .find(|l| l["path"] == "['model.layers.1.proj_t']")
         .expect("proj_t listed");
     let layout = &t["layout"];
     assert_eq!(layout["dtype"], "int32");

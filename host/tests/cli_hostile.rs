@@ -236,7 +236,7 @@ fn ranks_outside_the_job_are_refused() {
     assert_refused(
         &ended,
         &dir,
-        &["d: refusing the checkpoint: device mesh names rank 5, outside the process group of 2 ranks"],
+        &["['d']: refusing the checkpoint: device mesh names rank 5, outside the process group of 2 ranks"],
     );
     std::fs::remove_dir_all(&dir).ok();
     // A shard placed on rank 7.
@@ -244,7 +244,7 @@ fn ranks_outside_the_job_are_refused() {
     assert_refused(
         &ended,
         &dir,
-        &["s: refusing the checkpoint: shard placed on rank 7, outside the process group of 2 ranks"],
+        &["['s']: refusing the checkpoint: shard placed on rank 7, outside the process group of 2 ranks"],
     );
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use pgt_core::dtype::DType;
 use pgt_core::schema::{FanOut, PlanParams};
+use pgt_core::tree::PathElem;
 use pgt_host::memory::BufferPool;
 use pgt_host::pg::InProcessGroup;
 use pgt_host::state_dict::{Entry, StateDict, Tensor};
@@ -120,21 +121,21 @@ fn in_place_receive_writes_existing_buffers_and_casts() {
         if let Entry::Tensor(t) = entry {
             if t.dtype() == DType::Float32
                 && cast_path.is_none()
-                && path.to_string().starts_with("model.")
+                && path.0.first() == Some(&PathElem::Key("model".into()))
             {
-                cast_path = Some(path.to_string());
+                cast_path = Some(path.clone());
             }
         }
     }
     let cast_path = cast_path.unwrap();
     {
-        let Some(Entry::Tensor(t)) = dst.get_str(&cast_path).cloned() else {
+        let Some(Entry::Tensor(t)) = dst.get(&cast_path).cloned() else {
             panic!()
         };
         let numel = t.layout.nbytes / 4;
         let bf = Tensor::from_bytes(DType::BFloat16, &[numel], &vec![0u8; (numel * 2) as usize])
             .unwrap();
-        dst.insert(&cast_path, Entry::Tensor(bf)).unwrap();
+        dst.insert_path(&cast_path, Entry::Tensor(bf)).unwrap();
     }
     let ptr_before = dst.tensor(&cast_path).unwrap().storage.bytes().as_ptr();
     let mut groups = InProcessGroup::new(2).into_iter();
@@ -155,7 +156,7 @@ fn in_place_receive_writes_existing_buffers_and_casts() {
     }
     // Every other tensor landed byte for byte.
     for (path, entry) in dst.entries() {
-        if path.to_string() == cast_path {
+        if path == cast_path {
             continue;
         }
         let expected = src.get(&path).unwrap();
@@ -236,7 +237,7 @@ fn in_place_matches_by_key_path_when_the_trees_differ() {
         let keys: Vec<String> = dst.entries().iter().map(|(p, _)| p.to_string()).collect();
         assert_eq!(
             keys,
-            ["a", "b", "c"],
+            ["['a']", "['b']", "['c']"],
             "the received tree replaces the target's"
         );
         let after: Vec<_> = in_place.iter().map(|k| ptr(&dst, k)).collect();
@@ -361,7 +362,7 @@ fn in_place_size_mismatch_names_the_key_path() {
     assert_eq!(
         core,
         &pgt_core::Error::InPlaceSizeMismatch {
-            path: "model.layers.0.weight".into(),
+            path: "['model.layers.0.weight']".into(),
             expected: 16,
             got: 12
         }
@@ -402,7 +403,7 @@ fn a_byte_corrupted_in_flight_is_caught_by_the_digest() {
     let err = results[1].as_ref().unwrap_err();
     match err {
         pgt_host::Error::Protocol(pgt_core::Error::DigestMismatch { path, .. }) => {
-            assert_eq!(path, "w01")
+            assert_eq!(path, "['w01']")
         }
         other => panic!("expected a digest mismatch, got {other:?}"),
     }

@@ -815,10 +815,10 @@ fn in_place_size_mismatch_names_the_key_path() {
     let (native, _) = both("size mismatch", options(&metadata, 1), &records, &wrong);
     let e = native.result.unwrap_err();
     assert_eq!(e.name, "InPlaceSizeMismatch");
-    assert!(e.message.starts_with("model.b:"), "{}", e.message);
+    assert!(e.message.starts_with("['model']['b']:"), "{}", e.message);
     assert_eq!(
         format!("{:?}", e.error.unwrap()),
-        "InPlaceSizeMismatch { path: \"model.b\", expected: 258, got: 260 }"
+        "InPlaceSizeMismatch { path: \"['model']['b']\", expected: 258, got: 260 }"
     );
 }
 

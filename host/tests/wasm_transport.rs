@@ -163,7 +163,7 @@ fn in_place_size_mismatch_names_the_key_path() {
     assert_eq!(
         core_error(&err),
         &pgt_core::Error::InPlaceSizeMismatch {
-            path: "model.layers.0.weight".into(),
+            path: "['model.layers.0.weight']".into(),
             expected: 16,
             got: 12
         }
@@ -176,7 +176,7 @@ fn a_corrupted_byte_is_a_digest_mismatch_in_wasm_too() {
         transfer_with_a_corrupted_byte(options(wasm(), FanOut::Direct, 1024, 4096));
     synthetic::verify(results[0].as_ref().unwrap(), &shape).unwrap();
     match core_error(results[1].as_ref().unwrap_err()) {
-        pgt_core::Error::DigestMismatch { path, .. } => assert_eq!(path, "w01"),
+        pgt_core::Error::DigestMismatch { path, .. } => assert_eq!(path, "['w01']"),
         other => panic!("expected a digest mismatch, got {other:?}"),
     }
 }

@@ -227,11 +227,11 @@ def test_inspect_safetensors(ckpt):
     data = src.read_bytes()
     by_path = {lf["path"]: lf for lf in j["leaves"]}
     for name, _, shape, blob in tensors:
-        lf = by_path[name]
+        lf = by_path[f"['{name}']"]  # a flat key: the file's name, whole
         assert lf["layout"]["shape"] == shape
         lo, hi = lf["file_range"]
         assert data[lo:hi] == blob, name
-    assert by_path["__metadata__.note"]["value"] == {"type": "str", "value": "hello"}
+    assert by_path["['__metadata__']['note']"]["value"] == {"type": "str", "value": "hello"}
     bad = src.with_name("bad.safetensors")
     bad.write_bytes(b"\x05\0\0\0\0\0\0\0{oops")
     o = inspect(bad)

@@ -252,31 +252,25 @@ def rust_file(path) -> dict:
     return tensors
 
 
-def at(tree, dotted: str):
-    for part in dotted.split("."):
-        tree = tree[part]
-    return tree
-
-
 @pytest.mark.parametrize("in_place", [False, True], ids=["fresh", "in-place"])
 def test_rust_pgt_send_to_torch(tmp_path, in_place):
-    """`pgt send FILE` -> PGTransport.recv_checkpoint over a TcpGroup: torch tensors nested by the
-    names' dots, each of the file's dtype, shape and bytes; the step checked. In place: tensors of
+    """`pgt send FILE` -> PGTransport.recv_checkpoint over a TcpGroup: a flat dict keyed by the
+    file's names (as torch's `model.state_dict()`), torch tensors each of the file's dtype, shape and
+    bytes; the step checked. In place: tensors of
     the same dtype are written in their storages and returned as the very objects; float32 -> float64,
     float64 -> bfloat16 and float32 -> float16 are cast on receive (round to nearest even, as torch)."""
     src = tmp_path / "in.safetensors"
     want = rust_file(src)
     targets = {
-        "model": {
-            "layers": {"0": {"weight": torch.zeros(3, 4, dtype=torch.float64)}},
-            "embed": torch.zeros(25, 28, dtype=torch.bfloat16),
-            "half": torch.zeros(7, dtype=torch.float16),
-        },
+        "model.layers.0.weight": torch.zeros(3, 4, dtype=torch.float64),
+        "model.embed": torch.zeros(25, 28, dtype=torch.bfloat16),
+        "model.half": torch.zeros(7, dtype=torch.float16),
         "mask": torch.zeros(9, dtype=torch.bool),
         "unsent": torch.zeros(1),
     }
-    objects = {n: at(targets, n) for n in ("model.layers.0.weight", "model.embed", "model.half")}
-    objects["mask"] = targets["mask"]
+    objects = {
+        n: targets[n] for n in ("model.layers.0.weight", "model.embed", "model.half", "mask")
+    }
     j = job(2)
     rust = Rust(j, 0, ["send", src, "--dst", "1", "--chunk-size", "1KiB", "--bucket-size", "256"])
     kw = {"state_dict": lambda: targets} if in_place else {}
@@ -286,9 +280,9 @@ def test_rust_pgt_send_to_torch(tmp_path, in_place):
         code, err = rust.finish()
     assert code == 0, err
     assert got["__metadata__"] == {"k": "v", "pgt.step": "9"}
-    assert list(got) == ["__metadata__", "model", "fp8", "fp8b", "mask", "u", "empty", "scalar"]
+    assert list(got) == ["__metadata__", *(n for n, *_ in FILE_TENSORS)]
     for n, t in want.items():
-        x = at(got, n)
+        x = got[n]
         assert type(x) is torch.Tensor and x.shape == t.shape, n
         if in_place and n in objects:
             assert x is objects[n], n
@@ -296,6 +290,55 @@ def test_rust_pgt_send_to_torch(tmp_path, in_place):
             assert x.dtype == objects[n].dtype and elements(x) == elements(cast), n
         else:
             assert x.dtype == t.dtype and elements(x) == elements(t), n
+
+
+def test_torch_shaped_names_round_trip_file_rust_python_file(tmp_path):
+    """A torch `model.state_dict()` (flat keys with dots) saved as safetensors, sent by Rust `pgt send`,
+    received by PGTransport as the same flat dict (`load_state_dict` takes it as is), saved by Python:
+    every name byte for byte, every tensor's bytes, in both files."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential()
+    model.add_module("net1", torch.nn.Linear(4, 3))
+    model.add_module("layers", torch.nn.ModuleList([torch.nn.Linear(3, 3), torch.nn.LayerNorm(3)]))
+    sd = model.state_dict()
+    sd["odd..name"] = torch.arange(3)
+    sd["a"], sd["a.b"], sd["größe.0"] = torch.ones(1), torch.zeros(2), torch.tensor(1.5)
+    names = list(sd)
+    assert "net1.weight" in names and "layers.0.bias" in names and "layers.1.weight" in names
+    src, back = tmp_path / "in.safetensors", tmp_path / "back.safetensors"
+    write_safetensors(
+        src,
+        [
+            (n, SAFETENSORS_NAME[pgt_torch.NAME_BY_DTYPE[t.dtype]], list(t.shape), elements(t))
+            for n, t in sd.items()
+        ],
+    )
+    j = job(2)
+    rust = Rust(j, 0, ["send", src, "--dst", "1"])
+    try:
+        got = j.run({1: lambda pg: transport(pg).recv_checkpoint(0)})[1]
+    finally:
+        code, err = rust.finish()
+    assert code == 0, err
+    assert sorted(got) == sorted(names)
+    fresh = torch.nn.Sequential()
+    fresh.add_module("net1", torch.nn.Linear(4, 3))
+    fresh.add_module("layers", torch.nn.ModuleList([torch.nn.Linear(3, 3), torch.nn.LayerNorm(3)]))
+    extra = {"odd..name", "a", "a.b", "größe.0"}
+    fresh.load_state_dict({n: t for n, t in got.items() if n not in extra})
+    for n, t in sd.items():
+        assert got[n].dtype == t.dtype and elements(got[n]) == elements(t), n
+    write_safetensors(
+        back,
+        [
+            (n, SAFETENSORS_NAME[pgt_torch.NAME_BY_DTYPE[t.dtype]], list(t.shape), elements(t))
+            for n, t in got.items()
+        ],
+    )
+    _, original = read_safetensors(src)
+    _, again = read_safetensors(back)
+    assert [n.encode() for n in sorted(again)] == [n.encode() for n in sorted(original)]
+    assert again == original
 
 
 # ---- chains with Rust ranks ----
@@ -347,7 +390,7 @@ def test_rust_to_torch_relay_to_rust(tmp_path):
     assert meta == {"k": "v", "pgt.step": "9"}
     assert set(file) == set(want)
     for n, t in want.items():
-        assert elements(at(got, n)) == elements(t), n
+        assert elements(got[n]) == elements(t), n
         assert file[n][2] == elements(t), n
 
 
@@ -385,7 +428,7 @@ def test_a_corrupted_byte_is_a_digest_mismatch_and_nothing_is_returned(monkeypat
         t, out = transport(pg), []
         with pytest.raises(PgtError) as e:
             out.append(t.recv_checkpoint(0))
-        assert e.value.name == "DigestMismatch" and "layer.w" in e.value.message
+        assert e.value.name == "DigestMismatch" and "['layer']['w']" in e.value.message
         assert out == []
         return t.recv_checkpoint(0, expected_step=2)
 

@@ -311,15 +311,15 @@ def unsupported_leaves(rank, world):
     import numpy as np
 
     cases = [
-        ({"a": {"b": [torch.ones(1), _NotAValue()]}}, "a.b.1", "_NotAValue"),
-        ({"opt": {"state": {1, 2}}}, "opt.state", "set"),
-        ({"x": np.zeros(3)}, "x", "ndarray"),
-        ({"p": collections.namedtuple("P", "x y")(1, 2)}, "p", "P"),
-        ({"k": {(1, 2): torch.ones(1)}}, "k.(1, 2)", "tuple"),
-        ({"huge": 2**127}, "huge", "int outside i128"),
-        ({"neg": {"huge": -(2**127) - 1}}, "neg.huge", "int outside i128"),
-        ({"sparse": torch.eye(3).to_sparse()}, "sparse", "sparse"),
-        ({"bits": torch.zeros(2, dtype=torch.uint8).view(torch.bits8)}, "bits", "bits8"),
+        ({"a": {"b": [torch.ones(1), _NotAValue()]}}, "['a']['b'][1]", "_NotAValue"),
+        ({"opt": {"state": {1, 2}}}, "['opt']['state']", "set"),
+        ({"x": np.zeros(3)}, "['x']", "ndarray"),
+        ({"p": collections.namedtuple("P", "x y")(1, 2)}, "['p']", "P"),
+        ({"k": {(1, 2): torch.ones(1)}}, "['k'][(1, 2)]", "tuple"),
+        ({"huge": 2**127}, "['huge']", "int outside i128"),
+        ({"neg": {"huge": -(2**127) - 1}}, "['neg']['huge']", "int outside i128"),
+        ({"sparse": torch.eye(3).to_sparse()}, "['sparse']", "sparse"),
+        ({"bits": torch.zeros(2, dtype=torch.uint8).view(torch.bits8)}, "['bits']", "bits8"),
     ]
     t = _transport(timeout=5.0)
     if rank == 0:
@@ -419,7 +419,7 @@ def in_place(rank, world):
     try:
         t.recv_checkpoint(0)
     except PgtError as e:
-        assert e.name == "InPlaceSizeMismatch" and "nested.w" in e.message, e
+        assert e.name == "InPlaceSizeMismatch" and "['nested']['w']" in e.message, e
     else:
         raise AssertionError("a size mismatch was not refused")
     mine["nested"]["w"] = torch.zeros(2, 3)
@@ -552,7 +552,7 @@ def corrupted_byte(rank, world, which):
         except PgtError as e:
             assert e.name == "DigestMismatch", e
             name = "big" if which == 200_000 else "b"
-            assert e.message.startswith(f"{name}: storage "), e.message
+            assert e.message.startswith(f"['{name}']: storage "), e.message
         else:
             raise AssertionError(f"a corrupted byte was not caught: {list(got)}")
         got = t.recv_checkpoint(0)

@@ -436,7 +436,7 @@ pub fn valid_cases() -> Vec<(&'static str, &'static str, Metadata, bool)> {
     ));
     out.push((
         "nested",
-        "Nesting: int keys (3, -1, 0) next to str keys (incl. \"0\", whose display path equals the int key 0's, and a non-ASCII key), lists, tuples, an empty list and an empty tuple. Direct to [2, 1], digests off.",
+        "Nesting: int keys (3, -1, 0) next to str keys (incl. \"0\", displayed ['0'] where the int key 0 is [0], and a non-ASCII key), lists, tuples, an empty list and an empty tuple. Direct to [2, 1], digests off.",
         metadata(
             None,
             0,
@@ -2044,7 +2044,8 @@ Every entry has `file`, `kind`, `description`. Then by kind:
 - `valid_metadata`: `header_len`, `manifest` — what the vector decodes to: `header` (version, flags,
   metadata_len, metadata_digest, transfer_id), `step`, `source`, `destinations`, `plan` (fanout, bucket_size,
   chunk_size), `digests`, `leaf_count`, `storage_count`, `total_bytes`, `paths` (each leaf's key path as
-  displayed: elements joined by `.`, `<root>` for the empty path — not unique, see `nested`),
+  displayed, PROTOCOL.md §7: torch's `keystr` form, `['model']['layers'][0]`, `<root>` for the empty
+  path),
   `path_elems` (the same paths, structured: `{"key": str}`, `{"int_key": n}` or `{"index": n}`),
   `leaves` (every leaf in full), `storages` (leaf, shard, nbytes, dtype, in wire order) and `messages`
   (the plan: kind, tag, len and the storage segments of every message — `storage`, `offset`, `len`

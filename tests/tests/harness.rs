@@ -295,7 +295,7 @@ fn in_place_size_mismatch_names_the_key_path() {
     assert_eq!(
         outcomes[&1].result.as_ref().unwrap_err(),
         &Error::InPlaceSizeMismatch {
-            path: "model.weight_t".into(),
+            path: "['model']['weight_t']".into(),
             expected: 80,
             got: 76
         }
@@ -321,7 +321,7 @@ fn in_place_int_destination_for_float_is_refused() {
     assert_eq!(
         outcomes[&1].result.as_ref().unwrap_err(),
         &Error::InPlaceDTypeMismatch {
-            path: "model.weight".into(),
+            path: "['model']['weight']".into(),
             incoming: DType::Float32,
             destination: DType::Int32
         }
@@ -345,7 +345,7 @@ fn a_byte_corrupted_in_flight_is_caught_by_the_digest() {
         };
         let outcomes = transfer(metadata, &storages, &run);
         let expected = Error::DigestMismatch {
-            path: "model.weight".into(),
+            path: "['model']['weight']".into(),
             storage: 0,
         };
         assert_eq!(outcomes[&1].result.as_ref().unwrap_err(), &expected);

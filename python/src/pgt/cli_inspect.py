@@ -22,6 +22,7 @@ import xxhash
 
 from .abi import LIMITS, PREFIX_LEN, Pgt, PgtError, Reader, is_stale, leaf
 from .cli_send import human
+from .metadata import display
 from .recv import load_module, receive
 from .safetensors_io import SafetensorsError
 from .safetensors_io import load as load_safetensors
@@ -201,13 +202,13 @@ def display_paths(tree: list) -> list[str] | None:
         return None
     while True:
         if n == "leaf":
-            paths.append(".".join(path) if path else "<root>")
+            paths.append(display(tuple(path)))
         else:
             if "dict" in n:
                 typed = [k if isinstance(k, str) else ("int", int(k["int"])) for k in n["dict"]]
                 if len(set(typed)) != len(typed):
                     return None  # DuplicateKey
-                keys = [k if isinstance(k, str) else str(k["int"]) for k in n["dict"]]
+                keys = [k if isinstance(k, str) else int(k["int"]) for k in n["dict"]]
                 stack.append([len(keys), keys, 0])
             else:
                 stack.append([int(n.get("list", n.get("tuple", 0))), None, 0])
@@ -218,7 +219,7 @@ def display_paths(tree: list) -> list[str] | None:
         if not stack:
             break
         top = stack[-1]
-        path[-1] = top[1][top[2]] if top[1] is not None else str(top[2])
+        path[-1] = top[1][top[2]] if top[1] is not None else top[2]
         top[0] -= 1
         top[2] += 1
         n = next(it, None)
@@ -432,9 +433,10 @@ class StreamHost:
 
 
 def _display(path: list) -> str:
-    if not path:
-        return "<root>"
-    return ".".join(str(e.get("key", e.get("int_key", e.get("index")))) for e in path)
+    """A decoded key path (``{"key"|"int_key"|"index": …}`` elements) as pgt displays it."""
+    return display(
+        tuple(e["key"] if "key" in e else int(e.get("int_key", e.get("index"))) for e in path)
+    )
 
 
 def inspect_stream(path: Path, b: bytes, args, pgt: Pgt) -> Report:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 import struct
+import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -41,9 +42,34 @@ class UnsupportedLeaf(TypeError):
         super().__init__(f"{display(path)}: {what} is not supported by pgt (no pickle)")
 
 
+def _quote(key: str) -> str:
+    """``key`` quoted as pgt-core quotes it (Python's ``repr`` for every key whose characters are
+    printable or control characters): single quotes unless it holds a ``'`` and no ``"``."""
+    quote = '"' if "'" in key and '"' not in key else "'"
+    out = [quote]
+    for c in key:
+        if c == "\\":
+            out.append("\\\\")
+        elif c in "\n\r\t":
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}[c])
+        elif c == quote:
+            out.append("\\" + c)
+        elif unicodedata.category(c) == "Cc":
+            out.append(f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    out.append(quote)
+    return "".join(out)
+
+
 def display(path: tuple) -> str:
-    """A key path as pgt displays it: elements joined by '.', '<root>' for the empty path."""
-    return ".".join(str(p) for p in path) if path else "<root>"
+    """A key path as pgt displays it, as torch's pytree ``keystr`` does: ``['net1.weight']``,
+    ``['layers'][0]`` (string keys quoted, int keys and list indices as numbers), '<root>' for the
+    empty path. The same text as pgt-core's ``KeyPath`` display."""
+    if not path:
+        return "<root>"
+    # Ints in decimal; a key pgt refuses (a float, …) as Python prints it, for the error naming it.
+    return "".join(f"[{_quote(p)}]" if isinstance(p, str) else f"[{p!r}]" for p in path)
 
 
 # ---- postcard primitives ----
@@ -299,9 +325,7 @@ def flatten(obj, leaf: Callable[[tuple, Any], dict]) -> tuple[list, list]:
                 elif isinstance(k, int) and not isinstance(k, bool) and I64_MIN <= k <= I64_MAX:
                     keys.append({"int": k})
                 else:
-                    raise UnsupportedLeaf(
-                        (*path, repr(k)), f"a dict key of type {type(k).__name__}"
-                    )
+                    raise UnsupportedLeaf((*path, k), f"a dict key of type {type(k).__name__}")
             tree.append({"dict": keys})
             stack.extend(reversed([((*path, k), x[k]) for k in x]))
         elif isinstance(x, list | tuple) and not _is_namedtuple(x):

@@ -70,6 +70,7 @@ from .dtypes import (
 )
 from .metadata import (
     UnsupportedLeaf,
+    display,
     encode,
     flatten,
     unflatten,
@@ -321,7 +322,7 @@ def _targets_of(state_dict) -> dict:
 
 
 def _display(key: tuple) -> str:
-    return ".".join(str(v) for _, v in key) if key else "<root>"
+    return display(tuple(v for _, v in key))
 
 
 class NumpyHost(ReceiveHost):
@@ -346,7 +347,7 @@ class NumpyHost(ReceiveHost):
             if t is None:
                 continue
             a, dtype = (t.bits, t.dtype) if isinstance(t, RawBits) else (t, pgt_dtype(t.dtype))
-            where = f"state_dict[{_display(key)}]"
+            where = f"state_dict{_display(key)}" if key else "state_dict"
             if dtype is None:
                 raise ValueError(f"{where}: pgt has no dtype for {a.dtype}")
             if not little_endian(a.dtype):

@@ -452,8 +452,9 @@ def receive_checkpoint(
 # ---- turning the result into tensors ----
 
 
-def display(path: list) -> str:
-    """A key path as pgt displays it: elements joined by '.', '<root>' for the empty path."""
+def dotted_name(path: list) -> str:
+    """The name a leaf at ``path`` is saved under in a safetensors file, as pgt-host's
+    ``dotted_name``: keys and indices joined by '.', '<root>' for the empty path."""
     if not path:
         return "<root>"
     out = []
@@ -552,11 +553,11 @@ def tensors_of(rec: Received):
 
     storage = 0
     for leaf, path in zip(res["leaves"], paths, strict=True):
-        name = display(path)
+        name = dotted_name(path)
         k = leaf["kind"]
         if k == "value":
             if len(path) > 1 and path[0].get("key") == METADATA_KEY:
-                meta(display(path[1:]), value_repr(leaf["value"]))
+                meta(dotted_name(path[1:]), value_repr(leaf["value"]))
             else:
                 meta(name, value_repr(leaf["value"]))
         elif k == "tensor":

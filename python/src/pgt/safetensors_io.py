@@ -2,11 +2,9 @@
 does (``pgt send``), without copying a tensor byte — the file is memory-mapped and every tensor is a
 memoryview of the mapping.
 
-- **Names.** A tensor name with dots becomes a path of nested dicts with string keys
-  (``model.layers.0.weight`` → ``model`` → ``layers`` → ``"0"`` → ``weight``). If one name is a
-  prefix of another at a dot (``a`` and ``a.b``), or a name's first part is ``__metadata__``, the whole
-  file is loaded flat: one dict whose keys are the full names.
-- **Order.** Tensors in the order of their bytes in the file (dicts in the order of their first tensor).
+- **Names.** Flat, as PyTorch's ``model.state_dict()``: one dict whose keys are the tensor names
+  byte for byte, dots included (``"model.layers.0.weight"`` is one key).
+- **Order.** Tensors in the order of their bytes in the file.
 - **``__metadata__``.** The file's string map, when present (even empty), becomes a dict of strings
   under the top-level key ``__metadata__`` (first in the root dict), sorted by key; an integer
   ``pgt.step`` entry is also the step.
@@ -121,30 +119,6 @@ def _tensors(path: Path, header: dict, data_len: int) -> list:
     return out
 
 
-def _nest(names: list[str]):
-    """The nested dicts of dotted ``names`` (leaves are indices into ``names``), or None when they
-    conflict."""
-    if any(n.split(".")[0] == METADATA_KEY for n in names):
-        return None
-    have = set(names)
-    for n in names:
-        for i, c in enumerate(n):
-            if c == "." and n[:i] in have:
-                return None
-    root: dict = {}
-    for i, n in enumerate(names):
-        d = root
-        *parents, last = n.split(".")
-        for p in parents:
-            d = d.setdefault(p, {})
-            if not isinstance(d, dict):  # unreachable after the check above
-                return None
-        if last in d:
-            return None
-        d[last] = i
-    return root
-
-
 def _flatten(obj, tree: list, order: list):
     """Pre-order tree nodes of nested dicts whose leaves are ints (their tensor's index)."""
     stack = [obj]
@@ -177,14 +151,13 @@ def load(path) -> Loaded:
     start = 8 + n
     tensors = _tensors(path, header, len(view) - start)
     names = [t[0] for t in tensors]
-    nested = _nest(names)
+    # Flat, as a PyTorch state dict: every name is one key, dots and all.
+    nested = {name: i for i, name in enumerate(names)}
     tree: list = []
     order: list = []
     root_items = []
     if meta is not None:
         root_items.append(METADATA_KEY)
-    if nested is None:
-        nested = {name: i for i, name in enumerate(names)}
     tree.append({"dict": root_items + list(nested)})
     leaves: list = []
     storages: list = []
