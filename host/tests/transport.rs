@@ -541,7 +541,7 @@ fn ints_beyond_i64_travel_exactly() {
         h.join().unwrap().unwrap()
     });
     for (i, &v) in ints.iter().enumerate() {
-        match got.get_str(&format!("v{i}")) {
+        match got.get(format!("v{i}").as_str()) {
             Some(Entry::Value(Value::Int(x))) => assert_eq!(*x, v),
             other => panic!("v{i}: {other:?}"),
         }
