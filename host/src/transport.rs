@@ -29,10 +29,10 @@ use pgt_core::plan::{MessageKind, Segment};
 use pgt_core::receiver::{
     Binding, Dest, ForwardOp, InPlace, Incoming, Received, ReceiverOptions, RecvOp,
 };
-use pgt_core::schema::{Metadata, PlanParams};
+use pgt_core::schema::{FanOut, Metadata, PlanParams};
 use pgt_core::sender::{Payload, SendOp};
 use pgt_core::tree::KeyPath;
-use tracing::{debug, info_span};
+use tracing::{debug, info_span, warn};
 
 use crate::engine::{EngineFactory, NativeEngine};
 use crate::memory::{Buffer, BufferPool, ReceiveMemory, Target, MMAP_THRESHOLD};
@@ -105,7 +105,7 @@ impl std::fmt::Debug for TransportOptions {
 }
 
 /// Figures of one transfer.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct TransferStats {
     /// Storage bytes moved.
     pub bytes: u64,
@@ -115,6 +115,22 @@ pub struct TransferStats {
     pub seconds: f64,
     /// Time until the metadata was handled.
     pub metadata_seconds: f64,
+    /// Chain fan-out, a relay's receive: forwarding to the next rank failed. The relay's own
+    /// checkpoint is complete and verified all the same (a forward failure fails no receive); the
+    /// ranks downstream fail, naming this link (PROTOCOL.md §3, *When a destination fails*).
+    pub forward_failed: Option<ForwardFailure>,
+}
+
+/// A chain relay's forward that failed ([`TransferStats::forward_failed`]): the messages from
+/// `message` on were not forwarded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardFailure {
+    /// The downstream rank.
+    pub rank: u32,
+    /// The first message not forwarded (its index in the plan).
+    pub message: u32,
+    /// Why, with its sources (e.g. `rank 2 closed the connection`).
+    pub reason: String,
 }
 
 /// Moves state dicts between ranks of a process group.
@@ -434,10 +450,21 @@ impl<P: ProcessGroup> Transport<P> {
         drop(encode_span);
         let _data_span = info_span!("data", bytes = total).entered();
         let abort = Abort::default();
+        let outcomes = SendOutcomes {
+            destinations: dst_ranks.to_vec(),
+            chain: self.options.plan.fanout == FanOut::Chain,
+            failed: Mutex::default(),
+        };
         let sent = AtomicU64::new(0);
         std::thread::scope(|scope| {
-            let mut host =
-                SendWorkers::start(self, scope, dst_ranks, &storages, (&sent, total), &abort);
+            let mut host = SendWorkers::start(
+                self,
+                scope,
+                dst_ranks,
+                &storages,
+                (&sent, total),
+                (&abort, &outcomes),
+            );
             if let Err(e) = drive::send(&mut engine, &mut host) {
                 abort.fail(e);
             }
@@ -446,11 +473,15 @@ impl<P: ProcessGroup> Transport<P> {
         if let Some(e) = abort.take() {
             return Err(e);
         }
+        if let Some(e) = outcomes.into_error() {
+            return Err(e);
+        }
         Ok(TransferStats {
             bytes: total,
             tensors: storages.len() as u64,
             seconds: start.elapsed().as_secs_f64(),
             metadata_seconds: 0.0,
+            forward_failed: None,
         })
     }
 
@@ -519,6 +550,7 @@ impl<P: ProcessGroup> Transport<P> {
             in_place_origin,
             total_bytes,
             metadata_seconds,
+            forward_failed,
         } = landed.ok_or_else(|| Error::internal("a transfer completed without bindings"))?;
         let _assemble_span = info_span!("assemble").entered();
         let stats = TransferStats {
@@ -526,6 +558,10 @@ impl<P: ProcessGroup> Transport<P> {
             tensors: received.bindings.len() as u64,
             seconds: 0.0,
             metadata_seconds,
+            forward_failed: forward_failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
         };
         // The workers have stopped: the memory is ours alone, and the borrow of `target`'s in-place
         // buffers ends here.
@@ -557,8 +593,72 @@ enum SendJob {
     Storages(SendOp, [u8; PREFIX_LEN as usize], Vec<Segment>),
 }
 
+/// Which destinations of a send failed. A destination whose send fails stops only its own stream:
+/// the others run to the end (PROTOCOL.md §3, *When a destination fails*). In chain fan-out the
+/// destinations downstream of a failed one are cut off with it (their data would come through it).
+/// Once every destination is failed or cut off, the send stops at once.
+struct SendOutcomes {
+    destinations: Vec<u32>,
+    chain: bool,
+    failed: Mutex<Vec<(u32, Error)>>,
+}
+
+impl SendOutcomes {
+    /// Records `dst`'s failure; when no destination is left to reach, stops the send with the first
+    /// failure's error.
+    fn fail(&self, dst: u32, e: Error, abort: &Abort) {
+        warn!(rank = dst, "destination failed; the others go on: {e}");
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        failed.push((dst, e));
+        let cut_off = self.cut_off(&failed);
+        if failed.len() + cut_off.len() == self.destinations.len() {
+            let (_, first) = failed.remove(0);
+            failed.clear();
+            abort.fail(first);
+        }
+    }
+
+    /// Chain fan-out: the destinations after the first failed one in chain order that have not
+    /// failed themselves.
+    fn cut_off(&self, failed: &[(u32, Error)]) -> Vec<u32> {
+        if !self.chain {
+            return Vec::new();
+        }
+        let is_failed = |r: u32| failed.iter().any(|(f, _)| *f == r);
+        match self.destinations.iter().position(|&d| is_failed(d)) {
+            Some(first) => self.destinations[first + 1..]
+                .iter()
+                .copied()
+                .filter(|&d| !is_failed(d))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// The send's error when some destinations failed and the rest completed.
+    fn into_error(self) -> Option<Error> {
+        let failed = std::mem::take(&mut *self.failed.lock().unwrap_or_else(|p| p.into_inner()));
+        if failed.is_empty() {
+            return None;
+        }
+        let cut_off = self.cut_off(&failed);
+        let completed = self
+            .destinations
+            .iter()
+            .copied()
+            .filter(|d| !cut_off.contains(d) && !failed.iter().any(|(f, _)| f == d))
+            .collect();
+        Some(Error::Destinations {
+            completed,
+            failed,
+            cut_off,
+        })
+    }
+}
+
 /// The sending host: one thread per destination, each sending its messages in order; the first
-/// destination's thread hashes data right before sending it.
+/// destination's thread hashes data right before sending it (and goes on hashing, without sending,
+/// if its destination failed: the other destinations' trailer needs the digests).
 struct SendWorkers<'a> {
     workers: HashMap<u32, SyncSender<SendJob>>,
     events: mpsc::Receiver<Event>,
@@ -573,7 +673,7 @@ impl<'a> SendWorkers<'a> {
         dst_ranks: &[u32],
         storages: &'a [&'a [u8]],
         (sent, total): (&'a AtomicU64, u64),
-        abort: &'a Abort,
+        (abort, outcomes): (&'a Abort, &'a SendOutcomes),
     ) -> SendWorkers<'a>
     where
         'a: 'scope,
@@ -594,11 +694,14 @@ impl<'a> SendWorkers<'a> {
                 // The core asks for every storage byte to be hashed exactly once, on the sends to one
                 // destination, in order (so one thread sees all of a storage).
                 let mut hashers = StorageHashers::default();
+                // This destination's send failed: the rest of its messages are not sent.
+                let mut failed = false;
                 for job in rx {
                     if abort.is_set() {
                         break;
                     }
                     let (op, result) = match &job {
+                        SendJob::Bytes(_, _) if failed => continue,
                         SendJob::Bytes(op, b) => (op, pg.send(op.to, op.tag, &[b], timeout)),
                         SendJob::Storages(op, prefix, segs) => {
                             let mut parts = storage_parts(storages, segs);
@@ -609,6 +712,9 @@ impl<'a> SendWorkers<'a> {
                                     .filter_map(|(seg, bytes)| hashers.update(seg, bytes))
                                     .collect();
                                 let _ = event_tx.send(Event::Digests(op.message, digests));
+                            }
+                            if failed {
+                                continue;
                             }
                             parts.insert(0, prefix);
                             let r = pg.send(op.to, op.tag, &parts, timeout);
@@ -623,13 +729,14 @@ impl<'a> SendWorkers<'a> {
                         }
                     };
                     if let Err(e) = result {
-                        abort.fail(Error::Peer {
+                        failed = true;
+                        let e = Error::Peer {
                             action: PeerAction::Sending,
                             message: op.message,
                             rank: op.to,
                             source: e,
-                        });
-                        break;
+                        };
+                        outcomes.fail(dst, e, abort);
                     }
                 }
             });
@@ -719,6 +826,7 @@ struct Landed<'t> {
     in_place_origin: Vec<Option<(usize, usize)>>,
     total_bytes: u64,
     metadata_seconds: f64,
+    forward_failed: Arc<Mutex<Option<ForwardFailure>>>,
 }
 
 /// The receiving host: receives on the calling thread straight into [`ReceiveMemory`]; a post thread
@@ -741,6 +849,9 @@ struct Landing<'a, 'scope, 'env, 't, P: ProcessGroup> {
     abort: &'a Abort,
     /// The slot of the rank this receive forwards to (chain fan-out), taken at the first forward.
     forward_slot: &'a Mutex<Option<Slots>>,
+    /// Set by the forward thread when a forward fails: it forwards nothing more, and the receive
+    /// goes on.
+    forward_failed: Arc<Mutex<Option<ForwardFailure>>>,
     /// A receive from the upstream failed at the process group: the link is not drained.
     link_failed: bool,
     received: u64,
@@ -778,6 +889,7 @@ where
             events: None,
             abort,
             forward_slot,
+            forward_failed: Arc::default(),
             link_failed: false,
             received: 0,
             total_bytes: 0,
@@ -799,6 +911,7 @@ where
             in_place_origin: self.in_place_origin,
             total_bytes: self.total_bytes,
             metadata_seconds: self.metadata_seconds,
+            forward_failed: self.forward_failed,
         })
     }
 
@@ -994,10 +1107,19 @@ where
         self.forward = Some(fwd_tx);
         let pg = &self.transport.pg;
         let timeout = self.timeout();
+        let forward_failed = Arc::clone(&self.forward_failed);
         self.scope.spawn(move || {
+            // A failed forward breaks the chain below this rank, not this rank's receive: the rest
+            // is not forwarded but reported forwarded, so that the receive completes.
+            let mut failed = false;
             for job in fwd_rx {
                 if abort.is_set() {
                     break;
+                }
+                if failed {
+                    let (ForwardJob::Bytes(op, _) | ForwardJob::Storages(op, _, _)) = &job;
+                    let _ = event_tx.send(Event::Forwarded(op.message));
+                    continue;
                 }
                 let (op, result) = match &job {
                     ForwardJob::Bytes(op, b) => (
@@ -1039,17 +1161,44 @@ where
                     }
                 };
                 match result {
-                    Ok(()) => {
-                        let _ = event_tx.send(Event::Forwarded(op.message));
-                    }
-                    Err(e) => {
+                    Ok(()) => {}
+                    // Not the peer's fault but ours: the receive fails.
+                    Err(e @ Error::Internal { .. }) => {
                         abort.fail(e);
                         break;
                     }
+                    Err(e) => {
+                        let reason = error_chain(&e);
+                        warn!(
+                            rank = op.to,
+                            message = op.message,
+                            "forwarding failed; this rank's receive goes on, the ranks downstream fail: {reason}"
+                        );
+                        *forward_failed.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(ForwardFailure {
+                                rank: op.to,
+                                message: op.message,
+                                reason,
+                            });
+                        failed = true;
+                    }
                 }
+                let _ = event_tx.send(Event::Forwarded(op.message));
             }
         });
     }
+}
+
+/// `e` and its sources, outermost first, on one line.
+fn error_chain(e: &Error) -> String {
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
 }
 
 /// Hashes a landed message's segments (when asked) and casts every storage it completes that is cast
