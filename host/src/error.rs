@@ -209,7 +209,7 @@ fn rank_list(ranks: impl IntoIterator<Item = u32>) -> String {
 }
 
 /// An error and its sources, outermost first, on one line (as the CLI prints errors).
-fn with_sources(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn with_sources(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::Scope;
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, PeerAction, Result};
+use crate::error::{with_sources, Error, PeerAction, Result};
 use pgt_core::drive::{self, Event, ReceiveHost, SendHost};
 use pgt_core::dtype::convert;
 use pgt_core::header::{Limits, MAX_STALE_LEN, PREFIX_LEN};
@@ -607,7 +607,11 @@ impl SendOutcomes {
     /// Records `dst`'s failure; when no destination is left to reach, stops the send with the first
     /// failure's error.
     fn fail(&self, dst: u32, e: Error, abort: &Abort) {
-        warn!(rank = dst, "destination failed; the others go on: {e}");
+        warn!(
+            rank = dst,
+            "destination failed; the others go on: {}",
+            with_sources(&e)
+        );
         let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         failed.push((dst, e));
         let cut_off = self.cut_off(&failed);
@@ -1168,7 +1172,7 @@ where
                         break;
                     }
                     Err(e) => {
-                        let reason = error_chain(&e);
+                        let reason = with_sources(&e);
                         warn!(
                             rank = op.to,
                             message = op.message,
@@ -1187,18 +1191,6 @@ where
             }
         });
     }
-}
-
-/// `e` and its sources, outermost first, on one line.
-fn error_chain(e: &Error) -> String {
-    let mut s = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 /// Hashes a landed message's segments (when asked) and casts every storage it completes that is cast
