@@ -3,8 +3,10 @@
 //! for — sends, receives into final buffers, forwards, hashing — and owns no protocol decision.
 //!
 //! Threads: the sender runs one thread per destination ([`SendWorkers`]), so destinations proceed in
-//! parallel; the first destination's thread hashes each message right before sending it, which leaves
-//! the bytes in cache for the kernel's copy. The receiver ([`Landing`]) receives on the calling thread
+//! parallel, and a destination that fails stops only its own stream ([`Error::Destinations`]); the
+//! first destination's thread hashes each message right before sending it, which leaves the bytes in
+//! cache for the kernel's copy (in Direct fan-out to several destinations a thread of its own hashes,
+//! so that a stalled destination holds up no other). The receiver ([`Landing`]) receives on the calling thread
 //! straight into the destination memory ([`ReceiveMemory`]); a second thread hashes (and casts) what
 //! has landed, and a third forwards it in chain fan-out, so neither delays the next receive.
 //!
@@ -660,11 +662,14 @@ impl SendOutcomes {
     }
 }
 
-/// The sending host: one thread per destination, each sending its messages in order; the first
-/// destination's thread hashes data right before sending it (and goes on hashing, without sending,
-/// if its destination failed: the other destinations' trailer needs the digests).
+/// The sending host: one thread per destination, each sending its messages in order. Data is hashed
+/// by the first destination's thread right before sending it, or, in Direct fan-out to several
+/// destinations, by a thread of its own ([`SendWorkers::start`]): the trailer of every destination
+/// needs the digests, so they must not wait on a destination that failed or stalled.
 struct SendWorkers<'a> {
     workers: HashMap<u32, SyncSender<SendJob>>,
+    /// The hashing thread, when hashing is apart from the sends (see [`SendWorkers::start`]).
+    hasher: Option<SyncSender<(u32, Vec<Segment>)>>,
     events: mpsc::Receiver<Event>,
     abort: &'a Abort,
     timeout: Duration,
@@ -684,6 +689,30 @@ impl<'a> SendWorkers<'a> {
     {
         let timeout = transport.options.timeout;
         let (event_tx, events) = mpsc::channel::<Event>();
+        // Direct fan-out to several destinations: a thread of its own hashes, so that a destination
+        // that stalls holds up only its own stream (hashing on its thread would hold up the digests,
+        // so the trailer, of every destination). With one stream of data (one destination, or Chain)
+        // its thread hashes each message right before sending it, while the bytes are in cache.
+        let hash_apart = dst_ranks.len() > 1 && transport.options.plan.fanout == FanOut::Direct;
+        let hasher = hash_apart.then(|| {
+            let (tx, rx) = mpsc::sync_channel::<(u32, Vec<Segment>)>(QUEUE_DEPTH);
+            let event_tx = event_tx.clone();
+            scope.spawn(move || {
+                let mut hashers = StorageHashers::default();
+                for (message, segs) in rx {
+                    if abort.is_set() {
+                        break;
+                    }
+                    let digests = segs
+                        .iter()
+                        .zip(storage_parts(storages, &segs))
+                        .filter_map(|(seg, bytes)| hashers.update(seg, bytes))
+                        .collect();
+                    let _ = event_tx.send(Event::Digests(message, digests));
+                }
+            });
+            tx
+        });
 
         let mut workers = HashMap::new();
         for (i, &dst) in dst_ranks.iter().enumerate() {
@@ -704,21 +733,21 @@ impl<'a> SendWorkers<'a> {
                     if abort.is_set() {
                         break;
                     }
+                    // The queue is drained all the same, so that the main thread never waits on it.
+                    if failed {
+                        continue;
+                    }
                     let (op, result) = match &job {
-                        SendJob::Bytes(_, _) if failed => continue,
                         SendJob::Bytes(op, b) => (op, pg.send(op.to, op.tag, &[b], timeout)),
                         SendJob::Storages(op, prefix, segs) => {
                             let mut parts = storage_parts(storages, segs);
-                            if op.hash {
+                            if op.hash && !hash_apart {
                                 let digests = segs
                                     .iter()
                                     .zip(&parts)
                                     .filter_map(|(seg, bytes)| hashers.update(seg, bytes))
                                     .collect();
                                 let _ = event_tx.send(Event::Digests(op.message, digests));
-                            }
-                            if failed {
-                                continue;
                             }
                             parts.insert(0, prefix);
                             let r = pg.send(op.to, op.tag, &parts, timeout);
@@ -747,6 +776,7 @@ impl<'a> SendWorkers<'a> {
         }
         SendWorkers {
             workers,
+            hasher,
             events,
             abort,
             timeout,
@@ -764,6 +794,11 @@ impl SendHost for SendWorkers<'_> {
         let job = match payload {
             Payload::Bytes(b) => SendJob::Bytes(*op, b.to_vec()),
             Payload::Storages { prefix, segments } => {
+                if let (true, Some(hasher)) = (op.hash, &self.hasher) {
+                    if hasher.send((op.message, segments.to_vec())).is_err() {
+                        return Err(self.abort.error());
+                    }
+                }
                 SendJob::Storages(*op, prefix, segments.to_vec())
             }
         };

@@ -89,8 +89,8 @@ fn is_closed(e: &Error, rank: u32) -> bool {
 
 #[test]
 fn direct_a_failed_destination_leaves_the_others_complete() {
-    // Rank 1's sends fail from data message 3 on (tag 4): rank 1's is the thread that hashes, so
-    // it must go on hashing for rank 2's trailer.
+    // Rank 1's sends fail from data message 3 on (tag 4); rank 2's trailer still carries every
+    // digest.
     let (sent, received) = transfer(3, &[1, 2], FanOut::Direct, (0, 1, 4));
     assert_complete(&received[1], 2);
     assert!(received[0].is_err(), "rank 1 lost its stream");

@@ -538,3 +538,38 @@ fn relay_stalled_chain_fails_within_the_timeout() {
     assert_no_output(&dir, &[1, 2]);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Direct fan-out, the first destination stopped (SIGSTOP) mid-transfer: the other completes byte for
+/// byte without waiting for it (its digests come from a thread of their own, not from the stalled
+/// destination's); the sender fails the stalled one after the timeout, naming it.
+#[test]
+fn receiver_stalled_direct_the_others_complete() {
+    let _one = one_at_a_time();
+    let dir = temp_dir("receiver-stalled-direct");
+    let job = Job::new(3, "direct");
+    let mut r1 = job.recv(1, &dir);
+    let r2 = job.recv(2, &dir);
+    let sender = job.send("1,2");
+    mid_transfer(&mut r1);
+    signal(&r1, "STOP");
+    let fault = Instant::now();
+    let ended = wait_all(vec![sender, r2]);
+    signal(&r1, "CONT");
+    r1.child.kill().expect("SIGKILL");
+    let _ = r1.child.wait();
+    let (sender, r2) = (&ended[0], &ended[1]);
+    r2.assert_succeeded();
+    let done = r2.at.saturating_duration_since(fault);
+    // How long its own transfer took: no bound here (a slow machine is slow), only that it completed.
+    eprintln!("rank 2 completed {done:.2?} after the stall");
+    assert_byte_exact(&out_file(&dir, 2));
+    sender.assert_failed(
+        fault,
+        &[
+            "sent to rank(s) 2 but not to rank(s) 1",
+            "to rank 1: timed out after 5s",
+        ],
+    );
+    assert_no_output(&dir, &[1]);
+    std::fs::remove_dir_all(&dir).ok();
+}
