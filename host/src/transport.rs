@@ -6,9 +6,11 @@
 //! parallel, and a destination that fails stops only its own stream ([`Error::Destinations`]); the
 //! first destination's thread hashes each message right before sending it, which leaves the bytes in
 //! cache for the kernel's copy (in Direct fan-out to several destinations a thread of its own hashes,
-//! so that a stalled destination holds up no other). The receiver ([`Landing`]) receives on the calling thread
-//! straight into the destination memory ([`ReceiveMemory`]); a second thread hashes (and casts) what
-//! has landed, and a third forwards it in chain fan-out, so neither delays the next receive.
+//! so that the others' trailer does not wait on a stalled destination). The receiver ([`Landing`])
+//! receives on the calling thread straight into the destination memory ([`ReceiveMemory`]); a second
+//! thread hashes (and casts) what has landed, and a third forwards it in chain fan-out, so neither
+//! delays the next receive; a forward that fails stops the forwarding, not the receive
+//! ([`TransferStats::forward_failed`]).
 //!
 //! Isolation (PROTOCOL.md §12): every transfer has a random id, which every message after its header
 //! starts with. A receive skips messages of other transfers (stale ones, left by an earlier transfer
@@ -690,8 +692,8 @@ impl<'a> SendWorkers<'a> {
         let timeout = transport.options.timeout;
         let (event_tx, events) = mpsc::channel::<Event>();
         // Direct fan-out to several destinations: a thread of its own hashes, so that a destination
-        // that stalls holds up only its own stream (hashing on its thread would hold up the digests,
-        // so the trailer, of every destination). With one stream of data (one destination, or Chain)
+        // that stalls does not hold up the digests, so the trailer, of every destination (until its
+        // queue is full: then the main thread waits on it, README.md *Failure behaviour*). With one stream of data (one destination, or Chain)
         // its thread hashes each message right before sending it, while the bytes are in cache.
         let hash_apart = dst_ranks.len() > 1 && transport.options.plan.fanout == FanOut::Direct;
         let hasher = hash_apart.then(|| {
