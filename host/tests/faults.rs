@@ -43,12 +43,33 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 fn checkpoint_file() -> &'static Path {
     static FILE: OnceLock<PathBuf> = OnceLock::new();
     FILE.get_or_init(|| {
+        remove_stale_inputs();
         let dir = temp_dir("input");
         let file = dir.join("in.safetensors");
         let sd = synthetic::materialize(&synthetic::large(CHECKPOINT_BYTES, 8)).expect("synthetic");
         safetensors_io::save(&sd, &file).expect("write the checkpoint");
         file
     })
+}
+
+/// The checkpoint outlives the tests that share it (nothing runs after the last test): each run
+/// removes those of earlier runs whose process is gone (`pgt-faults-input-<pid>-…`).
+fn remove_stale_inputs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("pgt-faults-input-")
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn temp_dir(name: &str) -> PathBuf {
