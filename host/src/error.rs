@@ -148,6 +148,25 @@ pub enum Error {
         rank: u32,
     },
 
+    /// A send reached some destinations but not all (PROTOCOL.md §3, *When a destination fails*):
+    /// a destination whose send failed stopped only its own stream, and the others ran to the end.
+    /// The message names every failed destination with its error (there may be several, so they
+    /// are part of the message rather than one [`std::error::Error::source`]). A send whose every
+    /// destination failed is not this: it fails with the first failure's own error at once.
+    #[error("{}", destinations_message(completed, failed, cut_off))]
+    Destinations {
+        /// Destinations that were sent everything the sender sends them: the whole checkpoint in
+        /// Direct fan-out; in Chain fan-out the header and metadata (and for the first destination
+        /// the data and trailer too), the rest reaching them over the chain, which the sender does
+        /// not see (each receiver reports its own result).
+        completed: Vec<u32>,
+        /// Each destination whose send failed, with why, in the order they failed.
+        failed: Vec<(u32, Error)>,
+        /// Chain fan-out: the destinations downstream of a failed one. Their data would have come
+        /// through it, so their receives fail too, naming the broken link.
+        cut_off: Vec<u32>,
+    },
+
     // ---- added by hostile branch ----
     /// A safetensors file [`crate::safetensors_io::save`] does not write because the `safetensors`
     /// library would refuse to load it: its header (names, shapes, `__metadata__` strings) would be
@@ -196,6 +215,53 @@ pub enum Error {
         /// The storage's kind: `Borrowed` or `Shared`.
         storage: &'static str,
     },
+}
+
+fn rank_list(ranks: impl IntoIterator<Item = u32>) -> String {
+    ranks
+        .into_iter()
+        .map(|r| r.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// An error and its sources, outermost first, on one line (as the CLI prints errors).
+pub(crate) fn with_sources(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+fn destinations_message(completed: &[u32], failed: &[(u32, Error)], cut_off: &[u32]) -> String {
+    let mut s = format!(
+        "the checkpoint was sent to rank(s) {} but not to rank(s) {}",
+        if completed.is_empty() {
+            "none".to_string()
+        } else {
+            rank_list(completed.iter().copied())
+        },
+        rank_list(
+            failed
+                .iter()
+                .map(|(r, _)| *r)
+                .chain(cut_off.iter().copied())
+        )
+    );
+    for (rank, e) in failed {
+        s.push_str(&format!("; rank {rank} failed: {}", with_sources(e)));
+    }
+    if !cut_off.is_empty() {
+        s.push_str(&format!(
+            "; rank(s) {} cut off: downstream of a failed rank in the chain",
+            rank_list(cut_off.iter().copied())
+        ));
+    }
+    s
 }
 
 fn with_path(path: &str, reason: &str) -> String {

@@ -3,10 +3,14 @@
 //! for — sends, receives into final buffers, forwards, hashing — and owns no protocol decision.
 //!
 //! Threads: the sender runs one thread per destination ([`SendWorkers`]), so destinations proceed in
-//! parallel; the first destination's thread hashes each message right before sending it, which leaves
-//! the bytes in cache for the kernel's copy. The receiver ([`Landing`]) receives on the calling thread
-//! straight into the destination memory ([`ReceiveMemory`]); a second thread hashes (and casts) what
-//! has landed, and a third forwards it in chain fan-out, so neither delays the next receive.
+//! parallel, and a destination that fails stops only its own stream ([`Error::Destinations`]); the
+//! first destination's thread hashes each message right before sending it, which leaves the bytes in
+//! cache for the kernel's copy (in Direct fan-out to several destinations a thread of its own hashes,
+//! so that the others' trailer does not wait on a stalled destination). The receiver ([`Landing`])
+//! receives on the calling thread straight into the destination memory ([`ReceiveMemory`]); a second
+//! thread hashes (and casts) what has landed, and a third forwards it in chain fan-out, so neither
+//! delays the next receive; a forward that fails stops the forwarding, not the receive
+//! ([`TransferStats::forward_failed`]).
 //!
 //! Isolation (PROTOCOL.md §12): every transfer has a random id, which every message after its header
 //! starts with. A receive skips messages of other transfers (stale ones, left by an earlier transfer
@@ -21,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::Scope;
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, PeerAction, Result};
+use crate::error::{with_sources, Error, PeerAction, Result};
 use pgt_core::drive::{self, Event, ReceiveHost, SendHost};
 use pgt_core::dtype::convert;
 use pgt_core::header::{Limits, MAX_STALE_LEN, PREFIX_LEN};
@@ -29,10 +33,10 @@ use pgt_core::plan::{MessageKind, Segment};
 use pgt_core::receiver::{
     Binding, Dest, ForwardOp, InPlace, Incoming, Received, ReceiverOptions, RecvOp,
 };
-use pgt_core::schema::{Metadata, PlanParams};
+use pgt_core::schema::{FanOut, Metadata, PlanParams};
 use pgt_core::sender::{Payload, SendOp};
 use pgt_core::tree::KeyPath;
-use tracing::{debug, info_span};
+use tracing::{debug, info_span, warn};
 
 use crate::engine::{EngineFactory, NativeEngine};
 use crate::memory::{Buffer, BufferPool, ReceiveMemory, Target, MMAP_THRESHOLD};
@@ -105,7 +109,7 @@ impl std::fmt::Debug for TransportOptions {
 }
 
 /// Figures of one transfer.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct TransferStats {
     /// Storage bytes moved.
     pub bytes: u64,
@@ -115,6 +119,22 @@ pub struct TransferStats {
     pub seconds: f64,
     /// Time until the metadata was handled.
     pub metadata_seconds: f64,
+    /// Chain fan-out, a relay's receive: forwarding to the next rank failed. The relay's own
+    /// checkpoint is complete and verified all the same (a forward failure fails no receive); the
+    /// ranks downstream fail, naming this link (PROTOCOL.md §3, *When a destination fails*).
+    pub forward_failed: Option<ForwardFailure>,
+}
+
+/// A chain relay's forward that failed ([`TransferStats::forward_failed`]): the messages from
+/// `message` on were not forwarded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardFailure {
+    /// The downstream rank.
+    pub rank: u32,
+    /// The first message not forwarded (its index in the plan).
+    pub message: u32,
+    /// Why, with its sources (e.g. `rank 2 closed the connection`).
+    pub reason: String,
 }
 
 /// Moves state dicts between ranks of a process group.
@@ -485,10 +505,21 @@ impl<P: ProcessGroup> Transport<P> {
         drop(encode_span);
         let _data_span = info_span!("data", bytes = total).entered();
         let abort = Abort::default();
+        let outcomes = SendOutcomes {
+            destinations: dst_ranks.to_vec(),
+            chain: self.options.plan.fanout == FanOut::Chain,
+            failed: Mutex::default(),
+        };
         let sent = AtomicU64::new(0);
         std::thread::scope(|scope| {
-            let mut host =
-                SendWorkers::start(self, scope, dst_ranks, &storages, (&sent, total), &abort);
+            let mut host = SendWorkers::start(
+                self,
+                scope,
+                dst_ranks,
+                &storages,
+                (&sent, total),
+                (&abort, &outcomes),
+            );
             if let Err(e) = drive::send(&mut engine, &mut host) {
                 abort.fail(e);
             }
@@ -497,11 +528,15 @@ impl<P: ProcessGroup> Transport<P> {
         if let Some(e) = abort.take() {
             return Err(e);
         }
+        if let Some(e) = outcomes.into_error() {
+            return Err(e);
+        }
         Ok(TransferStats {
             bytes: total,
             tensors: storages.len() as u64,
             seconds: start.elapsed().as_secs_f64(),
             metadata_seconds: 0.0,
+            forward_failed: None,
         })
     }
 
@@ -616,6 +651,7 @@ impl<P: ProcessGroup> Transport<P> {
             in_place_origin,
             total_bytes,
             metadata_seconds,
+            forward_failed,
         } = landed.ok_or_else(|| Error::internal("a transfer completed without bindings"))?;
         let _assemble_span = info_span!("assemble").entered();
         let stats = TransferStats {
@@ -623,6 +659,10 @@ impl<P: ProcessGroup> Transport<P> {
             tensors: received.bindings.len() as u64,
             seconds: 0.0,
             metadata_seconds,
+            forward_failed: forward_failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
         };
         // The workers have stopped: the memory is ours alone, and the borrow of `target`'s in-place
         // buffers ends here.
@@ -653,10 +693,81 @@ enum SendJob {
     Storages(SendOp, [u8; PREFIX_LEN as usize], Vec<Segment>),
 }
 
-/// The sending host: one thread per destination, each sending its messages in order; the first
-/// destination's thread hashes data right before sending it.
+/// Which destinations of a send failed. A destination whose send fails stops only its own stream:
+/// the others run to the end (PROTOCOL.md §3, *When a destination fails*). In chain fan-out the
+/// destinations downstream of a failed one are cut off with it (their data would come through it).
+/// Once every destination is failed or cut off, the send stops at once.
+struct SendOutcomes {
+    destinations: Vec<u32>,
+    chain: bool,
+    failed: Mutex<Vec<(u32, Error)>>,
+}
+
+impl SendOutcomes {
+    /// Records `dst`'s failure; when no destination is left to reach, stops the send with the first
+    /// failure's error.
+    fn fail(&self, dst: u32, e: Error, abort: &Abort) {
+        warn!(
+            rank = dst,
+            "destination failed; the others go on: {}",
+            with_sources(&e)
+        );
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        failed.push((dst, e));
+        let cut_off = self.cut_off(&failed);
+        if failed.len() + cut_off.len() == self.destinations.len() {
+            let (_, first) = failed.remove(0);
+            failed.clear();
+            abort.fail(first);
+        }
+    }
+
+    /// Chain fan-out: the destinations after the first failed one in chain order that have not
+    /// failed themselves.
+    fn cut_off(&self, failed: &[(u32, Error)]) -> Vec<u32> {
+        if !self.chain {
+            return Vec::new();
+        }
+        let is_failed = |r: u32| failed.iter().any(|(f, _)| *f == r);
+        match self.destinations.iter().position(|&d| is_failed(d)) {
+            Some(first) => self.destinations[first + 1..]
+                .iter()
+                .copied()
+                .filter(|&d| !is_failed(d))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// The send's error when some destinations failed and the rest completed.
+    fn into_error(self) -> Option<Error> {
+        let failed = std::mem::take(&mut *self.failed.lock().unwrap_or_else(|p| p.into_inner()));
+        if failed.is_empty() {
+            return None;
+        }
+        let cut_off = self.cut_off(&failed);
+        let completed = self
+            .destinations
+            .iter()
+            .copied()
+            .filter(|d| !cut_off.contains(d) && !failed.iter().any(|(f, _)| f == d))
+            .collect();
+        Some(Error::Destinations {
+            completed,
+            failed,
+            cut_off,
+        })
+    }
+}
+
+/// The sending host: one thread per destination, each sending its messages in order. Data is hashed
+/// by the first destination's thread right before sending it, or, in Direct fan-out to several
+/// destinations, by a thread of its own ([`SendWorkers::start`]): the trailer of every destination
+/// needs the digests, so they must not wait on a destination that failed or stalled.
 struct SendWorkers<'a> {
     workers: HashMap<u32, SyncSender<SendJob>>,
+    /// The hashing thread, when hashing is apart from the sends (see [`SendWorkers::start`]).
+    hasher: Option<SyncSender<(u32, Vec<Segment>)>>,
     events: mpsc::Receiver<Event>,
     abort: &'a Abort,
     timeout: Duration,
@@ -669,13 +780,37 @@ impl<'a> SendWorkers<'a> {
         dst_ranks: &[u32],
         storages: &'a [&'a [u8]],
         (sent, total): (&'a AtomicU64, u64),
-        abort: &'a Abort,
+        (abort, outcomes): (&'a Abort, &'a SendOutcomes),
     ) -> SendWorkers<'a>
     where
         'a: 'scope,
     {
         let timeout = transport.options.timeout;
         let (event_tx, events) = mpsc::channel::<Event>();
+        // Direct fan-out to several destinations: a thread of its own hashes, so that a destination
+        // that stalls does not hold up the digests, so the trailer, of every destination (until its
+        // queue is full: then the main thread waits on it, README.md *Failure behaviour*). With one stream of data (one destination, or Chain)
+        // its thread hashes each message right before sending it, while the bytes are in cache.
+        let hash_apart = dst_ranks.len() > 1 && transport.options.plan.fanout == FanOut::Direct;
+        let hasher = hash_apart.then(|| {
+            let (tx, rx) = mpsc::sync_channel::<(u32, Vec<Segment>)>(QUEUE_DEPTH);
+            let event_tx = event_tx.clone();
+            scope.spawn(move || {
+                let mut hashers = StorageHashers::default();
+                for (message, segs) in rx {
+                    if abort.is_set() {
+                        break;
+                    }
+                    let digests = segs
+                        .iter()
+                        .zip(storage_parts(storages, &segs))
+                        .filter_map(|(seg, bytes)| hashers.update(seg, bytes))
+                        .collect();
+                    let _ = event_tx.send(Event::Digests(message, digests));
+                }
+            });
+            tx
+        });
 
         let mut workers = HashMap::new();
         for (i, &dst) in dst_ranks.iter().enumerate() {
@@ -690,15 +825,21 @@ impl<'a> SendWorkers<'a> {
                 // The core asks for every storage byte to be hashed exactly once, on the sends to one
                 // destination, in order (so one thread sees all of a storage).
                 let mut hashers = StorageHashers::default();
+                // This destination's send failed: the rest of its messages are not sent.
+                let mut failed = false;
                 for job in rx {
                     if abort.is_set() {
                         break;
+                    }
+                    // The queue is drained all the same, so that the main thread never waits on it.
+                    if failed {
+                        continue;
                     }
                     let (op, result) = match &job {
                         SendJob::Bytes(op, b) => (op, pg.send(op.to, op.tag, &[b], timeout)),
                         SendJob::Storages(op, prefix, segs) => {
                             let mut parts = storage_parts(storages, segs);
-                            if op.hash {
+                            if op.hash && !hash_apart {
                                 let digests = segs
                                     .iter()
                                     .zip(&parts)
@@ -719,19 +860,21 @@ impl<'a> SendWorkers<'a> {
                         }
                     };
                     if let Err(e) = result {
-                        abort.fail(Error::Peer {
+                        failed = true;
+                        let e = Error::Peer {
                             action: PeerAction::Sending,
                             message: op.message,
                             rank: op.to,
                             source: e,
-                        });
-                        break;
+                        };
+                        outcomes.fail(dst, e, abort);
                     }
                 }
             });
         }
         SendWorkers {
             workers,
+            hasher,
             events,
             abort,
             timeout,
@@ -749,6 +892,11 @@ impl SendHost for SendWorkers<'_> {
         let job = match payload {
             Payload::Bytes(b) => SendJob::Bytes(*op, b.to_vec()),
             Payload::Storages { prefix, segments } => {
+                if let (true, Some(hasher)) = (op.hash, &self.hasher) {
+                    if hasher.send((op.message, segments.to_vec())).is_err() {
+                        return Err(self.abort.error());
+                    }
+                }
                 SendJob::Storages(*op, prefix, segments.to_vec())
             }
         };
@@ -815,6 +963,7 @@ struct Landed<'t> {
     in_place_origin: Vec<Option<(usize, usize)>>,
     total_bytes: u64,
     metadata_seconds: f64,
+    forward_failed: Arc<Mutex<Option<ForwardFailure>>>,
 }
 
 /// The receiving host: receives on the calling thread straight into [`ReceiveMemory`]; a post thread
@@ -837,6 +986,9 @@ struct Landing<'a, 'scope, 'env, 't, 'd, P: ProcessGroup> {
     abort: &'a Abort,
     /// The slot of the rank this receive forwards to (chain fan-out), taken at the first forward.
     forward_slot: &'a Mutex<Option<Slots>>,
+    /// Set by the forward thread when a forward fails: it forwards nothing more, and the receive
+    /// goes on.
+    forward_failed: Arc<Mutex<Option<ForwardFailure>>>,
     /// A receive from the upstream failed at the process group: the link is not drained.
     link_failed: bool,
     received: u64,
@@ -875,6 +1027,7 @@ where
             events: None,
             abort,
             forward_slot,
+            forward_failed: Arc::default(),
             link_failed: false,
             received: 0,
             total_bytes: 0,
@@ -896,6 +1049,7 @@ where
             in_place_origin: self.in_place_origin,
             total_bytes: self.total_bytes,
             metadata_seconds: self.metadata_seconds,
+            forward_failed: self.forward_failed,
         })
     }
 
@@ -1103,10 +1257,19 @@ where
         self.forward = Some(fwd_tx);
         let pg = &self.transport.pg;
         let timeout = self.timeout();
+        let forward_failed = Arc::clone(&self.forward_failed);
         self.scope.spawn(move || {
+            // A failed forward breaks the chain below this rank, not this rank's receive: the rest
+            // is not forwarded but reported forwarded, so that the receive completes.
+            let mut failed = false;
             for job in fwd_rx {
                 if abort.is_set() {
                     break;
+                }
+                if failed {
+                    let (ForwardJob::Bytes(op, _) | ForwardJob::Storages(op, _, _)) = &job;
+                    let _ = event_tx.send(Event::Forwarded(op.message));
+                    continue;
                 }
                 let (op, result) = match &job {
                     ForwardJob::Bytes(op, b) => (
@@ -1148,14 +1311,29 @@ where
                     }
                 };
                 match result {
-                    Ok(()) => {
-                        let _ = event_tx.send(Event::Forwarded(op.message));
-                    }
-                    Err(e) => {
+                    Ok(()) => {}
+                    // Not the peer's fault but ours: the receive fails.
+                    Err(e @ Error::Internal { .. }) => {
                         abort.fail(e);
                         break;
                     }
+                    Err(e) => {
+                        let reason = with_sources(&e);
+                        warn!(
+                            rank = op.to,
+                            message = op.message,
+                            "forwarding failed; this rank's receive goes on, the ranks downstream fail: {reason}"
+                        );
+                        *forward_failed.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(ForwardFailure {
+                                rank: op.to,
+                                message: op.message,
+                                reason,
+                            });
+                        failed = true;
+                    }
                 }
+                let _ = event_tx.send(Event::Forwarded(op.message));
             }
         });
     }
