@@ -131,7 +131,7 @@ fn read_only_targets_are_refused_by_key_path_and_the_link_stays_clean() {
         });
         match result {
             Err(Error::InPlaceReadOnly { path, storage }) => {
-                assert_eq!(path, key);
+                assert_eq!(path, format!("['{key}']"));
                 assert!(kind.starts_with(&format!("Storage::{storage}(")), "{kind}");
             }
             other => panic!("{key}: expected InPlaceReadOnly, got {other:?}"),
