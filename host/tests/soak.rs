@@ -669,42 +669,36 @@ fn drive(mode: &Mode) -> bool {
             (rank, child)
         })
         .collect();
-    let mut ok = true;
-    let mut left = ranks.len();
-    let mut done = vec![false; ranks.len()];
-    while left > 0 {
+    // Stops every rank still running: after a failure the other one would only wait for its peer
+    // until its timeout.
+    let stop_all = |ranks: &mut Vec<(u32, Child)>| {
+        for (_, child) in ranks.iter_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    };
+    while !ranks.is_empty() {
         if begun.elapsed() > mode.deadline {
-            for (rank, child) in &mut ranks {
-                eprintln!(
-                    "soak: rank {rank} still running after {:?}: killed",
-                    mode.deadline
-                );
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            eprintln!(
+                "soak: ranks still running after {:?}: killed",
+                mode.deadline
+            );
+            stop_all(&mut ranks);
             return false;
         }
-        for (i, (rank, child)) in ranks.iter_mut().enumerate() {
-            if done[i] {
-                continue;
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                done[i] = true;
-                left -= 1;
+        let mut failed = false;
+        ranks.retain_mut(|(rank, child)| match child.try_wait().unwrap() {
+            None => true,
+            Some(status) => {
                 if !status.success() {
                     eprintln!("soak: rank {rank} failed: {status}");
-                    ok = false;
+                    failed = true;
                 }
+                false
             }
-        }
-        if !ok {
-            // The other rank would only wait for its peer until its timeout.
-            for (i, (_, child)) in ranks.iter_mut().enumerate() {
-                if !done[i] {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                }
-            }
+        });
+        if failed {
+            stop_all(&mut ranks);
             return false;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -713,7 +707,7 @@ fn drive(mode: &Mode) -> bool {
         "soak: both ranks done in {:.1} s",
         begun.elapsed().as_secs_f64()
     );
-    ok
+    true
 }
 
 fn main() -> ExitCode {
