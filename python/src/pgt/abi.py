@@ -24,6 +24,7 @@ import os
 import struct
 from pathlib import Path
 
+import numpy as np
 import wasmtime
 
 # The module this package carries (scripts/build-wasm.sh copies it here before `pip install`).
@@ -142,6 +143,32 @@ class Reader:
             if v > MAX_SAFE:
                 return [uint(v) for v in out]
         return out
+
+    def tokens(self, count: int) -> list[int]:
+        """The next ``count`` varints, decoded at once (numpy): a sequence of records made only of
+        varints and 0/1 bytes (each a one-byte varint) is ``count`` varints in a row, and thousands
+        of them (a plan's segments, the storages) cost a Python call each otherwise."""
+        if count == 0:
+            return []
+        data = np.frombuffer(self.b, np.uint8, offset=self.i)
+        ends = np.flatnonzero(data < 0x80)[:count]
+        if len(ends) < count:
+            raise IndexError(f"{count} varints expected, {len(ends)} left in a result")
+        n = int(ends[-1]) + 1
+        data = data[:n]
+        if len(ends) == n:  # every varint is one byte
+            self.i += n
+            return data.tolist()
+        starts = np.empty(count, np.intp)
+        starts[0] = 0
+        starts[1:] = ends[:-1] + 1
+        # each byte's position within its varint: 7 bits more significant per byte
+        shift = np.arange(n, dtype=np.uint64) - np.repeat(starts, ends - starts + 1).astype(
+            np.uint64
+        )
+        values = (data & 0x7F).astype(np.uint64) << (shift * np.uint64(7))
+        self.i += n
+        return np.add.reduceat(values, starts).tolist()
 
     def zigzag(self) -> int:
         v = self.varint()
@@ -336,6 +363,16 @@ def storage(r: Reader) -> dict:  # StorageRef
     return {"leaf": leaf, "shard": shard, "nbytes": uint(nbytes), "dtype": DTYPES[read()]}
 
 
+def storages(r: Reader) -> list:
+    """``Vec<StorageRef>``: four varints each, decoded at once."""
+    n = r.varint()
+    v = r.tokens(4 * n)
+    return [
+        {"leaf": leaf, "shard": shard, "nbytes": uint(nbytes), "dtype": DTYPES[dtype]}
+        for leaf, shard, nbytes, dtype in zip(v[0::4], v[1::4], v[2::4], v[3::4], strict=True)
+    ]
+
+
 def summary(r: Reader) -> dict:
     out = {
         "header": {
@@ -359,7 +396,7 @@ def summary(r: Reader) -> dict:
         "leaves": r.seq(leaf),
         "paths": r.seq(Reader.str),
         "path_elems": r.seq(key_path),
-        "storages": r.seq(storage),
+        "storages": storages(r),
     }
     out["leaf_count"] = len(out["leaves"])
     out["storage_count"] = len(out["storages"])
@@ -372,13 +409,23 @@ def segment(r: Reader) -> dict:
     return {"storage": st, "offset": uint(off), "len": uint(n), "completes": r.byte() == 1}
 
 
+def segments(r: Reader) -> list:
+    """``Vec<Segment>``: three varints and a 0/1 byte each, decoded at once."""
+    n = r.varint()
+    v = r.tokens(4 * n)
+    return [
+        {"storage": st, "offset": uint(off), "len": uint(ln), "completes": c == 1}
+        for st, off, ln, c in zip(v[0::4], v[1::4], v[2::4], v[3::4], strict=True)
+    ]
+
+
 def plan(r: Reader) -> list:
     """A ``Plan`` (messages, each with a ``Range<u32>`` into the segments; then the segments) as
     index.json's ``messages``: each message with its own segments."""
     messages = r.seq(lambda r: (KINDS[r.varint()], r.uint(), r.uint(), r.varint(), r.varint()))
-    segments = r.seq(segment)
+    segments_ = segments(r)
     return [
-        {"kind": kind, "tag": tag, "len": n, "segments": segments[start:end]}
+        {"kind": kind, "tag": tag, "len": n, "segments": segments_[start:end]}
         for kind, tag, n, start, end in messages
     ]
 
@@ -418,7 +465,7 @@ def incoming(r: Reader) -> dict:
     return {
         "transfer_id": hex64(r.varint()),
         "step": r.opt(Reader.uint),
-        "storages": r.seq(storage),
+        "storages": storages(r),
         "total_bytes": r.uint(),
         "plan": plan(r),
     }

@@ -240,12 +240,7 @@ class _Sending:
                 if b == a + 1:
                     tensors.append(_u8(segs[a]))
                 else:  # a run of small segments: gathered into one staging tensor
-                    stage = bytearray(sum(len(s) for s in segs[a:b]))
-                    mv, at = memoryview(stage), 0
-                    for s in segs[a:b]:
-                        mv[at : at + len(s)] = s
-                        at += len(s)
-                    tensors.append(_u8(stage))
+                    tensors.append(_u8(bytearray().join(segs[a:b])))
         else:  # metadata, trailer: the frame, then the message after its prefix in one part
             data = bytes(parts[0]) if len(parts) == 1 else b"".join(bytes(p) for p in parts)
             rest = data[PREFIX_LEN:]
@@ -276,6 +271,8 @@ class _Sending:
 # bytes, so it is safe on memory a receive is writing meanwhile.
 MADV_POPULATE_WRITE = 23
 PREFAULT_STEP = 8 << 20
+# The smallest landing block of small storages (_Receiving._blocks) the prefaulter maps.
+BLOCK_PREFAULT_MIN = 1 << 20
 # How far ahead of the data landed the prefaulter maps: the receives posted ahead (RECV_DEPTH messages
 # of up to CHUNK_SIZE) and a step more.
 PREFAULT_WINDOW = RECV_DEPTH * CHUNK_SIZE + (64 << 20)
@@ -437,7 +434,8 @@ class _Receiving(_Landing):
         self.prefault = None  # the prefaulter of fresh storages, if any
         self.plan: list = []
         self.storages: list = []  # Incoming storages
-        self.views: list = []  # per storage: a memoryview of its landing
+        self.views: dict = {}  # storage -> a memoryview of its landing
+        self.blocks: dict = {}  # (data message, first segment of a run) -> the run's landing block
         self.orphans: list = []  # works still posted when a transfer failed (kept alive)
 
     # -- frames --
@@ -512,18 +510,58 @@ class _Receiving(_Landing):
         return self.in_place_targets(self.storages, paths)
 
     def bound(self, incoming: dict, bindings: list):
-        fresh = []  # landing tensors in fresh memory, in storage order
+        small = {}  # fresh storages that may land in a block: storage -> wire length
         for s, b in enumerate(bindings):
             wire = int(self.storages[s]["nbytes"])
             if b["dest"] != "fresh":
                 self.target_storage(s, b)  # straight into the existing storage, unless cast
-            if b["dest"] == "fresh" or b["cast_from"] is not None:
+                if b["cast_from"] is not None:
+                    self.fresh_storage(s, wire)
+            elif wire < STAGE_MIN:
+                small[s] = wire
+            else:
                 self.fresh_storage(s, wire)
-                if wire >= PREFAULT_STEP:
-                    fresh.append(self.landing[s])  # (small storages come from the heap, mapped)
-            self.views.append(memoryview(self.landing[s].numpy()))
+        fresh = self._blocks(small)  # (first storage, region): fresh memory, in arrival order
+        for s, b in enumerate(bindings):
+            if s in small and s not in self.landing:  # a small storage outside any block
+                self.fresh_storage(s, small[s])
+            elif (b["dest"] == "fresh" or b["cast_from"] is not None) and s not in small:
+                if int(self.storages[s]["nbytes"]) >= PREFAULT_STEP:
+                    fresh.append((s, self.landing[s]))  # (small ones come from the heap, mapped)
+            if s not in self.views:
+                self.views[s] = memoryview(self.landing[s].numpy())
         if fresh and _madvise():
-            self.prefault = _Prefault(fresh)
+            self.prefault = _Prefault([t for _, t in sorted(fresh, key=lambda x: x[0])])
+
+    def _blocks(self, small: dict) -> list:
+        """One fresh block per staged run of whole ``small`` storages: the run's part is received
+        straight into the block (no staging tensor, no scatter), and each storage lands in its range
+        of the block — a tensor of its own storage (of the wire's size) over that memory. The blocks
+        of at least BLOCK_PREFAULT_MIN bytes, as (first storage, block), for the prefaulter."""
+        out = []
+        for m, message in enumerate(self.plan):
+            if message["kind"] != "data":
+                continue
+            segments = message["segments"]
+            for a, b in group_parts([int(x["len"]) for x in segments]):
+                run = segments[a:b]
+                if b == a + 1 or not all(
+                    small.get(x["storage"]) == int(x["len"]) and int(x["offset"]) == 0 for x in run
+                ):
+                    continue
+                n = sum(small[x["storage"]] for x in run)
+                block = torch.empty(n, dtype=torch.uint8)
+                array, at = block.numpy(), 0
+                mv = memoryview(array)
+                for x in run:
+                    s, size = x["storage"], small[x["storage"]]
+                    self.landing[s] = torch.from_numpy(array[at : at + size])
+                    self.views[s] = mv[at : at + size]
+                    at += size
+                self.blocks[(m, a)] = block
+                if n >= BLOCK_PREFAULT_MIN:
+                    out.append((run[0]["storage"], block))
+        return out
 
     def _slice(self, seg: dict) -> torch.Tensor:
         off = int(seg["offset"])
@@ -545,8 +583,12 @@ class _Receiving(_Landing):
             )
         parts, works = [], []
         for a, b in groups:
-            n = sum(int(s["len"]) for s in segments[a:b])
-            t = self._slice(segments[a]) if b == a + 1 else torch.empty(n, dtype=torch.uint8)
+            if b == a + 1:
+                t = self._slice(segments[a])
+            else:  # a run: straight into its block, or a staging tensor scattered once landed
+                t = self.blocks.get((op["message"], a))
+                if t is None:
+                    t = torch.empty(sum(int(s["len"]) for s in segments[a:b]), dtype=torch.uint8)
             parts.append(t)
             works.append(self.link.recv(t, peer, tag))
         self.data[tag] = (op, segments, groups, parts, works)
@@ -568,7 +610,7 @@ class _Receiving(_Landing):
         if self.prefault is not None:
             self.prefault.advance(int(op["len"]))
         for (a, b), part in zip(groups, parts, strict=True):
-            if b > a + 1:  # scatter a staged run into its storages
+            if b > a + 1 and (op["message"], a) not in self.blocks:  # scatter a staged run
                 src, at = memoryview(part.numpy()), 0
                 for s in segments[a:b]:
                     off, n = int(s["offset"]), int(s["len"])
