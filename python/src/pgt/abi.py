@@ -144,14 +144,20 @@ class Reader:
                 return [uint(v) for v in out]
         return out
 
-    def tokens(self, count: int) -> list[int]:
-        """The next ``count`` varints, decoded at once (numpy): a sequence of records made only of
-        varints and 0/1 bytes (each a one-byte varint) is ``count`` varints in a row, and thousands
-        of them (a plan's segments, the storages) cost a Python call each otherwise."""
-        if count == 0:
+    def tokens(self, count: int | None = None) -> list[int]:
+        """The next ``count`` varints (default: the rest of the result), decoded at once (numpy): a
+        sequence of records made only of varints and 0/1 bytes (each a one-byte varint) is varints
+        in a row, and thousands of them (a plan's segments, the storages, the bindings) cost a
+        Python call each otherwise."""
+        if count == 0 or self.i == len(self.b):
             return []
         data = np.frombuffer(self.b, np.uint8, offset=self.i)
-        ends = np.flatnonzero(data < 0x80)[:count]
+        ends = np.flatnonzero(data < 0x80)
+        if count is None:
+            if data[-1] >= 0x80:
+                raise IndexError("a result ends inside a varint")
+            count = len(ends)
+        ends = ends[:count]
         if len(ends) < count:
             raise IndexError(f"{count} varints expected, {len(ends)} left in a result")
         n = int(ends[-1]) + 1
@@ -331,6 +337,60 @@ def leaf(r: Reader) -> dict:
     raise ValueError(f"leaf tag {tag}")
 
 
+def leaves(r: Reader) -> list:
+    """``Vec<Leaf>``, as ``r.seq(leaf)``; a tensor leaf (the common one) decoded in one go: its
+    varints (dtype, shape and stride as a length then the items, storage offset, nbytes) read inline,
+    without a call each (a checkpoint may have 10,000s of leaves)."""
+    b, out = r.b, []
+    for _ in range(r.varint()):
+        i = r.i
+        if b[i] != 1 or b[i + 1] >= len(DTYPES):  # not a tensor of a known dtype: the general way
+            out.append(leaf(r))
+            continue
+        dtype = DTYPES[b[i + 1]]
+        i += 2
+        values = []  # shape's length, shape, stride's length, stride, offset, nbytes
+        need, stage = 1, 0
+        while True:
+            v = b[i]
+            i += 1
+            if v >= 0x80:
+                v &= 0x7F
+                shift = 7
+                while True:
+                    c = b[i]
+                    i += 1
+                    v |= (c & 0x7F) << shift
+                    if c < 0x80:
+                        break
+                    shift += 7
+                if v > MAX_SAFE:
+                    v = str(v)
+            values.append(v)
+            need -= 1
+            if need == 0:
+                if stage == 2:
+                    break
+                # after a length: its items, then the next length (stride's) or offset and nbytes
+                need, stage = int(v) + 1 + stage, stage + 1
+        r.i = i
+        nd = values[0]
+        nd2 = values[1 + nd]
+        out.append(
+            {
+                "kind": "tensor",
+                "layout": {
+                    "dtype": dtype,
+                    "shape": values[1 : 1 + nd],
+                    "stride": values[2 + nd : 2 + nd + nd2],
+                    "storage_offset": values[-2],
+                    "nbytes": values[-1],
+                },
+            }
+        )
+    return out
+
+
 def key(r: Reader):
     return r.str() if r.varint() == 0 else {"int": sint(r.zigzag())}
 
@@ -355,6 +415,33 @@ def key_path(r: Reader) -> list:
         return {"int_key": sint(r.zigzag())}
 
     return r.seq(elem)
+
+
+def canonical_key_paths(r: Reader) -> list:
+    """``Vec<KeyPath>`` as tuples that tell str keys, int keys and list indices apart — ``("k",
+    str)``, ``("i", int)``, ``("x", int)`` — ready to look up in a dict of a nested object's leaves
+    (pgt.torch's in-place targets); a str key's common short form read inline."""
+    b, out = r.b, []
+    for _ in range(r.varint()):
+        path = []
+        for _ in range(r.varint()):
+            i = r.i
+            if b[i] == 1:  # PathElem::Index
+                r.i = i + 1
+                path.append(("x", r.varint()))
+            elif b[i + 1] == 0:  # PathElem::Key(Key::Str)
+                n = b[i + 2]
+                if n < 0x80:
+                    r.i = i + 3 + n
+                    path.append(("k", b[i + 3 : i + 3 + n].decode("utf-8")))
+                else:
+                    r.i = i + 2
+                    path.append(("k", r.str()))
+            else:  # PathElem::Key(Key::Int)
+                r.i = i + 2
+                path.append(("i", r.zigzag()))
+        out.append(tuple(path))
+    return out
 
 
 def storage(r: Reader) -> dict:  # StorageRef
@@ -393,7 +480,7 @@ def summary(r: Reader) -> dict:
         "digests": r.bool(),
         "total_bytes": r.uint(),
         "tree": r.seq(node),
-        "leaves": r.seq(leaf),
+        "leaves": leaves(r),
         "paths": r.seq(Reader.str),
         "path_elems": r.seq(key_path),
         "storages": storages(r),
@@ -483,19 +570,41 @@ def binding(r: Reader) -> dict:
     }
 
 
+def bindings(r: Reader) -> list:
+    """``Vec<StorageBinding>`` ending a result: made only of varints and 0/1 bytes, decoded at once
+    (``binding``'s fields: the destination, then dtype, nbytes and the optional cast)."""
+    n = r.varint()
+    v = r.tokens()
+    out, k = [], 0
+    for _ in range(n):
+        if v[k] == 0:
+            dest = "fresh"
+            k += 1
+        else:
+            dest = {"in_place": uint(v[k + 1])}
+            k += 2
+        dtype, nbytes = DTYPES[v[k]], uint(v[k + 1])
+        cast_from = DTYPES[v[k + 3]] if v[k + 2] == 1 else None
+        k += 4 if cast_from is not None else 3
+        out.append({"dest": dest, "dtype": dtype, "nbytes": nbytes, "cast_from": cast_from})
+    if k != len(v):
+        raise ValueError(f"{len(v) - k} varints left after the bindings in a result")
+    return out
+
+
 def received(r: Reader) -> dict:
     return {
         "step": r.opt(Reader.uint),
         "tree": r.seq(node),
-        "leaves": r.seq(leaf),
-        "bindings": r.seq(binding),
+        "leaves": leaves(r),
+        "bindings": bindings(r),
     }
 
 
 def received_without_bindings(r: Reader) -> dict:
     """``received`` for a host that kept the bindings ``finish_bindings`` gave: the same result, its
     last field (every storage's binding again) left undecoded."""
-    out = {"step": r.opt(Reader.uint), "tree": r.seq(node), "leaves": r.seq(leaf)}
+    out = {"step": r.opt(Reader.uint), "tree": r.seq(node), "leaves": leaves(r)}
     r.i = len(r.b)
     return out
 
@@ -711,16 +820,16 @@ class Receiver:
         """``Incoming``: {step, storages, total_bytes, plan}."""
         return self._call("pgt_receiver_metadata", incoming, inputs=(data,))
 
-    def paths(self) -> list:
-        """Every leaf's key path (after the metadata)."""
+    def paths(self, canonical: bool = False) -> list:
+        """Every leaf's key path (after the metadata); ``canonical``: as ``canonical_key_paths``."""
+        if canonical:
+            return self._call("pgt_receiver_paths", canonical_key_paths)
         return self._call("pgt_receiver_paths", lambda r: r.seq(key_path))
 
     def finish_bindings(self, targets=()) -> list:
         """Binds each target ({storage, id, dtype, nbytes}) in place, every other storage fresh;
         returns every storage's binding."""
-        return self._call(
-            "pgt_receiver_bind", lambda r: r.seq(binding), inputs=(in_place_bytes(targets),)
-        )
+        return self._call("pgt_receiver_bind", bindings, inputs=(in_place_bytes(targets),))
 
     def handle_data(self, message: int):
         self._call("pgt_receiver_data", unit, message)

@@ -365,7 +365,7 @@ class _Landing:
         if not self.inplace:
             return []
         out = []
-        self.paths = [_canonical(p) for p in paths()]
+        self.paths = paths(canonical=True)
         for s, st in enumerate(storages):
             path = self.paths[int(st["leaf"])]
             t = _inplace_tensor(self.inplace.get(path), int(st["shard"]))
@@ -611,11 +611,13 @@ class _Receiving(_Landing):
             self.prefault.advance(int(op["len"]))
         for (a, b), part in zip(groups, parts, strict=True):
             if b > a + 1 and (op["message"], a) not in self.blocks:  # scatter a staged run
-                src, at = memoryview(part.numpy()), 0
-                for s in segments[a:b]:
-                    off, n = int(s["offset"]), int(s["len"])
-                    self.views[s["storage"]][off : off + n] = src[at : at + n]
-                    at += n
+                run = segments[a:b]
+                dests = []
+                for s in run:
+                    dest, off, n = self.landing[s["storage"]], int(s["offset"]), int(s["len"])
+                    dests.append(dest if off == 0 and n == dest.numel() else dest[off : off + n])
+                # one call for the run's copies (a Python copy per segment costs more)
+                torch._foreach_copy_(dests, list(part.split([int(s["len"]) for s in run])))
         self.events.append(("landed", op["message"]))
         if op["hash"] and (self.hashing or int(op["len"]) >= pgt_send.HASH_THREAD_MIN):
             # hashed in the hashing thread while the next messages land
@@ -720,20 +722,6 @@ class _Receiving(_Landing):
 
 
 # ---- key paths ----
-
-
-def _canonical(elems: list) -> tuple:
-    """A key path from the module (``{"key"}``/``{"int_key"}``/``{"index"}`` elements) as a tuple that
-    tells str keys, int keys and list indices apart."""
-    out = []
-    for e in elems:
-        if "key" in e:
-            out.append(("k", e["key"]))
-        elif "int_key" in e:
-            out.append(("i", int(e["int_key"])))
-        else:
-            out.append(("x", int(e["index"])))
-    return tuple(out)
 
 
 def _leaves_by_path(obj) -> dict:
