@@ -406,6 +406,31 @@ def node(r: Reader):
     return "leaf"
 
 
+def tree(r: Reader) -> list:
+    """``Vec<Node>``, as ``r.seq(node)``; a leaf node and a dict's short str keys read inline."""
+    b, out = r.b, []
+    for _ in range(r.varint()):
+        i = r.i
+        if b[i] == 3:
+            r.i = i + 1
+            out.append("leaf")
+        elif b[i] != 0:
+            out.append(node(r))
+        else:
+            r.i = i + 1
+            keys = []
+            for _ in range(r.varint()):
+                i = r.i
+                if b[i] == 0 and b[i + 1] < 0x80:  # Key::Str, shorter than 128 bytes
+                    n = b[i + 1]
+                    r.i = i + 2 + n
+                    keys.append(b[i + 2 : i + 2 + n].decode("utf-8"))
+                else:
+                    keys.append(key(r))
+            out.append({"dict": keys})
+    return out
+
+
 def key_path(r: Reader) -> list:
     def elem(r):
         if r.varint() == 1:
@@ -479,7 +504,7 @@ def summary(r: Reader) -> dict:
         },
         "digests": r.bool(),
         "total_bytes": r.uint(),
-        "tree": r.seq(node),
+        "tree": tree(r),
         "leaves": leaves(r),
         "paths": r.seq(Reader.str),
         "path_elems": r.seq(key_path),
@@ -595,7 +620,7 @@ def bindings(r: Reader) -> list:
 def received(r: Reader) -> dict:
     return {
         "step": r.opt(Reader.uint),
-        "tree": r.seq(node),
+        "tree": tree(r),
         "leaves": leaves(r),
         "bindings": bindings(r),
     }
@@ -604,7 +629,7 @@ def received(r: Reader) -> dict:
 def received_without_bindings(r: Reader) -> dict:
     """``received`` for a host that kept the bindings ``finish_bindings`` gave: the same result, its
     last field (every storage's binding again) left undecoded."""
-    out = {"step": r.opt(Reader.uint), "tree": r.seq(node), "leaves": leaves(r)}
+    out = {"step": r.opt(Reader.uint), "tree": tree(r), "leaves": leaves(r)}
     r.i = len(r.b)
     return out
 

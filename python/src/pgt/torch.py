@@ -158,6 +158,16 @@ def storage_bytes(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=t.device).set_(s, 0, (s.nbytes(),), (1,))
 
 
+def _storage_array(t: torch.Tensor):
+    """The bytes of the storage under ``t`` as a flat uint8 numpy array (no copy on the CPU; as torch
+    does, a copy on the host for another device)."""
+    if t.is_cpu and t.storage_offset() == 0 and t.nbytes == t.untyped_storage().nbytes():
+        if t.is_contiguous():  # the common case, in fewer steps: the tensor's bytes are the storage
+            return (t.detach() if t.requires_grad else t).view(-1).view(torch.uint8).numpy()
+    b = storage_bytes(t)
+    return (b if b.is_cpu else b.cpu()).numpy()
+
+
 def view_of(base: torch.Tensor, layout: dict, dtype_name: str) -> torch.Tensor:
     """The view ``layout`` (sender's shape, stride and storage offset) of the storage under ``base``,
     as ``dtype_name`` — for every dtype, bool, complex32 and the float8s included."""
@@ -800,12 +810,13 @@ def _inplace_tensor(x, shard: int):
 def _layout(t: torch.Tensor, path: tuple) -> dict:
     if t.layout != torch.strided:
         raise UnsupportedLeaf(path, f"a tensor with layout {t.layout}")
-    if t.dtype not in NAME_BY_DTYPE:
+    dtype = NAME_BY_DTYPE.get(t.dtype)
+    if dtype is None:
         raise UnsupportedLeaf(path, f"a tensor of dtype {t.dtype}")
-    if t.device.type == "meta":
+    if t.is_meta:
         raise UnsupportedLeaf(path, "a tensor on the meta device (it has no bytes)")
     return {
-        "dtype": NAME_BY_DTYPE[t.dtype],
+        "dtype": dtype,
         "shape": list(t.shape),
         "stride": list(t.stride()),
         "storage_offset": t.storage_offset(),
@@ -851,6 +862,8 @@ class _Leaves:
         return layout
 
     def __call__(self, path: tuple, x) -> dict:
+        if type(x) is torch.Tensor:  # the common leaf, without the checks for the others
+            return {"kind": "tensor", "layout": self._tensor(x, path)}
         if _is_dtensor(x):
             mesh = x.device_mesh
             names = mesh.mesh_dim_names
@@ -1050,12 +1063,7 @@ class PGTransport:
         metadata = pgt_metadata.encode(
             step, self._rank(), [int(r) for r in dst_ranks], self._plan, tree, forms
         )
-        storages = []
-        for t in leaves.tensors:
-            b = storage_bytes(t)
-            if b.device.type != "cpu":  # as torch: the storage's bytes are copied to the host
-                b = b.cpu()
-            storages.append(b.numpy())
+        storages = [_storage_array(t) for t in leaves.tensors]
         if self._tcp:
             with _tcp_errors(self._rank(), f"sending to ranks {list(dst_ranks)}"):
                 pgt_send.send(
