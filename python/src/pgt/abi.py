@@ -24,6 +24,7 @@ import os
 import struct
 from pathlib import Path
 
+import numpy as np
 import wasmtime
 
 # The module this package carries (scripts/build-wasm.sh copies it here before `pip install`).
@@ -142,6 +143,38 @@ class Reader:
             if v > MAX_SAFE:
                 return [uint(v) for v in out]
         return out
+
+    def tokens(self, count: int | None = None) -> list[int]:
+        """The next ``count`` varints (default: the rest of the result), decoded at once (numpy): a
+        sequence of records made only of varints and 0/1 bytes (each a one-byte varint) is varints
+        in a row, and thousands of them (a plan's segments, the storages, the bindings) cost a
+        Python call each otherwise."""
+        if count == 0 or self.i == len(self.b):
+            return []
+        data = np.frombuffer(self.b, np.uint8, offset=self.i)
+        ends = np.flatnonzero(data < 0x80)
+        if count is None:
+            if data[-1] >= 0x80:
+                raise IndexError("a result ends inside a varint")
+            count = len(ends)
+        ends = ends[:count]
+        if len(ends) < count:
+            raise IndexError(f"{count} varints expected, {len(ends)} left in a result")
+        n = int(ends[-1]) + 1
+        data = data[:n]
+        if len(ends) == n:  # every varint is one byte
+            self.i += n
+            return data.tolist()
+        starts = np.empty(count, np.intp)
+        starts[0] = 0
+        starts[1:] = ends[:-1] + 1
+        # each byte's position within its varint: 7 bits more significant per byte
+        shift = np.arange(n, dtype=np.uint64) - np.repeat(starts, ends - starts + 1).astype(
+            np.uint64
+        )
+        values = (data & 0x7F).astype(np.uint64) << (shift * np.uint64(7))
+        self.i += n
+        return np.add.reduceat(values, starts).tolist()
 
     def zigzag(self) -> int:
         v = self.varint()
@@ -312,6 +345,60 @@ def leaf(r: Reader) -> dict:
     raise ValueError(f"leaf tag {tag}")
 
 
+def leaves(r: Reader) -> list:
+    """``Vec<Leaf>``, as ``r.seq(leaf)``; a tensor leaf (the common one) decoded in one go: its
+    varints (dtype, shape and stride as a length then the items, storage offset, nbytes) read inline,
+    without a call each (a checkpoint may have 10,000s of leaves)."""
+    b, out = r.b, []
+    for _ in range(r.varint()):
+        i = r.i
+        if b[i] != 1 or b[i + 1] >= len(DTYPES):  # not a tensor of a known dtype: the general way
+            out.append(leaf(r))
+            continue
+        dtype = DTYPES[b[i + 1]]
+        i += 2
+        values = []  # shape's length, shape, stride's length, stride, offset, nbytes
+        need, stage = 1, 0
+        while True:
+            v = b[i]
+            i += 1
+            if v >= 0x80:
+                v &= 0x7F
+                shift = 7
+                while True:
+                    c = b[i]
+                    i += 1
+                    v |= (c & 0x7F) << shift
+                    if c < 0x80:
+                        break
+                    shift += 7
+                if v > MAX_SAFE:
+                    v = str(v)
+            values.append(v)
+            need -= 1
+            if need == 0:
+                if stage == 2:
+                    break
+                # after a length: its items, then the next length (stride's) or offset and nbytes
+                need, stage = int(v) + 1 + stage, stage + 1
+        r.i = i
+        nd = values[0]
+        nd2 = values[1 + nd]
+        out.append(
+            {
+                "kind": "tensor",
+                "layout": {
+                    "dtype": dtype,
+                    "shape": values[1 : 1 + nd],
+                    "stride": values[2 + nd : 2 + nd + nd2],
+                    "storage_offset": values[-2],
+                    "nbytes": values[-1],
+                },
+            }
+        )
+    return out
+
+
 def key(r: Reader):
     return r.str() if r.varint() == 0 else {"int": sint(r.zigzag())}
 
@@ -327,6 +414,31 @@ def node(r: Reader):
     return "leaf"
 
 
+def tree(r: Reader) -> list:
+    """``Vec<Node>``, as ``r.seq(node)``; a leaf node and a dict's short str keys read inline."""
+    b, out = r.b, []
+    for _ in range(r.varint()):
+        i = r.i
+        if b[i] == 3:
+            r.i = i + 1
+            out.append("leaf")
+        elif b[i] != 0:
+            out.append(node(r))
+        else:
+            r.i = i + 1
+            keys = []
+            for _ in range(r.varint()):
+                i = r.i
+                if b[i] == 0 and b[i + 1] < 0x80:  # Key::Str, shorter than 128 bytes
+                    n = b[i + 1]
+                    r.i = i + 2 + n
+                    keys.append(b[i + 2 : i + 2 + n].decode("utf-8"))
+                else:
+                    keys.append(key(r))
+            out.append({"dict": keys})
+    return out
+
+
 def key_path(r: Reader) -> list:
     def elem(r):
         if r.varint() == 1:
@@ -338,10 +450,47 @@ def key_path(r: Reader) -> list:
     return r.seq(elem)
 
 
+def canonical_key_paths(r: Reader) -> list:
+    """``Vec<KeyPath>`` as tuples that tell str keys, int keys and list indices apart — ``("k",
+    str)``, ``("i", int)``, ``("x", int)`` — ready to look up in a dict of a nested object's leaves
+    (pgt.torch's in-place targets); a str key's common short form read inline."""
+    b, out = r.b, []
+    for _ in range(r.varint()):
+        path = []
+        for _ in range(r.varint()):
+            i = r.i
+            if b[i] == 1:  # PathElem::Index
+                r.i = i + 1
+                path.append(("x", r.varint()))
+            elif b[i + 1] == 0:  # PathElem::Key(Key::Str)
+                n = b[i + 2]
+                if n < 0x80:
+                    r.i = i + 3 + n
+                    path.append(("k", b[i + 3 : i + 3 + n].decode("utf-8")))
+                else:
+                    r.i = i + 2
+                    path.append(("k", r.str()))
+            else:  # PathElem::Key(Key::Int)
+                r.i = i + 2
+                path.append(("i", r.zigzag()))
+        out.append(tuple(path))
+    return out
+
+
 def storage(r: Reader) -> dict:  # StorageRef
     read = r.varint
     leaf, shard, nbytes = read(), read(), read()
     return {"leaf": leaf, "shard": shard, "nbytes": uint(nbytes), "dtype": DTYPES[read()]}
+
+
+def storages(r: Reader) -> list:
+    """``Vec<StorageRef>``: four varints each, decoded at once."""
+    n = r.varint()
+    v = r.tokens(4 * n)
+    return [
+        {"leaf": leaf, "shard": shard, "nbytes": uint(nbytes), "dtype": DTYPES[dtype]}
+        for leaf, shard, nbytes, dtype in zip(v[0::4], v[1::4], v[2::4], v[3::4], strict=True)
+    ]
 
 
 def summary(r: Reader) -> dict:
@@ -363,11 +512,11 @@ def summary(r: Reader) -> dict:
         },
         "digests": r.bool(),
         "total_bytes": r.uint(),
-        "tree": r.seq(node),
-        "leaves": r.seq(leaf),
+        "tree": tree(r),
+        "leaves": leaves(r),
         "paths": r.seq(Reader.str),
         "path_elems": r.seq(key_path),
-        "storages": r.seq(storage),
+        "storages": storages(r),
     }
     out["leaf_count"] = len(out["leaves"])
     out["storage_count"] = len(out["storages"])
@@ -380,13 +529,23 @@ def segment(r: Reader) -> dict:
     return {"storage": st, "offset": uint(off), "len": uint(n), "completes": r.byte() == 1}
 
 
+def segments(r: Reader) -> list:
+    """``Vec<Segment>``: three varints and a 0/1 byte each, decoded at once."""
+    n = r.varint()
+    v = r.tokens(4 * n)
+    return [
+        {"storage": st, "offset": uint(off), "len": uint(ln), "completes": c == 1}
+        for st, off, ln, c in zip(v[0::4], v[1::4], v[2::4], v[3::4], strict=True)
+    ]
+
+
 def plan(r: Reader) -> list:
     """A ``Plan`` (messages, each with a ``Range<u32>`` into the segments; then the segments) as
     index.json's ``messages``: each message with its own segments."""
     messages = r.seq(lambda r: (KINDS[r.varint()], r.uint(), r.uint(), r.varint(), r.varint()))
-    segments = r.seq(segment)
+    segments_ = segments(r)
     return [
-        {"kind": kind, "tag": tag, "len": n, "segments": segments[start:end]}
+        {"kind": kind, "tag": tag, "len": n, "segments": segments_[start:end]}
         for kind, tag, n, start, end in messages
     ]
 
@@ -426,7 +585,7 @@ def incoming(r: Reader) -> dict:
     return {
         "transfer_id": hex64(r.varint()),
         "step": r.opt(Reader.uint),
-        "storages": r.seq(storage),
+        "storages": storages(r),
         "total_bytes": r.uint(),
         "plan": plan(r),
     }
@@ -444,19 +603,41 @@ def binding(r: Reader) -> dict:
     }
 
 
+def bindings(r: Reader) -> list:
+    """``Vec<StorageBinding>`` ending a result: made only of varints and 0/1 bytes, decoded at once
+    (``binding``'s fields: the destination, then dtype, nbytes and the optional cast)."""
+    n = r.varint()
+    v = r.tokens()
+    out, k = [], 0
+    for _ in range(n):
+        if v[k] == 0:
+            dest = "fresh"
+            k += 1
+        else:
+            dest = {"in_place": uint(v[k + 1])}
+            k += 2
+        dtype, nbytes = DTYPES[v[k]], uint(v[k + 1])
+        cast_from = DTYPES[v[k + 3]] if v[k + 2] == 1 else None
+        k += 4 if cast_from is not None else 3
+        out.append({"dest": dest, "dtype": dtype, "nbytes": nbytes, "cast_from": cast_from})
+    if k != len(v):
+        raise ValueError(f"{len(v) - k} varints left after the bindings in a result")
+    return out
+
+
 def received(r: Reader) -> dict:
     return {
         "step": r.opt(Reader.uint),
-        "tree": r.seq(node),
-        "leaves": r.seq(leaf),
-        "bindings": r.seq(binding),
+        "tree": tree(r),
+        "leaves": leaves(r),
+        "bindings": bindings(r),
     }
 
 
 def received_without_bindings(r: Reader) -> dict:
     """``received`` for a host that kept the bindings ``finish_bindings`` gave: the same result, its
     last field (every storage's binding again) left undecoded."""
-    out = {"step": r.opt(Reader.uint), "tree": r.seq(node), "leaves": r.seq(leaf)}
+    out = {"step": r.opt(Reader.uint), "tree": tree(r), "leaves": leaves(r)}
     r.i = len(r.b)
     return out
 
@@ -672,16 +853,16 @@ class Receiver:
         """``Incoming``: {step, storages, total_bytes, plan}."""
         return self._call("pgt_receiver_metadata", incoming, inputs=(data,))
 
-    def paths(self) -> list:
-        """Every leaf's key path (after the metadata)."""
+    def paths(self, canonical: bool = False) -> list:
+        """Every leaf's key path (after the metadata); ``canonical``: as ``canonical_key_paths``."""
+        if canonical:
+            return self._call("pgt_receiver_paths", canonical_key_paths)
         return self._call("pgt_receiver_paths", lambda r: r.seq(key_path))
 
     def finish_bindings(self, targets=()) -> list:
         """Binds each target ({storage, id, dtype, nbytes}) in place, every other storage fresh;
         returns every storage's binding."""
-        return self._call(
-            "pgt_receiver_bind", lambda r: r.seq(binding), inputs=(in_place_bytes(targets),)
-        )
+        return self._call("pgt_receiver_bind", bindings, inputs=(in_place_bytes(targets),))
 
     def handle_data(self, message: int):
         self._call("pgt_receiver_data", unit, message)

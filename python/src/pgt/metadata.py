@@ -145,9 +145,42 @@ class Writer:
 # ---- pgt-core's types ----
 
 
+class _Varints(dict):
+    """The varint bytes of an int in u64, by value: the numbers of a checkpoint's layouts and key
+    lengths repeat, and a lookup costs less than writing one (those below 2^20 are kept); anything
+    else (a decimal string, a negative or too large int) is a KeyError, for the general way."""
+
+    def __missing__(self, v):
+        if type(v) is not int or not 0 <= v <= U64_MAX:
+            raise KeyError(v)
+        out = bytes(Writer().varint(v).out)
+        if v < 1 << 20:
+            self[v] = out
+        return out
+
+
+_VARINTS = _Varints()
+_DTYPE_INDEX = {name: bytes([i]) for i, name in enumerate(DTYPES)}
+
+
 def _layout(w: Writer, x: Mapping) -> None:
-    w.dtype(x["dtype"]).uints(x["shape"]).uints(x["stride"])
-    w.varint(x["storage_offset"]).varint(x["nbytes"])
+    shape, stride = x["shape"], x["stride"]
+    try:
+        small = _VARINTS
+        w.out += b"".join(
+            [
+                _DTYPE_INDEX[x["dtype"]],
+                small[len(shape)],
+                *[small[v] for v in shape],
+                small[len(stride)],
+                *[small[v] for v in stride],
+                small[x["storage_offset"]],
+                small[x["nbytes"]],
+            ]
+        )
+    except (KeyError, TypeError):  # decimal strings, bad values: the general way
+        w.dtype(x["dtype"]).uints(shape).uints(stride)
+        w.varint(x["storage_offset"]).varint(x["nbytes"])
 
 
 def _value(w: Writer, v: Mapping) -> None:
@@ -228,7 +261,8 @@ def _leaf(w: Writer, x: Mapping) -> None:
 
 def _key(w: Writer, k) -> None:
     if isinstance(k, str):
-        w.varint(0).str(k)
+        b = k.encode()
+        w.out += b"\x00" + _VARINTS[len(b)] + b
     else:
         w.varint(1).zigzag(k["int"])
 

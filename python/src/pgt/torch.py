@@ -103,6 +103,9 @@ CHUNK_SIZE = 1 << 26
 # Likewise the default bucket: 4 MiB (pgt's: 1 MiB), a quarter of the frames and round trips for a dict
 # of many small tensors (the 10,220-leaf reference dict: 1.0-1.1 s against 1.2 s in one run).
 BUCKET_SIZE = 1 << 22
+# A sender's staging buffers hold at least this many bytes (a run of small segments fills at most a
+# bucket), so that one buffer serves every later run.
+STAGE_BUFFER = BUCKET_SIZE
 
 DTYPE_BY_NAME = {name: getattr(torch, name) for name in pgt_abi.DTYPES}
 NAME_BY_DTYPE = {dt: name for name, dt in DTYPE_BY_NAME.items()}
@@ -153,6 +156,16 @@ def storage_bytes(t: torch.Tensor) -> torch.Tensor:
     """A flat uint8 tensor over the whole storage of ``t`` (no copy)."""
     s = t.untyped_storage()
     return torch.empty(0, dtype=torch.uint8, device=t.device).set_(s, 0, (s.nbytes(),), (1,))
+
+
+def _storage_array(t: torch.Tensor):
+    """The bytes of the storage under ``t`` as a flat uint8 numpy array (no copy on the CPU; as torch
+    does, a copy on the host for another device)."""
+    if t.is_cpu and t.storage_offset() == 0 and t.nbytes == t.untyped_storage().nbytes():
+        if t.is_contiguous():  # the common case, in fewer steps: the tensor's bytes are the storage
+            return (t.detach() if t.requires_grad else t).view(-1).view(torch.uint8).numpy()
+    b = storage_bytes(t)
+    return (b if b.is_cpu else b.cpu()).numpy()
 
 
 def view_of(base: torch.Tensor, layout: dict, dtype_name: str) -> torch.Tensor:
@@ -225,11 +238,26 @@ class _Sending:
 
     def __init__(self, link: _Link):
         self.link = link
-        self.inflight: collections.deque = collections.deque()  # (op, works, tensors)
+        self.inflight: collections.deque = collections.deque()  # (op, works, tensors, stages)
+        # Staging buffers whose sends completed, reused: a fresh one per run would take a page
+        # fault every 4 KiB (the 10,220-leaf dict stages 334 MB; the window needs ~70 MB).
+        self.free: list[bytearray] = []
+
+    def _stage(self, segments: list) -> tuple[bytearray, torch.Tensor]:
+        """A staging buffer with ``segments`` gathered at its start, and a tensor of those bytes."""
+        n = sum(len(s) for s in segments)
+        buf = self.free.pop() if self.free and len(self.free[-1]) >= n else None
+        if buf is None:
+            buf = bytearray(max(n, STAGE_BUFFER))
+        mv, at = memoryview(buf), 0
+        for s in segments:
+            mv[at : at + len(s)] = s
+            at += len(s)
+        return buf, _u8(buf)[:n]
 
     def send(self, op: dict, parts: list):
         to, tag = op["to"], op["tag"]
-        tensors = []
+        tensors, stages = [], []
         if op["kind"] == "header":
             tensors.append(_u8(bytearray(parts[0])))
         elif op["kind"] == "data":
@@ -240,12 +268,9 @@ class _Sending:
                 if b == a + 1:
                     tensors.append(_u8(segs[a]))
                 else:  # a run of small segments: gathered into one staging tensor
-                    stage = bytearray(sum(len(s) for s in segs[a:b]))
-                    mv, at = memoryview(stage), 0
-                    for s in segs[a:b]:
-                        mv[at : at + len(s)] = s
-                        at += len(s)
-                    tensors.append(_u8(stage))
+                    buf, t = self._stage(segs[a:b])
+                    stages.append(buf)
+                    tensors.append(t)
         else:  # metadata, trailer: the frame, then the message after its prefix in one part
             data = bytes(parts[0]) if len(parts) == 1 else b"".join(bytes(p) for p in parts)
             rest = data[PREFIX_LEN:]
@@ -253,17 +278,18 @@ class _Sending:
             if rest:
                 tensors.append(_u8(bytearray(rest)))
         works = [self.link.send(t, to, tag) for t in tensors]
-        self.inflight.append((op, works, tensors))
+        self.inflight.append((op, works, tensors, stages))
         while len(self.inflight) > SEND_WINDOW:
             self._finish_oldest()
 
     def _finish_oldest(self):
-        op, works, _ = self.inflight.popleft()
+        op, works, _, stages = self.inflight.popleft()
         deadline = self.link.deadline()
         for w in works:
             self.link.wait(
                 w, deadline, f"sending {op['kind']} message {op['message']} to", op["to"]
             )
+        self.free += stages
 
     def flush(self):
         while self.inflight:
@@ -276,6 +302,8 @@ class _Sending:
 # bytes, so it is safe on memory a receive is writing meanwhile.
 MADV_POPULATE_WRITE = 23
 PREFAULT_STEP = 8 << 20
+# The smallest landing block of small storages (_Receiving._blocks) the prefaulter maps.
+BLOCK_PREFAULT_MIN = 1 << 20
 # How far ahead of the data landed the prefaulter maps: the receives posted ahead (RECV_DEPTH messages
 # of up to CHUNK_SIZE) and a step more.
 PREFAULT_WINDOW = RECV_DEPTH * CHUNK_SIZE + (64 << 20)
@@ -366,7 +394,7 @@ class _Landing:
         if not self.inplace:
             return []
         out = []
-        self.paths = [_canonical(p) for p in paths()]
+        self.paths = paths(canonical=True)
         for s, st in enumerate(storages):
             path = self.paths[int(st["leaf"])]
             t = _inplace_tensor(self.inplace.get(path), int(st["shard"]))
@@ -435,7 +463,8 @@ class _Receiving(_Landing):
         self.prefault = None  # the prefaulter of fresh storages, if any
         self.plan: list = []
         self.storages: list = []  # Incoming storages
-        self.views: list = []  # per storage: a memoryview of its landing
+        self.views: dict = {}  # storage -> a memoryview of its landing
+        self.blocks: dict = {}  # (data message, first segment of a run) -> the run's landing block
         self.orphans: list = []  # works still posted when a transfer failed (kept alive)
 
     # -- frames --
@@ -506,18 +535,58 @@ class _Receiving(_Landing):
         return self.in_place_targets(self.storages, paths)
 
     def bound(self, incoming: dict, bindings: list):
-        fresh = []  # landing tensors in fresh memory, in storage order
+        small = {}  # fresh storages that may land in a block: storage -> wire length
         for s, b in enumerate(bindings):
             wire = int(self.storages[s]["nbytes"])
             if b["dest"] != "fresh":
                 self.target_storage(s, b)  # straight into the existing storage, unless cast
-            if b["dest"] == "fresh" or b["cast_from"] is not None:
+                if b["cast_from"] is not None:
+                    self.fresh_storage(s, wire)
+            elif wire < STAGE_MIN:
+                small[s] = wire
+            else:
                 self.fresh_storage(s, wire)
-                if wire >= PREFAULT_STEP:
-                    fresh.append(self.landing[s])  # (small storages come from the heap, mapped)
-            self.views.append(memoryview(self.landing[s].numpy()))
+        fresh = self._blocks(small)  # (first storage, region): fresh memory, in arrival order
+        for s, b in enumerate(bindings):
+            if s in small and s not in self.landing:  # a small storage outside any block
+                self.fresh_storage(s, small[s])
+            elif (b["dest"] == "fresh" or b["cast_from"] is not None) and s not in small:
+                if int(self.storages[s]["nbytes"]) >= PREFAULT_STEP:
+                    fresh.append((s, self.landing[s]))  # (small ones come from the heap, mapped)
+            if s not in self.views:
+                self.views[s] = memoryview(self.landing[s].numpy())
         if fresh and _madvise():
-            self.prefault = _Prefault(fresh)
+            self.prefault = _Prefault([t for _, t in sorted(fresh, key=lambda x: x[0])])
+
+    def _blocks(self, small: dict) -> list:
+        """One fresh block per staged run of whole ``small`` storages: the run's part is received
+        straight into the block (no staging tensor, no scatter), and each storage lands in its range
+        of the block — a tensor of its own storage (of the wire's size) over that memory. The blocks
+        of at least BLOCK_PREFAULT_MIN bytes, as (first storage, block), for the prefaulter."""
+        out = []
+        for m, message in enumerate(self.plan):
+            if message["kind"] != "data":
+                continue
+            segments = message["segments"]
+            for a, b in group_parts([int(x["len"]) for x in segments]):
+                run = segments[a:b]
+                if b == a + 1 or not all(
+                    small.get(x["storage"]) == int(x["len"]) and int(x["offset"]) == 0 for x in run
+                ):
+                    continue
+                n = sum(small[x["storage"]] for x in run)
+                block = torch.empty(n, dtype=torch.uint8)
+                array, at = block.numpy(), 0
+                mv = memoryview(array)
+                for x in run:
+                    s, size = x["storage"], small[x["storage"]]
+                    self.landing[s] = torch.from_numpy(array[at : at + size])
+                    self.views[s] = mv[at : at + size]
+                    at += size
+                self.blocks[(m, a)] = block
+                if n >= BLOCK_PREFAULT_MIN:
+                    out.append((run[0]["storage"], block))
+        return out
 
     def _slice(self, seg: dict) -> torch.Tensor:
         off = int(seg["offset"])
@@ -539,8 +608,12 @@ class _Receiving(_Landing):
             )
         parts, works = [], []
         for a, b in groups:
-            n = sum(int(s["len"]) for s in segments[a:b])
-            t = self._slice(segments[a]) if b == a + 1 else torch.empty(n, dtype=torch.uint8)
+            if b == a + 1:
+                t = self._slice(segments[a])
+            else:  # a run: straight into its block, or a staging tensor scattered once landed
+                t = self.blocks.get((op["message"], a))
+                if t is None:
+                    t = torch.empty(sum(int(s["len"]) for s in segments[a:b]), dtype=torch.uint8)
             parts.append(t)
             works.append(self.link.recv(t, peer, tag))
         self.data[tag] = (op, segments, groups, parts, works)
@@ -562,11 +635,14 @@ class _Receiving(_Landing):
         if self.prefault is not None:
             self.prefault.advance(int(op["len"]))
         for (a, b), part in zip(groups, parts, strict=True):
-            if b > a + 1:  # scatter a staged run into its storages
+            if b > a + 1 and (op["message"], a) not in self.blocks:  # scatter a staged run
+                # (memoryview copies: torch's _foreach_copy_ took 28 s for this on a loaded
+                # machine, its threads spinning)
                 src, at = memoryview(part.numpy()), 0
+                views = self.views
                 for s in segments[a:b]:
                     off, n = int(s["offset"]), int(s["len"])
-                    self.views[s["storage"]][off : off + n] = src[at : at + n]
+                    views[s["storage"]][off : off + n] = src[at : at + n]
                     at += n
         self.events.append(("landed", op["message"]))
         if op["hash"] and (self.hashing or int(op["len"]) >= pgt_send.HASH_THREAD_MIN):
@@ -587,6 +663,9 @@ class _Receiving(_Landing):
         digests = []
         for s in segments:
             off, n = int(s["offset"]), int(s["len"])
+            if off == 0 and s["completes"]:  # a whole storage: hashed in one call
+                digests.append(xxhash.xxh3_64_intdigest(self.views[s["storage"]][:n]))
+                continue
             h = self.hashers.get(s["storage"])
             if h is None:
                 h = self.hashers[s["storage"]] = xxhash.xxh3_64()
@@ -617,7 +696,7 @@ class _Receiving(_Landing):
         if self.hashing and self.hashing[0][1].done():
             return self._digests()
         if self.forwards and all(
-            w.is_completed() for _, works, _ in self.forwards[0][1].inflight for w in works
+            w.is_completed() for _, works, *_ in self.forwards[0][1].inflight for w in works
         ):
             op, _ = self.forwards.popleft()
             return ("forwarded", op["message"])
@@ -674,20 +753,6 @@ class _Receiving(_Landing):
 # ---- key paths ----
 
 
-def _canonical(elems: list) -> tuple:
-    """A key path from the module (``{"key"}``/``{"int_key"}``/``{"index"}`` elements) as a tuple that
-    tells str keys, int keys and list indices apart."""
-    out = []
-    for e in elems:
-        if "key" in e:
-            out.append(("k", e["key"]))
-        elif "int_key" in e:
-            out.append(("i", int(e["int_key"])))
-        else:
-            out.append(("x", int(e["index"])))
-    return tuple(out)
-
-
 def _leaves_by_path(obj) -> dict:
     """Every non-container of a nested dict/list/tuple by canonical key path."""
     out, stack = {}, [((), obj)]
@@ -739,12 +804,13 @@ def _inplace_tensor(x, shard: int):
 def _layout(t: torch.Tensor, path: tuple) -> dict:
     if t.layout != torch.strided:
         raise UnsupportedLeaf(path, f"a tensor with layout {t.layout}")
-    if t.dtype not in NAME_BY_DTYPE:
+    dtype = NAME_BY_DTYPE.get(t.dtype)
+    if dtype is None:
         raise UnsupportedLeaf(path, f"a tensor of dtype {t.dtype}")
-    if t.device.type == "meta":
+    if t.is_meta:
         raise UnsupportedLeaf(path, "a tensor on the meta device (it has no bytes)")
     return {
-        "dtype": NAME_BY_DTYPE[t.dtype],
+        "dtype": dtype,
         "shape": list(t.shape),
         "stride": list(t.stride()),
         "storage_offset": t.storage_offset(),
@@ -790,6 +856,8 @@ class _Leaves:
         return layout
 
     def __call__(self, path: tuple, x) -> dict:
+        if type(x) is torch.Tensor:  # the common leaf, without the checks for the others
+            return {"kind": "tensor", "layout": self._tensor(x, path)}
         if _is_dtensor(x):
             mesh = x.device_mesh
             names = mesh.mesh_dim_names
@@ -981,12 +1049,7 @@ class PGTransport:
         metadata = pgt_metadata.encode(
             step, self._rank(), [int(r) for r in dst_ranks], self._plan, tree, forms
         )
-        storages = []
-        for t in leaves.tensors:
-            b = storage_bytes(t)
-            if b.device.type != "cpu":  # as torch: the storage's bytes are copied to the host
-                b = b.cpu()
-            storages.append(b.numpy())
+        storages = [_storage_array(t) for t in leaves.tensors]
         if self._tcp:
             with _tcp_errors(self._rank(), f"sending to ranks {list(dst_ranks)}"):
                 pgt_send.send(
@@ -1009,7 +1072,7 @@ class PGTransport:
                 transfer_id=secrets.randbits(64),
             )
         except BaseException:
-            self._orphans += [w for _, works, _ in host.inflight for w in works]
+            self._orphans += [w for _, works, *_ in host.inflight for w in works]
             raise
 
     @_no_gc
