@@ -71,6 +71,10 @@ def test_fanout_to_every_rank(pool, mode):
     assert pool("fanout", mode)[1:] == [1, 2, 3]
 
 
+def test_small_storages_land_element_aligned(pool):
+    pool("small_storages_element_aligned")
+
+
 def test_in_place_with_casts_and_errors_naming_the_path(pool):
     pool("in_place")
 

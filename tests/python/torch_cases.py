@@ -636,3 +636,23 @@ def torch_cases_over_tcp(rank, world, port, token):
             pg_transport_with_sharded_tensor(rank, world)
         finally:
             _get_default_group = gloo_group
+
+
+def small_storages_element_aligned(rank, world):
+    """Small fresh storages land in shared blocks; each still starts at a multiple of its element
+    size even after an odd-length byte storage, and holds the sender's elements."""
+    sd = {
+        "odd_bytes": torch.arange(3, dtype=torch.uint8),
+        "f32": torch.arange(5, dtype=torch.float32),
+        "f64": torch.arange(7, dtype=torch.float64),
+        "i16": torch.arange(3, dtype=torch.int16),
+        "c64": torch.arange(4, dtype=torch.float32).view(torch.complex64),
+    }
+    t = _transport()
+    if rank == 0:
+        t.send_checkpoint([1], sd)
+    elif rank == 1:
+        got = t.recv_checkpoint(0)
+        for k, v in sd.items():
+            assert got[k].data_ptr() % got[k].element_size() == 0, k
+            assert torch.equal(got[k], v), k

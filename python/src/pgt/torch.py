@@ -574,6 +574,8 @@ class _Receiving(_Landing):
                     small.get(x["storage"]) == int(x["len"]) and int(x["offset"]) == 0 for x in run
                 ):
                     continue
+                if not self._aligned(run):
+                    continue  # staged and scattered instead: each storage then starts aligned
                 n = sum(small[x["storage"]] for x in run)
                 block = torch.empty(n, dtype=torch.uint8)
                 array, at = block.numpy(), 0
@@ -587,6 +589,18 @@ class _Receiving(_Landing):
                 if n >= BLOCK_PREFAULT_MIN:
                     out.append((run[0]["storage"], block))
         return out
+
+    def _aligned(self, run: list) -> bool:
+        """Whether every storage of a run starts at a multiple of its element size inside the block
+        (the block itself is 64-byte aligned): torch's kernels, and any device copy later, may rely
+        on element-aligned data, which a run of, say, an odd-length uint8 storage then a float32
+        one would break."""
+        at = 0
+        for x in run:
+            if at % DTYPE_BY_NAME[self.storages[x["storage"]]["dtype"]].itemsize:
+                return False
+            at += int(x["len"])
+        return True
 
     def _slice(self, seg: dict) -> torch.Tensor:
         off = int(seg["offset"])
