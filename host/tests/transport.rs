@@ -529,7 +529,7 @@ fn ints_beyond_i64_travel_exactly() {
     let ints = [i128::from(u64::MAX), 1 << 63, i128::MIN, i128::MAX, -1];
     let mut sd = StateDict::new();
     for (i, &v) in ints.iter().enumerate() {
-        sd.insert(&format!("v{i}"), Entry::Value(Value::Int(v)))
+        sd.insert(format!("v{i}"), Entry::Value(Value::Int(v)))
             .unwrap();
     }
     let mut groups = InProcessGroup::new(2).into_iter();
