@@ -38,7 +38,7 @@ fn engine() -> &'static WasmEngine {
 fn caps(selector: u8) -> WasmLimits {
     let generous = engine().limits();
     let tight_fuel = 20_000 + u64::from(selector >> 2) * 50_000;
-    let tight_memory = (1 << 20) + usize::from(selector >> 2) * (64 << 10);
+    let tight_memory = (1 << 20) + usize::from(selector >> 2) * (128 << 10);
     match selector % 4 {
         0 => generous,
         1 => WasmLimits {

@@ -14,8 +14,11 @@ use pgt_core::manifest::Manifest;
 use pgt_core::schema::{FanOut, PlanParams};
 use pgt_host::fuzzing;
 
+/// A harness: whether the input got through to the accepting path.
+type Harness = fn(&[u8]) -> bool;
+
 /// The host targets and their harnesses.
-const TARGETS: [(&str, fn(&[u8]) -> bool); 4] = [
+const TARGETS: [(&str, Harness); 4] = [
     ("frame", fuzzing::frame),
     ("handshake", fuzzing::handshake),
     ("rendezvous", fuzzing::rendezvous),

@@ -84,11 +84,12 @@ fn soon() -> Instant {
 /// otherwise says why: too large, or closed before the end. Returns whether it read a frame.
 pub fn frame(data: &[u8]) -> bool {
     let mut input = Input(data);
+    // The caps the callers use: a REGISTER frame's, a TABLE's for a world of 1024 ranks.
     let max = match input.u8() % 4 {
         0 => 0,
         1 => 16,
         2 => MAX_ADDR_LEN,
-        _ => usize::MAX,
+        _ => 4 + 1024 * (2 + MAX_ADDR_LEN),
     };
     let wire = input.rest();
     if let Ok(b) = <[u8; FRAME_HEADER_LEN]>::try_from(wire.get(..FRAME_HEADER_LEN).unwrap_or(&[])) {
@@ -165,6 +166,8 @@ fn verdict_of(b: u8) -> Verdict {
 ///
 /// Client: ServerHello (84, its MAC replaced or not), verdict byte. It succeeds exactly when the MAC
 /// is right and the verdict is 0, and then returns the server's identity from the hello.
+///
+/// Returns whether the side accepted (and, at the store, got an address from the registration).
 pub fn handshake(data: &[u8]) -> bool {
     let mut input = Input(data);
     let mode = input.u8();
@@ -325,7 +328,8 @@ fn client_side(input: &mut Input<'_>, me: Identity, honest: bool) -> bool {
 ///
 /// Rank side ([`exchange_registration`]): it returns the table exactly when a tag-2 frame holds
 /// `world` entries of socket addresses, and those addresses, in order, are in the frame. Store side
-/// ([`read_registration`]): an address exactly when the frame is a tag-1 socket address.
+/// ([`read_registration`]): an address exactly when the frame is a tag-1 socket address. Returns
+/// whether the side accepted what it read.
 pub fn rendezvous(data: &[u8]) -> bool {
     let mut input = Input(data);
     let mode = input.u8();
