@@ -3,6 +3,6 @@
 //! See `pgt_host::fuzzing::wasm`.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+libfuzzer_sys::fuzz_target!(init: pgt_host::fuzzing::wasm_init(), |data: &[u8]| {
     pgt_host::fuzzing::wasm(data);
 });

@@ -5,7 +5,7 @@
 
 pub use crate::pg::fuzzing::{frame, handshake, rendezvous};
 #[cfg(feature = "wasm")]
-pub use wasm::wasm;
+pub use wasm::{wasm, wasm_init};
 
 #[cfg(feature = "wasm")]
 mod wasm;
