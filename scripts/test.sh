@@ -58,6 +58,28 @@ wasm_build -p pgt-core
 step "cargo test"
 cargo test --workspace
 
+step "fuzz targets: build, then run each once over its seeds and regressions (not a campaign)"
+# cargo-fuzz on stable via RUSTC_BOOTSTRAP (no nightly needed). Installing it (`cargo install
+# cargo-fuzz`, without --locked) took 634 s on 2 cores shared with other builds (load ~9); with a
+# throwaway HOME that cost comes back on every run.
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz
+# An unoptimized build without a sanitizer (coverage instrumentation only): enough to prove the
+# targets build and run, at a fraction of the cost of the campaign's `-O` build with ASan (which
+# builds wasmtime with codegen-units=1). In a target dir of its own: the flags differ, and sharing
+# would rebuild the main cache. The wasm target embeds the module build-wasm.sh made above.
+(
+  cd fuzz
+  export PGT_WASM_MODULE="$CARGO_TARGET_DIR/pgt-wasm/pgt_wasm.wasm"
+  export CARGO_TARGET_DIR="$CARGO_TARGET_DIR/fuzz-smoke"
+  export RUSTC_BOOTSTRAP=1
+  cargo fuzz build --dev -s none
+  # Given files (not a directory), libFuzzer runs each once and writes nothing.
+  for target in $(cargo fuzz list); do
+    cargo fuzz run --dev -s none "$target" seeds/"$target"/*.bin \
+      $(ls regressions/"$target"/*.bin 2>/dev/null)
+  done
+)
+
 step "node: the JS build against the golden vectors; the Node receiver against pgt send"
 npm ci --prefix examples/node --no-audit --no-fund --loglevel=error
 node --test tests/node/

@@ -24,6 +24,9 @@
 pub mod compare;
 pub mod engine;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod memory;
 pub mod pg;
 pub mod safetensors_io;

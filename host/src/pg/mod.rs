@@ -58,6 +58,8 @@
 
 pub mod conformance;
 mod error;
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzzing;
 pub mod inproc;
 #[cfg(feature = "mpi")]
 pub mod mpi;
