@@ -528,25 +528,32 @@ fn first_receiver_killed_chain_the_sender_names_it() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// Chain fan-out 0 → 1 → 2, the relay stopped (SIGSTOP) mid-transfer: alive but silent. The sender
-/// and rank 2 both fail within the timeout and a second, naming rank 1; then the relay is resumed
-/// and killed.
-#[test]
-fn relay_stalled_chain_fails_within_the_timeout() {
-    let _one = one_at_a_time();
-    let dir = temp_dir("relay-stalled-chain");
-    let job = Job::new(3, "chain");
+/// Sender 0 to ranks 1 and 2 with `fanout`; rank 1 is stopped (SIGSTOP) mid-transfer. Waits for the
+/// two live ranks, then resumes and kills rank 1: (the output dir, when rank 1 stopped, how the
+/// sender and rank 2 ended).
+fn stall_rank_1(name: &str, fanout: &'static str) -> (PathBuf, Instant, Vec<Ended>) {
+    let dir = temp_dir(name);
+    let job = Job::new(3, fanout);
     let mut r1 = job.recv(1, &dir);
     let r2 = job.recv(2, &dir);
     let sender = job.send("1,2");
     mid_transfer(&mut r1);
     signal(&r1, "STOP");
     let fault = Instant::now();
-    // Wait for the two live ranks; the stopped relay is ended afterwards.
-    let live = wait_all(vec![sender, r2]);
+    let ended = wait_all(vec![sender, r2]);
     signal(&r1, "CONT");
     r1.child.kill().expect("SIGKILL");
     let _ = r1.child.wait();
+    (dir, fault, ended)
+}
+
+/// Chain fan-out 0 → 1 → 2, the relay stopped (SIGSTOP) mid-transfer: alive but silent. The sender
+/// and rank 2 both fail within the timeout and a second, naming rank 1; then the relay is resumed
+/// and killed.
+#[test]
+fn relay_stalled_chain_fails_within_the_timeout() {
+    let _one = one_at_a_time();
+    let (dir, fault, live) = stall_rank_1("relay-stalled-chain", "chain");
     // Not before the timeout either: a stall is told from a slow peer only by waiting it out.
     let at_least = Duration::from_secs(TIMEOUT_SECS) - Duration::from_millis(500);
     let took = live[0].assert_failed(fault, &["to rank 1: timed out after 5s", "with rank 1"]);
@@ -566,18 +573,7 @@ fn relay_stalled_chain_fails_within_the_timeout() {
 #[test]
 fn receiver_stalled_direct_the_others_complete() {
     let _one = one_at_a_time();
-    let dir = temp_dir("receiver-stalled-direct");
-    let job = Job::new(3, "direct");
-    let mut r1 = job.recv(1, &dir);
-    let r2 = job.recv(2, &dir);
-    let sender = job.send("1,2");
-    mid_transfer(&mut r1);
-    signal(&r1, "STOP");
-    let fault = Instant::now();
-    let ended = wait_all(vec![sender, r2]);
-    signal(&r1, "CONT");
-    r1.child.kill().expect("SIGKILL");
-    let _ = r1.child.wait();
+    let (dir, fault, ended) = stall_rank_1("receiver-stalled-direct", "direct");
     let (sender, r2) = (&ended[0], &ended[1]);
     r2.assert_succeeded();
     let done = r2.at.saturating_duration_since(fault);
