@@ -29,7 +29,7 @@ from pgt.abi import PgtError
 from pgt.dtypes import RawBits, convert
 from pgt.metadata import UnsupportedLeaf
 from pgt.numpy import DTensor, recv_checkpoint, send_checkpoint
-from pgt.tcp import PgTimeout, TcpGroup, TcpOptions
+from pgt.tcp import PgError, PgTimeout, TcpGroup, TcpOptions
 
 RNG = np.random.default_rng(7)
 
@@ -354,6 +354,75 @@ def test_a_stalled_sender_times_out_within_the_timeout():
 
     took = Job(2).run({0: tx, 1: rx})[1]
     assert timeout <= took < timeout + 1.0, took
+
+
+def big() -> dict:
+    """Enough bytes in enough messages (4 KiB chunks) that a dead peer is noticed mid-transfer."""
+    return {f"w{i}": rand("<f4", (16384,)) for i in range(8)}
+
+
+def dead(pg):
+    """A rank that joins, then dies: its connections close."""
+    pg.close()
+
+
+def test_direct_a_dead_destination_fails_only_itself():
+    """Direct fan-out to ranks 1 and 2, rank 2 gone: rank 1 gets the whole checkpoint byte-exact and
+    the sender names rank 2 as failed (PROTOCOL.md §3, *When a destination fails*)."""
+    from pgt.send import DestinationsFailed
+
+    sd = big()
+
+    def tx(pg):
+        time.sleep(0.2)  # rank 2 has closed
+        with pytest.raises(DestinationsFailed) as e:
+            send_checkpoint(
+                pg, [1, 2], sd, fanout="direct", chunk_size=4096, bucket_size=1024, timeout=5
+            )
+        return e.value
+
+    res = Job(3).run({0: tx, 1: lambda pg: recv_checkpoint(pg, 0, timeout=5), 2: dead})
+    err = res[0]
+    assert (err.completed, list(err.failed), err.cut_off) == ([1], [2], [])
+    assert isinstance(err.failed[2], PgError)
+    check_tree(res[1], sd)
+
+
+def test_chain_a_dead_last_rank_leaves_the_relay_whole(caplog):
+    """Chain 1 -> 2, rank 2 gone: the relay's own checkpoint is complete and verified (its failed
+    forward fails no receive, and is logged); the sender either completes (the header and metadata
+    it sends rank 2 left before the close was seen) or names rank 2 as failed."""
+    from pgt.send import DestinationsFailed
+
+    sd = big()
+
+    def tx(pg):
+        time.sleep(0.2)
+        try:
+            send_checkpoint(pg, [1, 2], sd, chunk_size=4096, bucket_size=1024, timeout=5)
+        except DestinationsFailed as e:
+            assert (e.completed, list(e.failed), e.cut_off) == ([1], [2], [])
+
+    with caplog.at_level("WARNING", logger="pgt"):
+        res = Job(3).run({0: tx, 1: lambda pg: recv_checkpoint(pg, 0, timeout=5), 2: dead})
+    check_tree(res[1], sd)
+    assert any("forwarding message" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_chain_a_dead_first_rank_cuts_off_the_rest():
+    """Chain 1 -> 2, rank 1 gone: nobody is left to reach (rank 2's data would come through rank 1),
+    so the send fails with rank 1's error, and rank 2's receive fails too — neither reports success."""
+
+    def tx(pg):
+        time.sleep(0.2)
+        with pytest.raises(PgError):
+            send_checkpoint(pg, [1, 2], big(), chunk_size=4096, bucket_size=1024, timeout=5)
+
+    def rx(pg):
+        with pytest.raises(PgError):
+            recv_checkpoint(pg, 0, timeout=3)
+
+    Job(3).run({0: tx, 1: dead, 2: rx})
 
 
 def test_bad_arguments_are_named_errors():

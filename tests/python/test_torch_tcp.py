@@ -28,6 +28,7 @@ from test_python_receiver import (  # noqa: E402
     write_safetensors,
 )
 
+import pgt.send as pgt_send  # noqa: E402
 import pgt.torch as pgt_torch  # noqa: E402
 from pgt.dtypes import SAFETENSORS_NAME  # noqa: E402
 from pgt.tcp import PgTimeout  # noqa: E402
@@ -397,7 +398,7 @@ def test_rust_to_torch_relay_to_rust(tmp_path):
 # ---- failures ----
 
 
-class Corrupting(pgt_torch._TcpSending):
+class Corrupting(pgt_send.TcpSendHost):
     """Sends as PGTransport does over a TcpGroup, but flips one bit of the first data message, after
     the sender hashed it."""
 
@@ -417,7 +418,7 @@ def test_a_corrupted_byte_is_a_digest_mismatch_and_nothing_is_returned(monkeypat
     returns nothing; the link stays usable (the next checkpoint arrives whole)."""
     sd = {"layer": {"w": rand(torch.float32, (64,))}, "n": 1}
     monkeypatch.setattr(Corrupting, "done", False)
-    monkeypatch.setattr(pgt_torch, "_TcpSending", Corrupting)  # corrupts the first transfer only
+    monkeypatch.setattr(pgt_send, "TcpSendHost", Corrupting)  # corrupts the first transfer only
 
     def tx(pg):
         t = transport(pg)
@@ -442,7 +443,7 @@ def test_a_corrupted_byte_fails_rust_pgt_recv(tmp_path, monkeypatch):
     (exit code 1) and writes nothing."""
     sd = {"layer": {"w": rand(torch.float32, (64,))}}
     monkeypatch.setattr(Corrupting, "done", False)
-    monkeypatch.setattr(pgt_torch, "_TcpSending", Corrupting)
+    monkeypatch.setattr(pgt_send, "TcpSendHost", Corrupting)
     out = tmp_path / "out.safetensors"
     j = job(2)
     rust = Rust(j, 1, ["recv", "--out", out, "--timeout", "30"])

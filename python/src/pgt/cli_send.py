@@ -34,7 +34,7 @@ from .recv import (
     options_from,
 )
 from .safetensors_io import SafetensorsError, load
-from .send import send
+from .send import DestinationsFailed, TcpSendHost, send
 from .tcp import PgError, TcpGroup
 
 UNITS = {
@@ -125,14 +125,6 @@ def parse_args(argv):
     return args
 
 
-class _Host:
-    def __init__(self, pg: TcpGroup, timeout: float):
-        self.pg, self.timeout = pg, timeout
-
-    def send(self, op: dict, parts):
-        self.pg.send(op["to"], op["tag"], parts, self.timeout)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     log = Log(args.verbose, args.quiet)
@@ -169,7 +161,15 @@ def main(argv=None) -> int:
         what = f"sending {args.file} to rank(s) {','.join(map(str, dst))}"
         metadata = encode(step, pg.rank, dst, plan, f.tree, f.leaves)
         start = time.monotonic()
-        send(pgt, _Host(pg, args.timeout), metadata, f.storages, digests=not args.no_digests)
+        send(
+            pgt,
+            TcpSendHost(pg, args.timeout),
+            metadata,
+            f.storages,
+            digests=not args.no_digests,
+            destinations=dst,
+            chain=args.fanout == "chain",
+        )
         seconds = time.monotonic() - start
     except SafetensorsError as e:
         return fail(EXIT_SETUP, str(e))
@@ -183,6 +183,8 @@ def main(argv=None) -> int:
         else:
             where = what
         return fail(EXIT_GROUP, f"{where}: {type(e).__name__}: {e}")
+    except DestinationsFailed as e:
+        return fail(EXIT_GROUP, f"{what}: {e}")
     except (wasmtime.Trap, wasmtime.WasmtimeError, RuntimeError, ValueError) as e:
         return fail(EXIT_PROTOCOL, f"{what}: {type(e).__name__}: {e}")
     finally:

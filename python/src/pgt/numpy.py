@@ -78,7 +78,7 @@ from .metadata import (
     value_of,
 )
 from .recv import ReceiveHost
-from .send import send
+from .send import TcpSendHost, send
 from .tcp import PgError, PgTimeout, TcpGroup
 
 __all__ = [
@@ -227,14 +227,6 @@ def _leaves_of(state_dict) -> tuple[list, list, list]:
 # ---- send ----
 
 
-class _SendHost:
-    def __init__(self, pg: TcpGroup, timeout: float):
-        self.pg, self.timeout = pg, timeout
-
-    def send(self, op: dict, parts):
-        self.pg.send(op["to"], op["tag"], parts, self.timeout)
-
-
 def _ranks(pg: TcpGroup, dst_ranks) -> list[int]:
     dst = [dst_ranks] if isinstance(dst_ranks, int) else list(dst_ranks)
     if not dst:
@@ -266,7 +258,9 @@ def send_checkpoint(
     """Sends ``state_dict`` to ``dst_ranks`` (in Chain fan-out, also the relay order) over ``pg``.
     Returns when every byte has been handed to the network (the transfer id). ``timeout`` bounds each
     operation. Raises UnsupportedLeaf / ValueError before anything is sent; PgtError (the module's
-    named error: bad metadata, limits) also before; PgError if the link fails."""
+    named error: bad metadata, limits) also before; PgError if the link fails; ``DestinationsFailed``
+    (pgt.send) when some destinations failed and the others got everything (Direct: only the failed
+    ones miss it; Chain: those after a failed one are cut off too)."""
     fan = {"chain": "Chain", "direct": "Direct"}.get(str(fanout).lower())
     if fan is None:
         raise ValueError(f"send_checkpoint: fanout is 'chain' or 'direct', not {fanout!r}")
@@ -278,11 +272,13 @@ def send_checkpoint(
     metadata = encode(step, pg.rank, dst, plan, tree, leaves)
     return send(
         _load(pgt),
-        _SendHost(pg, timeout),
+        TcpSendHost(pg, timeout),
         metadata,
         storages,
         digests=digests,
         transfer_id=transfer_id,
+        destinations=dst,
+        chain=fan == "Chain",
     )
 
 

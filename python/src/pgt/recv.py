@@ -29,6 +29,7 @@ import collections
 import contextlib
 import itertools
 import json
+import logging
 import math
 import mmap
 import os
@@ -66,6 +67,10 @@ class Log:
     def debug(self, msg: str):
         if self.verbose:
             print(f"pgt recv: {msg}", file=sys.stderr, flush=True)
+
+    def warn(self, msg: str):
+        # Through logging, so a library's caller decides where it goes (stderr when unconfigured).
+        logging.getLogger("pgt").warning("pgt recv: %s", msg)
 
 
 # ---- the receive loop (pgt-core's drive.rs): the module decides, a host moves bytes ----
@@ -230,6 +235,8 @@ class ReceiveHost:
         self.hashers: dict = {}  # storage -> xxh3_64 of its wire bytes so far
         self.moved = 0
         self.link_failed = False
+        # Chain relay: {rank, message, reason} of the first forward that failed (see ``forward``).
+        self.forward_failed: dict | None = None
 
     # ---- hooks ----
 
@@ -366,13 +373,26 @@ class ReceiveHost:
         self.log.debug(f"data message {op['message']}: {op['len']} bytes, tag {op['tag']}")
 
     def forward(self, op: dict, payload):
-        if isinstance(payload, bytes):  # the trailer as received, prefix included
-            parts = [payload]
-        else:  # a data message: the prefix, then the segments' bytes as received
-            parts = [pgt_abi.prefix_bytes(op["prefix"]), *self._parts(payload)]
-        self._pg(self.pg.send, op["to"], op["tag"], parts, self.timeout)
+        """Relays a message down the chain. A failed forward fails no receive (pgt-host's
+        ``TransferStats::forward_failed``): this rank's checkpoint goes on to its verified end, the
+        later forwards are skipped, and the ranks downstream fail naming this link."""
+        if self.forward_failed is None:
+            if isinstance(payload, bytes):  # the trailer as received, prefix included
+                parts = [payload]
+            else:  # a data message: the prefix, then the segments' bytes as received
+                parts = [pgt_abi.prefix_bytes(op["prefix"]), *self._parts(payload)]
+            try:
+                self.pg.send(op["to"], op["tag"], parts, self.timeout)
+                self.log.debug(
+                    f"forwarded message {op['message']} ({op['len']} bytes) to rank {op['to']}"
+                )
+            except PgError as e:
+                self.forward_failed = {"rank": op["to"], "message": op["message"], "reason": str(e)}
+                self.log.warn(
+                    f"forwarding message {op['message']} to rank {op['to']} failed; this rank's "
+                    f"receive goes on, the ranks downstream fail: {type(e).__name__}: {e}"
+                )
         self.events.append(("forwarded", op["message"]))
-        self.log.debug(f"forwarded message {op['message']} ({op['len']} bytes) to rank {op['to']}")
 
     def next_event(self, wait: bool):
         return self.events.popleft() if self.events else None

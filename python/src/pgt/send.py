@@ -13,6 +13,12 @@ per message, before the trailer (which carries them).
 A host has ``send(op, parts)``, which sends one protocol message (``parts`` concatenated, ``op["len"]``
 bytes in all) to ``op["to"]`` under ``op["tag"]``, and may have ``flush()``, called before the loop
 returns, which waits until everything sent has left (a host that sends asynchronously).
+
+A host whose sends to one rank fail independently of the others (pgt's TCP group: a connection per
+peer) names the errors that mean "this destination is gone" in ``isolable`` (a tuple of exception
+types). Given the ``destinations``, a failed destination then stops only its own stream, as in
+pgt-host (PROTOCOL.md §3, *When a destination fails*): the others run to the end and the send raises
+``DestinationsFailed``; in chain fan-out the destinations after a failed one are cut off with it.
 """
 
 from __future__ import annotations
@@ -25,10 +31,68 @@ import secrets
 import xxhash
 
 from .abi import Pgt, PgtError, prefix_bytes
+from .tcp import PgError, TcpGroup
 
 # A data message of at least this many bytes is hashed in a thread while it is sent; a shorter one at
 # once (each turn of a thread at the GIL costs more than hashing a few small segments).
 HASH_THREAD_MIN = 4 << 20
+
+
+class DestinationsFailed(RuntimeError):
+    """Some destinations of a send failed and the rest completed (pgt-host's
+    ``Error::Destinations``). ``completed``: the ranks sent everything the sender sends them;
+    ``failed``: {rank: the error}, in the order they failed; ``cut_off``: chain fan-out, the ranks
+    downstream of a failed one (their data would have come through it; their receives fail)."""
+
+    def __init__(self, completed: list[int], failed: dict, cut_off: list[int]):
+        self.completed, self.failed, self.cut_off = list(completed), dict(failed), list(cut_off)
+        why = "; ".join(f"rank {r}: {e}" for r, e in self.failed.items())
+        super().__init__(
+            f"pgt: send: {len(self.failed)} destination(s) failed ({why}); "
+            f"cut off: {self.cut_off}; completed: {self.completed}"
+        )
+
+
+class _Outcomes:
+    """Which destinations failed (pgt-host's ``SendOutcomes``, the same policy)."""
+
+    def __init__(self, destinations: list[int], chain: bool):
+        self.destinations, self.chain = list(destinations), chain
+        self.failed: dict = {}
+
+    def cut_off(self) -> list[int]:
+        if not self.chain:
+            return []
+        first = next((i for i, d in enumerate(self.destinations) if d in self.failed), None)
+        if first is None:
+            return []
+        return [d for d in self.destinations[first + 1 :] if d not in self.failed]
+
+    def fail(self, rank: int, error: BaseException):
+        """Records ``rank``'s failure; re-raises the first failure when no destination is left."""
+        self.failed[rank] = error
+        if len(self.failed) + len(self.cut_off()) == len(self.destinations):
+            raise next(iter(self.failed.values()))
+
+    def error(self) -> DestinationsFailed | None:
+        if not self.failed:
+            return None
+        cut = self.cut_off()
+        done = [d for d in self.destinations if d not in self.failed and d not in cut]
+        return DestinationsFailed(done, self.failed, cut)
+
+
+class TcpSendHost:
+    """``send``'s host over pgt's ``TcpGroup``: each protocol message is one frame (TCP.md). A
+    connection per peer, so a peer's failure (closed, timed out) stops only its own stream."""
+
+    isolable = (PgError,)
+
+    def __init__(self, pg: TcpGroup, timeout: float):
+        self.pg, self.timeout = pg, timeout
+
+    def send(self, op: dict, parts: list):
+        self.pg.send(op["to"], op["tag"], parts, self.timeout)
 
 
 def storage_views(storages) -> list[memoryview]:
@@ -49,11 +113,15 @@ def send(
     digests: bool = True,
     transfer_id: int | None = None,
     limits: dict | None = None,
+    destinations: list[int] | None = None,
+    chain: bool = True,
 ) -> int:
     """Sends one checkpoint: ``metadata`` (postcard ``Metadata``, ``pgt.metadata.encode``) and the bytes
     of its storages, in storage order (``pgt.abi.Pgt.decode(...)["storages"]``: each tensor leaf's
     storage, each local shard's). Returns the transfer id. Raises PgtError (the module's named error:
-    bad metadata, a storage of the wrong size) before anything is sent, or the host's error."""
+    bad metadata, a storage of the wrong size) before anything is sent, or the host's error; with
+    ``destinations`` (the metadata's, in order; ``chain``: its fan-out) and a host with ``isolable``
+    errors, ``DestinationsFailed`` when some destinations failed and the others completed."""
     transfer_id = secrets.randbits(64) if transfer_id is None else transfer_id
     views = storage_views(storages)
     sender = pgt.sender(metadata, digests=digests, transfer_id=transfer_id, limits=limits)
@@ -81,6 +149,20 @@ def send(
             m, job = pending.popleft()
             sender.handle_digests(m, job.result())
 
+    isolable = getattr(host, "isolable", ())
+    outcomes = _Outcomes(destinations, chain) if destinations and isolable else None
+
+    def deliver(op: dict, parts: list):
+        if outcomes is None:
+            host.send(op, parts)
+            return
+        if op["to"] in outcomes.failed:
+            return  # that stream stopped; the digests are still taken for the others' trailers
+        try:
+            host.send(op, parts)
+        except isolable as e:
+            outcomes.fail(op["to"], e)
+
     pool = None
     try:
         _check_sizes(pgt, sender, views)
@@ -95,7 +177,7 @@ def send(
                 report(True)
                 continue
             if op["kind"] != "data":
-                host.send(op, [sender.bytes(op["message"])])
+                deliver(op, [sender.bytes(op["message"])])
                 continue
             segments = sender.plan[op["message"]]["segments"]
             parts: list = [prefix_bytes(op["prefix"])]
@@ -108,7 +190,7 @@ def send(
                 pending.append((op["message"], pool.submit(hash_message, segments)))
             elif op["hash"]:
                 sender.handle_digests(op["message"], hash_message(segments))
-            host.send(op, parts)
+            deliver(op, parts)
         flush = getattr(host, "flush", None)
         if flush is not None:
             flush()
@@ -117,6 +199,9 @@ def send(
             pool.shutdown(wait=True)
         with contextlib.suppress(PgtError):
             sender.drop()
+    failure = outcomes.error() if outcomes is not None else None
+    if failure is not None:
+        raise failure
     return transfer_id
 
 

@@ -83,7 +83,14 @@ from . import send as pgt_send
 from .abi import MAX_STALE, MAX_STALE_LEN, PREFIX_LEN, Pgt, PgtError
 from .tcp import PgError, PgTimeout, TcpGroup
 
-__all__ = ["PGTransport", "PgtError", "PgtTimeout", "PgtTransportError", "UnsupportedLeaf"]
+__all__ = [
+    "PGTransport",
+    "PgtDestinationsFailed",
+    "PgtError",
+    "PgtTimeout",
+    "PgtTransportError",
+    "UnsupportedLeaf",
+]
 
 UnsupportedLeaf = pgt_metadata.UnsupportedLeaf
 
@@ -115,6 +122,19 @@ REDUCE_OP_NAMES = {op.lower(): op for op in pgt_abi.REDUCE_OPS}  # DTensor's Par
 class PgtTransportError(RuntimeError):
     """The process group failed a transfer, or a message did not fit the protocol (another length
     than the plan's, too many stale messages)."""
+
+
+class PgtDestinationsFailed(PgtTransportError):
+    """A send over pgt's TCP group where some destinations failed and the others got everything:
+    ``completed``, ``failed`` ({rank: error}) and ``cut_off`` as in ``pgt.send.DestinationsFailed``."""
+
+    def __init__(self, message: str, outcome):
+        super().__init__(message)
+        self.completed, self.failed, self.cut_off = (
+            outcome.completed,
+            outcome.failed,
+            outcome.cut_off,
+        )
 
 
 class PgtTimeout(PgtTransportError, TimeoutError):
@@ -925,16 +945,6 @@ class _Leaves:
 # ---- over pgt's TCP process group ----
 
 
-class _TcpSending:
-    """pgt.send's host over a ``TcpGroup``: each protocol message is one frame (TCP.md)."""
-
-    def __init__(self, pg: TcpGroup, timeout: float):
-        self.pg, self.timeout = pg, timeout
-
-    def send(self, op: dict, parts: list):
-        self.pg.send(op["to"], op["tag"], parts, self.timeout)
-
-
 class _TcpReceiving(_Landing, pgt_recv.ReceiveHost):
     """pgt.recv's generic host over a ``TcpGroup`` — the one ``python -m pgt recv`` and pgt.numpy use:
     data lands straight in the storages, stale messages are skipped, it forwards when the module says
@@ -969,6 +979,8 @@ def _tcp_errors(rank: int, what: str):
         raise PgtTimeout(f"pgt: rank {rank}: {what}: {e}") from e
     except PgError as e:
         raise PgtTransportError(f"pgt: rank {rank}: {what}: {type(e).__name__}: {e}") from e
+    except pgt_send.DestinationsFailed as e:
+        raise PgtDestinationsFailed(f"pgt: rank {rank}: {what}: {e}", e) from e
 
 
 # ---- the module ----
@@ -1040,6 +1052,9 @@ class PGTransport:
         self._digests = digests
         self._meshes: dict = {}  # DeviceMeshes seen, by their pgt form (for DTensors received)
         self._orphans: list = []
+        # Over pgt's TCP group, a chain relay's last receive: {rank, message, reason} when forwarding
+        # failed (its own checkpoint was received and verified all the same), else None.
+        self.last_forward_failure: dict | None = None
 
     def _link(self) -> _Link:
         return _Link(self._pg, _seconds(self._timeout))
@@ -1068,11 +1083,13 @@ class PGTransport:
             with _tcp_errors(self._rank(), f"sending to ranks {list(dst_ranks)}"):
                 pgt_send.send(
                     _pgt(),
-                    _TcpSending(self._pg, _seconds(self._timeout)),
+                    pgt_send.TcpSendHost(self._pg, _seconds(self._timeout)),
                     metadata,
                     storages,
                     digests=self._digests,
                     transfer_id=secrets.randbits(64),
+                    destinations=[int(r) for r in dst_ranks],
+                    chain=self._plan["fanout"] == "Chain",
                 )
             return
         host = _Sending(self._link())
@@ -1103,6 +1120,7 @@ class PGTransport:
             tcp = _TcpReceiving(self._pg, _seconds(self._timeout), inplace)
             with _tcp_errors(self._rank(), f"receiving from rank {src_rank}"):
                 result = tcp.run(engine)  # the casts made, once verified
+            self.last_forward_failure = tcp.forward_failed
             return self._assemble(tcp, result, inplace or {})
         host = _Receiving(self._link(), inplace)
         try:
