@@ -28,7 +28,7 @@
 //! next transfer on the link starts clean (PROTOCOL.md §12).
 
 use alloc::boxed::Box;
-use alloc::string::ToString;
+use alloc::string::{String, ToString};
 use alloc::vec;
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
@@ -202,6 +202,31 @@ pub struct Received {
     pub leaves: Vec<Leaf>,
     /// The destination of every storage, in storage order.
     pub bindings: Vec<Binding>,
+}
+
+/// What an in-place receive has written into its in-place targets so far, by leaf
+/// ([`Receiver::in_place_written`]): what a caller whose receive failed needs to know about the
+/// buffers it serves from. Leaves are named by key path, in display form, in leaf order.
+///
+/// "Written" means *landed, not verified*: digests are compared once the trailer is in, so the
+/// leaves of a transfer that failed on a digest mismatch are listed as written (their targets hold
+/// the bytes that arrived, the wrong ones included).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct InPlaceWritten {
+    /// In-place leaves whose every in-place storage landed whole in its target: they hold the new
+    /// bytes.
+    pub written: Vec<String>,
+    /// In-place leaves not in `written` that may hold some new bytes: a data message carrying part
+    /// of one of their storages was handed to the host (it may have landed whole, in part, or not at
+    /// all). Every other in-place leaf's target is untouched.
+    pub partly: Vec<String>,
+}
+
+impl InPlaceWritten {
+    /// Nothing was (or may have been) written in place.
+    pub fn is_empty(&self) -> bool {
+        self.written.is_empty() && self.partly.is_empty()
+    }
 }
 
 #[derive(Debug)]
@@ -609,6 +634,56 @@ impl Receiver {
         left.next += 1;
         self.state = State::Leftover(left);
         Some(op)
+    }
+
+    /// Which in-place leaves the transfer has written so far ([`InPlaceWritten`]), from the data
+    /// messages reported landed ([`Receiver::handle_data`]) and those handed out as receives. A host
+    /// whose landed bytes do not reach some in-place targets at once (held in staging until the
+    /// transfer verified, or cast later) names those storages in `not_in_target`: their targets count
+    /// as untouched. A storage of no bytes counts for nothing. Empty before bindings are final and
+    /// after [`Receiver::leftover`] (ask before draining).
+    pub fn in_place_written(&self, not_in_target: &[u32]) -> InPlaceWritten {
+        let State::Streaming(t) = &self.state else {
+            return InPlaceWritten::default();
+        };
+        let storages = t.manifest.storages();
+        // Per storage: every message carrying a part of it landed / one was handed out.
+        let mut landed = vec![true; storages.len()];
+        let mut touched = vec![false; storages.len()];
+        for m in t.plan.data_messages() {
+            let (issued, received) = (m < t.next_recv, t.received[m]);
+            for seg in t.plan.segments(&t.plan.messages()[m]) {
+                let s = seg.storage as usize;
+                landed[s] &= received;
+                touched[s] |= issued;
+            }
+        }
+        // Per leaf: (every counted storage landed, some counted storage touched), None when it
+        // counts no in-place storage.
+        let mut leaves: Vec<Option<(bool, bool)>> = vec![None; t.manifest.paths().len()];
+        for (s, (storage, binding)) in storages.iter().zip(&t.bindings).enumerate() {
+            if !matches!(binding.dest, Dest::InPlace(_)) || binding.nbytes == 0 {
+                continue;
+            }
+            let (full, some) = if not_in_target.contains(&(s as u32)) {
+                (false, false)
+            } else {
+                (landed[s], touched[s])
+            };
+            let leaf = leaves[storage.leaf as usize].get_or_insert((true, false));
+            leaf.0 &= full;
+            leaf.1 |= some;
+        }
+        let mut written = InPlaceWritten::default();
+        for (leaf, state) in leaves.iter().enumerate() {
+            let path = || t.manifest.paths()[leaf].to_string();
+            match state {
+                Some((true, _)) => written.written.push(path()),
+                Some((false, true)) => written.partly.push(path()),
+                _ => {}
+            }
+        }
+        written
     }
 
     /// The digest mismatch of the lowest storage found so far, if any: the transfer goes on (a chain

@@ -380,8 +380,10 @@ class _Landing:
     (an existing tensor whose key path matches, ``state_dict``) takes the bytes in its own storage, or
     — when the module orders a cast — after the transfer is verified, from a fresh staging tensor."""
 
-    def __init__(self, inplace: dict | None):
+    def __init__(self, inplace: dict | None, staged: bool = False):
         self.inplace = inplace  # canonical key path -> existing tensor-like, or None
+        self.stage_in_place = staged  # in-place storages land in staging, copied in once verified
+        self.staged_in_place: list = []
         self.paths: list = []  # every leaf's canonical key path (when receiving in place)
         self.candidates: dict = {}  # target id (= storage) -> existing plain tensor
         self.landing: dict = {}  # storage -> the uint8 tensor its wire bytes land in (CPU)
@@ -425,7 +427,22 @@ class _Landing:
         self.landing[s] = dest
         if binding["cast_from"] is not None:
             self.after.append((s, binding["cast_from"]))
+        elif self.stage_in_place:  # a staging landing, copied into the target once verified
+            self.staged_in_place.append(s)
+            return self.fresh_storage(s, dest.numel())
         return dest
+
+    def not_in_target(self) -> list:
+        """In-place storages whose landed bytes are not in their target: cast or staged."""
+        return sorted([s for s, _ in self.after] + self.staged_in_place)
+
+    def copy_staged(self):
+        """After the result is verified: the staged storages into their targets."""
+        for s in self.staged_in_place:
+            _, dest = self.placed[s]
+            dest.copy_(self.landing[s])
+            self.landing[s] = dest
+        self.staged_in_place = []
 
     def cast_storage(self, s: int, cast_from: str):
         """Storage s's wire bytes (``cast_from``) into its target, as a whole (torch's copy_, round to
@@ -447,8 +464,8 @@ class _Receiving(_Landing):
     parts posted as its frame arrives (into the storages, or a staging tensor per run of small
     segments), hashed with XXH3-64 when the op says so; forwards (chain) asynchronously."""
 
-    def __init__(self, link: _Link, inplace: dict | None):
-        super().__init__(inplace)
+    def __init__(self, link: _Link, inplace: dict | None, staged: bool = False):
+        super().__init__(inplace, staged)
         self.link = link
         self.events: collections.deque = collections.deque()
         self.frames: dict = {}  # tag -> (work, tensor): frames posted ahead
@@ -759,9 +776,10 @@ class _Receiving(_Landing):
         self.orphans += [link for _, link in self.forwards]
 
     def finish(self):
-        """After the result is verified: the casts on receive."""
+        """After the result is verified: the casts on receive, the staged copies."""
         for s, cast_from in self.after:
             self.cast_storage(s, cast_from)
+        self.copy_staged()
 
 
 # ---- key paths ----
@@ -942,9 +960,9 @@ class _TcpReceiving(_Landing, pgt_recv.ReceiveHost):
     ``torch.empty(nbytes, dtype=torch.uint8)``, an in-place target the existing tensor's storage, a
     cast torch's ``copy_``."""
 
-    def __init__(self, pg: TcpGroup, timeout: float, inplace: dict | None):
-        _Landing.__init__(self, inplace)
-        pgt_recv.ReceiveHost.__init__(self, pg, timeout)
+    def __init__(self, pg: TcpGroup, timeout: float, inplace: dict | None, staged: bool = False):
+        _Landing.__init__(self, inplace, staged)
+        pgt_recv.ReceiveHost.__init__(self, pg, timeout)  # unstaged: _Landing stages (in_place)
 
     def targets(self, incoming: dict, paths) -> list:
         return self.in_place_targets(incoming["storages"], paths)
@@ -954,6 +972,9 @@ class _TcpReceiving(_Landing, pgt_recv.ReceiveHost):
 
     def in_place(self, s: int, binding: dict):
         return self.target_storage(s, binding).numpy()
+
+    def not_in_target(self) -> list:
+        return _Landing.not_in_target(self)
 
     def cast(self, s: int, binding: dict, staging, target):
         self.cast_storage(s, binding["cast_from"])
@@ -965,6 +986,13 @@ def _tcp_errors(rank: int, what: str):
     peer, a message of the wrong length) as PgtTransportError."""
     try:
         yield
+    except pgt_recv.InPlaceWritten as e:
+        cause = e.cause
+        if isinstance(cause, PgError):  # the cause as pgt.torch's, the leaves as they are
+            kind = PgtTimeout if isinstance(cause, PgTimeout) else PgtTransportError
+            cause = kind(f"pgt: rank {rank}: {what}: {type(e.cause).__name__}: {e.cause}")
+            raise pgt_recv.InPlaceWritten(e.written, e.partly, cause) from cause
+        raise
     except PgTimeout as e:
         raise PgtTimeout(f"pgt: rank {rank}: {what}: {e}") from e
     except PgError as e:
@@ -1020,6 +1048,7 @@ class PGTransport:
         digests: bool = True,
         bucket_size: int = BUCKET_SIZE,
         chunk_size: int = CHUNK_SIZE,
+        staged: bool = False,
     ) -> None:
         self._pg = pg
         self._tcp = isinstance(pg, TcpGroup)
@@ -1038,6 +1067,7 @@ class PGTransport:
             "chunk_size": chunk_size,
         }
         self._digests = digests
+        self._staged = staged
         self._meshes: dict = {}  # DeviceMeshes seen, by their pgt form (for DTensors received)
         self._orphans: list = []
 
@@ -1100,11 +1130,12 @@ class PGTransport:
         pgt = _pgt()
         engine = pgt.receiver(rank=self._rank(), source=int(src_rank), expected_step=expected_step)
         if self._tcp:
-            tcp = _TcpReceiving(self._pg, _seconds(self._timeout), inplace)
+            tcp = _TcpReceiving(self._pg, _seconds(self._timeout), inplace, self._staged)
             with _tcp_errors(self._rank(), f"receiving from rank {src_rank}"):
                 result = tcp.run(engine)  # the casts made, once verified
+            tcp.copy_staged()
             return self._assemble(tcp, result, inplace or {})
-        host = _Receiving(self._link(), inplace)
+        host = _Receiving(self._link(), inplace, self._staged)
         try:
             result = pgt_recv.receive(engine, host, with_bindings=False)
         except BaseException:
