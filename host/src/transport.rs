@@ -128,6 +128,9 @@ pub struct TransferStats {
     /// checkpoint is complete and verified all the same (a forward failure fails no receive); the
     /// ranks downstream fail, naming this link (PROTOCOL.md §3, *When a destination fails*).
     pub forward_failed: Option<ForwardFailure>,
+    /// A staged in-place receive ([`RecvOptions::staged`]): the time spent copying the staged bytes
+    /// into the targets once the transfer verified (part of `seconds`); 0 otherwise.
+    pub staged_copy_seconds: f64,
 }
 
 /// A chain relay's forward that failed ([`TransferStats::forward_failed`]): the messages from
@@ -562,6 +565,7 @@ impl<P: ProcessGroup> Transport<P> {
             seconds: start.elapsed().as_secs_f64(),
             metadata_seconds: 0.0,
             forward_failed: None,
+            staged_copy_seconds: 0.0,
         })
     }
 
@@ -692,18 +696,21 @@ impl<P: ProcessGroup> Transport<P> {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .take(),
+            staged_copy_seconds: 0.0,
         };
         // The workers have stopped: the memory is ours alone, and the borrow of `target`'s in-place
         // buffers ends here.
         let mut buffers = Arc::try_unwrap(memory)
             .map_err(|_| Error::internal("receive memory still shared after the workers stopped"))?
             .finish();
+        let copy_start = Instant::now();
         copy_in_staged(
             &mut buffers,
             &cast_dest,
             staged,
             self.options.pool.as_deref(),
         )?;
+        let staged_copy_seconds = copy_start.elapsed().as_secs_f64();
         assemble(
             received,
             buffers,
@@ -714,6 +721,10 @@ impl<P: ProcessGroup> Transport<P> {
         )?;
         Ok(TransferStats {
             seconds: start.elapsed().as_secs_f64(),
+            staged_copy_seconds: match options.staged {
+                true => staged_copy_seconds,
+                false => 0.0,
+            },
             ..stats
         })
     }
