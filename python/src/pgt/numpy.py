@@ -77,13 +77,14 @@ from .metadata import (
     value_leaf,
     value_of,
 )
-from .recv import ReceiveHost
+from .recv import InPlaceWritten, ReceiveHost
 from .send import send
 from .tcp import PgError, PgTimeout, TcpGroup
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "DTensor",
+    "InPlaceWritten",
     "PgError",
     "PgTimeout",
     "PgtError",

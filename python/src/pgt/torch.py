@@ -83,7 +83,14 @@ from . import send as pgt_send
 from .abi import MAX_STALE, MAX_STALE_LEN, PREFIX_LEN, Pgt, PgtError
 from .tcp import PgError, PgTimeout, TcpGroup
 
-__all__ = ["PGTransport", "PgtError", "PgtTimeout", "PgtTransportError", "UnsupportedLeaf"]
+__all__ = [
+    "InPlaceWritten",
+    "PGTransport",
+    "PgtError",
+    "PgtTimeout",
+    "PgtTransportError",
+    "UnsupportedLeaf",
+]
 
 UnsupportedLeaf = pgt_metadata.UnsupportedLeaf
 
@@ -110,6 +117,10 @@ STAGE_BUFFER = BUCKET_SIZE
 DTYPE_BY_NAME = {name: getattr(torch, name) for name in pgt_abi.DTYPES}
 NAME_BY_DTYPE = {dt: name for name, dt in DTYPE_BY_NAME.items()}
 REDUCE_OP_NAMES = {op.lower(): op for op in pgt_abi.REDUCE_OPS}  # DTensor's Partial("sum") -> Sum
+
+
+# An in-place receive that failed after writing (see PGTransport), as pgt.torch.InPlaceWritten too.
+InPlaceWritten = pgt_recv.InPlaceWritten
 
 
 class PgtTransportError(RuntimeError):
@@ -1035,6 +1046,14 @@ class PGTransport:
     receive returns; on by default), ``bucket_size`` and ``chunk_size`` (PROTOCOL.md §9; over a torch
     group 4 MiB and 64 MiB by default: see BUCKET_SIZE and CHUNK_SIZE); and the methods'
     ``step``/``expected_step`` (pgt's training step, which ``pgt recv --expect-step`` checks).
+
+    In place (``state_dict``), a receive that fails after writing into some of the tensors raises
+    ``pgt.recv.InPlaceWritten``: ``written`` names the leaves (key paths) whose new bytes all landed
+    (landed, not verified: after a digest mismatch, every one), ``partly`` those that may hold some,
+    ``cause`` the error (``PgtError``, ``PgtTimeout``, …). With ``staged=True`` every in-place tensor
+    lands in a staging buffer first and is copied in only once the transfer verified: a failure leaves
+    the tensors untouched and raises the cause itself; the cost is staging memory equal to the
+    in-place tensors' total size and one copy of them.
     """
 
     def __init__(
