@@ -71,7 +71,7 @@ pub struct TransportOptions {
     pub pool: Option<Arc<BufferPool>>,
     /// Receiver side: the most memory one receive may take, in bytes — the metadata's decoded size
     /// (PROTOCOL.md §11) plus every fresh (or pooled) storage buffer and cast staging buffer; in-place
-    /// buffers are the caller's and do not count. Checked before anything is decoded or allocated
+    /// buffers are the caller's and do not count (their staging does, when staged). Checked before anything is decoded or allocated
     /// ([`Error::MemoryBudget`]). Default: half of physical memory
     /// ([`crate::memory::default_memory_budget`]). What is allocated is then faulted in as the data
     /// arrives, at most a window ahead of it ([`crate::memory::PrefaultOptions::window`]).
