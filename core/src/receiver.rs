@@ -885,7 +885,7 @@ mod tests {
     use crate::drive;
     use crate::layout::TensorLayout;
     use crate::memory::{MemoryHost, MemorySender};
-    use crate::schema::{Metadata, PlanParams};
+    use crate::schema::{FanOut, Metadata, PlanParams};
     use crate::sender::Sender;
     use crate::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
     use alloc::string::String;
@@ -896,6 +896,77 @@ mod tests {
             sizes: vec![2, 4],
             placement: placement.into(),
         }
+    }
+
+    /// `in_place_written` follows the plan: a leaf is written once every message carrying it landed,
+    /// partly written while one was handed out, untouched else or when the host keeps its bytes out
+    /// of the target; nothing once the transfer is drained.
+    #[test]
+    fn in_place_written_follows_the_messages() {
+        let layout = TensorLayout::contiguous(DType::Float32, &[64]);
+        let metadata = Metadata {
+            step: None,
+            source: 0,
+            destinations: vec![1],
+            // 256-byte storages in 128-byte chunks: `a` in messages 2 and 3, `b` in 4 and 5.
+            plan: PlanParams {
+                fanout: FanOut::Direct,
+                bucket_size: 64,
+                chunk_size: 128,
+            },
+            tree: vec![
+                Node::Dict(vec!["a".into(), "b".into()]),
+                Node::Leaf,
+                Node::Leaf,
+            ],
+            leaves: vec![Leaf::Tensor(layout.clone()), Leaf::Tensor(layout)],
+        };
+        let storages = vec![vec![1u8; 256], vec![2u8; 256]];
+        let mut sender = Sender::new(metadata, true, &Limits::default(), 7).unwrap();
+        let mut net = MemorySender::new(&storages);
+        drive::send(&mut sender, &mut net).unwrap();
+        let mut r = Receiver::new(ReceiverOptions {
+            rank: 1,
+            source: 0,
+            expected_step: None,
+            limits: Limits::default(),
+        });
+        r.handle_header(&net.sent[0].1).unwrap();
+        r.handle_metadata(&net.sent[1].1).unwrap();
+        assert_eq!(r.poll(), RecvPoll::NeedBindings);
+        assert!(r.in_place_written(&[]).is_empty(), "nothing bound yet");
+        let targets: Vec<InPlace> = (0..2)
+            .map(|s| InPlace {
+                storage: s,
+                id: s.into(),
+                dtype: DType::Float32,
+                nbytes: 256,
+            })
+            .collect();
+        r.finish_bindings(&targets).unwrap();
+        let written = |w: &[&str], p: &[&str]| InPlaceWritten {
+            written: w.iter().map(|s| s.to_string()).collect(),
+            partly: p.iter().map(|s| s.to_string()).collect(),
+        };
+        let mut next = |r: &mut Receiver| match r.poll() {
+            RecvPoll::Recv(op) => op.message,
+            other => panic!("not a receive: {other:?}"),
+        };
+        assert!(r.in_place_written(&[]).is_empty(), "nothing handed out");
+        assert_eq!(next(&mut r), 2);
+        assert_eq!(r.in_place_written(&[]), written(&[], &["['a']"]));
+        r.handle_data(2).unwrap();
+        assert_eq!(next(&mut r), 3);
+        assert_eq!(r.in_place_written(&[]), written(&[], &["['a']"]));
+        r.handle_data(3).unwrap();
+        assert_eq!(r.in_place_written(&[]), written(&["['a']"], &[]));
+        assert_eq!(next(&mut r), 4);
+        assert_eq!(r.in_place_written(&[]), written(&["['a']"], &["['b']"]));
+        // Storages whose landed bytes the host keeps elsewhere count as untouched.
+        assert_eq!(r.in_place_written(&[1]), written(&["['a']"], &[]));
+        assert_eq!(r.in_place_written(&[0, 1]), written(&[], &[]));
+        assert!(r.leftover().is_some());
+        assert!(r.in_place_written(&[]).is_empty(), "drained");
     }
 
     /// Rank 0 sends its ShardedTensor (rows 0–1 of a [4, 4] split over ranks 0 and 1) to rank 1, as in

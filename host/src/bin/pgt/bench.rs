@@ -202,6 +202,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .filter_map(|r| r["metadata_seconds"].as_f64())
             .collect(),
     );
+    let staged_copy_seconds = median(
+        all_receivers
+            .iter()
+            .filter_map(|r| r["staged_copy_seconds"].as_f64())
+            .collect(),
+    );
     // CPU seconds (all threads) over the timed window: on a CPU-bound machine they say where time goes.
     let cpu_of = |reports: &[serde_json::Value]| {
         median(
@@ -232,6 +238,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "core": format!("{:?}", transfer.core).to_lowercase(),
         "digests": !transfer.no_digests,
         "metadata_seconds": round(metadata_seconds, 4),
+        "staged_copy_seconds": round(staged_copy_seconds, 4),
         "sender_cpu_seconds": round(cpu_of(&senders), 4),
         "receiver_cpu_seconds": round(cpu_of(&all_receivers), 4),
         "total_cpu_seconds": round(total_cpu, 4),
