@@ -948,7 +948,7 @@ mod tests {
             written: w.iter().map(|s| s.to_string()).collect(),
             partly: p.iter().map(|s| s.to_string()).collect(),
         };
-        let mut next = |r: &mut Receiver| match r.poll() {
+        let next = |r: &mut Receiver| match r.poll() {
             RecvPoll::Recv(op) => op.message,
             other => panic!("not a receive: {other:?}"),
         };

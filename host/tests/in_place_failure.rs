@@ -398,3 +398,78 @@ fn the_wasm_engine_names_the_same_leaves() {
         fail_then_recover(fault, true, true);
     }
 }
+
+/// `{"a": float64 [100]}` over `memory`.
+fn f64_target(memory: &mut [u8]) -> StateDict<'_> {
+    let mut sd = StateDict::new();
+    let layout = TensorLayout::contiguous(DType::Float64, &[100]);
+    let t = Tensor::new(layout, Storage::BorrowedMut(memory)).unwrap();
+    sd.insert("a", Entry::Tensor(t)).unwrap();
+    sd
+}
+
+/// A leaf cast on receive (float32 on the wire, float64 in place) is written only when the post
+/// thread casts it whole: unstaged, it is named written exactly when its target holds the cast
+/// values, else untouched; staged, untouched.
+#[test]
+fn a_leaf_cast_on_receive_counts_once_cast() {
+    for (fault, staged) in [
+        (Fault::CorruptLastData, false),
+        (Fault::StallAfter(8), false),
+        (Fault::CorruptLastData, true),
+    ] {
+        let what = format!("{fault:?}, staged {staged}, `a` cast to float64");
+        let mut ranks = InProcessGroup::new(2).into_iter();
+        let (tx, rx) = (ranks.next().unwrap(), ranks.next().unwrap());
+        let receiver = Transport::new(
+            rx,
+            TransportOptions {
+                timeout: Duration::from_millis(300),
+                ..TransportOptions::default()
+            },
+        );
+        let mut a = vec![0u8; 100 * 8];
+        let (sent, _) = recorded(1);
+        let sent = faulty(sent, fault);
+        let options = receiver.recv_options().staged(staged);
+        let err = std::thread::scope(|s| {
+            s.spawn(|| {
+                for (op, msg) in &sent {
+                    tx.send(op.to, op.tag, &[msg], Duration::from_secs(20))
+                        .unwrap();
+                }
+            });
+            receiver
+                .recv_checkpoint_with(0, || f64_target(&mut a), options)
+                .map(|_| ())
+                .expect_err(&what)
+        });
+        assert_cause(&err, fault);
+        let cast: Vec<u8> = checkpoint(1)
+            .tensor("a")
+            .unwrap()
+            .storage
+            .bytes()
+            .chunks(4)
+            .flat_map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes())
+            .collect();
+        let named = err.written_leaves().iter().any(|p| p == "['a']");
+        if staged {
+            assert!(!named && a.iter().all(|&b| b == 0), "{what}: {err}");
+        } else if named {
+            assert!(
+                a == cast,
+                "{what}: named written, but not holding the cast values"
+            );
+        } else {
+            assert!(
+                a.iter().all(|&b| b == 0),
+                "{what}: not named, but written: {err}"
+            );
+        }
+        if fault == Fault::CorruptLastData && !staged {
+            // Every digest was reported, so every cast was done before the trailer's check.
+            assert!(named, "{what}: {err}");
+        }
+    }
+}
