@@ -8,7 +8,9 @@ use alloc::vec::Vec;
 use crate::engine::{ReceiveEngine, SendEngine};
 use crate::header::prefix;
 use crate::plan::{MessageKind, Plan, Segment};
-use crate::receiver::{Binding, ForwardOp, InPlace, Incoming, Received, RecvOp, RecvPoll};
+use crate::receiver::{
+    Binding, Dest, ForwardOp, InPlace, InPlaceWritten, Incoming, Received, RecvOp, RecvPoll,
+};
 use crate::sender::{Payload, SendOp, SendPoll};
 use crate::tree::KeyPath;
 use crate::{Call, Error};
@@ -72,32 +74,91 @@ pub trait ReceiveHost {
     /// is (or fails: a host that has nothing in flight returns `None`, and the driver reports
     /// [`Error::Incomplete`]).
     fn next_event(&mut self, wait: bool) -> Result<Option<Event>, Self::Error>;
+
+    /// The transfer failed: stop background work that writes into the destinations (hashing,
+    /// casting), so that what [`ReceiveHost::not_in_target`] and the completions ready now say is
+    /// final. The default has none.
+    fn stop(&mut self) {}
+
+    /// In-place storages whose landed bytes are not in their target (yet): held in staging until
+    /// the transfer verified, or still to be cast. Their targets count as untouched
+    /// ([`crate::receiver::Receiver::in_place_written`]). The default: none.
+    fn not_in_target(&mut self) -> Vec<u32> {
+        Vec::new()
+    }
+
+    /// The transfer failed with `error` after writing in place (`written` is not empty): the
+    /// host's error that says so. The default returns `error` as it is.
+    fn written_in_place(&mut self, error: Self::Error, written: InPlaceWritten) -> Self::Error {
+        let _ = written;
+        error
+    }
 }
 
 /// Runs `engine` to completion over `host` and returns the verified result. The first error — the
-/// engine's, the protocol's or the host's — ends the transfer: the host then drains what the plan
-/// still says is coming ([`ReceiveEngine::leftover`], [`ReceiveHost::discard`]), and the engine is
-/// dropped.
+/// engine's, the protocol's or the host's — ends the transfer: the host stops its background work
+/// ([`ReceiveHost::stop`]), and when the transfer had written in place, the error says what
+/// ([`ReceiveHost::written_in_place`]); then the host drains what the plan still says is coming
+/// ([`ReceiveEngine::leftover`], [`ReceiveHost::discard`]), and the engine is dropped.
 pub fn receive<E, H>(mut engine: E, host: &mut H) -> Result<Received, H::Error>
 where
     E: ReceiveEngine,
     H: ReceiveHost,
     H::Error: From<E::Error> + From<Error>,
 {
-    match run_receive(&mut engine, host) {
-        Ok(()) => Ok(engine.finish()?),
-        Err(e) => {
-            while let Ok(Some(op)) = engine.leftover() {
-                if !host.discard(&op) {
-                    break;
-                }
-            }
-            Err(e)
+    let mut in_place = false;
+    let failure = match run_receive(&mut engine, host, &mut in_place) {
+        Ok(()) => {
+            // `finish` fails on a digest mismatch, and takes the engine: what was written is asked
+            // before (every message has landed; only a host that writes later holds some back).
+            let written = match in_place {
+                true => engine.in_place_written(&host.not_in_target())?,
+                false => InPlaceWritten::default(),
+            };
+            return engine
+                .finish()
+                .map_err(|e| written_in_place(host, e.into(), written));
         }
+        Err(e) => e,
+    };
+    host.stop();
+    let mut written = InPlaceWritten::default();
+    if in_place {
+        // What landed before the failure and was not reported yet.
+        while let Ok(Some(event)) = host.next_event(false) {
+            if apply_receive(&mut engine, event).is_err() {
+                break;
+            }
+        }
+        written = engine
+            .in_place_written(&host.not_in_target())
+            .unwrap_or_default();
+    }
+    while let Ok(Some(op)) = engine.leftover() {
+        if !host.discard(&op) {
+            break;
+        }
+    }
+    Err(written_in_place(host, failure, written))
+}
+
+fn written_in_place<H: ReceiveHost>(
+    host: &mut H,
+    e: H::Error,
+    written: InPlaceWritten,
+) -> H::Error {
+    if written.is_empty() {
+        e
+    } else {
+        host.written_in_place(e, written)
     }
 }
 
-fn run_receive<E, H>(engine: &mut E, host: &mut H) -> Result<(), H::Error>
+fn run_receive<E, H>(
+    engine: &mut E,
+    host: &mut H,
+    in_place_bound: &mut bool,
+) -> Result<(), H::Error>
 where
     E: ReceiveEngine,
     H: ReceiveHost,
@@ -128,6 +189,7 @@ where
                 let incoming = announced(&incoming, Call::Bindings)?;
                 let in_place = host.bind(incoming, &mut || Ok(engine.paths()?))?;
                 let bindings = engine.finish_bindings(&in_place)?;
+                *in_place_bound = bindings.iter().any(|b| matches!(b.dest, Dest::InPlace(_)));
                 host.bound(incoming, &bindings)?;
             }
             RecvPoll::Forward(op) => {

@@ -6,7 +6,9 @@ use alloc::borrow::Cow;
 use alloc::vec::Vec;
 
 use crate::plan::Plan;
-use crate::receiver::{Binding, InPlace, Incoming, Received, Receiver, RecvOp, RecvPoll};
+use crate::receiver::{
+    Binding, InPlace, InPlaceWritten, Incoming, Received, Receiver, RecvOp, RecvPoll,
+};
 use crate::sender::{Payload, SendPoll, Sender};
 use crate::tree::KeyPath;
 use crate::Error;
@@ -47,6 +49,8 @@ pub trait ReceiveEngine {
     fn handle_trailer(&mut self, bytes: &[u8]) -> Result<(), Self::Error>;
     /// A forward was sent.
     fn handle_forwarded(&mut self, message: u32) -> Result<(), Self::Error>;
+    /// What the transfer wrote in place so far ([`Receiver::in_place_written`]).
+    fn in_place_written(&mut self, not_in_target: &[u32]) -> Result<InPlaceWritten, Self::Error>;
     /// After an error: the next message the plan still says is coming ([`Receiver::leftover`]).
     fn leftover(&mut self) -> Result<Option<RecvOp>, Self::Error>;
     /// The verified result.
@@ -116,6 +120,10 @@ impl ReceiveEngine for Receiver {
 
     fn handle_forwarded(&mut self, message: u32) -> Result<(), Error> {
         Receiver::handle_forwarded(self, message)
+    }
+
+    fn in_place_written(&mut self, not_in_target: &[u32]) -> Result<InPlaceWritten, Error> {
+        Ok(Receiver::in_place_written(self, not_in_target))
     }
 
     fn leftover(&mut self) -> Result<Option<RecvOp>, Error> {

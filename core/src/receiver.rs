@@ -28,7 +28,7 @@
 //! next transfer on the link starts clean (PROTOCOL.md §12).
 
 use alloc::boxed::Box;
-use alloc::string::ToString;
+use alloc::string::{String, ToString};
 use alloc::vec;
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
@@ -202,6 +202,31 @@ pub struct Received {
     pub leaves: Vec<Leaf>,
     /// The destination of every storage, in storage order.
     pub bindings: Vec<Binding>,
+}
+
+/// What an in-place receive has written into its in-place targets so far, by leaf
+/// ([`Receiver::in_place_written`]): what a caller whose receive failed needs to know about the
+/// buffers it serves from. Leaves are named by key path, in display form, in leaf order.
+///
+/// "Written" means *landed, not verified*: digests are compared once the trailer is in, so the
+/// leaves of a transfer that failed on a digest mismatch are listed as written (their targets hold
+/// the bytes that arrived, the wrong ones included).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct InPlaceWritten {
+    /// In-place leaves whose every in-place storage landed whole in its target: they hold the new
+    /// bytes.
+    pub written: Vec<String>,
+    /// In-place leaves not in `written` that may hold some new bytes: a data message carrying part
+    /// of one of their storages was handed to the host (it may have landed whole, in part, or not at
+    /// all). Every other in-place leaf's target is untouched.
+    pub partly: Vec<String>,
+}
+
+impl InPlaceWritten {
+    /// Nothing was (or may have been) written in place.
+    pub fn is_empty(&self) -> bool {
+        self.written.is_empty() && self.partly.is_empty()
+    }
 }
 
 #[derive(Debug)]
@@ -611,6 +636,56 @@ impl Receiver {
         Some(op)
     }
 
+    /// Which in-place leaves the transfer has written so far ([`InPlaceWritten`]), from the data
+    /// messages reported landed ([`Receiver::handle_data`]) and those handed out as receives. A host
+    /// whose landed bytes do not reach some in-place targets at once (held in staging until the
+    /// transfer verified, or cast later) names those storages in `not_in_target`: their targets count
+    /// as untouched. A storage of no bytes counts for nothing. Empty before bindings are final and
+    /// after [`Receiver::leftover`] (ask before draining).
+    pub fn in_place_written(&self, not_in_target: &[u32]) -> InPlaceWritten {
+        let State::Streaming(t) = &self.state else {
+            return InPlaceWritten::default();
+        };
+        let storages = t.manifest.storages();
+        // Per storage: every message carrying a part of it landed / one was handed out.
+        let mut landed = vec![true; storages.len()];
+        let mut touched = vec![false; storages.len()];
+        for m in t.plan.data_messages() {
+            let (issued, received) = (m < t.next_recv, t.received[m]);
+            for seg in t.plan.segments(&t.plan.messages()[m]) {
+                let s = seg.storage as usize;
+                landed[s] &= received;
+                touched[s] |= issued;
+            }
+        }
+        // Per leaf: (every counted storage landed, some counted storage touched), None when it
+        // counts no in-place storage.
+        let mut leaves: Vec<Option<(bool, bool)>> = vec![None; t.manifest.paths().len()];
+        for (s, (storage, binding)) in storages.iter().zip(&t.bindings).enumerate() {
+            if !matches!(binding.dest, Dest::InPlace(_)) || binding.nbytes == 0 {
+                continue;
+            }
+            let (full, some) = if not_in_target.contains(&(s as u32)) {
+                (false, false)
+            } else {
+                (landed[s], touched[s])
+            };
+            let leaf = leaves[storage.leaf as usize].get_or_insert((true, false));
+            leaf.0 &= full;
+            leaf.1 |= some;
+        }
+        let mut written = InPlaceWritten::default();
+        for (leaf, state) in leaves.iter().enumerate() {
+            let path = || t.manifest.paths()[leaf].to_string();
+            match state {
+                Some((true, _)) => written.written.push(path()),
+                Some((false, true)) => written.partly.push(path()),
+                _ => {}
+            }
+        }
+        written
+    }
+
     /// The digest mismatch of the lowest storage found so far, if any: the transfer goes on (a chain
     /// receiver keeps forwarding) but [`Receiver::finish`] will fail with it (or with a lower storage's,
     /// found later).
@@ -810,7 +885,7 @@ mod tests {
     use crate::drive;
     use crate::layout::TensorLayout;
     use crate::memory::{MemoryHost, MemorySender};
-    use crate::schema::{Metadata, PlanParams};
+    use crate::schema::{FanOut, Metadata, PlanParams};
     use crate::sender::Sender;
     use crate::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
     use alloc::string::String;
@@ -821,6 +896,77 @@ mod tests {
             sizes: vec![2, 4],
             placement: placement.into(),
         }
+    }
+
+    /// `in_place_written` follows the plan: a leaf is written once every message carrying it landed,
+    /// partly written while one was handed out, untouched else or when the host keeps its bytes out
+    /// of the target; nothing once the transfer is drained.
+    #[test]
+    fn in_place_written_follows_the_messages() {
+        let layout = TensorLayout::contiguous(DType::Float32, &[64]);
+        let metadata = Metadata {
+            step: None,
+            source: 0,
+            destinations: vec![1],
+            // 256-byte storages in 128-byte chunks: `a` in messages 2 and 3, `b` in 4 and 5.
+            plan: PlanParams {
+                fanout: FanOut::Direct,
+                bucket_size: 64,
+                chunk_size: 128,
+            },
+            tree: vec![
+                Node::Dict(vec!["a".into(), "b".into()]),
+                Node::Leaf,
+                Node::Leaf,
+            ],
+            leaves: vec![Leaf::Tensor(layout.clone()), Leaf::Tensor(layout)],
+        };
+        let storages = vec![vec![1u8; 256], vec![2u8; 256]];
+        let mut sender = Sender::new(metadata, true, &Limits::default(), 7).unwrap();
+        let mut net = MemorySender::new(&storages);
+        drive::send(&mut sender, &mut net).unwrap();
+        let mut r = Receiver::new(ReceiverOptions {
+            rank: 1,
+            source: 0,
+            expected_step: None,
+            limits: Limits::default(),
+        });
+        r.handle_header(&net.sent[0].1).unwrap();
+        r.handle_metadata(&net.sent[1].1).unwrap();
+        assert_eq!(r.poll(), RecvPoll::NeedBindings);
+        assert!(r.in_place_written(&[]).is_empty(), "nothing bound yet");
+        let targets: Vec<InPlace> = (0..2)
+            .map(|s| InPlace {
+                storage: s,
+                id: s.into(),
+                dtype: DType::Float32,
+                nbytes: 256,
+            })
+            .collect();
+        r.finish_bindings(&targets).unwrap();
+        let written = |w: &[&str], p: &[&str]| InPlaceWritten {
+            written: w.iter().map(|s| s.to_string()).collect(),
+            partly: p.iter().map(|s| s.to_string()).collect(),
+        };
+        let next = |r: &mut Receiver| match r.poll() {
+            RecvPoll::Recv(op) => op.message,
+            other => panic!("not a receive: {other:?}"),
+        };
+        assert!(r.in_place_written(&[]).is_empty(), "nothing handed out");
+        assert_eq!(next(&mut r), 2);
+        assert_eq!(r.in_place_written(&[]), written(&[], &["['a']"]));
+        r.handle_data(2).unwrap();
+        assert_eq!(next(&mut r), 3);
+        assert_eq!(r.in_place_written(&[]), written(&[], &["['a']"]));
+        r.handle_data(3).unwrap();
+        assert_eq!(r.in_place_written(&[]), written(&["['a']"], &[]));
+        assert_eq!(next(&mut r), 4);
+        assert_eq!(r.in_place_written(&[]), written(&["['a']"], &["['b']"]));
+        // Storages whose landed bytes the host keeps elsewhere count as untouched.
+        assert_eq!(r.in_place_written(&[1]), written(&["['a']"], &[]));
+        assert_eq!(r.in_place_written(&[0, 1]), written(&[], &[]));
+        assert!(r.leftover().is_some());
+        assert!(r.in_place_written(&[]).is_empty(), "drained");
     }
 
     /// Rank 0 sends its ShardedTensor (rows 0–1 of a [4, 4] split over ranks 0 and 1) to rank 1, as in

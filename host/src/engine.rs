@@ -9,7 +9,8 @@ use pgt_core::engine::{ReceiveEngine, SendEngine};
 use pgt_core::header::Limits;
 use pgt_core::plan::Plan;
 use pgt_core::receiver::{
-    Binding, InPlace, Incoming, Received, Receiver, ReceiverOptions, RecvOp, RecvPoll,
+    Binding, InPlace, InPlaceWritten, Incoming, Received, Receiver, ReceiverOptions, RecvOp,
+    RecvPoll,
 };
 use pgt_core::schema::Metadata;
 use pgt_core::sender::{SendPoll, Sender};
@@ -180,6 +181,10 @@ impl ReceiveEngine for ReceiverEngine {
 
     fn handle_forwarded(&mut self, message: u32) -> Result<(), EngineError> {
         dispatch!(self, e => ReceiveEngine::handle_forwarded(&mut **e, message))
+    }
+
+    fn in_place_written(&mut self, not_in_target: &[u32]) -> Result<InPlaceWritten, EngineError> {
+        dispatch!(self, e => ReceiveEngine::in_place_written(&mut **e, not_in_target))
     }
 
     fn leftover(&mut self) -> Result<Option<RecvOp>, EngineError> {

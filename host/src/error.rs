@@ -215,6 +215,61 @@ pub enum Error {
         /// The storage's kind: `Borrowed` or `Shared`.
         storage: &'static str,
     },
+
+    // ---- added by staged branch ----
+    /// An in-place receive failed after it had written into some of its in-place targets
+    /// (unstaged, the default; a staged receive, [`crate::transport::RecvOptions::staged`], leaves
+    /// them untouched and fails with the cause alone). The cause is the
+    /// [`std::error::Error::source`] ([`Error::cause`]); the message names the leaves.
+    ///
+    /// Written means landed, not verified: digests are compared at the trailer, so on a digest
+    /// mismatch every leaf is usually written, the wrong bytes included.
+    #[error("{}", in_place_message(written, partly))]
+    InPlaceWritten {
+        /// Key paths (displayed) of the in-place leaves whose new bytes all landed in their targets.
+        written: Vec<String>,
+        /// Key paths of the in-place leaves that may hold some new bytes (a message carrying a part
+        /// of them was being received): partly written. Every other in-place leaf is untouched.
+        partly: Vec<String>,
+        /// Why the receive failed.
+        #[source]
+        source: Box<Error>,
+    },
+}
+
+/// At most this many key paths in [`Error::InPlaceWritten`]'s message (all of them are in its fields).
+const SHOWN_PATHS: usize = 8;
+
+fn path_list(paths: &[String]) -> String {
+    let mut s = paths
+        .iter()
+        .take(SHOWN_PATHS)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if paths.len() > SHOWN_PATHS {
+        s.push_str(&format!(" and {} more", paths.len() - SHOWN_PATHS));
+    }
+    s
+}
+
+fn in_place_message(written: &[String], partly: &[String]) -> String {
+    let mut s = format!(
+        "the in-place receive failed after writing {} leaf(s) fully",
+        written.len()
+    );
+    if !written.is_empty() {
+        s.push_str(&format!(" ({})", path_list(written)));
+    }
+    if !partly.is_empty() {
+        s.push_str(&format!(
+            " and {} partly ({})",
+            partly.len(),
+            path_list(partly)
+        ));
+    }
+    s.push_str("; every other in-place leaf is untouched");
+    s
 }
 
 fn rank_list(ranks: impl IntoIterator<Item = u32>) -> String {
@@ -302,10 +357,37 @@ impl Error {
         Error::Internal { what: what.into() }
     }
 
+    /// Why the operation failed: the error an [`Error::InPlaceWritten`] wraps, else this one. Match
+    /// on it to tell failures apart whether or not an in-place receive had written.
+    pub fn cause(&self) -> &Error {
+        match self {
+            Error::InPlaceWritten { source, .. } => source.cause(),
+            e => e,
+        }
+    }
+
+    /// The in-place leaves (key paths, displayed) a failed in-place receive had fully written
+    /// ([`Error::InPlaceWritten`]); empty for any other error.
+    pub fn written_leaves(&self) -> &[String] {
+        match self {
+            Error::InPlaceWritten { written, .. } => written,
+            _ => &[],
+        }
+    }
+
+    /// The in-place leaves a failed in-place receive may have partly written
+    /// ([`Error::InPlaceWritten`]); empty for any other error.
+    pub fn partly_written_leaves(&self) -> &[String] {
+        match self {
+            Error::InPlaceWritten { partly, .. } => partly,
+            _ => &[],
+        }
+    }
+
     /// True for a timeout, of a process-group operation or of the transfer itself: the peer
     /// stalled, and nothing says the data was bad.
     pub fn is_timeout(&self) -> bool {
-        match self {
+        match self.cause() {
             Error::ProcessGroup(e) | Error::Peer { source: e, .. } => e.is_timeout(),
             Error::Timeout { .. } => true,
             _ => false,

@@ -31,7 +31,7 @@ use pgt_core::dtype::convert;
 use pgt_core::header::{Limits, MAX_STALE_LEN, PREFIX_LEN};
 use pgt_core::plan::{MessageKind, Segment};
 use pgt_core::receiver::{
-    Binding, Dest, ForwardOp, InPlace, Incoming, Received, ReceiverOptions, RecvOp,
+    Binding, Dest, ForwardOp, InPlace, InPlaceWritten, Incoming, Received, ReceiverOptions, RecvOp,
 };
 use pgt_core::schema::{FanOut, Metadata, PlanParams};
 use pgt_core::sender::{Payload, SendOp};
@@ -71,11 +71,14 @@ pub struct TransportOptions {
     pub pool: Option<Arc<BufferPool>>,
     /// Receiver side: the most memory one receive may take, in bytes — the metadata's decoded size
     /// (PROTOCOL.md §11) plus every fresh (or pooled) storage buffer and cast staging buffer; in-place
-    /// buffers are the caller's and do not count. Checked before anything is decoded or allocated
+    /// buffers are the caller's and do not count (their staging does, when staged). Checked before anything is decoded or allocated
     /// ([`Error::MemoryBudget`]). Default: half of physical memory
     /// ([`crate::memory::default_memory_budget`]). What is allocated is then faulted in as the data
     /// arrives, at most a window ahead of it ([`crate::memory::PrefaultOptions::window`]).
     pub memory_budget: u64,
+    /// Receiver side, in place: all or nothing ([`RecvOptions::staged`], the default of every
+    /// receive of this transport).
+    pub staged: bool,
 }
 
 impl Default for TransportOptions {
@@ -90,6 +93,7 @@ impl Default for TransportOptions {
             progress: None,
             pool: None,
             memory_budget: crate::memory::default_memory_budget(),
+            staged: false,
         }
     }
 }
@@ -104,6 +108,7 @@ impl std::fmt::Debug for TransportOptions {
             .field("expected_step", &self.expected_step)
             .field("pool", &self.pool)
             .field("memory_budget", &self.memory_budget)
+            .field("staged", &self.staged)
             .finish_non_exhaustive()
     }
 }
@@ -123,6 +128,9 @@ pub struct TransferStats {
     /// checkpoint is complete and verified all the same (a forward failure fails no receive); the
     /// ranks downstream fail, naming this link (PROTOCOL.md §3, *When a destination fails*).
     pub forward_failed: Option<ForwardFailure>,
+    /// A staged in-place receive ([`RecvOptions::staged`]): the time spent copying the staged bytes
+    /// into the targets once the transfer verified (part of `seconds`); 0 otherwise.
+    pub staged_copy_seconds: f64,
 }
 
 /// A chain relay's forward that failed ([`TransferStats::forward_failed`]): the messages from
@@ -170,12 +178,30 @@ pub struct RecvOptions {
     /// If set, the checkpoint must carry this step, else the receive fails with
     /// `pgt_core::Error::StepMismatch` (after draining the transfer, PROTOCOL.md §12).
     pub expected_step: Option<u64>,
+    /// In place, all or nothing: every in-place storage lands in a staging buffer of its own, copied
+    /// into its target only once the transfer is verified (every digest matched the trailer's;
+    /// without digests, once every byte landed: then staged means complete, not verified). A
+    /// receive that fails leaves every target byte for byte as it was, and fails with the cause
+    /// alone. The cost: staging memory equal to the in-place storages' total size (counted in the
+    /// memory budget), held for the transfer, plus one copy of it into the targets at the end.
+    ///
+    /// Unstaged (the default), bytes land straight in the targets; a receive that fails after
+    /// writing some fails with [`Error::InPlaceWritten`], which names the leaves fully written.
+    pub staged: bool,
 }
 
 impl RecvOptions {
     /// These options with `expected_step` (`None`: any step, or none).
     pub fn expected_step(self, expected_step: Option<u64>) -> RecvOptions {
-        RecvOptions { expected_step }
+        RecvOptions {
+            expected_step,
+            ..self
+        }
+    }
+
+    /// These options, staged or not ([`RecvOptions::staged`]).
+    pub fn staged(self, staged: bool) -> RecvOptions {
+        RecvOptions { staged, ..self }
     }
 }
 
@@ -452,10 +478,12 @@ impl<P: ProcessGroup> Transport<P> {
         self
     }
 
-    /// The settings a receive takes by default: [`TransportOptions::expected_step`].
+    /// The settings a receive takes by default: [`TransportOptions::expected_step`] and
+    /// [`TransportOptions::staged`].
     pub fn recv_options(&self) -> RecvOptions {
         RecvOptions {
             expected_step: self.options.expected_step,
+            staged: self.options.staged,
         }
     }
 
@@ -537,6 +565,7 @@ impl<P: ProcessGroup> Transport<P> {
             seconds: start.elapsed().as_secs_f64(),
             metadata_seconds: 0.0,
             forward_failed: None,
+            staged_copy_seconds: 0.0,
         })
     }
 
@@ -559,7 +588,9 @@ impl<P: ProcessGroup> Transport<P> {
     /// `Storage::BorrowedMut`; a read-only one at a received key path is [`Error::InPlaceReadOnly`])
     /// and of the incoming size (float dtypes are cast on receive). Afterwards `state_dict` holds
     /// exactly the received tree, its in-place tensors over the same storages. On error its
-    /// structure is unchanged, though in-place buffers may hold partly received bytes.
+    /// structure is unchanged; its in-place buffers are untouched when the receive is staged
+    /// ([`RecvOptions::staged`]), else they may hold received bytes, and the error says which
+    /// leaves ([`Error::InPlaceWritten`]).
     pub fn recv_checkpoint_into<'d>(
         &self,
         src: u32,
@@ -636,6 +667,7 @@ impl<P: ProcessGroup> Transport<P> {
         let abort = Abort::default();
         let (received, landed) = std::thread::scope(|scope| {
             let mut host = Landing::new(self, scope, &mut *target, &abort, &forward_slot);
+            host.staged = options.staged;
             let received = drive::receive(engine, &mut host);
             if received.is_err() {
                 // Stops the workers at once; the error itself is returned below.
@@ -652,6 +684,7 @@ impl<P: ProcessGroup> Transport<P> {
             total_bytes,
             metadata_seconds,
             forward_failed,
+            staged,
         } = landed.ok_or_else(|| Error::internal("a transfer completed without bindings"))?;
         let _assemble_span = info_span!("assemble").entered();
         let stats = TransferStats {
@@ -663,12 +696,21 @@ impl<P: ProcessGroup> Transport<P> {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .take(),
+            staged_copy_seconds: 0.0,
         };
         // The workers have stopped: the memory is ours alone, and the borrow of `target`'s in-place
         // buffers ends here.
-        let buffers = Arc::try_unwrap(memory)
+        let mut buffers = Arc::try_unwrap(memory)
             .map_err(|_| Error::internal("receive memory still shared after the workers stopped"))?
             .finish();
+        let copy_start = Instant::now();
+        copy_in_staged(
+            &mut buffers,
+            &cast_dest,
+            staged,
+            self.options.pool.as_deref(),
+        )?;
+        let staged_copy_seconds = copy_start.elapsed().as_secs_f64();
         assemble(
             received,
             buffers,
@@ -679,6 +721,10 @@ impl<P: ProcessGroup> Transport<P> {
         )?;
         Ok(TransferStats {
             seconds: start.elapsed().as_secs_f64(),
+            staged_copy_seconds: match options.staged {
+                true => staged_copy_seconds,
+                false => 0.0,
+            },
             ..stats
         })
     }
@@ -939,6 +985,8 @@ fn storage_parts<'a>(storages: &[&'a [u8]], segs: &[Segment]) -> Vec<&'a [u8]> {
 struct Layout {
     bindings: Vec<Binding>,
     cast_dest: Vec<Option<usize>>,
+    /// Per storage: cast into its destination ([`ReceiveHost::not_in_target`] until then).
+    cast_done: Vec<AtomicBool>,
 }
 
 /// A hash-and-cast job: a landed data message's segments.
@@ -964,6 +1012,8 @@ struct Landed<'t> {
     total_bytes: u64,
     metadata_seconds: f64,
     forward_failed: Arc<Mutex<Option<ForwardFailure>>>,
+    /// A staged receive's in-place targets, by storage (see [`copy_in_staged`]).
+    staged: Vec<Option<&'t mut [u8]>>,
 }
 
 /// The receiving host: receives on the calling thread straight into [`ReceiveMemory`]; a post thread
@@ -997,6 +1047,12 @@ struct Landing<'a, 'scope, 'env, 't, 'd, P: ProcessGroup> {
     metadata_seconds: f64,
     /// The received metadata's decoded size: memory of this receive's budget.
     metadata_memory: u64,
+    /// In place, all or nothing ([`RecvOptions::staged`]).
+    staged: bool,
+    /// A staged receive's in-place targets, by storage, written once the transfer verified.
+    staged_targets: Vec<Option<&'t mut [u8]>>,
+    /// The post (hash and cast) thread, joined when the receive fails ([`ReceiveHost::stop`]).
+    post_thread: Option<std::thread::ScopedJoinHandle<'scope, ()>>,
 }
 
 impl<'a, 'scope, 'env, 't, 'd, P> Landing<'a, 'scope, 'env, 't, 'd, P>
@@ -1034,6 +1090,9 @@ where
             started: Instant::now(),
             metadata_seconds: 0.0,
             metadata_memory: 0,
+            staged: false,
+            staged_targets: Vec::new(),
+            post_thread: None,
         }
     }
 
@@ -1050,6 +1109,7 @@ where
             total_bytes: self.total_bytes,
             metadata_seconds: self.metadata_seconds,
             forward_failed: self.forward_failed,
+            staged: self.staged_targets,
         })
     }
 
@@ -1132,7 +1192,8 @@ where
                 .iter()
                 .zip(&incoming.storages)
                 .fold(self.metadata_memory, |sum, (b, r)| {
-                    let fresh = if matches!(b.dest, Dest::InPlace(_)) {
+                    // Staged, an in-place storage lands in staging of its size.
+                    let fresh = if matches!(b.dest, Dest::InPlace(_)) && !self.staged {
                         0
                     } else {
                         b.nbytes
@@ -1149,6 +1210,7 @@ where
         let mut cast: Vec<(usize, Target<'t>)> = Vec::new();
         // Small fresh destinations, as (storage, length): carved from one mapping.
         let mut to_carve: Vec<(usize, usize)> = Vec::new();
+        self.staged_targets = (0..n).map(|_| None).collect();
         for (s, (b, r)) in bindings.iter().zip(&incoming.storages).enumerate() {
             let dest = match b.dest {
                 Dest::InPlace(id) => {
@@ -1159,7 +1221,14 @@ where
                         .ok_or_else(|| {
                             Error::internal(format!("in-place buffer {id} was never bound"))
                         })?;
-                    Some(Target::Borrowed(buf))
+                    if self.staged {
+                        // Kept aside until the transfer verified; the bytes land in staging,
+                        // allocated below as a fresh destination is.
+                        self.staged_targets[s] = Some(buf);
+                        None
+                    } else {
+                        Some(Target::Borrowed(buf))
+                    }
                 }
                 Dest::Fresh => None,
             };
@@ -1194,9 +1263,10 @@ where
                 cast.push((s, dest));
                 wire[s] = fresh(r.nbytes as usize, true, &mut to_carve)?;
             } else {
+                let staging = self.staged && matches!(b.dest, Dest::InPlace(_));
                 wire[s] = match dest {
                     Some(d) => Some(d),
-                    None => fresh(b.nbytes as usize, false, &mut to_carve)?,
+                    None => fresh(b.nbytes as usize, staging, &mut to_carve)?,
                 };
             }
         }
@@ -1221,6 +1291,7 @@ where
         Ok(Layout {
             bindings: bindings.to_vec(),
             cast_dest,
+            cast_done: (0..n).map(|_| AtomicBool::new(false)).collect(),
         })
     }
 
@@ -1234,7 +1305,7 @@ where
         {
             let (memory, layout, event_tx) =
                 (Arc::clone(&memory), Arc::clone(&layout), event_tx.clone());
-            self.scope.spawn(move || {
+            self.post_thread = Some(self.scope.spawn(move || {
                 let mut hashers = StorageHashers::default();
                 for job in post_rx {
                     if abort.is_set() {
@@ -1251,7 +1322,7 @@ where
                         }
                     }
                 }
-            });
+            }));
         }
         let (fwd_tx, fwd_rx) = mpsc::sync_channel::<ForwardJob>(QUEUE_DEPTH);
         self.forward = Some(fwd_tx);
@@ -1372,6 +1443,7 @@ fn post(
             memory.try_write(&[(dest, 0..memory.region_len(dest))], |d| {
                 convert(from, wire, binding.dtype, d[0])
             })??;
+            layout.cast_done[storage].store(true, Ordering::Release);
         }
     }
     Ok(job.hash.then_some(digests))
@@ -1562,6 +1634,38 @@ where
         wait_event(events, self.abort, self.timeout(), "hashing/forwarding").map(Some)
     }
 
+    fn stop(&mut self) {
+        // The post thread casts into in-place targets: once it is joined, what was cast is final.
+        self.abort.fail(Error::internal("the receive failed"));
+        self.post = None;
+        if let Some(thread) = self.post_thread.take() {
+            let _ = thread.join();
+        }
+    }
+
+    fn not_in_target(&mut self) -> Vec<u32> {
+        let Some(layout) = &self.layout else {
+            return Vec::new();
+        };
+        (0..layout.bindings.len())
+            .filter(|&s| {
+                let staged = self.staged_targets.get(s).is_some_and(Option::is_some);
+                let uncast = layout.bindings[s].cast_from.is_some()
+                    && !layout.cast_done[s].load(Ordering::Acquire);
+                staged || uncast
+            })
+            .map(|s| s as u32)
+            .collect()
+    }
+
+    fn written_in_place(&mut self, error: Error, written: InPlaceWritten) -> Error {
+        Error::InPlaceWritten {
+            written: written.written,
+            partly: written.partly,
+            source: Box::new(error),
+        }
+    }
+
     fn discard(&mut self, op: &RecvOp) -> bool {
         // A broken link (a timeout, a closed peer, a message of the wrong length) is not drained: the
         // next receive skips what is left by its prefix instead.
@@ -1604,6 +1708,40 @@ where
             }
         }
     }
+}
+
+/// A staged receive, verified: copies each in-place storage's staged bytes into its target (the
+/// wire region, or the cast destination's), then gives the staging back to the pool.
+fn copy_in_staged(
+    buffers: &mut [Option<Buffer>],
+    cast_dest: &[Option<usize>],
+    staged: Vec<Option<&mut [u8]>>,
+    pool: Option<&BufferPool>,
+) -> Result<()> {
+    let mut staging = Vec::new();
+    for (s, target) in staged.into_iter().enumerate() {
+        let Some(target) = target else {
+            continue;
+        };
+        let region = cast_dest.get(s).copied().flatten().unwrap_or(s);
+        let bytes = buffers
+            .get_mut(region)
+            .and_then(Option::take)
+            .ok_or_else(|| Error::internal(format!("no staging for storage {s}")))?;
+        if bytes.len() != target.len() {
+            return Err(Error::internal(format!(
+                "storage {s}: {} staged bytes for a target of {}",
+                bytes.len(),
+                target.len()
+            )));
+        }
+        target.copy_from_slice(&bytes);
+        staging.push(bytes);
+    }
+    if let Some(pool) = pool {
+        pool.recycle(staging);
+    }
+    Ok(())
 }
 
 /// Whether `sd` has a tensor (that a receive may write in place, or must refuse to).

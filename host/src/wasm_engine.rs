@@ -23,7 +23,9 @@ use std::path::Path;
 use pgt_core::engine::{ReceiveEngine, SendEngine};
 use pgt_core::header::Limits;
 use pgt_core::plan::Plan;
-use pgt_core::receiver::{Binding, InPlace, Incoming, Received, ReceiverOptions, RecvOp, RecvPoll};
+use pgt_core::receiver::{
+    Binding, InPlace, InPlaceWritten, Incoming, Received, ReceiverOptions, RecvOp, RecvPoll,
+};
 use pgt_core::schema::Metadata;
 use pgt_core::sender::SendPoll;
 use pgt_core::tree::KeyPath;
@@ -389,6 +391,7 @@ struct Exports {
     receiver_digests: TypedFunc<(u32, u32, u32, u32), u32>,
     receiver_trailer: TypedFunc<(u32, u32, u32), u32>,
     receiver_forwarded: TypedFunc<(u32, u32), u32>,
+    receiver_in_place_written: TypedFunc<(u32, u32, u32), u32>,
     receiver_leftover: TypedFunc<u32, u32>,
     receiver_finish: TypedFunc<u32, u32>,
     receiver_drop: TypedFunc<u32, u32>,
@@ -430,6 +433,7 @@ impl Exports {
             receiver_digests,
             receiver_trailer,
             receiver_forwarded,
+            receiver_in_place_written,
             receiver_leftover,
             receiver_finish,
             receiver_drop,
@@ -736,6 +740,13 @@ impl ReceiveEngine for WasmReceiver {
     fn handle_forwarded(&mut self, message: u32) -> Result<(), EngineError> {
         self.guest
             .call(|e| &e.receiver_forwarded, (self.handle, message))
+    }
+
+    fn in_place_written(&mut self, not_in_target: &[u32]) -> Result<InPlaceWritten, EngineError> {
+        let storages = postcard::to_allocvec(not_in_target)
+            .map_err(|e| module_error("encoding storages", e))?;
+        self.guest
+            .bytes_call(|e| &e.receiver_in_place_written, self.handle, &storages)
     }
 
     fn leftover(&mut self) -> Result<Option<RecvOp>, EngineError> {

@@ -24,7 +24,8 @@ use pgt_core::manifest::Manifest;
 use pgt_core::memory::{MemoryHost, MemorySender};
 use pgt_core::plan::{MessageKind, Plan};
 use pgt_core::receiver::{
-    Binding, Dest, ForwardOp, InPlace, Incoming, Received, ReceiverOptions, RecvOp, RecvPoll,
+    Binding, Dest, ForwardOp, InPlace, InPlaceWritten, Incoming, Received, ReceiverOptions, RecvOp,
+    RecvPoll,
 };
 use pgt_core::schema::{FanOut, Metadata, PlanParams};
 use pgt_core::sender::{Payload, SendOp, SendPoll};
@@ -382,6 +383,12 @@ impl<E: ReceiveEngine> ReceiveEngine for Recording<'_, E> {
 
     fn handle_forwarded(&mut self, message: u32) -> Result<(), E::Error> {
         self.engine.handle_forwarded(message)
+    }
+
+    fn in_place_written(&mut self, not_in_target: &[u32]) -> Result<InPlaceWritten, E::Error> {
+        let written = self.engine.in_place_written(not_in_target)?;
+        self.log.push(format!("InPlaceWritten({written:?})"));
+        Ok(written)
     }
 
     fn leftover(&mut self) -> Result<Option<RecvOp>, E::Error> {

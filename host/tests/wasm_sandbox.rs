@@ -140,6 +140,7 @@ fn module_imports_nothing_and_exports_the_abi() {
         "pgt_receiver_digests",
         "pgt_receiver_trailer",
         "pgt_receiver_forwarded",
+        "pgt_receiver_in_place_written",
         "pgt_receiver_leftover",
         "pgt_receiver_finish",
         "pgt_receiver_drop",

@@ -79,6 +79,10 @@ def test_in_place_with_casts_and_errors_naming_the_path(pool):
     pool("in_place")
 
 
+def test_in_place_all_or_nothing_over_gloo(pool):
+    pool("in_place_all_or_nothing")
+
+
 def test_in_place_dtensor_and_sharded_tensor(pool):
     pool("in_place_dtensor_and_sharded")
 

@@ -559,6 +559,54 @@ def corrupted_byte(rank, world, which):
         assert_equal(sd, got)
 
 
+def in_place_all_or_nothing(rank, world):
+    """Over gloo, in place, a corrupted byte: staged, the receiver's tensors are untouched and the
+    error is the DigestMismatch itself; unstaged, InPlaceWritten names every tensor (all data landed
+    before the trailer's check) and they hold the bytes that arrived. The next transfer lands whole."""
+    g = torch.Generator().manual_seed(9)
+    sd = {"a": torch.randn(100, generator=g), "big": torch.randn(50_000, generator=g)}
+    good = {k: v + 1 for k, v in sd.items()}
+    if rank == 0:
+        t = _transport()
+        original = pgt_torch._Sending.send
+
+        def corrupt(self, op, parts):
+            if op["kind"] == "data":
+                seg = max(range(1, len(parts)), key=lambda i: len(parts[i]))
+                bad = bytearray(parts[seg])
+                bad[len(bad) // 2] ^= 0x10
+                parts = [*parts[:seg], memoryview(bad), *parts[seg + 1 :]]
+            return original(self, op, parts)
+
+        for _ in ("staged", "unstaged"):
+            pgt_torch._Sending.send = corrupt
+            try:
+                t.send_checkpoint([1], sd)
+            finally:
+                pgt_torch._Sending.send = original
+            t.send_checkpoint([1], good)
+    elif rank == 1:
+        for staged in (True, False):
+            mine = {k: torch.zeros_like(v) for k, v in sd.items()}
+            t = _transport(state_dict=lambda mine=mine: mine, staged=staged)
+            try:
+                t.recv_checkpoint(0)
+            except pgt_torch.InPlaceWritten as e:
+                assert not staged, e
+                assert e.written == ["['a']", "['big']"] and e.partly == [], e
+                assert isinstance(e.cause, PgtError) and e.cause.name == "DigestMismatch", e
+                assert torch.equal(mine["a"], sd["a"])  # landed as sent; "big" has the bad byte
+                assert (mine["big"] != sd["big"]).sum().item() == 1
+            except PgtError as e:
+                assert staged and e.name == "DigestMismatch", e
+                assert all(not v.any() for v in mine.values()), "a staged target was written"
+            else:
+                raise AssertionError("a corrupted byte was not caught")
+            got = t.recv_checkpoint(0)
+            assert_equal(good, got)
+            assert all(torch.equal(mine[k], good[k]) for k in good)
+
+
 def stale_message_skipped(rank, world):
     """A message of another transfer under a data tag (its frame names another id) is skipped, its
     parts thrown away, and the transfer behind it received."""

@@ -519,6 +519,30 @@ pub extern "C" fn pgt_receiver_forwarded(handle: u32, message: u32) -> *const u8
     run(|| Ok(receiver(handle)?.handle_forwarded(message)?))
 }
 
+/// What the transfer has written in place so far (pgt-core's `Receiver::in_place_written`), given the
+/// in-place storages whose landed bytes are not in their target (postcard `Vec<u32>`; empty: none). Ask
+/// before `pgt_receiver_leftover`, and before `pgt_receiver_finish` (which may fail on a digest
+/// mismatch). Result: `InPlaceWritten`.
+///
+/// # Safety
+/// As [`pgt_decode`].
+#[no_mangle]
+pub unsafe extern "C" fn pgt_receiver_in_place_written(
+    handle: u32,
+    ptr: *const u8,
+    len: usize,
+) -> *const u8 {
+    // SAFETY: the caller's contract.
+    let bytes = unsafe { input(ptr, len) };
+    run(|| {
+        let not_in_target: Vec<u32> = match bytes {
+            [] => Vec::new(),
+            _ => from_postcard(bytes, "storages are not postcard Vec<u32>")?,
+        };
+        Ok(receiver(handle)?.in_place_written(&not_in_target))
+    })
+}
+
 /// After an error: the next message the failed transfer's plan still says is coming, which the host
 /// receives and discards (pgt-core's `Receiver::leftover`; the first call ends the transfer). Result:
 /// `Option<RecvOp>`.

@@ -876,6 +876,19 @@ class Receiver:
     def handle_forwarded(self, message: int):
         self._call("pgt_receiver_forwarded", unit, message)
 
+    def in_place_written(self, not_in_target=()) -> dict:
+        """What the transfer has written in place so far: ``{"written": [path], "partly": [path]}``,
+        the in-place leaves (key paths, display form) whose bytes all landed in their targets (landed,
+        not verified: digests are checked at the trailer) and those that may hold some. Storages in
+        ``not_in_target`` (landed in staging, cast later) count as untouched. Ask before
+        ``leftover`` and ``finish``."""
+        storages = varint(len(not_in_target)) + b"".join(varint(int(s)) for s in not_in_target)
+        return self._call(
+            "pgt_receiver_in_place_written",
+            lambda r: {"written": r.seq(Reader.str), "partly": r.seq(Reader.str)},
+            inputs=(storages,),
+        )
+
     def leftover(self):
         """After an error: the next message the failed transfer's plan says is still coming (a "recv"
         op) to receive and discard, or None. The first call ends the transfer."""

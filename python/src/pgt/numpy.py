@@ -77,13 +77,14 @@ from .metadata import (
     value_leaf,
     value_of,
 )
-from .recv import ReceiveHost
+from .recv import InPlaceWritten, ReceiveHost
 from .send import TcpSendHost, send
 from .tcp import PgError, PgTimeout, TcpGroup
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "DTensor",
+    "InPlaceWritten",
     "PgError",
     "PgTimeout",
     "PgtError",
@@ -325,8 +326,8 @@ class NumpyHost(ReceiveHost):
     """The receive host of ``recv_checkpoint``: fresh storages are ``np.empty`` buffers; in-place
     targets are the extents of the given arrays."""
 
-    def __init__(self, pg: TcpGroup, timeout: float, targets: dict | None):
-        super().__init__(pg, timeout)
+    def __init__(self, pg: TcpGroup, timeout: float, targets: dict | None, *, staged: bool = False):
+        super().__init__(pg, timeout, staged=staged)
         self.by_path = targets or {}
         self.target_of: dict[int, tuple] = {}  # target id (= storage) -> (target leaf, its extent)
 
@@ -428,12 +429,17 @@ def recv_checkpoint(
     limits: dict | None = None,
     return_step: bool = False,
     pgt: Pgt | None = None,
+    staged: bool = False,
 ):
     """Receives one checkpoint from ``src_rank`` over ``pg`` and returns it (verified: every digest
     checked); with ``return_step``, ``(state_dict, step)``. ``state_dict``: arrays to receive into
     in place, by key path. ``expected_step``: refuse another step (StepMismatch). ``timeout`` bounds
     each operation. Raises PgtError (the module's named error), PgError or ValueError (an in-place
-    target that cannot take bytes); a failed transfer returns nothing."""
+    target that cannot take bytes); a failed transfer returns nothing. In place, a failure after
+    bytes were written into the arrays raises ``pgt.recv.InPlaceWritten`` (naming the leaves fully
+    written; its ``cause`` is the error) — unless ``staged``: then every in-place array lands in
+    staging first (memory: their total size) and is written only once the transfer verified, so a
+    failure leaves them untouched and raises the cause itself."""
     if not isinstance(src_rank, int) or not 0 <= src_rank < pg.size or src_rank == pg.rank:
         raise ValueError(
             f"recv_checkpoint: {src_rank!r} is not another rank of this group of {pg.size}"
@@ -441,7 +447,7 @@ def recv_checkpoint(
     targets = _targets_of(state_dict) if state_dict is not None else None
     p = _load(pgt)
     engine = p.receiver(rank=pg.rank, source=src_rank, expected_step=expected_step, limits=limits)
-    host = NumpyHost(pg, timeout, targets)
+    host = NumpyHost(pg, timeout, targets, staged=staged)
     result = host.run(engine)
     out = _result(host, result)
     return (out, result["step"]) if return_step else out

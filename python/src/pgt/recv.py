@@ -93,8 +93,13 @@ def receive(engine, host, with_bindings: bool = True) -> dict:
     messages of other transfers (``pgt_abi.is_stale``): never use one.
 
     After an error, the host drains what the plan still says is coming (``engine.leftover()``), so
-    that the next transfer on the link does not meet it (PROTOCOL.md §12)."""
+    that the next transfer on the link does not meet it (PROTOCOL.md §12). When the transfer had
+    written in place, the error is ``InPlaceWritten`` (the cause as ``cause`` and ``__cause__``),
+    naming the in-place leaves written; a host's optional ``stop()`` ends its background work first,
+    and its optional ``not_in_target()`` names the in-place storages whose landed bytes are held
+    elsewhere (staging; a cast after the transfer verified): untouched targets."""
     incoming, trailer, finished = None, b"", False
+    in_place, written = False, None
     try:
         while True:
             while (event := host.next_event(False)) is not None:
@@ -113,6 +118,7 @@ def receive(engine, host, with_bindings: bool = True) -> dict:
                     host.recv_data(op, incoming["plan"][op["message"]]["segments"])
             elif op["type"] == "need_bindings":
                 bindings = engine.finish_bindings(host.bind(incoming, engine.paths))
+                in_place = any(b["dest"] != "fresh" for b in bindings)
                 host.bound(incoming, bindings)
             elif op["type"] == "forward":
                 data = op["kind"] == "data"
@@ -123,20 +129,62 @@ def receive(engine, host, with_bindings: bool = True) -> dict:
                     raise RuntimeError("the receiver waits, but nothing is in flight: incomplete")
                 apply(engine, event)
             else:  # done
+                if in_place:  # finish may fail (a digest mismatch) and frees the receiver
+                    written = engine.in_place_written(_not_in_target(host))
                 finished = True
                 # DigestMismatch etc. surface here; frees the receiver. Without ``bindings``, the
                 # result leaves out the bindings the host was given (``bound``).
                 return engine.finish(with_bindings)
-    except Exception:
+    except Exception as e:
         if not finished:
+            if hasattr(host, "stop"):
+                host.stop()
+            if in_place:
+                with contextlib.suppress(Exception):
+                    while (event := host.next_event(False)) is not None:
+                        apply(engine, event)  # what landed and was not reported yet
+                with contextlib.suppress(PgtError):
+                    written = engine.in_place_written(_not_in_target(host))
             with contextlib.suppress(PgtError, PgError):
                 while (op := engine.leftover()) is not None and host.discard(op):
                     pass
+        if written and (written["written"] or written["partly"]):
+            raise InPlaceWritten(written["written"], written["partly"], e) from e
         raise
     finally:
         if not finished:
             with contextlib.suppress(PgtError):
                 engine.drop()
+
+
+class InPlaceWritten(RuntimeError):
+    """An in-place receive failed after writing into some of its targets (unstaged: a staged receive
+    leaves them untouched and raises the cause itself). ``written``: key paths (display form) of the
+    in-place leaves whose new bytes all landed — landed, not verified: on a digest mismatch they
+    usually all are, the wrong bytes included; ``partly``: those that may hold some new bytes; every
+    other in-place leaf is untouched. ``cause`` (also ``__cause__``): why the receive failed."""
+
+    SHOWN = 8  # key paths named in the message (all are in ``written`` and ``partly``)
+
+    def __init__(self, written: list, partly: list, cause: BaseException):
+        self.written, self.partly, self.cause = list(written), list(partly), cause
+
+        def names(paths):
+            more = f" and {len(paths) - self.SHOWN} more" if len(paths) > self.SHOWN else ""
+            return ", ".join(paths[: self.SHOWN]) + more
+
+        msg = f"the in-place receive failed after writing {len(self.written)} leaf(s) fully"
+        if self.written:
+            msg += f" ({names(self.written)})"
+        if self.partly:
+            msg += f" and {len(self.partly)} partly ({names(self.partly)})"
+        super().__init__(
+            f"{msg}; every other in-place leaf is untouched: {type(cause).__name__}: {cause}"
+        )
+
+
+def _not_in_target(host) -> list:
+    return list(host.not_in_target()) if hasattr(host, "not_in_target") else []
 
 
 def apply(engine, event):
@@ -212,6 +260,12 @@ class ReceiveHost:
     (``cast(s, binding, staging, target)``, default ``pgt.dtypes.convert``). After ``bound``:
     ``wire[s]`` holds storage s's wire bytes, ``dest[s]`` its final bytes (equal unless cast).
 
+    ``staged``: in place, all or nothing — every in-place storage lands in a fresh staging buffer,
+    copied into its target only once the transfer verified (``run``; without digests: once every
+    byte landed), so a failed receive leaves every target untouched; the staging costs the in-place
+    storages' total size (in the memory budget) and one copy at the end. Unstaged, a failure after
+    writing in place raises ``InPlaceWritten``, which names the leaves written.
+
     The fresh buffers (and cast staging) a checkpoint needs are summed before any is allocated:
     over ``memory_budget`` (default half of physical memory) the receive fails with ``MemoryBudget``."""
 
@@ -221,8 +275,12 @@ class ReceiveHost:
         timeout: float,
         log: Log | None = None,
         memory_budget: int | None = None,
+        *,
+        staged: bool = False,
     ):
         self.pg, self.timeout = pg, timeout
+        self.staged = staged
+        self.staged_storages: list = []  # in-place storages landing in staging (staged)
         self.memory_budget = default_memory_budget() if memory_budget is None else memory_budget
         self.log = log if log is not None else Log(0, True)
         self.events: collections.deque = collections.deque()
@@ -306,7 +364,7 @@ class ReceiveHost:
         needed = sum(
             int(ref["nbytes"])
             for b, ref in zip(bindings, incoming["storages"], strict=True)
-            if b["dest"] == "fresh" or b["cast_from"] is not None
+            if b["dest"] == "fresh" or b["cast_from"] is not None or self.staged
         )
         if needed > self.memory_budget:
             raise MemoryBudget(needed, self.memory_budget)
@@ -317,6 +375,10 @@ class ReceiveHost:
                 buf = self.fresh(s, int(b["nbytes"]))
                 self.wire.append(buf)
                 self.dest.append(buf)
+            elif b["cast_from"] is None and self.staged:  # copied in once verified
+                self.dest.append(self.in_place(s, b))
+                self.wire.append(self.fresh(s, int(b["nbytes"])))
+                self.staged_storages.append(s)
             elif b["cast_from"] is None:
                 buf = self.in_place(s, b)
                 self.wire.append(buf)
@@ -414,11 +476,22 @@ class ReceiveHost:
 
     # ---- after the loop ----
 
+    def not_in_target(self) -> list:
+        """In-place storages whose landed bytes are not in their target: staged, or cast later."""
+        return sorted(self.casts + self.staged_storages)
+
     def run(self, engine) -> dict:
-        """``receive(engine, self)``, then the casts: the verified result."""
+        """``receive(engine, self)``, then the casts and the staged copies: the verified result."""
         result = receive(engine, self)
         self.finish_casts()
+        self.finish_staged()
         return result
+
+    def finish_staged(self):
+        for s in self.staged_storages:
+            memoryview(self.dest[s]).cast("B")[:] = memoryview(self.wire[s]).cast("B")
+            self.wire[s] = self.dest[s]  # the staging buffer is dropped
+        self.staged_storages = []
 
     def finish_casts(self):
         for s in self.casts:

@@ -84,6 +84,7 @@ from .abi import MAX_STALE, MAX_STALE_LEN, PREFIX_LEN, Pgt, PgtError
 from .tcp import PgError, PgTimeout, TcpGroup
 
 __all__ = [
+    "InPlaceWritten",
     "PGTransport",
     "PgtDestinationsFailed",
     "PgtError",
@@ -117,6 +118,10 @@ STAGE_BUFFER = BUCKET_SIZE
 DTYPE_BY_NAME = {name: getattr(torch, name) for name in pgt_abi.DTYPES}
 NAME_BY_DTYPE = {dt: name for name, dt in DTYPE_BY_NAME.items()}
 REDUCE_OP_NAMES = {op.lower(): op for op in pgt_abi.REDUCE_OPS}  # DTensor's Partial("sum") -> Sum
+
+
+# An in-place receive that failed after writing (see PGTransport), as pgt.torch.InPlaceWritten too.
+InPlaceWritten = pgt_recv.InPlaceWritten
 
 
 class PgtTransportError(RuntimeError):
@@ -400,8 +405,10 @@ class _Landing:
     (an existing tensor whose key path matches, ``state_dict``) takes the bytes in its own storage, or
     — when the module orders a cast — after the transfer is verified, from a fresh staging tensor."""
 
-    def __init__(self, inplace: dict | None):
+    def __init__(self, inplace: dict | None, staged: bool = False):
         self.inplace = inplace  # canonical key path -> existing tensor-like, or None
+        self.stage_in_place = staged  # in-place storages land in staging, copied in once verified
+        self.staged_in_place: list = []
         self.paths: list = []  # every leaf's canonical key path (when receiving in place)
         self.candidates: dict = {}  # target id (= storage) -> existing plain tensor
         self.landing: dict = {}  # storage -> the uint8 tensor its wire bytes land in (CPU)
@@ -445,7 +452,22 @@ class _Landing:
         self.landing[s] = dest
         if binding["cast_from"] is not None:
             self.after.append((s, binding["cast_from"]))
+        elif self.stage_in_place:  # a staging landing, copied into the target once verified
+            self.staged_in_place.append(s)
+            return self.fresh_storage(s, dest.numel())
         return dest
+
+    def not_in_target(self) -> list:
+        """In-place storages whose landed bytes are not in their target: cast or staged."""
+        return sorted([s for s, _ in self.after] + self.staged_in_place)
+
+    def copy_staged(self):
+        """After the result is verified: the staged storages into their targets."""
+        for s in self.staged_in_place:
+            _, dest = self.placed[s]
+            dest.copy_(self.landing[s])
+            self.landing[s] = dest
+        self.staged_in_place = []
 
     def cast_storage(self, s: int, cast_from: str):
         """Storage s's wire bytes (``cast_from``) into its target, as a whole (torch's copy_, round to
@@ -467,8 +489,8 @@ class _Receiving(_Landing):
     parts posted as its frame arrives (into the storages, or a staging tensor per run of small
     segments), hashed with XXH3-64 when the op says so; forwards (chain) asynchronously."""
 
-    def __init__(self, link: _Link, inplace: dict | None):
-        super().__init__(inplace)
+    def __init__(self, link: _Link, inplace: dict | None, staged: bool = False):
+        super().__init__(inplace, staged)
         self.link = link
         self.events: collections.deque = collections.deque()
         self.frames: dict = {}  # tag -> (work, tensor): frames posted ahead
@@ -779,9 +801,10 @@ class _Receiving(_Landing):
         self.orphans += [link for _, link in self.forwards]
 
     def finish(self):
-        """After the result is verified: the casts on receive."""
+        """After the result is verified: the casts on receive, the staged copies."""
         for s, cast_from in self.after:
             self.cast_storage(s, cast_from)
+        self.copy_staged()
 
 
 # ---- key paths ----
@@ -952,9 +975,9 @@ class _TcpReceiving(_Landing, pgt_recv.ReceiveHost):
     ``torch.empty(nbytes, dtype=torch.uint8)``, an in-place target the existing tensor's storage, a
     cast torch's ``copy_``."""
 
-    def __init__(self, pg: TcpGroup, timeout: float, inplace: dict | None):
-        _Landing.__init__(self, inplace)
-        pgt_recv.ReceiveHost.__init__(self, pg, timeout)
+    def __init__(self, pg: TcpGroup, timeout: float, inplace: dict | None, staged: bool = False):
+        _Landing.__init__(self, inplace, staged)
+        pgt_recv.ReceiveHost.__init__(self, pg, timeout)  # unstaged: _Landing stages (in_place)
 
     def targets(self, incoming: dict, paths) -> list:
         return self.in_place_targets(incoming["storages"], paths)
@@ -964,6 +987,9 @@ class _TcpReceiving(_Landing, pgt_recv.ReceiveHost):
 
     def in_place(self, s: int, binding: dict):
         return self.target_storage(s, binding).numpy()
+
+    def not_in_target(self) -> list:
+        return _Landing.not_in_target(self)
 
     def cast(self, s: int, binding: dict, staging, target):
         self.cast_storage(s, binding["cast_from"])
@@ -975,6 +1001,13 @@ def _tcp_errors(rank: int, what: str):
     peer, a message of the wrong length) as PgtTransportError."""
     try:
         yield
+    except pgt_recv.InPlaceWritten as e:
+        cause = e.cause
+        if isinstance(cause, PgError):  # the cause as pgt.torch's, the leaves as they are
+            kind = PgtTimeout if isinstance(cause, PgTimeout) else PgtTransportError
+            cause = kind(f"pgt: rank {rank}: {what}: {type(e.cause).__name__}: {e.cause}")
+            raise pgt_recv.InPlaceWritten(e.written, e.partly, cause) from cause
+        raise
     except PgTimeout as e:
         raise PgtTimeout(f"pgt: rank {rank}: {what}: {e}") from e
     except PgError as e:
@@ -1019,6 +1052,14 @@ class PGTransport:
     receive returns; on by default), ``bucket_size`` and ``chunk_size`` (PROTOCOL.md §9; over a torch
     group 4 MiB and 64 MiB by default: see BUCKET_SIZE and CHUNK_SIZE); and the methods'
     ``step``/``expected_step`` (pgt's training step, which ``pgt recv --expect-step`` checks).
+
+    In place (``state_dict``), a receive that fails after writing into some of the tensors raises
+    ``pgt.recv.InPlaceWritten``: ``written`` names the leaves (key paths) whose new bytes all landed
+    (landed, not verified: after a digest mismatch, every one), ``partly`` those that may hold some,
+    ``cause`` the error (``PgtError``, ``PgtTimeout``, …). With ``staged=True`` every in-place tensor
+    lands in a staging buffer first and is copied in only once the transfer verified: a failure leaves
+    the tensors untouched and raises the cause itself; the cost is staging memory equal to the
+    in-place tensors' total size and one copy of them.
     """
 
     def __init__(
@@ -1032,6 +1073,7 @@ class PGTransport:
         digests: bool = True,
         bucket_size: int = BUCKET_SIZE,
         chunk_size: int = CHUNK_SIZE,
+        staged: bool = False,
     ) -> None:
         self._pg = pg
         self._tcp = isinstance(pg, TcpGroup)
@@ -1050,6 +1092,7 @@ class PGTransport:
             "chunk_size": chunk_size,
         }
         self._digests = digests
+        self._staged = staged
         self._meshes: dict = {}  # DeviceMeshes seen, by their pgt form (for DTensors received)
         self._orphans: list = []
         # Over pgt's TCP group, a chain relay's last receive: {rank, message, reason} when forwarding
@@ -1117,12 +1160,13 @@ class PGTransport:
         pgt = _pgt()
         engine = pgt.receiver(rank=self._rank(), source=int(src_rank), expected_step=expected_step)
         if self._tcp:
-            tcp = _TcpReceiving(self._pg, _seconds(self._timeout), inplace)
+            tcp = _TcpReceiving(self._pg, _seconds(self._timeout), inplace, self._staged)
             with _tcp_errors(self._rank(), f"receiving from rank {src_rank}"):
                 result = tcp.run(engine)  # the casts made, once verified
+            tcp.copy_staged()
             self.last_forward_failure = tcp.forward_failed
             return self._assemble(tcp, result, inplace or {})
-        host = _Receiving(self._link(), inplace)
+        host = _Receiving(self._link(), inplace, self._staged)
         try:
             result = pgt_recv.receive(engine, host, with_bindings=False)
         except BaseException:

@@ -30,6 +30,9 @@ pub enum Scenario {
     Large,
     /// `large`, received into pre-allocated, touched buffers.
     LargeInplace,
+    /// `large-inplace`, staged (all or nothing: landed in staging, copied into the buffers once
+    /// verified); reports the copy's time as `staged_copy_seconds`.
+    LargeInplaceStaged,
     /// `large` to two receivers (chain relay unless `--fanout direct`).
     Fanout,
     /// `large` twice into one receiver process that keeps a `BufferPool`: the second receive, the
@@ -46,16 +49,21 @@ pub enum Scenario {
 impl Scenario {
     fn shape(self, bytes: u64) -> Shape {
         match self {
-            Scenario::Large | Scenario::LargeInplace | Scenario::Fanout | Scenario::LargePooled => {
-                synthetic::large(bytes, 16)
-            }
+            Scenario::Large
+            | Scenario::LargeInplace
+            | Scenario::LargeInplaceStaged
+            | Scenario::Fanout
+            | Scenario::LargePooled => synthetic::large(bytes, 16),
             Scenario::Small | Scenario::SmallInplace => synthetic::reference(),
             Scenario::Mixed => synthetic::mixed(bytes),
         }
     }
 
     fn in_place(self) -> bool {
-        matches!(self, Scenario::LargeInplace | Scenario::SmallInplace)
+        matches!(
+            self,
+            Scenario::LargeInplace | Scenario::LargeInplaceStaged | Scenario::SmallInplace
+        )
     }
 
     /// Checkpoints sent per run; the last one is timed.
@@ -194,6 +202,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .filter_map(|r| r["metadata_seconds"].as_f64())
             .collect(),
     );
+    let staged_copy_seconds = median(
+        all_receivers
+            .iter()
+            .filter_map(|r| r["staged_copy_seconds"].as_f64())
+            .collect(),
+    );
     // CPU seconds (all threads) over the timed window: on a CPU-bound machine they say where time goes.
     let cpu_of = |reports: &[serde_json::Value]| {
         median(
@@ -224,6 +238,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "core": format!("{:?}", transfer.core).to_lowercase(),
         "digests": !transfer.no_digests,
         "metadata_seconds": round(metadata_seconds, 4),
+        "staged_copy_seconds": round(staged_copy_seconds, 4),
         "sender_cpu_seconds": round(cpu_of(&senders), 4),
         "receiver_cpu_seconds": round(cpu_of(&all_receivers), 4),
         "total_cpu_seconds": round(total_cpu, 4),
@@ -322,6 +337,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             None
         };
         let mut options = options;
+        options.staged = args.scenario == Scenario::LargeInplaceStaged;
         let pool =
             (args.scenario == Scenario::LargePooled).then(|| Arc::new(BufferPool::new(usize::MAX)));
         options.pool = pool.clone();
@@ -342,17 +358,21 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
                 .context("waiting for the sender to start")?;
             let start = Instant::now();
             let cpu_before = common::cpu_seconds();
-            let metadata_seconds = match target.as_mut() {
-                Some(t) => transport.recv_checkpoint_into(0, t)?.metadata_seconds,
+            let (metadata_seconds, staged_copy_seconds) = match target.as_mut() {
+                Some(t) => {
+                    let stats = transport.recv_checkpoint_into(0, t)?;
+                    (stats.metadata_seconds, stats.staged_copy_seconds)
+                }
                 None => {
                     received = Some(transport.recv_checkpoint(0)?);
-                    0.0
+                    (0.0, 0.0)
                 }
             };
             round_report = json!({
                 "rank": rank,
                 "seconds": start.elapsed().as_secs_f64(),
                 "metadata_seconds": metadata_seconds,
+                "staged_copy_seconds": staged_copy_seconds,
                 "cpu_seconds": common::cpu_seconds() - cpu_before,
                 "rss_growth_bytes": common::peak_rss_bytes().saturating_sub(before),
                 "peak_rss_bytes": common::peak_rss_bytes(),
