@@ -430,6 +430,52 @@ mod tests {
     }
 
     #[test]
+    fn in_place_written_wraps_its_cause() {
+        let paths = |n: usize| (0..n).map(|i| format!("['w{i}']")).collect::<Vec<_>>();
+        let e = Error::InPlaceWritten {
+            written: paths(10),
+            partly: vec!["['x']".into()],
+            source: Box::new(Error::from(PgError::Timeout {
+                peer: 0,
+                tag: 5,
+                after: Duration::from_secs(1),
+            })),
+        };
+        assert_eq!(e.written_leaves().len(), 10);
+        assert_eq!(e.partly_written_leaves(), ["['x']"]);
+        assert!(matches!(
+            e.cause(),
+            Error::ProcessGroup(PgError::Timeout { .. })
+        ));
+        assert!(e.is_timeout(), "the cause's timeout shows through");
+        let message = e.to_string();
+        assert!(
+            message.starts_with(
+                "the in-place receive failed after writing 10 leaf(s) fully (['w0'], "
+            ),
+            "{message}"
+        );
+        assert!(
+            message.contains("['w7'] and 2 more) and 1 partly (['x'])"),
+            "{message}"
+        );
+        assert!(!message.contains("['w8']"), "at most 8 paths: {message}");
+        // The cause is the source, printed after the message by the CLI.
+        assert!(with_sources(&e).ends_with(
+            &PgError::Timeout {
+                peer: 0,
+                tag: 5,
+                after: Duration::from_secs(1)
+            }
+            .to_string()
+        ));
+        // Any other error has no leaves and is its own cause.
+        let plain = Error::from(pgt_core::Error::MetadataDigest);
+        assert!(plain.written_leaves().is_empty() && plain.partly_written_leaves().is_empty());
+        assert!(matches!(plain.cause(), Error::Protocol(_)));
+    }
+
+    #[test]
     fn timeouts_are_told_apart_without_downcasting() {
         let pg = Error::from(PgError::Timeout {
             peer: 1,
