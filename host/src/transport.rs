@@ -634,16 +634,20 @@ impl<P: ProcessGroup> Transport<P> {
             limits: self.options.limits,
         })?;
         let abort = Abort::default();
-        let (received, landed) = std::thread::scope(|scope| {
+        let (received, landed, transfer) = std::thread::scope(|scope| {
             let mut host = Landing::new(self, scope, &mut *target, &abort, &forward_slot);
             let received = drive::receive(engine, &mut host);
             if received.is_err() {
                 // Stops the workers at once; the error itself is returned below.
                 abort.fail(Error::internal("the receive failed"));
             }
+            let transfer = host.transfer.take();
             // Closing the queues ends the workers; the scope joins them.
-            (received, host.into_landed())
+            (received, host.into_landed(), transfer)
         });
+        if received.is_err() {
+            self.forget_failed(transfer);
+        }
         let received = received?;
         let Landed {
             memory,
@@ -681,6 +685,22 @@ impl<P: ProcessGroup> Transport<P> {
             seconds: start.elapsed().as_secs_f64(),
             ..stats
         })
+    }
+}
+
+impl<P: ProcessGroup> Transport<P> {
+    /// After a failed receive: no receive will want what the failed transfer still sends (its id is
+    /// random, and this was its one receive here), so the process group drops its messages instead
+    /// of stashing them — from the source and from a chain upstream (PROTOCOL.md §12, *Transfers
+    /// cannot mix*). Without this, late data of a transfer that stalled would fill the stash while
+    /// the next receive waits for its header, and fail every later receive from that rank.
+    fn forget_failed(&self, transfer: Option<(u64, Vec<u32>)>) {
+        let Some((id, from)) = transfer else { return };
+        for rank in from {
+            if let Err(e) = self.pg.forget_prefix(rank, pgt_core::header::prefix(id)) {
+                debug!(rank, "forgetting a failed transfer's id: {e}");
+            }
+        }
     }
 }
 
@@ -997,6 +1017,9 @@ struct Landing<'a, 'scope, 'env, 't, 'd, P: ProcessGroup> {
     metadata_seconds: f64,
     /// The received metadata's decoded size: memory of this receive's budget.
     metadata_memory: u64,
+    /// The transfer's id, once its header announced it, and the ranks its messages come from:
+    /// what [`Transport::receive`] tells the process group to forget should the receive fail.
+    transfer: Option<(u64, Vec<u32>)>,
 }
 
 impl<'a, 'scope, 'env, 't, 'd, P> Landing<'a, 'scope, 'env, 't, 'd, P>
@@ -1034,6 +1057,16 @@ where
             started: Instant::now(),
             metadata_seconds: 0.0,
             metadata_memory: 0,
+            transfer: None,
+        }
+    }
+
+    /// Notes the transfer id `op` waits for and the rank it comes from ([`Landing::transfer`]).
+    fn note_sender(&mut self, op: &RecvOp) {
+        let Some(id) = op.prefix else { return };
+        let (_, from) = self.transfer.get_or_insert_with(|| (id, Vec::new()));
+        if !from.contains(&op.from) {
+            from.push(op.from);
         }
     }
 
@@ -1387,6 +1420,7 @@ where
     type Error = Error;
 
     fn recv_bytes(&mut self, op: &RecvOp) -> Result<Vec<u8>> {
+        self.note_sender(op);
         let pg = &self.transport.pg;
         let result = receive_current(pg, op, self.timeout(), &Error::ProcessGroup, |t| {
             let bytes = pg
@@ -1451,6 +1485,7 @@ where
     }
 
     fn recv_data(&mut self, op: &RecvOp, segments: &[Segment]) -> Result<()> {
+        self.note_sender(op);
         if self.abort.is_set() {
             return Err(self.abort.error());
         }
