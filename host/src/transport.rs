@@ -742,21 +742,15 @@ impl SendOutcomes {
         }
     }
 
-    /// Chain fan-out: the destinations after the first failed one in chain order that have not
-    /// failed themselves.
+    /// The destinations cut off by `failed` (the policy is pgt-core's, [`pgt_core::sender::cut_off`]).
     fn cut_off(&self, failed: &[(u32, Error)]) -> Vec<u32> {
-        if !self.chain {
-            return Vec::new();
-        }
-        let is_failed = |r: u32| failed.iter().any(|(f, _)| *f == r);
-        match self.destinations.iter().position(|&d| is_failed(d)) {
-            Some(first) => self.destinations[first + 1..]
-                .iter()
-                .copied()
-                .filter(|&d| !is_failed(d))
-                .collect(),
-            None => Vec::new(),
-        }
+        let fanout = if self.chain {
+            FanOut::Chain
+        } else {
+            FanOut::Direct
+        };
+        let failed: Vec<u32> = failed.iter().map(|(r, _)| *r).collect();
+        pgt_core::sender::cut_off(fanout, &self.destinations, &failed)
     }
 
     /// The send's error when some destinations failed and the rest completed.
