@@ -11,7 +11,7 @@ import threading
 import pytest
 
 import pgt.tcp
-from pgt.tcp import PgError, TcpGroup, TcpOptions
+from pgt.tcp import PgError, PgTimeout, TcpGroup, TcpOptions
 
 LIMIT = 1 << 20
 DEAD, LIVE = (7).to_bytes(8, "little"), (9).to_bytes(8, "little")
@@ -103,3 +103,56 @@ def test_forgetting_drops_what_is_already_stashed(small_stash):
         assert b.peers[0].stash == {3: [LIVE + b"y" * 10]}
         assert b.peers[0].stashed == 18 + 64
         assert b.recv_bytes(0, 3, 64, 30) == LIVE + b"y" * 10
+
+
+class _FailingGroup:
+    """A group that hands over a header, then times out; records what it is told to forget."""
+
+    rank = 1
+
+    def __init__(self):
+        self.forgotten = []
+
+    def recv_bytes(self, src, tag, max_len, timeout):
+        if tag == 1:
+            return bytes(32)
+        raise PgTimeout(f"timed out waiting for tag {tag} from rank {src}")
+
+    def forget_prefix(self, src, prefix):
+        self.forgotten.append((src, bytes(prefix)))
+
+
+class _Engine:
+    """A receiver that asks for the header, then the metadata of transfer 0x07."""
+
+    def __init__(self):
+        op = {"type": "recv", "from": 0, "hash": False}
+        self.ops = [
+            {**op, "kind": "header", "message": 0, "tag": 1, "len": 32, "prefix": None},
+            {**op, "kind": "metadata", "message": 1, "tag": 2, "len": 100, "prefix": "0x7"},
+        ]
+
+    def poll(self):
+        return self.ops.pop(0)
+
+    def handle_header(self, header):
+        pass
+
+    def handle_metadata(self, metadata):
+        raise AssertionError("the metadata never arrives")
+
+    def leftover(self):
+        return None
+
+    def drop(self):
+        pass
+
+
+def test_a_failed_receive_forgets_its_transfer():
+    """pgt.recv.receive: a receive that fails after its header tells the group to forget the id."""
+    from pgt.recv import ReceiveHost, receive
+
+    pg = _FailingGroup()
+    with pytest.raises(PgTimeout):
+        receive(_Engine(), ReceiveHost(pg, 1.0))
+    assert pg.forgotten == [(0, DEAD)]
