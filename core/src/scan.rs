@@ -166,21 +166,17 @@ impl Scanner<'_> {
         self.varint(5, 0x0F)
     }
 
-    /// A sequence or string length: postcard's `usize` (u64 rules on 64-bit hosts, u32 on 32-bit).
+    /// A sequence or string length: a `u32` varint on every host. postcard reads it as a `usize` (u64
+    /// rules on 64-bit hosts, u32 on wasm32); the scan applies the narrower rules everywhere, so that
+    /// a 64-bit host refuses as `MalformedMetadata` the 6-to-10-byte lengths a wasm32 host refuses,
+    /// instead of reading on until `TruncatedMetadata`. An encoder's lengths are minimal varints below
+    /// 2^32, so no valid metadata changes.
     fn len(&mut self) -> Result<u64> {
-        #[cfg(target_pointer_width = "64")]
-        {
-            self.u64()
-        }
-        #[cfg(not(target_pointer_width = "64"))]
-        {
-            self.u32()
-        }
+        self.u32()
     }
 
     /// A length read as a `u64` on every host and refused when over `max` (`over` names the error);
-    /// otherwise read again as postcard reads a length (so a 32-bit host still refuses a varint that
-    /// is too long for its `usize`).
+    /// otherwise read again as a length (so a varint too long for a `u32` is still refused).
     fn len_at_most(&mut self, max: u64, over: impl FnOnce(u64) -> Error) -> Result<u64> {
         let start = self.pos;
         let n = self.u64()?;

@@ -231,6 +231,26 @@ impl Sender {
     }
 }
 
+/// The destinations a send's failures cut off (PROTOCOL.md §3, *When a destination fails*): in Chain
+/// fan-out, those after the first failed destination in chain order that did not fail themselves —
+/// their data would come through it; in Direct fan-out, none. `failed` lists the destinations whose
+/// own sends failed, in any order; the result is in chain order. A host reports the rest of the
+/// destinations as completed once their sends are done, and stops the send when every destination
+/// failed or is cut off.
+pub fn cut_off(fanout: FanOut, destinations: &[u32], failed: &[u32]) -> Vec<u32> {
+    if fanout == FanOut::Direct {
+        return Vec::new();
+    }
+    match destinations.iter().position(|d| failed.contains(d)) {
+        Some(first) => destinations[first + 1..]
+            .iter()
+            .copied()
+            .filter(|d| !failed.contains(d))
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
 /// One slot per storage, zero-byte storages already hashed; and how many are missing.
 pub(crate) fn digest_slots(manifest: &Manifest) -> (Vec<Option<u64>>, usize) {
     let mut slots = vec![None; manifest.storages().len()];
@@ -281,4 +301,23 @@ pub(crate) fn record_digests(
         slots[s.storage as usize] = Some(d);
     }
     Ok(expected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_link_cuts_off_the_destinations_after_it() {
+        let chain = [4, 2, 7, 9];
+        assert_eq!(cut_off(FanOut::Chain, &chain, &[]), Vec::<u32>::new());
+        assert_eq!(cut_off(FanOut::Chain, &chain, &[2]), vec![7, 9]);
+        // The first failure in chain order counts, whatever order they were reported in; a failed
+        // destination is failed, not cut off.
+        assert_eq!(cut_off(FanOut::Chain, &chain, &[9, 2]), vec![7]);
+        assert_eq!(cut_off(FanOut::Chain, &chain, &[4]), vec![2, 7, 9]);
+        assert_eq!(cut_off(FanOut::Chain, &chain, &[9]), Vec::<u32>::new());
+        // Direct: every destination stands alone.
+        assert_eq!(cut_off(FanOut::Direct, &chain, &[4, 2]), Vec::<u32>::new());
+    }
 }

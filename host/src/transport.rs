@@ -665,7 +665,7 @@ impl<P: ProcessGroup> Transport<P> {
             limits: self.options.limits,
         })?;
         let abort = Abort::default();
-        let (received, landed) = std::thread::scope(|scope| {
+        let (received, landed, transfer) = std::thread::scope(|scope| {
             let mut host = Landing::new(self, scope, &mut *target, &abort, &forward_slot);
             host.staged = options.staged;
             let received = drive::receive(engine, &mut host);
@@ -673,9 +673,13 @@ impl<P: ProcessGroup> Transport<P> {
                 // Stops the workers at once; the error itself is returned below.
                 abort.fail(Error::internal("the receive failed"));
             }
+            let transfer = host.transfer.take();
             // Closing the queues ends the workers; the scope joins them.
-            (received, host.into_landed())
+            (received, host.into_landed(), transfer)
         });
+        if received.is_err() {
+            self.forget_failed(transfer);
+        }
         let received = received?;
         let Landed {
             memory,
@@ -730,6 +734,22 @@ impl<P: ProcessGroup> Transport<P> {
     }
 }
 
+impl<P: ProcessGroup> Transport<P> {
+    /// After a failed receive: no receive will want what the failed transfer still sends (its id is
+    /// random, and this was its one receive here), so the process group drops its messages instead
+    /// of stashing them — from the source and from a chain upstream (PROTOCOL.md §12, *Transfers
+    /// cannot mix*). Without this, late data of a transfer that stalled would fill the stash while
+    /// the next receive waits for its header, and fail every later receive from that rank.
+    fn forget_failed(&self, transfer: Option<(u64, Vec<u32>)>) {
+        let Some((id, from)) = transfer else { return };
+        for rank in from {
+            if let Err(e) = self.pg.forget_prefix(rank, pgt_core::header::prefix(id)) {
+                debug!(rank, "forgetting a failed transfer's id: {e}");
+            }
+        }
+    }
+}
+
 // ---- sending ----
 
 /// What a destination's thread sends.
@@ -768,21 +788,15 @@ impl SendOutcomes {
         }
     }
 
-    /// Chain fan-out: the destinations after the first failed one in chain order that have not
-    /// failed themselves.
+    /// The destinations cut off by `failed` (the policy is pgt-core's, [`pgt_core::sender::cut_off`]).
     fn cut_off(&self, failed: &[(u32, Error)]) -> Vec<u32> {
-        if !self.chain {
-            return Vec::new();
-        }
-        let is_failed = |r: u32| failed.iter().any(|(f, _)| *f == r);
-        match self.destinations.iter().position(|&d| is_failed(d)) {
-            Some(first) => self.destinations[first + 1..]
-                .iter()
-                .copied()
-                .filter(|&d| !is_failed(d))
-                .collect(),
-            None => Vec::new(),
-        }
+        let fanout = if self.chain {
+            FanOut::Chain
+        } else {
+            FanOut::Direct
+        };
+        let failed: Vec<u32> = failed.iter().map(|(r, _)| *r).collect();
+        pgt_core::sender::cut_off(fanout, &self.destinations, &failed)
     }
 
     /// The send's error when some destinations failed and the rest completed.
@@ -1053,6 +1067,9 @@ struct Landing<'a, 'scope, 'env, 't, 'd, P: ProcessGroup> {
     staged_targets: Vec<Option<&'t mut [u8]>>,
     /// The post (hash and cast) thread, joined when the receive fails ([`ReceiveHost::stop`]).
     post_thread: Option<std::thread::ScopedJoinHandle<'scope, ()>>,
+    /// The transfer's id, once its header announced it, and the ranks its messages come from:
+    /// what [`Transport::receive`] tells the process group to forget should the receive fail.
+    transfer: Option<(u64, Vec<u32>)>,
 }
 
 impl<'a, 'scope, 'env, 't, 'd, P> Landing<'a, 'scope, 'env, 't, 'd, P>
@@ -1093,6 +1110,16 @@ where
             staged: false,
             staged_targets: Vec::new(),
             post_thread: None,
+            transfer: None,
+        }
+    }
+
+    /// Notes the transfer id `op` waits for and the rank it comes from ([`Landing::transfer`]).
+    fn note_sender(&mut self, op: &RecvOp) {
+        let Some(id) = op.prefix else { return };
+        let (_, from) = self.transfer.get_or_insert_with(|| (id, Vec::new()));
+        if !from.contains(&op.from) {
+            from.push(op.from);
         }
     }
 
@@ -1459,6 +1486,7 @@ where
     type Error = Error;
 
     fn recv_bytes(&mut self, op: &RecvOp) -> Result<Vec<u8>> {
+        self.note_sender(op);
         let pg = &self.transport.pg;
         let result = receive_current(pg, op, self.timeout(), &Error::ProcessGroup, |t| {
             let bytes = pg
@@ -1523,6 +1551,7 @@ where
     }
 
     fn recv_data(&mut self, op: &RecvOp, segments: &[Segment]) -> Result<()> {
+        self.note_sender(op);
         if self.abort.is_set() {
             return Err(self.abort.error());
         }

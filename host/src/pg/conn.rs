@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use super::stash::Stash;
 use super::wait_until;
-use super::wire::{read_full, read_header, write_full, Fail, Header, FRAME_HEADER_LEN};
+use super::wire::{peek_exact, read_full, read_header, write_full, Fail, Header, FRAME_HEADER_LEN};
 use super::{total_len, Dest, PgError};
 
 #[derive(Debug)]
@@ -292,6 +292,70 @@ impl PeerConn {
         })
     }
 
+    /// Forgets `prefix` ([`super::ProcessGroup::forget_prefix`]): drops its stashed frames now,
+    /// and its frames that arrive later in [`read_as_reader`](Self::read_as_reader).
+    pub(crate) fn forget(&self, prefix: [u8; 8]) {
+        let dropped = lock(&self.rx).stash.forget(prefix);
+        if dropped > 0 {
+            tracing::debug!(
+                peer = self.peer,
+                dropped,
+                "dropped stashed frames of a forgotten prefix"
+            );
+        }
+    }
+
+    /// Frame `hdr` (first in line, payload unread, at least 8 bytes) is nobody's: peeks at its first
+    /// 8 payload bytes and, when they are a forgotten prefix, reads and drops the payload in chunks of
+    /// at most `chunk` bytes (true). Otherwise (false) the frame is untouched, still first in line.
+    /// Fails as [`read_payload`](Self::read_payload) does: before any payload byte is consumed the
+    /// frame stays first in line; in the middle of it, the connection is poisoned.
+    fn drop_if_forgotten(
+        &self,
+        role: &mut ReaderRole<'_>,
+        hdr: Header,
+        deadline: Instant,
+        tag: u64,
+        timeout: Duration,
+    ) -> Result<bool, PgError> {
+        let mut head = [0u8; 8];
+        if let Err(f) = peek_exact(&self.stream, &mut head, deadline) {
+            role.pending = Some(hdr);
+            return Err(self.fail_to_err(f, tag, timeout));
+        }
+        if !lock(&self.rx).stash.is_forgotten(&head) {
+            return Ok(false);
+        }
+        let mut scratch = vec![0u8; (hdr.len as usize).min(self.chunk)];
+        let mut left = hdr.len;
+        let mut done = 0;
+        while left > 0 {
+            let n = (left as usize).min(scratch.len());
+            if let Err(f) = read_full(
+                &self.stream,
+                &mut [&mut scratch[..n]],
+                deadline,
+                self.chunk,
+                &mut done,
+            ) {
+                if done > 0 {
+                    self.poison("receive failed in the middle of a forgotten frame");
+                } else {
+                    role.pending = Some(hdr);
+                }
+                return Err(self.fail_to_err(f, tag, timeout));
+            }
+            left -= n as u64;
+        }
+        tracing::trace!(
+            peer = self.peer,
+            tag = hdr.tag,
+            len = hdr.len,
+            "dropped a frame of a forgotten prefix"
+        );
+        Ok(true)
+    }
+
     fn read_as_reader(
         &self,
         mut role: ReaderRole<'_>,
@@ -338,15 +402,24 @@ impl PeerConn {
                     Dest::Vec { .. } => Some(vec_buf),
                 }));
             }
-            // Somebody else's frame: hand it over, or stash it.
+            // Somebody else's frame: hand it over, drop it (a forgotten prefix), or stash it.
             {
-                let st = lock(&self.rx);
+                let mut st = lock(&self.rx);
                 if st.waiting.get(&hdr.tag).is_some_and(|&n| n > 0) {
                     drop(st);
                     role.pending = Some(hdr);
                     role.handoff = true;
                     drop(role);
                     return ReadOutcome::HandedOff;
+                }
+                if st.stash.forgets_any() && hdr.len >= 8 {
+                    drop(st);
+                    match self.drop_if_forgotten(&mut role, hdr, deadline, tag, timeout) {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(e) => return Done(Err(e)),
+                    }
+                    st = lock(&self.rx);
                 }
                 if !st.stash.fits(hdr.len) {
                     let e = PgError::UnexpectedBacklog {

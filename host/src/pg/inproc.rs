@@ -168,6 +168,13 @@ impl InProcessGroup {
                     break Ok(payload);
                 }
                 let others_wait = st.waiting.get(&ftag).is_some_and(|&n| n > 0);
+                if !others_wait && st.stash.is_forgotten(payload) {
+                    // Nobody will want it (`forget_prefix`): dropped, not stashed.
+                    st.wire.pop_front();
+                    st.wire_bytes -= len;
+                    chan.cv.notify_all();
+                    continue;
+                }
                 if !others_wait {
                     if !st.stash.fits(len as u64) {
                         break Err(PgError::UnexpectedBacklog {
@@ -288,6 +295,14 @@ impl ProcessGroup for InProcessGroup {
     ) -> Result<Vec<u8>, PgError> {
         let dest = Dest::Vec { max: max_len };
         self.recv_msg(src, tag, timeout, |len| dest.check(src, tag, len as u64))
+    }
+
+    fn forget_prefix(&self, src: u32, prefix: [u8; 8]) -> Result<(), PgError> {
+        check_peer(src, self.rank, self.shared.size)?;
+        let chan = self.shared.chan(src, self.rank);
+        chan.lock().stash.forget(prefix);
+        chan.cv.notify_all();
+        Ok(())
     }
 }
 

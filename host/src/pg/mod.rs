@@ -19,6 +19,17 @@
 //! however small, makes it hold more. A frame that would overflow it makes the receive fail with
 //! [`PgError::UnexpectedBacklog`] and stays first in line.
 //!
+//! # Forgotten prefixes
+//! A user of the group that knows that messages starting with some 8 bytes will never be wanted
+//! says so with [`ProcessGroup::forget_prefix`]: pgt's `Transport` does, for the id of a transfer
+//! whose receive failed (PROTOCOL.md §12, *Transfers cannot mix*). Such a message is not
+//! stashed: when it arrives while nobody waits for its tag, it is read and dropped in bounded
+//! chunks (TCP peeks at its first 8 payload bytes before reading any, so a message that is kept is
+//! still first in line, untouched, when it does not fit the stash); frames already stashed are
+//! dropped at once. A message somebody waits for is still handed to them whatever its prefix (the
+//! waiter decides). So a failed transfer's late data, however large, cannot fill the stash and
+//! block the next transfer's receives with [`PgError::UnexpectedBacklog`].
+//!
 //! A receive whose buffers do not fit the message ([`PgError::LengthMismatch`], or
 //! [`PgError::TooLarge`] for [`ProcessGroup::recv_vec`]) fails **without consuming** the message.
 //!
@@ -78,7 +89,7 @@ pub use error::PgError;
 pub use inproc::InProcessGroup;
 #[cfg(feature = "mpi")]
 pub use mpi::MpiProcessGroup;
-pub use stash::DEFAULT_STASH_LIMIT;
+pub use stash::{DEFAULT_STASH_LIMIT, FORGOTTEN_PREFIXES};
 #[cfg(feature = "testing")]
 pub use tcp::raw_loopback_gbps;
 pub use tcp::{TcpOptions, TcpProcessGroup, TcpTuning};
@@ -118,6 +129,20 @@ pub trait ProcessGroup: Send + Sync {
         max_len: usize,
         timeout: Duration,
     ) -> Result<Vec<u8>, PgError>;
+
+    /// Declares that no receive will ever want a message from `src` whose payload starts with
+    /// `prefix`: such messages are dropped from the stash at once, and from then on dropped as they
+    /// arrive instead of being stashed — read and thrown away in bounded chunks (TCP: at most
+    /// the tuning's `chunk_size` at a time), so they neither take memory nor count against the stash
+    /// limit. See [Forgotten prefixes](self#forgotten-prefixes). The group remembers the last
+    /// [`FORGOTTEN_PREFIXES`] prefixes per peer.
+    ///
+    /// The default does nothing: a group that does not implement it stashes such messages as any
+    /// other.
+    fn forget_prefix(&self, src: u32, prefix: [u8; 8]) -> Result<(), PgError> {
+        let _ = (src, prefix);
+        Ok(())
+    }
 }
 
 /// A shared or boxed group is a group: several `Transport`s (or other users) can share one, and a
@@ -157,6 +182,9 @@ macro_rules! forward_process_group {
                 timeout: Duration,
             ) -> Result<Vec<u8>, PgError> {
                 (**self).recv_vec(src, tag, max_len, timeout)
+            }
+            fn forget_prefix(&self, src: u32, prefix: [u8; 8]) -> Result<(), PgError> {
+                (**self).forget_prefix(src, prefix)
             }
         }
     )*};

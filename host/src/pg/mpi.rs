@@ -401,7 +401,12 @@ impl MpiProcessGroup {
                     if mine {
                         return Ok(matches!(dest, Dest::Vec { .. }).then_some(whole));
                     }
-                    peer.stash.push(next_tag, whole);
+                    // A forgotten prefix (`forget_prefix`) is dropped, not stashed. MPI cannot
+                    // receive part of a message, so it was received whole first: only a frame that
+                    // fits the stash's room is (see `forget_prefix` below).
+                    if !peer.stash.is_forgotten(&whole) {
+                        peer.stash.push(next_tag, whole);
+                    }
                 }
                 Err((e, consumed)) => {
                     // Nothing consumed: the message stays first in line, envelope and all.
@@ -511,5 +516,19 @@ impl ProcessGroup for MpiProcessGroup {
     ) -> Result<Vec<u8>, PgError> {
         self.receive(src, tag, &mut Dest::Vec { max: max_len }, timeout)
             .map(|v| v.expect("Dest::Vec yields a Vec"))
+    }
+
+    /// Drops the stashed frames of `prefix` now, and later ones as they arrive. Unlike the TCP
+    /// group, MPI delivers only whole messages: a later frame is received whole before it is
+    /// dropped, so only one that fits the stash's free room can be; a larger one still fails the
+    /// receive with [`PgError::UnexpectedBacklog`] (pgt's data messages are at most its chunk
+    /// size, 4 MiB by default, far below the 64 MiB stash limit).
+    fn forget_prefix(&self, src: u32, prefix: [u8; 8]) -> Result<(), PgError> {
+        check_peer(src, self.rank, self.size)?;
+        let mut peer = self.recvs[src as usize]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        peer.stash.forget(prefix);
+        Ok(())
     }
 }

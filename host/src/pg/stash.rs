@@ -61,12 +61,20 @@ enum Queue {
     Many(Box<VecDeque<Box<[u8]>>>),
 }
 
+/// How many forgotten prefixes a stash remembers ([`Stash::forget`]): the most recent ones. A
+/// prefix pushed out only means that its late frames, should any still come, are stashed again as
+/// before.
+pub const FORGOTTEN_PREFIXES: usize = 64;
+
 /// Frames set aside per tag, FIFO within a tag, with a cap on the memory held.
 pub(crate) struct Stash {
     frames: BTreeMap<u64, Queue>,
     count: usize,
     bytes: usize,
     limit: usize,
+    /// Payload prefixes no receive will ever want ([`super::ProcessGroup::forget_prefix`]), most
+    /// recent last.
+    forgotten: VecDeque<[u8; 8]>,
 }
 
 impl std::fmt::Debug for Stash {
@@ -87,7 +95,59 @@ impl Stash {
             count: 0,
             bytes: 0,
             limit,
+            forgotten: VecDeque::new(),
         }
+    }
+
+    /// Forgets `prefix`: drops every stashed frame whose payload starts with it, and remembers it
+    /// (the last [`FORGOTTEN_PREFIXES`]) so that [`is_forgotten`](Self::is_forgotten) tells the
+    /// group to drop such frames instead of stashing them. Returns the number of frames dropped.
+    pub(crate) fn forget(&mut self, prefix: [u8; 8]) -> usize {
+        if !self.forgotten.contains(&prefix) {
+            if self.forgotten.len() == FORGOTTEN_PREFIXES {
+                self.forgotten.pop_front();
+            }
+            self.forgotten.push_back(prefix);
+        }
+        let dead = |p: &[u8]| p.starts_with(&prefix);
+        let mut dropped: Vec<usize> = Vec::new();
+        self.frames.retain(|_, q| match q {
+            Queue::One(p) => {
+                if dead(p) {
+                    dropped.push(p.len());
+                    false
+                } else {
+                    true
+                }
+            }
+            Queue::Many(q) => {
+                q.retain(|p| {
+                    let keep = !dead(p);
+                    if !keep {
+                        dropped.push(p.len());
+                    }
+                    keep
+                });
+                !q.is_empty()
+            }
+        });
+        for len in &dropped {
+            self.count -= 1;
+            self.bytes -= frame_cost(*len as u64) as usize;
+        }
+        dropped.len()
+    }
+
+    /// Whether any prefix is forgotten (only then is a frame's prefix worth looking at).
+    pub(crate) fn forgets_any(&self) -> bool {
+        !self.forgotten.is_empty()
+    }
+
+    /// Whether a frame whose payload starts with `head` is of a forgotten prefix (a payload shorter
+    /// than 8 bytes has none).
+    pub(crate) fn is_forgotten(&self, head: &[u8]) -> bool {
+        head.get(..8)
+            .is_some_and(|h| self.forgotten.iter().any(|p| p[..] == *h))
     }
 
     /// Length of the oldest stashed frame with `tag`.
@@ -186,6 +246,45 @@ mod tests {
         assert!(s.fits(800));
         assert!(!s.fits(1000 - FRAME_OVERHEAD as u64));
         assert!(!s.fits(u64::MAX));
+    }
+
+    #[test]
+    fn forgetting_a_prefix_drops_its_frames_and_remembers_the_last_ones() {
+        let mut s = Stash::new(1 << 20);
+        let (dead, live) = ([7u8; 8], [9u8; 8]);
+        let frame = |p: [u8; 8], n: usize| [&p[..], &vec![0xAB; n]].concat();
+        s.push(3, frame(dead, 100));
+        s.push(3, frame(live, 10));
+        s.push(3, frame(dead, 5));
+        s.push(4, frame(dead, 0));
+        s.push(5, vec![7; 4]);
+        assert!(!s.forgets_any());
+        assert_eq!(s.forget(dead), 3);
+        assert!(s.forgets_any());
+        assert!(s.is_forgotten(&frame(dead, 1)));
+        assert!(!s.is_forgotten(&frame(live, 1)));
+        assert!(!s.is_forgotten(&dead[..7]), "no prefix in 7 bytes");
+        assert_eq!(
+            s.bytes() as u64,
+            frame_cost(18) + frame_cost(4),
+            "what is left is charged"
+        );
+        assert_eq!(s.take(3).unwrap(), frame(live, 10));
+        assert_eq!(s.take(3), None);
+        assert_eq!(s.take(4), None);
+        assert_eq!(
+            s.take(5).unwrap(),
+            vec![7; 4],
+            "a frame without a prefix stays"
+        );
+        assert_eq!(s.bytes(), 0);
+        // Only the most recent FORGOTTEN_PREFIXES are remembered.
+        for i in 0..FORGOTTEN_PREFIXES as u64 {
+            s.forget((1000 + i).to_le_bytes());
+        }
+        assert!(!s.is_forgotten(&dead), "pushed out");
+        assert!(s.is_forgotten(&1000u64.to_le_bytes()));
+        assert_eq!(s.forgotten.len(), FORGOTTEN_PREFIXES);
     }
 
     #[test]

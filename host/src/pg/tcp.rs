@@ -512,6 +512,11 @@ impl ProcessGroup for TcpProcessGroup {
             .recv(tag, Dest::Vec { max: max_len }, timeout)
             .map(|v| v.expect("Dest::Vec yields a Vec"))
     }
+
+    fn forget_prefix(&self, src: u32, prefix: [u8; 8]) -> Result<(), PgError> {
+        self.peer(src)?.forget(prefix);
+        Ok(())
+    }
 }
 
 /// Plain single-stream loopback TCP throughput in GB/s (bytes / seconds / 1e9): a sender thread

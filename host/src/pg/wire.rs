@@ -203,6 +203,28 @@ pub(crate) fn write_full(
     }
 }
 
+/// Fill `buf` with the next bytes of the stream without consuming them (`MSG_PEEK`), giving up at
+/// `deadline`. Used to look at a payload's first bytes while its frame stays first in line. The
+/// kernel hands a peek whatever has arrived; when that is less than `buf` (the sender's write was
+/// split), it looks again shortly.
+pub(crate) fn peek_exact(
+    stream: &TcpStream,
+    buf: &mut [u8],
+    deadline: Instant,
+) -> Result<(), Fail> {
+    loop {
+        let left = remaining(deadline).ok_or(Fail::Timeout)?;
+        stream.set_read_timeout(Some(left)).map_err(Fail::Io)?;
+        match stream.peek(buf) {
+            Ok(0) if !buf.is_empty() => return Err(Fail::Closed),
+            Ok(n) if n >= buf.len() => return Ok(()),
+            Ok(_) => std::thread::sleep(Duration::from_micros(200).min(left)),
+            Err(e) if retry(&e) => {}
+            Err(e) => return Err(Fail::from_io(e)),
+        }
+    }
+}
+
 /// Read one frame header; `done` as in [`read_full`].
 pub(crate) fn read_header(
     stream: &TcpStream,

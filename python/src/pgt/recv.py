@@ -148,6 +148,8 @@ def receive(engine, host, with_bindings: bool = True) -> dict:
             with contextlib.suppress(PgtError, PgError):
                 while (op := engine.leftover()) is not None and host.discard(op):
                     pass
+            if (forget := getattr(host, "forget_failed", None)) is not None:
+                forget()
         if written and (written["written"] or written["partly"]):
             raise InPlaceWritten(written["written"], written["partly"], e) from e
         raise
@@ -295,6 +297,7 @@ class ReceiveHost:
         self.link_failed = False
         # Chain relay: {rank, message, reason} of the first forward that failed (see ``forward``).
         self.forward_failed: dict | None = None
+        self.transfer: tuple[bytes, list] | None = None  # the id's 8 bytes, the ranks sending it
 
     # ---- hooks ----
 
@@ -337,7 +340,28 @@ class ReceiveHost:
 
     # ---- the receive loop's host ----
 
+    def _note_sender(self, op: dict):
+        """Notes the transfer id ``op`` waits for and the rank it comes from (``forget_failed``)."""
+        if op.get("prefix") is None:
+            return
+        if self.transfer is None:
+            self.transfer = (pgt_abi.prefix_bytes(op["prefix"]), [])
+        if op["from"] not in self.transfer[1]:
+            self.transfer[1].append(op["from"])
+
+    def forget_failed(self):
+        """After a failed receive: tells the process group that no receive will want what the
+        failed transfer still sends (PROTOCOL.md §12), so that its late messages are dropped, not
+        stashed until the stash is full. A group without ``forget_prefix`` is left as it is."""
+        forget = getattr(self.pg, "forget_prefix", None)
+        if self.transfer is None or forget is None:
+            return
+        prefix, senders = self.transfer
+        for r in senders:
+            forget(r, prefix)
+
     def recv_bytes(self, op: dict) -> bytes:
+        self._note_sender(op)
         skipped = 0
         while True:
             data = self._whole(op)
@@ -402,6 +426,7 @@ class ReceiveHost:
         ]
 
     def recv_data(self, op: dict, segments: list):
+        self._note_sender(op)
         parts = self._parts(segments)
         prefix, skipped = bytearray(PREFIX_LEN), 0
         while True:

@@ -27,6 +27,7 @@ Errors are :class:`PgError` subclasses: :class:`AuthFailed` (wrong token, not a 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -70,6 +71,8 @@ HANDSHAKE_TIMEOUT = 10.0
 IO_CHUNK = 4 << 20
 #: Cap on frames set aside while waiting for another tag, per peer (as DEFAULT_STASH_LIMIT's role).
 STASH_LIMIT = 64 << 20
+#: Forgotten prefixes remembered per peer (:meth:`TcpGroup.forget_prefix`; as FORGOTTEN_PREFIXES).
+FORGOTTEN_PREFIXES = 64
 
 
 # ---- errors ----
@@ -181,6 +184,26 @@ def _read_into(sock: socket.socket, view: memoryview, deadline: float, done: lis
         off += got
         if done is not None:
             done[0] += got
+
+
+def _peek(sock: socket.socket, n: int, deadline: float) -> bytes:
+    """The next ``n`` bytes of ``sock``, left unread (``MSG_PEEK``), giving up at ``deadline``."""
+    while True:
+        left = _left(deadline)
+        if left is None:
+            raise _TimedOut()
+        sock.settimeout(left)
+        try:
+            got = sock.recv(n, socket.MSG_PEEK)
+        except (TimeoutError, BlockingIOError, InterruptedError):
+            continue
+        except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as e:
+            raise _Closed(str(e)) from None
+        if not got:
+            raise _Closed("connection closed")
+        if len(got) >= n:
+            return got
+        time.sleep(0.0002)  # the rest of a split write is on its way
 
 
 def _write_all(sock: socket.socket, parts, deadline: float):
@@ -711,6 +734,8 @@ class _Peer:
         self.stashed = 0
         self.pending: tuple[int, int] | None = None  # a frame header read but not its payload
         self.poisoned = False
+        # payload prefixes nobody will want (``forget_prefix``), the most recent last
+        self.forgotten: collections.deque[bytes] = collections.deque(maxlen=FORGOTTEN_PREFIXES)
 
 
 class TcpGroup:
@@ -867,6 +892,15 @@ class TcpGroup:
             t, n = p.pending
             if t == tag:
                 return t, n
+            if p.forgotten and n >= 8 and _peek(p.sock, 8, deadline) in p.forgotten:
+                # A forgotten prefix: read and dropped in bounded chunks, never stashed.
+                left = n
+                while left:
+                    k = min(left, IO_CHUNK)
+                    _read_into(p.sock, memoryview(bytearray(k)), deadline, done)
+                    left -= k
+                p.pending = None
+                continue
             if p.stashed + n + 64 > STASH_LIMIT:
                 raise PgError(
                     f"receiving tag {tag} from rank {p.rank}: frame with tag {t} ({n} bytes) does not fit the stash"
@@ -876,6 +910,25 @@ class TcpGroup:
             p.pending = None
             p.stash.setdefault(t, []).append(bytes(b))
             p.stashed += n + 64
+
+    def forget_prefix(self, src: int, prefix: bytes):
+        """Declares that no receive will want a message from ``src`` whose payload starts with the 8
+        bytes ``prefix`` (as ``ProcessGroup::forget_prefix``): its stashed frames are dropped now, and
+        later ones, when they arrive while another tag is awaited, are read and dropped in bounded
+        chunks instead of being stashed. The last ``FORGOTTEN_PREFIXES`` are remembered."""
+        p = self.peers.get(src)
+        if p is None:
+            return
+        prefix = bytes(prefix)
+        if prefix not in p.forgotten:
+            p.forgotten.append(prefix)
+        for t in list(p.stash):
+            kept = [m for m in p.stash[t] if m[:8] != prefix]
+            p.stashed -= sum(len(m) + 64 for m in p.stash[t] if m[:8] == prefix)
+            if kept:
+                p.stash[t] = kept
+            else:
+                del p.stash[t]
 
     def _recv(self, src: int, tag: int, timeout: float, take):
         p = self._peer(src)

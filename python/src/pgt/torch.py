@@ -230,7 +230,12 @@ def _no_gc(f):
 
 
 class _Link:
-    """The process group and the timeout: every wait gets the time left until its deadline."""
+    """The process group and the timeout: every wait gets the time left until its deadline.
+
+    A torch process group (gloo) matches messages on (peer, tag) itself and keeps no stash of
+    pgt's, so nothing here forgets a failed transfer's id (PROTOCOL.md §12, *Forgetting a failed
+    transfer*): a late message stays in the group until a later receive of its tag takes it and
+    skips it as stale. Over ``TcpGroup`` (``_TcpReceiving``), ``pgt.recv.ReceiveHost`` does forget."""
 
     def __init__(self, pg, timeout: float):
         self.pg, self.timeout = pg, timeout
