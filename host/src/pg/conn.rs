@@ -338,9 +338,8 @@ impl PeerConn {
         role: &mut ReaderRole<'_>,
         hdr: Header,
         parts: &mut [&mut [u8]],
-        deadline: Instant,
+        (deadline, timeout): (Instant, Duration),
         tag: u64,
-        timeout: Duration,
         observe: Option<&mut Observer<'_>>,
     ) -> Result<(), PgError> {
         let mut done = 0;
@@ -396,12 +395,12 @@ impl PeerConn {
                 let mut vec_buf = Vec::new();
                 let r = match dest {
                     Dest::Parts(parts) => {
-                        self.read_payload(&mut role, hdr, parts, deadline, tag, timeout, observe)
+                        self.read_payload(&mut role, hdr, parts, (deadline, timeout), tag, observe)
                     }
                     Dest::Vec { .. } => {
                         vec_buf = vec![0u8; hdr.len as usize];
                         let parts = &mut [&mut vec_buf[..]];
-                        self.read_payload(&mut role, hdr, parts, deadline, tag, timeout, None)
+                        self.read_payload(&mut role, hdr, parts, (deadline, timeout), tag, None)
                     }
                 };
                 return Done(r.map(|()| match dest {
@@ -438,9 +437,8 @@ impl PeerConn {
                 &mut role,
                 hdr,
                 &mut [&mut v[..]],
-                deadline,
+                (deadline, timeout),
                 tag,
-                timeout,
                 None,
             ) {
                 return Done(Err(e));
