@@ -49,13 +49,19 @@ fn options(fanout: FanOut, bucket: u64, chunk: u64) -> TransportOptions {
     }
 }
 
-/// Sends `shape` from rank 0 of a TCP group over `sender` (given rank 0's group) to every other rank.
+/// Sends `shape` from rank 0 of a TCP group over `sender` (given rank 0's group) to every other rank;
+/// returns the sender's result and the receivers'.
+type Sent = (
+    pgt_host::Result<()>,
+    Vec<pgt_host::Result<StateDict<'static>>>,
+);
+
 fn send_over_tcp<P: ProcessGroup>(
     world: u32,
     shape: &Shape,
     opts: &TransportOptions,
     sender: impl FnOnce(TcpProcessGroup) -> P,
-) -> Vec<pgt_host::Result<StateDict<'static>>> {
+) -> Sent {
     let sd = synthetic::materialize(shape).unwrap();
     let mut groups = tcp_groups(world).into_iter();
     let tx = Transport::new(sender(groups.next().unwrap()), opts.clone());
@@ -67,12 +73,8 @@ fn send_over_tcp<P: ProcessGroup>(
                 s.spawn(move || t.recv_checkpoint(0))
             })
             .collect();
-        let sent = tx.send_checkpoint(&dsts, &sd);
-        let results: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
-        if results.iter().all(|r| r.is_ok()) {
-            sent.unwrap();
-        }
-        results
+        let sent = tx.send_checkpoint(&dsts, &sd).map(|_| ());
+        (sent, hs.into_iter().map(|h| h.join().unwrap()).collect())
     })
 }
 
@@ -83,16 +85,16 @@ fn piecewise_digests_verify_whatever_the_cuts() {
     // hashes as it lands and forwards.
     let shape = synthetic::mixed(3 << 20);
     for (world, fanout, bucket, chunk) in [
-        (2, FanOut::Direct, 100_003, 1_000_003),
+        // Chunks are multiples of 64 (PROTOCOL.md); buckets of any size.
+        (2, FanOut::Direct, 100_003, 1_000_064),
         (2, FanOut::Direct, 4 << 20, 4 << 20),
-        (3, FanOut::Chain, 65_537, 333_331),
-        (3, FanOut::Direct, 65_537, 333_331),
+        (3, FanOut::Chain, 65_537, 333_312),
+        (3, FanOut::Direct, 65_537, 333_312),
     ] {
         let opts = options(fanout, bucket, chunk);
-        for (rank, r) in send_over_tcp(world, &shape, &opts, |pg| pg)
-            .iter()
-            .enumerate()
-        {
+        let (sent, received) = send_over_tcp(world, &shape, &opts, |pg| pg);
+        sent.unwrap_or_else(|e| panic!("{fanout:?}, bucket {bucket}, chunk {chunk}: send: {e}"));
+        for (rank, r) in received.iter().enumerate() {
             let got = r.as_ref().unwrap_or_else(|e| {
                 panic!(
                     "{fanout:?}, bucket {bucket}, chunk {chunk}: rank {}: {e}",
@@ -155,7 +157,7 @@ fn a_byte_flipped_inside_a_piece_is_caught() {
     let shape = synthetic::large(16 << 20, 4);
     let offset = 3 * OBSERVE_GRAIN + OBSERVE_GRAIN / 2 + 1;
     let opts = options(FanOut::Direct, 4 << 20, 4 << 20);
-    let results = send_over_tcp(2, &shape, &opts, |pg| FlipOne {
+    let (_, results) = send_over_tcp(2, &shape, &opts, |pg| FlipOne {
         inner: pg,
         offset,
         flipped: Default::default(),
