@@ -4,13 +4,16 @@
 //!
 //! Threads: the sender runs one thread per destination ([`SendWorkers`]), so destinations proceed in
 //! parallel, and a destination that fails stops only its own stream ([`Error::Destinations`]); the
-//! first destination's thread hashes each message right before sending it, which leaves the bytes in
-//! cache for the kernel's copy (in Direct fan-out to several destinations a thread of its own hashes,
-//! so that the others' trailer does not wait on a stalled destination). The receiver ([`Landing`])
-//! receives on the calling thread straight into the destination memory ([`ReceiveMemory`]); a second
-//! thread hashes (and casts) what has landed, and a third forwards it in chain fan-out, so neither
-//! delays the next receive; a forward that fails stops the forwarding, not the receive
-//! ([`TransferStats::forward_failed`]).
+//! first destination's thread hashes each message as it sends it, piece by piece (at most
+//! [`crate::pg::OBSERVE_GRAIN`], which fits in L2), each piece right before the system call that
+//! copies it, so that the kernel reads it from cache ([`ProcessGroup::send_observed`]); in Direct
+//! fan-out to several destinations a thread of its own hashes, so that the others' trailer does not
+//! wait on a stalled destination. The receiver ([`Landing`]) receives on the calling thread straight
+//! into the destination memory ([`ReceiveMemory`]) and hashes each piece right after the system call
+//! that wrote it, on the same core, while it is in cache ([`ProcessGroup::recv_into_observed`]): hashing
+//! cold bytes after a whole message landed ran at DRAM speed. A second thread casts what has landed,
+//! and a third forwards it in chain fan-out, so neither delays the next receive; a forward that fails
+//! stops the forwarding, not the receive ([`TransferStats::forward_failed`]).
 //!
 //! Isolation (PROTOCOL.md §12): every transfer has a random id, which every message after its header
 //! starts with. A receive skips messages of other transfers (stale ones, left by an earlier transfer
@@ -412,6 +415,44 @@ impl StorageHashers {
     }
 }
 
+/// The hashes of one data message's segments while its bytes move, fed piece by piece by a process
+/// group's observer ([`ProcessGroup::send_observed`], [`ProcessGroup::recv_into_observed`]) — each
+/// piece right after (receive) or before (send) the system call that copies it, while it is in
+/// cache. The storage a message continues brings its running hash from `StorageHashers`; the
+/// storages it does not complete go back there ([`MessageHasher::finish`]).
+struct MessageHasher(Vec<StorageHasher>);
+
+impl MessageHasher {
+    fn start(running: &mut StorageHashers, segments: &[Segment]) -> MessageHasher {
+        MessageHasher(
+            segments
+                .iter()
+                .map(|s| running.0.remove(&s.storage).unwrap_or_default())
+                .collect(),
+        )
+    }
+
+    /// Feeds bytes of segment `segment` (in order).
+    fn feed(&mut self, segment: usize, bytes: &[u8]) {
+        if let Some(h) = self.0.get_mut(segment) {
+            h.update(bytes);
+        }
+    }
+
+    /// The digests of the storages the message completes, in segment order.
+    fn finish(self, running: &mut StorageHashers, segments: &[Segment]) -> Vec<u64> {
+        let mut digests = Vec::new();
+        for (s, h) in segments.iter().zip(self.0) {
+            if s.completes {
+                digests.push(h.finish());
+            } else {
+                running.0.insert(s.storage, h);
+            }
+        }
+        digests
+    }
+}
+
 /// Messages queued per worker: small descriptors, so memory stays flat whatever the transfer size.
 const QUEUE_DEPTH: usize = 256;
 /// How often a wait for workers looks at the abort flag.
@@ -681,6 +722,10 @@ impl<P: ProcessGroup> Transport<P> {
             self.forget_failed(transfer);
         }
         let received = received?;
+        // A worker that failed after the engine was done (a cast, with digests off) fails the receive.
+        if let Some(e) = abort.take() {
+            return Err(e);
+        }
         let Landed {
             memory,
             cast_dest,
@@ -899,16 +944,27 @@ impl<'a> SendWorkers<'a> {
                         SendJob::Bytes(op, b) => (op, pg.send(op.to, op.tag, &[b], timeout)),
                         SendJob::Storages(op, prefix, segs) => {
                             let mut parts = storage_parts(storages, segs);
-                            if op.hash && !hash_apart {
-                                let digests = segs
-                                    .iter()
-                                    .zip(&parts)
-                                    .filter_map(|(seg, bytes)| hashers.update(seg, bytes))
-                                    .collect();
-                                let _ = event_tx.send(Event::Digests(op.message, digests));
-                            }
                             parts.insert(0, prefix);
-                            let r = pg.send(op.to, op.tag, &parts, timeout);
+                            let r = if op.hash && !hash_apart {
+                                // Each piece is hashed right before the system call that copies
+                                // it: the kernel reads it from cache.
+                                let mut message = MessageHasher::start(&mut hashers, segs);
+                                let mut observe = |part: usize, piece: &[u8]| {
+                                    // Part 0 is the prefix, part i + 1 segment i.
+                                    if let Some(segment) = part.checked_sub(1) {
+                                        message.feed(segment, piece);
+                                    }
+                                };
+                                let r =
+                                    pg.send_observed(op.to, op.tag, &parts, timeout, &mut observe);
+                                if r.is_ok() {
+                                    let digests = message.finish(&mut hashers, segs);
+                                    let _ = event_tx.send(Event::Digests(op.message, digests));
+                                }
+                                r
+                            } else {
+                                pg.send(op.to, op.tag, &parts, timeout)
+                            };
                             if counts && r.is_ok() {
                                 let bytes = op.len - PREFIX_LEN;
                                 let done = sent.fetch_add(bytes, Ordering::Relaxed) + bytes;
@@ -1003,11 +1059,12 @@ struct Layout {
     cast_done: Vec<AtomicBool>,
 }
 
-/// A hash-and-cast job: a landed data message's segments.
+/// A cast job: a landed data message's segments, and its digests (hashed as it landed), reported
+/// once the storages it completes are cast.
 struct PostJob {
     message: u32,
     segments: Vec<Segment>,
-    hash: bool,
+    digests: Option<Vec<u64>>,
 }
 
 /// A forward job.
@@ -1030,8 +1087,9 @@ struct Landed<'t> {
     staged: Vec<Option<&'t mut [u8]>>,
 }
 
-/// The receiving host: receives on the calling thread straight into [`ReceiveMemory`]; a post thread
-/// hashes and casts what has landed, a forward thread relays it (chain fan-out).
+/// The receiving host: receives on the calling thread straight into [`ReceiveMemory`], hashing each
+/// piece as it lands; a post thread casts what has landed, a forward thread relays it (chain
+/// fan-out).
 struct Landing<'a, 'scope, 'env, 't, 'd, P: ProcessGroup> {
     transport: &'a Transport<P>,
     scope: &'scope Scope<'scope, 'env>,
@@ -1044,6 +1102,8 @@ struct Landing<'a, 'scope, 'env, 't, 'd, P: ProcessGroup> {
     layout: Option<Arc<Layout>>,
     post: Option<SyncSender<PostJob>>,
     forward: Option<SyncSender<ForwardJob>>,
+    /// Running hashes of the storages that have started to land but not finished.
+    hashers: StorageHashers,
     /// Completions of this thread (data landed), reported before the workers'.
     local: VecDeque<Event>,
     events: Option<mpsc::Receiver<Event>>,
@@ -1096,6 +1156,7 @@ where
             layout: None,
             post: None,
             forward: None,
+            hashers: StorageHashers::default(),
             local: VecDeque::new(),
             events: None,
             abort,
@@ -1322,7 +1383,7 @@ where
         })
     }
 
-    /// Starts the post (hash and cast) and forward threads.
+    /// Starts the post (cast) and forward threads.
     fn start_workers(&mut self, memory: Arc<ReceiveMemory<'t>>, layout: Arc<Layout>) {
         let (event_tx, events) = mpsc::channel::<Event>();
         self.events = Some(events);
@@ -1333,16 +1394,16 @@ where
             let (memory, layout, event_tx) =
                 (Arc::clone(&memory), Arc::clone(&layout), event_tx.clone());
             self.post_thread = Some(self.scope.spawn(move || {
-                let mut hashers = StorageHashers::default();
                 for job in post_rx {
                     if abort.is_set() {
                         break;
                     }
-                    match post(&memory, &layout, &mut hashers, &job) {
-                        Ok(Some(digests)) => {
-                            let _ = event_tx.send(Event::Digests(job.message, digests));
+                    match cast_landed(&memory, &layout, &job.segments) {
+                        Ok(()) => {
+                            if let Some(digests) = job.digests {
+                                let _ = event_tx.send(Event::Digests(job.message, digests));
+                            }
                         }
-                        Ok(None) => {}
                         Err(e) => {
                             abort.fail(e);
                             break;
@@ -1437,27 +1498,11 @@ where
     }
 }
 
-/// Hashes a landed message's segments (when asked) and casts every storage it completes that is cast
-/// on receive. Returns the message's digests when hashing.
-fn post(
-    memory: &ReceiveMemory<'_>,
-    layout: &Layout,
-    hashers: &mut StorageHashers,
-    job: &PostJob,
-) -> Result<Option<Vec<u64>>> {
-    let mut digests = Vec::new();
-    for s in &job.segments {
+/// Casts every storage a landed message completes that is cast on receive (its wire bytes were
+/// hashed as they landed).
+fn cast_landed(memory: &ReceiveMemory<'_>, layout: &Layout, segments: &[Segment]) -> Result<()> {
+    for s in segments {
         let storage = s.storage as usize;
-        let bytes = memory
-            .read(storage, s.offset as usize..(s.offset + s.len) as usize)
-            .ok_or_else(|| {
-                Error::internal(format!("storage {storage} was hashed before it landed"))
-            })?;
-        if job.hash {
-            if let Some(d) = hashers.update(s, bytes) {
-                digests.push(d);
-            }
-        }
         let binding = &layout.bindings[storage];
         if let (true, Some(from), Some(dest)) =
             (s.completes, binding.cast_from, layout.cast_dest[storage])
@@ -1473,7 +1518,7 @@ fn post(
             layout.cast_done[storage].store(true, Ordering::Release);
         }
     }
-    Ok(job.hash.then_some(digests))
+    Ok(())
 }
 
 impl<'a, 'scope, 'env, 't, 'd, P> ReceiveHost for Landing<'a, 'scope, 'env, 't, 'd, P>
@@ -1574,6 +1619,11 @@ where
             rank: op.from,
             source,
         };
+        // Each piece is hashed as it lands, on this thread, while it is in cache. A stale message
+        // is not hashed: its prefix comes first, so the observer knows before its first data byte.
+        let mut message = op
+            .hash
+            .then(|| MessageHasher::start(&mut self.hashers, segments));
         // The prefix into its own 8 bytes, the rest straight into the storages; a stale message's
         // bytes never land (`try_write`), and the next message with the tag is received into the
         // same ranges.
@@ -1583,7 +1633,23 @@ where
                 let mut all: Vec<&mut [u8]> = Vec::with_capacity(slices.len() + 1);
                 all.push(&mut prefix);
                 all.extend(slices.iter_mut().map(|s| &mut **s));
-                pg.recv_into(op.from, op.tag, &mut all, t).map_err(Some)?;
+                match message.as_mut() {
+                    Some(message) => {
+                        let mut seen_prefix = Vec::with_capacity(PREFIX_LEN as usize);
+                        let mut stale = None;
+                        let mut observe = |part: usize, piece: &[u8]| match part.checked_sub(1) {
+                            None => seen_prefix.extend_from_slice(piece),
+                            Some(segment) => {
+                                if !*stale.get_or_insert_with(|| op.is_stale(&seen_prefix)) {
+                                    message.feed(segment, piece);
+                                }
+                            }
+                        };
+                        pg.recv_into_observed(op.from, op.tag, &mut all, t, &mut observe)
+                    }
+                    None => pg.recv_into(op.from, op.tag, &mut all, t),
+                }
+                .map_err(Some)?;
                 if op.is_stale(&prefix) {
                     return Err(None);
                 }
@@ -1602,14 +1668,17 @@ where
         if let Some(p) = &self.transport.options.progress {
             p(self.received, self.total_bytes);
         }
+        let digests = message.map(|m| m.finish(&mut self.hashers, segments));
         let casts = segments
             .iter()
             .any(|s| s.completes && layout.bindings[s.storage as usize].cast_from.is_some());
-        if op.hash || casts {
+        self.local.push_back(Event::Landed(op.message));
+        if casts {
+            // The digests are reported once the cast is done: a storage whose digest is in is final.
             let job = PostJob {
                 message: op.message,
                 segments: segments.to_vec(),
-                hash: op.hash,
+                digests,
             };
             let post = self
                 .post
@@ -1618,8 +1687,9 @@ where
             if post.send(job).is_err() {
                 return Err(self.abort.error());
             }
+        } else if let Some(digests) = digests {
+            self.local.push_back(Event::Digests(op.message, digests));
         }
-        self.local.push_back(Event::Landed(op.message));
         Ok(())
     }
 
@@ -1845,7 +1915,101 @@ fn assemble<'d>(
 
 #[cfg(test)]
 mod tests {
-    use super::StorageHasher;
+    use super::{MessageHasher, StorageHasher, StorageHashers};
+    use pgt_core::plan::Segment;
+
+    /// Splits storages of `sizes` into messages of at most `message_len` bytes, as a plan does: a
+    /// message packs the storages in order, a storage that does not fit continues in the next.
+    fn segments(sizes: &[usize], message_len: usize) -> Vec<Vec<Segment>> {
+        let mut messages = vec![Vec::new()];
+        let mut room = message_len;
+        for (storage, &size) in sizes.iter().enumerate() {
+            let mut offset = 0;
+            loop {
+                if room == 0 {
+                    messages.push(Vec::new());
+                    room = message_len;
+                }
+                let len = (size - offset).min(room);
+                messages.last_mut().unwrap().push(Segment {
+                    storage: storage as u32,
+                    offset: offset as u64,
+                    len: len as u64,
+                    completes: offset + len == size,
+                });
+                offset += len;
+                room -= len;
+                if offset == size {
+                    break;
+                }
+            }
+        }
+        messages
+    }
+
+    #[test]
+    fn piecewise_hashes_equal_the_one_shot_digests() {
+        // Odd sizes (empty, below and above XXH3's 240-byte and 1 KiB stripes), messages that cut
+        // storages anywhere, pieces that cross segment ends as a process group's reads do.
+        let sizes = [
+            0usize,
+            1,
+            239,
+            241,
+            1023,
+            70_001,
+            5,
+            300_017,
+            0,
+            64 << 10,
+            3,
+        ];
+        let storages: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(s, &n)| (0..n).map(|i| (i * 131 + s * 7 + i / 251) as u8).collect())
+            .collect();
+        let want: Vec<u64> = storages
+            .iter()
+            .map(|b| pgt_core::digest::digest(b))
+            .collect();
+        for message_len in [1usize, 97, 4096, 65_537, 1 << 20] {
+            for piece in [1usize, 13, 4096, 100_003] {
+                let mut running = StorageHashers::default();
+                let mut got = Vec::new();
+                for segs in segments(&sizes, message_len) {
+                    // The message's bytes, one stream cut into `piece`s whatever the segments.
+                    let bytes: Vec<(usize, &[u8])> = segs
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| {
+                            let b = &storages[s.storage as usize];
+                            (i, &b[s.offset as usize..(s.offset + s.len) as usize])
+                        })
+                        .collect();
+                    let mut message = MessageHasher::start(&mut running, &segs);
+                    let mut budget = piece;
+                    for (segment, mut rest) in bytes {
+                        while !rest.is_empty() {
+                            let n = rest.len().min(budget);
+                            message.feed(segment, &rest[..n]);
+                            rest = &rest[n..];
+                            budget -= n;
+                            if budget == 0 {
+                                budget = piece;
+                            }
+                        }
+                    }
+                    let digests = message.finish(&mut running, &segs);
+                    let completed = segs.iter().filter(|s| s.completes);
+                    got.extend(completed.map(|s| s.storage).zip(digests));
+                }
+                let want: Vec<(u32, u64)> = (0..sizes.len() as u32).zip(want.clone()).collect();
+                assert_eq!(got, want, "messages of {message_len}, pieces of {piece}");
+                assert!(running.0.is_empty(), "every storage completed");
+            }
+        }
+    }
 
     #[test]
     fn host_hasher_equals_the_core_digest() {

@@ -18,8 +18,11 @@ use std::time::{Duration, Instant};
 
 use super::stash::Stash;
 use super::wait_until;
-use super::wire::{peek_exact, read_full, read_header, write_full, Fail, Header, FRAME_HEADER_LEN};
-use super::{total_len, Dest, PgError};
+use super::wire::{
+    peek_exact, read_full, read_full_observed, read_header, write_full, write_full_observed, Fail,
+    Header, FRAME_HEADER_LEN,
+};
+use super::{total_len, Dest, Observer, PgError};
 
 #[derive(Debug)]
 struct RxState {
@@ -137,6 +140,18 @@ impl PeerConn {
     }
 
     pub(crate) fn send(&self, tag: u64, parts: &[&[u8]], timeout: Duration) -> Result<(), PgError> {
+        self.send_observed(tag, parts, timeout, None)
+    }
+
+    /// [`PeerConn::send`]; `observe`, if given, sees the payload piece by piece right before it is
+    /// written ([`super::ProcessGroup::send_observed`]).
+    pub(crate) fn send_observed(
+        &self,
+        tag: u64,
+        parts: &[&[u8]],
+        timeout: Duration,
+        observe: Option<&mut Observer<'_>>,
+    ) -> Result<(), PgError> {
         let deadline = Instant::now() + timeout;
         let timeout_err = || PgError::Timeout {
             peer: self.peer,
@@ -161,7 +176,7 @@ impl PeerConn {
                 }
             }
         }
-        let result = self.send_locked(tag, parts, deadline, timeout);
+        let result = self.send_locked(tag, parts, deadline, timeout, observe);
         *lock(&self.tx_busy) = false;
         self.tx_cv.notify_one();
         result
@@ -173,6 +188,7 @@ impl PeerConn {
         parts: &[&[u8]],
         deadline: Instant,
         timeout: Duration,
+        observe: Option<&mut Observer<'_>>,
     ) -> Result<(), PgError> {
         if self.is_poisoned() {
             return Err(PgError::Poisoned { peer: self.peer });
@@ -186,7 +202,23 @@ impl PeerConn {
         bufs.push(&header);
         bufs.extend_from_slice(parts);
         let mut done = 0u64;
-        match write_full(&self.stream, &bufs, deadline, self.chunk, &mut done) {
+        // The observer numbers the caller's parts: the frame header is not one of them.
+        let mut observe_parts = observe.map(|o| {
+            move |i: usize, piece: &[u8]| {
+                if i > 0 {
+                    o(i - 1, piece)
+                }
+            }
+        });
+        let observe = observe_parts.as_mut().map(|o| o as &mut Observer<'_>);
+        match write_full_observed(
+            &self.stream,
+            &bufs,
+            deadline,
+            self.chunk,
+            &mut done,
+            observe,
+        ) {
             Ok(()) => Ok(()),
             Err(f) => {
                 if done > 0 {
@@ -200,8 +232,20 @@ impl PeerConn {
     pub(crate) fn recv(
         &self,
         tag: u64,
+        dest: Dest<'_, '_>,
+        timeout: Duration,
+    ) -> Result<Option<Vec<u8>>, PgError> {
+        self.recv_observed(tag, dest, timeout, None)
+    }
+
+    /// [`PeerConn::recv`]; `observe`, if given, sees a `Dest::Parts` payload piece by piece as it
+    /// lands ([`super::ProcessGroup::recv_into_observed`]).
+    pub(crate) fn recv_observed(
+        &self,
+        tag: u64,
         mut dest: Dest<'_, '_>,
         timeout: Duration,
+        mut observe: Option<&mut Observer<'_>>,
     ) -> Result<Option<Vec<u8>>, PgError> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -260,10 +304,29 @@ impl PeerConn {
                         pending,
                         handoff: false,
                     },
-                    Turn::Over(result) => return result,
+                    Turn::Over(result) => {
+                        // Served from the stash: the whole payload is in the parts already.
+                        if let (Ok(_), Dest::Parts(parts), Some(observe)) =
+                            (&result, &dest, observe.as_deref_mut())
+                        {
+                            for (i, p) in parts.iter().enumerate() {
+                                if !p.is_empty() {
+                                    observe(i, p);
+                                }
+                            }
+                        }
+                        return result;
+                    }
                 }
             };
-            match self.read_as_reader(role, tag, &mut dest, deadline, timeout) {
+            match self.read_as_reader(
+                role,
+                tag,
+                &mut dest,
+                deadline,
+                timeout,
+                observe.as_deref_mut(),
+            ) {
                 ReadOutcome::Done(r) => return r,
                 ReadOutcome::HandedOff => continue,
             }
@@ -277,12 +340,20 @@ impl PeerConn {
         role: &mut ReaderRole<'_>,
         hdr: Header,
         parts: &mut [&mut [u8]],
-        deadline: Instant,
+        (deadline, timeout): (Instant, Duration),
         tag: u64,
-        timeout: Duration,
+        observe: Option<&mut Observer<'_>>,
     ) -> Result<(), PgError> {
         let mut done = 0;
-        read_full(&self.stream, parts, deadline, self.chunk, &mut done).map_err(|f| {
+        read_full_observed(
+            &self.stream,
+            parts,
+            deadline,
+            self.chunk,
+            &mut done,
+            observe,
+        )
+        .map_err(|f| {
             if done > 0 {
                 self.poison("receive failed in the middle of a frame payload");
             } else {
@@ -363,6 +434,7 @@ impl PeerConn {
         dest: &mut Dest<'_, '_>,
         deadline: Instant,
         timeout: Duration,
+        observe: Option<&mut Observer<'_>>,
     ) -> ReadOutcome {
         use ReadOutcome::Done;
         loop {
@@ -389,12 +461,12 @@ impl PeerConn {
                 let mut vec_buf = Vec::new();
                 let r = match dest {
                     Dest::Parts(parts) => {
-                        self.read_payload(&mut role, hdr, parts, deadline, tag, timeout)
+                        self.read_payload(&mut role, hdr, parts, (deadline, timeout), tag, observe)
                     }
                     Dest::Vec { .. } => {
                         vec_buf = vec![0u8; hdr.len as usize];
                         let parts = &mut [&mut vec_buf[..]];
-                        self.read_payload(&mut role, hdr, parts, deadline, tag, timeout)
+                        self.read_payload(&mut role, hdr, parts, (deadline, timeout), tag, None)
                     }
                 };
                 return Done(r.map(|()| match dest {
@@ -436,9 +508,14 @@ impl PeerConn {
                 }
             }
             let mut v = vec![0u8; hdr.len as usize];
-            if let Err(e) =
-                self.read_payload(&mut role, hdr, &mut [&mut v[..]], deadline, tag, timeout)
-            {
+            if let Err(e) = self.read_payload(
+                &mut role,
+                hdr,
+                &mut [&mut v[..]],
+                (deadline, timeout),
+                tag,
+                None,
+            ) {
                 return Done(Err(e));
             }
             tracing::trace!(

@@ -70,7 +70,7 @@ use super::conn::PeerConn;
 use super::rendezvous::{collect, connect_authenticated, register, Store};
 use super::stash::DEFAULT_STASH_LIMIT;
 use super::Dest;
-use super::{check_peer, PgError, ProcessGroup};
+use super::{check_peer, Observer, PgError, ProcessGroup};
 
 /// Default setup timeout of [`TcpOptions::from_env`] when `PGT_TIMEOUT_SECS` is not set.
 pub const DEFAULT_SETUP_TIMEOUT: Duration = Duration::from_secs(300);
@@ -516,6 +516,31 @@ impl ProcessGroup for TcpProcessGroup {
     fn forget_prefix(&self, src: u32, prefix: [u8; 8]) -> Result<(), PgError> {
         self.peer(src)?.forget(prefix);
         Ok(())
+    }
+
+    fn send_observed(
+        &self,
+        dst: u32,
+        tag: u64,
+        parts: &[&[u8]],
+        timeout: Duration,
+        observe: &mut Observer<'_>,
+    ) -> Result<(), PgError> {
+        self.peer(dst)?
+            .send_observed(tag, parts, timeout, Some(observe))
+    }
+
+    fn recv_into_observed(
+        &self,
+        src: u32,
+        tag: u64,
+        parts: &mut [&mut [u8]],
+        timeout: Duration,
+        observe: &mut Observer<'_>,
+    ) -> Result<(), PgError> {
+        self.peer(src)?
+            .recv_observed(tag, Dest::Parts(parts), timeout, Some(observe))
+            .map(|_| ())
     }
 }
 

@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 
+use super::{Observer, OBSERVE_GRAIN};
+
 /// Size of the frame header: tag (u64 LE) then payload length (u64 LE).
 pub const FRAME_HEADER_LEN: usize = 16;
 
@@ -101,6 +103,23 @@ pub(crate) fn read_full(
     chunk: usize,
     done: &mut u64,
 ) -> Result<(), Fail> {
+    read_full_observed(stream, parts, deadline, chunk, done, None)
+}
+
+/// [`read_full`]; with `observe`, reads take at most [`OBSERVE_GRAIN`] bytes, and each read's bytes
+/// are shown to it right after the read.
+pub(crate) fn read_full_observed(
+    stream: &TcpStream,
+    parts: &mut [&mut [u8]],
+    deadline: Instant,
+    chunk: usize,
+    done: &mut u64,
+    mut observe: Option<&mut Observer<'_>>,
+) -> Result<(), Fail> {
+    let chunk = match observe {
+        Some(_) => chunk.min(OBSERVE_GRAIN),
+        None => chunk,
+    };
     let (mut idx, mut off) = (0usize, 0usize);
     loop {
         while idx < parts.len() && off == parts[idx].len() {
@@ -131,8 +150,12 @@ pub(crate) fn read_full(
             Ok(0) => return Err(Fail::Closed),
             Ok(mut n) => {
                 *done += n as u64;
+                drop(iov);
                 while n > 0 {
                     let step = (parts[idx].len() - off).min(n);
+                    if let Some(observe) = observe.as_deref_mut() {
+                        observe(idx, &parts[idx][off..off + step]);
+                    }
                     off += step;
                     n -= step;
                     if off == parts[idx].len() {
@@ -156,8 +179,27 @@ pub(crate) fn write_full(
     chunk: usize,
     done: &mut u64,
 ) -> Result<(), Fail> {
+    write_full_observed(stream, bufs, deadline, chunk, done, None)
+}
+
+/// [`write_full`]; with `observe`, sends take at most [`OBSERVE_GRAIN`] bytes, and it is shown each
+/// byte once, right before the first send that carries it.
+pub(crate) fn write_full_observed(
+    stream: &TcpStream,
+    bufs: &[&[u8]],
+    deadline: Instant,
+    chunk: usize,
+    done: &mut u64,
+    mut observe: Option<&mut Observer<'_>>,
+) -> Result<(), Fail> {
+    let chunk = match observe {
+        Some(_) => chunk.min(OBSERVE_GRAIN),
+        None => chunk,
+    };
     let sock = SockRef::from(stream);
     let (mut idx, mut off) = (0usize, 0usize);
+    // Where the observer has got to: a short send leaves bytes it has seen to the next send.
+    let (mut seen_idx, mut seen_off) = (0usize, 0usize);
     let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(bufs.len().min(MAX_IOV));
     loop {
         while idx < bufs.len() && off == bufs[idx].len() {
@@ -178,6 +220,18 @@ pub(crate) fn write_full(
                 continue;
             }
             iov.push(IoSlice::new(&b[start..start + take]));
+            if let Some(observe) = observe.as_deref_mut() {
+                let i = idx + k;
+                if (i, start + take) > (seen_idx, seen_off) {
+                    let from = if i == seen_idx {
+                        seen_off.max(start)
+                    } else {
+                        start
+                    };
+                    observe(i, &b[from..start + take]);
+                    (seen_idx, seen_off) = (i, start + take);
+                }
+            }
             budget -= take;
             if budget == 0 || iov.len() == MAX_IOV {
                 break;
@@ -313,5 +367,68 @@ mod tests {
         // Peer gone: clean EOF.
         let r = read_full(&s, &mut [&mut [0u8; 1][..]], deadline, 1, &mut done);
         assert!(matches!(r, Err(Fail::Closed)));
+    }
+
+    /// What an observer saw, per part, concatenated; and the largest piece it was shown.
+    fn seen(parts: usize) -> (Vec<Vec<u8>>, usize) {
+        (vec![Vec::new(); parts], 0)
+    }
+
+    #[test]
+    fn observers_see_every_byte_once_in_order_in_small_pieces() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        // Larger than the socket buffers, so that sends come back short; parts of odd sizes.
+        let data: Vec<u8> = (0..9_000_017u32).map(|i| (i % 253) as u8).collect();
+        let cuts = [0, 1, 1, 300_001, 8_000_000, data.len()];
+        let d2 = data.clone();
+        let t = std::thread::spawn(move || {
+            let s = TcpStream::connect(addr).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let parts: Vec<&[u8]> = cuts.windows(2).map(|w| &d2[w[0]..w[1]]).collect();
+            let (mut got, mut largest) = seen(parts.len());
+            let mut observe = |i: usize, piece: &[u8]| {
+                got[i].extend_from_slice(piece);
+                largest = largest.max(piece.len());
+            };
+            let mut done = 0;
+            write_full_observed(&s, &parts, deadline, 4 << 20, &mut done, Some(&mut observe))
+                .unwrap();
+            assert_eq!(done, d2.len() as u64);
+            for (g, p) in got.iter().zip(&parts) {
+                assert_eq!(g, p);
+            }
+            assert!(largest <= OBSERVE_GRAIN, "a piece of {largest} bytes");
+        });
+        let (s, _) = l.accept().unwrap();
+        let mut out = vec![0u8; data.len()];
+        let mut parts: Vec<&mut [u8]> = Vec::new();
+        let mut rest = &mut out[..];
+        for w in cuts.windows(2) {
+            let (a, b) = rest.split_at_mut(w[1] - w[0]);
+            parts.push(a);
+            rest = b;
+        }
+        let (mut got, mut largest) = seen(parts.len());
+        let mut observe = |i: usize, piece: &[u8]| {
+            got[i].extend_from_slice(piece);
+            largest = largest.max(piece.len());
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        read_full_observed(
+            &s,
+            &mut parts,
+            deadline,
+            4 << 20,
+            &mut 0,
+            Some(&mut observe),
+        )
+        .unwrap();
+        t.join().unwrap();
+        assert_eq!(out, data);
+        for (g, w) in got.iter().zip(cuts.windows(2)) {
+            assert_eq!(g[..], data[w[0]..w[1]]);
+        }
+        assert!(largest <= OBSERVE_GRAIN, "a piece of {largest} bytes");
     }
 }
