@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use super::stash::Stash;
 use super::wait_until;
 use super::wire::{
-    peek_exact, read_full, read_full_observed, read_header, write_full, write_full_observed, Fail,
-    Header, FRAME_HEADER_LEN,
+    peek_exact, read_full, read_full_observed, read_header, write_full_observed, Fail, Header,
+    FRAME_HEADER_LEN,
 };
 use super::{total_len, Dest, Observer, PgError};
 
