@@ -352,7 +352,7 @@ mod tests {
     }
 
     #[test]
-    fn observers_see_every_byte_once_in_order_in_small_pieces() {
+    fn observers_see_every_byte_once_in_order() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         // Larger than the socket buffers, so that sends come back short; parts of odd sizes.
