@@ -4,14 +4,14 @@
 //!
 //! Threads: the sender runs one thread per destination ([`SendWorkers`]), so destinations proceed in
 //! parallel, and a destination that fails stops only its own stream ([`Error::Destinations`]); the
-//! first destination's thread hashes each message as it sends it, piece by piece (at most
-//! [`crate::pg::OBSERVE_GRAIN`], which fits in L2), each piece right before the system call that
-//! copies it, so that the kernel reads it from cache ([`ProcessGroup::send_observed`]); in Direct
+//! first destination's thread hashes each message as it sends it, each system call's bytes right
+//! before the call, so that the kernel reads them from cache ([`ProcessGroup::send_observed`]); in Direct
 //! fan-out to several destinations a thread of its own hashes, so that the others' trailer does not
 //! wait on a stalled destination. The receiver ([`Landing`]) receives on the calling thread straight
-//! into the destination memory ([`ReceiveMemory`]) and hashes each piece right after the system call
-//! that wrote it, on the same core, while it is in cache ([`ProcessGroup::recv_into_observed`]): hashing
-//! cold bytes after a whole message landed ran at DRAM speed. A second thread casts what has landed,
+//! into the destination memory ([`ReceiveMemory`]) and hashes each piece (at most
+//! [`crate::pg::OBSERVE_GRAIN`], which fits in L2) right after the system call that wrote it, on the
+//! same core, while it is in cache ([`ProcessGroup::recv_into_observed`]): hashing cold bytes after a
+//! whole message landed ran at DRAM speed. A second thread casts what has landed,
 //! and a third forwards it in chain fan-out, so neither delays the next receive; a forward that fails
 //! stops the forwarding, not the receive ([`TransferStats::forward_failed`]).
 //!

@@ -145,10 +145,11 @@ pub trait ProcessGroup: Send + Sync {
     }
 
     /// [`ProcessGroup::send`], showing `observe` every byte of `parts` once, in order, as
-    /// `(part index, piece)`, before it is handed to the OS. A group that streams calls it piece by
-    /// piece (at most [`OBSERVE_GRAIN`] bytes) right before writing that piece, so that an observer
-    /// which reads the bytes (a hasher) leaves them in cache for the kernel's copy. The default shows
-    /// every part, then sends. After an error the observer may have seen any prefix of the message.
+    /// `(part index, piece)`, before it is handed to the OS. A group that streams calls it with each
+    /// system call's bytes (TCP: at most [`TcpTuning::chunk_size`]) right before that call, so that an
+    /// observer which reads the bytes (a hasher) leaves them in cache for the kernel's copy. The
+    /// default shows every part, then sends. After an error the observer may have seen any prefix of
+    /// the message.
     fn send_observed(
         &self,
         dst: u32,
@@ -193,9 +194,9 @@ pub trait ProcessGroup: Send + Sync {
 /// and [`ProcessGroup::recv_into_observed`].
 pub type Observer<'a> = dyn FnMut(usize, &[u8]) + 'a;
 
-/// The largest piece a streaming group shows an [`Observer`] at once: it fits in a core's L2 cache
-/// (256 KiB on older Intel cores, 512 KiB–2 MiB on newer ones and on AMD's), so that the observer
-/// reads bytes the system call has just written or is about to read from cache, not from DRAM.
+/// The largest piece a streaming group's receive shows an [`Observer`] at once: it fits in a core's
+/// L2 cache (256 KiB on older Intel cores, 512 KiB–2 MiB on newer ones and on AMD's), so that the
+/// observer reads the bytes the system call has just written from cache, not from DRAM.
 pub const OBSERVE_GRAIN: usize = 256 << 10;
 
 /// A shared or boxed group is a group: several `Transport`s (or other users) can share one, and a
