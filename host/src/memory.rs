@@ -1025,6 +1025,7 @@ impl<'a> ReceiveMemory<'a> {
                     t.thread().unpark();
                 }
             }
+            self.wait_for_prefaulter(region, &range);
         }
         let ptr = region.base.as_ptr();
         // SAFETY: `range` is within the region, whose memory lives (unmoved) as long as `self`. The
@@ -1033,6 +1034,33 @@ impl<'a> ReceiveMemory<'a> {
         // before this claim, counted in flight, has returned and its slice is gone (`settle`). The
         // background thread no longer touches them (see the type's docs).
         Ok(unsafe { std::slice::from_raw_parts_mut(ptr.add(range.start), range.len()) })
+    }
+
+    /// Waits until the prefaulter has mapped the claimed range (or as much of it as its window
+    /// allows), so that the write never faults pages itself. A receiver that writes faster than
+    /// pages fault (MPI's single-copy receive: ~5.6 GB/s here, against ~3.3 GB/s of
+    /// `MADV_POPULATE_WRITE`) otherwise caught up with the prefaulter and both faulted the same
+    /// pages at once, each fault slower than either alone (`mpi_bench … fresh`: 0.63 s for 1 GiB,
+    /// TCP 0.40 s; `docs/perf.md`). Only for the kernel methods: with `Touch` the prefaulter skips
+    /// what is claimed anyway.
+    fn wait_for_prefaulter(&self, region: &Region, range: &Range<usize>) {
+        if self.thread.is_none() || self.shared.method == PrefaultMethod::Touch {
+            return;
+        }
+        let sh = &self.shared;
+        let hint = sh.hint.load(Ordering::SeqCst);
+        let want = (region.start + range.end as u64).min(hint.saturating_add(sh.window));
+        let mut spins = 0u32;
+        while sh.progress.load(Ordering::Acquire) < want && !sh.done.load(Ordering::Acquire) {
+            spins += 1;
+            // Yield first: on a busy machine a sleeping receiver wakes late (its core goes to
+            // others), a yielding one stays runnable and lets the prefaulter run meanwhile.
+            if spins < 64 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+        }
     }
 
     /// Undoes a claim of `write` whose slice is gone or was never handed out (the frontier goes back
@@ -1107,11 +1135,17 @@ fn run(sh: &Shared) {
     let mut pos = 0u64; // in receive order
     let mut r = 0usize; // region containing `pos`
     while pos < sh.total && !sh.stop.load(Ordering::Relaxed) {
-        // The receiver started writing at `hint`: resume one step past it rather than fault the
-        // pages it is faulting right now.
+        // The receiver started writing at `hint`, ahead of us. With the kernel methods it waits for
+        // us from there on (`wait_for_prefaulter`): resume there. With `Touch` it does not: resume
+        // one step past it rather than fault the pages it is faulting right now.
         let hint = sh.hint.load(Ordering::SeqCst);
         if hint > 0 && hint >= pos {
-            pos = (hint + sh.step as u64).min(sh.total);
+            let ahead = if sh.method == PrefaultMethod::Touch {
+                sh.step as u64
+            } else {
+                0
+            };
+            pos = (hint + ahead).min(sh.total);
         }
         // Never more than `window` ahead of the receiver: wait for it there.
         let limit = hint.saturating_add(sh.window);

@@ -54,9 +54,13 @@ fn demo_delivers_every_byte_to_three_receivers_in_both_fanout_modes() {
     }
 }
 
-/// `pgt bench --scenario S --bytes B --repeat 1 --json`, which must succeed; its JSON line.
+/// `pgt bench --scenario S --bytes B --repeat 1 --json [extra…]`, which must succeed; its JSON line.
 fn bench_json(scenario: &str, bytes: &str) -> serde_json::Value {
-    let out = pgt(&[
+    bench_json_with(scenario, bytes, &[])
+}
+
+fn bench_json_with(scenario: &str, bytes: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
         "bench",
         "--scenario",
         scenario,
@@ -65,7 +69,9 @@ fn bench_json(scenario: &str, bytes: &str) -> serde_json::Value {
         "--repeat",
         "1",
         "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let out = pgt(&args);
     assert!(
         out.status.success(),
         "{}",
@@ -89,6 +95,12 @@ fn bench_prints_the_json_contract() {
         "sender_rss_growth_bytes",
         "receiver_rss_growth_bytes",
         "verified",
+        "floor_seconds",
+        "floor_cpu_seconds",
+        "ratio_to_floor",
+        "raw_cpu_seconds",
+        "cpu_model",
+        "pg",
     ] {
         assert!(v.get(key).is_some(), "missing {key}: {v}");
     }
@@ -108,4 +120,31 @@ fn bench_large_pooled_times_a_receive_into_recycled_buffers() {
     // The timed receive reuses the first one's 16 MiB: its resident memory hardly grows.
     let growth = v["receiver_rss_growth_bytes"].as_u64().unwrap();
     assert!(growth < 8 << 20, "receiver grew {growth} bytes: {v}");
+}
+
+/// Every scenario kind's floor runs with pgt: fresh and touched memory, one stream of many leaves,
+/// chain relay and direct fan-out; the line has the floor's figures, and the floor's receivers
+/// checked every byte too (`verified` covers both).
+#[test]
+fn bench_measures_each_scenario_against_its_floor() {
+    for (scenario, bytes, extra) in [
+        ("large", "8MiB", &[][..]),
+        ("large-inplace", "8MiB", &[][..]),
+        ("fanout", "8MiB", &["--chunk-size", "1MiB"][..]),
+        ("fanout", "8MiB", &["--fanout", "direct"][..]),
+        ("mixed", "4MiB", &[][..]),
+    ] {
+        let v = bench_json_with(scenario, bytes, extra);
+        let what = format!("{scenario} {extra:?}: {v}");
+        assert_eq!(v["verified"], true, "{what}");
+        assert_eq!(v["pg"], "tcp", "{what}");
+        let floor = v["floor_seconds"].as_f64().unwrap();
+        assert!(floor > 0.0 && floor < 30.0, "{what}");
+        assert!(v["floor_cpu_seconds"].as_f64().unwrap() > 0.0, "{what}");
+        let ratio = v["ratio_to_floor"].as_f64().unwrap();
+        assert!(ratio.is_finite() && ratio > 0.0, "{what}");
+        let expected = floor / v["seconds"].as_f64().unwrap();
+        assert!((ratio - expected).abs() < 0.01 + expected * 0.01, "{what}");
+        assert!(!v["cpu_model"].as_str().unwrap().is_empty(), "{what}");
+    }
 }

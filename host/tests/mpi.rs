@@ -161,3 +161,52 @@ fn a_failing_rank_ends_the_cli_job_at_once() {
     assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `pgt bench --pg mpi` inside one `mpirun` job: rank 0 prints the one line, with the floor measured
+/// over the same MPI group (chain relay across the 3 ranks), every byte checked by pgt and floor.
+#[test]
+fn bench_runs_pgt_and_its_floor_inside_one_mpi_job() {
+    let out = mpirun(&[
+        "-n",
+        "3",
+        PGT,
+        "bench",
+        "--pg",
+        "mpi",
+        "--scenario",
+        "fanout",
+        "--bytes",
+        "8MiB",
+        "--chunk-size",
+        "1MiB",
+        "--repeat",
+        "2",
+        "--json",
+    ]);
+    let stdout = assert_ok(&out, "pgt bench --pg mpi");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(lines[0]).expect("JSON");
+    assert_eq!(v["pg"], "mpi", "{v}");
+    assert_eq!(v["world_size"], 3, "{v}");
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(v["floor_runs"].as_array().map(Vec::len), Some(2), "{v}");
+    assert!(v["floor_seconds"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["ratio_to_floor"].as_f64().unwrap().is_finite(), "{v}");
+
+    // A job of the wrong size fails with a message that says what to run.
+    let out = mpirun(&[
+        "-n",
+        "2",
+        PGT,
+        "bench",
+        "--pg",
+        "mpi",
+        "--scenario",
+        "fanout",
+        "--json",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("mpirun -n 3"), "{stderr}");
+}

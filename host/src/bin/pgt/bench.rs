@@ -7,6 +7,13 @@
 //! `recv_checkpoint` returned —
 //! metadata decoded and validated, every storage landed and its digest checked. Afterwards (off the
 //! clock) the receiver checks every byte against the generator's pattern: `verified`.
+//!
+//! Each repetition runs pgt and the scenario's floor (`floor.rs`: the same bytes over the same kind
+//! of group and topology, into the same kind of memory, by a plain send/recv loop), taking turns
+//! going first, then raw
+//! loopback TCP (`raw_loopback_gbps`); the line reports medians and `ratio_to_floor` = floor
+//! seconds / pgt seconds. With `--pg tcp` every run is a fresh local job of real processes; with
+//! `--pg mpi` the bench runs inside an `mpirun` job whose ranks do every run in turn.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,9 +26,10 @@ use pgt_host::pg::{raw_loopback_gbps, ProcessGroup};
 use pgt_host::state_dict::StateDict;
 use pgt_host::synthetic::{self, Shape};
 use pgt_host::transport::Transport;
-use serde_json::json;
+use serde_json::{json, Value};
 
-use crate::common::{self, FanOutArg, GroupArgs, TransferArgs};
+use crate::common::{self, FanOutArg, GroupArgs, PgArg, TransferArgs};
+use crate::floor::Floor;
 
 /// Benchmark scenarios.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -83,6 +91,40 @@ impl Scenario {
         }
     }
 
+    /// This scenario's floor (see `floor.rs`): its storages (or, for the many-leaf dicts, one stream
+    /// of all their bytes), in pgt's message sizes, into the same kind of memory.
+    fn floor(self, bytes: u64, transfer: &TransferArgs, receivers: u32) -> Floor {
+        let shape = self.shape(bytes);
+        let (regions, message) = match self {
+            Scenario::Small | Scenario::SmallInplace => (
+                vec![synthetic::total_bytes(&shape) as usize],
+                transfer.bucket_size,
+            ),
+            Scenario::Mixed => (
+                vec![synthetic::total_bytes(&shape) as usize],
+                transfer.chunk_size,
+            ),
+            _ => (
+                shape
+                    .leaves
+                    .iter()
+                    .flat_map(|l| l.storages())
+                    .map(|s| s.nbytes as usize)
+                    .collect(),
+                transfer.chunk_size,
+            ),
+        };
+        Floor {
+            regions,
+            message: message as usize,
+            fresh: !matches!(
+                self,
+                Scenario::LargeInplace | Scenario::SmallInplace | Scenario::LargePooled
+            ),
+            chain: receivers > 1 && transfer.fanout == FanOutArg::Chain,
+        }
+    }
+
     fn name(self) -> String {
         format!("{self:?}")
             .chars()
@@ -111,9 +153,13 @@ pub struct BenchArgs {
     /// Print one JSON line (else a short summary).
     #[arg(long)]
     pub json: bool,
-    /// Runs (each paired with a raw-TCP measurement); figures are medians.
+    /// Runs (each followed by a floor run and a raw-TCP measurement); figures are medians.
     #[arg(long, default_value_t = 3)]
     pub repeat: u32,
+    /// Process group: `tcp` spawns the ranks on loopback; `mpi` is one rank of an `mpirun` job of
+    /// receivers + 1 ranks (every rank runs `pgt bench --pg mpi …`; rank 0 prints).
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub pg: PgArg,
     #[command(flatten)]
     pub transfer: TransferArgs,
 }
@@ -125,18 +171,23 @@ pub struct WorkerArgs {
     scenario: Scenario,
     #[arg(long)]
     bytes: u64,
+    /// Run the scenario's floor (see `floor.rs`) instead of pgt.
+    #[arg(long)]
+    floor: bool,
     #[command(flatten)]
     group: GroupArgs,
     #[command(flatten)]
     transfer: TransferArgs,
 }
 
-/// Runs a local job for `scenario` and returns each rank's report (rank 0 first).
+/// Runs a local job for `scenario` (pgt, or its floor) and returns each rank's report (rank 0
+/// first).
 pub fn run_job(
     scenario: Scenario,
     bytes: u64,
     receivers: u32,
     transfer: &TransferArgs,
+    floor: bool,
 ) -> Result<Vec<serde_json::Value>> {
     let children = common::spawn_local_job(receivers + 1, |_| {
         let mut a = vec![
@@ -147,10 +198,36 @@ pub fn run_job(
             bytes.to_string(),
             "--quiet".into(),
         ];
+        if floor {
+            a.push("--floor".into());
+        }
         a.extend(transfer.to_args().into_iter().filter(|x| x != "--quiet"));
         a
     })?;
     common::collect_reports(children)
+}
+
+/// Every run of one invocation: each repetition is a pgt run and a floor run (taking turns going
+/// first) and then a raw loopback measurement, so that all three see the same machine state.
+#[derive(Default)]
+struct Runs {
+    /// Each pgt run's reports, rank 0 first.
+    pgt: Vec<Vec<Value>>,
+    /// Each floor run's reports, rank 0 first.
+    floor: Vec<Vec<Value>>,
+    raw_gbps: Vec<f64>,
+    raw_cpu: Vec<f64>,
+}
+
+impl Runs {
+    /// Raw loopback TCP (two threads of this process): `raw_loopback_gbps`.
+    fn measure_raw(&mut self, bytes: u64) -> Result<()> {
+        let cpu_before = common::cpu_seconds();
+        self.raw_gbps
+            .push(raw_loopback_gbps(bytes).context("measuring raw loopback TCP")?);
+        self.raw_cpu.push(common::cpu_seconds() - cpu_before);
+        Ok(())
+    }
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -163,30 +240,162 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let receivers = args.receivers.unwrap_or(args.scenario.receivers());
     ensure!(receivers >= 1, "--receivers must be at least 1");
+    let bytes = synthetic::total_bytes(&args.scenario.shape(args.bytes));
+    let runs = match args.pg {
+        PgArg::Tcp => {
+            let mut runs = Runs::default();
+            for rep in 0..args.repeat.max(1) {
+                // Which of pgt and floor goes first alternates: the second one runs while the
+                // kernel (and this VM's host, which takes freed memory back) still reclaims the
+                // first one's gigabyte, which measurably slowed whichever always came second.
+                for floor in [rep % 2 == 1, rep % 2 == 0] {
+                    let reports = run_job(args.scenario, args.bytes, receivers, &transfer, floor)?;
+                    if floor {
+                        runs.floor.push(reports);
+                    } else {
+                        runs.pgt.push(reports);
+                    }
+                }
+                runs.measure_raw(bytes)?;
+            }
+            runs
+        }
+        PgArg::Mpi => {
+            // Under MPI the launcher gives the ranks: none of the TCP rendezvous fields are used.
+            let group = GroupArgs {
+                pg: PgArg::Mpi,
+                rank: None,
+                world_size: None,
+                master_addr: String::new(),
+                master_port: 0,
+                token: None,
+                listen_host: None,
+            };
+            let runs = common::end_job_on_error(
+                &group,
+                run_mpi(&args, &group, receivers, &transfer, bytes),
+            )?;
+            match runs {
+                Some(runs) => runs,
+                // Not rank 0: rank 0 reports.
+                None => return Ok(()),
+            }
+        }
+    };
+    report(&args, &transfer, receivers, &runs)
+}
+
+/// `--pg mpi`: this process is one rank of the job; every rank runs the same repetitions. Rank 0
+/// gathers every rank's reports and gets them back; the other ranks get `None`. The raw measurement
+/// is loopback TCP on rank 0 alone (MPI has no "raw" of its own here: the floor is MPI's raw), while
+/// the others wait at the next run's barrier.
+fn run_mpi(
+    args: &BenchArgs,
+    group: &GroupArgs,
+    receivers: u32,
+    transfer: &TransferArgs,
+    bytes: u64,
+) -> Result<Option<Runs>> {
+    let pg = group.connect(Duration::from_secs(120))?;
+    let pg: &dyn ProcessGroup = &*pg;
+    ensure!(
+        pg.size() == receivers + 1,
+        "{} needs {} ranks (`mpirun -n {}`), this job has {}",
+        args.scenario.name(),
+        receivers + 1,
+        receivers + 1,
+        pg.size()
+    );
+    let timeout = transfer.timeout()?;
+    let floor = args.scenario.floor(args.bytes, transfer, receivers);
+    let mut runs = Runs::default();
+    for rep in 0..args.repeat.max(1) {
+        // pgt and floor take turns going first, as with `--pg tcp`.
+        let (mut pgt, mut floor_reports) = (None, None);
+        for run_floor in [rep % 2 == 1, rep % 2 == 0] {
+            if run_floor {
+                floor_reports = gather(pg, floor.run_rank(pg, timeout)?, timeout)?;
+            } else {
+                let report = pgt_rank(pg, args.scenario, args.bytes, transfer)?;
+                pgt = gather(pg, report, timeout)?;
+            }
+        }
+        let floor = floor_reports;
+        if let (Some(pgt), Some(floor)) = (pgt, floor) {
+            check_verified(&pgt)?;
+            check_verified(&floor)?;
+            runs.pgt.push(pgt);
+            runs.floor.push(floor);
+            runs.measure_raw(bytes)?;
+        }
+    }
+    Ok((pg.rank() == 0).then_some(runs))
+}
+
+/// Tag of the reports sent to rank 0 under `--pg mpi`.
+const REPORT_TAG: u64 = u64::MAX - 3;
+
+/// Every rank's report, rank 0 first, on rank 0 (`None` on the others).
+fn gather(pg: &dyn ProcessGroup, report: Value, timeout: Duration) -> Result<Option<Vec<Value>>> {
+    if pg.rank() != 0 {
+        pg.send(0, REPORT_TAG, &[report.to_string().as_bytes()], timeout)?;
+        return Ok(None);
+    }
+    let mut reports = vec![report];
+    for r in 1..pg.size() {
+        let bytes = pg.recv_vec(r, REPORT_TAG, 1 << 20, timeout)?;
+        reports.push(serde_json::from_slice(&bytes).context("a rank's report")?);
+    }
+    Ok(Some(reports))
+}
+
+fn check_verified(reports: &[Value]) -> Result<()> {
+    for r in reports.iter().skip(1) {
+        ensure!(
+            r["verified"] == json!(true),
+            "rank {} did not verify every byte",
+            r["rank"]
+        );
+    }
+    Ok(())
+}
+
+/// The CPU model (`model name` in /proc/cpuinfo), or "unknown".
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Prints the invocation's line from its runs.
+fn report(args: &BenchArgs, transfer: &TransferArgs, receivers: u32, runs: &Runs) -> Result<()> {
     let shape = args.scenario.shape(args.bytes);
     let bytes = synthetic::total_bytes(&shape);
-    // Runs alternate with plain loopback TCP over the same bytes, measured in this invocation, so that
-    // both see the same machine state; the figures are medians over the runs (a 2-core machine is noisy).
-    let mut raws = Vec::new();
-    let mut raw_cpus = Vec::new();
-    let mut runs = Vec::new();
-    for _ in 0..args.repeat.max(1) {
-        // The raw transfer's two threads are all this process runs meanwhile.
-        let cpu_before = common::cpu_seconds();
-        raws.push(raw_loopback_gbps(bytes).context("measuring raw loopback TCP")?);
-        raw_cpus.push(common::cpu_seconds() - cpu_before);
-        runs.push(run_job(args.scenario, args.bytes, receivers, &transfer)?);
-    }
-    let raw_gbps = median(raws.clone());
-    let run_seconds: Vec<f64> = runs.iter().map(|r| slowest_receiver(r)).collect();
+    let raw_gbps = median(runs.raw_gbps.clone());
+    let run_seconds: Vec<f64> = runs.pgt.iter().map(|r| slowest_receiver(r)).collect();
+    let floor_seconds: Vec<f64> = runs.floor.iter().map(|r| slowest_receiver(r)).collect();
     let seconds = median(run_seconds.clone());
+    let floor = median(floor_seconds.clone());
     let gbps = bytes as f64 / seconds / 1e9;
-    let receivers_of = |r: &Vec<serde_json::Value>| r.iter().skip(1).cloned().collect::<Vec<_>>();
-    let all_receivers: Vec<serde_json::Value> = runs.iter().flat_map(receivers_of).collect();
+    let receivers_of = |r: &Vec<Value>| r.iter().skip(1).cloned().collect::<Vec<_>>();
+    let all_receivers: Vec<Value> = runs.pgt.iter().flat_map(receivers_of).collect();
     let verified = all_receivers
         .iter()
+        .chain(
+            runs.floor
+                .iter()
+                .flat_map(receivers_of)
+                .collect::<Vec<_>>()
+                .iter(),
+        )
         .all(|r| r["verified"].as_bool() == Some(true));
-    let max_of = |reports: &[serde_json::Value]| {
+    let max_of = |reports: &[Value]| {
         reports
             .iter()
             .filter_map(|r| r["rss_growth_bytes"].as_u64())
@@ -194,7 +403,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .unwrap_or(0)
     };
     let receiver_rss = max_of(&all_receivers);
-    let senders: Vec<serde_json::Value> = runs.iter().filter_map(|r| r.first().cloned()).collect();
+    let senders: Vec<Value> = runs.pgt.iter().filter_map(|r| r.first().cloned()).collect();
     let sender_rss = max_of(&senders);
     let metadata_seconds = median(
         all_receivers
@@ -209,7 +418,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .collect(),
     );
     // CPU seconds (all threads) over the timed window: on a CPU-bound machine they say where time goes.
-    let cpu_of = |reports: &[serde_json::Value]| {
+    let cpu_of = |reports: &[Value]| {
         median(
             reports
                 .iter()
@@ -217,13 +426,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 .collect(),
         )
     };
-    let total_cpu = median(
-        runs.iter()
-            .map(|r| r.iter().filter_map(|x| x["cpu_seconds"].as_f64()).sum())
-            .collect(),
-    );
+    let total_cpu_of = |runs: &[Vec<Value>]| {
+        median(
+            runs.iter()
+                .map(|r| r.iter().filter_map(|x| x["cpu_seconds"].as_f64()).sum())
+                .collect(),
+        )
+    };
     let line = json!({
         "scenario": args.scenario.name(),
+        "pg": format!("{:?}", args.pg).to_lowercase(),
         "world_size": receivers + 1,
         "bytes": bytes,
         "tensors": synthetic::storage_count(&shape),
@@ -231,6 +443,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "gbps": round(gbps, 3),
         "raw_gbps": round(raw_gbps, 3),
         "ratio": round(gbps / raw_gbps, 3),
+        "floor_seconds": round(floor, 4),
+        "ratio_to_floor": round(floor / seconds, 3),
         "sender_rss_growth_bytes": sender_rss,
         "receiver_rss_growth_bytes": receiver_rss,
         "verified": verified,
@@ -241,22 +455,28 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "staged_copy_seconds": round(staged_copy_seconds, 4),
         "sender_cpu_seconds": round(cpu_of(&senders), 4),
         "receiver_cpu_seconds": round(cpu_of(&all_receivers), 4),
-        "total_cpu_seconds": round(total_cpu, 4),
-        "raw_cpu_seconds": round(median(raw_cpus), 4),
+        "total_cpu_seconds": round(total_cpu_of(&runs.pgt), 4),
+        "floor_cpu_seconds": round(total_cpu_of(&runs.floor), 4),
+        "raw_cpu_seconds": round(median(runs.raw_cpu.clone()), 4),
         "runs": run_seconds.iter().map(|s| round(*s, 4)).collect::<Vec<_>>(),
-        "raw_runs": raws.iter().map(|g| round(*g, 3)).collect::<Vec<_>>(),
+        "floor_runs": floor_seconds.iter().map(|s| round(*s, 4)).collect::<Vec<_>>(),
+        "raw_runs": runs.raw_gbps.iter().map(|g| round(*g, 3)).collect::<Vec<_>>(),
+        "cpu_model": cpu_model(),
     });
     if args.json {
         println!("{line}");
     } else {
         println!(
-            "{}: {} bytes in {:.3} s = {:.2} GB/s ({:.2}x raw loopback {:.2} GB/s), verified: {}",
+            "{}: {} bytes in {:.3} s = {:.2} GB/s ({:.2}x raw loopback {:.2} GB/s; floor {:.3} s, \
+             {:.2}x of it), verified: {}",
             args.scenario.name(),
             bytes,
             seconds,
             gbps,
             gbps / raw_gbps,
             raw_gbps,
+            floor,
+            floor / seconds,
             verified
         );
     }
@@ -292,30 +512,63 @@ fn round(x: f64, digits: i32) -> f64 {
 const READY_TAG: u64 = u64::MAX - 1;
 const GO_TAG: u64 = u64::MAX - 2;
 
+/// The sender's half of the start barrier: waits until every receiver in `receivers` is ready, then
+/// tells each to go.
+pub fn sender_barrier(pg: &dyn ProcessGroup, receivers: &[u32], timeout: Duration) -> Result<()> {
+    for &d in receivers {
+        pg.recv_into(d, READY_TAG, &mut [], timeout)
+            .with_context(|| format!("waiting for rank {d} to be ready"))?;
+    }
+    for &d in receivers {
+        pg.send(d, GO_TAG, &[], timeout)?;
+    }
+    Ok(())
+}
+
+/// A receiver's half of the start barrier: says it is ready, waits for "go".
+pub fn receiver_barrier(pg: &dyn ProcessGroup, timeout: Duration) -> Result<()> {
+    pg.send(0, READY_TAG, &[], timeout)?;
+    pg.recv_into(0, GO_TAG, &mut [], timeout)
+        .context("waiting for the sender to start")?;
+    Ok(())
+}
+
 pub fn worker(args: WorkerArgs) -> Result<()> {
-    let shape = args.scenario.shape(args.bytes);
-    let options = args.transfer.options()?;
-    let timeout = options.timeout;
     let pg = args.group.connect(Duration::from_secs(120))?;
+    let report = if args.floor {
+        let receivers = pg.size() - 1;
+        let floor = args.scenario.floor(args.bytes, &args.transfer, receivers);
+        floor.run_rank(&*pg, args.transfer.timeout()?)?
+    } else {
+        pgt_rank(&*pg, args.scenario, args.bytes, &args.transfer)?
+    };
+    println!("{report}");
+    if report["verified"] == json!(false) {
+        bail!("rank {} did not verify every byte", pg.rank());
+    }
+    Ok(())
+}
+
+/// One rank's part of a pgt run of `scenario` over `pg` (rank 0 sends); its report.
+fn pgt_rank(
+    pg: &dyn ProcessGroup,
+    scenario: Scenario,
+    bytes: u64,
+    transfer: &TransferArgs,
+) -> Result<Value> {
+    let shape = scenario.shape(bytes);
+    let options = transfer.options()?;
+    let timeout = options.timeout;
     let rank = pg.rank();
     let world = pg.size();
-    let rounds = args.scenario.rounds();
+    let rounds = scenario.rounds();
     let report = if rank == 0 {
         let sd = synthetic::materialize(&shape)?;
         let dsts: Vec<u32> = (1..world).collect();
         let transport = Transport::new(pg, options);
         let mut report = json!(null);
         for _ in 0..rounds {
-            for &d in &dsts {
-                let mut ready = [0u8; 0];
-                transport
-                    .process_group()
-                    .recv_into(d, READY_TAG, &mut [&mut ready[..]], timeout)
-                    .with_context(|| format!("waiting for rank {d} to be ready"))?;
-            }
-            for &d in &dsts {
-                transport.process_group().send(d, GO_TAG, &[], timeout)?;
-            }
+            sender_barrier(pg, &dsts, timeout)?;
             common::reset_peak_rss();
             let before = common::rss_bytes();
             let cpu_before = common::cpu_seconds();
@@ -331,7 +584,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         }
         report
     } else {
-        let mut target = if args.scenario.in_place() {
+        let mut target = if scenario.in_place() {
             Some(synthetic::materialize_blank(&shape)?)
         } else {
             None
@@ -339,7 +592,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         let mut options = options;
         options.staged = args.scenario == Scenario::LargeInplaceStaged;
         let pool =
-            (args.scenario == Scenario::LargePooled).then(|| Arc::new(BufferPool::new(usize::MAX)));
+            (scenario == Scenario::LargePooled).then(|| Arc::new(BufferPool::new(usize::MAX)));
         options.pool = pool.clone();
         let transport = Transport::new(pg, options);
         let mut received = None;
@@ -350,12 +603,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             }
             common::reset_peak_rss();
             let before = common::rss_bytes();
-            transport.process_group().send(0, READY_TAG, &[], timeout)?;
-            let mut go = [0u8; 0];
-            transport
-                .process_group()
-                .recv_into(0, GO_TAG, &mut [&mut go[..]], timeout)
-                .context("waiting for the sender to start")?;
+            receiver_barrier(pg, timeout)?;
             let start = Instant::now();
             let cpu_before = common::cpu_seconds();
             let (metadata_seconds, staged_copy_seconds) = match target.as_mut() {
@@ -391,9 +639,5 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         round_report["verified_bytes"] = json!(verified.as_ref().ok());
         round_report
     };
-    println!("{report}");
-    if report["verified"] == json!(false) {
-        bail!("rank {rank} did not verify every byte");
-    }
-    Ok(())
+    Ok(report)
 }

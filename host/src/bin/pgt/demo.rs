@@ -48,7 +48,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
         }
     );
     let raw = raw_loopback_gbps(bytes).context("measuring raw loopback TCP")?;
-    let reports = run_job(Scenario::Mixed, args.size, args.receivers, &args.transfer)?;
+    let reports = run_job(
+        Scenario::Mixed,
+        args.size,
+        args.receivers,
+        &args.transfer,
+        false,
+    )?;
     println!();
     println!(
         "{:>4}  {:<8}  {:>9}  {:>7}  {:>8}  {:>12}  {:>9}",

@@ -4,6 +4,7 @@
 mod bench;
 mod common;
 mod demo;
+mod floor;
 mod inspect;
 mod send_recv;
 
