@@ -590,7 +590,7 @@ fn pgt_rank(
             None
         };
         let mut options = options;
-        options.staged = args.scenario == Scenario::LargeInplaceStaged;
+        options.staged = scenario == Scenario::LargeInplaceStaged;
         let pool =
             (scenario == Scenario::LargePooled).then(|| Arc::new(BufferPool::new(usize::MAX)));
         options.pool = pool.clone();
