@@ -2,13 +2,17 @@
 //! `ProcessGroup::recv_into_observed`): they equal the digests of the whole storages, whatever cuts
 //! the messages and pieces make, and a byte flipped inside a piece is caught.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use pgt_core::schema::{FanOut, PlanParams};
-use pgt_host::pg::{PgError, ProcessGroup, TcpOptions, TcpProcessGroup, OBSERVE_GRAIN};
+use pgt_host::pg::{ProcessGroup, TcpOptions, TcpProcessGroup, OBSERVE_GRAIN};
 use pgt_host::state_dict::StateDict;
 use pgt_host::synthetic::{self, Shape};
 use pgt_host::transport::{Transport, TransportOptions};
+
+mod common;
+use common::OnSend;
 
 fn tcp_groups(world: u32) -> Vec<TcpProcessGroup> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -106,50 +110,6 @@ fn piecewise_digests_verify_whatever_the_cuts() {
     }
 }
 
-/// Rank 0's group, flipping one byte, at `offset` of the payload, of the first message longer than
-/// that.
-struct FlipOne {
-    inner: TcpProcessGroup,
-    offset: usize,
-    flipped: std::sync::atomic::AtomicBool,
-}
-
-impl ProcessGroup for FlipOne {
-    fn rank(&self) -> u32 {
-        self.inner.rank()
-    }
-    fn size(&self) -> u32 {
-        self.inner.size()
-    }
-    fn send(&self, dst: u32, tag: u64, parts: &[&[u8]], timeout: Duration) -> Result<(), PgError> {
-        let len: usize = parts.iter().map(|p| p.len()).sum();
-        if len > self.offset && !self.flipped.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            let mut bytes = parts.concat();
-            bytes[self.offset] ^= 0x10;
-            return self.inner.send(dst, tag, &[&bytes], timeout);
-        }
-        self.inner.send(dst, tag, parts, timeout)
-    }
-    fn recv_into(
-        &self,
-        src: u32,
-        tag: u64,
-        parts: &mut [&mut [u8]],
-        timeout: Duration,
-    ) -> Result<(), PgError> {
-        self.inner.recv_into(src, tag, parts, timeout)
-    }
-    fn recv_vec(
-        &self,
-        src: u32,
-        tag: u64,
-        max: usize,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, PgError> {
-        self.inner.recv_vec(src, tag, max, timeout)
-    }
-}
-
 #[test]
 fn a_byte_flipped_inside_a_piece_is_caught() {
     // Four 4 MiB tensors, one per message: the flipped byte is in the first data message (the
@@ -157,10 +117,19 @@ fn a_byte_flipped_inside_a_piece_is_caught() {
     let shape = synthetic::large(16 << 20, 4);
     let offset = 3 * OBSERVE_GRAIN + OBSERVE_GRAIN / 2 + 1;
     let opts = options(FanOut::Direct, 4 << 20, 4 << 20);
-    let (_, results) = send_over_tcp(2, &shape, &opts, |pg| FlipOne {
+    // Rank 0's group flips the byte at `offset` of the payload of the first message longer than that.
+    let flipped = AtomicBool::new(false);
+    let (_, results) = send_over_tcp(2, &shape, &opts, |pg| OnSend {
         inner: pg,
-        offset,
-        flipped: Default::default(),
+        hook: move |pg: &TcpProcessGroup, dst, tag, parts: &[&[u8]], timeout| {
+            let len: usize = parts.iter().map(|p| p.len()).sum();
+            if len > offset && !flipped.swap(true, Ordering::SeqCst) {
+                let mut bytes = parts.concat();
+                bytes[offset] ^= 0x10;
+                return pg.send(dst, tag, &[&bytes], timeout);
+            }
+            pg.send(dst, tag, parts, timeout)
+        },
     });
     match &results[0] {
         Err(pgt_host::Error::Protocol(pgt_core::Error::DigestMismatch { path, .. })) => {

@@ -14,9 +14,12 @@ use std::time::{Duration, Instant};
 
 use pgt_core::schema::{FanOut, PlanParams};
 use pgt_host::pg::inproc::InProcLimits;
-use pgt_host::pg::{InProcessGroup, PgError, ProcessGroup, TcpOptions, TcpProcessGroup, TcpTuning};
+use pgt_host::pg::{InProcessGroup, ProcessGroup, TcpOptions, TcpProcessGroup, TcpTuning};
 use pgt_host::state_dict::{Entry, StateDict, Tensor};
 use pgt_host::transport::{Transport, TransportOptions};
+
+mod common;
+use common::OnSend;
 
 /// The stash may hold this much per peer …
 const STASH_LIMIT: usize = 1 << 20;
@@ -50,56 +53,6 @@ fn plan() -> PlanParams {
     }
 }
 
-/// A process group whose first data message (tag 3) of each of the first `stalls` transfers waits
-/// `STALL` before it goes out, as a sender stopped (SIGSTOP, a long GC pause) would.
-struct Stalling<P> {
-    inner: P,
-    stalls: u32,
-    stalled: std::sync::Mutex<u32>,
-    in_data: AtomicBool,
-}
-
-impl<P: ProcessGroup> ProcessGroup for Stalling<P> {
-    fn rank(&self) -> u32 {
-        self.inner.rank()
-    }
-    fn size(&self) -> u32 {
-        self.inner.size()
-    }
-    fn send(&self, dst: u32, tag: u64, parts: &[&[u8]], timeout: Duration) -> Result<(), PgError> {
-        if tag == 1 {
-            self.in_data.store(false, Ordering::SeqCst);
-        }
-        if tag == 3 && !self.in_data.swap(true, Ordering::SeqCst) {
-            let mut n = self.stalled.lock().unwrap();
-            if *n < self.stalls {
-                *n += 1;
-                drop(n);
-                std::thread::sleep(STALL);
-            }
-        }
-        self.inner.send(dst, tag, parts, timeout)
-    }
-    fn recv_into(
-        &self,
-        src: u32,
-        tag: u64,
-        parts: &mut [&mut [u8]],
-        timeout: Duration,
-    ) -> Result<(), PgError> {
-        self.inner.recv_into(src, tag, parts, timeout)
-    }
-    fn recv_vec(
-        &self,
-        src: u32,
-        tag: u64,
-        max: usize,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, PgError> {
-        self.inner.recv_vec(src, tag, max, timeout)
-    }
-}
-
 /// `e` and its sources on one line.
 fn with_sources(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
@@ -125,12 +78,27 @@ fn assert_same(got: &StateDict<'_>, want: &StateDict<'_>) {
 /// and every receive must either get the good transfer byte for byte or fail by a timeout (the
 /// stalled ones) — never because the stalled transfers' late data filled the stash.
 fn late_data_do_not_wedge_the_next_transfer<P: ProcessGroup>(sender: P, receiver: P, stalls: u32) {
+    // The first data message (tag 3) of each of the first `stalls` transfers waits `STALL` before it
+    // goes out, as a sender stopped (SIGSTOP, a long GC pause) would.
+    let (stalled, in_data) = (std::sync::Mutex::new(0), AtomicBool::new(false));
+    let stalling = move |pg: &P, dst, tag, parts: &[&[u8]], timeout| {
+        if tag == 1 {
+            in_data.store(false, Ordering::SeqCst);
+        }
+        if tag == 3 && !in_data.swap(true, Ordering::SeqCst) {
+            let mut n = stalled.lock().unwrap();
+            if *n < stalls {
+                *n += 1;
+                drop(n);
+                std::thread::sleep(STALL);
+            }
+        }
+        pg.send(dst, tag, parts, timeout)
+    };
     let sender = Transport::new(
-        Stalling {
+        OnSend {
             inner: sender,
-            stalls,
-            stalled: std::sync::Mutex::new(0),
-            in_data: AtomicBool::new(false),
+            hook: stalling,
         },
         TransportOptions {
             timeout: Duration::from_secs(30),

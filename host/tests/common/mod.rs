@@ -7,6 +7,52 @@ use pgt_host::state_dict::{Entry, StateDict, Tensor};
 use pgt_host::synthetic::{self, Shape};
 use pgt_host::transport::{Transport, TransportOptions};
 
+/// A process group that hands every send to `hook` (which may corrupt, stall or fail it before
+/// sending through the inner group) and passes everything else to `inner`: the one place tests
+/// write a fault into a group.
+#[allow(dead_code)] // each test crate that includes this module uses only some of it
+pub struct OnSend<P, F> {
+    pub inner: P,
+    pub hook: F,
+}
+
+impl<P, F> ProcessGroup for OnSend<P, F>
+where
+    P: ProcessGroup,
+    F: Fn(&P, u32, u64, &[&[u8]], Duration) -> Result<(), PgError> + Send + Sync,
+{
+    fn rank(&self) -> u32 {
+        self.inner.rank()
+    }
+    fn size(&self) -> u32 {
+        self.inner.size()
+    }
+    fn send(&self, dst: u32, tag: u64, parts: &[&[u8]], timeout: Duration) -> Result<(), PgError> {
+        (self.hook)(&self.inner, dst, tag, parts, timeout)
+    }
+    fn recv_into(
+        &self,
+        src: u32,
+        tag: u64,
+        parts: &mut [&mut [u8]],
+        timeout: Duration,
+    ) -> Result<(), PgError> {
+        self.inner.recv_into(src, tag, parts, timeout)
+    }
+    fn recv_vec(
+        &self,
+        src: u32,
+        tag: u64,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, PgError> {
+        self.inner.recv_vec(src, tag, max, timeout)
+    }
+    fn forget_prefix(&self, src: u32, prefix: [u8; 8]) -> Result<(), PgError> {
+        self.inner.forget_prefix(src, prefix)
+    }
+}
+
 /// What a [`Faulty`] group does to sends to its rank `to`.
 #[allow(dead_code)] // each test crate that includes this module uses only some of it
 pub enum Fault {
