@@ -6,7 +6,7 @@
 //! cut off. `faults.rs` does the same with real processes.
 
 mod common;
-use common::{Fault, Faulty};
+use common::{faulty, Fault};
 
 use std::time::{Duration, Instant};
 
@@ -36,22 +36,25 @@ fn shape() -> Shape {
 
 type Received = pgt_host::Result<(StateDict<'static>, TransferStats)>;
 
-/// Sends `shape()` from rank 0 of `world` ranks to `dsts` with `fanout`; `faulty` is the rank whose
+/// Sends `shape()` from rank 0 of `world` ranks to `dsts` with `fanout`; `faulty_rank` is the rank whose
 /// group misbehaves on its sends to rank `to` from tag `from_tag` on (rank 0: the sender). Receivers
 /// time out after 2 s. Returns the send's result and each receiver's (rank 1 first).
 fn transfer(
     world: u32,
     dsts: &[u32],
     fanout: FanOut,
-    (faulty, to, from_tag): (u32, u32, u64),
+    (faulty_rank, to, from_tag): (u32, u32, u64),
 ) -> (pgt_host::Result<TransferStats>, Vec<Received>) {
     let sd = synthetic::materialize(&shape()).unwrap();
     let sender_opts = options(fanout, Duration::from_secs(20));
     let recv_opts = options(fanout, Duration::from_secs(2));
-    let wrap = |pg: InProcessGroup| Faulty {
-        to: if pg_rank(&pg) == faulty { to } else { u32::MAX },
-        inner: pg,
-        fault: Fault::CloseFrom { tag: from_tag },
+    let wrap = |pg: InProcessGroup| {
+        let to = if pg_rank(&pg) == faulty_rank {
+            to
+        } else {
+            u32::MAX
+        };
+        faulty(pg, to, Fault::CloseFrom { tag: from_tag })
     };
     let mut groups = InProcessGroup::new(world).into_iter().map(wrap);
     let sender = Transport::new(groups.next().unwrap(), sender_opts);

@@ -10,10 +10,13 @@ use std::time::{Duration, Instant};
 use pgt_core::dtype::DType;
 use pgt_core::header::Limits;
 use pgt_core::schema::{FanOut, PlanParams};
-use pgt_host::pg::{InProcessGroup, PgError, ProcessGroup, TcpOptions, TcpProcessGroup};
+use pgt_host::pg::{InProcessGroup, ProcessGroup, TcpOptions, TcpProcessGroup};
 use pgt_host::state_dict::{Entry, StateDict, Tensor};
 use pgt_host::transport::{Transport, TransportOptions};
 use pgt_host::PeerAction;
+
+mod common;
+use common::{OnSend, SendHook};
 
 const WORLD: u32 = 8;
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -307,53 +310,31 @@ fn concurrent_receives_from_one_source_are_refused() {
     });
 }
 
-/// A process group whose sends of data messages (tags 3 and up) wait until the gate opens.
-struct Gated<'a, P> {
-    inner: &'a P,
+/// A gate that sends of data messages (tags 3 and up) wait at until it opens.
+#[derive(Default)]
+struct Gate {
     open: std::sync::Mutex<bool>,
     opened: std::sync::Condvar,
 }
 
-impl<P> Gated<'_, P> {
+impl Gate {
     fn open(&self) {
         *self.open.lock().unwrap() = true;
         self.opened.notify_all();
     }
-}
 
-impl<P: ProcessGroup> ProcessGroup for Gated<'_, P> {
-    fn rank(&self) -> u32 {
-        self.inner.rank()
-    }
-    fn size(&self) -> u32 {
-        self.inner.size()
-    }
-    fn send(&self, dst: u32, tag: u64, parts: &[&[u8]], timeout: Duration) -> Result<(), PgError> {
-        if tag >= 3 {
-            let mut open = self.open.lock().unwrap();
-            while !*open {
-                open = self.opened.wait(open).unwrap();
+    /// `pg`, its data sends held at this gate.
+    fn on<'g, P: ProcessGroup>(&'g self, pg: &'g P) -> OnSend<&'g P, impl SendHook<&'g P> + 'g> {
+        let hook = move |pg: &&P, dst: u32, tag: u64, parts: &[&[u8]], timeout: Duration| {
+            if tag >= 3 {
+                let mut open = self.open.lock().unwrap();
+                while !*open {
+                    open = self.opened.wait(open).unwrap();
+                }
             }
-        }
-        self.inner.send(dst, tag, parts, timeout)
-    }
-    fn recv_into(
-        &self,
-        src: u32,
-        tag: u64,
-        parts: &mut [&mut [u8]],
-        timeout: Duration,
-    ) -> Result<(), PgError> {
-        self.inner.recv_into(src, tag, parts, timeout)
-    }
-    fn recv_vec(
-        &self,
-        src: u32,
-        tag: u64,
-        max: usize,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, PgError> {
-        self.inner.recv_vec(src, tag, max, timeout)
+            pg.send(dst, tag, parts, timeout)
+        };
+        OnSend { inner: pg, hook }
     }
 }
 
@@ -362,12 +343,8 @@ impl<P: ProcessGroup> ProcessGroup for Gated<'_, P> {
 #[test]
 fn concurrent_sends_to_one_destination_are_refused() {
     let groups = InProcessGroup::new(2);
-    let gated = Gated {
-        inner: &groups[0],
-        open: std::sync::Mutex::new(false),
-        opened: std::sync::Condvar::new(),
-    };
-    let sender = Transport::new(&gated, options());
+    let gate = Gate::default();
+    let sender = Transport::new(gate.on(&groups[0]), options());
     let receiver = Transport::new(&groups[1], options());
     let (first, second) = (checkpoint(0, 1), checkpoint(0, 2));
     std::thread::scope(|s| {
@@ -377,7 +354,7 @@ fn concurrent_sends_to_one_destination_are_refused() {
         // would be stuck there too, until this opens the gate.
         s.spawn(|| {
             std::thread::sleep(Duration::from_secs(2));
-            gated.open();
+            gate.open();
         });
         std::thread::sleep(Duration::from_millis(200));
         let start = Instant::now();
@@ -395,7 +372,7 @@ fn concurrent_sends_to_one_destination_are_refused() {
             ),
             "{err:?}"
         );
-        gated.open();
+        gate.open();
         send.join().unwrap().unwrap();
         assert_same(&recv.join().unwrap().unwrap(), &first, "the first send");
     });
@@ -406,13 +383,9 @@ fn concurrent_sends_to_one_destination_are_refused() {
 #[test]
 fn a_send_to_the_rank_a_chain_receiver_forwards_to_is_refused() {
     let groups = InProcessGroup::new(3);
-    let gated = Gated {
-        inner: &groups[1],
-        open: std::sync::Mutex::new(false),
-        opened: std::sync::Condvar::new(),
-    };
+    let gate = Gate::default();
     let sender = Transport::new(&groups[0], options());
-    let head = Transport::new(&gated, options());
+    let head = Transport::new(gate.on(&groups[1]), options());
     let tail = Transport::new(&groups[2], options());
     let sd = checkpoint(0, 1);
     std::thread::scope(|s| {
@@ -420,7 +393,7 @@ fn a_send_to_the_rank_a_chain_receiver_forwards_to_is_refused() {
         let t = s.spawn(|| tail.recv_checkpoint(0));
         s.spawn(|| {
             std::thread::sleep(Duration::from_secs(2));
-            gated.open();
+            gate.open();
         });
         sender.send_checkpoint(&[1, 2], &sd).unwrap();
         // The head has received and is stuck forwarding data to rank 2.
@@ -438,7 +411,7 @@ fn a_send_to_the_rank_a_chain_receiver_forwards_to_is_refused() {
             ),
             "{err:?}"
         );
-        gated.open();
+        gate.open();
         assert_same(&h.join().unwrap().unwrap(), &sd, "the chain's head");
         assert_same(&t.join().unwrap().unwrap(), &sd, "the chain's tail");
     });

@@ -30,6 +30,9 @@ use pgt_host::synthetic::{self, Shape};
 use pgt_host::transport::{Transport, TransportOptions};
 use pgt_host::{Error, PeerAction};
 
+mod common;
+use common::{OnSend, SendHook};
+
 /// Transfers measured before the start figures are taken: every lazily built thing (the allocator's
 /// arenas, the group's buffers, the first failures' paths) exists by then.
 const WARM_UP: u64 = 20;
@@ -335,62 +338,45 @@ const FAULT_NONE: u8 = 0;
 const FAULT_CORRUPT: u8 = 1;
 const FAULT_STALL: u8 = 2;
 
-/// The sender's group: on data message 0 (tag 3) of the current transfer it flips the last byte
+/// The sender's faults: on data message 0 (tag 3) of the current transfer its group flips the last byte
 /// (`FAULT_CORRUPT`), or waits until the receiver says on [`CONTROL_TAG`] that it gave up on this
 /// transfer (`FAULT_STALL`) — a stall exactly past the receiver's timeout, however loaded the machine.
-struct SenderGroup<'a> {
-    inner: &'a TcpProcessGroup,
+#[derive(Default)]
+struct SenderFaults {
     fault: AtomicU8,
     index: AtomicU64,
 }
 
-impl ProcessGroup for SenderGroup<'_> {
-    fn rank(&self) -> u32 {
-        self.inner.rank()
-    }
-    fn size(&self) -> u32 {
-        self.inner.size()
-    }
-    fn send(&self, dst: u32, tag: u64, parts: &[&[u8]], timeout: Duration) -> Result<(), PgError> {
-        if tag == 3 {
-            match self.fault.load(Ordering::SeqCst) {
-                FAULT_CORRUPT => {
-                    let mut bytes = parts.concat();
-                    // The last byte is a storage byte (the first 8 are the transfer id).
-                    *bytes.last_mut().unwrap() ^= 0x40;
-                    return self.inner.send(dst, tag, &[&bytes], timeout);
+impl SenderFaults {
+    /// `pg`, its sends of data message 0 faulted as `fault` says.
+    fn on<'g>(
+        &'g self,
+        pg: &'g TcpProcessGroup,
+    ) -> OnSend<&'g TcpProcessGroup, impl SendHook<&'g TcpProcessGroup> + 'g> {
+        let hook = move |pg: &&TcpProcessGroup, dst, tag, parts: &[&[u8]], timeout| {
+            if tag == 3 {
+                match self.fault.load(Ordering::SeqCst) {
+                    FAULT_CORRUPT => {
+                        let mut bytes = parts.concat();
+                        // The last byte is a storage byte (the first 8 are the transfer id).
+                        *bytes.last_mut().unwrap() ^= 0x40;
+                        return pg.send(dst, tag, &[&bytes], timeout);
+                    }
+                    FAULT_STALL => {
+                        let gave_up = pg.recv_vec(dst, CONTROL_TAG, 8, LONG_TIMEOUT)?;
+                        let index = self.index.load(Ordering::SeqCst);
+                        assert_eq!(
+                            gave_up,
+                            index.to_le_bytes(),
+                            "the receiver gave up on another transfer"
+                        );
+                    }
+                    _ => {}
                 }
-                FAULT_STALL => {
-                    let gave_up = self.inner.recv_vec(dst, CONTROL_TAG, 8, LONG_TIMEOUT)?;
-                    let index = self.index.load(Ordering::SeqCst);
-                    assert_eq!(
-                        gave_up,
-                        index.to_le_bytes(),
-                        "the receiver gave up on another transfer"
-                    );
-                }
-                _ => {}
             }
-        }
-        self.inner.send(dst, tag, parts, timeout)
-    }
-    fn recv_into(
-        &self,
-        src: u32,
-        tag: u64,
-        parts: &mut [&mut [u8]],
-        timeout: Duration,
-    ) -> Result<(), PgError> {
-        self.inner.recv_into(src, tag, parts, timeout)
-    }
-    fn recv_vec(
-        &self,
-        src: u32,
-        tag: u64,
-        max: usize,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, PgError> {
-        self.inner.recv_vec(src, tag, max, timeout)
+            pg.send(dst, tag, parts, timeout)
+        };
+        OnSend { inner: pg, hook }
     }
 }
 
@@ -446,13 +432,9 @@ impl ProcessGroup for PatientHeader<'_> {
 /// Rank 0: sends every transfer with one `Transport`, injecting the sender-side faults. Every send must
 /// succeed: the receiver drains a refused transfer, and reads a stalled one's late messages.
 fn sender(pg: &TcpProcessGroup, mode: &Mode) {
-    let group = SenderGroup {
-        inner: pg,
-        fault: AtomicU8::new(FAULT_NONE),
-        index: AtomicU64::new(0),
-    };
+    let group = SenderFaults::default();
     let transport = Transport::new(
-        &group,
+        group.on(pg),
         TransportOptions {
             timeout: LONG_TIMEOUT,
             plan: mode.plan,

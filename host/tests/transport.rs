@@ -2,7 +2,7 @@
 //! bucketing boundaries, in-place receive and cast, mismatches, stalls and corruption.
 
 mod common;
-use common::{in_place_size_mismatch, transfer_with_a_corrupted_byte, Fault, Faulty};
+use common::{faulty, in_place_size_mismatch, transfer_with_a_corrupted_byte, Fault};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -444,11 +444,7 @@ fn a_failed_destination_fails_the_send_at_once_not_at_the_timeout() {
     };
     let mut groups = InProcessGroup::new(3).into_iter();
     let sender = Transport::new(
-        Faulty {
-            inner: groups.next().unwrap(),
-            to: 1,
-            fault: Fault::CloseFrom { tag: 0 },
-        },
+        faulty(groups.next().unwrap(), 1, Fault::CloseFrom { tag: 0 }),
         opts.clone(),
     );
     let receivers: Vec<_> = groups

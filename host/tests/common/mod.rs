@@ -16,11 +16,18 @@ pub struct OnSend<P, F> {
     pub hook: F,
 }
 
-impl<P, F> ProcessGroup for OnSend<P, F>
-where
-    P: ProcessGroup,
-    F: Fn(&P, u32, u64, &[&[u8]], Duration) -> Result<(), PgError> + Send + Sync,
+/// What [`OnSend`] calls in place of a send: the inner group, then `send`'s arguments.
+pub trait SendHook<P>:
+    Fn(&P, u32, u64, &[&[u8]], Duration) -> Result<(), PgError> + Send + Sync
 {
+}
+
+impl<P, F> SendHook<P> for F where
+    F: Fn(&P, u32, u64, &[&[u8]], Duration) -> Result<(), PgError> + Send + Sync
+{
+}
+
+impl<P: ProcessGroup, F: SendHook<P>> ProcessGroup for OnSend<P, F> {
     fn rank(&self) -> u32 {
         self.inner.rank()
     }
@@ -53,8 +60,9 @@ where
     }
 }
 
-/// What a [`Faulty`] group does to sends to its rank `to`.
+/// What a [`faulty`] group does to sends to its rank `to`.
 #[allow(dead_code)] // each test crate that includes this module uses only some of it
+#[derive(Clone, Copy)]
 pub enum Fault {
     /// Flip one byte (the middle one) of the message with this tag.
     Corrupt { tag: u64 },
@@ -63,27 +71,16 @@ pub enum Fault {
 }
 
 /// A process group that misbehaves on sends to rank `to` as `fault` says.
-pub struct Faulty<P> {
-    pub inner: P,
-    pub to: u32,
-    pub fault: Fault,
-}
-
-impl<P: ProcessGroup> ProcessGroup for Faulty<P> {
-    fn rank(&self) -> u32 {
-        self.inner.rank()
-    }
-    fn size(&self) -> u32 {
-        self.inner.size()
-    }
-    fn send(&self, dst: u32, tag: u64, parts: &[&[u8]], timeout: Duration) -> Result<(), PgError> {
-        if dst == self.to {
-            match self.fault {
+#[allow(dead_code)] // each test crate that includes this module uses only some of it
+pub fn faulty<P: ProcessGroup>(inner: P, to: u32, fault: Fault) -> OnSend<P, impl SendHook<P>> {
+    let hook = move |pg: &P, dst: u32, tag: u64, parts: &[&[u8]], timeout: Duration| {
+        if dst == to {
+            match fault {
                 Fault::Corrupt { tag: t } if tag == t => {
                     let mut bytes: Vec<u8> = parts.concat();
                     let mid = bytes.len() / 2;
                     bytes[mid] ^= 0x40;
-                    return self.inner.send(dst, tag, &[&bytes], timeout);
+                    return pg.send(dst, tag, &[&bytes], timeout);
                 }
                 Fault::CloseFrom { tag: t } if tag >= t => {
                     return Err(PgError::PeerClosed { peer: dst });
@@ -91,26 +88,9 @@ impl<P: ProcessGroup> ProcessGroup for Faulty<P> {
                 _ => {}
             }
         }
-        self.inner.send(dst, tag, parts, timeout)
-    }
-    fn recv_into(
-        &self,
-        src: u32,
-        tag: u64,
-        parts: &mut [&mut [u8]],
-        timeout: Duration,
-    ) -> Result<(), PgError> {
-        self.inner.recv_into(src, tag, parts, timeout)
-    }
-    fn recv_vec(
-        &self,
-        src: u32,
-        tag: u64,
-        max: usize,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, PgError> {
-        self.inner.recv_vec(src, tag, max, timeout)
-    }
+        pg.send(dst, tag, parts, timeout)
+    };
+    OnSend { inner, hook }
 }
 
 /// Sends 4 float32 tensors (`w00`..`w03`, 64 KiB) from rank 0 to ranks 1 and 2 with `opts`, flipping a
@@ -123,11 +103,7 @@ pub fn transfer_with_a_corrupted_byte(
     let sd = synthetic::materialize(&shape).unwrap();
     let mut groups = InProcessGroup::new(3).into_iter();
     let sender = Transport::new(
-        Faulty {
-            inner: groups.next().unwrap(),
-            to: 2,
-            fault: Fault::Corrupt { tag: 8 },
-        },
+        faulty(groups.next().unwrap(), 2, Fault::Corrupt { tag: 8 }),
         opts.clone(),
     );
     let results = std::thread::scope(|s| {
