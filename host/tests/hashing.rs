@@ -6,40 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use pgt_core::schema::{FanOut, PlanParams};
-use pgt_host::pg::{ProcessGroup, TcpOptions, TcpProcessGroup, OBSERVE_GRAIN};
+use pgt_host::pg::{ProcessGroup, TcpProcessGroup, OBSERVE_GRAIN};
 use pgt_host::state_dict::StateDict;
 use pgt_host::synthetic::{self, Shape};
 use pgt_host::transport::{Transport, TransportOptions};
 
 mod common;
-use common::OnSend;
-
-fn tcp_groups(world: u32) -> Vec<TcpProcessGroup> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let handles: Vec<_> = (0..world)
-        .map(|rank| {
-            std::thread::spawn(move || {
-                TcpProcessGroup::connect(TcpOptions {
-                    master_addr: "127.0.0.1".into(),
-                    master_port: port,
-                    rank,
-                    world_size: world,
-                    token: b"hashing-test-token".to_vec(),
-                    timeout: Duration::from_secs(20),
-                    listen_host: None,
-                })
-            })
-        })
-        .collect();
-    handles
-        .into_iter()
-        .map(|h| h.join().unwrap().expect("group formation"))
-        .collect()
-}
+use common::{tcp_groups, OnSend};
 
 fn options(fanout: FanOut, bucket: u64, chunk: u64) -> TransportOptions {
     TransportOptions {
@@ -67,7 +40,7 @@ fn send_over_tcp<P: ProcessGroup>(
     sender: impl FnOnce(TcpProcessGroup) -> P,
 ) -> Sent {
     let sd = synthetic::materialize(shape).unwrap();
-    let mut groups = tcp_groups(world).into_iter();
+    let mut groups = tcp_groups(world, b"hashing-test-token").into_iter();
     let tx = Transport::new(sender(groups.next().unwrap()), opts.clone());
     let dsts: Vec<u32> = (1..world).collect();
     std::thread::scope(|s| {

@@ -10,13 +10,15 @@ use std::time::{Duration, Instant};
 use pgt_core::dtype::DType;
 use pgt_core::header::Limits;
 use pgt_core::schema::{FanOut, PlanParams};
-use pgt_host::pg::{InProcessGroup, ProcessGroup, TcpOptions, TcpProcessGroup};
+use pgt_host::pg::{InProcessGroup, ProcessGroup};
 use pgt_host::state_dict::{Entry, StateDict, Tensor};
 use pgt_host::transport::{Transport, TransportOptions};
 use pgt_host::PeerAction;
 
+const TOKEN: &[u8] = b"isolation-test-token";
+
 mod common;
-use common::{OnSend, SendHook};
+use common::{tcp_groups, OnSend, SendHook};
 
 const WORLD: u32 = 8;
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -179,33 +181,6 @@ fn failed_then_good<P: ProcessGroup>(groups: &[P], failure: Failure) {
     });
 }
 
-fn tcp_groups(world: u32) -> Vec<TcpProcessGroup> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let handles: Vec<_> = (0..world)
-        .map(|rank| {
-            std::thread::spawn(move || {
-                TcpProcessGroup::connect(TcpOptions {
-                    master_addr: "127.0.0.1".into(),
-                    master_port: port,
-                    rank,
-                    world_size: world,
-                    token: b"isolation-test-token".to_vec(),
-                    timeout: Duration::from_secs(20),
-                    listen_host: None,
-                })
-            })
-        })
-        .collect();
-    handles
-        .into_iter()
-        .map(|h| h.join().unwrap().expect("group formation"))
-        .collect()
-}
-
 macro_rules! failed_then_good_tests {
     ($($name:ident: $failure:expr;)*) => {$(
         mod $name {
@@ -218,7 +193,7 @@ macro_rules! failed_then_good_tests {
 
             #[test]
             fn tcp_ring() {
-                failed_then_good(&tcp_groups(WORLD), $failure);
+                failed_then_good(&tcp_groups(WORLD, TOKEN), $failure);
             }
         }
     )*};
@@ -267,7 +242,7 @@ fn stale_messages_are_skipped_in_process() {
 
 #[test]
 fn stale_messages_are_skipped_tcp() {
-    stale_messages_are_skipped(&tcp_groups(2));
+    stale_messages_are_skipped(&tcp_groups(2, TOKEN));
 }
 
 /// Two receives from one source at the same time on one Transport: the second is refused at once,

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use pgt_host::pg::{InProcessGroup, PgError, ProcessGroup};
+use pgt_host::pg::{InProcessGroup, PgError, ProcessGroup, TcpOptions, TcpProcessGroup};
 use pgt_host::state_dict::{Entry, StateDict, Tensor};
 use pgt_host::synthetic::{self, Shape};
 use pgt_host::transport::{Transport, TransportOptions};
@@ -139,4 +139,35 @@ pub fn in_place_size_mismatch(opts: TransportOptions) -> (pgt_host::Error, State
         h.join().unwrap().unwrap_err()
     });
     (err, dst)
+}
+
+/// A TCP process group of `world` ranks in this process (a thread each to form it), job token `token`.
+#[allow(dead_code)] // each test crate that includes this module uses only some of it
+pub fn tcp_groups(world: u32, token: &[u8]) -> Vec<TcpProcessGroup> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let token = token.to_vec();
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            let token = token.clone();
+            std::thread::spawn(move || {
+                TcpProcessGroup::connect(TcpOptions {
+                    master_addr: "127.0.0.1".into(),
+                    master_port: port,
+                    rank,
+                    world_size: world,
+                    token,
+                    timeout: Duration::from_secs(20),
+                    listen_host: None,
+                })
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().unwrap().expect("group formation"))
+        .collect()
 }
