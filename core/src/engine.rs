@@ -9,7 +9,7 @@ use crate::plan::Plan;
 use crate::receiver::{
     Binding, InPlace, InPlaceWritten, Incoming, Received, Receiver, RecvOp, RecvPoll,
 };
-use crate::sender::{Payload, SendPoll, Sender};
+use crate::sender::{DestinationOutcome, Payload, SendPoll, Sender};
 use crate::tree::KeyPath;
 use crate::Error;
 
@@ -25,6 +25,9 @@ pub trait SendEngine {
     fn message_bytes(&mut self, message: u32) -> Result<Cow<'_, [u8]>, Self::Error>;
     /// The digests a data message completes ([`Sender::handle_digests`]).
     fn handle_digests(&mut self, message: u32, digests: &[u64]) -> Result<(), Self::Error>;
+    /// Where the send stands once the destinations in `failed` failed
+    /// ([`Sender::destination_outcome`]).
+    fn destination_outcome(&mut self, failed: &[u32]) -> Result<DestinationOutcome, Self::Error>;
 }
 
 /// The receiver side.
@@ -79,6 +82,10 @@ impl SendEngine for Sender {
 
     fn handle_digests(&mut self, message: u32, digests: &[u64]) -> Result<(), Error> {
         Sender::handle_digests(self, message, digests)
+    }
+
+    fn destination_outcome(&mut self, failed: &[u32]) -> Result<DestinationOutcome, Error> {
+        Ok(Sender::destination_outcome(self, failed))
     }
 }
 

@@ -229,26 +229,50 @@ impl Sender {
     pub fn is_done(&self) -> bool {
         self.cursor.0 >= self.plan.messages().len()
     }
+
+    /// Where this send stands once the destinations in `failed` failed ([`destination_outcome`] for
+    /// its metadata's destinations and fan-out).
+    pub fn destination_outcome(&self, failed: &[u32]) -> DestinationOutcome {
+        let meta = self.manifest.metadata();
+        destination_outcome(meta.plan.fanout, &meta.destinations, failed)
+    }
 }
 
-/// The destinations a send's failures cut off (PROTOCOL.md §3, *When a destination fails*): in Chain
-/// fan-out, those after the first failed destination in chain order that did not fail themselves —
-/// their data would come through it; in Direct fan-out, none. `failed` lists the destinations whose
-/// own sends failed, in any order; the result is in chain order. A host reports the rest of the
-/// destinations as completed once their sends are done, and stops the send when every destination
-/// failed or is cut off.
-pub fn cut_off(fanout: FanOut, destinations: &[u32], failed: &[u32]) -> Vec<u32> {
-    if fanout == FanOut::Direct {
-        return Vec::new();
+/// Where a send stands once some destinations failed (PROTOCOL.md §3, *When a destination fails*):
+/// in chain order, the destinations still served (`live`: the send goes on for them, and they count
+/// as completed once their sends are done) and those cut off (`cut_off`: in Chain fan-out, the ones
+/// after the first failed destination that did not fail themselves — their data would come through
+/// it; in Direct fan-out, none). A host stops the send when `live` is empty.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationOutcome {
+    /// Not failed and not cut off, in chain order.
+    pub live: Vec<u32>,
+    /// Chain fan-out: not failed, but after a failed destination, in chain order.
+    pub cut_off: Vec<u32>,
+}
+
+/// The [`DestinationOutcome`] of `failed` (the destinations whose own sends failed, in any order) for a
+/// send to `destinations` (in chain order) by `fanout`.
+pub fn destination_outcome(
+    fanout: FanOut,
+    destinations: &[u32],
+    failed: &[u32],
+) -> DestinationOutcome {
+    let first_failed = match fanout {
+        FanOut::Direct => None,
+        FanOut::Chain => destinations.iter().position(|d| failed.contains(d)),
+    };
+    let mut outcome = DestinationOutcome::default();
+    for (i, &d) in destinations.iter().enumerate() {
+        if failed.contains(&d) {
+            continue;
+        }
+        match first_failed {
+            Some(first) if i > first => outcome.cut_off.push(d),
+            _ => outcome.live.push(d),
+        }
     }
-    match destinations.iter().position(|d| failed.contains(d)) {
-        Some(first) => destinations[first + 1..]
-            .iter()
-            .copied()
-            .filter(|d| !failed.contains(d))
-            .collect(),
-        None => Vec::new(),
-    }
+    outcome
 }
 
 /// One slot per storage, zero-byte storages already hashed; and how many are missing.
@@ -307,17 +331,26 @@ pub(crate) fn record_digests(
 mod tests {
     use super::*;
 
+    fn outcome(fanout: FanOut, failed: &[u32]) -> (Vec<u32>, Vec<u32>) {
+        let o = destination_outcome(fanout, &[4, 2, 7, 9], failed);
+        (o.live, o.cut_off)
+    }
+
     #[test]
     fn a_chain_link_cuts_off_the_destinations_after_it() {
-        let chain = [4, 2, 7, 9];
-        assert_eq!(cut_off(FanOut::Chain, &chain, &[]), Vec::<u32>::new());
-        assert_eq!(cut_off(FanOut::Chain, &chain, &[2]), vec![7, 9]);
+        assert_eq!(outcome(FanOut::Chain, &[]), (vec![4, 2, 7, 9], vec![]));
+        assert_eq!(outcome(FanOut::Chain, &[2]), (vec![4], vec![7, 9]));
         // The first failure in chain order counts, whatever order they were reported in; a failed
         // destination is failed, not cut off.
-        assert_eq!(cut_off(FanOut::Chain, &chain, &[9, 2]), vec![7]);
-        assert_eq!(cut_off(FanOut::Chain, &chain, &[4]), vec![2, 7, 9]);
-        assert_eq!(cut_off(FanOut::Chain, &chain, &[9]), Vec::<u32>::new());
-        // Direct: every destination stands alone.
-        assert_eq!(cut_off(FanOut::Direct, &chain, &[4, 2]), Vec::<u32>::new());
+        assert_eq!(outcome(FanOut::Chain, &[9, 2]), (vec![4], vec![7]));
+        assert_eq!(outcome(FanOut::Chain, &[4]), (vec![], vec![2, 7, 9]));
+        assert_eq!(outcome(FanOut::Chain, &[9]), (vec![4, 2, 7], vec![]));
+        assert_eq!(outcome(FanOut::Chain, &[4, 2, 7, 9]), (vec![], vec![]));
+    }
+
+    #[test]
+    fn a_direct_destination_stands_alone() {
+        assert_eq!(outcome(FanOut::Direct, &[4, 2]), (vec![7, 9], vec![]));
+        assert_eq!(outcome(FanOut::Direct, &[9, 7, 2, 4]), (vec![], vec![]));
     }
 }

@@ -13,7 +13,7 @@ use pgt_core::receiver::{
     RecvPoll,
 };
 use pgt_core::schema::Metadata;
-use pgt_core::sender::{SendPoll, Sender};
+use pgt_core::sender::{DestinationOutcome, SendPoll, Sender};
 use pgt_core::tree::KeyPath;
 
 #[cfg(feature = "wasm")]
@@ -141,6 +141,10 @@ impl SendEngine for SenderEngine {
 
     fn handle_digests(&mut self, message: u32, digests: &[u64]) -> Result<(), EngineError> {
         dispatch!(self, e => SendEngine::handle_digests(&mut **e, message, digests))
+    }
+
+    fn destination_outcome(&mut self, failed: &[u32]) -> Result<DestinationOutcome, EngineError> {
+        dispatch!(self, e => SendEngine::destination_outcome(&mut **e, failed))
     }
 }
 

@@ -37,7 +37,7 @@ use pgt_core::receiver::{
     Binding, Dest, ForwardOp, InPlace, InPlaceWritten, Incoming, Received, ReceiverOptions, RecvOp,
 };
 use pgt_core::schema::{FanOut, Metadata, PlanParams};
-use pgt_core::sender::{Payload, SendOp};
+use pgt_core::sender::{DestinationOutcome, Payload, SendOp};
 use pgt_core::tree::KeyPath;
 use tracing::{debug, info_span, warn};
 
@@ -825,23 +825,23 @@ impl SendOutcomes {
         );
         let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         failed.push((dst, e));
-        let cut_off = self.cut_off(&failed);
-        if failed.len() + cut_off.len() == self.destinations.len() {
+        if self.outcome(&failed).live.is_empty() {
             let (_, first) = failed.remove(0);
             failed.clear();
             abort.fail(first);
         }
     }
 
-    /// The destinations cut off by `failed` (the policy is pgt-core's, [`pgt_core::sender::cut_off`]).
-    fn cut_off(&self, failed: &[(u32, Error)]) -> Vec<u32> {
+    /// Where the send stands after `failed` (the policy is pgt-core's,
+    /// [`pgt_core::sender::destination_outcome`]).
+    fn outcome(&self, failed: &[(u32, Error)]) -> DestinationOutcome {
         let fanout = if self.chain {
             FanOut::Chain
         } else {
             FanOut::Direct
         };
         let failed: Vec<u32> = failed.iter().map(|(r, _)| *r).collect();
-        pgt_core::sender::cut_off(fanout, &self.destinations, &failed)
+        pgt_core::sender::destination_outcome(fanout, &self.destinations, &failed)
     }
 
     /// The send's error when some destinations failed and the rest completed.
@@ -850,15 +850,9 @@ impl SendOutcomes {
         if failed.is_empty() {
             return None;
         }
-        let cut_off = self.cut_off(&failed);
-        let completed = self
-            .destinations
-            .iter()
-            .copied()
-            .filter(|d| !cut_off.contains(d) && !failed.iter().any(|(f, _)| f == d))
-            .collect();
+        let DestinationOutcome { live, cut_off } = self.outcome(&failed);
         Some(Error::Destinations {
-            completed,
+            completed: live,
             failed,
             cut_off,
         })

@@ -27,7 +27,7 @@ use pgt_core::receiver::{
     Binding, InPlace, InPlaceWritten, Incoming, Received, ReceiverOptions, RecvOp, RecvPoll,
 };
 use pgt_core::schema::Metadata;
-use pgt_core::sender::SendPoll;
+use pgt_core::sender::{DestinationOutcome, SendPoll};
 use pgt_core::tree::KeyPath;
 use pgt_wasm::types::{status, Encoded, ErrorInfo, SenderCreated, Summary};
 use serde::de::DeserializeOwned;
@@ -380,6 +380,7 @@ struct Exports {
     sender_poll: TypedFunc<u32, u32>,
     sender_bytes: TypedFunc<(u32, u32), u32>,
     sender_digests: TypedFunc<(u32, u32, u32, u32), u32>,
+    sender_destination_outcome: TypedFunc<(u32, u32, u32), u32>,
     sender_drop: TypedFunc<u32, u32>,
     receiver_new: TypedFunc<(u32, u32), u32>,
     receiver_poll: TypedFunc<u32, u32>,
@@ -422,6 +423,7 @@ impl Exports {
             sender_poll,
             sender_bytes,
             sender_digests,
+            sender_destination_outcome,
             sender_drop,
             receiver_new,
             receiver_poll,
@@ -669,6 +671,13 @@ impl SendEngine for WasmSender {
     fn handle_digests(&mut self, message: u32, digests: &[u64]) -> Result<(), EngineError> {
         self.guest
             .digests_call(|e| &e.sender_digests, self.handle, message, digests)
+    }
+
+    fn destination_outcome(&mut self, failed: &[u32]) -> Result<DestinationOutcome, EngineError> {
+        let failed =
+            postcard::to_allocvec(failed).map_err(|e| module_error("encoding ranks", e))?;
+        self.guest
+            .bytes_call(|e| &e.sender_destination_outcome, self.handle, &failed)
     }
 }
 

@@ -28,7 +28,7 @@ use pgt_core::receiver::{
     RecvPoll,
 };
 use pgt_core::schema::{FanOut, Metadata, PlanParams};
-use pgt_core::sender::{Payload, SendOp, SendPoll};
+use pgt_core::sender::{DestinationOutcome, Payload, SendOp, SendPoll};
 use pgt_core::tree::{Key, KeyPath, Leaf, Node, Value};
 use pgt_core::{Call, Error};
 use pgt_host::engine::{EngineError, EngineFactory, NativeEngine};
@@ -421,6 +421,10 @@ impl<E: SendEngine> SendEngine for Recording<'_, E> {
     fn handle_digests(&mut self, message: u32, digests: &[u64]) -> Result<(), E::Error> {
         self.engine.handle_digests(message, digests)
     }
+
+    fn destination_outcome(&mut self, failed: &[u32]) -> Result<DestinationOutcome, E::Error> {
+        self.engine.destination_outcome(failed)
+    }
 }
 
 /// How the test's host words its refusal of a stream: the fields of a `host_reject_stream` entry's
@@ -707,6 +711,41 @@ fn senders_emit_identical_operations_and_bytes() {
             }
         }
     }
+}
+
+#[test]
+fn destination_outcomes_are_the_cores_in_both_engines() {
+    let limits = Limits::default();
+    for fanout in [FanOut::Chain, FanOut::Direct] {
+        let mut metadata = pgt_core::reference::reference_metadata(
+            0,
+            vec![4, 2, 7, 9],
+            PlanParams {
+                fanout,
+                ..PlanParams::default()
+            },
+        );
+        metadata.leaves.truncate(1);
+        metadata.tree = vec![Node::List(1), Node::Leaf];
+        let mut native = NativeEngine
+            .sender(metadata.clone(), true, &limits, TRANSFER_ID)
+            .unwrap();
+        let mut sandboxed = wasm()
+            .sender(metadata.clone(), true, &limits, TRANSFER_ID)
+            .unwrap();
+        for failed in [&[][..], &[2], &[9, 2], &[4], &[9], &[4, 2, 7, 9], &[5]] {
+            let expected = pgt_core::sender::destination_outcome(fanout, &[4, 2, 7, 9], failed);
+            assert_eq!(native.destination_outcome(failed).unwrap(), expected);
+            assert_eq!(
+                sandboxed.destination_outcome(failed).unwrap(),
+                expected,
+                "{fanout:?} failed {failed:?}"
+            );
+        }
+    }
+    // A chain cut at 2 leaves 4 live and cuts off 7 and 9 (the policy itself: pgt-core's tests).
+    let o = pgt_core::sender::destination_outcome(FanOut::Chain, &[4, 2, 7, 9], &[2]);
+    assert_eq!((o.live, o.cut_off), (vec![4], vec![7, 9]));
 }
 
 #[test]

@@ -129,6 +129,7 @@ fn module_imports_nothing_and_exports_the_abi() {
         "pgt_sender_poll",
         "pgt_sender_bytes",
         "pgt_sender_digests",
+        "pgt_sender_destination_outcome",
         "pgt_sender_drop",
         "pgt_receiver_new",
         "pgt_receiver_poll",

@@ -409,6 +409,34 @@ def test_chain_a_dead_last_rank_leaves_the_relay_whole(caplog):
     assert any("forwarding message" in r.getMessage() for r in caplog.records), caplog.text
 
 
+@pytest.mark.parametrize("fanout", ["Chain", "Direct"])
+def test_the_destination_policy_is_the_cores(fanout):
+    """What a failed destination does to the others comes from pgt-core through the module
+    (``pgt_sender_destination_outcome``), not from a Python copy of the rule: in a chain the ranks
+    after the first failed one are cut off, in Direct fan-out each stands alone."""
+    from pgt.abi import Pgt
+    from pgt.metadata import encode
+    from pgt.numpy import _leaves_of
+
+    tree, leaves, _ = _leaves_of({"w": np.zeros(4, np.float32)})
+    plan = {"fanout": fanout, "bucket_size": 1024, "chunk_size": 4096}
+    metadata = encode(None, 0, [4, 2, 7, 9], plan, tree, leaves)
+    sender = Pgt.load().sender(metadata, digests=True, transfer_id=secrets.randbits(64))
+    try:
+        chain = fanout == "Chain"
+        for failed, live, cut in [
+            ([], [4, 2, 7, 9], []),
+            ([2], [4], [7, 9]) if chain else ([2], [4, 7, 9], []),
+            ([9, 2], [4], [7]) if chain else ([9, 2], [4, 7], []),
+            ([4], [], [2, 7, 9]) if chain else ([4], [2, 7, 9], []),
+            ([4, 2, 7, 9], [], []),
+        ]:
+            got = sender.destination_outcome(failed)
+            assert (got["live"], got["cut_off"]) == (live, cut), failed
+    finally:
+        sender.drop()
+
+
 def test_chain_a_dead_first_rank_cuts_off_the_rest():
     """Chain 1 -> 2, rank 1 gone: nobody is left to reach (rank 2's data would come through rank 1),
     so the send fails with rank 1's error, and rank 2's receive fails too — neither reports success."""

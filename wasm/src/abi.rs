@@ -396,6 +396,29 @@ pub unsafe extern "C" fn pgt_sender_digests(
     run(|| Ok(sender(handle)?.handle_digests(message, &digests(bytes)?)?))
 }
 
+/// Where the send stands once the destinations in `failed` (postcard `Vec<u32>`; empty: none) failed:
+/// pgt-core's `Sender::destination_outcome`, the policy every host applies. Result:
+/// `DestinationOutcome`.
+///
+/// # Safety
+/// As [`pgt_decode`].
+#[no_mangle]
+pub unsafe extern "C" fn pgt_sender_destination_outcome(
+    handle: u32,
+    ptr: *const u8,
+    len: usize,
+) -> *const u8 {
+    // SAFETY: the caller's contract.
+    let bytes = unsafe { input(ptr, len) };
+    run(|| {
+        let failed: Vec<u32> = match bytes {
+            [] => Vec::new(),
+            _ => from_postcard(bytes, "ranks are not postcard Vec<u32>")?,
+        };
+        Ok(sender(handle)?.destination_outcome(&failed))
+    })
+}
+
 /// Frees a sender. Result: `()`.
 #[no_mangle]
 pub extern "C" fn pgt_sender_drop(handle: u32) -> *const u8 {

@@ -830,6 +830,19 @@ class Sender:
             "pgt_sender_digests", unit, self.handle, message, inputs=(digests_bytes(digests),)
         )
 
+    def destination_outcome(self, failed) -> dict:
+        """Where the send stands once the destinations in ``failed`` failed (pgt-core's policy,
+        PROTOCOL.md §3): ``{"live": [rank], "cut_off": [rank]}`` in chain order — those still served
+        (the completed ones, at the end) and, in chain fan-out, those whose data would come through a
+        failed one."""
+        ranks = varint(len(failed)) + b"".join(varint(int(r)) for r in failed)
+        return self.pgt.call(
+            "pgt_sender_destination_outcome",
+            lambda r: {"live": r.seq(Reader.varint), "cut_off": r.seq(Reader.varint)},
+            self.handle,
+            inputs=(ranks,),
+        )
+
     def drop(self):
         self.pgt.call("pgt_sender_drop", unit, self.handle)
 

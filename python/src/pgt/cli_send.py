@@ -167,8 +167,6 @@ def main(argv=None) -> int:
             metadata,
             f.storages,
             digests=not args.no_digests,
-            destinations=dst,
-            chain=args.fanout == "chain",
         )
         seconds = time.monotonic() - start
     except SafetensorsError as e:

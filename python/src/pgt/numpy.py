@@ -278,8 +278,6 @@ def send_checkpoint(
         storages,
         digests=digests,
         transfer_id=transfer_id,
-        destinations=dst,
-        chain=fan == "Chain",
     )
 
 

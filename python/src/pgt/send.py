@@ -54,32 +54,25 @@ class DestinationsFailed(RuntimeError):
 
 
 class _Outcomes:
-    """Which destinations failed (pgt-host's ``SendOutcomes``, the same policy)."""
+    """Which destinations failed, and where that leaves the send (pgt-core's policy, asked of the
+    module: ``Sender.destination_outcome``)."""
 
-    def __init__(self, destinations: list[int], chain: bool):
-        self.destinations, self.chain = list(destinations), chain
+    def __init__(self, sender):
+        self.sender = sender
         self.failed: dict = {}
-
-    def cut_off(self) -> list[int]:
-        if not self.chain:
-            return []
-        first = next((i for i, d in enumerate(self.destinations) if d in self.failed), None)
-        if first is None:
-            return []
-        return [d for d in self.destinations[first + 1 :] if d not in self.failed]
+        self.outcome = sender.destination_outcome([])
 
     def fail(self, rank: int, error: BaseException):
         """Records ``rank``'s failure; re-raises the first failure when no destination is left."""
         self.failed[rank] = error
-        if len(self.failed) + len(self.cut_off()) == len(self.destinations):
+        self.outcome = self.sender.destination_outcome(list(self.failed))
+        if not self.outcome["live"]:
             raise next(iter(self.failed.values()))
 
     def error(self) -> DestinationsFailed | None:
         if not self.failed:
             return None
-        cut = self.cut_off()
-        done = [d for d in self.destinations if d not in self.failed and d not in cut]
-        return DestinationsFailed(done, self.failed, cut)
+        return DestinationsFailed(self.outcome["live"], self.failed, self.outcome["cut_off"])
 
 
 class TcpSendHost:
@@ -113,15 +106,13 @@ def send(
     digests: bool = True,
     transfer_id: int | None = None,
     limits: dict | None = None,
-    destinations: list[int] | None = None,
-    chain: bool = True,
 ) -> int:
     """Sends one checkpoint: ``metadata`` (postcard ``Metadata``, ``pgt.metadata.encode``) and the bytes
     of its storages, in storage order (``pgt.abi.Pgt.decode(...)["storages"]``: each tensor leaf's
     storage, each local shard's). Returns the transfer id. Raises PgtError (the module's named error:
-    bad metadata, a storage of the wrong size) before anything is sent, or the host's error; with
-    ``destinations`` (the metadata's, in order; ``chain``: its fan-out) and a host with ``isolable``
-    errors, ``DestinationsFailed`` when some destinations failed and the others completed."""
+    bad metadata, a storage of the wrong size) before anything is sent, or the host's error; with a
+    host whose ``isolable`` errors stop one destination's stream only, ``DestinationsFailed`` when
+    some destinations failed and the others completed."""
     transfer_id = secrets.randbits(64) if transfer_id is None else transfer_id
     views = storage_views(storages)
     sender = pgt.sender(metadata, digests=digests, transfer_id=transfer_id, limits=limits)
@@ -150,7 +141,7 @@ def send(
             sender.handle_digests(m, job.result())
 
     isolable = getattr(host, "isolable", ())
-    outcomes = _Outcomes(destinations, chain) if destinations and isolable else None
+    outcomes = _Outcomes(sender) if isolable else None
 
     def deliver(op: dict, parts: list):
         if outcomes is None:

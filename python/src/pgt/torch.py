@@ -1136,8 +1136,6 @@ class PGTransport:
                     storages,
                     digests=self._digests,
                     transfer_id=secrets.randbits(64),
-                    destinations=[int(r) for r in dst_ranks],
-                    chain=self._plan["fanout"] == "Chain",
                 )
             return
         host = _Sending(self._link())
