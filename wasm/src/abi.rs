@@ -131,6 +131,18 @@ fn limits(bytes: &[u8]) -> Result<Limits, Fail> {
     from_postcard::<Limits>(bytes, "limits are not postcard Limits")
 }
 
+/// The postcard `Vec<u32>` the host passed; no bytes at all is the empty list.
+///
+/// # Safety
+/// As [`input`].
+unsafe fn u32_list(ptr: *const u8, len: usize, what: &'static str) -> Result<Vec<u32>, Fail> {
+    // SAFETY: the caller's contract.
+    match unsafe { input(ptr, len) } {
+        [] => Ok(Vec::new()),
+        bytes => from_postcard(bytes, what),
+    }
+}
+
 fn flag(v: u32) -> Result<bool, Fail> {
     match v {
         0 => Ok(false),
@@ -409,14 +421,8 @@ pub unsafe extern "C" fn pgt_sender_destination_outcome(
     len: usize,
 ) -> *const u8 {
     // SAFETY: the caller's contract.
-    let bytes = unsafe { input(ptr, len) };
-    run(|| {
-        let failed: Vec<u32> = match bytes {
-            [] => Vec::new(),
-            _ => from_postcard(bytes, "ranks are not postcard Vec<u32>")?,
-        };
-        Ok(sender(handle)?.destination_outcome(&failed))
-    })
+    let failed = unsafe { u32_list(ptr, len, "ranks are not postcard Vec<u32>") };
+    run(|| Ok(sender(handle)?.destination_outcome(&failed?)))
 }
 
 /// Frees a sender. Result: `()`.
@@ -556,14 +562,8 @@ pub unsafe extern "C" fn pgt_receiver_in_place_written(
     len: usize,
 ) -> *const u8 {
     // SAFETY: the caller's contract.
-    let bytes = unsafe { input(ptr, len) };
-    run(|| {
-        let not_in_target: Vec<u32> = match bytes {
-            [] => Vec::new(),
-            _ => from_postcard(bytes, "storages are not postcard Vec<u32>")?,
-        };
-        Ok(receiver(handle)?.in_place_written(&not_in_target))
-    })
+    let storages = unsafe { u32_list(ptr, len, "storages are not postcard Vec<u32>") };
+    run(|| Ok(receiver(handle)?.in_place_written(&storages?)))
 }
 
 /// After an error: the next message the failed transfer's plan still says is coming, which the host
