@@ -40,7 +40,7 @@ use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut, Range};
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 
 /// Every [`Buffer`] is aligned to at least this many bytes (a cache line; any dtype).
@@ -659,11 +659,38 @@ struct Shared {
     prefaulted: AtomicU64,
     /// `Touch` mode: held by the prefaulter while it touches a step, and by claims.
     lock: Mutex<()>,
+    /// The least `progress` a claim blocked in `wait_for_prefaulter` waits for (`u64::MAX`: none);
+    /// the prefaulter wakes the blocked claims once it gets there, not at every step. Lowered and
+    /// reset under `woken`.
+    wanted: AtomicU64,
+    /// Where blocked claims wait for `advanced`.
+    woken: Mutex<()>,
+    advanced: Condvar,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, ()> {
         self.lock.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Publishes the prefaulter's progress and wakes the claims waiting for it, once the first
+    /// of them can go. SeqCst pairs with `wait_for_prefaulter`, which lowers `wanted` and then
+    /// reads `progress`: here `progress` is stored and then `wanted` read, so one sees the other.
+    fn advance(&self, pos: u64) {
+        self.progress.store(pos, Ordering::SeqCst);
+        if self.wanted.load(Ordering::SeqCst) <= pos {
+            let _woken = self.woken.lock().unwrap_or_else(PoisonError::into_inner);
+            // Every blocked claim wakes and lowers it again if it has further to wait.
+            self.wanted.store(u64::MAX, Ordering::SeqCst);
+            self.advanced.notify_all();
+        }
+    }
+
+    /// Marks the prefaulter done (however it ends) and wakes every waiting claim.
+    fn finish(&self) {
+        self.done.store(true, Ordering::SeqCst);
+        let _woken = self.woken.lock().unwrap_or_else(PoisonError::into_inner);
+        self.advanced.notify_all();
     }
 }
 
@@ -827,6 +854,9 @@ impl<'a> ReceiveMemory<'a> {
             progress: AtomicU64::new(0),
             prefaulted: AtomicU64::new(0),
             lock: Mutex::new(()),
+            wanted: AtomicU64::new(u64::MAX),
+            woken: Mutex::new(()),
+            advanced: Condvar::new(),
         });
         let thread = if start == 0 {
             None
@@ -835,8 +865,8 @@ impl<'a> ReceiveMemory<'a> {
             match std::thread::Builder::new()
                 .name("pgt-prefault".into())
                 .spawn(move || {
-                    // Set however `run` ends (it is not meant to panic).
-                    let _done = SetOnDrop(&s.done);
+                    // Done however `run` ends (it is not meant to panic).
+                    let _done = FinishOnDrop(&s);
                     run(&s)
                 }) {
                 Ok(h) => Some(h),
@@ -1050,16 +1080,26 @@ impl<'a> ReceiveMemory<'a> {
         let sh = &self.shared;
         let hint = sh.hint.load(Ordering::SeqCst);
         let want = (region.start + range.end as u64).min(hint.saturating_add(sh.window));
-        let mut spins = 0u32;
-        while sh.progress.load(Ordering::Acquire) < want && !sh.done.load(Ordering::Acquire) {
-            spins += 1;
-            // Yield first: on a busy machine a sleeping receiver wakes late (its core goes to
-            // others), a yielding one stays runnable and lets the prefaulter run meanwhile.
-            if spins < 64 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(std::time::Duration::from_micros(20));
+        let ready = || sh.progress.load(Ordering::SeqCst) >= want || sh.done.load(Ordering::SeqCst);
+        if ready() {
+            return;
+        }
+        // Block until the prefaulter's `advance` passes `want`, rather than poll: polling with
+        // yields and 20 µs sleeps cost the receiving thread a context switch per round, up to a
+        // quarter of its CPU on `small` (10,000 claims; docs/perf.md, issue 11 item 2).
+        let mut woken = sh.woken.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            // Under `woken`, so that `advance` cannot reset it between this and the wait.
+            sh.wanted.fetch_min(want, Ordering::SeqCst);
+            if ready() {
+                break;
             }
+            // The timeout only bounds a wake-up lost to a bug: `advance` and `finish` notify.
+            woken = sh
+                .advanced
+                .wait_timeout(woken, std::time::Duration::from_millis(10))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 
@@ -1113,12 +1153,12 @@ impl Drop for ReceiveMemory<'_> {
     }
 }
 
-/// Stores `true` (Release) into its flag when dropped.
-struct SetOnDrop<'a>(&'a AtomicBool);
+/// Marks the prefaulter done ([`Shared::finish`]) when dropped.
+struct FinishOnDrop<'a>(&'a Shared);
 
-impl Drop for SetOnDrop<'_> {
+impl Drop for FinishOnDrop<'_> {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
+        self.0.finish();
     }
 }
 
@@ -1150,7 +1190,7 @@ fn run(sh: &Shared) {
         // Never more than `window` ahead of the receiver: wait for it there.
         let limit = hint.saturating_add(sh.window);
         if pos >= limit {
-            sh.progress.store(pos, Ordering::Release);
+            sh.advance(pos);
             sh.waiting.store(true, Ordering::SeqCst);
             // A claim that moved the hint since it was read either is seen here, or sees `waiting`
             // and unparks us (which makes the park return at once).
@@ -1225,9 +1265,9 @@ fn run(sh: &Shared) {
                 pos = region.start + i.min(region.len) as u64;
             }
         }
-        sh.progress.store(pos, Ordering::Release);
+        sh.advance(pos);
     }
-    sh.progress.store(sh.total, Ordering::Release);
+    sh.advance(sh.total);
 }
 
 /// `MADV_POPULATE_WRITE` over the pages spanning bytes `off..end` of `region` (rounded out to
