@@ -40,7 +40,7 @@ use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut, Range};
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 
 /// Every [`Buffer`] is aligned to at least this many bytes (a cache line; any dtype).
@@ -288,6 +288,14 @@ impl Buffer {
     /// ([`Buffer::zeroed_many`]), as opposed to a global-allocator block.
     pub fn is_mapped(&self) -> bool {
         matches!(self.backing, Backing::Map { .. } | Backing::Carved { .. })
+    }
+
+    /// The address of the mapping this buffer was carved from ([`Buffer::zeroed_many`]), if it was.
+    fn carved_from(&self) -> Option<usize> {
+        match &self.backing {
+            Backing::Carved { _map } => Some(_map.ptr.as_ptr().addr()),
+            _ => None,
+        }
     }
 
     /// Raw pointer to the first byte, without creating a reference to the contents.
@@ -586,6 +594,9 @@ struct Region {
     len: usize,
     /// Page-rounded span for `madvise`.
     span: (usize, usize),
+    /// The mapping the region was carved from with others ([`Buffer::zeroed_many`]): the
+    /// prefaulter populates neighbours in it with one call.
+    carved_from: Option<usize>,
     /// Whether the buffer is its own mapping (`Mlock` only handles those).
     mapped: bool,
     /// Whether the background thread prefaults this region (fresh memory).
@@ -652,6 +663,10 @@ struct Shared {
     window: u64,
     /// Set by the prefaulter while it waits for the receiver (`claim` then wakes it).
     waiting: AtomicBool,
+    /// The `hint` the waiting prefaulter last saw: claims wake it once the receiver has moved a
+    /// `step` past it (or when they wait for it), not at every claim — 10,000 wake-ups and as many
+    /// one-storage steps for `small` (issue 11 item 2).
+    parked_hint: AtomicU64,
     /// How far (in receive order) the prefaulter has got. Stored with Release after adding to
     /// `prefaulted`, so that a reader of `progress` (Acquire) sees those counts.
     progress: AtomicU64,
@@ -659,11 +674,38 @@ struct Shared {
     prefaulted: AtomicU64,
     /// `Touch` mode: held by the prefaulter while it touches a step, and by claims.
     lock: Mutex<()>,
+    /// The least `progress` a claim blocked in `wait_for_prefaulter` waits for (`u64::MAX`: none);
+    /// the prefaulter wakes the blocked claims once it gets there, not at every step. Lowered and
+    /// reset under `woken`.
+    wanted: AtomicU64,
+    /// Where blocked claims wait for `advanced`.
+    woken: Mutex<()>,
+    advanced: Condvar,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, ()> {
         self.lock.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Publishes the prefaulter's progress and wakes the claims waiting for it, once the first
+    /// of them can go. SeqCst pairs with `wait_for_prefaulter`, which lowers `wanted` and then
+    /// reads `progress`: here `progress` is stored and then `wanted` read, so one sees the other.
+    fn advance(&self, pos: u64) {
+        self.progress.store(pos, Ordering::SeqCst);
+        if self.wanted.load(Ordering::SeqCst) <= pos {
+            let _woken = self.woken.lock().unwrap_or_else(PoisonError::into_inner);
+            // Every blocked claim wakes and lowers it again if it has further to wait.
+            self.wanted.store(u64::MAX, Ordering::SeqCst);
+            self.advanced.notify_all();
+        }
+    }
+
+    /// Marks the prefaulter done (however it ends) and wakes every waiting claim.
+    fn finish(&self) {
+        self.done.store(true, Ordering::SeqCst);
+        let _woken = self.woken.lock().unwrap_or_else(PoisonError::into_inner);
+        self.advanced.notify_all();
     }
 }
 
@@ -772,6 +814,10 @@ impl<'a> ReceiveMemory<'a> {
         let mut owned = Vec::with_capacity(targets.len());
         let mut regions = Vec::with_capacity(targets.len());
         for target in targets {
+            let carved_from = match &target {
+                Target::Fresh(b) => b.carved_from(),
+                _ => None,
+            };
             let (ptr, len, mapped, prefault, span, buffer) = match target {
                 Target::Fresh(mut b) | Target::Touched(mut b) if b.is_empty() => {
                     (b.as_mut_ptr(), 0, false, false, (0, 0), Some(b))
@@ -801,6 +847,7 @@ impl<'a> ReceiveMemory<'a> {
                 addr: ptr.addr(),
                 len,
                 span,
+                carved_from,
                 mapped,
                 prefault,
                 start,
@@ -824,9 +871,13 @@ impl<'a> ReceiveMemory<'a> {
             hint: AtomicU64::new(0),
             window: u64::try_from(options.window).unwrap_or(u64::MAX),
             waiting: AtomicBool::new(false),
+            parked_hint: AtomicU64::new(0),
             progress: AtomicU64::new(0),
             prefaulted: AtomicU64::new(0),
             lock: Mutex::new(()),
+            wanted: AtomicU64::new(u64::MAX),
+            woken: Mutex::new(()),
+            advanced: Condvar::new(),
         });
         let thread = if start == 0 {
             None
@@ -835,8 +886,8 @@ impl<'a> ReceiveMemory<'a> {
             match std::thread::Builder::new()
                 .name("pgt-prefault".into())
                 .spawn(move || {
-                    // Set however `run` ends (it is not meant to panic).
-                    let _done = SetOnDrop(&s.done);
+                    // Done however `run` ends (it is not meant to panic).
+                    let _done = FinishOnDrop(&s);
                     run(&s)
                 }) {
                 Ok(h) => Some(h),
@@ -1016,14 +1067,15 @@ impl<'a> ReceiveMemory<'a> {
             w.in_flight += 1;
         }
         if region.prefault {
-            self.shared
-                .hint
-                .fetch_max(region.start + range.start as u64, Ordering::SeqCst);
-            // The prefaulter may be waiting for the receiver to come closer: it may go on.
-            if self.shared.waiting.load(Ordering::SeqCst) {
-                if let Some(t) = &self.thread {
-                    t.thread().unpark();
-                }
+            let sh = &self.shared;
+            let hint = region.start + range.start as u64;
+            sh.hint.fetch_max(hint, Ordering::SeqCst);
+            // The prefaulter may be waiting for the receiver to come closer: once it has come a
+            // step closer, it goes on.
+            if sh.waiting.load(Ordering::SeqCst)
+                && hint >= (sh.parked_hint.load(Ordering::SeqCst)).saturating_add(sh.step as u64)
+            {
+                self.wake_prefaulter();
             }
             self.wait_for_prefaulter(region, &range);
         }
@@ -1050,16 +1102,37 @@ impl<'a> ReceiveMemory<'a> {
         let sh = &self.shared;
         let hint = sh.hint.load(Ordering::SeqCst);
         let want = (region.start + range.end as u64).min(hint.saturating_add(sh.window));
-        let mut spins = 0u32;
-        while sh.progress.load(Ordering::Acquire) < want && !sh.done.load(Ordering::Acquire) {
-            spins += 1;
-            // Yield first: on a busy machine a sleeping receiver wakes late (its core goes to
-            // others), a yielding one stays runnable and lets the prefaulter run meanwhile.
-            if spins < 64 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(std::time::Duration::from_micros(20));
+        let ready = || sh.progress.load(Ordering::SeqCst) >= want || sh.done.load(Ordering::SeqCst);
+        if ready() {
+            return;
+        }
+        // Block until the prefaulter's `advance` passes `want`, rather than poll: polling with
+        // yields and 20 µs sleeps cost the receiving thread a context switch per round, up to a
+        // quarter of its CPU on `small` (10,000 claims; docs/perf.md, issue 11 item 2).
+        let mut woken = sh.woken.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            // Under `woken`, so that `advance` cannot reset it between this and the wait.
+            sh.wanted.fetch_min(want, Ordering::SeqCst);
+            if ready() {
+                break;
             }
+            // It may be waiting for the receiver to come a step closer: this claim needs it now.
+            // (Or it sees `wanted` before it parks.)
+            if sh.waiting.load(Ordering::SeqCst) {
+                self.wake_prefaulter();
+            }
+            // The timeout only bounds a wake-up lost to a bug: `advance` and `finish` notify.
+            woken = sh
+                .advanced
+                .wait_timeout(woken, std::time::Duration::from_millis(10))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn wake_prefaulter(&self) {
+        if let Some(t) = &self.thread {
+            t.thread().unpark();
         }
     }
 
@@ -1113,12 +1186,12 @@ impl Drop for ReceiveMemory<'_> {
     }
 }
 
-/// Stores `true` (Release) into its flag when dropped.
-struct SetOnDrop<'a>(&'a AtomicBool);
+/// Marks the prefaulter done ([`Shared::finish`]) when dropped.
+struct FinishOnDrop<'a>(&'a Shared);
 
-impl Drop for SetOnDrop<'_> {
+impl Drop for FinishOnDrop<'_> {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
+        self.0.finish();
     }
 }
 
@@ -1150,11 +1223,15 @@ fn run(sh: &Shared) {
         // Never more than `window` ahead of the receiver: wait for it there.
         let limit = hint.saturating_add(sh.window);
         if pos >= limit {
-            sh.progress.store(pos, Ordering::Release);
+            sh.advance(pos);
+            sh.parked_hint.store(hint, Ordering::SeqCst);
             sh.waiting.store(true, Ordering::SeqCst);
-            // A claim that moved the hint since it was read either is seen here, or sees `waiting`
-            // and unparks us (which makes the park return at once).
-            if sh.hint.load(Ordering::SeqCst) == hint && !sh.stop.load(Ordering::Relaxed) {
+            // A claim that moved the hint a step since it was read, or that waits for more than
+            // `pos` (`advance` just cleared what it reached), either is seen here or sees
+            // `waiting` and unparks us (which makes the park return at once).
+            let moved = sh.hint.load(Ordering::SeqCst) >= hint.saturating_add(sh.step as u64)
+                || sh.wanted.load(Ordering::SeqCst) != u64::MAX;
+            if !moved && !sh.stop.load(Ordering::Relaxed) {
                 std::thread::park_timeout(WINDOW_WAIT);
             }
             sh.waiting.store(false, Ordering::SeqCst);
@@ -1176,10 +1253,14 @@ fn run(sh: &Shared) {
         let end = (end_addr - region.addr).min(region.len).min(to_limit);
         match sh.method {
             PrefaultMethod::PopulateWrite => {
-                if populate(region, off, end) {
-                    sh.prefaulted
-                        .fetch_add((end - off) as u64, Ordering::Relaxed);
-                    pos = region.start + end as u64;
+                // Storages carved from one mapping lie back to back: one call for all of them
+                // the step reaches (else one per storage, 10,000 for `small`).
+                let (last, last_end) = step_through(sh, r, end, end_addr, limit);
+                let last_region = &sh.regions[last];
+                if populate(region, off, last_region, last_end) {
+                    let to = last_region.start + last_end as u64;
+                    sh.prefaulted.fetch_add(to - pos, Ordering::Relaxed);
+                    pos = to;
                 } else {
                     // Not faultable (out of memory, ...): leave this buffer to the receiver.
                     pos = region.start + region.len as u64;
@@ -1225,26 +1306,51 @@ fn run(sh: &Shared) {
                 pos = region.start + i.min(region.len) as u64;
             }
         }
-        sh.progress.store(pos, Ordering::Release);
+        sh.advance(pos);
     }
-    sh.progress.store(sh.total, Ordering::Release);
+    sh.advance(sh.total);
 }
 
-/// `MADV_POPULATE_WRITE` over the pages spanning bytes `off..end` of `region` (rounded out to
-/// pages: the partial pages at the ends belong to the same writable allocation).
+/// Where a `PopulateWrite` step that starts in region `r` and reaches offset `end` of it (the
+/// step's address boundary `end_addr`, or the window's `limit`) ends: while it covers a region to
+/// its end and the next region is the next piece of the same carved mapping (at most the
+/// alignment padding apart), it goes on into that one. Returns the last region and the offset in
+/// it.
+fn step_through(sh: &Shared, r: usize, end: usize, end_addr: usize, limit: u64) -> (usize, usize) {
+    let (mut last, mut last_end) = (r, end);
+    while let (Some(cur), Some(next)) = (sh.regions.get(last), sh.regions.get(last + 1)) {
+        let adjacent = cur.carved_from.is_some()
+            && next.carved_from == cur.carved_from
+            && next.prefault
+            && next.addr >= cur.addr + cur.len
+            && next.addr - (cur.addr + cur.len) < MIN_ALIGN;
+        if last_end < cur.len || !adjacent || next.addr >= end_addr || next.start >= limit {
+            break;
+        }
+        let to_limit = usize::try_from(limit - next.start).unwrap_or(usize::MAX);
+        last += 1;
+        last_end = (end_addr - next.addr).min(next.len).min(to_limit);
+    }
+    (last, last_end)
+}
+
+/// `MADV_POPULATE_WRITE` over the pages spanning byte `off` of `first` up to byte `end` of `last`
+/// (the same region, or a later one carved from the same mapping: see [`step_through`]), rounded
+/// out to pages: the partial pages at the ends, and the padding between carved regions, belong to
+/// the same writable mapping.
 #[cfg(target_os = "linux")]
-fn populate(region: &Region, off: usize, end: usize) -> bool {
+fn populate(first: &Region, off: usize, last: &Region, end: usize) -> bool {
     let page = page_size();
-    let (span_lo, span_len) = region.span;
-    let lo = ((region.addr + off) / page * page).max(span_lo);
-    let hi = (region.addr + end)
+    let lo = ((first.addr + off) / page * page).max(first.span.0);
+    let hi = (last.addr + end)
         .next_multiple_of(page)
-        .min(span_lo + span_len);
+        .min(last.span.0 + last.span.1);
     if hi <= lo {
         return true;
     }
     for _ in 0..8 {
-        // SAFETY: `lo..hi` lies within pages that hold bytes of a live, writable allocation.
+        // SAFETY: `lo..hi` lies within pages of one live, writable allocation: one region's,
+        // or (with the padding between them) consecutive regions' of one carved mapping.
         // POPULATE_WRITE performs no access visible to the program: it maps the pages writable
         // (allocating zeroed ones where none were) and never changes their contents.
         let r = unsafe {
@@ -1266,7 +1372,7 @@ fn populate(region: &Region, off: usize, end: usize) -> bool {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn populate(_region: &Region, _off: usize, _end: usize) -> bool {
+fn populate(_first: &Region, _off: usize, _last: &Region, _end: usize) -> bool {
     false
 }
 
@@ -1747,6 +1853,64 @@ mod tests {
                     }
                     assert!(all_eq(b, 0));
                 }
+            }
+        }
+    }
+
+    /// Storages carved from one mapping are prefaulted by steps that run on through the next ones
+    /// (one `madvise` for all a step reaches) and stop at a buffer of another mapping: every one is
+    /// mapped in full and counted once, and writes that follow the prefaulter through a window
+    /// smaller than a step land intact.
+    #[test]
+    fn carved_neighbours_are_prefaulted_together() {
+        let lens: Vec<usize> = (0..if MIRI { 12 } else { 600 })
+            .map(|i| 1000 + (i * 4099) % 20_000)
+            .collect();
+        let own = if MIRI { 5000 } else { 3 << 20 };
+        let total = (lens.iter().sum::<usize>() + own) as u64;
+        let targets = || {
+            let mut t: Vec<Target<'static>> = Buffer::zeroed_many(&lens)
+                .unwrap()
+                .into_iter()
+                .map(Target::Fresh)
+                .collect();
+            t.insert(lens.len() / 2, Target::Fresh(Buffer::zeroed(own)));
+            t
+        };
+        for method in supported_methods() {
+            let opts = PrefaultOptions {
+                method: Some(method),
+                ..Default::default()
+            };
+            let pf = ReceiveMemory::with_options(targets(), opts);
+            wait_done(&pf);
+            let st = pf.stats();
+            assert_eq!(
+                (st.progress, st.prefaulted, st.total),
+                (total, total, total)
+            );
+            for b in pf.finish().iter().flatten() {
+                if !MIRI {
+                    assert_eq!(resident(b), 1.0, "{method:?}");
+                }
+                assert!(all_eq(b, 0));
+            }
+
+            // Writes region by region through a 16 KiB window: the claims wait for the
+            // prefaulter, which waits for them.
+            let opts = PrefaultOptions {
+                window: 16 << 10,
+                ..opts
+            };
+            let pf = ReceiveMemory::with_options(targets(), opts);
+            let pattern = Pattern::new(7);
+            for r in 0..pf.len() {
+                let len = pf.region_len(r);
+                pf.write(&[(r, 0..len)], |s| pattern.fill(s[0], r)).unwrap();
+            }
+            for (r, b) in pf.finish().iter().enumerate() {
+                let b = b.as_ref().unwrap();
+                assert!(pattern.matches(b, r), "{method:?}: region {r}");
             }
         }
     }
