@@ -875,6 +875,10 @@ def _is_sharded(x) -> bool:
 
 def _inplace_tensor(x, shard: int):
     """The plain tensor of an existing leaf that storage ``shard`` of the leaf may land in."""
+    if type(x) is torch.Tensor:  # the common leaf, without the checks for the others
+        if x.layout == torch.strided and x.is_cpu and x.dtype in NAME_BY_DTYPE:
+            return x
+        return None
     if x is None:
         return None
     if _is_sharded(x):
@@ -1233,10 +1237,10 @@ class PGTransport:
                 return view_of(land, layout, layout["dtype"]), None
             t, dest = target
             same = (
-                NAME_BY_DTYPE.get(t.dtype) == layout["dtype"]
-                and list(t.shape) == [int(d) for d in layout["shape"]]
-                and list(t.stride()) == [int(d) for d in layout["stride"]]
-                and t.storage_offset() == int(layout["storage_offset"])
+                t.dtype is DTYPE_BY_NAME.get(layout["dtype"])
+                and t.storage_offset() == layout["storage_offset"]
+                and t.shape == tuple(layout["shape"])
+                and t.stride() == tuple(layout["stride"])
             )
             return (t if same else view_of(dest, layout, layout["dtype"])), t
 
