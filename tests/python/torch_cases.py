@@ -688,13 +688,24 @@ def torch_cases_over_tcp(rank, world, port, token):
 
 def small_storages_element_aligned(rank, world):
     """Small fresh storages land in shared blocks; each still starts at a multiple of its element
-    size even after an odd-length byte storage, and holds the sender's elements."""
+    size even after an odd-length byte storage (the run is then scattered into a block laid out for
+    alignment), and holds the sender's elements in the sender's view over a storage of its own of
+    the sender's size — contiguous views (made from the landing at once) and others alike."""
+    base = torch.arange(24, dtype=torch.float32)
     sd = {
         "odd_bytes": torch.arange(3, dtype=torch.uint8),
         "f32": torch.arange(5, dtype=torch.float32),
         "f64": torch.arange(7, dtype=torch.float64),
         "i16": torch.arange(3, dtype=torch.int16),
         "c64": torch.arange(4, dtype=torch.float32).view(torch.complex64),
+        "bf16_2d": torch.arange(15, dtype=torch.bfloat16).reshape(3, 5),
+        "size1_dims": torch.arange(4, dtype=torch.int64).reshape(1, 4, 1),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.empty(0, 3, dtype=torch.float16),
+        "transposed": base.reshape(4, 6).t(),
+        "offset": base[5:9],
+        "strided": base[::3],
+        "bool": torch.tensor([True, False, True]),
     }
     t = _transport()
     if rank == 0:
@@ -703,4 +714,5 @@ def small_storages_element_aligned(rank, world):
         got = t.recv_checkpoint(0)
         for k, v in sd.items():
             assert got[k].data_ptr() % got[k].element_size() == 0, k
+            assert_same_tensor(got[k], v, k)
             assert torch.equal(got[k], v), k

@@ -222,6 +222,8 @@ class Reader:
 
 
 def varint(v: int) -> bytes:
+    if 0 <= v < 0x4000:  # one or two bytes: every count, index and small size (no loop)
+        return bytes((v,)) if v < 0x80 else bytes((v & 0x7F | 0x80, v >> 7))
     out = bytearray()
     while True:
         byte = v & 0x7F
@@ -454,7 +456,8 @@ def canonical_key_paths(r: Reader) -> list:
     """``Vec<KeyPath>`` as tuples that tell str keys, int keys and list indices apart — ``("k",
     str)``, ``("i", int)``, ``("x", int)`` — ready to look up in a dict of a nested object's leaves
     (pgt.torch's in-place targets); a str key's common short form read inline."""
-    b, out = r.b, []
+    b, out = bytes(r.b), []  # (a result is a bytearray: its slices would not be dict keys)
+    keys: dict = {}  # a short str key's bytes -> its element: key paths share most of their keys
     for _ in range(r.varint()):
         path = []
         for _ in range(r.varint()):
@@ -466,7 +469,11 @@ def canonical_key_paths(r: Reader) -> list:
                 n = b[i + 2]
                 if n < 0x80:
                     r.i = i + 3 + n
-                    path.append(("k", b[i + 3 : i + 3 + n].decode("utf-8")))
+                    raw = b[i + 3 : i + 3 + n]
+                    elem = keys.get(raw)
+                    if elem is None:
+                        elem = keys[raw] = ("k", raw.decode("utf-8"))
+                    path.append(elem)
                 else:
                     r.i = i + 2
                     path.append(("k", r.str()))

@@ -6,7 +6,14 @@ Spawns the ranks of a gloo process group itself (``torch.multiprocessing``, a Fi
 each scenario runs, N times (default 5), interleaved on that one group (the order rotates from one
 repetition to the next): pgt's transport, torch's, and the **floor** — the same bytes through the same
 group by plain ``send``/``recv`` of preallocated, touched tensors (messages of at most 64 MiB, every
-receive posted ahead). Figures are medians; ``speedup`` = torch / pgt. Timing: every rank leaves a
+receive posted ahead) — and, for the scenarios received into fresh memory (``large``, ``small``,
+``fanout``), the **fresh floor**: the same sends received into fresh ``torch.empty`` tensors, mapped
+ahead by pgt.torch's own prefaulter (``madvise(MADV_POPULATE_WRITE)`` in a thread, the same window),
+what landing the bytes in new memory costs here. Figures are medians; ``speedup`` = torch / pgt. A
+floor bounds every transport, so ``max_speedup`` = torch / floor (and ``max_speedup_fresh`` = torch /
+fresh floor) is the largest speedup this machine allows in that run: ``target_reachable`` says whether
+the target is below it (for fresh scenarios, below ``max_speedup_fresh``); a target above it needs pgt
+faster than the floor. Timing: every rank leaves a
 barrier, then a receiver's clock runs until its ``recv_checkpoint`` returned (metadata checked, every
 storage landed and, for pgt, its digest checked); the slowest receiver counts. Off the clock each
 receiver compares every received tensor byte for byte with the sender's (regenerated from the same
@@ -25,9 +32,12 @@ Scenarios (PROTOCOL.md's benchmark shapes, as ``pgt bench`` has them):
   pgt's TCP group (``pgt.numpy.recv_checkpoint`` into numpy views of torch tensors; ``pgt.torch``
   over a ``TcpGroup`` lands the same way), against the Rust receiver's rate measured by
   ``pgt bench --scenario large-inplace`` in the same run (Rust to Rust, in place); its floor is that
-  run's raw loopback TCP figure, ``ratio`` = rust / pgt.
+  run's raw loopback TCP figure, ``ratio`` = rust / pgt (``max_ratio`` = rust / floor).
 
-One JSON line per scenario with ``--json``; a table otherwise.
+One JSON line per scenario with ``--json``: ``scenario``, ``pgt_seconds``, ``torch_seconds``,
+``floor_seconds``, ``speedup``, ``verified`` (the issue's fields), then ``floor_fresh_seconds`` (null in
+place), ``max_speedup``, ``max_speedup_fresh``, ``target_reachable``, ``pgt_vs_floor`` (floor / pgt),
+``pgt_vs_floor_fresh``, ``target``, sizes and every run's figures; a table otherwise.
 """
 
 from __future__ import annotations
@@ -263,16 +273,30 @@ class _Rank:
         sd = (lambda: self.targets) if receiving and self.inplace else None
         return PGTransport(self.pg, timedelta(seconds=TIMEOUT), torch.device("cpu"), state_dict=sd)
 
-    def _floor(self):
-        dist, works = self.dist, []
+    def _floor(self, fresh: bool = False):
+        """The floor: the checkpoint's bytes by plain sends of the sender's touched buffers, received
+        into touched buffers, or (``fresh``) into new ``torch.empty`` ones that pgt.torch's prefaulter
+        maps ahead of the data as it does for a fresh receive (a receiver's new memory, not the
+        sender's, is what a fresh scenario adds)."""
+        works, bufs, prefault = [], self.bufs, None
         if self.rank == 0:
-            for i, b in enumerate(self.bufs):
+            for i, b in enumerate(bufs):
                 works += [self.pg.send([b], d, FLOOR_TAG + i) for d in self.dsts]
         elif self.rank in self.dsts:
-            works = [self.pg.recv([b], 0, FLOOR_TAG + i) for i, b in enumerate(self.bufs)]
-        for w in works:
-            w.wait(timedelta(seconds=TIMEOUT))
-        del dist
+            if fresh:
+                from pgt.torch import _madvise, _Prefault
+
+                bufs = [self.torch.empty(b.numel(), dtype=self.torch.uint8) for b in bufs]
+                prefault = _Prefault(bufs) if _madvise() else None
+            works = [self.pg.recv([b], 0, FLOOR_TAG + i) for i, b in enumerate(bufs)]
+        try:
+            for i, w in enumerate(works):
+                w.wait(timedelta(seconds=TIMEOUT))
+                if prefault is not None:  # (a receiver: works[i] lands in bufs[i])
+                    prefault.advance(bufs[i].numel())
+        finally:
+            if prefault is not None:
+                prefault.stop()
 
     def run(self, scenario: str, impl: str, opts: dict) -> dict:
         self.prepare(scenario, opts)
@@ -291,8 +315,8 @@ class _Rank:
         if prof is not None:
             prof.enable()
         got = None
-        if impl == "floor":
-            self._floor()
+        if impl in ("floor", "floor_fresh"):
+            self._floor(fresh=impl == "floor_fresh")
         elif self.rank == 0:
             self._transport(impl, False).send_checkpoint(self.dsts, self.sd)
         elif receiving:
@@ -302,7 +326,7 @@ class _Rank:
             prof.disable()
             prof.dump_stats(os.path.join(opts["profile"], f"{scenario}-rank{self.rank}.prof"))
         out = {"rank": self.rank, "seconds": seconds if receiving else None}
-        if receiving and impl != "floor":
+        if receiving and not impl.startswith("floor"):
             out["verified"] = verify(self.spec, got, self.pat, self.targets)
         del got
         gc.collect()
@@ -421,17 +445,26 @@ def _slowest(reports: list) -> float:
     return max(r["seconds"] for r in reports if r and r["seconds"] is not None)
 
 
+def _ratio(a, b):
+    return None if a is None or b is None else round(a / b, 3)
+
+
 def gloo_scenario(ranks: Ranks, scenario: str, repeat: int, opts: dict) -> dict:
-    impls = ["pgt", "torch", "floor"]
+    fresh = "inplace" not in scenario
+    impls = ["pgt", "torch", "floor"] + (["floor_fresh"] if fresh else [])
     runs: dict = {i: [] for i in impls}
     verified = True
     for rep in range(repeat):
-        for impl in impls[rep % 3 :] + impls[: rep % 3]:
+        k = rep % len(impls)
+        for impl in impls[k:] + impls[:k]:
             reports = ranks.run("run", scenario, impl, opts)
             runs[impl].append(_slowest(reports))
             verified &= all(r.get("verified", True) for r in reports if r)
     spec = spec_of(scenario, opts)
-    pgt, tor, floor = (_median(runs[i]) for i in impls)
+    pgt, tor, floor = (_median(runs[i]) for i in impls[:3])
+    floor_fresh = _median(runs["floor_fresh"]) if fresh else None
+    # The largest speedup the floor leaves room for (fresh scenarios: the fresh floor).
+    bound = _ratio(tor, floor_fresh if fresh else floor)
     return {
         "scenario": scenario,
         "pgt_seconds": round(pgt, 4),
@@ -439,7 +472,12 @@ def gloo_scenario(ranks: Ranks, scenario: str, repeat: int, opts: dict) -> dict:
         "floor_seconds": round(floor, 4),
         "speedup": round(tor / pgt, 3),
         "verified": verified,
+        "floor_fresh_seconds": None if floor_fresh is None else round(floor_fresh, 4),
+        "max_speedup": _ratio(tor, floor),
+        "max_speedup_fresh": _ratio(tor, floor_fresh),
+        "target_reachable": TARGETS[scenario] <= bound,
         "pgt_vs_floor": round(floor / pgt, 3),
+        "pgt_vs_floor_fresh": _ratio(floor_fresh, pgt),
         "target": TARGETS[scenario],
         "bytes": tensor_bytes(spec),
         "leaves": len(spec),
@@ -517,16 +555,22 @@ def tcp_scenario(ranks: Ranks, repeat: int, opts: dict, pgt_bin: str) -> dict:
                 verified &= rep_out["verified"]
     finally:
         path.unlink(missing_ok=True)
-    pgt, rust = _median(py_runs), _median(rust_runs)
+    pgt, rust, floor = _median(py_runs), _median(rust_runs), _median(raw)
     return {
         "scenario": "large-inplace-tcp",
         "pgt_seconds": round(pgt, 4),
         "torch_seconds": None,
-        "floor_seconds": round(_median(raw), 4),
+        "floor_seconds": round(floor, 4),
         "speedup": None,
         "verified": verified,
+        "floor_fresh_seconds": None,
+        "max_speedup": None,
+        "max_speedup_fresh": None,
         "rust_seconds": round(rust, 4),
         "ratio": round(rust / pgt, 3),
+        "max_ratio": _ratio(rust, floor),
+        "target_reachable": TARGETS["large-inplace-tcp"] <= _ratio(rust, floor),
+        "pgt_vs_floor": round(floor / pgt, 3),
         "target": TARGETS["large-inplace-tcp"],
         "bytes": tensor_bytes(spec),
         "leaves": len(spec),
@@ -581,17 +625,21 @@ def main(argv=None) -> int:
         ranks.close()
     if not args.json:
         print(
-            f"{'scenario':<18} {'pgt s':>8} {'torch s':>8} {'floor s':>8} {'speedup':>8} "
-            f"{'target':>7} {'pgt/floor':>9}  verified"
+            f"{'scenario':<18} {'pgt s':>8} {'torch s':>10} {'floor s':>8} {'fresh s':>8} "
+            f"{'speedup':>8} {'max':>7} {'target':>7} {'pgt/floor':>9}  verified"
         )
         for x in lines:
             if x["torch_seconds"] is None:
                 torch_s, speed = f"rust {x['rust_seconds']:.3f}", f"{x['ratio']:.2f}x"
+                best = x["max_ratio"]
             else:
                 torch_s, speed = f"{x['torch_seconds']:.3f}", f"{x['speedup']:.2f}x"
+                best = x["max_speedup_fresh"] or x["max_speedup"]
+            fresh = x["floor_fresh_seconds"]
             print(
-                f"{x['scenario']:<18} {x['pgt_seconds']:>8.3f} {torch_s:>8} "
-                f"{x['floor_seconds']:>8.3f} {speed:>8} {x['target']:>6}x "
+                f"{x['scenario']:<18} {x['pgt_seconds']:>8.3f} {torch_s:>10} "
+                f"{x['floor_seconds']:>8.3f} {'-' if fresh is None else f'{fresh:.3f}':>8} "
+                f"{speed:>8} {best:>6.2f}x {x['target']:>6}x "
                 f"{x['floor_seconds'] / x['pgt_seconds']:>9.2f}  {x['verified']}"
             )
     return 0 if all(x["verified"] for x in lines) else 1

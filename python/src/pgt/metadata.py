@@ -228,7 +228,29 @@ def _shard_meta(w: Writer, m: Mapping) -> None:
     w.uints(m["offsets"]).uints(m["sizes"]).str(m["placement"])
 
 
+def tensor_leaf_bytes(dtype: str, shape, stride, storage_offset: int, nbytes: int) -> bytes:
+    """A tensor leaf's postcard bytes (``Leaf::Tensor``), for a leaf function that returns them
+    instead of the form (``flatten``'s ``leaf``): every number a non-negative int below 2^64, else
+    KeyError or TypeError."""
+    small = _VARINTS
+    return b"".join(
+        [
+            b"\x01",
+            _DTYPE_INDEX[dtype],
+            small[len(shape)],
+            *[small[v] for v in shape],
+            small[len(stride)],
+            *[small[v] for v in stride],
+            small[storage_offset],
+            small[nbytes],
+        ]
+    )
+
+
 def _leaf(w: Writer, x: Mapping) -> None:
+    if type(x) is bytes:  # already encoded (tensor_leaf_bytes)
+        w.out += x
+        return
     kind = x["kind"]
     if kind == "value":
         w.varint(0)
@@ -344,7 +366,8 @@ def value_of(v: Mapping):
 def flatten(obj, leaf: Callable[[tuple, Any], dict]) -> tuple[list, list]:
     """The tree (pre-order nodes) and leaves of ``obj``: dicts (any ``Mapping``, keys ``str`` or
     ``int``, in iteration order), lists and tuples are nodes; everything else is a leaf, turned into
-    its leaf form by ``leaf(path, obj)`` (which raises ``UnsupportedLeaf`` for what it cannot carry).
+    its leaf form by ``leaf(path, obj)`` (which raises ``UnsupportedLeaf`` for what it cannot carry;
+    it may return the leaf's postcard bytes instead, which ``encode`` writes as they are).
     Iterative, so deep nesting is bounded by the module's ``max_depth``, not Python's stack."""
     tree: list = []
     leaves: list = []

@@ -193,6 +193,14 @@ def _storage_array(t: torch.Tensor):
     return (b if b.is_cpu else b.cpu()).numpy()
 
 
+# For each dtype, a dtype of the same element size that numpy has: a tensor's bytes through numpy
+# in fewer calls than a flat uint8 view (bfloat16, the float8s and complex32 have no numpy dtype).
+_SAME_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
+_NUMPY_SAME_SIZE = {dt: _SAME_SIZE[dt.itemsize] for dt in DTYPE_BY_NAME.values()}
+for _dt in (torch.bool, torch.float16, torch.float32, torch.float64, torch.complex64):
+    _NUMPY_SAME_SIZE[_dt] = _dt  # numpy has these: no view needed
+
+
 def view_of(base: torch.Tensor, layout: dict, dtype_name: str) -> torch.Tensor:
     """The view ``layout`` (sender's shape, stride and storage offset) of the storage under ``base``,
     as ``dtype_name`` — for every dtype, bool, complex32 and the float8s included."""
@@ -334,6 +342,9 @@ MADV_POPULATE_WRITE = 23
 PREFAULT_STEP = 8 << 20
 # The smallest landing block of small storages (_Receiving._blocks) the prefaulter maps.
 BLOCK_PREFAULT_MIN = 1 << 20
+# Where a storage starts in a block whose run is scattered: a multiple of this (torch's CPU allocator's
+# alignment), so each storage is as aligned as a ``torch.empty`` of its own.
+BLOCK_ALIGN = 64
 # How far ahead of the data landed the prefaulter maps: the receives posted ahead (RECV_DEPTH messages
 # of up to CHUNK_SIZE) and a step more.
 PREFAULT_WINDOW = RECV_DEPTH * CHUNK_SIZE + (64 << 20)
@@ -512,6 +523,7 @@ class _Receiving(_Landing):
         self.storages: list = []  # Incoming storages
         self.views: dict = {}  # storage -> a memoryview of its landing
         self.blocks: dict = {}  # (data message, first segment of a run) -> the run's landing block
+        self.free_staging: list = []  # staging tensors of scattered runs, landed and free again
         self.orphans: list = []  # works still posted when a transfer failed (kept alive)
 
     # -- frames --
@@ -606,10 +618,14 @@ class _Receiving(_Landing):
             self.prefault = _Prefault([t for _, t in sorted(fresh, key=lambda x: x[0])])
 
     def _blocks(self, small: dict) -> list:
-        """One fresh block per staged run of whole ``small`` storages: the run's part is received
-        straight into the block (no staging tensor, no scatter), and each storage lands in its range
-        of the block — a tensor of its own storage (of the wire's size) over that memory. The blocks
-        of at least BLOCK_PREFAULT_MIN bytes, as (first storage, block), for the prefaulter."""
+        """One fresh block per staged run of whole ``small`` storages, each storage landing in its
+        range of the block as a tensor of its own storage (of the wire's size) over that memory, of
+        its dtype (``_assemble`` then makes the sender's view with one call or none): one allocation
+        instead of one per storage. When every storage of the run starts at a multiple of its
+        element size in the wire's order (``_aligned``), the run's part is received straight into
+        the block; otherwise each starts at a multiple of BLOCK_ALIGN and the part lands in a staging
+        tensor, scattered into the block. The blocks of at least BLOCK_PREFAULT_MIN bytes, as (first
+        storage, block), for the prefaulter."""
         out = []
         for m, message in enumerate(self.plan):
             if message["kind"] != "data":
@@ -621,21 +637,40 @@ class _Receiving(_Landing):
                     small.get(x["storage"]) == int(x["len"]) and int(x["offset"]) == 0 for x in run
                 ):
                     continue
-                if not self._aligned(run):
-                    continue  # staged and scattered instead: each storage then starts aligned
-                n = sum(small[x["storage"]] for x in run)
-                block = torch.empty(n, dtype=torch.uint8)
-                array, at = block.numpy(), 0
-                mv = memoryview(array)
+                direct = self._aligned(run)
+                starts, at = [], 0
                 for x in run:
-                    s, size = x["storage"], small[x["storage"]]
-                    self.landing[s] = torch.from_numpy(array[at : at + size])
-                    self.views[s] = mv[at : at + size]
-                    at += size
-                self.blocks[(m, a)] = block
-                if n >= BLOCK_PREFAULT_MIN:
+                    if not direct:
+                        at = -(-at // BLOCK_ALIGN) * BLOCK_ALIGN
+                    starts.append(at)
+                    at += small[x["storage"]]
+                block = torch.empty(at, dtype=torch.uint8)
+                mv = memoryview(block.numpy())
+                for x, start in zip(run, starts, strict=True):
+                    s = x["storage"]
+                    size = small[s]
+                    view = self.views[s] = mv[start : start + size]
+                    dtype = DTYPE_BY_NAME[self.storages[s]["dtype"]]
+                    if size % dtype.itemsize:
+                        dtype = torch.uint8
+                    self.landing[s] = (
+                        torch.frombuffer(view, dtype=dtype) if size else torch.empty(0, dtype=dtype)
+                    )
+                if direct:
+                    self.blocks[(m, a)] = block
+                if at >= BLOCK_PREFAULT_MIN:
                     out.append((run[0]["storage"], block))
         return out
+
+    def _staging(self, n: int) -> torch.Tensor:
+        """A staging tensor of ``n`` bytes for a run scattered once landed: one that a landed run
+        freed, when one is long enough (a fresh one would take a page fault every 4 KiB inside
+        gloo's receive), else a new one of at least a bucket's size."""
+        free = self.free_staging
+        for i in range(len(free) - 1, -1, -1):
+            if free[i].numel() >= n:
+                return free.pop(i)[:n]
+        return torch.empty(max(n, BUCKET_SIZE), dtype=torch.uint8)[:n]
 
     def _aligned(self, run: list) -> bool:
         """Whether every storage of a run starts at a multiple of its element size inside the block
@@ -674,7 +709,7 @@ class _Receiving(_Landing):
             else:  # a run: straight into its block, or a staging tensor scattered once landed
                 t = self.blocks.get((op["message"], a))
                 if t is None:
-                    t = torch.empty(sum(int(s["len"]) for s in segments[a:b]), dtype=torch.uint8)
+                    t = self._staging(sum(int(s["len"]) for s in segments[a:b]))
             parts.append(t)
             works.append(self.link.recv(t, peer, tag))
         self.data[tag] = (op, segments, groups, parts, works)
@@ -705,6 +740,7 @@ class _Receiving(_Landing):
                     off, n = int(s["offset"]), int(s["len"])
                     views[s["storage"]][off : off + n] = src[at : at + n]
                     at += n
+                self.free_staging.append(part if part._base is None else part._base)
         self.events.append(("landed", op["message"]))
         if op["hash"] and (self.hashing or int(op["len"]) >= pgt_send.HASH_THREAD_MIN):
             # hashed in the hashing thread while the next messages land
@@ -847,6 +883,10 @@ def _is_sharded(x) -> bool:
 
 def _inplace_tensor(x, shard: int):
     """The plain tensor of an existing leaf that storage ``shard`` of the leaf may land in."""
+    if type(x) is torch.Tensor:  # the common leaf, without the checks for the others
+        if x.layout == torch.strided and x.is_cpu and x.dtype in NAME_BY_DTYPE:
+            return x
+        return None
     if x is None:
         return None
     if _is_sharded(x):
@@ -909,17 +949,44 @@ class _Leaves:
 
     def __init__(self):
         self.tensors: list[torch.Tensor] = []
+        self.storages: list = []  # the bytes of each tensor's storage (buffer protocol, no copy)
         self.meshes: list = []
 
     def _tensor(self, t: torch.Tensor, path: tuple) -> dict:
         t = _plain(t, path)
         layout = _layout(t, path)
         self.tensors.append(t)
+        self.storages.append(_storage_array(t))
         return layout
 
-    def __call__(self, path: tuple, x) -> dict:
+    def _plain_tensor(self, t: torch.Tensor) -> bytes | None:
+        """The common leaf in the fewest torch calls: a strided CPU tensor of a dtype pgt has,
+        without the conjugate or negative bit, its layout encoded at once and, when it is all of its
+        storage, contiguous (the usual parameter), its bytes viewed through numpy. None for any other
+        tensor (the general way: ``_tensor``)."""
+        dtype = NAME_BY_DTYPE.get(t.dtype)
+        if dtype is None or t.layout != torch.strided or not t.is_cpu or t.is_conj() or t.is_neg():
+            return None
+        shape, stride, offset = t.shape, t.stride(), t.storage_offset()
+        nbytes = t.untyped_storage().nbytes()
+        try:
+            leaf = pgt_metadata.tensor_leaf_bytes(dtype, shape, stride, offset, nbytes)
+        except (KeyError, TypeError):
+            return None
+        if offset == 0 and nbytes and shape and t.nbytes == nbytes and t.is_contiguous():
+            u = t.detach() if t.requires_grad else t
+            same = _NUMPY_SAME_SIZE[t.dtype]
+            view = memoryview((u if same is t.dtype else u.view(same)).numpy()).cast("B")
+        else:
+            view = _storage_array(t)
+        self.tensors.append(t)
+        self.storages.append(view)
+        return leaf
+
+    def __call__(self, path: tuple, x) -> dict | bytes:
         if type(x) is torch.Tensor:  # the common leaf, without the checks for the others
-            return {"kind": "tensor", "layout": self._tensor(x, path)}
+            leaf = self._plain_tensor(x)
+            return leaf if leaf is not None else {"kind": "tensor", "layout": self._tensor(x, path)}
         if _is_dtensor(x):
             mesh = x.device_mesh
             names = mesh.mesh_dim_names
@@ -1126,7 +1193,7 @@ class PGTransport:
         metadata = pgt_metadata.encode(
             step, self._rank(), [int(r) for r in dst_ranks], self._plan, tree, forms
         )
-        storages = [_storage_array(t) for t in leaves.tensors]
+        storages = leaves.storages
         if self._tcp:
             with _tcp_errors(self._rank(), f"sending to ranks {list(dst_ranks)}"):
                 pgt_send.send(
@@ -1196,13 +1263,17 @@ class PGTransport:
             storage += 1
             target = host.placed.get(s)
             if target is None:
-                return view_of(host.landing[s], layout, layout["dtype"]), None
+                land = host.landing[s]
+                if _whole_view(layout, land):  # (a landing is always a whole storage)
+                    shape = layout["shape"]  # the landing's own elements, as the sender's shape
+                    return (land if len(shape) == 1 else land.view(shape)), None
+                return view_of(land, layout, layout["dtype"]), None
             t, dest = target
             same = (
-                NAME_BY_DTYPE.get(t.dtype) == layout["dtype"]
-                and list(t.shape) == [int(d) for d in layout["shape"]]
-                and list(t.stride()) == [int(d) for d in layout["stride"]]
-                and t.storage_offset() == int(layout["storage_offset"])
+                t.dtype is DTYPE_BY_NAME.get(layout["dtype"])
+                and t.storage_offset() == layout["storage_offset"]
+                and t.shape == tuple(layout["shape"])
+                and t.stride() == tuple(layout["stride"])
             )
             return (t if same else view_of(dest, layout, layout["dtype"])), t
 
@@ -1249,6 +1320,21 @@ class PGTransport:
         )
         dspec = DTensorSpec(mesh, tuple(placements), tensor_meta=meta)
         return DTensor(local, dspec, requires_grad=False)
+
+
+def _whole_view(layout: dict, land: torch.Tensor) -> bool:
+    """Whether ``layout`` is the contiguous view of all of the storage of ``land``, a flat tensor of
+    the layout's dtype: its strides exactly the ones ``view(shape)`` gives (torch's contiguous
+    strides), its elements all of the storage's."""
+    if layout["storage_offset"] != 0 or DTYPE_BY_NAME.get(layout["dtype"]) is not land.dtype:
+        return False
+    stride, numel = 1, 1
+    for d, st in zip(reversed(layout["shape"]), reversed(layout["stride"]), strict=True):
+        if st != stride or type(d) is not int:
+            return False
+        stride *= max(d, 1)
+        numel *= d
+    return numel == land.numel()
 
 
 def _sharded(local_tensors: list, leaf: dict):
