@@ -10,34 +10,15 @@ mod common;
 #[path = "../../fuzz/harness.rs"]
 mod harness;
 
+#[path = "../../fuzz/corpus.rs"]
+mod corpus;
+
 use std::fs;
-use std::path::{Path, PathBuf};
 
 use common::*;
+use corpus::{fuzz_dir, inputs};
 use pgt_core::schema::FanOut;
 use pgt_core::schema::Metadata;
-
-fn fuzz_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
-}
-
-/// Every `.bin` file under `fuzz/<kind>/<target>/`.
-fn inputs(kind: &str, target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = fuzz_dir().join(kind).join(target);
-    let mut files: Vec<PathBuf> = match fs::read_dir(&dir) {
-        Ok(rd) => rd.map(|e| e.unwrap().path()).collect(),
-        Err(_) => Vec::new(),
-    };
-    files.retain(|p| p.extension().is_some_and(|e| e == "bin"));
-    files.sort();
-    files
-        .into_iter()
-        .map(|p| {
-            let data = fs::read(&p).unwrap();
-            (p, data)
-        })
-        .collect()
-}
 
 fn replay<T>(kind: &str, target: &str, run: fn(&[u8]) -> T) -> usize {
     let files = inputs(kind, target);

@@ -6,13 +6,17 @@
 //! `cargo test -p pgt-host --test fuzz_regressions -- --ignored write_seeds` rewrites the seeds
 //! (after a wire-format change); `seeds_are_current` fails while they are stale.
 
+#[path = "../../fuzz/corpus.rs"]
+mod corpus;
+
 use std::fs;
-use std::path::{Path, PathBuf};
 
 use pgt_core::header::{Limits, PREFIX_LEN};
 use pgt_core::manifest::Manifest;
 use pgt_core::schema::{FanOut, PlanParams};
 use pgt_host::fuzzing;
+
+use corpus::{fuzz_dir, inputs};
 
 /// A harness: whether the input got through to the accepting path.
 type Harness = fn(&[u8]) -> bool;
@@ -25,28 +29,6 @@ const TARGETS: &[(&str, Harness)] = &[
     #[cfg(feature = "wasm")]
     ("wasm", fuzzing::wasm),
 ];
-
-fn fuzz_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
-}
-
-/// Every `.bin` file under `fuzz/<kind>/<target>/`, sorted.
-fn inputs(kind: &str, target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = fuzz_dir().join(kind).join(target);
-    let mut files: Vec<PathBuf> = match fs::read_dir(&dir) {
-        Ok(rd) => rd.map(|e| e.unwrap().path()).collect(),
-        Err(_) => Vec::new(),
-    };
-    files.retain(|p| p.extension().is_some_and(|e| e == "bin"));
-    files.sort();
-    files
-        .into_iter()
-        .map(|p| {
-            let data = fs::read(&p).unwrap();
-            (p, data)
-        })
-        .collect()
-}
 
 #[test]
 fn replay_regressions() {
