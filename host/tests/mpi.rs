@@ -166,23 +166,25 @@ fn a_failing_rank_ends_the_cli_job_at_once() {
 /// over the same MPI group (chain relay across the 3 ranks), every byte checked by pgt and floor.
 #[test]
 fn bench_runs_pgt_and_its_floor_inside_one_mpi_job() {
-    let out = mpirun(&[
-        "-n",
+    // `mpirun -n N pgt bench --pg mpi --scenario fanout --json` with `extra` options.
+    let fanout_bench = |n: &str, extra: &[&str]| {
+        let head = [
+            "-n",
+            n,
+            PGT,
+            "bench",
+            "--pg",
+            "mpi",
+            "--scenario",
+            "fanout",
+            "--json",
+        ];
+        mpirun(&[&head[..], extra].concat())
+    };
+    let out = fanout_bench(
         "3",
-        PGT,
-        "bench",
-        "--pg",
-        "mpi",
-        "--scenario",
-        "fanout",
-        "--bytes",
-        "8MiB",
-        "--chunk-size",
-        "1MiB",
-        "--repeat",
-        "2",
-        "--json",
-    ]);
+        &["--bytes", "8MiB", "--chunk-size", "1MiB", "--repeat", "2"],
+    );
     let stdout = assert_ok(&out, "pgt bench --pg mpi");
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 1, "{stdout}");
@@ -195,17 +197,7 @@ fn bench_runs_pgt_and_its_floor_inside_one_mpi_job() {
     assert!(v["ratio_to_floor"].as_f64().unwrap().is_finite(), "{v}");
 
     // A job of the wrong size fails with a message that says what to run.
-    let out = mpirun(&[
-        "-n",
-        "2",
-        PGT,
-        "bench",
-        "--pg",
-        "mpi",
-        "--scenario",
-        "fanout",
-        "--json",
-    ]);
+    let out = fanout_bench("2", &[]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("mpirun -n 3"), "{stderr}");
