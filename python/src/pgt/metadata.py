@@ -163,21 +163,27 @@ _VARINTS = _Varints()
 _DTYPE_INDEX = {name: bytes([i]) for i, name in enumerate(DTYPES)}
 
 
+def _layout_bytes(dtype: str, shape, stride, storage_offset: int, nbytes: int) -> bytes:
+    """A ``TensorLayout``'s postcard bytes from cached varints: every number a non-negative int below
+    2^64, else KeyError or TypeError (the caller then writes it the general way)."""
+    small = _VARINTS
+    return b"".join(
+        [
+            _DTYPE_INDEX[dtype],
+            small[len(shape)],
+            *[small[v] for v in shape],
+            small[len(stride)],
+            *[small[v] for v in stride],
+            small[storage_offset],
+            small[nbytes],
+        ]
+    )
+
+
 def _layout(w: Writer, x: Mapping) -> None:
     shape, stride = x["shape"], x["stride"]
     try:
-        small = _VARINTS
-        w.out += b"".join(
-            [
-                _DTYPE_INDEX[x["dtype"]],
-                small[len(shape)],
-                *[small[v] for v in shape],
-                small[len(stride)],
-                *[small[v] for v in stride],
-                small[x["storage_offset"]],
-                small[x["nbytes"]],
-            ]
-        )
+        w.out += _layout_bytes(x["dtype"], shape, stride, x["storage_offset"], x["nbytes"])
     except (KeyError, TypeError):  # decimal strings, bad values: the general way
         w.dtype(x["dtype"]).uints(shape).uints(stride)
         w.varint(x["storage_offset"]).varint(x["nbytes"])
@@ -232,19 +238,7 @@ def tensor_leaf_bytes(dtype: str, shape, stride, storage_offset: int, nbytes: in
     """A tensor leaf's postcard bytes (``Leaf::Tensor``), for a leaf function that returns them
     instead of the form (``flatten``'s ``leaf``): every number a non-negative int below 2^64, else
     KeyError or TypeError."""
-    small = _VARINTS
-    return b"".join(
-        [
-            b"\x01",
-            _DTYPE_INDEX[dtype],
-            small[len(shape)],
-            *[small[v] for v in shape],
-            small[len(stride)],
-            *[small[v] for v in stride],
-            small[storage_offset],
-            small[nbytes],
-        ]
-    )
+    return b"\x01" + _layout_bytes(dtype, shape, stride, storage_offset, nbytes)
 
 
 def _leaf(w: Writer, x: Mapping) -> None:
