@@ -321,6 +321,21 @@ fn receive_current<P: ProcessGroup + ?Sized, T>(
                             after: timeout,
                         }))
                     }
+                    PgError::TimeoutMidMessage {
+                        peer,
+                        tag,
+                        received,
+                        len,
+                        ..
+                    } => {
+                        return Err(wrap(PgError::TimeoutMidMessage {
+                            peer,
+                            tag,
+                            after: timeout,
+                            received,
+                            len,
+                        }))
+                    }
                     e => return Err(wrap(e)),
                 };
                 // The header is never stale (it announces the id), and a message too short for a

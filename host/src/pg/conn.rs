@@ -8,6 +8,11 @@
 //! whose header was read but which could not be taken (length mismatch, too large, stash full,
 //! timeout before its first payload byte) stays `pending`: it is still first in line.
 //!
+//! A receive that times out part way through a frame leaves it [`Unfinished`]: the next reader
+//! reads the rest before anything else (into the stash, or dropped), so a timeout never makes the
+//! stream unparseable. Only an I/O error or a closed peer in the middle of a frame poisons it —
+//! and a send that stops part way, because the peer cannot tell where its frame ends.
+//!
 //! Write side: a timed lock serializes whole messages.
 
 use std::collections::HashMap;
@@ -19,16 +24,37 @@ use std::time::{Duration, Instant};
 use super::stash::Stash;
 use super::wait_until;
 use super::wire::{
-    peek_exact, read_full, read_full_observed, read_header, write_full_observed, Fail, Header,
-    FRAME_HEADER_LEN,
+    peek_exact, read_full, read_full_observed, write_full_observed, Fail, Header, FRAME_HEADER_LEN,
 };
 use super::{total_len, Dest, Observer, PgError};
+
+/// A frame whose reading stopped part way at a timeout; whoever reads the socket next finishes it
+/// first.
+#[derive(Debug)]
+enum Unfinished {
+    /// A frame header, `filled` of its bytes read.
+    Header {
+        bytes: [u8; FRAME_HEADER_LEN],
+        filled: usize,
+    },
+    /// A payload nobody will take (a forgotten prefix, or a receive that timed out in its own
+    /// message): `left` bytes to read and drop.
+    Drop { left: u64 },
+    /// A frame for the stash, `filled` of `buf` read.
+    Stash {
+        tag: u64,
+        buf: Vec<u8>,
+        filled: usize,
+    },
+}
 
 #[derive(Debug)]
 struct RxState {
     stash: Stash,
     /// Header of the frame first in line whose payload is still unread.
     pending: Option<Header>,
+    /// The frame first in line, partly read (never together with `pending`).
+    unfinished: Option<Unfinished>,
     reader_active: bool,
     /// The pending frame is reserved for a thread waiting for this tag.
     handoff: Option<u64>,
@@ -38,8 +64,8 @@ struct RxState {
 
 /// How a receive's wait for the socket ended.
 enum Turn {
-    /// This thread reads the socket (starting with the frame header first in line, if one was read).
-    Read(Option<Header>),
+    /// This thread reads the socket (starting with the frame first in line, if one was begun).
+    Read(Option<Header>, Option<Unfinished>),
     /// The receive is over: served from the stash, or failed.
     Over(Result<Option<Vec<u8>>, PgError>),
 }
@@ -64,6 +90,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct ReaderRole<'c> {
     conn: &'c PeerConn,
     pending: Option<Header>,
+    unfinished: Option<Unfinished>,
     handoff: bool,
 }
 
@@ -72,6 +99,7 @@ impl Drop for ReaderRole<'_> {
         let mut st = lock(&self.conn.rx);
         st.reader_active = false;
         st.pending = self.pending.take();
+        st.unfinished = self.unfinished.take();
         if self.handoff {
             // Only while somebody still waits for it: the waiter may have timed out since the
             // reader looked (the last waiter to leave clears a hand-off, but only one already set).
@@ -80,6 +108,13 @@ impl Drop for ReaderRole<'_> {
         }
         self.conn.rx_cv.notify_all();
     }
+}
+
+/// What [`PeerConn::finish`] completed.
+enum Finished {
+    Header(Header),
+    Dropped,
+    Stashed(u64),
 }
 
 enum ReadOutcome {
@@ -100,6 +135,7 @@ impl PeerConn {
             rx: Mutex::new(RxState {
                 stash: Stash::new(stash_limit),
                 pending: None,
+                unfinished: None,
                 reader_active: false,
                 handoff: None,
                 waiting: HashMap::new(),
@@ -269,7 +305,7 @@ impl PeerConn {
                         if st.handoff == Some(tag) {
                             st.handoff = None;
                         }
-                        break Turn::Read(st.pending.take());
+                        break Turn::Read(st.pending.take(), st.unfinished.take());
                     }
                     if expired {
                         break Turn::Over(Err(PgError::Timeout {
@@ -299,9 +335,10 @@ impl PeerConn {
                     }
                 }
                 match r {
-                    Turn::Read(pending) => ReaderRole {
+                    Turn::Read(pending, unfinished) => ReaderRole {
                         conn: self,
                         pending,
+                        unfinished,
                         handoff: false,
                     },
                     Turn::Over(result) => {
@@ -334,7 +371,8 @@ impl PeerConn {
     }
 
     /// Reads frame `hdr`'s payload into `parts`. On failure the frame stays first in line if none of
-    /// it was read; otherwise the stream can't be parsed any more and the connection is poisoned.
+    /// it was read; part way, a timeout loses the message (its rest is dropped by the next reader:
+    /// [`PgError::TimeoutMidMessage`]) and anything else poisons the connection.
     fn read_payload(
         &self,
         role: &mut ReaderRole<'_>,
@@ -354,13 +392,127 @@ impl PeerConn {
             observe,
         )
         .map_err(|f| {
-            if done > 0 {
-                self.poison("receive failed in the middle of a frame payload");
-            } else {
+            if done == 0 {
                 role.pending = Some(hdr);
+                return self.fail_to_err(f, tag, timeout);
             }
-            self.fail_to_err(f, tag, timeout)
+            let left = hdr.len - done;
+            self.stop_mid_frame(role, &f, Unfinished::Drop { left }, "a frame payload");
+            match f {
+                Fail::Timeout => PgError::TimeoutMidMessage {
+                    peer: self.peer,
+                    tag,
+                    after: timeout,
+                    received: done,
+                    len: hdr.len,
+                },
+                f => self.fail_to_err(f, tag, timeout),
+            }
         })
+    }
+
+    /// A read stopped in the middle of a frame, which `unfinished` describes: after a timeout the
+    /// next reader finishes it; after anything else the stream is lost and the connection poisoned.
+    fn stop_mid_frame(
+        &self,
+        role: &mut ReaderRole<'_>,
+        f: &Fail,
+        unfinished: Unfinished,
+        what: &str,
+    ) {
+        match f {
+            Fail::Timeout => role.unfinished = Some(unfinished),
+            Fail::Closed | Fail::Io(_) => {
+                self.poison(&format!("receive failed in the middle of {what}"));
+            }
+        }
+    }
+
+    /// Reads the rest of the frame `frame`, giving up at `deadline` (then it is left for the next
+    /// reader, see [`stop_mid_frame`](Self::stop_mid_frame)).
+    fn finish(
+        &self,
+        role: &mut ReaderRole<'_>,
+        frame: Unfinished,
+        deadline: Instant,
+    ) -> Result<Finished, Fail> {
+        match frame {
+            Unfinished::Header { mut bytes, filled } => {
+                let mut done = 0;
+                let r = read_full(
+                    &self.stream,
+                    &mut [&mut bytes[filled..]],
+                    deadline,
+                    FRAME_HEADER_LEN,
+                    &mut done,
+                );
+                let filled = filled + done as usize;
+                match r {
+                    Ok(()) => Ok(Finished::Header(Header::decode(&bytes))),
+                    Err(f) => {
+                        if filled > 0 {
+                            let header = Unfinished::Header { bytes, filled };
+                            self.stop_mid_frame(role, &f, header, "a frame header");
+                        }
+                        Err(f)
+                    }
+                }
+            }
+            Unfinished::Drop { mut left } => {
+                let mut scratch = vec![0u8; (left as usize).min(self.chunk)];
+                while left > 0 {
+                    let n = (left as usize).min(scratch.len());
+                    let mut done = 0;
+                    let r = read_full(
+                        &self.stream,
+                        &mut [&mut scratch[..n]],
+                        deadline,
+                        self.chunk,
+                        &mut done,
+                    );
+                    left -= done;
+                    if let Err(f) = r {
+                        let rest = Unfinished::Drop { left };
+                        self.stop_mid_frame(role, &f, rest, "a dropped frame");
+                        return Err(f);
+                    }
+                }
+                Ok(Finished::Dropped)
+            }
+            Unfinished::Stash {
+                tag,
+                mut buf,
+                filled,
+            } => {
+                let mut done = 0;
+                let r = read_full(
+                    &self.stream,
+                    &mut [&mut buf[filled..]],
+                    deadline,
+                    self.chunk,
+                    &mut done,
+                );
+                let filled = filled + done as usize;
+                if let Err(f) = r {
+                    if filled == 0 {
+                        let len = buf.len() as u64;
+                        role.pending = Some(Header { tag, len });
+                    } else {
+                        let rest = Unfinished::Stash { tag, buf, filled };
+                        self.stop_mid_frame(role, &f, rest, "a stashed frame");
+                    }
+                    return Err(f);
+                }
+                tracing::trace!(peer = self.peer, tag, len = buf.len(), "stashed frame");
+                let mut st = lock(&self.rx);
+                // Forgotten while it was being read: nobody will take it.
+                if !st.stash.is_forgotten(&buf) {
+                    st.stash.push(tag, buf);
+                }
+                self.rx_cv.notify_all();
+                Ok(Finished::Stashed(tag))
+            }
+        }
     }
 
     /// Forgets `prefix` ([`super::ProcessGroup::forget_prefix`]): drops its stashed frames now,
@@ -379,45 +531,23 @@ impl PeerConn {
     /// Frame `hdr` (first in line, payload unread, at least 8 bytes) is nobody's: peeks at its first
     /// 8 payload bytes and, when they are a forgotten prefix, reads and drops the payload in chunks of
     /// at most `chunk` bytes (true). Otherwise (false) the frame is untouched, still first in line.
-    /// Fails as [`read_payload`](Self::read_payload) does: before any payload byte is consumed the
-    /// frame stays first in line; in the middle of it, the connection is poisoned.
+    /// Fails as [`finish`](Self::finish) does; before any payload byte is consumed the frame stays
+    /// first in line.
     fn drop_if_forgotten(
         &self,
         role: &mut ReaderRole<'_>,
         hdr: Header,
         deadline: Instant,
-        tag: u64,
-        timeout: Duration,
-    ) -> Result<bool, PgError> {
+    ) -> Result<bool, Fail> {
         let mut head = [0u8; 8];
         if let Err(f) = peek_exact(&self.stream, &mut head, deadline) {
             role.pending = Some(hdr);
-            return Err(self.fail_to_err(f, tag, timeout));
+            return Err(f);
         }
         if !lock(&self.rx).stash.is_forgotten(&head) {
             return Ok(false);
         }
-        let mut scratch = vec![0u8; (hdr.len as usize).min(self.chunk)];
-        let mut left = hdr.len;
-        let mut done = 0;
-        while left > 0 {
-            let n = (left as usize).min(scratch.len());
-            if let Err(f) = read_full(
-                &self.stream,
-                &mut [&mut scratch[..n]],
-                deadline,
-                self.chunk,
-                &mut done,
-            ) {
-                if done > 0 {
-                    self.poison("receive failed in the middle of a forgotten frame");
-                } else {
-                    role.pending = Some(hdr);
-                }
-                return Err(self.fail_to_err(f, tag, timeout));
-            }
-            left -= n as u64;
-        }
+        self.finish(role, Unfinished::Drop { left: hdr.len }, deadline)?;
         tracing::trace!(
             peer = self.peer,
             tag = hdr.tag,
@@ -438,21 +568,21 @@ impl PeerConn {
     ) -> ReadOutcome {
         use ReadOutcome::Done;
         loop {
-            let hdr = match role.pending.take() {
-                Some(h) => h,
-                None => {
-                    let mut done = 0;
-                    match read_header(&self.stream, deadline, &mut done) {
-                        Ok(h) => h,
-                        Err(f) => {
-                            if done > 0 {
-                                self.poison("receive failed in the middle of a frame header");
-                            }
-                            return Done(Err(self.fail_to_err(f, tag, timeout)));
-                        }
-                    }
+            if role.pending.is_none() {
+                let frame = role.unfinished.take().unwrap_or(Unfinished::Header {
+                    bytes: [0; FRAME_HEADER_LEN],
+                    filled: 0,
+                });
+                match self.finish(&mut role, frame, deadline) {
+                    Ok(Finished::Header(h)) => role.pending = Some(h),
+                    Ok(Finished::Dropped) => continue,
+                    // It may be the frame this receive waits for: look in the stash again.
+                    Ok(Finished::Stashed(t)) if t == tag => return ReadOutcome::HandedOff,
+                    Ok(Finished::Stashed(_)) => continue,
+                    Err(f) => return Done(Err(self.fail_to_err(f, tag, timeout))),
                 }
-            };
+            }
+            let hdr = role.pending.take().expect("a header first in line");
             if hdr.tag == tag {
                 if let Err(e) = dest.check(self.peer, tag, hdr.len) {
                     role.pending = Some(hdr);
@@ -486,10 +616,10 @@ impl PeerConn {
                 }
                 if st.stash.forgets_any() && hdr.len >= 8 {
                     drop(st);
-                    match self.drop_if_forgotten(&mut role, hdr, deadline, tag, timeout) {
+                    match self.drop_if_forgotten(&mut role, hdr, deadline) {
                         Ok(true) => continue,
                         Ok(false) => {}
-                        Err(e) => return Done(Err(e)),
+                        Err(f) => return Done(Err(self.fail_to_err(f, tag, timeout))),
                     }
                     st = lock(&self.rx);
                 }
@@ -507,26 +637,14 @@ impl PeerConn {
                     return Done(Err(e));
                 }
             }
-            let mut v = vec![0u8; hdr.len as usize];
-            if let Err(e) = self.read_payload(
-                &mut role,
-                hdr,
-                &mut [&mut v[..]],
-                (deadline, timeout),
-                tag,
-                None,
-            ) {
-                return Done(Err(e));
+            let frame = Unfinished::Stash {
+                tag: hdr.tag,
+                buf: vec![0u8; hdr.len as usize],
+                filled: 0,
+            };
+            if let Err(f) = self.finish(&mut role, frame, deadline) {
+                return Done(Err(self.fail_to_err(f, tag, timeout)));
             }
-            tracing::trace!(
-                peer = self.peer,
-                tag = hdr.tag,
-                len = hdr.len,
-                "stashed frame"
-            );
-            let mut st = lock(&self.rx);
-            st.stash.push(hdr.tag, v);
-            self.rx_cv.notify_all();
         }
     }
 }
@@ -597,38 +715,94 @@ mod tests {
     }
 
     #[test]
-    fn timeout_mid_payload_poisons() {
+    fn timeout_mid_payload_drops_the_message_and_keeps_the_connection() {
         let (c, mut raw) = conn(1 << 20);
         let f = frame(5, &[9u8; 100]);
         raw.write_all(&f[..50]).unwrap();
         let t0 = Instant::now();
         let d = Duration::from_millis(200);
         let e = c.recv(5, Dest::Vec { max: 100 }, d).unwrap_err();
-        assert!(e.is_timeout(), "{e}");
+        assert_eq!(
+            e,
+            PgError::TimeoutMidMessage {
+                peer: 1,
+                tag: 5,
+                after: d,
+                received: 50 - FRAME_HEADER_LEN as u64,
+                len: 100
+            }
+        );
+        assert!(e.is_timeout());
         assert!(t0.elapsed() < d + Duration::from_secs(1));
+        // The rest of the lost message is dropped; the next one with the same tag is received.
         raw.write_all(&f[50..]).unwrap();
+        raw.write_all(&frame(5, b"next")).unwrap();
         assert_eq!(
-            c.recv(5, Dest::Vec { max: 100 }, T).unwrap_err(),
-            PgError::Poisoned { peer: 1 }
+            c.recv(5, Dest::Vec { max: 100 }, T).unwrap().unwrap(),
+            b"next"
         );
-        assert_eq!(
-            c.send(5, &[b"x"], T).unwrap_err(),
-            PgError::Poisoned { peer: 1 }
-        );
+        c.send(5, &[b"x"], T).unwrap();
+        assert_eq!(lock(&c.rx).stash.bytes(), 0);
     }
 
     #[test]
-    fn timeout_mid_header_poisons() {
+    fn timeout_mid_header_keeps_the_frame() {
         let (c, mut raw) = conn(1 << 20);
-        raw.write_all(&frame(6, b"abc")[..7]).unwrap();
-        let e = c
-            .recv(6, Dest::Vec { max: 3 }, Duration::from_millis(100))
-            .unwrap_err();
-        assert!(e.is_timeout());
+        let f = frame(6, b"abc");
+        raw.write_all(&f[..7]).unwrap();
+        let d = Duration::from_millis(100);
+        let e = c.recv(6, Dest::Vec { max: 3 }, d).unwrap_err();
         assert_eq!(
-            c.recv(6, Dest::Vec { max: 3 }, T).unwrap_err(),
-            PgError::Poisoned { peer: 1 }
+            e,
+            PgError::Timeout {
+                peer: 1,
+                tag: 6,
+                after: d
+            }
         );
+        raw.write_all(&f[7..]).unwrap();
+        assert_eq!(c.recv(6, Dest::Vec { max: 3 }, T).unwrap().unwrap(), b"abc");
+    }
+
+    #[test]
+    fn a_frame_being_stashed_at_a_timeout_is_finished_by_the_next_receive() {
+        let (c, mut raw) = conn(1 << 20);
+        let other = frame(2, &[2u8; 1000]);
+        raw.write_all(&other[..300]).unwrap();
+        // Waiting for tag 1, the receive starts stashing tag 2's frame and times out in it.
+        let e = c
+            .recv(1, Dest::Vec { max: 9 }, Duration::from_millis(100))
+            .unwrap_err();
+        assert!(matches!(e, PgError::Timeout { tag: 1, .. }), "{e}");
+        raw.write_all(&other[300..]).unwrap();
+        raw.write_all(&frame(1, b"one")).unwrap();
+        // The receive of tag 2 finishes the frame it is waiting for and takes it from the stash.
+        assert_eq!(
+            c.recv(2, Dest::Vec { max: 1000 }, T).unwrap().unwrap(),
+            vec![2u8; 1000]
+        );
+        assert_eq!(c.recv(1, Dest::Vec { max: 9 }, T).unwrap().unwrap(), b"one");
+        assert_eq!(lock(&c.rx).stash.bytes(), 0);
+    }
+
+    #[test]
+    fn a_forgotten_frame_being_dropped_at_a_timeout_is_dropped_by_the_next_receive() {
+        let (c, mut raw) = conn(1 << 10);
+        let prefix = *b"deadbeef";
+        c.forget(prefix);
+        let mut payload = prefix.to_vec();
+        payload.resize(1 << 20, 7); // far above the stash limit
+        let late = frame(3, &payload);
+        raw.write_all(&late[..(512 << 10)]).unwrap();
+        let d = Duration::from_millis(200);
+        for _ in 0..2 {
+            let e = c.recv(1, Dest::Vec { max: 9 }, d).unwrap_err();
+            assert!(matches!(e, PgError::Timeout { tag: 1, .. }), "{e}");
+        }
+        raw.write_all(&late[(512 << 10)..]).unwrap();
+        raw.write_all(&frame(1, b"one")).unwrap();
+        assert_eq!(c.recv(1, Dest::Vec { max: 9 }, T).unwrap().unwrap(), b"one");
+        assert_eq!(lock(&c.rx).stash.bytes(), 0);
     }
 
     #[test]
@@ -636,10 +810,9 @@ mod tests {
         let (c, mut raw) = conn(1 << 20);
         raw.write_all(&frame(1, b"early")).unwrap();
         raw.write_all(&frame(2, b"ab")[..17]).unwrap(); // header + 1 of 2 payload bytes
-        let e = c
-            .recv(2, Dest::Vec { max: 2 }, Duration::from_millis(100))
-            .unwrap_err();
-        assert!(e.is_timeout());
+        drop(raw); // the peer closes in the middle of the frame
+        let e = c.recv(2, Dest::Vec { max: 2 }, T).unwrap_err();
+        assert_eq!(e, PgError::PeerClosed { peer: 1 });
         assert_eq!(
             c.recv(1, Dest::Vec { max: 9 }, T).unwrap().unwrap(),
             b"early"

@@ -10,14 +10,29 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum PgError {
-    /// The operation did not complete within its timeout. Unless the connection reports
-    /// [`PgError::Poisoned`] afterwards, nothing of the message was consumed / sent and the
-    /// operation may be retried.
+    /// The operation did not complete within its timeout. Nothing of the message was consumed
+    /// (a receive) and the operation may be retried; a send that timed out part way poisons the
+    /// connection ([`PgError::Poisoned`] afterwards), as the peer cannot find where its frame ends.
     #[error("timed out after {after:?} on tag {tag} with rank {peer}")]
     Timeout {
         peer: u32,
         tag: u64,
         after: Duration,
+    },
+
+    /// A receive timed out part way through its message, `received` of `len` bytes in: the
+    /// message is lost (the next receive from `peer` reads its rest and drops it), the connection
+    /// stays usable. In-place buffers may hold some of its bytes.
+    #[error(
+        "timed out after {after:?} on tag {tag} with rank {peer}, {received} of the message's \
+         {len} bytes in: the message is dropped"
+    )]
+    TimeoutMidMessage {
+        peer: u32,
+        tag: u64,
+        after: Duration,
+        received: u64,
+        len: u64,
     },
 
     /// The peer closed its end (or its handle was dropped) before the message was complete.
@@ -62,7 +77,8 @@ pub enum PgError {
         limit: u64,
     },
 
-    /// The connection to `peer` failed earlier in the middle of a frame (timeout or I/O error);
+    /// The connection to `peer` failed earlier in the middle of a frame (a send's timeout, an I/O
+    /// error);
     /// the byte stream can no longer be parsed, so every later operation on it fails with this.
     #[error(
         "connection to rank {peer} is unusable after an earlier failure in the middle of a frame"
@@ -112,9 +128,12 @@ impl PgError {
         }
     }
 
-    /// True for [`PgError::Timeout`].
+    /// True for [`PgError::Timeout`] and [`PgError::TimeoutMidMessage`].
     pub fn is_timeout(&self) -> bool {
-        matches!(self, PgError::Timeout { .. })
+        matches!(
+            self,
+            PgError::Timeout { .. } | PgError::TimeoutMidMessage { .. }
+        )
     }
 }
 

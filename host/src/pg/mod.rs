@@ -61,11 +61,14 @@
 //! # Timeouts
 //! Every operation takes a timeout covering all of it, including waiting for locks held by other
 //! threads. A stalled peer yields [`PgError::Timeout`] within the timeout plus a few milliseconds
-//! (socket timeouts are re-armed with the remaining time before every system call). A timeout
-//! before the first byte of a frame leaves the connection usable; a timeout (or I/O error) in the
-//! middle of a frame **poisons** the connection: it is shut down and every later operation on it
-//! fails with [`PgError::Poisoned`] instead of misparsing the stream (frames already complete in
-//! the stash are still delivered).
+//! (socket timeouts are re-armed with the remaining time before every system call). A receive that
+//! times out leaves the connection usable: before the first byte of its message nothing is
+//! consumed; part way through it the message is lost ([`PgError::TimeoutMidMessage`]) and the next
+//! receive reads its rest and drops it (likewise a frame being stashed or dropped is finished by
+//! the next receive). A send that times out part way, or an I/O error in the middle of a frame,
+//! **poisons** the connection: it is shut down and every later operation on it fails with
+//! [`PgError::Poisoned`] instead of misparsing the stream (frames already complete in the stash
+//! are still delivered).
 
 pub mod conformance;
 mod error;

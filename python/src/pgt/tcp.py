@@ -94,6 +94,11 @@ class PgTimeout(PgError):
     """An operation did not finish within its timeout."""
 
 
+class PgTimeoutMidMessage(PgTimeout):
+    """A receive timed out part way through its message: the message is lost (the next receive from
+    that rank reads its rest and drops it) and the connection stays usable."""
+
+
 class PeerClosed(PgError):
     """The peer closed the connection (or it broke) before a message was complete."""
 
@@ -727,12 +732,25 @@ class _Store(threading.Thread):
 # ---- the group ----
 
 
+class _Partial:
+    """A frame whose reading stopped part way at a timeout; the next receive finishes it first, so a
+    timed-out receive never leaves the stream unparseable. ``kind`` is ``"header"`` (``buf`` is the
+    frame header), ``"stash"`` (``buf`` is a frame with ``tag`` for the stash) or ``"drop"`` (``left``
+    bytes nobody will take)."""
+
+    __slots__ = ("kind", "tag", "buf", "filled", "left")
+
+    def __init__(self, kind: str, tag: int = 0, buf: bytearray | None = None, left: int = 0):
+        self.kind, self.tag, self.buf, self.filled, self.left = kind, tag, buf, 0, left
+
+
 class _Peer:
     def __init__(self, rank: int, sock: socket.socket):
         self.rank, self.sock = rank, sock
         self.stash: dict[int, list[bytes]] = {}
         self.stashed = 0
         self.pending: tuple[int, int] | None = None  # a frame header read but not its payload
+        self.partial: _Partial | None = None  # a frame left part way by a timeout
         self.poisoned = False
         # payload prefixes nobody will want (``forget_prefix``), the most recent last
         self.forgotten: collections.deque[bytes] = collections.deque(maxlen=FORGOTTEN_PREFIXES)
@@ -881,35 +899,57 @@ class TcpGroup:
             p.poisoned = True
             raise PeerClosed(f"rank {dst} closed the connection") from None
 
-    def _next_frame(self, p: _Peer, tag: int, deadline: float, done: list) -> tuple[int, int]:
-        """Reads frame headers from ``p`` until one has ``tag`` (stashing other frames whole); returns it
-        as pending."""
+    def _finish(self, p: _Peer, deadline: float):
+        """Reads the rest of ``p.partial``; at a timeout its progress is kept for the next receive."""
+        f = p.partial
+        done = [0]
+        try:
+            if f.kind == "drop":
+                scratch = memoryview(bytearray(min(f.left, IO_CHUNK)))
+                while f.left:
+                    k = min(f.left, len(scratch))
+                    _read_into(p.sock, scratch[:k], deadline, done)
+                    f.left -= k
+                    done[0] = 0
+            else:
+                _read_into(p.sock, memoryview(f.buf)[f.filled :], deadline, done)
+        finally:
+            if f.kind == "drop":
+                f.left -= done[0]
+            else:
+                f.filled += done[0]
+        p.partial = None
+        if f.kind == "header":
+            p.pending = FRAME_HEADER.unpack(f.buf)
+        elif f.kind == "stash" and bytes(f.buf[:8]) not in p.forgotten:
+            p.stash.setdefault(f.tag, []).append(bytes(f.buf))
+            p.stashed += len(f.buf) + 64
+
+    def _next_frame(self, p: _Peer, tag: int, deadline: float) -> int | None:
+        """Reads frames from ``p`` until one with ``tag`` is first in line (pending; its length is
+        returned) or stashed (None), stashing other frames whole and dropping forgotten ones."""
         while True:
+            if p.partial is not None:
+                stashing = p.partial.tag if p.partial.kind == "stash" else None
+                self._finish(p, deadline)
+                if stashing == tag:
+                    return None
+                continue
             if p.pending is None:
-                h = bytearray(FRAME_HEADER.size)
-                _read_into(p.sock, memoryview(h), deadline, done)
-                p.pending = FRAME_HEADER.unpack(h)
+                p.partial = _Partial("header", buf=bytearray(FRAME_HEADER.size))
+                continue
             t, n = p.pending
             if t == tag:
-                return t, n
+                return n
             if p.forgotten and n >= 8 and _peek(p.sock, 8, deadline) in p.forgotten:
                 # A forgotten prefix: read and dropped in bounded chunks, never stashed.
-                left = n
-                while left:
-                    k = min(left, IO_CHUNK)
-                    _read_into(p.sock, memoryview(bytearray(k)), deadline, done)
-                    left -= k
-                p.pending = None
+                p.pending, p.partial = None, _Partial("drop", left=n)
                 continue
             if p.stashed + n + 64 > STASH_LIMIT:
                 raise PgError(
                     f"receiving tag {tag} from rank {p.rank}: frame with tag {t} ({n} bytes) does not fit the stash"
                 )
-            b = bytearray(n)
-            _read_into(p.sock, memoryview(b), deadline, done)
-            p.pending = None
-            p.stash.setdefault(t, []).append(bytes(b))
-            p.stashed += n + 64
+            p.pending, p.partial = None, _Partial("stash", t, bytearray(n))
 
     def forget_prefix(self, src: int, prefix: bytes):
         """Declares that no receive will want a message from ``src`` whose payload starts with the 8
@@ -930,25 +970,37 @@ class TcpGroup:
             else:
                 del p.stash[t]
 
+    @staticmethod
+    def _take_stashed(p: _Peer, tag: int, take):
+        data = p.stash[tag][0]
+        out = take(len(data), None, data)
+        p.stash[tag].pop(0)
+        if not p.stash[tag]:
+            del p.stash[tag]
+        p.stashed -= len(data) + 64
+        return out
+
     def _recv(self, src: int, tag: int, timeout: float, take):
         p = self._peer(src)
-        stashed = p.stash.get(tag)
-        if stashed:
-            data = stashed[0]
-            out = take(len(data), None, data)
-            stashed.pop(0)
-            p.stashed -= len(data) + 64
-            return out
+        if p.stash.get(tag):
+            return self._take_stashed(p, tag, take)
         deadline = time.monotonic() + timeout
-        done = [0]
+        done, n = [0], None
         try:
-            _, n = self._next_frame(p, tag, deadline, done)
+            n = self._next_frame(p, tag, deadline)
+            if n is None:
+                return self._take_stashed(p, tag, take)
             out = take(n, lambda view: _read_into(p.sock, view, deadline, done), None)
             p.pending = None
             return out
         except _TimedOut:
             if done[0]:
-                p.poisoned = True
+                # Part way through its own message: the message is lost, its rest dropped next.
+                p.pending, p.partial = None, _Partial("drop", left=n - done[0])
+                raise PgTimeoutMidMessage(
+                    f"timed out after {timeout:g} s waiting for tag {tag} from rank {src}, "
+                    f"{done[0]} of the message's {n} bytes in: the message is dropped"
+                ) from None
             raise PgTimeout(
                 f"timed out after {timeout:g} s waiting for tag {tag} from rank {src}"
             ) from None
