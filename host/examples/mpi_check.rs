@@ -7,7 +7,8 @@
 //!
 //! Every rank runs the same checks (at least 3 ranks): messages out of tag order (the stash), a
 //! zero-length message, the largest tag, payloads cut into pieces and received across parts that
-//! straddle them, length mismatches that consume nothing, a receive timeout, and checkpoints of
+//! straddle them, length mismatches that consume nothing, a receive timeout, receives timing out
+//! part way through their messages (the peer stays usable), and checkpoints of
 //! every leaf kind from rank 0 to all others in both fan-outs. Each rank prints one line; the exit
 //! status is non-zero if any check failed on that rank.
 
@@ -36,8 +37,8 @@ fn main() {
         stalled_receiver(&pg);
     }
     match run(&pg) {
-        Ok(()) => println!(
-            "rank {rank}/{}: ok (thread multiple: {})",
+        Ok(lost) => println!(
+            "rank {rank}/{}: ok (thread multiple: {}; messages lost to mid-message timeouts: {lost})",
             pg.size(),
             pg.is_thread_multiple()
         ),
@@ -98,7 +99,65 @@ fn barrier(pg: &MpiProcessGroup, tag: u64) -> Result<()> {
     Ok(())
 }
 
-fn run(pg: &MpiProcessGroup) -> Result<()> {
+/// Rank 0 sends rank 2 messages of many pieces while rank 2 receives them with 1 ms timeouts: a
+/// receive either gets its message whole or times out (before it, or part way: then the message is
+/// lost, and the next receive drops its remaining pieces); never is the peer poisoned, and a last
+/// message with a long timeout arrives intact. Then a message set aside in the stash by receives
+/// that time out part way through it arrives whole. Returns how many messages were lost part way.
+fn receives_that_time_out_mid_message(pg: &MpiProcessGroup) -> Result<u32> {
+    const MESSAGES: u64 = 16;
+    const LEN: usize = 1 << 20; // 256 pieces of PIECE bytes
+    let mut lost = 0;
+    match pg.rank() {
+        0 => {
+            for i in 0..MESSAGES {
+                pg.send(2, 60 + i, &[&pattern(LEN, i as u8)], T)?;
+            }
+            pg.send(2, 60 + MESSAGES, &[b"after them"], T)?;
+            // Set aside part by part while rank 2 waits for the message after it.
+            pg.send(2, 90, &[&pattern(LEN, 90)], T)?;
+            pg.send(2, 91, &[b"behind it"], T)?;
+        }
+        2 => {
+            for i in 0..MESSAGES {
+                loop {
+                    match pg.recv_vec(0, 60 + i, LEN, Duration::from_millis(1)) {
+                        Ok(got) => {
+                            ensure!(got == pattern(LEN, i as u8), "message {i} arrived wrong");
+                            break;
+                        }
+                        Err(PgError::TimeoutMidMessage { received, len, .. }) => {
+                            ensure!(received > 0 && received < len, "{received} of {len}");
+                            lost += 1;
+                            break;
+                        }
+                        Err(PgError::Timeout { .. }) => {}
+                        Err(e) => bail!("message {i}: {e}"),
+                    }
+                }
+            }
+            let last = pg.recv_vec(0, 60 + MESSAGES, 100, T)?;
+            ensure!(last == b"after them", "the last message: {last:?}");
+            let behind = loop {
+                match pg.recv_vec(0, 91, 100, Duration::from_millis(1)) {
+                    Ok(got) => break got,
+                    Err(PgError::Timeout { .. }) => {}
+                    Err(e) => bail!("the message behind a stashed one: {e}"),
+                }
+            };
+            ensure!(behind == b"behind it", "behind: {behind:?}");
+            let stashed = pg.recv_vec(0, 90, LEN, T)?;
+            ensure!(
+                stashed == pattern(LEN, 90),
+                "the stashed message arrived wrong"
+            );
+        }
+        _ => {}
+    }
+    Ok(lost)
+}
+
+fn run(pg: &MpiProcessGroup) -> Result<u32> {
     let (rank, size) = (pg.rank(), pg.size());
     ensure!(size >= 3, "run with at least 3 ranks (mpirun -n 3)");
     let big = pattern(100_000, rank as u8);
@@ -179,6 +238,8 @@ fn run(pg: &MpiProcessGroup) -> Result<()> {
         );
     }
     barrier(pg, 30)?;
+    let lost = receives_that_time_out_mid_message(pg).context("receives timing out mid-message")?;
+    barrier(pg, 31)?;
 
     // Checkpoints of every leaf kind, both fan-outs, small buckets and chunks.
     let shape = synthetic::mixed(3 << 20);
@@ -211,5 +272,5 @@ fn run(pg: &MpiProcessGroup) -> Result<()> {
         }
         barrier(pg, 40)?;
     }
-    Ok(())
+    Ok(lost)
 }

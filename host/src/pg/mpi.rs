@@ -21,7 +21,10 @@
 //! match its messages. Waiting is polling against the deadline (MPI progresses inside MPI calls):
 //! - a receive waits for its message's envelope, and then each piece, with non-blocking probes, so
 //!   a receive that times out there has nothing posted: before the envelope or between it and the
-//!   first piece it consumes nothing; later, it poisons the peer ([`PgError::Poisoned`]).
+//!   first piece it consumes nothing; between later pieces the message is left unfinished, and the
+//!   next receive from that peer takes its remaining pieces first (into the stash, or dropped when
+//!   the message was the timed-out receive's own: [`PgError::TimeoutMidMessage`]). A malformed
+//!   piece poisons the peer ([`PgError::Poisoned`]).
 //! - A posted request (a send, or the receive of a probed piece) is not cancelled: MPI cannot take
 //!   back a send once a receiver may have matched it (Open MPI cancels no send at all), and then
 //!   it still owns the caller's bytes. So if one has not completed by its deadline plus a second,
@@ -106,8 +109,22 @@ unsafe impl Sync for MpiProcessGroup {}
 struct RecvState {
     /// An envelope read whose payload has not been (its receive failed without consuming it).
     head: Option<(u64, u64)>,
+    /// A message some of whose pieces were received when its receive timed out.
+    unfinished: Option<Unfinished>,
     stash: Stash,
     poisoned: bool,
+}
+
+/// The rest of a message whose receive timed out between its pieces.
+enum Unfinished {
+    /// The timed-out receive's own message: `left` bytes of pieces to receive and drop.
+    Drop { tag: u64, left: u64 },
+    /// Someone else's message for the stash, `filled` bytes of `buf` received.
+    Stash {
+        tag: u64,
+        buf: Vec<u8>,
+        filled: usize,
+    },
 }
 
 impl std::fmt::Debug for MpiProcessGroup {
@@ -154,6 +171,7 @@ impl MpiProcessGroup {
                 .map(|_| {
                     Mutex::new(RecvState {
                         head: None,
+                        unfinished: None,
                         stash: Stash::new(DEFAULT_STASH_LIMIT),
                         poisoned: false,
                     })
@@ -260,38 +278,13 @@ impl MpiProcessGroup {
         parts: &mut [&mut [u8]],
         deadline: Instant,
         timeout: Duration,
-    ) -> Result<(), (PgError, bool)> {
+        got: &mut u64,
+    ) -> Result<(), PgError> {
         let process = self.process(src);
         let total = total_len(parts);
-        let (mut part, mut offset, mut got) = (0usize, 0usize, 0u64);
-        while got < total {
-            let mut idle = Backoff::default();
-            let status = loop {
-                if let Some(s) = self.call(|| process.immediate_probe_with_tag(PIECE_TAG)) {
-                    break s;
-                }
-                if Instant::now() >= deadline {
-                    let e = PgError::Timeout {
-                        peer: src,
-                        tag,
-                        after: timeout,
-                    };
-                    return Err((e, got > 0));
-                }
-                idle.wait();
-            };
-            let n = self.call(|| status.count(u8::equivalent_datatype())).max(0) as usize;
-            if n == 0 || got + n as u64 > total {
-                let e = PgError::Io {
-                    peer: Some(src),
-                    kind: std::io::ErrorKind::InvalidData,
-                    message: format!(
-                        "a payload piece of {n} bytes does not fit the {} bytes left of tag {tag}",
-                        total - got
-                    ),
-                };
-                return Err((e, true));
-            }
+        let (mut part, mut offset) = (0usize, 0usize);
+        while *got < total {
+            let n = self.probe_piece(src, tag, total - *got, deadline, timeout)?;
             while offset == parts[part].len() {
                 part += 1;
                 offset = 0;
@@ -326,9 +319,126 @@ impl MpiProcessGroup {
                     offset += k;
                 }
             }
-            got += n as u64;
+            *got += n as u64;
         }
         Ok(())
+    }
+
+    /// Waits for the next payload piece from `src` (of a message of `tag` with `left` bytes still
+    /// to come) and returns its length, the piece still unreceived.
+    fn probe_piece(
+        &self,
+        src: u32,
+        tag: u64,
+        left: u64,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<usize, PgError> {
+        let process = self.process(src);
+        let mut idle = Backoff::default();
+        let status = loop {
+            if let Some(s) = self.call(|| process.immediate_probe_with_tag(PIECE_TAG)) {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                return Err(PgError::Timeout {
+                    peer: src,
+                    tag,
+                    after: timeout,
+                });
+            }
+            idle.wait();
+        };
+        let n = self.call(|| status.count(u8::equivalent_datatype())).max(0) as usize;
+        if n == 0 || n as u64 > left {
+            return Err(PgError::Io {
+                peer: Some(src),
+                kind: std::io::ErrorKind::InvalidData,
+                message: format!(
+                    "a payload piece of {n} bytes does not fit the {left} bytes left of tag {tag}"
+                ),
+            });
+        }
+        Ok(n)
+    }
+
+    /// Receives and drops the pieces of `left` payload bytes of tag `tag` from `src`, counting
+    /// `left` down as they come.
+    fn drop_pieces(
+        &self,
+        src: u32,
+        tag: u64,
+        left: &mut u64,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), PgError> {
+        let process = self.process(src);
+        let mut scratch = Vec::new();
+        while *left > 0 {
+            let n = self.probe_piece(src, tag, *left, deadline, timeout)?;
+            // At most one piece, which MPI already holds or is delivering.
+            scratch.resize(n, 0);
+            mpi::request::scope(|scope| {
+                let req = self.call(|| {
+                    process.immediate_receive_into_with_tag(scope, &mut scratch[..], PIECE_TAG)
+                });
+                self.complete(req, deadline, || {
+                    format!("receiving {n} bytes of tag {tag} from rank {src} to drop them")
+                });
+            });
+            *left -= n as u64;
+        }
+        Ok(())
+    }
+
+    /// Receives the rest of `unfinished` into the stash or drops it; at a timeout it is kept, with
+    /// its progress, for the next receive.
+    fn finish(
+        &self,
+        peer: &mut RecvState,
+        src: u32,
+        unfinished: Unfinished,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), PgError> {
+        let (result, rest) = match unfinished {
+            Unfinished::Drop { tag, mut left } => {
+                let r = self.drop_pieces(src, tag, &mut left, deadline, timeout);
+                (r, Unfinished::Drop { tag, left })
+            }
+            Unfinished::Stash {
+                tag,
+                mut buf,
+                filled,
+            } => {
+                let mut got = 0;
+                let r = self.recv_pieces(
+                    src,
+                    tag,
+                    &mut [&mut buf[filled..]],
+                    deadline,
+                    timeout,
+                    &mut got,
+                );
+                let filled = filled + got as usize;
+                if r.is_ok() && !peer.stash.is_forgotten(&buf) {
+                    peer.stash.push(tag, buf);
+                    return Ok(());
+                }
+                (r, Unfinished::Stash { tag, buf, filled })
+            }
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if e.is_timeout() {
+                    peer.unfinished = Some(rest);
+                } else {
+                    peer.poisoned = true;
+                }
+                Err(e)
+            }
+        }
     }
 
     fn receive(
@@ -356,6 +466,11 @@ impl MpiProcessGroup {
             if peer.poisoned {
                 return Err(PgError::Poisoned { peer: src });
             }
+            if let Some(unfinished) = peer.unfinished.take() {
+                self.finish(&mut peer, src, unfinished, deadline, timeout)
+                    .map_err(|e| if e.is_timeout() { timed_out() } else { e })?;
+                continue; // it may have been stashed: look there again
+            }
             if peer.head.is_none() {
                 peer.head = self.try_envelope(src, deadline);
             }
@@ -371,6 +486,7 @@ impl MpiProcessGroup {
             let mine = next_tag == tag;
             // A `Dest::Vec` receive, and someone else's message, land in `whole`.
             let mut whole = Vec::new();
+            let mut got = 0;
             let received = if mine {
                 dest.check(src, tag, len)?;
                 let mut parts: Vec<&mut [u8]> = match dest {
@@ -380,7 +496,7 @@ impl MpiProcessGroup {
                         vec![&mut whole[..]]
                     }
                 };
-                self.recv_pieces(src, tag, &mut parts, deadline, timeout)
+                self.recv_pieces(src, tag, &mut parts, deadline, timeout, &mut got)
             } else {
                 if !peer.stash.fits(len) {
                     return Err(PgError::UnexpectedBacklog {
@@ -393,7 +509,14 @@ impl MpiProcessGroup {
                     });
                 }
                 whole = vec![0u8; len as usize];
-                self.recv_pieces(src, next_tag, &mut [&mut whole[..]], deadline, timeout)
+                self.recv_pieces(
+                    src,
+                    next_tag,
+                    &mut [&mut whole[..]],
+                    deadline,
+                    timeout,
+                    &mut got,
+                )
             };
             match received {
                 Ok(()) => {
@@ -408,16 +531,37 @@ impl MpiProcessGroup {
                         peer.stash.push(next_tag, whole);
                     }
                 }
-                Err((e, consumed)) => {
-                    // Nothing consumed: the message stays first in line, envelope and all.
-                    if consumed {
-                        peer.head = None;
-                        peer.poisoned = true;
+                // Nothing consumed: the message stays first in line, envelope and all.
+                Err(e) if got == 0 => {
+                    return Err(if e.is_timeout() { timed_out() } else { e });
+                }
+                // Part way, at a timeout: the next receive takes the rest of the pieces.
+                Err(e) if e.is_timeout() => {
+                    peer.head = None;
+                    if mine {
+                        peer.unfinished = Some(Unfinished::Drop {
+                            tag,
+                            left: len - got,
+                        });
+                        return Err(PgError::TimeoutMidMessage {
+                            peer: src,
+                            tag,
+                            after: timeout,
+                            received: got,
+                            len,
+                        });
                     }
-                    return Err(match e {
-                        PgError::Timeout { .. } => timed_out(),
-                        other => other,
+                    peer.unfinished = Some(Unfinished::Stash {
+                        tag: next_tag,
+                        buf: whole,
+                        filled: got as usize,
                     });
+                    return Err(timed_out());
+                }
+                Err(e) => {
+                    peer.head = None;
+                    peer.poisoned = true;
+                    return Err(e);
                 }
             }
         }
