@@ -468,7 +468,8 @@ impl MessageHasher {
     }
 }
 
-/// Messages queued per worker: small descriptors, so memory stays flat whatever the transfer size.
+/// Messages queued for the hashing, post and forward workers: small descriptors, so memory stays
+/// flat whatever the transfer size. (The send workers' queues are unbounded: [`SendWorkers`].)
 const QUEUE_DEPTH: usize = 256;
 /// How often a wait for workers looks at the abort flag.
 const ABORT_POLL: Duration = Duration::from_millis(20);
@@ -879,7 +880,10 @@ impl SendOutcomes {
 /// destinations, by a thread of its own ([`SendWorkers::start`]): the trailer of every destination
 /// needs the digests, so they must not wait on a destination that failed or stalled.
 struct SendWorkers<'a> {
-    workers: HashMap<u32, SyncSender<SendJob>>,
+    /// Unbounded: a destination that stalls must not hold up the main thread, so the others' messages.
+    /// A job is a descriptor (its segments) or a small control message, one per message of the plan
+    /// per destination, so the queues never hold more than the plan itself describes.
+    workers: HashMap<u32, mpsc::Sender<SendJob>>,
     /// The hashing thread, when hashing is apart from the sends (see [`SendWorkers::start`]).
     hasher: Option<SyncSender<(u32, Vec<Segment>)>>,
     events: mpsc::Receiver<Event>,
@@ -902,9 +906,9 @@ impl<'a> SendWorkers<'a> {
         let timeout = transport.options.timeout;
         let (event_tx, events) = mpsc::channel::<Event>();
         // Direct fan-out to several destinations: a thread of its own hashes, so that a destination
-        // that stalls does not hold up the digests, so the trailer, of every destination (until its
-        // queue is full: then the main thread waits on it, README.md *Failure behaviour*). With one stream of data (one destination, or Chain)
-        // its thread hashes each message right before sending it, while the bytes are in cache.
+        // that stalls does not hold up the digests, so the trailer, of every destination (and its
+        // queue is unbounded, so it does not hold up their messages either). With one stream of data
+        // (one destination, or Chain) its thread hashes each message right before sending it.
         let hash_apart = dst_ranks.len() > 1 && transport.options.plan.fanout == FanOut::Direct;
         let hasher = hash_apart.then(|| {
             let (tx, rx) = mpsc::sync_channel::<(u32, Vec<Segment>)>(QUEUE_DEPTH);
@@ -928,7 +932,7 @@ impl<'a> SendWorkers<'a> {
 
         let mut workers = HashMap::new();
         for (i, &dst) in dst_ranks.iter().enumerate() {
-            let (tx, rx) = mpsc::sync_channel::<SendJob>(QUEUE_DEPTH);
+            let (tx, rx) = mpsc::channel::<SendJob>();
             workers.insert(dst, tx);
             let pg = &transport.pg;
             let progress = transport.options.progress.clone();

@@ -91,6 +91,8 @@ struct Job {
     world: u32,
     token: String,
     fanout: &'static str,
+    /// The sender's `--chunk-size` (and `--bucket-size`, which may not exceed it).
+    chunk_size: &'static str,
 }
 
 impl Job {
@@ -100,6 +102,7 @@ impl Job {
             world,
             token: format!("faults-{}-{}", std::process::id(), free_port()),
             fanout,
+            chunk_size: "4MiB",
         }
     }
 
@@ -142,7 +145,9 @@ impl Job {
     /// `pgt send` of the checkpoint to `dst` as rank 0.
     fn send(&self, dst: &str) -> Proc {
         let file = checkpoint_file().to_str().expect("utf-8 path");
-        self.spawn(0, &["send", file, "--dst", dst])
+        let chunk = self.chunk_size;
+        let sizes = ["--chunk-size", chunk, "--bucket-size", chunk];
+        self.spawn(0, &[&["send", file, "--dst", dst][..], &sizes].concat())
     }
 
     /// `pgt recv` from rank 0 as `rank`, into `<dir>/out{rank}.safetensors`.
@@ -531,9 +536,16 @@ fn first_receiver_killed_chain_the_sender_names_it() {
 /// Sender 0 to ranks 1 and 2 with `fanout`; rank 1 is stopped (SIGSTOP) mid-transfer. Waits for the
 /// two live ranks, then resumes and kills rank 1: (the output dir, when rank 1 stopped, how the
 /// sender and rank 2 ended).
-fn stall_rank_1(name: &str, fanout: &'static str) -> (PathBuf, Instant, Vec<Ended>) {
+fn stall_rank_1(
+    name: &str,
+    fanout: &'static str,
+    chunk_size: &'static str,
+) -> (PathBuf, Instant, Vec<Ended>) {
     let dir = temp_dir(name);
-    let job = Job::new(3, fanout);
+    let job = Job {
+        chunk_size,
+        ..Job::new(3, fanout)
+    };
     let mut r1 = job.recv(1, &dir);
     let r2 = job.recv(2, &dir);
     let sender = job.send("1,2");
@@ -553,7 +565,7 @@ fn stall_rank_1(name: &str, fanout: &'static str) -> (PathBuf, Instant, Vec<Ende
 #[test]
 fn relay_stalled_chain_fails_within_the_timeout() {
     let _one = one_at_a_time();
-    let (dir, fault, live) = stall_rank_1("relay-stalled-chain", "chain");
+    let (dir, fault, live) = stall_rank_1("relay-stalled-chain", "chain", "4MiB");
     // Not before the timeout either: a stall is told from a slow peer only by waiting it out.
     let at_least = Duration::from_secs(TIMEOUT_SECS) - Duration::from_millis(500);
     let took = live[0].assert_failed(fault, &["to rank 1: timed out after 5s", "with rank 1"]);
@@ -573,12 +585,40 @@ fn relay_stalled_chain_fails_within_the_timeout() {
 #[test]
 fn receiver_stalled_direct_the_others_complete() {
     let _one = one_at_a_time();
-    let (dir, fault, ended) = stall_rank_1("receiver-stalled-direct", "direct");
+    let (dir, fault, ended) = stall_rank_1("receiver-stalled-direct", "direct", "4MiB");
     let (sender, r2) = (&ended[0], &ended[1]);
     r2.assert_succeeded();
     let done = r2.at.saturating_duration_since(fault);
     // How long its own transfer took: no bound here (a slow machine is slow), only that it completed.
     eprintln!("rank 2 completed {done:.2?} after the stall");
+    assert_byte_exact(&out_file(&dir, 2));
+    sender.assert_failed(
+        fault,
+        &[
+            "sent to rank(s) 2 but not to rank(s) 1",
+            "to rank 1: timed out after 5s",
+        ],
+    );
+    assert_no_output(&dir, &[1]);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// As above with 64 KiB chunks: 1,024 data messages per destination, far more than the sender ever
+/// got ahead of a destination when its per-destination queue was bounded (256 messages). The
+/// stalled destination's queue grows instead of holding up the main thread, so the other completes
+/// without waiting out the timeout (before, it stalled with the queue until the stalled send timed
+/// out, and timed out itself meanwhile).
+#[test]
+fn receiver_stalled_direct_with_many_messages_the_others_complete_without_waiting() {
+    let _one = one_at_a_time();
+    let (dir, fault, ended) = stall_rank_1("receiver-stalled-direct-many", "direct", "64KiB");
+    let (sender, r2) = (&ended[0], &ended[1]);
+    r2.assert_succeeded();
+    let done = r2.at.saturating_duration_since(fault);
+    assert!(
+        done < Duration::from_secs(TIMEOUT_SECS) / 2,
+        "rank 2 completed {done:?} after the stall: it waited for the stalled rank"
+    );
     assert_byte_exact(&out_file(&dir, 2));
     sender.assert_failed(
         fault,
