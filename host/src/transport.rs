@@ -82,6 +82,27 @@ pub struct TransportOptions {
     /// Receiver side, in place: all or nothing ([`RecvOptions::staged`], the default of every
     /// receive of this transport).
     pub staged: bool,
+    /// Sender side, with digests: which thread hashes the storage bytes.
+    pub sender_hash: SenderHash,
+}
+
+/// Where a sender hashes the storage bytes it sends, for the digest trailer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SenderHash {
+    /// [`SenderHash::OwnThread`] when the machine has more than one core, else
+    /// [`SenderHash::BeforeSend`].
+    #[default]
+    Auto,
+    /// The thread that sends hashes each piece right before the system call that copies it, so the
+    /// copy may read it from cache; the sends wait for the hash. (Direct fan-out to several
+    /// destinations hashes on a thread of its own all the same: a destination that stalls must not
+    /// hold up the others' digests.)
+    BeforeSend,
+    /// A thread of its own hashes beside the sends: the hash adds CPU, not time, when a core is free
+    /// for it (`docs/perf.md`: 1 GiB in place over loopback, 0.51 s hashed before each send, 0.45 s
+    /// hashed beside).
+    OwnThread,
 }
 
 impl Default for TransportOptions {
@@ -97,6 +118,7 @@ impl Default for TransportOptions {
             pool: None,
             memory_budget: crate::memory::default_memory_budget(),
             staged: false,
+            sender_hash: SenderHash::Auto,
         }
     }
 }
@@ -112,6 +134,7 @@ impl std::fmt::Debug for TransportOptions {
             .field("pool", &self.pool)
             .field("memory_budget", &self.memory_budget)
             .field("staged", &self.staged)
+            .field("sender_hash", &self.sender_hash)
             .finish_non_exhaustive()
     }
 }
@@ -876,9 +899,8 @@ impl SendOutcomes {
 }
 
 /// The sending host: one thread per destination, each sending its messages in order. Data is hashed
-/// by the first destination's thread right before sending it, or, in Direct fan-out to several
-/// destinations, by a thread of its own ([`SendWorkers::start`]): the trailer of every destination
-/// needs the digests, so they must not wait on a destination that failed or stalled.
+/// by a thread of its own, or by the first destination's thread right before sending it
+/// ([`SendWorkers::start`], [`SenderHash`]).
 struct SendWorkers<'a> {
     /// Unbounded: a destination that stalls must not hold up the main thread, so the others' messages.
     /// A job is a descriptor (its segments) or a small control message, one per message of the plan
@@ -908,8 +930,14 @@ impl<'a> SendWorkers<'a> {
         // Direct fan-out to several destinations: a thread of its own hashes, so that a destination
         // that stalls does not hold up the digests, so the trailer, of every destination (and its
         // queue is unbounded, so it does not hold up their messages either). With one stream of data
-        // (one destination, or Chain) its thread hashes each message right before sending it.
-        let hash_apart = dst_ranks.len() > 1 && transport.options.plan.fanout == FanOut::Direct;
+        // (one destination, or Chain) the option decides.
+        let several_direct = dst_ranks.len() > 1 && transport.options.plan.fanout == FanOut::Direct;
+        let hash_apart = several_direct
+            || match transport.options.sender_hash {
+                SenderHash::OwnThread => true,
+                SenderHash::BeforeSend => false,
+                SenderHash::Auto => std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
+            };
         let hasher = hash_apart.then(|| {
             let (tx, rx) = mpsc::sync_channel::<(u32, Vec<Segment>)>(QUEUE_DEPTH);
             let event_tx = event_tx.clone();

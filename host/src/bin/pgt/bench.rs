@@ -451,6 +451,7 @@ fn report(args: &BenchArgs, transfer: &TransferArgs, receivers: u32, runs: &Runs
         "fanout": format!("{:?}", transfer.fanout).to_lowercase(),
         "core": format!("{:?}", transfer.core).to_lowercase(),
         "digests": !transfer.no_digests,
+        "sender_hash": transfer.sender_hash.to_possible_value().map(|v| v.get_name().to_owned()),
         "metadata_seconds": round(metadata_seconds, 4),
         "staged_copy_seconds": round(staged_copy_seconds, 4),
         "sender_cpu_seconds": round(cpu_of(&senders), 4),

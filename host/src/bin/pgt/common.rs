@@ -11,7 +11,7 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pgt_core::schema::{FanOut, PlanParams};
 use pgt_host::pg::{ProcessGroup, TcpOptions, TcpProcessGroup};
-use pgt_host::transport::{Progress, TransportOptions};
+use pgt_host::transport::{Progress, SenderHash, TransportOptions};
 
 /// Which process group a rank joins.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -126,6 +126,17 @@ pub enum CoreArg {
     Wasm,
 }
 
+/// Where the sender hashes the bytes it sends (`SenderHash`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SenderHashArg {
+    /// A thread of its own when the machine has more than one core, else before each send.
+    Auto,
+    /// The sending thread, right before each send.
+    BeforeSend,
+    /// A thread of its own, beside the sends.
+    OwnThread,
+}
+
 /// How transfers run.
 #[derive(Args, Clone, Debug)]
 pub struct TransferArgs {
@@ -141,6 +152,9 @@ pub struct TransferArgs {
     /// Skip the per-tensor digests.
     #[arg(long)]
     pub no_digests: bool,
+    /// Which sender thread hashes the bytes for the digests.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub sender_hash: SenderHashArg,
     /// Per-operation timeout in seconds: a stalled peer fails the transfer within it.
     #[arg(long, default_value_t = 120.0)]
     pub timeout: f64,
@@ -171,6 +185,11 @@ impl TransferArgs {
                 chunk_size: self.chunk_size,
             },
             digests: !self.no_digests,
+            sender_hash: match self.sender_hash {
+                SenderHashArg::Auto => SenderHash::Auto,
+                SenderHashArg::BeforeSend => SenderHash::BeforeSend,
+                SenderHashArg::OwnThread => SenderHash::OwnThread,
+            },
             ..TransportOptions::default()
         };
         options
@@ -196,6 +215,12 @@ impl TransferArgs {
             self.timeout.to_string(),
             "--core".into(),
             format!("{:?}", self.core).to_lowercase(),
+            "--sender-hash".into(),
+            self.sender_hash
+                .to_possible_value()
+                .expect("no variant is skipped")
+                .get_name()
+                .to_owned(),
         ];
         if self.no_digests {
             a.push("--no-digests".into());
