@@ -9,7 +9,13 @@
 //! - `send 4M`: no hash (pgt with `--no-digests`);
 //! - `hash+send 4M`: XXH3 of each 4 MiB right before its write (pgt's sender);
 //! - `send+hash 4M`: … right after its write;
+//! - `send 1M` / `hash+send 1M`: 1 MiB writes, without and with the hash before (L2 of 2 MiB);
 //! - `hash+send 256K` / `send+hash 256K`: the same with 256 KiB writes (hashed bytes in L2);
+//! - `hash+send 256K more`: 256 KiB writes hashed before, `MSG_MORE` on all but the last of each
+//!   4 MiB (the kernel holds partial segments back until the 4 MiB is written);
+//! - `bounce 1M` / `bounce 256K`: each piece copied into a reused buffer of that size, hashed and
+//!   written from there (the kernel's copy and the hash read from L2; the one read from memory is
+//!   the user-space copy);
 //! - `hash cold` / `hash hot`: XXH3 alone, over the evicted source and over one 256 KiB piece again
 //!   and again: what a hash costs at memory speed and at cache speed.
 //!
@@ -50,6 +56,21 @@ enum Hash {
     None,
     Before,
     After,
+    /// Before, each 4 MiB written as `grain` pieces with `MSG_MORE` on all but its last.
+    BeforeMore,
+    /// Each piece copied into a reused buffer of `grain` bytes (which stays in L2), hashed there and
+    /// written from there: one read from memory, by the copy.
+    Bounce,
+}
+
+/// One `send` with `MSG_MORE` (more of the message follows: do not push a partial segment).
+fn write_all_more(w: &TcpStream, mut piece: &[u8]) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(w);
+    while !piece.is_empty() {
+        let n = sock.send_with_flags(piece, libc::MSG_MORE)?;
+        piece = &piece[n..];
+    }
+    Ok(())
 }
 
 /// Writes `source` in `grain` writes to a reader thread; returns the writer's CPU seconds.
@@ -73,11 +94,24 @@ fn send(source: &[u8], grain: usize, hash: Hash) -> anyhow::Result<f64> {
     let mut w = TcpStream::connect(addr)?;
     let mut digest = 0u64;
     let cpu = thread_cpu_seconds();
-    for piece in source.chunks(grain) {
-        if let Hash::Before = hash {
+    let per_message = (4 << 20) / grain;
+    let mut bounce = vec![0u8; grain];
+    for (i, piece) in source.chunks(grain).enumerate() {
+        if let Hash::Bounce = hash {
+            let hot = &mut bounce[..piece.len()];
+            hot.copy_from_slice(piece);
+            digest ^= xxh3(hot);
+            w.write_all(hot)?;
+            continue;
+        }
+        if let Hash::Before | Hash::BeforeMore = hash {
             digest ^= xxh3(piece);
         }
-        w.write_all(piece)?;
+        if matches!(hash, Hash::BeforeMore) && (i + 1) % per_message != 0 {
+            write_all_more(&w, piece)?;
+        } else {
+            w.write_all(piece)?;
+        }
         if let Hash::After = hash {
             digest ^= xxh3(piece);
         }
@@ -100,12 +134,18 @@ fn main() -> anyhow::Result<()> {
     let mut scratch = vec![0u8; 256 << 20];
     const M4: usize = 4 << 20;
     const K256: usize = 256 << 10;
-    let cases: [(&str, usize, Hash); 5] = [
+    const M1: usize = 1 << 20;
+    let cases: [(&str, usize, Hash); 10] = [
         ("send 4M", M4, Hash::None),
         ("hash+send 4M", M4, Hash::Before),
         ("send+hash 4M", M4, Hash::After),
+        ("send 1M", M1, Hash::None),
+        ("hash+send 1M", M1, Hash::Before),
         ("hash+send 256K", K256, Hash::Before),
         ("send+hash 256K", K256, Hash::After),
+        ("hash+send 256K more", K256, Hash::BeforeMore),
+        ("bounce 1M", M1, Hash::Bounce),
+        ("bounce 256K", K256, Hash::Bounce),
     ];
     let mut samples = vec![Vec::new(); cases.len() + 2];
     for rep in 0..reps {
@@ -131,7 +171,7 @@ fn main() -> anyhow::Result<()> {
         s.sort_by(f64::total_cmp);
         let median = s[s.len() / 2];
         println!(
-            "{name:16} {:.3} CPU·s/GiB  {:5.1} GB/s  (runs: {})",
+            "{name:20} {:.3} CPU·s/GiB  {:5.1} GB/s  (runs: {})",
             median * per_gib,
             len as f64 / median / 1e9,
             s.iter()
