@@ -584,8 +584,10 @@ fn lock_until<T>(m: &Mutex<T>, deadline: Instant) -> Option<MutexGuard<'_, T>> {
     }
 }
 
-/// Spin, then yield, then sleep up to 1 ms: MPI progresses only inside MPI calls, so waiting is
-/// polling, and short waits (the common case) should not pay a sleep.
+/// Spin, then yield (about a millisecond), then sleep up to 1 ms: MPI progresses only inside MPI
+/// calls, so waiting is polling, and the waits between a transfer's messages should not pay a sleep
+/// (at least the timer slack, 50 µs): yielding 1,024 times before the first sleep instead of 64
+/// took 1 GiB in place from 0.41 to 0.35 s (`docs/perf.md`).
 #[derive(Default)]
 struct Backoff(u32);
 
@@ -594,8 +596,8 @@ impl Backoff {
         self.0 = self.0.saturating_add(1);
         match self.0 {
             0..=16 => std::hint::spin_loop(),
-            17..=64 => std::thread::yield_now(),
-            n => std::thread::sleep(Duration::from_micros(u64::from((n - 64).min(1000)))),
+            17..=1024 => std::thread::yield_now(),
+            n => std::thread::sleep(Duration::from_micros(u64::from((n - 1024).min(1000)))),
         }
     }
 }
