@@ -3,11 +3,11 @@
 //! for — sends, receives into final buffers, forwards, hashing — and owns no protocol decision.
 //!
 //! Threads: the sender runs one thread per destination ([`SendWorkers`]), so destinations proceed in
-//! parallel, and a destination that fails stops only its own stream ([`Error::Destinations`]); the
-//! first destination's thread hashes each message as it sends it, each system call's bytes right
-//! before the call, so that the kernel reads them from cache ([`ProcessGroup::send_observed`]); in Direct
-//! fan-out to several destinations a thread of its own hashes, so that the others' trailer does not
-//! wait on a stalled destination. The receiver ([`Landing`]) receives on the calling thread straight
+//! parallel, and a destination that fails stops only its own stream ([`Error::Destinations`]). A
+//! thread of its own hashes what is sent, beside the sends, when the machine has a core for it, and
+//! always in Direct fan-out to several destinations, so that the others' trailer does not wait on a
+//! stalled destination; otherwise the first destination's thread hashes each system call's bytes
+//! right before the call ([`SenderHash`], [`ProcessGroup::send_observed`]). The receiver ([`Landing`]) receives on the calling thread straight
 //! into the destination memory ([`ReceiveMemory`]) and hashes each piece (at most
 //! [`crate::pg::OBSERVE_GRAIN`], which fits in L2) right after the system call that wrote it, on the
 //! same core, while it is in cache ([`ProcessGroup::recv_into_observed`]): hashing cold bytes after a
