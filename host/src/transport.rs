@@ -8,8 +8,8 @@
 //! always in Direct fan-out to several destinations, so that the others' trailer does not wait on a
 //! stalled destination; otherwise the first destination's thread hashes each system call's bytes
 //! right before the call ([`SenderHash`], [`ProcessGroup::send_observed`]). The receiver
-//! ([`Landing`]) receives on the calling thread straight into the destination memory ([`ReceiveMemory`]) and hashes each piece (at most
-//! [`crate::pg::OBSERVE_GRAIN`], which fits in L2) right after the system call that wrote it, on the
+//! ([`Landing`]) receives on the calling thread straight into the destination memory
+//! ([`ReceiveMemory`]) and hashes each piece (at most [`crate::pg::OBSERVE_GRAIN`], which fits in L2) right after the system call that wrote it, on the
 //! same core, while it is in cache ([`ProcessGroup::recv_into_observed`]): hashing cold bytes after a
 //! whole message landed ran at DRAM speed. A second thread casts what has landed,
 //! and a third forwards it in chain fan-out, so neither delays the next receive; a forward that fails
