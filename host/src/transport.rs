@@ -2,18 +2,19 @@
 //! ([`pgt_core::drive`]): it moves the bytes the protocol engine (pgt-core, native or sandboxed) asks
 //! for — sends, receives into final buffers, forwards, hashing — and owns no protocol decision.
 //!
-//! Threads: the sender runs one thread per destination ([`SendWorkers`]), so destinations proceed in
-//! parallel, and a destination that fails stops only its own stream ([`Error::Destinations`]). A
+//! Threads: the sender runs one thread per destination ([`SendWorkers`]), so destinations proceed
+//! in parallel, and a destination that fails stops only its own stream ([`Error::Destinations`]). A
 //! thread of its own hashes what is sent, beside the sends, when the machine has a core for it, and
 //! always in Direct fan-out to several destinations, so that the others' trailer does not wait on a
 //! stalled destination; otherwise the first destination's thread hashes each system call's bytes
 //! right before the call ([`SenderHash`], [`ProcessGroup::send_observed`]). The receiver
 //! ([`Landing`]) receives on the calling thread straight into the destination memory
-//! ([`ReceiveMemory`]) and hashes each piece (at most [`crate::pg::OBSERVE_GRAIN`], which fits in L2) right after the system call that wrote it, on the
-//! same core, while it is in cache ([`ProcessGroup::recv_into_observed`]): hashing cold bytes after a
-//! whole message landed ran at DRAM speed. A second thread casts what has landed,
-//! and a third forwards it in chain fan-out, so neither delays the next receive; a forward that fails
-//! stops the forwarding, not the receive ([`TransferStats::forward_failed`]).
+//! ([`ReceiveMemory`]) and hashes each piece (at most [`crate::pg::OBSERVE_GRAIN`], which fits in
+//! L2) right after the system call that wrote it, on the same core, while it is in cache
+//! ([`ProcessGroup::recv_into_observed`]): hashing cold bytes after a whole message landed ran at
+//! DRAM speed. A second thread casts what has landed, and a third forwards it in chain fan-out, so
+//! neither delays the next receive; a forward that fails stops the forwarding, not the receive
+//! ([`TransferStats::forward_failed`]).
 //!
 //! Isolation (PROTOCOL.md §12): every transfer has a random id, which every message after its header
 //! starts with. A receive skips messages of other transfers (stale ones, left by an earlier transfer
