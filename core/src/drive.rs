@@ -12,7 +12,7 @@ use crate::receiver::{
     Binding, Dest, ForwardOp, InPlace, InPlaceWritten, Incoming, Received, RecvOp, RecvPoll,
 };
 use crate::sender::{Payload, SendOp, SendPoll};
-use crate::tree::KeyPath;
+use crate::tree::{KeyPath, Node};
 use crate::{Call, Error};
 
 /// A completion a host reports back to the driver.
@@ -26,6 +26,35 @@ pub enum Event {
     Forwarded(u32),
 }
 
+/// The received tree, for a host that binds in place. Each is built (or fetched from a wasm guest) only
+/// when asked for: a target of the received tree's shape is bound leaf by leaf from [`nodes`] alone,
+/// and only a target of another shape needs the key paths, which take memory.
+///
+/// [`nodes`]: ReceivedTree::nodes
+pub trait ReceivedTree<E> {
+    /// The tree's nodes, pre-order ([`crate::receiver::Receiver::tree`]).
+    fn nodes(&mut self) -> Result<Vec<Node>, E>;
+    /// Every leaf's key path, in leaf order.
+    fn paths(&mut self) -> Result<Vec<KeyPath>, E>;
+}
+
+/// A receive engine's tree, its errors converted into the host's.
+struct EngineTree<'e, R>(&'e mut R);
+
+impl<R, E> ReceivedTree<E> for EngineTree<'_, R>
+where
+    R: ReceiveEngine,
+    E: From<R::Error>,
+{
+    fn nodes(&mut self) -> Result<Vec<Node>, E> {
+        Ok(self.0.tree()?)
+    }
+
+    fn paths(&mut self) -> Result<Vec<KeyPath>, E> {
+        Ok(self.0.paths()?)
+    }
+}
+
 /// How a receiving host moves bytes. Each method does one thing the driver asks for; completions of
 /// work the host does in the background come back through [`ReceiveHost::next_event`].
 pub trait ReceiveHost {
@@ -36,14 +65,14 @@ pub trait ReceiveHost {
     /// `op.tag`.
     fn recv_bytes(&mut self, op: &RecvOp) -> Result<Vec<u8>, Self::Error>;
 
-    /// Picks in-place destinations for what `incoming` announced; `paths` gives every leaf's key path.
-    /// The default binds nothing: every storage gets a fresh destination.
+    /// Picks in-place destinations for what `incoming` announced; `tree` gives the received tree's
+    /// shape and key paths. The default binds nothing: every storage gets a fresh destination.
     fn bind(
         &mut self,
         incoming: &Incoming,
-        paths: &mut dyn FnMut() -> Result<Vec<KeyPath>, Self::Error>,
+        tree: &mut dyn ReceivedTree<Self::Error>,
     ) -> Result<Vec<InPlace>, Self::Error> {
-        let _ = (incoming, paths);
+        let _ = (incoming, tree);
         Ok(Vec::new())
     }
 
@@ -187,7 +216,7 @@ where
             },
             RecvPoll::NeedBindings => {
                 let incoming = announced(&incoming, Call::Bindings)?;
-                let in_place = host.bind(incoming, &mut || Ok(engine.paths()?))?;
+                let in_place = host.bind(incoming, &mut EngineTree(&mut *engine))?;
                 let bindings = engine.finish_bindings(&in_place)?;
                 *in_place_bound = bindings.iter().any(|b| matches!(b.dest, Dest::InPlace(_)));
                 host.bound(incoming, &bindings)?;

@@ -10,7 +10,7 @@ use crate::receiver::{
     Binding, InPlace, InPlaceWritten, Incoming, Received, Receiver, RecvOp, RecvPoll,
 };
 use crate::sender::{DestinationOutcome, Payload, SendPoll, Sender};
-use crate::tree::KeyPath;
+use crate::tree::{KeyPath, Node};
 use crate::Error;
 
 /// The sender side.
@@ -40,7 +40,9 @@ pub trait ReceiveEngine {
     fn handle_header(&mut self, bytes: &[u8]) -> Result<(), Self::Error>;
     /// The metadata's bytes; returns what it announced.
     fn handle_metadata(&mut self, bytes: &[u8]) -> Result<Incoming, Self::Error>;
-    /// Every leaf's key path (asked for only when binding in place).
+    /// The received tree's nodes, pre-order ([`Receiver::tree`]; asked for only when binding in place).
+    fn tree(&mut self) -> Result<Vec<Node>, Self::Error>;
+    /// Every leaf's key path (asked for only when binding in place to a tree of another shape).
     fn paths(&mut self) -> Result<Vec<KeyPath>, Self::Error>;
     /// Ends binding ([`Receiver::finish_bindings`]); returns every storage's binding.
     fn finish_bindings(&mut self, in_place: &[InPlace]) -> Result<Vec<Binding>, Self::Error>;
@@ -103,6 +105,10 @@ impl ReceiveEngine for Receiver {
     fn handle_metadata(&mut self, bytes: &[u8]) -> Result<Incoming, Error> {
         Receiver::handle_metadata(self, bytes)?;
         self.incoming()
+    }
+
+    fn tree(&mut self) -> Result<Vec<Node>, Error> {
+        Ok(Receiver::tree(self)?.to_vec())
     }
 
     fn paths(&mut self) -> Result<Vec<KeyPath>, Error> {

@@ -8,7 +8,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::digest::StorageHasher;
-use crate::drive::{Event, ReceiveHost, SendHost};
+use crate::drive::{Event, ReceiveHost, ReceivedTree, SendHost};
 use crate::dtype::convert;
 use crate::header::PREFIX_LEN;
 use crate::plan::Segment;
@@ -158,13 +158,9 @@ where
         self.current(op)
     }
 
-    fn bind(
-        &mut self,
-        _: &Incoming,
-        paths: &mut dyn FnMut() -> Result<Vec<KeyPath>, E>,
-    ) -> Result<Vec<InPlace>, E> {
+    fn bind(&mut self, _: &Incoming, tree: &mut dyn ReceivedTree<E>) -> Result<Vec<InPlace>, E> {
         if self.keep_paths {
-            self.paths = Some(paths()?);
+            self.paths = Some(tree.paths()?);
         }
         Ok(self.in_place.iter().map(|(t, _)| *t).collect())
     }

@@ -331,6 +331,15 @@ impl Receiver {
         Ok(t.manifest.paths())
     }
 
+    /// The received tree's nodes, pre-order (the metadata's `tree`), once the metadata is in: what a
+    /// host compares its own tree with before it binds in place by position.
+    pub fn tree(&self) -> Result<&[Node]> {
+        let t = self.transfer().ok_or(Error::UnexpectedCall {
+            call: Call::Incoming,
+        })?;
+        Ok(&t.manifest.metadata().tree)
+    }
+
     /// Every storage's binding, in storage order, once bindings are finished (else empty).
     pub fn bindings(&self) -> &[Binding] {
         match &self.state {

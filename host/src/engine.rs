@@ -14,7 +14,7 @@ use pgt_core::receiver::{
 };
 use pgt_core::schema::Metadata;
 use pgt_core::sender::{DestinationOutcome, SendPoll, Sender};
-use pgt_core::tree::KeyPath;
+use pgt_core::tree::{KeyPath, Node};
 
 #[cfg(feature = "wasm")]
 use crate::wasm_engine::{SandboxError, WasmReceiver, WasmSender};
@@ -161,6 +161,10 @@ impl ReceiveEngine for ReceiverEngine {
 
     fn handle_metadata(&mut self, bytes: &[u8]) -> Result<Incoming, EngineError> {
         dispatch!(self, e => ReceiveEngine::handle_metadata(&mut **e, bytes))
+    }
+
+    fn tree(&mut self) -> Result<Vec<Node>, EngineError> {
+        dispatch!(self, e => ReceiveEngine::tree(&mut **e))
     }
 
     fn paths(&mut self) -> Result<Vec<KeyPath>, EngineError> {

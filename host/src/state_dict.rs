@@ -436,6 +436,36 @@ impl<'a> Entry<'a> {
         }
     }
 
+    /// Whether `leaf` describes this entry: what [`Entry::to_leaf`] would give, compared without
+    /// building it.
+    pub(crate) fn is_described_by(&self, leaf: &Leaf) -> bool {
+        match (self, leaf) {
+            (Entry::Value(v), Leaf::Value(w)) => v == w,
+            (Entry::Tensor(t), Leaf::Tensor(l)) => t.layout == *l,
+            (Entry::DTensor { local, spec }, Leaf::DTensor { local: l, spec: s }) => {
+                local.layout == *l && spec == s
+            }
+            (
+                Entry::Sharded {
+                    local_shards,
+                    global,
+                },
+                Leaf::Sharded {
+                    local_shards: shards,
+                    global: g,
+                },
+            ) => {
+                global == g
+                    && local_shards.len() == shards.len()
+                    && local_shards
+                        .iter()
+                        .zip(shards)
+                        .all(|((t, meta), s)| t.layout == s.layout && *meta == s.meta)
+            }
+            _ => false,
+        }
+    }
+
     /// The metadata leaf describing this entry.
     pub fn to_leaf(&self) -> Leaf {
         match self {
@@ -804,6 +834,39 @@ impl<'a> StateDict<'a> {
         (nodes, entries)
     }
 
+    /// Whether this dict's tree is `nodes` (pre-order, as [`StateDict::flatten`] gives them): same
+    /// containers, same keys in the same order, leaves in the same places. Then its leaf *i* is the
+    /// leaf *i* of a tree flattened to `nodes`. Walks without building anything.
+    pub(crate) fn has_shape(&self, nodes: &[Node]) -> bool {
+        let mut nodes = nodes.iter();
+        let mut stack = vec![&self.root];
+        while let Some(t) = stack.pop() {
+            let same = match (t, nodes.next()) {
+                (Tree::Dict(items), Some(Node::Dict(keys))) => {
+                    stack.extend(items.iter().rev().map(|(_, c)| c));
+                    items.len() == keys.len()
+                        && items.iter().zip(keys).all(|((k, _), key)| k == key)
+                }
+                (Tree::List(v), Some(Node::List(n))) | (Tree::Tuple(v), Some(Node::Tuple(n))) => {
+                    stack.extend(v.iter().rev());
+                    v.len() as u64 == *n
+                }
+                (Tree::Leaf(_), Some(Node::Leaf)) => true,
+                _ => false,
+            };
+            if !same {
+                return false;
+            }
+        }
+        nodes.next().is_none()
+    }
+
+    /// Every leaf's key path, depth-first.
+    pub(crate) fn key_paths(&self) -> Vec<KeyPath> {
+        let (nodes, _) = self.flatten();
+        pgt_core::tree::key_paths(&nodes, u32::MAX).unwrap_or_default()
+    }
+
     /// Every leaf entry with its key path, depth-first.
     pub fn entries(&self) -> Vec<(KeyPath, &Entry<'a>)> {
         let (nodes, entries) = self.flatten();
@@ -811,15 +874,22 @@ impl<'a> StateDict<'a> {
         paths.into_iter().zip(entries).collect()
     }
 
-    /// Every leaf entry, mutably, with its key path, depth-first.
-    pub(crate) fn entries_mut(&mut self) -> Vec<(KeyPath, &mut Entry<'a>)> {
-        let (nodes, _) = self.flatten();
-        let paths = pgt_core::tree::key_paths(&nodes, u32::MAX).unwrap_or_default();
-        paths.into_iter().zip(self.leaves_mut()).collect()
+    /// Every leaf entry, depth-first.
+    pub(crate) fn leaves(&self) -> Vec<&Entry<'a>> {
+        let mut out = Vec::new();
+        let mut stack = vec![&self.root];
+        while let Some(t) = stack.pop() {
+            match t {
+                Tree::Dict(items) => stack.extend(items.iter().rev().map(|(_, c)| c)),
+                Tree::List(v) | Tree::Tuple(v) => stack.extend(v.iter().rev()),
+                Tree::Leaf(e) => out.push(e),
+            }
+        }
+        out
     }
 
     /// Takes every leaf entry out (leaving `None` values), depth-first: the order of
-    /// [`StateDict::entries_mut`].
+    /// [`StateDict::leaves_mut`].
     pub(crate) fn take_entries(&mut self) -> Vec<Entry<'a>> {
         self.leaves_mut()
             .into_iter()
@@ -842,7 +912,8 @@ impl<'a> StateDict<'a> {
         out
     }
 
-    fn leaves_mut(&mut self) -> Vec<&mut Entry<'a>> {
+    /// Every leaf entry, mutably, depth-first.
+    pub(crate) fn leaves_mut(&mut self) -> Vec<&mut Entry<'a>> {
         let mut out = Vec::new();
         let mut stack = vec![&mut self.root];
         while let Some(t) = stack.pop() {
@@ -933,6 +1004,47 @@ mod tests {
         match e {
             Error::Protocol(p) => p,
             e => panic!("not a protocol error: {e}"),
+        }
+    }
+
+    #[test]
+    fn has_shape_compares_containers_keys_and_leaves() {
+        let mut sd = StateDict::new();
+        sd.insert("a", Value::Int(1)).unwrap();
+        sd.insert(
+            "l",
+            Tree::List(vec![
+                Tree::Leaf(Entry::Value(Value::None)),
+                Tree::Dict(vec![]),
+            ]),
+        )
+        .unwrap();
+        let (nodes, _) = sd.flatten();
+        assert!(sd.has_shape(&nodes));
+        let other = |f: &dyn Fn(&mut Vec<Node>)| {
+            let mut n = nodes.clone();
+            f(&mut n);
+            n
+        };
+        let renamed = other(&|n| n[0] = Node::Dict(vec!["a".into(), "m".into()]));
+        let reordered = other(&|n| n[0] = Node::Dict(vec!["l".into(), "a".into()]));
+        let tuple = other(&|n| n[2] = Node::Tuple(2));
+        let longer = other(&|n| n[2] = Node::List(3));
+        let leaf_for_dict = other(&|n| n[4] = Node::Leaf);
+        let extra = other(&|n| n.push(Node::Leaf));
+        let shorter = other(&|n| {
+            n.pop();
+        });
+        for (what, n) in [
+            ("renamed", renamed),
+            ("reordered", reordered),
+            ("tuple", tuple),
+            ("longer", longer),
+            ("leaf_for_dict", leaf_for_dict),
+            ("extra", extra),
+            ("shorter", shorter),
+        ] {
+            assert!(!sd.has_shape(&n), "{what}");
         }
     }
 

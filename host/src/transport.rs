@@ -30,7 +30,7 @@ use std::thread::Scope;
 use std::time::{Duration, Instant};
 
 use crate::error::{with_sources, Error, PeerAction, Result};
-use pgt_core::drive::{self, Event, ReceiveHost, SendHost};
+use pgt_core::drive::{self, Event, ReceiveHost, ReceivedTree, SendHost};
 use pgt_core::dtype::convert;
 use pgt_core::header::{Limits, MAX_STALE_LEN, PREFIX_LEN};
 use pgt_core::plan::{MessageKind, Segment};
@@ -1243,50 +1243,50 @@ where
         })
     }
 
-    /// Matches the target's tensors to the incoming storages by key path: the target usually has the
-    /// received tree's shape, so received leaf i is the target's leaf i; a map of the target's paths
-    /// is built only if not. Writable storages become in-place destinations; a read-only one
-    /// (borrowed or shared) is [`Error::InPlaceReadOnly`], never silently replaced by a fresh buffer.
+    /// Matches the target's tensors to the incoming storages by key path. The target usually has the
+    /// received tree's shape (`paths` is `None`): then received leaf i is the target's leaf i, and no
+    /// key path is built. Else received leaf i goes to the target leaf at `paths[i]`, if there is one.
+    /// Writable storages become in-place destinations; a read-only one (borrowed or shared) fails the
+    /// binding ([`Error::InPlaceReadOnly`]), never silently replaced by a fresh buffer.
     fn bind_in_place(
         &mut self,
         target: &'t mut StateDict<'d>,
         incoming: &Incoming,
-        paths: &[KeyPath],
-    ) -> Result<Vec<InPlace>> {
+        paths: Option<&[KeyPath]>,
+    ) -> std::result::Result<Vec<InPlace>, ReadOnly> {
         let n = incoming.storages.len();
         self.in_place = (0..n).map(|_| None).collect();
         self.in_place_origin = vec![None; n];
-        let (target_paths, mut target_tensors): (
-            Vec<KeyPath>,
-            Vec<Vec<Option<&'t mut Tensor<'d>>>>,
-        ) = target
-            .entries_mut()
+        // Received leaf -> target leaf, by key path, for a target of another shape.
+        let by_path: Option<Vec<Option<usize>>> = paths.map(|paths| {
+            let target_paths = target.key_paths();
+            let index: HashMap<&KeyPath, usize> = target_paths.iter().zip(0..).collect();
+            paths.iter().map(|p| index.get(p).copied()).collect()
+        });
+        let mut target_tensors: Vec<Vec<Option<&'t mut Tensor<'d>>>> = target
+            .leaves_mut()
             .into_iter()
-            .map(|(path, entry)| {
-                let tensors = StateDict::entry_tensors_mut(entry);
-                (path, tensors.into_iter().map(Some).collect())
+            .map(|entry| {
+                StateDict::entry_tensors_mut(entry)
+                    .into_iter()
+                    .map(Some)
+                    .collect()
             })
-            .unzip();
-        let mut by_path: Option<HashMap<&KeyPath, usize>> = None;
+            .collect();
         let mut targets = Vec::new();
         for (s, r) in incoming.storages.iter().enumerate() {
-            let Some(path) = paths.get(r.leaf as usize) else {
-                continue;
-            };
-            let leaf = r.leaf as usize;
-            let found = if target_paths.get(leaf) == Some(path) {
-                Some(leaf)
-            } else {
-                by_path
-                    .get_or_insert_with(|| target_paths.iter().zip(0..).collect())
-                    .get(path)
-                    .copied()
+            let found = match &by_path {
+                None => Some(r.leaf as usize),
+                Some(by_path) => by_path.get(r.leaf as usize).copied().flatten(),
             };
             let Some(leaf) = found else {
                 continue;
             };
             let shard = r.shard as usize;
-            let Some(tensor) = target_tensors[leaf].get_mut(shard).and_then(Option::take) else {
+            let Some(tensor) = target_tensors
+                .get_mut(leaf)
+                .and_then(|tensors| tensors.get_mut(shard)?.take())
+            else {
                 continue;
             };
             let Tensor { layout, storage } = tensor;
@@ -1296,8 +1296,8 @@ where
                 Storage::Owned(_) | Storage::BorrowedMut(_) => "",
             };
             let Some(buf) = storage.bytes_mut() else {
-                return Err(Error::InPlaceReadOnly {
-                    path: path.to_string(),
+                return Err(ReadOnly {
+                    leaf: r.leaf,
                     storage: kind,
                 });
             };
@@ -1604,7 +1604,7 @@ where
     fn bind(
         &mut self,
         incoming: &Incoming,
-        paths: &mut dyn FnMut() -> Result<Vec<KeyPath>>,
+        tree: &mut dyn ReceivedTree<Error>,
     ) -> Result<Vec<InPlace>> {
         self.metadata_seconds = self.started.elapsed().as_secs_f64();
         self.total_bytes = incoming.total_bytes;
@@ -1618,8 +1618,22 @@ where
             // A target without tensors (`pgt recv`'s empty dict) has nothing to bind in place: the
             // key paths, which take memory, are not built.
             Some(target) if holds_tensors(target) => {
-                let paths = paths()?;
-                self.bind_in_place(target, incoming, &paths)
+                let bound = if target.has_shape(&tree.nodes()?) {
+                    self.bind_in_place(target, incoming, None)
+                } else {
+                    self.bind_in_place(target, incoming, Some(&tree.paths()?))
+                };
+                bound.or_else(|ReadOnly { leaf, storage }| {
+                    // The key path is built for the error only.
+                    let paths = tree.paths()?;
+                    Err(Error::InPlaceReadOnly {
+                        path: paths
+                            .get(leaf as usize)
+                            .map(ToString::to_string)
+                            .unwrap_or_default(),
+                        storage,
+                    })
+                })
             }
             _ => Ok(Vec::new()),
         }
@@ -1885,14 +1899,21 @@ fn copy_in_staged(
     Ok(())
 }
 
+/// A received leaf bound to a read-only storage of the target ([`Error::InPlaceReadOnly`]).
+struct ReadOnly {
+    leaf: u32,
+    storage: &'static str,
+}
+
 /// Whether `sd` has a tensor (that a receive may write in place, or must refuse to).
 fn holds_tensors(sd: &StateDict<'_>) -> bool {
-    let (_, entries) = sd.flatten();
-    entries.iter().any(|e| !e.tensors().is_empty())
+    sd.leaves().iter().any(|e| !e.tensors().is_empty())
 }
 
 /// Builds the received tree: fresh buffers move in; in-place ones move out of the old tree, from where
-/// binding found them; staging goes back to the pool.
+/// binding found them; staging goes back to the pool. A target of the received shape, bound leaf by
+/// leaf, keeps its tree, and each of its entries that the received leaf describes stays as it is (its
+/// buffers were written in place): nothing is rebuilt, and nothing of the old tree is freed.
 fn assemble<'d>(
     received: Received,
     buffers: Vec<Option<Buffer>>,
@@ -1902,57 +1923,115 @@ fn assemble<'d>(
     pool: Option<&BufferPool>,
 ) -> Result<()> {
     let mut buffers = buffers;
-    let mut old_entries = target.take_entries();
-    let mut storages = Vec::with_capacity(received.bindings.len());
     let mut staging = Vec::new();
+    // Each storage's destination: a fresh buffer, or where binding found it in the target.
+    let mut dests = Vec::with_capacity(received.bindings.len());
     for (s, b) in received.bindings.iter().enumerate() {
         let dest_region = cast_dest.get(s).copied().flatten();
         if dest_region.is_some() {
             // Region `s` held the wire bytes of a cast storage.
             staging.extend(buffers.get_mut(s).and_then(Option::take));
         }
-        let storage = match b.dest {
-            Dest::Fresh => Storage::Owned(
+        dests.push(match b.dest {
+            Dest::Fresh => StorageAt::Fresh(
                 buffers
                     .get_mut(dest_region.unwrap_or(s))
                     .and_then(Option::take)
                     .ok_or_else(|| Error::internal(format!("no fresh buffer for storage {s}")))?,
             ),
-            Dest::InPlace(id) => {
-                let (leaf, shard) = in_place_origin
+            Dest::InPlace(id) => StorageAt::InPlace(
+                in_place_origin
                     .get(id as usize)
                     .copied()
                     .flatten()
                     .ok_or_else(|| {
                         Error::internal(format!("in-place buffer {id} was never bound"))
-                    })?;
-                let storage = old_entries.get_mut(leaf).and_then(|entry| {
-                    let tensor = StateDict::entry_tensors_mut(entry).into_iter().nth(shard)?;
-                    Some(std::mem::replace(
-                        &mut tensor.storage,
-                        Storage::Borrowed(&[]),
-                    ))
-                });
-                match storage {
-                    Some(s @ (Storage::Owned(_) | Storage::BorrowedMut(_))) => s,
-                    _ => return Err(Error::internal(format!("in-place buffer {id} vanished"))),
-                }
-            }
-        };
-        storages.push(storage);
+                    })?,
+            ),
+        });
     }
-    let mut storages = storages.into_iter();
-    let entries = received
-        .leaves
-        .into_iter()
-        .map(|leaf| Entry::from_leaf(leaf, &mut storages))
-        .collect::<crate::Result<Vec<_>>>()?;
-    *target = StateDict::unflatten(&received.tree, entries, received.step)?;
+    // Bound leaf by leaf: storage `s`, the `shard`-th of received leaf `leaf`, is in place only in
+    // the target's leaf `leaf`, as its `shard`-th tensor.
+    let by_position = target.has_shape(&received.tree) && {
+        let mut positions = received
+            .leaves
+            .iter()
+            .enumerate()
+            .flat_map(|(leaf, l)| (0..l.storages().count()).map(move |shard| (leaf, shard)));
+        dests.iter().all(|d| match (d, positions.next()) {
+            (StorageAt::InPlace(origin), Some(at)) => *origin == at,
+            (StorageAt::Fresh(_), Some(_)) => true,
+            (_, None) => false,
+        })
+    };
+    if by_position {
+        let mut dests = dests.into_iter();
+        for (slot, leaf) in target.leaves_mut().into_iter().zip(received.leaves) {
+            let mine: Vec<StorageAt> = dests.by_ref().take(leaf.storages().count()).collect();
+            let in_place = mine.iter().all(|d| matches!(d, StorageAt::InPlace(_)));
+            if in_place && slot.is_described_by(&leaf) {
+                continue;
+            }
+            let mut tensors = StateDict::entry_tensors_mut(slot);
+            let mut storages = Vec::with_capacity(mine.len());
+            for (shard, d) in mine.into_iter().enumerate() {
+                storages.push(match d {
+                    StorageAt::Fresh(buffer) => Storage::Owned(buffer),
+                    StorageAt::InPlace(_) => {
+                        let tensor = tensors.get_mut(shard).ok_or_else(|| {
+                            Error::internal("an in-place buffer vanished from its leaf")
+                        })?;
+                        take_written(tensor)?
+                    }
+                });
+            }
+            *slot = Entry::from_leaf(leaf, &mut storages.into_iter())?;
+        }
+        target.step = received.step;
+    } else {
+        let mut old_entries = target.take_entries();
+        let mut storages = Vec::with_capacity(dests.len());
+        for d in dests {
+            storages.push(match d {
+                StorageAt::Fresh(buffer) => Storage::Owned(buffer),
+                StorageAt::InPlace((leaf, shard)) => {
+                    let tensor = old_entries
+                        .get_mut(leaf)
+                        .and_then(|entry| {
+                            StateDict::entry_tensors_mut(entry).into_iter().nth(shard)
+                        })
+                        .ok_or_else(|| Error::internal("an in-place buffer vanished"))?;
+                    take_written(tensor)?
+                }
+            });
+        }
+        let mut storages = storages.into_iter();
+        let entries = received
+            .leaves
+            .into_iter()
+            .map(|leaf| Entry::from_leaf(leaf, &mut storages))
+            .collect::<crate::Result<Vec<_>>>()?;
+        *target = StateDict::unflatten(&received.tree, entries, received.step)?;
+    }
     if let Some(pool) = pool {
         // Staging held wire bytes only until the cast; the next receive can reuse it.
         pool.recycle(staging);
     }
     Ok(())
+}
+
+/// Where a storage of the result is: a fresh buffer, or the target's (leaf, tensor) it was written in.
+enum StorageAt {
+    Fresh(Buffer),
+    InPlace((usize, usize)),
+}
+
+/// An in-place buffer out of the target's tensor (which keeps an empty one), for the result's entry.
+fn take_written<'d>(tensor: &mut Tensor<'d>) -> Result<Storage<'d>> {
+    match std::mem::replace(&mut tensor.storage, Storage::Borrowed(&[])) {
+        s @ (Storage::Owned(_) | Storage::BorrowedMut(_)) => Ok(s),
+        _ => Err(Error::internal("an in-place buffer vanished")),
+    }
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use pgt_core::receiver::{
 };
 use pgt_core::schema::Metadata;
 use pgt_core::sender::{DestinationOutcome, SendPoll};
-use pgt_core::tree::KeyPath;
+use pgt_core::tree::{KeyPath, Node};
 use pgt_wasm::types::{status, Encoded, ErrorInfo, SenderCreated, Summary};
 use serde::de::DeserializeOwned;
 use wasmtime::{
@@ -386,6 +386,7 @@ struct Exports {
     receiver_poll: TypedFunc<u32, u32>,
     receiver_header: TypedFunc<(u32, u32, u32), u32>,
     receiver_metadata: TypedFunc<(u32, u32, u32), u32>,
+    receiver_tree: TypedFunc<u32, u32>,
     receiver_paths: TypedFunc<u32, u32>,
     receiver_bind: TypedFunc<(u32, u32, u32), u32>,
     receiver_data: TypedFunc<(u32, u32), u32>,
@@ -429,6 +430,7 @@ impl Exports {
             receiver_poll,
             receiver_header,
             receiver_metadata,
+            receiver_tree,
             receiver_paths,
             receiver_bind,
             receiver_data,
@@ -718,6 +720,10 @@ impl ReceiveEngine for WasmReceiver {
     fn handle_metadata(&mut self, bytes: &[u8]) -> Result<Incoming, EngineError> {
         self.guest
             .bytes_call(|e| &e.receiver_metadata, self.handle, bytes)
+    }
+
+    fn tree(&mut self) -> Result<Vec<Node>, EngineError> {
+        self.guest.call(|e| &e.receiver_tree, self.handle)
     }
 
     fn paths(&mut self) -> Result<Vec<KeyPath>, EngineError> {

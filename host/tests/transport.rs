@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgt_core::dtype::DType;
+use pgt_core::layout::TensorLayout;
 use pgt_core::schema::{FanOut, PlanParams};
-use pgt_core::tree::PathElem;
+use pgt_core::tree::{PathElem, Value};
 use pgt_host::memory::BufferPool;
 use pgt_host::pg::InProcessGroup;
-use pgt_host::state_dict::{Entry, StateDict, Tensor};
+use pgt_host::state_dict::{Entry, StateDict, Storage, Tensor};
 use pgt_host::synthetic::{self, Shape};
 use pgt_host::transport::{Transport, TransportOptions};
 
@@ -249,6 +250,70 @@ fn in_place_matches_by_key_path_when_the_trees_differ() {
                 "{k}"
             );
         }
+    }
+}
+
+#[test]
+fn in_place_into_a_dict_of_the_received_shape_keeps_its_buffers_and_takes_what_changed() {
+    // The target has the sender's keys in the sender's order, so it is bound leaf by leaf; its "a"
+    // has another shape of the same size, its "v" another value: those two entries are the sender's
+    // afterwards, "a" still in its own buffer.
+    let f32s = |shape: &[u64], v: f32| {
+        let n = shape.iter().product::<u64>() as usize;
+        Entry::Tensor(Tensor::from_values(shape, &vec![v; n]).unwrap())
+    };
+    let mut src = StateDict::new();
+    src.insert("a", f32s(&[2, 3], 1.0)).unwrap();
+    src.insert("v", Value::Int(7)).unwrap();
+    src.insert("b", f32s(&[4], 2.0)).unwrap();
+    src.step = Some(3);
+    let mut dst = StateDict::new();
+    dst.insert("a", f32s(&[3, 2], 0.0)).unwrap();
+    dst.insert("v", Value::Int(0)).unwrap();
+    dst.insert("b", f32s(&[4], 0.0)).unwrap();
+    let ptr = |sd: &StateDict, k: &str| sd.tensor(k).unwrap().storage.bytes().as_ptr();
+    let before = [ptr(&dst, "a"), ptr(&dst, "b")];
+    let mut groups = InProcessGroup::new(2).into_iter();
+    let a = Transport::new(groups.next().unwrap(), TransportOptions::default());
+    let b = Transport::new(groups.next().unwrap(), TransportOptions::default());
+    std::thread::scope(|s| {
+        let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
+        a.send_checkpoint(&[1], &src).unwrap();
+        h.join().unwrap().unwrap();
+    });
+    assert_eq!(
+        [ptr(&dst, "a"), ptr(&dst, "b")],
+        before,
+        "received in place"
+    );
+    assert_eq!(dst.tensor("a").unwrap().shape(), &[2, 3]);
+    assert_eq!(dst.tensor("a").unwrap().to_vec::<f32>().unwrap(), [1.0; 6]);
+    assert_eq!(dst.tensor("b").unwrap().to_vec::<f32>().unwrap(), [2.0; 4]);
+    assert_eq!(dst.get("v"), Some(&Entry::Value(Value::Int(7))));
+    assert_eq!(dst.step, Some(3));
+
+    // A read-only storage in such a target is refused by its key path, as in a target of another
+    // shape.
+    let zeros = [0u8; 16];
+    let mut dst = StateDict::new();
+    dst.insert("a", f32s(&[6], 0.0)).unwrap();
+    dst.insert("v", Value::Int(0)).unwrap();
+    let borrowed = Tensor::new(
+        TensorLayout::contiguous(DType::Float32, &[4]),
+        Storage::Borrowed(&zeros),
+    )
+    .unwrap();
+    dst.insert("b", Entry::Tensor(borrowed)).unwrap();
+    let err = std::thread::scope(|s| {
+        let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
+        a.send_checkpoint(&[1], &src).ok();
+        h.join().unwrap().unwrap_err()
+    });
+    match err {
+        pgt_host::Error::InPlaceReadOnly { path, storage } => {
+            assert_eq!((path.as_str(), storage), ("['b']", "Borrowed"));
+        }
+        other => panic!("expected InPlaceReadOnly, got {other:?}"),
     }
 }
 

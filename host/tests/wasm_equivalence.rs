@@ -5,7 +5,7 @@
 //!
 //! Both engines run through pgt-core's one driver ([`drive::receive`], [`drive::send`]) with its
 //! in-memory hosts ([`MemoryHost`], [`MemorySender`]); a [`Recording`] engine logs what each engine
-//! decides on the way (every poll result, what the metadata announced, key paths, bindings).
+//! decides on the way (every poll result, what the metadata announced, the tree or key paths, bindings).
 //!
 //! Needs the module: `scripts/build-wasm.sh --raw-only` before `cargo test`.
 #![cfg(feature = "wasm")]
@@ -325,7 +325,7 @@ fn decode_stream(mut bytes: &[u8]) -> Vec<(u64, Vec<u8>)> {
 }
 
 /// An engine that logs, as Debug text, what the engine it wraps decides: every poll result, what the
-/// metadata announced, the key paths and the bindings. Every call is delegated as it is.
+/// metadata announced, the tree or key paths and the bindings. Every call is delegated as it is.
 struct Recording<'a, E> {
     engine: E,
     log: &'a mut Vec<String>,
@@ -357,6 +357,11 @@ impl<E: ReceiveEngine> ReceiveEngine for Recording<'_, E> {
     fn handle_metadata(&mut self, bytes: &[u8]) -> Result<Incoming, E::Error> {
         let incoming = self.engine.handle_metadata(bytes)?;
         Ok(self.record(incoming))
+    }
+
+    fn tree(&mut self) -> Result<Vec<Node>, E::Error> {
+        let nodes = self.engine.tree()?;
+        Ok(self.record(nodes))
     }
 
     fn paths(&mut self) -> Result<Vec<KeyPath>, E::Error> {

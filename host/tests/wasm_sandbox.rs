@@ -135,6 +135,7 @@ fn module_imports_nothing_and_exports_the_abi() {
         "pgt_receiver_poll",
         "pgt_receiver_header",
         "pgt_receiver_metadata",
+        "pgt_receiver_tree",
         "pgt_receiver_paths",
         "pgt_receiver_bind",
         "pgt_receiver_data",

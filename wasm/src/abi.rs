@@ -484,6 +484,12 @@ pub unsafe extern "C" fn pgt_receiver_metadata(
     })
 }
 
+/// The received tree's nodes, pre-order (after the metadata). Result: `Vec<Node>`.
+#[no_mangle]
+pub extern "C" fn pgt_receiver_tree(handle: u32) -> *const u8 {
+    run(|| Ok(receiver(handle)?.tree()?))
+}
+
 /// Every leaf's key path (after the metadata). Result: `Vec<KeyPath>`.
 #[no_mangle]
 pub extern "C" fn pgt_receiver_paths(handle: u32) -> *const u8 {
