@@ -28,6 +28,23 @@ fn options(fanout: FanOut, bucket: u64, chunk: u64) -> TransportOptions {
     }
 }
 
+/// Sends `src` from rank 0 of an in-process pair and receives it into `dst` on rank 1: the receive's
+/// result (the send's is checked only when the receive succeeded).
+fn send_into(src: &StateDict, dst: &mut StateDict, opts: TransportOptions) -> pgt_host::Result<()> {
+    let mut groups = InProcessGroup::new(2).into_iter();
+    let a = Transport::new(groups.next().unwrap(), opts.clone());
+    let b = Transport::new(groups.next().unwrap(), opts);
+    std::thread::scope(|s| {
+        let h = s.spawn(|| b.recv_checkpoint_into(0, dst));
+        let sent = a.send_checkpoint(&[1], src);
+        let received = h.join().unwrap().map(|_| ());
+        if received.is_ok() {
+            sent.unwrap();
+        }
+        received
+    })
+}
+
 /// Sends `shape` from rank 0 to every other rank; returns each receiver's result.
 fn run(
     world: u32,
@@ -139,14 +156,7 @@ fn in_place_receive_writes_existing_buffers_and_casts() {
         dst.insert_path(&cast_path, Entry::Tensor(bf)).unwrap();
     }
     let ptr_before = dst.tensor(&cast_path).unwrap().storage.bytes().as_ptr();
-    let mut groups = InProcessGroup::new(2).into_iter();
-    let a = Transport::new(groups.next().unwrap(), TransportOptions::default());
-    let b = Transport::new(groups.next().unwrap(), TransportOptions::default());
-    std::thread::scope(|s| {
-        let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
-        a.send_checkpoint(&[1], &src).unwrap();
-        h.join().unwrap().unwrap();
-    });
+    send_into(&src, &mut dst, TransportOptions::default()).unwrap();
     let t = dst.tensor(&cast_path).unwrap();
     assert_eq!(t.dtype(), DType::BFloat16);
     assert_eq!(t.storage.bytes().as_ptr(), ptr_before, "received in place");
@@ -192,14 +202,7 @@ fn in_place_cast_without_digests() {
         digests: false,
         ..options(FanOut::Direct, 4096, 4096)
     };
-    let mut groups = InProcessGroup::new(2).into_iter();
-    let a = Transport::new(groups.next().unwrap(), opts.clone());
-    let b = Transport::new(groups.next().unwrap(), opts);
-    std::thread::scope(|s| {
-        let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
-        a.send_checkpoint(&[1], &src).unwrap();
-        h.join().unwrap().unwrap();
-    });
+    send_into(&src, &mut dst, opts).unwrap();
     for k in 0..64 {
         let got = dst
             .tensor(&format!("w{k}"))
@@ -227,14 +230,7 @@ fn in_place_matches_by_key_path_when_the_trees_differ() {
             dst.insert(k, tensor(0.0)).unwrap();
         }
         let before: Vec<_> = in_place.iter().map(|k| ptr(&dst, k)).collect();
-        let mut groups = InProcessGroup::new(2).into_iter();
-        let a = Transport::new(groups.next().unwrap(), TransportOptions::default());
-        let b = Transport::new(groups.next().unwrap(), TransportOptions::default());
-        std::thread::scope(|s| {
-            let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
-            a.send_checkpoint(&[1], &src).unwrap();
-            h.join().unwrap().unwrap();
-        });
+        send_into(&src, &mut dst, TransportOptions::default()).unwrap();
         let keys: Vec<String> = dst.entries().iter().map(|(p, _)| p.to_string()).collect();
         assert_eq!(
             keys,
@@ -273,14 +269,7 @@ fn in_place_into_a_dict_of_the_received_shape_keeps_its_buffers_and_takes_what_c
     dst.insert("b", f32s(&[4], 0.0)).unwrap();
     let ptr = |sd: &StateDict, k: &str| sd.tensor(k).unwrap().storage.bytes().as_ptr();
     let before = [ptr(&dst, "a"), ptr(&dst, "b")];
-    let mut groups = InProcessGroup::new(2).into_iter();
-    let a = Transport::new(groups.next().unwrap(), TransportOptions::default());
-    let b = Transport::new(groups.next().unwrap(), TransportOptions::default());
-    std::thread::scope(|s| {
-        let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
-        a.send_checkpoint(&[1], &src).unwrap();
-        h.join().unwrap().unwrap();
-    });
+    send_into(&src, &mut dst, TransportOptions::default()).unwrap();
     assert_eq!(
         [ptr(&dst, "a"), ptr(&dst, "b")],
         before,
@@ -304,12 +293,7 @@ fn in_place_into_a_dict_of_the_received_shape_keeps_its_buffers_and_takes_what_c
     )
     .unwrap();
     dst.insert("b", Entry::Tensor(borrowed)).unwrap();
-    let err = std::thread::scope(|s| {
-        let h = s.spawn(|| b.recv_checkpoint_into(0, &mut dst));
-        a.send_checkpoint(&[1], &src).ok();
-        h.join().unwrap().unwrap_err()
-    });
-    match err {
+    match send_into(&src, &mut dst, TransportOptions::default()).unwrap_err() {
         pgt_host::Error::InPlaceReadOnly { path, storage } => {
             assert_eq!((path.as_str(), storage), ("['b']", "Borrowed"));
         }
