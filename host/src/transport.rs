@@ -1913,7 +1913,7 @@ fn holds_tensors(sd: &StateDict<'_>) -> bool {
 /// Builds the received tree: fresh buffers move in; in-place ones move out of the old tree, from where
 /// binding found them; staging goes back to the pool. A target of the received shape, bound leaf by
 /// leaf, keeps its tree, and each of its entries that the received leaf describes stays as it is (its
-/// buffers were written in place): nothing is rebuilt, and nothing of the old tree is freed.
+/// buffers were written in place): only the entries that differ are rebuilt, and freed.
 fn assemble<'d>(
     received: Received,
     buffers: Vec<Option<Buffer>>,
