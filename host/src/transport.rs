@@ -770,6 +770,7 @@ impl<P: ProcessGroup> Transport<P> {
             memory,
             cast_dest,
             in_place_origin,
+            by_position,
             total_bytes,
             metadata_seconds,
             forward_failed,
@@ -805,6 +806,7 @@ impl<P: ProcessGroup> Transport<P> {
             buffers,
             &cast_dest,
             &in_place_origin,
+            by_position,
             target,
             self.options.pool.as_deref(),
         )?;
@@ -1122,6 +1124,8 @@ struct Landed<'t> {
     cast_dest: Vec<Option<usize>>,
     /// The (target leaf, shard) each in-place storage was found at.
     in_place_origin: Vec<Option<(usize, usize)>>,
+    /// Bound leaf by leaf: the target has the received tree's shape.
+    by_position: bool,
     total_bytes: u64,
     metadata_seconds: f64,
     forward_failed: Arc<Mutex<Option<ForwardFailure>>>,
@@ -1140,6 +1144,8 @@ struct Landing<'a, 'scope, 'env, 't, 'd, P: ProcessGroup> {
     /// In-place buffers found by binding, by storage, and where they were found.
     in_place: Vec<Option<&'t mut [u8]>>,
     in_place_origin: Vec<Option<(usize, usize)>>,
+    /// The target has the received tree's shape: bound leaf by leaf, assembled in its own tree.
+    by_position: bool,
     memory: Option<Arc<ReceiveMemory<'t>>>,
     layout: Option<Arc<Layout>>,
     post: Option<SyncSender<PostJob>>,
@@ -1194,6 +1200,7 @@ where
             target: Some(target),
             in_place: Vec::new(),
             in_place_origin: Vec::new(),
+            by_position: false,
             memory: None,
             layout: None,
             post: None,
@@ -1236,6 +1243,7 @@ where
             memory: self.memory?,
             cast_dest: self.layout.map(|l| l.cast_dest.clone()).unwrap_or_default(),
             in_place_origin: self.in_place_origin,
+            by_position: self.by_position,
             total_bytes: self.total_bytes,
             metadata_seconds: self.metadata_seconds,
             forward_failed: self.forward_failed,
@@ -1618,7 +1626,8 @@ where
             // A target without tensors (`pgt recv`'s empty dict) has nothing to bind in place: the
             // key paths, which take memory, are not built.
             Some(target) if holds_tensors(target) => {
-                let bound = if target.has_shape(&tree.nodes()?) {
+                self.by_position = target.has_shape(&tree.nodes()?);
+                let bound = if self.by_position {
                     self.bind_in_place(target, incoming, None)
                 } else {
                     self.bind_in_place(target, incoming, Some(&tree.paths()?))
@@ -1919,6 +1928,7 @@ fn assemble<'d>(
     buffers: Vec<Option<Buffer>>,
     cast_dest: &[Option<usize>],
     in_place_origin: &[Option<(usize, usize)>],
+    by_position: bool,
     target: &mut StateDict<'d>,
     pool: Option<&BufferPool>,
 ) -> Result<()> {
@@ -1950,23 +1960,15 @@ fn assemble<'d>(
             ),
         });
     }
-    // Bound leaf by leaf: storage `s`, the `shard`-th of received leaf `leaf`, is in place only in
-    // the target's leaf `leaf`, as its `shard`-th tensor.
-    let by_position = target.has_shape(&received.tree) && {
-        let mut positions = received
-            .leaves
-            .iter()
-            .enumerate()
-            .flat_map(|(leaf, l)| (0..l.storages().count()).map(move |shard| (leaf, shard)));
-        dests.iter().all(|d| match (d, positions.next()) {
-            (StorageAt::InPlace(origin), Some(at)) => *origin == at,
-            (StorageAt::Fresh(_), Some(_)) => true,
-            (_, None) => false,
-        })
-    };
     if by_position {
+        // Bound leaf by leaf: an in-place storage of received leaf i is in the target's leaf i.
         let mut dests = dests.into_iter();
-        for (slot, leaf) in target.leaves_mut().into_iter().zip(received.leaves) {
+        for (i, (slot, leaf)) in target
+            .leaves_mut()
+            .into_iter()
+            .zip(received.leaves)
+            .enumerate()
+        {
             let mine: Vec<StorageAt> = dests.by_ref().take(leaf.storages().count()).collect();
             let in_place = mine.iter().all(|d| matches!(d, StorageAt::InPlace(_)));
             if in_place && slot.is_described_by(&leaf) {
@@ -1974,13 +1976,14 @@ fn assemble<'d>(
             }
             let mut tensors = StateDict::entry_tensors_mut(slot);
             let mut storages = Vec::with_capacity(mine.len());
-            for (shard, d) in mine.into_iter().enumerate() {
+            for d in mine {
                 storages.push(match d {
                     StorageAt::Fresh(buffer) => Storage::Owned(buffer),
-                    StorageAt::InPlace(_) => {
-                        let tensor = tensors.get_mut(shard).ok_or_else(|| {
-                            Error::internal("an in-place buffer vanished from its leaf")
-                        })?;
+                    StorageAt::InPlace((at, shard)) => {
+                        let tensor = tensors
+                            .get_mut(shard)
+                            .filter(|_| at == i)
+                            .ok_or_else(|| Error::internal("an in-place buffer vanished"))?;
                         take_written(tensor)?
                     }
                 });
