@@ -1975,39 +1975,29 @@ fn assemble<'d>(
                 continue;
             }
             let mut tensors = StateDict::entry_tensors_mut(slot);
-            let mut storages = Vec::with_capacity(mine.len());
-            for d in mine {
-                storages.push(match d {
-                    StorageAt::Fresh(buffer) => Storage::Owned(buffer),
-                    StorageAt::InPlace((at, shard)) => {
-                        let tensor = tensors
-                            .get_mut(shard)
-                            .filter(|_| at == i)
-                            .ok_or_else(|| Error::internal("an in-place buffer vanished"))?;
-                        take_written(tensor)?
-                    }
-                });
-            }
+            let storages = mine
+                .into_iter()
+                .map(|d| {
+                    d.into_storage(|at, shard| {
+                        Some(&mut **tensors.get_mut(shard).filter(|_| at == i)?)
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
             *slot = Entry::from_leaf(leaf, &mut storages.into_iter())?;
         }
         target.step = received.step;
     } else {
         let mut old_entries = target.take_entries();
-        let mut storages = Vec::with_capacity(dests.len());
-        for d in dests {
-            storages.push(match d {
-                StorageAt::Fresh(buffer) => Storage::Owned(buffer),
-                StorageAt::InPlace((leaf, shard)) => {
-                    let tensor = old_entries
-                        .get_mut(leaf)
-                        .and_then(|entry| {
-                            StateDict::entry_tensors_mut(entry).into_iter().nth(shard)
-                        })
-                        .ok_or_else(|| Error::internal("an in-place buffer vanished"))?;
-                    take_written(tensor)?
-                }
-            });
-        }
+        let storages = dests
+            .into_iter()
+            .map(|d| {
+                d.into_storage(|leaf, shard| {
+                    StateDict::entry_tensors_mut(old_entries.get_mut(leaf)?)
+                        .into_iter()
+                        .nth(shard)
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut storages = storages.into_iter();
         let entries = received
             .leaves
@@ -2029,11 +2019,24 @@ enum StorageAt {
     InPlace((usize, usize)),
 }
 
-/// An in-place buffer out of the target's tensor (which keeps an empty one), for the result's entry.
-fn take_written<'d>(tensor: &mut Tensor<'d>) -> Result<Storage<'d>> {
-    match std::mem::replace(&mut tensor.storage, Storage::Borrowed(&[])) {
-        s @ (Storage::Owned(_) | Storage::BorrowedMut(_)) => Ok(s),
-        _ => Err(Error::internal("an in-place buffer vanished")),
+impl StorageAt {
+    /// The result's storage: the fresh buffer, or the in-place one taken out of the target's tensor
+    /// `find(leaf, shard)` (which keeps an empty one).
+    fn into_storage<'t, 'd: 't>(
+        self,
+        find: impl FnOnce(usize, usize) -> Option<&'t mut Tensor<'d>>,
+    ) -> Result<Storage<'d>> {
+        let vanished = || Error::internal("an in-place buffer vanished");
+        match self {
+            StorageAt::Fresh(buffer) => Ok(Storage::Owned(buffer)),
+            StorageAt::InPlace((leaf, shard)) => {
+                let tensor = find(leaf, shard).ok_or_else(vanished)?;
+                match std::mem::replace(&mut tensor.storage, Storage::Borrowed(&[])) {
+                    s @ (Storage::Owned(_) | Storage::BorrowedMut(_)) => Ok(s),
+                    _ => Err(vanished()),
+                }
+            }
+        }
     }
 }
 
