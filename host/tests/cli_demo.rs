@@ -146,5 +146,20 @@ fn bench_measures_each_scenario_against_its_floor() {
         let expected = floor / v["seconds"].as_f64().unwrap();
         assert!((ratio - expected).abs() < 0.01 + expected * 0.01, "{what}");
         assert!(!v["cpu_model"].as_str().unwrap().is_empty(), "{what}");
+        assert!(
+            v["cpu_signature"].as_str().unwrap().starts_with("family "),
+            "{what}"
+        );
+        // The digests' least cost: every byte hashed from cache once per rank, at the line's own rate.
+        let hot = v["xxh3_hot_gbps"].as_f64().unwrap();
+        assert!(
+            hot > 0.0 && v["xxh3_cold_gbps"].as_f64().unwrap() > 0.0,
+            "{what}"
+        );
+        let least = v["world_size"].as_f64().unwrap() * v["bytes"].as_f64().unwrap() / (hot * 1e9);
+        let got = v["digests_least_cpu_seconds"].as_f64().unwrap();
+        assert!((got - least).abs() <= least * 0.1, "{what}");
     }
+    let v = bench_json_with("large", "8MiB", &["--no-digests"]);
+    assert!(v["digests_least_cpu_seconds"].is_null(), "{v}");
 }
