@@ -374,8 +374,8 @@ fn cpu_model() -> String {
 }
 
 /// The CPU's family, model and stepping (/proc/cpuinfo), which `model name` leaves out on some VMs:
-/// "AMD EPYC" is a Zen 1 (family 23 model 1) or a Zen 4 (family 25 model 17), and XXH3 runs three
-/// times faster on the second.
+/// this project's "AMD EPYC" VMs have been two CPUs whose XXH3 speeds differ threefold (a Zen 1,
+/// family 23 model 1, at 16 GB/s from cache; an earlier one at 48 GB/s).
 fn cpu_signature() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |name: &str| {
