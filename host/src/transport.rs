@@ -437,6 +437,34 @@ impl StorageHasher {
     }
 }
 
+/// The transport's XXH3-64 speed on this machine in GB/s, through [`StorageHasher`]: `hot` over one
+/// 256 KiB piece again and again (a receiver hashing what just landed), `cold` over 256 MiB that
+/// left the caches (a sender hashing its source); the best of 5 and one pass. Timed by a budget,
+/// not by bytes, so that an unoptimized build takes as long as a release one. For benchmarks
+/// (feature `testing`: not part of the stable API).
+#[cfg(feature = "testing")]
+pub fn digest_gbps() -> (f64, f64) {
+    const PIECE: usize = 256 << 10;
+    const BUDGET: Duration = Duration::from_millis(40);
+    fn rate<'a>(pieces: impl Iterator<Item = &'a [u8]>) -> f64 {
+        let (start, mut bytes) = (Instant::now(), 0);
+        for piece in pieces.take_while(|_| start.elapsed() < BUDGET) {
+            let mut hasher = StorageHasher::default();
+            hasher.update(std::hint::black_box(piece));
+            std::hint::black_box(hasher.finish());
+            bytes += piece.len();
+        }
+        bytes as f64 / start.elapsed().as_secs_f64() / 1e9
+    }
+    let piece = vec![7u8; PIECE];
+    let hot = (0..5)
+        .map(|_| rate(std::iter::repeat(&piece[..])))
+        .fold(0.0, f64::max);
+    // Written whole before it is hashed, so only its last few MiB can still be in cache.
+    let cold = vec![9u8; 256 << 20];
+    (hot, rate(cold.chunks(PIECE)))
+}
+
 /// Running hashes of the storages whose bytes are arriving, segment by segment; a storage's hasher
 /// exists only while its bytes are in flight.
 #[derive(Default)]

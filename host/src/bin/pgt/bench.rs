@@ -25,7 +25,7 @@ use pgt_host::memory::BufferPool;
 use pgt_host::pg::{raw_loopback_gbps, ProcessGroup};
 use pgt_host::state_dict::StateDict;
 use pgt_host::synthetic::{self, Shape};
-use pgt_host::transport::Transport;
+use pgt_host::transport::{digest_gbps, Transport};
 use serde_json::{json, Value};
 
 use crate::common::{self, FanOutArg, GroupArgs, PgArg, TransferArgs};
@@ -360,65 +360,30 @@ fn check_verified(reports: &[Value]) -> Result<()> {
     Ok(())
 }
 
+/// A field of /proc/cpuinfo's first CPU, or `None`.
+fn cpuinfo_field(info: &str, name: &str) -> Option<String> {
+    info.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim() == name)
+        .map(|(_, v)| v.trim().to_string())
+}
+
 /// The CPU model (`model name` in /proc/cpuinfo), or "unknown".
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
+fn cpu_model(info: &str) -> String {
+    cpuinfo_field(info, "model name").unwrap_or_else(|| "unknown".into())
 }
 
 /// The CPU's family, model and stepping (/proc/cpuinfo), which `model name` leaves out on some VMs:
 /// this project's "AMD EPYC" VMs have been two CPUs whose XXH3 speeds differ threefold (a Zen 1,
 /// family 23 model 1, at 16 GB/s from cache; an earlier one at 48 GB/s).
-fn cpu_signature() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |name: &str| {
-        info.lines()
-            .filter_map(|l| l.split_once(':'))
-            .find(|(k, _)| k.trim() == name)
-            .map_or("?", |(_, v)| v.trim())
-    };
+fn cpu_signature(info: &str) -> String {
+    let field = |name| cpuinfo_field(info, name).unwrap_or_else(|| "?".into());
     format!(
         "family {} model {} stepping {}",
         field("cpu family"),
         field("model"),
         field("stepping")
     )
-}
-
-/// XXH3-64's speed here in GB/s, as pgt's digests use it: `hot` over one 256 KiB piece again and
-/// again (a receiver hashing what just landed), `cold` over 256 MiB that left the caches (a sender
-/// hashing its source). Each line carries them, so the digests' least cost on the machine that
-/// measured it can be read off the line (`digests_least_cpu_seconds`). Timed by budget, not by
-/// bytes, so that an unoptimized build (the tests') takes as long as a release one.
-fn xxh3_gbps() -> (f64, f64) {
-    const PIECE: usize = 256 << 10;
-    const BUDGET: Duration = Duration::from_millis(40);
-    // Hashes pieces until the budget is spent, each as the transport does (streamed into a
-    // running hasher); GB/s.
-    fn rate<'a>(pieces: impl Iterator<Item = &'a [u8]>) -> f64 {
-        let (start, mut bytes) = (Instant::now(), 0);
-        for piece in pieces.take_while(|_| start.elapsed() < BUDGET) {
-            let mut hasher = twox_hash::XxHash3_64::new();
-            std::hash::Hasher::write(&mut hasher, std::hint::black_box(piece));
-            std::hint::black_box(std::hash::Hasher::finish(&hasher));
-            bytes += piece.len();
-        }
-        bytes as f64 / start.elapsed().as_secs_f64() / 1e9
-    }
-    let piece = vec![7u8; PIECE];
-    let hot = (0..5)
-        .map(|_| rate(std::iter::repeat(&piece[..])))
-        .fold(0.0, f64::max);
-    // Written whole before it is hashed, so only its last few MiB can still be in cache.
-    let cold = vec![9u8; 256 << 20];
-    (hot, rate(cold.chunks(PIECE)))
 }
 
 /// Prints the invocation's line from its runs.
@@ -481,7 +446,8 @@ fn report(args: &BenchArgs, transfer: &TransferArgs, receivers: u32, runs: &Runs
                 .collect(),
         )
     };
-    let (xxh3_hot, xxh3_cold) = xxh3_gbps();
+    let (xxh3_hot, xxh3_cold) = digest_gbps();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     // Every byte is hashed once by the sender and once by each receiver; from cache, that is the
     // least the digests can cost here.
     let digests_least = (!transfer.no_digests).then(|| {
@@ -519,8 +485,8 @@ fn report(args: &BenchArgs, transfer: &TransferArgs, receivers: u32, runs: &Runs
         "runs": run_seconds.iter().map(|s| round(*s, 4)).collect::<Vec<_>>(),
         "floor_runs": floor_seconds.iter().map(|s| round(*s, 4)).collect::<Vec<_>>(),
         "raw_runs": runs.raw_gbps.iter().map(|g| round(*g, 3)).collect::<Vec<_>>(),
-        "cpu_model": cpu_model(),
-        "cpu_signature": cpu_signature(),
+        "cpu_model": cpu_model(&cpuinfo),
+        "cpu_signature": cpu_signature(&cpuinfo),
         "xxh3_hot_gbps": round(xxh3_hot, 3),
         "xxh3_cold_gbps": round(xxh3_cold, 3),
         "digests_least_cpu_seconds": digests_least,
