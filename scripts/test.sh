@@ -51,6 +51,8 @@ cargo fmt --all --check
 
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+# What a library user builds (`default-features = false`: no wasmtime, no CLI).
+cargo clippy -p pgt-host --no-default-features --lib -- -D warnings
 
 step "pgt-core for wasm32-unknown-unknown (no std there: proves no_std)"
 wasm_build -p pgt-core

@@ -56,7 +56,7 @@
 //! [`TcpTuning::chunk_size`] bytes each; receives are vectored reads straight into the caller's
 //! parts, same chunking.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -550,6 +550,7 @@ impl ProcessGroup for TcpProcessGroup {
 /// `testing`: not part of the stable API).
 #[cfg(feature = "testing")]
 pub fn raw_loopback_gbps(bytes: u64) -> io::Result<f64> {
+    use std::io::{Read, Write};
     const BUF: usize = 8 << 20;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
