@@ -54,6 +54,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 # What a library user builds (`default-features = false`: no wasmtime, no CLI).
 cargo clippy -p pgt-host --no-default-features --lib -- -D warnings
 
+step "cargo doc (broken and private links are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -q
+
 step "pgt-core for wasm32-unknown-unknown (no std there: proves no_std)"
 wasm_build -p pgt-core
 

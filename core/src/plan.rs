@@ -1,5 +1,6 @@
-//! The transfer plan: from a validated [`Manifest`], the exact ordered list of wire messages that both
-//! sides compute identically — tags, lengths and the storage byte ranges each message carries.
+//! The transfer plan: from a validated [`Manifest`](crate::manifest::Manifest), the exact ordered
+//! list of wire messages that both sides compute identically — tags, lengths and the storage byte
+//! ranges each message carries.
 //!
 //! Every message after the header starts with the transfer id ([`crate::header::PREFIX_LEN`] bytes), so
 //! its length is the prefix plus its contents; a data message's segments say where its bytes after the

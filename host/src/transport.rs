@@ -2,13 +2,13 @@
 //! ([`pgt_core::drive`]): it moves the bytes the protocol engine (pgt-core, native or sandboxed) asks
 //! for — sends, receives into final buffers, forwards, hashing — and owns no protocol decision.
 //!
-//! Threads: the sender runs one thread per destination ([`SendWorkers`]), so destinations proceed
+//! Threads: the sender runs one thread per destination (`SendWorkers`), so destinations proceed
 //! in parallel, and a destination that fails stops only its own stream ([`Error::Destinations`]). A
 //! thread of its own hashes what is sent, beside the sends, when the machine has a core for it, and
 //! always in Direct fan-out to several destinations, so that the others' trailer does not wait on a
 //! stalled destination; otherwise the first destination's thread hashes each system call's bytes
 //! right before the call ([`SenderHash`], [`ProcessGroup::send_observed`]). The receiver
-//! ([`Landing`]) receives on the calling thread straight into the destination memory
+//! (`Landing`) receives on the calling thread straight into the destination memory
 //! ([`ReceiveMemory`]) and hashes each piece (at most [`crate::pg::OBSERVE_GRAIN`], which fits in
 //! L2) right after the system call that wrote it, on the same core, while it is in cache
 //! ([`ProcessGroup::recv_into_observed`]): hashing cold bytes after a whole message landed ran at
@@ -18,7 +18,7 @@
 //!
 //! Isolation (PROTOCOL.md §12): every transfer has a random id, which every message after its header
 //! starts with. A receive skips messages of other transfers (stale ones, left by an earlier transfer
-//! that failed) instead of using them ([`receive_current`]); a receive that fails drains what its plan
+//! that failed) instead of using them (`receive_current`); a receive that fails drains what its plan
 //! still says is coming ([`ReceiveHost::discard`]); and a `Transport` runs one transfer at a time per
 //! pair of ranks and direction, refusing a second at once ([`Error::ConcurrentTransfer`]).
 
@@ -437,7 +437,7 @@ impl StorageHasher {
     }
 }
 
-/// The transport's XXH3-64 speed on this machine in GB/s, through [`StorageHasher`]: `hot` over one
+/// The transport's XXH3-64 speed on this machine in GB/s, through `StorageHasher`: `hot` over one
 /// 256 KiB piece again and again (a receiver hashing what just landed), `cold` over 256 MiB that
 /// left the caches (a sender hashing its source); the best of 5 and one pass. Timed by a budget,
 /// not by bytes, so that an unoptimized build takes as long as a release one. For benchmarks

@@ -14,7 +14,7 @@
 //! A guest that traps is poisoned ([`SandboxError::Poisoned`] from then on) and dropped with its transfer;
 //! the engine and later transfers are unaffected. Protocol errors come back as the very
 //! `pgt_core::Error` a native core returns (it crosses the boundary as itself), so callers match errors
-//! the same way with either engine. The exports are typed once, in [`Exports`]: a wrong signature fails
+//! the same way with either engine. The exports are typed once, in `Exports`: a wrong signature fails
 //! when the module is loaded, a wrong name does not compile.
 
 use std::borrow::Cow;

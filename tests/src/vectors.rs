@@ -1368,7 +1368,7 @@ fn options_json(o: &ReceiverOptions) -> Json {
     json!({"rank": o.rank, "source": o.source, "expected_step": o.expected_step.map(uint)})
 }
 
-/// Receiver options as in [`options_json`] (default limits).
+/// Receiver options as in `options_json` (default limits).
 pub fn options_from_json(j: &Json) -> Option<ReceiverOptions> {
     Some(ReceiverOptions {
         rank: u32::try_from(j.get("rank")?.as_u64()?).ok()?,

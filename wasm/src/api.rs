@@ -1,4 +1,4 @@
-//! The guest's operations that are more than one pgt-core call, shared by the raw ABI ([`crate::abi`]),
+//! The guest's operations that are more than one pgt-core call, shared by the raw ABI (module `abi`),
 //! the JS build and native callers (tests compare native and sandboxed runs through these).
 
 use alloc::string::ToString;

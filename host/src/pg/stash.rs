@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, VecDeque};
 /// the index (see the [module docs](self)).
 pub(crate) const FRAME_OVERHEAD: usize = 96;
 
-/// Default cap on what the stash may hold per peer ([`frame_cost`] summed); see
+/// Default cap on what the stash may hold per peer (`frame_cost` summed); see
 /// [the module docs](super#messages-and-tags). pgt's own transfers receive every message in the
 /// order it is sent and stash nothing; the stash only ever holds a peer's extra or misordered frames.
 pub const DEFAULT_STASH_LIMIT: usize = 64 << 20;
@@ -61,7 +61,7 @@ enum Queue {
     Many(Box<VecDeque<Box<[u8]>>>),
 }
 
-/// How many forgotten prefixes a stash remembers ([`Stash::forget`]): the most recent ones. A
+/// How many forgotten prefixes a stash remembers (`Stash::forget`): the most recent ones. A
 /// prefix pushed out only means that its late frames, should any still come, are stashed again as
 /// before.
 pub const FORGOTTEN_PREFIXES: usize = 64;

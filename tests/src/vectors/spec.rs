@@ -146,7 +146,7 @@ pub fn plan(w: &mut W, p: &PlanParams) {
     w.varint(p.bucket_size).varint(p.chunk_size);
 }
 
-/// Node: Dict(Vec<Key>) = 0, List(u64) = 1, Tuple(u64) = 2, Leaf = 3.
+/// Node: `Dict(Vec<Key>)` = 0, List(u64) = 1, Tuple(u64) = 2, Leaf = 3.
 pub fn node(w: &mut W, n: &Node) {
     match n {
         Node::Dict(keys) => {
@@ -237,7 +237,7 @@ pub fn dtensor_spec(w: &mut W, s: &DTensorSpec) {
         .varint(dtype_index(s.dtype));
 }
 
-/// DeviceMesh { shape, ranks, dim_names: Option<Vec<String>>, device_type }.
+/// `DeviceMesh { shape, ranks, dim_names: Option<Vec<String>>, device_type }`.
 pub fn mesh(w: &mut W, m: &DeviceMesh) {
     w.u64s(&m.shape).u64s(&m.ranks);
     match &m.dim_names {
