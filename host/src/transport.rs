@@ -6,8 +6,10 @@
 //! in parallel, and a destination that fails stops only its own stream ([`Error::Destinations`]). A
 //! thread of its own hashes what is sent, beside the sends, when the machine has a core for it, and
 //! always in Direct fan-out to several destinations, so that the others' trailer does not wait on a
-//! stalled destination; otherwise the first destination's thread hashes each system call's bytes
-//! right before the call ([`SenderHash`], [`ProcessGroup::send_observed`]). The receiver
+//! stalled destination. It starts with the send and hashes the storages ahead, in wire order, while
+//! the metadata is built and while the receivers decode it (`hash_storages`). Otherwise the first
+//! destination's thread hashes each system call's bytes right before the call ([`SenderHash`],
+//! [`ProcessGroup::send_observed`]). The receiver
 //! (`Landing`) receives on the calling thread straight into the destination memory
 //! ([`ReceiveMemory`]) and hashes each piece (at most [`crate::pg::OBSERVE_GRAIN`], which fits in
 //! L2) right after the system call that wrote it, on the same core, while it is in cache
@@ -100,9 +102,10 @@ pub enum SenderHash {
     /// destinations hashes on a thread of its own all the same: a destination that stalls must not
     /// hold up the others' digests.)
     BeforeSend,
-    /// A thread of its own hashes beside the sends: the hash adds CPU, not time, when a core is free
-    /// for it (`docs/perf.md`: 1 GiB in place over loopback, 0.498 s hashed before each send, 0.431 s
-    /// beside, 0.438 s without digests).
+    /// A thread of its own hashes beside the sends, starting with the send: it hashes the storages
+    /// ahead while the metadata is built and decoded. The hash adds CPU, not time, when a core is
+    /// free for it (`docs/perf.md`: 1 GiB in place over loopback, 0.498 s hashed before each send,
+    /// 0.431 s beside, 0.438 s without digests).
     OwnThread,
 }
 
@@ -470,18 +473,6 @@ pub fn digest_gbps() -> (f64, f64) {
 #[derive(Default)]
 struct StorageHashers(HashMap<u32, StorageHasher>);
 
-impl StorageHashers {
-    /// Feeds one segment's bytes; returns the storage's digest when the segment completes it.
-    fn update(&mut self, seg: &Segment, bytes: &[u8]) -> Option<u64> {
-        let h = self.0.entry(seg.storage).or_default();
-        h.update(bytes);
-        if !seg.completes {
-            return None;
-        }
-        self.0.remove(&seg.storage).map(|h| h.finish())
-    }
-}
-
 /// The hashes of one data message's segments while its bytes move, fed piece by piece by a process
 /// group's observer ([`ProcessGroup::send_observed`], [`ProcessGroup::recv_into_observed`]) — each
 /// piece right after (receive) or before (send) the system call that copies it, while it is in
@@ -606,6 +597,20 @@ impl<P: ProcessGroup> Transport<P> {
         &self.options
     }
 
+    /// Whether a thread of its own hashes what a send to `dst_ranks` sends ([`hash_storages`]), or
+    /// the sending thread right before each send. Direct fan-out to several destinations hashes
+    /// apart, so that a destination that stalls does not hold up the digests, so the trailer, of
+    /// every destination. With one stream of data (one destination, or Chain) the option decides.
+    fn hashes_apart(&self, dst_ranks: &[u32]) -> bool {
+        let several_direct = dst_ranks.len() > 1 && self.options.plan.fanout == FanOut::Direct;
+        several_direct
+            || match self.options.sender_hash {
+                SenderHash::OwnThread => true,
+                SenderHash::BeforeSend => false,
+                SenderHash::Auto => std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
+            }
+    }
+
     /// Sends `state_dict` to `dst_ranks`: metadata first, then every storage's bytes, per the plan.
     /// Refused with [`Error::ConcurrentTransfer`] while a send or forward to one of them runs.
     pub fn send_checkpoint(
@@ -622,25 +627,7 @@ impl<P: ProcessGroup> Transport<P> {
             .flat_map(|e| e.tensors())
             .map(|t| t.storage.bytes())
             .collect();
-        let metadata = Metadata {
-            step: state_dict.step,
-            source: self.pg.rank(),
-            destinations: dst_ranks.to_vec(),
-            plan: self.options.plan,
-            tree: nodes,
-            leaves: entries.iter().map(|e| e.to_leaf()).collect(),
-        };
-        let encode_span = info_span!("encode").entered();
-        let mut engine = self.options.engine.sender(
-            metadata,
-            self.options.digests,
-            &self.options.limits,
-            random_transfer_id()?,
-        )?;
-        let _slots = self.busy.claim(PeerAction::Sending, dst_ranks)?;
         let total: u64 = storages.iter().map(|s| s.len() as u64).sum();
-        drop(encode_span);
-        let _data_span = info_span!("data", bytes = total).entered();
         let abort = Abort::default();
         let outcomes = SendOutcomes {
             destinations: dst_ranks.to_vec(),
@@ -648,12 +635,43 @@ impl<P: ProcessGroup> Transport<P> {
             failed: Mutex::default(),
         };
         let sent = AtomicU64::new(0);
-        std::thread::scope(|scope| {
+        let (event_tx, events) = mpsc::channel::<Event>();
+        // The destinations' slots are held until the scope has joined the workers, which may still
+        // be sending when the driver is done.
+        let mut slots = None;
+        std::thread::scope(|scope| -> Result<()> {
+            // The hashing thread starts now, before the metadata is built: it hashes ahead while the
+            // metadata is encoded and while the receivers decode it, when a core is otherwise idle.
+            let hasher = (self.options.digests && self.hashes_apart(dst_ranks)).then(|| {
+                let (tx, rx) = mpsc::sync_channel::<(u32, Vec<Segment>)>(QUEUE_DEPTH);
+                let (storages, event_tx, abort) = (&storages, event_tx.clone(), &abort);
+                scope.spawn(move || hash_storages(storages, rx, event_tx, abort));
+                tx
+            });
+            let metadata = Metadata {
+                step: state_dict.step,
+                source: self.pg.rank(),
+                destinations: dst_ranks.to_vec(),
+                plan: self.options.plan,
+                tree: nodes,
+                leaves: entries.iter().map(|e| e.to_leaf()).collect(),
+            };
+            let encode_span = info_span!("encode").entered();
+            let mut engine = self.options.engine.sender(
+                metadata,
+                self.options.digests,
+                &self.options.limits,
+                random_transfer_id()?,
+            )?;
+            slots = Some(self.busy.claim(PeerAction::Sending, dst_ranks)?);
+            drop(encode_span);
+            let _data_span = info_span!("data", bytes = total).entered();
             let mut host = SendWorkers::start(
                 self,
                 scope,
                 dst_ranks,
                 &storages,
+                (hasher, event_tx, events),
                 (&sent, total),
                 (&abort, &outcomes),
             );
@@ -661,7 +679,9 @@ impl<P: ProcessGroup> Transport<P> {
                 abort.fail(e);
             }
             // Closing the queues ends the workers; the scope joins them.
-        });
+            Ok(())
+        })?;
+        drop(slots);
         if let Some(e) = abort.take() {
             return Err(e);
         }
@@ -950,6 +970,7 @@ impl<'a> SendWorkers<'a> {
         scope: &'scope Scope<'scope, '_>,
         dst_ranks: &[u32],
         storages: &'a [&'a [u8]],
+        (hasher, event_tx, events): HashingAndEvents,
         (sent, total): (&'a AtomicU64, u64),
         (abort, outcomes): (&'a Abort, &'a SendOutcomes),
     ) -> SendWorkers<'a>
@@ -957,37 +978,7 @@ impl<'a> SendWorkers<'a> {
         'a: 'scope,
     {
         let timeout = transport.options.timeout;
-        let (event_tx, events) = mpsc::channel::<Event>();
-        // Direct fan-out to several destinations: a thread of its own hashes, so that a destination
-        // that stalls does not hold up the digests, so the trailer, of every destination (and its
-        // queue is unbounded, so it does not hold up their messages either). With one stream of data
-        // (one destination, or Chain) the option decides.
-        let several_direct = dst_ranks.len() > 1 && transport.options.plan.fanout == FanOut::Direct;
-        let hash_apart = several_direct
-            || match transport.options.sender_hash {
-                SenderHash::OwnThread => true,
-                SenderHash::BeforeSend => false,
-                SenderHash::Auto => std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
-            };
-        let hasher = hash_apart.then(|| {
-            let (tx, rx) = mpsc::sync_channel::<(u32, Vec<Segment>)>(QUEUE_DEPTH);
-            let event_tx = event_tx.clone();
-            scope.spawn(move || {
-                let mut hashers = StorageHashers::default();
-                for (message, segs) in rx {
-                    if abort.is_set() {
-                        break;
-                    }
-                    let digests = segs
-                        .iter()
-                        .zip(storage_parts(storages, &segs))
-                        .filter_map(|(seg, bytes)| hashers.update(seg, bytes))
-                        .collect();
-                    let _ = event_tx.send(Event::Digests(message, digests));
-                }
-            });
-            tx
-        });
+        let hash_apart = hasher.is_some();
 
         let mut workers = HashMap::new();
         for (i, &dst) in dst_ranks.iter().enumerate() {
@@ -1110,6 +1101,133 @@ impl SendHost for SendWorkers<'_> {
 
     fn flush(&mut self) -> Result<()> {
         Ok(())
+    }
+}
+
+/// The sending side's hashing thread (when it hashes apart), its request queue and the events it
+/// reports to, made before the send's workers start.
+type HashingAndEvents = (
+    Option<SyncSender<(u32, Vec<Segment>)>>,
+    mpsc::Sender<Event>,
+    mpsc::Receiver<Event>,
+);
+
+/// Bytes the sender's hashing thread hashes ahead between two looks at its queue.
+const HASH_AHEAD_PIECE: usize = 1 << 20;
+
+/// The sender's hashing thread: answers each data message's request with the digests of the
+/// storages the message completes, and between requests hashes the storages ahead, in wire order
+/// (the plan's), from the start of the send — while the metadata is built and encoded and while the
+/// receivers decode it, when the sender's other core would be idle. Ends when the queue closes or
+/// the send aborts.
+fn hash_storages(
+    storages: &[&[u8]],
+    requests: mpsc::Receiver<(u32, Vec<Segment>)>,
+    events: mpsc::Sender<Event>,
+    abort: &Abort,
+) {
+    let mut ahead = HashAhead::new(storages);
+    loop {
+        if abort.is_set() {
+            return;
+        }
+        let request = if ahead.done() {
+            requests.recv().ok()
+        } else {
+            match requests.try_recv() {
+                Ok(request) => Some(request),
+                Err(mpsc::TryRecvError::Empty) => {
+                    ahead.step();
+                    continue;
+                }
+                Err(mpsc::TryRecvError::Disconnected) => None,
+            }
+        };
+        let Some((message, segments)) = request else {
+            return;
+        };
+        let digests: Option<Vec<u64>> = segments
+            .iter()
+            .filter(|s| s.completes)
+            .map(|s| ahead.digest(s.storage as usize))
+            .collect();
+        match digests {
+            Some(digests) => {
+                let _ = events.send(Event::Digests(message, digests));
+            }
+            None => {
+                abort.fail(Error::internal(format!(
+                    "data message {message} names a storage the send does not have"
+                )));
+                return;
+            }
+        }
+    }
+}
+
+/// Whole-storage digests, computed ahead in storage order or on demand.
+struct HashAhead<'a> {
+    storages: &'a [&'a [u8]],
+    digests: Vec<Option<u64>>,
+    /// The storage being hashed ahead, how far, and its running hash.
+    next: usize,
+    offset: usize,
+    running: StorageHasher,
+}
+
+impl<'a> HashAhead<'a> {
+    fn new(storages: &'a [&'a [u8]]) -> HashAhead<'a> {
+        HashAhead {
+            storages,
+            digests: vec![None; storages.len()],
+            next: 0,
+            offset: 0,
+            running: StorageHasher::default(),
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.next >= self.storages.len()
+    }
+
+    /// Hashes the next piece (at most [`HASH_AHEAD_PIECE`]) of the first storage not yet hashed.
+    fn step(&mut self) {
+        let Some(bytes) = self.storages.get(self.next) else {
+            return;
+        };
+        let end = bytes.len().min(self.offset + HASH_AHEAD_PIECE);
+        self.running.update(&bytes[self.offset..end]);
+        self.offset = end;
+        if end == bytes.len() {
+            self.digests[self.next] = Some(std::mem::take(&mut self.running).finish());
+            self.offset = 0;
+            self.skip_hashed();
+        }
+    }
+
+    fn skip_hashed(&mut self) {
+        while self.digests.get(self.next).is_some_and(Option::is_some) {
+            self.next += 1;
+        }
+    }
+
+    /// Storage `s`'s digest, hashing what is left of it now; `None` when there is no such storage.
+    fn digest(&mut self, s: usize) -> Option<u64> {
+        let bytes = *self.storages.get(s)?;
+        if let Some(d) = self.digests[s] {
+            return Some(d);
+        }
+        if s == self.next {
+            while self.digests[s].is_none() {
+                self.step();
+            }
+            return self.digests[s];
+        }
+        let mut hasher = StorageHasher::default();
+        hasher.update(bytes);
+        let d = hasher.finish();
+        self.digests[s] = Some(d);
+        Some(d)
     }
 }
 
@@ -2070,8 +2188,13 @@ impl StorageAt {
 
 #[cfg(test)]
 mod tests {
-    use super::{MessageHasher, StorageHasher, StorageHashers};
+    use super::{
+        hash_storages, Abort, HashAhead, MessageHasher, StorageHasher, StorageHashers,
+        HASH_AHEAD_PIECE, QUEUE_DEPTH,
+    };
+    use pgt_core::drive::Event;
     use pgt_core::plan::Segment;
+    use std::sync::mpsc;
 
     /// Splits storages of `sizes` into messages of at most `message_len` bytes, as a plan does: a
     /// message packs the storages in order, a storage that does not fit continues in the next.
@@ -2100,6 +2223,71 @@ mod tests {
             }
         }
         messages
+    }
+
+    #[test]
+    fn storages_hashed_ahead_give_the_one_shot_digests_whatever_the_order() {
+        // Sizes around the piece hashed ahead at a time, and empty ones.
+        let sizes = [
+            0usize,
+            7,
+            HASH_AHEAD_PIECE,
+            HASH_AHEAD_PIECE + 1,
+            0,
+            2 * HASH_AHEAD_PIECE + 333,
+            5,
+        ];
+        let storages: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(s, &n)| (0..n).map(|i| (i * 131 + s * 7 + i / 251) as u8).collect())
+            .collect();
+        let views: Vec<&[u8]> = storages.iter().map(Vec::as_slice).collect();
+        let want: Vec<u64> = views.iter().map(|b| pgt_core::digest::digest(b)).collect();
+        // Requests after k steps ahead, in wire order and in reverse (storages ahead of, at and
+        // behind the one being hashed, some of it hashed already).
+        for steps in [0usize, 1, 3, 4, 100] {
+            for reverse in [false, true] {
+                let mut ahead = HashAhead::new(&views);
+                for _ in 0..steps {
+                    ahead.step();
+                }
+                let mut order: Vec<usize> = (0..sizes.len()).collect();
+                if reverse {
+                    order.reverse();
+                }
+                for s in order {
+                    assert_eq!(ahead.digest(s), Some(want[s]), "storage {s}, {steps} steps");
+                }
+                assert_eq!(ahead.digest(sizes.len()), None);
+            }
+        }
+        // The thread: requests for the plan's messages while it hashes ahead, in any timing.
+        for message_len in [1usize, 4096, 3 << 20] {
+            let (tx, rx) = mpsc::sync_channel(QUEUE_DEPTH);
+            let (event_tx, events) = mpsc::channel();
+            let abort = Abort::default();
+            let got: Vec<(u32, u64)> = std::thread::scope(|scope| {
+                scope.spawn(|| hash_storages(&views, rx, event_tx, &abort));
+                let messages = segments(&sizes, message_len);
+                for (m, segs) in messages.iter().enumerate() {
+                    tx.send((m as u32, segs.clone())).unwrap();
+                }
+                drop(tx);
+                let mut got = Vec::new();
+                for event in events {
+                    let Event::Digests(m, digests) = event else {
+                        panic!("not a digests event");
+                    };
+                    let completed = messages[m as usize].iter().filter(|s| s.completes);
+                    got.extend(completed.map(|s| s.storage).zip(digests));
+                }
+                got
+            });
+            assert!(abort.take().is_none());
+            let want: Vec<(u32, u64)> = (0..sizes.len() as u32).zip(want.clone()).collect();
+            assert_eq!(got, want, "messages of {message_len}");
+        }
     }
 
     #[test]
