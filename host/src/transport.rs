@@ -950,14 +950,14 @@ impl SendOutcomes {
 }
 
 /// The sending host: one thread per destination, each sending its messages in order. Data is hashed
-/// by a thread of its own, or by the first destination's thread right before sending it
-/// ([`SendWorkers::start`], [`SenderHash`]).
+/// by a thread of its own, started with the send (`hash_storages`), or by the first destination's
+/// thread right before sending it (`Transport::hashes_apart`, [`SenderHash`]).
 struct SendWorkers<'a> {
     /// Unbounded: a destination that stalls must not hold up the main thread, so the others' messages.
     /// A job is a descriptor (its segments) or a small control message, one per message of the plan
     /// per destination, so the queues never hold more than the plan itself describes.
     workers: HashMap<u32, mpsc::Sender<SendJob>>,
-    /// The hashing thread, when hashing is apart from the sends (see [`SendWorkers::start`]).
+    /// The hashing thread's requests, when hashing is apart from the sends (`hash_storages`).
     hasher: Option<SyncSender<(u32, Vec<Segment>)>>,
     events: mpsc::Receiver<Event>,
     abort: &'a Abort,
