@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every benchmark and prints one JSON line each (the README's table comes from this): every
-# `pgt bench` line has pgt's seconds, its scenario's floor (`floor_seconds`, `ratio_to_floor`) and raw
-# loopback TCP (`raw_*`), medians of 5; with `mpirun` on the PATH, also the `--pg mpi` rows.
+# `pgt bench` line has pgt's seconds, its scenario's floor (`floor_seconds`, `ratio_to_floor`), with
+# digests on its digest floor (`digest_floor_seconds`, `ratio_to_digest_floor`: the floor's loop
+# hashing every byte once per rank) and raw loopback TCP (`raw_*`), medians of 5; with `mpirun` on the
+# PATH, also the `--pg mpi` rows.
 # Usage: ./scripts/bench.sh > docs/bench/DATE.jsonl   (release builds; ~15 minutes on 2 cores)
 # Progress and the load average before each row go to stderr.
 set -euo pipefail

@@ -98,6 +98,9 @@ fn bench_prints_the_json_contract() {
         "floor_seconds",
         "floor_cpu_seconds",
         "ratio_to_floor",
+        "digest_floor_seconds",
+        "digest_floor_cpu_seconds",
+        "ratio_to_digest_floor",
         "raw_cpu_seconds",
         "cpu_model",
         "pg",
@@ -159,7 +162,28 @@ fn bench_measures_each_scenario_against_its_floor() {
         let least = v["world_size"].as_f64().unwrap() * v["bytes"].as_f64().unwrap() / (hot * 1e9);
         let got = v["digests_least_cpu_seconds"].as_f64().unwrap();
         assert!((got - least).abs() <= least * 0.1, "{what}");
+        // The digest floor ran as often as pgt, its ranks' digests agreeing (`verified`).
+        let runs = v["runs"].as_array().unwrap().len();
+        assert_eq!(
+            v["digest_floor_runs"].as_array().unwrap().len(),
+            runs,
+            "{what}"
+        );
+        let digest_floor = v["digest_floor_seconds"].as_f64().unwrap();
+        assert!(digest_floor > 0.0 && digest_floor < 30.0, "{what}");
+        assert!(
+            v["digest_floor_cpu_seconds"].as_f64().unwrap() > 0.0,
+            "{what}"
+        );
+        let expected = digest_floor / v["seconds"].as_f64().unwrap();
+        let ratio = v["ratio_to_digest_floor"].as_f64().unwrap();
+        assert!((ratio - expected).abs() < 0.01 + expected * 0.01, "{what}");
     }
+    // Without digests there is no digest floor to run.
     let v = bench_json_with("large", "8MiB", &["--no-digests"]);
     assert!(v["digests_least_cpu_seconds"].is_null(), "{v}");
+    assert!(v["digest_floor_seconds"].is_null(), "{v}");
+    assert!(v["ratio_to_digest_floor"].is_null(), "{v}");
+    assert_eq!(v["digest_floor_runs"], serde_json::json!([]), "{v}");
+    assert!(v["floor_seconds"].as_f64().unwrap() > 0.0, "{v}");
 }

@@ -162,8 +162,9 @@ fn a_failing_rank_ends_the_cli_job_at_once() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `pgt bench --pg mpi` inside one `mpirun` job: rank 0 prints the one line, with the floor measured
-/// over the same MPI group (chain relay across the 3 ranks), every byte checked by pgt and floor.
+/// `pgt bench --pg mpi` inside one `mpirun` job: rank 0 prints the one line, with the floor and the
+/// digest floor measured over the same MPI group (chain relay across the 3 ranks), every byte checked
+/// by pgt and both floors, and the digest floor's digests compared.
 #[test]
 fn bench_runs_pgt_and_its_floor_inside_one_mpi_job() {
     // `mpirun -n N pgt bench --pg mpi --scenario fanout --json` with `extra` options.
@@ -195,6 +196,16 @@ fn bench_runs_pgt_and_its_floor_inside_one_mpi_job() {
     assert_eq!(v["floor_runs"].as_array().map(Vec::len), Some(2), "{v}");
     assert!(v["floor_seconds"].as_f64().unwrap() > 0.0, "{v}");
     assert!(v["ratio_to_floor"].as_f64().unwrap().is_finite(), "{v}");
+    assert_eq!(
+        v["digest_floor_runs"].as_array().map(Vec::len),
+        Some(2),
+        "{v}"
+    );
+    assert!(v["digest_floor_seconds"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(
+        v["ratio_to_digest_floor"].as_f64().unwrap().is_finite(),
+        "{v}"
+    );
 
     // A job of the wrong size fails with a message that says what to run.
     let out = fanout_bench("2", &[]);

@@ -8,11 +8,11 @@
 //! metadata decoded and validated, every storage landed and its digest checked. Afterwards (off the
 //! clock) the receiver checks every byte against the generator's pattern: `verified`.
 //!
-//! Each repetition runs pgt and the scenario's floor (`floor.rs`: the same bytes over the same kind
-//! of group and topology, into the same kind of memory, by a plain send/recv loop), taking turns
-//! going first, then raw
-//! loopback TCP (`raw_loopback_gbps`); the line reports medians and `ratio_to_floor` = floor
-//! seconds / pgt seconds. With `--pg tcp` every run is a fresh local job of real processes; with
+//! Each repetition runs pgt, the scenario's floor (`floor.rs`: the same bytes over the same kind
+//! of group and topology, into the same kind of memory, by a plain send/recv loop) and, with digests
+//! on, its digest floor (the same loop hashing every byte once per rank), taking turns going first,
+//! then raw loopback TCP (`raw_loopback_gbps`); the line reports medians, `ratio_to_floor` = floor
+//! seconds / pgt seconds and `ratio_to_digest_floor` = digest floor seconds / pgt seconds. With `--pg tcp` every run is a fresh local job of real processes; with
 //! `--pg mpi` the bench runs inside an `mpirun` job whose ranks do every run in turn.
 
 use std::sync::Arc;
@@ -92,8 +92,9 @@ impl Scenario {
     }
 
     /// This scenario's floor (see `floor.rs`): its storages (or, for the many-leaf dicts, one stream
-    /// of all their bytes), in pgt's message sizes, into the same kind of memory.
-    fn floor(self, bytes: u64, transfer: &TransferArgs, receivers: u32) -> Floor {
+    /// of all their bytes), in pgt's message sizes, into the same kind of memory; hashed by every
+    /// rank when `digests` (the digest floor).
+    fn floor(self, bytes: u64, transfer: &TransferArgs, receivers: u32, digests: bool) -> Floor {
         let shape = self.shape(bytes);
         let (regions, message) = match self {
             Scenario::Small | Scenario::SmallInplace => (
@@ -122,6 +123,7 @@ impl Scenario {
                 Scenario::LargeInplace | Scenario::SmallInplace | Scenario::LargePooled
             ),
             chain: receivers > 1 && transfer.fanout == FanOutArg::Chain,
+            digests,
         }
     }
 
@@ -153,7 +155,8 @@ pub struct BenchArgs {
     /// Print one JSON line (else a short summary).
     #[arg(long)]
     pub json: bool,
-    /// Runs (each followed by a floor run and a raw-TCP measurement); figures are medians.
+    /// Runs (each with a floor run, a digest floor run unless --no-digests, and a raw-TCP
+    /// measurement); figures are medians.
     #[arg(long, default_value_t = 3)]
     pub repeat: u32,
     /// Process group: `tcp` spawns the ranks on loopback; `mpi` is one rank of an `mpirun` job of
@@ -174,20 +177,50 @@ pub struct WorkerArgs {
     /// Run the scenario's floor (see `floor.rs`) instead of pgt.
     #[arg(long)]
     floor: bool,
+    /// With `--floor`: its digest floor.
+    #[arg(long, requires = "floor")]
+    floor_digests: bool,
     #[command(flatten)]
     group: GroupArgs,
     #[command(flatten)]
     transfer: TransferArgs,
 }
 
-/// Runs a local job for `scenario` (pgt, or its floor) and returns each rank's report (rank 0
-/// first).
+/// What one run of a repetition runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunKind {
+    /// pgt itself.
+    Pgt,
+    /// The scenario's floor.
+    Floor,
+    /// The scenario's floor, hashing every byte once per rank.
+    DigestFloor,
+}
+
+impl RunKind {
+    /// The kinds of a repetition, in the order repetition `rep` runs them: which goes first
+    /// rotates, because a run follows the previous one while the kernel (and this VM's host, which
+    /// takes freed memory back) still reclaims its gigabyte, which measurably slowed whichever
+    /// always came second.
+    fn order(rep: u32, digests: bool) -> Vec<RunKind> {
+        let mut kinds = vec![RunKind::Pgt, RunKind::Floor];
+        if digests {
+            kinds.push(RunKind::DigestFloor);
+        }
+        let first = rep as usize % kinds.len();
+        kinds.rotate_left(first);
+        kinds
+    }
+}
+
+/// Runs a local job for `scenario` (pgt, or one of its floors) and returns each rank's report (rank
+/// 0 first).
 pub fn run_job(
     scenario: Scenario,
     bytes: u64,
     receivers: u32,
     transfer: &TransferArgs,
-    floor: bool,
+    kind: RunKind,
 ) -> Result<Vec<serde_json::Value>> {
     let children = common::spawn_local_job(receivers + 1, |_| {
         let mut a = vec![
@@ -198,8 +231,10 @@ pub fn run_job(
             bytes.to_string(),
             "--quiet".into(),
         ];
-        if floor {
-            a.push("--floor".into());
+        match kind {
+            RunKind::Pgt => {}
+            RunKind::Floor => a.push("--floor".into()),
+            RunKind::DigestFloor => a.extend(["--floor".into(), "--floor-digests".into()]),
         }
         a.extend(transfer.to_args().into_iter().filter(|x| x != "--quiet"));
         a
@@ -207,19 +242,30 @@ pub fn run_job(
     common::collect_reports(children)
 }
 
-/// Every run of one invocation: each repetition is a pgt run and a floor run (taking turns going
-/// first) and then a raw loopback measurement, so that all three see the same machine state.
+/// Every run of one invocation: each repetition is a pgt run, a floor run and (digests on) a digest
+/// floor run, taking turns going first, and then a raw loopback measurement, so that all of them see
+/// the same machine state.
 #[derive(Default)]
 struct Runs {
     /// Each pgt run's reports, rank 0 first.
     pgt: Vec<Vec<Value>>,
     /// Each floor run's reports, rank 0 first.
     floor: Vec<Vec<Value>>,
+    /// Each digest floor run's reports, rank 0 first.
+    digest_floor: Vec<Vec<Value>>,
     raw_gbps: Vec<f64>,
     raw_cpu: Vec<f64>,
 }
 
 impl Runs {
+    fn push(&mut self, kind: RunKind, reports: Vec<Value>) {
+        match kind {
+            RunKind::Pgt => self.pgt.push(reports),
+            RunKind::Floor => self.floor.push(reports),
+            RunKind::DigestFloor => self.digest_floor.push(reports),
+        }
+    }
+
     /// Raw loopback TCP (two threads of this process): `raw_loopback_gbps`.
     fn measure_raw(&mut self, bytes: u64) -> Result<()> {
         let cpu_before = common::cpu_seconds();
@@ -245,16 +291,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         PgArg::Tcp => {
             let mut runs = Runs::default();
             for rep in 0..args.repeat.max(1) {
-                // Which of pgt and floor goes first alternates: the second one runs while the
-                // kernel (and this VM's host, which takes freed memory back) still reclaims the
-                // first one's gigabyte, which measurably slowed whichever always came second.
-                for floor in [rep % 2 == 1, rep % 2 == 0] {
-                    let reports = run_job(args.scenario, args.bytes, receivers, &transfer, floor)?;
-                    if floor {
-                        runs.floor.push(reports);
-                    } else {
-                        runs.pgt.push(reports);
-                    }
+                for kind in RunKind::order(rep, !transfer.no_digests) {
+                    let reports = run_job(args.scenario, args.bytes, receivers, &transfer, kind)?;
+                    runs.push(kind, reports);
                 }
                 runs.measure_raw(bytes)?;
             }
@@ -307,25 +346,26 @@ fn run_mpi(
         pg.size()
     );
     let timeout = transfer.timeout()?;
-    let floor = args.scenario.floor(args.bytes, transfer, receivers);
     let mut runs = Runs::default();
     for rep in 0..args.repeat.max(1) {
-        // pgt and floor take turns going first, as with `--pg tcp`.
-        let (mut pgt, mut floor_reports) = (None, None);
-        for run_floor in [rep % 2 == 1, rep % 2 == 0] {
-            if run_floor {
-                floor_reports = gather(pg, floor.run_rank(pg, timeout)?, timeout)?;
-            } else {
-                let report = pgt_rank(pg, args.scenario, args.bytes, transfer)?;
-                pgt = gather(pg, report, timeout)?;
+        // The kinds take turns going first, as with `--pg tcp`.
+        for kind in RunKind::order(rep, !transfer.no_digests) {
+            let report = match kind {
+                RunKind::Pgt => pgt_rank(pg, args.scenario, args.bytes, transfer)?,
+                RunKind::Floor | RunKind::DigestFloor => {
+                    let digests = kind == RunKind::DigestFloor;
+                    let floor = args
+                        .scenario
+                        .floor(args.bytes, transfer, receivers, digests);
+                    floor.run_rank(pg, timeout)?
+                }
+            };
+            if let Some(reports) = gather(pg, report, timeout)? {
+                check_verified(&reports)?;
+                runs.push(kind, reports);
             }
         }
-        let floor = floor_reports;
-        if let (Some(pgt), Some(floor)) = (pgt, floor) {
-            check_verified(&pgt)?;
-            check_verified(&floor)?;
-            runs.pgt.push(pgt);
-            runs.floor.push(floor);
+        if pg.rank() == 0 {
             runs.measure_raw(bytes)?;
         }
     }
@@ -350,14 +390,21 @@ fn gather(pg: &dyn ProcessGroup, report: Value, timeout: Duration) -> Result<Opt
 }
 
 fn check_verified(reports: &[Value]) -> Result<()> {
-    for r in reports.iter().skip(1) {
-        ensure!(
-            r["verified"] == json!(true),
-            "rank {} did not verify every byte",
-            r["rank"]
-        );
-    }
+    ensure!(
+        verified(reports),
+        "a receiver did not verify every byte, or its digest differs from the sender's: {reports:?}"
+    );
     Ok(())
+}
+
+/// Whether every receiver of one run (rank 0, the sender, first) checked every byte, and, where the
+/// sender reports a digest (the digest floor), reports the same.
+fn verified(reports: &[Value]) -> bool {
+    let digest = reports.first().map_or(&Value::Null, |r| &r["digest"]);
+    reports
+        .iter()
+        .skip(1)
+        .all(|r| r["verified"] == json!(true) && (digest.is_null() || r["digest"] == *digest))
 }
 
 /// A field of /proc/cpuinfo's first CPU, or `None`.
@@ -393,21 +440,25 @@ fn report(args: &BenchArgs, transfer: &TransferArgs, receivers: u32, runs: &Runs
     let raw_gbps = median(runs.raw_gbps.clone());
     let run_seconds: Vec<f64> = runs.pgt.iter().map(|r| slowest_receiver(r)).collect();
     let floor_seconds: Vec<f64> = runs.floor.iter().map(|r| slowest_receiver(r)).collect();
+    let digest_floor_seconds: Vec<f64> = runs
+        .digest_floor
+        .iter()
+        .map(|r| slowest_receiver(r))
+        .collect();
     let seconds = median(run_seconds.clone());
     let floor = median(floor_seconds.clone());
+    // Null without digests: no digest floor ran.
+    let digest_floor =
+        (!digest_floor_seconds.is_empty()).then(|| median(digest_floor_seconds.clone()));
     let gbps = bytes as f64 / seconds / 1e9;
     let receivers_of = |r: &Vec<Value>| r.iter().skip(1).cloned().collect::<Vec<_>>();
     let all_receivers: Vec<Value> = runs.pgt.iter().flat_map(receivers_of).collect();
-    let verified = all_receivers
+    let verified = runs
+        .pgt
         .iter()
-        .chain(
-            runs.floor
-                .iter()
-                .flat_map(receivers_of)
-                .collect::<Vec<_>>()
-                .iter(),
-        )
-        .all(|r| r["verified"].as_bool() == Some(true));
+        .chain(&runs.floor)
+        .chain(&runs.digest_floor)
+        .all(|r| verified(r));
     let max_of = |reports: &[Value]| {
         reports
             .iter()
@@ -468,6 +519,8 @@ fn report(args: &BenchArgs, transfer: &TransferArgs, receivers: u32, runs: &Runs
         "ratio": round(gbps / raw_gbps, 3),
         "floor_seconds": round(floor, 4),
         "ratio_to_floor": round(floor / seconds, 3),
+        "digest_floor_seconds": digest_floor.map(|f| round(f, 4)),
+        "ratio_to_digest_floor": digest_floor.map(|f| round(f / seconds, 3)),
         "sender_rss_growth_bytes": sender_rss,
         "receiver_rss_growth_bytes": receiver_rss,
         "verified": verified,
@@ -481,9 +534,11 @@ fn report(args: &BenchArgs, transfer: &TransferArgs, receivers: u32, runs: &Runs
         "receiver_cpu_seconds": round(cpu_of(&all_receivers), 4),
         "total_cpu_seconds": round(total_cpu_of(&runs.pgt), 4),
         "floor_cpu_seconds": round(total_cpu_of(&runs.floor), 4),
+        "digest_floor_cpu_seconds": digest_floor.map(|_| round(total_cpu_of(&runs.digest_floor), 4)),
         "raw_cpu_seconds": round(median(runs.raw_cpu.clone()), 4),
         "runs": run_seconds.iter().map(|s| round(*s, 4)).collect::<Vec<_>>(),
         "floor_runs": floor_seconds.iter().map(|s| round(*s, 4)).collect::<Vec<_>>(),
+        "digest_floor_runs": digest_floor_seconds.iter().map(|s| round(*s, 4)).collect::<Vec<_>>(),
         "raw_runs": runs.raw_gbps.iter().map(|g| round(*g, 3)).collect::<Vec<_>>(),
         "cpu_model": cpu_model(&cpuinfo),
         "cpu_signature": cpu_signature(&cpuinfo),
@@ -496,7 +551,7 @@ fn report(args: &BenchArgs, transfer: &TransferArgs, receivers: u32, runs: &Runs
     } else {
         println!(
             "{}: {} bytes in {:.3} s = {:.2} GB/s ({:.2}x raw loopback {:.2} GB/s; floor {:.3} s, \
-             {:.2}x of it), verified: {}",
+             {:.2}x of it{}), verified: {}",
             args.scenario.name(),
             bytes,
             seconds,
@@ -505,6 +560,9 @@ fn report(args: &BenchArgs, transfer: &TransferArgs, receivers: u32, runs: &Runs
             raw_gbps,
             floor,
             floor / seconds,
+            digest_floor
+                .map(|f| format!("; digest floor {f:.3} s, {:.2}x of it", f / seconds))
+                .unwrap_or_default(),
             verified
         );
     }
@@ -565,7 +623,9 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     let pg = args.group.connect(Duration::from_secs(120))?;
     let report = if args.floor {
         let receivers = pg.size() - 1;
-        let floor = args.scenario.floor(args.bytes, &args.transfer, receivers);
+        let floor = args
+            .scenario
+            .floor(args.bytes, &args.transfer, receivers, args.floor_digests);
         floor.run_rank(&*pg, args.transfer.timeout()?)?
     } else {
         pgt_rank(&*pg, args.scenario, args.bytes, &args.transfer)?
@@ -668,4 +728,43 @@ fn pgt_rank(
         round_report
     };
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_verifies_only_when_every_receiver_checked_its_bytes_and_has_the_senders_digest() {
+        let run = |sender: Value, receivers: &[Value]| {
+            let mut reports = vec![json!({"rank": 0, "digest": sender})];
+            reports.extend(
+                receivers
+                    .iter()
+                    .map(|r| json!({"verified": r[0], "digest": r[1]})),
+            );
+            verified(&reports)
+        };
+        let (d, other) = (json!("00000000000000aa"), json!("00000000000000ab"));
+        let (yes, no, null) = (json!(true), json!(false), Value::Null);
+        // pgt and the plain floor report no digest.
+        assert!(run(null.clone(), &[json!([yes, null])]));
+        assert!(!run(null.clone(), &[json!([yes, null]), json!([no, null])]));
+        // The digest floor: each receiver's digest must be the sender's.
+        assert!(run(d.clone(), &[json!([yes, d]), json!([yes, d])]));
+        assert!(!run(d.clone(), &[json!([yes, d]), json!([yes, other])]));
+        assert!(!run(d.clone(), &[json!([yes, null])]));
+        assert!(!run(d.clone(), &[json!([no, d])]));
+    }
+
+    #[test]
+    fn each_kind_of_run_goes_first_in_turn() {
+        use RunKind::*;
+        assert_eq!(RunKind::order(0, false), [Pgt, Floor]);
+        assert_eq!(RunKind::order(1, false), [Floor, Pgt]);
+        assert_eq!(RunKind::order(2, false), [Pgt, Floor]);
+        assert_eq!(RunKind::order(0, true), [Pgt, Floor, DigestFloor]);
+        assert_eq!(RunKind::order(1, true), [Floor, DigestFloor, Pgt]);
+        assert_eq!(RunKind::order(2, true), [DigestFloor, Pgt, Floor]);
+    }
 }

@@ -6,7 +6,7 @@ use clap::Args;
 use pgt_host::pg::raw_loopback_gbps;
 use pgt_host::synthetic;
 
-use crate::bench::{run_job, Scenario};
+use crate::bench::{run_job, RunKind, Scenario};
 use crate::common::{self, TransferArgs};
 
 /// `pgt demo` flags.
@@ -53,7 +53,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         args.size,
         args.receivers,
         &args.transfer,
-        false,
+        RunKind::Pgt,
     )?;
     println!();
     println!(

@@ -2,6 +2,11 @@
 //! the same topology, into the same kind of memory, by the simplest loop — plain `send`/`recv_into`
 //! of chunks, no protocol, no metadata, no digests. What pgt adds is its time over this one's.
 //!
+//! The digest floor is the same loop hashing every byte once per rank, as pgt's digests do: the
+//! sender each piece right before the system call that sends it (`send_observed`), each receiver
+//! each piece as it lands (`recv_into_observed`), into one XXH3 stream per rank. What pgt adds
+//! beyond its digests is its time over that one's.
+//!
 //! - Memory: fresh scenarios receive into fresh mappings prefaulted by [`ReceiveMemory`] (as pgt's
 //!   receiver does); in-place and pooled ones into touched memory.
 //! - Layout: `large`-like scenarios keep their storages (one region each) and cut them into
@@ -12,14 +17,16 @@
 //!   memory, on a second thread as soon as it has landed.
 //!
 //! Timing is pgt's: from the sender's "go" until a receiver has every byte (and has forwarded it).
-//! Off the clock, every byte is checked against the sender's pattern.
+//! Off the clock, every byte is checked against the sender's pattern, and the digest floor's ranks
+//! report their stream's digest (`digest`), which the bench compares.
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use pgt_core::digest::StorageHasher;
 use pgt_host::memory::{Buffer, ReceiveMemory, Target};
-use pgt_host::pg::ProcessGroup;
+use pgt_host::pg::{PgError, ProcessGroup};
 use serde_json::{json, Value};
 
 use crate::common;
@@ -35,6 +42,8 @@ pub struct Floor {
     pub fresh: bool,
     /// Receivers forward to the next rank (else the sender sends to each).
     pub chain: bool,
+    /// The digest floor: every rank hashes every byte it sends or receives once (see the module docs).
+    pub digests: bool,
 }
 
 /// Tags of the floor's messages: far from pgt's (3 + message index) and the bench's barrier tags.
@@ -48,6 +57,11 @@ fn pattern_at(i: usize) -> u8 {
 /// `len` bytes of the pattern from stream offset 0, plus one period to slice any offset from.
 fn pattern_block(len: usize) -> Vec<u8> {
     (0..len + 251).map(pattern_at).collect()
+}
+
+/// A rank's digest of its stream in a report: hex, or null when it hashed nothing.
+fn digest_json(hasher: Option<StorageHasher>) -> Value {
+    hasher.map_or(Value::Null, |h| json!(format!("{:016x}", h.finish())))
 }
 
 impl Floor {
@@ -88,30 +102,43 @@ impl Floor {
             crate::bench::sender_barrier(pg, &receivers, timeout)?;
             let cpu = common::cpu_seconds();
             let start = Instant::now();
-            std::thread::scope(|s| -> Result<()> {
+            let digest = std::thread::scope(|s| -> Result<Option<StorageHasher>> {
                 let sends: Vec<_> = dsts
                     .iter()
-                    .map(|&d| {
+                    .enumerate()
+                    .map(|(n, &d)| {
                         let (messages, source) = (&messages, &source);
-                        s.spawn(move || -> Result<()> {
+                        // Direct fan-out sends the stream to each receiver; it is hashed once.
+                        let mut hasher = (self.digests && n == 0).then(StorageHasher::new);
+                        s.spawn(move || -> Result<Option<StorageHasher>> {
                             for (i, (_, range, at)) in messages.iter().enumerate() {
                                 let bytes = &source[*at..at + range.len()];
-                                pg.send(d, TAG_BASE + i as u64, &[bytes], timeout)
-                                    .with_context(|| format!("floor: sending to rank {d}"))?;
+                                let tag = TAG_BASE + i as u64;
+                                match hasher.as_mut() {
+                                    Some(h) => {
+                                        pg.send_observed(d, tag, &[bytes], timeout, &mut |_, p| {
+                                            h.update(p)
+                                        })
+                                    }
+                                    None => pg.send(d, tag, &[bytes], timeout),
+                                }
+                                .with_context(|| format!("floor: sending to rank {d}"))?;
                             }
-                            Ok(())
+                            Ok(hasher)
                         })
                     })
                     .collect();
+                let mut digest = None;
                 for h in sends {
-                    h.join().expect("floor sender thread")?;
+                    digest = digest.or(h.join().expect("floor sender thread")?);
                 }
-                Ok(())
+                Ok(digest)
             })?;
             return Ok(json!({
                 "rank": 0,
                 "seconds": start.elapsed().as_secs_f64(),
                 "cpu_seconds": common::cpu_seconds() - cpu,
+                "digest": digest_json(digest),
             }));
         }
         let from = if self.chain { rank - 1 } else { 0 };
@@ -130,6 +157,7 @@ impl Floor {
         crate::bench::receiver_barrier(pg, timeout)?;
         let cpu = common::cpu_seconds();
         let start = Instant::now();
+        let mut hasher = self.digests.then(StorageHasher::new);
         std::thread::scope(|s| -> Result<()> {
             let (landed_tx, landed) = mpsc::channel::<usize>();
             let forward = next.map(|n| {
@@ -145,9 +173,14 @@ impl Floor {
                 })
             });
             for (i, (r, range, _)) in messages.iter().enumerate() {
+                let tag = TAG_BASE + i as u64;
                 memory
-                    .write(&[(*r, range.clone())], |s| {
-                        pg.recv_into(from, TAG_BASE + i as u64, s, timeout)
+                    .write(&[(*r, range.clone())], |s| -> Result<(), PgError> {
+                        match hasher.as_mut() {
+                            Some(h) => pg
+                                .recv_into_observed(from, tag, s, timeout, &mut |_, p| h.update(p)),
+                            None => pg.recv_into(from, tag, s, timeout),
+                        }
                     })?
                     .with_context(|| format!("floor: receiving from rank {from}"))?;
                 if forward.is_some() {
@@ -172,6 +205,7 @@ impl Floor {
             "cpu_seconds": cpu_seconds,
             "bytes": total,
             "verified": verified,
+            "digest": digest_json(hasher),
         }))
     }
 }
