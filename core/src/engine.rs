@@ -56,6 +56,12 @@ pub trait ReceiveEngine {
     fn handle_forwarded(&mut self, message: u32) -> Result<(), Self::Error>;
     /// What the transfer wrote in place so far ([`Receiver::in_place_written`]).
     fn in_place_written(&mut self, not_in_target: &[u32]) -> Result<InPlaceWritten, Self::Error>;
+    /// Whether a storage's digest mismatched so far ([`Receiver::digest_mismatch`]): once the
+    /// receiver is done, the one thing [`ReceiveEngine::finish`] refuses. The default says yes (it
+    /// may refuse), which costs a driver that asks only time.
+    fn has_digest_mismatch(&mut self) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
     /// After an error: the next message the plan still says is coming ([`Receiver::leftover`]).
     fn leftover(&mut self) -> Result<Option<RecvOp>, Self::Error>;
     /// The verified result.
@@ -137,6 +143,10 @@ impl ReceiveEngine for Receiver {
 
     fn in_place_written(&mut self, not_in_target: &[u32]) -> Result<InPlaceWritten, Error> {
         Ok(Receiver::in_place_written(self, not_in_target))
+    }
+
+    fn has_digest_mismatch(&mut self) -> Result<bool, Error> {
+        Ok(self.digest_mismatch().is_some())
     }
 
     fn leftover(&mut self) -> Result<Option<RecvOp>, Error> {

@@ -7,6 +7,7 @@ use common::*;
 use pgt_core::codec;
 use pgt_core::dtensor::Placement;
 use pgt_core::dtype::DType;
+use pgt_core::engine::ReceiveEngine;
 use pgt_core::header::{Header, Limits, MAGIC, VERSION};
 use pgt_core::layout::TensorLayout;
 use pgt_core::plan::MessageKind;
@@ -1184,6 +1185,8 @@ fn trailer_length() {
     // The right one still completes the transfer.
     r.handle_trailer(&trailer).unwrap();
     assert_eq!(r.poll(), RecvPoll::Done);
+    // What a driver asks before finishing: nothing for `finish` to refuse.
+    assert_eq!(ReceiveEngine::has_digest_mismatch(&mut r), Ok(false));
     r.finish().unwrap();
 }
 
@@ -1202,6 +1205,7 @@ fn digest_mismatch_from_the_trailer() {
     // the result is never yielded.
     r.handle_trailer(&trailer).unwrap();
     assert_eq!(r.digest_mismatch(), Some(&want));
+    assert_eq!(ReceiveEngine::has_digest_mismatch(&mut r), Ok(true));
     while let RecvPoll::Forward(f) = r.poll() {
         let m = f.message;
         r.handle_forwarded(m).unwrap();

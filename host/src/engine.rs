@@ -195,6 +195,10 @@ impl ReceiveEngine for ReceiverEngine {
         dispatch!(self, e => ReceiveEngine::in_place_written(&mut **e, not_in_target))
     }
 
+    fn has_digest_mismatch(&mut self) -> Result<bool, EngineError> {
+        dispatch!(self, e => ReceiveEngine::has_digest_mismatch(&mut **e))
+    }
+
     fn leftover(&mut self) -> Result<Option<RecvOp>, EngineError> {
         dispatch!(self, e => ReceiveEngine::leftover(&mut **e))
     }

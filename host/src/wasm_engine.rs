@@ -394,6 +394,7 @@ struct Exports {
     receiver_trailer: TypedFunc<(u32, u32, u32), u32>,
     receiver_forwarded: TypedFunc<(u32, u32), u32>,
     receiver_in_place_written: TypedFunc<(u32, u32, u32), u32>,
+    receiver_digest_mismatch: TypedFunc<u32, u32>,
     receiver_leftover: TypedFunc<u32, u32>,
     receiver_finish: TypedFunc<u32, u32>,
     receiver_drop: TypedFunc<u32, u32>,
@@ -438,6 +439,7 @@ impl Exports {
             receiver_trailer,
             receiver_forwarded,
             receiver_in_place_written,
+            receiver_digest_mismatch,
             receiver_leftover,
             receiver_finish,
             receiver_drop,
@@ -762,6 +764,11 @@ impl ReceiveEngine for WasmReceiver {
             .map_err(|e| module_error("encoding storages", e))?;
         self.guest
             .bytes_call(|e| &e.receiver_in_place_written, self.handle, &storages)
+    }
+
+    fn has_digest_mismatch(&mut self) -> Result<bool, EngineError> {
+        self.guest
+            .call(|e| &e.receiver_digest_mismatch, self.handle)
     }
 
     fn leftover(&mut self) -> Result<Option<RecvOp>, EngineError> {

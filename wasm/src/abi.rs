@@ -556,8 +556,8 @@ pub extern "C" fn pgt_receiver_forwarded(handle: u32, message: u32) -> *const u8
 
 /// What the transfer has written in place so far (pgt-core's `Receiver::in_place_written`), given the
 /// in-place storages whose landed bytes are not in their target (postcard `Vec<u32>`; empty: none). Ask
-/// before `pgt_receiver_leftover`, and before `pgt_receiver_finish` (which may fail on a digest
-/// mismatch). Result: `InPlaceWritten`.
+/// before `pgt_receiver_leftover`, and before `pgt_receiver_finish` when it will fail on a digest
+/// mismatch (`pgt_receiver_digest_mismatch`). Result: `InPlaceWritten`.
 ///
 /// # Safety
 /// As [`pgt_decode`].
@@ -570,6 +570,13 @@ pub unsafe extern "C" fn pgt_receiver_in_place_written(
     // SAFETY: the caller's contract.
     let storages = unsafe { u32_list(ptr, len, "storages are not postcard Vec<u32>") };
     run(|| Ok(receiver(handle)?.in_place_written(&storages?)))
+}
+
+/// Whether a storage's digest mismatched so far (pgt-core's `Receiver::digest_mismatch`): once the
+/// receiver is done, the one thing `pgt_receiver_finish` refuses. Result: `bool`.
+#[no_mangle]
+pub extern "C" fn pgt_receiver_digest_mismatch(handle: u32) -> *const u8 {
+    respond(receiver(handle).map(|r| r.digest_mismatch().is_some()))
 }
 
 /// After an error: the next message the failed transfer's plan still says is coming, which the host

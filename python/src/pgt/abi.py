@@ -901,13 +901,18 @@ class Receiver:
         the in-place leaves (key paths, display form) whose bytes all landed in their targets (landed,
         not verified: digests are checked at the trailer) and those that may hold some. Storages in
         ``not_in_target`` (landed in staging, cast later) count as untouched. Ask before
-        ``leftover`` and ``finish``."""
+        ``leftover``, and before ``finish`` when it will fail (``has_digest_mismatch``)."""
         storages = varint(len(not_in_target)) + b"".join(varint(int(s)) for s in not_in_target)
         return self._call(
             "pgt_receiver_in_place_written",
             lambda r: {"written": r.seq(Reader.str), "partly": r.seq(Reader.str)},
             inputs=(storages,),
         )
+
+    def has_digest_mismatch(self) -> bool:
+        """Whether a storage's digest mismatched so far: once done, the one thing ``finish``
+        refuses."""
+        return self._call("pgt_receiver_digest_mismatch", lambda r: r.bool())
 
     def leftover(self):
         """After an error: the next message the failed transfer's plan says is still coming (a "recv"

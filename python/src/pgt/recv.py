@@ -129,7 +129,9 @@ def receive(engine, host, with_bindings: bool = True) -> dict:
                     raise RuntimeError("the receiver waits, but nothing is in flight: incomplete")
                 apply(engine, event)
             else:  # done
-                if in_place:  # finish may fail (a digest mismatch) and frees the receiver
+                # Once done, finish refuses only a digest mismatch, and frees the receiver: what was
+                # written in place is asked before, and only then (naming every leaf costs time).
+                if in_place and engine.has_digest_mismatch():
                     written = engine.in_place_written(_not_in_target(host))
                 finished = True
                 # DigestMismatch etc. surface here; frees the receiver. Without ``bindings``, the
