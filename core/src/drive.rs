@@ -140,7 +140,8 @@ where
         Ok(()) => {
             // Once done, `finish` refuses only a digest mismatch, and it takes the engine: what was
             // written is asked before (every message has landed; only a host that writes later holds
-            // some back), and only then, as naming every leaf written costs ~1 µs a leaf.
+            // some back), and only then, as naming every leaf written costs ~1 µs a leaf. (A sandboxed
+            // engine that fails inside `finish` itself is reported as that failure, unnamed.)
             let written = match in_place && engine.has_digest_mismatch()? {
                 true => engine.in_place_written(&host.not_in_target())?,
                 false => InPlaceWritten::default(),
