@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 use crate::digest::digest;
 use crate::header::{prefix, prefix_of, Header, Limits, PREFIX_LEN, VERSION};
 use crate::manifest::Manifest;
-use crate::scan::{decoded_size_budget, scan, ScanLimits};
+use crate::scan::{decoded_size_budget, scan, scan_minimal, ScanLimits};
 use crate::schema::{Metadata, PlanParams};
 use crate::tree::{Leaf, Node, Value};
 use crate::{Error, Result};
@@ -19,14 +19,36 @@ pub fn encode(manifest: &Manifest, transfer_id: u64) -> Result<(Header, Vec<u8>)
         .map_err(|_| Error::Encode)?;
     let body = &message[PREFIX_LEN as usize..];
     decoded_size(body)?;
-    let header = Header {
+    Ok((header_of(manifest, body, transfer_id), message))
+}
+
+/// [`encode`] of a manifest decoded from `body` by [`decode_metadata_minimal`], which found `body`
+/// to be postcard's own encoding of it, of decoded size `decoded`: the same header and message,
+/// with `body` copied instead of encoded again.
+pub(crate) fn encode_as(
+    manifest: &Manifest,
+    transfer_id: u64,
+    body: &[u8],
+    decoded: u64,
+) -> Result<(Header, Vec<u8>)> {
+    let max = decoded_size_budget(body.len() as u64);
+    if decoded > max {
+        return Err(Error::DecodedTooLarge { max });
+    }
+    let mut message = Vec::with_capacity(PREFIX_LEN as usize + body.len());
+    message.extend_from_slice(&prefix(transfer_id));
+    message.extend_from_slice(body);
+    Ok((header_of(manifest, body, transfer_id), message))
+}
+
+fn header_of(manifest: &Manifest, body: &[u8], transfer_id: u64) -> Header {
+    Header {
         version: VERSION,
         flags: manifest.flags(),
         metadata_len: body.len() as u64,
         metadata_digest: digest(body),
         transfer_id,
-    };
-    Ok((header, message))
+    }
 }
 
 /// Decodes and validates the metadata message that `header` announced, checking in this order: its
@@ -83,7 +105,13 @@ pub fn decoded_size(bytes: &[u8]) -> Result<u64> {
 /// Decodes the postcard metadata without validating it or applying any limit (for tools that show
 /// malformed input); the whole input must be consumed.
 pub fn decode_metadata(bytes: &[u8]) -> Result<Metadata> {
-    scan(
+    decode_metadata_minimal(bytes).map(|(metadata, _)| metadata)
+}
+
+/// [`decode_metadata`], also giving the decoded size of `bytes` when they are postcard's own encoding
+/// of what they decode to (every varint minimal), `None` otherwise.
+pub(crate) fn decode_metadata_minimal(bytes: &[u8]) -> Result<(Metadata, Option<u64>)> {
+    let (decoded, minimal) = scan_minimal(
         bytes,
         ScanLimits {
             max_leaves: u64::MAX,
@@ -91,7 +119,7 @@ pub fn decode_metadata(bytes: &[u8]) -> Result<Metadata> {
             max_decoded: u64::MAX,
         },
     )?;
-    decode_scanned(bytes)
+    Ok((decode_scanned(bytes)?, minimal.then_some(decoded)))
 }
 
 /// Decodes bytes that passed [`scan`]. Their counts are real (each element is there), so the tree and

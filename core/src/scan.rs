@@ -72,11 +72,19 @@ pub(crate) struct ScanLimits {
 
 /// Scans `bytes` as a `Metadata` message under `limits`; returns its decoded size.
 pub(crate) fn scan(bytes: &[u8], limits: ScanLimits) -> Result<u64> {
+    scan_minimal(bytes, limits).map(|(size, _)| size)
+}
+
+/// [`scan`], also saying whether every varint in `bytes` is minimal. postcard decodes a varint with
+/// padding (`0x80 0x00` for 0) and encodes none, so bytes that decode are exactly postcard's encoding
+/// of what they decode to when, and only when, every varint is minimal.
+pub(crate) fn scan_minimal(bytes: &[u8], limits: ScanLimits) -> Result<(u64, bool)> {
     let mut s = Scanner {
         bytes,
         pos: 0,
         size: 0,
         limits,
+        padded: false,
     };
     s.metadata()?;
     if s.pos < bytes.len() {
@@ -84,7 +92,7 @@ pub(crate) fn scan(bytes: &[u8], limits: ScanLimits) -> Result<u64> {
             count: (bytes.len() - s.pos) as u64,
         });
     }
-    Ok(s.size)
+    Ok((s.size, !s.padded))
 }
 
 struct Scanner<'a> {
@@ -93,6 +101,8 @@ struct Scanner<'a> {
     /// Decoded size so far.
     size: u64,
     limits: ScanLimits,
+    /// Whether a varint so far ended in a padding byte (`0x00` after another byte).
+    padded: bool,
 }
 
 /// An open container of the tree, as the key-path walk of PROTOCOL.md §7 keeps it.
@@ -135,6 +145,7 @@ impl Scanner<'_> {
                 if i == max_len - 1 && b > last_max {
                     return Err(Error::MalformedMetadata);
                 }
+                self.padded |= i > 0 && b == 0;
                 return Ok(out);
             }
         }
@@ -156,6 +167,7 @@ impl Scanner<'_> {
                 if i == MAX_LEN - 1 && b > 0x03 {
                     return Err(Error::MalformedMetadata);
                 }
+                self.padded |= i > 0 && b == 0;
                 return Ok(());
             }
         }

@@ -19,7 +19,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
-use crate::codec::encode;
+use crate::codec::{decode_metadata_minimal, encode, encode_as};
 use crate::digest::digest;
 use crate::header::{prefix, Header, Limits, PREFIX_LEN};
 use crate::manifest::Manifest;
@@ -102,13 +102,40 @@ impl Sender {
         transfer_id: u64,
     ) -> Result<Sender> {
         let manifest = Manifest::new(metadata, digests, limits)?;
-        let (header, metadata) = encode(&manifest, transfer_id)?;
+        let encoded = encode(&manifest, transfer_id)?;
+        Ok(Sender::encoded(manifest, encoded, transfer_id))
+    }
+
+    /// [`Sender::new`] for metadata given as its postcard bytes (how a sandboxed core gets it from its
+    /// host): the same errors, and the same bytes on the wire. Bytes that are postcard's own encoding
+    /// of what they decode to (every varint minimal, as any postcard encoder writes them) are sent as
+    /// they are instead of being encoded again.
+    pub fn from_postcard(
+        metadata: &[u8],
+        digests: bool,
+        limits: &Limits,
+        transfer_id: u64,
+    ) -> Result<Sender> {
+        let (decoded, minimal) = decode_metadata_minimal(metadata)?;
+        let manifest = Manifest::new(decoded, digests, limits)?;
+        let encoded = match minimal {
+            Some(size) => encode_as(&manifest, transfer_id, metadata, size)?,
+            None => encode(&manifest, transfer_id)?,
+        };
+        Ok(Sender::encoded(manifest, encoded, transfer_id))
+    }
+
+    fn encoded(
+        manifest: Manifest,
+        (header, metadata): (Header, Vec<u8>),
+        transfer_id: u64,
+    ) -> Sender {
         let plan = manifest.plan(header.metadata_len);
         let (digests, missing_digests) = digest_slots(&manifest);
         // The trailer starts with the prefix and the metadata digest; the storage digests follow.
         let mut trailer = prefix(transfer_id).to_vec();
         trailer.extend_from_slice(&header.metadata_digest.to_le_bytes());
-        Ok(Sender {
+        Sender {
             manifest,
             transfer_id,
             header: header.to_bytes(),
@@ -119,7 +146,7 @@ impl Sender {
             missing_digests,
             trailer,
             trailer_done: false,
-        })
+        }
     }
 
     /// This transfer's id.

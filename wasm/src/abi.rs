@@ -365,9 +365,10 @@ pub unsafe extern "C" fn pgt_sender_new(
     // SAFETY: the caller's contract.
     let (m, l) = unsafe { (input(metadata, metadata_len), input(limits_ptr, limits_len)) };
     run(|| {
-        let (meta, digests, limits) = metadata_args(m, digests, l)?;
+        let digests = flag(digests)?;
+        let limits = limits(l)?;
         let id = transfer_id(transfer_id_lo, transfer_id_hi);
-        let sender = Sender::new(meta, digests, &limits, id)?;
+        let sender = Sender::from_postcard(m, digests, &limits, id)?;
         let plan = sender.plan().clone();
         let handle = insert(&mut state().senders, sender);
         Ok(SenderCreated { handle, plan })
