@@ -4,8 +4,8 @@
 //!
 //! The digest floor is the same loop hashing every byte once per rank, as pgt's digests do: the
 //! sender each piece right before the system call that sends it (`send_observed`), each receiver
-//! each piece as it lands (`recv_into_observed`), into one XXH3 stream per rank. What pgt adds
-//! beyond its digests is its time over that one's.
+//! each piece as it lands (`recv_into_observed`), into one XXH3 stream per rank, with the transport's
+//! own hasher. What pgt adds beyond its digests is its time over that one's.
 //!
 //! - Memory: fresh scenarios receive into fresh mappings prefaulted by [`ReceiveMemory`] (as pgt's
 //!   receiver does); in-place and pooled ones into touched memory.
@@ -24,9 +24,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use pgt_core::digest::StorageHasher;
 use pgt_host::memory::{Buffer, ReceiveMemory, Target};
 use pgt_host::pg::{PgError, ProcessGroup};
+use pgt_host::transport::StorageHasher;
 use serde_json::{json, Value};
 
 use crate::common;
@@ -109,7 +109,7 @@ impl Floor {
                     .map(|(n, &d)| {
                         let (messages, source) = (&messages, &source);
                         // Direct fan-out sends the stream to each receiver; it is hashed once.
-                        let mut hasher = (self.digests && n == 0).then(StorageHasher::new);
+                        let mut hasher = (self.digests && n == 0).then(StorageHasher::default);
                         s.spawn(move || -> Result<Option<StorageHasher>> {
                             for (i, (_, range, at)) in messages.iter().enumerate() {
                                 let bytes = &source[*at..at + range.len()];
@@ -157,7 +157,7 @@ impl Floor {
         crate::bench::receiver_barrier(pg, timeout)?;
         let cpu = common::cpu_seconds();
         let start = Instant::now();
-        let mut hasher = self.digests.then(StorageHasher::new);
+        let mut hasher = self.digests.then(StorageHasher::default);
         std::thread::scope(|s| -> Result<()> {
             let (landed_tx, landed) = mpsc::channel::<usize>();
             let forward = next.map(|n| {
