@@ -22,23 +22,39 @@ pub fn encode(manifest: &Manifest, transfer_id: u64) -> Result<(Header, Vec<u8>)
     Ok((header_of(manifest, body, transfer_id), message))
 }
 
-/// [`encode`] of a manifest decoded from `body` by [`decode_metadata_minimal`], which found `body`
-/// to be postcard's own encoding of it, of decoded size `decoded`: the same header and message,
-/// with `body` copied instead of encoded again.
-pub(crate) fn encode_as(
-    manifest: &Manifest,
+/// Validates metadata given as its postcard bytes (as a sandboxed core gets it from its host) and
+/// encodes it: the manifest, header and message that [`Manifest::new`] and [`encode`] make of
+/// [`decode_metadata`]`(bytes)`, with the same errors. Bytes that are postcard's own encoding of what
+/// they decode to (every varint minimal, as any postcard encoder writes them) are copied into the
+/// message instead of being encoded again.
+pub fn encode_postcard(
+    bytes: &[u8],
+    digests: bool,
+    limits: &Limits,
     transfer_id: u64,
-    body: &[u8],
-    decoded: u64,
-) -> Result<(Header, Vec<u8>)> {
-    let max = decoded_size_budget(body.len() as u64);
+) -> Result<(Manifest, Header, Vec<u8>)> {
+    let (decoded, minimal) = scan_minimal(
+        bytes,
+        ScanLimits {
+            max_leaves: u64::MAX,
+            max_ndim: None,
+            max_decoded: u64::MAX,
+        },
+    )?;
+    let manifest = Manifest::new(decode_scanned(bytes)?, digests, limits)?;
+    if !minimal {
+        let (header, message) = encode(&manifest, transfer_id)?;
+        return Ok((manifest, header, message));
+    }
+    let max = decoded_size_budget(bytes.len() as u64);
     if decoded > max {
         return Err(Error::DecodedTooLarge { max });
     }
-    let mut message = Vec::with_capacity(PREFIX_LEN as usize + body.len());
+    let mut message = Vec::with_capacity(PREFIX_LEN as usize + bytes.len());
     message.extend_from_slice(&prefix(transfer_id));
-    message.extend_from_slice(body);
-    Ok((header_of(manifest, body, transfer_id), message))
+    message.extend_from_slice(bytes);
+    let header = header_of(&manifest, bytes, transfer_id);
+    Ok((manifest, header, message))
 }
 
 fn header_of(manifest: &Manifest, body: &[u8], transfer_id: u64) -> Header {
@@ -105,13 +121,7 @@ pub fn decoded_size(bytes: &[u8]) -> Result<u64> {
 /// Decodes the postcard metadata without validating it or applying any limit (for tools that show
 /// malformed input); the whole input must be consumed.
 pub fn decode_metadata(bytes: &[u8]) -> Result<Metadata> {
-    decode_metadata_minimal(bytes).map(|(metadata, _)| metadata)
-}
-
-/// [`decode_metadata`], also giving the decoded size of `bytes` when they are postcard's own encoding
-/// of what they decode to (every varint minimal), `None` otherwise.
-pub(crate) fn decode_metadata_minimal(bytes: &[u8]) -> Result<(Metadata, Option<u64>)> {
-    let (decoded, minimal) = scan_minimal(
+    scan(
         bytes,
         ScanLimits {
             max_leaves: u64::MAX,
@@ -119,7 +129,7 @@ pub(crate) fn decode_metadata_minimal(bytes: &[u8]) -> Result<(Metadata, Option<
             max_decoded: u64::MAX,
         },
     )?;
-    Ok((decode_scanned(bytes)?, minimal.then_some(decoded)))
+    decode_scanned(bytes)
 }
 
 /// Decodes bytes that passed [`scan`]. Their counts are real (each element is there), so the tree and

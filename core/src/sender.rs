@@ -19,7 +19,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{decode_metadata_minimal, encode, encode_as};
+use crate::codec::{encode, encode_postcard};
 use crate::digest::digest;
 use crate::header::{prefix, Header, Limits, PREFIX_LEN};
 use crate::manifest::Manifest;
@@ -107,22 +107,16 @@ impl Sender {
     }
 
     /// [`Sender::new`] for metadata given as its postcard bytes (how a sandboxed core gets it from its
-    /// host): the same errors, and the same bytes on the wire. Bytes that are postcard's own encoding
-    /// of what they decode to (every varint minimal, as any postcard encoder writes them) are sent as
-    /// they are instead of being encoded again.
+    /// host): the same errors, and the same bytes on the wire ([`encode_postcard`]: bytes that are
+    /// postcard's own encoding are sent as they are instead of being encoded again).
     pub fn from_postcard(
         metadata: &[u8],
         digests: bool,
         limits: &Limits,
         transfer_id: u64,
     ) -> Result<Sender> {
-        let (decoded, minimal) = decode_metadata_minimal(metadata)?;
-        let manifest = Manifest::new(decoded, digests, limits)?;
-        let encoded = match minimal {
-            Some(size) => encode_as(&manifest, transfer_id, metadata, size)?,
-            None => encode(&manifest, transfer_id)?,
-        };
-        Ok(Sender::encoded(manifest, encoded, transfer_id))
+        let (manifest, header, message) = encode_postcard(metadata, digests, limits, transfer_id)?;
+        Ok(Sender::encoded(manifest, (header, message), transfer_id))
     }
 
     fn encoded(

@@ -14,7 +14,6 @@ use core::cell::UnsafeCell;
 use pgt_core::header::{Header, Limits};
 use pgt_core::manifest::Manifest;
 use pgt_core::receiver::{InPlace, Receiver, ReceiverOptions};
-use pgt_core::schema::Metadata;
 use pgt_core::sender::{Payload, Sender};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -164,17 +163,6 @@ fn decoded(
 ) -> Result<(Header, Manifest), Fail> {
     let limits = limits(limits_bytes)?;
     Ok(api::decode(header, metadata, &limits)?)
-}
-
-/// The arguments of `pgt_encode` and `pgt_sender_new`: metadata, digests flag, limits.
-fn metadata_args(
-    metadata: &[u8],
-    digests: u32,
-    limits_bytes: &[u8],
-) -> Result<(Metadata, bool, Limits), Fail> {
-    let digests = flag(digests)?;
-    let limits = limits(limits_bytes)?;
-    Ok((pgt_core::codec::decode_metadata(metadata)?, digests, limits))
 }
 
 /// A transfer id from its two 32-bit halves (arguments are wasm `i32`s).
@@ -340,9 +328,10 @@ pub unsafe extern "C" fn pgt_encode(
     // SAFETY: the caller's contract.
     let (m, l) = unsafe { (input(metadata, metadata_len), input(limits_ptr, limits_len)) };
     run(|| {
-        let (meta, digests, limits) = metadata_args(m, digests, l)?;
+        let digests = flag(digests)?;
+        let limits = limits(l)?;
         let id = transfer_id(transfer_id_lo, transfer_id_hi);
-        Ok(api::encode(meta, digests, &limits, id)?)
+        Ok(api::encode_postcard(m, digests, &limits, id)?)
     })
 }
 

@@ -54,6 +54,21 @@ pub fn encode(
     })
 }
 
+/// [`encode`] for metadata given as its postcard bytes (pgt-core's `codec::encode_postcard`: bytes
+/// that are postcard's own encoding are kept instead of being encoded again).
+pub fn encode_postcard(
+    metadata: &[u8],
+    digests: bool,
+    limits: &Limits,
+    transfer_id: u64,
+) -> Result<Encoded> {
+    let (_, header, metadata) = codec::encode_postcard(metadata, digests, limits, transfer_id)?;
+    Ok(Encoded {
+        header: header.to_bytes().to_vec(),
+        metadata,
+    })
+}
+
 /// Digests from their little-endian bytes (8 per digest), as hosts pass them.
 pub fn digests_from_le(bytes: &[u8]) -> Option<Vec<u64>> {
     if bytes.len() % 8 != 0 {

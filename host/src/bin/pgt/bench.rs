@@ -12,7 +12,8 @@
 //! of group and topology, into the same kind of memory, by a plain send/recv loop) and, with digests
 //! on, its digest floor (the same loop hashing every byte once per rank), taking turns going first,
 //! then raw loopback TCP (`raw_loopback_gbps`); the line reports medians, `ratio_to_floor` = floor
-//! seconds / pgt seconds and `ratio_to_digest_floor` = digest floor seconds / pgt seconds. With `--pg tcp` every run is a fresh local job of real processes; with
+//! seconds / pgt seconds and `ratio_to_digest_floor` = digest floor seconds / pgt seconds. With
+//! `--pg tcp` every run is a fresh local job of real processes; with
 //! `--pg mpi` the bench runs inside an `mpirun` job whose ranks do every run in turn.
 
 use std::sync::Arc;
