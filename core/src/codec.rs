@@ -33,14 +33,7 @@ pub fn encode_postcard(
     limits: &Limits,
     transfer_id: u64,
 ) -> Result<(Manifest, Header, Vec<u8>)> {
-    let (decoded, minimal) = scan_minimal(
-        bytes,
-        ScanLimits {
-            max_leaves: u64::MAX,
-            max_ndim: None,
-            max_decoded: u64::MAX,
-        },
-    )?;
+    let (decoded, minimal) = scan_minimal(bytes, ScanLimits::NONE)?;
     let manifest = Manifest::new(decode_scanned(bytes)?, digests, limits)?;
     if !minimal {
         let (header, message) = encode(&manifest, transfer_id)?;
@@ -121,14 +114,7 @@ pub fn decoded_size(bytes: &[u8]) -> Result<u64> {
 /// Decodes the postcard metadata without validating it or applying any limit (for tools that show
 /// malformed input); the whole input must be consumed.
 pub fn decode_metadata(bytes: &[u8]) -> Result<Metadata> {
-    scan(
-        bytes,
-        ScanLimits {
-            max_leaves: u64::MAX,
-            max_ndim: None,
-            max_decoded: u64::MAX,
-        },
-    )?;
+    scan(bytes, ScanLimits::NONE)?;
     decode_scanned(bytes)
 }
 

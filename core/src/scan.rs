@@ -70,6 +70,15 @@ pub(crate) struct ScanLimits {
     pub max_decoded: u64,
 }
 
+impl ScanLimits {
+    /// No cap: the scan only checks that the bytes decode (and measures them).
+    pub const NONE: ScanLimits = ScanLimits {
+        max_leaves: u64::MAX,
+        max_ndim: None,
+        max_decoded: u64::MAX,
+    };
+}
+
 /// Scans `bytes` as a `Metadata` message under `limits`; returns its decoded size.
 pub(crate) fn scan(bytes: &[u8], limits: ScanLimits) -> Result<u64> {
     scan_minimal(bytes, limits).map(|(size, _)| size)
