@@ -631,12 +631,14 @@ impl<P: ProcessGroup> Transport<P> {
         let span = info_span!("send_checkpoint", rank = self.pg.rank(), dsts = ?dst_ranks);
         let _enter = span.enter();
         let start = Instant::now();
+        let flatten_span = info_span!("flatten").entered();
         let (nodes, entries) = state_dict.flatten();
         let storages: Vec<&[u8]> = entries
             .iter()
             .flat_map(|e| e.tensors())
             .map(|t| t.storage.bytes())
             .collect();
+        drop(flatten_span);
         let total: u64 = storages.iter().map(|s| s.len() as u64).sum();
         let abort = Abort::default();
         let outcomes = SendOutcomes {
@@ -658,6 +660,7 @@ impl<P: ProcessGroup> Transport<P> {
                 scope.spawn(move || hash_storages(storages, rx, event_tx, abort));
                 tx
             });
+            let leaves_span = info_span!("leaves").entered();
             let metadata = Metadata {
                 step: state_dict.step,
                 source: self.pg.rank(),
@@ -666,6 +669,7 @@ impl<P: ProcessGroup> Transport<P> {
                 tree: nodes,
                 leaves: entries.iter().map(|e| e.to_leaf()).collect(),
             };
+            drop(leaves_span);
             let encode_span = info_span!("encode").entered();
             let mut engine = self.options.engine.sender(
                 metadata,
