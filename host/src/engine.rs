@@ -160,10 +160,12 @@ impl ReceiveEngine for ReceiverEngine {
     }
 
     fn handle_metadata(&mut self, bytes: &[u8]) -> Result<Incoming, EngineError> {
+        let _span = tracing::info_span!("decode", bytes = bytes.len()).entered();
         dispatch!(self, e => ReceiveEngine::handle_metadata(&mut **e, bytes))
     }
 
     fn tree(&mut self) -> Result<Vec<Node>, EngineError> {
+        let _span = tracing::info_span!("tree").entered();
         dispatch!(self, e => ReceiveEngine::tree(&mut **e))
     }
 
