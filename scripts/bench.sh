@@ -23,6 +23,9 @@ run --scenario fanout
 run --scenario fanout --fanout direct
 run --scenario small
 run --scenario small-inplace
+# A long-lived sender's and receiver's steady state: each pgt run's processes transfer once untimed first.
+run --scenario small --warmup 1
+run --scenario small-inplace --warmup 1
 run --scenario small --core wasm
 run --scenario small-inplace --core wasm
 if [ ${#features[@]} -gt 0 ]; then

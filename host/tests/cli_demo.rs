@@ -125,6 +125,23 @@ fn bench_large_pooled_times_a_receive_into_recycled_buffers() {
     assert!(growth < 8 << 20, "receiver grew {growth} bytes: {v}");
 }
 
+/// `--warmup N`: every rank of a pgt run makes N untimed transfers in the same processes before the
+/// timed one (`large-pooled` already makes two), and the last one is verified.
+#[test]
+fn bench_warmup_times_a_later_transfer_of_the_same_processes() {
+    for (scenario, warmup, transfers) in [
+        ("large", "0", 1),
+        ("large", "1", 2),
+        ("large-inplace", "2", 3),
+        ("large-pooled", "1", 3),
+    ] {
+        let v = bench_json_with(scenario, "8MiB", &["--warmup", warmup]);
+        assert_eq!(v["warmup"].to_string(), warmup, "{v}");
+        assert_eq!(v["transfers_per_run"], transfers, "{scenario}: {v}");
+        assert_eq!(v["verified"], true, "{v}");
+    }
+}
+
 /// Every scenario kind's floor runs with pgt: fresh and touched memory, one stream of many leaves,
 /// chain relay and direct fan-out; the line has the floor's figures, and the floor's receivers
 /// checked every byte too (`verified` covers both).

@@ -160,6 +160,11 @@ pub struct BenchArgs {
     /// measurement); figures are medians.
     #[arg(long, default_value_t = 3)]
     pub repeat: u32,
+    /// Untimed transfers each pgt run makes first, in the same processes: the timed one is then a
+    /// long-lived sender's and receiver's steady state (allocator, page tables, caches) rather than
+    /// each process's first transfer. The floors are not warmed.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: u32,
     /// Process group: `tcp` spawns the ranks on loopback; `mpi` is one rank of an `mpirun` job of
     /// receivers + 1 ranks (every rank runs `pgt bench --pg mpi …`; rank 0 prints).
     #[arg(long, value_enum, default_value = "tcp")]
@@ -181,6 +186,9 @@ pub struct WorkerArgs {
     /// With `--floor`: its digest floor.
     #[arg(long, requires = "floor")]
     floor_digests: bool,
+    /// Untimed pgt transfers before the timed one (see `pgt bench --warmup`).
+    #[arg(long, default_value_t = 0, conflicts_with = "floor")]
+    warmup: u32,
     #[command(flatten)]
     group: GroupArgs,
     #[command(flatten)]
@@ -222,6 +230,7 @@ pub fn run_job(
     receivers: u32,
     transfer: &TransferArgs,
     kind: RunKind,
+    warmup: u32,
 ) -> Result<Vec<serde_json::Value>> {
     let children = common::spawn_local_job(receivers + 1, |_| {
         let mut a = vec![
@@ -233,7 +242,7 @@ pub fn run_job(
             "--quiet".into(),
         ];
         match kind {
-            RunKind::Pgt => {}
+            RunKind::Pgt => a.extend(["--warmup".into(), warmup.to_string()]),
             RunKind::Floor => a.push("--floor".into()),
             RunKind::DigestFloor => a.extend(["--floor".into(), "--floor-digests".into()]),
         }
@@ -293,7 +302,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let mut runs = Runs::default();
             for rep in 0..args.repeat.max(1) {
                 for kind in RunKind::order(rep, !transfer.no_digests) {
-                    let reports = run_job(args.scenario, args.bytes, receivers, &transfer, kind)?;
+                    let reports = run_job(
+                        args.scenario,
+                        args.bytes,
+                        receivers,
+                        &transfer,
+                        kind,
+                        args.warmup,
+                    )?;
                     runs.push(kind, reports);
                 }
                 runs.measure_raw(bytes)?;
@@ -352,7 +368,7 @@ fn run_mpi(
         // The kinds take turns going first, as with `--pg tcp`.
         for kind in RunKind::order(rep, !transfer.no_digests) {
             let report = match kind {
-                RunKind::Pgt => pgt_rank(pg, args.scenario, args.bytes, transfer)?,
+                RunKind::Pgt => pgt_rank(pg, args.scenario, args.bytes, transfer, args.warmup)?,
                 RunKind::Floor | RunKind::DigestFloor => {
                     let digests = kind == RunKind::DigestFloor;
                     let floor = args
@@ -435,6 +451,14 @@ fn cpu_signature(info: &str) -> String {
 }
 
 /// Prints the invocation's line from its runs.
+/// The one value every report has, or null when they differ or there are none.
+fn all_ranks_agree<'v>(mut values: impl Iterator<Item = &'v Value>) -> Value {
+    match values.next() {
+        Some(first) if values.all(|v| v == first) => first.clone(),
+        _ => Value::Null,
+    }
+}
+
 fn report(args: &BenchArgs, transfer: &TransferArgs, receivers: u32, runs: &Runs) -> Result<()> {
     let shape = args.scenario.shape(args.bytes);
     let bytes = synthetic::total_bytes(&shape);
@@ -529,6 +553,9 @@ fn report(args: &BenchArgs, transfer: &TransferArgs, receivers: u32, runs: &Runs
         "core": format!("{:?}", transfer.core).to_lowercase(),
         "digests": !transfer.no_digests,
         "sender_hash": transfer.sender_hash.to_possible_value().map(|v| v.get_name().to_owned()),
+        "warmup": args.warmup,
+        // What the ranks did: every rank of every pgt run reports the transfers it made.
+        "transfers_per_run": all_ranks_agree(runs.pgt.iter().flatten().map(|r| &r["transfers"])),
         "metadata_seconds": round(metadata_seconds, 4),
         "staged_copy_seconds": round(staged_copy_seconds, 4),
         "sender_cpu_seconds": round(cpu_of(&senders), 4),
@@ -629,7 +656,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             .floor(args.bytes, &args.transfer, receivers, args.floor_digests);
         floor.run_rank(&*pg, args.transfer.timeout()?)?
     } else {
-        pgt_rank(&*pg, args.scenario, args.bytes, &args.transfer)?
+        pgt_rank(&*pg, args.scenario, args.bytes, &args.transfer, args.warmup)?
     };
     println!("{report}");
     if report["verified"] == json!(false) {
@@ -638,19 +665,21 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     Ok(())
 }
 
-/// One rank's part of a pgt run of `scenario` over `pg` (rank 0 sends); its report.
+/// One rank's part of a pgt run of `scenario` over `pg` (rank 0 sends), after `warmup` untimed
+/// transfers; its report.
 fn pgt_rank(
     pg: &dyn ProcessGroup,
     scenario: Scenario,
     bytes: u64,
     transfer: &TransferArgs,
+    warmup: u32,
 ) -> Result<Value> {
     let shape = scenario.shape(bytes);
     let options = transfer.options()?;
     let timeout = options.timeout;
     let rank = pg.rank();
     let world = pg.size();
-    let rounds = scenario.rounds();
+    let rounds = scenario.rounds() + warmup;
     let report = if rank == 0 {
         let sd = synthetic::materialize(&shape)?;
         let dsts: Vec<u32> = (1..world).collect();
@@ -664,6 +693,7 @@ fn pgt_rank(
             let stats = transport.send_checkpoint(&dsts, &sd)?;
             report = json!({
                 "rank": rank,
+                "transfers": rounds,
                 "seconds": stats.seconds,
                 "cpu_seconds": common::cpu_seconds() - cpu_before,
                 "bytes": stats.bytes,
@@ -687,8 +717,11 @@ fn pgt_rank(
         let mut received = None;
         let mut round_report = json!(null);
         for _ in 0..rounds {
-            if let (Some(pool), Some(previous)) = (&pool, received.take()) {
-                pool.recycle(StateDict::into_buffers(previous));
+            // The previous round's checkpoint goes before the next round's clock starts.
+            if let Some(previous) = received.take() {
+                if let Some(pool) = &pool {
+                    pool.recycle(StateDict::into_buffers(previous));
+                }
             }
             common::reset_peak_rss();
             let before = common::rss_bytes();
@@ -707,6 +740,7 @@ fn pgt_rank(
             };
             round_report = json!({
                 "rank": rank,
+                "transfers": rounds,
                 "seconds": start.elapsed().as_secs_f64(),
                 "metadata_seconds": metadata_seconds,
                 "staged_copy_seconds": staged_copy_seconds,

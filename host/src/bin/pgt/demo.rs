@@ -54,6 +54,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         args.receivers,
         &args.transfer,
         RunKind::Pgt,
+        0,
     )?;
     println!();
     println!(
