@@ -450,7 +450,6 @@ fn cpu_signature(info: &str) -> String {
     )
 }
 
-/// Prints the invocation's line from its runs.
 /// The one value every report has, or null when they differ or there are none.
 fn all_ranks_agree<'v>(mut values: impl Iterator<Item = &'v Value>) -> Value {
     match values.next() {
@@ -459,6 +458,7 @@ fn all_ranks_agree<'v>(mut values: impl Iterator<Item = &'v Value>) -> Value {
     }
 }
 
+/// Prints the invocation's line from its runs.
 fn report(args: &BenchArgs, transfer: &TransferArgs, receivers: u32, runs: &Runs) -> Result<()> {
     let shape = args.scenario.shape(args.bytes);
     let bytes = synthetic::total_bytes(&shape);
@@ -717,11 +717,10 @@ fn pgt_rank(
         let mut received = None;
         let mut round_report = json!(null);
         for _ in 0..rounds {
-            // The previous round's checkpoint goes before the next round's clock starts.
-            if let Some(previous) = received.take() {
-                if let Some(pool) = &pool {
-                    pool.recycle(StateDict::into_buffers(previous));
-                }
+            // The previous round's checkpoint goes before the next round's clock starts: recycled
+            // into the pool, or dropped with the pattern's temporary.
+            if let (Some(pool), Some(previous)) = (&pool, received.take()) {
+                pool.recycle(StateDict::into_buffers(previous));
             }
             common::reset_peak_rss();
             let before = common::rss_bytes();

@@ -54,7 +54,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         args.receivers,
         &args.transfer,
         RunKind::Pgt,
-        0,
+        0, // no warm-up: the demo shows a first transfer
     )?;
     println!();
     println!(
