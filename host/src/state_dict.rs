@@ -557,6 +557,49 @@ pub enum Tree<'a> {
     Leaf(Entry<'a>),
 }
 
+/// A container of [`StateDict::unflatten_from`] still missing children.
+enum OpenContainer<'a> {
+    /// The keys still waiting for their child, in order.
+    Dict {
+        keys: std::vec::IntoIter<Key>,
+        items: Vec<(Key, Tree<'a>)>,
+    },
+    Sequence {
+        tuple: bool,
+        len: usize,
+        items: Vec<Tree<'a>>,
+    },
+}
+
+impl<'a> OpenContainer<'a> {
+    /// Adds the next child: whether the container is now complete (`None`: it already was).
+    fn push(&mut self, child: Tree<'a>) -> Option<bool> {
+        match self {
+            OpenContainer::Dict { keys, items } => {
+                items.push((keys.next()?, child));
+                Some(keys.len() == 0)
+            }
+            OpenContainer::Sequence { len, items, .. } => {
+                if items.len() == *len {
+                    return None;
+                }
+                items.push(child);
+                Some(items.len() == *len)
+            }
+        }
+    }
+
+    fn into_tree(self) -> Tree<'a> {
+        match self {
+            OpenContainer::Dict { items, .. } => Tree::Dict(items),
+            OpenContainer::Sequence {
+                tuple: true, items, ..
+            } => Tree::Tuple(items),
+            OpenContainer::Sequence { items, .. } => Tree::List(items),
+        }
+    }
+}
+
 /// What [`StateDict::get`] looks up: a root-level key (`str`, `String`, [`Key`]), nested string
 /// keys (`[&str; N]`, `[&str]`) or a whole [`KeyPath`] (`[PathElem]`).
 pub trait Locator {
@@ -928,49 +971,76 @@ impl<'a> StateDict<'a> {
 
     /// Rebuilds a tree from pre-order nodes and leaf entries (depth-first order).
     pub fn unflatten(nodes: &[Node], entries: Vec<Entry<'a>>, step: Option<u64>) -> Result<Self> {
+        Self::unflatten_from(nodes.iter().cloned(), entries.into_iter().map(Ok), step)
+    }
+
+    /// [`StateDict::unflatten`] from owned nodes, whose keys move into the tree, and entries made
+    /// as the walk reaches them. Each container is allocated once at its size and each entry moved
+    /// once into it: a received tree of many leaves is not copied through intermediate lists.
+    pub(crate) fn unflatten_from(
+        nodes: impl ExactSizeIterator<Item = Node>,
+        entries: impl Iterator<Item = Result<Entry<'a>>>,
+        step: Option<u64>,
+    ) -> Result<Self> {
         let malformed = || Error::state_dict("", "malformed tree");
-        // Build bottom-up: walk nodes in reverse pre-order, keeping finished subtrees on a stack.
-        let mut entries = entries;
-        let mut done: Vec<Tree<'a>> = Vec::new();
-        for node in nodes.iter().rev() {
-            let tree = match node {
+        let (mut nodes, mut entries) = (nodes, entries);
+        // Containers still missing children, innermost last.
+        let mut open: Vec<OpenContainer<'a>> = Vec::new();
+        let mut root = None;
+        while let Some(node) = nodes.next() {
+            if root.is_some() {
+                return Err(malformed());
+            }
+            // Each child takes at least one node: a container that wants more than are left is
+            // malformed (and its list is never allocated).
+            let left = nodes.len();
+            let mut finished = match node {
                 Node::Leaf => Tree::Leaf(
                     entries
-                        .pop()
-                        .ok_or_else(|| Error::state_dict("", "fewer entries than leaves"))?,
+                        .next()
+                        .ok_or_else(|| Error::state_dict("", "fewer entries than leaves"))??,
                 ),
-                Node::Dict(keys) => {
-                    if done.len() < keys.len() {
-                        return Err(malformed());
-                    }
-                    let children = done.split_off(done.len() - keys.len());
-                    Tree::Dict(
-                        keys.iter()
-                            .cloned()
-                            .zip(children.into_iter().rev())
-                            .collect(),
-                    )
+                Node::Dict(keys) if keys.is_empty() => Tree::Dict(Vec::new()),
+                Node::Dict(keys) if keys.len() <= left => {
+                    open.push(OpenContainer::Dict {
+                        items: Vec::with_capacity(keys.len()),
+                        keys: keys.into_iter(),
+                    });
+                    continue;
                 }
-                Node::List(n) | Node::Tuple(n) => {
-                    let n = *n as usize;
-                    if done.len() < n {
-                        return Err(malformed());
-                    }
-                    let children: Vec<_> =
-                        done.split_off(done.len() - n).into_iter().rev().collect();
-                    match node {
-                        Node::List(_) => Tree::List(children),
-                        _ => Tree::Tuple(children),
-                    }
+                Node::List(0) => Tree::List(Vec::new()),
+                Node::Tuple(0) => Tree::Tuple(Vec::new()),
+                Node::List(n) | Node::Tuple(n) if n <= left as u64 => {
+                    open.push(OpenContainer::Sequence {
+                        tuple: matches!(node, Node::Tuple(_)),
+                        len: n as usize,
+                        items: Vec::with_capacity(n as usize),
+                    });
+                    continue;
                 }
+                Node::Dict(_) | Node::List(_) | Node::Tuple(_) => return Err(malformed()),
             };
-            done.push(tree);
+            // The finished subtree goes into its container, which may be finished in turn.
+            loop {
+                let Some(parent) = open.last_mut() else {
+                    root = Some(finished);
+                    break;
+                };
+                if !parent.push(finished).ok_or_else(malformed)? {
+                    break;
+                }
+                finished = match open.pop() {
+                    Some(container) => container.into_tree(),
+                    None => return Err(malformed()),
+                };
+            }
         }
-        if done.len() != 1 || !entries.is_empty() {
-            return Err(malformed());
+        match root {
+            Some(root) if open.is_empty() && entries.next().is_none() => {
+                Ok(StateDict { root, step })
+            }
+            _ => Err(malformed()),
         }
-        let root = done.pop().ok_or_else(malformed)?;
-        Ok(StateDict { root, step })
     }
 
     /// This state dict with `'static` storages (borrowed bytes are copied).
@@ -1046,6 +1116,113 @@ mod tests {
         ] {
             assert!(!sd.has_shape(&n), "{what}");
         }
+    }
+
+    /// A dict of every container kind, empty ones included, with value leaves numbered in order.
+    fn nested() -> StateDict<'static> {
+        let leaf = |i: i128| Tree::Leaf(Entry::Value(Value::Int(i)));
+        let mut sd = StateDict::new();
+        sd.insert("a", Value::Int(0)).unwrap();
+        sd.insert(
+            "l",
+            Tree::List(vec![
+                leaf(1),
+                Tree::Dict(vec![
+                    ("x".into(), leaf(2)),
+                    ("y".into(), Tree::Tuple(vec![])),
+                ]),
+                Tree::Tuple(vec![leaf(3), Tree::List(vec![]), leaf(4)]),
+            ]),
+        )
+        .unwrap();
+        sd.insert("e", Tree::Dict(vec![])).unwrap();
+        sd.step = Some(9);
+        sd
+    }
+
+    fn values(entries: &[&Entry<'_>]) -> Vec<i128> {
+        entries
+            .iter()
+            .map(|e| match e {
+                Entry::Value(Value::Int(i)) => *i,
+                e => panic!("not a numbered leaf: {e:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn unflatten_rebuilds_what_flatten_took_apart() {
+        let sd = nested();
+        let (nodes, entries) = sd.flatten();
+        let owned: Vec<Entry> = entries.iter().map(|e| (*e).clone()).collect();
+        let rebuilt = StateDict::unflatten(&nodes, owned, sd.step).unwrap();
+        let (again, again_entries) = rebuilt.flatten();
+        assert_eq!(again, nodes);
+        assert_eq!(values(&again_entries), [0, 1, 2, 3, 4]);
+        assert_eq!(rebuilt.step, Some(9));
+        // A lone leaf and a lone empty container are trees too.
+        let lone = StateDict::unflatten(&[Node::Leaf], vec![Entry::Value(Value::Int(5))], None);
+        assert!(matches!(lone.unwrap().root, Tree::Leaf(_)));
+        let empty = StateDict::unflatten(&[Node::List(0)], vec![], None).unwrap();
+        assert!(matches!(empty.root, Tree::List(v) if v.is_empty()));
+    }
+
+    #[test]
+    fn unflatten_refuses_nodes_and_entries_that_do_not_fit() {
+        let sd = nested();
+        let (nodes, entries) = sd.flatten();
+        let owned = || -> Vec<Entry> { entries.iter().map(|e| (*e).clone()).collect() };
+        let refused = |nodes: &[Node], entries: Vec<Entry<'static>>| {
+            StateDict::unflatten(nodes, entries, None)
+                .err()
+                .map(|e| e.to_string())
+        };
+        let fewer = owned()[..4].to_vec();
+        assert_eq!(
+            refused(&nodes, fewer).as_deref(),
+            Some("fewer entries than leaves")
+        );
+        let mut more = owned();
+        more.push(Entry::Value(Value::None));
+        let mut trailing = nodes.clone();
+        trailing.push(Node::Leaf);
+        let mut truncated = nodes.clone();
+        truncated.pop();
+        // A list that claims more children than there are nodes left: refused before its list is
+        // allocated (a capacity of u64::MAX would abort).
+        let huge = [Node::List(u64::MAX), Node::Leaf];
+        let huge_dict = [Node::Dict(vec!["a".into(), "b".into()]), Node::Leaf];
+        for (what, n, e) in [
+            ("more entries", &nodes[..], more),
+            ("trailing node", &trailing[..], owned()),
+            ("truncated", &truncated[..], owned()),
+            ("huge list", &huge[..], vec![Entry::Value(Value::None)]),
+            (
+                "dict longer than the rest",
+                &huge_dict[..],
+                vec![Entry::Value(Value::None)],
+            ),
+            ("no nodes", &[][..], vec![]),
+        ] {
+            assert_eq!(refused(n, e).as_deref(), Some("malformed tree"), "{what}");
+        }
+    }
+
+    /// The receive's path: entries made as the walk reaches them; a failing one fails the tree.
+    #[test]
+    fn unflatten_from_stops_at_the_first_failing_entry() {
+        let (nodes, _) = nested().flatten();
+        let mut made = 0;
+        let entries = (0..5).map(|i| {
+            made += 1;
+            match i {
+                2 => Err(Error::state_dict("l.1.x", "bad leaf")),
+                i => Ok(Entry::Value(Value::Int(i))),
+            }
+        });
+        let e = StateDict::unflatten_from(nodes.into_iter(), entries, None).unwrap_err();
+        assert!(e.to_string().contains("bad leaf"), "{e}");
+        assert_eq!(made, 3);
     }
 
     #[test]

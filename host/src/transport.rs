@@ -2162,9 +2162,8 @@ fn assemble<'d>(
         let entries = received
             .leaves
             .into_iter()
-            .map(|leaf| Entry::from_leaf(leaf, &mut storages))
-            .collect::<crate::Result<Vec<_>>>()?;
-        *target = StateDict::unflatten(&received.tree, entries, received.step)?;
+            .map(|leaf| Entry::from_leaf(leaf, &mut storages));
+        *target = StateDict::unflatten_from(received.tree.into_iter(), entries, received.step)?;
     }
     if let Some(pool) = pool {
         // Staging held wire bytes only until the cast; the next receive can reuse it.
