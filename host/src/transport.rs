@@ -1295,7 +1295,7 @@ struct Landed<'t> {
 
 /// The receiving host: receives on the calling thread straight into [`ReceiveMemory`], hashing each
 /// piece as it lands; a post thread casts what has landed, a forward thread relays it (chain
-/// fan-out).
+/// fan-out), each started only when the receive has such work.
 struct Landing<'a, 'scope, 'env, 't, 'd, P: ProcessGroup> {
     transport: &'a Transport<P>,
     scope: &'scope Scope<'scope, 'env>,
@@ -1315,6 +1315,9 @@ struct Landing<'a, 'scope, 'env, 't, 'd, P: ProcessGroup> {
     /// Completions of this thread (data landed), reported before the workers'.
     local: VecDeque<Event>,
     events: Option<mpsc::Receiver<Event>>,
+    /// The workers' side of `events`, until the forward thread (started at the first forward) takes
+    /// it.
+    event_tx: Option<mpsc::Sender<Event>>,
     abort: &'a Abort,
     /// The slot of the rank this receive forwards to (chain fan-out), taken at the first forward.
     forward_slot: &'a Mutex<Option<Slots>>,
@@ -1368,6 +1371,7 @@ where
             hashers: StorageHashers::default(),
             local: VecDeque::new(),
             events: None,
+            event_tx: None,
             abort,
             forward_slot,
             forward_failed: Arc::default(),
@@ -1593,16 +1597,17 @@ where
         })
     }
 
-    /// Starts the post (cast) and forward threads.
+    /// Starts the post (cast) thread when some storage is cast; the forward thread waits for the first
+    /// forward ([`Landing::start_forward`]). A thread started here is on the receive's critical path
+    /// (between the metadata and the first data byte), and most receives need neither.
     fn start_workers(&mut self, memory: Arc<ReceiveMemory<'t>>, layout: Arc<Layout>) {
         let (event_tx, events) = mpsc::channel::<Event>();
         self.events = Some(events);
         let abort = self.abort;
-        let (post_tx, post_rx) = mpsc::sync_channel::<PostJob>(QUEUE_DEPTH);
-        self.post = Some(post_tx);
-        {
-            let (memory, layout, event_tx) =
-                (Arc::clone(&memory), Arc::clone(&layout), event_tx.clone());
+        if layout.bindings.iter().any(|b| b.cast_from.is_some()) {
+            let (post_tx, post_rx) = mpsc::sync_channel::<PostJob>(QUEUE_DEPTH);
+            self.post = Some(post_tx);
+            let event_tx = event_tx.clone();
             self.post_thread = Some(self.scope.spawn(move || {
                 for job in post_rx {
                     if abort.is_set() {
@@ -1622,6 +1627,15 @@ where
                 }
             }));
         }
+        self.event_tx = Some(event_tx);
+    }
+
+    /// Starts the forward thread (chain fan-out), at this receive's first forward.
+    fn start_forward(&mut self) -> Result<()> {
+        let (Some(memory), Some(event_tx)) = (self.memory.clone(), self.event_tx.take()) else {
+            return Err(Error::internal("a forward before the data's memory"));
+        };
+        let abort = self.abort;
         let (fwd_tx, fwd_rx) = mpsc::sync_channel::<ForwardJob>(QUEUE_DEPTH);
         self.forward = Some(fwd_tx);
         let pg = &self.transport.pg;
@@ -1705,6 +1719,7 @@ where
                 let _ = event_tx.send(Event::Forwarded(op.message));
             }
         });
+        Ok(())
     }
 }
 
@@ -1935,6 +1950,9 @@ where
                 ForwardJob::Storages(*op, prefix, segments.to_vec())
             }
         };
+        if self.forward.is_none() {
+            self.start_forward()?;
+        }
         let forward = self
             .forward
             .as_ref()
