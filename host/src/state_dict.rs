@@ -978,12 +978,11 @@ impl<'a> StateDict<'a> {
     /// as the walk reaches them. Each container is allocated once at its size and each entry moved
     /// once into it: a received tree of many leaves is not copied through intermediate lists.
     pub(crate) fn unflatten_from(
-        nodes: impl ExactSizeIterator<Item = Node>,
-        entries: impl Iterator<Item = Result<Entry<'a>>>,
+        mut nodes: impl ExactSizeIterator<Item = Node>,
+        mut entries: impl Iterator<Item = Result<Entry<'a>>>,
         step: Option<u64>,
     ) -> Result<Self> {
         let malformed = || Error::state_dict("", "malformed tree");
-        let (mut nodes, mut entries) = (nodes, entries);
         // Containers still missing children, innermost last.
         let mut open: Vec<OpenContainer<'a>> = Vec::new();
         let mut root = None;
@@ -994,7 +993,7 @@ impl<'a> StateDict<'a> {
             // Each child takes at least one node: a container that wants more than are left is
             // malformed (and its list is never allocated).
             let left = nodes.len();
-            let mut finished = match node {
+            let tree = match node {
                 Node::Leaf => Tree::Leaf(
                     entries
                         .next()
@@ -1021,18 +1020,15 @@ impl<'a> StateDict<'a> {
                 Node::Dict(_) | Node::List(_) | Node::Tuple(_) => return Err(malformed()),
             };
             // The finished subtree goes into its container, which may be finished in turn.
-            loop {
-                let Some(parent) = open.last_mut() else {
-                    root = Some(finished);
-                    break;
-                };
-                if !parent.push(finished).ok_or_else(malformed)? {
-                    break;
+            let mut finished = Some(tree);
+            while let Some(tree) = finished.take() {
+                match open.pop() {
+                    None => root = Some(tree),
+                    Some(mut parent) => match parent.push(tree).ok_or_else(malformed)? {
+                        true => finished = Some(parent.into_tree()),
+                        false => open.push(parent),
+                    },
                 }
-                finished = match open.pop() {
-                    Some(container) => container.into_tree(),
-                    None => return Err(malformed()),
-                };
             }
         }
         match root {

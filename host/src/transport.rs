@@ -1600,11 +1600,12 @@ where
     /// Starts the post (cast) thread when some storage is cast; the forward thread waits for the first
     /// forward ([`Landing::start_forward`]). A thread started here is on the receive's critical path
     /// (between the metadata and the first data byte), and most receives need neither.
-    fn start_workers(&mut self, memory: Arc<ReceiveMemory<'t>>, layout: Arc<Layout>) {
+    fn start_workers(&mut self, layout: Arc<Layout>) -> Result<()> {
         let (event_tx, events) = mpsc::channel::<Event>();
         self.events = Some(events);
         let abort = self.abort;
         if layout.bindings.iter().any(|b| b.cast_from.is_some()) {
+            let memory = self.allocated()?;
             let (post_tx, post_rx) = mpsc::sync_channel::<PostJob>(QUEUE_DEPTH);
             self.post = Some(post_tx);
             let event_tx = event_tx.clone();
@@ -1628,13 +1629,23 @@ where
             }));
         }
         self.event_tx = Some(event_tx);
+        Ok(())
+    }
+
+    /// The receive's memory, for a worker: allocated once the metadata is bound.
+    fn allocated(&self) -> Result<Arc<ReceiveMemory<'t>>> {
+        self.memory
+            .clone()
+            .ok_or_else(|| Error::internal("a worker before the receive memory was allocated"))
     }
 
     /// Starts the forward thread (chain fan-out), at this receive's first forward.
     fn start_forward(&mut self) -> Result<()> {
-        let (Some(memory), Some(event_tx)) = (self.memory.clone(), self.event_tx.take()) else {
-            return Err(Error::internal("a forward before the data's memory"));
-        };
+        let memory = self.allocated()?;
+        let event_tx = self
+            .event_tx
+            .take()
+            .ok_or_else(|| Error::internal("a forward before the workers' events"))?;
         let abort = self.abort;
         let (fwd_tx, fwd_rx) = mpsc::sync_channel::<ForwardJob>(QUEUE_DEPTH);
         self.forward = Some(fwd_tx);
@@ -1825,12 +1836,7 @@ where
 
     fn bound(&mut self, incoming: &Incoming, bindings: &[Binding]) -> Result<()> {
         let layout = Arc::new(self.allocate(incoming, bindings)?);
-        let memory = Arc::clone(
-            self.memory
-                .as_ref()
-                .ok_or_else(|| Error::internal("no receive memory after allocating it"))?,
-        );
-        self.start_workers(memory, Arc::clone(&layout));
+        self.start_workers(Arc::clone(&layout))?;
         self.layout = Some(layout);
         Ok(())
     }
