@@ -50,6 +50,43 @@ pub fn encode_postcard(
     Ok((manifest, header, message))
 }
 
+/// [`encode`]'s header and message for the same validated metadata at another `step`, for transfer
+/// `transfer_id`, made from `message` (what [`encode`] or [`encode_postcard`] gave for `manifest`)
+/// without encoding the rest again: the step is the metadata's first field (PROTOCOL.md §6), so only
+/// the prefix and the step's bytes change. `manifest` is updated to the new step. Gives the same
+/// bytes and the same errors as encoding the updated metadata.
+pub fn encode_step(
+    manifest: &mut Manifest,
+    message: &mut Vec<u8>,
+    step: Option<u64>,
+    transfer_id: u64,
+) -> Result<Header> {
+    let mut old = [0u8; MAX_STEP_LEN];
+    let mut new = [0u8; PREFIX_LEN as usize + MAX_STEP_LEN];
+    let old = postcard::to_slice(&manifest.metadata().step, &mut old)
+        .map_err(|_| Error::Encode)?
+        .len();
+    new[..PREFIX_LEN as usize].copy_from_slice(&prefix(transfer_id));
+    let len = postcard::to_slice(&step, &mut new[PREFIX_LEN as usize..])
+        .map_err(|_| Error::Encode)?
+        .len();
+    let head = PREFIX_LEN as usize + old;
+    if message.len() < head {
+        return Err(Error::Encode);
+    }
+    message.splice(..head, new[..PREFIX_LEN as usize + len].iter().copied());
+    manifest.set_step(step);
+    let body = &message[PREFIX_LEN as usize..];
+    // The decoded-size budget follows the encoded length, which a step of another length changes.
+    if len != old {
+        decoded_size(body)?;
+    }
+    Ok(header_of(manifest, body, transfer_id))
+}
+
+/// Most bytes postcard takes for an `Option<u64>`: the tag and a 10-byte varint.
+const MAX_STEP_LEN: usize = 11;
+
 fn header_of(manifest: &Manifest, body: &[u8], transfer_id: u64) -> Header {
     Header {
         version: VERSION,

@@ -121,6 +121,11 @@ impl Manifest {
         &self.metadata
     }
 
+    /// Changes the step: it is not validated and no derived table depends on it.
+    pub(crate) fn set_step(&mut self, step: Option<u64>) {
+        self.metadata.step = step;
+    }
+
     /// Takes the metadata back.
     pub fn into_metadata(self) -> Metadata {
         self.metadata

@@ -19,7 +19,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{encode, encode_postcard};
+use crate::codec::{encode, encode_postcard, encode_step};
 use crate::digest::digest;
 use crate::header::{prefix, Header, Limits, PREFIX_LEN};
 use crate::manifest::Manifest;
@@ -88,6 +88,36 @@ pub struct Sender {
     /// The trailer: prefix and metadata digest, then the storage digests once all are known.
     trailer: Vec<u8>,
     trailer_done: bool,
+    /// The limits the metadata was validated under.
+    limits: Limits,
+}
+
+/// A sender's validated and encoded metadata, kept after its transfer ([`Sender::into_kept`]) so that
+/// the same state dict can be sent again at another step ([`Sender::again`]) without validating and
+/// encoding it again: what a trainer pushing its weights every step sends.
+#[derive(Debug)]
+pub struct KeptMetadata {
+    manifest: Manifest,
+    /// The metadata message as last sent: the prefix, then the postcard metadata.
+    message: Vec<u8>,
+    limits: Limits,
+}
+
+impl KeptMetadata {
+    /// The metadata it holds (at the step last sent).
+    pub fn metadata(&self) -> &Metadata {
+        self.manifest.metadata()
+    }
+
+    /// Whether it was sent with a digest trailer.
+    pub fn digests(&self) -> bool {
+        self.manifest.digests()
+    }
+
+    /// Takes the metadata back.
+    pub fn into_metadata(self) -> Metadata {
+        self.manifest.into_metadata()
+    }
 }
 
 impl Sender {
@@ -103,7 +133,45 @@ impl Sender {
     ) -> Result<Sender> {
         let manifest = Manifest::new(metadata, digests, limits)?;
         let encoded = encode(&manifest, transfer_id)?;
-        Ok(Sender::encoded(manifest, encoded, transfer_id))
+        Ok(Sender::encoded(manifest, encoded, transfer_id, limits))
+    }
+
+    /// [`Sender::new`] for the kept metadata at `step`, with the same bytes on the wire and the same
+    /// errors. Under the limits it was validated under, only the step's bytes are encoded again;
+    /// under others it is validated and encoded whole.
+    pub fn again(
+        kept: KeptMetadata,
+        step: Option<u64>,
+        limits: &Limits,
+        transfer_id: u64,
+    ) -> Result<Sender> {
+        let KeptMetadata {
+            mut manifest,
+            mut message,
+            limits: validated_under,
+        } = kept;
+        if validated_under != *limits {
+            let digests = manifest.digests();
+            let mut metadata = manifest.into_metadata();
+            metadata.step = step;
+            return Sender::new(metadata, digests, limits, transfer_id);
+        }
+        let header = encode_step(&mut manifest, &mut message, step, transfer_id)?;
+        Ok(Sender::encoded(
+            manifest,
+            (header, message),
+            transfer_id,
+            limits,
+        ))
+    }
+
+    /// What [`Sender::again`] needs to send this metadata again (at any point of the transfer).
+    pub fn into_kept(self) -> KeptMetadata {
+        KeptMetadata {
+            manifest: self.manifest,
+            message: self.metadata,
+            limits: self.limits,
+        }
     }
 
     /// [`Sender::new`] for metadata given as its postcard bytes (how a sandboxed core gets it from its
@@ -116,13 +184,19 @@ impl Sender {
         transfer_id: u64,
     ) -> Result<Sender> {
         let (manifest, header, message) = encode_postcard(metadata, digests, limits, transfer_id)?;
-        Ok(Sender::encoded(manifest, (header, message), transfer_id))
+        Ok(Sender::encoded(
+            manifest,
+            (header, message),
+            transfer_id,
+            limits,
+        ))
     }
 
     fn encoded(
         manifest: Manifest,
         (header, metadata): (Header, Vec<u8>),
         transfer_id: u64,
+        limits: &Limits,
     ) -> Sender {
         let plan = manifest.plan(header.metadata_len);
         let (digests, missing_digests) = digest_slots(&manifest);
@@ -140,6 +214,7 @@ impl Sender {
             missing_digests,
             trailer,
             trailer_done: false,
+            limits: *limits,
         }
     }
 

@@ -13,7 +13,7 @@ use pgt_core::receiver::{
     RecvPoll,
 };
 use pgt_core::schema::Metadata;
-use pgt_core::sender::{DestinationOutcome, SendPoll, Sender};
+use pgt_core::sender::{DestinationOutcome, KeptMetadata, SendPoll, Sender};
 use pgt_core::tree::{KeyPath, Node};
 
 #[cfg(feature = "wasm")]
@@ -80,6 +80,21 @@ pub trait EngineFactory: Send + Sync + std::fmt::Debug {
         limits: &Limits,
         transfer_id: u64,
     ) -> Result<SenderEngine, EngineError>;
+    /// A sender for what a finished send kept ([`SenderEngine::into_kept`]) at `step`: what
+    /// [`EngineFactory::sender`] makes of the kept metadata at that step, with the same bytes on the
+    /// wire.
+    fn sender_again(
+        &self,
+        kept: KeptMetadata,
+        step: Option<u64>,
+        limits: &Limits,
+        transfer_id: u64,
+    ) -> Result<SenderEngine, EngineError> {
+        let digests = kept.digests();
+        let mut metadata = kept.into_metadata();
+        metadata.step = step;
+        self.sender(metadata, digests, limits, transfer_id)
+    }
     /// A receiver.
     fn receiver(&self, options: ReceiverOptions) -> Result<ReceiverEngine, EngineError>;
 }
@@ -104,8 +119,37 @@ impl EngineFactory for NativeEngine {
         )?)))
     }
 
+    /// Only the step's bytes are encoded again ([`Sender::again`]).
+    fn sender_again(
+        &self,
+        kept: KeptMetadata,
+        step: Option<u64>,
+        limits: &Limits,
+        transfer_id: u64,
+    ) -> Result<SenderEngine, EngineError> {
+        Ok(SenderEngine::Native(Box::new(Sender::again(
+            kept,
+            step,
+            limits,
+            transfer_id,
+        )?)))
+    }
+
     fn receiver(&self, options: ReceiverOptions) -> Result<ReceiverEngine, EngineError> {
         Ok(ReceiverEngine::Native(Box::new(Receiver::new(options))))
+    }
+}
+
+impl SenderEngine {
+    /// What [`EngineFactory::sender_again`] needs to send this engine's metadata again: pgt-core's
+    /// kept metadata when it runs natively. A sandboxed sender keeps nothing: its metadata lives in
+    /// its guest, which ends with its transfer.
+    pub fn into_kept(self) -> Option<KeptMetadata> {
+        match self {
+            Self::Native(e) => Some(e.into_kept()),
+            #[cfg(feature = "wasm")]
+            Self::Wasm(_) => None,
+        }
     }
 }
 

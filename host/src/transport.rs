@@ -40,8 +40,8 @@ use pgt_core::receiver::{
     Binding, Dest, ForwardOp, InPlace, InPlaceWritten, Incoming, Received, ReceiverOptions, RecvOp,
 };
 use pgt_core::schema::{FanOut, Metadata, PlanParams};
-use pgt_core::sender::{DestinationOutcome, Payload, SendOp};
-use pgt_core::tree::KeyPath;
+use pgt_core::sender::{DestinationOutcome, KeptMetadata, Payload, SendOp};
+use pgt_core::tree::{KeyPath, Node};
 use tracing::{debug, info_span, warn};
 
 use crate::engine::{EngineFactory, NativeEngine};
@@ -188,6 +188,9 @@ pub struct Transport<P: ProcessGroup> {
     busy: Arc<Busy>,
     /// Torch's `state_dict` argument: what [`Transport::recv_checkpoint`] receives into in place.
     state_dict: Option<Arc<StateDictProvider>>,
+    /// The last successful send's validated, encoded metadata: the next send of a state dict it
+    /// still describes, to the same ranks, encodes only its step ([`Transport::send_checkpoint`]).
+    kept: Mutex<Option<KeptMetadata>>,
 }
 
 /// A state dict to receive into in place, made at each receive ([`Transport::with_state_dict`]).
@@ -572,6 +575,7 @@ impl<P: ProcessGroup> Transport<P> {
             options,
             busy: Arc::default(),
             state_dict: None,
+            kept: Mutex::default(),
         }
     }
 
@@ -586,6 +590,30 @@ impl<P: ProcessGroup> Transport<P> {
     ) -> Self {
         self.state_dict = Some(Arc::new(state_dict));
         self
+    }
+
+    /// The last send's kept metadata when it describes this send: the same source, destinations,
+    /// plan, digests, tree and leaves (anything but the step). Taken, so that a concurrent send
+    /// builds its own; a send that fails keeps nothing.
+    fn take_kept(
+        &self,
+        dst_ranks: &[u32],
+        nodes: &[Node],
+        entries: &[&Entry<'_>],
+    ) -> Option<KeptMetadata> {
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        let m = kept.metadata();
+        let describes = m.source == self.pg.rank()
+            && m.destinations == dst_ranks
+            && m.plan == self.options.plan
+            && kept.digests() == self.options.digests
+            && m.tree == nodes
+            && m.leaves.len() == entries.len()
+            && entries
+                .iter()
+                .zip(&m.leaves)
+                .all(|(e, l)| e.is_described_by(l));
+        describes.then_some(kept)
     }
 
     /// The settings a receive takes by default: [`TransportOptions::expected_step`] and
@@ -623,6 +651,11 @@ impl<P: ProcessGroup> Transport<P> {
 
     /// Sends `state_dict` to `dst_ranks`: metadata first, then every storage's bytes, per the plan.
     /// Refused with [`Error::ConcurrentTransfer`] while a send or forward to one of them runs.
+    ///
+    /// A send that succeeded keeps its validated, encoded metadata (natively linked core only). When
+    /// the next send's dict has the same structure, leaves and destinations (its step and its bytes
+    /// may change), only the step is encoded again: a trainer pushing its weights every step skips
+    /// most of the metadata work after the first push. The bytes on the wire are the same either way.
     pub fn send_checkpoint(
         &self,
         dst_ranks: &[u32],
@@ -651,6 +684,7 @@ impl<P: ProcessGroup> Transport<P> {
         // The destinations' slots are held until the scope has joined the workers, which may still
         // be sending when the driver is done.
         let mut slots = None;
+        let mut kept = None;
         std::thread::scope(|scope| -> Result<()> {
             // The hashing thread starts now, before the metadata is built: it hashes ahead while the
             // metadata is encoded and while the receivers decode it, when a core is otherwise idle.
@@ -661,24 +695,33 @@ impl<P: ProcessGroup> Transport<P> {
                 tx
             });
             let leaves_span = info_span!("leaves").entered();
-            let metadata = Metadata {
-                step: state_dict.step,
-                source: self.pg.rank(),
-                destinations: dst_ranks.to_vec(),
-                plan: self.options.plan,
-                tree: nodes,
-                leaves: entries.iter().map(|e| e.to_leaf()).collect(),
+            let (factory, limits) = (&self.options.engine, &self.options.limits);
+            let mut engine = match self.take_kept(dst_ranks, &nodes, &entries) {
+                Some(kept) => {
+                    drop(leaves_span);
+                    let _encode = info_span!("encode", again = true).entered();
+                    factory.sender_again(kept, state_dict.step, limits, random_transfer_id()?)?
+                }
+                None => {
+                    let metadata = Metadata {
+                        step: state_dict.step,
+                        source: self.pg.rank(),
+                        destinations: dst_ranks.to_vec(),
+                        plan: self.options.plan,
+                        tree: nodes,
+                        leaves: entries.iter().map(|e| e.to_leaf()).collect(),
+                    };
+                    drop(leaves_span);
+                    let _encode = info_span!("encode", again = false).entered();
+                    factory.sender(
+                        metadata,
+                        self.options.digests,
+                        limits,
+                        random_transfer_id()?,
+                    )?
+                }
             };
-            drop(leaves_span);
-            let encode_span = info_span!("encode").entered();
-            let mut engine = self.options.engine.sender(
-                metadata,
-                self.options.digests,
-                &self.options.limits,
-                random_transfer_id()?,
-            )?;
             slots = Some(self.busy.claim(PeerAction::Sending, dst_ranks)?);
-            drop(encode_span);
             let _data_span = info_span!("data", bytes = total).entered();
             let mut host = SendWorkers::start(
                 self,
@@ -689,8 +732,9 @@ impl<P: ProcessGroup> Transport<P> {
                 (&sent, total),
                 (&abort, &outcomes),
             );
-            if let Err(e) = drive::send(&mut engine, &mut host) {
-                abort.fail(e);
+            match drive::send(&mut engine, &mut host) {
+                Ok(()) => kept = engine.into_kept(),
+                Err(e) => abort.fail(e),
             }
             // Closing the queues ends the workers; the scope joins them.
             Ok(())
@@ -702,6 +746,8 @@ impl<P: ProcessGroup> Transport<P> {
         if let Some(e) = outcomes.into_error() {
             return Err(e);
         }
+        // Kept only once every destination has the whole transfer.
+        *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = kept;
         Ok(TransferStats {
             bytes: total,
             tensors: storages.len() as u64,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use pgt_core::dtype::DType;
 use pgt_core::layout::TensorLayout;
 use pgt_core::schema::{FanOut, PlanParams};
-use pgt_core::tree::{PathElem, Value};
+use pgt_core::tree::{Leaf, PathElem, Value};
 use pgt_host::memory::BufferPool;
 use pgt_host::pg::InProcessGroup;
 use pgt_host::state_dict::{Entry, StateDict, Storage, Tensor};
@@ -589,6 +589,101 @@ fn ints_beyond_i64_travel_exactly() {
         match got.get(format!("v{i}").as_str()) {
             Some(Entry::Value(Value::Int(x))) => assert_eq!(*x, v),
             other => panic!("v{i}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_sender_that_kept_its_last_metadata_sends_what_changed() {
+    // After a send, the next send of a dict the kept metadata still describes encodes only its
+    // step. Every change to what the metadata says must reach the receiver: the step, a value, a
+    // dtype, a shape, the destinations.
+    let shape = synthetic::mixed(32 << 10);
+    let base = synthetic::materialize(&shape).unwrap();
+    let with_value = |v: f64| {
+        let mut sd = base.clone();
+        sd.insert("lr", Entry::Value(Value::Float(v))).unwrap();
+        sd
+    };
+    let with_tensor = |dtype: DType, shape: &[u64]| {
+        let mut sd = with_value(0.5);
+        let nbytes = (shape.iter().product::<u64>() * dtype.element_size()) as usize;
+        let bytes: Vec<u8> = (0..nbytes).map(|i| i as u8).collect();
+        let t = Tensor::from_bytes(dtype, shape, &bytes).unwrap();
+        sd.insert("extra", Entry::Tensor(t)).unwrap();
+        sd
+    };
+    let at = |mut sd: StateDict<'static>, step| {
+        sd.step = step;
+        sd
+    };
+    let sends = [
+        (vec![1], at(base.clone(), Some(1))),
+        (vec![1], at(base.clone(), Some(2))),
+        (vec![1], at(base.clone(), Some(300))),
+        (vec![1], at(base.clone(), None)),
+        (vec![1], at(with_value(0.5), Some(4))),
+        (vec![1], at(with_value(0.25), Some(5))),
+        (vec![1], at(with_value(0.25), Some(50))),
+        (vec![1], at(with_tensor(DType::Float32, &[2, 3]), Some(6))),
+        (vec![1], at(with_tensor(DType::Float32, &[3, 2]), Some(7))),
+        (vec![1], at(with_tensor(DType::Int32, &[3, 2]), Some(8))),
+        (vec![2], at(with_tensor(DType::Int32, &[3, 2]), Some(9))),
+        (vec![2], at(with_tensor(DType::Int32, &[3, 2]), Some(90))),
+        (vec![1, 2], at(with_tensor(DType::Int32, &[3, 2]), Some(10))),
+        (vec![2, 1], at(with_tensor(DType::Int32, &[3, 2]), Some(11))),
+        (vec![1], at(base.clone(), Some(12))),
+    ];
+    let mut groups = InProcessGroup::new(3).into_iter();
+    let a = Transport::new(groups.next().unwrap(), TransportOptions::default());
+    let b: Vec<_> = groups
+        .map(|pg| Transport::new(pg, TransportOptions::default()))
+        .collect();
+    for (i, (dsts, sd)) in sends.iter().enumerate() {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = dsts
+                .iter()
+                .map(|&d| {
+                    let t = &b[d as usize - 1];
+                    s.spawn(move || t.recv_checkpoint(0).unwrap())
+                })
+                .collect();
+            a.send_checkpoint(dsts, sd).unwrap();
+            for (h, d) in handles.into_iter().zip(dsts) {
+                let got = h.join().unwrap();
+                assert_same_but_placements(&got, sd, &format!("send {i}, rank {d}"));
+            }
+        });
+    }
+}
+
+/// `got` is what `sent` describes, byte for byte, but for the shard placements (a receiver names
+/// its own rank in its local shards').
+fn assert_same_but_placements(got: &StateDict, sent: &StateDict, what: &str) {
+    let leaf = |e: &Entry| match e.to_leaf() {
+        Leaf::Sharded {
+            mut local_shards,
+            mut global,
+        } => {
+            local_shards
+                .iter_mut()
+                .for_each(|s| s.meta.placement.clear());
+            global.shards.iter_mut().for_each(|s| s.placement.clear());
+            Leaf::Sharded {
+                local_shards,
+                global,
+            }
+        }
+        leaf => leaf,
+    };
+    assert_eq!(got.step, sent.step, "{what}");
+    let ((got_nodes, got), (nodes, sent)) = (got.flatten(), sent.flatten());
+    assert_eq!(got_nodes, nodes, "{what}");
+    assert_eq!(got.len(), sent.len(), "{what}");
+    for (g, s) in got.iter().zip(&sent) {
+        assert_eq!(leaf(g), leaf(s), "{what}");
+        for (x, y) in g.tensors().iter().zip(s.tensors()) {
+            assert_eq!(x.storage.bytes(), y.storage.bytes(), "{what}");
         }
     }
 }
