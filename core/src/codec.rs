@@ -102,6 +102,13 @@ fn header_of(manifest: &Manifest, body: &[u8], transfer_id: u64) -> Header {
 /// ([`Error::MetadataLength`]), the digest of the postcard bytes ([`Error::MetadataDigest`]), then
 /// decoding and validation.
 pub fn decode(header: &Header, message: &[u8], limits: &Limits) -> Result<Manifest> {
+    let bytes = checked_body(header, message)?;
+    Ok(decode_body(header, bytes, limits)?.0)
+}
+
+/// The postcard metadata of the metadata message `header` announced, once [`decode`]'s checks of its
+/// prefix, length and digest passed.
+pub(crate) fn checked_body<'m>(header: &Header, message: &'m [u8]) -> Result<&'m [u8]> {
     if let Some(got) = prefix_of(message).filter(|&id| id != header.transfer_id) {
         return Err(Error::TransferMismatch {
             message: 1,
@@ -119,9 +126,19 @@ pub fn decode(header: &Header, message: &[u8], limits: &Limits) -> Result<Manife
     if digest(bytes) != header.metadata_digest {
         return Err(Error::MetadataDigest);
     }
+    Ok(bytes)
+}
+
+/// [`decode`] of checked postcard metadata ([`checked_body`]): the manifest and the metadata's decoded
+/// size (PROTOCOL.md §11).
+pub(crate) fn decode_body(
+    header: &Header,
+    bytes: &[u8],
+    limits: &Limits,
+) -> Result<(Manifest, u64)> {
     // Every cap that must hold before decoding, in one pass that allocates nothing (see `scan`); only
     // bytes that pass are decoded.
-    scan(
+    let decoded = scan(
         bytes,
         ScanLimits {
             max_leaves: limits.max_leaves,
@@ -130,7 +147,19 @@ pub fn decode(header: &Header, message: &[u8], limits: &Limits) -> Result<Manife
         },
     )?;
     let metadata = decode_scanned(bytes)?;
-    Manifest::new(metadata, header.has_digests(), limits)
+    Ok((
+        Manifest::new(metadata, header.has_digests(), limits)?,
+        decoded,
+    ))
+}
+
+/// The step of postcard metadata `bytes` (its first field, PROTOCOL.md §6) and the bytes after it,
+/// when the step's bytes are postcard's own encoding of it (no padded varint); else `None`.
+pub(crate) fn split_step(bytes: &[u8]) -> Option<(Option<u64>, &[u8])> {
+    let (step, rest) = postcard::take_from_bytes::<Option<u64>>(bytes).ok()?;
+    let mut own = [0u8; MAX_STEP_LEN];
+    let own = postcard::to_slice(&step, &mut own).ok()?;
+    (bytes.get(..bytes.len() - rest.len()) == Some(&own[..])).then_some((step, rest))
 }
 
 /// The decoded size of a metadata message (PROTOCOL.md §11): what decoding it, validating it and

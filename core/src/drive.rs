@@ -9,7 +9,8 @@ use crate::engine::{ReceiveEngine, SendEngine};
 use crate::header::prefix;
 use crate::plan::{MessageKind, Plan, Segment};
 use crate::receiver::{
-    Binding, Dest, ForwardOp, InPlace, InPlaceWritten, Incoming, Received, RecvOp, RecvPoll,
+    Binding, Dest, ForwardOp, InPlace, InPlaceWritten, Incoming, KeptManifest, Received, RecvOp,
+    RecvPoll,
 };
 use crate::sender::{Payload, SendOp, SendPoll};
 use crate::tree::{KeyPath, Node};
@@ -129,7 +130,35 @@ pub trait ReceiveHost {
 /// ([`ReceiveHost::stop`]), and when the transfer had written in place, the error says what
 /// ([`ReceiveHost::written_in_place`]); then the host drains what the plan still says is coming
 /// ([`ReceiveEngine::leftover`], [`ReceiveHost::discard`]), and the engine is dropped.
-pub fn receive<E, H>(mut engine: E, host: &mut H) -> Result<Received, H::Error>
+pub fn receive<E, H>(engine: E, host: &mut H) -> Result<Received, H::Error>
+where
+    E: ReceiveEngine,
+    H: ReceiveHost,
+    H::Error: From<E::Error> + From<Error>,
+{
+    receive_and(engine, host, E::finish)
+}
+
+/// [`receive`], also returning what the engine keeps for the next transfer from the same source
+/// ([`ReceiveEngine::finish_keeping`]).
+pub fn receive_keeping<E, H>(
+    engine: E,
+    host: &mut H,
+) -> Result<(Received, Option<KeptManifest>), H::Error>
+where
+    E: ReceiveEngine,
+    H: ReceiveHost,
+    H::Error: From<E::Error> + From<Error>,
+{
+    receive_and(engine, host, E::finish_keeping)
+}
+
+/// [`receive`], whose engine, once done, ends with `finish`.
+fn receive_and<E, H, T>(
+    mut engine: E,
+    host: &mut H,
+    finish: impl FnOnce(E) -> Result<T, E::Error>,
+) -> Result<T, H::Error>
 where
     E: ReceiveEngine,
     H: ReceiveHost,
@@ -146,9 +175,7 @@ where
                 true => engine.in_place_written(&host.not_in_target())?,
                 false => InPlaceWritten::default(),
             };
-            return engine
-                .finish()
-                .map_err(|e| written_in_place(host, e.into(), written));
+            return finish(engine).map_err(|e| written_in_place(host, e.into(), written));
         }
         Err(e) => e,
     };

@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 
 use crate::plan::Plan;
 use crate::receiver::{
-    Binding, InPlace, InPlaceWritten, Incoming, Received, Receiver, RecvOp, RecvPoll,
+    Binding, InPlace, InPlaceWritten, Incoming, KeptManifest, Received, Receiver, RecvOp, RecvPoll,
 };
 use crate::sender::{DestinationOutcome, Payload, SendPoll, Sender};
 use crate::tree::{KeyPath, Node};
@@ -66,6 +66,14 @@ pub trait ReceiveEngine {
     fn leftover(&mut self) -> Result<Option<RecvOp>, Self::Error>;
     /// The verified result.
     fn finish(self) -> Result<Received, Self::Error>;
+    /// [`ReceiveEngine::finish`], and what the receiver keeps for the next transfer from the same
+    /// source ([`Receiver::finish_keeping`]). The default keeps nothing.
+    fn finish_keeping(self) -> Result<(Received, Option<KeptManifest>), Self::Error>
+    where
+        Self: Sized,
+    {
+        Ok((self.finish()?, None))
+    }
 }
 
 impl SendEngine for Sender {
@@ -155,5 +163,9 @@ impl ReceiveEngine for Receiver {
 
     fn finish(self) -> Result<Received, Error> {
         Receiver::finish(self)
+    }
+
+    fn finish_keeping(self) -> Result<(Received, Option<KeptManifest>), Error> {
+        Receiver::finish_keeping(self)
     }
 }

@@ -33,11 +33,12 @@ use alloc::vec;
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
-use crate::codec::decode;
+use crate::codec::{checked_body, decode_body, split_step};
 use crate::dtype::DType;
 use crate::header::{self, prefix, prefix_of, Header, Limits, MAX_STALE, PREFIX_LEN};
 use crate::manifest::{Manifest, StorageRef};
 use crate::plan::{MessageKind, Plan, TAG_HEADER, TAG_METADATA};
+use crate::scan::decoded_size_budget;
 use crate::schema::FanOut;
 use crate::sender::{digest_slots, record_digests, Payload};
 use crate::tree::{KeyPath, Leaf, Node};
@@ -252,6 +253,8 @@ struct Leftover {
 #[derive(Debug)]
 struct Transfer {
     manifest: Manifest,
+    /// For [`Receiver::finish_keeping`]: the postcard metadata after the step, and its decoded size.
+    kept: Option<(Vec<u8>, u64)>,
     plan: Plan,
     transfer_id: u64,
     metadata_digest: u64,
@@ -276,11 +279,51 @@ struct Transfer {
     mismatch: Option<Error>,
 }
 
+/// A receiver's validated metadata, kept from a complete transfer ([`Receiver::finish_keeping`]). A
+/// receiver given it ([`Receiver::keeping`]) takes a metadata message whose postcard bytes are the
+/// same but for the step as this manifest at that step, without decoding and validating it again:
+/// what a receiver of a trainer's weights, pushed every step, gets. Everything else is checked as
+/// for any message, in the same order, with the same errors.
+#[derive(Debug)]
+pub struct KeptManifest {
+    manifest: Manifest,
+    /// The postcard metadata after the step.
+    rest: Vec<u8>,
+    /// The metadata's decoded size (PROTOCOL.md §11), whose budget follows the message's length.
+    decoded: u64,
+    limits: Limits,
+}
+
+impl KeptManifest {
+    /// The kept manifest at `step` when `bytes` (checked postcard metadata that `header` announced)
+    /// are its metadata at that step, validated under the same `limits`; else `None`, and the bytes
+    /// are decoded as any others.
+    fn reuse(
+        self,
+        header: &Header,
+        bytes: &[u8],
+        limits: &Limits,
+    ) -> Option<(Manifest, Vec<u8>, u64)> {
+        if self.limits != *limits || self.manifest.digests() != header.has_digests() {
+            return None;
+        }
+        let (step, rest) = split_step(bytes)?;
+        if rest != self.rest || self.decoded > decoded_size_budget(bytes.len() as u64) {
+            return None;
+        }
+        let mut manifest = self.manifest;
+        manifest.set_step(step);
+        Some((manifest, self.rest, self.decoded))
+    }
+}
+
 /// The receiver state machine for one transfer.
 #[derive(Debug)]
 pub struct Receiver {
     options: ReceiverOptions,
     state: State,
+    /// Whether [`Receiver::finish_keeping`] keeps the manifest, and what an earlier transfer kept.
+    keeping: Option<Option<KeptManifest>>,
 }
 
 impl Receiver {
@@ -289,6 +332,16 @@ impl Receiver {
         Receiver {
             options,
             state: State::Header,
+            keeping: None,
+        }
+    }
+
+    /// [`Receiver::new`], for a receiver whose validated metadata [`Receiver::finish_keeping`] keeps for
+    /// the next transfer, given what the previous transfer from the same source kept (if any).
+    pub fn keeping(options: ReceiverOptions, kept: Option<KeptManifest>) -> Receiver {
+        Receiver {
+            keeping: Some(kept),
+            ..Receiver::new(options)
         }
     }
 
@@ -397,7 +450,24 @@ impl Receiver {
             });
         };
         let header = *header;
-        let manifest = decode(&header, bytes, &self.options.limits)?;
+        let limits = &self.options.limits;
+        let body = checked_body(&header, bytes)?;
+        let reused = self
+            .keeping
+            .as_mut()
+            .and_then(Option::take)
+            .and_then(|kept| kept.reuse(&header, body, limits));
+        let (manifest, kept) = match reused {
+            Some((manifest, rest, decoded)) => (manifest, Some((rest, decoded))),
+            None => {
+                let (manifest, decoded) = decode_body(&header, body, limits)?;
+                let kept = match (&self.keeping, split_step(body)) {
+                    (Some(_), Some((_, rest))) => Some((rest.to_vec(), decoded)),
+                    _ => None,
+                };
+                (manifest, kept)
+            }
+        };
         let meta = manifest.metadata();
         let rank = self.options.rank;
         let position = meta.destinations.iter().position(|&d| d == rank);
@@ -448,6 +518,7 @@ impl Receiver {
         let messages = plan.messages().len();
         self.state = State::Binding(Box::new(Transfer {
             manifest,
+            kept,
             plan,
             transfer_id: header.transfer_id,
             metadata_digest: header.metadata_digest,
@@ -709,6 +780,12 @@ impl Receiver {
     /// [`Error::DigestMismatch`] (the first wrong storage in storage order) when a storage's bytes
     /// differ from the sender's.
     pub fn finish(self) -> Result<Received> {
+        Ok(self.finish_keeping()?.0)
+    }
+
+    /// [`Receiver::finish`]; a receiver made by [`Receiver::keeping`] also returns its validated
+    /// metadata for the next transfer from the same source.
+    pub fn finish_keeping(self) -> Result<(Received, Option<KeptManifest>)> {
         let State::Streaming(t) = self.state else {
             return Err(Error::Incomplete);
         };
@@ -718,6 +795,15 @@ impl Receiver {
         if let Some(mismatch) = t.mismatch {
             return Err(mismatch);
         }
+        let kept = match (self.keeping, t.kept) {
+            (Some(_), Some((rest, decoded))) => Some(KeptManifest {
+                manifest: t.manifest.clone(),
+                rest,
+                decoded,
+                limits: self.options.limits,
+            }),
+            _ => None,
+        };
         let bindings = t.bindings;
         let rank = u64::from(self.options.rank);
         let meta = t.manifest.into_metadata();
@@ -748,12 +834,13 @@ impl Receiver {
                 }
             }
         }
-        Ok(Received {
+        let received = Received {
             step: meta.step,
             tree: meta.tree,
             leaves,
             bindings,
-        })
+        };
+        Ok((received, kept))
     }
 }
 

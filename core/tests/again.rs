@@ -1,12 +1,15 @@
-//! `Sender::again` (the kept metadata of a finished send, sent again at another step) against
-//! `Sender::new` of the same metadata at that step: the same bytes on the wire, the same plan, the
-//! same errors.
+//! Metadata kept across transfers. `Sender::again` (a finished send's metadata, sent again at another
+//! step) against `Sender::new` of the same metadata at that step: the same bytes on the wire, the
+//! same plan, the same errors. A receiver given a kept manifest (`Receiver::keeping`) against a new
+//! receiver: the same result and the same errors, whatever the metadata message holds.
 
 mod common;
 
 use common::*;
 use pgt_core::header::Limits;
+use pgt_core::manifest::Manifest;
 use pgt_core::plan::Plan;
+use pgt_core::receiver::{KeptManifest, Receiver, ReceiverOptions};
 use pgt_core::reference::reference_metadata;
 use pgt_core::schema::{Metadata, PlanParams};
 use pgt_core::sender::{KeptMetadata, Payload, SendPoll, Sender};
@@ -126,5 +129,148 @@ fn a_shorter_step_that_takes_the_metadata_over_its_decoded_size_budget_is_refuse
     assert_eq!(
         Sender::again(kept, None, &limits, TRANSFER_ID).err(),
         new.err()
+    );
+}
+
+// ---- the receiver ----
+
+/// A receiver of rank 1 from `SOURCE`, under `limits`, given `kept` (else a plain receiver), after
+/// the header and metadata messages: its manifest, or the error.
+fn metadata_outcome(
+    kept: Option<Option<KeptManifest>>,
+    limits: Limits,
+    header: &[u8],
+    bytes: &[u8],
+) -> Result<Manifest, Error> {
+    let options = ReceiverOptions {
+        rank: DESTS[0],
+        source: SOURCE,
+        expected_step: None,
+        limits,
+    };
+    let mut r = match kept {
+        Some(kept) => Receiver::keeping(options, kept),
+        None => Receiver::new(options),
+    };
+    r.handle_header(header)?;
+    r.handle_metadata(&message_for(bytes))?;
+    Ok(r.manifest().expect("metadata handled").clone())
+}
+
+/// What a transfer of `metadata` keeps.
+fn kept_from(metadata: &Metadata, digests: bool) -> KeptManifest {
+    let (_, kept) = transfer_keeping(metadata.clone(), digests, None);
+    kept.expect("a keeping receiver keeps a complete transfer's manifest")
+}
+
+#[test]
+fn a_kept_manifest_receives_the_same_metadata_at_another_step_as_a_new_receiver() {
+    let reference = reference_metadata(SOURCE, DESTS.to_vec(), PlanParams::default());
+    let steps = [
+        Some(1),
+        Some(127),
+        Some(128),
+        None,
+        Some(u64::MAX),
+        Some(0),
+        Some(2),
+    ];
+    for metadata in [sample(), reference, nested_lists(3)] {
+        for digests in [false, true] {
+            let mut kept = Some(kept_from(&metadata, digests));
+            for step in steps {
+                let metadata = at_step(&metadata, step);
+                let (got, next) = transfer_keeping(metadata.clone(), digests, kept);
+                assert_eq!(got, transfer(metadata, digests).remove(0), "step {step:?}");
+                assert!(next.is_some());
+                kept = next;
+            }
+        }
+    }
+}
+
+#[test]
+fn metadata_that_differs_beyond_its_step_is_decoded_again() {
+    let limits = Limits::default();
+    let same = |kept: KeptManifest, header: &[u8], bytes: &[u8], limits: Limits| {
+        let new = metadata_outcome(None, limits, header, bytes);
+        assert_eq!(
+            metadata_outcome(Some(Some(kept)), limits, header, bytes),
+            new
+        );
+        new
+    };
+    let base = sample();
+    // Another value, other digests, another plan, other destinations: each as a new receiver sees it.
+    let mut other_value = base.clone();
+    other_value.leaves[0] = Leaf::Value(Value::Int(-3));
+    let mut other_plan = base.clone();
+    other_plan.plan.chunk_size /= 2;
+    let mut other_destinations = base.clone();
+    other_destinations.destinations.reverse();
+    for (metadata, digests) in [
+        (&other_value, true),
+        (&base, false),
+        (&other_plan, true),
+        (&other_destinations, true),
+    ] {
+        let (header, bytes) = encode_raw(metadata, digests);
+        let got = same(kept_from(&base, true), &header, &bytes, limits).unwrap();
+        assert_eq!(got.metadata(), metadata);
+    }
+    // Other limits: validated under them.
+    let (header, bytes) = encode_raw(&at_step(&base, Some(3)), true);
+    let fewer = Limits {
+        max_leaves: 1,
+        ..limits
+    };
+    let refused = same(kept_from(&base, true), &header, &bytes, fewer);
+    assert!(
+        matches!(refused, Err(Error::TooManyLeaves { .. })),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn a_step_that_is_not_postcards_own_encoding_is_decoded_as_any_other() {
+    // `Some(5)`: tag 1, then the varint 5, padded to three bytes; and a tag that is not an Option's.
+    let base = at_step(&sample(), Some(5));
+    let bytes = postcard::to_allocvec(&base).unwrap();
+    assert_eq!(&bytes[..2], &[1, 5]);
+    for step in [&[1, 0x85, 0x80, 0x00][..], &[2, 5][..], &[1][..]] {
+        let bytes = [step, &bytes[2..]].concat();
+        let header = header_for(&bytes, true);
+        let limits = Limits::default();
+        let new = metadata_outcome(None, limits, &header, &bytes);
+        let kept = Some(Some(kept_from(&base, true)));
+        assert_eq!(metadata_outcome(kept, limits, &header, &bytes), new);
+    }
+}
+
+#[test]
+fn a_shorter_step_that_takes_received_metadata_over_its_decoded_size_budget_is_refused() {
+    // As the sender's test above: the most `None` values a receiver accepts at step u64::MAX are over
+    // the budget at step `None`, kept or not.
+    let limits = Limits::default();
+    let accepts = |n| {
+        let (header, bytes) = encode_raw(&nones(n, Some(u64::MAX)), false);
+        metadata_outcome(None, limits, &header, &bytes).is_ok()
+    };
+    let (mut fits, mut over) = (1usize, 1usize << 20);
+    while over - fits > 1 {
+        let mid = (fits + over) / 2;
+        if accepts(mid) {
+            fits = mid;
+        } else {
+            over = mid;
+        }
+    }
+    let kept = kept_from(&nones(fits, Some(u64::MAX)), false);
+    let (header, bytes) = encode_raw(&nones(fits, None), false);
+    let new = metadata_outcome(None, limits, &header, &bytes);
+    assert!(matches!(new, Err(Error::DecodedTooLarge { .. })), "{new:?}");
+    assert_eq!(
+        metadata_outcome(Some(Some(kept)), limits, &header, &bytes),
+        new
     );
 }

@@ -9,8 +9,8 @@ use pgt_core::engine::{ReceiveEngine, SendEngine};
 use pgt_core::header::Limits;
 use pgt_core::plan::Plan;
 use pgt_core::receiver::{
-    Binding, InPlace, InPlaceWritten, Incoming, Received, Receiver, ReceiverOptions, RecvOp,
-    RecvPoll,
+    Binding, InPlace, InPlaceWritten, Incoming, KeptManifest, Received, Receiver, ReceiverOptions,
+    RecvOp, RecvPoll,
 };
 use pgt_core::schema::Metadata;
 use pgt_core::sender::{DestinationOutcome, KeptMetadata, SendPoll, Sender};
@@ -97,6 +97,17 @@ pub trait EngineFactory: Send + Sync + std::fmt::Debug {
     }
     /// A receiver.
     fn receiver(&self, options: ReceiverOptions) -> Result<ReceiverEngine, EngineError>;
+    /// A receiver that keeps its validated metadata for the next transfer from the same source
+    /// ([`ReceiveEngine::finish_keeping`]), given what the previous one kept. The default is
+    /// [`EngineFactory::receiver`], which keeps nothing.
+    fn receiver_keeping(
+        &self,
+        options: ReceiverOptions,
+        kept: Option<KeptManifest>,
+    ) -> Result<ReceiverEngine, EngineError> {
+        let _ = kept;
+        self.receiver(options)
+    }
 }
 
 /// pgt-core, linked natively.
@@ -137,6 +148,18 @@ impl EngineFactory for NativeEngine {
 
     fn receiver(&self, options: ReceiverOptions) -> Result<ReceiverEngine, EngineError> {
         Ok(ReceiverEngine::Native(Box::new(Receiver::new(options))))
+    }
+
+    /// A metadata message that is the kept one's but for its step is not decoded again
+    /// ([`Receiver::keeping`]).
+    fn receiver_keeping(
+        &self,
+        options: ReceiverOptions,
+        kept: Option<KeptManifest>,
+    ) -> Result<ReceiverEngine, EngineError> {
+        Ok(ReceiverEngine::Native(Box::new(Receiver::keeping(
+            options, kept,
+        ))))
     }
 }
 
@@ -254,6 +277,14 @@ impl ReceiveEngine for ReceiverEngine {
             Self::Native(e) => Ok(ReceiveEngine::finish(*e)?),
             #[cfg(feature = "wasm")]
             Self::Wasm(e) => Ok(ReceiveEngine::finish(*e)?),
+        }
+    }
+
+    fn finish_keeping(self) -> Result<(Received, Option<KeptManifest>), EngineError> {
+        match self {
+            Self::Native(e) => Ok(ReceiveEngine::finish_keeping(*e)?),
+            #[cfg(feature = "wasm")]
+            Self::Wasm(e) => Ok(ReceiveEngine::finish_keeping(*e)?),
         }
     }
 }

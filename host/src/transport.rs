@@ -37,7 +37,8 @@ use pgt_core::dtype::convert;
 use pgt_core::header::{Limits, MAX_STALE_LEN, PREFIX_LEN};
 use pgt_core::plan::{MessageKind, Segment};
 use pgt_core::receiver::{
-    Binding, Dest, ForwardOp, InPlace, InPlaceWritten, Incoming, Received, ReceiverOptions, RecvOp,
+    Binding, Dest, ForwardOp, InPlace, InPlaceWritten, Incoming, KeptManifest, Received,
+    ReceiverOptions, RecvOp,
 };
 use pgt_core::schema::{FanOut, Metadata, PlanParams};
 use pgt_core::sender::{DestinationOutcome, KeptMetadata, Payload, SendOp};
@@ -191,6 +192,9 @@ pub struct Transport<P: ProcessGroup> {
     /// The last successful send's validated, encoded metadata: the next send of a state dict it
     /// still describes, to the same ranks, encodes only its step ([`Transport::send_checkpoint`]).
     kept: Mutex<Option<KeptMetadata>>,
+    /// Each source's last complete receive's validated metadata: the next receive from it whose
+    /// metadata differs at most in its step is not decoded again ([`Transport::recv_checkpoint`]).
+    received: Mutex<HashMap<u32, KeptManifest>>,
 }
 
 /// A state dict to receive into in place, made at each receive ([`Transport::with_state_dict`]).
@@ -576,6 +580,7 @@ impl<P: ProcessGroup> Transport<P> {
             busy: Arc::default(),
             state_dict: None,
             kept: Mutex::default(),
+            received: Mutex::default(),
         }
     }
 
@@ -847,17 +852,21 @@ impl<P: ProcessGroup> Transport<P> {
         let _slots = self.busy.claim(PeerAction::Receiving, &[src])?;
         // The chain forward's slot, taken at the first forward; given back once the workers stopped.
         let forward_slot = Mutex::new(None);
-        let engine = self.options.engine.receiver(ReceiverOptions {
-            rank: self.pg.rank(),
-            source: src,
-            expected_step: options.expected_step,
-            limits: self.options.limits,
-        })?;
+        let kept = self.lock_received().remove(&src);
+        let engine = self.options.engine.receiver_keeping(
+            ReceiverOptions {
+                rank: self.pg.rank(),
+                source: src,
+                expected_step: options.expected_step,
+                limits: self.options.limits,
+            },
+            kept,
+        )?;
         let abort = Abort::default();
         let (received, landed, transfer) = std::thread::scope(|scope| {
             let mut host = Landing::new(self, scope, &mut *target, &abort, &forward_slot);
             host.staged = options.staged;
-            let received = drive::receive(engine, &mut host);
+            let received = drive::receive_keeping(engine, &mut host);
             if received.is_err() {
                 // Stops the workers at once; the error itself is returned below.
                 abort.fail(Error::internal("the receive failed"));
@@ -869,7 +878,7 @@ impl<P: ProcessGroup> Transport<P> {
         if received.is_err() {
             self.forget_failed(transfer);
         }
-        let received = received?;
+        let (received, kept) = received?;
         // A worker that failed after the engine was done (a cast, with digests off) fails the receive.
         if let Some(e) = abort.take() {
             return Err(e);
@@ -918,6 +927,10 @@ impl<P: ProcessGroup> Transport<P> {
             target,
             self.options.pool.as_deref(),
         )?;
+        // Kept only once the checkpoint is complete and assembled.
+        if let Some(kept) = kept {
+            self.lock_received().insert(src, kept);
+        }
         Ok(TransferStats {
             seconds: start.elapsed().as_secs_f64(),
             staged_copy_seconds: match options.staged {
@@ -930,6 +943,10 @@ impl<P: ProcessGroup> Transport<P> {
 }
 
 impl<P: ProcessGroup> Transport<P> {
+    fn lock_received(&self) -> std::sync::MutexGuard<'_, HashMap<u32, KeptManifest>> {
+        self.received.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// After a failed receive: no receive will want what the failed transfer still sends (its id is
     /// random, and this was its one receive here), so the process group drops its messages instead
     /// of stashing them — from the source and from a chain upstream (PROTOCOL.md §12, *Transfers

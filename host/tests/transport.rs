@@ -594,10 +594,11 @@ fn ints_beyond_i64_travel_exactly() {
 }
 
 #[test]
-fn a_sender_that_kept_its_last_metadata_sends_what_changed() {
+fn a_sender_and_receivers_that_kept_the_last_metadata_carry_what_changed() {
     // After a send, the next send of a dict the kept metadata still describes encodes only its
-    // step. Every change to what the metadata says must reach the receiver: the step, a value, a
-    // dtype, a shape, the destinations.
+    // step, and a receiver given the same metadata but for the step does not decode it again. Every
+    // change to what the metadata says must reach the receiver: the step, a value, a dtype, a
+    // shape, the destinations; in place too, and a refused step must not be kept.
     let shape = synthetic::mixed(32 << 10);
     let base = synthetic::materialize(&shape).unwrap();
     let with_value = |v: f64| {
@@ -654,6 +655,29 @@ fn a_sender_that_kept_its_last_metadata_sends_what_changed() {
                 assert_same_but_placements(&got, sd, &format!("send {i}, rank {d}"));
             }
         });
+    }
+    // In place, and a step the receiver refuses, then the one it expects.
+    let mut dst = base.clone();
+    let sent = |step| at(base.clone(), step);
+    for (step, expected) in [(20, 20), (21, 21), (22, 23), (23, 23), (24, 24)] {
+        let options = b[0].recv_options().expected_step(Some(expected));
+        let got = std::thread::scope(|s| {
+            let h = s.spawn(|| b[0].recv_checkpoint_with(0, || dst.clone(), options));
+            a.send_checkpoint(&[1], &sent(Some(step))).unwrap();
+            h.join().unwrap()
+        });
+        match got {
+            Ok(got) if step == expected => {
+                assert_same_but_placements(&got, &sent(Some(step)), &format!("step {step}"));
+                dst = got;
+            }
+            Err(pgt_host::Error::Protocol(pgt_core::Error::StepMismatch { got, .. }))
+                if step != expected =>
+            {
+                assert_eq!(got, Some(step));
+            }
+            other => panic!("step {step}, expected {expected}: {other:?}"),
+        }
     }
 }
 

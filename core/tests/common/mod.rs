@@ -14,7 +14,8 @@ use pgt_core::manifest::Manifest;
 use pgt_core::plan::MessageKind;
 use pgt_core::plan::Segment;
 use pgt_core::receiver::{
-    Binding, ForwardOp, Incoming, Received, Receiver, ReceiverOptions, RecvOp, RecvPoll,
+    Binding, ForwardOp, Incoming, KeptManifest, Received, Receiver, ReceiverOptions, RecvOp,
+    RecvPoll,
 };
 use pgt_core::schema::Metadata;
 use pgt_core::schema::{FanOut, PlanParams};
@@ -290,6 +291,31 @@ pub fn transfer(meta: Metadata, digests: bool) -> Vec<Received> {
         out.push(drive::receive(r, &mut host).expect("complete transfer"));
     }
     out
+}
+
+/// One transfer of `meta` to its first destination, received by [`Receiver::keeping`] given `kept`:
+/// the result and what the receiver kept.
+pub fn transfer_keeping(
+    meta: Metadata,
+    digests: bool,
+    kept: Option<KeptManifest>,
+) -> (Received, Option<KeptManifest>) {
+    let mut sender =
+        Sender::new(meta, digests, &Limits::default(), TRANSFER_ID).expect("valid metadata");
+    let rank = sender.manifest().metadata().destinations[0];
+    let source = sender.manifest().metadata().source;
+    let mut host = FakeHost::default();
+    drive::send(&mut sender, &mut host).expect("honest send");
+    let r = Receiver::keeping(
+        ReceiverOptions {
+            rank,
+            source,
+            expected_step: None,
+            limits: Limits::default(),
+        },
+        kept,
+    );
+    drive::receive_keeping(r, &mut host).expect("complete transfer")
 }
 
 /// A host that moves no tensor bytes: the header, metadata and trailer it sent are handed back to
