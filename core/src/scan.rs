@@ -197,12 +197,15 @@ impl Scanner<'_> {
     }
 
     /// A length read as a `u64` on every host and refused when over `max` (`over` names the error);
-    /// otherwise read again as a length (so a varint too long for a `u32` is still refused).
+    /// otherwise read again as a length, so that a varint too long for a `u32` is still refused, and
+    /// a varint that is no `u64` fails as a length does (a 6-byte run of continuation bytes cut off
+    /// by the end is `MalformedMetadata`, as without the limit, not `TruncatedMetadata`).
     fn len_at_most(&mut self, max: u64, over: impl FnOnce(u64) -> Error) -> Result<u64> {
         let start = self.pos;
-        let n = self.u64()?;
-        if n > max {
-            return Err(over(n));
+        if let Ok(n) = self.u64() {
+            if n > max {
+                return Err(over(n));
+            }
         }
         self.pos = start;
         self.len()
