@@ -10,11 +10,17 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use pgt_core::codec;
 use pgt_core::digest::digest;
+use pgt_core::drive;
 use pgt_core::dtype::DType;
 use pgt_core::header::{self, Header, Limits, FLAG_DIGESTS, PREFIX_LEN, VERSION};
+use pgt_core::layout::TensorLayout;
 use pgt_core::manifest::Manifest;
+use pgt_core::memory::{MemoryHost, MemorySender};
 use pgt_core::plan::{self, MessageKind, Plan};
-use pgt_core::receiver::{InPlace, Receiver, ReceiverOptions, RecvPoll};
+use pgt_core::receiver::{InPlace, KeptManifest, Receiver, ReceiverOptions, RecvOp, RecvPoll};
+use pgt_core::schema::{Metadata, PlanParams};
+use pgt_core::sender::Sender;
+use pgt_core::tree::{Key, Leaf, Node, Value};
 use pgt_core::Error;
 
 /// Plans larger than this are not built by the harnesses (the limit is the host's choice; building a
@@ -99,7 +105,8 @@ impl<'a> Input<'a> {
 /// Input: `mode`, 32 header bytes, then the metadata message's bytes.
 /// `mode` bit 0: replace the header by one that matches the metadata, and take the bytes as the
 /// postcard metadata behind the header's prefix (so mutations reach the codec and validation, not only
-/// the prefix and digest checks); bit 1: digests flag in that header; bit 2: tight limits.
+/// the prefix and digest checks); bit 1: digests flag in that header; bit 2: tight limits; bit 3: a
+/// receiver given the manifest kept from a transfer of [`kept_sample`] agrees with a new receiver.
 pub fn decode(data: &[u8]) {
     let mut input = Input::new(data);
     let mode = input.u8();
@@ -114,6 +121,9 @@ pub fn decode(data: &[u8]) {
         (raw_header, rest.to_vec())
     };
     let meta = message.get(PREFIX_LEN as usize..).unwrap_or_default();
+    if mode & 8 != 0 {
+        kept_receiver_agrees(header_bytes, &message, &limits);
+    }
 
     // The raw codec, without limits or header.
     let raw = codec::decode_metadata(meta);
@@ -145,7 +155,8 @@ pub fn decode(data: &[u8]) {
             );
         }
     } else {
-        assert_eq!(raw, reference);
+        // Compared by their encodings: a float value may be a NaN, which `==` never equals.
+        assert_eq!(encoded(&raw), encoded(&reference));
     }
     if let Ok(m) = &raw {
         // Postcard round trip: what decodes re-encodes to something that decodes to the same value.
@@ -204,6 +215,80 @@ pub fn decode(data: &[u8]) {
                 }
             }
         }
+    }
+}
+
+/// The metadata of the transfer whose kept manifest [`decode`] gives a receiver (mode bit 3): two
+/// float32 tensors and a value, from rank 0 to ranks 1 and 2, at step 7, with digests.
+pub fn kept_sample() -> Metadata {
+    let key = |k: &str| Key::Str(k.into());
+    Metadata {
+        step: Some(7),
+        source: 0,
+        destinations: vec![1, 2],
+        plan: PlanParams::default(),
+        tree: vec![
+            Node::Dict(vec![key("w"), key("b"), key("epoch")]),
+            Node::Leaf,
+            Node::Leaf,
+            Node::Leaf,
+        ],
+        leaves: vec![
+            Leaf::Tensor(TensorLayout::contiguous(DType::Float32, &[2, 3])),
+            Leaf::Tensor(TensorLayout::contiguous(DType::Float32, &[3])),
+            Leaf::Value(Value::Int(3)),
+        ],
+    }
+}
+
+/// Rank 1's receiver options under `limits`, for a transfer from rank 0.
+fn rank_1(limits: &Limits) -> ReceiverOptions {
+    ReceiverOptions {
+        rank: 1,
+        source: 0,
+        expected_step: None,
+        limits: *limits,
+    }
+}
+
+/// What a keeping receiver of rank 1 keeps from a whole transfer of [`kept_sample`] in memory.
+fn kept(limits: &Limits) -> KeptManifest {
+    let storages = vec![vec![1u8; 24], vec![2u8; 12]];
+    let mut sender = Sender::new(kept_sample(), true, limits, TRANSFER_ID ^ 1).expect("valid");
+    let mut sent = MemorySender::new(&storages);
+    drive::send(&mut sender, &mut sent).expect("a send in memory");
+    let sent = sent.sent;
+    let mut host = MemoryHost::new(|op: &RecvOp| -> Result<Vec<u8>, Error> {
+        let found = sent.iter().find(|(s, _)| s.to == 1 && s.tag == op.tag);
+        Ok(found.expect("every message was sent").1.clone())
+    });
+    let receiver = Receiver::keeping(rank_1(limits), None);
+    let (_, kept) = drive::receive_keeping(receiver, &mut host).expect("a complete transfer");
+    kept.expect("a keeping receiver keeps")
+}
+
+/// A receiver given [`kept`] and a new one take `header` and `message` alike: the same manifest, or
+/// the same error.
+fn kept_receiver_agrees(header: &[u8], message: &[u8], limits: &Limits) {
+    let outcome = |mut r: Receiver| -> Result<(Vec<u8>, bool), Error> {
+        r.handle_header(header)?;
+        r.handle_metadata(message)?;
+        let m = r.manifest().expect("the metadata was handled");
+        // By its encoding: a float value may be a NaN, which `==` never equals.
+        let metadata = postcard::to_allocvec(m.metadata()).expect("validated metadata encodes");
+        Ok((metadata, m.digests()))
+    };
+    let new = outcome(Receiver::new(rank_1(limits)));
+    let kept = outcome(Receiver::keeping(rank_1(limits), Some(kept(limits))));
+    assert_eq!(kept, new);
+}
+
+/// A decode's result, with the metadata as its postcard encoding (equal for equal values, NaNs
+/// included).
+fn encoded(result: &Result<pgt_core::schema::Metadata, Error>) -> Result<Vec<u8>, Error> {
+    match result {
+        Ok(m) => Ok(postcard::to_allocvec(m).expect("decoded metadata encodes")),
+        Err(e) => Err(e.clone()),
     }
 }
 

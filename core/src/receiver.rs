@@ -253,8 +253,8 @@ struct Leftover {
 #[derive(Debug)]
 struct Transfer {
     manifest: Manifest,
-    /// For [`Receiver::finish_keeping`]: the postcard metadata after the step, and its decoded size.
-    kept: Option<(Vec<u8>, u64)>,
+    /// For [`Receiver::finish_keeping`]: the postcard metadata after the step.
+    kept: Option<Vec<u8>>,
     plan: Plan,
     transfer_id: u64,
     metadata_digest: u64,
@@ -279,6 +279,15 @@ struct Transfer {
     mismatch: Option<Error>,
 }
 
+/// The largest metadata, by decoded size (PROTOCOL.md §11), that [`Receiver::finish_keeping`] keeps:
+/// keeping clones the manifest and copies the message's bytes, so a receive's memory would grow by up
+/// to twice its metadata. 16 MiB is three times the 10,220-leaf reference dict's 5.0 MB.
+pub const MAX_KEPT_DECODED: u64 = 16 << 20;
+
+// A kept manifest is within the decoded-size budget of a message of any length (checked here, when
+// pgt-core compiles): a new step's length cannot take a kept metadata over its budget.
+const _: () = assert!(MAX_KEPT_DECODED <= decoded_size_budget(0));
+
 /// A receiver's validated metadata, kept from a complete transfer ([`Receiver::finish_keeping`]). A
 /// receiver given it ([`Receiver::keeping`]) takes a metadata message whose postcard bytes are the
 /// same but for the step as this manifest at that step, without decoding and validating it again:
@@ -289,8 +298,6 @@ pub struct KeptManifest {
     manifest: Manifest,
     /// The postcard metadata after the step.
     rest: Vec<u8>,
-    /// The metadata's decoded size (PROTOCOL.md §11), whose budget follows the message's length.
-    decoded: u64,
     limits: Limits,
 }
 
@@ -298,22 +305,19 @@ impl KeptManifest {
     /// The kept manifest at `step` when `bytes` (checked postcard metadata that `header` announced)
     /// are its metadata at that step, validated under the same `limits`; else `None`, and the bytes
     /// are decoded as any others.
-    fn reuse(
-        self,
-        header: &Header,
-        bytes: &[u8],
-        limits: &Limits,
-    ) -> Option<(Manifest, Vec<u8>, u64)> {
+    fn reuse(self, header: &Header, bytes: &[u8], limits: &Limits) -> Option<(Manifest, Vec<u8>)> {
         if self.limits != *limits || self.manifest.digests() != header.has_digests() {
             return None;
         }
         let (step, rest) = split_step(bytes)?;
-        if rest != self.rest || self.decoded > decoded_size_budget(bytes.len() as u64) {
+        // The decoded size is the kept one. A step of another length changes the budget
+        // (`64 × length + 16 MiB`), but never below a kept manifest's size (see `MAX_KEPT_DECODED`).
+        if rest != self.rest {
             return None;
         }
         let mut manifest = self.manifest;
         manifest.set_step(step);
-        Some((manifest, self.rest, self.decoded))
+        Some((manifest, self.rest))
     }
 }
 
@@ -458,11 +462,13 @@ impl Receiver {
             .and_then(Option::take)
             .and_then(|kept| kept.reuse(&header, body, limits));
         let (manifest, kept) = match reused {
-            Some((manifest, rest, decoded)) => (manifest, Some((rest, decoded))),
+            Some((manifest, rest)) => (manifest, Some(rest)),
             None => {
                 let (manifest, decoded) = decode_body(&header, body, limits)?;
                 let kept = match (&self.keeping, split_step(body)) {
-                    (Some(_), Some((_, rest))) => Some((rest.to_vec(), decoded)),
+                    (Some(_), Some((_, rest))) if decoded <= MAX_KEPT_DECODED => {
+                        Some(rest.to_vec())
+                    }
                     _ => None,
                 };
                 (manifest, kept)
@@ -784,7 +790,8 @@ impl Receiver {
     }
 
     /// [`Receiver::finish`]; a receiver made by [`Receiver::keeping`] also returns its validated
-    /// metadata for the next transfer from the same source.
+    /// metadata for the next transfer from the same source, unless its decoded size is over
+    /// [`MAX_KEPT_DECODED`].
     pub fn finish_keeping(self) -> Result<(Received, Option<KeptManifest>)> {
         let State::Streaming(t) = self.state else {
             return Err(Error::Incomplete);
@@ -796,10 +803,9 @@ impl Receiver {
             return Err(mismatch);
         }
         let kept = match (self.keeping, t.kept) {
-            (Some(_), Some((rest, decoded))) => Some(KeptManifest {
+            (Some(_), Some(rest)) => Some(KeptManifest {
                 manifest: t.manifest.clone(),
                 rest,
-                decoded,
                 limits: self.options.limits,
             }),
             _ => None,

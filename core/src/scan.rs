@@ -25,7 +25,7 @@ pub const DECODED_SIZE_SLACK: u64 = 16 << 20;
 
 /// The decoded-size budget of a metadata message of `len` bytes:
 /// `DECODED_SIZE_RATIO × len + DECODED_SIZE_SLACK` (saturating).
-pub fn decoded_size_budget(len: u64) -> u64 {
+pub const fn decoded_size_budget(len: u64) -> u64 {
     len.saturating_mul(DECODED_SIZE_RATIO)
         .saturating_add(DECODED_SIZE_SLACK)
 }

@@ -59,6 +59,19 @@ fn decode_seed(meta: &Metadata, digests: bool) -> Vec<u8> {
     out
 }
 
+/// A decode seed of the harness's kept sample at step 8, postcard behind a matching header with
+/// digests, compared by a receiver given the sample's kept manifest (mode 1 | 2 | 8).
+fn kept_seed() -> Vec<u8> {
+    let meta = Metadata {
+        step: Some(8),
+        ..harness::kept_sample()
+    };
+    let mut out = vec![1 | 2 | 8];
+    out.extend([0u8; pgt_core::header::Header::SIZE]);
+    out.extend(postcard::to_allocvec(&meta).unwrap());
+    out
+}
+
 /// A receiver seed: `mode` (rank selector etc., see harness), the metadata message's length, header,
 /// metadata message, then `program`.
 fn receiver_seed(mode: u8, meta: &Metadata, digests: bool, program: &[u8]) -> Vec<u8> {
@@ -86,6 +99,9 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             "dtensor",
             decode_seed(&single("d", dtensor_leaf_2d()), false),
         ),
+        // The harness's kept sample at another step: a receiver given its kept manifest takes it
+        // without decoding it again (mode 1 | 2 | 8: a matching header with digests, kept).
+        ("decode", "kept_sample_step_8", kept_seed()),
         // Rank 1 (chain head, forwards to 2), digests on: the whole transfer.
         (
             "receiver",
