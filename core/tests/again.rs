@@ -8,28 +8,24 @@ mod common;
 use common::*;
 use pgt_core::header::Limits;
 use pgt_core::manifest::Manifest;
-use pgt_core::plan::Plan;
 use pgt_core::receiver::{KeptManifest, Receiver, ReceiverOptions, MAX_KEPT_DECODED};
 use pgt_core::reference::reference_metadata;
 use pgt_core::schema::{Metadata, PlanParams};
-use pgt_core::sender::{KeptMetadata, Payload, SendPoll, Sender};
+use pgt_core::sender::Sender;
 use pgt_core::tree::{Leaf, Node, Value};
 use pgt_core::Error;
 
-/// The header's and the metadata message's bytes, the plan, and what the sender keeps.
-fn wire(mut sender: Sender) -> ((Vec<u8>, Vec<u8>, Plan), KeptMetadata) {
-    let plan = sender.plan().clone();
-    while let SendPoll::Send(op) = sender.poll() {
-        if op.message > 1 {
-            break;
-        }
-    }
-    let bytes = |m| match sender.payload(m) {
-        Ok(Payload::Bytes(b)) => b.to_vec(),
-        other => panic!("message {m}: {other:?}"),
-    };
-    ((bytes(0), bytes(1), plan), sender.into_kept())
-}
+/// Steps whose encodings are 1, 2, 3 and 11 bytes long, in an order that grows and shrinks them.
+const STEPS: [Option<u64>; 8] = [
+    Some(1),
+    Some(127),
+    Some(128),
+    None,
+    Some(u64::MAX),
+    Some(0),
+    Some(1 << 20),
+    Some(2),
+];
 
 fn at_step(metadata: &Metadata, step: Option<u64>) -> Metadata {
     Metadata {
@@ -42,27 +38,16 @@ fn at_step(metadata: &Metadata, step: Option<u64>) -> Metadata {
 fn a_kept_metadata_sent_again_is_what_a_new_sender_sends() {
     let limits = Limits::default();
     let reference = reference_metadata(SOURCE, DESTS.to_vec(), PlanParams::default());
-    // Steps whose encodings are 1, 2, 3 and 11 bytes long, in an order that grows and shrinks them.
-    let steps = [
-        Some(1),
-        Some(127),
-        Some(128),
-        None,
-        Some(u64::MAX),
-        Some(0),
-        Some(1 << 20),
-        Some(2),
-    ];
     for metadata in [sample(), reference, nested_lists(3)] {
         for digests in [false, true] {
             let first = Sender::new(metadata.clone(), digests, &limits, TRANSFER_ID).unwrap();
-            let (_, mut kept) = wire(first);
-            for (i, step) in steps.into_iter().enumerate() {
+            let (_, mut kept) = sent_metadata(first);
+            for (i, step) in STEPS.into_iter().enumerate() {
                 let id = TRANSFER_ID + 1 + i as u64;
                 let new = Sender::new(at_step(&metadata, step), digests, &limits, id).unwrap();
                 let again = Sender::again(kept, step, &limits, id).unwrap();
-                let (expected, _) = wire(new);
-                let (got, next) = wire(again);
+                let (expected, _) = sent_metadata(new);
+                let (got, next) = sent_metadata(again);
                 assert_eq!(got, expected, "step {step:?}");
                 assert_eq!(next.metadata(), &at_step(&metadata, step));
                 assert_eq!(next.digests(), digests);
@@ -76,7 +61,7 @@ fn a_kept_metadata_sent_again_is_what_a_new_sender_sends() {
 fn a_kept_metadata_is_validated_again_under_other_limits() {
     let limits = Limits::default();
     let sender = Sender::new(sample(), true, &limits, TRANSFER_ID).unwrap();
-    let (_, kept) = wire(sender);
+    let (_, kept) = sent_metadata(sender);
     let fewer = Limits {
         max_leaves: 1,
         ..limits
@@ -88,13 +73,13 @@ fn a_kept_metadata_is_validated_again_under_other_limits() {
 
     // Under larger limits it is sent as a new sender would send it.
     let sender = Sender::new(sample(), true, &limits, TRANSFER_ID).unwrap();
-    let (_, kept) = wire(sender);
+    let (_, kept) = sent_metadata(sender);
     let more = Limits {
         max_leaves: limits.max_leaves + 1,
         ..limits
     };
-    let (again, _) = wire(Sender::again(kept, None, &more, 5).unwrap());
-    let (new, _) = wire(Sender::new(at_step(&sample(), None), true, &more, 5).unwrap());
+    let (again, _) = sent_metadata(Sender::again(kept, None, &more, 5).unwrap());
+    let (new, _) = sent_metadata(Sender::new(at_step(&sample(), None), true, &more, 5).unwrap());
     assert_eq!(again, new);
 }
 
@@ -125,7 +110,7 @@ fn a_shorter_step_that_takes_the_metadata_over_its_decoded_size_budget_is_refuse
     let new = Sender::new(nones(fits, None), false, &limits, TRANSFER_ID);
     assert!(matches!(new, Err(Error::DecodedTooLarge { .. })), "{new:?}");
     let sender = Sender::new(nones(fits, Some(u64::MAX)), false, &limits, TRANSFER_ID).unwrap();
-    let (_, kept) = wire(sender);
+    let (_, kept) = sent_metadata(sender);
     assert_eq!(
         Sender::again(kept, None, &limits, TRANSFER_ID).err(),
         new.err()
@@ -166,19 +151,10 @@ fn kept_from(metadata: &Metadata, digests: bool) -> KeptManifest {
 #[test]
 fn a_kept_manifest_receives_the_same_metadata_at_another_step_as_a_new_receiver() {
     let reference = reference_metadata(SOURCE, DESTS.to_vec(), PlanParams::default());
-    let steps = [
-        Some(1),
-        Some(127),
-        Some(128),
-        None,
-        Some(u64::MAX),
-        Some(0),
-        Some(2),
-    ];
     for metadata in [sample(), reference, nested_lists(3)] {
         for digests in [false, true] {
             let mut kept = Some(kept_from(&metadata, digests));
-            for step in steps {
+            for step in STEPS {
                 let metadata = at_step(&metadata, step);
                 let (got, next) = transfer_keeping(metadata.clone(), digests, kept);
                 assert_eq!(got, transfer(metadata, digests).remove(0), "step {step:?}");

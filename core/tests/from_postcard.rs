@@ -10,23 +10,13 @@ use pgt_core::header::Limits;
 use pgt_core::plan::Plan;
 use pgt_core::reference::reference_metadata;
 use pgt_core::schema::{Metadata, PlanParams};
-use pgt_core::sender::{Payload, SendPoll, Sender};
+use pgt_core::sender::Sender;
 use pgt_core::tree::{Leaf, Node, Value};
 use pgt_core::Error;
 
 /// The header's and the metadata message's bytes, and the plan.
-fn wire(mut sender: Sender) -> (Vec<u8>, Vec<u8>, Plan) {
-    let plan = sender.plan().clone();
-    while let SendPoll::Send(op) = sender.poll() {
-        if op.message > 1 {
-            break;
-        }
-    }
-    let bytes = |m| match sender.payload(m) {
-        Ok(Payload::Bytes(b)) => b.to_vec(),
-        other => panic!("message {m}: {other:?}"),
-    };
-    (bytes(0), bytes(1), plan)
+fn wire(sender: Sender) -> (Vec<u8>, Vec<u8>, Plan) {
+    sent_metadata(sender).0
 }
 
 fn both(

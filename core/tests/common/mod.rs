@@ -11,15 +11,15 @@ use pgt_core::dtype::DType;
 use pgt_core::header::{self, Header, Limits, FLAG_DIGESTS, VERSION};
 use pgt_core::layout::TensorLayout;
 use pgt_core::manifest::Manifest;
-use pgt_core::plan::MessageKind;
 use pgt_core::plan::Segment;
+use pgt_core::plan::{MessageKind, Plan};
 use pgt_core::receiver::{
     Binding, ForwardOp, Incoming, KeptManifest, Received, Receiver, ReceiverOptions, RecvOp,
     RecvPoll,
 };
 use pgt_core::schema::Metadata;
 use pgt_core::schema::{FanOut, PlanParams};
-use pgt_core::sender::{Payload, SendOp, Sender};
+use pgt_core::sender::{KeptMetadata, Payload, SendOp, SendPoll, Sender};
 use pgt_core::sharded::{LocalShard, ShardMetadata, ShardedTensorMetadata};
 use pgt_core::tree::{Key, Leaf, Node, Value};
 use pgt_core::Error;
@@ -291,6 +291,22 @@ pub fn transfer(meta: Metadata, digests: bool) -> Vec<Received> {
         out.push(drive::receive(r, &mut host).expect("complete transfer"));
     }
     out
+}
+
+/// The header's and the metadata message's bytes as `sender` hands them out, its plan, and what it
+/// keeps for the next send.
+pub fn sent_metadata(mut sender: Sender) -> ((Vec<u8>, Vec<u8>, Plan), KeptMetadata) {
+    let plan = sender.plan().clone();
+    while let SendPoll::Send(op) = sender.poll() {
+        if op.message > 1 {
+            break;
+        }
+    }
+    let bytes = |m| match sender.payload(m) {
+        Ok(Payload::Bytes(b)) => b.to_vec(),
+        other => panic!("message {m}: {other:?}"),
+    };
+    ((bytes(0), bytes(1), plan), sender.into_kept())
 }
 
 /// One transfer of `meta` to its first destination, received by [`Receiver::keeping`] given `kept`:
