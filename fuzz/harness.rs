@@ -285,7 +285,7 @@ fn kept_receiver_agrees(header: &[u8], message: &[u8], limits: &Limits) {
 
 /// A decode's result, with the metadata as its postcard encoding (equal for equal values, NaNs
 /// included).
-fn encoded(result: &Result<pgt_core::schema::Metadata, Error>) -> Result<Vec<u8>, Error> {
+fn encoded(result: &Result<Metadata, Error>) -> Result<Vec<u8>, Error> {
     match result {
         Ok(m) => Ok(postcard::to_allocvec(m).expect("decoded metadata encodes")),
         Err(e) => Err(e.clone()),
