@@ -61,24 +61,23 @@ pub fn encode_step(
     step: Option<u64>,
     transfer_id: u64,
 ) -> Result<Header> {
-    let mut old = [0u8; MAX_STEP_LEN];
+    let rest = message
+        .get(PREFIX_LEN as usize..)
+        .and_then(split_step)
+        .ok_or(Error::Encode)?
+        .1;
+    let head = message.len() - rest.len();
     let mut new = [0u8; PREFIX_LEN as usize + MAX_STEP_LEN];
-    let old = postcard::to_slice(&manifest.metadata().step, &mut old)
-        .map_err(|_| Error::Encode)?
-        .len();
     new[..PREFIX_LEN as usize].copy_from_slice(&prefix(transfer_id));
-    let len = postcard::to_slice(&step, &mut new[PREFIX_LEN as usize..])
-        .map_err(|_| Error::Encode)?
-        .len();
-    let head = PREFIX_LEN as usize + old;
-    if message.len() < head {
-        return Err(Error::Encode);
-    }
-    message.splice(..head, new[..PREFIX_LEN as usize + len].iter().copied());
+    let len = PREFIX_LEN as usize
+        + postcard::to_slice(&step, &mut new[PREFIX_LEN as usize..])
+            .map_err(|_| Error::Encode)?
+            .len();
+    message.splice(..head, new[..len].iter().copied());
     manifest.set_step(step);
     let body = &message[PREFIX_LEN as usize..];
     // The decoded-size budget follows the encoded length, which a step of another length changes.
-    if len != old {
+    if len != head {
         decoded_size(body)?;
     }
     Ok(header_of(manifest, body, transfer_id))

@@ -326,8 +326,10 @@ impl KeptManifest {
 pub struct Receiver {
     options: ReceiverOptions,
     state: State,
-    /// Whether [`Receiver::finish_keeping`] keeps the manifest, and what an earlier transfer kept.
-    keeping: Option<Option<KeptManifest>>,
+    /// Whether [`Receiver::finish_keeping`] keeps the manifest ([`Receiver::keeping`]).
+    keep: bool,
+    /// What the previous transfer from the same source kept, until the metadata comes.
+    kept: Option<KeptManifest>,
 }
 
 impl Receiver {
@@ -336,7 +338,8 @@ impl Receiver {
         Receiver {
             options,
             state: State::Header,
-            keeping: None,
+            keep: false,
+            kept: None,
         }
     }
 
@@ -344,7 +347,8 @@ impl Receiver {
     /// the next transfer, given what the previous transfer from the same source kept (if any).
     pub fn keeping(options: ReceiverOptions, kept: Option<KeptManifest>) -> Receiver {
         Receiver {
-            keeping: Some(kept),
+            keep: true,
+            kept,
             ..Receiver::new(options)
         }
     }
@@ -457,19 +461,16 @@ impl Receiver {
         let limits = &self.options.limits;
         let body = checked_body(&header, bytes)?;
         let reused = self
-            .keeping
-            .as_mut()
-            .and_then(Option::take)
+            .kept
+            .take()
             .and_then(|kept| kept.reuse(&header, body, limits));
         let (manifest, kept) = match reused {
             Some((manifest, rest)) => (manifest, Some(rest)),
             None => {
                 let (manifest, decoded) = decode_body(&header, body, limits)?;
-                let kept = match (&self.keeping, split_step(body)) {
-                    (Some(_), Some((_, rest))) if decoded <= MAX_KEPT_DECODED => {
-                        Some(rest.to_vec())
-                    }
-                    _ => None,
+                let kept = match self.keep && decoded <= MAX_KEPT_DECODED {
+                    true => split_step(body).map(|(_, rest)| rest.to_vec()),
+                    false => None,
                 };
                 (manifest, kept)
             }
@@ -802,14 +803,12 @@ impl Receiver {
         if let Some(mismatch) = t.mismatch {
             return Err(mismatch);
         }
-        let kept = match (self.keeping, t.kept) {
-            (Some(_), Some(rest)) => Some(KeptManifest {
-                manifest: t.manifest.clone(),
-                rest,
-                limits: self.options.limits,
-            }),
-            _ => None,
-        };
+        // Only a keeping receiver holds the bytes after the step (`handle_metadata`).
+        let kept = t.kept.map(|rest| KeptManifest {
+            manifest: t.manifest.clone(),
+            rest,
+            limits: self.options.limits,
+        });
         let bindings = t.bindings;
         let rank = u64::from(self.options.rank);
         let meta = t.manifest.into_metadata();
