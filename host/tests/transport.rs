@@ -3,13 +3,17 @@
 
 mod common;
 use common::{faulty, in_place_size_mismatch, transfer_with_a_corrupted_byte, Fault};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgt_core::dtype::DType;
+use pgt_core::header::Limits;
 use pgt_core::layout::TensorLayout;
-use pgt_core::schema::{FanOut, PlanParams};
+use pgt_core::receiver::ReceiverOptions;
+use pgt_core::schema::{FanOut, Metadata, PlanParams};
 use pgt_core::tree::{Leaf, PathElem, Value};
+use pgt_host::engine::{EngineError, EngineFactory, NativeEngine, ReceiverEngine, SenderEngine};
 use pgt_host::memory::BufferPool;
 use pgt_host::pg::InProcessGroup;
 use pgt_host::state_dict::{Entry, StateDict, Storage, Tensor};
@@ -678,6 +682,51 @@ fn a_sender_and_receivers_that_kept_the_last_metadata_carry_what_changed() {
             }
             other => panic!("step {step}, expected {expected}: {other:?}"),
         }
+    }
+}
+
+#[test]
+fn a_factory_without_a_way_of_its_own_to_send_again_builds_a_sender_from_the_kept_metadata() {
+    // `EngineFactory::sender_again`'s default, for a factory that does not override it: the kept
+    // metadata, at the new step, through the factory's own `sender`.
+    #[derive(Debug, Default)]
+    struct Counted(AtomicUsize);
+    impl EngineFactory for Counted {
+        fn sender(
+            &self,
+            metadata: Metadata,
+            digests: bool,
+            limits: &Limits,
+            transfer_id: u64,
+        ) -> Result<SenderEngine, EngineError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            NativeEngine.sender(metadata, digests, limits, transfer_id)
+        }
+        fn receiver(&self, options: ReceiverOptions) -> Result<ReceiverEngine, EngineError> {
+            NativeEngine.receiver(options)
+        }
+    }
+    let factory = Arc::new(Counted::default());
+    let options = TransportOptions {
+        engine: factory.clone(),
+        ..TransportOptions::default()
+    };
+    let mut groups = InProcessGroup::new(2).into_iter();
+    let a = Transport::new(groups.next().unwrap(), options);
+    let b = Transport::new(groups.next().unwrap(), TransportOptions::default());
+    let mut sd = synthetic::materialize(&synthetic::mixed(32 << 10)).unwrap();
+    for (i, step) in [Some(1), Some(2), None, Some(1 << 40)]
+        .into_iter()
+        .enumerate()
+    {
+        sd.step = step;
+        let got = std::thread::scope(|s| {
+            let h = s.spawn(|| b.recv_checkpoint(0).unwrap());
+            a.send_checkpoint(&[1], &sd).unwrap();
+            h.join().unwrap()
+        });
+        assert_same_but_placements(&got, &sd, &format!("send {i}"));
+        assert_eq!(factory.0.load(Ordering::SeqCst), i + 1, "send {i}");
     }
 }
 
