@@ -24,7 +24,8 @@ use crate::digest::digest;
 use crate::header::{prefix, Header, Limits, PREFIX_LEN};
 use crate::manifest::Manifest;
 use crate::plan::{MessageKind, Plan, Segment};
-use crate::schema::{FanOut, Metadata};
+use crate::schema::{FanOut, Metadata, PlanParams};
+use crate::tree::{Leaf, Node};
 use crate::{Error, Result};
 
 /// The bytes of one message.
@@ -114,9 +115,40 @@ impl KeptMetadata {
         self.manifest.digests()
     }
 
-    /// Takes the metadata back.
-    pub fn into_metadata(self) -> Metadata {
-        self.manifest.into_metadata()
+    /// Takes the metadata back, at `step`.
+    pub fn into_metadata_at(self, step: Option<u64>) -> Metadata {
+        let mut metadata = self.manifest.into_metadata();
+        metadata.step = step;
+        metadata
+    }
+
+    /// Whether it is, but for its step, the metadata of a send from `source` to `destinations`
+    /// under `plan` and `digests` of a state dict whose tree is `tree` and whose leaves
+    /// `leaves_match` accepts (a host compares its own tensors with them, without building leaves):
+    /// when it is, [`Sender::again`] sends that dict. Every field of [`Metadata`] but the step counts.
+    pub fn describes(
+        &self,
+        (source, destinations): (u32, &[u32]),
+        plan: PlanParams,
+        digests: bool,
+        tree: &[Node],
+        leaves_match: impl FnOnce(&[Leaf]) -> bool,
+    ) -> bool {
+        // Destructured, so that a field added to `Metadata` must be considered here.
+        let Metadata {
+            step: _,
+            source: kept_source,
+            destinations: kept_destinations,
+            plan: kept_plan,
+            tree: kept_tree,
+            leaves,
+        } = self.metadata();
+        *kept_source == source
+            && kept_destinations == destinations
+            && *kept_plan == plan
+            && self.digests() == digests
+            && kept_tree == tree
+            && leaves_match(leaves)
     }
 }
 
@@ -145,17 +177,15 @@ impl Sender {
         limits: &Limits,
         transfer_id: u64,
     ) -> Result<Sender> {
+        if kept.limits != *limits {
+            let digests = kept.digests();
+            return Sender::new(kept.into_metadata_at(step), digests, limits, transfer_id);
+        }
         let KeptMetadata {
             mut manifest,
             mut message,
-            limits: validated_under,
+            ..
         } = kept;
-        if validated_under != *limits {
-            let digests = manifest.digests();
-            let mut metadata = manifest.into_metadata();
-            metadata.step = step;
-            return Sender::new(metadata, digests, limits, transfer_id);
-        }
         let header = encode_step(&mut manifest, &mut message, step, transfer_id)?;
         Ok(Sender::encoded(
             manifest,

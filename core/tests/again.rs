@@ -238,3 +238,101 @@ fn metadata_over_the_kept_size_is_not_kept() {
         assert_eq!(kept.is_some(), keeps, "{n} values");
     }
 }
+
+#[test]
+fn kept_metadata_describes_a_send_that_differs_at_most_in_its_step() {
+    let metadata = sample();
+    let sender = Sender::new(metadata.clone(), true, &Limits::default(), TRANSFER_ID).unwrap();
+    let (_, kept) = sent_metadata(sender);
+    let m = &metadata;
+    let same_leaves = |leaves: &[Leaf]| leaves == m.leaves.as_slice();
+    let other_plan = PlanParams {
+        bucket_size: m.plan.bucket_size + 64,
+        ..m.plan
+    };
+    let mut other_dests = m.destinations.clone();
+    other_dests.push(99);
+    let cases: [(&str, bool, bool); 7] = [
+        (
+            "the same",
+            kept.describes(
+                (m.source, &m.destinations),
+                m.plan,
+                true,
+                &m.tree,
+                same_leaves,
+            ),
+            true,
+        ),
+        (
+            "another source",
+            kept.describes(
+                (m.source + 1, &m.destinations),
+                m.plan,
+                true,
+                &m.tree,
+                same_leaves,
+            ),
+            false,
+        ),
+        (
+            "other destinations",
+            kept.describes((m.source, &other_dests), m.plan, true, &m.tree, same_leaves),
+            false,
+        ),
+        (
+            "another plan",
+            kept.describes(
+                (m.source, &m.destinations),
+                other_plan,
+                true,
+                &m.tree,
+                same_leaves,
+            ),
+            false,
+        ),
+        (
+            "no digests",
+            kept.describes(
+                (m.source, &m.destinations),
+                m.plan,
+                false,
+                &m.tree,
+                same_leaves,
+            ),
+            false,
+        ),
+        (
+            "another tree",
+            kept.describes(
+                (m.source, &m.destinations),
+                m.plan,
+                true,
+                &m.tree[1..],
+                same_leaves,
+            ),
+            false,
+        ),
+        (
+            "other leaves",
+            kept.describes((m.source, &m.destinations), m.plan, true, &m.tree, |_| {
+                false
+            }),
+            false,
+        ),
+    ];
+    for (what, got, want) in cases {
+        assert_eq!(got, want, "{what}");
+    }
+    // At another step it still describes the send, and sends that step.
+    let again = Sender::again(kept, Some(7), &Limits::default(), TRANSFER_ID + 1).unwrap();
+    let (_, kept) = sent_metadata(again);
+    assert!(kept.describes(
+        (m.source, &m.destinations),
+        m.plan,
+        true,
+        &m.tree,
+        same_leaves
+    ));
+    assert_eq!(kept.into_metadata_at(Some(8)), at_step(m, Some(8)));
+}

@@ -91,9 +91,7 @@ pub trait EngineFactory: Send + Sync + std::fmt::Debug {
         transfer_id: u64,
     ) -> Result<SenderEngine, EngineError> {
         let digests = kept.digests();
-        let mut metadata = kept.into_metadata();
-        metadata.step = step;
-        self.sender(metadata, digests, limits, transfer_id)
+        self.sender(kept.into_metadata_at(step), digests, limits, transfer_id)
     }
     /// A receiver.
     fn receiver(&self, options: ReceiverOptions) -> Result<ReceiverEngine, EngineError>;
@@ -122,12 +120,7 @@ impl EngineFactory for NativeEngine {
         limits: &Limits,
         transfer_id: u64,
     ) -> Result<SenderEngine, EngineError> {
-        Ok(SenderEngine::Native(Box::new(Sender::new(
-            metadata,
-            digests,
-            limits,
-            transfer_id,
-        )?)))
+        Ok(Sender::new(metadata, digests, limits, transfer_id)?.into())
     }
 
     /// Only the step's bytes are encoded again ([`Sender::again`]).
@@ -138,16 +131,11 @@ impl EngineFactory for NativeEngine {
         limits: &Limits,
         transfer_id: u64,
     ) -> Result<SenderEngine, EngineError> {
-        Ok(SenderEngine::Native(Box::new(Sender::again(
-            kept,
-            step,
-            limits,
-            transfer_id,
-        )?)))
+        Ok(Sender::again(kept, step, limits, transfer_id)?.into())
     }
 
     fn receiver(&self, options: ReceiverOptions) -> Result<ReceiverEngine, EngineError> {
-        Ok(ReceiverEngine::Native(Box::new(Receiver::new(options))))
+        Ok(Receiver::new(options).into())
     }
 
     /// A metadata message that is the kept one's but for its step is not decoded again
@@ -157,9 +145,19 @@ impl EngineFactory for NativeEngine {
         options: ReceiverOptions,
         kept: Option<KeptManifest>,
     ) -> Result<ReceiverEngine, EngineError> {
-        Ok(ReceiverEngine::Native(Box::new(Receiver::keeping(
-            options, kept,
-        ))))
+        Ok(Receiver::keeping(options, kept).into())
+    }
+}
+
+impl From<Sender> for SenderEngine {
+    fn from(sender: Sender) -> SenderEngine {
+        SenderEngine::Native(Box::new(sender))
+    }
+}
+
+impl From<Receiver> for ReceiverEngine {
+    fn from(receiver: Receiver) -> ReceiverEngine {
+        ReceiverEngine::Native(Box::new(receiver))
     }
 }
 

@@ -607,17 +607,19 @@ impl<P: ProcessGroup> Transport<P> {
         entries: &[&Entry<'_>],
     ) -> Option<KeptMetadata> {
         let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).take()?;
-        let m = kept.metadata();
-        let describes = m.source == self.pg.rank()
-            && m.destinations == dst_ranks
-            && m.plan == self.options.plan
-            && kept.digests() == self.options.digests
-            && m.tree == nodes
-            && m.leaves.len() == entries.len()
-            && entries
-                .iter()
-                .zip(&m.leaves)
-                .all(|(e, l)| e.is_described_by(l));
+        let describes = kept.describes(
+            (self.pg.rank(), dst_ranks),
+            self.options.plan,
+            self.options.digests,
+            nodes,
+            |leaves| {
+                leaves.len() == entries.len()
+                    && entries
+                        .iter()
+                        .zip(leaves)
+                        .all(|(e, l)| e.is_described_by(l))
+            },
+        );
         describes.then_some(kept)
     }
 
